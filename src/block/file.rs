@@ -1,0 +1,1 @@
+//! File or block-device target: positional I/O on the primary disk (see mod.rs).

@@ -1,0 +1,69 @@
+//! The small block-device trait every frontend serves and every target implements.
+//!
+//! Frontends (NBD now, ublk later) hold a `dyn BlockDevice` and know nothing of journals;
+//! the primary core (`writer::primary`) implements it for `serve`, [`file::FileDevice`]
+//! implements it for a plain file or block device, and the time-travel view will implement
+//! it for `mount --at`.
+//!
+//! Must never: accept I/O outside `0..size` (callers get [`BlockError::OutOfRange`] and
+//! nothing is touched).
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub mod file;
+
+/// What a device is and what it supports; frontends advertise exactly this.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Size in bytes.
+    pub size: u64,
+    /// Logical block size (512 or 4096): the smallest unit clients should address.
+    pub block_size: u32,
+    pub read_only: bool,
+    /// Discard (TRIM) is honoured.
+    pub supports_trim: bool,
+    /// Write-zeroes is honoured without sending data.
+    pub supports_write_zeroes: bool,
+    /// A flush on any connection makes every write completed on any connection durable.
+    pub flush_covers_all_connections: bool,
+}
+
+/// One variant per way a block operation fails; frontends map each to a protocol error.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The request reaches past the end of the device (or wraps around).
+    #[error("request {offset}+{len} is outside the device of {size} bytes")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    /// A write, trim or write-zeroes on a read-only device.
+    #[error("device is read-only")]
+    ReadOnly,
+    /// The operation is not supported by this device.
+    #[error("operation not supported: {0}")]
+    NotSupported(&'static str),
+    /// The underlying file or device failed.
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+#[async_trait]
+pub trait BlockDevice: Send + Sync {
+    fn info(&self) -> DeviceInfo;
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BlockError>;
+    /// Writes `data`; with `fua` the data is durable before this returns.
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), BlockError>;
+    /// Makes every completed write durable.
+    async fn flush(&self) -> Result<(), BlockError>;
+    /// Discards a range (its content becomes unspecified; files punch a hole).
+    async fn trim(&self, offset: u64, len: u64) -> Result<(), BlockError>;
+    /// Makes a range read as zeroes.
+    async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), BlockError>;
+}
+
+/// Checks `offset..offset+len` against a device of `size` bytes.
+pub fn check_range(offset: u64, len: u64, size: u64) -> Result<(), BlockError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(BlockError::OutOfRange { offset, len, size }),
+    }
+}

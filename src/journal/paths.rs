@@ -1,0 +1,112 @@
+//! Every object key under a journal root, formatted in one place.
+//!
+//! Must never: be bypassed. No other module builds a journal key with `format!`; a key
+//! that is formatted twice is a key that will one day be formatted two ways.
+//!
+//! ```text
+//! tinylag.json                   manifest
+//! epochs/<epoch:020>             writer claims
+//! journal/<seq % W>/<seq:020>    segments
+//! consumers/<name>               commit position of each consumer
+//! trim                           first live seq
+//! ```
+
+/// The manifest, written once by conditional create.
+pub const MANIFEST: &str = "tinylag.json";
+/// Folder of writer epoch claims.
+pub const EPOCHS_PREFIX: &str = "epochs/";
+/// Folder of consumer positions.
+pub const CONSUMERS_PREFIX: &str = "consumers/";
+/// Folder of segment stripes.
+pub const JOURNAL_PREFIX: &str = "journal/";
+/// The first live seq.
+pub const TRIM_POINTER: &str = "trim";
+
+/// Key of writer epoch `epoch`.
+pub fn epoch_key(epoch: u64) -> String {
+    format!("{EPOCHS_PREFIX}{epoch:020}")
+}
+
+/// Parses an epoch key back to its number; `None` for anything else.
+pub fn parse_epoch_key(key: &str) -> Option<u64> {
+    parse_padded(key.strip_prefix(EPOCHS_PREFIX)?)
+}
+
+/// Stripe (folder) of segment `seq` with splay width `splay`.
+pub fn stripe_of(seq: u64, splay: u32) -> u64 {
+    seq % u64::from(splay.max(1))
+}
+
+/// Key of segment `seq` with splay width `splay`.
+pub fn segment_key(seq: u64, splay: u32) -> String {
+    format!("{JOURNAL_PREFIX}{}/{seq:020}", stripe_of(seq, splay))
+}
+
+/// Prefix of one stripe's segments.
+pub fn stripe_prefix(stripe: u64) -> String {
+    format!("{JOURNAL_PREFIX}{stripe}/")
+}
+
+/// Parses a segment key back to its seq, checking it sits in the right stripe.
+pub fn parse_segment_key(key: &str, splay: u32) -> Option<u64> {
+    let rest = key.strip_prefix(JOURNAL_PREFIX)?;
+    let (stripe, seq) = rest.split_once('/')?;
+    let seq = parse_padded(seq)?;
+    (stripe.parse::<u64>().ok()? == stripe_of(seq, splay)).then_some(seq)
+}
+
+/// Key of consumer `name`. Names are checked by [`valid_consumer_name`] first.
+pub fn consumer_key(name: &str) -> String {
+    format!("{CONSUMERS_PREFIX}{name}")
+}
+
+/// Parses a consumer key back to the name.
+pub fn parse_consumer_key(key: &str) -> Option<&str> {
+    key.strip_prefix(CONSUMERS_PREFIX)
+        .filter(|n| valid_consumer_name(n))
+}
+
+/// Consumer names: 1 to 64 of `[A-Za-z0-9._-]`, not starting with `.`.
+pub fn valid_consumer_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn parse_padded(s: &str) -> Option<u64> {
+    (s.len() == 20 && s.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| s.parse().ok())
+        .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segment_keys_round_trip_and_sort_by_seq_inside_a_stripe() {
+        assert_eq!(segment_key(7, 4), "journal/3/00000000000000000007");
+        assert_eq!(parse_segment_key(&segment_key(7, 4), 4), Some(7));
+        assert_eq!(parse_segment_key("journal/2/00000000000000000007", 4), None);
+        assert!(segment_key(3, 1) < segment_key(11, 1));
+    }
+
+    #[test]
+    fn epoch_keys_sort_numerically() {
+        assert!(epoch_key(9) < epoch_key(10));
+        assert_eq!(parse_epoch_key(&epoch_key(42)), Some(42));
+        assert_eq!(parse_epoch_key("epochs/42"), None);
+    }
+
+    #[test]
+    fn consumer_names_are_restricted() {
+        assert!(valid_consumer_name("dr-site.1"));
+        assert!(!valid_consumer_name(""));
+        assert!(!valid_consumer_name("../x"));
+        assert!(!valid_consumer_name(".hidden"));
+        assert_eq!(parse_consumer_key("consumers/a"), Some("a"));
+    }
+}

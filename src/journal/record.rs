@@ -1,0 +1,136 @@
+//! Journal records: the events a writer appends and a replayer applies.
+//!
+//! Must never: hold a payload that disagrees with its operation (a `Write`'s length is its
+//! data's length), or carry a timestamp that runs backwards along LSNs.
+
+use bytes::Bytes;
+
+/// The kind byte stored in a segment's index. Values are part of the on-disk format:
+/// never renumber, only add.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum RecordKind {
+    Write = 1,
+    Discard = 2,
+    WriteZeroes = 3,
+    Flush = 4,
+    Mark = 5,
+    Epoch = 6,
+    ResyncBegin = 7,
+    ResyncData = 8,
+    ResyncEnd = 9,
+}
+
+impl RecordKind {
+    pub fn from_u8(v: u8) -> Option<RecordKind> {
+        Some(match v {
+            1 => RecordKind::Write,
+            2 => RecordKind::Discard,
+            3 => RecordKind::WriteZeroes,
+            4 => RecordKind::Flush,
+            5 => RecordKind::Mark,
+            6 => RecordKind::Epoch,
+            7 => RecordKind::ResyncBegin,
+            8 => RecordKind::ResyncData,
+            9 => RecordKind::ResyncEnd,
+            _ => return None,
+        })
+    }
+
+    /// Name used by `journal inspect` and in JSON output.
+    pub fn name(self) -> &'static str {
+        match self {
+            RecordKind::Write => "WRITE",
+            RecordKind::Discard => "DISCARD",
+            RecordKind::WriteZeroes => "WRITE_ZEROES",
+            RecordKind::Flush => "FLUSH",
+            RecordKind::Mark => "MARK",
+            RecordKind::Epoch => "EPOCH",
+            RecordKind::ResyncBegin => "RESYNC_BEGIN",
+            RecordKind::ResyncData => "RESYNC_DATA",
+            RecordKind::ResyncEnd => "RESYNC_END",
+        }
+    }
+}
+
+/// What a record does. Offsets and lengths are in bytes on device `dev` of the record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Data written by a client.
+    Write { offset: u64, data: Bytes },
+    /// A TRIM: the range's content became undefined; replicas punch a hole.
+    Discard { offset: u64, len: u64 },
+    /// The range reads as zeroes from now on.
+    WriteZeroes { offset: u64, len: u64 },
+    /// The primary made everything before this durable.
+    Flush,
+    /// A named point (e.g. after an fsfreeze); restore can target it.
+    Mark { name: String },
+    /// A writer of this epoch started appending.
+    Epoch { epoch: u64 },
+    /// Start of a span that is applied atomically (see DESIGN.md, primary step 4).
+    ResyncBegin,
+    /// Region content read from the primary during a resync.
+    ResyncData { offset: u64, data: Bytes },
+    /// End of the resync span: the replica equals the primary here.
+    ResyncEnd,
+}
+
+impl Op {
+    pub fn kind(&self) -> RecordKind {
+        match self {
+            Op::Write { .. } => RecordKind::Write,
+            Op::Discard { .. } => RecordKind::Discard,
+            Op::WriteZeroes { .. } => RecordKind::WriteZeroes,
+            Op::Flush => RecordKind::Flush,
+            Op::Mark { .. } => RecordKind::Mark,
+            Op::Epoch { .. } => RecordKind::Epoch,
+            Op::ResyncBegin => RecordKind::ResyncBegin,
+            Op::ResyncData { .. } => RecordKind::ResyncData,
+            Op::ResyncEnd => RecordKind::ResyncEnd,
+        }
+    }
+
+    /// The device byte range this operation changes, if any.
+    pub fn range(&self) -> Option<std::ops::Range<u64>> {
+        match self {
+            Op::Write { offset, data } | Op::ResyncData { offset, data } => {
+                Some(*offset..*offset + data.len() as u64)
+            }
+            Op::Discard { offset, len } | Op::WriteZeroes { offset, len } => {
+                Some(*offset..*offset + *len)
+            }
+            _ => None,
+        }
+    }
+
+    /// Bytes of payload the record carries in a segment body.
+    pub fn payload_len(&self) -> usize {
+        match self {
+            Op::Write { data, .. } | Op::ResyncData { data, .. } => data.len(),
+            Op::Mark { name } => name.len(),
+            _ => 0,
+        }
+    }
+}
+
+/// One journaled event.
+///
+/// # Invariants
+/// - Along a journal, `lsn` is gap-free and strictly increasing, and `timestamp_ns` never
+///   decreases.
+/// - `timestamp_ns` is nanoseconds since the UNIX epoch (UTC) at acknowledgement.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub lsn: u64,
+    pub timestamp_ns: u64,
+    /// Index of the device inside the consistency group.
+    pub dev: u32,
+    pub op: Op,
+}
+
+impl Record {
+    pub fn kind(&self) -> RecordKind {
+        self.op.kind()
+    }
+}

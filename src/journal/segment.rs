@@ -1,0 +1,1 @@
+//! Segment codec (see the layout on `SegmentHeader`).

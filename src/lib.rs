@@ -1,0 +1,16 @@
+//! tinylag: asynchronous block-device replication through a journal in object storage,
+//! with delayed replicas and time travel.
+//!
+//! Layers, dependencies pointing down only (see ARCHITECTURE.md):
+//! `bin/` wires everything; [`writer`], [`replayer`] and [`trim`] use [`journal`];
+//! [`journal`] uses [`store`]. Frontends ([`nbd`]) know only [`block::BlockDevice`].
+
+pub mod block;
+pub mod clock;
+pub mod journal;
+pub mod nbd;
+pub mod replayer;
+pub mod store;
+pub mod trim;
+pub mod units;
+pub mod writer;

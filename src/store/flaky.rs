@@ -1,0 +1,1 @@
+//! flaky store

@@ -1,0 +1,1 @@
+//! Writer: memory pool, journal writer, region tracker, primary core.

@@ -1,0 +1,6 @@
+//! Helpers shared by the integration tests: starting S3 servers, the daemon and real
+//! clients, and cleaning them up by pid. Each file is one concern.
+#![allow(dead_code)]
+
+pub mod procs;
+pub mod s3;

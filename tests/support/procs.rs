@@ -1,0 +1,1 @@
+//! Processes started by tests, killed by pid on drop.

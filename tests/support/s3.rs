@@ -1,0 +1,1 @@
+//! Local S3 servers (s3s-fs, moto) for tests.
