@@ -1,1 +1,0 @@
-//! Segment codec (see the layout on `SegmentHeader`).

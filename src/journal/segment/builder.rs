@@ -1,0 +1,283 @@
+//! Encoding: the incremental [`SegmentBuilder`] and the one-shot helpers built on it.
+//!
+//! Must never: accept a record that would make the segment undecodable (LSN gap, timestamp
+//! running backwards, payload or count past the limits); produce different bytes for the same
+//! records (the builder and [`encode_segment`] share one path).
+
+use bytes::Bytes;
+use uuid::Uuid;
+
+use super::header::Trailer;
+use super::index::{archived_len, Footer, FooterEntry};
+use super::{
+    payload_bytes, SegmentError, SegmentHeader, FLAG_PLUG, FORMAT_VERSION, HEADER_LEN,
+    MAX_INDEX_LEN, MAX_PAYLOAD_LEN, MAX_RECORDS, TRAILER_LEN,
+};
+use crate::journal::record::{Op, Record};
+
+/// zstd level: the writer runs on few cores, and level 1 already wins most of what
+/// compression can win on block data (zeroes, text, sparse structures).
+const ZSTD_LEVEL: i32 = 1;
+/// Payloads shorter than this are stored raw: a zstd frame's overhead eats the gain.
+const MIN_COMPRESS_LEN: usize = 64;
+
+const _: () = assert!(archived_len(MAX_RECORDS) <= MAX_INDEX_LEN);
+
+/// Incremental encoder: the writer pushes records as they arrive (compressing at push time)
+/// and closes the segment when [`encoded_len`](Self::encoded_len) reaches the target size.
+pub struct SegmentBuilder {
+    uuid: Uuid,
+    epoch: u64,
+    seq: u64,
+    first_lsn: u64,
+    /// Header placeholder followed by the body: `finish` fills in the header and appends the
+    /// index and trailer, so the body is never copied again.
+    buf: Vec<u8>,
+    entries: Vec<FooterEntry>,
+    last_timestamp: Option<u64>,
+    body_crc: u32,
+    /// Created on the first payload worth compressing; reused for every later one.
+    compressor: Option<zstd::bulk::Compressor<'static>>,
+}
+
+impl std::fmt::Debug for SegmentBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SegmentBuilder")
+            .field("uuid", &self.uuid)
+            .field("epoch", &self.epoch)
+            .field("seq", &self.seq)
+            .field("first_lsn", &self.first_lsn)
+            .field("records", &self.entries.len())
+            .field("body_len", &(self.buf.len() - HEADER_LEN))
+            .finish()
+    }
+}
+
+impl SegmentBuilder {
+    pub fn new(uuid: Uuid, epoch: u64, seq: u64, first_lsn: u64) -> Self {
+        SegmentBuilder {
+            uuid,
+            epoch,
+            seq,
+            first_lsn,
+            buf: vec![0; HEADER_LEN],
+            entries: Vec::new(),
+            last_timestamp: None,
+            body_crc: 0,
+            compressor: None,
+        }
+    }
+
+    /// Appends a record. Its LSN must be [`next_lsn`](Self::next_lsn) and its timestamp not
+    /// before the previous record's. On error the builder is unchanged.
+    pub fn push(&mut self, record: &Record) -> Result<(), SegmentError> {
+        self.check(record)?;
+        let payload = payload_bytes(&record.op);
+        let body_pos = self.buf.len() as u64;
+        let (stored_len, compressed) = self.append_payload(payload);
+        let (offset, length) = match &record.op {
+            Op::Write { offset, data } | Op::ResyncData { offset, data } => {
+                (*offset, data.len() as u64)
+            }
+            Op::Discard { offset, len } | Op::WriteZeroes { offset, len } => (*offset, *len),
+            Op::Mark { name } => (0, name.len() as u64),
+            Op::Epoch { epoch } => (*epoch, 0),
+            Op::Flush | Op::ResyncBegin | Op::ResyncEnd => (0, 0),
+        };
+        self.entries.push(FooterEntry {
+            lsn: record.lsn,
+            timestamp_ns: record.timestamp_ns,
+            offset,
+            length,
+            body_pos,
+            dev: record.dev,
+            // append_payload stores at most payload.len() <= MAX_PAYLOAD_LEN bytes.
+            stored_len: stored_len as u32,
+            crc: crc32c::crc32c(payload),
+            kind: record.kind() as u8,
+            compressed: u8::from(compressed),
+        });
+        self.last_timestamp = Some(record.timestamp_ns);
+        Ok(())
+    }
+
+    fn check(&self, record: &Record) -> Result<(), SegmentError> {
+        let seq = self.seq;
+        let expected = self.next_lsn();
+        if record.lsn != expected {
+            return Err(SegmentError::PushLsnNotNext {
+                seq,
+                expected,
+                found: record.lsn,
+            });
+        }
+        if let Some(previous) = self.last_timestamp.filter(|&p| record.timestamp_ns < p) {
+            return Err(SegmentError::PushTimestampDecreasing {
+                seq,
+                lsn: record.lsn,
+                previous,
+                found: record.timestamp_ns,
+            });
+        }
+        let limit = |what, value: u64, limit: u64| SegmentError::PushLimitExceeded {
+            seq,
+            what,
+            value,
+            limit,
+        };
+        if self.entries.len() >= MAX_RECORDS {
+            return Err(limit(
+                "record count",
+                self.entries.len() as u64 + 1,
+                MAX_RECORDS as u64,
+            ));
+        }
+        // The LSN after this record must exist, or the segment's end LSN overflows.
+        if record.lsn == u64::MAX {
+            return Err(limit("LSN", record.lsn, u64::MAX - 1));
+        }
+        let payload_len = record.op.payload_len();
+        if payload_len > MAX_PAYLOAD_LEN {
+            return Err(limit(
+                "payload length",
+                payload_len as u64,
+                MAX_PAYLOAD_LEN as u64,
+            ));
+        }
+        let range = match &record.op {
+            Op::Write { offset, data } | Op::ResyncData { offset, data } => {
+                Some((*offset, data.len() as u64))
+            }
+            Op::Discard { offset, len } | Op::WriteZeroes { offset, len } => Some((*offset, *len)),
+            _ => None,
+        };
+        if let Some((offset, len)) = range.filter(|(o, l)| o.checked_add(*l).is_none()) {
+            return Err(SegmentError::PushRangeOverflow {
+                seq,
+                lsn: record.lsn,
+                offset,
+                len,
+            });
+        }
+        Ok(())
+    }
+
+    /// Stores `payload` at the end of the body, compressed when that saves at least 1/8 of
+    /// it; returns the stored length and whether it is compressed.
+    fn append_payload(&mut self, payload: &[u8]) -> (usize, bool) {
+        let start = self.buf.len();
+        if payload.len() >= MIN_COMPRESS_LEN {
+            // zstd fails with "destination too small" once the frame would exceed the
+            // limit, which is exactly the "not worth it" case.
+            let limit = payload.len() * 7 / 8;
+            if self.compressor.is_none() {
+                // Without a context (zstd could not allocate one) payloads are stored raw:
+                // a valid, if larger, segment.
+                self.compressor = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+            }
+            if let Some(compressor) = self.compressor.as_mut() {
+                self.buf.resize(start + limit, 0);
+                if let Ok(n) = compressor.compress_to_buffer(payload, &mut self.buf[start..]) {
+                    self.buf.truncate(start + n);
+                    self.body_crc = crc32c::crc32c_append(self.body_crc, &self.buf[start..]);
+                    return (n, true);
+                }
+                self.buf.truncate(start);
+            }
+        }
+        self.buf.extend_from_slice(payload);
+        self.body_crc = crc32c::crc32c_append(self.body_crc, payload);
+        (payload.len(), false)
+    }
+
+    /// Records pushed so far.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Exactly the number of bytes [`finish`](Self::finish) would produce now.
+    pub fn encoded_len(&self) -> usize {
+        self.buf.len() + archived_len(self.entries.len()) + TRAILER_LEN
+    }
+
+    /// The LSN the next pushed record must have.
+    pub fn next_lsn(&self) -> u64 {
+        // push refuses LSN u64::MAX, so this cannot overflow.
+        self.first_lsn + self.entries.len() as u64
+    }
+
+    /// Closes the segment: header, body, index, trailer.
+    pub fn finish(self) -> Bytes {
+        let next_seq = self.seq.saturating_add(1);
+        self.finish_with(0, next_seq)
+    }
+
+    fn finish_with(self, flags: u16, next_seq: u64) -> Bytes {
+        let mut buf = self.buf;
+        let record_count = self.entries.len() as u32;
+        let header = SegmentHeader {
+            uuid: self.uuid,
+            epoch: self.epoch,
+            seq: self.seq,
+            first_lsn: self.first_lsn,
+            next_seq,
+            record_count,
+            plug: flags & FLAG_PLUG != 0,
+        };
+        buf[..HEADER_LEN].copy_from_slice(&header.encode());
+        let footer = Footer {
+            uuid: *self.uuid.as_bytes(),
+            epoch: self.epoch,
+            seq: self.seq,
+            first_lsn: self.first_lsn,
+            next_seq,
+            body_crc: self.body_crc,
+            version: FORMAT_VERSION,
+            flags,
+            entries: self.entries,
+        };
+        // Serializing plain integers and one vector into a growable buffer has no failure
+        // path but allocation, which aborts anyway.
+        let index = rkyv::to_bytes::<rkyv::rancor::Error>(&footer)
+            .expect("archiving a segment index into memory cannot fail");
+        let trailer = Trailer {
+            // The limit on records keeps the index under MAX_INDEX_LEN (asserted above).
+            index_len: index.len() as u32,
+            index_crc: crc32c::crc32c(&index),
+            record_count,
+        };
+        buf.reserve_exact(index.len() + TRAILER_LEN);
+        buf.extend_from_slice(&index);
+        buf.extend_from_slice(&trailer.encode());
+        Bytes::from(buf)
+    }
+}
+
+/// Encodes `records` (LSNs `first_lsn..`, timestamps non-decreasing) as one segment.
+pub fn encode_segment(
+    uuid: Uuid,
+    epoch: u64,
+    seq: u64,
+    first_lsn: u64,
+    records: &[Record],
+) -> Result<Bytes, SegmentError> {
+    let mut builder = SegmentBuilder::new(uuid, epoch, seq, first_lsn);
+    for record in records {
+        builder.push(record)?;
+    }
+    Ok(builder.finish())
+}
+
+/// A PLUG: no records, `first_lsn` = the next LSN expected, `next_seq` = where the journal
+/// continues (must be greater than `seq`; readers refuse a plug that points backwards).
+pub fn encode_plug(uuid: Uuid, epoch: u64, seq: u64, first_lsn: u64, next_seq: u64) -> Bytes {
+    debug_assert!(
+        next_seq > seq,
+        "plug {seq} must point forward, not to {next_seq}"
+    );
+    SegmentBuilder::new(uuid, epoch, seq, first_lsn).finish_with(FLAG_PLUG, next_seq)
+}

@@ -1,0 +1,240 @@
+//! Decoding whole segments and single payloads, from bytes or from a store.
+//!
+//! Must never: return a record before the header, the index and that record's payload CRC
+//! were verified, nor a segment whose body CRC was not; decompress past the length the index
+//! announces.
+
+use std::ops::Range;
+
+use bytes::Bytes;
+
+use super::index::{parse_index, ParsedIndex};
+use super::{
+    decode_header, decode_index_from_tail, DecodedSegment, Expected, IndexEntry, SegmentError,
+    SegmentHeader, SegmentIndex, HEADER_LEN, INDEX_TAIL_GUESS,
+};
+use crate::journal::record::{Op, Record, RecordKind};
+use crate::store::ObjectStore;
+
+/// Decodes and verifies a whole segment object.
+pub fn decode_segment(
+    key: &str,
+    data: &[u8],
+    expected: &Expected,
+) -> Result<DecodedSegment, SegmentError> {
+    decode_with(key, data, expected, |range| {
+        Bytes::copy_from_slice(&data[range])
+    })
+}
+
+/// Decodes one record's stored payload (for time travel's ranged reads); checks its CRC.
+///
+/// The CRC covers the uncompressed bytes, so what this returns is always the payload that
+/// was written; damage to bits of a zstd frame that decompression ignores goes unnoticed
+/// here (only [`decode_segment`] checks the whole body's CRC).
+pub fn decode_payload(key: &str, entry: &IndexEntry, stored: &[u8]) -> Result<Bytes, SegmentError> {
+    let mut decompressor = None;
+    decode_stored(key, entry, stored, &mut decompressor, || {
+        Bytes::copy_from_slice(stored)
+    })
+}
+
+/// Reads a segment's index with one tail read ([`INDEX_TAIL_GUESS`] bytes), and a second
+/// ranged read only if the index is bigger.
+pub async fn read_index(
+    store: &dyn ObjectStore,
+    key: &str,
+    expected: &Expected,
+) -> Result<SegmentIndex, SegmentError> {
+    let (tail, size) = store.get_tail(key, INDEX_TAIL_GUESS).await?;
+    match decode_index_from_tail(key, &tail, size, expected) {
+        Err(SegmentError::TailTooShort { needed }) => {
+            let (tail, size) = store.get_tail(key, needed).await?;
+            decode_index_from_tail(key, &tail, size, expected)
+        }
+        other => other,
+    }
+}
+
+/// Reads and decodes a whole segment; raw payloads share the object's buffer.
+pub async fn read_segment(
+    store: &dyn ObjectStore,
+    key: &str,
+    expected: &Expected,
+) -> Result<DecodedSegment, SegmentError> {
+    let data = store.get(key).await?;
+    decode_with(key, &data, expected, |range| data.slice(range))
+}
+
+/// [`decode_segment`], with `share` making a raw payload's `Bytes` from its range in `data`
+/// (a copy, or a slice of a shared buffer).
+fn decode_with(
+    key: &str,
+    data: &[u8],
+    expected: &Expected,
+    share: impl Fn(Range<usize>) -> Bytes,
+) -> Result<DecodedSegment, SegmentError> {
+    let header = decode_header(key, data)?;
+    expected.check(key, &header)?;
+    let ParsedIndex {
+        index,
+        body_crc,
+        body_end,
+    } = parse_index(key, data, data.len() as u64)?;
+    expected.check(key, &index.header)?;
+    check_agreement(key, &header, &index.header)?;
+    let mut decompressor = None;
+    let mut records = Vec::with_capacity(index.entries.len());
+    for entry in &index.entries {
+        // parse_index checked that every stored range lies inside the body, inside `data`.
+        let range = entry.body_pos as usize..entry.stored_range().end as usize;
+        let payload = decode_stored(key, entry, &data[range.clone()], &mut decompressor, || {
+            share(range)
+        })?;
+        records.push(record_from(key, entry, payload)?);
+    }
+    // Payloads were checked one by one first, so that an error names the LSN; this catches
+    // what decompression ignores.
+    let computed = crc32c::crc32c(&data[HEADER_LEN..body_end as usize]);
+    if computed != body_crc {
+        return Err(SegmentError::BodyCrc {
+            key: key.to_string(),
+            stored: body_crc,
+            computed,
+        });
+    }
+    Ok(DecodedSegment { header, records })
+}
+
+/// The header and the index's copy of it must say the same.
+fn check_agreement(
+    key: &str,
+    header: &SegmentHeader,
+    index: &SegmentHeader,
+) -> Result<(), SegmentError> {
+    let pairs = [
+        ("epoch", header.epoch, index.epoch),
+        ("first LSN", header.first_lsn, index.first_lsn),
+        ("next seq", header.next_seq, index.next_seq),
+        (
+            "record count",
+            u64::from(header.record_count),
+            u64::from(index.record_count),
+        ),
+        ("flags", u64::from(header.flags()), u64::from(index.flags())),
+    ];
+    for (field, h, i) in pairs {
+        if h != i {
+            return Err(SegmentError::IndexDisagrees {
+                key: key.to_string(),
+                field,
+                header: h,
+                index: i,
+            });
+        }
+    }
+    // uuid and seq were both checked against the expectation.
+    Ok(())
+}
+
+/// Turns a stored payload into the uncompressed payload, verifying lengths and CRC.
+/// `raw` makes the result for an uncompressed payload (to share rather than copy).
+fn decode_stored(
+    key: &str,
+    entry: &IndexEntry,
+    stored: &[u8],
+    decompressor: &mut Option<zstd::bulk::Decompressor<'static>>,
+    raw: impl FnOnce() -> Bytes,
+) -> Result<Bytes, SegmentError> {
+    let lsn = entry.lsn;
+    if stored.len() as u64 != u64::from(entry.stored_len) {
+        return Err(SegmentError::PayloadLength {
+            key: key.to_string(),
+            lsn,
+            what: "stored",
+            expected: u64::from(entry.stored_len),
+            found: stored.len() as u64,
+        });
+    }
+    // Entries reaching here came through parse_index, but decode_payload takes entries from
+    // callers: recheck what bounds the allocation below.
+    super::index::check_entry_fields(key, entry)?;
+    let payload = if entry.compressed {
+        let decompress_err = |source| SegmentError::Decompress {
+            key: key.to_string(),
+            lsn,
+            source,
+        };
+        let mut d = match decompressor.take() {
+            Some(d) => d,
+            None => zstd::bulk::Decompressor::new().map_err(decompress_err)?,
+        };
+        // The capacity bounds the output: a frame claiming more fails instead of growing.
+        let out = d.decompress(stored, entry.length as usize);
+        *decompressor = Some(d);
+        let out = out.map_err(decompress_err)?;
+        Bytes::from(out)
+    } else {
+        raw()
+    };
+    if payload.len() as u64 != entry.length && super::has_payload(entry.kind) {
+        return Err(SegmentError::PayloadLength {
+            key: key.to_string(),
+            lsn,
+            what: "uncompressed",
+            expected: entry.length,
+            found: payload.len() as u64,
+        });
+    }
+    let computed = crc32c::crc32c(&payload);
+    if computed != entry.crc {
+        return Err(SegmentError::PayloadCrc {
+            key: key.to_string(),
+            lsn,
+            stored: entry.crc,
+            computed,
+        });
+    }
+    Ok(payload)
+}
+
+/// Rebuilds a record from its (verified) entry and payload.
+fn record_from(key: &str, e: &IndexEntry, payload: Bytes) -> Result<Record, SegmentError> {
+    let op = match e.kind {
+        RecordKind::Write => Op::Write {
+            offset: e.offset,
+            data: payload,
+        },
+        RecordKind::ResyncData => Op::ResyncData {
+            offset: e.offset,
+            data: payload,
+        },
+        RecordKind::Discard => Op::Discard {
+            offset: e.offset,
+            len: e.length,
+        },
+        RecordKind::WriteZeroes => Op::WriteZeroes {
+            offset: e.offset,
+            len: e.length,
+        },
+        RecordKind::Flush => Op::Flush,
+        RecordKind::Mark => Op::Mark {
+            name: String::from_utf8(payload.to_vec()).map_err(|source| {
+                SegmentError::MarkNotUtf8 {
+                    key: key.to_string(),
+                    lsn: e.lsn,
+                    source,
+                }
+            })?,
+        },
+        RecordKind::Epoch => Op::Epoch { epoch: e.offset },
+        RecordKind::ResyncBegin => Op::ResyncBegin,
+        RecordKind::ResyncEnd => Op::ResyncEnd,
+    };
+    Ok(Record {
+        lsn: e.lsn,
+        timestamp_ns: e.timestamp_ns,
+        dev: e.dev,
+        op,
+    })
+}
