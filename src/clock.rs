@@ -84,7 +84,8 @@ pub fn format_ns(ns: u64) -> String {
 /// Parses a point in time for `--until`, `--from-time`, `--at`: RFC 3339
 /// (`2026-11-23T05:00:00Z`), `@<unix seconds>`, or `<duration> ago` (`10m ago`).
 pub fn parse_time(s: &str, clock: &dyn Clock) -> Result<u64, String> {
-    const FORMS: &str = "RFC 3339 (2026-11-23T05:00:00Z), @<unix seconds>, or <duration> ago (10m ago)";
+    const FORMS: &str =
+        "RFC 3339 (2026-11-23T05:00:00Z), @<unix seconds>, or <duration> ago (10m ago)";
     let t = s.trim();
     if let Some(ago) = t.strip_suffix("ago") {
         let d = crate::units::parse_duration(ago.trim())
@@ -136,7 +137,9 @@ mod tests {
             parse_time("1970-01-01T00:00:01Z", &clock),
             Ok(1_000_000_000)
         );
-        assert!(parse_time("yesterday", &clock).unwrap_err().contains("RFC 3339"));
+        assert!(parse_time("yesterday", &clock)
+            .unwrap_err()
+            .contains("RFC 3339"));
         assert_eq!(format_ns(1_500_000_000), "1970-01-01T00:00:01.500Z");
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod block;
 pub mod clock;
+pub mod control;
 pub mod journal;
 pub mod nbd;
 pub mod replayer;

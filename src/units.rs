@@ -12,9 +12,7 @@ pub const DURATION_FORMS: &str = "a number with a unit: 500ms, 5s, 10m, 1h, 2d (
 /// Parses a size. Units: none or `B`; `K`/`KB`/`KiB`; `M`…; `G`…; `T`… (all powers of 1024).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     if num.is_empty() {
         return Err(format!("invalid size {s:?}: expected {SIZE_FORMS}"));
@@ -25,7 +23,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "m" | "mb" | "mib" => 20,
         "g" | "gb" | "gib" => 30,
         "t" | "tb" | "tib" => 40,
-        _ => return Err(format!("invalid size {s:?}: unknown unit; expected {SIZE_FORMS}")),
+        _ => {
+            return Err(format!(
+                "invalid size {s:?}: unknown unit; expected {SIZE_FORMS}"
+            ))
+        }
     };
     let n: u64 = num
         .parse()
@@ -40,9 +42,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if t == "0" {
         return Ok(Duration::ZERO);
     }
-    let split = t
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     if num.is_empty() || unit.is_empty() {
         return Err(format!("invalid duration {s:?}: expected {DURATION_FORMS}"));

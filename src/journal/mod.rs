@@ -1,9 +1,19 @@
 //! Journal: records, the segment codec, keys, manifest, epochs, consumers, reading.
 //!
 //! Must never: overwrite a segment or the manifest; accept an object whose UUID, seq, LSN
-//! range or checksums are not the ones expected.
+//! range or checksums are not the ones expected; build an object key outside [`paths`].
 
+pub mod consumer;
+pub mod epoch;
+pub mod error;
+pub mod head;
+pub mod info;
+pub mod manifest;
 pub mod paths;
+pub mod reader;
 pub mod record;
 pub mod segment;
 
+pub use error::{JournalError, JournalResult};
+pub use manifest::Manifest;
+pub use record::{Op, Record, RecordKind};

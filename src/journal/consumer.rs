@@ -1,0 +1,248 @@
+//! Consumers: registered readers of a journal and their commit positions
+//! (`consumers/<name>`), and the trim pointer (`trim`), the first live segment.
+//!
+//! Must never: move a commit position past what the consumer made durable, or let trim
+//! believe a consumer is further than it is. Each consumer writes only its own key.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::error::{JournalError, JournalResult};
+use super::paths;
+use crate::store::{list_all, ObjectStore};
+
+/// A consumer's commit position and what `journal info` shows of it (JSON).
+///
+/// # Invariants
+/// - Every record with LSN `<= applied_lsn` is applied and durable on the replica.
+/// - `next_seq` is the segment holding LSN `applied_lsn + 1` (or the next segment to be
+///   written): trim keeps `next_seq` and everything after it.
+/// - `consistent_lsn <= applied_lsn`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsumerState {
+    pub name: String,
+    pub next_seq: u64,
+    /// Last applied LSN; 0 before the first record (LSNs start at 1).
+    pub applied_lsn: u64,
+    /// Timestamp of the record at `applied_lsn` (0 before the first).
+    pub applied_timestamp_ns: u64,
+    /// Last LSN at which the replica equalled the primary (outside any resync span).
+    pub consistent_lsn: u64,
+    /// The consumer's replay delay.
+    pub delay_ns: u64,
+    /// Where the replica lives (for operators; not interpreted).
+    #[serde(default)]
+    pub replica: String,
+    pub registered_at_ns: u64,
+    pub updated_at_ns: u64,
+}
+
+/// The first live segment and the first LSN in it (JSON in `trim`). Absent means nothing
+/// was trimmed yet: seq 0, LSN 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrimPointer {
+    pub first_seq: u64,
+    pub first_lsn: u64,
+}
+
+impl Default for TrimPointer {
+    fn default() -> Self {
+        TrimPointer {
+            first_seq: 0,
+            first_lsn: 1,
+        }
+    }
+}
+
+fn check_name(name: &str) -> JournalResult<()> {
+    if paths::valid_consumer_name(name) {
+        Ok(())
+    } else {
+        Err(JournalError::InvalidConsumerName(name.to_string()))
+    }
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(
+    store: &dyn ObjectStore,
+    key: &str,
+    what: &'static str,
+    data: &[u8],
+) -> JournalResult<T> {
+    serde_json::from_slice(data).map_err(|e| JournalError::Malformed {
+        journal: store.describe(),
+        key: key.to_string(),
+        what,
+        reason: e.to_string(),
+    })
+}
+
+/// Registers `initial.name` with `initial` as its position, or returns the position it
+/// already has (a restarted agent continues where it was).
+pub async fn register(
+    store: &dyn ObjectStore,
+    initial: &ConsumerState,
+) -> JournalResult<ConsumerState> {
+    check_name(&initial.name)?;
+    let key = paths::consumer_key(&initial.name);
+    let body = serde_json::to_vec_pretty(initial).expect("consumer state serializes");
+    match store.put_if_absent(&key, Bytes::from(body)).await {
+        Ok(()) => Ok(initial.clone()),
+        Err(e) if e.is_already_exists() => load(store, &initial.name).await,
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Reads one consumer's position.
+pub async fn load(store: &dyn ObjectStore, name: &str) -> JournalResult<ConsumerState> {
+    check_name(name)?;
+    let key = paths::consumer_key(name);
+    let data = match store.get(&key).await {
+        Ok(d) => d,
+        Err(e) if e.is_not_found() => {
+            return Err(JournalError::UnknownConsumer {
+                journal: store.describe(),
+                name: name.to_string(),
+            })
+        }
+        Err(e) => return Err(e.into()),
+    };
+    decode(store, &key, "consumer position", &data)
+}
+
+/// Moves a consumer's commit position (the consumer's own key only).
+pub async fn commit(store: &dyn ObjectStore, state: &ConsumerState) -> JournalResult<()> {
+    check_name(&state.name)?;
+    let body = serde_json::to_vec_pretty(state).expect("consumer state serializes");
+    store
+        .put(&paths::consumer_key(&state.name), Bytes::from(body))
+        .await?;
+    Ok(())
+}
+
+/// Every registered consumer, by name.
+pub async fn list(store: &dyn ObjectStore) -> JournalResult<Vec<ConsumerState>> {
+    let mut out = Vec::new();
+    for meta in list_all(store, paths::CONSUMERS_PREFIX).await? {
+        let Some(name) = paths::parse_consumer_key(&meta.key) else {
+            continue;
+        };
+        match load(store, name).await {
+            Ok(state) => out.push(state),
+            // Unregistered between the listing and the read.
+            Err(JournalError::UnknownConsumer { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+/// Removes a consumer, so it no longer holds trim back.
+pub async fn unregister(store: &dyn ObjectStore, name: &str) -> JournalResult<()> {
+    check_name(name)?;
+    load(store, name).await?;
+    store.delete_many(&[paths::consumer_key(name)]).await?;
+    Ok(())
+}
+
+/// Reads the trim pointer (the default when nothing was trimmed).
+pub async fn load_trim_pointer(store: &dyn ObjectStore) -> JournalResult<TrimPointer> {
+    match store.get(paths::TRIM_POINTER).await {
+        Ok(data) => decode(store, paths::TRIM_POINTER, "trim pointer", &data),
+        Err(e) if e.is_not_found() => Ok(TrimPointer::default()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Moves the trim pointer (trim only, after the segments below it are deleted).
+pub async fn store_trim_pointer(
+    store: &dyn ObjectStore,
+    pointer: &TrimPointer,
+) -> JournalResult<()> {
+    let body = serde_json::to_vec(pointer).expect("trim pointer serializes");
+    store.put(paths::TRIM_POINTER, Bytes::from(body)).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryStore;
+
+    fn state(name: &str, lsn: u64) -> ConsumerState {
+        ConsumerState {
+            name: name.into(),
+            next_seq: 0,
+            applied_lsn: lsn,
+            applied_timestamp_ns: 0,
+            consistent_lsn: lsn,
+            delay_ns: 0,
+            replica: "/r".into(),
+            registered_at_ns: 1,
+            updated_at_ns: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn register_commit_list_unregister() {
+        let store = MemoryStore::new();
+        assert_eq!(
+            register(&store, &state("a", 0)).await.unwrap().applied_lsn,
+            0
+        );
+        commit(&store, &state("a", 42)).await.unwrap();
+        // Registering again keeps the committed position.
+        assert_eq!(
+            register(&store, &state("a", 0)).await.unwrap().applied_lsn,
+            42
+        );
+        register(&store, &state("b", 0)).await.unwrap();
+        let names: Vec<_> = list(&store)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.name)
+            .collect();
+        assert_eq!(names, ["a", "b"]);
+        unregister(&store, "a").await.unwrap();
+        assert!(matches!(
+            load(&store, "a").await,
+            Err(JournalError::UnknownConsumer { .. })
+        ));
+        assert!(matches!(
+            unregister(&store, "a").await,
+            Err(JournalError::UnknownConsumer { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn bad_names_and_garbage_are_refused() {
+        let store = MemoryStore::new();
+        assert!(matches!(
+            register(&store, &state("../x", 0)).await,
+            Err(JournalError::InvalidConsumerName(_))
+        ));
+        store
+            .put("consumers/c", Bytes::from_static(b"nope"))
+            .await
+            .unwrap();
+        assert!(matches!(
+            load(&store, "c").await,
+            Err(JournalError::Malformed { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn trim_pointer_defaults_and_moves() {
+        let store = MemoryStore::new();
+        assert_eq!(
+            load_trim_pointer(&store).await.unwrap(),
+            TrimPointer::default()
+        );
+        let p = TrimPointer {
+            first_seq: 7,
+            first_lsn: 900,
+        };
+        store_trim_pointer(&store, &p).await.unwrap();
+        assert_eq!(load_trim_pointer(&store).await.unwrap(), p);
+    }
+}

@@ -1,0 +1,58 @@
+//! Errors of the journal metadata layer (manifest, epochs, consumers, trim pointer, head).
+
+use crate::store::StoreError;
+
+/// One variant per way journal metadata fails; each names the journal and object.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// `init` found a manifest already there: a journal is never overwritten.
+    #[error("a journal already exists at {journal} (found {key}); refusing to overwrite it")]
+    AlreadyInitialized { journal: String, key: String },
+    /// No manifest: the journal was never initialized (or the URI points elsewhere).
+    #[error("no tinylag journal at {journal}: {key} not found (run `tinylag init` first?)")]
+    NotInitialized { journal: String, key: String },
+    /// A metadata object is not valid JSON of the expected shape.
+    #[error("object {key} in {journal} is not a valid {what}: {reason}")]
+    Malformed {
+        journal: String,
+        key: String,
+        what: &'static str,
+        reason: String,
+    },
+    /// The manifest was written by a newer tinylag.
+    #[error(
+        "journal {journal} has format version {found}; this tinylag reads version {supported}"
+    )]
+    UnsupportedVersion {
+        journal: String,
+        found: u32,
+        supported: u32,
+    },
+    /// A manifest or configuration value is out of range.
+    #[error("invalid journal parameter {name}: {reason}")]
+    InvalidParameter { name: &'static str, reason: String },
+    /// Another writer claimed the same epoch at the same moment.
+    #[error("writer epoch {epoch} of {journal} was claimed concurrently by another writer")]
+    EpochContended { journal: String, epoch: u64 },
+    /// A newer writer epoch exists: this writer has been fenced.
+    #[error("writer epoch {epoch} of {journal} is fenced by epoch {newer}")]
+    Fenced {
+        journal: String,
+        epoch: u64,
+        newer: u64,
+    },
+    /// A consumer name outside `[A-Za-z0-9._-]{1,64}`.
+    #[error("invalid consumer name {0:?}: use 1 to 64 of A-Z a-z 0-9 . _ - (not starting with .)")]
+    InvalidConsumerName(String),
+    /// The consumer is not registered.
+    #[error("consumer {name} is not registered in {journal}")]
+    UnknownConsumer { journal: String, name: String },
+    /// A segment could not be read or decoded.
+    #[error(transparent)]
+    Segment(#[from] crate::journal::segment::SegmentError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub type JournalResult<T> = Result<T, JournalError>;

@@ -1,0 +1,140 @@
+//! Finding the end of the journal without listing it: existence probes by predicted key.
+//!
+//! Segments exist as a contiguous run of seqs from the trim pointer on, except for holes in
+//! the last `W` seqs while uploads are in flight (or after a writer died with uploads in
+//! flight; a restarted writer plugs those, see [`plan_restart`]). So the end is found with
+//! O(log n) HEAD requests: gallop forward, then bisect.
+//!
+//! Must never: list the segment folders (that costs O(journal)), or report a head past a
+//! hole as if the segments before it were all there.
+
+use super::error::JournalResult;
+use super::manifest::Manifest;
+use super::segment::{read_index, Expected, SegmentIndex};
+use crate::store::ObjectStore;
+
+/// Whether segment `seq` exists.
+pub async fn segment_exists(
+    store: &dyn ObjectStore,
+    manifest: &Manifest,
+    seq: u64,
+) -> JournalResult<bool> {
+    match store.head(&manifest.segment_key(seq)).await {
+        Ok(_) => Ok(true),
+        Err(e) if e.is_not_found() => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A seq `n >= from` such that `n` does not exist and `n - 1` does (or `n == from`). When
+/// existence is contiguous this is the end of the journal.
+pub async fn probe_end(
+    store: &dyn ObjectStore,
+    manifest: &Manifest,
+    from: u64,
+) -> JournalResult<u64> {
+    if !segment_exists(store, manifest, from).await? {
+        return Ok(from);
+    }
+    let (mut lo, mut step) = (from, 1u64);
+    let mut hi = loop {
+        let candidate = lo.saturating_add(step);
+        if segment_exists(store, manifest, candidate).await? {
+            lo = candidate;
+            step = step.saturating_mul(2);
+        } else {
+            break candidate;
+        }
+    };
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if segment_exists(store, manifest, mid).await? {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(hi)
+}
+
+/// Where a starting writer continues, found from the trim pointer.
+///
+/// The writer then (1) writes its first segment at `next_seq` with LSN `next_lsn`, and only
+/// then (2) plugs every hole, highest seq first, with a plug segment (`first_lsn =
+/// next_lsn`, `next_seq = next_seq`). A reader that reaches `first_missing` finds a plug and
+/// jumps over the orphans. Doing (1) first and plugging downwards means a writer that dies
+/// half-way leaves `first_missing` still a hole, so the next plan finds the same prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RestartPlan {
+    /// First seq of the gap-free prefix that does not exist.
+    pub first_missing: u64,
+    /// Highest existing seq at or after `first_missing` (orphans of a writer that died with
+    /// uploads in flight), if any.
+    pub last_orphan: Option<u64>,
+    /// Seqs in `first_missing..=last_orphan` that do not exist and must be plugged.
+    pub holes: Vec<u64>,
+    /// The seq the new writer writes first.
+    pub next_seq: u64,
+    /// The LSN the new writer assigns first (one past the durable prefix).
+    pub next_lsn: u64,
+    /// Timestamp of the last record of the durable prefix (new timestamps never go below).
+    pub last_timestamp_ns: u64,
+}
+
+/// Works out where a new writer continues: the end of the gap-free prefix from `first_seq`,
+/// and any orphans past it. `first_lsn` is the LSN at `first_seq` (from the trim pointer).
+pub async fn plan_restart(
+    store: &dyn ObjectStore,
+    manifest: &Manifest,
+    first_seq: u64,
+    first_lsn: u64,
+) -> JournalResult<RestartPlan> {
+    let width = u64::from(manifest.splay_width);
+    let end = probe_end(store, manifest, first_seq).await?;
+    // Holes only sit among the last uploads of writers that died: at most W per writer, and
+    // a dead restarted writer adds one more segment. Walk back from the end until 2W
+    // consecutive segments exist; no hole can lie before that.
+    let mut holes = Vec::new();
+    let mut run = 0;
+    let mut seq = end;
+    while seq > first_seq && run < 2 * width {
+        seq -= 1;
+        if segment_exists(store, manifest, seq).await? {
+            run += 1;
+        } else {
+            holes.push(seq);
+            run = 0;
+        }
+    }
+    holes.reverse();
+    let first_missing = holes.first().copied().unwrap_or(end);
+    let last_orphan = (first_missing < end).then(|| end - 1);
+    let (next_lsn, last_timestamp_ns) = if first_missing > first_seq {
+        let index = prefix_index(store, manifest, first_missing - 1).await?;
+        (index.header.end_lsn(), index.last_timestamp().unwrap_or(0))
+    } else {
+        (first_lsn, 0)
+    };
+    Ok(RestartPlan {
+        first_missing,
+        last_orphan,
+        holes,
+        next_seq: last_orphan.map_or(first_missing, |s| s + 1),
+        next_lsn,
+        last_timestamp_ns,
+    })
+}
+
+/// The index of segment `seq`, checked against the manifest's UUID.
+pub async fn prefix_index(
+    store: &dyn ObjectStore,
+    manifest: &Manifest,
+    seq: u64,
+) -> JournalResult<SegmentIndex> {
+    let expected = Expected {
+        uuid: manifest.uuid,
+        seq,
+        first_lsn: None,
+    };
+    Ok(read_index(store, &manifest.segment_key(seq), &expected).await?)
+}
