@@ -23,9 +23,26 @@ use bytes::Bytes;
 
 use super::{check_range, BlockDevice, BlockError, DeviceInfo};
 
-/// `BLKGETSIZE64` = `_IOR(0x12, 114, size_t)`: the size of a block device in bytes.
-/// Not exported by the `libc` crate, so spelled out (x86_64/aarch64 encoding).
-const BLKGETSIZE64: libc::Ioctl = 0x8008_1272;
+/// `BLKGETSIZE64` = `_IOR(0x12, 114, u64)`: the size of a block device in bytes. The
+/// `libc` crate does not export it, so it is encoded here: the read direction is bit 31
+/// in the generic encoding (x86, arm, riscv, s390x, …) and bit 30 on powerpc, mips and
+/// sparc. (`as` because `Ioctl` is a signed int on musl.)
+#[cfg(not(any(
+    target_arch = "powerpc",
+    target_arch = "powerpc64",
+    target_arch = "mips",
+    target_arch = "mips64",
+    target_arch = "sparc64"
+)))]
+const BLKGETSIZE64: libc::Ioctl = 0x8008_1272_u32 as libc::Ioctl;
+#[cfg(any(
+    target_arch = "powerpc",
+    target_arch = "powerpc64",
+    target_arch = "mips",
+    target_arch = "mips64",
+    target_arch = "sparc64"
+))]
+const BLKGETSIZE64: libc::Ioctl = 0x4008_1272_u32 as libc::Ioctl;
 /// `BLKDISCARD` = `_IO(0x12, 119)`: discard a `[offset, len]` byte range of a block device.
 const BLKDISCARD: libc::Ioctl = 0x1277;
 
@@ -625,7 +642,10 @@ mod tests {
         dev.write(8192, Bytes::from(vec![0x5a; 4096 * 3]), true)
             .await
             .unwrap();
-        assert_eq!(dev.read(8192, 4096 * 3).await.unwrap(), vec![0x5a; 4096 * 3]);
+        assert_eq!(
+            dev.read(8192, 4096 * 3).await.unwrap(),
+            vec![0x5a; 4096 * 3]
+        );
         dev.write_zeroes(8192, 4096, false).await.unwrap();
         assert_eq!(dev.read(8192, 4096).await.unwrap(), vec![0; 4096]);
         let err = dev.read(100, 4096).await.unwrap_err();

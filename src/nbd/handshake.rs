@@ -40,11 +40,15 @@ pub(crate) enum HandshakeError {
     #[error("option header has magic {magic:#018x} instead of IHAVEOPT")]
     BadOptionMagic { magic: u64 },
     /// An option claims more data than the server is willing to buffer.
-    #[error("option {option} claims {length} bytes of data, more than the {MAX_OPTION_LEN}-byte limit")]
+    #[error(
+        "option {option} claims {length} bytes of data, more than the {MAX_OPTION_LEN}-byte limit"
+    )]
     OptionTooLong { option: u32, length: u32 },
     /// A client that did not negotiate fixed newstyle sent an option other than
     /// `NBD_OPT_EXPORT_NAME`; it could not parse an error reply.
-    #[error("client without fixed newstyle sent option {option}; only NBD_OPT_EXPORT_NAME is allowed")]
+    #[error(
+        "client without fixed newstyle sent option {option}; only NBD_OPT_EXPORT_NAME is allowed"
+    )]
     NotFixedNewstyle { option: u32 },
     /// `NBD_OPT_EXPORT_NAME` cannot report errors, so a bad name ends the session.
     #[error("NBD_OPT_EXPORT_NAME carries an invalid export name: {reason}")]

@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 
 use super::handshake::{negotiate, HandshakeError, Outcome};
 use super::transmission::{serve_export, TransmissionError};
-use super::{ListenAddr, NbdServer};
+use super::{stop_requested, ListenAddr, NbdServer};
 
 /// How long `serve` lets open connections finish their in-flight requests after a
 /// shutdown before it drops them.
@@ -62,7 +62,8 @@ impl Drop for Listener {
 /// Binds `addr`. A Unix socket file left behind by a dead server is removed first; a
 /// live server's socket or any other file at the path is an error.
 pub async fn bind(addr: &ListenAddr) -> io::Result<Listener> {
-    let with_context = |e: io::Error| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"));
+    let with_context =
+        |e: io::Error| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"));
     match addr {
         ListenAddr::Tcp(socket_addr) => {
             let listener = TcpListener::bind(socket_addr).await.map_err(with_context)?;
@@ -152,7 +153,7 @@ pub async fn serve(
     loop {
         tokio::select! {
             biased;
-            _ = shutdown.wait_for(|stop| *stop) => break,
+            _ = stop_requested(&mut shutdown) => break,
             Some(done) = connections.join_next(), if !connections.is_empty() => {
                 if let Err(e) = done {
                     tracing::error!(error = %e, "NBD connection task failed");
@@ -219,7 +220,7 @@ async fn connection<R, W>(
     tracing::debug!(peer, "NBD client connected");
     let negotiated = tokio::select! {
         biased;
-        _ = shutdown.wait_for(|stop| *stop) => {
+        _ = stop_requested(&mut shutdown) => {
             tracing::debug!(peer, "closing an NBD connection in its handshake: shutting down");
             return;
         }
@@ -253,5 +254,46 @@ async fn connection<R, W>(
             error = %e,
             "NBD protocol error; closing this connection"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn unix_socket_files_are_reclaimed_only_when_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nbd.sock");
+        let addr = ListenAddr::Unix(path.clone());
+
+        // A socket file whose server is gone is replaced.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        let listener = bind(&addr).await.expect("stale socket reclaimed");
+
+        // A live server's socket is not stolen.
+        let err = bind(&addr).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "{err}");
+        assert!(err.to_string().contains("nbd.sock"), "{err}");
+
+        // Dropping the listener removes its own socket file.
+        drop(listener);
+        assert!(!path.exists());
+
+        // Anything that is not a socket is left alone.
+        std::fs::write(&path, b"precious").unwrap();
+        let err = bind(&addr).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists, "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+    }
+
+    #[tokio::test]
+    async fn tcp_reports_the_port_it_got() {
+        let listener = bind(&"tcp:127.0.0.1:0".parse().unwrap()).await.unwrap();
+        match listener.local_addr() {
+            ListenAddr::Tcp(a) => assert_ne!(a.port(), 0),
+            other => panic!("{other}"),
+        }
     }
 }

@@ -158,6 +158,12 @@ impl NbdServer {
     }
 }
 
+/// Resolves once `shutdown` is true or its sender is gone. (Unlike `wait_for` itself,
+/// the returned future holds no lock guard, so it can live in `Send` tasks.)
+pub(crate) async fn stop_requested(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await.map(|_| ());
+}
+
 /// Where the server listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ListenAddr {

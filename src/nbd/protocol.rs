@@ -269,8 +269,8 @@ impl InfoRequest {
         if name_len > data.len() - 6 {
             return Err("export name length runs past the option data");
         }
-        let name = std::str::from_utf8(&data[4..4 + name_len])
-            .map_err(|_| "export name is not UTF-8")?;
+        let name =
+            std::str::from_utf8(&data[4..4 + name_len]).map_err(|_| "export name is not UTF-8")?;
         if name.contains('\0') {
             return Err("export name contains NUL");
         }

@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::protocol::*;
-use super::Export;
+use super::{stop_requested, Export};
 use crate::block::{check_range, BlockDevice, BlockError, DeviceInfo};
 
 /// Requests admitted but not yet answered, per connection. Deep enough for fio's
@@ -136,7 +136,7 @@ where
         let mut raw = [0u8; REQUEST_LEN];
         tokio::select! {
             biased;
-            _ = shutdown.wait_for(|stop| *stop) => return Ok(Ending::Shutdown),
+            _ = stop_requested(&mut shutdown) => return Ok(Ending::Shutdown),
             read = read_header(&mut reader, &mut raw) => match read {
                 Ok(true) => {}
                 Ok(false) => return Ok(Ending::ClientClosed),
@@ -381,10 +381,9 @@ async fn execute(
             }
             Ok(None)
         }
-        Op::WriteZeroes { offset, len, fua } => device
-            .write_zeroes(offset, len, fua)
-            .await
-            .map(|()| None),
+        Op::WriteZeroes { offset, len, fua } => {
+            device.write_zeroes(offset, len, fua).await.map(|()| None)
+        }
     }
 }
 
@@ -457,7 +456,10 @@ mod tests {
         assert_eq!(errno(req(CMD_READ, 0, 1 << 20, 512), false), EINVAL);
         assert_eq!(errno(req(CMD_WRITE, 0, 1 << 20, 512), false), ENOSPC);
         assert_eq!(errno(req(CMD_WRITE, 0, u64::MAX - 511, 512), false), ENOSPC);
-        assert_eq!(errno(req(CMD_TRIM, 0, (1 << 20) - 512, 1024), false), EINVAL);
+        assert_eq!(
+            errno(req(CMD_TRIM, 0, (1 << 20) - 512, 1024), false),
+            EINVAL
+        );
         assert_eq!(errno(req(CMD_READ, 0, 100, 512), false), EINVAL);
         assert_eq!(errno(req(CMD_WRITE, 0, 0, 100), false), EINVAL);
         assert_eq!(errno(req(CMD_WRITE, 0, 0, 512), true), EPERM);
@@ -465,7 +467,10 @@ mod tests {
         assert_eq!(errno(req(CMD_WRITE_ZEROES, 0, 0, 512), true), EPERM);
         assert_eq!(errno(req(CMD_READ, 0, 0, 512), true), 0);
         assert_eq!(errno(req(7, 0, 0, 512), false), EINVAL);
-        assert_eq!(errno(req(CMD_READ, CMD_FLAG_NO_HOLE, 0, 512), false), EINVAL);
+        assert_eq!(
+            errno(req(CMD_READ, CMD_FLAG_NO_HOLE, 0, 512), false),
+            EINVAL
+        );
         assert_eq!(
             errno(
                 req(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE | CMD_FLAG_FUA, 0, 512),
@@ -475,6 +480,185 @@ mod tests {
         );
         assert_eq!(errno(req(CMD_FLUSH, CMD_FLAG_FUA, 0, 0), false), 0);
         assert_eq!(errno(req(CMD_READ, 1 << 2, 0, 512), false), EINVAL);
+    }
+
+    /// A device whose reads wait at a gate, counting how many are inside at once.
+    struct GatedDevice {
+        gate: Semaphore,
+        inside: std::sync::atomic::AtomicUsize,
+        max_inside: std::sync::atomic::AtomicUsize,
+        /// Reads at offset 0 wait for this; reads elsewhere open it.
+        slow: tokio::sync::Notify,
+        data: Bytes,
+    }
+
+    impl GatedDevice {
+        fn new(gate_permits: usize) -> Arc<Self> {
+            Arc::new(Self {
+                gate: Semaphore::new(gate_permits),
+                inside: Default::default(),
+                max_inside: Default::default(),
+                slow: tokio::sync::Notify::new(),
+                data: Bytes::from(vec![0x5a; MAX_PAYLOAD as usize]),
+            })
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl BlockDevice for GatedDevice {
+        fn info(&self) -> DeviceInfo {
+            DeviceInfo {
+                size: 1 << 30,
+                ..info(false)
+            }
+        }
+        async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BlockError> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let now = self.inside.fetch_add(1, SeqCst) + 1;
+            self.max_inside.fetch_max(now, SeqCst);
+            if offset == 0 {
+                self.slow.notified().await;
+            } else {
+                self.slow.notify_one();
+            }
+            self.gate.acquire().await.expect("gate").forget();
+            self.inside.fetch_sub(1, SeqCst);
+            Ok(self.data.slice(..len as usize))
+        }
+        async fn write(&self, _: u64, _: Bytes, _: bool) -> Result<(), BlockError> {
+            Ok(())
+        }
+        async fn flush(&self) -> Result<(), BlockError> {
+            Ok(())
+        }
+        async fn trim(&self, _: u64, _: u64) -> Result<(), BlockError> {
+            Ok(())
+        }
+        async fn write_zeroes(&self, _: u64, _: u64, _: bool) -> Result<(), BlockError> {
+            Ok(())
+        }
+    }
+
+    type Client = tokio::io::DuplexStream;
+
+    /// Starts `serve_export` on one end of an in-memory pipe; returns the client end.
+    fn start(
+        device: Arc<GatedDevice>,
+    ) -> (
+        Client,
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<Result<Ending, TransmissionError>>,
+    ) {
+        let (client, server) = tokio::io::duplex(4 << 20);
+        let (reader, writer) = tokio::io::split(server);
+        let export = Arc::new(Export {
+            name: "gated".into(),
+            description: String::new(),
+            device,
+        });
+        let (stop, shutdown) = watch::channel(false);
+        let task =
+            tokio::spawn(
+                async move { serve_export(reader, writer, export, shutdown, "test").await },
+            );
+        (client, stop, task)
+    }
+
+    async fn send_read(client: &mut Client, handle: u64, offset: u64, length: u32) {
+        let r = req(CMD_READ, 0, offset, length);
+        let r = Request { handle, ..r };
+        client.write_all(&r.encode()).await.unwrap();
+    }
+
+    /// Reads one reply and its `len` data bytes; returns the handle.
+    async fn recv_read(client: &mut Client, len: usize) -> u64 {
+        let mut header = [0u8; SIMPLE_REPLY_LEN];
+        client.read_exact(&mut header).await.unwrap();
+        assert_eq!(&header[0..4], &SIMPLE_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(&header[4..8], &[0, 0, 0, 0], "error field");
+        let mut data = vec![0u8; len];
+        client.read_exact(&mut data).await.unwrap();
+        assert!(data.iter().all(|&b| b == 0x5a));
+        u64::from_be_bytes(header[8..16].try_into().unwrap())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replies_go_out_in_completion_order() {
+        let device = GatedDevice::new(1000);
+        let (mut client, _stop, _task) = start(Arc::clone(&device));
+        // Request 1 cannot finish until request 2 has run: a server that answered in
+        // request order would hang here.
+        send_read(&mut client, 1, 0, 512).await;
+        send_read(&mut client, 2, 512, 512).await;
+        let first = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            let a = recv_read(&mut client, 512).await;
+            let b = recv_read(&mut client, 512).await;
+            (a, b)
+        })
+        .await
+        .expect("replies");
+        assert_eq!(first, (2, 1));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn in_flight_requests_and_bytes_are_bounded() {
+        use std::sync::atomic::Ordering::SeqCst;
+        for (count, len, limit) in [
+            (300u64, 4096u32, MAX_IN_FLIGHT_REQUESTS),
+            (10, MAX_PAYLOAD, MAX_IN_FLIGHT_BYTES / MAX_PAYLOAD as usize),
+        ] {
+            let device = GatedDevice::new(0);
+            let (mut client, _stop, _task) = start(Arc::clone(&device));
+            for h in 0..count {
+                send_read(&mut client, h, 4096 * (h + 1), len).await;
+            }
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+            while device.inside.load(SeqCst) < limit {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "requests never arrived"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            // Give an unbounded server the chance to admit more than it should.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            assert_eq!(device.max_inside.load(SeqCst), limit);
+            device.gate.add_permits(count as usize);
+            let mut seen = Vec::new();
+            for _ in 0..count {
+                seen.push(recv_read(&mut client, len as usize).await);
+            }
+            seen.sort();
+            assert_eq!(seen, (0..count).collect::<Vec<_>>());
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_waits_for_in_flight_requests() {
+        let device = GatedDevice::new(0);
+        let (mut client, stop, task) = start(Arc::clone(&device));
+        send_read(&mut client, 7, 4096, 512).await;
+        while device.inside.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        stop.send(true).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(
+            !task.is_finished(),
+            "returned with a request still in flight"
+        );
+        device.gate.add_permits(1);
+        assert_eq!(recv_read(&mut client, 512).await, 7);
+        let ending = tokio::time::timeout(std::time::Duration::from_secs(10), task)
+            .await
+            .expect("serve_export returned")
+            .unwrap()
+            .unwrap();
+        assert_eq!(ending, Ending::Shutdown);
+        // And the server closed its end.
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
     }
 
     #[test]
