@@ -438,6 +438,8 @@ fn read_only_export_refuses_every_change() {
     // qemu-io, a real client, is refused too.
     let (ok, text) = qemu_io(&scene.server.uri("frozen"), &["write -P 0xee 0 4k"]);
     assert!(!ok, "qemu-io wrote to a read-only export:\n{text}");
+    // qemu sees READ_ONLY and refuses to open for writing: the flag reached the client.
+    assert!(text.contains("Permission denied"), "{text}");
     scene.finish(&["disk", "frozen"]);
 }
 

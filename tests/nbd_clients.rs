@@ -168,6 +168,8 @@ fn nbdinfo_reports_size_block_sizes_flags_and_exports() {
     // Writing to the read-only export fails and changes nothing.
     let (ok, text) = qemu_io(&server.uri("frozen"), &["write -P 1 0 4k"]);
     assert!(!ok, "a write to a read-only export passed:\n{text}");
+    // qemu sees READ_ONLY and refuses to open for writing: the flag reached the client.
+    assert!(text.contains("Permission denied"), "{text}");
     assert!(read_file(&server.image("frozen")).iter().all(|&b| b == 0));
 }
 
@@ -298,7 +300,12 @@ fn ext4_through_nbdfuse_and_a_loop_device() {
     cleanup.run_last(); // umount
     cleanup.run_last(); // losetup -d
     cleanup.run_last(); // fusermount3 -u
-    let _ = nbdfuse.wait(CLIENT_TIMEOUT);
+    let exited = nbdfuse.wait(CLIENT_TIMEOUT);
+    assert!(
+        exited.status.success(),
+        "nbdfuse exited with {}",
+        exited.status
+    );
 
     // The image as the server wrote it: a copy goes to e2fsck, which repairs what it
     // checks; the original is mounted read-only and compared file by file.

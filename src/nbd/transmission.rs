@@ -130,6 +130,8 @@ where
     R: AsyncRead + Unpin,
 {
     let info = export.device.info();
+    // Shared by every request task for its log lines, without a copy per request.
+    let peer_tag: Arc<str> = Arc::from(peer);
     let request_permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT_REQUESTS));
     let byte_permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES));
     loop {
@@ -215,7 +217,7 @@ where
 
         let device = Arc::clone(&export.device);
         let tx = tx.clone();
-        let peer = peer.to_owned();
+        let peer = Arc::clone(&peer_tag);
         let handle = request.handle;
         let command = request.command;
         tokio::spawn(async move {
@@ -223,7 +225,7 @@ where
                 Ok(data) => (0, data),
                 Err(e) => {
                     let errno = errno_of(&e, command);
-                    tracing::warn!(peer, command, errno, error = %e, "NBD request failed");
+                    tracing::warn!(%peer, command, errno, error = %e, "NBD request failed");
                     (errno, None)
                 }
             };
