@@ -25,7 +25,8 @@ pub mod retrying;
 pub mod s3;
 pub mod uri;
 
-
+pub use s3::S3Options;
+pub use uri::{open_store, StoreUri, StoreUriError};
 
 /// What a listing or a `head` reports about one object.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -181,7 +182,10 @@ pub(crate) fn validate_key(key: &str) -> StoreResult<()> {
         Some("empty")
     } else if key.starts_with('/') {
         Some("absolute")
-    } else if key.split('/').any(|p| p.is_empty() || p == "." || p == "..") {
+    } else if key
+        .split('/')
+        .any(|p| p.is_empty() || p == "." || p == "..")
+    {
         Some("empty, `.` or `..` path component")
     } else if key.chars().any(|c| c.is_control()) {
         Some("control character")
