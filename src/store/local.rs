@@ -333,7 +333,9 @@ impl Walk<'_> {
                 break;
             }
             let under_prefix = key.starts_with(self.prefix);
-            if !under_prefix && !(is_dir && self.prefix.starts_with(&key)) {
+            // A folder whose name is a start of the prefix may hold matching keys.
+            let relevant = under_prefix || (is_dir && self.prefix.starts_with(&key));
+            if !relevant {
                 if key.as_str() > self.prefix {
                     // Sorted: this and every later entry lie past the prefix.
                     break;

@@ -182,10 +182,7 @@ pub(crate) fn validate_key(key: &str) -> StoreResult<()> {
         Some("empty")
     } else if key.starts_with('/') {
         Some("absolute")
-    } else if key
-        .split('/')
-        .any(|p| p.is_empty() || p == "." || p == "..")
-    {
+    } else if key.split('/').any(|p| p.is_empty() || p == "." || p == "..") {
         Some("empty, `.` or `..` path component")
     } else if key.chars().any(|c| c.is_control()) {
         Some("control character")

@@ -74,11 +74,10 @@ pub enum S3ConfigError {
         reason: &'static str,
     },
     /// The prefix is not key-shaped (empty components, `.`, `..`, control characters).
-    #[error("invalid S3 prefix {prefix:?}")]
+    #[error("invalid S3 prefix {prefix:?}: {reason}")]
     InvalidPrefix {
         prefix: String,
-        #[source]
-        source: StoreError,
+        reason: &'static str,
     },
 }
 
@@ -282,9 +281,16 @@ impl S3Store {
             SdkError::ServiceError(service) => {
                 let status = service.raw().status().as_u16();
                 let code = service.err().code().unwrap_or("");
-                let message = format!("HTTP {status} {code}: {message}");
+                // The service's own words only: the full error context would dump the raw
+                // response into every log line.
+                let message = match service.err().message() {
+                    Some(said) => format!("HTTP {status} {code}: {said}"),
+                    None => format!("HTTP {status} {code}"),
+                };
                 let error = match (status, code) {
                     (_, "NoSuchBucket") => self.permanent(key, message),
+                    // A service without conditional writes: no retry will give it them.
+                    (501, _) | (_, "NotImplemented") => self.permanent(key, message),
                     (404, _) | (_, "NoSuchKey") | (_, "NotFound") => StoreError::NotFound {
                         store: self.url.clone(),
                         key: key.to_string(),
@@ -396,9 +402,12 @@ pub(crate) fn normalize_prefix(prefix: &str) -> Result<String, S3ConfigError> {
     if trimmed.is_empty() {
         return Ok(String::new());
     }
-    validate_key(trimmed).map_err(|source| S3ConfigError::InvalidPrefix {
+    validate_key(trimmed).map_err(|e| S3ConfigError::InvalidPrefix {
         prefix: prefix.to_string(),
-        source,
+        reason: match e {
+            StoreError::InvalidKey { reason, .. } => reason,
+            _ => "not a valid key prefix",
+        },
     })?;
     Ok(format!("{trimmed}/"))
 }
@@ -522,8 +531,11 @@ impl ObjectStore for S3Store {
                     }
                 }
             }
-            // Services answer a suffix range on an empty object with 416.
-            Err((Some(416), _)) => {
+            // Some services answer a suffix range on an empty object with 416, and some
+            // (s3s-fs 0.14) fail a suffix longer than the object with 500. A head and an
+            // ordinary range work on all of them; if the 500 was a real outage, they fail
+            // too and the caller's retry policy takes over.
+            Err((Some(416 | 500), _)) => {
                 let size = self.head(key).await?.size;
                 let data = self.get_range(key, tail_range(size, len)).await?;
                 Ok((data, size))
