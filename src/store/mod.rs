@@ -25,6 +25,9 @@ pub mod retrying;
 pub mod s3;
 pub mod uri;
 
+pub use s3::S3Options;
+pub use uri::{open_store, StoreUri, StoreUriError};
+
 /// What a listing or a `head` reports about one object.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ObjectMeta {
@@ -48,7 +51,7 @@ pub enum StoreError {
     /// The object does not exist.
     #[error("object {key} not found in {store}")]
     NotFound { store: String, key: String },
-    /// A conditional create found the key already taken (S3 412, or 404/409 on
+    /// A conditional create found the key already taken (S3 412, or 409 on
     /// servers that answer differently; the local store's exclusive link failed).
     #[error("object {key} already exists in {store} (conditional create refused)")]
     AlreadyExists { store: String, key: String },
