@@ -745,4 +745,3 @@ mod tests {
         assert_eq!(store.describe(), "s3://b/p/");
     }
 }
-
