@@ -77,7 +77,28 @@ install_moto() {
     say "moto $MOTO_VERSION installed in $TINYLAG_MOTO_VENV"
 }
 
+# The real clients and tools the tests drive: NBD clients, fio, a FUSE/loop/ext4 toolchain.
+install_system_tools() {
+    local missing=()
+    local tool pkg
+    for pair in qemu-io:qemu-utils qemu-img:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin \
+        nbdfuse:nbdfuse nbdkit:nbdkit fio:fio mkfs.ext4:e2fsprogs e2fsck:e2fsprogs \
+        debugfs:e2fsprogs fusermount3:fuse3 losetup:mount python3:python3; do
+        tool="${pair%%:*}"
+        pkg="${pair##*:}"
+        if ! command -v "$tool" >/dev/null 2>&1; then
+            case " ${missing[*]:-} " in *" $pkg "*) ;; *) missing+=("$pkg") ;; esac
+        fi
+    done
+    if [ "${#missing[@]}" -eq 0 ]; then
+        say "system tools present (qemu-io, nbdinfo, nbdcopy, nbdfuse, nbdkit, fio, e2fsprogs, fuse3)"
+    else
+        apt_install "${missing[@]}"
+    fi
+}
+
 main() {
+    install_system_tools
     install_s3s_fs
     install_moto
     say "done"

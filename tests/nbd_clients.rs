@@ -309,18 +309,9 @@ fn ext4_through_nbdfuse_and_a_loop_device() {
 
     // The image as the server wrote it: a copy goes to e2fsck, which repairs what it
     // checks; the original is mounted read-only and compared file by file.
-    let copy = work.path().join("check.img");
-    std::fs::copy(server.image("disk"), &copy).unwrap();
-    let verdict = run(
-        Command::new("/work/shared/tools/e2fsck-verdict").arg(path(&copy)),
-        CLIENT_TIMEOUT,
-    );
-    assert!(
-        verdict.status.success(),
-        "e2fsck judged the image corrupt:\n{}{}",
-        String::from_utf8_lossy(&verdict.stdout),
-        String::from_utf8_lossy(&verdict.stderr)
-    );
+    if let Err(verdict) = support::verdict::judge_ext4(&server.image("disk")) {
+        panic!("e2fsck judged the image corrupt:\n{verdict}");
+    }
     let image = server.image("disk");
     run_ok(Command::new("mount").args(["-o", "loop,ro", path(&image), path(&mnt)]));
     cleanup.push("umount", &[path(&mnt)]);

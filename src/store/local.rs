@@ -32,7 +32,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{
-    validate_key, validate_prefix, ListPage, ObjectMeta, ObjectStore, StoreError, StoreResult,
+    check_object_range, validate_key, validate_prefix, ListPage, ObjectMeta, ObjectStore,
+    StoreError, StoreResult,
 };
 
 /// Names starting with this are in-flight temporary files: skipped by `list`, refused as keys.
@@ -169,25 +170,7 @@ impl LocalStore {
 
     fn get_range_sync(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
         let (file, size) = self.open_object(key)?;
-        if range.start > range.end || range.end > size {
-            return Err(StoreError::InvalidRange {
-                store: self.name.clone(),
-                key: key.to_string(),
-                start: range.start,
-                end: range.end,
-                size,
-            });
-        }
-        // The range lies inside a file we hold open, so its length fits in memory's
-        // address space only if the caller asked for something sane; refuse otherwise.
-        let len =
-            usize::try_from(range.end - range.start).map_err(|_| StoreError::InvalidRange {
-                store: self.name.clone(),
-                key: key.to_string(),
-                start: range.start,
-                end: range.end,
-                size,
-            })?;
+        let len = check_object_range(&self.name, key, &range, size)?;
         let mut buf = vec![0u8; len];
         file.read_exact_at(&mut buf, range.start)
             .map_err(|e| io_error(&self.root.join(key), e))?;

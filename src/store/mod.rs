@@ -176,6 +176,26 @@ pub async fn list_all(store: &dyn ObjectStore, prefix: &str) -> StoreResult<Vec<
     }
 }
 
+/// Checks that `range` lies inside an object of `size` bytes and returns its length.
+pub(crate) fn check_object_range(
+    store: &str,
+    key: &str,
+    range: &Range<u64>,
+    size: u64,
+) -> StoreResult<usize> {
+    let invalid = || StoreError::InvalidRange {
+        store: store.to_string(),
+        key: key.to_string(),
+        start: range.start,
+        end: range.end,
+        size,
+    };
+    if range.start > range.end || range.end > size {
+        return Err(invalid());
+    }
+    usize::try_from(range.end - range.start).map_err(|_| invalid())
+}
+
 /// Checks a key before any backend touches it.
 pub(crate) fn validate_key(key: &str) -> StoreResult<()> {
     let reason = if key.is_empty() {

@@ -30,7 +30,7 @@ use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{Delete, ObjectIdentifier};
 use aws_sdk_s3::Client;
@@ -264,7 +264,7 @@ impl S3Store {
     where
         E: ProvideErrorMetadata + std::error::Error + 'static,
     {
-        let message = DisplayErrorContext(err).to_string();
+        let message = error_chain(err);
         match err {
             SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
                 (None, self.transient(key, message))
@@ -672,6 +672,21 @@ impl ObjectStore for S3Store {
     fn describe(&self) -> String {
         self.url.clone()
     }
+}
+
+/// The messages of an error and its sources, joined by `: `, each said once. The SDK's own
+/// context formatting appends `Debug` dumps of every layer, unreadable in a log line.
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(err);
+    while let Some(e) = next {
+        let said = e.to_string();
+        if !said.is_empty() && !parts.iter().any(|p| p.contains(&said)) {
+            parts.push(said);
+        }
+        next = e.source();
+    }
+    parts.join(": ")
 }
 
 #[cfg(test)]

@@ -5,3 +5,4 @@
 pub mod nbd;
 pub mod procs;
 pub mod s3;
+pub mod verdict;

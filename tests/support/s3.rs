@@ -185,6 +185,25 @@ impl S3Server {
         }
     }
 
+    /// The `s3://` URI of `prefix` in [`BUCKET`], for the CLI.
+    pub fn uri(&self, prefix: &str) -> String {
+        format!("s3://{BUCKET}/{prefix}")
+    }
+
+    /// Environment for a `tinylag` child process that must reach this server with the test
+    /// credentials and nothing from the user's own AWS configuration.
+    pub fn child_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID", ACCESS_KEY.to_string()),
+            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.to_string()),
+            ("AWS_REGION", "us-east-1".to_string()),
+            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
+            ("AWS_CONFIG_FILE", "/dev/null".to_string()),
+            ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null".to_string()),
+            ("AWS_EC2_METADATA_DISABLED", "true".to_string()),
+        ]
+    }
+
     /// A store on [`BUCKET`] under `prefix`, with the test credentials.
     pub fn store(&self, prefix: &str) -> S3Store {
         self.store_in(BUCKET, prefix)
