@@ -75,7 +75,8 @@ pub struct ServeArgs {
     /// At shutdown, wait at most this long for the journal to catch up.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
-    /// After the store has failed this long, --ack journal stops waiting for it.
+    /// Once no upload has completed for this long, --ack journal stops waiting for the
+    /// store (status shows the outage) until an upload succeeds again.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub store_outage: Duration,
 }
@@ -116,7 +117,9 @@ impl Handler for StatusHandler {
                 Ok(v) => Response::ok(v),
                 Err(e) => Response::error(format!("cannot encode the status: {e}")),
             },
-            other => Response::error(format!("unknown command {other:?}; this daemon knows: status")),
+            other => Response::error(format!(
+                "unknown command {other:?}; this daemon knows: status"
+            )),
         }
     }
 }
@@ -125,7 +128,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Every argument is checked before anything is opened, bound or claimed.
     let ack = AckMode::parse(&args.ack, args.max_lag.as_deref()).map_err(anyhow::Error::msg)?;
     if args.pool_size < MIN_POOL_SIZE {
-        bail!("--pool-size {} is too small: use at least 1M", args.pool_size);
+        bail!(
+            "--pool-size {} is too small: use at least 1M",
+            args.pool_size
+        );
     }
     if let Some(size) = args.segment_size {
         if !(64 << 10..=1 << 30).contains(&size) {
@@ -243,7 +249,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
 
     let signal = wait_for_signal().await?;
-    tracing::info!(signal, "stopping: no new connections, finishing in-flight I/O");
+    tracing::info!(
+        signal,
+        "stopping: no new connections, finishing in-flight I/O"
+    );
     let _ = shutdown_tx.send(true);
     match nbd_task.await {
         Ok(Ok(())) => {}

@@ -60,8 +60,9 @@ pub struct WriterConfig {
     pub linger: Duration,
     /// Uploads in flight at most: the manifest's splay width.
     pub max_uploads: usize,
-    /// After the store has failed this long with no success, `--ack journal` writers stop
-    /// waiting (the primary is never held hostage by the store for longer).
+    /// Once uploads have been pending this long without one completing (a dead or hanging
+    /// store), `--ack journal` writers stop waiting: the primary is never held hostage by
+    /// the store for longer.
     pub outage_bound: Duration,
     /// First pause between retries of a failed upload; doubles up to `retry_max`.
     pub retry_base: Duration,
@@ -144,10 +145,13 @@ impl WriterStats {
             .fetch_add(segment.len() as u64, Ordering::AcqRel);
     }
 
-    fn record_error(&self, message: String) {
+    /// Counts a failed attempt that started at `attempt_started`. The store's own retries
+    /// may have hidden the failure for a while; the outage is counted from the start of the
+    /// attempt, not from the report.
+    fn record_error(&self, message: String, attempt_started: Instant) {
         self.upload_errors.fetch_add(1, Ordering::AcqRel);
         *lock(&self.last_error) = Some(message);
-        lock(&self.failing_since).get_or_insert_with(Instant::now);
+        lock(&self.failing_since).get_or_insert(attempt_started);
     }
 }
 
@@ -352,6 +356,7 @@ impl Prepared {
             uploads: JoinSet::new(),
             pending: BTreeMap::new(),
             stopped: false,
+            stalled_since: None,
         };
         Ok(JournalWriter {
             sender,
@@ -428,6 +433,10 @@ struct Task {
     pending: BTreeMap<u64, Unsettled>,
     /// Journaling stopped for good (fenced or failed).
     stopped: bool,
+    /// Since when uploads have been pending without one completing (`None` when idle). A
+    /// store that hangs, or whose failures the retrying wrapper is still hiding, shows here
+    /// before any error is reported.
+    stalled_since: Option<Instant>,
 }
 
 impl Task {
@@ -580,6 +589,7 @@ impl Task {
             };
             self.uploads
                 .spawn(async move { (seq, upload.run(bytes).await) });
+            self.stalled_since.get_or_insert_with(Instant::now);
         }
         self.stats
             .uploads_in_flight
@@ -589,6 +599,7 @@ impl Task {
     /// Segment `seq` is in the store; the durable prefix may grow.
     fn uploaded(&mut self, seq: u64) {
         *lock(&self.stats.failing_since) = None;
+        self.stalled_since = (!self.uploads.is_empty()).then(Instant::now);
         if self.stats.outage.swap(false, Ordering::AcqRel) {
             tracing::info!(journal = %self.store.describe(), "the journal store answers again");
             if !self.stopped {
@@ -612,14 +623,15 @@ impl Task {
     }
 
     fn check_outage(&mut self) {
-        let Some(failing) = self.stats.failing_for() else {
+        let stalled = self.stalled_since.map(|t| t.elapsed());
+        let Some(failing) = self.stats.failing_for().max(stalled) else {
             return;
         };
         if failing >= self.config.outage_bound && !self.stats.outage.swap(true, Ordering::AcqRel) {
             tracing::warn!(
                 journal = %self.store.describe(),
                 seconds = failing.as_secs(),
-                "the journal store has been failing past the outage bound; \
+                "the journal store has completed no upload for longer than the outage bound; \
                  acknowledgements no longer wait for it"
             );
             self.progress.send_modify(|p| p.released_lsn = u64::MAX);
@@ -697,6 +709,7 @@ impl Upload {
         // meets our own object and must recognise it by its bytes.
         let mut maybe_created = false;
         loop {
+            let attempt_started = Instant::now();
             let failure = match epoch::ensure_not_fenced(self.store.as_ref(), self.epoch).await {
                 Err(JournalError::Fenced { newer, .. }) => return Err(Refused::Fenced { newer }),
                 Err(e) => format!("fence check before {}: {e}", self.key),
@@ -719,7 +732,7 @@ impl Upload {
                 },
             };
             tracing::warn!(key = %self.key, error = %failure, "segment upload failed; retrying");
-            self.stats.record_error(failure);
+            self.stats.record_error(failure, attempt_started);
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(self.retry_max);
         }
