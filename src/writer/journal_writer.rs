@@ -36,6 +36,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
 use super::dirty::DirtyRegions;
+use super::lag_histogram::LagHistogram;
 use super::mode::{FullReason, ModeState};
 use super::pool::{Permit, Pool, RECORD_OVERHEAD};
 use crate::clock::{Clock, MonotonicTimestamps};
@@ -117,6 +118,8 @@ pub struct WriterStats {
     pub sync_waiters: AtomicU64,
     /// The store has been failing for longer than the outage bound.
     pub outage: AtomicBool,
+    /// Ack→durable lag of every journaled record.
+    pub durable_lag: LagHistogram,
     last_error: Mutex<Option<String>>,
     failing_since: Mutex<Option<Instant>>,
     /// Why journaling stopped, if it did.
@@ -283,7 +286,7 @@ impl Prepared {
             ..
         } = self;
         let epoch = claim.epoch;
-        let timestamps = MonotonicTimestamps::new(clock, plan.last_timestamp_ns);
+        let timestamps = MonotonicTimestamps::new(clock.clone(), plan.last_timestamp_ns);
         let mut ops = vec![Op::Epoch { epoch }];
         if resync_begin {
             ops.push(Op::ResyncBegin);
@@ -341,6 +344,7 @@ impl Prepared {
             released_lsn: 0,
         });
         let task = Task {
+            clock,
             store,
             manifest: Arc::new(manifest),
             epoch,
@@ -388,6 +392,8 @@ struct Open {
     builder: SegmentBuilder,
     permit: Permit,
     first_ts: u64,
+    /// Acknowledgement timestamps of the records, for the ack→durable lag.
+    timestamps: Vec<u64>,
     deadline: Instant,
     ranges: Vec<Range<u64>>,
 }
@@ -397,6 +403,7 @@ struct Open {
 struct Unsettled {
     last_lsn: u64,
     first_ts: u64,
+    timestamps: Vec<u64>,
     /// Held, never read: dropping it when the segment joins the durable prefix releases
     /// the pool bytes.
     _permit: Permit,
@@ -415,6 +422,7 @@ enum Refused {
 }
 
 struct Task {
+    clock: Arc<dyn Clock>,
     store: Arc<dyn ObjectStore>,
     manifest: Arc<Manifest>,
     epoch: u64,
@@ -518,6 +526,7 @@ impl Task {
                 builder: SegmentBuilder::new(self.manifest.uuid, self.epoch, seq, self.next_lsn),
                 permit: self.shared.pool.empty_permit(),
                 first_ts: record.timestamp_ns,
+                timestamps: Vec::new(),
                 deadline: Instant::now() + self.config.linger,
                 ranges: Vec::new(),
             });
@@ -528,6 +537,7 @@ impl Task {
         match open.builder.push(&record) {
             Ok(()) => {
                 open.permit.merge(permit);
+                open.timestamps.push(record.timestamp_ns);
                 if let Some(range) = record.op.range() {
                     open.ranges.push(range);
                 }
@@ -566,6 +576,7 @@ impl Task {
             Unsettled {
                 last_lsn,
                 first_ts: open.first_ts,
+                timestamps: open.timestamps,
                 _permit: open.permit,
                 ranges: open.ranges,
                 uploaded: false,
@@ -610,12 +621,17 @@ impl Task {
             u.uploaded = true;
         }
         let mut durable = None;
+        let now = self.clock.now_ns();
         while let Some(entry) = self.pending.first_entry() {
             if !entry.get().uploaded {
                 break;
             }
             // Dropping the entry releases its pool bytes.
-            durable = Some(entry.remove().last_lsn);
+            let settled = entry.remove();
+            for ts in &settled.timestamps {
+                self.stats.durable_lag.record(now.saturating_sub(*ts));
+            }
+            durable = Some(settled.last_lsn);
         }
         if let Some(lsn) = durable {
             self.progress.send_modify(|p| p.durable_lsn = lsn);

@@ -10,6 +10,7 @@
 
 pub mod dirty;
 pub mod journal_writer;
+pub mod lag_histogram;
 pub mod mode;
 pub mod pool;
 pub mod primary;

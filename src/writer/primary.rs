@@ -38,6 +38,7 @@ use super::journal_writer::{
     self, record_cost, JournalWriter, Pending, Progress, Shared, StartError, WriterConfig,
     WriterStats,
 };
+use super::lag_histogram::LagSummary;
 use super::mode::{AckMode, MaxLag, Mode, ModeState};
 use super::pool::{Pool, PoolError, RECORD_OVERHEAD};
 use super::range_lock::RangeLock;
@@ -627,6 +628,12 @@ impl PrimaryCore {
                     bytes: 0,
                     seconds: 0.0,
                 },
+                durable_lag: LagSummary {
+                    records: 0,
+                    p50_seconds: 0.0,
+                    p99_seconds: 0.0,
+                    max_seconds: 0.0,
+                },
                 segments_uploaded: 0,
                 bytes_uploaded: 0,
                 uploads_in_flight: 0,
@@ -690,6 +697,7 @@ impl PrimaryCore {
                     0.0
                 },
             },
+            durable_lag: s.durable_lag.summary(),
             segments_uploaded: s.segments_uploaded.load(Ordering::Acquire),
             bytes_uploaded: s.bytes_uploaded.load(Ordering::Acquire),
             uploads_in_flight: s.uploads_in_flight.load(Ordering::Acquire),

@@ -12,6 +12,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+use super::lag_histogram::LagSummary;
 use super::mode::Mode;
 use crate::units::format_size;
 
@@ -41,6 +42,8 @@ pub struct StatusSnapshot {
     /// Last LSN in a durable segment (every LSN up to it is durable).
     pub durable_lsn: u64,
     pub lag: LagStatus,
+    /// How long journaled records waited from acknowledgement to durability.
+    pub durable_lag: LagSummary,
     pub segments_uploaded: u64,
     pub bytes_uploaded: u64,
     pub uploads_in_flight: u64,
@@ -212,6 +215,19 @@ impl StatusSnapshot {
                 self.lag.seconds
             ),
         );
+        if self.durable_lag.records > 0 {
+            line(
+                &mut out,
+                "ack->durable",
+                format!(
+                    "p50 {:.3}s, p99 {:.3}s, max {:.3}s over {} records",
+                    self.durable_lag.p50_seconds,
+                    self.durable_lag.p99_seconds,
+                    self.durable_lag.max_seconds,
+                    self.durable_lag.records
+                ),
+            );
+        }
         line(
             &mut out,
             "uploaded",
@@ -286,6 +302,12 @@ mod tests {
                 records: 10,
                 bytes: 1 << 20,
                 seconds: 0.25,
+            },
+            durable_lag: LagSummary {
+                records: 90,
+                p50_seconds: 0.1,
+                p99_seconds: 0.2,
+                max_seconds: 0.25,
             },
             segments_uploaded: 7,
             bytes_uploaded: 7 << 20,

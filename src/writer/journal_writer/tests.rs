@@ -189,6 +189,10 @@ async fn a_lone_record_is_uploaded_after_the_linger() {
     wait_durable(&w, lsn).await;
     assert_eq!(shared.pool.used(), 0);
     assert_eq!(w.stats.oldest_pending_ns.load(Ordering::Acquire), 0);
+    // It waited at least the 20 ms linger between acknowledgement and durability.
+    let lag = w.stats.durable_lag.summary();
+    assert_eq!(lag.records, 1);
+    assert!(lag.p99_seconds >= 0.019, "{lag:?}");
 }
 
 /// Stripe 1 fails while the other stripes succeed: later segments land first, but the
