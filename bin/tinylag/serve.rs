@@ -66,6 +66,10 @@ pub struct ServeArgs {
     /// minutes).
     #[arg(long, value_name = "SIZE|DURATION")]
     pub max_lag: Option<String>,
+    /// Journal compression: auto (zstd, skipped while the data does not compress) or off
+    /// (payloads stored raw: less CPU, more journal bytes).
+    #[arg(long, default_value = "auto", value_name = "auto|off", value_parser = ["auto", "off"])]
+    pub compress: String,
     /// Open the primary with O_DIRECT (requests must be block-aligned).
     #[arg(long)]
     pub direct: bool,
@@ -193,6 +197,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         let mut writer = WriterConfig::for_manifest(&manifest);
         writer.linger = args.linger;
         writer.outage_bound = args.store_outage;
+        writer.compress = args.compress == "auto";
         if let Some(size) = args.segment_size {
             writer.segment_size = size;
         }

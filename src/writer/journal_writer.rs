@@ -1,13 +1,12 @@
 //! Journal writer: turns the stream of acknowledged records into segments, uploads up to W
 //! of them at once, and publishes the durable LSN.
 //!
-//! Records arrive on a channel in LSN order (the primary core assigns LSNs and sends under
-//! one mutex). The writer task pushes them into a [`SegmentBuilder`], closes the segment at
-//! `segment_size` or `linger` after its first record (or at once, when an `--ack journal`
-//! writer waits and an upload slot is free: group commit), and uploads each closed segment
-//! with a conditional create of its predicted key, at most `W` (the splay width) at a time.
-//! Uploads complete in any order; the durable LSN only advances over the gap-free prefix of
-//! completed segments, and only then is the pool memory of those records released.
+//! Three parts, one concern each: the [`Intake`] (LSN assignment and the queue, under the
+//! I/O path's one mutex), the [`Encoder`] thread (segment building, off the async threads),
+//! and the upload coordinator here (an async task). The coordinator uploads each closed
+//! segment with a conditional create of its predicted key, at most `W` (the splay width) at a
+//! time. Uploads complete in any order; the durable LSN only advances over the gap-free
+//! prefix of completed segments, and only then is the pool memory of those records released.
 //!
 //! Starting ([`prepare`] then [`Prepared::start`]): claim the next writer epoch, plan the
 //! restart from the trim pointer ([`head::plan_restart`]), write the first segment (an
@@ -17,15 +16,16 @@
 //! Failures: an upload that fails is retried with the same bytes, with backoff, until it
 //! succeeds (the store's own wrapper already retries transient errors; this retries the
 //! rest), counting every failure. A segment key already taken by someone else, or a newer
-//! epoch, means another writer owns the journal: the writer stops journaling for good (mode
-//! `fenced`), marks every record it still held as dirty and releases all waiters.
+//! epoch, means another writer owns the journal: journaling stops for good (mode `fenced`),
+//! every record still held is marked dirty and all waiters are released.
+//!
+//! [`head::plan_restart`]: crate::journal::head::plan_restart
 //!
 //! Must never: advance the durable LSN past a segment that is not durable; upload two
-//! different objects under one key; block the sender (the channel is unbounded; the pool,
-//! not the channel, bounds memory); lose track of a record without marking its range dirty.
+//! different objects under one key; block the I/O path (intake never waits; the pool, not
+//! the queue, bounds memory); lose track of a record without marking its range dirty.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -36,6 +36,8 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
 use super::dirty::DirtyRegions;
+use super::encoder::{Encoded, Encoder, Unsettled};
+use super::intake::Intake;
 use super::lag_histogram::LagHistogram;
 use super::mode::{FullReason, ModeState};
 use super::pool::{Permit, Pool, RECORD_OVERHEAD};
@@ -49,8 +51,6 @@ use crate::store::ObjectStore;
 
 /// How often the writer checks whether a store outage has lasted past the bound.
 const OUTAGE_CHECK: Duration = Duration::from_millis(250);
-/// Most records taken off the channel in one go before the writer looks at its uploads.
-const BATCH: usize = 4096;
 
 /// How the writer cuts and uploads segments.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,6 +61,10 @@ pub struct WriterConfig {
     pub linger: Duration,
     /// Uploads in flight at most: the manifest's splay width.
     pub max_uploads: usize,
+    /// Offer payloads to zstd, skipping it while the data does not compress (`true`,
+    /// `--compress auto`), or store every payload raw (`false`, `--compress off`: less CPU,
+    /// more bytes).
+    pub compress: bool,
     /// Once uploads have been pending this long without one completing (a dead or hanging
     /// store), `--ack journal` writers stop waiting: the primary is never held hostage by
     /// the store for longer.
@@ -77,6 +81,7 @@ impl WriterConfig {
             segment_size: manifest.segment_size,
             linger: Duration::from_millis(200),
             max_uploads: manifest.splay_width as usize,
+            compress: true,
             outage_bound: Duration::from_secs(30),
             retry_base: Duration::from_millis(100),
             retry_max: Duration::from_secs(5),
@@ -109,9 +114,12 @@ pub struct WriterStats {
     pub bytes_uploaded: AtomicU64,
     pub upload_errors: AtomicU64,
     pub uploads_in_flight: AtomicU64,
-    /// Timestamp of the oldest record not yet durable (0 when there is none). Records still
-    /// in the channel are not seen; the writer drains it continuously.
-    pub oldest_pending_ns: AtomicU64,
+    /// Segments closed by the encoder and not yet uploading.
+    pub segments_waiting: AtomicU64,
+    /// Timestamp of the first record of the oldest closed segment not yet durable (0: none).
+    pub pending_first_ns: AtomicU64,
+    /// Timestamp of the first record of the segment being filled (0: none).
+    pub open_first_ns: AtomicU64,
     /// Records that were queued but will never be journaled (fenced, writer stopped).
     pub records_abandoned: AtomicU64,
     /// `--ack journal` writers waiting now; while any wait, segments close early.
@@ -140,6 +148,21 @@ impl WriterStats {
     /// Why journaling stopped, if it did.
     pub fn stopped_reason(&self) -> Option<String> {
         lock(&self.stopped).clone()
+    }
+
+    /// Records why journaling stopped (the first reason is kept).
+    pub(crate) fn set_stopped(&self, reason: String) {
+        lock(&self.stopped).get_or_insert(reason);
+    }
+
+    /// Timestamp of the oldest record not yet durable (0 when none). Records still queued in
+    /// the intake are newer than the open segment's first, so they never change the answer
+    /// while a segment is open.
+    pub fn oldest_pending_ns(&self) -> u64 {
+        match self.pending_first_ns.load(Ordering::Acquire) {
+            0 => self.open_first_ns.load(Ordering::Acquire),
+            t => t,
+        }
     }
 
     fn count_upload(&self, segment: &Bytes) {
@@ -197,6 +220,9 @@ pub enum StartError {
         #[source]
         source: SegmentError,
     },
+    /// The encoder thread could not be started.
+    #[error("cannot start the segment encoder thread: {0}")]
+    Thread(#[source] std::io::Error),
 }
 
 /// The journal as a starting writer found it: its claim and where it continues.
@@ -245,17 +271,15 @@ pub async fn prepare(
 /// What the I/O path needs from a running writer.
 #[derive(Debug)]
 pub struct JournalWriter {
-    /// Where the core sends records, in LSN order.
-    pub sender: mpsc::UnboundedSender<Pending>,
+    /// Where records go, in LSN order; [`Intake::close`] ends the writer.
+    pub intake: Arc<Intake>,
     /// Durability progress.
     pub progress: watch::Receiver<Progress>,
     pub stats: Arc<WriterStats>,
-    /// The task; it ends once the sender is dropped and everything queued is durable (or
-    /// journaling stopped). Its output is the seq the next writer would write.
+    /// The upload coordinator; it ends once intake is closed and everything queued is
+    /// durable (or journaling stopped). Its output is the seq the next writer would write.
     pub task: JoinHandle<u64>,
     pub epoch: u64,
-    /// The LSN of the first live record (after the first segment's records).
-    pub next_lsn: u64,
     /// Record timestamps, floored at the journal's last one.
     pub timestamps: MonotonicTimestamps,
 }
@@ -338,37 +362,55 @@ impl Prepared {
             "journal writer started"
         );
 
-        let (sender, rx) = mpsc::unbounded_channel();
+        let (out, rx) = mpsc::unbounded_channel();
         let (progress_tx, progress) = watch::channel(Progress {
             durable_lsn: lsn - 1,
             released_lsn: 0,
         });
+        let intake = Arc::new(Intake::new(lsn));
+        let stopped = Arc::new(AtomicBool::new(false));
+        let manifest = Arc::new(manifest);
+        Encoder {
+            intake: intake.clone(),
+            uuid: manifest.uuid,
+            epoch,
+            next_seq: plan.next_seq + 1,
+            next_lsn: lsn,
+            segment_size: config.segment_size,
+            linger: config.linger,
+            compress: config.compress,
+            max_uploads: config.max_uploads,
+            stats: stats.clone(),
+            shared: shared.clone(),
+            stopped: stopped.clone(),
+            out,
+        }
+        .spawn()
+        .map_err(StartError::Thread)?;
         let task = Task {
             clock,
             store,
-            manifest: Arc::new(manifest),
+            manifest,
             epoch,
             config,
             rx,
+            intake: intake.clone(),
             progress: progress_tx,
             stats: stats.clone(),
             shared,
-            open: None,
+            stopped,
             next_seq: plan.next_seq + 1,
-            next_lsn: lsn,
             ready: VecDeque::new(),
             uploads: JoinSet::new(),
             pending: BTreeMap::new(),
-            stopped: false,
             stalled_since: None,
         };
         Ok(JournalWriter {
-            sender,
+            intake,
             progress,
             stats,
             task: tokio::spawn(task.run()),
             epoch,
-            next_lsn: lsn,
             timestamps,
         })
     }
@@ -386,32 +428,6 @@ async fn create_checked(
     Ok(())
 }
 
-/// The segment being filled.
-struct Open {
-    seq: u64,
-    builder: SegmentBuilder,
-    permit: Permit,
-    first_ts: u64,
-    /// Acknowledgement timestamps of the records, for the ack→durable lag.
-    timestamps: Vec<u64>,
-    deadline: Instant,
-    ranges: Vec<Range<u64>>,
-}
-
-/// A closed segment not yet durable (uploading, waiting for a slot, or uploaded but behind
-/// an earlier one that is not).
-struct Unsettled {
-    last_lsn: u64,
-    first_ts: u64,
-    timestamps: Vec<u64>,
-    /// Held, never read: dropping it when the segment joins the durable prefix releases
-    /// the pool bytes.
-    _permit: Permit,
-    /// What to mark dirty if the segment never becomes durable.
-    ranges: Vec<Range<u64>>,
-    uploaded: bool,
-}
-
 /// Why an upload gave up (every other failure is retried).
 #[derive(Debug)]
 enum Refused {
@@ -421,26 +437,27 @@ enum Refused {
     Taken { key: String },
 }
 
+/// The upload coordinator.
 struct Task {
     clock: Arc<dyn Clock>,
     store: Arc<dyn ObjectStore>,
     manifest: Arc<Manifest>,
     epoch: u64,
     config: WriterConfig,
-    rx: mpsc::UnboundedReceiver<Pending>,
+    rx: mpsc::UnboundedReceiver<Encoded>,
+    intake: Arc<Intake>,
     progress: watch::Sender<Progress>,
     stats: Arc<WriterStats>,
     shared: Shared,
-    open: Option<Open>,
+    /// Journaling stopped for good (fenced or failed); the encoder reads it too.
+    stopped: Arc<AtomicBool>,
+    /// The seq after the last segment received.
     next_seq: u64,
-    next_lsn: u64,
     /// Closed segments waiting for an upload slot, in seq order.
     ready: VecDeque<(u64, Bytes)>,
     uploads: JoinSet<(u64, Result<(), Refused>)>,
-    /// Closed, not yet durable, by seq.
-    pending: BTreeMap<u64, Unsettled>,
-    /// Journaling stopped for good (fenced or failed).
-    stopped: bool,
+    /// Closed, not yet durable, by seq; `true` once uploaded.
+    pending: BTreeMap<u64, (Unsettled, bool)>,
     /// Since when uploads have been pending without one completing (`None` when idle). A
     /// store that hangs, or whose failures the retrying wrapper is still hiding, shows here
     /// before any error is reported.
@@ -454,14 +471,9 @@ impl Task {
         outage_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.start_uploads();
-            if !intake_open
-                && self.open.is_none()
-                && self.ready.is_empty()
-                && self.uploads.is_empty()
-            {
+            if !intake_open && self.ready.is_empty() && self.uploads.is_empty() {
                 break;
             }
-            let deadline = self.open.as_ref().map(|o| o.deadline);
             tokio::select! {
                 biased;
                 Some(joined) = self.uploads.join_next(), if !self.uploads.is_empty() => {
@@ -479,117 +491,45 @@ impl Task {
                     }
                 }
                 received = self.rx.recv(), if intake_open => match received {
-                    Some(first) => {
-                        self.accept(first);
-                        for _ in 0..BATCH {
-                            match self.rx.try_recv() {
-                                Ok(more) => self.accept(more),
-                                Err(_) => break,
-                            }
-                        }
-                    }
-                    None => {
+                    Some(Encoded::Segment { seq, bytes, meta }) => self.closed(seq, bytes, meta),
+                    Some(Encoded::End { next_seq }) => {
+                        self.next_seq = next_seq;
                         intake_open = false;
-                        self.close_open();
                     }
+                    // The encoder is gone without saying goodbye: it failed (and said why).
+                    None => intake_open = false,
                 },
-                () = sleep_until(deadline) => self.close_open(),
                 _ = outage_check.tick() => self.check_outage(),
-            }
-            // Group commit: a journal-mode writer is waiting and a slot is free, so lingering
-            // would only add latency.
-            if self.stats.sync_waiters.load(Ordering::Acquire) > 0
-                && self.ready.is_empty()
-                && self.uploads.len() < self.config.max_uploads
-            {
-                self.close_open();
             }
             self.publish_oldest();
         }
         self.next_seq
     }
 
-    fn accept(&mut self, pending: Pending) {
-        let Pending { record, permit } = pending;
-        if self.stopped {
-            if let Some(range) = record.op.range() {
-                self.shared.dirty.mark(range);
+    /// A segment the encoder closed.
+    fn closed(&mut self, seq: u64, bytes: Bytes, meta: Unsettled) {
+        self.next_seq = seq + 1;
+        if self.stopped.load(Ordering::Acquire) {
+            self.stats.segments_waiting.fetch_sub(1, Ordering::AcqRel);
+            self.stats
+                .records_abandoned
+                .fetch_add(meta.timestamps.len() as u64, Ordering::AcqRel);
+            for r in meta.ranges {
+                self.shared.dirty.mark(r);
             }
-            self.stats.records_abandoned.fetch_add(1, Ordering::AcqRel);
             return;
         }
-        if self.open.is_none() {
-            let seq = self.next_seq;
-            self.next_seq += 1;
-            self.open = Some(Open {
-                seq,
-                builder: SegmentBuilder::new(self.manifest.uuid, self.epoch, seq, self.next_lsn),
-                permit: self.shared.pool.empty_permit(),
-                first_ts: record.timestamp_ns,
-                timestamps: Vec::new(),
-                deadline: Instant::now() + self.config.linger,
-                ranges: Vec::new(),
-            });
-        }
-        let Some(open) = self.open.as_mut() else {
-            return;
-        };
-        match open.builder.push(&record) {
-            Ok(()) => {
-                open.permit.merge(permit);
-                open.timestamps.push(record.timestamp_ns);
-                if let Some(range) = record.op.range() {
-                    open.ranges.push(range);
-                }
-                let full = open.builder.encoded_len() as u64 >= self.config.segment_size;
-                self.next_lsn += 1;
-                if full {
-                    self.close_open();
-                }
-            }
-            Err(e) => {
-                if let Some(range) = record.op.range() {
-                    self.shared.dirty.mark(range);
-                }
-                self.stop(
-                    format!("record {} cannot be journaled: {e}", record.lsn),
-                    false,
-                );
-            }
-        }
-    }
-
-    fn close_open(&mut self) {
-        let Some(open) = self.open.take() else {
-            return;
-        };
-        if open.builder.is_empty() {
-            // Only a failed first push leaves an empty builder; its seq was never used, so
-            // the next segment may take it.
-            self.next_seq = open.seq;
-            return;
-        }
-        let last_lsn = open.builder.next_lsn() - 1;
-        let bytes = open.builder.finish();
-        self.pending.insert(
-            open.seq,
-            Unsettled {
-                last_lsn,
-                first_ts: open.first_ts,
-                timestamps: open.timestamps,
-                _permit: open.permit,
-                ranges: open.ranges,
-                uploaded: false,
-            },
-        );
-        self.ready.push_back((open.seq, bytes));
+        self.pending.insert(seq, (meta, false));
+        self.ready.push_back((seq, bytes));
     }
 
     fn start_uploads(&mut self) {
-        while !self.stopped && self.uploads.len() < self.config.max_uploads {
+        while !self.stopped.load(Ordering::Acquire) && self.uploads.len() < self.config.max_uploads
+        {
             let Some((seq, bytes)) = self.ready.pop_front() else {
                 break;
             };
+            self.stats.segments_waiting.fetch_sub(1, Ordering::AcqRel);
             let upload = Upload {
                 store: self.store.clone(),
                 key: self.manifest.segment_key(seq),
@@ -613,21 +553,21 @@ impl Task {
         self.stalled_since = (!self.uploads.is_empty()).then(Instant::now);
         if self.stats.outage.swap(false, Ordering::AcqRel) {
             tracing::info!(journal = %self.store.describe(), "the journal store answers again");
-            if !self.stopped {
+            if !self.stopped.load(Ordering::Acquire) {
                 self.progress.send_modify(|p| p.released_lsn = 0);
             }
         }
-        if let Some(u) = self.pending.get_mut(&seq) {
-            u.uploaded = true;
+        if let Some((_, uploaded)) = self.pending.get_mut(&seq) {
+            *uploaded = true;
         }
         let mut durable = None;
         let now = self.clock.now_ns();
         while let Some(entry) = self.pending.first_entry() {
-            if !entry.get().uploaded {
+            if !entry.get().1 {
                 break;
             }
             // Dropping the entry releases its pool bytes.
-            let settled = entry.remove();
+            let (settled, _) = entry.remove();
             for ts in &settled.timestamps {
                 self.stats.durable_lag.record(now.saturating_sub(*ts));
             }
@@ -635,6 +575,10 @@ impl Task {
         }
         if let Some(lsn) = durable {
             self.progress.send_modify(|p| p.durable_lsn = lsn);
+        }
+        // A slot is free: journal-mode writers waiting on the open segment need it closed.
+        if self.stats.sync_waiters.load(Ordering::Acquire) > 0 {
+            self.intake.poke();
         }
     }
 
@@ -657,54 +601,42 @@ impl Task {
     /// Stops journaling for good: everything not durable is marked dirty, all waiters are
     /// released, and the mode says why.
     fn stop(&mut self, reason: String, fenced: bool) {
-        if self.stopped {
+        if self.stopped.swap(true, Ordering::AcqRel) {
             return;
         }
-        self.stopped = true;
         if fenced {
             self.shared.mode.fence();
         } else {
             self.shared.mode.need_full(FullReason::WriterFailed);
         }
         tracing::error!(journal = %self.store.describe(), %reason, "journaling stopped");
-        *lock(&self.stats.stopped) = Some(reason);
+        self.stats.set_stopped(reason);
         let mut abandoned = 0;
-        if let Some(open) = self.open.take() {
-            abandoned += open.builder.len() as u64;
-            for r in open.ranges {
-                self.shared.dirty.mark(r);
-            }
-        }
-        for (_, u) in std::mem::take(&mut self.pending) {
+        for (_, (u, _)) in std::mem::take(&mut self.pending) {
+            abandoned += u.timestamps.len() as u64;
             for r in u.ranges {
                 self.shared.dirty.mark(r);
             }
         }
+        self.stats
+            .segments_waiting
+            .fetch_sub(self.ready.len() as u64, Ordering::AcqRel);
         self.ready.clear();
         self.uploads.abort_all();
         self.stats
             .records_abandoned
             .fetch_add(abandoned, Ordering::AcqRel);
         self.progress.send_modify(|p| p.released_lsn = u64::MAX);
+        // The encoder may sleep on an open segment: have it drop that now.
+        self.intake.poke();
     }
 
     fn publish_oldest(&self) {
         let oldest = self
             .pending
             .first_key_value()
-            .map(|(_, u)| u.first_ts)
-            .or_else(|| self.open.as_ref().map(|o| o.first_ts))
-            .unwrap_or(0);
-        self.stats
-            .oldest_pending_ns
-            .store(oldest, Ordering::Release);
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
+            .map_or(0, |(_, (u, _))| u.first_ts);
+        self.stats.pending_first_ns.store(oldest, Ordering::Release);
     }
 }
 

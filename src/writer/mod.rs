@@ -9,6 +9,8 @@
 //! differ from the disk's; let pool memory pass its cap (one `RESYNC_BEGIN` aside).
 
 pub mod dirty;
+pub mod encoder;
+pub mod intake;
 pub mod journal_writer;
 pub mod lag_histogram;
 pub mod mode;

@@ -6,8 +6,8 @@
 //! A change (write, trim, write-zeroes) runs as:
 //! 1. take the range lock for its bytes (overlapping changes queue in arrival order);
 //! 2. apply it to the primary;
-//! 3. under one small mutex: reserve pool bytes, assign the next LSN and the acknowledgement
-//!    timestamp, and send the record to the journal writer, so channel order is LSN order;
+//! 3. reserve pool bytes; then under the intake's one small mutex assign the next LSN and
+//!    the acknowledgement timestamp and queue the record, so queue order is LSN order;
 //! 4. release the range lock and reply, at once (`--ack async`) or once the record is
 //!    durable (`--ack journal`, or `adaptive` while the lag is over its bound).
 //!
@@ -29,14 +29,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use serde::Serialize;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use super::dirty::DirtyRegions;
+use super::intake::Intake;
 use super::journal_writer::{
-    self, record_cost, JournalWriter, Pending, Progress, Shared, StartError, WriterConfig,
-    WriterStats,
+    self, record_cost, JournalWriter, Progress, Shared, StartError, WriterConfig, WriterStats,
 };
 use super::lag_histogram::LagSummary;
 use super::mode::{AckMode, MaxLag, Mode, ModeState};
@@ -157,23 +157,13 @@ struct Journaling {
     ack: AckMode,
     /// `adaptive` currently waits for durability.
     adaptive_waits: AtomicBool,
-    seq: Mutex<Sequencer>,
+    intake: Arc<Intake>,
     timestamps: MonotonicTimestamps,
     progress: watch::Receiver<Progress>,
     stats: Arc<WriterStats>,
     clock: Arc<dyn Clock>,
     task: Mutex<Option<JoinHandle<u64>>>,
     marker_path: PathBuf,
-}
-
-/// The LSN counter and the channel, behind the one mutex that makes channel order LSN order.
-///
-/// # Invariants
-/// Every LSN below `next_lsn` was sent to the writer exactly once (or the writer is gone and
-/// the mode says so); `sender` is `None` once intake is closed.
-struct Sequencer {
-    next_lsn: u64,
-    sender: Option<mpsc::UnboundedSender<Pending>>,
 }
 
 /// A journal-mode acknowledgement in waiting; keeps the writer's group commit informed.
@@ -266,12 +256,11 @@ impl PrimaryCore {
             )
             .await?;
         let JournalWriter {
-            sender,
+            intake,
             progress,
             stats,
             task,
             epoch,
-            next_lsn,
             timestamps,
         } = writer;
         Ok(PrimaryCore {
@@ -287,10 +276,7 @@ impl PrimaryCore {
                 pool,
                 ack: setup.ack,
                 adaptive_waits: AtomicBool::new(false),
-                seq: Mutex::new(Sequencer {
-                    next_lsn,
-                    sender: Some(sender),
-                }),
+                intake,
                 timestamps,
                 progress,
                 stats,
@@ -318,9 +304,7 @@ impl PrimaryCore {
 
     /// The last LSN assigned (0 without a journal).
     pub fn head_lsn(&self) -> u64 {
-        self.journal
-            .as_ref()
-            .map_or(0, |j| lock(&j.seq).next_lsn - 1)
+        self.journal.as_ref().map_or(0, |j| j.intake.head_lsn())
     }
 
     /// The last LSN known durable (0 without a journal).
@@ -384,37 +368,31 @@ impl PrimaryCore {
             return None;
         };
         let wait = self.wants_durable(j);
-        let mut seq = lock(&j.seq);
-        let Some(sender) = seq.sender.as_ref() else {
-            drop(seq);
-            self.dirty_only(range);
-            return None;
-        };
-        let lsn = seq.next_lsn;
-        let record = Record {
+        // Counted before the record is queued, so the encoder sees the waiter with it.
+        let ticket = wait.then(|| {
+            j.stats.sync_waiters.fetch_add(1, Ordering::AcqRel);
+            Ticket {
+                lsn: 0,
+                stats: j.stats.clone(),
+            }
+        });
+        let make = |lsn| Record {
             lsn,
             timestamp_ns: j.timestamps.next(),
             dev: 0,
             op,
         };
-        if wait {
-            j.stats.sync_waiters.fetch_add(1, Ordering::AcqRel);
+        match j.intake.append(make, permit, wait) {
+            Some(lsn) => ticket.map(|mut t| {
+                t.lsn = lsn;
+                t
+            }),
+            None => {
+                // Intake closed (shutting down): applied, not journaled.
+                self.dirty_only(range);
+                None
+            }
         }
-        let ticket = wait.then(|| Ticket {
-            lsn,
-            stats: j.stats.clone(),
-        });
-        if sender.send(Pending { record, permit }).is_err() {
-            // The writer task is gone (it panicked or was aborted): nothing more can be
-            // journaled, and the LSN just taken is lost with it.
-            seq.sender = None;
-            drop(seq);
-            self.mode.need_full(super::mode::FullReason::WriterFailed);
-            self.dirty_only(range);
-            return None;
-        }
-        seq.next_lsn += 1;
-        ticket
     }
 
     /// A change left out of the journal: dirty regions, and the dirty episode's
@@ -429,25 +407,16 @@ impl PrimaryCore {
             pool_cap = j.pool.cap(),
             "a change could not be journaled; mode forward-part until a resync"
         );
-        let mut seq = lock(&j.seq);
-        let lsn = seq.next_lsn;
-        let Some(sender) = seq.sender.as_ref() else {
-            return;
-        };
-        let record = Record {
+        let permit = j.pool.force_reserve(RECORD_OVERHEAD);
+        let make = |lsn| Record {
             lsn,
             timestamp_ns: j.timestamps.next(),
             dev: 0,
             op: Op::ResyncBegin,
         };
-        let permit = j.pool.force_reserve(RECORD_OVERHEAD);
-        if sender.send(Pending { record, permit }).is_ok() {
-            seq.next_lsn += 1;
-        } else {
-            seq.sender = None;
-            drop(seq);
-            self.mode.need_full(super::mode::FullReason::WriterFailed);
-        }
+        // A closed intake (shutting down) leaves the episode unmarked in the journal; the
+        // next start is forward-full anyway, as this stop cannot be clean.
+        let _ = j.intake.append(make, permit, false);
     }
 
     fn dirty_only(&self, range: Option<Range<u64>>) {
@@ -491,7 +460,7 @@ impl PrimaryCore {
     }
 
     fn lag_time(&self, j: &Journaling) -> Duration {
-        match j.stats.oldest_pending_ns.load(Ordering::Acquire) {
+        match j.stats.oldest_pending_ns() {
             0 => Duration::ZERO,
             oldest => Duration::from_nanos(j.clock.now_ns().saturating_sub(oldest)),
         }
@@ -534,11 +503,7 @@ impl PrimaryCore {
                 clean: false,
             };
         };
-        let head_lsn = {
-            let mut seq = lock(&j.seq);
-            seq.sender = None;
-            seq.next_lsn - 1
-        };
+        let head_lsn = j.intake.close();
         let task = lock(&j.task).take();
         let next_seq = match task {
             Some(mut task) => match tokio::time::timeout(drain_timeout, &mut task).await {

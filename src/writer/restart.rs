@@ -161,9 +161,6 @@ pub fn initial_full_reason(
     marker: Option<&CleanMarker>,
     primary_has_data: impl FnOnce() -> Result<bool, RestartError>,
 ) -> Result<Option<FullReason>, RestartError> {
-    if prepared.journal_is_empty() {
-        return Ok(primary_has_data()?.then_some(FullReason::PrimaryHasData));
-    }
     let plan = &prepared.plan;
     let clean = marker.is_some_and(|m| {
         m.uuid == uuid
@@ -172,7 +169,15 @@ pub fn initial_full_reason(
             && plan.holes.is_empty()
             && plan.last_orphan.is_none()
     });
-    Ok((!clean).then_some(FullReason::UncleanRestart))
+    if clean {
+        return Ok(None);
+    }
+    // A journal that never held a segment (not one trimmed empty) starts from a primary
+    // that only `init` touched, or from data the journal never saw.
+    if prepared.journal_is_empty() && prepared.trim.first_seq == 0 {
+        return Ok(primary_has_data()?.then_some(FullReason::PrimaryHasData));
+    }
+    Ok(Some(FullReason::UncleanRestart))
 }
 
 #[cfg(test)]

@@ -38,6 +38,8 @@ pub struct SegmentBuilder {
     body_crc: u32,
     /// Created on the first payload worth compressing; reused for every later one.
     compressor: Option<zstd::bulk::Compressor<'static>>,
+    /// Whether payloads are offered to zstd at all (see [`SegmentBuilder::set_compression`]).
+    compress: bool,
 }
 
 impl std::fmt::Debug for SegmentBuilder {
@@ -65,7 +67,19 @@ impl SegmentBuilder {
             last_timestamp: None,
             body_crc: 0,
             compressor: None,
+            compress: true,
         }
+    }
+
+    /// Offers later payloads to zstd (the default) or stores them raw. A writer whose data
+    /// does not compress saves the attempt; the format is the same either way.
+    pub fn set_compression(&mut self, enabled: bool) {
+        self.compress = enabled;
+    }
+
+    /// Whether the last record pushed was stored compressed (`None` before the first push).
+    pub fn last_compressed(&self) -> Option<bool> {
+        self.entries.last().map(|e| e.compressed != 0)
     }
 
     /// Appends a record. Its LSN must be [`next_lsn`](Self::next_lsn) and its timestamp not
@@ -166,7 +180,7 @@ impl SegmentBuilder {
     /// it; returns the stored length and whether it is compressed.
     fn append_payload(&mut self, payload: &[u8]) -> (usize, bool) {
         let start = self.buf.len();
-        if payload.len() >= MIN_COMPRESS_LEN {
+        if self.compress && payload.len() >= MIN_COMPRESS_LEN {
             // zstd fails with "destination too small" once the frame would exceed the
             // limit, which is exactly the "not worth it" case.
             let limit = payload.len() * 7 / 8;

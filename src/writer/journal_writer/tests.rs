@@ -35,6 +35,7 @@ fn config() -> WriterConfig {
         segment_size: 64 << 10,
         linger: Duration::from_millis(20),
         max_uploads: 4,
+        compress: true,
         outage_bound: Duration::from_secs(60),
         retry_base: Duration::from_millis(2),
         retry_max: Duration::from_millis(20),
@@ -58,20 +59,20 @@ async fn start(store: Arc<dyn ObjectStore>, m: &Manifest, shared: &Shared) -> Jo
         .unwrap()
 }
 
-/// Sends `ops` with consecutive LSNs from `w.next_lsn`; returns the last LSN.
-fn send(w: &mut JournalWriter, shared: &Shared, ops: Vec<Op>) -> u64 {
+/// Queues `ops` (consecutive LSNs); returns the last LSN.
+fn send(w: &JournalWriter, shared: &Shared, ops: Vec<Op>) -> u64 {
+    let mut last = 0;
     for op in ops {
         let permit = shared.pool.try_reserve(record_cost(&op)).unwrap();
-        let record = Record {
-            lsn: w.next_lsn,
+        let make = |lsn| Record {
+            lsn,
             timestamp_ns: w.timestamps.next(),
             dev: 0,
             op,
         };
-        w.sender.send(Pending { record, permit }).unwrap();
-        w.next_lsn += 1;
+        last = w.intake.append(make, permit, false).unwrap();
     }
-    w.next_lsn - 1
+    last
 }
 
 /// Bytes zstd cannot shrink, so segment sizes are predictable.
@@ -130,8 +131,8 @@ async fn records_reach_the_journal_in_order_after_the_epoch_record() {
     let m = manifest();
     m.create(store.as_ref()).await.unwrap();
     let shared = shared();
-    let mut w = start(store.clone(), &m, &shared).await;
-    assert_eq!((w.epoch, w.next_lsn), (1, 2));
+    let w = start(store.clone(), &m, &shared).await;
+    assert_eq!((w.epoch, w.intake.head_lsn()), (1, 1));
     // 40 writes of 4 KiB of incompressible-enough data: several 64 KiB segments.
     let ops = (0..40u64)
         .map(|i| Op::Write {
@@ -150,8 +151,8 @@ async fn records_reach_the_journal_in_order_after_the_epoch_record() {
             },
         ])
         .collect();
-    let last = send(&mut w, &shared, ops);
-    drop(w.sender);
+    let last = send(&w, &shared, ops);
+    w.intake.close();
     let next_seq = w.task.await.unwrap();
     assert!(
         next_seq > 2,
@@ -183,12 +184,12 @@ async fn a_lone_record_is_uploaded_after_the_linger() {
     let m = manifest();
     m.create(store.as_ref()).await.unwrap();
     let shared = shared();
-    let mut w = start(store.clone(), &m, &shared).await;
-    let lsn = send(&mut w, &shared, vec![write(0, 512, 1)]);
+    let w = start(store.clone(), &m, &shared).await;
+    let lsn = send(&w, &shared, vec![write(0, 512, 1)]);
     assert!(shared.pool.used() > 0);
     wait_durable(&w, lsn).await;
     assert_eq!(shared.pool.used(), 0);
-    assert_eq!(w.stats.oldest_pending_ns.load(Ordering::Acquire), 0);
+    assert_eq!(w.stats.oldest_pending_ns(), 0);
     // It waited at least the 20 ms linger between acknowledgement and durability.
     let lag = w.stats.durable_lag.summary();
     assert_eq!(lag.records, 1);
@@ -204,10 +205,10 @@ async fn durable_lsn_only_covers_the_gap_free_prefix() {
     let m = manifest();
     m.create(store.as_ref()).await.unwrap();
     let shared = shared();
-    let mut w = start(store.clone(), &m, &shared).await;
+    let w = start(store.clone(), &m, &shared).await;
     // The first segment was seq 0 (stripe 0); the writer continues at seq 1 (stripe 1).
     flaky.fail_prefix("journal/1/", FailureKind::Permanent);
-    let first_of_seq1 = w.next_lsn;
+    let first_of_seq1 = w.intake.head_lsn() + 1;
     // Enough for ~4 segments: seqs 1..=4.
     let ops = (0..60u64)
         .map(|i| Op::Write {
@@ -215,7 +216,7 @@ async fn durable_lsn_only_covers_the_gap_free_prefix() {
             data: noise(i, 4096),
         })
         .collect();
-    let last = send(&mut w, &shared, ops);
+    let last = send(&w, &shared, ops);
     // Segments 2, 3, ... land (after seq 0, the first); seq 1 keeps failing.
     tokio::time::timeout(Duration::from_secs(5), async {
         while w.stats.segments_uploaded.load(Ordering::Acquire) < 3 {
@@ -240,7 +241,7 @@ async fn durable_lsn_only_covers_the_gap_free_prefix() {
         w.stats.failing_for().is_none(),
         "a success clears the failure clock"
     );
-    drop(w.sender);
+    w.intake.close();
     w.task.await.unwrap();
     assert_eq!(read_all(store, &m).await.len() as u64, last);
 }
@@ -253,9 +254,9 @@ async fn an_ambiguous_create_is_recognised_as_ours() {
     let m = manifest();
     m.create(store.as_ref()).await.unwrap();
     let shared = shared();
-    let mut w = start(store.clone(), &m, &shared).await;
+    let w = start(store.clone(), &m, &shared).await;
     flaky.ambiguous_creates(1);
-    let last = send(&mut w, &shared, vec![write(0, 4096, 9)]);
+    let last = send(&w, &shared, vec![write(0, 4096, 9)]);
     wait_durable(&w, last).await;
     assert_eq!(shared.mode.mode(), Mode::Logging);
     assert_eq!(w.stats.upload_errors.load(Ordering::Acquire), 1);
@@ -267,10 +268,10 @@ async fn a_newer_epoch_fences_the_writer_and_marks_its_records_dirty() {
     let m = manifest();
     m.create(store.as_ref()).await.unwrap();
     let shared = shared();
-    let mut w = start(store.clone(), &m, &shared).await;
+    let w = start(store.clone(), &m, &shared).await;
     // Another writer takes over.
     epoch::claim_next(store.as_ref(), 5).await.unwrap();
-    let lsn = send(&mut w, &shared, vec![write(3 << 20, 4096, 1)]);
+    let lsn = send(&w, &shared, vec![write(3 << 20, 4096, 1)]);
     let mut rx = w.progress.clone();
     tokio::time::timeout(
         Duration::from_secs(5),
@@ -291,11 +292,12 @@ async fn a_newer_epoch_fences_the_writer_and_marks_its_records_dirty() {
         .contains("fenced by epoch 2"));
     assert_eq!(shared.pool.used(), 0);
     // Records sent after the fence are dropped (and marked) too.
-    send(&mut w, &shared, vec![write(5 << 20, 4096, 1)]);
-    drop(w.sender);
+    send(&w, &shared, vec![write(5 << 20, 4096, 1)]);
+    w.intake.close();
     w.task.await.unwrap();
     assert!(shared.dirty.is_dirty(5));
-    assert_eq!(w.stats.records_abandoned.load(Ordering::Acquire), 1);
+    // The one uploading at the fence, and the one sent after it.
+    assert_eq!(w.stats.records_abandoned.load(Ordering::Acquire), 2);
 }
 
 #[tokio::test]
@@ -304,13 +306,13 @@ async fn a_segment_key_taken_by_someone_else_fences_the_writer() {
     let m = manifest();
     m.create(store.as_ref()).await.unwrap();
     let shared = shared();
-    let mut w = start(store.clone(), &m, &shared).await;
+    let w = start(store.clone(), &m, &shared).await;
     store
         .put_if_absent(&m.segment_key(1), Bytes::from_static(b"someone else"))
         .await
         .unwrap();
-    send(&mut w, &shared, vec![write(0, 4096, 1)]);
-    drop(w.sender);
+    send(&w, &shared, vec![write(0, 4096, 1)]);
+    w.intake.close();
     w.task.await.unwrap();
     assert_eq!(shared.mode.mode(), Mode::Fenced);
     assert!(w.stats.stopped_reason().unwrap().contains("another writer"));
@@ -326,17 +328,17 @@ async fn a_restart_continues_after_the_prefix_and_plugs_holes() {
     let m = manifest();
     m.create(store.as_ref()).await.unwrap();
     let shared1 = shared();
-    let mut w1 = start(store.clone(), &m, &shared1).await;
+    let w1 = start(store.clone(), &m, &shared1).await;
     // Each 70 KB write fills a 64 KiB segment alone. Seq 1 gets through; seq 2 never does;
     // seq 3 does (an orphan past the hole).
     let big = |i: u64| Op::Write {
         offset: i * 65536,
         data: noise(i, 70_000),
     };
-    let l1 = send(&mut w1, &shared1, vec![big(0)]);
+    let l1 = send(&w1, &shared1, vec![big(0)]);
     wait_durable(&w1, l1).await;
     flaky.fail_prefix("journal/2/", FailureKind::Permanent);
-    send(&mut w1, &shared1, vec![big(1), big(2)]);
+    send(&w1, &shared1, vec![big(1), big(2)]);
     tokio::time::timeout(Duration::from_secs(5), async {
         while !crate::journal::head::segment_exists(store.as_ref(), &m, 3)
             .await
@@ -357,13 +359,13 @@ async fn a_restart_continues_after_the_prefix_and_plugs_holes() {
     assert_eq!(prepared.plan.next_seq, 4);
     assert_eq!(prepared.plan.next_lsn, l1 + 1);
     let shared2 = shared();
-    let mut w2 = prepared
+    let w2 = prepared
         .start(Arc::new(SystemClock), config(), shared2.clone(), true)
         .await
         .unwrap();
     assert_eq!(w2.epoch, 2);
-    let l2 = send(&mut w2, &shared2, vec![write(0, 4096, 7)]);
-    drop(w2.sender);
+    let l2 = send(&w2, &shared2, vec![write(0, 4096, 7)]);
+    w2.intake.close();
     w2.task.await.unwrap();
 
     let records = read_all(store.clone(), &m).await;
@@ -384,7 +386,7 @@ async fn a_long_outage_releases_journal_waiters_until_the_store_answers() {
     let m = manifest();
     m.create(store.as_ref()).await.unwrap();
     let shared = shared();
-    let mut w = prepare(store.clone(), m.clone(), &SystemClock)
+    let w = prepare(store.clone(), m.clone(), &SystemClock)
         .await
         .unwrap()
         .start(
@@ -399,7 +401,7 @@ async fn a_long_outage_releases_journal_waiters_until_the_store_answers() {
         .await
         .unwrap();
     flaky.fail_all(Some(FailureKind::Transient));
-    let lsn = send(&mut w, &shared, vec![write(0, 4096, 1)]);
+    let lsn = send(&w, &shared, vec![write(0, 4096, 1)]);
     let mut rx = w.progress.clone();
     tokio::time::timeout(
         Duration::from_secs(5),
@@ -415,4 +417,44 @@ async fn a_long_outage_releases_journal_waiters_until_the_store_answers() {
     assert!(!w.stats.outage.load(Ordering::Acquire));
     assert_eq!(w.progress.borrow().released_lsn, 0);
     assert_eq!(shared.mode.mode(), Mode::Logging);
+}
+
+/// `--compress auto` shrinks compressible payloads; `--compress off` stores them raw.
+#[tokio::test]
+async fn compression_follows_the_setting() {
+    for compress in [true, false] {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let m = manifest();
+        m.create(store.as_ref()).await.unwrap();
+        let shared = shared();
+        let w = prepare(store.clone(), m.clone(), &SystemClock)
+            .await
+            .unwrap()
+            .start(
+                Arc::new(SystemClock),
+                WriterConfig {
+                    compress,
+                    ..config()
+                },
+                shared.clone(),
+                false,
+            )
+            .await
+            .unwrap();
+        send(&w, &shared, vec![write(0, 8192, 0x61)]);
+        w.intake.close();
+        w.task.await.unwrap();
+        let index = crate::journal::segment::read_index(
+            store.as_ref(),
+            &m.segment_key(1),
+            &crate::journal::segment::Expected {
+                uuid: m.uuid,
+                seq: 1,
+                first_lsn: Some(2),
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(index.entries[0].compressed, compress, "compress={compress}");
+    }
 }

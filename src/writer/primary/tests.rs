@@ -456,3 +456,32 @@ async fn without_a_journal_the_core_just_serves_the_disk() {
     assert_eq!(status.mode, Mode::NoJournal);
     assert!(status.render_text().contains("--no-journal"));
 }
+
+#[tokio::test]
+async fn a_new_journal_over_a_primary_with_data_starts_forward_full() {
+    let f = Fixture::new().await;
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(f.dir.path().join("primary.img"))
+        .unwrap();
+    file.write_all_at(b"old data", 3 << 20).unwrap();
+    file.sync_all().unwrap();
+    let core = f
+        .core(&MemDisk::new(Duration::ZERO), AckMode::Async, 8 << 20)
+        .await;
+    assert_eq!(core.mode(), Mode::ForwardFull);
+    assert!(core
+        .status()
+        .mode_reason
+        .unwrap()
+        .contains("already held data"));
+    assert_eq!(
+        core.dirty().count(),
+        SIZE >> 20,
+        "every region needs the resync"
+    );
+    core.shutdown(Duration::from_secs(5)).await;
+    let kinds: Vec<_> = f.records().await.iter().map(|r| r.kind()).collect();
+    assert_eq!(kinds, [RecordKind::Epoch, RecordKind::ResyncBegin]);
+}
