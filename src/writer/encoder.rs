@@ -29,6 +29,9 @@ use crate::journal::segment::SegmentBuilder;
 pub const PROBE_MISSES: u32 = 32;
 /// Payload records stored raw before compression is tried again.
 pub const SKIP_RECORDS: u32 = 1024;
+/// Room reserved past `segment_size` in a new segment buffer: the record that crosses the
+/// target size and the index.
+const SEGMENT_SLACK: usize = (1 << 20) + (256 << 10);
 
 /// A closed segment not yet durable, as the coordinator tracks it.
 #[derive(Debug)]
@@ -207,6 +210,9 @@ impl Run {
             let mut builder =
                 SegmentBuilder::new(self.cfg.uuid, self.cfg.epoch, seq, self.cfg.next_lsn);
             builder.set_compression(self.probe.enabled);
+            // The segment closes once it passes `segment_size`, usually by less than one
+            // record: room for that and a 1 MiB record (and the index) avoids regrowth.
+            builder.reserve(self.cfg.segment_size as usize + SEGMENT_SLACK);
             self.open = Some(Open {
                 seq,
                 builder,

@@ -77,6 +77,13 @@ impl SegmentBuilder {
         self.compress = enabled;
     }
 
+    /// Reserves room for `bytes` more of encoded segment, so a writer that knows its target
+    /// size allocates once instead of doubling (a doubled buffer can hold twice the memory
+    /// the segment needs until it is dropped).
+    pub fn reserve(&mut self, bytes: usize) {
+        self.buf.reserve_exact(bytes);
+    }
+
     /// Whether the last record pushed was stored compressed (`None` before the first push).
     pub fn last_compressed(&self) -> Option<bool> {
         self.entries.last().map(|e| e.compressed != 0)
