@@ -1,1 +1,79 @@
-fn main() {}
+//! The one tinylag command line: parses arguments and wires the library's parts together.
+//!
+//! Must never: print credentials, or change anything on disk or in a store when an argument
+//! is invalid (every value is parsed and checked before the first write).
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+// The subcommands live in bin/tinylag/, one file each, declared in bin/tinylag/mod.rs.
+#[path = "tinylag/mod.rs"]
+mod cmd;
+
+use cmd::{init, journal_cmd};
+
+/// Asynchronous block-device replication through a journal in object storage,
+/// with delayed replicas and time travel.
+#[derive(Debug, Parser)]
+#[command(name = "tinylag", version, about, propagate_version = true)]
+struct Cli {
+    /// Log filter (error, warn, info, debug, trace, or a tracing filter like tinylag=debug).
+    /// The AWS SDK's own chatter (e.g. "no IMDS here") is kept at error unless named.
+    #[arg(long, global = true, env = "TINYLAG_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a new journal (and, if asked, a sparse primary file).
+    Init(init::InitArgs),
+    /// Look at a journal.
+    #[command(subcommand)]
+    Journal(journal_cmd::JournalCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tinylag: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Init(a) => init::run(a).await,
+            Command::Journal(c) => journal_cmd::run(c).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tinylag: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(filter: &str) {
+    let filter = if filter.contains("aws") {
+        filter.to_string()
+    } else {
+        format!("{filter},aws_config=error,aws_smithy_runtime=error")
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}

@@ -10,7 +10,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{
-    validate_key, validate_prefix, ListPage, ObjectMeta, ObjectStore, StoreError, StoreResult,
+    check_object_range, validate_key, validate_prefix, ListPage, ObjectMeta, ObjectStore,
+    StoreError, StoreResult,
 };
 
 /// A `BTreeMap` behind a mutex: ordered listing and atomic conditional create come for free.
@@ -77,17 +78,9 @@ impl ObjectStore for MemoryStore {
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
         let data = self.get(key).await?;
-        let size = data.len() as u64;
-        if range.start > range.end || range.end > size {
-            return Err(StoreError::InvalidRange {
-                store: self.name.clone(),
-                key: key.to_string(),
-                start: range.start,
-                end: range.end,
-                size,
-            });
-        }
-        Ok(data.slice(range.start as usize..range.end as usize))
+        let len = check_object_range(&self.name, key, &range, data.len() as u64)?;
+        let start = range.start as usize;
+        Ok(data.slice(start..start + len))
     }
 
     async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {

@@ -25,6 +25,9 @@ pub mod retrying;
 pub mod s3;
 pub mod uri;
 
+pub use s3::S3Options;
+pub use uri::{open_store, StoreUri, StoreUriError};
+
 /// What a listing or a `head` reports about one object.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ObjectMeta {
@@ -48,7 +51,7 @@ pub enum StoreError {
     /// The object does not exist.
     #[error("object {key} not found in {store}")]
     NotFound { store: String, key: String },
-    /// A conditional create found the key already taken (S3 412, or 404/409 on
+    /// A conditional create found the key already taken (S3 412, or 409 on
     /// servers that answer differently; the local store's exclusive link failed).
     #[error("object {key} already exists in {store} (conditional create refused)")]
     AlreadyExists { store: String, key: String },
@@ -171,6 +174,26 @@ pub async fn list_all(store: &dyn ObjectStore, prefix: &str) -> StoreResult<Vec<
             None => return Ok(all),
         }
     }
+}
+
+/// Checks that `range` lies inside an object of `size` bytes and returns its length.
+pub(crate) fn check_object_range(
+    store: &str,
+    key: &str,
+    range: &Range<u64>,
+    size: u64,
+) -> StoreResult<usize> {
+    let invalid = || StoreError::InvalidRange {
+        store: store.to_string(),
+        key: key.to_string(),
+        start: range.start,
+        end: range.end,
+        size,
+    };
+    if range.start > range.end || range.end > size {
+        return Err(invalid());
+    }
+    usize::try_from(range.end - range.start).map_err(|_| invalid())
 }
 
 /// Checks a key before any backend touches it.

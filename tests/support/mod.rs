@@ -2,5 +2,7 @@
 //! clients, and cleaning them up by pid. Each file is one concern.
 #![allow(dead_code)]
 
+pub mod nbd;
 pub mod procs;
 pub mod s3;
+pub mod verdict;

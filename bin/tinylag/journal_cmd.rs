@@ -1,0 +1,207 @@
+//! `tinylag journal info` and `tinylag journal inspect`.
+
+use std::io::Write;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use serde::Serialize;
+use tinylag::clock::format_ns;
+use tinylag::journal::consumer::load_trim_pointer;
+use tinylag::journal::info::gather;
+use tinylag::journal::reader::JournalReader;
+use tinylag::journal::Manifest;
+use tinylag::units::format_size;
+
+use crate::cmd::args::{parse_time, JournalArgs};
+
+#[derive(Debug, Subcommand)]
+pub enum JournalCommand {
+    /// Manifest, head, live bytes, consumers and their lag.
+    Info(InfoArgs),
+    /// List records (from the segment indexes; payloads are not read).
+    Inspect(InspectArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    #[command(flatten)]
+    pub journal: JournalArgs,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    pub journal: JournalArgs,
+    /// Start at segment N (default: the first live segment).
+    #[arg(long, value_name = "N", conflicts_with = "from_time")]
+    pub seq: Option<u64>,
+    /// Start at the first segment holding a record at or after T (RFC 3339, @unix, or "10m ago").
+    #[arg(long, value_name = "T", value_parser = parse_time)]
+    pub from_time: Option<u64>,
+    /// Stop after this many records.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<u64>,
+    /// Print JSON Lines, one record per line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(cmd: JournalCommand) -> anyhow::Result<()> {
+    match cmd {
+        JournalCommand::Info(a) => info(a).await,
+        JournalCommand::Inspect(a) => inspect(a).await,
+    }
+}
+
+async fn info(args: InfoArgs) -> anyhow::Result<()> {
+    let store = args.journal.open().await?;
+    let manifest = Manifest::load(store.as_ref()).await?;
+    let info = gather(store.as_ref(), &manifest).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+        return Ok(());
+    }
+    let m = &info.manifest;
+    println!("journal      {}", info.journal);
+    println!("uuid         {}", m.uuid);
+    for (i, d) in m.devices.iter().enumerate() {
+        println!(
+            "device {i}     {} ({}, {} bytes)",
+            d.name,
+            format_size(d.size),
+            d.size
+        );
+    }
+    println!(
+        "layout       block {} B, region {}, splay {}, segments of {}",
+        m.block_size,
+        format_size(m.region_size),
+        m.splay_width,
+        format_size(m.segment_size)
+    );
+    println!("created      {}", format_ns(m.created_ns));
+    println!(
+        "writer       {}",
+        info.writer_epoch
+            .map_or("none yet".to_string(), |e| format!("epoch {e}"))
+    );
+    let head_time = if info.head.last_timestamp_ns == 0 {
+        "-".to_string()
+    } else {
+        format_ns(info.head.last_timestamp_ns)
+    };
+    println!(
+        "head         seq {}, lsn {}, time {}",
+        info.head.next_seq, info.head.last_lsn, head_time
+    );
+    println!(
+        "live         {} segments from seq {}, {}",
+        info.segments,
+        info.trim.first_seq,
+        format_size(info.bytes)
+    );
+    if info.consumers.is_empty() {
+        println!("consumers    none");
+    }
+    for c in &info.consumers {
+        println!(
+            "consumer     {}: applied lsn {} (consistent {}), lag {} records / {} / {:.1}s, delay {:.0}s, replica {}",
+            c.state.name,
+            c.state.applied_lsn,
+            c.state.consistent_lsn,
+            c.lag_records,
+            format_size(c.lag_bytes),
+            c.lag_seconds,
+            c.state.delay_ns as f64 / 1e9,
+            c.state.replica
+        );
+    }
+    Ok(())
+}
+
+/// One line of `inspect --json`.
+#[derive(Serialize)]
+struct RecordLine {
+    seq: u64,
+    lsn: u64,
+    timestamp_ns: u64,
+    time: String,
+    kind: &'static str,
+    dev: u32,
+    offset: u64,
+    length: u64,
+    stored: u32,
+    compressed: bool,
+}
+
+async fn inspect(args: InspectArgs) -> anyhow::Result<()> {
+    let store = args.journal.open().await?;
+    let manifest = Manifest::load(store.as_ref()).await?;
+    let trim = load_trim_pointer(store.as_ref()).await?;
+    let reader = JournalReader::new(store.clone(), manifest.clone());
+    let mut seq = match (args.seq, args.from_time) {
+        (Some(s), _) => s.max(trim.first_seq),
+        (None, Some(t)) => {
+            let end = tinylag::journal::head::probe_end(store.as_ref(), &manifest, trim.first_seq)
+                .await?;
+            reader.seek_time(trim.first_seq, end, t).await?
+        }
+        (None, None) => trim.first_seq,
+    };
+    let mut printed = 0u64;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    if !args.json {
+        writeln!(
+            out,
+            "{:>8} {:>12} {:<24} {:<12} {:>3} {:>14} {:>10} {:>10}",
+            "SEQ", "LSN", "TIME", "KIND", "DEV", "OFFSET", "LENGTH", "STORED"
+        )?;
+    }
+    'segments: while let Some(index) = reader.index(seq).await? {
+        for e in &index.entries {
+            if args.from_time.is_some_and(|t| e.timestamp_ns < t) {
+                continue;
+            }
+            if args.limit.is_some_and(|l| printed >= l) {
+                break 'segments;
+            }
+            if args.json {
+                let line = RecordLine {
+                    seq,
+                    lsn: e.lsn,
+                    timestamp_ns: e.timestamp_ns,
+                    time: format_ns(e.timestamp_ns),
+                    kind: e.kind.name(),
+                    dev: e.dev,
+                    offset: e.offset,
+                    length: e.length,
+                    stored: e.stored_len,
+                    compressed: e.compressed,
+                };
+                writeln!(out, "{}", serde_json::to_string(&line)?)?;
+            } else {
+                writeln!(
+                    out,
+                    "{:>8} {:>12} {:<24} {:<12} {:>3} {:>14} {:>10} {:>10}{}",
+                    seq,
+                    e.lsn,
+                    format_ns(e.timestamp_ns),
+                    e.kind.name(),
+                    e.dev,
+                    e.offset,
+                    e.length,
+                    e.stored_len,
+                    if e.compressed { " z" } else { "" }
+                )?;
+            }
+            printed += 1;
+        }
+        seq = index.header.next_seq;
+    }
+    out.flush().context("writing to stdout")?;
+    Ok(())
+}

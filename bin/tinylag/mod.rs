@@ -1,0 +1,5 @@
+//! The subcommands of `tinylag`, one file each, plus the argument types they share.
+
+pub mod args;
+pub mod init;
+pub mod journal_cmd;

@@ -1,0 +1,256 @@
+//! Fixed newstyle negotiation: greets the client, answers its options and picks the
+//! export the connection will serve.
+//!
+//! Supported options: `NBD_OPT_EXPORT_NAME`, `NBD_OPT_ABORT`, `NBD_OPT_LIST`,
+//! `NBD_OPT_INFO` and `NBD_OPT_GO` (with `NBD_INFO_EXPORT`, `NBD_INFO_BLOCK_SIZE`,
+//! `NBD_INFO_NAME`, `NBD_INFO_DESCRIPTION`). Everything else (TLS, structured replies,
+//! metadata contexts, extended headers) gets `NBD_REP_ERR_UNSUP` and the client may go
+//! on with simple replies.
+//!
+//! Must never: buffer an option longer than `MAX_OPTION_LEN` (the connection is closed
+//! instead); send fixed-newstyle replies to a client that did not ask for fixed newstyle;
+//! enter transmission with an export the client did not name.
+
+use std::io;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::protocol::*;
+use super::{Export, NbdServer};
+
+/// How negotiation ended without an error.
+pub(crate) enum Outcome {
+    /// The client chose an export; transmission starts.
+    Transmission(Arc<Export>),
+    /// The client sent `NBD_OPT_ABORT`; the connection ends.
+    Aborted,
+}
+
+/// Every way negotiation fails; each closes the connection (and only it).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum HandshakeError {
+    /// Reading from or writing to the client failed (including the client hanging up).
+    #[error("connection failed during the handshake: {0}")]
+    Io(#[source] io::Error),
+    /// The client set flags the server did not offer; the spec requires a disconnect.
+    #[error("client flags {flags:#x} include bits this server does not know")]
+    UnknownClientFlags { flags: u32 },
+    /// An option did not start with `IHAVEOPT`: the client is not speaking NBD.
+    #[error("option header has magic {magic:#018x} instead of IHAVEOPT")]
+    BadOptionMagic { magic: u64 },
+    /// An option claims more data than the server is willing to buffer.
+    #[error(
+        "option {option} claims {length} bytes of data, more than the {MAX_OPTION_LEN}-byte limit"
+    )]
+    OptionTooLong { option: u32, length: u32 },
+    /// A client that did not negotiate fixed newstyle sent an option other than
+    /// `NBD_OPT_EXPORT_NAME`; it could not parse an error reply.
+    #[error(
+        "client without fixed newstyle sent option {option}; only NBD_OPT_EXPORT_NAME is allowed"
+    )]
+    NotFixedNewstyle { option: u32 },
+    /// `NBD_OPT_EXPORT_NAME` cannot report errors, so a bad name ends the session.
+    #[error("NBD_OPT_EXPORT_NAME carries an invalid export name: {reason}")]
+    BadExportName { reason: &'static str },
+    /// `NBD_OPT_EXPORT_NAME` named an export that does not exist.
+    #[error("NBD_OPT_EXPORT_NAME asked for unknown export {name:?}")]
+    UnknownExport { name: String },
+}
+
+impl From<io::Error> for HandshakeError {
+    fn from(e: io::Error) -> Self {
+        Self::Io(e)
+    }
+}
+
+/// Runs the negotiation on a fresh connection. `peer` is only used for logging.
+pub(crate) async fn negotiate<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    server: &NbdServer,
+    peer: &str,
+) -> Result<Outcome, HandshakeError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    writer.write_all(&greeting()).await?;
+    writer.flush().await?;
+
+    let client_flags = reader.read_u32().await?;
+    if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+        return Err(HandshakeError::UnknownClientFlags {
+            flags: client_flags,
+        });
+    }
+    let fixed = client_flags & FLAG_C_FIXED_NEWSTYLE != 0;
+    let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
+
+    loop {
+        let mut raw = [0u8; OPTION_HEADER_LEN];
+        reader.read_exact(&mut raw).await?;
+        let header = OptionHeader::decode(&raw);
+        if header.magic != IHAVEOPT {
+            return Err(HandshakeError::BadOptionMagic {
+                magic: header.magic,
+            });
+        }
+        let option = header.option;
+        if header.length > MAX_OPTION_LEN {
+            if fixed && option != OPT_EXPORT_NAME {
+                // Tell the client why before hanging up; it may not read it, which is fine.
+                let _ = send(
+                    writer,
+                    option,
+                    REP_ERR_TOO_BIG,
+                    b"option data too long for this server",
+                )
+                .await;
+            }
+            return Err(HandshakeError::OptionTooLong {
+                option,
+                length: header.length,
+            });
+        }
+        let mut data = vec![0u8; header.length as usize];
+        reader.read_exact(&mut data).await?;
+        if !fixed && option != OPT_EXPORT_NAME {
+            return Err(HandshakeError::NotFixedNewstyle { option });
+        }
+        tracing::debug!(peer, option, length = header.length, "NBD option");
+
+        match option {
+            OPT_EXPORT_NAME => {
+                let name = parse_export_name(&data)
+                    .map_err(|reason| HandshakeError::BadExportName { reason })?;
+                let export = server
+                    .lookup(name)
+                    .ok_or_else(|| HandshakeError::UnknownExport {
+                        name: name.to_owned(),
+                    })?;
+                let info = export.device.info();
+                writer
+                    .write_all(&export_name_reply(
+                        info.size,
+                        export.transmission_flags(),
+                        no_zeroes,
+                    ))
+                    .await?;
+                writer.flush().await?;
+                return Ok(Outcome::Transmission(Arc::clone(export)));
+            }
+            OPT_ABORT => {
+                // The client may already be gone; the spec asks us not to mind.
+                let _ = send(writer, option, REP_ACK, &[]).await;
+                return Ok(Outcome::Aborted);
+            }
+            OPT_LIST => {
+                if !data.is_empty() {
+                    send(
+                        writer,
+                        option,
+                        REP_ERR_INVALID,
+                        b"NBD_OPT_LIST takes no data",
+                    )
+                    .await?;
+                    continue;
+                }
+                for export in server.exports() {
+                    let data = rep_server(&export.name, &export.description);
+                    writer
+                        .write_all(&option_reply(option, REP_SERVER, &data))
+                        .await?;
+                }
+                send(writer, option, REP_ACK, &[]).await?;
+            }
+            OPT_INFO | OPT_GO => {
+                let request = match InfoRequest::decode(&data) {
+                    Ok(request) => request,
+                    Err(reason) => {
+                        send(writer, option, REP_ERR_INVALID, reason.as_bytes()).await?;
+                        continue;
+                    }
+                };
+                let Some(export) = server.lookup(&request.name) else {
+                    let message = format!("no export named {:?}", request.name);
+                    send(writer, option, REP_ERR_UNKNOWN, message.as_bytes()).await?;
+                    continue;
+                };
+                send_export_info(writer, option, export, &request).await?;
+                if option == OPT_GO {
+                    return Ok(Outcome::Transmission(Arc::clone(export)));
+                }
+            }
+            OPT_STARTTLS | OPT_STRUCTURED_REPLY => {
+                send(
+                    writer,
+                    option,
+                    REP_ERR_UNSUP,
+                    b"not supported: this server offers plain simple replies",
+                )
+                .await?;
+            }
+            _ => {
+                send(writer, option, REP_ERR_UNSUP, b"unknown option").await?;
+            }
+        }
+    }
+}
+
+/// The `NBD_REP_INFO` replies and the final `NBD_REP_ACK` of a successful
+/// `NBD_OPT_INFO` / `NBD_OPT_GO`.
+async fn send_export_info<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    option: u32,
+    export: &Export,
+    request: &InfoRequest,
+) -> io::Result<()> {
+    let info = export.device.info();
+    let mut replies = vec![
+        info_export(info.size, export.transmission_flags()),
+        // Always sent, asked or not: the minimum (the device's logical block size) is
+        // stricter than the protocol's default of 1, and we reject misaligned requests.
+        info_block_size(
+            info.block_size,
+            PREFERRED_BLOCK_SIZE.max(info.block_size),
+            MAX_PAYLOAD,
+        ),
+    ];
+    if request.requests.contains(&INFO_NAME) {
+        replies.push(info_string(INFO_NAME, &export.name));
+    }
+    if request.requests.contains(&INFO_DESCRIPTION) && !export.description.is_empty() {
+        replies.push(info_string(INFO_DESCRIPTION, &export.description));
+    }
+    for data in replies {
+        writer
+            .write_all(&option_reply(option, REP_INFO, &data))
+            .await?;
+    }
+    send(writer, option, REP_ACK, &[]).await
+}
+
+/// Writes one option reply and flushes it.
+async fn send<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    option: u32,
+    reply_type: u32,
+    data: &[u8],
+) -> io::Result<()> {
+    writer
+        .write_all(&option_reply(option, reply_type, data))
+        .await?;
+    writer.flush().await
+}
+
+fn parse_export_name(data: &[u8]) -> Result<&str, &'static str> {
+    if data.len() > MAX_NAME_LEN {
+        return Err("longer than 4096 bytes");
+    }
+    let name = std::str::from_utf8(data).map_err(|_| "not UTF-8")?;
+    if name.contains('\0') {
+        return Err("contains NUL");
+    }
+    Ok(name)
+}

@@ -1,0 +1,675 @@
+//! The transmission phase: reads requests, runs each on the device as its own task and
+//! writes simple replies in completion order through one writer.
+//!
+//! Memory per connection is bounded: a request is admitted only once it holds one of
+//! `MAX_IN_FLIGHT_REQUESTS` request permits and, for READ and WRITE, as many byte permits
+//! as its payload (out of `MAX_IN_FLIGHT_BYTES`). Permits travel with the reply and are
+//! released once the writer has sent it, so a client that stops reading replies stops
+//! being read from.
+//!
+//! Must never: call the device for a request it rejected (bad flags, misaligned, out of
+//! range, read-only, oversized); send a reply for `NBD_CMD_DISC`; send data after an
+//! error header; let an error on one request end the connection unless the byte stream
+//! can no longer be parsed (bad magic, unreadable write payload).
+
+use std::io;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+
+use super::protocol::*;
+use super::{stop_requested, Export};
+use crate::block::{check_range, BlockDevice, BlockError, DeviceInfo};
+
+/// Requests admitted but not yet answered, per connection. Deep enough for fio's
+/// `iodepth=32` and qemu's 16 with room to spare.
+const MAX_IN_FLIGHT_REQUESTS: usize = 128;
+/// Payload bytes (write data held, read data produced) admitted but not yet answered,
+/// per connection. At least one maximum-size request must fit.
+const MAX_IN_FLIGHT_BYTES: usize = 4 * MAX_PAYLOAD as usize;
+
+/// Every way a connection ends abnormally during transmission.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TransmissionError {
+    /// Reading from or writing to the client failed.
+    #[error("connection failed during transmission: {0}")]
+    Io(#[source] io::Error),
+    /// A request header did not start with the request magic: the stream is out of sync.
+    #[error("request header has magic {magic:#010x} instead of 0x25609513")]
+    BadRequestMagic { magic: u32 },
+    /// A WRITE carried more payload than the server accepts; it was answered with an
+    /// error, but its payload cannot be skipped sensibly, so the connection is closed.
+    #[error("write of {length} bytes exceeds the {MAX_PAYLOAD}-byte payload limit")]
+    OversizedWrite { length: u32 },
+    /// The client hung up in the middle of a write payload; the write was not applied.
+    #[error("client disconnected after {received} of {length} payload bytes of a write")]
+    TruncatedWrite { received: usize, length: u32 },
+}
+
+/// How a connection ended cleanly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Ending {
+    /// The client sent `NBD_CMD_DISC`.
+    Disconnect,
+    /// The client closed the connection between requests.
+    ClientClosed,
+    /// The server is shutting down.
+    Shutdown,
+}
+
+/// One decoded, validated operation.
+enum Op {
+    Read { offset: u64, len: u32 },
+    Write { offset: u64, fua: bool },
+    Flush,
+    Trim { offset: u64, len: u64, fua: bool },
+    WriteZeroes { offset: u64, len: u64, fua: bool },
+}
+
+/// A reply on its way to the writer, with the permits it releases once sent.
+struct Reply {
+    handle: u64,
+    error: u32,
+    data: Option<Bytes>,
+    _permits: Permits,
+}
+
+struct Permits {
+    _request: OwnedSemaphorePermit,
+    _bytes: Option<OwnedSemaphorePermit>,
+}
+
+/// Serves `export` on an established connection until the client disconnects, the
+/// stream breaks, or `shutdown` turns true. In-flight requests always finish and their
+/// replies are written (if the client is still there) before this returns.
+pub(crate) async fn serve_export<R, W>(
+    reader: R,
+    writer: W,
+    export: Arc<Export>,
+    shutdown: watch::Receiver<bool>,
+    peer: &str,
+) -> Result<Ending, TransmissionError>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
+    let (tx, rx) = mpsc::unbounded_channel();
+    let reading = read_requests(reader, export, tx, shutdown, peer);
+    let writing = write_replies(writer, rx);
+    tokio::pin!(reading, writing);
+    tokio::select! {
+        read = &mut reading => {
+            // The reader's sender is gone; the writer drains what the in-flight tasks
+            // still send and then ends.
+            let written = writing.await;
+            let ending = read?;
+            written.map_err(TransmissionError::Io)?;
+            Ok(ending)
+        }
+        written = &mut writing => {
+            // Replies can no longer be delivered; reading on would only pile up work.
+            written.map_err(TransmissionError::Io)?;
+            Err(TransmissionError::Io(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "reply writer stopped",
+            )))
+        }
+    }
+}
+
+async fn read_requests<R>(
+    mut reader: R,
+    export: Arc<Export>,
+    tx: mpsc::UnboundedSender<Reply>,
+    mut shutdown: watch::Receiver<bool>,
+    peer: &str,
+) -> Result<Ending, TransmissionError>
+where
+    R: AsyncRead + Unpin,
+{
+    let info = export.device.info();
+    // Shared by every request task for its log lines, without a copy per request.
+    let peer_tag: Arc<str> = Arc::from(peer);
+    let request_permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT_REQUESTS));
+    let byte_permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES));
+    loop {
+        let mut raw = [0u8; REQUEST_LEN];
+        tokio::select! {
+            biased;
+            _ = stop_requested(&mut shutdown) => return Ok(Ending::Shutdown),
+            read = read_header(&mut reader, &mut raw) => match read {
+                Ok(true) => {}
+                Ok(false) => return Ok(Ending::ClientClosed),
+                Err(e) => return Err(TransmissionError::Io(e)),
+            },
+        }
+        let request = Request::decode(&raw);
+        if request.magic != REQUEST_MAGIC {
+            return Err(TransmissionError::BadRequestMagic {
+                magic: request.magic,
+            });
+        }
+        if request.command == CMD_DISC {
+            return Ok(Ending::Disconnect);
+        }
+        let request_permit = Arc::clone(&request_permits)
+            .acquire_owned()
+            .await
+            .map_err(semaphore_closed)?;
+
+        let is_write = request.command == CMD_WRITE;
+        if is_write && request.length > MAX_PAYLOAD {
+            let permits = Permits {
+                _request: request_permit,
+                _bytes: None,
+            };
+            let _ = tx.send(error_reply(request.handle, EINVAL, permits));
+            return Err(TransmissionError::OversizedWrite {
+                length: request.length,
+            });
+        }
+        let payload_bytes = match request.command {
+            CMD_WRITE => request.length,
+            CMD_READ if request.length <= MAX_PAYLOAD => request.length,
+            _ => 0,
+        };
+        let byte_permit = if payload_bytes > 0 {
+            let permit = Arc::clone(&byte_permits)
+                .acquire_many_owned(payload_bytes)
+                .await
+                .map_err(semaphore_closed)?;
+            Some(permit)
+        } else {
+            None
+        };
+        let permits = Permits {
+            _request: request_permit,
+            _bytes: byte_permit,
+        };
+
+        // The payload must be consumed even if the write is then rejected, or the next
+        // header would be read from the middle of it.
+        let payload = if is_write {
+            Some(read_payload(&mut reader, request.length).await?)
+        } else {
+            None
+        };
+
+        let op = match validate(&request, &info) {
+            Ok(op) => op,
+            Err(errno) => {
+                tracing::debug!(
+                    peer,
+                    export = %export.name,
+                    command = request.command,
+                    offset = request.offset,
+                    length = request.length,
+                    flags = request.flags,
+                    errno,
+                    "rejected NBD request"
+                );
+                let _ = tx.send(error_reply(request.handle, errno, permits));
+                continue;
+            }
+        };
+
+        let device = Arc::clone(&export.device);
+        let tx = tx.clone();
+        let peer = Arc::clone(&peer_tag);
+        let handle = request.handle;
+        let command = request.command;
+        tokio::spawn(async move {
+            let (error, data) = match execute(device.as_ref(), op, payload).await {
+                Ok(data) => (0, data),
+                Err(e) => {
+                    let errno = errno_of(&e, command);
+                    tracing::warn!(%peer, command, errno, error = %e, "NBD request failed");
+                    (errno, None)
+                }
+            };
+            // The writer is gone only if the connection broke; nobody to tell then.
+            let _ = tx.send(Reply {
+                handle,
+                error,
+                data,
+                _permits: permits,
+            });
+        });
+    }
+}
+
+/// The semaphores live as long as the reader and nobody closes them; should that ever
+/// change, the connection ends with an error rather than a panic.
+fn semaphore_closed(_: tokio::sync::AcquireError) -> TransmissionError {
+    TransmissionError::Io(io::Error::other("in-flight limit semaphore closed"))
+}
+
+/// Reads one request header. `Ok(false)` means the client closed the connection
+/// cleanly before the first byte.
+async fn read_header<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    raw: &mut [u8; REQUEST_LEN],
+) -> io::Result<bool> {
+    let first = reader.read(&mut raw[..]).await?;
+    if first == 0 {
+        return Ok(false);
+    }
+    reader.read_exact(&mut raw[first..]).await?;
+    Ok(true)
+}
+
+async fn read_payload<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    length: u32,
+) -> Result<Bytes, TransmissionError> {
+    let mut buf = BytesMut::zeroed(length as usize);
+    let mut received = 0;
+    while received < buf.len() {
+        match reader.read(&mut buf[received..]).await {
+            Ok(0) => return Err(TransmissionError::TruncatedWrite { received, length }),
+            Ok(n) => received += n,
+            Err(e) => return Err(TransmissionError::Io(e)),
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// Checks a request against the export before anything touches the device. `Err` is
+/// the NBD error to answer with.
+fn validate(request: &Request, info: &DeviceInfo) -> Result<Op, u32> {
+    let command = request.command;
+    let allowed_flags = match command {
+        CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM => CMD_FLAG_FUA,
+        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+        // Unknown commands (CACHE, BLOCK_STATUS, RESIZE, …) were never advertised.
+        _ => return Err(EINVAL),
+    };
+    // The spec asks for EINVAL on flags not documented for the command (DF, REQ_ONE,
+    // FAST_ZERO were never advertised).
+    if request.flags & !allowed_flags != 0 {
+        return Err(EINVAL);
+    }
+    let fua = request.flags & CMD_FLAG_FUA != 0;
+    if command == CMD_FLUSH {
+        // Offset and length are reserved for FLUSH; clients zero them, we ignore them.
+        return Ok(Op::Flush);
+    }
+    let modifies = command != CMD_READ;
+    if modifies && info.read_only {
+        return Err(errno_of(&BlockError::ReadOnly, command));
+    }
+    if modifies {
+        let supported = match command {
+            CMD_TRIM => info.supports_trim,
+            CMD_WRITE_ZEROES => info.supports_write_zeroes,
+            _ => true,
+        };
+        if !supported {
+            return Err(errno_of(
+                &BlockError::NotSupported("not advertised for this export"),
+                command,
+            ));
+        }
+    }
+    let offset = request.offset;
+    let len = u64::from(request.length);
+    if let Err(e) = check_range(offset, len, info.size) {
+        return Err(errno_of(&e, command));
+    }
+    let block = u64::from(info.block_size);
+    if offset % block != 0 || len % block != 0 {
+        // Below the advertised minimum block size.
+        return Err(EINVAL);
+    }
+    Ok(match command {
+        CMD_READ => {
+            if request.length > MAX_PAYLOAD {
+                // A simple reply cannot carry more than the advertised maximum payload.
+                return Err(EINVAL);
+            }
+            Op::Read {
+                offset,
+                len: request.length,
+            }
+        }
+        CMD_WRITE => Op::Write { offset, fua },
+        CMD_TRIM => Op::Trim { offset, len, fua },
+        _ => Op::WriteZeroes { offset, len, fua },
+    })
+}
+
+/// The one place device errors become NBD error values.
+fn errno_of(error: &BlockError, command: u16) -> u32 {
+    match error {
+        // The spec: ENOSPC for writes past the end, EINVAL for reads and trims.
+        BlockError::OutOfRange { .. } if command == CMD_WRITE => ENOSPC,
+        BlockError::OutOfRange { .. } => EINVAL,
+        BlockError::ReadOnly => EPERM,
+        BlockError::NotSupported(_) => EINVAL,
+        BlockError::Io(e) => match e.raw_os_error() {
+            // The spec asks for EDQUOT and EFBIG to be reported as ENOSPC.
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => ENOSPC,
+            Some(libc::EOVERFLOW) => EOVERFLOW,
+            _ => EIO,
+        },
+    }
+}
+
+/// Runs a validated operation; `Ok(Some(data))` for reads.
+async fn execute(
+    device: &dyn BlockDevice,
+    op: Op,
+    payload: Option<Bytes>,
+) -> Result<Option<Bytes>, BlockError> {
+    match op {
+        Op::Read { len: 0, .. } => Ok(Some(Bytes::new())),
+        Op::Read { offset, len } => device.read(offset, len).await.map(Some),
+        Op::Write { offset, fua } => {
+            let data = payload.unwrap_or_default();
+            if data.is_empty() {
+                return Ok(None);
+            }
+            device.write(offset, data, fua).await.map(|()| None)
+        }
+        Op::Flush => device.flush().await.map(|()| None),
+        Op::Trim { len: 0, .. } | Op::WriteZeroes { len: 0, .. } => Ok(None),
+        Op::Trim { offset, len, fua } => {
+            device.trim(offset, len).await?;
+            if fua {
+                // The trait's trim has no FUA; a flush gives the same guarantee.
+                device.flush().await?;
+            }
+            Ok(None)
+        }
+        Op::WriteZeroes { offset, len, fua } => {
+            device.write_zeroes(offset, len, fua).await.map(|()| None)
+        }
+    }
+}
+
+fn error_reply(handle: u64, error: u32, permits: Permits) -> Reply {
+    Reply {
+        handle,
+        error,
+        data: None,
+        _permits: permits,
+    }
+}
+
+/// Writes replies as they arrive; flushes whenever no further reply is queued so that
+/// a burst of completions goes out in few system calls.
+async fn write_replies<W: AsyncWrite + Unpin>(
+    mut writer: W,
+    mut rx: mpsc::UnboundedReceiver<Reply>,
+) -> io::Result<()> {
+    while let Some(reply) = rx.recv().await {
+        writer
+            .write_all(&simple_reply(reply.error, reply.handle))
+            .await?;
+        if let Some(data) = &reply.data {
+            writer.write_all(data).await?;
+        }
+        drop(reply);
+        if rx.is_empty() {
+            writer.flush().await?;
+        }
+    }
+    writer.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(read_only: bool) -> DeviceInfo {
+        DeviceInfo {
+            size: 1 << 20,
+            block_size: 512,
+            read_only,
+            supports_trim: true,
+            supports_write_zeroes: true,
+            flush_covers_all_connections: true,
+        }
+    }
+
+    fn req(command: u16, flags: u16, offset: u64, length: u32) -> Request {
+        Request {
+            magic: REQUEST_MAGIC,
+            flags,
+            command,
+            handle: 1,
+            offset,
+            length,
+        }
+    }
+
+    fn errno(r: Request, read_only: bool) -> u32 {
+        match validate(&r, &info(read_only)) {
+            Ok(_) => 0,
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn validation_picks_the_spec_errors() {
+        assert_eq!(errno(req(CMD_READ, 0, 0, 4096), false), 0);
+        assert_eq!(errno(req(CMD_READ, 0, 1 << 20, 512), false), EINVAL);
+        assert_eq!(errno(req(CMD_WRITE, 0, 1 << 20, 512), false), ENOSPC);
+        assert_eq!(errno(req(CMD_WRITE, 0, u64::MAX - 511, 512), false), ENOSPC);
+        assert_eq!(
+            errno(req(CMD_TRIM, 0, (1 << 20) - 512, 1024), false),
+            EINVAL
+        );
+        assert_eq!(errno(req(CMD_READ, 0, 100, 512), false), EINVAL);
+        assert_eq!(errno(req(CMD_WRITE, 0, 0, 100), false), EINVAL);
+        assert_eq!(errno(req(CMD_WRITE, 0, 0, 512), true), EPERM);
+        assert_eq!(errno(req(CMD_TRIM, 0, 0, 512), true), EPERM);
+        assert_eq!(errno(req(CMD_WRITE_ZEROES, 0, 0, 512), true), EPERM);
+        assert_eq!(errno(req(CMD_READ, 0, 0, 512), true), 0);
+        assert_eq!(errno(req(7, 0, 0, 512), false), EINVAL);
+        assert_eq!(
+            errno(req(CMD_READ, CMD_FLAG_NO_HOLE, 0, 512), false),
+            EINVAL
+        );
+        assert_eq!(
+            errno(
+                req(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE | CMD_FLAG_FUA, 0, 512),
+                false
+            ),
+            0
+        );
+        assert_eq!(errno(req(CMD_FLUSH, CMD_FLAG_FUA, 0, 0), false), 0);
+        assert_eq!(errno(req(CMD_READ, 1 << 2, 0, 512), false), EINVAL);
+    }
+
+    /// A device whose reads wait at a gate, counting how many are inside at once.
+    struct GatedDevice {
+        gate: Semaphore,
+        inside: std::sync::atomic::AtomicUsize,
+        max_inside: std::sync::atomic::AtomicUsize,
+        /// Reads at offset 0 wait for this; reads elsewhere open it.
+        slow: tokio::sync::Notify,
+        data: Bytes,
+    }
+
+    impl GatedDevice {
+        fn new(gate_permits: usize) -> Arc<Self> {
+            Arc::new(Self {
+                gate: Semaphore::new(gate_permits),
+                inside: Default::default(),
+                max_inside: Default::default(),
+                slow: tokio::sync::Notify::new(),
+                data: Bytes::from(vec![0x5a; MAX_PAYLOAD as usize]),
+            })
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl BlockDevice for GatedDevice {
+        fn info(&self) -> DeviceInfo {
+            DeviceInfo {
+                size: 1 << 30,
+                ..info(false)
+            }
+        }
+        async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BlockError> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let now = self.inside.fetch_add(1, SeqCst) + 1;
+            self.max_inside.fetch_max(now, SeqCst);
+            if offset == 0 {
+                self.slow.notified().await;
+            } else {
+                self.slow.notify_one();
+            }
+            self.gate.acquire().await.expect("gate").forget();
+            self.inside.fetch_sub(1, SeqCst);
+            Ok(self.data.slice(..len as usize))
+        }
+        async fn write(&self, _: u64, _: Bytes, _: bool) -> Result<(), BlockError> {
+            Ok(())
+        }
+        async fn flush(&self) -> Result<(), BlockError> {
+            Ok(())
+        }
+        async fn trim(&self, _: u64, _: u64) -> Result<(), BlockError> {
+            Ok(())
+        }
+        async fn write_zeroes(&self, _: u64, _: u64, _: bool) -> Result<(), BlockError> {
+            Ok(())
+        }
+    }
+
+    type Client = tokio::io::DuplexStream;
+
+    /// Starts `serve_export` on one end of an in-memory pipe; returns the client end.
+    fn start(
+        device: Arc<GatedDevice>,
+    ) -> (
+        Client,
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<Result<Ending, TransmissionError>>,
+    ) {
+        let (client, server) = tokio::io::duplex(4 << 20);
+        let (reader, writer) = tokio::io::split(server);
+        let export = Arc::new(Export {
+            name: "gated".into(),
+            description: String::new(),
+            device,
+        });
+        let (stop, shutdown) = watch::channel(false);
+        let task =
+            tokio::spawn(
+                async move { serve_export(reader, writer, export, shutdown, "test").await },
+            );
+        (client, stop, task)
+    }
+
+    async fn send_read(client: &mut Client, handle: u64, offset: u64, length: u32) {
+        let r = req(CMD_READ, 0, offset, length);
+        let r = Request { handle, ..r };
+        client.write_all(&r.encode()).await.unwrap();
+    }
+
+    /// Reads one reply and its `len` data bytes; returns the handle.
+    async fn recv_read(client: &mut Client, len: usize) -> u64 {
+        let mut header = [0u8; SIMPLE_REPLY_LEN];
+        client.read_exact(&mut header).await.unwrap();
+        assert_eq!(&header[0..4], &SIMPLE_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(&header[4..8], &[0, 0, 0, 0], "error field");
+        let mut data = vec![0u8; len];
+        client.read_exact(&mut data).await.unwrap();
+        assert!(data.iter().all(|&b| b == 0x5a));
+        u64::from_be_bytes(header[8..16].try_into().unwrap())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replies_go_out_in_completion_order() {
+        let device = GatedDevice::new(1000);
+        let (mut client, _stop, _task) = start(Arc::clone(&device));
+        // Request 1 cannot finish until request 2 has run: a server that answered in
+        // request order would hang here.
+        send_read(&mut client, 1, 0, 512).await;
+        send_read(&mut client, 2, 512, 512).await;
+        let first = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            let a = recv_read(&mut client, 512).await;
+            let b = recv_read(&mut client, 512).await;
+            (a, b)
+        })
+        .await
+        .expect("replies");
+        assert_eq!(first, (2, 1));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn in_flight_requests_and_bytes_are_bounded() {
+        use std::sync::atomic::Ordering::SeqCst;
+        for (count, len, limit) in [
+            (300u64, 4096u32, MAX_IN_FLIGHT_REQUESTS),
+            (10, MAX_PAYLOAD, MAX_IN_FLIGHT_BYTES / MAX_PAYLOAD as usize),
+        ] {
+            let device = GatedDevice::new(0);
+            let (mut client, _stop, _task) = start(Arc::clone(&device));
+            for h in 0..count {
+                send_read(&mut client, h, 4096 * (h + 1), len).await;
+            }
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+            while device.inside.load(SeqCst) < limit {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "requests never arrived"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            // Give an unbounded server the chance to admit more than it should.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            assert_eq!(device.max_inside.load(SeqCst), limit);
+            device.gate.add_permits(count as usize);
+            let mut seen = Vec::new();
+            for _ in 0..count {
+                seen.push(recv_read(&mut client, len as usize).await);
+            }
+            seen.sort();
+            assert_eq!(seen, (0..count).collect::<Vec<_>>());
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_waits_for_in_flight_requests() {
+        let device = GatedDevice::new(0);
+        let (mut client, stop, task) = start(Arc::clone(&device));
+        send_read(&mut client, 7, 4096, 512).await;
+        while device.inside.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        stop.send(true).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(
+            !task.is_finished(),
+            "returned with a request still in flight"
+        );
+        device.gate.add_permits(1);
+        assert_eq!(recv_read(&mut client, 512).await, 7);
+        let ending = tokio::time::timeout(std::time::Duration::from_secs(10), task)
+            .await
+            .expect("serve_export returned")
+            .unwrap()
+            .unwrap();
+        assert_eq!(ending, Ending::Shutdown);
+        // And the server closed its end.
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+    }
+
+    #[test]
+    fn io_errors_map_to_nbd_values() {
+        let io = |code| BlockError::Io(io::Error::from_raw_os_error(code));
+        assert_eq!(errno_of(&io(libc::EIO), CMD_WRITE), EIO);
+        assert_eq!(errno_of(&io(libc::EDQUOT), CMD_WRITE), ENOSPC);
+        assert_eq!(errno_of(&io(libc::EFBIG), CMD_WRITE), ENOSPC);
+        assert_eq!(errno_of(&io(libc::EBADF), CMD_READ), EIO);
+        assert_eq!(errno_of(&BlockError::ReadOnly, CMD_TRIM), EPERM);
+    }
+}
