@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 #[path = "tinylag/mod.rs"]
 mod cmd;
 
-use cmd::{init, journal_cmd};
+use cmd::{init, journal_cmd, replay};
 
 /// Asynchronous block-device replication through a journal in object storage,
 /// with delayed replicas and time travel.
@@ -33,6 +33,8 @@ enum Command {
     /// Look at a journal.
     #[command(subcommand)]
     Journal(journal_cmd::JournalCommand),
+    /// Follow a journal onto a replica (a replay agent), optionally with a delay.
+    Replay(Box<replay::ReplayArgs>),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +54,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Init(a) => init::run(a).await,
             Command::Journal(c) => journal_cmd::run(c).await,
+            Command::Replay(a) => replay::run(*a).await,
         }
     });
     match result {

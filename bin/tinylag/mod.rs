@@ -3,3 +3,4 @@
 pub mod args;
 pub mod init;
 pub mod journal_cmd;
+pub mod replay;

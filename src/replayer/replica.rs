@@ -99,26 +99,38 @@ pub struct ReplicaFile {
 impl ReplicaFile {
     /// Opens the replica at `path`, creating a sparse file of `size` bytes if nothing is
     /// there. Returns whether it was created.
+    ///
+    /// The file is sized and fsync'd under a temporary name and then linked into place, so a
+    /// crash never leaves a replica of the wrong size behind.
     pub fn open_or_create(path: &Path, size: u64) -> Result<(ReplicaFile, bool), ReplicaError> {
-        let created = match OpenOptions::new().write(true).create_new(true).open(path) {
-            Ok(file) => {
-                let create = |source| ReplicaError::Create {
-                    path: path.to_owned(),
-                    size,
-                    source,
-                };
-                file.set_len(size).map_err(create)?;
-                file.sync_all().map_err(create)?;
-                sync_parent(path).map_err(create)?;
-                true
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
-            Err(source) => {
-                return Err(ReplicaError::Create {
-                    path: path.to_owned(),
-                    size,
-                    source,
-                })
+        let created = if path.exists() {
+            false
+        } else {
+            let create = |source| ReplicaError::Create {
+                path: path.to_owned(),
+                size,
+                source,
+            };
+            let temp = sibling(path, ".creating");
+            let file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&temp)
+                .map_err(create)?;
+            file.set_len(size).map_err(create)?;
+            file.sync_all().map_err(create)?;
+            drop(file);
+            let linked = std::fs::hard_link(&temp, path);
+            let _ = std::fs::remove_file(&temp);
+            match linked {
+                Ok(()) => {
+                    sync_parent(path).map_err(create)?;
+                    true
+                }
+                // Another process created it in the meantime: use theirs (the lock decides).
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+                Err(e) => return Err(create(e)),
             }
         };
         Ok((Self::open(path, size)?, created))
@@ -297,6 +309,13 @@ fn block_device_size(file: &File) -> io::Result<u64> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// `<path><suffix>` in the same directory.
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
 }
 
 fn sync_parent(path: &Path) -> io::Result<()> {

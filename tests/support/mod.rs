@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod nbd;
+pub mod oracle;
 pub mod procs;
+pub mod replay;
 pub mod s3;
 pub mod verdict;
