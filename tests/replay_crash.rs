@@ -30,8 +30,19 @@ async fn killed_at_random_moments_the_replica_always_equals_the_image_at_its_com
     let mut journal = TestJournal::create(&dir.path().join("journal"), 64 << 20, 7).await;
     let replica = dir.path().join("replica.img");
     let mut args = replay_args(journal.uri(), &replica, "crashy");
-    // Small batches: many commit points, many places to die between them.
-    args.extend(["--batch-records", "16", "--batch-bytes", "1M"].map(String::from));
+    // Small batches: many commit points, many places to die between them; each batch's
+    // pre-images in up to four undo segments written at once (a kill leaves strays).
+    args.extend(
+        [
+            "--batch-records",
+            "16",
+            "--batch-bytes",
+            "1M",
+            "--undo-part-bytes",
+            "128K",
+        ]
+        .map(String::from),
+    );
     let mut once = args.clone();
     once.push("--once".into());
     let mut recover_only = args.clone();

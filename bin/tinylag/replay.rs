@@ -58,6 +58,9 @@ pub struct ReplayArgs {
     /// Most bytes per batch.
     #[arg(long, default_value = "32M", value_parser = parse_size, hide = true)]
     pub batch_bytes: u64,
+    /// Pre-image bytes per undo segment (a batch's undo segments are written in parallel).
+    #[arg(long, default_value = "4M", value_parser = parse_size, hide = true)]
+    pub undo_part_bytes: u64,
     /// Run crash recovery only, then exit (for tests and operators checking a replica).
     #[arg(long, hide = true)]
     pub recover_only: bool,
@@ -109,6 +112,7 @@ pub async fn open(args: &ReplayArgs, journal: Arc<dyn ObjectStore>) -> anyhow::R
         limits: BatchLimits {
             max_records: args.batch_records.max(1),
             max_bytes: args.batch_bytes.max(1),
+            undo_part: usize::try_from(args.undo_part_bytes).unwrap_or(usize::MAX),
             ..BatchLimits::default()
         },
         poll: PollPolicy::default(),
@@ -193,14 +197,22 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
         Outcome::ReachedUntil => "reached --until",
         Outcome::Shutdown => "stopped",
     };
+    let t = status.time_spent;
     eprintln!(
-        "tinylag replay: {why}: applied LSN {} ({}), consistent LSN {}",
+        "tinylag replay: {why}: applied LSN {} ({}), consistent LSN {}; this run: {} records in {} batches, time in pre-images {} ms, undo log {} ms, apply {} ms, fsync {} ms, commits {} ms",
         status.applied_lsn,
         status
             .applied_time
             .clone()
             .unwrap_or_else(|| format_ns(SystemClock.now_ns())),
-        status.consistent_lsn
+        status.consistent_lsn,
+        status.records_applied,
+        status.batches_applied,
+        t.preimage_ms,
+        t.undo_ms,
+        t.apply_ms,
+        t.sync_ms,
+        t.commit_ms
     );
     Ok(())
 }

@@ -8,6 +8,10 @@
 //! 3. `fdatasync` the replica;
 //! 4. commit the position (`consumers/<name>`), with the undo-log position beside it.
 //!
+//! Steps 3 and 4 of a batch run in the background while the next batch does step 1 (its
+//! pre-images are read after this batch's writes, which the page cache already shows);
+//! commits stay in order, and each follows the fsync of the writes it covers.
+//!
 //! A fetcher task reads ahead: it asks for the predicted key of the next segment (no
 //! listing), decodes and verifies the whole segment (every CRC, the UUID, seq and first
 //! LSN) and checks every record fits the replica, all before handing it over. While data
@@ -28,10 +32,11 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 
 use crate::clock::Clock;
 use crate::control::wait_shutdown;
@@ -43,19 +48,22 @@ use crate::journal::segment::{DecodedSegment, SegmentError};
 use crate::journal::JournalError;
 use crate::store::ObjectStore;
 
-use super::apply::{apply_op, check_record, extent, sync, ApplyError};
+use super::apply::{apply_op, apply_overlay, check_record, extent, sync, ApplyError};
 use super::error::ReplayError;
-use super::preimage::{capture, read_preimage, Overlay};
+use super::overlay::Overlay;
+use super::preimage::{capture, read_preimage};
 use super::recovery::{blocking, recover, RecoveryReport};
 use super::replica::ReplicaTarget;
-use super::status::{AgentIdentity, AgentState, StatusBoard};
+use super::status::{AgentIdentity, AgentState, Phase, StatusBoard};
 use super::undo::{UndoLog, UndoManifest, UNDO_FORMAT_VERSION};
 
 /// How long after `--until` an idle agent keeps waiting for records acknowledged before it
 /// (they reach the journal within the writer's linger and upload time).
 const UNTIL_GRACE: Duration = Duration::from_secs(5);
-/// Segments the fetcher may hold decoded ahead of the applier.
-const PREFETCH: usize = 2;
+/// Bounds on the segments the fetcher holds decoded ahead of the applier: enough to fill
+/// a batch (fewer, larger batches mean fewer fsyncs), never unbounded memory.
+const PREFETCH_MIN: usize = 2;
+const PREFETCH_MAX: usize = 16;
 
 /// Sleeping, behind a trait so tests of delays move a manual clock instead of waiting.
 #[async_trait]
@@ -82,6 +90,9 @@ pub struct BatchLimits {
     pub max_bytes: u64,
     /// Records changing more than this are applied alone, in pieces of this size.
     pub piece_len: u64,
+    /// A batch's pre-images are written as one undo segment per this many bytes (up to
+    /// [`super::undo::STRAYS`] + 1), in parallel.
+    pub undo_part: usize,
 }
 
 impl Default for BatchLimits {
@@ -90,6 +101,7 @@ impl Default for BatchLimits {
             max_records: 8192,
             max_bytes: 32 << 20,
             piece_len: 16 << 20,
+            undo_part: 4 << 20,
         }
     }
 }
@@ -174,6 +186,9 @@ pub struct Agent {
     pos: ConsumerState,
     /// The position has moved past empty segments without being committed.
     dirty: bool,
+    /// The fsync and commit of the last batch, running while the next batch reads its
+    /// pre-images and writes its undo segment.
+    finishing: Option<JoinHandle<Result<(), ReplayError>>>,
     recovered: bool,
     pending: VecDeque<Pending>,
     /// An error from the fetcher, returned once everything fetched before it is applied.
@@ -296,6 +311,7 @@ impl Agent {
             board,
             pos,
             dirty: false,
+            finishing: None,
             recovered: false,
             pending: VecDeque::new(),
             deferred: None,
@@ -363,7 +379,10 @@ impl Agent {
         } else {
             None
         };
-        let (tx, mut rx) = mpsc::channel(PREFETCH);
+        let segment = self.reader.manifest().segment_size.max(1);
+        let prefetch = (self.config.limits.max_bytes.div_ceil(segment) as usize + 1)
+            .clamp(PREFETCH_MIN, PREFETCH_MAX);
+        let (tx, mut rx) = mpsc::channel(prefetch);
         let at_head = Arc::new(AtomicBool::new(false));
         let fetcher = Fetcher {
             reader: self.reader.clone(),
@@ -378,7 +397,10 @@ impl Agent {
         let fetch_task = tokio::spawn(fetcher.run(cursor, shutdown.clone()));
         let outcome = self.apply_loop(&mut rx, &mut shutdown, &at_head).await;
         fetch_task.abort();
+        // Whatever stopped the loop, the last applied batch still gets its commit.
+        let finished = self.drain().await;
         let outcome = outcome?;
+        finished?;
         if self.dirty {
             self.commit(0, 0).await?;
         }
@@ -400,6 +422,7 @@ impl Agent {
                 if let Some(e) = self.deferred.take() {
                     return Err(e);
                 }
+                self.drain().await?;
                 if self.dirty {
                     self.commit(0, 0).await?;
                 }
@@ -421,7 +444,9 @@ impl Agent {
                 match received {
                     Some(Ok(p)) => self.pending.push_back(p),
                     Some(Err(e)) => return Err(e),
-                    // The fetcher stops on its own only in `--once` mode, at the end.
+                    // The fetcher stops on its own in `--once` mode at the end, and on
+                    // shutdown.
+                    None if *shutdown.borrow() => return Ok(Outcome::Shutdown),
                     None => return Ok(Outcome::CaughtUp),
                 }
                 continue;
@@ -440,6 +465,7 @@ impl Agent {
                 if self.config.once {
                     return Ok(Outcome::CaughtUp);
                 }
+                self.drain().await?;
                 self.board.waiting_until(due);
                 let wait = Duration::from_nanos(due - now).min(Duration::from_secs(1));
                 tokio::select! {
@@ -453,6 +479,7 @@ impl Agent {
             let big = items.len() == 1 && weight(&items[0].record) > self.config.limits.piece_len;
             if big {
                 let item = items.into_iter().next().expect("one item");
+                self.drain().await?;
                 self.apply_big(item).await?;
             } else {
                 self.apply_batch(items).await?;
@@ -547,42 +574,88 @@ impl Agent {
             return Ok(());
         }
         let records: Vec<Record> = items.iter().map(|i| i.record.clone()).collect();
-        if let Some(undo) = &self.undo {
+        let bytes: u64 = records.iter().map(weight).sum();
+        let count = records.len() as u64;
+        let overlay = if let Some(undo) = &self.undo {
             let target = self.replica.clone();
-            let batch = records.clone();
-            let preimages = blocking("read pre-images", move || {
+            let started = Instant::now();
+            let (preimages, overlay) = blocking("read pre-images", move || {
                 let mut overlay = Overlay::new();
-                batch
+                let preimages = records
                     .iter()
                     .map(|r| capture(target.as_ref(), &mut overlay, r))
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|source| ApplyError::Io {
                         replica: target.describe(),
                         what: "read pre-image",
-                        lsn: batch.first().map_or(0, |r| r.lsn),
+                        lsn: records.first().map_or(0, |r| r.lsn),
                         source,
-                    })
+                    })?;
+                Ok::<_, ApplyError>((preimages, overlay))
             })
             .await?;
-            let size = undo.write(self.pos.undo.next_seq, &preimages).await?;
-            self.pos.undo.next_seq += 1;
+            self.board.spent(Phase::Preimage, started.elapsed());
+            let started = Instant::now();
+            let payload: usize = preimages.iter().map(|r| r.op.payload_len()).sum();
+            let parts = payload / self.config.limits.undo_part.max(1) + 1;
+            let (segments, size) = undo
+                .write_split(self.pos.undo.next_seq, preimages, parts)
+                .await?;
+            self.board.spent(Phase::Undo, started.elapsed());
+            self.pos.undo.next_seq += segments;
             self.pos.undo.bytes += size;
-            self.pos.undo.segments += 1;
-        }
-        let target = self.replica.clone();
-        let bytes: u64 = records.iter().map(weight).sum();
-        let count = records.len() as u64;
-        blocking("apply", move || {
+            self.pos.undo.segments += segments;
+            overlay
+        } else {
+            let mut overlay = Overlay::new();
             for r in &records {
-                apply_op(target.as_ref(), r.lsn, &r.op)?;
+                overlay.record(r.lsn, &r.op);
             }
-            sync(target.as_ref())
-        })
-        .await?;
+            overlay
+        };
+        let target = self.replica.clone();
+        let started = Instant::now();
+        blocking("apply", move || apply_overlay(target.as_ref(), &overlay)).await?;
+        self.board.spent(Phase::Apply, started.elapsed());
         for item in &items {
             self.advance(&item.record, item.next_seq_after);
         }
-        self.commit(count, bytes).await
+        self.finish_in_background(count, bytes);
+        Ok(())
+    }
+
+    /// Starts the fsync of the replica and the commit of the current position, after the
+    /// previous batch's (commits stay in order). The next batch may read pre-images and
+    /// write its undo segment meanwhile; a commit still only ever follows the fsync of the
+    /// writes it covers.
+    fn finish_in_background(&mut self, records: u64, bytes: u64) {
+        let previous = self.finishing.take();
+        let replica = self.replica.clone();
+        let store = self.reader.store().clone();
+        let board = self.board.clone();
+        self.pos.updated_at_ns = self.clock.now_ns();
+        let state = self.pos.clone();
+        self.finishing = Some(tokio::spawn(async move {
+            if let Some(previous) = previous {
+                join(previous).await?;
+            }
+            let started = Instant::now();
+            blocking("fsync", move || sync(replica.as_ref())).await?;
+            board.spent(Phase::Sync, started.elapsed());
+            let started = Instant::now();
+            consumer::commit(store.as_ref(), &state).await?;
+            board.spent(Phase::Commit, started.elapsed());
+            board.committed(&state, records, bytes);
+            Ok(())
+        }));
+    }
+
+    /// Waits for the background fsync and commit, if any.
+    async fn drain(&mut self) -> Result<(), ReplayError> {
+        match self.finishing.take() {
+            Some(handle) => join(handle).await,
+            None => Ok(()),
+        }
     }
 
     /// Applies one record too large for a batch, piece by piece, each piece's pre-image
@@ -683,7 +756,9 @@ impl Agent {
                 dev: record.dev,
                 op,
             };
-            let size = undo.write(self.pos.undo.next_seq, &[undo_record]).await?;
+            let size = undo
+                .write(self.pos.undo.next_seq, vec![undo_record])
+                .await?;
             self.pos.undo.next_seq += 1;
             self.pos.undo.bytes += size;
             self.pos.undo.segments += 1;
@@ -716,12 +791,23 @@ impl Agent {
 
     /// Commits the in-memory position.
     async fn commit(&mut self, records: u64, bytes: u64) -> Result<(), ReplayError> {
+        self.drain().await?;
         self.pos.updated_at_ns = self.clock.now_ns();
+        let started = Instant::now();
         consumer::commit(self.reader.store().as_ref(), &self.pos).await?;
+        self.board.spent(Phase::Commit, started.elapsed());
         self.dirty = false;
         self.board.committed(&self.pos, records, bytes);
         Ok(())
     }
+}
+
+/// Waits for a background task and passes its error on.
+async fn join(handle: JoinHandle<Result<(), ReplayError>>) -> Result<(), ReplayError> {
+    handle.await.map_err(|e| ReplayError::Task {
+        what: "fsync and commit",
+        message: e.to_string(),
+    })?
 }
 
 /// The part `start..start + len` of a ranged operation.

@@ -9,6 +9,7 @@
 
 use crate::journal::record::{Op, Record};
 
+use super::overlay::{Fill, Overlay};
 use super::replica::ReplicaTarget;
 
 /// Every way applying fails; each names the replica and the LSN.
@@ -108,6 +109,50 @@ pub fn apply_op(target: &dyn ReplicaTarget, lsn: u64, op: &Op) -> Result<(), App
         }
         Op::Flush | Op::Mark { .. } | Op::Epoch { .. } | Op::ResyncBegin | Op::ResyncEnd => Ok(()),
     }
+}
+
+/// Applies a batch as its net effect, in offset order (see [`super::overlay`]): writes,
+/// then holes and zeroed ranges, each extent once. Adjacent zero extents of one kind are
+/// merged into one call.
+pub fn apply_overlay(target: &dyn ReplicaTarget, overlay: &Overlay) -> Result<(), ApplyError> {
+    let io = |what, lsn| {
+        move |source| ApplyError::Io {
+            replica: target.describe(),
+            what,
+            lsn,
+            source,
+        }
+    };
+    // A run of zero extents of one kind: (start, end, punch, lsn).
+    let mut zeroes: Option<(u64, u64, bool, u64)> = None;
+    let flush = |run: Option<(u64, u64, bool, u64)>| match run {
+        Some((start, end, true, lsn)) => target
+            .punch_hole(start, end - start)
+            .map_err(io("punch hole", lsn)),
+        Some((start, end, false, lsn)) => target
+            .zero_range(start, end - start)
+            .map_err(io("zero range", lsn)),
+        None => Ok(()),
+    };
+    for (start, extent) in overlay.extents() {
+        match &extent.fill {
+            Fill::Data(data) => target
+                .write_at(start, data)
+                .map_err(io("write", extent.lsn))?,
+            &Fill::Zero { punch } => {
+                zeroes = match zeroes {
+                    Some((s, e, p, lsn)) if e == start && p == punch => {
+                        Some((s, extent.end, p, lsn.max(extent.lsn)))
+                    }
+                    run => {
+                        flush(run)?;
+                        Some((start, extent.end, punch, extent.lsn))
+                    }
+                };
+            }
+        }
+    }
+    flush(zeroes)
 }
 
 /// Makes everything applied so far durable.

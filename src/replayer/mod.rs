@@ -3,6 +3,7 @@
 //!
 //! - [`agent`]: tailing the journal, waiting out the delay, batching and committing;
 //! - [`apply`]: what each record kind does to the replica;
+//! - [`overlay`]: the net effect of a batch, applied in offset order;
 //! - [`preimage`]: reading what a batch is about to overwrite;
 //! - [`undo`]: the undo log (its manifest and segments, in the journal's segment codec);
 //! - [`recovery`]: undoing what a crash left past the last consistent commit;
@@ -17,6 +18,7 @@
 pub mod agent;
 pub mod apply;
 pub mod error;
+pub mod overlay;
 pub mod preimage;
 pub mod recovery;
 pub mod replica;

@@ -3,14 +3,13 @@
 //!
 //! A batch's pre-images are all read before any of its records is applied (they must be
 //! durable first), so a record overwriting bytes an earlier record of the same batch wrote
-//! would see the bytes from before the batch. The [`Overlay`] fixes that: it remembers what
-//! the batch has written so far, and each pre-image is the replica's bytes patched with it.
+//! would see the bytes from before the batch. The [`Overlay`] fixes that: it holds what the
+//! batch has written so far, and each pre-image is the replica's bytes patched with it.
 //!
 //! Must never: return a pre-image that differs from the replica's content at that LSN
 //! (holes and all-zero ranges may come back as [`Op::WriteZeroes`], which restores the same
 //! bytes).
 
-use std::collections::BTreeMap;
 use std::io;
 
 use bytes::Bytes;
@@ -18,110 +17,8 @@ use bytes::Bytes;
 use crate::journal::record::{Op, Record};
 
 use super::apply::extent;
+use super::overlay::Overlay;
 use super::replica::ReplicaTarget;
-
-/// What a byte range of the batch holds once the batch is applied.
-#[derive(Clone, Debug)]
-enum Fill {
-    /// These bytes (exactly the extent's length).
-    Data(Bytes),
-    Zero,
-}
-
-/// The bytes a batch has written so far, as disjoint extents keyed by start offset.
-///
-/// # Invariants
-/// Extents do not overlap and are never empty; a `Data` extent's bytes are exactly its length.
-#[derive(Debug, Default)]
-pub struct Overlay {
-    extents: BTreeMap<u64, (u64, Fill)>,
-}
-
-impl Overlay {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Extents overlapping `start..end`, as `(extent start, extent end)` in ascending order.
-    fn overlapping(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
-        let mut found: Vec<(u64, u64)> = self
-            .extents
-            .range(..end)
-            .rev()
-            // Disjoint extents sorted by start are sorted by end too: stop at the first one
-            // ending at or before `start`.
-            .take_while(|(_, (e, _))| *e > start)
-            .map(|(&s, (e, _))| (s, *e))
-            .collect();
-        found.reverse();
-        found
-    }
-
-    /// True when part of `start..end` was written with data (not zeroes) by the batch.
-    fn has_data(&self, start: u64, end: u64) -> bool {
-        self.overlapping(start, end)
-            .iter()
-            .any(|(s, _)| matches!(self.extents.get(s), Some((_, Fill::Data(_)))))
-    }
-
-    /// Replaces the bytes of `buf` (which holds `offset..offset + buf.len()`) that the batch
-    /// wrote with what it wrote.
-    fn patch(&self, offset: u64, buf: &mut [u8]) {
-        let end = offset + buf.len() as u64;
-        for (s, e) in self.overlapping(offset, end) {
-            let (lo, hi) = (s.max(offset), e.min(end));
-            let dst = &mut buf[(lo - offset) as usize..(hi - offset) as usize];
-            match self.extents.get(&s) {
-                Some((_, Fill::Data(data))) => {
-                    dst.copy_from_slice(&data[(lo - s) as usize..(hi - s) as usize])
-                }
-                Some((_, Fill::Zero)) => dst.fill(0),
-                None => {}
-            }
-        }
-    }
-
-    /// Records that `offset..offset + len` now holds `fill`.
-    fn insert(&mut self, offset: u64, len: u64, fill: Fill) {
-        if len == 0 {
-            return;
-        }
-        let end = offset + len;
-        for (s, e) in self.overlapping(offset, end) {
-            let Some((_, old)) = self.extents.remove(&s) else {
-                continue;
-            };
-            if s < offset {
-                self.extents.insert(s, (offset, slice(&old, s, s, offset)));
-            }
-            if e > end {
-                self.extents.insert(end, (e, slice(&old, s, end, e)));
-            }
-        }
-        self.extents.insert(offset, (end, fill));
-    }
-
-    /// Records the effect of applying `op`.
-    pub fn record(&mut self, op: &Op) {
-        match op {
-            Op::Write { offset, data } | Op::ResyncData { offset, data } => {
-                self.insert(*offset, data.len() as u64, Fill::Data(data.clone()))
-            }
-            Op::Discard { offset, len } | Op::WriteZeroes { offset, len } => {
-                self.insert(*offset, *len, Fill::Zero)
-            }
-            _ => {}
-        }
-    }
-}
-
-/// The part `lo..hi` of a fill that starts at `start`.
-fn slice(fill: &Fill, start: u64, lo: u64, hi: u64) -> Fill {
-    match fill {
-        Fill::Data(d) => Fill::Data(d.slice((lo - start) as usize..(hi - start) as usize)),
-        Fill::Zero => Fill::Zero,
-    }
-}
 
 /// The undo record for `record`: the pre-image of its range as a `Write` (or a
 /// `WriteZeroes` when the range reads as zeroes), or the record itself when it changes no
@@ -136,7 +33,7 @@ pub fn capture(
         None => record.op.clone(),
         Some((offset, len)) => read_preimage(target, overlay, offset, len)?,
     };
-    overlay.record(&record.op);
+    overlay.record(record.lsn, &record.op);
     Ok(Record {
         lsn: record.lsn,
         timestamp_ns: record.timestamp_ns,

@@ -7,7 +7,8 @@
 //! (the agent died between writing its pre-images and committing) or inside a resync span
 //! that never reached its `RESYNC_END`. Recovery:
 //!
-//! 1. finds the run of undo segments from `undo.consistent_seq` (O(log n) HEADs);
+//! 1. finds the run of undo segments from `undo.consistent_seq` (O(log n) HEADs), and any
+//!    strays a batch whose undo segments were being written in parallel left just past it;
 //! 2. reads them newest first and writes every pre-image back, newest record first;
 //! 3. fsyncs the replica;
 //! 4. commits the position back at the consistent point;
@@ -67,7 +68,7 @@ pub async fn recover(
         return Ok(report);
     };
     let from = state.undo.consistent_seq;
-    let end = undo.end_from(from).await?;
+    let end = undo.end_with_strays(from).await?;
     if end == from && state.consistent_lsn == state.applied_lsn {
         return Ok(report);
     }

@@ -69,6 +69,32 @@ struct LagBytes {
 /// A probed head, when it was probed, and the lag bytes found with it.
 type HeadCache = (u64, KnownHead, Option<LagBytes>);
 
+/// Where the agent's time went since it started (wall time per phase of a batch), so an
+/// operator can tell a slow store from a slow replica.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PhaseTimes {
+    /// Reading pre-images from the replica.
+    pub preimage_ms: u64,
+    /// Encoding and storing undo segments (durable).
+    pub undo_ms: u64,
+    /// Writing, punching and zeroing the replica.
+    pub apply_ms: u64,
+    /// fdatasync of the replica.
+    pub sync_ms: u64,
+    /// Committing positions to the journal store.
+    pub commit_ms: u64,
+}
+
+/// A phase of applying a batch, for [`StatusBoard::spent`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Preimage,
+    Undo,
+    Apply,
+    Sync,
+    Commit,
+}
+
 /// Fixed facts about the agent.
 #[derive(Clone, Debug, Serialize)]
 pub struct AgentIdentity {
@@ -93,6 +119,8 @@ struct Board {
     batches_applied: u64,
     recovery: Option<RecoveryReport>,
     head_cache: Option<HeadCache>,
+    /// Nanoseconds per phase.
+    spent_ns: [u64; 5],
 }
 
 /// Shared between the agent (writer) and the control handler (reader).
@@ -138,6 +166,8 @@ pub struct ReplicaStatus {
     pub bytes_applied: u64,
     pub batches_applied: u64,
     pub recovery: Option<RecoveryReport>,
+    /// Wall time per phase since the agent started.
+    pub time_spent: PhaseTimes,
     pub started_time: String,
 }
 
@@ -160,6 +190,7 @@ impl StatusBoard {
                 batches_applied: 0,
                 recovery: None,
                 head_cache: None,
+                spent_ns: [0; 5],
             }),
         }
     }
@@ -229,6 +260,13 @@ impl StatusBoard {
             raise(&mut b.head, lsn, ts, next_seq);
         }
         b.error = None;
+    }
+
+    /// Adds `elapsed` to the time spent in `phase`.
+    pub fn spent(&self, phase: Phase, elapsed: Duration) {
+        let i = phase as usize;
+        let mut b = self.lock();
+        b.spent_ns[i] = b.spent_ns[i].saturating_add(elapsed.as_nanos() as u64);
     }
 
     pub fn recovered(&self, report: RecoveryReport) {
@@ -314,7 +352,7 @@ impl StatusBoard {
 
     /// The full status, probing the head if the agent is behind.
     pub async fn snapshot(&self) -> ReplicaStatus {
-        let (position, state, error, due, applied, bytes, batches, recovery) = {
+        let (position, state, error, due, applied, bytes, batches, recovery, spent) = {
             let b = self.lock();
             (
                 b.position.clone(),
@@ -325,7 +363,16 @@ impl StatusBoard {
                 b.bytes_applied,
                 b.batches_applied,
                 b.recovery.clone(),
+                b.spent_ns,
             )
+        };
+        let ms = |p: Phase| spent[p as usize] / 1_000_000;
+        let times = PhaseTimes {
+            preimage_ms: ms(Phase::Preimage),
+            undo_ms: ms(Phase::Undo),
+            apply_ms: ms(Phase::Apply),
+            sync_ms: ms(Phase::Sync),
+            commit_ms: ms(Phase::Commit),
         };
         let position = position.unwrap_or_else(|| ConsumerState {
             name: self.identity.name.clone(),
@@ -377,6 +424,7 @@ impl StatusBoard {
             bytes_applied: bytes,
             batches_applied: batches,
             recovery,
+            time_spent: times,
             started_time: format_ns(self.started_ns),
         }
     }

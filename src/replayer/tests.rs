@@ -157,6 +157,7 @@ impl Fixture {
                 max_records: 7,
                 max_bytes: 64 << 10,
                 piece_len: 32 << 10,
+                undo_part: 16 << 10,
             },
             poll: PollPolicy::default(),
         }

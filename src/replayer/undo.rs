@@ -100,6 +100,9 @@ pub enum UndoError {
         #[source]
         source: SegmentError,
     },
+    /// An encoding or upload task panicked or was cancelled.
+    #[error("undo log {store}: task failed: {message}")]
+    Task { store: String, message: String },
     /// The store failed.
     #[error("undo log {store}: {source}")]
     Store {
@@ -204,10 +207,18 @@ impl UndoLog {
 
     /// Writes undo segment `seq` holding `records` (contiguous LSNs from the first) and
     /// returns its size. When this returns, the segment is durable.
-    pub async fn write(&self, seq: u64, records: &[Record]) -> Result<u64, UndoError> {
+    pub async fn write(&self, seq: u64, records: Vec<Record>) -> Result<u64, UndoError> {
         let first_lsn = records.first().map_or(0, |r| r.lsn);
-        let body = encode_segment(self.manifest.journal_uuid, 0, seq, first_lsn, records)
-            .map_err(|e| self.segment_err(e))?;
+        let uuid = self.manifest.journal_uuid;
+        // Compressing and checksumming tens of megabytes is CPU work: off the runtime.
+        let body =
+            tokio::task::spawn_blocking(move || encode_segment(uuid, 0, seq, first_lsn, &records))
+                .await
+                .map_err(|e| UndoError::Task {
+                    store: self.describe(),
+                    message: e.to_string(),
+                })?
+                .map_err(|e| self.segment_err(e))?;
         let len = body.len() as u64;
         let key = paths::undo_segment_key(seq);
         match self.store.put_if_absent(&key, body).await {
@@ -217,6 +228,44 @@ impl UndoLog {
                 key,
             }),
             Err(e) => Err(self.store_err(e)),
+        }
+    }
+
+    /// Writes `records` as up to `parts` undo segments from `first_seq` on, each a
+    /// contiguous LSN range of about equal bytes, all at once (parallel encoding, parallel
+    /// puts: one stream is slower on both a local disk and S3). Returns the segments written
+    /// and their bytes; all are durable when this returns. If it fails, some of them may
+    /// exist: crash recovery finds and removes such strays ([`STRAYS`] seqs past the run).
+    pub async fn write_split(
+        &self,
+        first_seq: u64,
+        records: Vec<Record>,
+        parts: usize,
+    ) -> Result<(u64, u64), UndoError> {
+        let groups = split(records, parts.clamp(1, STRAYS as usize + 1));
+        let count = groups.len() as u64;
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, group) in groups.into_iter().enumerate() {
+            let log = self.clone();
+            tasks.spawn(async move { log.write(first_seq + i as u64, group).await });
+        }
+        let mut bytes = 0;
+        let mut failure = None;
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok(Ok(size)) => bytes += size,
+                Ok(Err(e)) => failure = failure.or(Some(e)),
+                Err(e) => {
+                    failure = failure.or(Some(UndoError::Task {
+                        store: self.describe(),
+                        message: e.to_string(),
+                    }))
+                }
+            }
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok((count, bytes)),
         }
     }
 
@@ -274,6 +323,19 @@ impl UndoLog {
         Ok(hi)
     }
 
+    /// The end of the run of undo segments from `from`, including strays that a
+    /// [`write_split`](Self::write_split) cut short by a crash may have left just past it:
+    /// every existing segment from `from` on is below the returned seq.
+    pub async fn end_with_strays(&self, from: u64) -> Result<u64, UndoError> {
+        let mut end = self.end_from(from).await?;
+        for seq in end + 1..=end + STRAYS {
+            if self.exists(seq).await? {
+                end = seq + 1;
+            }
+        }
+        Ok(end)
+    }
+
     /// Deletes undo segment `seq` (missing is fine).
     pub async fn delete(&self, seq: u64) -> Result<(), UndoError> {
         self.store
@@ -281,6 +343,28 @@ impl UndoLog {
             .await
             .map_err(|e| self.store_err(e))
     }
+}
+
+/// Most undo segments one batch is split into, minus one: how far past the end of the run
+/// a crash during [`UndoLog::write_split`] can leave a segment.
+pub const STRAYS: u64 = 3;
+
+/// Splits `records` into at most `parts` runs of about equal payload bytes, in order.
+fn split(records: Vec<Record>, parts: usize) -> Vec<Vec<Record>> {
+    let total: usize = records.iter().map(|r| r.op.payload_len()).sum();
+    let target = total.div_ceil(parts.max(1)).max(1);
+    let mut groups = vec![Vec::new()];
+    let mut bytes = 0;
+    for record in records {
+        let last = groups.last_mut().expect("never empty");
+        if bytes >= target && !last.is_empty() && groups.len() < parts {
+            groups.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += record.op.payload_len();
+        groups.last_mut().expect("never empty").push(record);
+    }
+    groups
 }
 
 /// A parsed and version-checked undo manifest.
@@ -346,20 +430,55 @@ mod tests {
                 op: Op::Flush,
             },
         ];
-        let size = log.write(3, &records).await.unwrap();
+        let size = log.write(3, records.clone()).await.unwrap();
         let (segment, read_size) = log.read(3).await.unwrap().unwrap();
         assert_eq!(segment.records, records);
         assert_eq!(size, read_size);
         assert!(matches!(
-            log.write(3, &records).await,
+            log.write(3, records.clone()).await,
             Err(UndoError::SegmentExists { .. })
         ));
         assert!(log.read(4).await.unwrap().is_none());
-        log.write(4, &records[1..]).await.unwrap();
+        log.write(4, records[1..].to_vec()).await.unwrap();
         assert_eq!(log.end_from(3).await.unwrap(), 5);
         assert_eq!(log.end_from(5).await.unwrap(), 5);
         log.delete(4).await.unwrap();
         assert_eq!(log.end_from(3).await.unwrap(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_batch_splits_into_contiguous_parts_and_strays_are_found() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let log = UndoLog::open_or_create(store.clone(), &manifest("a"))
+            .await
+            .unwrap();
+        let records: Vec<Record> = (1..=10)
+            .map(|lsn| Record {
+                lsn,
+                timestamp_ns: lsn,
+                dev: 0,
+                op: Op::Write {
+                    offset: lsn * 100,
+                    data: Bytes::from(vec![lsn as u8; 100]),
+                },
+            })
+            .collect();
+        let (segments, bytes) = log.write_split(0, records.clone(), 3).await.unwrap();
+        assert_eq!(segments, 3);
+        let mut back = Vec::new();
+        let mut total = 0;
+        for seq in 0..3 {
+            let (s, size) = log.read(seq).await.unwrap().unwrap();
+            assert!(!s.records.is_empty());
+            back.extend(s.records);
+            total += size;
+        }
+        assert_eq!(back, records, "the parts are the batch, in order");
+        assert_eq!(bytes, total);
+        // A crash left seq 5 without seq 4: the run ends at 3, the stray is found.
+        log.write(5, records[..1].to_vec()).await.unwrap();
+        assert_eq!(log.end_from(0).await.unwrap(), 3);
+        assert_eq!(log.end_with_strays(0).await.unwrap(), 6);
     }
 
     #[tokio::test]
@@ -404,7 +523,7 @@ mod tests {
             dev: 0,
             op: Op::WriteZeroes { offset: 0, len: 8 },
         };
-        log.write(0, &[rec]).await.unwrap();
+        log.write(0, vec![rec]).await.unwrap();
         let key = paths::undo_segment_key(0);
         let mut bytes = store.get(&key).await.unwrap().to_vec();
         bytes[80] ^= 1;
