@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 #[path = "tinylag/mod.rs"]
 mod cmd;
 
-use cmd::{init, journal_cmd};
+use cmd::{init, journal_cmd, serve, status};
 
 /// Asynchronous block-device replication through a journal in object storage,
 /// with delayed replicas and time travel.
@@ -33,6 +33,10 @@ enum Command {
     /// Look at a journal.
     #[command(subcommand)]
     Journal(journal_cmd::JournalCommand),
+    /// Serve the primary over NBD and journal every acknowledged change (the primary daemon).
+    Serve(serve::ServeArgs),
+    /// Show a running daemon's mode, pool, LSNs, lag, uploads and dirty regions.
+    Status(status::StatusArgs),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +56,8 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Init(a) => init::run(a).await,
             Command::Journal(c) => journal_cmd::run(c).await,
+            Command::Serve(a) => serve::run(a).await,
+            Command::Status(a) => status::run(a).await,
         }
     });
     match result {

@@ -3,3 +3,5 @@
 pub mod args;
 pub mod init;
 pub mod journal_cmd;
+pub mod serve;
+pub mod status;
