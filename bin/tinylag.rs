@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 #[path = "tinylag/mod.rs"]
 mod cmd;
 
-use cmd::{init, journal_cmd, replay};
+use cmd::{init, journal_cmd, replay, serve, status};
 
 /// Asynchronous block-device replication through a journal in object storage,
 /// with delayed replicas and time travel.
@@ -35,6 +35,10 @@ enum Command {
     Journal(journal_cmd::JournalCommand),
     /// Follow a journal onto a replica (a replay agent), optionally with a delay.
     Replay(Box<replay::ReplayArgs>),
+    /// Serve the primary over NBD and journal every acknowledged change (the primary daemon).
+    Serve(serve::ServeArgs),
+    /// Show a running daemon's mode, pool, LSNs, lag, uploads and dirty regions.
+    Status(status::StatusArgs),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +59,8 @@ fn main() -> ExitCode {
             Command::Init(a) => init::run(a).await,
             Command::Journal(c) => journal_cmd::run(c).await,
             Command::Replay(a) => replay::run(*a).await,
+            Command::Serve(a) => serve::run(a).await,
+            Command::Status(a) => status::run(a).await,
         }
     });
     match result {

@@ -4,3 +4,5 @@ pub mod args;
 pub mod init;
 pub mod journal_cmd;
 pub mod replay;
+pub mod serve;
+pub mod status;

@@ -1,1 +1,19 @@
-//! Writer: memory pool, journal writer, region tracker, primary core.
+//! Writer: the primary side of replication. The primary core ([`primary::PrimaryCore`])
+//! applies client I/O to the primary disk under a range lock, charges each acknowledged
+//! change to the memory pool and hands it, in LSN order, to the journal writer, which cuts
+//! segments and uploads them with W in flight. What cannot be journaled is tracked as dirty
+//! regions and reported by the mode.
+//!
+//! Must never: block or fail the primary's I/O because of the journal (in async mode a write
+//! that cannot be journaled still completes; it is marked dirty); let the journal's order
+//! differ from the disk's; let pool memory pass its cap (one `RESYNC_BEGIN` aside).
+
+pub mod dirty;
+pub mod journal_writer;
+pub mod lag_histogram;
+pub mod mode;
+pub mod pool;
+pub mod primary;
+pub mod range_lock;
+pub mod restart;
+pub mod status;

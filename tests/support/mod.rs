@@ -2,6 +2,7 @@
 //! clients, and cleaning them up by pid. Each file is one concern.
 #![allow(dead_code)]
 
+pub mod daemon;
 pub mod nbd;
 pub mod oracle;
 pub mod procs;

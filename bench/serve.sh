@@ -1,0 +1,255 @@
+#!/usr/bin/env bash
+# bench/serve.sh — what journaling costs the primary.
+#
+# fio's nbd engine drives three workloads (4k randwrite QD32, 4k randread QD32, 1M seqwrite
+# QD4) against four servers, all on one file system, in one run:
+#   a  nbdkit file            (the reference NBD server on the same kind of file)
+#   b  tinylag serve --no-journal   (the same core, nothing journaled: for measurement only)
+#   c  tinylag serve, journal in a local directory
+#   d  tinylag serve, journal on a local S3 server (s3s-fs)
+# Every (server, workload) pair runs REPS times with a fresh server (and a fresh journal); the
+# table in BENCHMARKS.md (section "serve") shows medians, the ratios c/b and b/a, the p99
+# ack→durable lag (from the daemon's status) and the peak RSS (VmHWM).
+#
+# Needs: cargo, fio (with the nbd engine), nbdkit, python3, s3s-fs (scripts/install-test-deps.sh).
+# Environment: RUNTIME (s per run, default 10), REPS (default 3), SIZE (primary, default 1G),
+# BENCH_DIR (work directory; default a fresh one under /var/tmp, removed at the end),
+# CONFIGS (default "a b c d"), OUT (default BENCHMARKS.md in the checkout).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+RUNTIME=${RUNTIME:-10}
+REPS=${REPS:-3}
+SIZE=${SIZE:-1G}
+CONFIGS=${CONFIGS:-"a b c d"}
+OUT=${OUT:-$ROOT/BENCHMARKS.md}
+S3FS=${TINYLAG_TOOLS:-$HOME/.cache/tinylag/tools}/bin/s3s-fs
+WORKLOADS="randwrite-4k randread-4k seqwrite-1M"
+
+for tool in fio nbdkit python3 cargo; do
+    command -v "$tool" >/dev/null || { echo "bench/serve.sh: $tool is not installed" >&2; exit 2; }
+done
+if [[ $CONFIGS == *d* && ! -x $S3FS ]]; then
+    echo "bench/serve.sh: s3s-fs not found at $S3FS (run scripts/install-test-deps.sh)" >&2
+    exit 2
+fi
+
+WORK=${BENCH_DIR:-$(mktemp -d /var/tmp/tinylag-bench.XXXXXX)}
+mkdir -p "$WORK"
+RESULTS=$WORK/results.tsv
+: >"$RESULTS"
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    if [[ -z ${BENCH_DIR:-} ]]; then rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+
+(cd "$ROOT" && cargo build --release --quiet)
+BIN=$ROOT/target/release/tinylag
+export TINYLAG_LOG=warn
+
+# One primary image per server, written with random data once (reads must hit real blocks).
+SEED=$WORK/seed.img
+python3 - "$SEED" "$SIZE" <<'EOF'
+import os, sys
+path, size = sys.argv[1], sys.argv[2]
+units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+n = int(size[:-1]) * units[size[-1].upper()] if size[-1].isalpha() else int(size)
+block = os.urandom(1 << 20)
+with open(path, "wb") as f:
+    for i in range(n >> 20):
+        f.write(block[i % 64:] + block[: i % 64])
+EOF
+for c in $CONFIGS; do cp --sparse=never "$SEED" "$WORK/$c.img"; done
+rm -f "$SEED"
+
+# Waits (up to 30 s) for a Unix socket to accept connections.
+wait_socket() {
+    for _ in $(seq 300); do
+        if python3 -c "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])" "$1" 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "bench/serve.sh: nothing answered on $1" >&2
+    return 1
+}
+
+hwm_bytes() { awk '/^VmHWM:/ {print $2 * 1024}' "/proc/$1/status"; }
+
+# Stops pid $1 with SIGTERM and waits for it.
+stop() {
+    kill -TERM "$1" 2>/dev/null || true
+    for _ in $(seq 600); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
+    kill -KILL "$1" 2>/dev/null || true
+}
+
+S3_ENV=(AWS_ACCESS_KEY_ID=bench-access AWS_SECRET_ACCESS_KEY=bench-secret-not-real
+    AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true AWS_CONFIG_FILE=/dev/null
+    AWS_SHARED_CREDENTIALS_FILE=/dev/null)
+
+# Starts server $1 (a|b|c|d); sets URI, PID, CTL (empty for nbdkit) and S3PID.
+start_server() {
+    local c=$1 img=$WORK/$1.img sock=$WORK/$1.sock
+    CTL="" S3PID=""
+    rm -rf "$WORK/journal-$c" "$WORK/s3-$c"
+    case $c in
+    a)
+        nbdkit --unix "$sock" --foreground --exit-with-parent file "$img" &
+        PID=$!
+        ;;
+    b)
+        "$BIN" serve --primary "$img" --no-journal --listen "unix:$sock" >"$WORK/$c.log" 2>&1 &
+        PID=$!
+        CTL=$img.ctl
+        ;;
+    c)
+        "$BIN" init --journal "$WORK/journal-$c" --size "$SIZE" --primary "$img" >/dev/null
+        "$BIN" serve --primary "$img" --journal "$WORK/journal-$c" --listen "unix:$sock" \
+            >"$WORK/$c.log" 2>&1 &
+        PID=$!
+        CTL=$img.ctl
+        ;;
+    d)
+        mkdir -p "$WORK/s3-$c/bench"
+        local port
+        port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+        "$S3FS" --host 127.0.0.1 --port "$port" --access-key bench-access \
+            --secret-key bench-secret-not-real "$WORK/s3-$c" >"$WORK/s3.log" 2>&1 &
+        S3PID=$!
+        PIDS+=("$S3PID")
+        for _ in $(seq 100); do
+            python3 -c "import socket,sys; socket.create_connection(('127.0.0.1',int(sys.argv[1])),1)" "$port" 2>/dev/null && break
+            sleep 0.1
+        done
+        env "${S3_ENV[@]}" AWS_ENDPOINT_URL="http://127.0.0.1:$port" \
+            "$BIN" init --journal s3://bench/j --size "$SIZE" --primary "$img" >/dev/null
+        env "${S3_ENV[@]}" AWS_ENDPOINT_URL="http://127.0.0.1:$port" \
+            "$BIN" serve --primary "$img" --journal s3://bench/j --listen "unix:$sock" \
+            >"$WORK/$c.log" 2>&1 &
+        PID=$!
+        CTL=$img.ctl
+        ;;
+    esac
+    PIDS+=("$PID")
+    wait_socket "$sock"
+    URI="nbd+unix:///?socket=$sock"
+}
+
+# Waits until the daemon's journal has caught up, then prints its status JSON.
+settled_status() {
+    for _ in $(seq 600); do
+        local s
+        s=$("$BIN" status --control "$CTL" --json)
+        if python3 -c 'import json,sys; s=json.load(sys.stdin); sys.exit(0 if s["mode"]=="no-journal" or s["durable_lsn"]>=s["head_lsn"] else 1)' <<<"$s"; then
+            echo "$s"
+            return
+        fi
+        sleep 0.1
+    done
+    "$BIN" status --control "$CTL" --json
+}
+
+for wl in $WORKLOADS; do
+    case $wl in
+    randwrite-4k) args=(--rw=randwrite --bs=4k --iodepth=32) ;;
+    randread-4k) args=(--rw=randread --bs=4k --iodepth=32) ;;
+    seqwrite-1M) args=(--rw=write --bs=1M --iodepth=4) ;;
+    esac
+    for rep in $(seq "$REPS"); do
+        for c in $CONFIGS; do
+            start_server "$c"
+            fio --name="$wl" --ioengine=nbd --uri="$URI" "${args[@]}" --size="$SIZE" \
+                --time_based --runtime="$RUNTIME" --ramp_time=1 --norandommap --randrepeat=0 \
+                --output-format=json --output="$WORK/fio.json" >/dev/null
+            status='{}'
+            if [[ -n $CTL ]]; then status=$(settled_status); fi
+            hwm=$(hwm_bytes "$PID")
+            stop "$PID"
+            if [[ -n $S3PID ]]; then stop "$S3PID"; fi
+            rm -rf "$WORK/journal-$c" "$WORK/s3-$c"
+            python3 - "$WORK/fio.json" "$c" "$wl" "$rep" "$hwm" "$status" >>"$RESULTS" <<'EOF'
+import json, sys
+fio, config, wl, rep, hwm, status = sys.argv[1:7]
+job = json.load(open(fio))["jobs"][0]
+side = job["write"] if job["write"]["io_bytes"] > 0 else job["read"]
+pct = side["clat_ns"]["percentile"]
+status = json.loads(status)
+lag = status.get("durable_lag", {}).get("p99_seconds", "")
+print("\t".join(str(v) for v in [config, wl, rep, side["iops"], side["bw_bytes"] / 1e6,
+      pct["50.000000"] / 1e3, pct["99.000000"] / 1e3, lag, int(hwm)]))
+EOF
+            tail -1 "$RESULTS" >&2
+        done
+    done
+done
+
+python3 - "$RESULTS" "$OUT" "$RUNTIME" "$REPS" "$SIZE" "$(nproc)" \
+    "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs)" \
+    "$(stat -f -c %T "$WORK")" "$(uname -r)" "$(fio --version)" "$(nbdkit --version | head -1)" <<'EOF'
+import statistics, sys
+from collections import defaultdict
+results, out, runtime, reps, size, cores, cpu, fs, kernel, fio, nbdkit = sys.argv[1:12]
+rows = defaultdict(list)
+for line in open(results):
+    c, wl, rep, iops, mbps, p50, p99, lag, hwm = line.rstrip("\n").split("\t")
+    rows[(c, wl)].append((float(iops), float(mbps), float(p50), float(p99),
+                          float(lag) if lag else None, int(hwm)))
+names = {"a": "a: nbdkit file", "b": "b: serve --no-journal", "c": "c: serve, local journal",
+         "d": "d: serve, S3 journal (s3s-fs)"}
+def med(c, wl, i):
+    vals = [r[i] for r in rows.get((c, wl), []) if r[i] is not None]
+    return statistics.median(vals) if vals else None
+def fmt(v, spec):
+    return "–" if v is None else format(v, spec)
+wls = ["randwrite-4k", "randread-4k", "seqwrite-1M"]
+lines = ["## serve", "",
+         f"`bench/serve.sh` (fio {fio}, nbd engine, Unix sockets; {nbdkit}). Each cell is the "
+         f"median of {reps} runs of {runtime} s (after 1 s of ramp-up) on a {size} primary file "
+         f"with random content, every run with a fresh server and journal. Machine: {cores} "
+         f"cores ({cpu}), shared with other work and noisy; file system {fs}; Linux {kernel}. "
+         "Latency is fio's completion latency. Ack→durable p99 is the daemon's own histogram "
+         "(acknowledgement to segment durable, every record, read once the journal caught up); "
+         "peak RSS is the server's VmHWM (tinylag's pool cap is the default 512 MiB).", "",
+         "| workload | server | IOPS | MB/s | p50 µs | p99 µs | ack→durable p99 | peak RSS MiB |",
+         "|---|---|---:|---:|---:|---:|---:|---:|"]
+for wl in wls:
+    for c in "abcd":
+        if (c, wl) not in rows:
+            continue
+        lag = med(c, wl, 4)
+        lines.append(f"| {wl} | {names[c]} | {fmt(med(c, wl, 0), '.0f')} | "
+                     f"{fmt(med(c, wl, 1), '.1f')} | {fmt(med(c, wl, 2), '.0f')} | "
+                     f"{fmt(med(c, wl, 3), '.0f')} | "
+                     f"{'–' if lag is None else format(lag * 1000, '.0f') + ' ms'} | "
+                     f"{fmt(med(c, wl, 5) / 2**20, '.0f')} |")
+lines += ["", "| ratio | workload | value | target |", "|---|---|---:|---|"]
+def ratio(x, y, wl, i):
+    a, b = med(x, wl, i), med(y, wl, i)
+    return None if a is None or b is None or b == 0 else a / b
+for (x, y, i, what, target) in [("c", "b", 0, "IOPS c/b", "≥ 0.95 (randwrite-4k)"),
+                                ("b", "a", 0, "IOPS b/a", "≥ 1.0 (randwrite-4k)"),
+                                ("c", "b", 3, "p99 latency c/b", "≤ 1.2"),
+                                ("d", "b", 0, "IOPS d/b", ""),
+                                ("d", "b", 3, "p99 latency d/b", "")]:
+    for wl in wls:
+        r = ratio(x, y, wl, i)
+        if r is not None:
+            lines.append(f"| {what} | {wl} | {r:.2f} | {target if wl == 'randwrite-4k' else ''} |")
+section = "\n".join(lines) + "\n"
+try:
+    text = open(out).read()
+except FileNotFoundError:
+    text = "# Benchmarks\n\nNumbers from the scripts in `bench/`; each section says how it was made.\n\n"
+start = text.find("## serve\n")
+if start >= 0:
+    end = text.find("\n## ", start + 1)
+    text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+else:
+    text = text.rstrip("\n") + "\n\n" + section
+open(out, "w").write(text)
+print(section)
+EOF

@@ -1,0 +1,48 @@
+//! `tinylag status`: asks a running daemon for its status over the control socket and prints
+//! it (text for people, `--json` for scripts).
+
+use std::path::PathBuf;
+
+use clap::Args;
+use tinylag::control::{self, Request};
+use tinylag::writer::status::StatusSnapshot;
+
+use crate::cmd::serve::default_control_path;
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The daemon's control socket.
+    #[arg(long, value_name = "PATH", required_unless_present = "primary")]
+    pub control: Option<PathBuf>,
+    /// The daemon's primary; implies the default control socket <PATH>.ctl.
+    #[arg(long, value_name = "PATH", conflicts_with = "control")]
+    pub primary: Option<PathBuf>,
+    /// Print the daemon's answer as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
+    let path = match (args.control, args.primary) {
+        (Some(control), _) => control,
+        (None, Some(primary)) => default_control_path(&primary),
+        (None, None) => anyhow::bail!("give --control PATH or --primary PATH"),
+    };
+    let request = Request {
+        cmd: "status".into(),
+        args: serde_json::Value::Null,
+    };
+    let answer = control::request(&path, &request).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        return Ok(());
+    }
+    let status: StatusSnapshot = serde_json::from_value(answer).map_err(|e| {
+        anyhow::anyhow!(
+            "the daemon at {} answered a status this tinylag cannot read ({e}); try --json",
+            path.display()
+        )
+    })?;
+    print!("{}", status.render_text());
+    Ok(())
+}

@@ -1,0 +1,418 @@
+//! Journal writer scenarios against the memory store, with failures injected by
+//! `FlakyStore`: ordering, segment cutting, the durable prefix under out-of-order uploads,
+//! ambiguous creates, fencing, and restart planning.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::*;
+use crate::clock::SystemClock;
+use crate::journal::manifest::ManifestParams;
+use crate::journal::reader::{Cursor, JournalReader, Step};
+use crate::store::flaky::{FailureKind, FlakyStore};
+use crate::store::memory::MemoryStore;
+use crate::writer::mode::Mode;
+
+fn manifest() -> Manifest {
+    Manifest::new(
+        &ManifestParams {
+            device_name: "disk0".into(),
+            size: 64 << 20,
+            block_size: 4096,
+            region_size: 1 << 20,
+            splay_width: 4,
+            segment_size: 64 << 10,
+        },
+        1,
+    )
+    .unwrap()
+}
+
+fn config() -> WriterConfig {
+    WriterConfig {
+        segment_size: 64 << 10,
+        linger: Duration::from_millis(20),
+        max_uploads: 4,
+        outage_bound: Duration::from_secs(60),
+        retry_base: Duration::from_millis(2),
+        retry_max: Duration::from_millis(20),
+    }
+}
+
+fn shared() -> Shared {
+    Shared {
+        mode: Arc::new(ModeState::new()),
+        dirty: Arc::new(DirtyRegions::new(64 << 20, 1 << 20)),
+        pool: Pool::new(64 << 20).unwrap(),
+    }
+}
+
+async fn start(store: Arc<dyn ObjectStore>, m: &Manifest, shared: &Shared) -> JournalWriter {
+    prepare(store, m.clone(), &SystemClock)
+        .await
+        .unwrap()
+        .start(Arc::new(SystemClock), config(), shared.clone(), false)
+        .await
+        .unwrap()
+}
+
+/// Sends `ops` with consecutive LSNs from `w.next_lsn`; returns the last LSN.
+fn send(w: &mut JournalWriter, shared: &Shared, ops: Vec<Op>) -> u64 {
+    for op in ops {
+        let permit = shared.pool.try_reserve(record_cost(&op)).unwrap();
+        let record = Record {
+            lsn: w.next_lsn,
+            timestamp_ns: w.timestamps.next(),
+            dev: 0,
+            op,
+        };
+        w.sender.send(Pending { record, permit }).unwrap();
+        w.next_lsn += 1;
+    }
+    w.next_lsn - 1
+}
+
+/// Bytes zstd cannot shrink, so segment sizes are predictable.
+fn noise(seed: u64, len: usize) -> Bytes {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    Bytes::from(
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect::<Vec<_>>(),
+    )
+}
+
+fn write(offset: u64, len: usize, byte: u8) -> Op {
+    Op::Write {
+        offset,
+        data: Bytes::from(vec![byte; len]),
+    }
+}
+
+/// Every record from the start of the journal, in order (checks LSNs are gap-free).
+async fn read_all(store: Arc<dyn ObjectStore>, m: &Manifest) -> Vec<Record> {
+    let reader = JournalReader::new(store, m.clone());
+    let mut cursor = Cursor {
+        seq: 0,
+        next_lsn: 1,
+    };
+    let mut out: Vec<Record> = Vec::new();
+    while let Step::Segment(s) = reader.step(&mut cursor).await.unwrap() {
+        for r in s.records {
+            assert_eq!(r.lsn, out.len() as u64 + 1, "gap-free from LSN 1");
+            out.push(r);
+        }
+    }
+    out
+}
+
+async fn wait_durable(w: &JournalWriter, lsn: u64) {
+    let mut rx = w.progress.clone();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        rx.wait_for(|p| p.durable_lsn >= lsn),
+    )
+    .await
+    .expect("durable in time")
+    .unwrap();
+}
+
+#[tokio::test]
+async fn records_reach_the_journal_in_order_after_the_epoch_record() {
+    let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+    let m = manifest();
+    m.create(store.as_ref()).await.unwrap();
+    let shared = shared();
+    let mut w = start(store.clone(), &m, &shared).await;
+    assert_eq!((w.epoch, w.next_lsn), (1, 2));
+    // 40 writes of 4 KiB of incompressible-enough data: several 64 KiB segments.
+    let ops = (0..40u64)
+        .map(|i| Op::Write {
+            offset: i * 4096,
+            data: noise(i, 4096),
+        })
+        .chain([
+            Op::Flush,
+            Op::Discard {
+                offset: 0,
+                len: 8192,
+            },
+            Op::WriteZeroes {
+                offset: 8192,
+                len: 4096,
+            },
+        ])
+        .collect();
+    let last = send(&mut w, &shared, ops);
+    drop(w.sender);
+    let next_seq = w.task.await.unwrap();
+    assert!(
+        next_seq > 2,
+        "several segments were cut, next seq {next_seq}"
+    );
+    assert_eq!(w.progress.borrow().durable_lsn, last);
+    assert_eq!(shared.pool.used(), 0, "every permit released");
+    assert_eq!(w.stats.segments_uploaded.load(Ordering::Acquire), next_seq);
+
+    let records = read_all(store, &m).await;
+    assert_eq!(records.len() as u64, last);
+    assert_eq!(records[0].op, Op::Epoch { epoch: 1 });
+    assert_eq!(records[41].op, Op::Flush);
+    assert_eq!(
+        records[43].op,
+        Op::WriteZeroes {
+            offset: 8192,
+            len: 4096
+        }
+    );
+    assert!(records
+        .windows(2)
+        .all(|p| p[0].timestamp_ns <= p[1].timestamp_ns));
+}
+
+#[tokio::test]
+async fn a_lone_record_is_uploaded_after_the_linger() {
+    let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+    let m = manifest();
+    m.create(store.as_ref()).await.unwrap();
+    let shared = shared();
+    let mut w = start(store.clone(), &m, &shared).await;
+    let lsn = send(&mut w, &shared, vec![write(0, 512, 1)]);
+    assert!(shared.pool.used() > 0);
+    wait_durable(&w, lsn).await;
+    assert_eq!(shared.pool.used(), 0);
+    assert_eq!(w.stats.oldest_pending_ns.load(Ordering::Acquire), 0);
+    // It waited at least the 20 ms linger between acknowledgement and durability.
+    let lag = w.stats.durable_lag.summary();
+    assert_eq!(lag.records, 1);
+    assert!(lag.p99_seconds >= 0.019, "{lag:?}");
+}
+
+/// Stripe 1 fails while the other stripes succeed: later segments land first, but the
+/// durable LSN stops before the missing one until it lands too.
+#[tokio::test]
+async fn durable_lsn_only_covers_the_gap_free_prefix() {
+    let flaky = Arc::new(FlakyStore::new(Arc::new(MemoryStore::new())));
+    let store: Arc<dyn ObjectStore> = flaky.clone();
+    let m = manifest();
+    m.create(store.as_ref()).await.unwrap();
+    let shared = shared();
+    let mut w = start(store.clone(), &m, &shared).await;
+    // The first segment was seq 0 (stripe 0); the writer continues at seq 1 (stripe 1).
+    flaky.fail_prefix("journal/1/", FailureKind::Permanent);
+    let first_of_seq1 = w.next_lsn;
+    // Enough for ~4 segments: seqs 1..=4.
+    let ops = (0..60u64)
+        .map(|i| Op::Write {
+            offset: i * 4096,
+            data: noise(i, 4096),
+        })
+        .collect();
+    let last = send(&mut w, &shared, ops);
+    // Segments 2, 3, ... land (after seq 0, the first); seq 1 keeps failing.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while w.stats.segments_uploaded.load(Ordering::Acquire) < 3 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        w.progress.borrow().durable_lsn,
+        first_of_seq1 - 1,
+        "seq 1 is missing, so nothing after it is durable"
+    );
+    assert!(w.stats.upload_errors.load(Ordering::Acquire) > 0);
+    assert!(w.stats.last_error().unwrap().contains("journal/1/"));
+    assert!(shared.pool.used() > 0, "pool memory held until durable");
+    flaky.clear_prefix();
+    wait_durable(&w, last).await;
+    assert_eq!(shared.pool.used(), 0);
+    assert!(
+        w.stats.failing_for().is_none(),
+        "a success clears the failure clock"
+    );
+    drop(w.sender);
+    w.task.await.unwrap();
+    assert_eq!(read_all(store, &m).await.len() as u64, last);
+}
+
+/// A create whose answer is lost is retried; the retry meets our own object and accepts it.
+#[tokio::test]
+async fn an_ambiguous_create_is_recognised_as_ours() {
+    let flaky = Arc::new(FlakyStore::new(Arc::new(MemoryStore::new())));
+    let store: Arc<dyn ObjectStore> = flaky.clone();
+    let m = manifest();
+    m.create(store.as_ref()).await.unwrap();
+    let shared = shared();
+    let mut w = start(store.clone(), &m, &shared).await;
+    flaky.ambiguous_creates(1);
+    let last = send(&mut w, &shared, vec![write(0, 4096, 9)]);
+    wait_durable(&w, last).await;
+    assert_eq!(shared.mode.mode(), Mode::Logging);
+    assert_eq!(w.stats.upload_errors.load(Ordering::Acquire), 1);
+}
+
+#[tokio::test]
+async fn a_newer_epoch_fences_the_writer_and_marks_its_records_dirty() {
+    let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+    let m = manifest();
+    m.create(store.as_ref()).await.unwrap();
+    let shared = shared();
+    let mut w = start(store.clone(), &m, &shared).await;
+    // Another writer takes over.
+    epoch::claim_next(store.as_ref(), 5).await.unwrap();
+    let lsn = send(&mut w, &shared, vec![write(3 << 20, 4096, 1)]);
+    let mut rx = w.progress.clone();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        rx.wait_for(|p| p.released_lsn >= lsn),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(shared.mode.mode(), Mode::Fenced);
+    assert!(
+        shared.dirty.is_dirty(3),
+        "the lost record's region is dirty"
+    );
+    assert!(w
+        .stats
+        .stopped_reason()
+        .unwrap()
+        .contains("fenced by epoch 2"));
+    assert_eq!(shared.pool.used(), 0);
+    // Records sent after the fence are dropped (and marked) too.
+    send(&mut w, &shared, vec![write(5 << 20, 4096, 1)]);
+    drop(w.sender);
+    w.task.await.unwrap();
+    assert!(shared.dirty.is_dirty(5));
+    assert_eq!(w.stats.records_abandoned.load(Ordering::Acquire), 1);
+}
+
+#[tokio::test]
+async fn a_segment_key_taken_by_someone_else_fences_the_writer() {
+    let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+    let m = manifest();
+    m.create(store.as_ref()).await.unwrap();
+    let shared = shared();
+    let mut w = start(store.clone(), &m, &shared).await;
+    store
+        .put_if_absent(&m.segment_key(1), Bytes::from_static(b"someone else"))
+        .await
+        .unwrap();
+    send(&mut w, &shared, vec![write(0, 4096, 1)]);
+    drop(w.sender);
+    w.task.await.unwrap();
+    assert_eq!(shared.mode.mode(), Mode::Fenced);
+    assert!(w.stats.stopped_reason().unwrap().contains("another writer"));
+}
+
+/// A writer dies with segment 2 missing but 3 uploaded: the next writer writes its EPOCH
+/// segment after the orphan and plugs the hole, and a reader gets a gap-free journal that
+/// skips the orphan.
+#[tokio::test]
+async fn a_restart_continues_after_the_prefix_and_plugs_holes() {
+    let flaky = Arc::new(FlakyStore::new(Arc::new(MemoryStore::new())));
+    let store: Arc<dyn ObjectStore> = flaky.clone();
+    let m = manifest();
+    m.create(store.as_ref()).await.unwrap();
+    let shared1 = shared();
+    let mut w1 = start(store.clone(), &m, &shared1).await;
+    // Each 70 KB write fills a 64 KiB segment alone. Seq 1 gets through; seq 2 never does;
+    // seq 3 does (an orphan past the hole).
+    let big = |i: u64| Op::Write {
+        offset: i * 65536,
+        data: noise(i, 70_000),
+    };
+    let l1 = send(&mut w1, &shared1, vec![big(0)]);
+    wait_durable(&w1, l1).await;
+    flaky.fail_prefix("journal/2/", FailureKind::Permanent);
+    send(&mut w1, &shared1, vec![big(1), big(2)]);
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !crate::journal::head::segment_exists(store.as_ref(), &m, 3)
+            .await
+            .unwrap()
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+    w1.task.abort(); // the writer "dies"
+    flaky.clear_prefix();
+
+    let prepared = prepare(store.clone(), m.clone(), &SystemClock)
+        .await
+        .unwrap();
+    assert_eq!(prepared.plan.holes, vec![2]);
+    assert_eq!(prepared.plan.next_seq, 4);
+    assert_eq!(prepared.plan.next_lsn, l1 + 1);
+    let shared2 = shared();
+    let mut w2 = prepared
+        .start(Arc::new(SystemClock), config(), shared2.clone(), true)
+        .await
+        .unwrap();
+    assert_eq!(w2.epoch, 2);
+    let l2 = send(&mut w2, &shared2, vec![write(0, 4096, 7)]);
+    drop(w2.sender);
+    w2.task.await.unwrap();
+
+    let records = read_all(store.clone(), &m).await;
+    assert_eq!(records.len() as u64, l2);
+    let kinds: Vec<_> = records.iter().map(|r| r.kind().name()).collect();
+    assert_eq!(
+        kinds,
+        vec!["EPOCH", "WRITE", "EPOCH", "RESYNC_BEGIN", "WRITE"],
+        "the orphan's records are skipped"
+    );
+    assert_eq!(records[2].op, Op::Epoch { epoch: 2 });
+}
+
+#[tokio::test]
+async fn a_long_outage_releases_journal_waiters_until_the_store_answers() {
+    let flaky = Arc::new(FlakyStore::new(Arc::new(MemoryStore::new())));
+    let store: Arc<dyn ObjectStore> = flaky.clone();
+    let m = manifest();
+    m.create(store.as_ref()).await.unwrap();
+    let shared = shared();
+    let mut w = prepare(store.clone(), m.clone(), &SystemClock)
+        .await
+        .unwrap()
+        .start(
+            Arc::new(SystemClock),
+            WriterConfig {
+                outage_bound: Duration::from_millis(100),
+                ..config()
+            },
+            shared.clone(),
+            false,
+        )
+        .await
+        .unwrap();
+    flaky.fail_all(Some(FailureKind::Transient));
+    let lsn = send(&mut w, &shared, vec![write(0, 4096, 1)]);
+    let mut rx = w.progress.clone();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        rx.wait_for(|p| p.released_lsn >= lsn),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(w.stats.outage.load(Ordering::Acquire));
+    assert!(w.progress.borrow().durable_lsn < lsn);
+    flaky.heal();
+    wait_durable(&w, lsn).await;
+    assert!(!w.stats.outage.load(Ordering::Acquire));
+    assert_eq!(w.progress.borrow().released_lsn, 0);
+    assert_eq!(shared.mode.mode(), Mode::Logging);
+}

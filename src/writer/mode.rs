@@ -1,0 +1,288 @@
+//! Replication modes and acknowledgement policies.
+//!
+//! The mode says how far the journal can be trusted to reproduce the primary:
+//!
+//! | mode | meaning |
+//! |---|---|
+//! | `logging` | every acknowledged change is in the journal, in order |
+//! | `forward-part` | some changes were not journaled (pool full, store down); their regions are dirty and a `RESYNC_BEGIN` is open |
+//! | `forward-full` | the whole primary must be resynced (a restart after a crash or unclean stop, a primary with data the journal never saw) |
+//! | `reverse-full` | replica → primary after a failback (not entered by this daemon yet) |
+//! | `fenced` | a newer writer owns the journal; nothing is journaled any more |
+//! | `no-journal` | `--no-journal`: serving without a journal (for measurements only) |
+//!
+//! Must never: report a better mode than the truth. Conditions only accumulate here (a dirty
+//! episode ends with a resync, a later part); the worst one wins.
+
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// See the module documentation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    Logging,
+    ForwardPart,
+    ForwardFull,
+    ReverseFull,
+    Fenced,
+    NoJournal,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Logging => "logging",
+            Mode::ForwardPart => "forward-part",
+            Mode::ForwardFull => "forward-full",
+            Mode::ReverseFull => "reverse-full",
+            Mode::Fenced => "fenced",
+            Mode::NoJournal => "no-journal",
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The lag bound of `--ack adaptive`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MaxLag {
+    /// Bytes acknowledged but not yet durable (pool bytes in use).
+    Bytes(u64),
+    /// Age of the oldest record not yet durable.
+    Time(Duration),
+}
+
+impl MaxLag {
+    /// Parses `--max-lag`: a duration (`5s`, `500ms`, `2m` = two minutes) or a size (`64M`,
+    /// `1G`, `65536`). Durations are tried first, so a lower-case `m` means minutes; write
+    /// sizes in mebibytes as `M` or `MiB`.
+    pub fn parse(s: &str) -> Result<MaxLag, String> {
+        if let Ok(d) = crate::units::parse_duration(s) {
+            if d.is_zero() {
+                return Err(format!("invalid --max-lag {s:?}: must be more than zero"));
+            }
+            return Ok(MaxLag::Time(d));
+        }
+        match crate::units::parse_size(s) {
+            Ok(0) => Err(format!("invalid --max-lag {s:?}: must be more than zero")),
+            Ok(n) => Ok(MaxLag::Bytes(n)),
+            Err(_) => Err(format!(
+                "invalid --max-lag {s:?}: expected a size (64M, 1G) or a duration (5s, 500ms)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for MaxLag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MaxLag::Bytes(b) => f.write_str(&crate::units::format_size(*b)),
+            MaxLag::Time(d) => write!(f, "{:.3}s", d.as_secs_f64()),
+        }
+    }
+}
+
+/// When a client gets the reply to a write (`--ack`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AckMode {
+    /// Reply once the primary has the write.
+    Async,
+    /// Reply once the segment holding the record is durable.
+    Journal,
+    /// Async while the lag is under the bound, journal above it.
+    Adaptive(MaxLag),
+}
+
+impl AckMode {
+    /// Parses `--ack` (and `--max-lag`, which only `adaptive` takes).
+    pub fn parse(ack: &str, max_lag: Option<&str>) -> Result<AckMode, String> {
+        let mode = match ack {
+            "async" => AckMode::Async,
+            "journal" => AckMode::Journal,
+            "adaptive" => {
+                let lag = max_lag.ok_or_else(|| {
+                    "--ack adaptive needs --max-lag SIZE|DURATION (e.g. 64M or 5s)".to_string()
+                })?;
+                return Ok(AckMode::Adaptive(MaxLag::parse(lag)?));
+            }
+            other => {
+                return Err(format!(
+                    "invalid --ack {other:?}: use async, journal or adaptive"
+                ))
+            }
+        };
+        if max_lag.is_some() {
+            return Err("--max-lag only applies to --ack adaptive".into());
+        }
+        Ok(mode)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AckMode::Async => "async",
+            AckMode::Journal => "journal",
+            AckMode::Adaptive(_) => "adaptive",
+        }
+    }
+}
+
+/// The conditions the mode is computed from, shared by the I/O path and the journal writer.
+#[derive(Debug, Default)]
+pub struct ModeState {
+    /// Changes were left out of the journal and a `RESYNC_BEGIN` is (being) queued.
+    dirty_episode: AtomicBool,
+    /// The whole primary needs a resync; why, as a [`FullReason`].
+    full: AtomicU8,
+    fenced: AtomicBool,
+    no_journal: bool,
+}
+
+/// Why the mode is `forward-full`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[repr(u8)]
+pub enum FullReason {
+    /// The journal holds data but the previous writer did not stop cleanly (or left holes):
+    /// writes it acknowledged may be missing from the journal.
+    UncleanRestart = 1,
+    /// The journal is new but the primary already holds data.
+    PrimaryHasData = 2,
+    /// The journal writer stopped on an internal error.
+    WriterFailed = 3,
+}
+
+impl FullReason {
+    fn from_u8(v: u8) -> Option<FullReason> {
+        match v {
+            1 => Some(FullReason::UncleanRestart),
+            2 => Some(FullReason::PrimaryHasData),
+            3 => Some(FullReason::WriterFailed),
+            _ => None,
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            FullReason::UncleanRestart => {
+                "the previous writer did not stop cleanly; writes it acknowledged may be missing \
+                 from the journal"
+            }
+            FullReason::PrimaryHasData => "the journal is new but the primary already held data",
+            FullReason::WriterFailed => "the journal writer stopped on an internal error",
+        }
+    }
+}
+
+impl ModeState {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The state of a daemon serving without a journal.
+    pub fn without_journal() -> Self {
+        ModeState {
+            no_journal: true,
+            ..Self::default()
+        }
+    }
+
+    pub fn mode(&self) -> Mode {
+        if self.no_journal {
+            Mode::NoJournal
+        } else if self.fenced.load(Ordering::Acquire) {
+            Mode::Fenced
+        } else if self.full.load(Ordering::Acquire) != 0 {
+            Mode::ForwardFull
+        } else if self.dirty_episode.load(Ordering::Acquire) {
+            Mode::ForwardPart
+        } else {
+            Mode::Logging
+        }
+    }
+
+    /// Opens a dirty episode; true for the caller that opened it (who queues `RESYNC_BEGIN`).
+    pub fn open_dirty_episode(&self) -> bool {
+        !self.dirty_episode.swap(true, Ordering::AcqRel)
+    }
+
+    pub fn dirty_episode_open(&self) -> bool {
+        self.dirty_episode.load(Ordering::Acquire)
+    }
+
+    /// Enters `forward-full` (the first reason is kept).
+    pub fn need_full(&self, reason: FullReason) {
+        let _ = self
+            .full
+            .compare_exchange(0, reason as u8, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    pub fn full_reason(&self) -> Option<FullReason> {
+        FullReason::from_u8(self.full.load(Ordering::Acquire))
+    }
+
+    pub fn fence(&self) {
+        self.fenced.store(true, Ordering::Release);
+    }
+
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ack_modes_parse_and_name_their_flags() {
+        assert_eq!(AckMode::parse("async", None), Ok(AckMode::Async));
+        assert_eq!(AckMode::parse("journal", None), Ok(AckMode::Journal));
+        assert_eq!(
+            AckMode::parse("adaptive", Some("64M")),
+            Ok(AckMode::Adaptive(MaxLag::Bytes(64 << 20)))
+        );
+        assert_eq!(
+            AckMode::parse("adaptive", Some("5s")),
+            Ok(AckMode::Adaptive(MaxLag::Time(Duration::from_secs(5))))
+        );
+        assert!(AckMode::parse("adaptive", None)
+            .unwrap_err()
+            .contains("--max-lag"));
+        assert!(AckMode::parse("sync", None).unwrap_err().contains("--ack"));
+        assert!(AckMode::parse("async", Some("5s")).is_err());
+        assert!(MaxLag::parse("0").is_err());
+        assert!(MaxLag::parse("fast").unwrap_err().contains("64M"));
+    }
+
+    #[test]
+    fn the_worst_condition_wins() {
+        let m = ModeState::new();
+        assert_eq!(m.mode(), Mode::Logging);
+        assert!(m.open_dirty_episode());
+        assert!(
+            !m.open_dirty_episode(),
+            "only the first opener queues RESYNC_BEGIN"
+        );
+        assert_eq!(m.mode(), Mode::ForwardPart);
+        m.need_full(FullReason::UncleanRestart);
+        m.need_full(FullReason::WriterFailed);
+        assert_eq!(m.mode(), Mode::ForwardFull);
+        assert_eq!(m.full_reason(), Some(FullReason::UncleanRestart));
+        m.fence();
+        assert_eq!(m.mode(), Mode::Fenced);
+        assert_eq!(ModeState::without_journal().mode(), Mode::NoJournal);
+        assert_eq!(
+            serde_json::to_string(&Mode::ForwardPart).unwrap(),
+            "\"forward-part\""
+        );
+    }
+}

@@ -1,0 +1,771 @@
+//! The primary core: the frontend-independent heart of `tinylag serve`. It owns the primary
+//! disk (any [`BlockDevice`], normally a `FileDevice`) and implements [`BlockDevice`] itself,
+//! so the NBD server today and the ublk frontend later serve it without knowing about
+//! journals.
+//!
+//! A change (write, trim, write-zeroes) runs as:
+//! 1. take the range lock for its bytes (overlapping changes queue in arrival order);
+//! 2. apply it to the primary;
+//! 3. under one small mutex: reserve pool bytes, assign the next LSN and the acknowledgement
+//!    timestamp, and send the record to the journal writer, so channel order is LSN order;
+//! 4. release the range lock and reply, at once (`--ack async`) or once the record is
+//!    durable (`--ack journal`, or `adaptive` while the lag is over its bound).
+//!
+//! The request's payload buffer becomes the record's payload: it is shared, not copied. A
+//! change that cannot be journaled (pool full, writer fenced or stopped) still completes;
+//! its regions are marked dirty and, once per dirty episode, a `RESYNC_BEGIN` is queued at
+//! that point of the order. A FLUSH is applied, then journaled as a `FLUSH` record.
+//!
+//! Must never: reply to a change before the primary has it; let the journal's order differ
+//! from the primary's for overlapping changes; wait for pool memory or for the store in
+//! async mode; speak a frontend protocol.
+
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+use super::dirty::DirtyRegions;
+use super::journal_writer::{
+    self, record_cost, JournalWriter, Pending, Progress, Shared, StartError, WriterConfig,
+    WriterStats,
+};
+use super::lag_histogram::LagSummary;
+use super::mode::{AckMode, MaxLag, Mode, ModeState};
+use super::pool::{Pool, PoolError, RECORD_OVERHEAD};
+use super::range_lock::RangeLock;
+use super::restart::{self, CleanMarker, RestartError};
+use super::status::{AckStatus, DirtyStatus, ErrorStatus, LagStatus, PoolStatus, StatusSnapshot};
+use crate::block::{check_range, BlockDevice, BlockError, DeviceInfo};
+use crate::clock::{Clock, MonotonicTimestamps};
+use crate::journal::{Manifest, Op, Record};
+use crate::store::ObjectStore;
+
+/// Region size of the dirty tracker when there is no manifest to say (`--no-journal`).
+const DEFAULT_REGION_SIZE: u64 = 4 << 20;
+
+/// Names shown by `status`.
+#[derive(Clone, Debug, Default)]
+pub struct Labels {
+    /// The primary's path.
+    pub primary: String,
+    /// The NBD address clients connect to.
+    pub listen: String,
+    /// The export name ("" = the default export).
+    pub export: String,
+}
+
+/// What journaling needs; `None` in [`PrimaryCore::start`] serves without a journal.
+#[derive(Clone, Debug)]
+pub struct JournalSetup {
+    pub store: Arc<dyn ObjectStore>,
+    pub manifest: Manifest,
+    pub writer: WriterConfig,
+    pub pool_size: u64,
+    pub ack: AckMode,
+    pub clock: Arc<dyn Clock>,
+    /// The primary's path: for the clean-stop marker beside it and the "does a new
+    /// journal's primary hold data" check.
+    pub primary_path: PathBuf,
+}
+
+/// Every way starting the core fails.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    /// The primary's size is not the size the journal replicates.
+    #[error(
+        "the primary {primary} has {size} bytes but journal {journal} replicates a device of \
+         {expected} bytes; use the primary the journal was made for (or `tinylag init` a new \
+         journal)"
+    )]
+    SizeMismatch {
+        primary: String,
+        size: u64,
+        journal: String,
+        expected: u64,
+    },
+    /// The primary's block size is not the journal's.
+    #[error(
+        "the primary {primary} is opened with block size {block_size} but journal {journal} \
+         uses {expected}"
+    )]
+    BlockSizeMismatch {
+        primary: String,
+        block_size: u32,
+        journal: String,
+        expected: u32,
+    },
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error(transparent)]
+    Writer(#[from] StartError),
+    #[error(transparent)]
+    Restart(#[from] RestartError),
+}
+
+/// What [`PrimaryCore::shutdown`] managed.
+#[derive(Clone, Debug, Serialize)]
+pub struct ShutdownReport {
+    pub mode: Mode,
+    pub head_lsn: u64,
+    pub durable_lsn: u64,
+    /// Records acknowledged but not durable when the drain ended.
+    pub undrained_records: u64,
+    /// The writer finished within the drain timeout.
+    pub drained: bool,
+    /// The primary's final fsync failed with this.
+    pub flush_error: Option<String>,
+    /// A clean-stop marker was written (the next start may begin in `logging`).
+    pub clean: bool,
+}
+
+/// See the module documentation.
+pub struct PrimaryCore {
+    device: Arc<dyn BlockDevice>,
+    info: DeviceInfo,
+    locks: RangeLock,
+    mode: Arc<ModeState>,
+    dirty: Arc<DirtyRegions>,
+    journal: Option<Journaling>,
+    labels: Labels,
+    started: std::time::Instant,
+}
+
+impl std::fmt::Debug for PrimaryCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrimaryCore")
+            .field("info", &self.info)
+            .field("mode", &self.mode.mode())
+            .field("labels", &self.labels)
+            .finish()
+    }
+}
+
+struct Journaling {
+    store_name: String,
+    uuid: Uuid,
+    epoch: u64,
+    pool: Pool,
+    ack: AckMode,
+    /// `adaptive` currently waits for durability.
+    adaptive_waits: AtomicBool,
+    seq: Mutex<Sequencer>,
+    timestamps: MonotonicTimestamps,
+    progress: watch::Receiver<Progress>,
+    stats: Arc<WriterStats>,
+    clock: Arc<dyn Clock>,
+    task: Mutex<Option<JoinHandle<u64>>>,
+    marker_path: PathBuf,
+}
+
+/// The LSN counter and the channel, behind the one mutex that makes channel order LSN order.
+///
+/// # Invariants
+/// Every LSN below `next_lsn` was sent to the writer exactly once (or the writer is gone and
+/// the mode says so); `sender` is `None` once intake is closed.
+struct Sequencer {
+    next_lsn: u64,
+    sender: Option<mpsc::UnboundedSender<Pending>>,
+}
+
+/// A journal-mode acknowledgement in waiting; keeps the writer's group commit informed.
+struct Ticket {
+    lsn: u64,
+    stats: Arc<WriterStats>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.stats.sync_waiters.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Critical sections only assign plain values or send on an unbounded channel; a poisoned
+    // lock still guards consistent state.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl PrimaryCore {
+    /// Starts the core over `device`: with a journal, claims the writer epoch, decides the
+    /// initial mode (see [`restart`]), writes the first segment and starts the writer.
+    pub async fn start(
+        device: Arc<dyn BlockDevice>,
+        labels: Labels,
+        journal: Option<JournalSetup>,
+    ) -> Result<PrimaryCore, CoreError> {
+        let info = device.info();
+        let Some(setup) = journal else {
+            return Ok(PrimaryCore {
+                device,
+                info,
+                locks: RangeLock::new(),
+                mode: Arc::new(ModeState::without_journal()),
+                dirty: Arc::new(DirtyRegions::new(info.size, DEFAULT_REGION_SIZE)),
+                journal: None,
+                labels,
+                started: std::time::Instant::now(),
+            });
+        };
+        let manifest = setup.manifest;
+        let store_name = setup.store.describe();
+        let expected = manifest.device_size(0).unwrap_or(0);
+        if info.size != expected {
+            return Err(CoreError::SizeMismatch {
+                primary: labels.primary.clone(),
+                size: info.size,
+                journal: store_name,
+                expected,
+            });
+        }
+        if info.block_size != manifest.block_size {
+            return Err(CoreError::BlockSizeMismatch {
+                primary: labels.primary.clone(),
+                block_size: info.block_size,
+                journal: store_name,
+                expected: manifest.block_size,
+            });
+        }
+        let pool = Pool::new(setup.pool_size)?;
+        let mode = Arc::new(ModeState::new());
+        let dirty = Arc::new(DirtyRegions::new(info.size, manifest.region_size));
+        let uuid = manifest.uuid;
+
+        let prepared =
+            journal_writer::prepare(setup.store.clone(), manifest, setup.clock.as_ref()).await?;
+        let marker_path = restart::marker_path(&setup.primary_path);
+        let marker = restart::take_marker(&marker_path)?;
+        let full = restart::initial_full_reason(&prepared, uuid, marker.as_ref(), || {
+            restart::primary_has_data(&setup.primary_path)
+        })?;
+        if let Some(reason) = full {
+            tracing::warn!(reason = reason.describe(), "starting in forward-full");
+            mode.need_full(reason);
+            dirty.mark_all();
+            // The replayer must not take the journal from here on as consistent.
+            mode.open_dirty_episode();
+        }
+        let writer = prepared
+            .start(
+                setup.clock.clone(),
+                setup.writer,
+                Shared {
+                    mode: mode.clone(),
+                    dirty: dirty.clone(),
+                    pool: pool.clone(),
+                },
+                full.is_some(),
+            )
+            .await?;
+        let JournalWriter {
+            sender,
+            progress,
+            stats,
+            task,
+            epoch,
+            next_lsn,
+            timestamps,
+        } = writer;
+        Ok(PrimaryCore {
+            device,
+            info,
+            locks: RangeLock::new(),
+            mode,
+            dirty,
+            journal: Some(Journaling {
+                store_name,
+                uuid,
+                epoch,
+                pool,
+                ack: setup.ack,
+                adaptive_waits: AtomicBool::new(false),
+                seq: Mutex::new(Sequencer {
+                    next_lsn,
+                    sender: Some(sender),
+                }),
+                timestamps,
+                progress,
+                stats,
+                clock: setup.clock,
+                task: Mutex::new(Some(task)),
+                marker_path,
+            }),
+            labels,
+            started: std::time::Instant::now(),
+        })
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode.mode()
+    }
+
+    pub fn dirty(&self) -> &DirtyRegions {
+        &self.dirty
+    }
+
+    /// The writer epoch, with a journal.
+    pub fn epoch(&self) -> Option<u64> {
+        self.journal.as_ref().map(|j| j.epoch)
+    }
+
+    /// The last LSN assigned (0 without a journal).
+    pub fn head_lsn(&self) -> u64 {
+        self.journal
+            .as_ref()
+            .map_or(0, |j| lock(&j.seq).next_lsn - 1)
+    }
+
+    /// The last LSN known durable (0 without a journal).
+    pub fn durable_lsn(&self) -> u64 {
+        self.journal
+            .as_ref()
+            .map_or(0, |j| j.progress.borrow().durable_lsn)
+    }
+
+    /// Waits until every record up to `lsn` is durable, or the writer gave up on them.
+    /// Returns whether they are durable.
+    pub async fn wait_durable(&self, lsn: u64) -> bool {
+        let Some(j) = &self.journal else {
+            return false;
+        };
+        let mut rx = j.progress.clone();
+        let _ = rx
+            .wait_for(|p| p.durable_lsn >= lsn || p.released_lsn >= lsn)
+            .await;
+        let durable = rx.borrow().durable_lsn >= lsn;
+        durable
+    }
+
+    /// Applies a change's outcome to the journal: journals `op` (when the primary has it),
+    /// or marks its range dirty. Returns a ticket when the client must wait for durability.
+    fn journal(&self, op: Op, applied: &Result<(), BlockError>) -> Option<Ticket> {
+        let j = self.journal.as_ref()?;
+        let range = op.range().filter(|r| r.start < r.end);
+        match applied {
+            Ok(()) => {}
+            // Refused before touching anything: nothing changed.
+            Err(
+                BlockError::OutOfRange { .. } | BlockError::ReadOnly | BlockError::NotSupported(_),
+            ) => return None,
+            // The primary may hold part of the change; only a resync can tell.
+            Err(BlockError::Io(_)) => {
+                self.not_journaled(j, range);
+                return None;
+            }
+        }
+        if matches!(
+            op,
+            Op::Write { .. } | Op::Discard { .. } | Op::WriteZeroes { .. }
+        ) && range.is_none()
+        {
+            // An empty change changes nothing.
+            return None;
+        }
+        if self.mode.is_fenced() {
+            self.dirty_only(range);
+            return None;
+        }
+        let cost = record_cost(&op);
+        let permit = if op.payload_len() > 0 {
+            j.pool.try_reserve(cost)
+        } else {
+            j.pool.try_reserve_meta(cost)
+        };
+        let Some(permit) = permit else {
+            self.not_journaled(j, range);
+            return None;
+        };
+        let wait = self.wants_durable(j);
+        let mut seq = lock(&j.seq);
+        let Some(sender) = seq.sender.as_ref() else {
+            drop(seq);
+            self.dirty_only(range);
+            return None;
+        };
+        let lsn = seq.next_lsn;
+        let record = Record {
+            lsn,
+            timestamp_ns: j.timestamps.next(),
+            dev: 0,
+            op,
+        };
+        if wait {
+            j.stats.sync_waiters.fetch_add(1, Ordering::AcqRel);
+        }
+        let ticket = wait.then(|| Ticket {
+            lsn,
+            stats: j.stats.clone(),
+        });
+        if sender.send(Pending { record, permit }).is_err() {
+            // The writer task is gone (it panicked or was aborted): nothing more can be
+            // journaled, and the LSN just taken is lost with it.
+            seq.sender = None;
+            drop(seq);
+            self.mode.need_full(super::mode::FullReason::WriterFailed);
+            self.dirty_only(range);
+            return None;
+        }
+        seq.next_lsn += 1;
+        ticket
+    }
+
+    /// A change left out of the journal: dirty regions, and the dirty episode's
+    /// `RESYNC_BEGIN` if this is the first.
+    fn not_journaled(&self, j: &Journaling, range: Option<Range<u64>>) {
+        self.dirty_only(range);
+        if self.mode.is_fenced() || !self.mode.open_dirty_episode() {
+            return;
+        }
+        tracing::warn!(
+            pool_used = j.pool.used(),
+            pool_cap = j.pool.cap(),
+            "a change could not be journaled; mode forward-part until a resync"
+        );
+        let mut seq = lock(&j.seq);
+        let lsn = seq.next_lsn;
+        let Some(sender) = seq.sender.as_ref() else {
+            return;
+        };
+        let record = Record {
+            lsn,
+            timestamp_ns: j.timestamps.next(),
+            dev: 0,
+            op: Op::ResyncBegin,
+        };
+        let permit = j.pool.force_reserve(RECORD_OVERHEAD);
+        if sender.send(Pending { record, permit }).is_ok() {
+            seq.next_lsn += 1;
+        } else {
+            seq.sender = None;
+            drop(seq);
+            self.mode.need_full(super::mode::FullReason::WriterFailed);
+        }
+    }
+
+    fn dirty_only(&self, range: Option<Range<u64>>) {
+        if let Some(range) = range {
+            self.dirty.mark(range);
+        }
+    }
+
+    /// Whether a write now must wait for durability (`--ack journal`, or `adaptive` over its
+    /// bound). Never while the store is in an outage.
+    fn wants_durable(&self, j: &Journaling) -> bool {
+        if j.stats.outage.load(Ordering::Acquire) {
+            return false;
+        }
+        match j.ack {
+            AckMode::Async => false,
+            AckMode::Journal => true,
+            AckMode::Adaptive(bound) => {
+                let (over, under) = match bound {
+                    MaxLag::Bytes(b) => {
+                        let used = j.pool.used();
+                        (used > b, used <= b / 2)
+                    }
+                    MaxLag::Time(d) => {
+                        let lag = self.lag_time(j);
+                        (lag > d, lag <= d / 2)
+                    }
+                };
+                let waits = j.adaptive_waits.load(Ordering::Acquire);
+                if waits && under {
+                    j.adaptive_waits.store(false, Ordering::Release);
+                    false
+                } else if !waits && over {
+                    j.adaptive_waits.store(true, Ordering::Release);
+                    true
+                } else {
+                    waits
+                }
+            }
+        }
+    }
+
+    fn lag_time(&self, j: &Journaling) -> Duration {
+        match j.stats.oldest_pending_ns.load(Ordering::Acquire) {
+            0 => Duration::ZERO,
+            oldest => Duration::from_nanos(j.clock.now_ns().saturating_sub(oldest)),
+        }
+    }
+
+    async fn acknowledge(&self, ticket: Option<Ticket>) {
+        if let Some(ticket) = ticket {
+            self.wait_durable(ticket.lsn).await;
+        }
+    }
+
+    /// A change under the range lock: apply with `apply`, then journal `op`.
+    async fn change<F>(&self, range: Range<u64>, op: Op, apply: F) -> Result<(), BlockError>
+    where
+        F: std::future::Future<Output = Result<(), BlockError>>,
+    {
+        let ticket = {
+            let _held = self.locks.lock(range).await;
+            let applied = apply.await;
+            let ticket = self.journal(op, &applied);
+            applied?;
+            ticket
+        };
+        self.acknowledge(ticket).await;
+        Ok(())
+    }
+
+    /// Stops intake, lets the writer drain for at most `drain_timeout`, fsyncs the primary
+    /// and, when everything reached the journal, leaves the clean-stop marker.
+    pub async fn shutdown(&self, drain_timeout: Duration) -> ShutdownReport {
+        let Some(j) = &self.journal else {
+            let flush_error = self.device.flush().await.err().map(|e| e.to_string());
+            return ShutdownReport {
+                mode: self.mode(),
+                head_lsn: 0,
+                durable_lsn: 0,
+                undrained_records: 0,
+                drained: true,
+                flush_error,
+                clean: false,
+            };
+        };
+        let head_lsn = {
+            let mut seq = lock(&j.seq);
+            seq.sender = None;
+            seq.next_lsn - 1
+        };
+        let task = lock(&j.task).take();
+        let next_seq = match task {
+            Some(mut task) => match tokio::time::timeout(drain_timeout, &mut task).await {
+                Ok(Ok(next_seq)) => Some(next_seq),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "the journal writer task failed");
+                    None
+                }
+                Err(_) => {
+                    task.abort();
+                    None
+                }
+            },
+            None => None,
+        };
+        let durable_lsn = j.progress.borrow().durable_lsn;
+        let flush_error = self.device.flush().await.err().map(|e| e.to_string());
+        let mode = self.mode();
+        let mut clean = false;
+        if let (Some(next_seq), Mode::Logging, None) = (next_seq, mode, &flush_error) {
+            if durable_lsn == head_lsn {
+                let marker = CleanMarker {
+                    uuid: j.uuid,
+                    epoch: j.epoch,
+                    next_seq,
+                    next_lsn: head_lsn + 1,
+                };
+                match restart::write_marker(&j.marker_path, &marker) {
+                    Ok(()) => clean = true,
+                    Err(e) => tracing::warn!(error = %e, "cannot leave the clean-stop marker"),
+                }
+            }
+        }
+        ShutdownReport {
+            mode,
+            head_lsn,
+            durable_lsn,
+            undrained_records: head_lsn.saturating_sub(durable_lsn),
+            drained: next_seq.is_some(),
+            flush_error,
+            clean,
+        }
+    }
+
+    /// The status snapshot.
+    pub fn status(&self) -> StatusSnapshot {
+        let mode = self.mode();
+        let mode_reason = match mode {
+            Mode::ForwardFull => self.mode.full_reason().map(|r| r.describe().to_string()),
+            Mode::Fenced => self.journal.as_ref().and_then(|j| j.stats.stopped_reason()),
+            Mode::ForwardPart => {
+                Some("changes were left out of the journal (pool full or store failing)".into())
+            }
+            _ => None,
+        };
+        let dirty = DirtyStatus {
+            regions: self.dirty.count(),
+            bytes: self.dirty.bytes(),
+            region_size: self.dirty.region_size(),
+        };
+        let uptime_seconds = self.started.elapsed().as_secs_f64();
+        let Some(j) = &self.journal else {
+            return StatusSnapshot {
+                role: "primary".into(),
+                mode,
+                mode_reason,
+                ack: AckStatus {
+                    configured: "async".into(),
+                    max_lag: None,
+                    effective: "async".into(),
+                },
+                epoch: None,
+                journal: None,
+                primary: self.labels.primary.clone(),
+                listen: self.labels.listen.clone(),
+                export: self.labels.export.clone(),
+                device_size: self.info.size,
+                pool: PoolStatus {
+                    used: 0,
+                    cap: 0,
+                    peak: 0,
+                },
+                head_lsn: 0,
+                durable_lsn: 0,
+                lag: LagStatus {
+                    records: 0,
+                    bytes: 0,
+                    seconds: 0.0,
+                },
+                durable_lag: LagSummary {
+                    records: 0,
+                    p50_seconds: 0.0,
+                    p99_seconds: 0.0,
+                    max_seconds: 0.0,
+                },
+                segments_uploaded: 0,
+                bytes_uploaded: 0,
+                uploads_in_flight: 0,
+                upload_errors: ErrorStatus {
+                    count: 0,
+                    last: None,
+                    failing_seconds: None,
+                    outage: false,
+                },
+                records_abandoned: 0,
+                dirty,
+                uptime_seconds,
+            };
+        };
+        let head_lsn = self.head_lsn();
+        let durable_lsn = j.progress.borrow().durable_lsn.min(head_lsn);
+        let outage = j.stats.outage.load(Ordering::Acquire);
+        let waits = match j.ack {
+            AckMode::Async => false,
+            AckMode::Journal => true,
+            AckMode::Adaptive(_) => j.adaptive_waits.load(Ordering::Acquire),
+        };
+        let stopped = j.progress.borrow().released_lsn == u64::MAX && !outage;
+        let effective = if waits && !outage && !stopped {
+            "journal"
+        } else {
+            "async"
+        };
+        let s = &j.stats;
+        StatusSnapshot {
+            role: "primary".into(),
+            mode,
+            mode_reason,
+            ack: AckStatus {
+                configured: j.ack.name().into(),
+                max_lag: match j.ack {
+                    AckMode::Adaptive(lag) => Some(lag.to_string()),
+                    _ => None,
+                },
+                effective: effective.into(),
+            },
+            epoch: Some(j.epoch),
+            journal: Some(j.store_name.clone()),
+            primary: self.labels.primary.clone(),
+            listen: self.labels.listen.clone(),
+            export: self.labels.export.clone(),
+            device_size: self.info.size,
+            pool: PoolStatus {
+                used: j.pool.used(),
+                cap: j.pool.cap(),
+                peak: j.pool.peak(),
+            },
+            head_lsn,
+            durable_lsn,
+            lag: LagStatus {
+                records: head_lsn - durable_lsn,
+                bytes: j.pool.used(),
+                seconds: if head_lsn > durable_lsn {
+                    self.lag_time(j).as_secs_f64()
+                } else {
+                    0.0
+                },
+            },
+            durable_lag: s.durable_lag.summary(),
+            segments_uploaded: s.segments_uploaded.load(Ordering::Acquire),
+            bytes_uploaded: s.bytes_uploaded.load(Ordering::Acquire),
+            uploads_in_flight: s.uploads_in_flight.load(Ordering::Acquire),
+            upload_errors: ErrorStatus {
+                count: s.upload_errors.load(Ordering::Acquire),
+                last: s.last_error(),
+                failing_seconds: s.failing_for().map(|d| d.as_secs_f64()),
+                outage,
+            },
+            records_abandoned: s.records_abandoned.load(Ordering::Acquire),
+            dirty,
+            uptime_seconds,
+        }
+    }
+}
+
+#[async_trait]
+impl BlockDevice for PrimaryCore {
+    fn info(&self) -> DeviceInfo {
+        self.info
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BlockError> {
+        // Reads take no lock: a read overlapping a write in flight may see either content,
+        // as on any disk.
+        self.device.read(offset, len).await
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), BlockError> {
+        let len = data.len() as u64;
+        check_range(offset, len, self.info.size)?;
+        let shared = data.clone();
+        self.change(
+            offset..offset + len,
+            Op::Write { offset, data },
+            self.device.write(offset, shared, fua),
+        )
+        .await
+    }
+
+    async fn flush(&self) -> Result<(), BlockError> {
+        let applied = self.device.flush().await;
+        let ticket = self.journal(Op::Flush, &applied);
+        applied?;
+        self.acknowledge(ticket).await;
+        Ok(())
+    }
+
+    async fn trim(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        check_range(offset, len, self.info.size)?;
+        self.change(
+            offset..offset + len,
+            Op::Discard { offset, len },
+            self.device.trim(offset, len),
+        )
+        .await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), BlockError> {
+        check_range(offset, len, self.info.size)?;
+        self.change(
+            offset..offset + len,
+            Op::WriteZeroes { offset, len },
+            self.device.write_zeroes(offset, len, fua),
+        )
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests;

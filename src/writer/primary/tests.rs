@@ -1,0 +1,458 @@
+//! Primary core scenarios over an in-memory disk and the memory store: the journal replays
+//! to the disk, overlapping writes keep their order, a full pool or a dead store never
+//! blocks a write, acknowledgement modes, and restart modes.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::*;
+use crate::clock::SystemClock;
+use crate::journal::manifest::ManifestParams;
+use crate::journal::reader::{Cursor, JournalReader, Step};
+use crate::journal::RecordKind;
+use crate::store::flaky::{FailureKind, FlakyStore};
+use crate::store::memory::MemoryStore;
+
+const SIZE: u64 = 16 << 20;
+
+/// A disk in memory; each write may be slowed down to widen races.
+struct MemDisk {
+    data: Mutex<Vec<u8>>,
+    write_delay: Duration,
+}
+
+impl MemDisk {
+    fn new(write_delay: Duration) -> Arc<Self> {
+        Arc::new(MemDisk {
+            data: Mutex::new(vec![0; SIZE as usize]),
+            write_delay,
+        })
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        self.data.lock().unwrap().clone()
+    }
+}
+
+#[async_trait]
+impl BlockDevice for MemDisk {
+    fn info(&self) -> DeviceInfo {
+        DeviceInfo {
+            size: SIZE,
+            block_size: 4096,
+            read_only: false,
+            supports_trim: true,
+            supports_write_zeroes: true,
+            flush_covers_all_connections: true,
+        }
+    }
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BlockError> {
+        check_range(offset, u64::from(len), SIZE)?;
+        let d = self.data.lock().unwrap();
+        Ok(Bytes::copy_from_slice(
+            &d[offset as usize..(offset + u64::from(len)) as usize],
+        ))
+    }
+    async fn write(&self, offset: u64, data: Bytes, _fua: bool) -> Result<(), BlockError> {
+        check_range(offset, data.len() as u64, SIZE)?;
+        if !self.write_delay.is_zero() {
+            tokio::time::sleep(self.write_delay).await;
+        }
+        self.data.lock().unwrap()[offset as usize..offset as usize + data.len()]
+            .copy_from_slice(&data);
+        Ok(())
+    }
+    async fn flush(&self) -> Result<(), BlockError> {
+        Ok(())
+    }
+    async fn trim(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.write_zeroes(offset, len, false).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64, _fua: bool) -> Result<(), BlockError> {
+        check_range(offset, len, SIZE)?;
+        self.data.lock().unwrap()[offset as usize..(offset + len) as usize].fill(0);
+        Ok(())
+    }
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    store: Arc<dyn ObjectStore>,
+    flaky: Arc<FlakyStore>,
+    manifest: Manifest,
+}
+
+impl Fixture {
+    async fn new() -> Fixture {
+        let flaky = Arc::new(FlakyStore::new(Arc::new(MemoryStore::new())));
+        let store: Arc<dyn ObjectStore> = flaky.clone();
+        let manifest = Manifest::new(
+            &ManifestParams {
+                device_name: "disk0".into(),
+                size: SIZE,
+                block_size: 4096,
+                region_size: 1 << 20,
+                splay_width: 4,
+                segment_size: 256 << 10,
+            },
+            1,
+        )
+        .unwrap();
+        manifest.create(store.as_ref()).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        // The path only serves the "does the primary hold data" check and the marker.
+        std::fs::File::create(dir.path().join("primary.img"))
+            .unwrap()
+            .set_len(SIZE)
+            .unwrap();
+        Fixture {
+            dir,
+            store,
+            flaky,
+            manifest,
+        }
+    }
+
+    fn setup(&self, ack: AckMode, pool_size: u64) -> JournalSetup {
+        JournalSetup {
+            store: self.store.clone(),
+            manifest: self.manifest.clone(),
+            writer: WriterConfig {
+                linger: Duration::from_millis(20),
+                retry_base: Duration::from_millis(2),
+                retry_max: Duration::from_millis(20),
+                ..WriterConfig::for_manifest(&self.manifest)
+            },
+            pool_size,
+            ack,
+            clock: Arc::new(SystemClock),
+            primary_path: self.dir.path().join("primary.img"),
+        }
+    }
+
+    async fn core(&self, disk: &Arc<MemDisk>, ack: AckMode, pool_size: u64) -> PrimaryCore {
+        PrimaryCore::start(
+            disk.clone(),
+            Labels::default(),
+            Some(self.setup(ack, pool_size)),
+        )
+        .await
+        .unwrap()
+    }
+
+    /// Every record of the journal, in LSN order, gap-free from 1.
+    async fn records(&self) -> Vec<Record> {
+        let reader = JournalReader::new(self.flaky.inner().clone(), self.manifest.clone());
+        let mut cursor = Cursor {
+            seq: 0,
+            next_lsn: 1,
+        };
+        let mut out: Vec<Record> = Vec::new();
+        while let Step::Segment(s) = reader.step(&mut cursor).await.unwrap() {
+            for r in s.records {
+                assert_eq!(r.lsn, out.len() as u64 + 1);
+                out.push(r);
+            }
+        }
+        out
+    }
+
+    /// The image the journal rebuilds on a zeroed disk.
+    async fn replay(&self) -> Vec<u8> {
+        let mut image = vec![0u8; SIZE as usize];
+        for r in self.records().await {
+            match r.op {
+                Op::Write { offset, data } | Op::ResyncData { offset, data } => {
+                    image[offset as usize..offset as usize + data.len()].copy_from_slice(&data)
+                }
+                Op::Discard { offset, len } | Op::WriteZeroes { offset, len } => {
+                    image[offset as usize..(offset + len) as usize].fill(0)
+                }
+                _ => {}
+            }
+        }
+        image
+    }
+}
+
+fn pattern(seed: u64, len: usize) -> Bytes {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    Bytes::from(
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect::<Vec<_>>(),
+    )
+}
+
+#[tokio::test]
+async fn every_change_is_journaled_and_the_journal_rebuilds_the_disk() {
+    let f = Fixture::new().await;
+    let disk = MemDisk::new(Duration::ZERO);
+    let core = f.core(&disk, AckMode::Async, 64 << 20).await;
+    assert_eq!(core.mode(), Mode::Logging);
+    for i in 0..50u64 {
+        core.write(i * 12_288 % (SIZE - 65536), pattern(i, 8192), false)
+            .await
+            .unwrap();
+    }
+    core.trim(0, 16384).await.unwrap();
+    core.write_zeroes(1 << 20, 65536, false).await.unwrap();
+    core.flush().await.unwrap();
+    // Empty and refused requests change nothing and journal nothing.
+    core.write(4096, Bytes::new(), false).await.unwrap();
+    assert!(matches!(
+        core.write(SIZE - 4096, pattern(1, 8192), false).await,
+        Err(BlockError::OutOfRange { .. })
+    ));
+    assert_eq!(core.head_lsn(), 1 + 50 + 3);
+    let report = core.shutdown(Duration::from_secs(10)).await;
+    assert!(report.drained && report.clean, "{report:?}");
+    assert_eq!(report.durable_lsn, report.head_lsn);
+    let kinds: Vec<_> = f.records().await.iter().map(|r| r.kind()).collect();
+    assert_eq!(kinds[0], RecordKind::Epoch);
+    assert_eq!(
+        kinds[51..],
+        [
+            RecordKind::Discard,
+            RecordKind::WriteZeroes,
+            RecordKind::Flush
+        ]
+    );
+    assert!(
+        f.replay().await == disk.snapshot(),
+        "journal replay equals the disk"
+    );
+}
+
+/// Many tasks write overlapping ranges while the disk is slow: the range lock makes the
+/// journal's order the disk's order, so the replay still equals the disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn overlapping_concurrent_writes_replay_to_the_same_disk() {
+    let f = Fixture::new().await;
+    let disk = MemDisk::new(Duration::from_micros(300));
+    let core = Arc::new(f.core(&disk, AckMode::Async, 64 << 20).await);
+    let tasks: Vec<_> = (0..16u64)
+        .map(|t| {
+            let core = core.clone();
+            tokio::spawn(async move {
+                for i in 0..40u64 {
+                    // All tasks hammer the same 64 KiB with 4..16 KiB writes.
+                    let offset = ((t * 5 + i * 3) % 12) * 4096;
+                    let len = 4096 * (1 + (t + i) % 4) as usize;
+                    core.write(offset, pattern(t * 1000 + i, len), false)
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let report = core.shutdown(Duration::from_secs(10)).await;
+    assert!(report.clean, "{report:?}");
+    assert!(f.replay().await == disk.snapshot());
+}
+
+/// The store is down and the pool is tiny: writes keep completing at disk speed, memory
+/// stays under the cap, the mode turns forward-part with dirty regions, and exactly one
+/// RESYNC_BEGIN marks where the journal stopped being complete.
+#[tokio::test]
+async fn a_full_pool_never_blocks_writes_and_marks_them_dirty() {
+    let f = Fixture::new().await;
+    let disk = MemDisk::new(Duration::ZERO);
+    let core = f.core(&disk, AckMode::Async, 1 << 20).await;
+    f.flaky.fail_all(Some(FailureKind::Transient));
+    let started = Instant::now();
+    for i in 0..256u64 {
+        core.write(i * 65536 % SIZE, pattern(i, 16384), false)
+            .await
+            .unwrap();
+    }
+    core.flush().await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "writes were not held up"
+    );
+    assert_eq!(core.mode(), Mode::ForwardPart);
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while core.status().upload_errors.count == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the writer tried and failed to upload");
+    let status = core.status();
+    assert!(
+        status.pool.peak <= (1 << 20) + RECORD_OVERHEAD,
+        "{:?}",
+        status.pool
+    );
+    assert!(status.dirty.regions > 0);
+    assert!(status.upload_errors.count > 0);
+    assert!(status.render_text().contains("WARNING: mode forward-part"));
+
+    // The store comes back: what was queued drains, and the journal holds one RESYNC_BEGIN.
+    f.flaky.heal();
+    let report = core.shutdown(Duration::from_secs(10)).await;
+    assert!(report.drained && !report.clean, "{report:?}");
+    let records = f.records().await;
+    let begins = records
+        .iter()
+        .filter(|r| r.kind() == RecordKind::ResyncBegin)
+        .count();
+    assert_eq!(begins, 1);
+    // Every write missing from the journal lies in a dirty region.
+    let journaled: std::collections::HashSet<u64> = records
+        .iter()
+        .filter_map(|r| match &r.op {
+            Op::Write { offset, .. } => Some(*offset),
+            _ => None,
+        })
+        .collect();
+    for i in 0..256u64 {
+        let offset = i * 65536 % SIZE;
+        if !journaled.contains(&offset) {
+            assert!(
+                core.dirty().is_dirty(offset >> 20),
+                "write at {offset} not tracked"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn ack_journal_replies_only_once_the_record_is_durable() {
+    let f = Fixture::new().await;
+    let disk = MemDisk::new(Duration::ZERO);
+    let core = Arc::new(f.core(&disk, AckMode::Journal, 64 << 20).await);
+    f.flaky.set_latency(Duration::from_millis(30));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..8u64)
+        .map(|i| {
+            let core = core.clone();
+            tokio::spawn(async move {
+                core.write(i * 4096, pattern(i, 4096), false).await.unwrap();
+                core.durable_lsn()
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert!(t.await.unwrap() >= 2, "durable when acknowledged");
+    }
+    // Group commit: 8 concurrent writes need far fewer than 8 serial uploads, and no
+    // linger (20 ms) is added to any of them.
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(core.durable_lsn(), core.head_lsn());
+    assert_eq!(core.status().ack.effective, "journal");
+    core.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn adaptive_switches_to_journal_over_the_bound_and_back() {
+    let f = Fixture::new().await;
+    let disk = MemDisk::new(Duration::ZERO);
+    let core = f
+        .core(&disk, AckMode::Adaptive(MaxLag::Bytes(256 << 10)), 64 << 20)
+        .await;
+    f.flaky.fail_all(Some(FailureKind::Transient));
+    // 15 writes of 16 KiB stay under the 256 KiB bound: async, at once.
+    for i in 0..15u64 {
+        core.write(i * 65536, pattern(i, 16384), false)
+            .await
+            .unwrap();
+    }
+    assert!(core.status().pool.used < 256 << 10);
+    assert_eq!(core.status().ack.effective, "async");
+    // The 16th passes the bound: it waits for durability, which needs the store.
+    let waiting = core.write(0, pattern(99, 16384), false);
+    tokio::pin!(waiting);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), &mut waiting)
+            .await
+            .is_err()
+    );
+    assert_eq!(core.status().ack.effective, "journal");
+    f.flaky.heal();
+    tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .unwrap()
+        .unwrap();
+    // Drained below half the bound: async again.
+    core.write(0, pattern(100, 4096), false).await.unwrap();
+    assert_eq!(core.status().ack.effective, "async");
+    core.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn restart_modes_follow_the_clean_stop_marker() {
+    let f = Fixture::new().await;
+    let disk = MemDisk::new(Duration::ZERO);
+    let core = f.core(&disk, AckMode::Async, 8 << 20).await;
+    core.write(0, pattern(1, 4096), false).await.unwrap();
+    assert!(core.shutdown(Duration::from_secs(5)).await.clean);
+    drop(core);
+
+    // A clean stop: logging again, LSNs continue.
+    let core = f.core(&disk, AckMode::Async, 8 << 20).await;
+    assert_eq!(core.mode(), Mode::Logging);
+    assert_eq!(core.epoch(), Some(2));
+    core.write(4096, pattern(2, 4096), false).await.unwrap();
+    let lsn = core.head_lsn();
+    assert!(core.wait_durable(lsn).await);
+    drop(core); // a crash: no shutdown, no marker
+
+    let core = f.core(&disk, AckMode::Async, 8 << 20).await;
+    assert_eq!(core.mode(), Mode::ForwardFull);
+    assert!(core
+        .status()
+        .mode_reason
+        .unwrap()
+        .contains("did not stop cleanly"));
+    let report = core.shutdown(Duration::from_secs(5)).await;
+    assert!(!report.clean, "forward-full stays forward-full");
+    let kinds: Vec<_> = f.records().await.iter().map(|r| r.kind()).collect();
+    assert_eq!(
+        kinds,
+        [
+            RecordKind::Epoch,
+            RecordKind::Write,
+            RecordKind::Epoch,
+            RecordKind::Write,
+            RecordKind::Epoch,
+            RecordKind::ResyncBegin
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_primary_of_the_wrong_size_is_refused() {
+    let f = Fixture::new().await;
+    let mut setup = f.setup(AckMode::Async, 8 << 20);
+    setup.manifest.devices[0].size = SIZE * 2;
+    let err = PrimaryCore::start(MemDisk::new(Duration::ZERO), Labels::default(), Some(setup))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CoreError::SizeMismatch { .. }), "{err}");
+    assert!(err.to_string().contains(&(SIZE * 2).to_string()));
+}
+
+#[tokio::test]
+async fn without_a_journal_the_core_just_serves_the_disk() {
+    let disk = MemDisk::new(Duration::ZERO);
+    let core = PrimaryCore::start(disk.clone(), Labels::default(), None)
+        .await
+        .unwrap();
+    core.write(8192, pattern(5, 4096), false).await.unwrap();
+    assert_eq!(core.read(8192, 4096).await.unwrap(), pattern(5, 4096));
+    let status = core.status();
+    assert_eq!(status.mode, Mode::NoJournal);
+    assert!(status.render_text().contains("--no-journal"));
+}
