@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 #[path = "tinylag/mod.rs"]
 mod cmd;
 
-use cmd::{init, journal_cmd, replay, serve, status};
+use cmd::{init, journal_cmd, replay, serve, status, up};
 
 /// Asynchronous block-device replication through a journal in object storage,
 /// with delayed replicas and time travel.
@@ -39,6 +39,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Show a running daemon's mode, pool, LSNs, lag, uploads and dirty regions.
     Status(status::StatusArgs),
+    /// Primary, journal and replica in one directory, one process: serve + replay.
+    Up(up::UpArgs),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +63,7 @@ fn main() -> ExitCode {
             Command::Replay(a) => replay::run(*a).await,
             Command::Serve(a) => serve::run(a).await,
             Command::Status(a) => status::run(a).await,
+            Command::Up(a) => up::run(a).await,
         }
     });
     match result {

@@ -6,3 +6,4 @@ pub mod journal_cmd;
 pub mod replay;
 pub mod serve;
 pub mod status;
+pub mod up;

@@ -28,7 +28,7 @@
 
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::journal::consumer::{self, ConsumerState};
 use crate::journal::paths;
@@ -40,7 +40,7 @@ use super::replica::ReplicaTarget;
 use super::undo::UndoLog;
 
 /// What recovery did.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecoveryReport {
     pub undone_segments: u64,
     pub undone_records: u64,

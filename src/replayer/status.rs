@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::clock::{format_ns, Clock};
 use crate::control::{Handler, Request, Response};
@@ -30,7 +30,7 @@ const HEAD_CACHE_NS: u64 = 2_000_000_000;
 const LAG_SIZE_SAMPLE: u64 = 32;
 
 /// What the agent is doing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AgentState {
     Starting,
@@ -71,7 +71,7 @@ type HeadCache = (u64, KnownHead, Option<LagBytes>);
 
 /// Where the agent's time went since it started (wall time per phase of a batch), so an
 /// operator can tell a slow store from a slow replica.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PhaseTimes {
     /// Reading pre-images from the replica.
     pub preimage_ms: u64,
@@ -96,7 +96,7 @@ pub enum Phase {
 }
 
 /// Fixed facts about the agent.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AgentIdentity {
     pub name: String,
     /// Journal address (no credentials: store descriptions never carry them).
@@ -134,10 +134,10 @@ pub struct StatusBoard {
 }
 
 /// The status of one replay agent (the `result` of `{"cmd":"status"}`).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ReplicaStatus {
     /// Always `"replica"`: tells a generic client what kind of daemon answered.
-    pub role: &'static str,
+    pub role: String,
     #[serde(flatten)]
     pub identity: AgentIdentity,
     pub state: AgentState,
@@ -400,7 +400,7 @@ impl StatusBoard {
         };
         let time = |ns: u64| (ns > 0).then(|| format_ns(ns));
         ReplicaStatus {
-            role: "replica",
+            role: "replica".into(),
             identity: self.identity.clone(),
             state,
             error,
@@ -464,7 +464,7 @@ pub fn render_text(s: &ReplicaStatus) -> String {
     let or_never = |t: &Option<String>| t.clone().unwrap_or_else(|| "-".into());
     let mut out = String::new();
     let mut line = |k: &str, v: String| out.push_str(&format!("{k:<16}{v}\n"));
-    line("role", format!("replica {}", s.identity.name));
+    line("role", format!("replica (consumer {})", s.identity.name));
     line(
         "state",
         serde_json::to_value(s.state).map_or(String::new(), |v| {
