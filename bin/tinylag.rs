@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 #[path = "tinylag/mod.rs"]
 mod cmd;
 
-use cmd::{init, journal_cmd, serve, status};
+use cmd::{init, journal_cmd, replay, serve, status, up};
 
 /// Asynchronous block-device replication through a journal in object storage,
 /// with delayed replicas and time travel.
@@ -33,10 +33,14 @@ enum Command {
     /// Look at a journal.
     #[command(subcommand)]
     Journal(journal_cmd::JournalCommand),
+    /// Follow a journal onto a replica (a replay agent), optionally with a delay.
+    Replay(Box<replay::ReplayArgs>),
     /// Serve the primary over NBD and journal every acknowledged change (the primary daemon).
     Serve(serve::ServeArgs),
     /// Show a running daemon's mode, pool, LSNs, lag, uploads and dirty regions.
     Status(status::StatusArgs),
+    /// Primary, journal and replica in one directory, one process: serve + replay.
+    Up(up::UpArgs),
 }
 
 fn main() -> ExitCode {
@@ -56,8 +60,10 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Init(a) => init::run(a).await,
             Command::Journal(c) => journal_cmd::run(c).await,
+            Command::Replay(a) => replay::run(*a).await,
             Command::Serve(a) => serve::run(a).await,
             Command::Status(a) => status::run(a).await,
+            Command::Up(a) => up::run(a).await,
         }
     });
     match result {

@@ -190,10 +190,13 @@ async fn inspect_lists_records_and_info_shows_consumer_lag() {
             applied_lsn: 3,
             applied_timestamp_ns: seg0[2].timestamp_ns,
             consistent_lsn: 3,
+            consistent_seq: 1,
+            consistent_timestamp_ns: seg0[2].timestamp_ns,
             delay_ns: 0,
             replica: "/r.img".into(),
             registered_at_ns: 0,
             updated_at_ns: 0,
+            undo: Default::default(),
         },
     )
     .await

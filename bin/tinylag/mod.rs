@@ -3,5 +3,7 @@
 pub mod args;
 pub mod init;
 pub mod journal_cmd;
+pub mod replay;
 pub mod serve;
 pub mod status;
+pub mod up;

@@ -1,10 +1,12 @@
-//! `tinylag status`: asks a running daemon for its status over the control socket and prints
-//! it (text for people, `--json` for scripts).
+//! `tinylag status`: asks a running daemon (the primary, or a replay agent: its answer's
+//! `role` says which) for its status over the control socket and prints it (text for people,
+//! `--json` for scripts).
 
 use std::path::PathBuf;
 
 use clap::Args;
 use tinylag::control::{self, Request};
+use tinylag::replayer::status::{render_text, ReplicaStatus};
 use tinylag::writer::status::StatusSnapshot;
 
 use crate::cmd::serve::default_control_path;
@@ -35,6 +37,16 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
     let answer = control::request(&path, &request).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&answer)?);
+        return Ok(());
+    }
+    if answer["role"] == "replica" {
+        let status: ReplicaStatus = serde_json::from_value(answer).map_err(|e| {
+            anyhow::anyhow!(
+                "the replay agent at {} answered a status this tinylag cannot read ({e}); try --json",
+                path.display()
+            )
+        })?;
+        print!("{}", render_text(&status));
         return Ok(());
     }
     let status: StatusSnapshot = serde_json::from_value(answer).map_err(|e| {

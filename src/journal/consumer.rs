@@ -16,8 +16,13 @@ use crate::store::{list_all, ObjectStore};
 /// # Invariants
 /// - Every record with LSN `<= applied_lsn` is applied and durable on the replica.
 /// - `next_seq` is the segment holding LSN `applied_lsn + 1` (or the next segment to be
-///   written): trim keeps `next_seq` and everything after it.
-/// - `consistent_lsn <= applied_lsn`.
+///   written).
+/// - `consistent_lsn <= applied_lsn`; they differ only inside an unfinished resync span
+///   (`RESYNC_BEGIN` applied, its `RESYNC_END` not yet), where `consistent_lsn` stays at
+///   `RESYNC_BEGIN - 1`.
+/// - `consistent_seq <= next_seq` is the segment holding `consistent_lsn + 1`: a replay agent
+///   that restarts inside a span undoes it and reads again from there. **Trim keeps
+///   [`trim_floor`](Self::trim_floor) and everything after it**, never only `next_seq`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConsumerState {
     pub name: String,
@@ -28,6 +33,13 @@ pub struct ConsumerState {
     pub applied_timestamp_ns: u64,
     /// Last LSN at which the replica equalled the primary (outside any resync span).
     pub consistent_lsn: u64,
+    /// Segment holding `consistent_lsn + 1` (see the invariants). 0 in positions written
+    /// before this field existed, which makes trim keep everything: safe.
+    #[serde(default)]
+    pub consistent_seq: u64,
+    /// Timestamp of the record at `consistent_lsn` (0 before the first).
+    #[serde(default)]
+    pub consistent_timestamp_ns: u64,
     /// The consumer's replay delay.
     pub delay_ns: u64,
     /// Where the replica lives (for operators; not interpreted).
@@ -35,6 +47,37 @@ pub struct ConsumerState {
     pub replica: String,
     pub registered_at_ns: u64,
     pub updated_at_ns: u64,
+    /// Where the consumer's undo log stands (replay agents that keep one).
+    #[serde(default)]
+    pub undo: UndoPosition,
+}
+
+impl ConsumerState {
+    /// The first segment trim must keep for this consumer.
+    pub fn trim_floor(&self) -> u64 {
+        self.consistent_seq.min(self.next_seq)
+    }
+}
+
+/// A replay agent's undo-log position, committed together with its journal position so the
+/// two never disagree after a crash.
+///
+/// # Invariants
+/// - Undo segments `consistent_seq..next_seq` hold the pre-images of the records after
+///   `consistent_lsn` up to `applied_lsn` (none outside a resync span); segments at and
+///   after `next_seq` that exist were written after the last commit and are undone by
+///   crash recovery.
+/// - `bytes` and `segments` count the undo segments below `next_seq` still in the log.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UndoPosition {
+    /// The undo segment the agent writes next.
+    pub next_seq: u64,
+    /// The first undo segment holding a pre-image of a record after `consistent_lsn`.
+    pub consistent_seq: u64,
+    /// Stored bytes of the undo log.
+    pub bytes: u64,
+    /// Undo segments in the log.
+    pub segments: u64,
 }
 
 /// The first live segment and the first LSN in it (JSON in `trim`). Absent means nothing
@@ -175,10 +218,13 @@ mod tests {
             applied_lsn: lsn,
             applied_timestamp_ns: 0,
             consistent_lsn: lsn,
+            consistent_seq: 0,
+            consistent_timestamp_ns: 0,
             delay_ns: 0,
             replica: "/r".into(),
             registered_at_ns: 1,
             updated_at_ns: 1,
+            undo: UndoPosition::default(),
         }
     }
 
@@ -212,6 +258,19 @@ mod tests {
             unregister(&store, "a").await,
             Err(JournalError::UnknownConsumer { .. })
         ));
+    }
+
+    #[test]
+    fn positions_written_before_the_replay_fields_still_load() {
+        let old = br#"{"name":"a","next_seq":5,"applied_lsn":9,"applied_timestamp_ns":1,
+            "consistent_lsn":9,"delay_ns":0,"registered_at_ns":1,"updated_at_ns":1}"#;
+        let state: ConsumerState = serde_json::from_slice(old).unwrap();
+        assert_eq!(state.undo, UndoPosition::default());
+        assert_eq!(
+            state.trim_floor(),
+            0,
+            "an unknown consistent seq keeps everything"
+        );
     }
 
     #[tokio::test]

@@ -10,6 +10,13 @@
 //! consumers/<name>               commit position of each consumer
 //! trim                           first live seq
 //! ```
+//!
+//! An undo log (a replay agent's pre-images, in its own store root) has its own two names:
+//!
+//! ```text
+//! undo.json                      undo-log manifest (journal UUID, consumer, replica, size)
+//! undo/<seq:020>                 undo segments, one per applied batch
+//! ```
 
 /// The manifest, written once by conditional create.
 pub const MANIFEST: &str = "tinylag.json";
@@ -21,6 +28,11 @@ pub const CONSUMERS_PREFIX: &str = "consumers/";
 pub const JOURNAL_PREFIX: &str = "journal/";
 /// The first live seq.
 pub const TRIM_POINTER: &str = "trim";
+
+/// The undo-log manifest, written once by conditional create.
+pub const UNDO_MANIFEST: &str = "undo.json";
+/// Folder of undo segments.
+pub const UNDO_PREFIX: &str = "undo/";
 
 /// Key of writer epoch `epoch`.
 pub fn epoch_key(epoch: u64) -> String {
@@ -76,6 +88,16 @@ pub fn valid_consumer_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// Key of undo segment `seq`.
+pub fn undo_segment_key(seq: u64) -> String {
+    format!("{UNDO_PREFIX}{seq:020}")
+}
+
+/// Parses an undo segment key back to its seq.
+pub fn parse_undo_segment_key(key: &str) -> Option<u64> {
+    parse_padded(key.strip_prefix(UNDO_PREFIX)?)
+}
+
 fn parse_padded(s: &str) -> Option<u64> {
     (s.len() == 20 && s.bytes().all(|b| b.is_ascii_digit()))
         .then(|| s.parse().ok())
@@ -99,6 +121,14 @@ mod tests {
         assert!(epoch_key(9) < epoch_key(10));
         assert_eq!(parse_epoch_key(&epoch_key(42)), Some(42));
         assert_eq!(parse_epoch_key("epochs/42"), None);
+    }
+
+    #[test]
+    fn undo_keys_round_trip_and_sort_by_seq() {
+        assert_eq!(undo_segment_key(12), "undo/00000000000000000012");
+        assert_eq!(parse_undo_segment_key(&undo_segment_key(12)), Some(12));
+        assert_eq!(parse_undo_segment_key("undo/12"), None);
+        assert!(undo_segment_key(9) < undo_segment_key(10));
     }
 
     #[test]

@@ -1,1 +1,35 @@
-//! Replay agent.
+//! The replay agent: follows a journal onto a replica image, optionally hours behind, and
+//! keeps the pre-images (undo log) that let crash recovery and time travel walk it back.
+//!
+//! - [`agent`]: tailing the journal, waiting out the delay, batching and committing;
+//! - [`apply`]: what each record kind does to the replica;
+//! - [`overlay`]: the net effect of a batch, applied in offset order;
+//! - [`preimage`]: reading what a batch is about to overwrite;
+//! - [`undo`]: the undo log (its manifest and segments, in the journal's segment codec);
+//! - [`recovery`]: undoing what a crash left past the last consistent commit;
+//! - [`replica`]: the replica file or block device;
+//! - [`status`]: what the agent reports on its control socket.
+//!
+//! Must never: touch the replica before the undo record of the change is durable; commit a
+//! position the replica has not fsync'd; apply a record from a segment that failed
+//! verification (CRC, UUID, seq, LSN) or before its `timestamp + delay`; leave the replica,
+//! after recovery, in a state the primary never had.
+
+pub mod agent;
+pub mod apply;
+pub mod error;
+pub mod overlay;
+pub mod preimage;
+pub mod recovery;
+pub mod replica;
+pub mod status;
+pub mod undo;
+
+pub use agent::{Agent, AgentConfig, BatchLimits, Outcome, PollPolicy, Timer, TokioTimer};
+pub use error::ReplayError;
+pub use recovery::RecoveryReport;
+pub use replica::{ReplicaFile, ReplicaTarget};
+pub use status::{ReplicaStatus, StatusBoard, StatusHandler};
+
+#[cfg(test)]
+mod tests;

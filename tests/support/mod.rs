@@ -6,5 +6,6 @@ pub mod daemon;
 pub mod nbd;
 pub mod oracle;
 pub mod procs;
+pub mod replay;
 pub mod s3;
 pub mod verdict;

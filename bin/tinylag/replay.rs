@@ -1,0 +1,236 @@
+//! `tinylag replay`: a replay agent following a journal onto a replica, with a control socket.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use tinylag::clock::{format_ns, Clock, SystemClock};
+use tinylag::control;
+use tinylag::journal::reader::JournalReader;
+use tinylag::journal::Manifest;
+use tinylag::replayer::status::format_duration;
+use tinylag::replayer::{
+    Agent, AgentConfig, BatchLimits, Outcome, PollPolicy, ReplicaFile, ReplicaTarget,
+    StatusHandler, TokioTimer,
+};
+use tinylag::store::local::LocalStore;
+use tinylag::store::{open_store, ObjectStore, StoreUri};
+use tokio::sync::watch;
+
+use crate::cmd::args::{parse_size, parse_store_uri, parse_time, JournalArgs};
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    pub journal: JournalArgs,
+    /// The replica image: a file (created sparse, of the device size, if absent) or a block
+    /// device.
+    #[arg(long, value_name = "PATH")]
+    pub replica: PathBuf,
+    /// Consumer name: this agent's position in the journal (1-64 of A-Z a-z 0-9 . _ -).
+    #[arg(long)]
+    pub name: String,
+    /// Apply each record this long after it was written (e.g. 1h).
+    #[arg(long, default_value = "0", value_parser = parse_duration)]
+    pub delay: Duration,
+    /// Undo log location: a directory or store URI (default: <replica>.undo/ beside the
+    /// replica).
+    #[arg(long, value_name = "DIR|URI", value_parser = parse_store_uri, conflicts_with = "no_undo")]
+    pub undo: Option<StoreUri>,
+    /// Keep no undo log: faster, but no time travel back, and after a crash the replica is
+    /// torn until the agent has re-applied its last batch.
+    #[arg(long)]
+    pub no_undo: bool,
+    /// Stop once the next record was written after TIME (RFC 3339, @unix, "10m ago").
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub until: Option<u64>,
+    /// Apply what is in the journal (and due) now, then exit.
+    #[arg(long)]
+    pub once: bool,
+    /// Control socket (default: <replica>.ctl).
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// Most records per batch (one undo segment, one fsync, one commit each).
+    #[arg(long, default_value_t = 8192, hide = true)]
+    pub batch_records: usize,
+    /// Most bytes per batch.
+    #[arg(long, default_value = "32M", value_parser = parse_size, hide = true)]
+    pub batch_bytes: u64,
+    /// Pre-image bytes per undo segment (a batch's undo segments are written in parallel).
+    #[arg(long, default_value = "4M", value_parser = parse_size, hide = true)]
+    pub undo_part_bytes: u64,
+    /// Run crash recovery only, then exit (for tests and operators checking a replica).
+    #[arg(long, hide = true)]
+    pub recover_only: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    tinylag::units::parse_duration(s)
+}
+
+/// `<path><suffix>` beside `path` (`replica.img` → `replica.img.undo`).
+fn beside(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+/// Everything a running agent needs, opened and checked.
+pub struct Opened {
+    pub agent: Agent,
+    pub control: PathBuf,
+    pub replica: PathBuf,
+    pub undo: Option<String>,
+}
+
+/// Opens the journal, the replica, the undo log, and the agent, for `replay` and `up`.
+pub async fn open(args: &ReplayArgs, journal: Arc<dyn ObjectStore>) -> anyhow::Result<Opened> {
+    let manifest = Manifest::load(journal.as_ref()).await?;
+    let replica_path = std::path::absolute(&args.replica)
+        .with_context(|| format!("--replica {}", args.replica.display()))?;
+    let size = manifest
+        .device_size(0)
+        .context("the journal's manifest lists no device")?;
+    let undo_store: Option<Arc<dyn ObjectStore>> = if args.no_undo {
+        None
+    } else {
+        Some(match &args.undo {
+            Some(uri) => open_store(uri, &args.journal.s3.options()).await?,
+            None => Arc::new(LocalStore::new(beside(&replica_path, ".undo"))),
+        })
+    };
+    let (replica, created) = ReplicaFile::open_or_create(&replica_path, size)?;
+    let replica: Arc<dyn ReplicaTarget> = Arc::new(replica);
+    let config = AgentConfig {
+        name: args.name.clone(),
+        replica: replica_path.display().to_string(),
+        delay: args.delay,
+        until_ns: args.until,
+        once: args.once,
+        limits: BatchLimits {
+            max_records: args.batch_records.max(1),
+            max_bytes: args.batch_bytes.max(1),
+            undo_part: usize::try_from(args.undo_part_bytes).unwrap_or(usize::MAX),
+            ..BatchLimits::default()
+        },
+        poll: PollPolicy::default(),
+    };
+    let reader = JournalReader::new(journal, manifest);
+    let opened = Agent::open(
+        reader,
+        undo_store.clone(),
+        replica,
+        created,
+        config,
+        Arc::new(SystemClock),
+        Arc::new(TokioTimer),
+    )
+    .await;
+    let agent = match opened {
+        Ok(agent) => agent,
+        Err(e) => {
+            if created {
+                // Leave nothing behind for a refused start.
+                let _ = std::fs::remove_file(&replica_path);
+            }
+            return Err(e.into());
+        }
+    };
+    let control = args
+        .control
+        .clone()
+        .unwrap_or_else(|| beside(&replica_path, ".ctl"));
+    Ok(Opened {
+        agent,
+        control,
+        replica: replica_path,
+        undo: undo_store.map(|s| s.describe()),
+    })
+}
+
+pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
+    let journal = args.journal.open().await?;
+    let Opened {
+        mut agent,
+        control: control_path,
+        replica,
+        undo,
+    } = open(&args, journal.clone()).await?;
+
+    if args.recover_only {
+        let report = agent.recover().await?;
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+
+    let listener = control::bind(&control_path)
+        .await
+        .with_context(|| format!("control socket {}", control_path.display()))?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let board = agent.board();
+    let server = tokio::spawn(control::serve(
+        listener,
+        Arc::new(StatusHandler(board.clone())),
+        shutdown_rx.clone(),
+    ));
+    eprintln!(
+        "tinylag replay: {} -> {} as consumer {} (delay {}, undo log {}); status: tinylag status --control {}",
+        journal.describe(),
+        replica.display(),
+        args.name,
+        format_duration(args.delay),
+        undo.as_deref().unwrap_or("none"),
+        control_path.display()
+    );
+    let signals = tokio::spawn(forward_signals(shutdown_tx.clone()));
+    let result = agent.run(shutdown_rx).await;
+    signals.abort();
+    let _ = shutdown_tx.send(true);
+    let _ = server.await;
+    let _ = std::fs::remove_file(&control_path);
+    let outcome = result?;
+    let status = board.snapshot().await;
+    let why = match outcome {
+        Outcome::CaughtUp => "caught up",
+        Outcome::ReachedUntil => "reached --until",
+        Outcome::Shutdown => "stopped",
+    };
+    let t = status.time_spent;
+    eprintln!(
+        "tinylag replay: {why}: applied LSN {} ({}), consistent LSN {}; this run: {} records in {} batches, time in pre-images {} ms, undo log {} ms, apply {} ms, fsync {} ms, commits {} ms",
+        status.applied_lsn,
+        status
+            .applied_time
+            .clone()
+            .unwrap_or_else(|| format_ns(SystemClock.now_ns())),
+        status.consistent_lsn,
+        status.records_applied,
+        status.batches_applied,
+        t.preimage_ms,
+        t.undo_ms,
+        t.apply_ms,
+        t.sync_ms,
+        t.commit_ms
+    );
+    Ok(())
+}
+
+/// Turns SIGINT and SIGTERM into a shutdown request.
+pub async fn forward_signals(shutdown: watch::Sender<bool>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        tracing::warn!("cannot install signal handlers; stop with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("signal received: finishing the current batch");
+    let _ = shutdown.send(true);
+}

@@ -1,0 +1,249 @@
+//! `tinylag up`: the embedded default in one process. Creates (when absent) a sparse primary,
+//! a local-directory journal and a replica in one directory, then serves the primary over NBD
+//! (`tinylag serve`) and follows the journal onto the replica (`tinylag replay`) side by side,
+//! and prints how to connect and how to watch. SIGINT/SIGTERM stop both.
+//!
+//! Must never: overwrite an existing journal or primary (an existing directory is resumed),
+//! or let the replica side stop the primary: if the replay agent fails, the primary keeps
+//! serving and the failure is reported.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, FromArgMatches};
+use tinylag::block::file::FileDevice;
+use tinylag::clock::{Clock, SystemClock};
+use tinylag::journal::manifest::{Manifest, ManifestParams};
+use tinylag::journal::JournalError;
+use tinylag::nbd::ListenAddr;
+use tinylag::store::local::LocalStore;
+use tinylag::store::ObjectStore;
+use tinylag::units::format_size;
+
+use crate::cmd::args::parse_size;
+use crate::cmd::{replay, serve};
+
+/// The consumer name of the replica `up` keeps.
+const CONSUMER: &str = "replica";
+/// How long the replay agent may take to stop once the primary has stopped.
+const REPLAY_STOP: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Directory holding primary.img, journal/ and replica.img (created if absent).
+    #[arg(long, value_name = "DIR", default_value = "./tinylag-data")]
+    pub dir: PathBuf,
+    /// Device size of a new primary (an existing one keeps its size).
+    #[arg(long, value_parser = parse_size)]
+    pub size: Option<u64>,
+    /// NBD address: unix:PATH or tcp:IP:PORT [default: unix:DIR/primary.img.sock].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Replay delay of the replica (e.g. 1h).
+    #[arg(long, default_value = "0", value_name = "DURATION")]
+    pub delay: String,
+}
+
+/// Size of a new primary when `--size` is not given.
+const DEFAULT_SIZE: u64 = 1 << 30;
+
+pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    let delay =
+        tinylag::units::parse_duration(&args.delay).map_err(|e| anyhow::anyhow!("--delay: {e}"))?;
+    let delay = tinylag::replayer::status::format_duration(delay);
+    if let Some(listen) = &args.listen {
+        listen
+            .parse::<ListenAddr>()
+            .with_context(|| format!("--listen {listen}"))?;
+    }
+    let dir =
+        std::path::absolute(&args.dir).with_context(|| format!("--dir {}", args.dir.display()))?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let primary = dir.join("primary.img");
+    let journal = dir.join("journal");
+    let replica = dir.join("replica.img");
+
+    let manifest = ensure_journal(&journal, &primary, args.size).await?;
+    let size = manifest.device_size(0).unwrap_or(0);
+    let export = manifest
+        .devices
+        .first()
+        .map_or_else(|| "disk0".to_string(), |d| d.name.clone());
+
+    let mut serve_argv = vec![
+        "serve".to_string(),
+        "--primary".into(),
+        primary.display().to_string(),
+        "--journal".into(),
+        journal.display().to_string(),
+    ];
+    if let Some(listen) = &args.listen {
+        serve_argv.extend(["--listen".into(), listen.clone()]);
+    }
+    let serve_args: serve::ServeArgs = parse_args(&serve_argv)?;
+    let replay_argv = vec![
+        "replay".to_string(),
+        "--journal".into(),
+        journal.display().to_string(),
+        "--replica".into(),
+        replica.display().to_string(),
+        "--name".into(),
+        CONSUMER.into(),
+        "--delay".into(),
+        delay.clone(),
+    ];
+    let replay_args: replay::ReplayArgs = parse_args(&replay_argv)?;
+
+    let listen = args
+        .listen
+        .clone()
+        .unwrap_or_else(|| format!("unix:{}.sock", primary.display()));
+    print_guide(
+        &dir, &primary, &journal, &replica, size, &listen, &export, &delay,
+    );
+
+    let replay_task = tokio::spawn(replay::run(replay_args));
+    let served = serve::run(serve_args).await;
+    // Both listen for SIGINT/SIGTERM; once the primary is down, the agent finishes its batch.
+    match tokio::time::timeout(REPLAY_STOP, replay_task).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => eprintln!("tinylag up: the replay agent stopped with an error: {e:#}"),
+        Ok(Err(e)) => eprintln!("tinylag up: the replay agent task failed: {e}"),
+        Err(_) => eprintln!(
+            "tinylag up: the replay agent did not stop within {REPLAY_STOP:?}; its next start recovers"
+        ),
+    }
+    served
+}
+
+/// Parses `argv` (starting with the subcommand name) into a subcommand's arguments, with
+/// every default the command line would give.
+fn parse_args<T: Args + FromArgMatches>(argv: &[String]) -> anyhow::Result<T> {
+    let command = T::augment_args(clap::Command::new("tinylag"));
+    let matches = command
+        .try_get_matches_from(argv)
+        .map_err(|e| anyhow::anyhow!("internal arguments {argv:?}: {e}"))?;
+    Ok(T::from_arg_matches(&matches)?)
+}
+
+/// Opens the journal at `journal`, or creates it (and the primary) when it does not exist.
+async fn ensure_journal(
+    journal: &Path,
+    primary: &Path,
+    size: Option<u64>,
+) -> anyhow::Result<Manifest> {
+    let store = LocalStore::new(journal);
+    match Manifest::load(&store).await {
+        Ok(manifest) => {
+            let existing = manifest.device_size(0).unwrap_or(0);
+            if let Some(size) = size.filter(|&s| s != existing) {
+                bail!(
+                    "--size {} differs from the existing journal {} of {} bytes; omit --size or use another --dir",
+                    size,
+                    journal.display(),
+                    existing
+                );
+            }
+            if !primary.exists() {
+                bail!(
+                    "the journal {} exists but the primary {} does not; restore it or use another --dir",
+                    journal.display(),
+                    primary.display()
+                );
+            }
+            Ok(manifest)
+        }
+        Err(JournalError::NotInitialized { .. }) => {
+            let size = size.unwrap_or(DEFAULT_SIZE);
+            if primary.exists() {
+                bail!(
+                    "{} exists without a journal beside it; move it away or use another --dir",
+                    primary.display()
+                );
+            }
+            let manifest = Manifest::new(
+                &ManifestParams {
+                    device_name: "disk0".into(),
+                    size,
+                    block_size: 4096,
+                    region_size: 4 << 20,
+                    splay_width: 4,
+                    segment_size: 8 << 20,
+                },
+                SystemClock.now_ns(),
+            )?;
+            FileDevice::create_sparse(primary, size)
+                .with_context(|| format!("cannot create {}", primary.display()))?;
+            manifest.create(&store as &dyn ObjectStore).await?;
+            Ok(manifest)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn print_guide(
+    dir: &Path,
+    primary: &Path,
+    journal: &Path,
+    replica: &Path,
+    size: u64,
+    listen: &str,
+    export: &str,
+    delay: &str,
+) {
+    let uri = match listen.strip_prefix("unix:") {
+        Some(path) => format!("nbd+unix:///{export}?socket={path}"),
+        None => format!(
+            "nbd://{}/{export}",
+            listen.strip_prefix("tcp:").unwrap_or(listen)
+        ),
+    };
+    let nbd_client = match listen.strip_prefix("unix:") {
+        Some(path) => format!("nbd-client -unix {path} -N {export} /dev/nbd0"),
+        None => {
+            let hostport = listen.strip_prefix("tcp:").unwrap_or(listen);
+            let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "10809"));
+            format!("nbd-client {host} {port} -N {export} /dev/nbd0")
+        }
+    };
+    let kernel_nbd = Path::new("/sys/module/nbd").exists() || Path::new("/dev/nbd0").exists();
+    let mnt = dir.join("mnt");
+    println!("tinylag up: {} in {}", format_size(size), dir.display());
+    println!(
+        "  primary  {}  (served over NBD at {uri})",
+        primary.display()
+    );
+    println!("  journal  {}", journal.display());
+    println!(
+        "  replica  {}  (consumer {CONSUMER}, delay {delay}, undo log {}.undo)",
+        replica.display(),
+        replica.display()
+    );
+    println!("connect:");
+    println!("  qemu-io -f raw '{uri}' -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M'");
+    println!(
+        "  mkdir -p {m} && nbdfuse {m} '{uri}' &   # {m}/nbd is the disk as a file: losetup, mkfs, mount",
+        m = mnt.display()
+    );
+    if kernel_nbd {
+        println!("  {nbd_client}   # the kernel's nbd driver");
+    } else {
+        println!("  {nbd_client}   # needs the kernel's nbd driver (modprobe nbd), absent here");
+    }
+    println!("watch:");
+    println!(
+        "  tinylag status --control {}.ctl   # the primary",
+        primary.display()
+    );
+    println!(
+        "  tinylag status --control {}.ctl   # the replica",
+        replica.display()
+    );
+    println!("  tinylag journal info --journal {}", journal.display());
+    println!(
+        "stop: Ctrl-C (or SIGTERM); `tinylag up --dir {}` resumes",
+        dir.display()
+    );
+}

@@ -1,0 +1,930 @@
+//! The replay agent: follows the journal from its commit position, waits out the delay, and
+//! applies records to the replica in batches, each made crash-safe by the undo log.
+//!
+//! Per batch, strictly in this order:
+//! 1. read the pre-images of the batch's ranges from the replica ([`super::preimage`]) and
+//!    write them as one undo segment (durable when the store call returns);
+//! 2. apply the records in LSN order ([`super::apply`]);
+//! 3. `fdatasync` the replica;
+//! 4. commit the position (`consumers/<name>`), with the undo-log position beside it.
+//!
+//! Steps 3 and 4 of a batch run in the background while the next batch does step 1 (its
+//! pre-images are read after this batch's writes, which the page cache already shows);
+//! commits stay in order, and each follows the fsync of the writes it covers.
+//!
+//! A fetcher task reads ahead: it asks for the predicted key of the next segment (no
+//! listing), decodes and verifies the whole segment (every CRC, the UUID, seq and first
+//! LSN) and checks every record fits the replica, all before handing it over. While data
+//! flows it asks again at once; when idle it backs off to one request per second. A store
+//! that is down is retried; a corrupt or foreign segment stops the agent before any of its
+//! records is applied.
+//!
+//! Batches hold records that are due (`timestamp + delay <= now`), up to a record count and
+//! a byte budget, and never start a resync span in the middle (a `RESYNC_BEGIN` opens a new
+//! batch, so the undo segments of a span start with it). A record whose range exceeds the
+//! piece size (a DISCARD of gigabytes) is applied alone, piece by piece, each piece with
+//! its own undo segment, so memory stays bounded by a segment plus a batch.
+//!
+//! Must never: touch the replica before the batch's undo segment is durable; commit a
+//! position before the replica is fsync'd; apply a record before its `timestamp + delay`;
+//! apply anything from a segment that failed verification.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::clock::Clock;
+use crate::control::wait_shutdown;
+use crate::journal::consumer::{self, ConsumerState, UndoPosition};
+use crate::journal::head::probe_end;
+use crate::journal::reader::{Cursor, JournalReader, Step};
+use crate::journal::record::{Op, Record, RecordKind};
+use crate::journal::segment::{DecodedSegment, SegmentError};
+use crate::journal::JournalError;
+use crate::store::ObjectStore;
+
+use super::apply::{apply_op, apply_overlay, check_record, extent, sync, ApplyError};
+use super::error::ReplayError;
+use super::overlay::Overlay;
+use super::preimage::{capture, read_preimage};
+use super::recovery::{blocking, recover, RecoveryReport};
+use super::replica::ReplicaTarget;
+use super::status::{AgentIdentity, AgentState, Phase, StatusBoard};
+use super::undo::{UndoLog, UndoManifest, UNDO_FORMAT_VERSION};
+
+/// How long after `--until` an idle agent keeps waiting for records acknowledged before it
+/// (they reach the journal within the writer's linger and upload time).
+const UNTIL_GRACE: Duration = Duration::from_secs(5);
+/// Bounds on the segments the fetcher holds decoded ahead of the applier: enough to fill
+/// a batch (fewer, larger batches mean fewer fsyncs), never unbounded memory.
+const PREFETCH_MIN: usize = 2;
+const PREFETCH_MAX: usize = 16;
+
+/// Sleeping, behind a trait so tests of delays move a manual clock instead of waiting.
+#[async_trait]
+pub trait Timer: Send + Sync + std::fmt::Debug {
+    async fn sleep(&self, d: Duration);
+}
+
+/// The real timer.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TokioTimer;
+
+#[async_trait]
+impl Timer for TokioTimer {
+    async fn sleep(&self, d: Duration) {
+        tokio::time::sleep(d).await
+    }
+}
+
+/// How big a batch may grow.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchLimits {
+    pub max_records: usize,
+    /// Payload bytes (WRITE data) and ranges changed (DISCARD, WRITE_ZEROES) per batch.
+    pub max_bytes: u64,
+    /// Records changing more than this are applied alone, in pieces of this size.
+    pub piece_len: u64,
+    /// A batch's pre-images are written as one undo segment per this many bytes (up to
+    /// [`super::undo::STRAYS`] + 1), in parallel.
+    pub undo_part: usize,
+}
+
+impl Default for BatchLimits {
+    fn default() -> Self {
+        BatchLimits {
+            max_records: 8192,
+            max_bytes: 32 << 20,
+            piece_len: 16 << 20,
+            undo_part: 4 << 20,
+        }
+    }
+}
+
+/// How often to ask for the next segment.
+#[derive(Clone, Copy, Debug)]
+pub struct PollPolicy {
+    /// Right after data arrived.
+    pub min: Duration,
+    /// When idle (the backoff doubles up to this).
+    pub max: Duration,
+}
+
+impl Default for PollPolicy {
+    fn default() -> Self {
+        PollPolicy {
+            min: Duration::from_millis(10),
+            max: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What an agent is asked to do.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// Consumer name.
+    pub name: String,
+    /// The replica as shown to operators (its path).
+    pub replica: String,
+    pub delay: Duration,
+    /// Stop once the next record is after this time (ns since the epoch).
+    pub until_ns: Option<u64>,
+    /// Apply what exists (and is due) now, then stop.
+    pub once: bool,
+    pub limits: BatchLimits,
+    pub poll: PollPolicy,
+}
+
+/// Why [`Agent::run`] returned without error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// `--once`: everything that existed and was due is applied.
+    CaughtUp,
+    /// `--until`: the next record is past the time.
+    ReachedUntil,
+    /// Shutdown was requested.
+    Shutdown,
+}
+
+/// A fetched segment not yet fully applied.
+#[derive(Debug)]
+struct Pending {
+    seq: u64,
+    next_seq: u64,
+    records: VecDeque<Record>,
+}
+
+/// A record taken into a batch, with the journal seq to restart from once it is applied.
+#[derive(Debug)]
+struct Item {
+    record: Record,
+    next_seq_after: u64,
+}
+
+/// Bytes a record changes on the replica (its payload or its range).
+fn weight(record: &Record) -> u64 {
+    extent(&record.op).map_or(0, |(_, len)| len)
+}
+
+/// A replay agent for one consumer and one replica.
+#[derive(Debug)]
+pub struct Agent {
+    reader: JournalReader,
+    undo: Option<UndoLog>,
+    replica: Arc<dyn ReplicaTarget>,
+    clock: Arc<dyn Clock>,
+    timer: Arc<dyn Timer>,
+    config: AgentConfig,
+    board: Arc<StatusBoard>,
+    /// The committed position, moved forward in memory as batches apply and committed
+    /// after each one.
+    pos: ConsumerState,
+    /// The position has moved past empty segments without being committed.
+    dirty: bool,
+    /// The fsync and commit of the last batch, running while the next batch reads its
+    /// pre-images and writes its undo segment.
+    finishing: Option<JoinHandle<Result<(), ReplayError>>>,
+    recovered: bool,
+    pending: VecDeque<Pending>,
+    /// An error from the fetcher, returned once everything fetched before it is applied.
+    deferred: Option<ReplayError>,
+}
+
+impl Agent {
+    /// Registers (or finds) the consumer, checks it belongs to this replica, and opens the
+    /// undo log (`undo_store`; `None` runs without one). `replica_created` says the replica
+    /// file was created just now (blank).
+    pub async fn open(
+        reader: JournalReader,
+        undo_store: Option<Arc<dyn ObjectStore>>,
+        replica: Arc<dyn ReplicaTarget>,
+        replica_created: bool,
+        config: AgentConfig,
+        clock: Arc<dyn Clock>,
+        timer: Arc<dyn Timer>,
+    ) -> Result<Agent, ReplayError> {
+        let store = reader.store().clone();
+        let manifest = reader.manifest().clone();
+        let journal = store.describe();
+        let now = clock.now_ns();
+        let trim = consumer::load_trim_pointer(store.as_ref()).await?;
+        let initial = ConsumerState {
+            name: config.name.clone(),
+            next_seq: trim.first_seq,
+            applied_lsn: trim.first_lsn.saturating_sub(1),
+            applied_timestamp_ns: 0,
+            consistent_lsn: trim.first_lsn.saturating_sub(1),
+            consistent_seq: trim.first_seq,
+            consistent_timestamp_ns: 0,
+            delay_ns: config.delay.as_nanos() as u64,
+            replica: config.replica.clone(),
+            registered_at_ns: now,
+            updated_at_ns: now,
+            undo: UndoPosition::default(),
+        };
+        // Refuse before registering: a new consumer on a trimmed journal would hold trim back
+        // for a replica that can never be built.
+        let existing = match consumer::load(store.as_ref(), &config.name).await {
+            Ok(state) => Some(state),
+            Err(JournalError::UnknownConsumer { .. }) => None,
+            Err(e) => return Err(e.into()),
+        };
+        if existing.is_none() && replica_created && trim.first_lsn > 1 {
+            return Err(ReplayError::JournalTrimmed {
+                journal,
+                first_lsn: trim.first_lsn,
+            });
+        }
+        let mut pos = consumer::register(store.as_ref(), &initial).await?;
+        let is_new = pos == initial;
+        if pos.replica != config.replica {
+            return Err(ReplayError::ConsumerOfOtherReplica {
+                name: config.name.clone(),
+                journal,
+                registered: pos.replica.clone(),
+                requested: config.replica.clone(),
+            });
+        }
+        if replica_created && pos.applied_lsn > trim.first_lsn.saturating_sub(1) {
+            return Err(ReplayError::ReplicaLost {
+                replica: config.replica.clone(),
+                name: config.name.clone(),
+                applied_lsn: pos.applied_lsn,
+            });
+        }
+        if is_new && !replica_created {
+            tracing::warn!(
+                "new consumer {} starts at LSN {} on the existing replica {}: it must already equal the primary as of that LSN",
+                config.name,
+                pos.applied_lsn,
+                config.replica
+            );
+        }
+        pos.delay_ns = config.delay.as_nanos() as u64;
+        let device_size = manifest.device_size(0).unwrap_or(0);
+        let undo = match undo_store {
+            None => None,
+            Some(undo_store) => {
+                let expected = UndoManifest {
+                    format_version: UNDO_FORMAT_VERSION,
+                    journal_uuid: manifest.uuid,
+                    consumer: config.name.clone(),
+                    replica: config.replica.clone(),
+                    device_size,
+                    created_ns: now,
+                };
+                let log = UndoLog::open_or_create(undo_store, &expected).await?;
+                if is_new {
+                    let segments = log.end_from(0).await?;
+                    if segments > 0 {
+                        return Err(ReplayError::StaleUndoLog {
+                            undo: log.describe(),
+                            name: config.name.clone(),
+                            segments,
+                        });
+                    }
+                }
+                Some(log)
+            }
+        };
+        let identity = AgentIdentity {
+            name: config.name.clone(),
+            journal,
+            replica: config.replica.clone(),
+            undo: undo.as_ref().map(|u| u.describe()),
+            delay_ns: pos.delay_ns,
+        };
+        let board = Arc::new(StatusBoard::new(identity, reader.clone(), clock.clone()));
+        board.committed(&pos, 0, 0);
+        Ok(Agent {
+            reader,
+            undo,
+            replica,
+            clock,
+            timer,
+            config,
+            board,
+            pos,
+            dirty: false,
+            finishing: None,
+            recovered: false,
+            pending: VecDeque::new(),
+            deferred: None,
+        })
+    }
+
+    /// The status board the control socket reads.
+    pub fn board(&self) -> Arc<StatusBoard> {
+        self.board.clone()
+    }
+
+    /// The position as committed (or about to be).
+    pub fn position(&self) -> &ConsumerState {
+        &self.pos
+    }
+
+    /// Crash recovery (see [`super::recovery`]); [`run`](Self::run) does it first if not done.
+    pub async fn recover(&mut self) -> Result<RecoveryReport, ReplayError> {
+        self.board.set_state(AgentState::Recovering);
+        let now = self.clock.now_ns();
+        let report = recover(
+            self.reader.store().as_ref(),
+            self.undo.as_ref(),
+            &self.replica,
+            &mut self.pos,
+            now,
+        )
+        .await?;
+        self.recovered = true;
+        self.board.committed(&self.pos, 0, 0);
+        self.board.recovered(report.clone());
+        Ok(report)
+    }
+
+    /// Recovers, then applies records until `--once`/`--until` is satisfied, `shutdown`
+    /// turns true, or an error stops it (reported on the status board too).
+    pub async fn run(mut self, shutdown: watch::Receiver<bool>) -> Result<Outcome, ReplayError> {
+        let board = self.board.clone();
+        match self.run_inner(shutdown).await {
+            Ok(outcome) => {
+                board.set_state(AgentState::Stopped);
+                Ok(outcome)
+            }
+            Err(e) => {
+                board.failed(&e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    async fn run_inner(
+        &mut self,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<Outcome, ReplayError> {
+        if !self.recovered {
+            self.recover().await?;
+        }
+        let cursor = Cursor {
+            seq: self.pos.next_seq,
+            next_lsn: self.pos.applied_lsn + 1,
+        };
+        let end = if self.config.once {
+            let store = self.reader.store().clone();
+            Some(probe_end(store.as_ref(), self.reader.manifest(), cursor.seq).await?)
+        } else {
+            None
+        };
+        let segment = self.reader.manifest().segment_size.max(1);
+        let prefetch = (self.config.limits.max_bytes.div_ceil(segment) as usize + 1)
+            .clamp(PREFETCH_MIN, PREFETCH_MAX);
+        let (tx, mut rx) = mpsc::channel(prefetch);
+        let at_head = Arc::new(AtomicBool::new(false));
+        let fetcher = Fetcher {
+            reader: self.reader.clone(),
+            replica_size: self.replica.size(),
+            end,
+            timer: self.timer.clone(),
+            poll: self.config.poll,
+            board: self.board.clone(),
+            tx,
+            at_head: at_head.clone(),
+        };
+        let fetch_task = tokio::spawn(fetcher.run(cursor, shutdown.clone()));
+        let outcome = self.apply_loop(&mut rx, &mut shutdown, &at_head).await;
+        fetch_task.abort();
+        // Whatever stopped the loop, the last applied batch still gets its commit.
+        let finished = self.drain().await;
+        let outcome = outcome?;
+        finished?;
+        if self.dirty {
+            self.commit(0, 0).await?;
+        }
+        Ok(outcome)
+    }
+
+    async fn apply_loop(
+        &mut self,
+        rx: &mut mpsc::Receiver<Result<Pending, ReplayError>>,
+        shutdown: &mut watch::Receiver<bool>,
+        at_head: &AtomicBool,
+    ) -> Result<Outcome, ReplayError> {
+        loop {
+            if *shutdown.borrow() {
+                return Ok(Outcome::Shutdown);
+            }
+            self.skip_empty_segments();
+            if self.pending.is_empty() {
+                if let Some(e) = self.deferred.take() {
+                    return Err(e);
+                }
+                self.drain().await?;
+                if self.dirty {
+                    self.commit(0, 0).await?;
+                }
+                if let Some(until) = self.config.until_ns {
+                    let grace = until.saturating_add(UNTIL_GRACE.as_nanos() as u64);
+                    if at_head.load(Ordering::Acquire) && self.clock.now_ns() > grace {
+                        return Ok(Outcome::ReachedUntil);
+                    }
+                }
+                if self.board.state() != AgentState::Idle {
+                    self.board.set_state(AgentState::Idle);
+                }
+                let received = tokio::select! {
+                    _ = wait_shutdown(shutdown) => return Ok(Outcome::Shutdown),
+                    r = rx.recv() => r,
+                    // Wake up now and then to check `--until`.
+                    _ = self.timer.sleep(Duration::from_secs(1)), if self.config.until_ns.is_some() => continue,
+                };
+                match received {
+                    Some(Ok(p)) => self.pending.push_back(p),
+                    Some(Err(e)) => return Err(e),
+                    // The fetcher stops on its own in `--once` mode at the end, and on
+                    // shutdown.
+                    None if *shutdown.borrow() => return Ok(Outcome::Shutdown),
+                    None => return Ok(Outcome::CaughtUp),
+                }
+                continue;
+            }
+            let Some(first) = self.pending.front().and_then(|p| p.records.front()) else {
+                continue;
+            };
+            if self.config.until_ns.is_some_and(|u| first.timestamp_ns > u) {
+                return Ok(Outcome::ReachedUntil);
+            }
+            let due = first
+                .timestamp_ns
+                .saturating_add(self.config.delay.as_nanos() as u64);
+            let now = self.clock.now_ns();
+            if now < due {
+                if self.config.once {
+                    return Ok(Outcome::CaughtUp);
+                }
+                self.drain().await?;
+                self.board.waiting_until(due);
+                let wait = Duration::from_nanos(due - now).min(Duration::from_secs(1));
+                tokio::select! {
+                    _ = wait_shutdown(shutdown) => return Ok(Outcome::Shutdown),
+                    _ = self.timer.sleep(wait) => {}
+                }
+                continue;
+            }
+            self.board.set_state(AgentState::CatchingUp);
+            let items = self.take_batch(rx, now);
+            let big = items.len() == 1 && weight(&items[0].record) > self.config.limits.piece_len;
+            if big {
+                let item = items.into_iter().next().expect("one item");
+                self.drain().await?;
+                self.apply_big(item).await?;
+            } else {
+                self.apply_batch(items).await?;
+            }
+        }
+    }
+
+    /// Pops fully consumed segments off the front, moving the position past them.
+    fn skip_empty_segments(&mut self) {
+        while let Some(front) = self.pending.front() {
+            if !front.records.is_empty() {
+                break;
+            }
+            if self.pos.next_seq != front.next_seq {
+                self.pos.next_seq = front.next_seq;
+                if self.pos.consistent_lsn == self.pos.applied_lsn {
+                    self.pos.consistent_seq = front.next_seq;
+                }
+                self.dirty = true;
+            }
+            self.pending.pop_front();
+        }
+    }
+
+    /// Takes the next batch: due records in order, within the limits, never starting a
+    /// resync span after other records, and a big record alone.
+    fn take_batch(
+        &mut self,
+        rx: &mut mpsc::Receiver<Result<Pending, ReplayError>>,
+        now: u64,
+    ) -> Vec<Item> {
+        let limits = self.config.limits;
+        let delay = self.config.delay.as_nanos() as u64;
+        let mut in_span = self.pos.consistent_lsn < self.pos.applied_lsn;
+        let mut items: Vec<Item> = Vec::new();
+        let mut bytes = 0u64;
+        loop {
+            if self.pending.is_empty() && self.deferred.is_none() {
+                // Extend the batch with segments already fetched, without waiting.
+                match rx.try_recv() {
+                    Ok(Ok(p)) => self.pending.push_back(p),
+                    Ok(Err(e)) => self.deferred = Some(e),
+                    Err(_) => {}
+                }
+            }
+            let Some(front) = self.pending.front_mut() else {
+                break;
+            };
+            let Some(record) = front.records.front() else {
+                self.pending.pop_front();
+                continue;
+            };
+            let w = weight(record);
+            let due = record.timestamp_ns.saturating_add(delay) <= now;
+            let past_until = self
+                .config
+                .until_ns
+                .is_some_and(|u| record.timestamp_ns > u);
+            let opens_span = record.kind() == RecordKind::ResyncBegin && !in_span;
+            let full = items.len() >= limits.max_records
+                || (!items.is_empty() && bytes + w > limits.max_bytes);
+            let big = w > limits.piece_len;
+            if !items.is_empty() && (!due || past_until || opens_span || full || big) {
+                break;
+            }
+            let record = front.records.pop_front().expect("checked above");
+            let next_seq_after = if front.records.is_empty() {
+                front.next_seq
+            } else {
+                front.seq
+            };
+            match record.kind() {
+                RecordKind::ResyncBegin => in_span = true,
+                RecordKind::ResyncEnd => in_span = false,
+                _ => {}
+            }
+            bytes += w;
+            items.push(Item {
+                record,
+                next_seq_after,
+            });
+            if big {
+                break;
+            }
+        }
+        items
+    }
+
+    /// Applies a batch: undo segment, records, fsync, commit.
+    async fn apply_batch(&mut self, items: Vec<Item>) -> Result<(), ReplayError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let records: Vec<Record> = items.iter().map(|i| i.record.clone()).collect();
+        let bytes: u64 = records.iter().map(weight).sum();
+        let count = records.len() as u64;
+        let overlay = if let Some(undo) = &self.undo {
+            let target = self.replica.clone();
+            let started = Instant::now();
+            let (preimages, overlay) = blocking("read pre-images", move || {
+                let mut overlay = Overlay::new();
+                let preimages = records
+                    .iter()
+                    .map(|r| capture(target.as_ref(), &mut overlay, r))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|source| ApplyError::Io {
+                        replica: target.describe(),
+                        what: "read pre-image",
+                        lsn: records.first().map_or(0, |r| r.lsn),
+                        source,
+                    })?;
+                Ok::<_, ApplyError>((preimages, overlay))
+            })
+            .await?;
+            self.board.spent(Phase::Preimage, started.elapsed());
+            let started = Instant::now();
+            let payload: usize = preimages.iter().map(|r| r.op.payload_len()).sum();
+            let parts = payload / self.config.limits.undo_part.max(1) + 1;
+            let (segments, size) = undo
+                .write_split(self.pos.undo.next_seq, preimages, parts)
+                .await?;
+            self.board.spent(Phase::Undo, started.elapsed());
+            self.pos.undo.next_seq += segments;
+            self.pos.undo.bytes += size;
+            self.pos.undo.segments += segments;
+            overlay
+        } else {
+            let mut overlay = Overlay::new();
+            for r in &records {
+                overlay.record(r.lsn, &r.op);
+            }
+            overlay
+        };
+        let target = self.replica.clone();
+        let started = Instant::now();
+        blocking("apply", move || apply_overlay(target.as_ref(), &overlay)).await?;
+        self.board.spent(Phase::Apply, started.elapsed());
+        for item in &items {
+            self.advance(&item.record, item.next_seq_after);
+        }
+        self.finish_in_background(count, bytes);
+        Ok(())
+    }
+
+    /// Starts the fsync of the replica and the commit of the current position, after the
+    /// previous batch's (commits stay in order). The next batch may read pre-images and
+    /// write its undo segment meanwhile; a commit still only ever follows the fsync of the
+    /// writes it covers.
+    fn finish_in_background(&mut self, records: u64, bytes: u64) {
+        let previous = self.finishing.take();
+        let replica = self.replica.clone();
+        let store = self.reader.store().clone();
+        let board = self.board.clone();
+        self.pos.updated_at_ns = self.clock.now_ns();
+        let state = self.pos.clone();
+        self.finishing = Some(tokio::spawn(async move {
+            if let Some(previous) = previous {
+                join(previous).await?;
+            }
+            let started = Instant::now();
+            blocking("fsync", move || sync(replica.as_ref())).await?;
+            board.spent(Phase::Sync, started.elapsed());
+            let started = Instant::now();
+            consumer::commit(store.as_ref(), &state).await?;
+            board.spent(Phase::Commit, started.elapsed());
+            board.committed(&state, records, bytes);
+            Ok(())
+        }));
+    }
+
+    /// Waits for the background fsync and commit, if any.
+    async fn drain(&mut self) -> Result<(), ReplayError> {
+        match self.finishing.take() {
+            Some(handle) => join(handle).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Applies one record too large for a batch, piece by piece, each piece's pre-image
+    /// durable before the piece is applied; consecutive pieces that were holes share one
+    /// undo record.
+    async fn apply_big(&mut self, item: Item) -> Result<(), ReplayError> {
+        let record = item.record.clone();
+        let (offset, len) = extent(&record.op).unwrap_or((0, 0));
+        let piece = self.config.limits.piece_len.max(1);
+        // A run of pieces whose pre-image reads as zeroes, not yet written.
+        let mut zero_run: Option<(u64, u64)> = None;
+        let mut at = offset;
+        let end = offset + len;
+        while at < end || zero_run.is_some() {
+            let next = if at < end {
+                let n = piece.min(end - at);
+                let pre = match &self.undo {
+                    Some(_) => {
+                        let target = self.replica.clone();
+                        let lsn = record.lsn;
+                        Some(
+                            blocking("read pre-image", move || {
+                                read_preimage(target.as_ref(), &Overlay::new(), at, n).map_err(
+                                    |source| ApplyError::Io {
+                                        replica: target.describe(),
+                                        what: "read pre-image",
+                                        lsn,
+                                        source,
+                                    },
+                                )
+                            })
+                            .await?,
+                        )
+                    }
+                    None => None,
+                };
+                Some((at, n, pre))
+            } else {
+                None
+            };
+            match next {
+                Some((s, n, Some(Op::WriteZeroes { .. }))) => {
+                    zero_run = Some(zero_run.map_or((s, n), |(rs, rn)| (rs, rn + n)));
+                    at += n;
+                    continue;
+                }
+                Some((s, n, pre)) => {
+                    if let Some((rs, rn)) = zero_run.take() {
+                        self.apply_piece(
+                            &record,
+                            rs,
+                            rn,
+                            Some(Op::WriteZeroes {
+                                offset: rs,
+                                len: rn,
+                            }),
+                        )
+                        .await?;
+                    }
+                    self.apply_piece(&record, s, n, pre).await?;
+                    at += n;
+                }
+                None => {
+                    if let Some((rs, rn)) = zero_run.take() {
+                        self.apply_piece(
+                            &record,
+                            rs,
+                            rn,
+                            Some(Op::WriteZeroes {
+                                offset: rs,
+                                len: rn,
+                            }),
+                        )
+                        .await?;
+                    }
+                }
+            }
+        }
+        let target = self.replica.clone();
+        blocking("fsync", move || sync(target.as_ref())).await?;
+        self.advance(&record, item.next_seq_after);
+        self.commit(1, len).await
+    }
+
+    /// Writes the undo segment for `start..start + len` of `record` (if any), then applies
+    /// that part of the record.
+    async fn apply_piece(
+        &mut self,
+        record: &Record,
+        start: u64,
+        len: u64,
+        preimage: Option<Op>,
+    ) -> Result<(), ReplayError> {
+        if let (Some(undo), Some(op)) = (&self.undo, preimage) {
+            let undo_record = Record {
+                lsn: record.lsn,
+                timestamp_ns: record.timestamp_ns,
+                dev: record.dev,
+                op,
+            };
+            let size = undo
+                .write(self.pos.undo.next_seq, vec![undo_record])
+                .await?;
+            self.pos.undo.next_seq += 1;
+            self.pos.undo.bytes += size;
+            self.pos.undo.segments += 1;
+        }
+        let op = sub_op(&record.op, start, len);
+        let target = self.replica.clone();
+        let lsn = record.lsn;
+        blocking("apply", move || apply_op(target.as_ref(), lsn, &op)).await
+    }
+
+    /// Moves the in-memory position past `record` (applied and fsync'd).
+    fn advance(&mut self, record: &Record, next_seq_after: u64) {
+        let pos = &mut self.pos;
+        let in_span = pos.consistent_lsn < pos.applied_lsn;
+        pos.applied_lsn = record.lsn;
+        pos.applied_timestamp_ns = record.timestamp_ns;
+        pos.next_seq = next_seq_after;
+        let in_span = match record.kind() {
+            RecordKind::ResyncBegin => true,
+            RecordKind::ResyncEnd => false,
+            _ => in_span,
+        };
+        if !in_span {
+            pos.consistent_lsn = pos.applied_lsn;
+            pos.consistent_timestamp_ns = pos.applied_timestamp_ns;
+            pos.consistent_seq = pos.next_seq;
+            pos.undo.consistent_seq = pos.undo.next_seq;
+        }
+    }
+
+    /// Commits the in-memory position.
+    async fn commit(&mut self, records: u64, bytes: u64) -> Result<(), ReplayError> {
+        self.drain().await?;
+        self.pos.updated_at_ns = self.clock.now_ns();
+        let started = Instant::now();
+        consumer::commit(self.reader.store().as_ref(), &self.pos).await?;
+        self.board.spent(Phase::Commit, started.elapsed());
+        self.dirty = false;
+        self.board.committed(&self.pos, records, bytes);
+        Ok(())
+    }
+}
+
+/// Waits for a background task and passes its error on.
+async fn join(handle: JoinHandle<Result<(), ReplayError>>) -> Result<(), ReplayError> {
+    handle.await.map_err(|e| ReplayError::Task {
+        what: "fsync and commit",
+        message: e.to_string(),
+    })?
+}
+
+/// The part `start..start + len` of a ranged operation.
+fn sub_op(op: &Op, start: u64, len: u64) -> Op {
+    match op {
+        Op::Write { offset, data } => Op::Write {
+            offset: start,
+            data: data.slice((start - offset) as usize..(start - offset + len) as usize),
+        },
+        Op::ResyncData { offset, data } => Op::ResyncData {
+            offset: start,
+            data: data.slice((start - offset) as usize..(start - offset + len) as usize),
+        },
+        Op::Discard { .. } => Op::Discard { offset: start, len },
+        Op::WriteZeroes { .. } => Op::WriteZeroes { offset: start, len },
+        other => other.clone(),
+    }
+}
+
+/// Reads segments ahead of the applier.
+struct Fetcher {
+    reader: JournalReader,
+    replica_size: u64,
+    /// `--once`: stop at this seq (the end found at start).
+    end: Option<u64>,
+    timer: Arc<dyn Timer>,
+    poll: PollPolicy,
+    board: Arc<StatusBoard>,
+    tx: mpsc::Sender<Result<Pending, ReplayError>>,
+    /// Set when the last request found no next segment (the agent has seen the head).
+    at_head: Arc<AtomicBool>,
+}
+
+impl Fetcher {
+    async fn run(self, mut cursor: Cursor, mut shutdown: watch::Receiver<bool>) {
+        let mut idle = self.poll.min;
+        // The committed position may sit inside its segment; later segments start exactly
+        // where the previous one ended.
+        let mut resuming = true;
+        loop {
+            if self.end.is_some_and(|end| cursor.seq >= end) || *shutdown.borrow() {
+                return;
+            }
+            let seq = cursor.seq;
+            let step = tokio::select! {
+                _ = wait_shutdown(&mut shutdown) => return,
+                step = async {
+                    if resuming {
+                        self.reader.step_resuming(&mut cursor).await
+                    } else {
+                        self.reader.step(&mut cursor).await
+                    }
+                } => step,
+            };
+            match step {
+                Ok(Step::Segment(segment)) => {
+                    resuming = false;
+                    self.at_head.store(false, Ordering::Release);
+                    idle = self.poll.min;
+                    let key = self.reader.manifest().segment_key(segment.header.seq);
+                    let message = self.check(&key, segment);
+                    let failed = message.is_err();
+                    if self.tx.send(message).await.is_err() || failed {
+                        return;
+                    }
+                }
+                Ok(Step::NotYet) => {
+                    if self.end.is_some() {
+                        return;
+                    }
+                    self.at_head.store(true, Ordering::Release);
+                    tokio::select! {
+                        _ = wait_shutdown(&mut shutdown) => return,
+                        _ = self.timer.sleep(idle) => {}
+                    }
+                    idle = (idle * 2).min(self.poll.max);
+                }
+                Err(e) if is_store_trouble(&e) => {
+                    // Transient trouble was already retried by the store; keep trying at the
+                    // idle pace rather than stopping a DR replica over an outage.
+                    tracing::warn!("reading segment {seq} failed, will retry: {e}");
+                    self.board.warn(Some(e.to_string()));
+                    tokio::select! {
+                        _ = wait_shutdown(&mut shutdown) => return,
+                        _ = self.timer.sleep(self.poll.max) => {}
+                    }
+                }
+                Err(e) => {
+                    let _ = self.tx.send(Err(e.into())).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Checks every record fits the replica; the segment was verified by the reader.
+    fn check(&self, key: &str, segment: DecodedSegment) -> Result<Pending, ReplayError> {
+        for record in &segment.records {
+            check_record(key, record, self.replica_size)?;
+        }
+        self.board.saw_segment(
+            segment.header.next_seq,
+            segment.header.last_lsn(),
+            segment.records.last().map(|r| r.timestamp_ns),
+        );
+        Ok(Pending {
+            seq: segment.header.seq,
+            next_seq: segment.header.next_seq,
+            records: segment.records.into(),
+        })
+    }
+}
+
+/// Store failures (after the store's own retries), as opposed to bad content.
+fn is_store_trouble(e: &JournalError) -> bool {
+    matches!(
+        e,
+        JournalError::Store(_) | JournalError::Segment(SegmentError::Store(_))
+    )
+}

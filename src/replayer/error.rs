@@ -1,0 +1,65 @@
+//! Errors of the replay agent and of crash recovery.
+
+use crate::journal::JournalError;
+
+use super::apply::ApplyError;
+use super::replica::ReplicaError;
+use super::undo::UndoError;
+
+/// One variant per way the agent stops; each message names the journal object, the replica
+/// or the consumer involved.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// Reading the journal failed: a corrupt or foreign segment (the message names the
+    /// object), a missing manifest, a malformed consumer position.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// The undo log failed or belongs to someone else.
+    #[error(transparent)]
+    Undo(#[from] UndoError),
+    /// A record could not be applied, or the replica failed.
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    /// The replica could not be opened.
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
+    /// The consumer name is registered for another replica.
+    #[error("consumer {name} of {journal} replays onto {registered}, not {requested}; pick another --name or the same --replica")]
+    ConsumerOfOtherReplica {
+        name: String,
+        journal: String,
+        registered: String,
+        requested: String,
+    },
+    /// The replica was just created, but the consumer's position says records were applied
+    /// to it: the replica was deleted or moved.
+    #[error("replica {replica} is new, but consumer {name} has applied the journal up to LSN {applied_lsn}; restore that replica, or `journal unregister` the consumer to start over")]
+    ReplicaLost {
+        replica: String,
+        name: String,
+        applied_lsn: u64,
+    },
+    /// A new replica cannot be built from a journal whose start was trimmed away.
+    #[error("journal {journal} was trimmed up to LSN {first_lsn}: a new replica built from it would miss the records before; seed the replica from a copy of the primary first")]
+    JournalTrimmed { journal: String, first_lsn: u64 },
+    /// An undo segment past the consistent position holds a record at or before it: the
+    /// undo log does not belong to this position.
+    #[error("undo segment {key} in {undo} holds LSN {lsn}, but only records after the consistent LSN {consistent_lsn} may be undone")]
+    UndoBeforeConsistent {
+        undo: String,
+        key: String,
+        lsn: u64,
+        consistent_lsn: u64,
+    },
+    /// The consumer is new, but its undo log already holds segments of an earlier consumer
+    /// of the same name: undoing them would corrupt the replica.
+    #[error("undo log {undo} already holds {segments} segments of an earlier consumer named {name}; remove it or use another --undo location")]
+    StaleUndoLog {
+        undo: String,
+        name: String,
+        segments: u64,
+    },
+    /// A blocking replica task panicked or was cancelled.
+    #[error("replica task ({what}) failed: {message}")]
+    Task { what: &'static str, message: String },
+}

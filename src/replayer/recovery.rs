@@ -1,0 +1,155 @@
+//! Crash recovery: before a replay agent applies anything, it walks the replica back to the
+//! last point where it equalled the primary.
+//!
+//! The committed position says where that is: `consistent_lsn`, and `undo.consistent_seq`,
+//! the first undo segment holding a pre-image of a later record. Every undo segment from
+//! there on exists because a batch after the consistent point started: either uncommitted
+//! (the agent died between writing its pre-images and committing) or inside a resync span
+//! that never reached its `RESYNC_END`. Recovery:
+//!
+//! 1. finds the run of undo segments from `undo.consistent_seq` (O(log n) HEADs), and any
+//!    strays a batch whose undo segments were being written in parallel left just past it;
+//! 2. reads them newest first and writes every pre-image back, newest record first;
+//! 3. fsyncs the replica;
+//! 4. commits the position back at the consistent point;
+//! 5. deletes those undo segments, newest first.
+//!
+//! A crash anywhere in there is safe to repeat: undoing the same run again ends at the same
+//! bytes (the oldest pre-image of each byte wins, and it is the consistent content), and
+//! step 5 deleting newest first leaves a run that still starts at `undo.consistent_seq`.
+//! The agent writes nothing new until step 5 is done.
+//!
+//! Without an undo log (`--no-undo`) there is nothing to undo: the replica may be torn
+//! between its last commit and the crash until the agent re-applies those records (redo is
+//! idempotent: writing the same records in the same order gives the same bytes).
+//!
+//! Must never: undo a record at or before the consistent LSN; move the position before the
+//! replica is fsync'd; delete an undo segment before the rewound position is committed.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::journal::consumer::{self, ConsumerState};
+use crate::journal::paths;
+use crate::store::ObjectStore;
+
+use super::apply::{apply_op, check_record, sync};
+use super::error::ReplayError;
+use super::replica::ReplicaTarget;
+use super::undo::UndoLog;
+
+/// What recovery did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryReport {
+    pub undone_segments: u64,
+    pub undone_records: u64,
+    /// Applied LSN found at start.
+    pub from_lsn: u64,
+    /// Applied LSN after recovery (the consistent LSN).
+    pub to_lsn: u64,
+}
+
+/// Runs recovery for the consumer at `state` (its committed position), updating and
+/// committing `state` when it moves. `now_ns` stamps the commit.
+pub async fn recover(
+    journal: &dyn ObjectStore,
+    undo: Option<&UndoLog>,
+    replica: &Arc<dyn ReplicaTarget>,
+    state: &mut ConsumerState,
+    now_ns: u64,
+) -> Result<RecoveryReport, ReplayError> {
+    let mut report = RecoveryReport {
+        from_lsn: state.applied_lsn,
+        to_lsn: state.applied_lsn,
+        ..Default::default()
+    };
+    let Some(undo) = undo else {
+        return Ok(report);
+    };
+    let from = state.undo.consistent_seq;
+    let end = undo.end_with_strays(from).await?;
+    if end == from && state.consistent_lsn == state.applied_lsn {
+        return Ok(report);
+    }
+    tracing::info!(
+        "recovery: undoing undo segments {from}..{end} of {} to return {} from LSN {} to LSN {}",
+        undo.describe(),
+        replica.describe(),
+        state.applied_lsn,
+        state.consistent_lsn
+    );
+    let mut committed_bytes = 0u64;
+    let mut committed_segments = 0u64;
+    for seq in (from..end).rev() {
+        let Some((segment, size)) = undo.read(seq).await? else {
+            continue;
+        };
+        let key = paths::undo_segment_key(seq);
+        let object = format!("{}/{key}", undo.describe());
+        for record in &segment.records {
+            if record.lsn <= state.consistent_lsn {
+                return Err(ReplayError::UndoBeforeConsistent {
+                    undo: undo.describe(),
+                    key,
+                    lsn: record.lsn,
+                    consistent_lsn: state.consistent_lsn,
+                });
+            }
+            check_record(&object, record, replica.size())?;
+        }
+        let target = replica.clone();
+        let records = segment.records;
+        let undone = records.len() as u64;
+        blocking("undo", move || {
+            records
+                .iter()
+                .rev()
+                .try_for_each(|r| apply_op(target.as_ref(), r.lsn, &r.op))
+        })
+        .await?;
+        report.undone_segments += 1;
+        report.undone_records += undone;
+        // Segments below the committed next seq were counted in the log's size.
+        if seq < state.undo.next_seq {
+            committed_bytes += size;
+            committed_segments += 1;
+        }
+    }
+    let target = replica.clone();
+    blocking("fsync", move || sync(target.as_ref())).await?;
+
+    if state.consistent_lsn < state.applied_lsn {
+        state.applied_lsn = state.consistent_lsn;
+        state.applied_timestamp_ns = state.consistent_timestamp_ns;
+        state.next_seq = state.consistent_seq;
+    }
+    state.undo.next_seq = from;
+    state.undo.bytes = state.undo.bytes.saturating_sub(committed_bytes);
+    state.undo.segments = state.undo.segments.saturating_sub(committed_segments);
+    state.updated_at_ns = now_ns;
+    consumer::commit(journal, state).await?;
+    for seq in (from..end).rev() {
+        undo.delete(seq).await?;
+    }
+    report.to_lsn = state.applied_lsn;
+    Ok(report)
+}
+
+/// Runs replica work on the blocking pool.
+pub(crate) async fn blocking<T, E>(
+    what: &'static str,
+    work: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, ReplayError>
+where
+    T: Send + 'static,
+    E: Into<ReplayError> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result.map_err(Into::into),
+        Err(e) => Err(ReplayError::Task {
+            what,
+            message: e.to_string(),
+        }),
+    }
+}

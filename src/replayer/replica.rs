@@ -1,0 +1,496 @@
+//! The replica image a replay agent writes: a regular file (sparse, created on first start)
+//! or a block device, behind the small synchronous [`ReplicaTarget`] trait.
+//!
+//! The agent calls a target from tokio's blocking pool, one hop per batch rather than one per
+//! record, which is why this trait is synchronous and separate from the async
+//! [`crate::block::BlockDevice`] the frontends serve.
+//!
+//! Must never: touch bytes outside `0..size`; let two agents write one replica (an exclusive
+//! `flock` is held for as long as the target is open); report `sync` as done before
+//! `fdatasync` returned.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+
+/// Largest single write: zero buffers when a file system can neither punch holes nor zero
+/// ranges, and pieces of large records.
+const ZERO_CHUNK: usize = 1 << 20;
+/// `BLKGETSIZE64` = `_IOR(0x12, 114, size_t)`: the size of a block device in bytes.
+const BLKGETSIZE64: libc::Ioctl = 0x8008_1272;
+
+/// What the agent needs from a replica image. All offsets are in bytes and inside `0..size`
+/// (callers check; implementations may assume it).
+pub trait ReplicaTarget: Send + Sync + fmt::Debug {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// A display name for messages (the path).
+    fn describe(&self) -> String;
+    /// Fills `buf` from `offset`.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Writes `data` at `offset`.
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// Deallocates a range; it reads as zeroes afterwards (a DISCARD).
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Makes a range read as zeroes (a WRITE_ZEROES).
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// True when the range is known to read as zeroes without reading it (a hole in a
+    /// sparse file); false when it holds data or the target cannot tell.
+    fn is_hole(&self, offset: u64, len: u64) -> io::Result<bool>;
+    /// Makes every completed write durable.
+    fn sync(&self) -> io::Result<()>;
+}
+
+/// Every way opening or creating a replica fails; each names the path.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    /// The file or device could not be opened.
+    #[error("cannot open replica {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// Creating the sparse replica file failed.
+    #[error("cannot create replica {path} of {size} bytes: {source}")]
+    Create {
+        path: PathBuf,
+        size: u64,
+        #[source]
+        source: io::Error,
+    },
+    /// The path is a directory, a pipe or something else that cannot hold an image.
+    #[error("replica {path} is neither a regular file nor a block device")]
+    NotFileOrBlockDevice { path: PathBuf },
+    /// The replica has another size than the journal's device.
+    #[error("replica {path} is {found} bytes but the journal's device is {expected} bytes; use another replica path")]
+    SizeMismatch {
+        path: PathBuf,
+        found: u64,
+        expected: u64,
+    },
+    /// Another process (another replay agent) holds the replica.
+    #[error("replica {path} is in use by another process (it holds an exclusive lock on it)")]
+    Locked { path: PathBuf },
+    /// Reading the size or taking the lock failed.
+    #[error("cannot inspect replica {path}: {source}")]
+    Inspect {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A replica in a regular file or on a block device.
+///
+/// # Invariants
+/// - The descriptor holds an exclusive `flock` for the life of the value.
+/// - `size` is the journal's device size (files: exactly; block devices: at least).
+#[derive(Debug)]
+pub struct ReplicaFile {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    block_device: bool,
+}
+
+impl ReplicaFile {
+    /// Opens the replica at `path`, creating a sparse file of `size` bytes if nothing is
+    /// there. Returns whether it was created.
+    ///
+    /// The file is sized and fsync'd under a temporary name and then linked into place, so a
+    /// crash never leaves a replica of the wrong size behind.
+    pub fn open_or_create(path: &Path, size: u64) -> Result<(ReplicaFile, bool), ReplicaError> {
+        let created = if path.exists() {
+            false
+        } else {
+            let create = |source| ReplicaError::Create {
+                path: path.to_owned(),
+                size,
+                source,
+            };
+            let temp = sibling(path, ".creating");
+            let file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&temp)
+                .map_err(create)?;
+            file.set_len(size).map_err(create)?;
+            file.sync_all().map_err(create)?;
+            drop(file);
+            let linked = std::fs::hard_link(&temp, path);
+            let _ = std::fs::remove_file(&temp);
+            match linked {
+                Ok(()) => {
+                    sync_parent(path).map_err(create)?;
+                    true
+                }
+                // Another process created it in the meantime: use theirs (the lock decides).
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+                Err(e) => return Err(create(e)),
+            }
+        };
+        Ok((Self::open(path, size)?, created))
+    }
+
+    /// Opens an existing replica of the device's `size`.
+    pub fn open(path: &Path, size: u64) -> Result<ReplicaFile, ReplicaError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|source| ReplicaError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        let inspect = |source| ReplicaError::Inspect {
+            path: path.to_owned(),
+            source,
+        };
+        lock_exclusive(&file).map_err(|e| {
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                ReplicaError::Locked {
+                    path: path.to_owned(),
+                }
+            } else {
+                inspect(e)
+            }
+        })?;
+        let meta = file.metadata().map_err(inspect)?;
+        let (found, block_device) = if meta.file_type().is_file() {
+            (meta.len(), false)
+        } else if meta.file_type().is_block_device() {
+            (block_device_size(&file).map_err(inspect)?, true)
+        } else {
+            return Err(ReplicaError::NotFileOrBlockDevice {
+                path: path.to_owned(),
+            });
+        };
+        // A block device (a partition, an LV) may be larger than the image it holds; a file
+        // of another size is another image.
+        if found != size && !(block_device && found > size) {
+            return Err(ReplicaError::SizeMismatch {
+                path: path.to_owned(),
+                found,
+                expected: size,
+            });
+        }
+        Ok(ReplicaFile {
+            file,
+            path: path.to_owned(),
+            size,
+            block_device,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        let (offset, len) = (to_off_t(offset)?, to_off_t(len)?);
+        // SAFETY: fallocate reads only its integer arguments; `self.file` keeps the
+        // descriptor open for the duration of the call.
+        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset, len) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    fn write_zero_chunks(&self, offset: u64, len: u64) -> io::Result<()> {
+        let zeroes = vec![0u8; len.min(ZERO_CHUNK as u64) as usize];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(zeroes.len() as u64) as usize;
+            self.file.write_all_at(&zeroes[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Tries the fallocate modes in order, then falls back to writing zeroes.
+    fn zero_with(&self, modes: &[libc::c_int], offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        for &mode in modes {
+            match self.fallocate(mode | libc::FALLOC_FL_KEEP_SIZE, offset, len) {
+                Ok(()) => return Ok(()),
+                Err(e) if is_unsupported(&e) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        self.write_zero_chunks(offset, len)
+    }
+}
+
+impl ReplicaTarget for ReplicaFile {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        // 1 MiB at a time: multi-megabyte writes(2) are much slower on some kernels (see the
+        // local store).
+        let mut at = offset;
+        for chunk in data.chunks(ZERO_CHUNK) {
+            self.file.write_all_at(chunk, at)?;
+            at += chunk.len() as u64;
+        }
+        Ok(())
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        // On a block device PUNCH_HOLE is a discard that guarantees zeroes, so the replica
+        // reads like a primary file whose hole was punched.
+        self.zero_with(
+            &[libc::FALLOC_FL_PUNCH_HOLE, libc::FALLOC_FL_ZERO_RANGE],
+            offset,
+            len,
+        )
+    }
+
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.zero_with(
+            &[libc::FALLOC_FL_ZERO_RANGE, libc::FALLOC_FL_PUNCH_HOLE],
+            offset,
+            len,
+        )
+    }
+
+    fn is_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
+        if self.block_device || len == 0 {
+            return Ok(len == 0);
+        }
+        let start = to_off_t(offset)?;
+        // SAFETY: lseek reads only its integer arguments. It moves the shared file offset,
+        // which nothing here uses (all I/O is positional).
+        let data = unsafe { libc::lseek(self.file.as_raw_fd(), start, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                // No data at or after `offset`.
+                Some(libc::ENXIO) => Ok(true),
+                // A file system without SEEK_DATA: cannot tell.
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(false),
+                _ => Err(e),
+            };
+        }
+        Ok(data as u64 >= offset.saturating_add(len))
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+fn lock_exclusive(file: &File) -> io::Result<()> {
+    // SAFETY: flock reads only its integer arguments on a descriptor `file` keeps open.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn block_device_size(file: &File) -> io::Result<u64> {
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, valid for the call.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
+    if rc == 0 {
+        Ok(size)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `<path><suffix>` in the same directory.
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+fn sync_parent(path: &Path) -> io::Result<()> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(parent)?.sync_all()
+}
+
+fn is_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::ENOTTY)
+    )
+}
+
+fn to_off_t(v: u64) -> io::Result<libc::off_t> {
+    libc::off_t::try_from(v).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("offset or length {v} does not fit in off_t"),
+        )
+    })
+}
+
+/// A replica in memory, for unit tests of the agent and recovery.
+#[cfg(test)]
+#[derive(Debug)]
+pub(crate) struct MemoryReplica {
+    data: std::sync::Mutex<Vec<u8>>,
+    /// Ranges known to be holes (punched and never written since); only a hint.
+    holes: std::sync::Mutex<Vec<std::ops::Range<u64>>>,
+}
+
+#[cfg(test)]
+impl MemoryReplica {
+    pub(crate) fn new(size: u64) -> Self {
+        MemoryReplica {
+            data: std::sync::Mutex::new(vec![0; size as usize]),
+            holes: std::sync::Mutex::new(std::iter::once(0..size).collect()),
+        }
+    }
+
+    pub(crate) fn contents(&self) -> Vec<u8> {
+        self.data.lock().unwrap().clone()
+    }
+
+    fn forget_holes(&self, offset: u64, len: u64) {
+        let end = offset + len;
+        let mut holes = self.holes.lock().unwrap();
+        let mut kept = Vec::new();
+        for h in holes.drain(..) {
+            if h.end <= offset || h.start >= end {
+                kept.push(h);
+            } else {
+                if h.start < offset {
+                    kept.push(h.start..offset);
+                }
+                if h.end > end {
+                    kept.push(end..h.end);
+                }
+            }
+        }
+        *holes = kept;
+    }
+}
+
+#[cfg(test)]
+impl ReplicaTarget for MemoryReplica {
+    fn size(&self) -> u64 {
+        self.data.lock().unwrap().len() as u64
+    }
+    fn describe(&self) -> String {
+        "memory replica".into()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let data = self.data.lock().unwrap();
+        buf.copy_from_slice(&data[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+    fn write_at(&self, offset: u64, src: &[u8]) -> io::Result<()> {
+        self.forget_holes(offset, src.len() as u64);
+        let mut data = self.data.lock().unwrap();
+        data[offset as usize..offset as usize + src.len()].copy_from_slice(src);
+        Ok(())
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.zero_range(offset, len)?;
+        self.holes.lock().unwrap().push(offset..offset + len);
+        Ok(())
+    }
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.forget_holes(offset, len);
+        let mut data = self.data.lock().unwrap();
+        data[offset as usize..(offset + len) as usize].fill(0);
+        Ok(())
+    }
+    fn is_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
+        let end = offset + len;
+        Ok(self
+            .holes
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|h| h.start <= offset && h.end >= end))
+    }
+    fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn created_sparse_then_reopened_and_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.img");
+        let (replica, created) = ReplicaFile::open_or_create(&path, 1 << 20).unwrap();
+        assert!(created);
+        assert!(replica.is_hole(0, 1 << 20).unwrap());
+        assert!(matches!(
+            ReplicaFile::open(&path, 1 << 20),
+            Err(ReplicaError::Locked { .. })
+        ));
+        drop(replica);
+        let (replica, created) = ReplicaFile::open_or_create(&path, 1 << 20).unwrap();
+        assert!(!created);
+        drop(replica);
+        let err = ReplicaFile::open(&path, 2 << 20).unwrap_err();
+        assert!(matches!(err, ReplicaError::SizeMismatch { .. }), "{err}");
+        assert!(err.to_string().contains("r.img"), "{err}");
+    }
+
+    #[test]
+    fn writes_holes_and_zeroes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.img");
+        let (r, _) = ReplicaFile::open_or_create(&path, 1 << 20).unwrap();
+        r.write_at(4096, &[7u8; 8192]).unwrap();
+        assert!(!r.is_hole(4096, 4096).unwrap());
+        assert!(
+            !r.is_hole(0, 8192).unwrap(),
+            "a range reaching data is not a hole"
+        );
+        assert!(r.is_hole(65536, 4096).unwrap());
+        r.punch_hole(4096, 4096).unwrap();
+        r.zero_range(8192, 100).unwrap();
+        let mut buf = vec![1u8; 12288];
+        r.read_at(0, &mut buf).unwrap();
+        assert!(buf[..8192 + 100].iter().all(|&b| b == 0));
+        assert!(buf[8192 + 100..].iter().all(|&b| b == 7));
+        r.sync().unwrap();
+    }
+
+    #[test]
+    fn directories_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = ReplicaFile::open(dir.path(), 4096).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ReplicaError::NotFileOrBlockDevice { .. } | ReplicaError::Open { .. }
+            ),
+            "{err}"
+        );
+    }
+}

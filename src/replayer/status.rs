@@ -1,0 +1,592 @@
+//! What a replay agent reports on its control socket (`{"cmd":"status"}`) and how
+//! `tinylag status` prints it: positions, lag behind the journal head, delay, undo-log size
+//! and what the agent is doing.
+//!
+//! The agent writes into a [`StatusBoard`] as it goes (cheap, in memory); the control
+//! handler reads it. The journal head is known from the segments the agent has fetched;
+//! only while the agent is behind does a status request probe for newer segments (O(log n)
+//! HEADs, cached for a few seconds), so an idle agent costs nothing extra.
+//!
+//! Must never: block the agent on a status request, or put credentials into the status.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::clock::{format_ns, Clock};
+use crate::control::{Handler, Request, Response};
+use crate::journal::consumer::ConsumerState;
+use crate::journal::head::{prefix_index, probe_end};
+use crate::journal::reader::JournalReader;
+use crate::units::format_size;
+
+use super::recovery::RecoveryReport;
+
+/// How long a probed head stays fresh.
+const HEAD_CACHE_NS: u64 = 2_000_000_000;
+/// Segments whose sizes a status request reads with HEAD; beyond, lag bytes are estimated.
+const LAG_SIZE_SAMPLE: u64 = 32;
+
+/// What the agent is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AgentState {
+    Starting,
+    /// Undoing what was applied after the last commit (or an unfinished resync span).
+    Recovering,
+    /// Applying records that are due.
+    CatchingUp,
+    /// The next record is not due yet (`timestamp + delay` is in the future).
+    WaitingForDelay,
+    /// Everything in the journal is applied; polling for the next segment.
+    Idle,
+    /// Stopped cleanly (`--once`, `--until`, a signal).
+    Stopped,
+    /// Stopped by an error (see `error`).
+    Failed,
+}
+
+/// The journal head as far as the agent knows it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct KnownHead {
+    /// The seq after the newest segment seen.
+    pub next_seq: u64,
+    /// Last LSN seen (0 when none).
+    pub lsn: u64,
+    pub timestamp_ns: u64,
+}
+
+/// Stored bytes of the segments the agent has not applied yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct LagBytes {
+    bytes: u64,
+    /// Extrapolated from a sample of segment sizes.
+    estimated: bool,
+}
+
+/// A probed head, when it was probed, and the lag bytes found with it.
+type HeadCache = (u64, KnownHead, Option<LagBytes>);
+
+/// Where the agent's time went since it started (wall time per phase of a batch), so an
+/// operator can tell a slow store from a slow replica.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhaseTimes {
+    /// Reading pre-images from the replica.
+    pub preimage_ms: u64,
+    /// Encoding and storing undo segments (durable).
+    pub undo_ms: u64,
+    /// Writing, punching and zeroing the replica.
+    pub apply_ms: u64,
+    /// fdatasync of the replica.
+    pub sync_ms: u64,
+    /// Committing positions to the journal store.
+    pub commit_ms: u64,
+}
+
+/// A phase of applying a batch, for [`StatusBoard::spent`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Preimage,
+    Undo,
+    Apply,
+    Sync,
+    Commit,
+}
+
+/// Fixed facts about the agent.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AgentIdentity {
+    pub name: String,
+    /// Journal address (no credentials: store descriptions never carry them).
+    pub journal: String,
+    pub replica: String,
+    /// Undo-log address, or `None` with `--no-undo`.
+    pub undo: Option<String>,
+    pub delay_ns: u64,
+}
+
+#[derive(Debug)]
+struct Board {
+    state: AgentState,
+    error: Option<String>,
+    position: Option<ConsumerState>,
+    head: KnownHead,
+    next_due_ns: Option<u64>,
+    records_applied: u64,
+    bytes_applied: u64,
+    batches_applied: u64,
+    recovery: Option<RecoveryReport>,
+    head_cache: Option<HeadCache>,
+    /// Nanoseconds per phase.
+    spent_ns: [u64; 5],
+}
+
+/// Shared between the agent (writer) and the control handler (reader).
+#[derive(Debug)]
+pub struct StatusBoard {
+    identity: AgentIdentity,
+    reader: JournalReader,
+    clock: Arc<dyn Clock>,
+    started_ns: u64,
+    board: Mutex<Board>,
+}
+
+/// The status of one replay agent (the `result` of `{"cmd":"status"}`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    /// Always `"replica"`: tells a generic client what kind of daemon answered.
+    pub role: String,
+    #[serde(flatten)]
+    pub identity: AgentIdentity,
+    pub state: AgentState,
+    pub error: Option<String>,
+    pub applied_lsn: u64,
+    pub applied_timestamp_ns: u64,
+    pub applied_time: Option<String>,
+    pub consistent_lsn: u64,
+    pub consistent_time: Option<String>,
+    /// Inside a resync span: the replica is not consistent until its `RESYNC_END`.
+    pub in_resync_span: bool,
+    pub head_lsn: u64,
+    pub head_time: Option<String>,
+    pub lag_records: u64,
+    pub lag_bytes: u64,
+    /// True when `lag_bytes` extrapolates from a sample of segment sizes.
+    pub lag_bytes_estimated: bool,
+    pub lag_seconds: f64,
+    pub delay: String,
+    /// When the next record becomes due (while waiting for the delay).
+    pub next_due_time: Option<String>,
+    pub undo_bytes: u64,
+    pub undo_segments: u64,
+    /// Since the agent started.
+    pub records_applied: u64,
+    pub bytes_applied: u64,
+    pub batches_applied: u64,
+    pub recovery: Option<RecoveryReport>,
+    /// Wall time per phase since the agent started.
+    pub time_spent: PhaseTimes,
+    pub started_time: String,
+}
+
+impl StatusBoard {
+    pub fn new(identity: AgentIdentity, reader: JournalReader, clock: Arc<dyn Clock>) -> Self {
+        let started_ns = clock.now_ns();
+        StatusBoard {
+            identity,
+            reader,
+            clock,
+            started_ns,
+            board: Mutex::new(Board {
+                state: AgentState::Starting,
+                error: None,
+                position: None,
+                head: KnownHead::default(),
+                next_due_ns: None,
+                records_applied: 0,
+                bytes_applied: 0,
+                batches_applied: 0,
+                recovery: None,
+                head_cache: None,
+                spent_ns: [0; 5],
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Board> {
+        // Every update is a few plain assignments: a panic elsewhere cannot leave it torn.
+        self.board.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn identity(&self) -> &AgentIdentity {
+        &self.identity
+    }
+
+    pub fn state(&self) -> AgentState {
+        self.lock().state
+    }
+
+    pub fn set_state(&self, state: AgentState) {
+        let mut b = self.lock();
+        b.state = state;
+        if state != AgentState::WaitingForDelay {
+            b.next_due_ns = None;
+        }
+    }
+
+    /// The agent waits until `due_ns` for the next record.
+    pub fn waiting_until(&self, due_ns: u64) {
+        let mut b = self.lock();
+        b.state = AgentState::WaitingForDelay;
+        b.next_due_ns = Some(due_ns);
+    }
+
+    /// The agent stopped on `error`.
+    pub fn failed(&self, error: &str) {
+        let mut b = self.lock();
+        b.state = AgentState::Failed;
+        b.error = Some(error.to_string());
+    }
+
+    /// A transient problem (the store is unreachable); cleared by the next success.
+    pub fn warn(&self, message: Option<String>) {
+        self.lock().error = message;
+    }
+
+    /// The agent committed `position` after applying `records` records of `bytes` bytes.
+    pub fn committed(&self, position: &ConsumerState, records: u64, bytes: u64) {
+        let mut b = self.lock();
+        b.records_applied += records;
+        b.bytes_applied += bytes;
+        if records > 0 {
+            b.batches_applied += 1;
+        }
+        raise(
+            &mut b.head,
+            position.applied_lsn,
+            position.applied_timestamp_ns,
+            0,
+        );
+        b.position = Some(position.clone());
+    }
+
+    /// The agent fetched a segment ending before `next_seq` whose last record is `lsn`.
+    pub fn saw_segment(&self, next_seq: u64, lsn: Option<u64>, timestamp_ns: Option<u64>) {
+        let mut b = self.lock();
+        b.head.next_seq = b.head.next_seq.max(next_seq);
+        if let (Some(lsn), Some(ts)) = (lsn, timestamp_ns) {
+            raise(&mut b.head, lsn, ts, next_seq);
+        }
+        b.error = None;
+    }
+
+    /// Adds `elapsed` to the time spent in `phase`.
+    pub fn spent(&self, phase: Phase, elapsed: Duration) {
+        let i = phase as usize;
+        let mut b = self.lock();
+        b.spent_ns[i] = b.spent_ns[i].saturating_add(elapsed.as_nanos() as u64);
+    }
+
+    pub fn recovered(&self, report: RecoveryReport) {
+        self.lock().recovery = Some(report);
+    }
+
+    /// The newest head: the one seen, or a fresh probe when the agent is behind. Also the
+    /// unapplied bytes `(bytes, estimated)` when probed.
+    async fn head(&self, position: &ConsumerState) -> (KnownHead, Option<LagBytes>) {
+        let now = self.clock.now_ns();
+        let (seen, idle, cached) = {
+            let b = self.lock();
+            (b.head, b.state == AgentState::Idle, b.head_cache)
+        };
+        if idle && seen.lsn <= position.applied_lsn {
+            return (
+                seen,
+                Some(LagBytes {
+                    bytes: 0,
+                    estimated: false,
+                }),
+            );
+        }
+        if let Some((at, head, bytes)) = cached {
+            if now.saturating_sub(at) < HEAD_CACHE_NS && head.lsn >= seen.lsn {
+                return (head, bytes);
+            }
+        }
+        let probed = self.probe(seen, position).await;
+        let (head, bytes) = match probed {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::debug!("status head probe failed: {e}");
+                (seen, None)
+            }
+        };
+        self.lock().head_cache = Some((now, head, bytes));
+        (head, bytes)
+    }
+
+    async fn probe(
+        &self,
+        seen: KnownHead,
+        position: &ConsumerState,
+    ) -> Result<(KnownHead, Option<LagBytes>), crate::journal::JournalError> {
+        let store = self.reader.store().as_ref();
+        let manifest = self.reader.manifest();
+        let from = seen.next_seq.max(position.next_seq);
+        let end = probe_end(store, manifest, from).await?;
+        let mut head = seen;
+        if end > from {
+            let index = prefix_index(store, manifest, end - 1).await?;
+            if let Some(last) = index.header.last_lsn() {
+                raise(&mut head, last, index.last_timestamp().unwrap_or(0), end);
+            }
+            head.next_seq = end;
+        }
+        // Unapplied bytes: the segments from the consumer's next seq to the head.
+        let first = position.next_seq;
+        let count = head.next_seq.saturating_sub(first);
+        let sampled = count.min(LAG_SIZE_SAMPLE);
+        let mut bytes = 0u64;
+        let mut found = 0u64;
+        for seq in first..first + sampled {
+            if let Ok(meta) = store.head(&manifest.segment_key(seq)).await {
+                bytes += meta.size;
+                found += 1;
+            }
+        }
+        let estimate = if found > 0 && count > sampled {
+            (bytes as f64 / found as f64 * count as f64) as u64
+        } else {
+            bytes
+        };
+        Ok((
+            head,
+            Some(LagBytes {
+                bytes: estimate,
+                estimated: count > sampled,
+            }),
+        ))
+    }
+
+    /// The full status, probing the head if the agent is behind.
+    pub async fn snapshot(&self) -> ReplicaStatus {
+        let (position, state, error, due, applied, bytes, batches, recovery, spent) = {
+            let b = self.lock();
+            (
+                b.position.clone(),
+                b.state,
+                b.error.clone(),
+                b.next_due_ns,
+                b.records_applied,
+                b.bytes_applied,
+                b.batches_applied,
+                b.recovery.clone(),
+                b.spent_ns,
+            )
+        };
+        let ms = |p: Phase| spent[p as usize] / 1_000_000;
+        let times = PhaseTimes {
+            preimage_ms: ms(Phase::Preimage),
+            undo_ms: ms(Phase::Undo),
+            apply_ms: ms(Phase::Apply),
+            sync_ms: ms(Phase::Sync),
+            commit_ms: ms(Phase::Commit),
+        };
+        let position = position.unwrap_or_else(|| ConsumerState {
+            name: self.identity.name.clone(),
+            next_seq: 0,
+            applied_lsn: 0,
+            applied_timestamp_ns: 0,
+            consistent_lsn: 0,
+            consistent_seq: 0,
+            consistent_timestamp_ns: 0,
+            delay_ns: self.identity.delay_ns,
+            replica: self.identity.replica.clone(),
+            registered_at_ns: 0,
+            updated_at_ns: 0,
+            undo: Default::default(),
+        });
+        let (head, lag_bytes) = self.head(&position).await;
+        let head_lsn = head.lsn.max(position.applied_lsn);
+        let lag_records = head_lsn - position.applied_lsn;
+        let lag_seconds = if lag_records == 0 {
+            0.0
+        } else {
+            head.timestamp_ns
+                .saturating_sub(position.applied_timestamp_ns) as f64
+                / 1e9
+        };
+        let time = |ns: u64| (ns > 0).then(|| format_ns(ns));
+        ReplicaStatus {
+            role: "replica".into(),
+            identity: self.identity.clone(),
+            state,
+            error,
+            applied_lsn: position.applied_lsn,
+            applied_timestamp_ns: position.applied_timestamp_ns,
+            applied_time: time(position.applied_timestamp_ns),
+            consistent_lsn: position.consistent_lsn,
+            consistent_time: time(position.consistent_timestamp_ns),
+            in_resync_span: position.consistent_lsn < position.applied_lsn,
+            head_lsn,
+            head_time: time(head.timestamp_ns),
+            lag_records,
+            lag_bytes: lag_bytes.map_or(0, |l| l.bytes),
+            lag_bytes_estimated: lag_bytes.is_none_or(|l| l.estimated),
+            lag_seconds,
+            delay: format_duration(Duration::from_nanos(self.identity.delay_ns)),
+            next_due_time: due.map(format_ns),
+            undo_bytes: position.undo.bytes,
+            undo_segments: position.undo.segments,
+            records_applied: applied,
+            bytes_applied: bytes,
+            batches_applied: batches,
+            recovery,
+            time_spent: times,
+            started_time: format_ns(self.started_ns),
+        }
+    }
+}
+
+fn raise(head: &mut KnownHead, lsn: u64, timestamp_ns: u64, next_seq: u64) {
+    if lsn >= head.lsn {
+        head.lsn = lsn;
+        head.timestamp_ns = head.timestamp_ns.max(timestamp_ns);
+    }
+    head.next_seq = head.next_seq.max(next_seq);
+}
+
+/// `1h`, `3s`, `250ms`, `0s`: the largest unit that divides the duration.
+pub fn format_duration(d: Duration) -> String {
+    let ns = d.as_nanos();
+    for (unit, per) in [
+        ("d", 86_400_000_000_000u128),
+        ("h", 3_600_000_000_000),
+        ("m", 60_000_000_000),
+        ("s", 1_000_000_000),
+        ("ms", 1_000_000),
+    ] {
+        if ns >= per && ns % per == 0 {
+            return format!("{}{unit}", ns / per);
+        }
+    }
+    if ns == 0 {
+        "0s".into()
+    } else {
+        format!("{ns}ns")
+    }
+}
+
+/// The status as lines for a terminal.
+pub fn render_text(s: &ReplicaStatus) -> String {
+    let or_never = |t: &Option<String>| t.clone().unwrap_or_else(|| "-".into());
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{k:<16}{v}\n"));
+    line("role", format!("replica (consumer {})", s.identity.name));
+    line(
+        "state",
+        serde_json::to_value(s.state).map_or(String::new(), |v| {
+            v.as_str().unwrap_or_default().to_string()
+        }),
+    );
+    if let Some(e) = &s.error {
+        line("error", e.clone());
+    }
+    line("journal", s.identity.journal.clone());
+    line("replica", s.identity.replica.clone());
+    line(
+        "applied",
+        format!("LSN {} at {}", s.applied_lsn, or_never(&s.applied_time)),
+    );
+    line(
+        "consistent",
+        format!(
+            "LSN {} at {}{}",
+            s.consistent_lsn,
+            or_never(&s.consistent_time),
+            if s.in_resync_span {
+                "  (inside a resync span: the replica is not consistent until it ends)"
+            } else {
+                ""
+            }
+        ),
+    );
+    line(
+        "head",
+        format!("LSN {} at {}", s.head_lsn, or_never(&s.head_time)),
+    );
+    line(
+        "lag",
+        format!(
+            "{} records, {}{}, {:.1} s",
+            s.lag_records,
+            if s.lag_bytes_estimated { "~" } else { "" },
+            format_size(s.lag_bytes),
+            s.lag_seconds
+        ),
+    );
+    let due = s
+        .next_due_time
+        .as_ref()
+        .map(|t| format!(" (next record due at {t})"))
+        .unwrap_or_default();
+    line("delay", format!("{}{due}", s.delay));
+    line(
+        "undo log",
+        match &s.identity.undo {
+            Some(u) => format!(
+                "{u}: {} in {} segments",
+                format_size(s.undo_bytes),
+                s.undo_segments
+            ),
+            None => "none (--no-undo: no time travel, a crash may leave the replica torn until it catches up)".into(),
+        },
+    );
+    line(
+        "applied since",
+        format!(
+            "{}: {} records, {} in {} batches",
+            s.started_time,
+            s.records_applied,
+            format_size(s.bytes_applied),
+            s.batches_applied
+        ),
+    );
+    if let Some(r) = &s.recovery {
+        if r.undone_segments > 0 || r.from_lsn != r.to_lsn {
+            line(
+                "last recovery",
+                format!(
+                    "undid {} records in {} undo segments: LSN {} -> {}",
+                    r.undone_records, r.undone_segments, r.from_lsn, r.to_lsn
+                ),
+            );
+        }
+    }
+    out
+}
+
+/// The control-socket handler of a replay agent.
+pub struct StatusHandler(pub Arc<StatusBoard>);
+
+#[async_trait]
+impl Handler for StatusHandler {
+    async fn handle(&self, request: Request) -> Response {
+        match request.cmd.as_str() {
+            "status" => {
+                let status = self.0.snapshot().await;
+                let text = request
+                    .args
+                    .get("format")
+                    .and_then(|f| f.as_str())
+                    .is_some_and(|f| f == "text");
+                if text {
+                    Response::ok(serde_json::json!({ "text": render_text(&status) }))
+                } else {
+                    match serde_json::to_value(&status) {
+                        Ok(v) => Response::ok(v),
+                        Err(e) => Response::error(format!("cannot encode status: {e}")),
+                    }
+                }
+            }
+            other => Response::error(format!(
+                "unknown command {other:?}; a replay agent answers \"status\""
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_format_in_their_largest_unit() {
+        assert_eq!(format_duration(Duration::from_secs(3600)), "1h");
+        assert_eq!(format_duration(Duration::from_secs(90)), "90s");
+        assert_eq!(format_duration(Duration::from_millis(250)), "250ms");
+        assert_eq!(format_duration(Duration::ZERO), "0s");
+    }
+}

@@ -1,0 +1,534 @@
+//! The undo log: the pre-images a replay agent saves before it changes the replica, so that
+//! crash recovery can walk back an unfinished batch (or resync span) and time travel can
+//! scrub the replica backwards.
+//!
+//! An undo log is a store root of its own (default: a local directory `<replica>.undo/`):
+//!
+//! ```text
+//! undo.json          UndoManifest (JSON), written once by conditional create
+//! undo/<seq:020>     undo segments, numbered from 0 by the agent, one per applied batch
+//! ```
+//!
+//! An undo segment uses the journal's segment codec unchanged (header, body, rkyv index,
+//! trailer, every byte checked; see [`crate::journal::segment`]), with:
+//! - `uuid` = the journal's device-group UUID, `epoch` = 0, `seq` = the undo seq;
+//! - `first_lsn` = the journal LSN of the first record the batch applies, and one undo record
+//!   per journal record of the batch, with that record's LSN, timestamp and device;
+//! - each undo record's operation restores what the journal record overwrote: `WRITE(offset,
+//!   bytes before)`, or `WRITE_ZEROES(offset, len)` when the range read as zeroes; records
+//!   that change no bytes (FLUSH, MARK, EPOCH, RESYNC_BEGIN/END) are copied as they are, and
+//!   undoing them does nothing.
+//!
+//! A journal record too large for one pre-image (a DISCARD of gigabytes) is applied in
+//! pieces, each with its own undo segment holding one record: that LSN, the piece's range.
+//!
+//! Must never: overwrite an undo segment (conditional create only); accept an undo log of
+//! another journal, consumer or device size; return a record from a segment whose UUID, seq
+//! or checksums are wrong.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::journal::paths;
+use crate::journal::record::Record;
+use crate::journal::segment::{
+    decode_segment, encode_segment, DecodedSegment, Expected, SegmentError,
+};
+use crate::store::{ObjectStore, StoreError};
+
+/// The undo-log format version this build writes and reads.
+pub const UNDO_FORMAT_VERSION: u32 = 1;
+
+/// What an undo log belongs to (`undo.json`, pretty JSON):
+///
+/// ```json
+/// { "format_version": 1, "journal_uuid": "…", "consumer": "dr1",
+///   "replica": "/var/lib/tinylag/replica.img", "device_size": 1073741824,
+///   "created_ns": 1795000000000000000 }
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UndoManifest {
+    pub format_version: u32,
+    /// The journal whose records the pre-images undo.
+    pub journal_uuid: Uuid,
+    /// The consumer (replay agent) that writes the log.
+    pub consumer: String,
+    /// The replica the pre-images were read from (for operators).
+    pub replica: String,
+    pub device_size: u64,
+    pub created_ns: u64,
+}
+
+/// Every way the undo log fails; each names the store and the object.
+#[derive(Debug, thiserror::Error)]
+pub enum UndoError {
+    /// `undo.json` says the log belongs to another journal, consumer or device size.
+    #[error(
+        "undo log {store} belongs to {field} {found}, not {expected}; use another --undo location"
+    )]
+    Foreign {
+        store: String,
+        field: &'static str,
+        found: String,
+        expected: String,
+    },
+    /// `undo.json` is not valid JSON of the expected shape.
+    #[error("undo log {store}: {key} is not a valid undo manifest: {reason}")]
+    Malformed {
+        store: String,
+        key: String,
+        reason: String,
+    },
+    /// `undo.json` was written by a newer tinylag.
+    #[error("undo log {store} has format version {found}; this tinylag reads version {supported}")]
+    UnsupportedVersion {
+        store: String,
+        found: u64,
+        supported: u32,
+    },
+    /// An undo segment the agent is about to write exists already: recovery did not run, or
+    /// two agents write one log.
+    #[error("undo segment {key} already exists in {store}; is another agent using this undo log?")]
+    SegmentExists { store: String, key: String },
+    /// An undo segment could not be encoded or decoded (the message names the object).
+    #[error("undo log {store}: {source}")]
+    Segment {
+        store: String,
+        #[source]
+        source: SegmentError,
+    },
+    /// An encoding or upload task panicked or was cancelled.
+    #[error("undo log {store}: task failed: {message}")]
+    Task { store: String, message: String },
+    /// The store failed.
+    #[error("undo log {store}: {source}")]
+    Store {
+        store: String,
+        #[source]
+        source: StoreError,
+    },
+}
+
+/// An open undo log.
+#[derive(Clone, Debug)]
+pub struct UndoLog {
+    store: Arc<dyn ObjectStore>,
+    manifest: UndoManifest,
+}
+
+impl UndoLog {
+    /// Opens the undo log in `store`, creating `undo.json` from `expected` if absent. An
+    /// existing log must belong to the same journal, consumer and device size.
+    pub async fn open_or_create(
+        store: Arc<dyn ObjectStore>,
+        expected: &UndoManifest,
+    ) -> Result<UndoLog, UndoError> {
+        let describe = store.describe();
+        let store_err = |source| UndoError::Store {
+            store: describe.clone(),
+            source,
+        };
+        let body = serde_json::to_vec_pretty(expected).expect("an undo manifest serializes");
+        match store
+            .put_if_absent(paths::UNDO_MANIFEST, Bytes::from(body))
+            .await
+        {
+            Ok(()) => {
+                return Ok(UndoLog {
+                    store,
+                    manifest: expected.clone(),
+                })
+            }
+            Err(e) if e.is_already_exists() => {}
+            Err(e) => return Err(store_err(e)),
+        }
+        let data = store.get(paths::UNDO_MANIFEST).await.map_err(store_err)?;
+        let found = parse_manifest(&describe, &data)?;
+        let checks = [
+            (
+                "journal",
+                found.journal_uuid.to_string(),
+                expected.journal_uuid.to_string(),
+            ),
+            (
+                "consumer",
+                found.consumer.clone(),
+                expected.consumer.clone(),
+            ),
+            (
+                "device size",
+                found.device_size.to_string(),
+                expected.device_size.to_string(),
+            ),
+        ];
+        for (field, found, expected) in checks {
+            if found != expected {
+                return Err(UndoError::Foreign {
+                    store: describe,
+                    field,
+                    found,
+                    expected,
+                });
+            }
+        }
+        Ok(UndoLog {
+            store,
+            manifest: found,
+        })
+    }
+
+    pub fn manifest(&self) -> &UndoManifest {
+        &self.manifest
+    }
+
+    pub fn describe(&self) -> String {
+        self.store.describe()
+    }
+
+    fn store_err(&self, source: StoreError) -> UndoError {
+        UndoError::Store {
+            store: self.describe(),
+            source,
+        }
+    }
+
+    fn segment_err(&self, source: SegmentError) -> UndoError {
+        match source {
+            SegmentError::Store(source) => self.store_err(source),
+            source => UndoError::Segment {
+                store: self.describe(),
+                source,
+            },
+        }
+    }
+
+    /// Writes undo segment `seq` holding `records` (contiguous LSNs from the first) and
+    /// returns its size. When this returns, the segment is durable.
+    pub async fn write(&self, seq: u64, records: Vec<Record>) -> Result<u64, UndoError> {
+        let first_lsn = records.first().map_or(0, |r| r.lsn);
+        let uuid = self.manifest.journal_uuid;
+        // Compressing and checksumming tens of megabytes is CPU work: off the runtime.
+        let body =
+            tokio::task::spawn_blocking(move || encode_segment(uuid, 0, seq, first_lsn, &records))
+                .await
+                .map_err(|e| UndoError::Task {
+                    store: self.describe(),
+                    message: e.to_string(),
+                })?
+                .map_err(|e| self.segment_err(e))?;
+        let len = body.len() as u64;
+        let key = paths::undo_segment_key(seq);
+        match self.store.put_if_absent(&key, body).await {
+            Ok(()) => Ok(len),
+            Err(e) if e.is_already_exists() => Err(UndoError::SegmentExists {
+                store: self.describe(),
+                key,
+            }),
+            Err(e) => Err(self.store_err(e)),
+        }
+    }
+
+    /// Writes `records` as up to `parts` undo segments from `first_seq` on, each a
+    /// contiguous LSN range of about equal bytes, all at once (parallel encoding, parallel
+    /// puts: one stream is slower on both a local disk and S3). Returns the segments written
+    /// and their bytes; all are durable when this returns. If it fails, some of them may
+    /// exist: crash recovery finds and removes such strays ([`STRAYS`] seqs past the run).
+    pub async fn write_split(
+        &self,
+        first_seq: u64,
+        records: Vec<Record>,
+        parts: usize,
+    ) -> Result<(u64, u64), UndoError> {
+        let groups = split(records, parts.clamp(1, STRAYS as usize + 1));
+        let count = groups.len() as u64;
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, group) in groups.into_iter().enumerate() {
+            let log = self.clone();
+            tasks.spawn(async move { log.write(first_seq + i as u64, group).await });
+        }
+        let mut bytes = 0;
+        let mut failure = None;
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok(Ok(size)) => bytes += size,
+                Ok(Err(e)) => failure = failure.or(Some(e)),
+                Err(e) => {
+                    failure = failure.or(Some(UndoError::Task {
+                        store: self.describe(),
+                        message: e.to_string(),
+                    }))
+                }
+            }
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok((count, bytes)),
+        }
+    }
+
+    /// Reads and verifies undo segment `seq`, with its stored size; `None` when absent.
+    pub async fn read(&self, seq: u64) -> Result<Option<(DecodedSegment, u64)>, UndoError> {
+        let key = paths::undo_segment_key(seq);
+        let data = match self.store.get(&key).await {
+            Ok(d) => d,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(self.store_err(e)),
+        };
+        let expected = Expected {
+            uuid: self.manifest.journal_uuid,
+            seq,
+            first_lsn: None,
+        };
+        let size = data.len() as u64;
+        let segment = decode_segment(&key, &data, &expected).map_err(|e| self.segment_err(e))?;
+        Ok(Some((segment, size)))
+    }
+
+    async fn exists(&self, seq: u64) -> Result<bool, UndoError> {
+        match self.store.head(&paths::undo_segment_key(seq)).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(self.store_err(e)),
+        }
+    }
+
+    /// The first seq at or after `from` that does not exist, when the segments from `from`
+    /// on form a contiguous run (they do: the agent writes them one after another, and
+    /// recovery deletes them highest first). O(log n) HEAD requests.
+    pub async fn end_from(&self, from: u64) -> Result<u64, UndoError> {
+        if !self.exists(from).await? {
+            return Ok(from);
+        }
+        let (mut lo, mut step) = (from, 1u64);
+        let mut hi = loop {
+            let candidate = lo.saturating_add(step);
+            if self.exists(candidate).await? {
+                lo = candidate;
+                step = step.saturating_mul(2);
+            } else {
+                break candidate;
+            }
+        };
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if self.exists(mid).await? {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        Ok(hi)
+    }
+
+    /// The end of the run of undo segments from `from`, including strays that a
+    /// [`write_split`](Self::write_split) cut short by a crash may have left just past it:
+    /// every existing segment from `from` on is below the returned seq.
+    pub async fn end_with_strays(&self, from: u64) -> Result<u64, UndoError> {
+        let mut end = self.end_from(from).await?;
+        for seq in end + 1..=end + STRAYS {
+            if self.exists(seq).await? {
+                end = seq + 1;
+            }
+        }
+        Ok(end)
+    }
+
+    /// Deletes undo segment `seq` (missing is fine).
+    pub async fn delete(&self, seq: u64) -> Result<(), UndoError> {
+        self.store
+            .delete_many(&[paths::undo_segment_key(seq)])
+            .await
+            .map_err(|e| self.store_err(e))
+    }
+}
+
+/// Most undo segments one batch is split into, minus one: how far past the end of the run
+/// a crash during [`UndoLog::write_split`] can leave a segment.
+pub const STRAYS: u64 = 3;
+
+/// Splits `records` into at most `parts` runs of about equal payload bytes, in order.
+fn split(records: Vec<Record>, parts: usize) -> Vec<Vec<Record>> {
+    let total: usize = records.iter().map(|r| r.op.payload_len()).sum();
+    let target = total.div_ceil(parts.max(1)).max(1);
+    let mut groups = vec![Vec::new()];
+    let mut bytes = 0;
+    for record in records {
+        let last = groups.last_mut().expect("never empty");
+        if bytes >= target && !last.is_empty() && groups.len() < parts {
+            groups.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += record.op.payload_len();
+        groups.last_mut().expect("never empty").push(record);
+    }
+    groups
+}
+
+/// A parsed and version-checked undo manifest.
+fn parse_manifest(store: &str, data: &[u8]) -> Result<UndoManifest, UndoError> {
+    let malformed = |reason: String| UndoError::Malformed {
+        store: store.to_string(),
+        key: paths::UNDO_MANIFEST.to_string(),
+        reason,
+    };
+    let probe: serde_json::Value =
+        serde_json::from_slice(data).map_err(|e| malformed(e.to_string()))?;
+    let version = probe
+        .get("format_version")
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| malformed("no format_version".into()))?;
+    if version != u64::from(UNDO_FORMAT_VERSION) {
+        return Err(UndoError::UnsupportedVersion {
+            store: store.to_string(),
+            found: version,
+            supported: UNDO_FORMAT_VERSION,
+        });
+    }
+    serde_json::from_value(probe).map_err(|e| malformed(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::record::Op;
+    use crate::store::memory::MemoryStore;
+
+    fn manifest(consumer: &str) -> UndoManifest {
+        UndoManifest {
+            format_version: UNDO_FORMAT_VERSION,
+            journal_uuid: Uuid::from_u128(7),
+            consumer: consumer.into(),
+            replica: "/r.img".into(),
+            device_size: 1 << 20,
+            created_ns: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn segments_round_trip_and_are_never_overwritten() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let log = UndoLog::open_or_create(store.clone(), &manifest("a"))
+            .await
+            .unwrap();
+        let records = vec![
+            Record {
+                lsn: 5,
+                timestamp_ns: 10,
+                dev: 0,
+                op: Op::Write {
+                    offset: 0,
+                    data: Bytes::from_static(b"before"),
+                },
+            },
+            Record {
+                lsn: 6,
+                timestamp_ns: 11,
+                dev: 0,
+                op: Op::Flush,
+            },
+        ];
+        let size = log.write(3, records.clone()).await.unwrap();
+        let (segment, read_size) = log.read(3).await.unwrap().unwrap();
+        assert_eq!(segment.records, records);
+        assert_eq!(size, read_size);
+        assert!(matches!(
+            log.write(3, records.clone()).await,
+            Err(UndoError::SegmentExists { .. })
+        ));
+        assert!(log.read(4).await.unwrap().is_none());
+        log.write(4, records[1..].to_vec()).await.unwrap();
+        assert_eq!(log.end_from(3).await.unwrap(), 5);
+        assert_eq!(log.end_from(5).await.unwrap(), 5);
+        log.delete(4).await.unwrap();
+        assert_eq!(log.end_from(3).await.unwrap(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_batch_splits_into_contiguous_parts_and_strays_are_found() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let log = UndoLog::open_or_create(store.clone(), &manifest("a"))
+            .await
+            .unwrap();
+        let records: Vec<Record> = (1..=10)
+            .map(|lsn| Record {
+                lsn,
+                timestamp_ns: lsn,
+                dev: 0,
+                op: Op::Write {
+                    offset: lsn * 100,
+                    data: Bytes::from(vec![lsn as u8; 100]),
+                },
+            })
+            .collect();
+        let (segments, bytes) = log.write_split(0, records.clone(), 3).await.unwrap();
+        assert_eq!(segments, 3);
+        let mut back = Vec::new();
+        let mut total = 0;
+        for seq in 0..3 {
+            let (s, size) = log.read(seq).await.unwrap().unwrap();
+            assert!(!s.records.is_empty());
+            back.extend(s.records);
+            total += size;
+        }
+        assert_eq!(back, records, "the parts are the batch, in order");
+        assert_eq!(bytes, total);
+        // A crash left seq 5 without seq 4: the run ends at 3, the stray is found.
+        log.write(5, records[..1].to_vec()).await.unwrap();
+        assert_eq!(log.end_from(0).await.unwrap(), 3);
+        assert_eq!(log.end_with_strays(0).await.unwrap(), 6);
+    }
+
+    #[tokio::test]
+    async fn foreign_logs_are_refused() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        UndoLog::open_or_create(store.clone(), &manifest("a"))
+            .await
+            .unwrap();
+        UndoLog::open_or_create(store.clone(), &manifest("a"))
+            .await
+            .unwrap();
+        let e = UndoLog::open_or_create(store.clone(), &manifest("b"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                UndoError::Foreign {
+                    field: "consumer",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let mut other = manifest("a");
+        other.journal_uuid = Uuid::from_u128(8);
+        let e = UndoLog::open_or_create(store.clone(), &other)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("journal"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_segment_names_its_key() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let log = UndoLog::open_or_create(store.clone(), &manifest("a"))
+            .await
+            .unwrap();
+        let rec = Record {
+            lsn: 1,
+            timestamp_ns: 1,
+            dev: 0,
+            op: Op::WriteZeroes { offset: 0, len: 8 },
+        };
+        log.write(0, vec![rec]).await.unwrap();
+        let key = paths::undo_segment_key(0);
+        let mut bytes = store.get(&key).await.unwrap().to_vec();
+        bytes[80] ^= 1;
+        store.put(&key, Bytes::from(bytes)).await.unwrap();
+        let e = log.read(0).await.unwrap_err();
+        assert!(e.to_string().contains(&key), "{e}");
+    }
+}

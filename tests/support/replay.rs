@@ -1,0 +1,211 @@
+//! Replay-agent test helpers: journals written directly with the library (exact control of
+//! records, timestamps and corruption), and `tinylag replay` started as a child process.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tinylag::journal::consumer::{self, ConsumerState};
+use tinylag::journal::manifest::ManifestParams;
+use tinylag::journal::segment::encode_segment;
+use tinylag::journal::{Manifest, Op, Record};
+use tinylag::store::local::LocalStore;
+use tinylag::store::ObjectStore;
+
+use super::procs::ChildGuard;
+
+pub fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_nanos() as u64
+}
+
+/// A journal in a local directory, appended to segment by segment.
+pub struct TestJournal {
+    pub dir: PathBuf,
+    pub store: Arc<dyn ObjectStore>,
+    pub manifest: Manifest,
+    pub next_seq: u64,
+    pub next_lsn: u64,
+    last_ts: u64,
+    rng: StdRng,
+}
+
+impl TestJournal {
+    /// Creates a journal of one device of `size` bytes at `dir`.
+    pub async fn create(dir: &Path, size: u64, seed: u64) -> TestJournal {
+        let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir));
+        let manifest = Manifest::new(
+            &ManifestParams {
+                device_name: "disk0".into(),
+                size,
+                block_size: 4096,
+                region_size: 1 << 20,
+                splay_width: 4,
+                segment_size: 8 << 20,
+            },
+            now_ns(),
+        )
+        .expect("valid manifest");
+        manifest.create(store.as_ref()).await.expect("create");
+        TestJournal {
+            dir: dir.to_path_buf(),
+            store,
+            manifest,
+            next_seq: 0,
+            next_lsn: 1,
+            last_ts: 0,
+            rng: StdRng::seed_from_u64(seed),
+        }
+    }
+
+    pub fn uri(&self) -> &str {
+        self.dir.to_str().expect("utf-8 path")
+    }
+
+    pub fn size(&self) -> u64 {
+        self.manifest.device_size(0).expect("device 0")
+    }
+
+    /// Appends one segment of `ops` stamped `timestamp_ns` (never before the previous
+    /// record); returns the LSNs it holds.
+    pub async fn append_at(&mut self, ops: Vec<Op>, timestamp_ns: u64) -> std::ops::Range<u64> {
+        let ts = timestamp_ns.max(self.last_ts);
+        let first = self.next_lsn;
+        let records: Vec<Record> = ops
+            .into_iter()
+            .enumerate()
+            .map(|(i, op)| Record {
+                lsn: first + i as u64,
+                timestamp_ns: ts,
+                dev: 0,
+                op,
+            })
+            .collect();
+        let body =
+            encode_segment(self.manifest.uuid, 1, self.next_seq, first, &records).expect("encode");
+        self.store
+            .put_if_absent(&self.manifest.segment_key(self.next_seq), body)
+            .await
+            .expect("put segment");
+        self.next_seq += 1;
+        self.next_lsn += records.len() as u64;
+        self.last_ts = ts;
+        first..self.next_lsn
+    }
+
+    /// Appends one segment of `ops` stamped now.
+    pub async fn append(&mut self, ops: Vec<Op>) -> std::ops::Range<u64> {
+        self.append_at(ops, now_ns()).await
+    }
+
+    /// A random operation: mostly writes of 4 KiB to 256 KiB (compressible, distinct
+    /// content), some discards, zeroes and flushes.
+    pub fn random_op(&mut self) -> Op {
+        let size = self.size();
+        let blocks = self.rng.gen_range(1..=64u64);
+        let len = blocks * 4096;
+        let offset = self.rng.gen_range(0..(size - len) / 4096) * 4096;
+        match self.rng.gen_range(0..20) {
+            0 => Op::Discard { offset, len },
+            1 => Op::WriteZeroes { offset, len },
+            2 => Op::Flush,
+            _ => Op::Write {
+                offset,
+                data: self.data(len as usize),
+            },
+        }
+    }
+
+    /// `len` bytes of half-random content (compresses about 2:1, like real data).
+    pub fn data(&mut self, len: usize) -> Bytes {
+        let mut buf = vec![0u8; len];
+        for chunk in buf.chunks_mut(16) {
+            let word: u64 = self.rng.gen();
+            let n = chunk.len().min(8);
+            chunk[..n].copy_from_slice(&word.to_le_bytes()[..n]);
+        }
+        Bytes::from(buf)
+    }
+
+    pub async fn append_random(&mut self, n: usize) -> std::ops::Range<u64> {
+        let ops = (0..n).map(|_| self.random_op()).collect();
+        self.append(ops).await
+    }
+
+    /// The committed position of consumer `name`.
+    pub async fn position(&self, name: &str) -> ConsumerState {
+        consumer::load(self.store.as_ref(), name)
+            .await
+            .expect("consumer registered")
+    }
+
+    /// Key of segment `seq` and its file in the journal directory.
+    pub fn segment_file(&self, seq: u64) -> (String, PathBuf) {
+        let key = self.manifest.segment_key(seq);
+        let path = self.dir.join(&key);
+        (key, path)
+    }
+}
+
+/// `tinylag` with test logging.
+pub fn tinylag() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tinylag"));
+    cmd.env("TINYLAG_LOG", "warn");
+    cmd
+}
+
+/// `tinylag replay` arguments for `journal`, `replica` and `name`.
+pub fn replay_args(journal: &str, replica: &Path, name: &str) -> Vec<String> {
+    vec![
+        "replay".into(),
+        "--journal".into(),
+        journal.into(),
+        "--replica".into(),
+        replica.display().to_string(),
+        "--name".into(),
+        name.into(),
+    ]
+}
+
+/// Runs `tinylag` to completion.
+pub fn run(args: &[String]) -> Output {
+    tinylag().args(args).output().expect("run tinylag")
+}
+
+/// Runs `tinylag`, panicking with its stderr if it fails.
+pub fn run_ok(args: &[String]) -> Output {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "tinylag {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Starts `tinylag` in the background, its output in `log`.
+pub fn spawn(args: &[String], log: &Path) -> ChildGuard {
+    ChildGuard::spawn_logged("tinylag replay", tinylag().args(args), log).expect("spawn tinylag")
+}
+
+/// FNV-1a of a file, to say "unchanged" without keeping copies.
+pub fn file_hash(path: &Path) -> u64 {
+    let data = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The first offset where `a` and `b` differ, for messages.
+pub fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    if a.len() != b.len() {
+        return Some(a.len().min(b.len()));
+    }
+    a.iter().zip(b).position(|(x, y)| x != y)
+}
