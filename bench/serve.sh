@@ -7,6 +7,7 @@
 #   b  tinylag serve --no-journal   (the same core, nothing journaled: for measurement only)
 #   c  tinylag serve, journal in a local directory
 #   d  tinylag serve, journal on a local S3 server (s3s-fs)
+#   e  as c with --compress off (what zstd costs)
 # Every (server, workload) pair runs REPS times with a fresh server (and a fresh journal); the
 # table in BENCHMARKS.md (section "serve") shows medians, the ratios c/b and b/a, the p99
 # ack→durable lag (from the daemon's status) and the peak RSS (VmHWM).
@@ -14,14 +15,14 @@
 # Needs: cargo, fio (with the nbd engine), nbdkit, python3, s3s-fs (scripts/install-test-deps.sh).
 # Environment: RUNTIME (s per run, default 10), REPS (default 3), SIZE (primary, default 1G),
 # BENCH_DIR (work directory; default a fresh one under /var/tmp, removed at the end),
-# CONFIGS (default "a b c d"), OUT (default BENCHMARKS.md in the checkout).
+# CONFIGS (default "a b c d e"), OUT (default BENCHMARKS.md in the checkout).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RUNTIME=${RUNTIME:-10}
 REPS=${REPS:-3}
 SIZE=${SIZE:-1G}
-CONFIGS=${CONFIGS:-"a b c d"}
+CONFIGS=${CONFIGS:-"a b c d e"}
 OUT=${OUT:-$ROOT/BENCHMARKS.md}
 S3FS=${TINYLAG_TOOLS:-$HOME/.cache/tinylag/tools}/bin/s3s-fs
 WORKLOADS="randwrite-4k randread-4k seqwrite-1M"
@@ -95,7 +96,7 @@ S3_ENV=(AWS_ACCESS_KEY_ID=bench-access AWS_SECRET_ACCESS_KEY=bench-secret-not-re
 start_server() {
     local c=$1 img=$WORK/$1.img sock=$WORK/$1.sock
     CTL="" S3PID=""
-    rm -rf "$WORK/journal-$c" "$WORK/s3-$c"
+    rm -rf "$WORK/journal-$c" "$WORK/s3-$c" "$sock"
     case $c in
     a)
         nbdkit --unix "$sock" --foreground --exit-with-parent file "$img" &
@@ -106,10 +107,12 @@ start_server() {
         PID=$!
         CTL=$img.ctl
         ;;
-    c)
+    c | e)
+        local extra=()
+        if [[ $c == e ]]; then extra=(--compress off); fi
         "$BIN" init --journal "$WORK/journal-$c" --size "$SIZE" --primary "$img" >/dev/null
         "$BIN" serve --primary "$img" --journal "$WORK/journal-$c" --listen "unix:$sock" \
-            >"$WORK/$c.log" 2>&1 &
+            "${extra[@]}" >"$WORK/$c.log" 2>&1 &
         PID=$!
         CTL=$img.ctl
         ;;
@@ -178,7 +181,7 @@ job = json.load(open(fio))["jobs"][0]
 side = job["write"] if job["write"]["io_bytes"] > 0 else job["read"]
 pct = side["clat_ns"]["percentile"]
 status = json.loads(status)
-lag = status.get("durable_lag", {}).get("p99_seconds", "")
+lag = status.get("durable_lag", {}).get("p99_seconds", "") if status.get("journal") else ""
 print("\t".join(str(v) for v in [config, wl, rep, side["iops"], side["bw_bytes"] / 1e6,
       pct["50.000000"] / 1e3, pct["99.000000"] / 1e3, lag, int(hwm)]))
 EOF
@@ -199,7 +202,7 @@ for line in open(results):
     rows[(c, wl)].append((float(iops), float(mbps), float(p50), float(p99),
                           float(lag) if lag else None, int(hwm)))
 names = {"a": "a: nbdkit file", "b": "b: serve --no-journal", "c": "c: serve, local journal",
-         "d": "d: serve, S3 journal (s3s-fs)"}
+         "d": "d: serve, S3 journal (s3s-fs)", "e": "e: c with --compress off"}
 def med(c, wl, i):
     vals = [r[i] for r in rows.get((c, wl), []) if r[i] is not None]
     return statistics.median(vals) if vals else None
@@ -217,7 +220,7 @@ lines = ["## serve", "",
          "| workload | server | IOPS | MB/s | p50 µs | p99 µs | ack→durable p99 | peak RSS MiB |",
          "|---|---|---:|---:|---:|---:|---:|---:|"]
 for wl in wls:
-    for c in "abcd":
+    for c in "abced":
         if (c, wl) not in rows:
             continue
         lag = med(c, wl, 4)
@@ -233,6 +236,8 @@ def ratio(x, y, wl, i):
 for (x, y, i, what, target) in [("c", "b", 0, "IOPS c/b", "≥ 0.95 (randwrite-4k)"),
                                 ("b", "a", 0, "IOPS b/a", "≥ 1.0 (randwrite-4k)"),
                                 ("c", "b", 3, "p99 latency c/b", "≤ 1.2"),
+                                ("e", "b", 0, "IOPS e/b", ""),
+                                ("e", "b", 3, "p99 latency e/b", ""),
                                 ("d", "b", 0, "IOPS d/b", ""),
                                 ("d", "b", 3, "p99 latency d/b", "")]:
     for wl in wls:
