@@ -15,7 +15,8 @@
 # Needs: cargo, fio (with the nbd engine), nbdkit, python3, s3s-fs (scripts/install-test-deps.sh).
 # Environment: RUNTIME (s per run, default 10), REPS (default 3), SIZE (primary, default 1G),
 # BENCH_DIR (work directory; default a fresh one under /var/tmp, removed at the end),
-# CONFIGS (default "a b c d e"), OUT (default BENCHMARKS.md in the checkout).
+# CONFIGS (default "a b c d e"), OUT (default BENCHMARKS.md in the checkout),
+# TABLE_ONLY=1 (with BENCH_DIR: only rewrite the table from that directory's results.tsv).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -38,7 +39,7 @@ fi
 WORK=${BENCH_DIR:-$(mktemp -d /var/tmp/tinylag-bench.XXXXXX)}
 mkdir -p "$WORK"
 RESULTS=$WORK/results.tsv
-: >"$RESULTS"
+if [[ -z ${TABLE_ONLY:-} ]]; then : >"$RESULTS"; fi
 PIDS=()
 cleanup() {
     for pid in "${PIDS[@]}"; do
@@ -48,6 +49,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# The measurements (everything up to the table), skipped with TABLE_ONLY=1.
+measure() {
 (cd "$ROOT" && cargo build --release --quiet)
 BIN=$ROOT/target/release/tinylag
 export TINYLAG_LOG=warn
@@ -181,7 +184,8 @@ job = json.load(open(fio))["jobs"][0]
 side = job["write"] if job["write"]["io_bytes"] > 0 else job["read"]
 pct = side["clat_ns"]["percentile"]
 status = json.loads(status)
-lag = status.get("durable_lag", {}).get("p99_seconds", "") if status.get("journal") else ""
+lag = status.get("durable_lag", {})
+lag = lag.get("p99_seconds", "") if lag.get("records", 0) > 0 else ""
 print("\t".join(str(v) for v in [config, wl, rep, side["iops"], side["bw_bytes"] / 1e6,
       pct["50.000000"] / 1e3, pct["99.000000"] / 1e3, lag, int(hwm)]))
 EOF
@@ -189,6 +193,9 @@ EOF
         done
     done
 done
+}
+
+if [[ -z ${TABLE_ONLY:-} ]]; then measure; fi
 
 python3 - "$RESULTS" "$OUT" "$RUNTIME" "$REPS" "$SIZE" "$(nproc)" \
     "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs)" \
