@@ -180,6 +180,7 @@ def status(path):
         data += chunk
     return json.loads(data)["result"]
 deadline = time.time() + 600
+behind = status(replica_ctl)
 while True:  # the writer's last segment becomes durable: that is the head to reach
     st = status(serve_ctl)
     if st["durable_lsn"] >= st["head_lsn"] or time.time() > deadline:
@@ -193,6 +194,9 @@ while True:
         break
     time.sleep(0.02)
 caught = time.time()
+print(f"      agent at the end of the burst: applied LSN {behind['applied_lsn']}, "
+      f"{behind['lag_records']} records behind; after catch-up: {rs['records_applied']} records "
+      f"in {rs['batches_applied']} batches, time spent {rs['time_spent']}", file=sys.stderr)
 job = json.load(open(fio))["jobs"][0]["write"]
 hwm = next(int(l.split()[1]) * 1024 for l in open(f"/proc/{pid}/status") if l.startswith("VmHWM:"))
 print("\t".join(str(v) for v in [wl, where, run, f"{caught - float(burst_end):.2f}",
@@ -297,7 +301,10 @@ for wl in ("randwrite-4k", "seqwrite-1M"):
         runs_ = catch.get((wl, where))
         if not runs_:
             continue
-        med = lambda i: statistics.median(r[i] for r in runs_)
+        # The run with the median catch-up, all its columns (medians of each column would
+        # mix runs).
+        mid = sorted(runs_)[(len(runs_) - 1) // 2]
+        med = lambda i: mid[i]
         target = 2 if wl == "randwrite-4k" else 5
         crows.append(f"| {wl} | {'local directory' if where == 'local' else 'local S3 (s3s-fs)'} | "
                      f"{med(0):.2f} s | {med(1):.2f} s | {int(med(2)):,} | {med(3) / 1e6:,.0f} MB | "
