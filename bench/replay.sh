@@ -319,7 +319,10 @@ A {burst} s fio burst (`--ioengine=nbd`, 4k randwrite QD32; 1M seqwrite QD4) thr
 running beside it from the start on a replica that equals the primary; the journal in a local
 directory or on a local S3 server. Catch-up is the time from the end of the burst until the
 replica's applied LSN reaches the journal head (the writer's last record); "journal drained"
-is how much of that the writer took to make its last segment durable.
+is how much of that the writer took to make its last segment durable. "records" counts what
+the journal holds, "written" what fio wrote: at 1 GB/s of 1 MiB writes the writer's memory
+pool overflows and most writes become dirty regions (forward-part) instead of records, so the
+agent has less to apply than fio wrote.
 
 | burst | journal | catch-up | journal drained | records | written | fio IOPS | agent peak RSS | target |
 |---|---|---|---|---|---|---|---|---|
