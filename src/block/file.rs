@@ -504,7 +504,7 @@ fn discard(file: &File, offset: u64, len: u64) -> io::Result<()> {
 }
 
 /// `ioctl(BLKGETSIZE64)`: the size of a block device in bytes.
-fn block_device_size(file: &File) -> io::Result<u64> {
+pub(crate) fn block_device_size(file: &File) -> io::Result<u64> {
     let mut size: u64 = 0;
     // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which is valid and
     // exclusively borrowed for the call.

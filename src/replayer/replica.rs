@@ -16,11 +16,11 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
+use crate::block::file::block_device_size;
+
 /// Largest single write: zero buffers when a file system can neither punch holes nor zero
 /// ranges, and pieces of large records.
 const ZERO_CHUNK: usize = 1 << 20;
-/// `BLKGETSIZE64` = `_IOR(0x12, 114, size_t)`: the size of a block device in bytes.
-const BLKGETSIZE64: libc::Ioctl = 0x8008_1272;
 
 /// What the agent needs from a replica image. All offsets are in bytes and inside `0..size`
 /// (callers check; implementations may assume it).
@@ -303,17 +303,6 @@ fn lock_exclusive(file: &File) -> io::Result<()> {
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc == 0 {
         Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-fn block_device_size(file: &File) -> io::Result<u64> {
-    let mut size: u64 = 0;
-    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, valid for the call.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
-    if rc == 0 {
-        Ok(size)
     } else {
         Err(io::Error::last_os_error())
     }
