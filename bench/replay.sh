@@ -2,20 +2,31 @@
 # Replay benchmark (issue 4): how fast `tinylag replay` applies a journal, against fio writing
 # the same pattern straight to a file on the same disk in the same run.
 #
-#   bench/replay.sh [apply]          apply rate: journals of 4 KiB random writes and of 1 MiB
+#   bench/replay.sh apply            apply rate: journals of 4 KiB random writes and of 1 MiB
 #                                    sequential writes, with and without undo records
+#   bench/replay.sh catchup          catch-up: a BURST-second fio burst through `tinylag serve`
+#                                    (4k randwrite QD32; 1M seqwrite QD4) with `tinylag replay`
+#                                    beside it, journal in a local directory and on a local S3
+#                                    server (s3s-fs): seconds from the end of the burst until the
+#                                    replica's applied LSN reaches the journal head
+#   bench/replay.sh [all]            both
 #
 # Environment: RUNS (default 3, medians are reported), SIZE (device and journal size,
-# default 1G), BENCH_DIR (scratch space, default target/bench-replay; needs ~5x SIZE),
-# BENCH_OUT (default BENCHMARKS.md; the "replay" section between its markers is replaced).
-# Needs fio and python3. Runs are interleaved (fio, no undo, undo; then again) so that the
-# noise of a shared machine hits every configuration alike.
+# default 1G), BURST (default 20), CASES (catch-up cases, default all four:
+# "randwrite-4k:local randwrite-4k:s3 seqwrite-1M:local seqwrite-1M:s3"), BENCH_DIR (scratch space, default target/bench-replay;
+# needs ~5x SIZE), BENCH_OUT (default BENCHMARKS.md; the "replay" section between its
+# markers is replaced). Needs fio (with the nbd engine), python3, and for catchup s3s-fs
+# (scripts/install-test-deps.sh). Apply runs are interleaved (fio, no undo, undo; then
+# again) so that the noise of a shared machine hits every configuration alike.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PART=${1:-apply}
+PART=${1:-all}
 RUNS=${RUNS:-3}
 SIZE=${SIZE:-1G}
+BURST=${BURST:-20}
+CASES=${CASES:-"randwrite-4k:local randwrite-4k:s3 seqwrite-1M:local seqwrite-1M:s3"}
+S3FS=${TINYLAG_TOOLS:-$HOME/.cache/tinylag/tools}/bin/s3s-fs
 DIR=${BENCH_DIR:-$PWD/target/bench-replay}
 OUT=${BENCH_OUT:-$PWD/BENCHMARKS.md}
 
@@ -30,7 +41,17 @@ GEN=$PWD/target/release/examples/replay_bench_journal
 rm -rf "$DIR"
 mkdir -p "$DIR"
 RESULTS=$DIR/results.tsv
+CATCHUP=$DIR/catchup.tsv
 : >"$RESULTS"
+: >"$CATCHUP"
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+}
+trap cleanup EXIT
+export TINYLAG_LOG=warn
 
 now() { date +%s.%N; }
 
@@ -77,12 +98,160 @@ apply_part() {
     done
 }
 
-summarize_apply() {
-    python3 - "$RESULTS" "$SIZE" "$OUT" "$RUNS" <<'PY'
+# Stops pid $1 with SIGTERM and waits for it (SIGKILL after 60 s).
+stop() {
+    kill -TERM "$1" 2>/dev/null || true
+    for _ in $(seq 600); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
+    kill -KILL "$1" 2>/dev/null || true
+}
+
+wait_path() {
+    for _ in $(seq 300); do [[ -e $1 ]] && return 0; sleep 0.1; done
+    echo "bench/replay.sh: $1 never appeared" >&2
+    return 1
+}
+
+S3_ENV=(AWS_ACCESS_KEY_ID=bench-access AWS_SECRET_ACCESS_KEY=bench-secret-not-real
+    AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true AWS_CONFIG_FILE=/dev/null
+    AWS_SHARED_CREDENTIALS_FILE=/dev/null)
+
+# One burst: workload $1 (randwrite-4k|seqwrite-1M), journal $2 (local|s3), run $3.
+catchup_run() {
+    local wl=$1 where=$2 run=$3 work=$DIR/catchup
+    rm -rf "$work"
+    mkdir -p "$work"
+    local primary=$work/primary.img replica=$work/replica.img sock=$work/primary.sock
+    local journal env=() s3pid=""
+    # Primary and replica start equal and full of data, as after an initial copy, so the
+    # agent's pre-images are real data.
+    cp --sparse=never "$DIR/seed.img" "$primary"
+    cp --sparse=never "$DIR/seed.img" "$replica"
+    if [[ $where == s3 ]]; then
+        mkdir -p "$work/s3/bench"
+        local port
+        port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+        "$S3FS" --host 127.0.0.1 --port "$port" --access-key bench-access \
+            --secret-key bench-secret-not-real "$work/s3" >"$work/s3.log" 2>&1 &
+        s3pid=$!
+        PIDS+=("$s3pid")
+        for _ in $(seq 100); do
+            python3 -c "import socket,sys; socket.create_connection(('127.0.0.1',int(sys.argv[1])),1)" "$port" 2>/dev/null && break
+            sleep 0.1
+        done
+        env=("${S3_ENV[@]}" AWS_ENDPOINT_URL="http://127.0.0.1:$port")
+        journal=s3://bench/j
+    else
+        journal=$work/journal
+    fi
+    env "${env[@]}" "$BIN" init --journal "$journal" --size "$SIZE" >/dev/null
+    env "${env[@]}" "$BIN" serve --primary "$primary" --journal "$journal" --listen "unix:$sock" \
+        >"$work/serve.log" 2>&1 &
+    local serve_pid=$!
+    PIDS+=("$serve_pid")
+    env "${env[@]}" "$BIN" replay --journal "$journal" --replica "$replica" --name bench \
+        >"$work/replay.log" 2>&1 &
+    local replay_pid=$!
+    PIDS+=("$replay_pid")
+    wait_path "$sock"
+    wait_path "$replica.ctl"
+    local args
+    case $wl in
+        randwrite-4k) args=(--rw=randwrite --bs=4k --iodepth=32) ;;
+        seqwrite-1M) args=(--rw=write --bs=1M --iodepth=4) ;;
+    esac
+    fio --name="$wl" --ioengine=nbd --uri="nbd+unix:///?socket=$sock" "${args[@]}" \
+        --size="$SIZE" --time_based --runtime="$BURST" --norandommap --randrepeat=0 \
+        --output-format=json --output="$work/fio.json" >/dev/null
+    local burst_end
+    burst_end=$(now)
+    python3 - "$primary.ctl" "$replica.ctl" "$burst_end" "$work/fio.json" "$replay_pid" \
+        "$wl" "$where" "$run" >>"$CATCHUP" <<'PY'
+import json, socket, sys, time
+serve_ctl, replica_ctl, burst_end, fio, pid, wl, where, run = sys.argv[1:9]
+def status(path):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    s.sendall(b'{"cmd":"status"}\n')
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = s.recv(1 << 16)
+        if not chunk:
+            break
+        data += chunk
+    return json.loads(data)["result"]
+deadline = time.time() + 600
+behind = status(replica_ctl)
+while True:  # the writer's last segment becomes durable: that is the head to reach
+    st = status(serve_ctl)
+    if st["durable_lsn"] >= st["head_lsn"] or time.time() > deadline:
+        head = st["head_lsn"]
+        break
+    time.sleep(0.02)
+at_head = time.time()
+while True:
+    rs = status(replica_ctl)
+    if rs["applied_lsn"] >= head or time.time() > deadline:
+        break
+    time.sleep(0.02)
+caught = time.time()
+print(f"      agent at the end of the burst: applied LSN {behind['applied_lsn']}, "
+      f"{behind['lag_records']} records behind; after catch-up: {rs['records_applied']} records "
+      f"in {rs['batches_applied']} batches, time spent {rs['time_spent']}", file=sys.stderr)
+job = json.load(open(fio))["jobs"][0]["write"]
+hwm = next(int(l.split()[1]) * 1024 for l in open(f"/proc/{pid}/status") if l.startswith("VmHWM:"))
+print("\t".join(str(v) for v in [wl, where, run, f"{caught - float(burst_end):.2f}",
+      f"{at_head - float(burst_end):.2f}", head, job["io_bytes"], f"{job['iops']:.0f}", hwm]))
+PY
+    echo "   $(tail -1 "$CATCHUP")"
+    stop "$serve_pid"
+    stop "$replay_pid"
+    [[ -n $s3pid ]] && stop "$s3pid"
+    rm -rf "$work"
+}
+
+catchup_part() {
+    if [[ ! -x $S3FS ]]; then
+        echo "bench/replay.sh: s3s-fs not found at $S3FS (run scripts/install-test-deps.sh)" >&2
+        exit 2
+    fi
+    echo "== catch-up: seeding a $SIZE image"
+    python3 - "$DIR/seed.img" "$SIZE" <<'PY'
+import os, sys
+path, size = sys.argv[1], sys.argv[2]
+units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+n = int(size[:-1]) * units[size[-1].upper()] if size[-1].isalpha() else int(size)
+block = os.urandom(1 << 20)
+with open(path, "wb") as f:
+    for i in range(n >> 20):
+        f.write(block[i % 64:] + block[: i % 64])
+PY
+    for run in $(seq 1 "$RUNS"); do
+        for case in $CASES; do
+            local wl=${case%:*} where=${case#*:}
+            echo "== catch-up run $run: $wl, journal $where"
+            catchup_run "$wl" "$where" "$run"
+        done
+    done
+    rm -f "$DIR/seed.img"
+}
+
+summarize() {
+    python3 - "$RESULTS" "$SIZE" "$OUT" "$RUNS" "$CATCHUP" "$BURST" <<'PY'
 import os, platform, statistics, subprocess, sys, time
 results, size_arg, out, runs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+catchup, burst = sys.argv[5], sys.argv[6]
 units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 size = int(size_arg[:-1]) * units[size_arg[-1].upper()] if size_arg[-1].isalpha() else int(size_arg)
+begin, end = "<!-- replay:begin -->", "<!-- replay:end -->\n"
+text = open(out).read() if os.path.exists(out) else "# Benchmarks\n"
+old = text[text.index(begin):text.index(end)] if begin in text and end in text else ""
+def kept(title):
+    # A part not run this time keeps what the file had.
+    if title not in old:
+        return ""
+    rest = old[old.index(title):]
+    stop = rest.find("\n### ", 1)
+    return rest if stop < 0 else rest[:stop + 1]
 times = {}
 for line in open(results):
     pattern, mode, run, secs = line.split()
@@ -90,7 +259,7 @@ for line in open(results):
 record = {"rand4k": 4096, "seq1m": 1 << 20}
 label = {"rand4k": "4 KiB random writes", "seq1m": "1 MiB sequential writes"}
 rows = []
-for pattern in ("rand4k", "seq1m"):
+for pattern in ("rand4k", "seq1m") if times else ():
     raw = statistics.median(times[(pattern, "raw")])
     for mode in ("raw", "no-undo", "undo"):
         t = statistics.median(times[(pattern, mode)])
@@ -100,16 +269,19 @@ for pattern in ("rand4k", "seq1m"):
                     f"{size // record[pattern] / t:,.0f} | {raw / t:.2f}x |")
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
 fs = subprocess.run(["df", "-T", os.path.dirname(results)], capture_output=True, text=True).stdout.splitlines()[-1].split()[1]
-section = f"""<!-- replay:begin -->
-## replay
+machine = (f"{os.cpu_count()} cores ({cpu}), Linux {platform.release()}, {fs} scratch directory; a "
+           "shared machine where other builds and tests run at the same time, so single runs vary "
+           "by 2x")
+apply = kept("### Apply rate")
+if rows:
+    apply = f"""### Apply rate
 
-`bench/replay.sh apply` on {time.strftime('%Y-%m-%d')}: {os.cpu_count()} cores ({cpu}), Linux {platform.release()},
-{fs} scratch directory; a shared machine where other builds and tests run at the same time,
-so single runs vary by 2x: medians of {runs} interleaved runs. A journal of {size_arg} of one
-pattern (incompressible data, segments of 8 MiB, local-directory store) is applied to an
-existing {size_arg} replica full of data (so every pre-image is real data), against fio writing
-the same pattern (`--ioengine=psync --end_fsync=1`) to an existing {size_arg} file on the same
-disk. Time is wall time of the whole command, start to exit.
+`bench/replay.sh apply` on {time.strftime('%Y-%m-%d')}: {machine}: medians of {runs} interleaved
+runs. A journal of {size_arg} of one pattern (incompressible data, segments of 8 MiB,
+local-directory store) is applied to an existing {size_arg} replica full of data (so every
+pre-image is real data), against fio writing the same pattern (`--ioengine=psync
+--end_fsync=1`) to an existing {size_arg} file on the same disk. Time is wall time of the whole
+command, start to exit.
 
 | journal | applied by | time | MB/s | records/s | vs fio |
 |---|---|---|---|---|---|
@@ -117,10 +289,49 @@ disk. Time is wall time of the whole command, start to exit.
 
 Targets: without undo ≥ 0.8x fio for 1 MiB records; with undo ≥ 0.4x. Anchor: Ceph's journal
 replay runs about 30 MB/s per image by default.
-<!-- replay:end -->
 """
-text = open(out).read() if os.path.exists(out) else "# Benchmarks\n"
-begin, end = "<!-- replay:begin -->", "<!-- replay:end -->\n"
+catch = {}
+for line in open(catchup):
+    wl, where, run, secs, drain, head, io_bytes, iops, hwm = line.split()
+    catch.setdefault((wl, where), []).append((float(secs), float(drain), int(head),
+                                              int(io_bytes), float(iops), int(hwm)))
+crows = []
+for wl in ("randwrite-4k", "seqwrite-1M"):
+    for where in ("local", "s3"):
+        runs_ = catch.get((wl, where))
+        if not runs_:
+            continue
+        # The run with the median catch-up, all its columns (medians of each column would
+        # mix runs).
+        mid = sorted(runs_)[(len(runs_) - 1) // 2]
+        med = lambda i: mid[i]
+        target = 2 if wl == "randwrite-4k" else 5
+        crows.append(f"| {wl} | {'local directory' if where == 'local' else 'local S3 (s3s-fs)'} | "
+                     f"{med(0):.2f} s | {med(1):.2f} s | {int(med(2)):,} | {med(3) / 1e6:,.0f} MB | "
+                     f"{med(4):,.0f} | {med(5) / (1 << 20):.0f} MiB | ≤ {target} s |")
+catchup_text = kept("### Catch-up")
+if crows:
+    catchup_text = f"""### Catch-up
+
+`bench/replay.sh catchup` on {time.strftime('%Y-%m-%d')}: {machine}: medians of {len(next(iter(catch.values())))} runs.
+A {burst} s fio burst (`--ioengine=nbd`, 4k randwrite QD32; 1M seqwrite QD4) through
+`tinylag serve` on a {size_arg} primary, with `tinylag replay` (undo log on, local directory)
+running beside it from the start on a replica that equals the primary; the journal in a local
+directory or on a local S3 server. Catch-up is the time from the end of the burst until the
+replica's applied LSN reaches the journal head (the writer's last record); "journal drained"
+is how much of that the writer took to make its last segment durable. "records" counts what
+the journal holds, "written" what fio wrote: at 1 GB/s of 1 MiB writes the writer's memory
+pool overflows and most writes become dirty regions (forward-part) instead of records, so the
+agent has less to apply than fio wrote.
+
+| burst | journal | catch-up | journal drained | records | written | fio IOPS | agent peak RSS | target |
+|---|---|---|---|---|---|---|---|---|
+""" + "\n".join(crows) + """
+
+Anchor, measured on the same kind of 2-core machine with Ceph 16.2 rbd-mirror in journal mode:
+40 s (4k) and 105 s (1M).
+"""
+section = "<!-- replay:begin -->\n## replay\n\n" + apply + ("\n" if apply and catchup_text else "") + catchup_text + "<!-- replay:end -->\n"
 if begin in text and end in text:
     text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
 else:
@@ -131,6 +342,9 @@ PY
 }
 
 case $PART in
-    apply) apply_part; summarize_apply ;;
-    *) echo "usage: bench/replay.sh [apply]" >&2; exit 2 ;;
+    apply) apply_part ;;
+    catchup) catchup_part ;;
+    all) apply_part; catchup_part ;;
+    *) echo "usage: bench/replay.sh [apply|catchup|all]" >&2; exit 2 ;;
 esac
+summarize

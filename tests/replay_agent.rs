@@ -291,6 +291,23 @@ async fn two_agents_with_different_delays_both_converge() {
         consumers.iter().find(|c| c["name"] == "far").unwrap()["delay_ns"],
         2_000_000_000u64
     );
+    let out = run_ok(&[
+        "journal".into(),
+        "info".into(),
+        "--journal".into(),
+        journal.uri().into(),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for name in ["near", "far"] {
+        let line = text
+            .lines()
+            .find(|l| l.contains(&format!("consumer     {name}:")))
+            .unwrap_or_else(|| panic!("no line for {name}:\n{text}"));
+        assert!(
+            line.contains(&format!("applied lsn {head}")) && line.contains("undo log"),
+            "{line}"
+        );
+    }
     for agent in [&mut a, &mut b] {
         assert!(agent.terminate(Duration::from_secs(10)).unwrap().success());
     }

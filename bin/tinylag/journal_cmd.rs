@@ -108,14 +108,21 @@ async fn info(args: InfoArgs) -> anyhow::Result<()> {
     }
     for c in &info.consumers {
         println!(
-            "consumer     {}: applied lsn {} (consistent {}), lag {} records / {} / {:.1}s, delay {:.0}s, replica {}",
+            "consumer     {}: applied lsn {} at {} (consistent {}), lag {} records / {} / {:.1}s, delay {:.0}s, undo log {} in {} segments, replica {}",
             c.state.name,
             c.state.applied_lsn,
+            if c.state.applied_timestamp_ns == 0 {
+                "-".to_string()
+            } else {
+                format_ns(c.state.applied_timestamp_ns)
+            },
             c.state.consistent_lsn,
             c.lag_records,
             format_size(c.lag_bytes),
             c.lag_seconds,
             c.state.delay_ns as f64 / 1e9,
+            format_size(c.state.undo.bytes),
+            c.state.undo.segments,
             c.state.replica
         );
     }

@@ -150,7 +150,20 @@ pub async fn open(args: &ReplayArgs, journal: Arc<dyn ObjectStore>) -> anyhow::R
     })
 }
 
+/// Caps glibc's malloc arenas. The agent moves tens of megabytes per batch through buffers
+/// allocated on tokio's blocking threads; with glibc's default (an arena per thread, up to 8
+/// per core) the freed buffers stay cached in each arena: a 1 GiB catch-up peaked at 588 MB
+/// RSS with the default and 308 MB with 2 arenas, at the same speed.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator tuning parameter; glibc makes it thread-safe.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
+    limit_malloc_arenas();
     let journal = args.journal.open().await?;
     let Opened {
         mut agent,

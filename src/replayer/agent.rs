@@ -45,8 +45,8 @@ use crate::journal::head::probe_end;
 use crate::journal::reader::{Cursor, JournalReader, Step};
 use crate::journal::record::{Op, Record, RecordKind};
 use crate::journal::segment::{DecodedSegment, SegmentError};
-use crate::journal::JournalError;
-use crate::store::ObjectStore;
+use crate::journal::{JournalError, JournalResult};
+use crate::store::{ObjectStore, StoreError};
 
 use super::apply::{apply_op, apply_overlay, check_record, extent, sync, ApplyError};
 use super::error::ReplayError;
@@ -432,8 +432,15 @@ impl Agent {
                         return Ok(Outcome::ReachedUntil);
                     }
                 }
-                if self.board.state() != AgentState::Idle {
-                    self.board.set_state(AgentState::Idle);
+                // Idle only once the fetcher found no next segment; between two segments of a
+                // backlog the agent is still catching up.
+                let state = if at_head.load(Ordering::Acquire) {
+                    AgentState::Idle
+                } else {
+                    AgentState::CatchingUp
+                };
+                if self.board.state() != state {
+                    self.board.set_state(state);
                 }
                 let received = tokio::select! {
                     _ = wait_shutdown(shutdown) => return Ok(Outcome::Shutdown),
@@ -841,12 +848,100 @@ struct Fetcher {
     at_head: Arc<AtomicBool>,
 }
 
+/// Segment reads in flight at once while data flows: one stream of GETs to S3 cannot keep
+/// up with a writer that uploads W segments at once (measured on a local S3 server: 4 in
+/// flight ~250 MB/s, 8 ~400 MB/s). When idle, one. Memory: this many segments, plus the
+/// channel's.
+const READ_AHEAD: usize = 8;
+
+/// Reads of the segments after the cursor, by predicted key, started ahead of need.
+#[derive(Default)]
+struct Window {
+    /// The seq the next read started will fetch.
+    next: u64,
+    reads: VecDeque<(u64, JoinHandle<JournalResult<Option<DecodedSegment>>>)>,
+}
+
+impl Window {
+    /// Drops every read and starts again from `seq`.
+    fn reset(&mut self, seq: u64) {
+        for (_, read) in self.reads.drain(..) {
+            read.abort();
+        }
+        self.next = seq;
+    }
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        self.reset(0);
+    }
+}
+
 impl Fetcher {
+    /// [`JournalReader::step`] with up to `width` segment reads in flight. Later segments
+    /// are read without knowing their first LSN; each is checked against the cursor when its
+    /// turn comes, so the result is exactly what `step` would return.
+    async fn step_ahead(
+        &self,
+        cursor: &mut Cursor,
+        window: &mut Window,
+        width: usize,
+    ) -> JournalResult<Step> {
+        loop {
+            if window.reads.front().map(|(seq, _)| *seq) != Some(cursor.seq) {
+                window.reset(cursor.seq);
+            }
+            while window.reads.len() < width.max(1)
+                && self
+                    .end
+                    .is_none_or(|end| window.next < end || window.reads.is_empty())
+            {
+                let (reader, seq) = (self.reader.clone(), window.next);
+                let read = tokio::spawn(async move { reader.segment(seq, None).await });
+                window.reads.push_back((seq, read));
+                window.next += 1;
+            }
+            let Some((seq, read)) = window.reads.pop_front() else {
+                return Ok(Step::NotYet);
+            };
+            let key = self.reader.manifest().segment_key(seq);
+            let fetched = read.await.map_err(|e| {
+                JournalError::Store(StoreError::Transient {
+                    store: self.reader.store().describe(),
+                    key: key.clone(),
+                    message: format!("read task failed: {e}"),
+                })
+            })??;
+            let Some(segment) = fetched else {
+                window.reset(cursor.seq);
+                return Ok(Step::NotYet);
+            };
+            if segment.header.first_lsn != cursor.next_lsn {
+                window.reset(cursor.seq);
+                return Err(SegmentError::WrongFirstLsn {
+                    key,
+                    expected: cursor.next_lsn,
+                    found: segment.header.first_lsn,
+                }
+                .into());
+            }
+            cursor.seq = segment.header.next_seq;
+            if segment.header.plug {
+                continue;
+            }
+            cursor.next_lsn = segment.header.end_lsn();
+            return Ok(Step::Segment(segment));
+        }
+    }
+
     async fn run(self, mut cursor: Cursor, mut shutdown: watch::Receiver<bool>) {
         let mut idle = self.poll.min;
         // The committed position may sit inside its segment; later segments start exactly
         // where the previous one ended.
         let mut resuming = true;
+        let mut window = Window::default();
+        let mut width = 1;
         loop {
             if self.end.is_some_and(|end| cursor.seq >= end) || *shutdown.borrow() {
                 return;
@@ -858,13 +953,14 @@ impl Fetcher {
                     if resuming {
                         self.reader.step_resuming(&mut cursor).await
                     } else {
-                        self.reader.step(&mut cursor).await
+                        self.step_ahead(&mut cursor, &mut window, width).await
                     }
                 } => step,
             };
             match step {
                 Ok(Step::Segment(segment)) => {
                     resuming = false;
+                    width = READ_AHEAD;
                     self.at_head.store(false, Ordering::Release);
                     idle = self.poll.min;
                     let key = self.reader.manifest().segment_key(segment.header.seq);
@@ -878,6 +974,7 @@ impl Fetcher {
                     if self.end.is_some() {
                         return;
                     }
+                    width = 1;
                     self.at_head.store(true, Ordering::Release);
                     tokio::select! {
                         _ = wait_shutdown(&mut shutdown) => return,
