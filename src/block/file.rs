@@ -530,14 +530,14 @@ fn write_zero_chunks(file: &File, offset: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
-fn is_unsupported(e: &io::Error) -> bool {
+pub(crate) fn is_unsupported(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::ENOTTY)
     )
 }
 
-fn to_off_t(v: u64) -> io::Result<libc::off_t> {
+pub(crate) fn to_off_t(v: u64) -> io::Result<libc::off_t> {
     libc::off_t::try_from(v).map_err(|_| {
         io::Error::new(
             io::ErrorKind::InvalidInput,

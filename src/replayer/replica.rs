@@ -16,7 +16,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
-use crate::block::file::block_device_size;
+use crate::block::file::{block_device_size, is_unsupported, to_off_t};
 
 /// Largest single write: zero buffers when a file system can neither punch holes nor zero
 /// ranges, and pieces of large records.
@@ -321,22 +321,6 @@ fn sync_parent(path: &Path) -> io::Result<()> {
         _ => Path::new("."),
     };
     File::open(parent)?.sync_all()
-}
-
-fn is_unsupported(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::ENOTTY)
-    )
-}
-
-fn to_off_t(v: u64) -> io::Result<libc::off_t> {
-    libc::off_t::try_from(v).map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("offset or length {v} does not fit in off_t"),
-        )
-    })
 }
 
 /// A replica in memory, for unit tests of the agent and recovery.
