@@ -105,7 +105,7 @@ fn check_name(name: &str) -> JournalResult<()> {
     }
 }
 
-fn decode<T: for<'de> Deserialize<'de>>(
+pub(crate) fn decode<T: for<'de> Deserialize<'de>>(
     store: &dyn ObjectStore,
     key: &str,
     what: &'static str,

@@ -47,6 +47,19 @@ pub enum JournalError {
     /// The consumer is not registered.
     #[error("consumer {name} is not registered in {journal}")]
     UnknownConsumer { journal: String, name: String },
+    /// A mark name outside `[A-Za-z0-9._-]{1,64}`.
+    #[error("invalid mark name {0:?}: use 1 to 64 of A-Z a-z 0-9 . _ - (not starting with .)")]
+    InvalidMarkName(String),
+    /// A mark of that name exists already: names are unique per journal.
+    #[error("mark {name} already exists in {journal} (at LSN {lsn}); mark names are unique")]
+    MarkExists {
+        journal: String,
+        name: String,
+        lsn: u64,
+    },
+    /// No mark of that name.
+    #[error("no mark named {name} in {journal}")]
+    UnknownMark { journal: String, name: String },
     /// A segment could not be read or decoded.
     #[error(transparent)]
     Segment(#[from] crate::journal::segment::SegmentError),

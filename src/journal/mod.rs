@@ -9,6 +9,7 @@ pub mod error;
 pub mod head;
 pub mod info;
 pub mod manifest;
+pub mod mark;
 pub mod paths;
 pub mod reader;
 pub mod record;

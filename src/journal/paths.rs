@@ -9,6 +9,7 @@
 //! journal/<seq % W>/<seq:020>    segments
 //! consumers/<name>               commit position of each consumer
 //! trim                           first live seq
+//! marks/<name>                   a named point (LSN, time), kept after its segment is trimmed
 //! ```
 //!
 //! An undo log (a replay agent's pre-images, in its own store root) has its own two names:
@@ -28,6 +29,8 @@ pub const CONSUMERS_PREFIX: &str = "consumers/";
 pub const JOURNAL_PREFIX: &str = "journal/";
 /// The first live seq.
 pub const TRIM_POINTER: &str = "trim";
+/// Folder of named points (marks).
+pub const MARKS_PREFIX: &str = "marks/";
 
 /// The undo-log manifest, written once by conditional create.
 pub const UNDO_MANIFEST: &str = "undo.json";
@@ -86,6 +89,17 @@ pub fn valid_consumer_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Key of mark `name`. Mark names follow the consumer-name rule ([`valid_consumer_name`]).
+pub fn mark_key(name: &str) -> String {
+    format!("{MARKS_PREFIX}{name}")
+}
+
+/// Parses a mark key back to the name.
+pub fn parse_mark_key(key: &str) -> Option<&str> {
+    key.strip_prefix(MARKS_PREFIX)
+        .filter(|n| valid_consumer_name(n))
 }
 
 /// Key of undo segment `seq`.
