@@ -9,3 +9,4 @@ pub mod procs;
 pub mod replay;
 pub mod s3;
 pub mod verdict;
+pub mod vm;

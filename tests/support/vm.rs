@@ -1,0 +1,103 @@
+//! The kernel VM: runs a guest script under Debian's backports kernel in QEMU (TCG) through
+//! `scripts/vm/run-guest.sh`, for tests that need a kernel driver this machine's kernel
+//! lacks (nbd, ublk_drv). The guest reaches this machine's 127.0.0.1 as 10.0.2.2.
+//!
+//! The VM files are fetched by `scripts/vm/fetch.sh` (the test command runs it). A test
+//! that needs the VM fails when they are missing, unless `TINYLAG_SKIP_VM=1` says to skip
+//! (it then says so on stderr): a missing VM must never look like a pass in CI.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Where `scripts/vm/fetch.sh` keeps the guest kernel and tools.
+pub fn vm_cache() -> PathBuf {
+    std::env::var_os("TINYLAG_VM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/tinylag/vm")
+        })
+}
+
+/// `false` (after saying so) when the operator asked to skip VM tests; panics when the VM
+/// files are missing otherwise.
+pub fn vm_available() -> bool {
+    if std::env::var_os("TINYLAG_SKIP_VM").is_some_and(|v| v == "1") {
+        eprintln!("SKIPPED: TINYLAG_SKIP_VM=1, the kernel-VM test did not run");
+        return false;
+    }
+    let cache = vm_cache();
+    assert!(
+        cache.join("kernel-version").is_file() && cache.join("root/.complete").exists(),
+        "no guest kernel in {}: run scripts/vm/fetch.sh (scripts/test does), or set \
+         TINYLAG_SKIP_VM=1 to skip the kernel-VM tests",
+        cache.display()
+    );
+    true
+}
+
+/// A guest run: the script, host programs to copy in, modules to load.
+pub struct Guest {
+    script: String,
+    bins: Vec<PathBuf>,
+    modules: Vec<String>,
+    net: bool,
+    timeout_secs: u32,
+}
+
+impl Guest {
+    /// A guest that runs `script` (busybox sh) as root.
+    pub fn new(script: impl Into<String>) -> Guest {
+        Guest {
+            script: script.into(),
+            bins: Vec::new(),
+            modules: Vec::new(),
+            net: false,
+            timeout_secs: 300,
+        }
+    }
+
+    /// Copies a host program (and the libraries it links) into the guest at the same path.
+    pub fn bin(mut self, path: impl AsRef<Path>) -> Guest {
+        self.bins.push(path.as_ref().to_path_buf());
+        self
+    }
+
+    /// Loads a kernel module (and what it depends on) before the script runs.
+    pub fn module(mut self, name: &str) -> Guest {
+        self.modules.push(name.to_string());
+        self
+    }
+
+    /// A NIC on QEMU's user network.
+    pub fn net(mut self) -> Guest {
+        self.net = true;
+        self
+    }
+
+    /// Runs the guest; returns the console output and the script's exit code.
+    pub fn run(self, workdir: &Path) -> (i32, String) {
+        let script = workdir.join("guest.sh");
+        std::fs::write(&script, &self.script).expect("write guest script");
+        let runner = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/vm/run-guest.sh");
+        let mut cmd = Command::new("bash");
+        cmd.arg(runner).arg("--script").arg(&script);
+        for b in &self.bins {
+            cmd.arg("--bin").arg(b);
+        }
+        for m in &self.modules {
+            cmd.arg("--module").arg(m);
+        }
+        if self.net {
+            cmd.arg("--net");
+        }
+        cmd.arg("--timeout").arg(self.timeout_secs.to_string());
+        cmd.env("TINYLAG_VM", vm_cache());
+        let out: Output = cmd.output().expect("run scripts/vm/run-guest.sh");
+        let console = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code().unwrap_or(-1), console)
+    }
+}
