@@ -2,6 +2,10 @@
 //!
 //! Must never: print credentials, or change anything on disk or in a store when an argument
 //! is invalid (every value is parsed and checked before the first write).
+//!
+//! Exit codes: 0 success; 2 bad arguments (clap's value parsers and `args::usage` errors,
+//! printed as `error: …`); 1 any other failure, printed once as `tinylag: error: …` with
+//! each cause once (see `output::error_text`).
 
 use std::process::ExitCode;
 
@@ -11,6 +15,8 @@ use clap::{Parser, Subcommand};
 #[path = "tinylag/mod.rs"]
 mod cmd;
 
+use cmd::args::UsageError;
+use cmd::output::{error_text, ColorChoice};
 use cmd::{init, journal_cmd, replay, serve, status, up};
 
 /// Asynchronous block-device replication through a journal in object storage,
@@ -22,6 +28,16 @@ struct Cli {
     /// The AWS SDK's own chatter (e.g. "no IMDS here") is kept at error unless named.
     #[arg(long, global = true, env = "TINYLAG_LOG", default_value = "info")]
     log: String,
+    /// Colours in log lines: auto (only when stderr is a terminal and NO_COLOR is unset),
+    /// always, never.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "auto",
+        value_name = "WHEN"
+    )]
+    color: ColorChoice,
     #[command(subcommand)]
     command: Command,
 }
@@ -45,14 +61,14 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log);
+    init_logging(&cli.log, cli.color.ansi());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("tinylag: cannot start the async runtime: {e}");
+            eprintln!("tinylag: error: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -68,14 +84,20 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("tinylag: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => match e.downcast_ref::<UsageError>() {
+            Some(usage) => {
+                eprintln!("error: {usage}\n\nFor more information, try '--help'.");
+                ExitCode::from(2)
+            }
+            None => {
+                eprintln!("tinylag: error: {}", error_text(&e));
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
-fn init_logging(filter: &str) {
+fn init_logging(filter: &str, ansi: bool) {
     let filter = if filter.contains("aws") {
         filter.to_string()
     } else {
@@ -86,6 +108,7 @@ fn init_logging(filter: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .with_target(false)
         .init();
 }

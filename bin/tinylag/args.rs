@@ -1,10 +1,25 @@
 //! Argument types shared by the subcommands: the journal location, S3 options, and the
 //! value parsers that turn `4G` / `200ms` / times into numbers with errors that name the form.
+//!
+//! The convention every subcommand follows (so all bad input looks the same):
+//! - a flag's value is checked by a clap value parser from this file
+//!   (`#[arg(long, value_parser = parse_size)]`), returning `Result<T, String>`: clap prints
+//!   `error: invalid value 'V' for '--flag <NAME>': <message>` and exits 2. Messages say what
+//!   is wrong and the accepted forms, without repeating the value (clap quotes it).
+//! - sizes and durations also take `allow_hyphen_values = true`, so `--size -1` reaches the
+//!   parser ("negative sizes are not accepted") instead of clap's "unexpected argument".
+//! - a rule that ties several flags together and cannot be said with clap's `requires` /
+//!   `conflicts_with` returns [`usage`] from `run`: printed like clap's own errors, exit 2.
+//! - everything else is a runtime error, printed once by `main` as `tinylag: error: …`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Args;
+use tinylag::nbd::{ListenAddr, NbdError};
 use tinylag::store::{open_store, ObjectStore, S3Options, StoreUri};
+use tinylag::writer::mode::MaxLag;
+use tinylag::writer::pool::MIN_POOL_SIZE;
 
 /// Where the journal is and how to reach S3.
 #[derive(Debug, Clone, Args)]
@@ -52,6 +67,90 @@ pub fn parse_store_uri(s: &str) -> Result<StoreUri, String> {
 
 pub fn parse_size(s: &str) -> Result<u64, String> {
     tinylag::units::parse_size(s)
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    tinylag::units::parse_duration(s)
+}
+
+/// `--pool-size`: a size of at least 1M.
+pub fn parse_pool_size(s: &str) -> Result<u64, String> {
+    let size = parse_size(s)?;
+    if size < MIN_POOL_SIZE {
+        return Err(format!(
+            "too small: use at least {}",
+            tinylag::units::format_size_exact(MIN_POOL_SIZE.into())
+        ));
+    }
+    Ok(size)
+}
+
+/// `--segment-size` of `serve`: 64K to 1G.
+pub fn parse_segment_size(s: &str) -> Result<u64, String> {
+    let size = parse_size(s)?;
+    if !(64 << 10..=1 << 30).contains(&size) {
+        return Err("out of range: use 64K to 1G".into());
+    }
+    Ok(size)
+}
+
+/// `--max-lag`: a duration (`5s`, `500ms`, `2m` = two minutes) or a size (`64M`, `1G`),
+/// more than zero. Durations are tried first, so a lower-case `m` means minutes.
+pub fn parse_max_lag(s: &str) -> Result<MaxLag, String> {
+    const FORMS: &str = "a duration (5s, 500ms, 2m) or a size (64M, 1G, 65536)";
+    let t = s.trim();
+    if t.starts_with('-') {
+        return Err(format!("negative lags are not accepted; expected {FORMS}"));
+    }
+    let lag = match (
+        tinylag::units::parse_duration(t),
+        tinylag::units::parse_size(t),
+    ) {
+        (Ok(d), _) => MaxLag::Time(d),
+        (_, Ok(n)) => MaxLag::Bytes(n),
+        (Err(why), Err(_)) => {
+            let why = why.split(';').next().unwrap_or_default();
+            return Err(format!(
+                "neither a duration ({why}) nor a size; expected {FORMS}"
+            ));
+        }
+    };
+    if matches!(lag, MaxLag::Time(d) if d.is_zero()) || lag == MaxLag::Bytes(0) {
+        return Err(format!("must be more than zero; expected {FORMS}"));
+    }
+    Ok(lag)
+}
+
+/// `--listen`: `unix:PATH` or `tcp:IP:PORT`.
+pub fn parse_listen(s: &str) -> Result<ListenAddr, String> {
+    s.parse::<ListenAddr>().map_err(|e| match e {
+        NbdError::BadListenAddr { reason, .. } => format!(
+            "{reason}; expected unix:/path/to/socket or tcp:IP:PORT (e.g. tcp:127.0.0.1:10809)"
+        ),
+        other => other.to_string(),
+    })
+}
+
+/// `--ack`: when a client gets the reply to a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Ack {
+    /// After the primary has the write.
+    Async,
+    /// Once the write is durable in the journal.
+    Journal,
+    /// Async until the lag passes --max-lag, then journal.
+    Adaptive,
+}
+
+/// A rule about several flags together was broken: printed like clap's own usage errors
+/// (`error: …`, exit 2) by `main`. Build it with [`usage`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// A [`UsageError`] as an `anyhow::Error`, for `return Err(usage(…))` in a `run`.
+pub fn usage(message: impl Into<String>) -> anyhow::Error {
+    UsageError(message.into()).into()
 }
 
 pub fn parse_time(s: &str) -> Result<u64, String> {

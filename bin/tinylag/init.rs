@@ -17,19 +17,19 @@ pub struct InitArgs {
     #[command(flatten)]
     pub journal: JournalArgs,
     /// Device size, e.g. 4G, 512MiB.
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true)]
     pub size: u64,
     /// Logical block size: 512 or 4096.
-    #[arg(long, default_value = "4096", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "4096", value_parser = parse_size, allow_hyphen_values = true)]
     pub block_size: u64,
     /// Dirty-tracking region size (a power of two).
-    #[arg(long, default_value = "4M", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "4M", value_parser = parse_size, allow_hyphen_values = true)]
     pub region_size: u64,
     /// Splay width W: segment uploads in flight, and stripes of the journal.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub splay: u32,
     /// Target segment size.
-    #[arg(long, default_value = "8M", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "8M", value_parser = parse_size, allow_hyphen_values = true)]
     pub segment_size: u64,
     /// Device name (the NBD export name).
     #[arg(long, default_value = "disk0")]
@@ -60,7 +60,7 @@ pub async fn run(args: InitArgs) -> anyhow::Result<()> {
             options.read_only = true;
             let size = FileDevice::open(path, options)
                 .map(|d| d.info().size)
-                .with_context(|| format!("cannot use --primary {}", path.display()))?;
+                .context("--primary")?;
             if size != args.size {
                 bail!(
                     "--primary {} exists with {} bytes, not the --size {} bytes",
@@ -71,14 +71,26 @@ pub async fn run(args: InitArgs) -> anyhow::Result<()> {
             }
             false
         }
-        Some(_) => true,
+        Some(path) => {
+            let parent = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => std::path::Path::new("."),
+            };
+            if !parent.is_dir() {
+                bail!(
+                    "--primary {}: the directory {} does not exist",
+                    path.display(),
+                    parent.display()
+                );
+            }
+            true
+        }
         None => false,
     };
     let store = args.journal.open().await?;
     manifest.create(store.as_ref()).await?;
     if let (true, Some(path)) = (create_primary, &args.primary) {
-        FileDevice::create_sparse(path, args.size)
-            .with_context(|| format!("cannot create --primary {}", path.display()))?;
+        FileDevice::create_sparse(path, args.size).context("--primary")?;
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&manifest)?);

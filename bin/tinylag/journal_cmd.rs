@@ -1,16 +1,17 @@
 //! `tinylag journal info` and `tinylag journal inspect`.
 
 use std::io::Write;
+use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use serde::Serialize;
-use tinylag::clock::format_ns;
+use tinylag::clock::{format_ns, Clock, SystemClock};
 use tinylag::journal::consumer::load_trim_pointer;
-use tinylag::journal::info::gather;
+use tinylag::journal::info::{gather, ConsumerLag};
 use tinylag::journal::reader::JournalReader;
 use tinylag::journal::Manifest;
-use tinylag::units::format_size;
+use tinylag::units::{format_duration, format_elapsed, format_size};
 
 use crate::cmd::args::{parse_time, JournalArgs};
 
@@ -108,7 +109,7 @@ async fn info(args: InfoArgs) -> anyhow::Result<()> {
     }
     for c in &info.consumers {
         println!(
-            "consumer     {}: applied lsn {} at {} (consistent {}), lag {} records / {} / {:.1}s, delay {:.0}s, undo log {} in {} segments, replica {}",
+            "consumer     {}: applied lsn {} at {} (consistent {}), behind the head {}, delay {}, undo log {} in {} segments, replica {}",
             c.state.name,
             c.state.applied_lsn,
             if c.state.applied_timestamp_ns == 0 {
@@ -117,16 +118,36 @@ async fn info(args: InfoArgs) -> anyhow::Result<()> {
                 format_ns(c.state.applied_timestamp_ns)
             },
             c.state.consistent_lsn,
-            c.lag_records,
-            format_size(c.lag_bytes),
-            c.lag_seconds,
-            c.state.delay_ns as f64 / 1e9,
+            behind(c),
+            format_duration(Duration::from_nanos(c.state.delay_ns)),
             format_size(c.state.undo.bytes),
             c.state.undo.segments,
             c.state.replica
         );
     }
     Ok(())
+}
+
+/// `nothing` or `3 records / 12.0 KiB, oldest written 4.500 s ago`.
+fn behind(c: &ConsumerLag) -> String {
+    if c.lag_records == 0 {
+        return "nothing".into();
+    }
+    let age = c
+        .oldest_unapplied_ns
+        .map(|ts| {
+            let ago = SystemClock.now_ns().saturating_sub(ts);
+            format!(
+                ", oldest written {} ago",
+                format_elapsed(Duration::from_nanos(ago))
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        "{} records / {}{age}",
+        c.lag_records,
+        format_size(c.lag_bytes)
+    )
 }
 
 /// One line of `inspect --json`.
@@ -158,6 +179,19 @@ async fn inspect(args: InspectArgs) -> anyhow::Result<()> {
         }
         (None, None) => trim.first_seq,
     };
+    if args.seq.is_some() && reader.index(seq).await?.is_none() {
+        let end =
+            tinylag::journal::head::probe_end(store.as_ref(), &manifest, trim.first_seq).await?;
+        bail!(
+            "--seq {seq}: segment {seq} does not exist in {}; the live segments are {}",
+            store.describe(),
+            if end > trim.first_seq {
+                format!("{} to {}", trim.first_seq, end - 1)
+            } else {
+                "none (the journal is empty)".to_string()
+            }
+        );
+    }
     let mut printed = 0u64;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();

@@ -3,6 +3,7 @@
 pub mod args;
 pub mod init;
 pub mod journal_cmd;
+pub mod output;
 pub mod replay;
 pub mod serve;
 pub mod status;

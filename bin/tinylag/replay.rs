@@ -10,16 +10,17 @@ use tinylag::clock::{format_ns, Clock, SystemClock};
 use tinylag::control;
 use tinylag::journal::reader::JournalReader;
 use tinylag::journal::Manifest;
-use tinylag::replayer::status::format_duration;
 use tinylag::replayer::{
     Agent, AgentConfig, BatchLimits, Outcome, PollPolicy, ReplicaFile, ReplicaTarget,
     StatusHandler, TokioTimer,
 };
 use tinylag::store::local::LocalStore;
 use tinylag::store::{open_store, ObjectStore, StoreUri};
+use tinylag::units::format_duration;
 use tokio::sync::watch;
 
-use crate::cmd::args::{parse_size, parse_store_uri, parse_time, JournalArgs};
+use crate::cmd::args::{parse_duration, parse_size, parse_store_uri, parse_time, JournalArgs};
+use crate::cmd::output::self_command;
 
 #[derive(Debug, Args)]
 pub struct ReplayArgs {
@@ -33,7 +34,7 @@ pub struct ReplayArgs {
     #[arg(long)]
     pub name: String,
     /// Apply each record this long after it was written (e.g. 1h).
-    #[arg(long, default_value = "0", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "0", value_parser = parse_duration, allow_hyphen_values = true)]
     pub delay: Duration,
     /// Undo log location: a directory or store URI (default: <replica>.undo/ beside the
     /// replica).
@@ -56,18 +57,14 @@ pub struct ReplayArgs {
     #[arg(long, default_value_t = 8192, hide = true)]
     pub batch_records: usize,
     /// Most bytes per batch.
-    #[arg(long, default_value = "32M", value_parser = parse_size, hide = true)]
+    #[arg(long, value_name = "SIZE", default_value = "32M", value_parser = parse_size, allow_hyphen_values = true, hide = true)]
     pub batch_bytes: u64,
     /// Pre-image bytes per undo segment (a batch's undo segments are written in parallel).
-    #[arg(long, default_value = "4M", value_parser = parse_size, hide = true)]
+    #[arg(long, value_name = "SIZE", default_value = "4M", value_parser = parse_size, allow_hyphen_values = true, hide = true)]
     pub undo_part_bytes: u64,
     /// Run crash recovery only, then exit (for tests and operators checking a replica).
     #[arg(long, hide = true)]
     pub recover_only: bool,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    tinylag::units::parse_duration(s)
 }
 
 /// `<path><suffix>` beside `path` (`replica.img` → `replica.img.undo`).
@@ -75,6 +72,11 @@ fn beside(path: &Path, suffix: &str) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(suffix);
     PathBuf::from(s)
+}
+
+/// The control socket an agent for `replica` answers on unless `--control` says.
+pub fn default_control_path(replica: &Path) -> PathBuf {
+    beside(replica, ".ctl")
 }
 
 /// Everything a running agent needs, opened and checked.
@@ -141,7 +143,7 @@ pub async fn open(args: &ReplayArgs, journal: Arc<dyn ObjectStore>) -> anyhow::R
     let control = args
         .control
         .clone()
-        .unwrap_or_else(|| beside(&replica_path, ".ctl"));
+        .unwrap_or_else(|| default_control_path(&replica_path));
     Ok(Opened {
         agent,
         control,
@@ -189,12 +191,13 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
         shutdown_rx.clone(),
     ));
     eprintln!(
-        "tinylag replay: {} -> {} as consumer {} (delay {}, undo log {}); status: tinylag status --control {}",
+        "tinylag replay: {} -> {} as consumer {} (delay {}, undo log {}); status: {} status --control {}",
         journal.describe(),
         replica.display(),
         args.name,
         format_duration(args.delay),
         undo.as_deref().unwrap_or("none"),
+        self_command(),
         control_path.display()
     );
     let signals = tokio::spawn(forward_signals(shutdown_tx.clone()));

@@ -19,11 +19,13 @@ use tinylag::nbd::{self, Export, ListenAddr, NbdServer};
 use tinylag::store::{open_store, StoreUri};
 use tinylag::units::format_size;
 use tinylag::writer::journal_writer::WriterConfig;
-use tinylag::writer::mode::AckMode;
-use tinylag::writer::pool::MIN_POOL_SIZE;
+use tinylag::writer::mode::{AckMode, MaxLag};
 use tinylag::writer::primary::{JournalSetup, Labels, PrimaryCore};
 
-use crate::cmd::args::{parse_size, parse_store_uri, S3Args};
+use crate::cmd::args::{
+    parse_duration, parse_listen, parse_max_lag, parse_pool_size, parse_segment_size,
+    parse_store_uri, usage, Ack, S3Args,
+};
 
 /// Block size advertised without a journal (`--no-journal`), when no manifest says.
 const NO_JOURNAL_BLOCK_SIZE: u32 = 4096;
@@ -39,8 +41,8 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub s3: S3Args,
     /// NBD address: unix:PATH or tcp:IP:PORT [default: unix:<primary>.sock].
-    #[arg(long, value_name = "ADDR")]
-    pub listen: Option<String>,
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+    pub listen: Option<ListenAddr>,
     /// NBD export name [default: the journal's device name]. Clients asking for the empty
     /// name get this export.
     #[arg(long, value_name = "NAME")]
@@ -50,22 +52,28 @@ pub struct ServeArgs {
     pub control: Option<PathBuf>,
     /// Memory for changes acknowledged but not yet durable; past it, changes are not
     /// journaled (their regions go dirty) rather than blocking the primary.
-    #[arg(long, default_value = "512M", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_pool_size, allow_hyphen_values = true)]
     pub pool_size: u64,
-    /// Target segment size [default: the journal's].
-    #[arg(long, value_parser = parse_size)]
+    /// Target segment size, 64K to 1G [default: the journal's].
+    #[arg(long, value_name = "SIZE", value_parser = parse_segment_size, allow_hyphen_values = true)]
     pub segment_size: Option<u64>,
     /// Close a segment this long after its first record (bounds the data at risk).
-    #[arg(long, default_value = "200ms", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "200ms", value_parser = parse_duration, allow_hyphen_values = true)]
     pub linger: Duration,
     /// When a write is acknowledged: async (after the primary), journal (once durable in the
     /// journal), adaptive (async until the lag passes --max-lag, then journal).
-    #[arg(long, default_value = "async", value_name = "async|journal|adaptive")]
-    pub ack: String,
+    #[arg(
+        long,
+        value_enum,
+        default_value = "async",
+        hide_possible_values = true,
+        value_name = "async|journal|adaptive"
+    )]
+    pub ack: Ack,
     /// Lag bound of --ack adaptive: a size (64M) or a duration (5s; a lower-case m means
     /// minutes).
-    #[arg(long, value_name = "SIZE|DURATION")]
-    pub max_lag: Option<String>,
+    #[arg(long, value_name = "SIZE|DURATION", value_parser = parse_max_lag, allow_hyphen_values = true, required_if_eq("ack", "adaptive"))]
+    pub max_lag: Option<MaxLag>,
     /// Journal compression: auto (zstd, skipped while the data does not compress) or off
     /// (payloads stored raw: less CPU, more journal bytes).
     #[arg(long, default_value = "auto", value_name = "auto|off", value_parser = ["auto", "off"])]
@@ -74,19 +82,32 @@ pub struct ServeArgs {
     #[arg(long)]
     pub direct: bool,
     /// Serve without a journal (for measurements only: nothing is replicated).
-    #[arg(long, conflicts_with = "journal")]
+    #[arg(long, conflicts_with_all = ["journal", "ack", "max_lag"])]
     pub no_journal: bool,
     /// At shutdown, wait at most this long for the journal to catch up.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub drain_timeout: Duration,
     /// Once no upload has completed for this long, --ack journal stops waiting for the
     /// store (status shows the outage) until an upload succeeds again.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub store_outage: Duration,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    tinylag::units::parse_duration(s)
+impl ServeArgs {
+    /// The acknowledgement policy `--ack` and `--max-lag` describe together.
+    fn ack_mode(&self) -> anyhow::Result<AckMode> {
+        match (self.ack, self.max_lag) {
+            (Ack::Async, None) => Ok(AckMode::Async),
+            (Ack::Journal, None) => Ok(AckMode::Journal),
+            (Ack::Adaptive, Some(lag)) => Ok(AckMode::Adaptive(lag)),
+            (Ack::Adaptive, None) => Err(usage(
+                "--ack adaptive needs --max-lag SIZE|DURATION (e.g. 64M or 5s)",
+            )),
+            (_, Some(_)) => Err(usage(
+                "--max-lag only applies to --ack adaptive; drop it or add --ack adaptive",
+            )),
+        }
+    }
 }
 
 /// `<primary>.<suffix>`, beside the primary.
@@ -146,23 +167,9 @@ fn return_large_buffers_to_the_kernel() {
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     return_large_buffers_to_the_kernel();
     // Every argument is checked before anything is opened, bound or claimed.
-    let ack = AckMode::parse(&args.ack, args.max_lag.as_deref()).map_err(anyhow::Error::msg)?;
-    if args.pool_size < MIN_POOL_SIZE {
-        bail!(
-            "--pool-size {} is too small: use at least 1M",
-            args.pool_size
-        );
-    }
-    if let Some(size) = args.segment_size {
-        if !(64 << 10..=1 << 30).contains(&size) {
-            bail!("--segment-size {size} is out of range: use 64K to 1G");
-        }
-    }
-    if args.no_journal && (args.ack != "async" || args.max_lag.is_some()) {
-        bail!("--ack and --max-lag need a journal; --no-journal acknowledges at once");
-    }
+    let ack = args.ack_mode()?;
     let listen: ListenAddr = match &args.listen {
-        Some(s) => s.parse()?,
+        Some(addr) => addr.clone(),
         None => ListenAddr::Unix(beside(&args.primary, ".sock")),
     };
     let control_path = args
@@ -194,7 +201,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             ..FileOptions::new(block_size)
         },
     )
-    .with_context(|| format!("cannot open --primary {}", args.primary.display()))?;
+    .context("--primary")?;
     let device: Arc<dyn BlockDevice> = Arc::new(device);
 
     // Bind first: a second daemon on the same sockets is refused before it claims an epoch.

@@ -19,9 +19,10 @@ use tinylag::journal::JournalError;
 use tinylag::nbd::ListenAddr;
 use tinylag::store::local::LocalStore;
 use tinylag::store::ObjectStore;
-use tinylag::units::format_size;
+use tinylag::units::{format_duration, format_size};
 
-use crate::cmd::args::parse_size;
+use crate::cmd::args::{parse_duration, parse_listen, parse_size};
+use crate::cmd::output::self_command;
 use crate::cmd::{replay, serve};
 
 /// The consumer name of the replica `up` keeps.
@@ -34,35 +35,41 @@ pub struct UpArgs {
     /// Directory holding primary.img, journal/ and replica.img (created if absent).
     #[arg(long, value_name = "DIR", default_value = "./tinylag-data")]
     pub dir: PathBuf,
-    /// Device size of a new primary (an existing one keeps its size).
-    #[arg(long, value_parser = parse_size)]
+    /// Device size of a new primary (an existing one keeps its size) [default: 1G].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true)]
     pub size: Option<u64>,
     /// NBD address: unix:PATH or tcp:IP:PORT [default: unix:DIR/primary.img.sock].
-    #[arg(long, value_name = "ADDR")]
-    pub listen: Option<String>,
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+    pub listen: Option<ListenAddr>,
     /// Replay delay of the replica (e.g. 1h).
-    #[arg(long, default_value = "0", value_name = "DURATION")]
-    pub delay: String,
+    #[arg(long, default_value = "0", value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
+    pub delay: Duration,
 }
 
 /// Size of a new primary when `--size` is not given.
 const DEFAULT_SIZE: u64 = 1 << 30;
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
-    let delay =
-        tinylag::units::parse_duration(&args.delay).map_err(|e| anyhow::anyhow!("--delay: {e}"))?;
-    let delay = tinylag::replayer::status::format_duration(delay);
-    if let Some(listen) = &args.listen {
-        listen
-            .parse::<ListenAddr>()
-            .with_context(|| format!("--listen {listen}"))?;
-    }
-    let dir =
-        std::path::absolute(&args.dir).with_context(|| format!("--dir {}", args.dir.display()))?;
+    let delay = format_duration(args.delay);
+    let dir = std::path::absolute(&args.dir).context("--dir")?;
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let primary = dir.join("primary.img");
     let journal = dir.join("journal");
     let replica = dir.join("replica.img");
+    // Before anything is printed or created: one `up` per directory.
+    let _lock = lock_dir(&dir)?;
+    for ctl in [
+        serve::default_control_path(&primary),
+        replay::default_control_path(&replica),
+    ] {
+        if std::os::unix::net::UnixStream::connect(&ctl).is_ok() {
+            bail!(
+                "{} is busy: a tinylag daemon answers on {}; stop it first or use another --dir",
+                dir.display(),
+                ctl.display()
+            );
+        }
+    }
 
     let manifest = ensure_journal(&journal, &primary, args.size).await?;
     let size = manifest.device_size(0).unwrap_or(0);
@@ -79,7 +86,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         journal.display().to_string(),
     ];
     if let Some(listen) = &args.listen {
-        serve_argv.extend(["--listen".into(), listen.clone()]);
+        serve_argv.extend(["--listen".into(), listen.to_string()]);
     }
     let serve_args: serve::ServeArgs = parse_args(&serve_argv)?;
     let replay_argv = vec![
@@ -95,10 +102,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     ];
     let replay_args: replay::ReplayArgs = parse_args(&replay_argv)?;
 
-    let listen = args
-        .listen
-        .clone()
-        .unwrap_or_else(|| format!("unix:{}.sock", primary.display()));
+    let listen = args.listen.as_ref().map_or_else(
+        || format!("unix:{}.sock", primary.display()),
+        ToString::to_string,
+    );
     print_guide(
         &dir, &primary, &journal, &replica, size, &listen, &export, &delay,
     );
@@ -125,6 +132,31 @@ fn parse_args<T: Args + FromArgMatches>(argv: &[String]) -> anyhow::Result<T> {
         .try_get_matches_from(argv)
         .map_err(|e| anyhow::anyhow!("internal arguments {argv:?}: {e}"))?;
     Ok(T::from_arg_matches(&matches)?)
+}
+
+/// Holds an exclusive lock on `<dir>/.lock` for as long as the returned file is open, so a
+/// second `up` on the same directory fails at once, before it prints or creates anything.
+fn lock_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: flock on a descriptor this function owns; no memory is involved.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            bail!(
+                "{} is busy: another `tinylag up` runs there; stop it first or use another --dir",
+                dir.display()
+            );
+        }
+        return Err(anyhow::Error::new(e).context(format!("cannot lock {}", path.display())));
+    }
+    Ok(file)
 }
 
 /// Opens the journal at `journal`, or creates it (and the primary) when it does not exist.
@@ -210,6 +242,7 @@ fn print_guide(
     };
     let kernel_nbd = Path::new("/sys/module/nbd").exists() || Path::new("/dev/nbd0").exists();
     let mnt = dir.join("mnt");
+    let me = self_command();
     println!("tinylag up: {} in {}", format_size(size), dir.display());
     println!(
         "  primary  {}  (served over NBD at {uri})",
@@ -234,16 +267,16 @@ fn print_guide(
     }
     println!("watch:");
     println!(
-        "  tinylag status --control {}.ctl   # the primary",
+        "  {me} status --control {}.ctl   # the primary",
         primary.display()
     );
     println!(
-        "  tinylag status --control {}.ctl   # the replica",
+        "  {me} status --control {}.ctl   # the replica",
         replica.display()
     );
-    println!("  tinylag journal info --journal {}", journal.display());
+    println!("  {me} journal info --journal {}", journal.display());
     println!(
-        "stop: Ctrl-C (or SIGTERM); `tinylag up --dir {}` resumes",
+        "stop: Ctrl-C (or SIGTERM); `{me} up --dir {}` resumes",
         dir.display()
     );
 }

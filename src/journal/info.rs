@@ -14,6 +14,7 @@ use super::error::JournalResult;
 use super::head::{prefix_index, probe_end};
 use super::manifest::Manifest;
 use super::paths;
+use super::segment::{read_index, Expected};
 use crate::store::{list_all, ObjectStore};
 
 /// The end of the journal.
@@ -34,8 +35,12 @@ pub struct ConsumerLag {
     pub state: ConsumerState,
     pub lag_records: u64,
     pub lag_bytes: u64,
-    /// Head timestamp minus the consumer's applied timestamp, in seconds.
+    /// Head timestamp minus the consumer's applied timestamp, in seconds: the span of write
+    /// time the consumer has not applied.
     pub lag_seconds: f64,
+    /// When the oldest record the consumer has not applied was written (`None` when it is
+    /// caught up): "behind since" is now minus this.
+    pub oldest_unapplied_ns: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -77,10 +82,14 @@ pub async fn gather(store: &dyn ObjectStore, manifest: &Manifest) -> JournalResu
             }
         }
     }
-    let consumers = consumer::list(store)
-        .await?
-        .into_iter()
-        .map(|state| {
+    let mut consumers = Vec::new();
+    for state in consumer::list(store).await? {
+        let oldest_unapplied_ns = if head.last_lsn > state.applied_lsn {
+            oldest_unapplied(store, manifest, &state).await?
+        } else {
+            None
+        };
+        consumers.push({
             let lag_bytes = sizes.range(state.next_seq..).map(|(_, s)| s).sum();
             let lag_records = head.last_lsn.saturating_sub(state.applied_lsn);
             let lag_seconds = if lag_records == 0 {
@@ -95,9 +104,10 @@ pub async fn gather(store: &dyn ObjectStore, manifest: &Manifest) -> JournalResu
                 lag_records,
                 lag_bytes,
                 lag_seconds,
+                oldest_unapplied_ns,
             }
-        })
-        .collect();
+        });
+    }
     Ok(JournalInfo {
         journal: store.describe(),
         manifest: manifest.clone(),
@@ -108,4 +118,32 @@ pub async fn gather(store: &dyn ObjectStore, manifest: &Manifest) -> JournalResu
         head,
         consumers,
     })
+}
+
+/// Timestamp of the first record after the consumer's applied LSN: one index read of its next
+/// segment, following plugs and empty segments a few steps. `None` when not found.
+async fn oldest_unapplied(
+    store: &dyn ObjectStore,
+    manifest: &Manifest,
+    state: &ConsumerState,
+) -> JournalResult<Option<u64>> {
+    let mut seq = state.next_seq;
+    for _ in 0..8 {
+        let key = manifest.segment_key(seq);
+        let expected = Expected {
+            uuid: manifest.uuid,
+            seq,
+            first_lsn: None,
+        };
+        let index = match read_index(store, &key, &expected).await {
+            Ok(index) => index,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(e) = index.entries.iter().find(|e| e.lsn > state.applied_lsn) {
+            return Ok(Some(e.timestamp_ns));
+        }
+        seq = index.header.next_seq;
+    }
+    Ok(None)
 }

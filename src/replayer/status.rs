@@ -20,7 +20,7 @@ use crate::control::{Handler, Request, Response};
 use crate::journal::consumer::ConsumerState;
 use crate::journal::head::{prefix_index, probe_end};
 use crate::journal::reader::JournalReader;
-use crate::units::format_size;
+use crate::units::{format_elapsed, format_size};
 
 use super::recovery::RecoveryReport;
 
@@ -119,6 +119,8 @@ struct Board {
     batches_applied: u64,
     recovery: Option<RecoveryReport>,
     head_cache: Option<HeadCache>,
+    /// (applied LSN, timestamp of the record after it) once looked up.
+    oldest_unapplied: Option<(u64, u64)>,
     /// Nanoseconds per phase.
     spent_ns: [u64; 5],
 }
@@ -149,13 +151,25 @@ pub struct ReplicaStatus {
     pub consistent_time: Option<String>,
     /// Inside a resync span: the replica is not consistent until its `RESYNC_END`.
     pub in_resync_span: bool,
+    /// The journal head this status compares with (probed when the agent is behind).
     pub head_lsn: u64,
     pub head_time: Option<String>,
+    /// Records between the applied LSN and the head; never 0 while `applied_lsn < head_lsn`.
     pub lag_records: u64,
+    /// Stored bytes of the segments not applied yet.
     pub lag_bytes: u64,
     /// True when `lag_bytes` extrapolates from a sample of segment sizes.
     pub lag_bytes_estimated: bool,
+    /// Seconds since the oldest unapplied record was written (0 when nothing is behind).
+    /// Includes the configured delay: see `lag_beyond_delay_seconds`.
     pub lag_seconds: f64,
+    /// When the oldest unapplied record was written.
+    #[serde(default)]
+    pub oldest_unapplied_time: Option<String>,
+    /// The part of `lag_seconds` past the configured delay: how late the replica is compared
+    /// with what it was asked to be (0 while every record behind is still within the delay).
+    #[serde(default)]
+    pub lag_beyond_delay_seconds: f64,
     pub delay: String,
     /// When the next record becomes due (while waiting for the delay).
     pub next_due_time: Option<String>,
@@ -190,6 +204,7 @@ impl StatusBoard {
                 batches_applied: 0,
                 recovery: None,
                 head_cache: None,
+                oldest_unapplied: None,
                 spent_ns: [0; 5],
             }),
         }
@@ -291,7 +306,12 @@ impl StatusBoard {
             );
         }
         if let Some((at, head, bytes)) = cached {
-            if now.saturating_sub(at) < HEAD_CACHE_NS && head.lsn >= seen.lsn {
+            // A cached head that is not past the applied LSN would say "nothing behind"
+            // while the agent catches up: probe again instead.
+            if now.saturating_sub(at) < HEAD_CACHE_NS
+                && head.lsn >= seen.lsn
+                && head.lsn > position.applied_lsn
+            {
                 return (head, bytes);
             }
         }
@@ -350,6 +370,34 @@ impl StatusBoard {
         ))
     }
 
+    /// Timestamp of the first record after the applied LSN (one index read of the
+    /// consumer's next segment, following plugs and empty segments a few steps), cached per
+    /// applied LSN. `None` when it cannot be read.
+    async fn oldest_unapplied(&self, position: &ConsumerState) -> Option<u64> {
+        if let Some((lsn, ts)) = self.lock().oldest_unapplied {
+            if lsn == position.applied_lsn {
+                return Some(ts);
+            }
+        }
+        let mut seq = position.next_seq;
+        for _ in 0..8 {
+            let index = match self.reader.index(seq).await {
+                Ok(Some(index)) => index,
+                Ok(None) => return None,
+                Err(e) => {
+                    tracing::debug!("status: reading the index of segment {seq}: {e}");
+                    return None;
+                }
+            };
+            if let Some(e) = index.entries.iter().find(|e| e.lsn > position.applied_lsn) {
+                self.lock().oldest_unapplied = Some((position.applied_lsn, e.timestamp_ns));
+                return Some(e.timestamp_ns);
+            }
+            seq = index.header.next_seq;
+        }
+        None
+    }
+
     /// The full status, probing the head if the agent is behind.
     pub async fn snapshot(&self) -> ReplicaStatus {
         let (position, state, error, due, applied, bytes, batches, recovery, spent) = {
@@ -391,13 +439,14 @@ impl StatusBoard {
         let (head, lag_bytes) = self.head(&position).await;
         let head_lsn = head.lsn.max(position.applied_lsn);
         let lag_records = head_lsn - position.applied_lsn;
-        let lag_seconds = if lag_records == 0 {
-            0.0
+        let oldest = if lag_records == 0 {
+            None
         } else {
-            head.timestamp_ns
-                .saturating_sub(position.applied_timestamp_ns) as f64
-                / 1e9
+            self.oldest_unapplied(&position).await
         };
+        let now = self.clock.now_ns();
+        let lag_seconds = oldest.map_or(0.0, |ts| now.saturating_sub(ts) as f64 / 1e9);
+        let delay_seconds = self.identity.delay_ns as f64 / 1e9;
         let time = |ns: u64| (ns > 0).then(|| format_ns(ns));
         ReplicaStatus {
             role: "replica".into(),
@@ -416,6 +465,8 @@ impl StatusBoard {
             lag_bytes: lag_bytes.map_or(0, |l| l.bytes),
             lag_bytes_estimated: lag_bytes.is_none_or(|l| l.estimated),
             lag_seconds,
+            oldest_unapplied_time: oldest.map(format_ns),
+            lag_beyond_delay_seconds: (lag_seconds - delay_seconds).max(0.0),
             delay: format_duration(Duration::from_nanos(self.identity.delay_ns)),
             next_due_time: due.map(format_ns),
             undo_bytes: position.undo.bytes,
@@ -438,26 +489,7 @@ fn raise(head: &mut KnownHead, lsn: u64, timestamp_ns: u64, next_seq: u64) {
     head.next_seq = head.next_seq.max(next_seq);
 }
 
-/// `1h`, `3s`, `250ms`, `0s`: the largest unit that divides the duration.
-pub fn format_duration(d: Duration) -> String {
-    let ns = d.as_nanos();
-    for (unit, per) in [
-        ("d", 86_400_000_000_000u128),
-        ("h", 3_600_000_000_000),
-        ("m", 60_000_000_000),
-        ("s", 1_000_000_000),
-        ("ms", 1_000_000),
-    ] {
-        if ns >= per && ns % per == 0 {
-            return format!("{}{unit}", ns / per);
-        }
-    }
-    if ns == 0 {
-        "0s".into()
-    } else {
-        format!("{ns}ns")
-    }
-}
+pub use crate::units::format_duration;
 
 /// The status as lines for a terminal.
 pub fn render_text(s: &ReplicaStatus) -> String {
@@ -495,24 +527,31 @@ pub fn render_text(s: &ReplicaStatus) -> String {
     );
     line(
         "head",
-        format!("LSN {} at {}", s.head_lsn, or_never(&s.head_time)),
-    );
-    line(
-        "lag",
         format!(
-            "{} records, {}{}, {:.1} s",
-            s.lag_records,
-            if s.lag_bytes_estimated { "~" } else { "" },
-            format_size(s.lag_bytes),
-            s.lag_seconds
+            "LSN {} at {}  (the journal head compared with)",
+            s.head_lsn,
+            or_never(&s.head_time)
         ),
     );
+    line("behind", behind_text(s));
     let due = s
         .next_due_time
         .as_ref()
-        .map(|t| format!(" (next record due at {t})"))
+        .map(|t| format!("; next record due at {t}"))
         .unwrap_or_default();
-    line("delay", format!("{}{due}", s.delay));
+    let delay_part = if s.lag_records == 0 {
+        String::new()
+    } else if s.lag_beyond_delay_seconds > 0.0 {
+        format!(
+            " (the oldest record behind is {} past it)",
+            format_elapsed(Duration::from_secs_f64(s.lag_beyond_delay_seconds))
+        )
+    } else if s.delay != "0s" {
+        " (every record behind is still within it)".to_string()
+    } else {
+        String::new()
+    };
+    line("delay", format!("{}{delay_part}{due}", s.delay));
     line(
         "undo log",
         match &s.identity.undo {
@@ -546,6 +585,26 @@ pub fn render_text(s: &ReplicaStatus) -> String {
         }
     }
     out
+}
+
+/// `2 records, 292 B, oldest written 1.204 s ago` or `nothing (applied through the head)`.
+fn behind_text(s: &ReplicaStatus) -> String {
+    if s.lag_records == 0 {
+        return "nothing (applied through the head)".into();
+    }
+    let age = match &s.oldest_unapplied_time {
+        Some(t) => format!(
+            ", oldest written {} ago ({t})",
+            format_elapsed(Duration::from_secs_f64(s.lag_seconds))
+        ),
+        None => String::new(),
+    };
+    format!(
+        "{} records, {}{}{age}",
+        s.lag_records,
+        if s.lag_bytes_estimated { "~" } else { "" },
+        format_size(s.lag_bytes),
+    )
 }
 
 /// The control-socket handler of a replay agent.

@@ -777,3 +777,63 @@ async fn a_new_consumer_refuses_an_undo_log_with_old_segments() {
         .unwrap_err();
     assert!(matches!(err, ReplayError::StaleUndoLog { .. }), "{err}");
 }
+
+#[tokio::test]
+async fn status_says_how_far_behind_and_how_much_of_it_is_the_delay() {
+    let mut f = Fixture::new(9).await;
+    // Records one second apart from T0, in two segments.
+    for half in 0..2u64 {
+        let mut records = Vec::new();
+        for i in half * 5..half * 5 + 5 {
+            let r = Record {
+                lsn: i + 1,
+                timestamp_ns: T0 + i * SEC,
+                dev: 0,
+                op: Op::Write {
+                    offset: i * 4096,
+                    data: Bytes::from(vec![i as u8 + 1; 4096]),
+                },
+            };
+            f.records.push(r.clone());
+            records.push(r);
+        }
+        f.put(&records, f.manifest.uuid).await;
+    }
+    let replica = Arc::new(MemoryReplica::new(SIZE));
+    let mut config = f.config("late");
+    config.delay = Duration::from_secs(5);
+    // Now is T0 + 8.5 s: records up to T0 + 3 s (LSN 4) are due.
+    f.clock.set(T0 + 8 * SEC + SEC / 2);
+    f.run(config.clone(), &replica, true, None).await.unwrap();
+    let agent = f.agent(config, &replica, false, None).await.unwrap();
+    let status = agent.board().snapshot().await;
+    assert_eq!((status.applied_lsn, status.head_lsn), (4, 10));
+    assert_eq!(status.lag_records, 6, "never 0 while applied < head");
+    assert!(status.lag_bytes > 0);
+    // LSN 5 was written at T0 + 4 s: 4.5 s ago, all of it within the 5 s delay.
+    assert!(
+        (status.lag_seconds - 4.5).abs() < 1e-9,
+        "{}",
+        status.lag_seconds
+    );
+    assert_eq!(status.lag_beyond_delay_seconds, 0.0);
+    let text = super::status::render_text(&status);
+    assert!(text.contains("6 records"), "{text}");
+    assert!(text.contains("oldest written 4.500 s ago"), "{text}");
+    assert!(
+        text.contains("every record behind is still within it"),
+        "{text}"
+    );
+
+    // Twenty seconds later, nothing applied: 15 s past the delay.
+    f.clock.set(T0 + 24 * SEC);
+    let status = agent.board().snapshot().await;
+    assert!(
+        (status.lag_seconds - 20.0).abs() < 1e-9,
+        "{}",
+        status.lag_seconds
+    );
+    assert!((status.lag_beyond_delay_seconds - 15.0).abs() < 1e-9);
+    let text = super::status::render_text(&status);
+    assert!(text.contains("15.000 s past it"), "{text}");
+}

@@ -183,7 +183,7 @@ impl StatusSnapshot {
         );
         let Some(journal) = &self.journal else {
             line(&mut out, "journal", "none (--no-journal)".into());
-            line(&mut out, "uptime", format!("{:.0}s", self.uptime_seconds));
+            line(&mut out, "uptime", secs(self.uptime_seconds));
             return out;
         };
         line(&mut out, "journal", journal.clone());
@@ -209,10 +209,10 @@ impl StatusSnapshot {
             &mut out,
             "lag",
             format!(
-                "{} records, {}, {:.3}s",
+                "{} records, {}, {}",
                 self.lag.records,
                 format_size(self.lag.bytes),
-                self.lag.seconds
+                secs(self.lag.seconds)
             ),
         );
         if self.durable_lag.records > 0 {
@@ -220,10 +220,10 @@ impl StatusSnapshot {
                 &mut out,
                 "ack->durable",
                 format!(
-                    "p50 {:.3}s, p99 {:.3}s, max {:.3}s over {} records",
-                    self.durable_lag.p50_seconds,
-                    self.durable_lag.p99_seconds,
-                    self.durable_lag.max_seconds,
+                    "p50 {}, p99 {}, max {} over {} records",
+                    secs(self.durable_lag.p50_seconds),
+                    secs(self.durable_lag.p99_seconds),
+                    secs(self.durable_lag.max_seconds),
                     self.durable_lag.records
                 ),
             );
@@ -240,7 +240,7 @@ impl StatusSnapshot {
         );
         let mut errors = self.upload_errors.count.to_string();
         if let Some(s) = self.upload_errors.failing_seconds {
-            let _ = write!(errors, ", failing for {s:.1}s");
+            let _ = write!(errors, ", failing for {}", secs(s));
         }
         if self.upload_errors.outage {
             errors.push_str(" (OUTAGE: acknowledgements no longer wait for the journal)");
@@ -266,9 +266,14 @@ impl StatusSnapshot {
                 format_size(self.dirty.region_size)
             ),
         );
-        line(&mut out, "uptime", format!("{:.0}s", self.uptime_seconds));
+        line(&mut out, "uptime", secs(self.uptime_seconds));
         out
     }
+}
+
+/// Seconds in the one format every status uses ([`crate::units::format_elapsed`]).
+fn secs(seconds: f64) -> String {
+    crate::units::format_elapsed(std::time::Duration::from_secs_f64(seconds.max(0.0)))
 }
 
 #[cfg(test)]
