@@ -18,10 +18,7 @@ use tinylag::journal::Manifest;
 use tinylag::nbd::{self, Export, ListenAddr, NbdServer};
 use tinylag::store::{open_store, StoreUri};
 use tinylag::units::format_size;
-use tinylag::writer::journal_writer::WriterConfig;
-use tinylag::writer::mode::AckMode;
-use tinylag::writer::pool::MIN_POOL_SIZE;
-use tinylag::writer::primary::{JournalSetup, Labels, PrimaryCore};
+use tinylag::writer::{AckMode, JournalSetup, Labels, PrimaryCore, WriterConfig, MIN_POOL_SIZE};
 
 use crate::cmd::args::{parse_size, parse_store_uri, S3Args};
 

@@ -13,8 +13,8 @@
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
-use super::journal_writer::Pending;
 use super::pool::Permit;
+use super::shared::Pending;
 use crate::journal::Record;
 
 /// Queued payload bytes that wake a sleeping encoder early.

@@ -214,10 +214,6 @@ impl ModeState {
         !self.dirty_episode.swap(true, Ordering::AcqRel)
     }
 
-    pub fn dirty_episode_open(&self) -> bool {
-        self.dirty_episode.load(Ordering::Acquire)
-    }
-
     /// Enters `forward-full` (the first reason is kept).
     pub fn need_full(&self, reason: FullReason) {
         let _ = self

@@ -9,11 +9,13 @@
 //! every mode but `logging`).
 
 use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
 
 use serde::{Deserialize, Serialize};
 
 use super::lag_histogram::LagSummary;
-use super::mode::Mode;
+use super::mode::{AckMode, Mode};
+use super::primary::PrimaryCore;
 use crate::units::format_size;
 
 /// A point-in-time view of a primary daemon.
@@ -268,6 +270,138 @@ impl StatusSnapshot {
         );
         line(&mut out, "uptime", format!("{:.0}s", self.uptime_seconds));
         out
+    }
+}
+
+impl PrimaryCore {
+    /// The status snapshot.
+    pub fn status(&self) -> StatusSnapshot {
+        let mode = self.mode();
+        let mode_reason = match mode {
+            Mode::ForwardFull => self.mode.full_reason().map(|r| r.describe().to_string()),
+            Mode::Fenced => self.journal.as_ref().and_then(|j| j.stats.stopped_reason()),
+            Mode::ForwardPart => {
+                Some("changes were left out of the journal (pool full or store failing)".into())
+            }
+            _ => None,
+        };
+        let dirty = DirtyStatus {
+            regions: self.dirty.count(),
+            bytes: self.dirty.bytes(),
+            region_size: self.dirty.region_size(),
+        };
+        let uptime_seconds = self.started.elapsed().as_secs_f64();
+        let Some(j) = &self.journal else {
+            return StatusSnapshot {
+                role: "primary".into(),
+                mode,
+                mode_reason,
+                ack: AckStatus {
+                    configured: "async".into(),
+                    max_lag: None,
+                    effective: "async".into(),
+                },
+                epoch: None,
+                journal: None,
+                primary: self.labels.primary.clone(),
+                listen: self.labels.listen.clone(),
+                export: self.labels.export.clone(),
+                device_size: self.info.size,
+                pool: PoolStatus {
+                    used: 0,
+                    cap: 0,
+                    peak: 0,
+                },
+                head_lsn: 0,
+                durable_lsn: 0,
+                lag: LagStatus {
+                    records: 0,
+                    bytes: 0,
+                    seconds: 0.0,
+                },
+                durable_lag: LagSummary {
+                    records: 0,
+                    p50_seconds: 0.0,
+                    p99_seconds: 0.0,
+                    max_seconds: 0.0,
+                },
+                segments_uploaded: 0,
+                bytes_uploaded: 0,
+                uploads_in_flight: 0,
+                upload_errors: ErrorStatus {
+                    count: 0,
+                    last: None,
+                    failing_seconds: None,
+                    outage: false,
+                },
+                records_abandoned: 0,
+                dirty,
+                uptime_seconds,
+            };
+        };
+        let head_lsn = self.head_lsn();
+        let durable_lsn = j.progress.borrow().durable_lsn.min(head_lsn);
+        let outage = j.stats.outage.load(Ordering::Acquire);
+        let waits = match j.ack {
+            AckMode::Async => false,
+            AckMode::Journal => true,
+            AckMode::Adaptive(_) => j.adaptive_waits.load(Ordering::Acquire),
+        };
+        let stopped = j.progress.borrow().released_lsn == u64::MAX && !outage;
+        let effective = if waits && !outage && !stopped {
+            "journal"
+        } else {
+            "async"
+        };
+        let s = &j.stats;
+        StatusSnapshot {
+            role: "primary".into(),
+            mode,
+            mode_reason,
+            ack: AckStatus {
+                configured: j.ack.name().into(),
+                max_lag: match j.ack {
+                    AckMode::Adaptive(lag) => Some(lag.to_string()),
+                    _ => None,
+                },
+                effective: effective.into(),
+            },
+            epoch: Some(j.epoch),
+            journal: Some(j.store_name.clone()),
+            primary: self.labels.primary.clone(),
+            listen: self.labels.listen.clone(),
+            export: self.labels.export.clone(),
+            device_size: self.info.size,
+            pool: PoolStatus {
+                used: j.pool.used(),
+                cap: j.pool.cap(),
+                peak: j.pool.peak(),
+            },
+            head_lsn,
+            durable_lsn,
+            lag: LagStatus {
+                records: head_lsn - durable_lsn,
+                bytes: j.pool.used(),
+                seconds: if head_lsn > durable_lsn {
+                    self.lag_time(j).as_secs_f64()
+                } else {
+                    0.0
+                },
+            },
+            durable_lag: s.durable_lag.summary(),
+            segments_uploaded: s.segments_uploaded.load(Ordering::Acquire),
+            bytes_uploaded: s.bytes_uploaded.load(Ordering::Acquire),
+            uploads_in_flight: s.uploads_in_flight.load(Ordering::Acquire),
+            upload_errors: ErrorStatus {
+                count: s.upload_errors.load(Ordering::Acquire),
+                last: s.last_error(),
+                failing_seconds: s.failing_for().map(|d| d.as_secs_f64()),
+                outage,
+            },
+            records_abandoned: s.records_abandoned.load(Ordering::Acquire),
+            dirty,
+            uptime_seconds,
+        }
     }
 }
 
