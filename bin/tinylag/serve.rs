@@ -18,7 +18,10 @@ use tinylag::journal::Manifest;
 use tinylag::nbd::{self, Export, ListenAddr, NbdServer};
 use tinylag::store::{open_store, StoreUri};
 use tinylag::units::format_size;
-use tinylag::writer::{AckMode, JournalSetup, Labels, PrimaryCore, WriterConfig, MIN_POOL_SIZE};
+use tinylag::writer::{
+    default_activity_log_path, AckMode, JournalSetup, Labels, PrimaryCore, WriterConfig,
+    MIN_POOL_SIZE,
+};
 
 use crate::cmd::args::{parse_size, parse_store_uri, S3Args};
 
@@ -76,6 +79,10 @@ pub struct ServeArgs {
     /// At shutdown, wait at most this long for the journal to catch up.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// The activity log: regions with changes not yet durable in the journal, so a restart
+    /// after a crash resyncs only those [default: <primary>.tinylag-al].
+    #[arg(long, value_name = "PATH")]
+    pub activity_log: Option<PathBuf>,
     /// Once no upload has completed for this long, --ack journal stops waiting for the
     /// store (status shows the outage) until an upload succeeds again.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
@@ -222,6 +229,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             ack,
             clock: Arc::new(SystemClock),
             primary_path: args.primary.clone(),
+            activity_log: args
+                .activity_log
+                .clone()
+                .unwrap_or_else(|| default_activity_log_path(&args.primary)),
         }
     });
     let started = PrimaryCore::start(device, labels, setup).await;
@@ -264,6 +275,19 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     );
     if let Some(w) = status.warning() {
         eprintln!("{w}");
+    }
+    if let Some(start) = &status.start {
+        match start["kind"].as_str() {
+            Some("activity-log") => println!(
+                "restart after an unclean stop: resyncing the {} regions the activity log names",
+                start["regions"]
+            ),
+            Some("full") => eprintln!(
+                "starting forward-full: the WHOLE device is resynced ({})",
+                start["reason"].as_str().unwrap_or("")
+            ),
+            _ => {}
+        }
     }
 
     let signal = wait_for_signal().await?;

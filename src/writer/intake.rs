@@ -121,6 +121,11 @@ impl Intake {
         head
     }
 
+    /// Whether [`Intake::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.state().closed
+    }
+
     /// The last LSN assigned.
     pub fn head_lsn(&self) -> u64 {
         self.state().next_lsn - 1

@@ -508,7 +508,7 @@ impl Task {
             return;
         }
         if fenced {
-            self.shared.mode.fence();
+            self.shared.mode.fence(&reason);
         } else {
             self.shared.mode.need_full(FullReason::WriterFailed);
         }

@@ -23,6 +23,7 @@
 //! that cannot be journaled still completes; it is marked dirty); let the journal's order
 //! differ from the disk's; let pool memory pass its cap (one `RESYNC_BEGIN` aside).
 
+mod activity_log;
 mod dirty;
 mod encoder;
 mod intake;
@@ -33,9 +34,11 @@ mod pool;
 mod primary;
 mod range_lock;
 mod restart;
+mod resync;
 mod shared;
 mod status;
 
+pub use activity_log::default_path as default_activity_log_path;
 pub use journal_writer::WriterConfig;
 pub use mode::{AckMode, MaxLag, Mode};
 pub use pool::MIN_POOL_SIZE;

@@ -14,8 +14,9 @@ use std::sync::atomic::Ordering;
 use serde::{Deserialize, Serialize};
 
 use super::lag_histogram::LagSummary;
-use super::mode::{AckMode, Mode};
-use super::primary::PrimaryCore;
+use super::mode::{AckMode, Mode, Transition};
+use super::primary::{PrimaryCore, StartKind};
+use super::resync::ResyncStatus;
 use crate::units::format_size;
 
 /// A point-in-time view of a primary daemon.
@@ -54,6 +55,33 @@ pub struct StatusSnapshot {
     pub records_abandoned: u64,
     pub dirty: DirtyStatus,
     pub uptime_seconds: f64,
+    /// How this daemon started: `clean`, `activity-log` (with the regions it named) or
+    /// `full` (with why).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<serde_json::Value>,
+    /// Every mode change since start, oldest first (the last 32), with its time and cause.
+    #[serde(default)]
+    pub transitions: Vec<Transition>,
+    #[serde(default)]
+    pub resync: ResyncStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activity_log: Option<ActivityLogStatus>,
+}
+
+/// The activity log as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActivityLogStatus {
+    pub path: String,
+    /// Regions marked active now.
+    pub regions: u64,
+    /// Bytes those regions cover.
+    pub bytes: u64,
+    /// Size of the log file.
+    pub file_bytes: u64,
+    /// Log writes (each with an fsync) since start.
+    pub writes: u64,
+    /// The log could not be written and was abandoned (a crash now means forward-full).
+    pub broken: bool,
 }
 
 /// Acknowledgement policy, configured and in force now.
@@ -268,6 +296,66 @@ impl StatusSnapshot {
                 format_size(self.dirty.region_size)
             ),
         );
+        let r = &self.resync;
+        if r.running || r.regions_left > 0 {
+            let eta = r
+                .eta_seconds
+                .map(|e| format!(", ETA {e:.0}s"))
+                .unwrap_or_default();
+            line(
+                &mut out,
+                "resync",
+                format!(
+                    "{} regions done ({}, {} read), {} left, pass {}, {}/s{eta}",
+                    r.regions_done,
+                    format_size(r.bytes_done),
+                    format_size(r.bytes_read),
+                    r.regions_left,
+                    r.passes,
+                    format_size(r.bytes_per_second as u64)
+                ),
+            );
+        }
+        if r.episodes_ended > 0 {
+            line(
+                &mut out,
+                "resyncs done",
+                format!(
+                    "{} ({} regions since start)",
+                    r.episodes_ended, r.lifetime_regions
+                ),
+            );
+        }
+        if let Some(al) = &self.activity_log {
+            let mut v = format!(
+                "{} regions active ({}), {} writes, file {} at {}",
+                al.regions,
+                format_size(al.bytes),
+                al.writes,
+                format_size(al.file_bytes),
+                al.path
+            );
+            if al.broken {
+                v.push_str(" (BROKEN: could not be written; a crash now means forward-full)");
+            }
+            line(&mut out, "activity log", v);
+        }
+        if let Some(start) = &self.start {
+            line(&mut out, "started", start.to_string());
+        }
+        for t in &self.transitions {
+            line(
+                &mut out,
+                "mode change",
+                format!(
+                    "{} {} -> {}: {}",
+                    crate::clock::format_ns(t.at_ns),
+                    t.from,
+                    t.to,
+                    t.cause
+                ),
+            );
+        }
         line(&mut out, "uptime", format!("{:.0}s", self.uptime_seconds));
         out
     }
@@ -278,11 +366,20 @@ impl PrimaryCore {
     pub fn status(&self) -> StatusSnapshot {
         let mode = self.mode();
         let mode_reason = match mode {
-            Mode::ForwardFull => self.mode.full_reason().map(|r| r.describe().to_string()),
+            Mode::ForwardFull => match self.journal.as_ref().map(|j| &j.start) {
+                Some(StartKind::Full { reason }) => Some(reason.clone()),
+                _ => self.mode.full_reason().map(|r| r.describe().to_string()),
+            },
             Mode::Fenced => self.journal.as_ref().and_then(|j| j.stats.stopped_reason()),
-            Mode::ForwardPart => {
-                Some("changes were left out of the journal (pool full or store failing)".into())
-            }
+            Mode::ForwardPart => Some(
+                self.mode
+                    .transitions()
+                    .into_iter()
+                    .rev()
+                    .find(|t| t.to == Mode::ForwardPart)
+                    .map(|t| t.cause)
+                    .unwrap_or_else(|| "changes were left out of the journal".into()),
+            ),
             _ => None,
         };
         let dirty = DirtyStatus {
@@ -337,6 +434,10 @@ impl PrimaryCore {
                 records_abandoned: 0,
                 dirty,
                 uptime_seconds,
+                start: None,
+                transitions: self.mode.transitions(),
+                resync: ResyncStatus::default(),
+                activity_log: None,
             };
         };
         let head_lsn = self.head_lsn();
@@ -401,6 +502,17 @@ impl PrimaryCore {
             records_abandoned: s.records_abandoned.load(Ordering::Acquire),
             dirty,
             uptime_seconds,
+            start: serde_json::to_value(&j.start).ok(),
+            transitions: self.mode.transitions(),
+            resync: j.episodes.status(),
+            activity_log: Some(ActivityLogStatus {
+                path: j.al.path().display().to_string(),
+                regions: j.al.active(),
+                bytes: j.al.active() * self.dirty.region_size(),
+                file_bytes: j.al.file_size(),
+                writes: j.al.writes(),
+                broken: j.al.is_broken(),
+            }),
         }
     }
 }
@@ -459,6 +571,33 @@ mod tests {
                 region_size: 4 << 20,
             },
             uptime_seconds: 12.0,
+            start: None,
+            transitions: vec![Transition {
+                at_ns: 1_700_000_000_000_000_000,
+                from: Mode::Logging,
+                to: Mode::ForwardPart,
+                cause: "the memory pool is full".into(),
+            }],
+            resync: ResyncStatus {
+                running: true,
+                passes: 1,
+                regions_done: 2,
+                regions_left: 3,
+                bytes_done: 8 << 20,
+                bytes_read: 4 << 20,
+                bytes_per_second: 4e6,
+                eta_seconds: Some(3.0),
+                lifetime_regions: 2,
+                episodes_ended: 0,
+            },
+            activity_log: Some(ActivityLogStatus {
+                path: "/var/lib/disk.img.tinylag-al".into(),
+                regions: 5,
+                bytes: 20 << 20,
+                file_bytes: 8192,
+                writes: 9,
+                broken: false,
+            }),
         }
     }
 
@@ -473,6 +612,16 @@ mod tests {
         let text = part.render_text();
         assert!(text.starts_with("WARNING: mode forward-part"), "{text}");
         assert!(text.contains("3 regions (12.0 MiB)"), "{text}");
+        assert!(
+            text.contains("2 regions done (8.0 MiB, 4.0 MiB read), 3 left"),
+            "{text}"
+        );
+        assert!(text.contains("ETA 3s"), "{text}");
+        assert!(
+            text.contains("logging -> forward-part: the memory pool is full"),
+            "{text}"
+        );
+        assert!(text.contains("5 regions active (20.0 MiB)"), "{text}");
         assert!(sample(Mode::Fenced)
             .render_text()
             .contains("another writer owns the journal"));
@@ -486,6 +635,9 @@ mod tests {
         assert_eq!(json["lag"]["records"], 10);
         assert_eq!(json["dirty"]["regions"], 0);
         assert_eq!(json["pool"]["cap"], 512 << 20);
+        assert_eq!(json["resync"]["regions_left"], 3);
+        assert_eq!(json["transitions"][0]["to"], "forward-part");
+        assert_eq!(json["activity_log"]["regions"], 5);
         let back: StatusSnapshot = serde_json::from_value(json).unwrap();
         assert_eq!(back, s);
     }
