@@ -18,8 +18,8 @@ use std::time::Duration;
 use clap::Args;
 use tinylag::nbd::{ListenAddr, NbdError};
 use tinylag::store::{open_store, ObjectStore, S3Options, StoreUri};
-use tinylag::writer::mode::MaxLag;
-use tinylag::writer::pool::MIN_POOL_SIZE;
+use tinylag::writer::MaxLag;
+use tinylag::writer::MIN_POOL_SIZE;
 
 /// Where the journal is and how to reach S3.
 #[derive(Debug, Clone, Args)]

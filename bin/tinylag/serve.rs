@@ -18,9 +18,9 @@ use tinylag::journal::Manifest;
 use tinylag::nbd::{self, Export, ListenAddr, NbdServer};
 use tinylag::store::{open_store, StoreUri};
 use tinylag::units::format_size;
-use tinylag::writer::journal_writer::WriterConfig;
-use tinylag::writer::mode::{AckMode, MaxLag};
-use tinylag::writer::primary::{JournalSetup, Labels, PrimaryCore};
+use tinylag::writer::{
+    default_activity_log_path, AckMode, JournalSetup, Labels, MaxLag, PrimaryCore, WriterConfig,
+};
 
 use crate::cmd::args::{
     parse_duration, parse_listen, parse_max_lag, parse_pool_size, parse_segment_size,
@@ -87,6 +87,10 @@ pub struct ServeArgs {
     /// At shutdown, wait at most this long for the journal to catch up.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub drain_timeout: Duration,
+    /// The activity log: regions with changes not yet durable in the journal, so a restart
+    /// after a crash resyncs only those [default: <primary>.tinylag-al].
+    #[arg(long, value_name = "PATH")]
+    pub activity_log: Option<PathBuf>,
     /// Once no upload has completed for this long, --ack journal stops waiting for the
     /// store (status shows the outage) until an upload succeeds again.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration, allow_hyphen_values = true)]
@@ -232,6 +236,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             ack,
             clock: Arc::new(SystemClock),
             primary_path: args.primary.clone(),
+            activity_log: args
+                .activity_log
+                .clone()
+                .unwrap_or_else(|| default_activity_log_path(&args.primary)),
         }
     });
     let started = PrimaryCore::start(device, labels, setup).await;
@@ -274,6 +282,19 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     );
     if let Some(w) = status.warning() {
         eprintln!("{w}");
+    }
+    if let Some(start) = &status.start {
+        match start["kind"].as_str() {
+            Some("activity-log") => println!(
+                "restart after an unclean stop: resyncing the {} regions the activity log names",
+                start["regions"]
+            ),
+            Some("full") => eprintln!(
+                "starting forward-full: the WHOLE device is resynced ({})",
+                start["reason"].as_str().unwrap_or("")
+            ),
+            _ => {}
+        }
     }
 
     let signal = wait_for_signal().await?;

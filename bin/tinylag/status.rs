@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::Args;
 use tinylag::control::{self, Request};
 use tinylag::replayer::status::{render_text, ReplicaStatus};
-use tinylag::writer::status::StatusSnapshot;
+use tinylag::writer::StatusSnapshot;
 
 use crate::cmd::serve::default_control_path;
 

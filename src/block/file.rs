@@ -441,6 +441,33 @@ impl BlockDevice for FileDevice {
         })
         .await
     }
+
+    async fn has_data(&self, offset: u64, len: u64) -> Result<bool, BlockError> {
+        check_range(offset, len, self.info.size)?;
+        if len == 0 {
+            return Ok(false);
+        }
+        if matches!(self.kind, Kind::BlockDevice) {
+            return Ok(true);
+        }
+        self.blocking(move |file| {
+            let at = i64::try_from(offset).map_err(io::Error::other)?;
+            // SAFETY: lseek only reads its integer arguments; `file` keeps the fd open.
+            let data = unsafe { libc::lseek(file.as_raw_fd(), at, libc::SEEK_DATA) };
+            if data >= 0 {
+                return Ok((data as u64) < offset + len);
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                // No data at or after `offset`.
+                Some(libc::ENXIO) => Ok(false),
+                // No SEEK_DATA here: assume data.
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(true),
+                _ => Err(e),
+            }
+        })
+        .await
+    }
 }
 
 /// `preadv2(RWF_NOWAIT)`: reads what the page cache holds without waiting. Returns the bytes

@@ -58,6 +58,13 @@ pub trait BlockDevice: Send + Sync {
     async fn trim(&self, offset: u64, len: u64) -> Result<(), BlockError>;
     /// Makes a range read as zeroes.
     async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), BlockError>;
+    /// Whether `offset..offset+len` may hold data: `false` only when the device knows the
+    /// range is unallocated (a hole of a sparse file) and so reads as zeroes. A resync skips
+    /// such ranges without reading them. Devices that cannot tell answer `true`.
+    async fn has_data(&self, offset: u64, len: u64) -> Result<bool, BlockError> {
+        let _ = (offset, len);
+        Ok(true)
+    }
 }
 
 /// Checks `offset..offset+len` against a device of `size` bytes.

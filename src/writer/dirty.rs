@@ -2,12 +2,14 @@
 //!
 //! The device is cut into regions of the manifest's `region_size`; a write, trim or
 //! write-zeroes that could not be journaled (pool full, store down, writer fenced) sets the
-//! bit of every region it touches. The later resync reads exactly those regions back from
-//! the primary. Here the bitmap lives in memory only; the persisted activity log is a later
-//! part.
+//! bit of every region it touches. The resync ([`super::resync`]) reads exactly those regions
+//! back from the primary, clearing each bit under the region's range lock just before it
+//! reads. The bitmap lives in memory; what survives a crash is the activity log
+//! ([`super::activity_log`]).
 //!
-//! Must never: forget a region (bits are only ever set here; clearing is the resync's job);
-//! cost more than a few bits per region.
+//! Must never: forget a region (only the resync clears a bit, and only while it holds the
+//! region's range lock and is about to journal its content); cost more than a few bits per
+//! region.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -63,6 +65,44 @@ impl DirtyRegions {
             }
         }
         self.count.fetch_add(added, Ordering::AcqRel);
+    }
+
+    /// Clears region `region`; true if it was marked. Only the resync calls this, holding
+    /// the region's range lock.
+    pub fn clear(&self, region: u64) -> bool {
+        if region >= self.regions {
+            return false;
+        }
+        let mut bits = self.bits.lock().unwrap_or_else(|p| p.into_inner());
+        let (word, bit) = ((region / 64) as usize, region % 64);
+        let was = bits[word] & (1 << bit) != 0;
+        if was {
+            bits[word] &= !(1 << bit);
+            self.count.fetch_sub(1, Ordering::AcqRel);
+        }
+        was
+    }
+
+    /// The first marked region at or after `from`, without listing them all.
+    pub fn next_dirty(&self, from: u64) -> Option<u64> {
+        if from >= self.regions {
+            return None;
+        }
+        let bits = self.bits.lock().unwrap_or_else(|p| p.into_inner());
+        let mut w = (from / 64) as usize;
+        let mut word = bits[w] & (!0u64 << (from % 64));
+        loop {
+            if word != 0 {
+                return Some(w as u64 * 64 + u64::from(word.trailing_zeros()));
+            }
+            w += 1;
+            word = *bits.get(w)?;
+        }
+    }
+
+    /// How many regions the device has.
+    pub fn total(&self) -> u64 {
+        self.regions
     }
 
     /// Marks the whole device.
@@ -142,6 +182,25 @@ mod tests {
         d.mark(0..u64::MAX);
         assert_eq!(d.regions(), vec![0]);
         assert!(d.is_dirty(0) && !d.is_dirty(1));
+    }
+
+    #[test]
+    fn clearing_and_walking_the_marked_regions() {
+        let d = DirtyRegions::new(1 << 30, 1 << 20);
+        for r in [3u64, 64, 65, 1000, 1023] {
+            d.mark(r << 20..(r << 20) + 1);
+        }
+        let mut seen = Vec::new();
+        let mut at = 0;
+        while let Some(r) = d.next_dirty(at) {
+            seen.push(r);
+            at = r + 1;
+        }
+        assert_eq!(seen, vec![3, 64, 65, 1000, 1023]);
+        assert!(d.clear(64) && !d.clear(64));
+        assert_eq!(d.next_dirty(4), Some(65));
+        assert_eq!(d.count(), 4);
+        assert_eq!(d.next_dirty(1024), None);
     }
 
     #[test]

@@ -21,8 +21,8 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::intake::Intake;
-use super::journal_writer::{Pending, Shared, WriterStats};
 use super::pool::Permit;
+use super::shared::{Pending, Shared, WriterStats};
 use crate::journal::segment::SegmentBuilder;
 
 /// Payload records in a row that did not compress before compression is skipped.

@@ -13,8 +13,8 @@
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
-use super::journal_writer::Pending;
 use super::pool::Permit;
+use super::shared::Pending;
 use crate::journal::Record;
 
 /// Queued payload bytes that wake a sleeping encoder early.
@@ -119,6 +119,11 @@ impl Intake {
         drop(s);
         self.wake.notify_one();
         head
+    }
+
+    /// Whether [`Intake::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.state().closed
     }
 
     /// The last LSN assigned.

@@ -60,6 +60,7 @@ fn upper_bound(i: usize) -> Duration {
 }
 
 impl LagHistogram {
+    #[cfg(test)]
     pub fn new() -> Self {
         Self::default()
     }

@@ -23,14 +23,24 @@
 //! that cannot be journaled still completes; it is marked dirty); let the journal's order
 //! differ from the disk's; let pool memory pass its cap (one `RESYNC_BEGIN` aside).
 
-pub mod dirty;
-pub mod encoder;
-pub mod intake;
-pub mod journal_writer;
-pub mod lag_histogram;
-pub mod mode;
-pub mod pool;
-pub mod primary;
-pub mod range_lock;
-pub mod restart;
-pub mod status;
+mod activity_log;
+mod dirty;
+mod encoder;
+mod intake;
+mod journal_writer;
+mod lag_histogram;
+mod mode;
+mod pool;
+mod primary;
+mod range_lock;
+mod restart;
+mod resync;
+mod shared;
+mod status;
+
+pub use activity_log::default_path as default_activity_log_path;
+pub use journal_writer::WriterConfig;
+pub use mode::{AckMode, MaxLag, Mode};
+pub use pool::MIN_POOL_SIZE;
+pub use primary::{CoreError, JournalSetup, Labels, PrimaryCore, ShutdownReport};
+pub use status::StatusSnapshot;

@@ -11,13 +11,21 @@
 //! | `fenced` | a newer writer owns the journal; nothing is journaled any more |
 //! | `no-journal` | `--no-journal`: serving without a journal (for measurements only) |
 //!
-//! Must never: report a better mode than the truth. Conditions only accumulate here (a dirty
-//! episode ends with a resync, a later part); the worst one wins.
+//! Conditions are set by whoever finds trouble (the I/O path, the journal writer) and cleared
+//! only by the resync ([`super::resync`]) once it has journaled every dirty region: a dirty
+//! episode ends with its `RESYNC_END`, a resyncable `forward-full` with the end of its span.
+//! Every change of the resulting mode is kept, with its time and cause, for `status`.
+//!
+//! Must never: report a better mode than the truth; the worst condition wins.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::clock::Clock;
 
 /// See the module documentation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,7 +143,25 @@ impl AckMode {
     }
 }
 
+/// How many mode transitions `status` keeps (the oldest are dropped).
+pub const TRANSITIONS_KEPT: usize = 32;
+
+/// One change of the mode, as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transition {
+    /// When, in ns since the UNIX epoch (wall clock).
+    pub at_ns: u64,
+    pub from: Mode,
+    pub to: Mode,
+    /// Why, in words.
+    pub cause: String,
+}
+
 /// The conditions the mode is computed from, shared by the I/O path and the journal writer.
+///
+/// # Invariants
+/// `transitions` holds, oldest first, every change of [`ModeState::mode`] since start (at
+/// most [`TRANSITIONS_KEPT`]); consecutive entries chain (`to` of one is `from` of the next).
 #[derive(Debug, Default)]
 pub struct ModeState {
     /// Changes were left out of the journal and a `RESYNC_BEGIN` is (being) queued.
@@ -144,6 +170,7 @@ pub struct ModeState {
     full: AtomicU8,
     fenced: AtomicBool,
     no_journal: bool,
+    transitions: Mutex<VecDeque<Transition>>,
 }
 
 /// Why the mode is `forward-full`.
@@ -158,6 +185,9 @@ pub enum FullReason {
     PrimaryHasData = 2,
     /// The journal writer stopped on an internal error.
     WriterFailed = 3,
+    /// The previous writer stopped uncleanly and its activity log is missing, stale (another
+    /// journal or writer) or corrupt, so the regions it was writing are unknown.
+    NoActivityLog = 4,
 }
 
 impl FullReason {
@@ -166,6 +196,7 @@ impl FullReason {
             1 => Some(FullReason::UncleanRestart),
             2 => Some(FullReason::PrimaryHasData),
             3 => Some(FullReason::WriterFailed),
+            4 => Some(FullReason::NoActivityLog),
             _ => None,
         }
     }
@@ -178,7 +209,17 @@ impl FullReason {
             }
             FullReason::PrimaryHasData => "the journal is new but the primary already held data",
             FullReason::WriterFailed => "the journal writer stopped on an internal error",
+            FullReason::NoActivityLog => {
+                "the previous writer did not stop cleanly and left no usable activity log; the \
+                 regions it was writing are unknown"
+            }
         }
+    }
+
+    /// Whether a resync of the whole device ends this condition (a failed writer journals
+    /// nothing more, so no resync can).
+    pub fn resyncable(self) -> bool {
+        self != FullReason::WriterFailed
     }
 }
 
@@ -210,27 +251,70 @@ impl ModeState {
     }
 
     /// Opens a dirty episode; true for the caller that opened it (who queues `RESYNC_BEGIN`).
-    pub fn open_dirty_episode(&self) -> bool {
-        !self.dirty_episode.swap(true, Ordering::AcqRel)
+    pub fn open_dirty_episode(&self, cause: &str) -> bool {
+        self.changing(cause, || !self.dirty_episode.swap(true, Ordering::AcqRel))
     }
 
     pub fn dirty_episode_open(&self) -> bool {
         self.dirty_episode.load(Ordering::Acquire)
     }
 
+    /// Ends the dirty episode (its `RESYNC_END` is queued) and, when its reason allows, a
+    /// `forward-full`: the journal reproduces the primary again.
+    pub fn resync_done(&self, cause: &str) {
+        self.changing(cause, || {
+            if self.full_reason().is_some_and(FullReason::resyncable) {
+                self.full.store(0, Ordering::Release);
+            }
+            self.dirty_episode.store(false, Ordering::Release);
+        });
+    }
+
+    /// Runs `change` and records a transition if the mode moved.
+    fn changing<T>(&self, cause: &str, change: impl FnOnce() -> T) -> T {
+        let mut log = self.transitions.lock().unwrap_or_else(|p| p.into_inner());
+        let from = self.mode();
+        let out = change();
+        let to = self.mode();
+        if from != to {
+            if log.len() == TRANSITIONS_KEPT {
+                log.pop_front();
+            }
+            log.push_back(Transition {
+                at_ns: crate::clock::SystemClock.now_ns(),
+                from,
+                to,
+                cause: cause.to_string(),
+            });
+        }
+        out
+    }
+
+    /// The mode changes since start, oldest first (at most [`TRANSITIONS_KEPT`]).
+    pub fn transitions(&self) -> Vec<Transition> {
+        self.transitions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
     /// Enters `forward-full` (the first reason is kept).
     pub fn need_full(&self, reason: FullReason) {
-        let _ = self
-            .full
-            .compare_exchange(0, reason as u8, Ordering::AcqRel, Ordering::Acquire);
+        self.changing(reason.describe(), || {
+            let _ =
+                self.full
+                    .compare_exchange(0, reason as u8, Ordering::AcqRel, Ordering::Acquire);
+        });
     }
 
     pub fn full_reason(&self) -> Option<FullReason> {
         FullReason::from_u8(self.full.load(Ordering::Acquire))
     }
 
-    pub fn fence(&self) {
-        self.fenced.store(true, Ordering::Release);
+    pub fn fence(&self, cause: &str) {
+        self.changing(cause, || self.fenced.store(true, Ordering::Release));
     }
 
     pub fn is_fenced(&self) -> bool {
@@ -241,6 +325,22 @@ impl ModeState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resync_ends_a_dirty_episode_and_a_resyncable_full() {
+        let m = ModeState::new();
+        m.need_full(FullReason::NoActivityLog);
+        m.open_dirty_episode("start");
+        assert_eq!(m.mode(), Mode::ForwardFull);
+        m.resync_done("resync done");
+        assert_eq!(m.mode(), Mode::Logging);
+        let last = m.transitions().pop().unwrap();
+        assert_eq!((last.from, last.to), (Mode::ForwardFull, Mode::Logging));
+        m.need_full(FullReason::WriterFailed);
+        m.open_dirty_episode("x");
+        m.resync_done("resync done");
+        assert_eq!(m.mode(), Mode::ForwardFull, "a failed writer stays full");
+    }
 
     #[test]
     fn ack_modes_parse_and_name_their_flags() {
@@ -267,9 +367,9 @@ mod tests {
     fn the_worst_condition_wins() {
         let m = ModeState::new();
         assert_eq!(m.mode(), Mode::Logging);
-        assert!(m.open_dirty_episode());
+        assert!(m.open_dirty_episode("pool full"));
         assert!(
-            !m.open_dirty_episode(),
+            !m.open_dirty_episode("pool full"),
             "only the first opener queues RESYNC_BEGIN"
         );
         assert_eq!(m.mode(), Mode::ForwardPart);
@@ -277,8 +377,13 @@ mod tests {
         m.need_full(FullReason::WriterFailed);
         assert_eq!(m.mode(), Mode::ForwardFull);
         assert_eq!(m.full_reason(), Some(FullReason::UncleanRestart));
-        m.fence();
+        m.fence("epoch 4");
         assert_eq!(m.mode(), Mode::Fenced);
+        let t = m.transitions();
+        assert_eq!(t.len(), 3, "{t:?}");
+        assert_eq!((t[0].from, t[0].to), (Mode::Logging, Mode::ForwardPart));
+        assert_eq!(t[0].cause, "pool full");
+        assert_eq!((t[2].from, t[2].to), (Mode::ForwardFull, Mode::Fenced));
         assert_eq!(ModeState::without_journal().mode(), Mode::NoJournal);
         assert_eq!(
             serde_json::to_string(&Mode::ForwardPart).unwrap(),

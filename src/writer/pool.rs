@@ -73,6 +73,7 @@ impl Pool {
     }
 
     /// Bytes of the cap only payload-free records may use.
+    #[cfg(test)]
     pub fn meta_allowance(&self) -> u64 {
         self.inner.meta_allowance
     }

@@ -11,10 +11,21 @@
 //! 4. release the range lock and reply, at once (`--ack async`) or once the record is
 //!    durable (`--ack journal`, or `adaptive` while the lag is over its bound).
 //!
+//! Before step 2, a change to a region not yet active in the activity log marks it there
+//! and fsyncs the log ([`ActivityLog::activate`]); a change to an active region costs
+//! nothing more.
+//!
 //! The request's payload buffer becomes the record's payload: it is shared, not copied. A
 //! change that cannot be journaled (pool full, writer fenced or stopped) still completes;
 //! its regions are marked dirty and, once per dirty episode, a `RESYNC_BEGIN` is queued at
-//! that point of the order. A FLUSH is applied, then journaled as a `FLUSH` record.
+//! that point of the order; the resync task ([`super::resync`]) journals the dirty regions
+//! once the journal can take data again. A FLUSH is applied, then journaled as a `FLUSH`
+//! record.
+//!
+//! Starting: the clean-stop marker, the journal's end and the activity log decide the first
+//! mode (see [`restart`]): `logging`, `forward-part` with the regions the previous writer's
+//! activity log names (after a crash), or `forward-full` (every region; only allocated,
+//! non-zero data is read).
 //!
 //! Must never: reply to a change before the primary has it; let the journal's order differ
 //! from the primary's for overlapping changes; wait for pool memory or for the store in
@@ -33,17 +44,16 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
+use super::activity_log::{self, ActivityLog, ActivityLogError, Previous};
 use super::dirty::DirtyRegions;
 use super::intake::Intake;
-use super::journal_writer::{
-    self, record_cost, JournalWriter, Progress, Shared, StartError, WriterConfig, WriterStats,
-};
-use super::lag_histogram::LagSummary;
-use super::mode::{AckMode, MaxLag, Mode, ModeState};
-use super::pool::{Pool, PoolError, RECORD_OVERHEAD};
+use super::journal_writer::{self, JournalWriter, Progress, StartError, WriterConfig};
+use super::mode::{AckMode, FullReason, MaxLag, Mode, ModeState};
+use super::pool::{Pool, PoolError};
 use super::range_lock::RangeLock;
 use super::restart::{self, CleanMarker, RestartError};
-use super::status::{AckStatus, DirtyStatus, ErrorStatus, LagStatus, PoolStatus, StatusSnapshot};
+use super::resync::{self, Episodes, ResyncTask};
+use super::shared::{record_cost, Shared, WriterStats};
 use crate::block::{check_range, BlockDevice, BlockError, DeviceInfo};
 use crate::clock::{Clock, MonotonicTimestamps};
 use crate::journal::{Manifest, Op, Record};
@@ -75,6 +85,9 @@ pub struct JournalSetup {
     /// The primary's path: for the clean-stop marker beside it and the "does a new
     /// journal's primary hold data" check.
     pub primary_path: PathBuf,
+    /// Where the activity log lives (`--activity-log`, default
+    /// [`activity_log::default_path`]).
+    pub activity_log: PathBuf,
 }
 
 /// Every way starting the core fails.
@@ -109,6 +122,8 @@ pub enum CoreError {
     Writer(#[from] StartError),
     #[error(transparent)]
     Restart(#[from] RestartError),
+    #[error(transparent)]
+    ActivityLog(#[from] ActivityLogError),
 }
 
 /// What [`PrimaryCore::shutdown`] managed.
@@ -129,14 +144,14 @@ pub struct ShutdownReport {
 
 /// See the module documentation.
 pub struct PrimaryCore {
-    device: Arc<dyn BlockDevice>,
-    info: DeviceInfo,
-    locks: RangeLock,
-    mode: Arc<ModeState>,
-    dirty: Arc<DirtyRegions>,
-    journal: Option<Journaling>,
-    labels: Labels,
-    started: std::time::Instant,
+    pub(super) device: Arc<dyn BlockDevice>,
+    pub(super) info: DeviceInfo,
+    pub(super) locks: Arc<RangeLock>,
+    pub(super) mode: Arc<ModeState>,
+    pub(super) dirty: Arc<DirtyRegions>,
+    pub(super) journal: Option<Journaling>,
+    pub(super) labels: Labels,
+    pub(super) started: std::time::Instant,
 }
 
 impl std::fmt::Debug for PrimaryCore {
@@ -149,21 +164,39 @@ impl std::fmt::Debug for PrimaryCore {
     }
 }
 
-struct Journaling {
-    store_name: String,
-    uuid: Uuid,
-    epoch: u64,
-    pool: Pool,
-    ack: AckMode,
+pub(super) struct Journaling {
+    pub(super) store_name: String,
+    pub(super) uuid: Uuid,
+    pub(super) epoch: u64,
+    pub(super) pool: Pool,
+    pub(super) ack: AckMode,
     /// `adaptive` currently waits for durability.
-    adaptive_waits: AtomicBool,
-    intake: Arc<Intake>,
-    timestamps: MonotonicTimestamps,
-    progress: watch::Receiver<Progress>,
-    stats: Arc<WriterStats>,
-    clock: Arc<dyn Clock>,
-    task: Mutex<Option<JoinHandle<u64>>>,
-    marker_path: PathBuf,
+    pub(super) adaptive_waits: AtomicBool,
+    pub(super) intake: Arc<Intake>,
+    pub(super) timestamps: Arc<MonotonicTimestamps>,
+    pub(super) progress: watch::Receiver<Progress>,
+    pub(super) stats: Arc<WriterStats>,
+    pub(super) clock: Arc<dyn Clock>,
+    pub(super) task: Mutex<Option<JoinHandle<u64>>>,
+    pub(super) marker_path: PathBuf,
+    pub(super) episodes: Arc<Episodes>,
+    pub(super) al: Arc<ActivityLog>,
+    /// The resync task and the activity-log cleaner; aborted at shutdown.
+    pub(super) helpers: Mutex<Vec<JoinHandle<()>>>,
+    /// How the daemon started, for `status`.
+    pub(super) start: StartKind,
+}
+
+/// How a journaling core started.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum StartKind {
+    /// A clean stop or a new empty journal: nothing to resync.
+    Clean,
+    /// After an unclean stop, the previous writer's activity log named these regions.
+    ActivityLog { regions: u64 },
+    /// Every region: why.
+    Full { reason: String },
 }
 
 /// A journal-mode acknowledgement in waiting; keeps the writer's group commit informed.
@@ -197,7 +230,7 @@ impl PrimaryCore {
             return Ok(PrimaryCore {
                 device,
                 info,
-                locks: RangeLock::new(),
+                locks: Arc::new(RangeLock::new()),
                 mode: Arc::new(ModeState::without_journal()),
                 dirty: Arc::new(DirtyRegions::new(info.size, DEFAULT_REGION_SIZE)),
                 journal: None,
@@ -229,19 +262,85 @@ impl PrimaryCore {
         let dirty = Arc::new(DirtyRegions::new(info.size, manifest.region_size));
         let uuid = manifest.uuid;
 
+        let region_size = manifest.region_size;
         let prepared =
             journal_writer::prepare(setup.store.clone(), manifest, setup.clock.as_ref()).await?;
+        let epoch = prepared.claim.epoch;
         let marker_path = restart::marker_path(&setup.primary_path);
         let marker = restart::take_marker(&marker_path)?;
         let full = restart::initial_full_reason(&prepared, uuid, marker.as_ref(), || {
             restart::primary_has_data(&setup.primary_path)
         })?;
-        if let Some(reason) = full {
-            tracing::warn!(reason = reason.describe(), "starting in forward-full");
-            mode.need_full(reason);
-            dirty.mark_all();
-            // The replayer must not take the journal from here on as consistent.
-            mode.open_dirty_episode();
+        let previous = match full {
+            Some(FullReason::UncleanRestart) => Some(activity_log::read_previous(
+                &setup.activity_log,
+                uuid,
+                epoch,
+                region_size,
+                dirty.total(),
+            )?),
+            _ => None,
+        };
+        let all = vec![u64::MAX; dirty.total().div_ceil(64) as usize];
+        let (start, initial) = match (full, previous) {
+            (None, _) => (StartKind::Clean, Vec::new()),
+            (Some(FullReason::UncleanRestart), Some(prev @ Previous::Usable { .. })) => {
+                let regions = prev.count();
+                let Previous::Usable { bits } = prev else {
+                    unreachable!("matched as usable")
+                };
+                (StartKind::ActivityLog { regions }, bits)
+            }
+            (Some(FullReason::UncleanRestart), Some(Previous::Unusable(why))) => {
+                tracing::warn!(
+                    "{why}: the previous writer stopped uncleanly, so the WHOLE device will be \
+                     resynced (forward-full)"
+                );
+                let reason = format!("{}: {why}", FullReason::NoActivityLog.describe());
+                mode.need_full(FullReason::NoActivityLog);
+                (StartKind::Full { reason }, all)
+            }
+            (Some(reason), _) => {
+                mode.need_full(reason);
+                (
+                    StartKind::Full {
+                        reason: reason.describe().to_string(),
+                    },
+                    all,
+                )
+            }
+        };
+        let al = ActivityLog::create(
+            &setup.activity_log,
+            uuid,
+            epoch,
+            info.size,
+            region_size,
+            &initial,
+        )?;
+        let skip_holes = full == Some(FullReason::PrimaryHasData);
+        match &start {
+            StartKind::Clean => {}
+            StartKind::ActivityLog { regions } => {
+                let cause = format!(
+                    "restart after an unclean stop: resyncing the {regions} regions the \
+                     activity log names"
+                );
+                tracing::warn!("{cause}");
+                mode.open_dirty_episode(&cause);
+            }
+            StartKind::Full { reason } => {
+                tracing::warn!(reason, "starting in forward-full: every region is resynced");
+                mode.open_dirty_episode(reason);
+            }
+        }
+        for (w, word) in initial.iter().enumerate() {
+            let mut word = *word;
+            while word != 0 {
+                let r = w as u64 * 64 + u64::from(word.trailing_zeros());
+                word &= word - 1;
+                dirty.mark(dirty.region_range(r));
+            }
         }
         let writer = prepared
             .start(
@@ -252,7 +351,7 @@ impl PrimaryCore {
                     dirty: dirty.clone(),
                     pool: pool.clone(),
                 },
-                full.is_some(),
+                start != StartKind::Clean,
             )
             .await?;
         let JournalWriter {
@@ -263,10 +362,39 @@ impl PrimaryCore {
             epoch,
             timestamps,
         } = writer;
+        let timestamps = Arc::new(timestamps);
+        let locks = Arc::new(RangeLock::new());
+        let episodes = Arc::new(Episodes::new(
+            mode.clone(),
+            dirty.clone(),
+            pool.clone(),
+            intake.clone(),
+            timestamps.clone(),
+            stats.clone(),
+            Some(al.clone()),
+        ));
+        let helpers = vec![
+            tokio::spawn(
+                ResyncTask {
+                    episodes: episodes.clone(),
+                    device: device.clone(),
+                    locks: locks.clone(),
+                    skip_holes,
+                }
+                .run(),
+            ),
+            tokio::spawn(resync::clean_activity_log(
+                al.clone(),
+                dirty.clone(),
+                locks.clone(),
+                progress.clone(),
+            )),
+        ];
+        episodes.wake();
         Ok(PrimaryCore {
             device,
             info,
-            locks: RangeLock::new(),
+            locks,
             mode,
             dirty,
             journal: Some(Journaling {
@@ -283,6 +411,10 @@ impl PrimaryCore {
                 clock: setup.clock,
                 task: Mutex::new(Some(task)),
                 marker_path,
+                episodes,
+                al,
+                helpers: Mutex::new(helpers),
+                start,
             }),
             labels,
             started: std::time::Instant::now(),
@@ -341,7 +473,8 @@ impl PrimaryCore {
             ) => return None,
             // The primary may hold part of the change; only a resync can tell.
             Err(BlockError::Io(_)) => {
-                self.not_journaled(j, range);
+                j.episodes
+                    .not_journaled(range, "a change failed part-way on the primary");
                 return None;
             }
         }
@@ -364,7 +497,10 @@ impl PrimaryCore {
             j.pool.try_reserve_meta(cost)
         };
         let Some(permit) = permit else {
-            self.not_journaled(j, range);
+            j.episodes.not_journaled(
+                range,
+                "the memory pool is full (the journal store is slow or down)",
+            );
             return None;
         };
         let wait = self.wants_durable(j);
@@ -383,40 +519,21 @@ impl PrimaryCore {
             op,
         };
         match j.intake.append(make, permit, wait) {
-            Some(lsn) => ticket.map(|mut t| {
-                t.lsn = lsn;
-                t
-            }),
+            Some(lsn) => {
+                if let Some(range) = range {
+                    j.al.touch(range, lsn);
+                }
+                ticket.map(|mut t| {
+                    t.lsn = lsn;
+                    t
+                })
+            }
             None => {
                 // Intake closed (shutting down): applied, not journaled.
                 self.dirty_only(range);
                 None
             }
         }
-    }
-
-    /// A change left out of the journal: dirty regions, and the dirty episode's
-    /// `RESYNC_BEGIN` if this is the first.
-    fn not_journaled(&self, j: &Journaling, range: Option<Range<u64>>) {
-        self.dirty_only(range);
-        if self.mode.is_fenced() || !self.mode.open_dirty_episode() {
-            return;
-        }
-        tracing::warn!(
-            pool_used = j.pool.used(),
-            pool_cap = j.pool.cap(),
-            "a change could not be journaled; mode forward-part until a resync"
-        );
-        let permit = j.pool.force_reserve(RECORD_OVERHEAD);
-        let make = |lsn| Record {
-            lsn,
-            timestamp_ns: j.timestamps.next(),
-            dev: 0,
-            op: Op::ResyncBegin,
-        };
-        // A closed intake (shutting down) leaves the episode unmarked in the journal; the
-        // next start is forward-full anyway, as this stop cannot be clean.
-        let _ = j.intake.append(make, permit, false);
     }
 
     fn dirty_only(&self, range: Option<Range<u64>>) {
@@ -459,7 +576,7 @@ impl PrimaryCore {
         }
     }
 
-    fn lag_time(&self, j: &Journaling) -> Duration {
+    pub(super) fn lag_time(&self, j: &Journaling) -> Duration {
         match j.stats.oldest_pending_ns() {
             0 => Duration::ZERO,
             oldest => Duration::from_nanos(j.clock.now_ns().saturating_sub(oldest)),
@@ -478,7 +595,11 @@ impl PrimaryCore {
         F: std::future::Future<Output = Result<(), BlockError>>,
     {
         let ticket = {
-            let _held = self.locks.lock(range).await;
+            let _held = self.locks.lock(range.clone()).await;
+            if let Some(j) = &self.journal {
+                // The region is durably active before the primary can hold the change.
+                j.al.activate(range).await;
+            }
             let applied = apply.await;
             let ticket = self.journal(op, &applied);
             applied?;
@@ -503,6 +624,9 @@ impl PrimaryCore {
                 clean: false,
             };
         };
+        for helper in lock(&j.helpers).drain(..) {
+            helper.abort();
+        }
         let head_lsn = j.intake.close();
         let task = lock(&j.task).take();
         let next_seq = match task {
@@ -545,136 +669,6 @@ impl PrimaryCore {
             drained: next_seq.is_some(),
             flush_error,
             clean,
-        }
-    }
-
-    /// The status snapshot.
-    pub fn status(&self) -> StatusSnapshot {
-        let mode = self.mode();
-        let mode_reason = match mode {
-            Mode::ForwardFull => self.mode.full_reason().map(|r| r.describe().to_string()),
-            Mode::Fenced => self.journal.as_ref().and_then(|j| j.stats.stopped_reason()),
-            Mode::ForwardPart => {
-                Some("changes were left out of the journal (pool full or store failing)".into())
-            }
-            _ => None,
-        };
-        let dirty = DirtyStatus {
-            regions: self.dirty.count(),
-            bytes: self.dirty.bytes(),
-            region_size: self.dirty.region_size(),
-        };
-        let uptime_seconds = self.started.elapsed().as_secs_f64();
-        let Some(j) = &self.journal else {
-            return StatusSnapshot {
-                role: "primary".into(),
-                mode,
-                mode_reason,
-                ack: AckStatus {
-                    configured: "async".into(),
-                    max_lag: None,
-                    effective: "async".into(),
-                },
-                epoch: None,
-                journal: None,
-                primary: self.labels.primary.clone(),
-                listen: self.labels.listen.clone(),
-                export: self.labels.export.clone(),
-                device_size: self.info.size,
-                pool: PoolStatus {
-                    used: 0,
-                    cap: 0,
-                    peak: 0,
-                },
-                head_lsn: 0,
-                durable_lsn: 0,
-                lag: LagStatus {
-                    records: 0,
-                    bytes: 0,
-                    seconds: 0.0,
-                },
-                durable_lag: LagSummary {
-                    records: 0,
-                    p50_seconds: 0.0,
-                    p99_seconds: 0.0,
-                    max_seconds: 0.0,
-                },
-                segments_uploaded: 0,
-                bytes_uploaded: 0,
-                uploads_in_flight: 0,
-                upload_errors: ErrorStatus {
-                    count: 0,
-                    last: None,
-                    failing_seconds: None,
-                    outage: false,
-                },
-                records_abandoned: 0,
-                dirty,
-                uptime_seconds,
-            };
-        };
-        let head_lsn = self.head_lsn();
-        let durable_lsn = j.progress.borrow().durable_lsn.min(head_lsn);
-        let outage = j.stats.outage.load(Ordering::Acquire);
-        let waits = match j.ack {
-            AckMode::Async => false,
-            AckMode::Journal => true,
-            AckMode::Adaptive(_) => j.adaptive_waits.load(Ordering::Acquire),
-        };
-        let stopped = j.progress.borrow().released_lsn == u64::MAX && !outage;
-        let effective = if waits && !outage && !stopped {
-            "journal"
-        } else {
-            "async"
-        };
-        let s = &j.stats;
-        StatusSnapshot {
-            role: "primary".into(),
-            mode,
-            mode_reason,
-            ack: AckStatus {
-                configured: j.ack.name().into(),
-                max_lag: match j.ack {
-                    AckMode::Adaptive(lag) => Some(lag.to_string()),
-                    _ => None,
-                },
-                effective: effective.into(),
-            },
-            epoch: Some(j.epoch),
-            journal: Some(j.store_name.clone()),
-            primary: self.labels.primary.clone(),
-            listen: self.labels.listen.clone(),
-            export: self.labels.export.clone(),
-            device_size: self.info.size,
-            pool: PoolStatus {
-                used: j.pool.used(),
-                cap: j.pool.cap(),
-                peak: j.pool.peak(),
-            },
-            head_lsn,
-            durable_lsn,
-            lag: LagStatus {
-                records: head_lsn - durable_lsn,
-                bytes: j.pool.used(),
-                seconds: if head_lsn > durable_lsn {
-                    self.lag_time(j).as_secs_f64()
-                } else {
-                    0.0
-                },
-            },
-            durable_lag: s.durable_lag.summary(),
-            segments_uploaded: s.segments_uploaded.load(Ordering::Acquire),
-            bytes_uploaded: s.bytes_uploaded.load(Ordering::Acquire),
-            uploads_in_flight: s.uploads_in_flight.load(Ordering::Acquire),
-            upload_errors: ErrorStatus {
-                count: s.upload_errors.load(Ordering::Acquire),
-                last: s.last_error(),
-                failing_seconds: s.failing_for().map(|d| d.as_secs_f64()),
-                outage,
-            },
-            records_abandoned: s.records_abandoned.load(Ordering::Acquire),
-            dirty,
-            uptime_seconds,
         }
     }
 }

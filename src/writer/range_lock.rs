@@ -108,6 +108,7 @@ impl RangeLock {
     }
 
     /// Requests registered (holding or waiting).
+    #[cfg(test)]
     pub fn registered(&self) -> usize {
         self.state().entries.len()
     }

@@ -9,11 +9,14 @@
 //! every mode but `logging`).
 
 use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
 
 use serde::{Deserialize, Serialize};
 
 use super::lag_histogram::LagSummary;
-use super::mode::Mode;
+use super::mode::{AckMode, Mode, Transition};
+use super::primary::{PrimaryCore, StartKind};
+use super::resync::ResyncStatus;
 use crate::units::format_size;
 
 /// A point-in-time view of a primary daemon.
@@ -52,6 +55,33 @@ pub struct StatusSnapshot {
     pub records_abandoned: u64,
     pub dirty: DirtyStatus,
     pub uptime_seconds: f64,
+    /// How this daemon started: `clean`, `activity-log` (with the regions it named) or
+    /// `full` (with why).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<serde_json::Value>,
+    /// Every mode change since start, oldest first (the last 32), with its time and cause.
+    #[serde(default)]
+    pub transitions: Vec<Transition>,
+    #[serde(default)]
+    pub resync: ResyncStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activity_log: Option<ActivityLogStatus>,
+}
+
+/// The activity log as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActivityLogStatus {
+    pub path: String,
+    /// Regions marked active now.
+    pub regions: u64,
+    /// Bytes those regions cover.
+    pub bytes: u64,
+    /// Size of the log file.
+    pub file_bytes: u64,
+    /// Log writes (each with an fsync) since start.
+    pub writes: u64,
+    /// The log could not be written and was abandoned (a crash now means forward-full).
+    pub broken: bool,
 }
 
 /// Acknowledgement policy, configured and in force now.
@@ -266,6 +296,66 @@ impl StatusSnapshot {
                 format_size(self.dirty.region_size)
             ),
         );
+        let r = &self.resync;
+        if r.running || r.regions_left > 0 {
+            let eta = r
+                .eta_seconds
+                .map(|e| format!(", ETA {e:.0}s"))
+                .unwrap_or_default();
+            line(
+                &mut out,
+                "resync",
+                format!(
+                    "{} regions done ({}, {} read), {} left, pass {}, {}/s{eta}",
+                    r.regions_done,
+                    format_size(r.bytes_done),
+                    format_size(r.bytes_read),
+                    r.regions_left,
+                    r.passes,
+                    format_size(r.bytes_per_second as u64)
+                ),
+            );
+        }
+        if r.episodes_ended > 0 {
+            line(
+                &mut out,
+                "resyncs done",
+                format!(
+                    "{} ({} regions since start)",
+                    r.episodes_ended, r.lifetime_regions
+                ),
+            );
+        }
+        if let Some(al) = &self.activity_log {
+            let mut v = format!(
+                "{} regions active ({}), {} writes, file {} at {}",
+                al.regions,
+                format_size(al.bytes),
+                al.writes,
+                format_size(al.file_bytes),
+                al.path
+            );
+            if al.broken {
+                v.push_str(" (BROKEN: could not be written; a crash now means forward-full)");
+            }
+            line(&mut out, "activity log", v);
+        }
+        if let Some(start) = &self.start {
+            line(&mut out, "started", start.to_string());
+        }
+        for t in &self.transitions {
+            line(
+                &mut out,
+                "mode change",
+                format!(
+                    "{} {} -> {}: {}",
+                    crate::clock::format_ns(t.at_ns),
+                    t.from,
+                    t.to,
+                    t.cause
+                ),
+            );
+        }
         line(&mut out, "uptime", secs(self.uptime_seconds));
         out
     }
@@ -274,6 +364,162 @@ impl StatusSnapshot {
 /// Seconds in the one format every status uses ([`crate::units::format_elapsed`]).
 fn secs(seconds: f64) -> String {
     crate::units::format_elapsed(std::time::Duration::from_secs_f64(seconds.max(0.0)))
+}
+
+impl PrimaryCore {
+    /// The status snapshot.
+    pub fn status(&self) -> StatusSnapshot {
+        let mode = self.mode();
+        let mode_reason = match mode {
+            Mode::ForwardFull => match self.journal.as_ref().map(|j| &j.start) {
+                Some(StartKind::Full { reason }) => Some(reason.clone()),
+                _ => self.mode.full_reason().map(|r| r.describe().to_string()),
+            },
+            Mode::Fenced => self.journal.as_ref().and_then(|j| j.stats.stopped_reason()),
+            Mode::ForwardPart => Some(
+                self.mode
+                    .transitions()
+                    .into_iter()
+                    .rev()
+                    .find(|t| t.to == Mode::ForwardPart)
+                    .map(|t| t.cause)
+                    .unwrap_or_else(|| "changes were left out of the journal".into()),
+            ),
+            _ => None,
+        };
+        let dirty = DirtyStatus {
+            regions: self.dirty.count(),
+            bytes: self.dirty.bytes(),
+            region_size: self.dirty.region_size(),
+        };
+        let uptime_seconds = self.started.elapsed().as_secs_f64();
+        let Some(j) = &self.journal else {
+            return StatusSnapshot {
+                role: "primary".into(),
+                mode,
+                mode_reason,
+                ack: AckStatus {
+                    configured: "async".into(),
+                    max_lag: None,
+                    effective: "async".into(),
+                },
+                epoch: None,
+                journal: None,
+                primary: self.labels.primary.clone(),
+                listen: self.labels.listen.clone(),
+                export: self.labels.export.clone(),
+                device_size: self.info.size,
+                pool: PoolStatus {
+                    used: 0,
+                    cap: 0,
+                    peak: 0,
+                },
+                head_lsn: 0,
+                durable_lsn: 0,
+                lag: LagStatus {
+                    records: 0,
+                    bytes: 0,
+                    seconds: 0.0,
+                },
+                durable_lag: LagSummary {
+                    records: 0,
+                    p50_seconds: 0.0,
+                    p99_seconds: 0.0,
+                    max_seconds: 0.0,
+                },
+                segments_uploaded: 0,
+                bytes_uploaded: 0,
+                uploads_in_flight: 0,
+                upload_errors: ErrorStatus {
+                    count: 0,
+                    last: None,
+                    failing_seconds: None,
+                    outage: false,
+                },
+                records_abandoned: 0,
+                dirty,
+                uptime_seconds,
+                start: None,
+                transitions: self.mode.transitions(),
+                resync: ResyncStatus::default(),
+                activity_log: None,
+            };
+        };
+        let head_lsn = self.head_lsn();
+        let durable_lsn = j.progress.borrow().durable_lsn.min(head_lsn);
+        let outage = j.stats.outage.load(Ordering::Acquire);
+        let waits = match j.ack {
+            AckMode::Async => false,
+            AckMode::Journal => true,
+            AckMode::Adaptive(_) => j.adaptive_waits.load(Ordering::Acquire),
+        };
+        let stopped = j.progress.borrow().released_lsn == u64::MAX && !outage;
+        let effective = if waits && !outage && !stopped {
+            "journal"
+        } else {
+            "async"
+        };
+        let s = &j.stats;
+        StatusSnapshot {
+            role: "primary".into(),
+            mode,
+            mode_reason,
+            ack: AckStatus {
+                configured: j.ack.name().into(),
+                max_lag: match j.ack {
+                    AckMode::Adaptive(lag) => Some(lag.to_string()),
+                    _ => None,
+                },
+                effective: effective.into(),
+            },
+            epoch: Some(j.epoch),
+            journal: Some(j.store_name.clone()),
+            primary: self.labels.primary.clone(),
+            listen: self.labels.listen.clone(),
+            export: self.labels.export.clone(),
+            device_size: self.info.size,
+            pool: PoolStatus {
+                used: j.pool.used(),
+                cap: j.pool.cap(),
+                peak: j.pool.peak(),
+            },
+            head_lsn,
+            durable_lsn,
+            lag: LagStatus {
+                records: head_lsn - durable_lsn,
+                bytes: j.pool.used(),
+                seconds: if head_lsn > durable_lsn {
+                    self.lag_time(j).as_secs_f64()
+                } else {
+                    0.0
+                },
+            },
+            durable_lag: s.durable_lag.summary(),
+            segments_uploaded: s.segments_uploaded.load(Ordering::Acquire),
+            bytes_uploaded: s.bytes_uploaded.load(Ordering::Acquire),
+            uploads_in_flight: s.uploads_in_flight.load(Ordering::Acquire),
+            upload_errors: ErrorStatus {
+                count: s.upload_errors.load(Ordering::Acquire),
+                last: s.last_error(),
+                failing_seconds: s.failing_for().map(|d| d.as_secs_f64()),
+                outage,
+            },
+            records_abandoned: s.records_abandoned.load(Ordering::Acquire),
+            dirty,
+            uptime_seconds,
+            start: serde_json::to_value(&j.start).ok(),
+            transitions: self.mode.transitions(),
+            resync: j.episodes.status(),
+            activity_log: Some(ActivityLogStatus {
+                path: j.al.path().display().to_string(),
+                regions: j.al.active(),
+                bytes: j.al.active() * self.dirty.region_size(),
+                file_bytes: j.al.file_size(),
+                writes: j.al.writes(),
+                broken: j.al.is_broken(),
+            }),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -330,6 +576,33 @@ mod tests {
                 region_size: 4 << 20,
             },
             uptime_seconds: 12.0,
+            start: None,
+            transitions: vec![Transition {
+                at_ns: 1_700_000_000_000_000_000,
+                from: Mode::Logging,
+                to: Mode::ForwardPart,
+                cause: "the memory pool is full".into(),
+            }],
+            resync: ResyncStatus {
+                running: true,
+                passes: 1,
+                regions_done: 2,
+                regions_left: 3,
+                bytes_done: 8 << 20,
+                bytes_read: 4 << 20,
+                bytes_per_second: 4e6,
+                eta_seconds: Some(3.0),
+                lifetime_regions: 2,
+                episodes_ended: 0,
+            },
+            activity_log: Some(ActivityLogStatus {
+                path: "/var/lib/disk.img.tinylag-al".into(),
+                regions: 5,
+                bytes: 20 << 20,
+                file_bytes: 8192,
+                writes: 9,
+                broken: false,
+            }),
         }
     }
 
@@ -344,6 +617,16 @@ mod tests {
         let text = part.render_text();
         assert!(text.starts_with("WARNING: mode forward-part"), "{text}");
         assert!(text.contains("3 regions (12.0 MiB)"), "{text}");
+        assert!(
+            text.contains("2 regions done (8.0 MiB, 4.0 MiB read), 3 left"),
+            "{text}"
+        );
+        assert!(text.contains("ETA 3s"), "{text}");
+        assert!(
+            text.contains("logging -> forward-part: the memory pool is full"),
+            "{text}"
+        );
+        assert!(text.contains("5 regions active (20.0 MiB)"), "{text}");
         assert!(sample(Mode::Fenced)
             .render_text()
             .contains("another writer owns the journal"));
@@ -357,6 +640,9 @@ mod tests {
         assert_eq!(json["lag"]["records"], 10);
         assert_eq!(json["dirty"]["regions"], 0);
         assert_eq!(json["pool"]["cap"], 512 << 20);
+        assert_eq!(json["resync"]["regions_left"], 3);
+        assert_eq!(json["transitions"][0]["to"], "forward-part");
+        assert_eq!(json["activity_log"]["regions"], 5);
         let back: StatusSnapshot = serde_json::from_value(json).unwrap();
         assert_eq!(back, s);
     }

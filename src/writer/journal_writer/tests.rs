@@ -13,7 +13,10 @@ use crate::journal::manifest::ManifestParams;
 use crate::journal::reader::{Cursor, JournalReader, Step};
 use crate::store::flaky::{FailureKind, FlakyStore};
 use crate::store::memory::MemoryStore;
-use crate::writer::mode::Mode;
+use crate::writer::dirty::DirtyRegions;
+use crate::writer::mode::{Mode, ModeState};
+use crate::writer::pool::Pool;
+use crate::writer::shared::record_cost;
 
 fn manifest() -> Manifest {
     Manifest::new(

@@ -2,6 +2,7 @@
 //! to the disk, overlapping writes keep their order, a full pool or a dead store never
 //! blocks a write, acknowledgement modes, and restart modes.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,6 +15,7 @@ use crate::journal::reader::{Cursor, JournalReader, Step};
 use crate::journal::RecordKind;
 use crate::store::flaky::{FailureKind, FlakyStore};
 use crate::store::memory::MemoryStore;
+use crate::writer::pool::RECORD_OVERHEAD;
 
 const SIZE: u64 = 16 << 20;
 
@@ -129,6 +131,7 @@ impl Fixture {
             ack,
             clock: Arc::new(SystemClock),
             primary_path: self.dir.path().join("primary.img"),
+            activity_log: self.dir.path().join("primary.img.tinylag-al"),
         }
     }
 
@@ -175,6 +178,24 @@ impl Fixture {
         }
         image
     }
+}
+
+/// Waits until the core reports `mode` (the resync runs in the background).
+async fn wait_mode(core: &PrimaryCore, mode: Mode, within: Duration) {
+    let deadline = Instant::now() + within;
+    while core.mode() != mode {
+        assert!(
+            Instant::now() < deadline,
+            "still {} after {within:?}: {}",
+            core.mode(),
+            core.status().render_text()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn kinds_of(records: &[Record]) -> Vec<RecordKind> {
+    records.iter().map(|r| r.kind()).collect()
 }
 
 fn pattern(seed: u64, len: usize) -> Bytes {
@@ -299,33 +320,68 @@ async fn a_full_pool_never_blocks_writes_and_marks_them_dirty() {
     assert!(status.upload_errors.count > 0);
     assert!(status.render_text().contains("WARNING: mode forward-part"));
 
-    // The store comes back: what was queued drains, and the journal holds one RESYNC_BEGIN.
+    // The store comes back: what was queued drains, the resync journals the dirty regions,
+    // the mode returns to logging, and the journal rebuilds the disk exactly.
     f.flaky.heal();
+    wait_mode(&core, Mode::Logging, Duration::from_secs(20)).await;
+    let status = core.status();
+    assert_eq!(status.resync.episodes_ended, 1, "{status:?}");
+    assert!(status.resync.lifetime_regions >= status.dirty.regions);
+    let t = &status.transitions;
+    assert_eq!(t.last().map(|t| t.to), Some(Mode::Logging), "{t:?}");
+    assert!(t[0].cause.contains("pool is full"), "{t:?}");
     let report = core.shutdown(Duration::from_secs(10)).await;
-    assert!(report.drained && !report.clean, "{report:?}");
+    assert!(report.drained && report.clean, "{report:?}");
     let records = f.records().await;
-    let begins = records
-        .iter()
-        .filter(|r| r.kind() == RecordKind::ResyncBegin)
-        .count();
-    assert_eq!(begins, 1);
-    // Every write missing from the journal lies in a dirty region.
-    let journaled: std::collections::HashSet<u64> = records
-        .iter()
-        .filter_map(|r| match &r.op {
-            Op::Write { offset, .. } => Some(*offset),
-            _ => None,
+    let kinds = kinds_of(&records);
+    let count = |k| kinds.iter().filter(|x| **x == k).count();
+    assert_eq!(count(RecordKind::ResyncBegin), 1);
+    assert_eq!(count(RecordKind::ResyncEnd), 1);
+    assert!(count(RecordKind::ResyncData) > 0);
+    assert!(f.replay().await == disk.snapshot());
+}
+
+/// Writes keep coming, some of them to the regions being resynced, while the store goes
+/// down and comes back: the resync converges anyway (its regions are read under their range
+/// locks, and a write that goes dirty again is picked up by the next pass).
+#[tokio::test]
+async fn the_resync_converges_under_continuous_writes() {
+    let f = Fixture::new().await;
+    let disk = MemDisk::new(Duration::from_micros(200));
+    let core = Arc::new(f.core(&disk, AckMode::Async, 2 << 20).await);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..3u64)
+        .map(|w| {
+            let core = core.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Acquire) {
+                    let offset = (i * 7 + w * 13) % (SIZE / 16384) * 16384;
+                    core.write(offset, pattern(i * 3 + w, 16384), false)
+                        .await
+                        .unwrap();
+                    i += 1;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            })
         })
         .collect();
-    for i in 0..256u64 {
-        let offset = i * 65536 % SIZE;
-        if !journaled.contains(&offset) {
-            assert!(
-                core.dirty().is_dirty(offset >> 20),
-                "write at {offset} not tracked"
-            );
-        }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    f.flaky.fail_all(Some(FailureKind::Transient));
+    wait_mode(&core, Mode::ForwardPart, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    f.flaky.heal();
+    // Back to logging while the writers still write.
+    wait_mode(&core, Mode::Logging, Duration::from_secs(30)).await;
+    assert!(!writers.iter().any(|w| w.is_finished()));
+    stop.store(true, Ordering::Release);
+    for w in writers {
+        w.await.unwrap();
     }
+    let report = core.shutdown(Duration::from_secs(10)).await;
+    assert!(report.clean, "{report:?}");
+    assert!(f.replay().await == disk.snapshot());
 }
 
 #[tokio::test]
@@ -409,16 +465,19 @@ async fn restart_modes_follow_the_clean_stop_marker() {
     assert!(core.wait_durable(lsn).await);
     drop(core); // a crash: no shutdown, no marker
 
+    // The activity log names the one region written since: only it is resynced, as one
+    // span, and the mode returns to logging.
     let core = f.core(&disk, AckMode::Async, 8 << 20).await;
-    assert_eq!(core.mode(), Mode::ForwardFull);
-    assert!(core
-        .status()
-        .mode_reason
-        .unwrap()
-        .contains("did not stop cleanly"));
+    let status = core.status();
+    assert_eq!(
+        status.start.as_ref().map(|s| s["regions"].clone()),
+        Some(serde_json::json!(1)),
+        "{status:?}"
+    );
+    wait_mode(&core, Mode::Logging, Duration::from_secs(10)).await;
     let report = core.shutdown(Duration::from_secs(5)).await;
-    assert!(!report.clean, "forward-full stays forward-full");
-    let kinds: Vec<_> = f.records().await.iter().map(|r| r.kind()).collect();
+    assert!(report.clean, "{report:?}");
+    let kinds = kinds_of(&f.records().await);
     assert_eq!(
         kinds,
         [
@@ -427,9 +486,27 @@ async fn restart_modes_follow_the_clean_stop_marker() {
             RecordKind::Epoch,
             RecordKind::Write,
             RecordKind::Epoch,
-            RecordKind::ResyncBegin
+            RecordKind::ResyncBegin,
+            RecordKind::ResyncData,
+            RecordKind::ResyncEnd
         ]
     );
+    assert!(f.replay().await == disk.snapshot());
+    drop(core);
+
+    // A crash with the activity log gone: forward-full, said in the mode's reason.
+    let core = f.core(&disk, AckMode::Async, 8 << 20).await;
+    drop(core);
+    std::fs::remove_file(f.dir.path().join("primary.img.tinylag-al")).unwrap();
+    let core = f.core(&disk, AckMode::Async, 8 << 20).await;
+    assert_eq!(core.mode(), Mode::ForwardFull);
+    let reason = core.status().mode_reason.unwrap();
+    assert!(reason.contains("no usable activity log"), "{reason}");
+    assert!(reason.contains("missing"), "{reason}");
+    wait_mode(&core, Mode::Logging, Duration::from_secs(20)).await;
+    assert_eq!(core.status().resync.regions_done, SIZE >> 20);
+    core.shutdown(Duration::from_secs(5)).await;
+    assert!(f.replay().await == disk.snapshot());
 }
 
 #[tokio::test]
@@ -477,11 +554,54 @@ async fn a_new_journal_over_a_primary_with_data_starts_forward_full() {
         .unwrap()
         .contains("already held data"));
     assert_eq!(
-        core.dirty().count(),
+        core.status().activity_log.unwrap().regions,
         SIZE >> 20,
-        "every region needs the resync"
+        "every region is in the activity log until resynced"
+    );
+    wait_mode(&core, Mode::Logging, Duration::from_secs(20)).await;
+    core.shutdown(Duration::from_secs(5)).await;
+    let kinds = kinds_of(&f.records().await);
+    assert_eq!(kinds[..2], [RecordKind::Epoch, RecordKind::ResyncBegin]);
+    assert_eq!(kinds.last(), Some(&RecordKind::ResyncEnd));
+}
+
+/// Forward-full over a sparse file reads only its data: holes need no record on a new
+/// journal, pieces of zeroes become WRITE_ZEROES, and the journal rebuilds the file.
+#[tokio::test]
+async fn forward_full_reads_only_allocated_nonzero_data() {
+    use crate::block::file::{FileDevice, FileOptions};
+    use std::os::unix::fs::FileExt;
+    let f = Fixture::new().await;
+    let path = f.dir.path().join("primary.img");
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.write_all_at(&pattern(1, 65536), 3 << 20).unwrap();
+    file.write_all_at(&vec![0u8; 1 << 20], 9 << 20).unwrap(); // allocated zeroes
+    file.sync_all().unwrap();
+    let device = Arc::new(FileDevice::open(&path, FileOptions::new(4096)).unwrap());
+    let core = PrimaryCore::start(
+        device,
+        Labels::default(),
+        Some(f.setup(AckMode::Async, 8 << 20)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(core.mode(), Mode::ForwardFull);
+    wait_mode(&core, Mode::Logging, Duration::from_secs(20)).await;
+    let resync = core.status().resync;
+    assert_eq!(resync.regions_done, SIZE >> 20);
+    assert_eq!(
+        resync.bytes_read,
+        1 << 20,
+        "only the region with data: {resync:?}"
     );
     core.shutdown(Duration::from_secs(5)).await;
-    let kinds: Vec<_> = f.records().await.iter().map(|r| r.kind()).collect();
-    assert_eq!(kinds, [RecordKind::Epoch, RecordKind::ResyncBegin]);
+    let records = f.records().await;
+    let data = records
+        .iter()
+        .filter(|r| r.kind() == RecordKind::ResyncData)
+        .count();
+    assert_eq!(data, 1);
+    let mut image = vec![0u8; SIZE as usize];
+    image[3 << 20..(3 << 20) + 65536].copy_from_slice(&pattern(1, 65536));
+    assert!(f.replay().await == image);
 }
