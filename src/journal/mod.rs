@@ -14,6 +14,7 @@ pub mod paths;
 pub mod reader;
 pub mod record;
 pub mod segment;
+pub mod verify;
 
 pub use error::{JournalError, JournalResult};
 pub use manifest::Manifest;

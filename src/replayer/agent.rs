@@ -393,6 +393,7 @@ impl Agent {
             board: self.board.clone(),
             tx,
             at_head: at_head.clone(),
+            epoch_seen: 0,
         };
         let fetch_task = tokio::spawn(fetcher.run(cursor, shutdown.clone()));
         let outcome = self.apply_loop(&mut rx, &mut shutdown, &at_head).await;
@@ -846,6 +847,9 @@ struct Fetcher {
     tx: mpsc::Sender<Result<Pending, ReplayError>>,
     /// Set when the last request found no next segment (the agent has seen the head).
     at_head: Arc<AtomicBool>,
+    /// Highest writer epoch of a segment passed on: a later segment of an older epoch is a
+    /// fenced writer's late upload and is refused.
+    epoch_seen: u64,
 }
 
 /// Segment reads in flight at once while data flows: one stream of GETs to S3 cannot keep
@@ -935,7 +939,7 @@ impl Fetcher {
         }
     }
 
-    async fn run(self, mut cursor: Cursor, mut shutdown: watch::Receiver<bool>) {
+    async fn run(mut self, mut cursor: Cursor, mut shutdown: watch::Receiver<bool>) {
         let mut idle = self.poll.min;
         // The committed position may sit inside its segment; later segments start exactly
         // where the previous one ended.
@@ -1001,7 +1005,16 @@ impl Fetcher {
     }
 
     /// Checks every record fits the replica; the segment was verified by the reader.
-    fn check(&self, key: &str, segment: DecodedSegment) -> Result<Pending, ReplayError> {
+    fn check(&mut self, key: &str, segment: DecodedSegment) -> Result<Pending, ReplayError> {
+        if segment.header.epoch < self.epoch_seen {
+            return Err(JournalError::from(SegmentError::StaleEpoch {
+                key: key.to_string(),
+                epoch: segment.header.epoch,
+                newer: self.epoch_seen,
+            })
+            .into());
+        }
+        self.epoch_seen = segment.header.epoch;
         for record in &segment.records {
             check_record(key, record, self.replica_size)?;
         }
