@@ -64,7 +64,13 @@ async fn a_flipped_body_byte_fails_naming_the_object_while_inspect_passes() {
     assert!(stdout.contains("every checksum is good"), "{stdout}");
 
     // VERIFY round-trips and is listed by inspect.
-    let out = run(&args(&["journal", "inspect", "--journal", j.uri(), "--json"]));
+    let out = run(&args(&[
+        "journal",
+        "inspect",
+        "--journal",
+        j.uri(),
+        "--json",
+    ]));
     assert!(out.status.success());
     let listing = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(listing.contains("\"VERIFY\""), "{listing}");

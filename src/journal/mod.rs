@@ -8,6 +8,7 @@ pub mod epoch;
 pub mod error;
 pub mod head;
 pub mod info;
+pub mod lease;
 pub mod manifest;
 pub mod mark;
 pub mod paths;

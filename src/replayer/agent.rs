@@ -226,6 +226,7 @@ impl Agent {
             registered_at_ns: now,
             updated_at_ns: now,
             undo: UndoPosition::default(),
+            verify: Default::default(),
         };
         // Refuse before registering: a new consumer on a trimmed journal would hold trim back
         // for a replica that can never be built.
@@ -565,11 +566,14 @@ impl Agent {
                 _ => {}
             }
             bytes += w;
+            // A VERIFY compares the replica as of its own LSN: it ends its batch, so the
+            // batch's net effect is exactly the state it checks.
+            let verify = record.kind() == RecordKind::Verify;
             items.push(Item {
                 record,
                 next_seq_after,
             });
-            if big {
+            if big || verify {
                 break;
             }
         }
@@ -627,6 +631,12 @@ impl Agent {
         self.board.spent(Phase::Apply, started.elapsed());
         for item in &items {
             self.advance(&item.record, item.next_seq_after);
+        }
+        if let Some(last) = items
+            .last()
+            .filter(|i| i.record.kind() == RecordKind::Verify)
+        {
+            self.verify(&last.record).await?;
         }
         self.finish_in_background(count, bytes);
         Ok(())
@@ -775,6 +785,53 @@ impl Agent {
         let target = self.replica.clone();
         let lsn = record.lsn;
         blocking("apply", move || apply_op(target.as_ref(), lsn, &op)).await
+    }
+
+    /// Compares the replica with a `VERIFY` record just applied (the last of its batch, so
+    /// the replica is as of its LSN), unless inside an unfinished resync span.
+    async fn verify(&mut self, record: &Record) -> Result<(), ReplayError> {
+        let Op::Verify {
+            offset,
+            len,
+            checksum,
+        } = record.op
+        else {
+            return Ok(());
+        };
+        let in_span = self.pos.consistent_lsn < self.pos.applied_lsn;
+        let matched = if in_span {
+            None
+        } else {
+            let target = self.replica.clone();
+            let lsn = record.lsn;
+            Some(
+                blocking("verify", move || {
+                    super::verify::region_matches(target.as_ref(), offset, len, &checksum).map_err(
+                        |source| ApplyError::Io {
+                            replica: target.describe(),
+                            what: "read for verify",
+                            lsn,
+                            source,
+                        },
+                    )
+                })
+                .await?,
+            )
+        };
+        if matched == Some(false) {
+            tracing::warn!(
+                lsn = record.lsn,
+                offset,
+                len,
+                replica = %self.replica.describe(),
+                "VERIFY mismatch: the replica's region differs from the primary's at this LSN"
+            );
+        }
+        self.pos
+            .verify
+            .record(record.lsn, record.timestamp_ns, offset, len, matched);
+        self.dirty = true;
+        Ok(())
     }
 
     /// Moves the in-memory position past `record` (applied and fsync'd).

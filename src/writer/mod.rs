@@ -23,11 +23,13 @@
 //! that cannot be journaled still completes; it is marked dirty); let the journal's order
 //! differ from the disk's; let pool memory pass its cap (one `RESYNC_BEGIN` aside).
 
+pub mod control_records;
 pub mod dirty;
 pub mod encoder;
 pub mod intake;
 pub mod journal_writer;
 pub mod lag_histogram;
+pub mod lease;
 pub mod mode;
 pub mod pool;
 pub mod primary;

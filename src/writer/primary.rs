@@ -732,5 +732,8 @@ impl BlockDevice for PrimaryCore {
     }
 }
 
+mod hooks;
+pub use hooks::{Appended, HookError};
+
 #[cfg(test)]
 mod tests;

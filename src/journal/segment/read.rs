@@ -231,13 +231,12 @@ fn record_from(key: &str, e: &IndexEntry, payload: Bytes) -> Result<Record, Segm
         RecordKind::ResyncBegin => Op::ResyncBegin,
         RecordKind::ResyncEnd => Op::ResyncEnd,
         RecordKind::Verify => {
-            let (len, checksum) = decode_verify_payload(&payload).ok_or_else(|| {
-                SegmentError::EntryInvalid {
+            let (len, checksum) =
+                decode_verify_payload(&payload).ok_or_else(|| SegmentError::EntryInvalid {
                     key: key.to_string(),
                     lsn: e.lsn,
                     reason: "VERIFY payload is not 40 bytes",
-                }
-            })?;
+                })?;
             if e.offset.checked_add(len).is_none() {
                 return Err(SegmentError::EntryInvalid {
                     key: key.to_string(),
