@@ -141,6 +141,28 @@ async fn info(args: InfoArgs) -> anyhow::Result<()> {
             c.state.undo.segments,
             c.state.replica
         );
+        let v = &c.state.verify;
+        if v.checked + v.skipped > 0 {
+            println!(
+                "  verify     {} regions checked (last LSN {}), {} mismatches ever, {} skipped in resync spans{}",
+                v.checked,
+                v.last_lsn,
+                v.mismatches,
+                v.skipped,
+                if v.mismatched.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; mismatching now: {}",
+                        v.mismatched
+                            .iter()
+                            .map(|m| format!("{}+{}", m.offset, m.len))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                }
+            );
+        }
     }
     Ok(())
 }
