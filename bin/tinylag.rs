@@ -17,7 +17,7 @@ mod cmd;
 
 use cmd::args::UsageError;
 use cmd::output::{error_text, ColorChoice};
-use cmd::{init, journal_cmd, replay, serve, status, up};
+use cmd::{control_cmd, init, journal_cmd, replay, serve, status, up};
 
 /// Asynchronous block-device replication through a journal in object storage,
 /// with delayed replicas and time travel.
@@ -49,10 +49,17 @@ enum Command {
     /// Look at a journal.
     #[command(subcommand)]
     Journal(journal_cmd::JournalCommand),
+    /// Record a named point in the journal through a running `serve` (restore can target it).
+    Mark(control_cmd::MarkArgs),
     /// Follow a journal onto a replica (a replay agent), optionally with a delay.
     Replay(Box<replay::ReplayArgs>),
     /// Serve the primary over NBD and journal every acknowledged change (the primary daemon).
     Serve(serve::ServeArgs),
+    /// Re-journal regions of the primary as a resync span through a running `serve`.
+    Resync(control_cmd::ResyncArgs),
+    /// Have a running `serve` journal a checksum of regions in order; each replay agent
+    /// compares its replica when it applies them and reports mismatches.
+    Verify(control_cmd::VerifyArgs),
     /// Show a running daemon's mode, pool, LSNs, lag, uploads and dirty regions.
     Status(status::StatusArgs),
     /// Primary, journal and replica in one directory, one process: serve + replay.
@@ -76,6 +83,9 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Init(a) => init::run(a).await,
             Command::Journal(c) => journal_cmd::run(c).await,
+            Command::Mark(a) => control_cmd::mark(a).await,
+            Command::Resync(a) => control_cmd::resync(a).await,
+            Command::Verify(a) => control_cmd::verify(a).await,
             Command::Replay(a) => replay::run(*a).await,
             Command::Serve(a) => serve::run(a).await,
             Command::Status(a) => status::run(a).await,

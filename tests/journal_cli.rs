@@ -197,6 +197,7 @@ async fn inspect_lists_records_and_info_shows_consumer_lag() {
             registered_at_ns: 0,
             updated_at_ns: 0,
             undo: Default::default(),
+            verify: Default::default(),
         },
     )
     .await

@@ -1,6 +1,7 @@
 //! The subcommands of `tinylag`, one file each, plus the argument types they share.
 
 pub mod args;
+pub mod control_cmd;
 pub mod init;
 pub mod journal_cmd;
 pub mod output;

@@ -1,23 +1,25 @@
 //! `tinylag serve`: the primary daemon. Serves the primary over NBD through the primary core,
-//! journals every acknowledged change, answers `status` on the control socket, and on
-//! SIGINT/SIGTERM stops accepting, drains the journal within `--drain-timeout`, fsyncs the
-//! primary and exits 0.
+//! journals every acknowledged change, keeps a writer lease on the journal (a second `serve`
+//! is refused while it is live, unless `--takeover`), answers `status`, `mark`, `verify` and
+//! `resync` on the control socket, and on SIGINT/SIGTERM stops accepting, drains the journal
+//! within `--drain-timeout`, fsyncs the primary, releases the lease and exits 0.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use async_trait::async_trait;
 use clap::Args;
 use tinylag::block::file::{FileDevice, FileOptions};
 use tinylag::block::BlockDevice;
-use tinylag::clock::SystemClock;
-use tinylag::control::{self, Handler, Request, Response};
-use tinylag::journal::Manifest;
+use tinylag::clock::{Clock, SystemClock};
+use tinylag::control;
+use tinylag::journal::{epoch, lease, Manifest};
 use tinylag::nbd::{self, Export, ListenAddr, NbdServer};
 use tinylag::store::{open_store, StoreUri};
 use tinylag::units::format_size;
+use tinylag::writer::control_records::ServeControl;
+use tinylag::writer::lease::LeaseKeeper;
 use tinylag::writer::{
     default_activity_log_path, AckMode, JournalSetup, Labels, MaxLag, PrimaryCore, WriterConfig,
 };
@@ -95,6 +97,23 @@ pub struct ServeArgs {
     /// store (status shows the outage) until an upload succeeds again.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub store_outage: Duration,
+    /// Claim the journal even though another writer's lease is live: that writer is fenced
+    /// (it keeps serving its clients but stops journaling). For a planned or forced failover.
+    #[arg(long, conflicts_with = "no_journal")]
+    pub takeover: bool,
+    /// Term of this writer's lease on the journal, renewed every third of it (one request).
+    /// Another `serve` waits this long after this one vanishes without a clean stop (unless
+    /// on the same host, where a dead pid frees the lease at once).
+    #[arg(long, default_value = "15s", value_parser = parse_lease_time)]
+    pub lease_time: Duration,
+}
+
+fn parse_lease_time(s: &str) -> Result<Duration, String> {
+    let d = tinylag::units::parse_duration(s)?;
+    if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&d) {
+        return Err(format!("{s} is out of range: use 1s to 1h"));
+    }
+    Ok(d)
 }
 
 impl ServeArgs {
@@ -131,25 +150,6 @@ fn nbd_uri(addr: &ListenAddr, export: &str) -> String {
     match addr {
         ListenAddr::Unix(path) => format!("nbd+unix:///{export}?socket={}", path.display()),
         ListenAddr::Tcp(sa) => format!("nbd://{sa}/{export}"),
-    }
-}
-
-struct StatusHandler {
-    core: Arc<PrimaryCore>,
-}
-
-#[async_trait]
-impl Handler for StatusHandler {
-    async fn handle(&self, request: Request) -> Response {
-        match request.cmd.as_str() {
-            "status" => match serde_json::to_value(self.core.status()) {
-                Ok(v) => Response::ok(v),
-                Err(e) => Response::error(format!("cannot encode the status: {e}")),
-            },
-            other => Response::error(format!(
-                "unknown command {other:?}; this daemon knows: status"
-            )),
-        }
     }
 }
 
@@ -220,7 +220,35 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         listen: listen.to_string(),
         export: export.clone(),
     };
-    let setup = journal.map(|(store, manifest)| {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let journal_store = journal.as_ref().map(|(store, _)| store.clone());
+    let keeper = journal_store.as_ref().map(|store| {
+        Arc::new(LeaseKeeper::new(
+            store.clone(),
+            clock.clone(),
+            args.lease_time,
+        ))
+    });
+    if let Some(store) = &journal_store {
+        let ttl_ms = args.lease_time.as_millis() as u64;
+        if args.takeover {
+            if let Ok(Some(holder)) = lease::current(store.as_ref(), ttl_ms).await {
+                if holder.is_live(clock.now_ns()) {
+                    tracing::warn!(
+                        epoch = holder.epoch,
+                        host = %holder.host,
+                        pid = holder.pid,
+                        "--takeover: fencing the live writer"
+                    );
+                }
+            }
+        } else if let Err(e) = lease::ensure_free(store.as_ref(), clock.now_ns(), ttl_ms).await {
+            let _ = std::fs::remove_file(&control_path);
+            return Err(e.into());
+        }
+    }
+    let setup = journal.map(|(_, manifest)| {
+        let keeper = keeper.as_ref().expect("a keeper with every journal");
         let mut writer = WriterConfig::for_manifest(&manifest);
         writer.linger = args.linger;
         writer.outage_bound = args.store_outage;
@@ -229,12 +257,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             writer.segment_size = size;
         }
         JournalSetup {
-            store,
+            store: keeper.store(),
             manifest,
             writer,
             pool_size: args.pool_size,
             ack,
-            clock: Arc::new(SystemClock),
+            clock: clock.clone(),
             primary_path: args.primary.clone(),
             activity_log: args
                 .activity_log
@@ -250,6 +278,20 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             return Err(e.into());
         }
     };
+    if let (Some(keeper), Some(epoch), Some(store)) = (&keeper, core.epoch(), &journal_store) {
+        let since_ns = match epoch::read_claim(store.as_ref(), epoch).await {
+            Ok(claim) => claim.claimed_at_ns,
+            Err(_) => clock.now_ns(),
+        };
+        let fenced = core.clone();
+        keeper
+            .start(
+                epoch,
+                since_ns,
+                Box::new(move |reason| fenced.fence(reason)),
+            )
+            .await;
+    }
     let server = Arc::new(NbdServer::new(
         vec![Export {
             name: export.clone(),
@@ -262,7 +304,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let control_task = tokio::spawn(control::serve(
         control_listener,
-        Arc::new(StatusHandler { core: core.clone() }),
+        Arc::new(ServeControl {
+            core: core.clone(),
+            store: journal_store.clone(),
+            lease: keeper.clone(),
+        }),
         shutdown_rx.clone(),
     ));
     let nbd_task = tokio::spawn(nbd::serve(listener, server, shutdown_rx));
@@ -309,6 +355,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Err(e) => tracing::error!(error = %e, "the NBD server task failed"),
     }
     let report = core.shutdown(args.drain_timeout).await;
+    if let Some(keeper) = &keeper {
+        keeper.release().await;
+    }
     let _ = control_task.await;
     let _ = std::fs::remove_file(&control_path);
     if let Some(e) = &report.flush_error {

@@ -49,6 +49,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         print!("{}", render_text(&status));
         return Ok(());
     }
+    let lease = answer.get("lease").cloned();
     let status: StatusSnapshot = serde_json::from_value(answer).map_err(|e| {
         anyhow::anyhow!(
             "the daemon at {} answered a status this tinylag cannot read ({e}); try --json",
@@ -56,5 +57,23 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         )
     })?;
     print!("{}", status.render_text());
+    if let Some(l) = lease {
+        println!(
+            "{:<16}{}: epoch {} held by {} pid {} since {}, renewed {} (every {:.0}s of a \
+             {:.0}s term, {} renewals, {} errors), expires in {:.1}s",
+            "lease",
+            l["state"].as_str().unwrap_or("?"),
+            l["epoch"],
+            l["host"].as_str().unwrap_or("?"),
+            l["pid"],
+            l["since"].as_str().unwrap_or("-"),
+            l["renewed_at"].as_str().unwrap_or("-"),
+            l["ttl_seconds"].as_f64().unwrap_or(0.0) / 3.0,
+            l["ttl_seconds"].as_f64().unwrap_or(0.0),
+            l["renewals"],
+            l["renewal_errors"],
+            l["expires_in_seconds"].as_f64().unwrap_or(0.0)
+        );
+    }
     Ok(())
 }

@@ -50,6 +50,9 @@ pub struct ConsumerState {
     /// Where the consumer's undo log stands (replay agents that keep one).
     #[serde(default)]
     pub undo: UndoPosition,
+    /// What the consumer's `VERIFY` comparisons found (shown by `journal info`).
+    #[serde(default)]
+    pub verify: VerifyTally,
 }
 
 impl ConsumerState {
@@ -78,6 +81,73 @@ pub struct UndoPosition {
     pub bytes: u64,
     /// Undo segments in the log.
     pub segments: u64,
+}
+
+/// A replay agent's tally of `VERIFY` records: each compares the replica's region with the
+/// primary's checksum at the same point of the order.
+///
+/// # Invariants
+/// - `checked + skipped` counts every `VERIFY` applied; `mismatches` counts the checks that
+///   failed, ever.
+/// - `mismatched` holds the regions whose *latest* check failed (a later matching check of
+///   the same range removes it), oldest first, at most [`VerifyTally::MAX_LISTED`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyTally {
+    pub checked: u64,
+    pub mismatches: u64,
+    /// `VERIFY` records applied inside an unfinished resync span, where the replica is not
+    /// expected to match and nothing is compared.
+    pub skipped: u64,
+    /// LSN of the last `VERIFY` applied (0: none yet).
+    pub last_lsn: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mismatched: Vec<VerifyMismatch>,
+}
+
+/// A region whose replica bytes did not match the primary's checksum.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyMismatch {
+    /// LSN and timestamp of the `VERIFY` record.
+    pub lsn: u64,
+    pub timestamp_ns: u64,
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl VerifyTally {
+    /// Regions listed in `mismatched` at most; older ones fall off (the count stays).
+    pub const MAX_LISTED: usize = 64;
+
+    /// Records the outcome of one `VERIFY`: `Some(matched)`, or `None` when skipped.
+    pub fn record(
+        &mut self,
+        lsn: u64,
+        timestamp_ns: u64,
+        offset: u64,
+        len: u64,
+        matched: Option<bool>,
+    ) {
+        self.last_lsn = lsn;
+        let Some(matched) = matched else {
+            self.skipped += 1;
+            return;
+        };
+        self.checked += 1;
+        self.mismatched
+            .retain(|m| !(m.offset == offset && m.len == len));
+        if !matched {
+            self.mismatches += 1;
+            if self.mismatched.len() == Self::MAX_LISTED {
+                self.mismatched.remove(0);
+            }
+            self.mismatched.push(VerifyMismatch {
+                lsn,
+                timestamp_ns,
+                offset,
+                len,
+            });
+        }
+    }
 }
 
 /// The first live segment and the first LSN in it (JSON in `trim`). Absent means nothing
@@ -225,6 +295,7 @@ mod tests {
             registered_at_ns: 1,
             updated_at_ns: 1,
             undo: UndoPosition::default(),
+            verify: VerifyTally::default(),
         }
     }
 

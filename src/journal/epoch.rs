@@ -88,7 +88,8 @@ pub async fn ensure_not_fenced(store: &dyn ObjectStore, epoch: u64) -> JournalRe
     }
 }
 
-fn hostname() -> String {
+/// This machine's host name (empty when unknown).
+pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_default()

@@ -41,6 +41,22 @@ pub enum JournalError {
         epoch: u64,
         newer: u64,
     },
+    /// Another writer holds a live lease on the journal (see `journal::lease`).
+    #[error(
+        "journal {journal} is owned by a live writer: epoch {epoch} on host {host}, pid {pid}, \
+         since {since} (lease renewed {renewed_secs_ago:.1}s ago, expires in \
+         {expires_in_secs:.1}s); stop that `tinylag serve`, or pass --takeover to fence it on \
+         purpose"
+    )]
+    LeaseHeld {
+        journal: String,
+        epoch: u64,
+        host: String,
+        pid: u32,
+        since: String,
+        renewed_secs_ago: f64,
+        expires_in_secs: f64,
+    },
     /// A consumer name outside `[A-Za-z0-9._-]{1,64}`.
     #[error("invalid consumer name {0:?}: use 1 to 64 of A-Z a-z 0-9 . _ - (not starting with .)")]
     InvalidConsumerName(String),

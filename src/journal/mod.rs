@@ -8,12 +8,14 @@ pub mod epoch;
 pub mod error;
 pub mod head;
 pub mod info;
+pub mod lease;
 pub mod manifest;
 pub mod mark;
 pub mod paths;
 pub mod reader;
 pub mod record;
 pub mod segment;
+pub mod verify;
 
 pub use error::{JournalError, JournalResult};
 pub use manifest::Manifest;

@@ -10,6 +10,7 @@
 //! consumers/<name>               commit position of each consumer
 //! trim                           first live seq
 //! marks/<name>                   a named point (LSN, time), kept after its segment is trimmed
+//! leases/<epoch:020>             the lease of writer epoch <epoch>, renewed by that writer only
 //! ```
 //!
 //! An undo log (a replay agent's pre-images, in its own store root) has its own two names:
@@ -32,6 +33,9 @@ pub const TRIM_POINTER: &str = "trim";
 /// Folder of named points (marks).
 pub const MARKS_PREFIX: &str = "marks/";
 
+/// Folder of writer leases, one key per epoch (see `journal::lease` for why not one key).
+pub const LEASES_PREFIX: &str = "leases/";
+
 /// The undo-log manifest, written once by conditional create.
 pub const UNDO_MANIFEST: &str = "undo.json";
 /// Folder of undo segments.
@@ -45,6 +49,11 @@ pub fn epoch_key(epoch: u64) -> String {
 /// Parses an epoch key back to its number; `None` for anything else.
 pub fn parse_epoch_key(key: &str) -> Option<u64> {
     parse_padded(key.strip_prefix(EPOCHS_PREFIX)?)
+}
+
+/// Key of the lease of writer epoch `epoch`.
+pub fn lease_key(epoch: u64) -> String {
+    format!("{LEASES_PREFIX}{epoch:020}")
 }
 
 /// Stripe (folder) of segment `seq` with splay width `splay`.

@@ -226,6 +226,7 @@ impl Agent {
             registered_at_ns: now,
             updated_at_ns: now,
             undo: UndoPosition::default(),
+            verify: Default::default(),
         };
         // Refuse before registering: a new consumer on a trimmed journal would hold trim back
         // for a replica that can never be built.
@@ -393,6 +394,7 @@ impl Agent {
             board: self.board.clone(),
             tx,
             at_head: at_head.clone(),
+            epoch_seen: 0,
         };
         let fetch_task = tokio::spawn(fetcher.run(cursor, shutdown.clone()));
         let outcome = self.apply_loop(&mut rx, &mut shutdown, &at_head).await;
@@ -564,11 +566,14 @@ impl Agent {
                 _ => {}
             }
             bytes += w;
+            // A VERIFY compares the replica as of its own LSN: it ends its batch, so the
+            // batch's net effect is exactly the state it checks.
+            let verify = record.kind() == RecordKind::Verify;
             items.push(Item {
                 record,
                 next_seq_after,
             });
-            if big {
+            if big || verify {
                 break;
             }
         }
@@ -626,6 +631,12 @@ impl Agent {
         self.board.spent(Phase::Apply, started.elapsed());
         for item in &items {
             self.advance(&item.record, item.next_seq_after);
+        }
+        if let Some(last) = items
+            .last()
+            .filter(|i| i.record.kind() == RecordKind::Verify)
+        {
+            self.verify(&last.record).await?;
         }
         self.finish_in_background(count, bytes);
         Ok(())
@@ -776,6 +787,53 @@ impl Agent {
         blocking("apply", move || apply_op(target.as_ref(), lsn, &op)).await
     }
 
+    /// Compares the replica with a `VERIFY` record just applied (the last of its batch, so
+    /// the replica is as of its LSN), unless inside an unfinished resync span.
+    async fn verify(&mut self, record: &Record) -> Result<(), ReplayError> {
+        let Op::Verify {
+            offset,
+            len,
+            checksum,
+        } = record.op
+        else {
+            return Ok(());
+        };
+        let in_span = self.pos.consistent_lsn < self.pos.applied_lsn;
+        let matched = if in_span {
+            None
+        } else {
+            let target = self.replica.clone();
+            let lsn = record.lsn;
+            Some(
+                blocking("verify", move || {
+                    super::verify::region_matches(target.as_ref(), offset, len, &checksum).map_err(
+                        |source| ApplyError::Io {
+                            replica: target.describe(),
+                            what: "read for verify",
+                            lsn,
+                            source,
+                        },
+                    )
+                })
+                .await?,
+            )
+        };
+        if matched == Some(false) {
+            tracing::warn!(
+                lsn = record.lsn,
+                offset,
+                len,
+                replica = %self.replica.describe(),
+                "VERIFY mismatch: the replica's region differs from the primary's at this LSN"
+            );
+        }
+        self.pos
+            .verify
+            .record(record.lsn, record.timestamp_ns, offset, len, matched);
+        self.dirty = true;
+        Ok(())
+    }
+
     /// Moves the in-memory position past `record` (applied and fsync'd).
     fn advance(&mut self, record: &Record, next_seq_after: u64) {
         let pos = &mut self.pos;
@@ -846,6 +904,9 @@ struct Fetcher {
     tx: mpsc::Sender<Result<Pending, ReplayError>>,
     /// Set when the last request found no next segment (the agent has seen the head).
     at_head: Arc<AtomicBool>,
+    /// Highest writer epoch of a segment passed on: a later segment of an older epoch is a
+    /// fenced writer's late upload and is refused.
+    epoch_seen: u64,
 }
 
 /// Segment reads in flight at once while data flows: one stream of GETs to S3 cannot keep
@@ -935,7 +996,7 @@ impl Fetcher {
         }
     }
 
-    async fn run(self, mut cursor: Cursor, mut shutdown: watch::Receiver<bool>) {
+    async fn run(mut self, mut cursor: Cursor, mut shutdown: watch::Receiver<bool>) {
         let mut idle = self.poll.min;
         // The committed position may sit inside its segment; later segments start exactly
         // where the previous one ended.
@@ -1001,7 +1062,16 @@ impl Fetcher {
     }
 
     /// Checks every record fits the replica; the segment was verified by the reader.
-    fn check(&self, key: &str, segment: DecodedSegment) -> Result<Pending, ReplayError> {
+    fn check(&mut self, key: &str, segment: DecodedSegment) -> Result<Pending, ReplayError> {
+        if segment.header.epoch < self.epoch_seen {
+            return Err(JournalError::from(SegmentError::StaleEpoch {
+                key: key.to_string(),
+                epoch: segment.header.epoch,
+                newer: self.epoch_seen,
+            })
+            .into());
+        }
+        self.epoch_seen = segment.header.epoch;
         for record in &segment.records {
             check_record(key, record, self.replica_size)?;
         }

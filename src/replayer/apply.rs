@@ -63,7 +63,12 @@ pub fn check_record(object: &str, record: &Record, size: u64) -> Result<(), Appl
 
 /// Checks that `op` lies inside a replica of `size` bytes.
 pub fn check_op(object: &str, lsn: u64, op: &Op, size: u64) -> Result<(), ApplyError> {
-    match extent(op) {
+    let range = match op {
+        // A VERIFY changes nothing but must name bytes the replica has.
+        Op::Verify { offset, len, .. } => Some((*offset, *len)),
+        _ => extent(op),
+    };
+    match range {
         Some((offset, len)) if offset.checked_add(len).is_none_or(|end| end > size) => {
             Err(ApplyError::OutOfRange {
                 object: object.to_string(),
@@ -85,7 +90,12 @@ pub fn extent(op: &Op) -> Option<(u64, u64)> {
             Some((*offset, data.len() as u64))
         }
         Op::Discard { offset, len } | Op::WriteZeroes { offset, len } => Some((*offset, *len)),
-        Op::Flush | Op::Mark { .. } | Op::Epoch { .. } | Op::ResyncBegin | Op::ResyncEnd => None,
+        Op::Flush
+        | Op::Mark { .. }
+        | Op::Epoch { .. }
+        | Op::ResyncBegin
+        | Op::ResyncEnd
+        | Op::Verify { .. } => None,
     }
 }
 
@@ -107,7 +117,12 @@ pub fn apply_op(target: &dyn ReplicaTarget, lsn: u64, op: &Op) -> Result<(), App
         Op::WriteZeroes { offset, len } => {
             target.zero_range(*offset, *len).map_err(io("zero range"))
         }
-        Op::Flush | Op::Mark { .. } | Op::Epoch { .. } | Op::ResyncBegin | Op::ResyncEnd => Ok(()),
+        Op::Flush
+        | Op::Mark { .. }
+        | Op::Epoch { .. }
+        | Op::ResyncBegin
+        | Op::ResyncEnd
+        | Op::Verify { .. } => Ok(()),
     }
 }
 

@@ -24,6 +24,7 @@ pub mod recovery;
 pub mod replica;
 pub mod status;
 pub mod undo;
+pub mod verify;
 
 pub use agent::{Agent, AgentConfig, BatchLimits, Outcome, PollPolicy, Timer, TokioTimer};
 pub use error::ReplayError;

@@ -130,7 +130,12 @@ impl Overlay {
             Op::WriteZeroes { offset, len } => {
                 self.insert(*offset, *len, Fill::Zero { punch: false }, lsn)
             }
-            Op::Flush | Op::Mark { .. } | Op::Epoch { .. } | Op::ResyncBegin | Op::ResyncEnd => {}
+            Op::Flush
+            | Op::Mark { .. }
+            | Op::Epoch { .. }
+            | Op::ResyncBegin
+            | Op::ResyncEnd
+            | Op::Verify { .. } => {}
         }
     }
 }

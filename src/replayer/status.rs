@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::{format_ns, Clock};
 use crate::control::{Handler, Request, Response};
-use crate::journal::consumer::ConsumerState;
+use crate::journal::consumer::{ConsumerState, VerifyTally};
 use crate::journal::head::{prefix_index, probe_end};
 use crate::journal::reader::JournalReader;
 use crate::units::{format_elapsed, format_size};
@@ -175,6 +175,9 @@ pub struct ReplicaStatus {
     pub next_due_time: Option<String>,
     pub undo_bytes: u64,
     pub undo_segments: u64,
+    /// What the `VERIFY` records applied so far found.
+    #[serde(default)]
+    pub verify: VerifyTally,
     /// Since the agent started.
     pub records_applied: u64,
     pub bytes_applied: u64,
@@ -435,6 +438,7 @@ impl StatusBoard {
             registered_at_ns: 0,
             updated_at_ns: 0,
             undo: Default::default(),
+            verify: Default::default(),
         });
         let (head, lag_bytes) = self.head(&position).await;
         let head_lsn = head.lsn.max(position.applied_lsn);
@@ -471,6 +475,7 @@ impl StatusBoard {
             next_due_time: due.map(format_ns),
             undo_bytes: position.undo.bytes,
             undo_segments: position.undo.segments,
+            verify: position.verify.clone(),
             records_applied: applied,
             bytes_applied: bytes,
             batches_applied: batches,
@@ -573,6 +578,28 @@ pub fn render_text(s: &ReplicaStatus) -> String {
             s.batches_applied
         ),
     );
+    let v = &s.verify;
+    if v.checked + v.skipped > 0 {
+        let listed: Vec<String> = v
+            .mismatched
+            .iter()
+            .map(|m| format!("{}+{} (LSN {})", m.offset, format_size(m.len), m.lsn))
+            .collect();
+        line(
+            "verify",
+            format!(
+                "{} regions checked, {} mismatches ever, {} skipped inside resync spans{}",
+                v.checked,
+                v.mismatches,
+                v.skipped,
+                if listed.is_empty() {
+                    String::new()
+                } else {
+                    format!("; MISMATCHING NOW: {}", listed.join(", "))
+                }
+            ),
+        );
+    }
     if let Some(r) = &s.recovery {
         if r.undone_segments > 0 || r.from_lsn != r.to_lsn {
             line(

@@ -24,11 +24,13 @@
 //! differ from the disk's; let pool memory pass its cap (one `RESYNC_BEGIN` aside).
 
 mod activity_log;
+pub mod control_records;
 mod dirty;
 mod encoder;
 mod intake;
 mod journal_writer;
 mod lag_histogram;
+pub mod lease;
 mod mode;
 mod pool;
 mod primary;

@@ -726,5 +726,8 @@ impl BlockDevice for PrimaryCore {
     }
 }
 
+mod hooks;
+pub use hooks::HookError;
+
 #[cfg(test)]
 mod tests;

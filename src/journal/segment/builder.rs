@@ -95,7 +95,7 @@ impl SegmentBuilder {
         self.check(record)?;
         let payload = payload_bytes(&record.op);
         let body_pos = self.buf.len() as u64;
-        let (stored_len, compressed) = self.append_payload(payload);
+        let (stored_len, compressed) = self.append_payload(&payload);
         let (offset, length) = match &record.op {
             Op::Write { offset, data } | Op::ResyncData { offset, data } => {
                 (*offset, data.len() as u64)
@@ -103,6 +103,7 @@ impl SegmentBuilder {
             Op::Discard { offset, len } | Op::WriteZeroes { offset, len } => (*offset, *len),
             Op::Mark { name } => (0, name.len() as u64),
             Op::Epoch { epoch } => (*epoch, 0),
+            Op::Verify { offset, .. } => (*offset, payload.len() as u64),
             Op::Flush | Op::ResyncBegin | Op::ResyncEnd => (0, 0),
         };
         self.entries.push(FooterEntry {
@@ -114,7 +115,7 @@ impl SegmentBuilder {
             dev: record.dev,
             // append_payload stores at most payload.len() <= MAX_PAYLOAD_LEN bytes.
             stored_len: stored_len as u32,
-            crc: crc32c::crc32c(payload),
+            crc: crc32c::crc32c(&payload),
             kind: record.kind() as u8,
             compressed: u8::from(compressed),
         });
@@ -169,7 +170,9 @@ impl SegmentBuilder {
             Op::Write { offset, data } | Op::ResyncData { offset, data } => {
                 Some((*offset, data.len() as u64))
             }
-            Op::Discard { offset, len } | Op::WriteZeroes { offset, len } => Some((*offset, *len)),
+            Op::Discard { offset, len }
+            | Op::WriteZeroes { offset, len }
+            | Op::Verify { offset, len, .. } => Some((*offset, *len)),
             _ => None,
         };
         if let Some((offset, len)) = range.filter(|(o, l)| o.checked_add(*l).is_none()) {

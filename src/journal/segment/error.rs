@@ -53,6 +53,14 @@ pub enum SegmentError {
         expected: u64,
         found: u64,
     },
+    /// A segment of an older writer epoch follows one of a newer epoch in the journal's
+    /// order: a fenced writer wrote it after the newer writer began, and no reader may take
+    /// it (its records may never have happened on the primary as the newer writer saw it).
+    #[error(
+        "segment {key}: written by writer epoch {epoch} after epoch {newer} began (a fenced \
+         writer's late upload); refusing it"
+    )]
+    StaleEpoch { key: String, epoch: u64, newer: u64 },
     /// The segment does not start at the LSN the reader continues from.
     #[error("segment {key}: starts at LSN {found}, expected {expected}")]
     WrongFirstLsn {

@@ -12,7 +12,7 @@ use super::{
     has_payload, Expected, IndexEntry, SegmentError, SegmentIndex, HEADER_LEN, MAX_PAYLOAD_LEN,
     TRAILER_LEN,
 };
-use crate::journal::record::RecordKind;
+use crate::journal::record::{RecordKind, VERIFY_PAYLOAD_LEN};
 
 /// The archived index (rkyv 0.8 defaults: little-endian, aligned, 32-bit relative pointers).
 ///
@@ -338,6 +338,11 @@ pub(crate) fn check_entry_fields(key: &str, e: &IndexEntry) -> Result<(), Segmen
         RecordKind::Mark => {
             if e.offset != 0 {
                 return Err(invalid(key, lsn, "MARK has a non-zero offset"));
+            }
+        }
+        RecordKind::Verify => {
+            if e.length != VERIFY_PAYLOAD_LEN as u64 {
+                return Err(invalid(key, lsn, "VERIFY payload is not 40 bytes"));
             }
         }
         RecordKind::Epoch => {

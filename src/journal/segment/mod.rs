@@ -125,11 +125,11 @@ pub struct IndexEntry {
     pub timestamp_ns: u64,
     pub kind: RecordKind,
     pub dev: u32,
-    /// Device offset (WRITE, RESYNC_DATA, DISCARD, WRITE_ZEROES), the epoch number (EPOCH),
-    /// else 0.
+    /// Device offset (WRITE, RESYNC_DATA, DISCARD, WRITE_ZEROES, VERIFY), the epoch number
+    /// (EPOCH), else 0.
     pub offset: u64,
     /// Data length (WRITE, RESYNC_DATA), range length (DISCARD, WRITE_ZEROES), name length
-    /// (MARK), else 0. For payload kinds this is the uncompressed payload length.
+    /// (MARK), payload length (VERIFY: always 40, the range length is in the payload), else 0. For payload kinds this is the uncompressed payload length.
     pub length: u64,
     /// Absolute offset of the stored payload in the object.
     pub body_pos: u64,
@@ -219,17 +219,21 @@ impl Expected {
 pub(crate) fn has_payload(kind: RecordKind) -> bool {
     matches!(
         kind,
-        RecordKind::Write | RecordKind::ResyncData | RecordKind::Mark
+        RecordKind::Write | RecordKind::ResyncData | RecordKind::Mark | RecordKind::Verify
     )
 }
 
 /// The bytes a record stores in the body.
-pub(crate) fn payload_bytes(op: &crate::journal::record::Op) -> &[u8] {
-    use crate::journal::record::Op;
+pub(crate) fn payload_bytes(op: &crate::journal::record::Op) -> std::borrow::Cow<'_, [u8]> {
+    use crate::journal::record::{encode_verify_payload, Op};
+    use std::borrow::Cow;
     match op {
-        Op::Write { data, .. } | Op::ResyncData { data, .. } => data,
-        Op::Mark { name } => name.as_bytes(),
-        _ => &[],
+        Op::Write { data, .. } | Op::ResyncData { data, .. } => Cow::Borrowed(data),
+        Op::Mark { name } => Cow::Borrowed(name.as_bytes()),
+        Op::Verify { len, checksum, .. } => {
+            Cow::Owned(encode_verify_payload(*len, checksum).to_vec())
+        }
+        _ => Cow::Borrowed(&[]),
     }
 }
 

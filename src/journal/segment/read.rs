@@ -13,7 +13,7 @@ use super::{
     decode_header, decode_index_from_tail, DecodedSegment, Expected, IndexEntry, SegmentError,
     SegmentHeader, SegmentIndex, HEADER_LEN, INDEX_TAIL_GUESS,
 };
-use crate::journal::record::{Op, Record, RecordKind};
+use crate::journal::record::{decode_verify_payload, Op, Record, RecordKind};
 use crate::store::ObjectStore;
 
 /// Decodes and verifies a whole segment object.
@@ -230,6 +230,26 @@ fn record_from(key: &str, e: &IndexEntry, payload: Bytes) -> Result<Record, Segm
         RecordKind::Epoch => Op::Epoch { epoch: e.offset },
         RecordKind::ResyncBegin => Op::ResyncBegin,
         RecordKind::ResyncEnd => Op::ResyncEnd,
+        RecordKind::Verify => {
+            let (len, checksum) =
+                decode_verify_payload(&payload).ok_or_else(|| SegmentError::EntryInvalid {
+                    key: key.to_string(),
+                    lsn: e.lsn,
+                    reason: "VERIFY payload is not 40 bytes",
+                })?;
+            if e.offset.checked_add(len).is_none() {
+                return Err(SegmentError::EntryInvalid {
+                    key: key.to_string(),
+                    lsn: e.lsn,
+                    reason: "VERIFY range overflows u64",
+                });
+            }
+            Op::Verify {
+                offset: e.offset,
+                len,
+                checksum,
+            }
+        }
     };
     Ok(Record {
         lsn: e.lsn,

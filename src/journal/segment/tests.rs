@@ -92,6 +92,11 @@ fn mixed(first_lsn: u64) -> Vec<Record> {
             offset: 512,
             data: Bytes::new(),
         },
+        Op::Verify {
+            offset: 4 << 20,
+            len: 4 << 20,
+            checksum: crate::journal::record::VerifyChecksum::of(b"region"),
+        },
     ];
     ops.into_iter()
         .enumerate()
@@ -218,7 +223,7 @@ fn index_describes_every_record_and_ranged_payloads_decode() {
         pos = e.stored_range().end;
         let stored = &bytes[e.body_pos as usize..e.stored_range().end as usize];
         let payload = decode_payload(KEY, e, stored).expect("payload");
-        assert_eq!(&payload[..], payload_bytes(&r.op));
+        assert_eq!(&payload[..], &*payload_bytes(&r.op));
         match &r.op {
             Op::Discard { offset, len } | Op::WriteZeroes { offset, len } => {
                 assert_eq!((e.offset, e.length), (*offset, *len))
@@ -252,7 +257,10 @@ fn decode_payload_rejects_wrong_lengths_and_corrupt_frames() {
         match decode_payload(KEY, compressed, &bad) {
             // A flip in bits zstd ignores leaves the payload intact; that is not corruption
             // of the payload (decode_segment's body CRC catches it).
-            Ok(p) => assert_eq!(&p[..], payload_bytes(&records[compressed.lsn as usize].op)),
+            Ok(p) => assert_eq!(
+                &p[..],
+                &*payload_bytes(&records[compressed.lsn as usize].op)
+            ),
             Err(e) => assert!(
                 matches!(
                     e,
@@ -844,6 +852,7 @@ enum Kind {
     Epoch,
     ResyncBegin,
     ResyncEnd,
+    Verify,
 }
 
 fn arb_len() -> impl Strategy<Value = usize> {
@@ -866,6 +875,7 @@ fn arb_records() -> impl Strategy<Value = (u64, Vec<Record>)> {
         1 => Just(Kind::Epoch),
         1 => Just(Kind::ResyncBegin),
         1 => Just(Kind::ResyncEnd),
+        1 => Just(Kind::Verify),
     ];
     let one = (
         kind,
@@ -912,6 +922,13 @@ fn arb_records() -> impl Strategy<Value = (u64, Vec<Record>)> {
                         Kind::Epoch => Op::Epoch { epoch: seed },
                         Kind::ResyncBegin => Op::ResyncBegin,
                         Kind::ResyncEnd => Op::ResyncEnd,
+                        Kind::Verify => Op::Verify {
+                            offset,
+                            len: len as u64,
+                            checksum: crate::journal::record::VerifyChecksum::of(
+                                &seed.to_le_bytes(),
+                            ),
+                        },
                     };
                     Record {
                         lsn: first + i as u64,
@@ -952,7 +969,7 @@ proptest! {
             prop_assert_eq!((e.lsn, e.timestamp_ns, e.kind, e.dev), (r.lsn, r.timestamp_ns, r.kind(), r.dev));
             let stored = &bytes[e.body_pos as usize..e.stored_range().end as usize];
             let payload = decode_payload(KEY, e, stored).unwrap();
-            prop_assert_eq!(&payload[..], payload_bytes(&r.op));
+            prop_assert_eq!(&payload[..], &*payload_bytes(&r.op));
         }
 
         let (from_store, whole) = runtime().block_on(async {

@@ -1,0 +1,160 @@
+//! `tinylag mark`, `tinylag verify` and `tinylag resync`: clients of a running `serve`'s
+//! control socket (see `tinylag::writer::control_records` for what the daemon does).
+
+use std::path::PathBuf;
+
+use clap::Args;
+use tinylag::control::{self, Request};
+use tinylag::units::format_size;
+use tinylag::writer::control_records::{
+    MarkArgs as MarkRequest, MarkDone, RegionList, ResyncArgs as ResyncRequest, ResyncDone,
+    VerifyArgs as VerifyRequest, VerifyDone,
+};
+
+use crate::cmd::args::parse_size;
+use crate::cmd::serve::default_control_path;
+
+/// Where the daemon answers.
+#[derive(Debug, Clone, Args)]
+pub struct ControlArgs {
+    /// The `serve` daemon's control socket.
+    #[arg(long, value_name = "PATH", required_unless_present = "primary")]
+    pub control: Option<PathBuf>,
+    /// The daemon's primary; implies the default control socket <PATH>.ctl.
+    #[arg(long, value_name = "PATH", conflicts_with = "control")]
+    pub primary: Option<PathBuf>,
+    /// Print the daemon's answer as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ControlArgs {
+    fn path(&self) -> PathBuf {
+        match (&self.control, &self.primary) {
+            (Some(c), _) => c.clone(),
+            (None, Some(p)) => default_control_path(p),
+            (None, None) => unreachable!("clap requires --control or --primary"),
+        }
+    }
+
+    async fn ask<T: serde::de::DeserializeOwned>(
+        &self,
+        cmd: &str,
+        args: impl serde::Serialize,
+    ) -> anyhow::Result<(T, serde_json::Value)> {
+        let request = Request {
+            cmd: cmd.into(),
+            args: serde_json::to_value(args)?,
+        };
+        let answer = control::request(&self.path(), &request).await?;
+        let parsed = serde_json::from_value(answer.clone()).map_err(|e| {
+            anyhow::anyhow!(
+                "the daemon answered {cmd} with something this tinylag cannot read: {e}"
+            )
+        })?;
+        Ok((parsed, answer))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct MarkArgs {
+    /// The mark's name: 1 to 64 of A-Z a-z 0-9 . _ -, unique in the journal.
+    #[arg(value_name = "NAME", value_parser = parse_mark_name)]
+    pub name: String,
+    #[command(flatten)]
+    pub control: ControlArgs,
+}
+
+fn parse_mark_name(s: &str) -> Result<String, String> {
+    tinylag::journal::mark::validate_name(s)
+        .map(|()| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Regions to verify: `all`, or indexes and ranges like 0,3,8-11 (region size: see
+    /// `journal info`).
+    #[arg(long, default_value = "all", value_name = "LIST|all", value_parser = parse_regions)]
+    pub regions: RegionList,
+    /// Read the primary at most this fast (bytes per second, e.g. 200M); 0 = unpaced.
+    #[arg(long, default_value = "200M", value_parser = parse_size)]
+    pub rate: u64,
+    /// Afterwards re-journal the same regions as a resync span, repairing every replica.
+    #[arg(long)]
+    pub repair: bool,
+    #[command(flatten)]
+    pub control: ControlArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ResyncArgs {
+    /// Regions to re-journal from the primary: `all`, or indexes and ranges like 0,3,8-11.
+    #[arg(long, value_name = "LIST|all", value_parser = parse_regions)]
+    pub regions: RegionList,
+    #[command(flatten)]
+    pub control: ControlArgs,
+}
+
+fn parse_regions(s: &str) -> Result<RegionList, String> {
+    s.parse()
+}
+
+pub async fn mark(args: MarkArgs) -> anyhow::Result<()> {
+    let (done, raw): (MarkDone, _) = args
+        .control
+        .ask("mark", MarkRequest { name: args.name })
+        .await?;
+    if args.control.json {
+        println!("{}", serde_json::to_string_pretty(&raw)?);
+    } else {
+        println!("mark {} at LSN {}, {}", done.name, done.lsn, done.time);
+    }
+    Ok(())
+}
+
+pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
+    let request = VerifyRequest {
+        regions: args.regions.to_string(),
+        rate: (args.rate > 0).then_some(args.rate),
+        repair: args.repair,
+    };
+    let (done, raw): (VerifyDone, _) = args.control.ask("verify", request).await?;
+    if args.control.json {
+        println!("{}", serde_json::to_string_pretty(&raw)?);
+        return Ok(());
+    }
+    println!(
+        "verify journaled for {} regions ({}) as LSN {}..={} in {:.1}s ({}/s); each replay \
+         agent compares its replica when it applies them (see its status)",
+        done.regions,
+        format_size(done.bytes),
+        done.first_lsn,
+        done.last_lsn,
+        done.seconds,
+        format_size(done.rate as u64)
+    );
+    if done.repaired > 0 {
+        println!("{} regions marked for a resync", done.repaired);
+    }
+    Ok(())
+}
+
+pub async fn resync(args: ResyncArgs) -> anyhow::Result<()> {
+    let request = ResyncRequest {
+        regions: args.regions.to_string(),
+    };
+    let (done, raw): (ResyncDone, _) = args.control.ask("resync", request).await?;
+    if args.control.json {
+        println!("{}", serde_json::to_string_pretty(&raw)?);
+        return Ok(());
+    }
+    println!(
+        "{} regions ({}) marked for a resync; {} dirty regions, mode {}",
+        done.regions,
+        format_size(done.bytes),
+        done.dirty_regions,
+        done.mode
+    );
+    Ok(())
+}

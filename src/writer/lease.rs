@@ -1,0 +1,505 @@
+//! The writer's side of the lease (`journal::lease`): a task that renews this writer's
+//! lease every `ttl / 3` (one PUT each), and a store wrapper that keeps a writer which
+//! missed its own renewal deadline (paused, partitioned) from uploading a segment before it
+//! has checked that no newer epoch exists.
+//!
+//! ```text
+//! serve: lease::ensure_free ─► PrimaryCore::start (claims epoch E, through LeasedStore)
+//!        ─► LeaseKeeper::start(E): writes leases/E, renews every ttl/3
+//! upload of a segment ─► LeasedStore::put_if_absent: deadline passed? ─► HEAD epochs/E+1,
+//!        renew ─► then the PUT (or a transient error, after which the writer's own fence
+//!        check sees the newer epoch and stops journaling: mode `fenced`)
+//! ```
+//!
+//! The deadline is measured on the monotonic clock from the moment the last successful
+//! renewal was *sent*, which is no later than the `renewed_at` the lease advertises; a
+//! process stopped by SIGSTOP sees its deadline pass the moment it runs again.
+//!
+//! Must never: let a segment upload start after the deadline without the epoch check;
+//! block the primary's I/O (only uploads wait for the check); renew after the writer
+//! knows it is fenced.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::clock::{format_ns, Clock};
+use crate::journal::epoch;
+use crate::journal::lease::{self, Lease};
+use crate::journal::paths;
+use crate::journal::JournalError;
+use crate::store::{ListPage, ObjectMeta, ObjectStore, StoreError, StoreResult};
+
+/// Renewals never come closer together than this, whatever the term.
+const MIN_RENEW_EVERY: Duration = Duration::from_millis(500);
+
+/// Called once when the lease keeper finds that a newer epoch exists.
+pub type OnFenced = Box<dyn Fn(String) + Send + Sync>;
+
+/// What `status` shows of the lease (the holder is this writer).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct LeaseStatus {
+    pub epoch: u64,
+    pub host: String,
+    pub pid: u32,
+    /// When this writer claimed its epoch (RFC 3339).
+    pub since: String,
+    /// When the last successful renewal was sent (RFC 3339; "-" before the first).
+    pub renewed_at: String,
+    pub ttl_seconds: f64,
+    /// Seconds until the lease runs out as this writer sees it (negative: missed).
+    pub expires_in_seconds: f64,
+    pub renewals: u64,
+    pub renewal_errors: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// `held`, `expired` (renewals failing or the process was paused; uploads wait for an
+    /// epoch check), `fenced` (a newer epoch exists) or `released`.
+    pub state: &'static str,
+}
+
+/// Shared between the keeper task, the store wrapper and `status`.
+struct LeaseState {
+    store: Arc<dyn ObjectStore>,
+    clock: Arc<dyn Clock>,
+    ttl: Duration,
+    /// 0 until the writer has claimed its epoch.
+    epoch: AtomicU64,
+    lease: Mutex<Option<Lease>>,
+    /// Monotonic deadline of the current term; `None` before the first renewal.
+    valid_until: Mutex<Option<Instant>>,
+    renewals: AtomicU64,
+    errors: AtomicU64,
+    last_error: Mutex<Option<String>>,
+    fenced: AtomicBool,
+    released: AtomicBool,
+    on_fenced: Mutex<Option<OnFenced>>,
+    /// Serializes deadline checks (the keeper and concurrent uploads).
+    check: tokio::sync::Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Critical sections are plain assignments; a poisoned lock still holds a value.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl LeaseState {
+    fn epoch(&self) -> Option<u64> {
+        match self.epoch.load(Ordering::Acquire) {
+            0 => None,
+            e => Some(e),
+        }
+    }
+
+    fn expired(&self) -> bool {
+        lock(&self.valid_until).is_none_or(|t| Instant::now() >= t)
+    }
+
+    /// One renewal: one PUT. On success the term restarts from when it was sent.
+    async fn renew(&self) -> Result<(), String> {
+        let sent = Instant::now();
+        let lease = {
+            let mut guard = lock(&self.lease);
+            let Some(lease) = guard.as_mut() else {
+                return Err("no lease yet".into());
+            };
+            lease.renewed_at_ns = self.clock.now_ns();
+            lease.renewals += 1;
+            lease.clone()
+        };
+        match lease::write(self.store.as_ref(), &lease).await {
+            Ok(()) => {
+                *lock(&self.valid_until) = Some(sent + self.ttl);
+                self.renewals.fetch_add(1, Ordering::AcqRel);
+                Ok(())
+            }
+            Err(e) => {
+                let message = format!("renewing {}: {e}", paths::lease_key(lease.epoch));
+                self.errors.fetch_add(1, Ordering::AcqRel);
+                *lock(&self.last_error) = Some(message.clone());
+                Err(message)
+            }
+        }
+    }
+
+    /// The deadline passed: check that no newer epoch exists, then renew. `Err` says why
+    /// journaling must wait (or stop, once `fenced` is set).
+    async fn recheck(&self, epoch: u64) -> Result<(), String> {
+        let _one = self.check.lock().await;
+        if self.fenced.load(Ordering::Acquire) {
+            return Err(format!("writer epoch {epoch} is fenced"));
+        }
+        if !self.expired() {
+            return Ok(());
+        }
+        match epoch::ensure_not_fenced(self.store.as_ref(), epoch).await {
+            Ok(()) => {}
+            Err(JournalError::Fenced { newer, .. }) => {
+                let reason = format!(
+                    "writer epoch {epoch} missed its lease deadline and found epoch {newer}: \
+                     another writer took the journal over"
+                );
+                self.fence(reason.clone());
+                return Err(reason);
+            }
+            Err(e) => {
+                return Err(format!(
+                    "writer epoch {epoch} missed its lease deadline and cannot check for a \
+                     newer epoch: {e}"
+                ))
+            }
+        }
+        self.renew().await
+    }
+
+    fn fence(&self, reason: String) {
+        if self.fenced.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tracing::error!(%reason, "journaling stops: fenced");
+        if let Some(f) = lock(&self.on_fenced).take() {
+            f(reason);
+        }
+    }
+}
+
+/// A store wrapper for the journal writer: before a segment upload, a writer past its lease
+/// deadline checks for a newer epoch and renews first (see the module documentation).
+/// Everything else passes straight through.
+#[derive(Clone)]
+pub struct LeasedStore {
+    inner: Arc<dyn ObjectStore>,
+    state: Arc<LeaseState>,
+}
+
+impl std::fmt::Debug for LeasedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeasedStore")
+            .field("inner", &self.inner)
+            .finish()
+    }
+}
+
+#[async_trait]
+impl ObjectStore for LeasedStore {
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> StoreResult<()> {
+        if let Some(epoch) = self.state.epoch() {
+            if key.starts_with(paths::JOURNAL_PREFIX) && self.state.expired() {
+                self.state
+                    .recheck(epoch)
+                    .await
+                    .map_err(|message| StoreError::Transient {
+                        store: self.inner.describe(),
+                        key: key.to_string(),
+                        message,
+                    })?;
+            }
+        }
+        self.inner.put_if_absent(key, data).await
+    }
+    async fn put(&self, key: &str, data: Bytes) -> StoreResult<()> {
+        self.inner.put(key, data).await
+    }
+    async fn get(&self, key: &str) -> StoreResult<Bytes> {
+        self.inner.get(key).await
+    }
+    async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
+        self.inner.get_range(key, range).await
+    }
+    async fn get_tail(&self, key: &str, len: u64) -> StoreResult<(Bytes, u64)> {
+        self.inner.get_tail(key, len).await
+    }
+    async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
+        self.inner.head(key).await
+    }
+    async fn list(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        max_keys: usize,
+    ) -> StoreResult<ListPage> {
+        self.inner.list(prefix, start_after, max_keys).await
+    }
+    async fn delete_many(&self, keys: &[String]) -> StoreResult<()> {
+        self.inner.delete_many(keys).await
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+/// Keeps this writer's lease: see the module documentation.
+pub struct LeaseKeeper {
+    state: Arc<LeaseState>,
+    task: Mutex<Option<(JoinHandle<()>, watch::Sender<bool>)>>,
+}
+
+impl std::fmt::Debug for LeaseKeeper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaseKeeper")
+            .field("epoch", &self.state.epoch())
+            .finish()
+    }
+}
+
+impl LeaseKeeper {
+    /// A keeper for a writer about to start on `store`, with a lease term of `ttl`. Give the
+    /// writer [`store`](Self::store), then call [`start`](Self::start) once it has its epoch.
+    pub fn new(store: Arc<dyn ObjectStore>, clock: Arc<dyn Clock>, ttl: Duration) -> LeaseKeeper {
+        LeaseKeeper {
+            state: Arc::new(LeaseState {
+                store,
+                clock,
+                ttl,
+                epoch: AtomicU64::new(0),
+                lease: Mutex::new(None),
+                valid_until: Mutex::new(None),
+                renewals: AtomicU64::new(0),
+                errors: AtomicU64::new(0),
+                last_error: Mutex::new(None),
+                fenced: AtomicBool::new(false),
+                released: AtomicBool::new(false),
+                on_fenced: Mutex::new(None),
+                check: tokio::sync::Mutex::new(()),
+            }),
+            task: Mutex::new(None),
+        }
+    }
+
+    /// The store the writer must use.
+    pub fn store(&self) -> Arc<dyn ObjectStore> {
+        Arc::new(LeasedStore {
+            inner: self.state.store.clone(),
+            state: self.state.clone(),
+        })
+    }
+
+    /// Writes the first lease of `epoch` (claimed at `since_ns`) and starts renewing it.
+    /// `on_fenced` is called once if the keeper finds a newer epoch. A failed first write is
+    /// logged, not fatal: the writer journals on, and the next renewal tries again.
+    pub async fn start(&self, epoch: u64, since_ns: u64, on_fenced: OnFenced) {
+        let ttl_ms = self.state.ttl.as_millis() as u64;
+        *lock(&self.state.lease) = Some(Lease::new(epoch, since_ns, 0, ttl_ms));
+        *lock(&self.state.on_fenced) = Some(on_fenced);
+        if let Err(e) = self.state.renew().await {
+            tracing::warn!(error = %e, "cannot write the writer lease; will retry");
+        }
+        // The epoch is set after the first lease: until then uploads pass unchecked, as
+        // they did before the lease existed.
+        self.state.epoch.store(epoch, Ordering::Release);
+        let (stop_tx, mut stop) = watch::channel(false);
+        let state = self.state.clone();
+        let every = (self.state.ttl / 3).max(MIN_RENEW_EVERY);
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                if state.fenced.load(Ordering::Acquire) {
+                    return;
+                }
+                let result = if state.expired() {
+                    tracing::warn!(
+                        epoch,
+                        "missed the lease deadline; checking for a newer epoch"
+                    );
+                    state.recheck(epoch).await
+                } else {
+                    state.renew().await
+                };
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "lease renewal failed");
+                }
+            }
+        });
+        *lock(&self.task) = Some((task, stop_tx));
+    }
+
+    /// Stops renewing and, unless fenced, marks the lease released so the next writer need
+    /// not wait out the term (a clean stop).
+    pub async fn release(&self) {
+        let task = lock(&self.task).take();
+        if let Some((task, stop)) = task {
+            let _ = stop.send(true);
+            let _ = task.await;
+        }
+        if self.state.fenced.load(Ordering::Acquire) {
+            return;
+        }
+        let lease = lock(&self.state.lease).as_mut().map(|l| {
+            l.released = true;
+            l.clone()
+        });
+        if let Some(lease) = lease {
+            match lease::write(self.state.store.as_ref(), &lease).await {
+                Ok(()) => self.state.released.store(true, Ordering::Release),
+                Err(e) => tracing::warn!(error = %e, "cannot release the writer lease"),
+            }
+        }
+    }
+
+    /// The lease as `status` shows it; `None` before [`start`](Self::start).
+    pub fn status(&self) -> Option<LeaseStatus> {
+        let s = &self.state;
+        let lease = lock(&s.lease).clone()?;
+        let valid_until = *lock(&s.valid_until);
+        let expires_in_seconds = valid_until.map_or(0.0, |t| {
+            let now = Instant::now();
+            if t >= now {
+                (t - now).as_secs_f64()
+            } else {
+                -(now - t).as_secs_f64()
+            }
+        });
+        let state = if s.fenced.load(Ordering::Acquire) {
+            "fenced"
+        } else if s.released.load(Ordering::Acquire) {
+            "released"
+        } else if s.expired() {
+            "expired"
+        } else {
+            "held"
+        };
+        Some(LeaseStatus {
+            epoch: lease.epoch,
+            host: lease.host,
+            pid: lease.pid,
+            since: format_ns(lease.since_ns),
+            renewed_at: if lease.renewed_at_ns == 0 {
+                "-".into()
+            } else {
+                format_ns(lease.renewed_at_ns)
+            },
+            ttl_seconds: s.ttl.as_secs_f64(),
+            expires_in_seconds,
+            renewals: s.renewals.load(Ordering::Acquire),
+            renewal_errors: s.errors.load(Ordering::Acquire),
+            last_error: lock(&s.last_error).clone(),
+            state,
+        })
+    }
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        if let Some((task, _)) = lock(&self.task).take() {
+            task.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::SystemClock;
+    use crate::store::memory::MemoryStore;
+    use std::sync::atomic::AtomicUsize;
+
+    fn keeper(store: Arc<dyn ObjectStore>, ttl: Duration) -> LeaseKeeper {
+        LeaseKeeper::new(store, Arc::new(SystemClock), ttl)
+    }
+
+    #[tokio::test]
+    async fn renews_with_one_put_and_releases_on_a_clean_stop() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let claim = epoch::claim_next(store.as_ref(), 1).await.unwrap();
+        let k = keeper(store.clone(), Duration::from_millis(1500));
+        k.start(claim.epoch, 1, Box::new(|_| {})).await;
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        let status = k.status().unwrap();
+        assert_eq!(status.state, "held");
+        assert!(status.renewals >= 2, "{status:?}");
+        let stored = lease::read(store.as_ref(), claim.epoch)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(stored.pid, std::process::id());
+        assert!(
+            lease::ensure_free(store.as_ref(), SystemClock.now_ns(), 1500)
+                .await
+                .is_err()
+        );
+        k.release().await;
+        assert_eq!(k.status().unwrap().state, "released");
+        assert!(
+            lease::ensure_free(store.as_ref(), SystemClock.now_ns(), 1500)
+                .await
+                .is_ok()
+        );
+    }
+
+    /// A writer past its deadline (as after SIGSTOP) may not upload before it has looked for
+    /// a newer epoch; finding one fences it, once.
+    #[tokio::test]
+    async fn past_the_deadline_an_upload_waits_for_the_epoch_check() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let claim = epoch::claim_next(store.as_ref(), 1).await.unwrap();
+        let k = keeper(store.clone(), Duration::from_secs(60));
+        let fenced = Arc::new(AtomicUsize::new(0));
+        let f = fenced.clone();
+        k.start(
+            claim.epoch,
+            1,
+            Box::new(move |_| {
+                f.fetch_add(1, Ordering::AcqRel);
+            }),
+        )
+        .await;
+        let leased = k.store();
+        leased
+            .put_if_absent("journal/0/00000000000000000000", Bytes::from_static(b"a"))
+            .await
+            .unwrap();
+        // Pretend the process was paused past its term, while another writer took over.
+        *lock(&k.state.valid_until) = Some(Instant::now() - Duration::from_secs(1));
+        epoch::claim_next(store.as_ref(), 2).await.unwrap();
+        let err = leased
+            .put_if_absent("journal/1/00000000000000000001", Bytes::from_static(b"b"))
+            .await
+            .unwrap_err();
+        assert!(err.is_transient(), "{err}");
+        assert!(err.to_string().contains("found epoch 2"), "{err}");
+        assert!(store.head("journal/1/00000000000000000001").await.is_err());
+        assert_eq!(fenced.load(Ordering::Acquire), 1);
+        assert_eq!(k.status().unwrap().state, "fenced");
+        // Metadata writes are not the writer's segments: they pass.
+        leased
+            .put_if_absent("marks/x", Bytes::from_static(b"{}"))
+            .await
+            .unwrap();
+        k.release().await;
+        // A fenced writer leaves its lease as it was: not released.
+        let stored = lease::read(store.as_ref(), 1).await.unwrap().unwrap();
+        assert!(!stored.released);
+    }
+
+    #[tokio::test]
+    async fn past_the_deadline_without_a_newer_epoch_renews_and_uploads() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let claim = epoch::claim_next(store.as_ref(), 1).await.unwrap();
+        let k = keeper(store.clone(), Duration::from_secs(60));
+        k.start(claim.epoch, 1, Box::new(|_| panic!("not fenced")))
+            .await;
+        let before = k.status().unwrap().renewals;
+        *lock(&k.state.valid_until) = Some(Instant::now() - Duration::from_secs(1));
+        k.store()
+            .put_if_absent("journal/0/00000000000000000000", Bytes::from_static(b"a"))
+            .await
+            .unwrap();
+        let after = k.status().unwrap();
+        assert_eq!(after.renewals, before + 1);
+        assert_eq!(after.state, "held");
+    }
+}
