@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 #[path = "tinylag/mod.rs"]
 mod cmd;
 
-use cmd::{init, journal_cmd, replay, serve, status, up};
+use cmd::{init, journal_cmd, replay, serve, status, timetravel, up};
 
 /// Asynchronous block-device replication through a journal in object storage,
 /// with delayed replicas and time travel.
@@ -37,6 +37,10 @@ enum Command {
     Replay(Box<replay::ReplayArgs>),
     /// Serve the primary over NBD and journal every acknowledged change (the primary daemon).
     Serve(serve::ServeArgs),
+    /// Write the disk as of a time or mark into a new image file (time travel).
+    Restore(Box<timetravel::RestoreArgs>),
+    /// Show the restorable window, its holes, the marks and where the replica stands.
+    Timeline(Box<timetravel::TimelineArgs>),
     /// Show a running daemon's mode, pool, LSNs, lag, uploads and dirty regions.
     Status(status::StatusArgs),
     /// Primary, journal and replica in one directory, one process: serve + replay.
@@ -62,6 +66,8 @@ fn main() -> ExitCode {
             Command::Journal(c) => journal_cmd::run(c).await,
             Command::Replay(a) => replay::run(*a).await,
             Command::Serve(a) => serve::run(a).await,
+            Command::Restore(a) => timetravel::run_restore(*a).await,
+            Command::Timeline(a) => timetravel::run_timeline(*a).await,
             Command::Status(a) => status::run(a).await,
             Command::Up(a) => up::run(a).await,
         }
