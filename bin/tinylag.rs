@@ -41,6 +41,8 @@ enum Command {
     Restore(Box<timetravel::RestoreArgs>),
     /// Show the restorable window, its holes, the marks and where the replica stands.
     Timeline(Box<timetravel::TimelineArgs>),
+    /// Serve the disk as of a time or mark over NBD at once, without a full copy.
+    Mount(Box<timetravel::MountArgs>),
     /// Show a running daemon's mode, pool, LSNs, lag, uploads and dirty regions.
     Status(status::StatusArgs),
     /// Primary, journal and replica in one directory, one process: serve + replay.
@@ -68,6 +70,7 @@ fn main() -> ExitCode {
             Command::Serve(a) => serve::run(a).await,
             Command::Restore(a) => timetravel::run_restore(*a).await,
             Command::Timeline(a) => timetravel::run_timeline(*a).await,
+            Command::Mount(a) => timetravel::run_mount(*a).await,
             Command::Status(a) => status::run(a).await,
             Command::Up(a) => up::run(a).await,
         }

@@ -8,12 +8,15 @@ use std::sync::{Arc, Mutex};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use tinylag::clock::{Clock, SystemClock};
+use tinylag::nbd::{self, Export, ListenAddr, NbdServer};
 use tinylag::store::local::LocalStore;
 use tinylag::store::{open_store, ObjectStore, StoreUri};
 use tinylag::timetravel::restore::{self, Direction, Stage};
+use tinylag::timetravel::view::TimeView;
 use tinylag::timetravel::{timeline, Point, Sources, Target};
 
 use crate::cmd::args::{parse_store_uri, parse_time, JournalArgs};
+use crate::cmd::serve::{nbd_uri, wait_for_signal};
 
 /// The replica and where its history is.
 #[derive(Debug, Args)]
@@ -235,4 +238,85 @@ pub async fn run_timeline(args: TimelineArgs) -> anyhow::Result<()> {
         print!("{t}");
     }
     Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    #[command(flatten)]
+    pub replica: ReplicaArgs,
+    #[command(flatten)]
+    pub point: PointArgs,
+    /// NBD address: unix:PATH or tcp:IP:PORT [default: unix:<replica>.at.sock].
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+    pub listen: Option<ListenAddr>,
+    /// NBD export name [default: the journal's device name].
+    #[arg(long, value_name = "NAME")]
+    pub export: Option<String>,
+    /// Accept writes into this new copy-on-write scratch file (without it, writes get
+    /// EPERM). The replica, undo log and journal are never written either way.
+    #[arg(long, value_name = "SCRATCH")]
+    pub writable: Option<PathBuf>,
+}
+
+fn parse_listen(s: &str) -> Result<ListenAddr, String> {
+    s.parse::<ListenAddr>().map_err(|e| e.to_string())
+}
+
+pub async fn run_mount(args: MountArgs) -> anyhow::Result<()> {
+    let (sources, point) = open_at(&args.replica, &args.point).await?;
+    let export = args.export.clone().unwrap_or_else(|| {
+        sources
+            .reader
+            .manifest()
+            .devices
+            .first()
+            .map_or_else(|| "disk0".to_string(), |d| d.name.clone())
+    });
+    let listen = match &args.listen {
+        Some(l) => l.clone(),
+        None => ListenAddr::Unix(beside(
+            &std::path::absolute(&args.replica.replica)?,
+            ".at.sock",
+        )),
+    };
+    let replica = sources.replica.display().to_string();
+    let view = TimeView::open(sources, point, args.writable.as_deref()).await?;
+    let summary = view.summary().clone();
+    let server = Arc::new(NbdServer::new(
+        vec![Export {
+            name: export.clone(),
+            description: format!("tinylag {replica} as of {}", point.describe()),
+            device: Arc::new(view),
+        }],
+        &export,
+    )?);
+    let listener = nbd::bind(&listen).await?;
+    let listen = listener.local_addr().clone();
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let nbd_task = tokio::spawn(nbd::serve(listener, server, shutdown_rx));
+    println!(
+        "tinylag mount: {replica} as of {} ({}, {} extents mapped) as {}",
+        point.describe(),
+        match summary.direction {
+            Direction::Backward => "back through the undo log",
+            Direction::Forward => "forward through the journal",
+        },
+        summary.extents,
+        nbd_uri(&listen, &export)
+    );
+    println!(
+        "{}",
+        match &args.writable {
+            Some(p) => format!("writable: writes go to {}", p.display()),
+            None => "read-only".to_string(),
+        }
+    );
+    let signal = wait_for_signal().await?;
+    tracing::info!(signal, "stopping");
+    let _ = shutdown_tx.send(true);
+    match nbd_task.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.into()),
+        Err(e) => Err(anyhow::anyhow!("the NBD server task failed: {e}")),
+    }
 }

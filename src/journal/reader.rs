@@ -14,7 +14,8 @@ use tokio::task::JoinHandle;
 use super::error::{JournalError, JournalResult};
 use super::manifest::Manifest;
 use super::segment::{
-    read_index, read_segment, DecodedSegment, Expected, SegmentError, SegmentIndex,
+    decode_payload, read_index, read_segment, DecodedSegment, Expected, IndexEntry, SegmentError,
+    SegmentIndex,
 };
 use crate::store::{ObjectStore, StoreError};
 
@@ -84,6 +85,14 @@ impl JournalReader {
             Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Reads one record's payload from segment `seq` with a ranged read (time travel's
+    /// extent map); its CRC is checked.
+    pub async fn payload(&self, seq: u64, entry: &IndexEntry) -> JournalResult<bytes::Bytes> {
+        let key = self.manifest.segment_key(seq);
+        let stored = self.store.get_range(&key, entry.stored_range()).await?;
+        Ok(decode_payload(&key, entry, &stored)?)
     }
 
     /// Reads the segment at the cursor. Plugs are followed (they hold no records); the cursor

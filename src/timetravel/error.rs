@@ -77,6 +77,20 @@ pub enum TimeTravelError {
         "--output {path} exists; restore writes a new file only (remove it or choose another path)"
     )]
     OutputExists { path: PathBuf },
+    /// `--writable` names an existing file.
+    #[error(
+        "--writable {path} exists; the scratch file must be new (remove it or choose another path)"
+    )]
+    ScratchExists { path: PathBuf },
+    /// A record reaches outside the device (a corrupt or foreign index).
+    #[error("{object}: record LSN {lsn} reaches outside the device ({offset}+{len} > {size})")]
+    RecordOutside {
+        object: String,
+        lsn: u64,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
     /// A file operation failed.
     #[error("{what} {path}: {source}")]
     Io {

@@ -8,6 +8,7 @@
 //! - [`timeline`]: the window, its holes, the marks and where the replica stands;
 //! - [`view`]: `mount --at`: a read-only (or copy-on-write) block device as of a point,
 //!   served by the NBD server without a full copy;
+//! - [`extents`]: the extent map `view` reads through;
 //! - `copy`: the sparse copy.
 //!
 //! Must never: write to the replica, the undo log or the journal; produce or serve a state
@@ -16,9 +17,11 @@
 
 mod copy;
 pub mod error;
+pub mod extents;
 pub mod restore;
 pub mod sources;
 pub mod timeline;
+pub mod view;
 
 pub use error::{TimeTravelError, TimeTravelResult};
 pub use sources::{Point, Sources, Target, Window};

@@ -71,7 +71,7 @@ pub struct Plan {
     pub journal_records: u64,
     /// Records past this LSN in the undo segments are written back.
     #[serde(skip)]
-    undo_after: u64,
+    pub(crate) undo_after: u64,
 }
 
 /// The stages [`restore`] reports progress in.
