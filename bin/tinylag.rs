@@ -17,7 +17,7 @@ mod cmd;
 
 use cmd::args::UsageError;
 use cmd::output::{error_text, ColorChoice};
-use cmd::{control_cmd, init, journal_cmd, replay, serve, status, up};
+use cmd::{control_cmd, init, journal_cmd, replay, serve, status, timetravel, up};
 
 /// Asynchronous block-device replication through a journal in object storage,
 /// with delayed replicas and time travel.
@@ -60,6 +60,12 @@ enum Command {
     /// Have a running `serve` journal a checksum of regions in order; each replay agent
     /// compares its replica when it applies them and reports mismatches.
     Verify(control_cmd::VerifyArgs),
+    /// Write the disk as of a time or mark into a new image file (time travel).
+    Restore(Box<timetravel::RestoreArgs>),
+    /// Show the restorable window, its holes, the marks and where the replica stands.
+    Timeline(Box<timetravel::TimelineArgs>),
+    /// Serve the disk as of a time or mark over NBD at once, without a full copy.
+    Mount(Box<timetravel::MountArgs>),
     /// Show a running daemon's mode, pool, LSNs, lag, uploads and dirty regions.
     Status(status::StatusArgs),
     /// Primary, journal and replica in one directory, one process: serve + replay.
@@ -88,6 +94,9 @@ fn main() -> ExitCode {
             Command::Verify(a) => control_cmd::verify(a).await,
             Command::Replay(a) => replay::run(*a).await,
             Command::Serve(a) => serve::run(a).await,
+            Command::Restore(a) => timetravel::run_restore(*a).await,
+            Command::Timeline(a) => timetravel::run_timeline(*a).await,
+            Command::Mount(a) => timetravel::run_mount(*a).await,
             Command::Status(a) => status::run(a).await,
             Command::Up(a) => up::run(a).await,
         }

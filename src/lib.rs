@@ -12,6 +12,7 @@ pub mod journal;
 pub mod nbd;
 pub mod replayer;
 pub mod store;
+pub mod timetravel;
 pub mod trim;
 pub mod units;
 pub mod writer;

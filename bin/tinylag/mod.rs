@@ -8,4 +8,5 @@ pub mod output;
 pub mod replay;
 pub mod serve;
 pub mod status;
+pub mod timetravel;
 pub mod up;

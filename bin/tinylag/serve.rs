@@ -146,7 +146,7 @@ pub fn default_control_path(primary: &Path) -> PathBuf {
 }
 
 /// The NBD URI clients use for `export` on `addr`.
-fn nbd_uri(addr: &ListenAddr, export: &str) -> String {
+pub fn nbd_uri(addr: &ListenAddr, export: &str) -> String {
     match addr {
         ListenAddr::Unix(path) => format!("nbd+unix:///{export}?socket={}", path.display()),
         ListenAddr::Tcp(sa) => format!("nbd://{sa}/{export}"),
@@ -387,7 +387,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<&'static str> {
+pub async fn wait_for_signal() -> anyhow::Result<&'static str> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;

@@ -1,17 +1,23 @@
 //! Reading the journal in order: a cursor over the logical chain of segments, which asks for
 //! the predicted key of the next segment (no listing) and follows plugs over abandoned seqs.
+//! [`ReadAhead`] is the same walk with several segment reads in flight; the replay agent,
+//! restore and `mount --at` all read a segment range through it.
 //!
 //! Must never: return a record out of LSN order, skip an LSN, or return anything from an
 //! object whose UUID, seq, first LSN or checksums are not the expected ones.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
-use super::error::JournalResult;
+use tokio::task::JoinHandle;
+
+use super::error::{JournalError, JournalResult};
 use super::manifest::Manifest;
 use super::segment::{
-    read_index, read_segment, DecodedSegment, Expected, SegmentError, SegmentIndex,
+    decode_payload, read_index, read_segment, DecodedSegment, Expected, IndexEntry, SegmentError,
+    SegmentIndex,
 };
-use crate::store::ObjectStore;
+use crate::store::{ObjectStore, StoreError};
 
 /// A position in the logical journal: the segment to read next and the LSN it must start with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,6 +87,14 @@ impl JournalReader {
         }
     }
 
+    /// Reads one record's payload from segment `seq` with a ranged read (time travel's
+    /// extent map); its CRC is checked.
+    pub async fn payload(&self, seq: u64, entry: &IndexEntry) -> JournalResult<bytes::Bytes> {
+        let key = self.manifest.segment_key(seq);
+        let stored = self.store.get_range(&key, entry.stored_range()).await?;
+        Ok(decode_payload(&key, entry, &stored)?)
+    }
+
     /// Reads the segment at the cursor. Plugs are followed (they hold no records); the cursor
     /// moves past what is returned.
     pub async fn step(&self, cursor: &mut Cursor) -> JournalResult<Step> {
@@ -145,6 +159,109 @@ impl JournalReader {
             }
         }
         Ok(lo)
+    }
+}
+
+/// [`JournalReader::step`] with up to `width` segment reads in flight: the segments after the
+/// cursor are fetched by predicted key ahead of need, without knowing their first LSN, and
+/// each is checked against the cursor when its turn comes, so every step returns exactly
+/// what [`JournalReader::step`] would. Memory: at most `width` decoded segments.
+///
+/// # Invariants
+/// - `reads` holds consecutive seqs from the cursor's seq (or is empty), ending at `next - 1`.
+/// - With an `end`, no read is started at or past it (except one, to see the end itself).
+#[derive(Debug)]
+pub struct ReadAhead {
+    reader: JournalReader,
+    /// Stop reading ahead at this seq (a known end of the journal), if any.
+    end: Option<u64>,
+    /// The seq the next read started will fetch.
+    next: u64,
+    reads: VecDeque<(u64, JoinHandle<JournalResult<Option<DecodedSegment>>>)>,
+}
+
+impl ReadAhead {
+    /// A read-ahead over `reader`'s journal that never reads past `end` (exclusive), if any.
+    pub fn new(reader: JournalReader, end: Option<u64>) -> Self {
+        ReadAhead {
+            reader,
+            end,
+            next: 0,
+            reads: VecDeque::new(),
+        }
+    }
+
+    pub fn reader(&self) -> &JournalReader {
+        &self.reader
+    }
+
+    /// Drops every read in flight and starts again from `seq`.
+    fn reset(&mut self, seq: u64) {
+        for (_, read) in self.reads.drain(..) {
+            read.abort();
+        }
+        self.next = seq;
+    }
+
+    /// Returns the segment at the cursor (following plugs) and moves the cursor past it,
+    /// keeping up to `width` reads in flight after it. `NotYet` when the next segment does
+    /// not exist (or the cursor reached `end`).
+    pub async fn step(&mut self, cursor: &mut Cursor, width: usize) -> JournalResult<Step> {
+        loop {
+            if self.end.is_some_and(|end| cursor.seq >= end) {
+                self.reset(cursor.seq);
+                return Ok(Step::NotYet);
+            }
+            if self.reads.front().map(|(seq, _)| *seq) != Some(cursor.seq) {
+                self.reset(cursor.seq);
+            }
+            while self.reads.len() < width.max(1)
+                && self
+                    .end
+                    .is_none_or(|end| self.next < end || self.reads.is_empty())
+            {
+                let (reader, seq) = (self.reader.clone(), self.next);
+                let read = tokio::spawn(async move { reader.segment(seq, None).await });
+                self.reads.push_back((seq, read));
+                self.next += 1;
+            }
+            let Some((seq, read)) = self.reads.pop_front() else {
+                return Ok(Step::NotYet);
+            };
+            let key = self.reader.manifest().segment_key(seq);
+            let fetched = read.await.map_err(|e| {
+                JournalError::Store(StoreError::Transient {
+                    store: self.reader.store().describe(),
+                    key: key.clone(),
+                    message: format!("read task failed: {e}"),
+                })
+            })??;
+            let Some(segment) = fetched else {
+                self.reset(cursor.seq);
+                return Ok(Step::NotYet);
+            };
+            if segment.header.first_lsn != cursor.next_lsn {
+                self.reset(cursor.seq);
+                return Err(SegmentError::WrongFirstLsn {
+                    key,
+                    expected: cursor.next_lsn,
+                    found: segment.header.first_lsn,
+                }
+                .into());
+            }
+            cursor.seq = segment.header.next_seq;
+            if segment.header.plug {
+                continue;
+            }
+            cursor.next_lsn = segment.header.end_lsn();
+            return Ok(Step::Segment(segment));
+        }
+    }
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        self.reset(0);
     }
 }
 
@@ -218,5 +335,84 @@ mod tests {
             panic!("segment 0 exists");
         };
         assert!(s.records.is_empty());
+    }
+    #[tokio::test]
+    async fn read_ahead_returns_exactly_what_step_returns_over_plugs() {
+        use crate::journal::segment::encode_plug;
+        let store = Arc::new(MemoryStore::new());
+        let params = ManifestParams {
+            device_name: "d".into(),
+            size: 1 << 20,
+            block_size: 4096,
+            region_size: 1 << 20,
+            splay_width: 2,
+            segment_size: 1 << 20,
+        };
+        let manifest = Manifest::new(&params, 0).unwrap();
+        let rec = |lsn| Record {
+            lsn,
+            timestamp_ns: lsn,
+            dev: 0,
+            op: Op::Flush,
+        };
+        // 0: LSNs 1-2; 1: a plug to 3; 2: an orphan nobody may read; 3: LSN 3; then 4: LSN 5
+        // (a wrong first LSN: LSN 4 is missing).
+        let put = |seq, body| {
+            let store = store.clone();
+            let key = manifest.segment_key(seq);
+            async move { store.put(&key, body).await.unwrap() }
+        };
+        put(
+            0,
+            encode_segment(manifest.uuid, 1, 0, 1, &[rec(1), rec(2)]).unwrap(),
+        )
+        .await;
+        put(1, encode_plug(manifest.uuid, 1, 1, 3, 3)).await;
+        put(
+            2,
+            encode_segment(manifest.uuid, 1, 2, 99, &[rec(99)]).unwrap(),
+        )
+        .await;
+        put(
+            3,
+            encode_segment(manifest.uuid, 1, 3, 3, &[rec(3)]).unwrap(),
+        )
+        .await;
+        put(
+            4,
+            encode_segment(manifest.uuid, 1, 4, 5, &[rec(5)]).unwrap(),
+        )
+        .await;
+        let reader = JournalReader::new(store, manifest);
+        let start = Cursor {
+            seq: 0,
+            next_lsn: 1,
+        };
+        for width in [1, 3, 8] {
+            let (mut plain, mut ahead_cursor) = (start, start);
+            let mut ahead = ReadAhead::new(reader.clone(), None);
+            for _ in 0..2 {
+                let a = reader.step(&mut plain).await.unwrap();
+                let b = ahead.step(&mut ahead_cursor, width).await.unwrap();
+                match (a, b) {
+                    (Step::Segment(a), Step::Segment(b)) => assert_eq!(a, b),
+                    other => panic!("width {width}: {other:?}"),
+                }
+                assert_eq!(plain, ahead_cursor);
+            }
+            assert!(reader.step(&mut plain).await.is_err());
+            assert!(ahead.step(&mut ahead_cursor, width).await.is_err());
+        }
+        // With an end, nothing at or past it is returned.
+        let mut cursor = start;
+        let mut ahead = ReadAhead::new(reader.clone(), Some(1));
+        assert!(matches!(
+            ahead.step(&mut cursor, 4).await.unwrap(),
+            Step::Segment(_)
+        ));
+        assert!(matches!(
+            ahead.step(&mut cursor, 4).await.unwrap(),
+            Step::NotYet
+        ));
     }
 }

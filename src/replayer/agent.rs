@@ -12,12 +12,12 @@
 //! pre-images are read after this batch's writes, which the page cache already shows);
 //! commits stay in order, and each follows the fsync of the writes it covers.
 //!
-//! A fetcher task reads ahead: it asks for the predicted key of the next segment (no
-//! listing), decodes and verifies the whole segment (every CRC, the UUID, seq and first
-//! LSN) and checks every record fits the replica, all before handing it over. While data
-//! flows it asks again at once; when idle it backs off to one request per second. A store
-//! that is down is retried; a corrupt or foreign segment stops the agent before any of its
-//! records is applied.
+//! A fetcher task ([`super::fetcher`]) reads ahead: it asks for the predicted key of the next
+//! segment (no listing), decodes and verifies the whole segment (every CRC, the UUID, seq and
+//! first LSN) and checks every record fits the replica, all before handing it over. While
+//! data flows it asks again at once; when idle it backs off to one request per second. A
+//! store that is down is retried; a corrupt or foreign segment stops the agent before any of
+//! its records is applied.
 //!
 //! Batches hold records that are due (`timestamp + delay <= now`), up to a record count and
 //! a byte budget, and never start a resync span in the middle (a `RESYNC_BEGIN` opens a new
@@ -42,14 +42,14 @@ use crate::clock::Clock;
 use crate::control::wait_shutdown;
 use crate::journal::consumer::{self, ConsumerState, UndoPosition};
 use crate::journal::head::probe_end;
-use crate::journal::reader::{Cursor, JournalReader, Step};
+use crate::journal::reader::{Cursor, JournalReader};
 use crate::journal::record::{Op, Record, RecordKind};
-use crate::journal::segment::{DecodedSegment, SegmentError};
-use crate::journal::{JournalError, JournalResult};
-use crate::store::{ObjectStore, StoreError};
+use crate::journal::JournalError;
+use crate::store::ObjectStore;
 
-use super::apply::{apply_op, apply_overlay, check_record, extent, sync, ApplyError};
+use super::apply::{apply_op, apply_overlay, extent, sync, ApplyError};
 use super::error::ReplayError;
+use super::fetcher::{Fetcher, Pending};
 use super::overlay::Overlay;
 use super::preimage::{capture, read_preimage};
 use super::recovery::{blocking, recover, RecoveryReport};
@@ -149,14 +149,6 @@ pub enum Outcome {
     ReachedUntil,
     /// Shutdown was requested.
     Shutdown,
-}
-
-/// A fetched segment not yet fully applied.
-#[derive(Debug)]
-struct Pending {
-    seq: u64,
-    next_seq: u64,
-    records: VecDeque<Record>,
 }
 
 /// A record taken into a batch, with the journal seq to restart from once it is applied.
@@ -890,208 +882,4 @@ fn sub_op(op: &Op, start: u64, len: u64) -> Op {
         Op::WriteZeroes { .. } => Op::WriteZeroes { offset: start, len },
         other => other.clone(),
     }
-}
-
-/// Reads segments ahead of the applier.
-struct Fetcher {
-    reader: JournalReader,
-    replica_size: u64,
-    /// `--once`: stop at this seq (the end found at start).
-    end: Option<u64>,
-    timer: Arc<dyn Timer>,
-    poll: PollPolicy,
-    board: Arc<StatusBoard>,
-    tx: mpsc::Sender<Result<Pending, ReplayError>>,
-    /// Set when the last request found no next segment (the agent has seen the head).
-    at_head: Arc<AtomicBool>,
-    /// Highest writer epoch of a segment passed on: a later segment of an older epoch is a
-    /// fenced writer's late upload and is refused.
-    epoch_seen: u64,
-}
-
-/// Segment reads in flight at once while data flows: one stream of GETs to S3 cannot keep
-/// up with a writer that uploads W segments at once (measured on a local S3 server: 4 in
-/// flight ~250 MB/s, 8 ~400 MB/s). When idle, one. Memory: this many segments, plus the
-/// channel's.
-const READ_AHEAD: usize = 8;
-
-/// Reads of the segments after the cursor, by predicted key, started ahead of need.
-#[derive(Default)]
-struct Window {
-    /// The seq the next read started will fetch.
-    next: u64,
-    reads: VecDeque<(u64, JoinHandle<JournalResult<Option<DecodedSegment>>>)>,
-}
-
-impl Window {
-    /// Drops every read and starts again from `seq`.
-    fn reset(&mut self, seq: u64) {
-        for (_, read) in self.reads.drain(..) {
-            read.abort();
-        }
-        self.next = seq;
-    }
-}
-
-impl Drop for Window {
-    fn drop(&mut self) {
-        self.reset(0);
-    }
-}
-
-impl Fetcher {
-    /// [`JournalReader::step`] with up to `width` segment reads in flight. Later segments
-    /// are read without knowing their first LSN; each is checked against the cursor when its
-    /// turn comes, so the result is exactly what `step` would return.
-    async fn step_ahead(
-        &self,
-        cursor: &mut Cursor,
-        window: &mut Window,
-        width: usize,
-    ) -> JournalResult<Step> {
-        loop {
-            if window.reads.front().map(|(seq, _)| *seq) != Some(cursor.seq) {
-                window.reset(cursor.seq);
-            }
-            while window.reads.len() < width.max(1)
-                && self
-                    .end
-                    .is_none_or(|end| window.next < end || window.reads.is_empty())
-            {
-                let (reader, seq) = (self.reader.clone(), window.next);
-                let read = tokio::spawn(async move { reader.segment(seq, None).await });
-                window.reads.push_back((seq, read));
-                window.next += 1;
-            }
-            let Some((seq, read)) = window.reads.pop_front() else {
-                return Ok(Step::NotYet);
-            };
-            let key = self.reader.manifest().segment_key(seq);
-            let fetched = read.await.map_err(|e| {
-                JournalError::Store(StoreError::Transient {
-                    store: self.reader.store().describe(),
-                    key: key.clone(),
-                    message: format!("read task failed: {e}"),
-                })
-            })??;
-            let Some(segment) = fetched else {
-                window.reset(cursor.seq);
-                return Ok(Step::NotYet);
-            };
-            if segment.header.first_lsn != cursor.next_lsn {
-                window.reset(cursor.seq);
-                return Err(SegmentError::WrongFirstLsn {
-                    key,
-                    expected: cursor.next_lsn,
-                    found: segment.header.first_lsn,
-                }
-                .into());
-            }
-            cursor.seq = segment.header.next_seq;
-            if segment.header.plug {
-                continue;
-            }
-            cursor.next_lsn = segment.header.end_lsn();
-            return Ok(Step::Segment(segment));
-        }
-    }
-
-    async fn run(mut self, mut cursor: Cursor, mut shutdown: watch::Receiver<bool>) {
-        let mut idle = self.poll.min;
-        // The committed position may sit inside its segment; later segments start exactly
-        // where the previous one ended.
-        let mut resuming = true;
-        let mut window = Window::default();
-        let mut width = 1;
-        loop {
-            if self.end.is_some_and(|end| cursor.seq >= end) || *shutdown.borrow() {
-                return;
-            }
-            let seq = cursor.seq;
-            let step = tokio::select! {
-                _ = wait_shutdown(&mut shutdown) => return,
-                step = async {
-                    if resuming {
-                        self.reader.step_resuming(&mut cursor).await
-                    } else {
-                        self.step_ahead(&mut cursor, &mut window, width).await
-                    }
-                } => step,
-            };
-            match step {
-                Ok(Step::Segment(segment)) => {
-                    resuming = false;
-                    width = READ_AHEAD;
-                    self.at_head.store(false, Ordering::Release);
-                    idle = self.poll.min;
-                    let key = self.reader.manifest().segment_key(segment.header.seq);
-                    let message = self.check(&key, segment);
-                    let failed = message.is_err();
-                    if self.tx.send(message).await.is_err() || failed {
-                        return;
-                    }
-                }
-                Ok(Step::NotYet) => {
-                    if self.end.is_some() {
-                        return;
-                    }
-                    width = 1;
-                    self.at_head.store(true, Ordering::Release);
-                    tokio::select! {
-                        _ = wait_shutdown(&mut shutdown) => return,
-                        _ = self.timer.sleep(idle) => {}
-                    }
-                    idle = (idle * 2).min(self.poll.max);
-                }
-                Err(e) if is_store_trouble(&e) => {
-                    // Transient trouble was already retried by the store; keep trying at the
-                    // idle pace rather than stopping a DR replica over an outage.
-                    tracing::warn!("reading segment {seq} failed, will retry: {e}");
-                    self.board.warn(Some(e.to_string()));
-                    tokio::select! {
-                        _ = wait_shutdown(&mut shutdown) => return,
-                        _ = self.timer.sleep(self.poll.max) => {}
-                    }
-                }
-                Err(e) => {
-                    let _ = self.tx.send(Err(e.into())).await;
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Checks every record fits the replica; the segment was verified by the reader.
-    fn check(&mut self, key: &str, segment: DecodedSegment) -> Result<Pending, ReplayError> {
-        if segment.header.epoch < self.epoch_seen {
-            return Err(JournalError::from(SegmentError::StaleEpoch {
-                key: key.to_string(),
-                epoch: segment.header.epoch,
-                newer: self.epoch_seen,
-            })
-            .into());
-        }
-        self.epoch_seen = segment.header.epoch;
-        for record in &segment.records {
-            check_record(key, record, self.replica_size)?;
-        }
-        self.board.saw_segment(
-            segment.header.next_seq,
-            segment.header.last_lsn(),
-            segment.records.last().map(|r| r.timestamp_ns),
-        );
-        Ok(Pending {
-            seq: segment.header.seq,
-            next_seq: segment.header.next_seq,
-            records: segment.records.into(),
-        })
-    }
-}
-
-/// Store failures (after the store's own retries), as opposed to bad content.
-fn is_store_trouble(e: &JournalError) -> bool {
-    matches!(
-        e,
-        JournalError::Store(_) | JournalError::Segment(SegmentError::Store(_))
-    )
 }

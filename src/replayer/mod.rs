@@ -1,7 +1,8 @@
 //! The replay agent: follows a journal onto a replica image, optionally hours behind, and
 //! keeps the pre-images (undo log) that let crash recovery and time travel walk it back.
 //!
-//! - [`agent`]: tailing the journal, waiting out the delay, batching and committing;
+//! - [`agent`]: waiting out the delay, batching and committing;
+//! - `fetcher`: reading the journal ahead of the agent (through `journal::reader::ReadAhead`);
 //! - [`apply`]: what each record kind does to the replica;
 //! - [`overlay`]: the net effect of a batch, applied in offset order;
 //! - [`preimage`]: reading what a batch is about to overwrite;
@@ -18,6 +19,7 @@
 pub mod agent;
 pub mod apply;
 pub mod error;
+mod fetcher;
 pub mod overlay;
 pub mod preimage;
 pub mod recovery;

@@ -35,7 +35,8 @@ use uuid::Uuid;
 use crate::journal::paths;
 use crate::journal::record::Record;
 use crate::journal::segment::{
-    decode_segment, encode_segment, DecodedSegment, Expected, SegmentError,
+    decode_payload, decode_segment, encode_segment, read_index, DecodedSegment, Expected,
+    IndexEntry, SegmentError, SegmentIndex,
 };
 use crate::store::{ObjectStore, StoreError};
 
@@ -180,8 +181,69 @@ impl UndoLog {
         })
     }
 
+    /// Opens an existing undo log for reading only (time travel): nothing is created.
+    /// `undo.json` must exist and belong to `journal_uuid`.
+    pub async fn open_existing(
+        store: Arc<dyn ObjectStore>,
+        journal_uuid: Uuid,
+    ) -> Result<UndoLog, UndoError> {
+        let describe = store.describe();
+        let data = store
+            .get(paths::UNDO_MANIFEST)
+            .await
+            .map_err(|source| UndoError::Store {
+                store: describe.clone(),
+                source,
+            })?;
+        let manifest = parse_manifest(&describe, &data)?;
+        if manifest.journal_uuid != journal_uuid {
+            return Err(UndoError::Foreign {
+                store: describe,
+                field: "journal",
+                found: manifest.journal_uuid.to_string(),
+                expected: journal_uuid.to_string(),
+            });
+        }
+        Ok(UndoLog { store, manifest })
+    }
+
     pub fn manifest(&self) -> &UndoManifest {
         &self.manifest
+    }
+
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    fn expected(&self, seq: u64) -> Expected {
+        Expected {
+            uuid: self.manifest.journal_uuid,
+            seq,
+            first_lsn: None,
+        }
+    }
+
+    /// Reads only the index of undo segment `seq` (one ranged read of its tail); `None` when
+    /// absent.
+    pub async fn index(&self, seq: u64) -> Result<Option<SegmentIndex>, UndoError> {
+        let key = paths::undo_segment_key(seq);
+        match read_index(self.store.as_ref(), &key, &self.expected(seq)).await {
+            Ok(i) => Ok(Some(i)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(self.segment_err(e)),
+        }
+    }
+
+    /// Reads one record's payload from undo segment `seq` with a ranged read; its CRC is
+    /// checked.
+    pub async fn payload(&self, seq: u64, entry: &IndexEntry) -> Result<Bytes, UndoError> {
+        let key = paths::undo_segment_key(seq);
+        let stored = self
+            .store
+            .get_range(&key, entry.stored_range())
+            .await
+            .map_err(|e| self.store_err(e))?;
+        decode_payload(&key, entry, &stored).map_err(|e| self.segment_err(e))
     }
 
     pub fn describe(&self) -> String {
@@ -277,11 +339,7 @@ impl UndoLog {
             Err(e) if e.is_not_found() => return Ok(None),
             Err(e) => return Err(self.store_err(e)),
         };
-        let expected = Expected {
-            uuid: self.manifest.journal_uuid,
-            seq,
-            first_lsn: None,
-        };
+        let expected = self.expected(seq);
         let size = data.len() as u64;
         let segment = decode_segment(&key, &data, &expected).map_err(|e| self.segment_err(e))?;
         Ok(Some((segment, size)))

@@ -8,5 +8,6 @@ pub mod oracle;
 pub mod procs;
 pub mod replay;
 pub mod s3;
+pub mod timetravel;
 pub mod verdict;
 pub mod vm;

@@ -39,12 +39,23 @@ pub struct TestJournal {
 impl TestJournal {
     /// Creates a journal of one device of `size` bytes at `dir`.
     pub async fn create(dir: &Path, size: u64, seed: u64) -> TestJournal {
+        Self::create_with_block_size(dir, size, seed, 4096).await
+    }
+
+    /// [`create`](Self::create) with a logical block size of `block_size` (512 for exports a
+    /// loop device on nbdfuse reads).
+    pub async fn create_with_block_size(
+        dir: &Path,
+        size: u64,
+        seed: u64,
+        block_size: u32,
+    ) -> TestJournal {
         let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir));
         let manifest = Manifest::new(
             &ManifestParams {
                 device_name: "disk0".into(),
                 size,
-                block_size: 4096,
+                block_size,
                 region_size: 1 << 20,
                 splay_width: 4,
                 segment_size: 8 << 20,

@@ -1,0 +1,322 @@
+//! `tinylag restore`, `tinylag timeline` and `tinylag mount`: time travel over a replica, its
+//! undo log and the journal (the work is in `tinylag::timetravel`).
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use tinylag::clock::{Clock, SystemClock};
+use tinylag::nbd::{self, Export, ListenAddr, NbdServer};
+use tinylag::store::local::LocalStore;
+use tinylag::store::{open_store, ObjectStore, StoreUri};
+use tinylag::timetravel::restore::{self, Direction, Stage};
+use tinylag::timetravel::view::TimeView;
+use tinylag::timetravel::{timeline, Point, Sources, Target};
+
+use crate::cmd::args::{parse_store_uri, parse_time, JournalArgs};
+use crate::cmd::serve::{nbd_uri, wait_for_signal};
+
+/// The replica and where its history is.
+#[derive(Debug, Args)]
+pub struct ReplicaArgs {
+    #[command(flatten)]
+    pub journal: JournalArgs,
+    /// The replica a `tinylag replay` keeps (file or block device).
+    #[arg(long, value_name = "PATH")]
+    pub replica: PathBuf,
+    /// Its undo log: a directory or store URI (default: <replica>.undo/ beside it).
+    #[arg(long, value_name = "DIR|URI", value_parser = parse_store_uri)]
+    pub undo: Option<StoreUri>,
+    /// The replay agent's consumer name (default: the one registered for --replica).
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+/// The point to travel to: a time or a mark.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct PointArgs {
+    /// The disk as of the last record at or before TIME (RFC 3339, @unix, "10m ago").
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub at: Option<u64>,
+    /// The disk as of a mark (see `tinylag timeline`).
+    #[arg(long, value_name = "NAME", value_parser = parse_mark_name)]
+    pub mark: Option<String>,
+}
+
+fn parse_mark_name(s: &str) -> Result<String, String> {
+    tinylag::journal::mark::validate_name(s)
+        .map(|()| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
+impl PointArgs {
+    fn target(&self) -> Target {
+        match (&self.at, &self.mark) {
+            (Some(t), _) => Target::Time(*t),
+            (None, Some(m)) => Target::Mark(m.clone()),
+            (None, None) => unreachable!("clap requires one of --at and --mark"),
+        }
+    }
+}
+
+/// `<path><suffix>` beside `path`.
+fn beside(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+impl ReplicaArgs {
+    /// Opens the journal, the consumer and the undo log (nothing is created).
+    pub async fn open(&self) -> anyhow::Result<Sources> {
+        let journal = self.journal.open().await?;
+        let undo: Arc<dyn ObjectStore> = match &self.undo {
+            Some(uri) => open_store(uri, &self.journal.s3.options()).await?,
+            None => {
+                let replica = std::path::absolute(&self.replica)?;
+                Arc::new(LocalStore::new(beside(&replica, ".undo")))
+            }
+        };
+        Ok(Sources::open(journal, &self.replica, self.name.as_deref(), undo).await?)
+    }
+}
+
+/// Opens the sources and resolves the point (refusing one outside the window).
+pub async fn open_at(replica: &ReplicaArgs, point: &PointArgs) -> anyhow::Result<(Sources, Point)> {
+    let sources = replica.open().await?;
+    let window = sources.window().await?;
+    let point = sources
+        .resolve(&point.target(), &window, SystemClock.now_ns())
+        .await?;
+    Ok((sources, point))
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub replica: ReplicaArgs,
+    #[command(flatten)]
+    pub point: PointArgs,
+    /// The new image file to write (must not exist).
+    #[arg(long, value_name = "FILE")]
+    pub output: PathBuf,
+    /// Print the plan (direction, objects, bytes) and write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the plan or the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Progress on a terminal (a bar) or as plain lines (every tenth, per stage).
+struct Reporter {
+    bar: Option<ProgressBar>,
+    last: Mutex<(Option<Stage>, u64)>,
+}
+
+impl Reporter {
+    fn new() -> Reporter {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(0);
+            bar.set_style(
+                ProgressStyle::with_template("{msg:>8} [{bar:40}] {pos}/{len} {eta}")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            bar
+        });
+        Reporter {
+            bar,
+            last: Mutex::new((None, 0)),
+        }
+    }
+
+    fn report(&self, stage: Stage, done: u64, total: u64) {
+        let name = match stage {
+            Stage::Copy => "copy",
+            Stage::Undo => "undo",
+            Stage::Journal => "journal",
+        };
+        if let Some(bar) = &self.bar {
+            bar.set_message(name);
+            bar.set_length(total);
+            bar.set_position(done);
+            return;
+        }
+        let tenth = if total == 0 { 10 } else { done * 10 / total };
+        let mut last = self.last.lock().expect("not poisoned");
+        if last.0 != Some(stage) || tenth > last.1 {
+            *last = (Some(stage), tenth);
+            eprintln!("{name}: {done}/{total}");
+        }
+    }
+}
+
+pub async fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
+    let (sources, point) = open_at(&args.replica, &args.point).await?;
+    let window = sources.window().await?;
+    let plan = restore::plan(&sources, &window, point).await?;
+    if args.dry_run {
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&plan)?);
+        } else {
+            let direction = match plan.direction {
+                Direction::Backward => "backward through the undo log",
+                Direction::Forward => "forward through the journal",
+            };
+            println!(
+                "restore to {} from the replica at {}",
+                point.describe(),
+                plan.base.describe()
+            );
+            println!("direction       {direction}");
+            println!(
+                "undo segments   {}..{} ({} records, {} bytes), newest first",
+                plan.undo_segments.start,
+                plan.undo_segments.end,
+                plan.undo_records,
+                plan.undo_bytes
+            );
+            println!(
+                "journal         segments {}..{} ({} records, {} bytes)",
+                plan.journal_segments.start,
+                plan.journal_segments.end,
+                plan.journal_records,
+                plan.journal_bytes
+            );
+            println!(
+                "copy            {} ({} bytes, sparse)",
+                sources.replica.display(),
+                sources.size
+            );
+            println!(
+                "output          {} (not written: --dry-run)",
+                args.output.display()
+            );
+        }
+        return Ok(());
+    }
+    let reporter = Reporter::new();
+    let progress = |stage, done, total| reporter.report(stage, done, total);
+    let report = restore::restore(&sources, &plan, &args.output, &progress).await?;
+    if let Some(bar) = &reporter.bar {
+        bar.finish_and_clear();
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "restored {} as of {}: copied {} bytes, undid {} records, applied {} journal records",
+            report.output.display(),
+            report.point.describe(),
+            report.copied_bytes,
+            report.undo_records,
+            report.journal_records
+        );
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct TimelineArgs {
+    #[command(flatten)]
+    pub replica: ReplicaArgs,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run_timeline(args: TimelineArgs) -> anyhow::Result<()> {
+    let sources = args.replica.open().await?;
+    let t = timeline::gather(&sources).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&t)?);
+    } else {
+        print!("{t}");
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    #[command(flatten)]
+    pub replica: ReplicaArgs,
+    #[command(flatten)]
+    pub point: PointArgs,
+    /// NBD address: unix:PATH or tcp:IP:PORT [default: unix:<replica>.at.sock].
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+    pub listen: Option<ListenAddr>,
+    /// NBD export name [default: the journal's device name].
+    #[arg(long, value_name = "NAME")]
+    pub export: Option<String>,
+    /// Accept writes into this new copy-on-write scratch file (without it, writes get
+    /// EPERM). The replica, undo log and journal are never written either way.
+    #[arg(long, value_name = "SCRATCH")]
+    pub writable: Option<PathBuf>,
+}
+
+fn parse_listen(s: &str) -> Result<ListenAddr, String> {
+    s.parse::<ListenAddr>().map_err(|e| e.to_string())
+}
+
+pub async fn run_mount(args: MountArgs) -> anyhow::Result<()> {
+    let (sources, point) = open_at(&args.replica, &args.point).await?;
+    let export = args.export.clone().unwrap_or_else(|| {
+        sources
+            .reader
+            .manifest()
+            .devices
+            .first()
+            .map_or_else(|| "disk0".to_string(), |d| d.name.clone())
+    });
+    let listen = match &args.listen {
+        Some(l) => l.clone(),
+        None => ListenAddr::Unix(beside(
+            &std::path::absolute(&args.replica.replica)?,
+            ".at.sock",
+        )),
+    };
+    let replica = sources.replica.display().to_string();
+    let view = TimeView::open(sources, point, args.writable.as_deref()).await?;
+    let summary = view.summary().clone();
+    let server = Arc::new(NbdServer::new(
+        vec![Export {
+            name: export.clone(),
+            description: format!("tinylag {replica} as of {}", point.describe()),
+            device: Arc::new(view),
+        }],
+        &export,
+    )?);
+    let listener = nbd::bind(&listen).await?;
+    let listen = listener.local_addr().clone();
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let nbd_task = tokio::spawn(nbd::serve(listener, server, shutdown_rx));
+    println!(
+        "tinylag mount: {replica} as of {} ({}, {} extents mapped) as {}",
+        point.describe(),
+        match summary.direction {
+            Direction::Backward => "back through the undo log",
+            Direction::Forward => "forward through the journal",
+        },
+        summary.extents,
+        nbd_uri(&listen, &export)
+    );
+    println!(
+        "{}",
+        match &args.writable {
+            Some(p) => format!("writable: writes go to {}", p.display()),
+            None => "read-only".to_string(),
+        }
+    );
+    let signal = wait_for_signal().await?;
+    tracing::info!(signal, "stopping");
+    let _ = shutdown_tx.send(true);
+    match nbd_task.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.into()),
+        Err(e) => Err(anyhow::anyhow!("the NBD server task failed: {e}")),
+    }
+}

@@ -1,0 +1,27 @@
+//! Time travel: the disk as it was at any point inside the restorable window, which runs
+//! from the oldest undo record to the journal's head (with holes inside unfinished resync
+//! spans, states the primary never had).
+//!
+//! - [`sources`]: the journal, the replica's consumer position and its undo log; the window;
+//!   turning `--at TIME` / `--mark NAME` into a point (an LSN);
+//! - [`restore`]: a new image file as of a point (sparse copy, then undo or journal);
+//! - [`timeline`]: the window, its holes, the marks and where the replica stands;
+//! - [`view`]: `mount --at`: a read-only (or copy-on-write) block device as of a point,
+//!   served by the NBD server without a full copy;
+//! - [`extents`]: the extent map `view` reads through;
+//! - `copy`: the sparse copy.
+//!
+//! Must never: write to the replica, the undo log or the journal; produce or serve a state
+//! that is not exactly the one the primary had at the point; read a whole journal, undo log
+//! or image into memory.
+
+mod copy;
+pub mod error;
+pub mod extents;
+pub mod restore;
+pub mod sources;
+pub mod timeline;
+pub mod view;
+
+pub use error::{TimeTravelError, TimeTravelResult};
+pub use sources::{Point, Sources, Target, Window};

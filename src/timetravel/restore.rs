@@ -1,0 +1,558 @@
+//! `restore`: writes the disk as of one point into a new file: a sparse copy of the replica,
+//! then wound back through the undo log (newest first) or forward through the journal.
+//!
+//! # A consistent result while `replay` runs
+//! The agent writes every undo segment durably *before* it touches the replica, and undo
+//! records of one log come in LSN order. So: (1) the plan is made from the consumer position
+//! and undo end read at start; (2) the replica is copied (it may change meanwhile); (3) the
+//! undo end is read again, and every undo record after the threshold (the target going back;
+//! the consistent point going forward) in segments up to that new end is written back,
+//! newest first. Every byte the agent changed during the copy has its pre-image in one of
+//! those segments, and the oldest pre-image of a byte after the threshold is that byte at
+//! the threshold; bytes no such record touches were not changed since. Going forward, the
+//! journal's records after the consistent point are then applied up to the target.
+//!
+//! Must never: write to the replica, the undo log or the journal; leave a partial output
+//! behind on failure; hold more than a few segments in memory.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::Serialize;
+use tokio::task::JoinHandle;
+
+use crate::journal::reader::{Cursor, ReadAhead, Step};
+use crate::journal::record::{Record, RecordKind};
+use crate::replayer::apply::{apply_op, check_record, sync};
+use crate::replayer::replica::{ReplicaFile, ReplicaTarget};
+use crate::replayer::undo::{UndoError, UndoLog};
+
+use super::copy::copy_sparse;
+use super::error::{TimeTravelError, TimeTravelResult};
+use super::sources::{Hole, Point, Sources, Spans, Window};
+
+/// Undo segments read ahead of the one being written back.
+const UNDO_READ_AHEAD: usize = 4;
+/// Journal segments read ahead going forward.
+const JOURNAL_READ_AHEAD: usize = 8;
+
+/// Which way from the replica's consistent point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Back through the undo log.
+    Backward,
+    /// Forward through the journal (a delayed replica), after undoing what the agent applied
+    /// past its consistent point.
+    Forward,
+}
+
+/// What a restore will read and do (`--dry-run` prints it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    pub point: Point,
+    pub direction: Direction,
+    /// The replica's consistent point when planned.
+    pub base: Point,
+    /// Undo segments written back, newest first (more may join: those the agent writes
+    /// during the copy).
+    pub undo_segments: Range<u64>,
+    pub undo_bytes: u64,
+    /// Undo records written back.
+    pub undo_records: u64,
+    /// Journal segments read going forward (first and past-the-last seq).
+    pub journal_segments: Range<u64>,
+    pub journal_bytes: u64,
+    /// Journal records applied.
+    pub journal_records: u64,
+    /// Records past this LSN in the undo segments are written back.
+    #[serde(skip)]
+    pub(crate) undo_after: u64,
+}
+
+/// The stages [`restore`] reports progress in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Copying the replica (bytes of the device covered).
+    Copy,
+    /// Writing back undo segments (segments done).
+    Undo,
+    /// Applying journal segments (segments done).
+    Journal,
+}
+
+/// Progress callbacks: `(stage, done, total)`.
+pub type Progress<'a> = &'a (dyn Fn(Stage, u64, u64) + Sync);
+
+/// What a restore did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Report {
+    pub point: Point,
+    pub direction: Direction,
+    pub output: PathBuf,
+    /// Data bytes copied from the replica.
+    pub copied_bytes: u64,
+    pub undo_segments: u64,
+    pub undo_records: u64,
+    pub journal_segments: u64,
+    pub journal_records: u64,
+}
+
+/// The first undo seq in `range` whose last record is after `lsn` (binary search on
+/// indexes; missing seqs count as before).
+pub(crate) async fn first_undo_after(
+    log: &UndoLog,
+    range: Range<u64>,
+    lsn: u64,
+) -> TimeTravelResult<u64> {
+    let (mut lo, mut hi) = (range.start, range.end);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        let after = log
+            .index(mid)
+            .await?
+            .and_then(|i| i.entries.last().map(|e| e.lsn))
+            .is_some_and(|l| l > lsn);
+        if after {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    Ok(lo)
+}
+
+/// Plans a restore to `point` (inside `window`): which way, what to read; refuses a point
+/// inside a resync span.
+pub async fn plan(sources: &Sources, window: &Window, point: Point) -> TimeTravelResult<Plan> {
+    let base = sources.consistent();
+    let mut plan = Plan {
+        point,
+        direction: Direction::Forward,
+        base,
+        undo_segments: 0..0,
+        undo_bytes: 0,
+        undo_records: 0,
+        journal_segments: 0..0,
+        journal_bytes: 0,
+        journal_records: 0,
+        undo_after: base.lsn,
+    };
+    if point.lsn < base.lsn {
+        plan.direction = Direction::Backward;
+        plan.undo_after = point.lsn;
+        let Some(log) = sources
+            .undo
+            .as_ref()
+            .filter(|_| point.lsn >= window.start.lsn)
+        else {
+            return Err(TimeTravelError::NoUndoLog {
+                undo: sources.undo_location.clone(),
+                lsn: point.lsn,
+                consistent_lsn: base.lsn,
+            });
+        };
+        let first = first_undo_after(log, sources.undo_first..sources.undo_end, point.lsn).await?;
+        plan.undo_segments = first..sources.undo_end;
+        // The first resync marker after the point says whether it is inside a span.
+        let mut marker: Option<(RecordKind, Point)> = None;
+        for seq in plan.undo_segments.clone() {
+            let index = sources.undo_index(seq).await?;
+            plan.undo_bytes += index.object_size;
+            for e in index.entries.iter().filter(|e| e.lsn > point.lsn) {
+                plan.undo_records += 1;
+                if marker.is_none()
+                    && matches!(e.kind, RecordKind::ResyncBegin | RecordKind::ResyncEnd)
+                {
+                    let at = Point {
+                        lsn: e.lsn,
+                        timestamp_ns: e.timestamp_ns,
+                    };
+                    marker = Some((e.kind, at));
+                }
+            }
+        }
+        if let Some((RecordKind::ResyncEnd, end)) = marker {
+            let hole = span_before(sources, log, first, point.lsn, end).await?;
+            return Err(hole.refuse(&point));
+        }
+        return Ok(plan);
+    }
+    // Forward: undo what the agent applied past its consistent point, then the journal.
+    match &sources.undo {
+        Some(_) => {
+            let from = sources.consumer.undo.consistent_seq.max(sources.undo_first);
+            plan.undo_segments = from..sources.undo_end.max(from);
+            for seq in plan.undo_segments.clone() {
+                if let Some(index) = sources.undo.as_ref().expect("some").index(seq).await? {
+                    plan.undo_bytes += index.object_size;
+                    plan.undo_records +=
+                        index.entries.iter().filter(|e| e.lsn > base.lsn).count() as u64;
+                }
+            }
+        }
+        None if sources.consumer.applied_lsn != base.lsn => {
+            return Err(TimeTravelError::NoUndoLog {
+                undo: sources.undo_location.clone(),
+                lsn: base.lsn,
+                consistent_lsn: base.lsn,
+            })
+        }
+        None => {}
+    }
+    let journal = sources.journal().describe();
+    let missing = |lsn| TimeTravelError::JournalSegmentMissing {
+        journal: journal.clone(),
+        lsn,
+    };
+    let mut spans = Spans::default();
+    let mut seq = sources.consumer.consistent_seq;
+    plan.journal_segments = seq..seq;
+    let mut reached = point.lsn <= base.lsn;
+    // The span the point is in, read on until its end to name it.
+    let mut hole: Option<Hole> = None;
+    while !reached || hole.is_some() {
+        if seq >= window.journal_end {
+            break;
+        }
+        let Some(index) = sources.reader.index(seq).await? else {
+            break;
+        };
+        let next = index.header.next_seq;
+        if !reached {
+            plan.journal_bytes += index.object_size;
+            plan.journal_segments.end = next;
+        }
+        for e in index.entries.iter().filter(|e| e.lsn > base.lsn) {
+            spans.feed(e.lsn, e.timestamp_ns, e.kind);
+            if !reached {
+                plan.journal_records += 1;
+                if e.lsn == point.lsn {
+                    reached = true;
+                    hole = spans.open();
+                    if hole.is_none() {
+                        break;
+                    }
+                }
+            } else if let (Some(h), RecordKind::ResyncEnd) = (hole, e.kind) {
+                let end = Point {
+                    lsn: e.lsn,
+                    timestamp_ns: e.timestamp_ns,
+                };
+                return Err(Hole {
+                    end: Some(end),
+                    ..h
+                }
+                .refuse(&point));
+            }
+        }
+        seq = next;
+    }
+    if !reached {
+        return Err(missing(spans.last().map_or(base.lsn + 1, |p| p.lsn + 1)));
+    }
+    if let Some(h) = hole {
+        return Err(h.refuse(&point));
+    }
+    Ok(plan)
+}
+
+/// The span that ends at `end` and holds `lsn`: its begin found by reading undo indexes
+/// backwards from `seq`.
+async fn span_before(
+    sources: &Sources,
+    log: &UndoLog,
+    seq: u64,
+    lsn: u64,
+    end: Point,
+) -> TimeTravelResult<Hole> {
+    for s in (sources.undo_first..=seq.min(sources.undo_end.saturating_sub(1))).rev() {
+        let Some(index) = log.index(s).await? else {
+            continue;
+        };
+        let mut previous: Option<Point> = None;
+        let mut found = None;
+        for e in index.entries.iter().filter(|e| e.lsn <= lsn) {
+            if e.kind == RecordKind::ResyncBegin {
+                found = Some((e.lsn, previous));
+            }
+            previous = Some(Point {
+                lsn: e.lsn,
+                timestamp_ns: e.timestamp_ns,
+            });
+        }
+        if let Some((begin, before)) = found {
+            let before = match before {
+                Some(b) => Some(b),
+                None if s > sources.undo_first => {
+                    let prev = log.index(s - 1).await?;
+                    prev.and_then(|i| {
+                        i.entries.last().map(|e| Point {
+                            lsn: e.lsn,
+                            timestamp_ns: e.timestamp_ns,
+                        })
+                    })
+                }
+                None => None,
+            };
+            return Ok(Hole {
+                begin_lsn: begin,
+                before,
+                end: Some(end),
+            });
+        }
+    }
+    Ok(Hole {
+        begin_lsn: 0,
+        before: None,
+        end: Some(end),
+    })
+}
+
+/// Removes the output unless disarmed.
+struct Partial(Option<PathBuf>);
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> TimeTravelError {
+    let path = path.to_owned();
+    move |source| TimeTravelError::Io { what, path, source }
+}
+
+async fn blocking<T: Send + 'static>(
+    what: &'static str,
+    f: impl FnOnce() -> TimeTravelResult<T> + Send + 'static,
+) -> TimeTravelResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| TimeTravelError::Task {
+            what,
+            message: e.to_string(),
+        })?
+}
+
+/// Carries out `plan`: writes the image as of `plan.point` into the new file `output`.
+pub async fn restore(
+    sources: &Sources,
+    plan: &Plan,
+    output: &Path,
+    progress: Progress<'_>,
+) -> TimeTravelResult<Report> {
+    let size = sources.size;
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(output)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                TimeTravelError::OutputExists {
+                    path: output.to_owned(),
+                }
+            } else {
+                io_err("cannot create --output", output)(e)
+            }
+        })?;
+    let mut partial = Partial(Some(output.to_owned()));
+    file.set_len(size)
+        .map_err(io_err("cannot size --output", output))?;
+    // Copy: read-only, no lock (the agent holds it), so `replay` keeps running.
+    let replica =
+        File::open(&sources.replica).map_err(io_err("cannot open --replica", &sources.replica))?;
+    let replica_path = sources.replica.clone();
+    let covered = Arc::new(AtomicU64::new(0));
+    let copy = {
+        let covered = covered.clone();
+        tokio::task::spawn_blocking(move || {
+            copy_sparse(&replica, &file, size, &mut |p| {
+                covered.store(p, Ordering::Relaxed)
+            })
+            .map_err(io_err("cannot copy replica", &replica_path))
+        })
+    };
+    tokio::pin!(copy);
+    let copied = loop {
+        tokio::select! {
+            done = &mut copy => break done.map_err(|e| TimeTravelError::Task {
+                what: "copy",
+                message: e.to_string(),
+            })??,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {
+                progress(Stage::Copy, covered.load(Ordering::Relaxed), size);
+            }
+        }
+    };
+    progress(Stage::Copy, size, size);
+    let target: Arc<dyn ReplicaTarget> = Arc::new(ReplicaFile::open(output, size)?);
+    let mut report = Report {
+        point: plan.point,
+        direction: plan.direction,
+        output: output.to_owned(),
+        copied_bytes: copied,
+        undo_segments: 0,
+        undo_records: 0,
+        journal_segments: 0,
+        journal_records: 0,
+    };
+    match &sources.undo {
+        Some(log) => {
+            // Everything the agent wrote during the copy has its undo segment by now.
+            let end = log
+                .end_with_strays(plan.undo_segments.end.max(plan.undo_segments.start))
+                .await?;
+            let segments = plan.undo_segments.start..end;
+            write_back(
+                sources,
+                log,
+                segments,
+                plan.undo_after,
+                &target,
+                progress,
+                &mut report,
+            )
+            .await?;
+        }
+        None => {
+            let now =
+                crate::journal::consumer::load(sources.journal().as_ref(), &sources.consumer.name)
+                    .await?;
+            if now.applied_lsn != sources.consumer.applied_lsn {
+                return Err(TimeTravelError::ReplicaMoved {
+                    replica: sources.replica.display().to_string(),
+                });
+            }
+        }
+    }
+    if plan.direction == Direction::Forward && plan.point.lsn > plan.base.lsn {
+        forward(sources, plan, &target, progress, &mut report).await?;
+    }
+    let t = target.clone();
+    blocking("fsync", move || Ok(sync(t.as_ref())?)).await?;
+    partial.0 = None;
+    Ok(report)
+}
+
+/// Writes back, newest first, every undo record after `after` in `segments`.
+async fn write_back(
+    sources: &Sources,
+    log: &UndoLog,
+    segments: Range<u64>,
+    after: u64,
+    target: &Arc<dyn ReplicaTarget>,
+    progress: Progress<'_>,
+    report: &mut Report,
+) -> TimeTravelResult<()> {
+    type Read =
+        JoinHandle<Result<Option<(crate::journal::segment::DecodedSegment, u64)>, UndoError>>;
+    let total = segments.end - segments.start;
+    let mut reads: VecDeque<(u64, Read)> = VecDeque::new();
+    let mut next = segments.end;
+    let mut done = 0;
+    loop {
+        while reads.len() < UNDO_READ_AHEAD && next > segments.start {
+            next -= 1;
+            let (log, seq) = (log.clone(), next);
+            reads.push_back((seq, tokio::spawn(async move { log.read(seq).await })));
+        }
+        let Some((seq, read)) = reads.pop_front() else {
+            break;
+        };
+        let read = read.await.map_err(|e| TimeTravelError::Task {
+            what: "undo read",
+            message: e.to_string(),
+        })??;
+        let Some((segment, _)) = read else {
+            for (_, r) in reads {
+                r.abort();
+            }
+            return Err(TimeTravelError::UndoSegmentMissing {
+                undo: sources.undo_location.clone(),
+                seq,
+            });
+        };
+        let records: Vec<Record> = segment
+            .records
+            .into_iter()
+            .rev()
+            .filter(|r| r.lsn > after)
+            .collect();
+        report.undo_records += records.len() as u64;
+        report.undo_segments += 1;
+        let t = target.clone();
+        let key = crate::journal::paths::undo_segment_key(seq);
+        blocking("undo", move || {
+            for r in &records {
+                check_record(&key, r, t.size())?;
+                apply_op(t.as_ref(), r.lsn, &r.op)?;
+            }
+            Ok(())
+        })
+        .await?;
+        done += 1;
+        progress(Stage::Undo, done, total);
+    }
+    Ok(())
+}
+
+/// Applies the journal's records after the consistent point, up to the plan's point.
+async fn forward(
+    sources: &Sources,
+    plan: &Plan,
+    target: &Arc<dyn ReplicaTarget>,
+    progress: Progress<'_>,
+    report: &mut Report,
+) -> TimeTravelResult<()> {
+    let reader = sources.reader.clone();
+    let mut cursor = Cursor {
+        seq: sources.consumer.consistent_seq,
+        next_lsn: plan.base.lsn + 1,
+    };
+    let mut ahead = ReadAhead::new(reader.clone(), None);
+    let mut first = true;
+    let total = plan.journal_segments.end - plan.journal_segments.start;
+    let mut done = 0;
+    while cursor.next_lsn <= plan.point.lsn {
+        let step = if first {
+            first = false;
+            reader.step_resuming(&mut cursor).await?
+        } else {
+            ahead.step(&mut cursor, JOURNAL_READ_AHEAD).await?
+        };
+        let Step::Segment(segment) = step else {
+            return Err(TimeTravelError::JournalSegmentMissing {
+                journal: reader.store().describe(),
+                lsn: cursor.next_lsn,
+            });
+        };
+        let key = reader.manifest().segment_key(segment.header.seq);
+        let records: Vec<Record> = segment
+            .records
+            .into_iter()
+            .filter(|r| r.lsn <= plan.point.lsn)
+            .collect();
+        report.journal_records += records.len() as u64;
+        report.journal_segments += 1;
+        let t = target.clone();
+        blocking("apply", move || {
+            for r in &records {
+                check_record(&key, r, t.size())?;
+                apply_op(t.as_ref(), r.lsn, &r.op)?;
+            }
+            Ok(())
+        })
+        .await?;
+        done += 1;
+        progress(Stage::Journal, done, total.max(done));
+    }
+    Ok(())
+}

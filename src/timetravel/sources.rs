@@ -1,0 +1,516 @@
+//! What time travel reads: the journal, the replica's consumer position and its undo log;
+//! the restorable window they span; and how a `--at TIME` or `--mark NAME` becomes one
+//! point (an LSN) inside it.
+//!
+//! The window runs from the oldest undo record (the undo store's `trim` pointer names the
+//! first live undo segment) to the journal's head (found from the consumer's position with
+//! O(log n) HEAD probes). A time becomes the last record at or before it by a binary search
+//! over segment indexes (one tail read each): never a listing of the journal or the log.
+//!
+//! Must never: write to any store or to the replica; accept a point outside the window.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::clock::format_ns;
+use crate::journal::consumer::{self, ConsumerState};
+use crate::journal::head::probe_end;
+use crate::journal::mark;
+use crate::journal::reader::JournalReader;
+use crate::journal::record::RecordKind;
+use crate::journal::segment::SegmentIndex;
+use crate::journal::Manifest;
+use crate::replayer::undo::{UndoError, UndoLog};
+use crate::store::ObjectStore;
+
+use super::error::{TimeTravelError, TimeTravelResult};
+
+/// A point in the journal's history: the state after every record up to `lsn`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Point {
+    pub lsn: u64,
+    /// The timestamp of record `lsn` (ns since the epoch; 0 for LSN 0).
+    pub timestamp_ns: u64,
+}
+
+impl Point {
+    /// `LSN n (time)` for messages.
+    pub fn describe(&self) -> String {
+        format!("LSN {} ({})", self.lsn, format_ns(self.timestamp_ns))
+    }
+}
+
+/// What to travel to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// The last record at or before this time (ns since the epoch).
+    Time(u64),
+    /// A named point (`marks/<name>`).
+    Mark(String),
+}
+
+/// The journal, the replica's consumer, and its undo log, as they were when opened.
+#[derive(Debug)]
+pub struct Sources {
+    pub reader: JournalReader,
+    /// The consumer position (committed) of the replica's replay agent.
+    pub consumer: ConsumerState,
+    /// The undo log, if the agent keeps one and it exists.
+    pub undo: Option<UndoLog>,
+    /// Where the undo log was looked for (for messages).
+    pub undo_location: String,
+    /// The first live undo segment (the undo store's trim pointer).
+    pub undo_first: u64,
+    /// Past the last undo segment (strays of a cut batch included).
+    pub undo_end: u64,
+    pub replica: PathBuf,
+    /// The device size.
+    pub size: u64,
+}
+
+/// The restorable window and where things stand.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    /// The oldest restorable point.
+    pub start: Point,
+    /// The earliest time accepted (the oldest undo record's timestamp).
+    pub start_time_ns: u64,
+    /// The journal's head: the newest point.
+    pub head: Point,
+    /// Past the last journal segment.
+    pub journal_end: u64,
+    /// The last record the undo log holds a pre-image of, if any.
+    pub undo_last: Option<Point>,
+}
+
+impl Sources {
+    /// Opens everything for the replica at `replica` (its consumer found by path, or by
+    /// `name`), with its undo log in `undo_store` (absent: only forward travel).
+    pub async fn open(
+        journal: Arc<dyn ObjectStore>,
+        replica: &Path,
+        name: Option<&str>,
+        undo_store: Arc<dyn ObjectStore>,
+    ) -> TimeTravelResult<Sources> {
+        let manifest = Manifest::load(journal.as_ref()).await?;
+        let size = manifest.device_size(0).unwrap_or(0);
+        let replica = std::path::absolute(replica).map_err(|source| TimeTravelError::Io {
+            what: "cannot resolve --replica",
+            path: replica.to_owned(),
+            source,
+        })?;
+        let shown = replica.display().to_string();
+        let consumer = match name {
+            Some(name) => consumer::load(journal.as_ref(), name).await?,
+            None => {
+                let mut found: Vec<ConsumerState> = consumer::list(journal.as_ref())
+                    .await?
+                    .into_iter()
+                    .filter(|c| c.replica == shown)
+                    .collect();
+                match found.len() {
+                    0 => {
+                        return Err(TimeTravelError::NoConsumer {
+                            journal: journal.describe(),
+                            replica: shown,
+                        })
+                    }
+                    1 => found.remove(0),
+                    _ => {
+                        return Err(TimeTravelError::AmbiguousConsumer {
+                            journal: journal.describe(),
+                            replica: shown,
+                            names: found
+                                .iter()
+                                .map(|c| c.name.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                        })
+                    }
+                }
+            }
+        };
+        let undo_location = undo_store.describe();
+        let undo = match UndoLog::open_existing(undo_store, manifest.uuid).await {
+            Ok(log) => Some(log),
+            Err(UndoError::Store { source, .. }) if source.is_not_found() => None,
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(log) = &undo {
+            if log.manifest().consumer != consumer.name {
+                return Err(UndoError::Foreign {
+                    store: log.describe(),
+                    field: "consumer",
+                    found: log.manifest().consumer.clone(),
+                    expected: consumer.name.clone(),
+                }
+                .into());
+            }
+        }
+        let (undo_first, undo_end) = match &undo {
+            Some(log) => {
+                let first = consumer::load_trim_pointer(log.store().as_ref())
+                    .await?
+                    .first_seq;
+                let end = log
+                    .end_with_strays(first.max(consumer.undo.next_seq))
+                    .await?;
+                (first, end)
+            }
+            None => (0, 0),
+        };
+        Ok(Sources {
+            reader: JournalReader::new(journal, manifest),
+            consumer,
+            undo,
+            undo_location,
+            undo_first,
+            undo_end,
+            replica,
+            size,
+        })
+    }
+
+    pub fn journal(&self) -> &Arc<dyn ObjectStore> {
+        self.reader.store()
+    }
+
+    /// The consistent point the replica's agent committed.
+    pub fn consistent(&self) -> Point {
+        Point {
+            lsn: self.consumer.consistent_lsn,
+            timestamp_ns: self.consumer.consistent_timestamp_ns,
+        }
+    }
+
+    /// The index of undo segment `seq`, which must exist.
+    pub async fn undo_index(&self, seq: u64) -> TimeTravelResult<SegmentIndex> {
+        let missing = || TimeTravelError::UndoSegmentMissing {
+            undo: self.undo_location.clone(),
+            seq,
+        };
+        let log = self.undo.as_ref().ok_or_else(missing)?;
+        log.index(seq).await?.ok_or_else(missing)
+    }
+
+    /// The restorable window, as of now.
+    pub async fn window(&self) -> TimeTravelResult<Window> {
+        let consistent = self.consistent();
+        let (start, start_time_ns, undo_last) = if self.undo_first < self.undo_end {
+            let first = self.undo_index(self.undo_first).await?;
+            let entry =
+                first
+                    .entries
+                    .first()
+                    .ok_or_else(|| TimeTravelError::UndoSegmentMissing {
+                        undo: self.undo_location.clone(),
+                        seq: self.undo_first,
+                    })?;
+            let start = Point {
+                lsn: entry.lsn.saturating_sub(1),
+                timestamp_ns: entry.timestamp_ns,
+            };
+            let mut last = None;
+            for seq in (self.undo_first..self.undo_end).rev() {
+                if let Some(index) = self.undo.as_ref().expect("checked").index(seq).await? {
+                    if let Some(e) = index.entries.last() {
+                        last = Some(Point {
+                            lsn: e.lsn,
+                            timestamp_ns: e.timestamp_ns,
+                        });
+                        break;
+                    }
+                }
+            }
+            (start, entry.timestamp_ns, last)
+        } else {
+            (consistent, consistent.timestamp_ns, None)
+        };
+        let manifest = self.reader.manifest();
+        let journal_end =
+            probe_end(self.journal().as_ref(), manifest, self.consumer.next_seq).await?;
+        let mut head = Point {
+            lsn: self.consumer.applied_lsn,
+            timestamp_ns: self.consumer.applied_timestamp_ns,
+        };
+        if let Some(u) = undo_last {
+            if u.lsn > head.lsn {
+                head = u;
+            }
+        }
+        for seq in (self.consumer.consistent_seq..journal_end).rev() {
+            if let Some(index) = self.reader.index(seq).await? {
+                if let Some(e) = index.entries.last() {
+                    if e.lsn > head.lsn {
+                        head = Point {
+                            lsn: e.lsn,
+                            timestamp_ns: e.timestamp_ns,
+                        };
+                    }
+                    break;
+                }
+            }
+        }
+        Ok(Window {
+            start,
+            start_time_ns,
+            head,
+            journal_end,
+            undo_last,
+        })
+    }
+
+    /// The point `target` names, checked against `window` (`now_ns` bounds times).
+    pub async fn resolve(
+        &self,
+        target: &Target,
+        window: &Window,
+        now_ns: u64,
+    ) -> TimeTravelResult<Point> {
+        match target {
+            Target::Mark(name) => {
+                let m = mark::load(self.journal().as_ref(), name).await?;
+                if m.lsn < window.start.lsn || m.lsn > window.head.lsn {
+                    return Err(TimeTravelError::MarkOutsideWindow {
+                        name: name.clone(),
+                        lsn: m.lsn,
+                        time: format_ns(m.timestamp_ns),
+                        start_lsn: window.start.lsn,
+                        start: format_ns(window.start_time_ns),
+                        head_lsn: window.head.lsn,
+                        head: format_ns(window.head.timestamp_ns),
+                    });
+                }
+                Ok(Point {
+                    lsn: m.lsn,
+                    timestamp_ns: m.timestamp_ns,
+                })
+            }
+            &Target::Time(t) => {
+                if t < window.start_time_ns {
+                    return Err(TimeTravelError::BeforeWindow {
+                        time: format_ns(t),
+                        start: format_ns(window.start_time_ns),
+                        start_lsn: window.start.lsn,
+                    });
+                }
+                if t > now_ns.max(window.head.timestamp_ns) {
+                    return Err(TimeTravelError::InFuture {
+                        time: format_ns(t),
+                        head: format_ns(window.head.timestamp_ns),
+                        head_lsn: window.head.lsn,
+                    });
+                }
+                if t >= window.head.timestamp_ns {
+                    return Ok(window.head);
+                }
+                if window.undo_last.is_some_and(|u| t < u.timestamp_ns) {
+                    self.time_in_undo(t).await
+                } else {
+                    self.time_in_journal(t, window).await
+                }
+            }
+        }
+    }
+
+    /// The last record at or before `t`, which the undo log covers (`t` is before its last
+    /// record and at or after its first).
+    async fn time_in_undo(&self, t: u64) -> TimeTravelResult<Point> {
+        let log = self.undo.as_ref().expect("the caller checked undo_last");
+        // The first undo seq whose last record is after t (missing seqs count as before).
+        let (mut lo, mut hi) = (self.undo_first, self.undo_end);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let after = log
+                .index(mid)
+                .await?
+                .and_then(|i| i.last_timestamp())
+                .is_some_and(|ts| ts > t);
+            if after {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        let index = self.undo_index(lo).await?;
+        let mut previous: Option<Point> = None;
+        for e in &index.entries {
+            if e.timestamp_ns > t {
+                return match previous {
+                    Some(p) if p.lsn == e.lsn - 1 => Ok(p),
+                    _ => self.undo_point_before(lo, e.lsn).await,
+                };
+            }
+            previous = Some(Point {
+                lsn: e.lsn,
+                timestamp_ns: e.timestamp_ns,
+            });
+        }
+        unreachable!("segment {lo} has a record after {t} by the search")
+    }
+
+    /// The point `lsn - 1`, whose record is in an undo segment before `seq`.
+    async fn undo_point_before(&self, seq: u64, lsn: u64) -> TimeTravelResult<Point> {
+        let log = self.undo.as_ref().expect("checked by the caller");
+        for s in (self.undo_first..seq).rev() {
+            if let Some(i) = log.index(s).await? {
+                if let Some(e) = i.entries.iter().rev().find(|e| e.lsn < lsn) {
+                    return Ok(Point {
+                        lsn: lsn - 1,
+                        timestamp_ns: e.timestamp_ns,
+                    });
+                }
+            }
+        }
+        Ok(Point {
+            lsn: lsn - 1,
+            timestamp_ns: 0,
+        })
+    }
+
+    /// The last record at or before `t`, found in the journal from the consumer's consistent
+    /// segment on (`t` is before the head).
+    async fn time_in_journal(&self, t: u64, window: &Window) -> TimeTravelResult<Point> {
+        let from = self.consumer.consistent_seq;
+        let seq = self
+            .reader
+            .seek_time(from, window.journal_end, t.saturating_add(1))
+            .await?;
+        if seq >= window.journal_end {
+            return Ok(window.head);
+        }
+        let index = self.reader.index(seq).await?.ok_or_else(|| {
+            TimeTravelError::JournalSegmentMissing {
+                journal: self.journal().describe(),
+                lsn: 0,
+            }
+        })?;
+        let mut previous: Option<Point> = None;
+        for e in &index.entries {
+            if e.timestamp_ns > t {
+                if let Some(p) = previous {
+                    return Ok(p);
+                }
+                // The record before is in an earlier segment (or is the consistent point).
+                for s in (from..seq).rev() {
+                    if let Some(i) = self.reader.index(s).await? {
+                        if let Some(last) = i.entries.last() {
+                            return Ok(Point {
+                                lsn: last.lsn,
+                                timestamp_ns: last.timestamp_ns,
+                            });
+                        }
+                    }
+                }
+                return Ok(Point {
+                    lsn: e.lsn - 1,
+                    timestamp_ns: self.consumer.consistent_timestamp_ns,
+                });
+            }
+            previous = Some(Point {
+                lsn: e.lsn,
+                timestamp_ns: e.timestamp_ns,
+            });
+        }
+        unreachable!("segment {seq} has a record after {t} by the search")
+    }
+}
+
+/// A resync span: the points `begin_lsn ..= end - 1` are states the primary never had.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Hole {
+    pub begin_lsn: u64,
+    /// The last valid point before the span (`begin_lsn - 1`), when it is in the window.
+    pub before: Option<Point>,
+    /// The `RESYNC_END` record (the first valid point after), `None` while unfinished.
+    pub end: Option<Point>,
+}
+
+impl Hole {
+    pub fn contains(&self, lsn: u64) -> bool {
+        lsn >= self.begin_lsn && self.end.is_none_or(|e| lsn < e.lsn)
+    }
+
+    /// The error for a point inside this hole.
+    pub fn refuse(&self, point: &Point) -> TimeTravelError {
+        TimeTravelError::InHole {
+            point: point.describe(),
+            begin_lsn: self.begin_lsn,
+            end: self
+                .end
+                .map_or("unfinished".into(), |e| format!("{}", e.lsn - 1)),
+            before: self
+                .before
+                .map_or("none inside the window".into(), |p| p.describe()),
+            after: self
+                .end
+                .map_or("none yet (the resync has not finished)".into(), |p| {
+                    p.describe()
+                }),
+        }
+    }
+}
+
+/// Finds resync spans in records fed in LSN order.
+#[derive(Debug, Default)]
+pub struct Spans {
+    open: Option<Hole>,
+    /// The last record fed.
+    last: Option<Point>,
+    /// Finished spans, in order.
+    pub holes: Vec<Hole>,
+}
+
+impl Spans {
+    /// Feeds one record; records at or before the last one fed are ignored.
+    pub fn feed(&mut self, lsn: u64, timestamp_ns: u64, kind: RecordKind) {
+        if self.last.is_some_and(|l| lsn <= l.lsn) {
+            return;
+        }
+        let here = Point { lsn, timestamp_ns };
+        match kind {
+            RecordKind::ResyncBegin => {
+                if let Some(open) = self.open.take() {
+                    // A second begin without an end (a writer restarted mid-resync): the
+                    // first span never finished; it runs into this one.
+                    self.open = Some(open);
+                } else {
+                    self.open = Some(Hole {
+                        begin_lsn: lsn,
+                        before: self.last,
+                        end: None,
+                    });
+                }
+            }
+            RecordKind::ResyncEnd => {
+                let mut hole = self.open.take().unwrap_or(Hole {
+                    // The window starts inside the span.
+                    begin_lsn: 0,
+                    before: None,
+                    end: None,
+                });
+                hole.end = Some(here);
+                self.holes.push(hole);
+            }
+            _ => {}
+        }
+        self.last = Some(here);
+    }
+
+    /// The span still open after the last record fed.
+    pub fn open(&self) -> Option<Hole> {
+        self.open
+    }
+
+    /// Every span, the open one last.
+    pub fn all(&self) -> Vec<Hole> {
+        let mut v = self.holes.clone();
+        v.extend(self.open);
+        v
+    }
+
+    /// The last record fed.
+    pub fn last(&self) -> Option<Point> {
+        self.last
+    }
+}

@@ -1,0 +1,524 @@
+//! `mount --at`: the disk as of one point, as a [`BlockDevice`] the NBD server serves at
+//! once, without a full copy.
+//!
+//! At open, an [`ExtentMap`] is built from segment indexes (locations, never payloads):
+//! - going back (the point is before the replica's consistent point): for every undo record
+//!   after the point, its range maps to its pre-image, the *oldest* such record winning
+//!   (`fill_gaps` in LSN order): that is each byte as of the point;
+//! - going forward (a delayed replica): every journal record after the consistent point up
+//!   to the point maps its range, the *newest* winning (`overwrite`); then every undo record
+//!   the agent wrote past the consistent point fills the gaps, as above;
+//! - everything else is read from the replica.
+//!
+//! # A replay agent beside the mount
+//! The agent writes an undo segment durably *before* it changes the replica. So after every
+//! read that took bytes from the replica, the view asks whether undo segments appeared after
+//! the ones it knows (one HEAD of the next predicted key); if so it adds their records to the
+//! map (filling gaps only: they are newer than anything mapped) and reads again. A byte the
+//! agent changed before the read is then served from its pre-image, so what the mount shows
+//! never changes. (Crash recovery of the agent deletes undo segments after rewinding the
+//! replica; a mapped one that vanishes makes reads of its range fail with EIO rather than
+//! return a wrong byte.)
+//!
+//! Writes: refused (`EPERM`) unless a scratch file is given; then they go to the scratch file
+//! and a map of written ranges, and reads take written ranges from it (copy-on-write). The
+//! scratch holds the mount's writes for its life only.
+//!
+//! Memory: the map (one extent per record range in the travelled span) and a payload cache
+//! bounded by [`CACHE_BYTES`].
+//!
+//! Must never: write to the replica, the undo log or the journal; serve a byte that is not
+//! the point's.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::block::{check_range, BlockDevice, BlockError, DeviceInfo};
+use crate::journal::reader::JournalReader;
+use crate::journal::record::RecordKind;
+use crate::journal::segment::IndexEntry;
+use crate::replayer::undo::UndoLog;
+
+use super::error::{TimeTravelError, TimeTravelResult};
+use super::extents::{ExtentMap, Layer, Location, Source};
+use super::restore::{plan, Direction, Plan};
+use super::sources::{Point, Sources};
+
+/// Decoded payloads kept for reads that hit the same record again.
+pub const CACHE_BYTES: usize = 64 << 20;
+
+/// What a mount found at open (for its banner and tests).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ViewSummary {
+    pub point: Point,
+    pub direction: Direction,
+    pub extents: usize,
+    pub undo_segments: u64,
+    pub journal_segments: u64,
+}
+
+/// A bounded cache of decoded payloads, oldest out first.
+#[derive(Debug, Default)]
+struct Cache {
+    map: HashMap<(Layer, u64, u64), Bytes>,
+    order: VecDeque<(Layer, u64, u64)>,
+    bytes: usize,
+}
+
+impl Cache {
+    fn get(&self, key: &(Layer, u64, u64)) -> Option<Bytes> {
+        self.map.get(key).cloned()
+    }
+
+    fn put(&mut self, key: (Layer, u64, u64), value: Bytes) {
+        if value.len() > CACHE_BYTES / 4 || self.map.contains_key(&key) {
+            return;
+        }
+        self.bytes += value.len();
+        self.map.insert(key, value);
+        self.order.push_back(key);
+        while self.bytes > CACHE_BYTES {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(v) = self.map.remove(&old) {
+                self.bytes -= v.len();
+            }
+        }
+    }
+}
+
+/// The copy-on-write scratch of a writable mount.
+#[derive(Debug)]
+struct Scratch {
+    file: File,
+    path: PathBuf,
+    /// Ranges written (the source is unused: `Zero` marks "in the scratch").
+    written: RwLock<ExtentMap>,
+}
+
+/// The disk as of one point (see the module docs).
+#[derive(Debug)]
+pub struct TimeView {
+    reader: JournalReader,
+    undo: Option<UndoLog>,
+    replica: File,
+    size: u64,
+    block_size: u32,
+    map: RwLock<ExtentMap>,
+    /// Undo records after this LSN are pre-images of the point.
+    threshold: u64,
+    /// Past the last undo segment in the map.
+    known_end: tokio::sync::Mutex<u64>,
+    /// `known_end`, stored after the map has the segments below it: a read that resolved
+    /// its pieces under an older value may hold replica bytes the map now covers.
+    generation: AtomicU64,
+    cache: Mutex<Cache>,
+    scratch: Option<Scratch>,
+    summary: ViewSummary,
+}
+
+fn io_other(e: impl std::fmt::Display) -> BlockError {
+    BlockError::Io(io::Error::other(e.to_string()))
+}
+
+impl TimeView {
+    /// Builds the view of `point` (refused inside a resync span, like a restore); with
+    /// `scratch`, a new scratch file takes writes.
+    pub async fn open(
+        sources: Sources,
+        point: Point,
+        scratch: Option<&Path>,
+    ) -> TimeTravelResult<TimeView> {
+        let window = sources.window().await?;
+        let plan = plan(&sources, &window, point).await?;
+        let replica = File::open(&sources.replica).map_err(|source| TimeTravelError::Io {
+            what: "cannot open --replica",
+            path: sources.replica.clone(),
+            source,
+        })?;
+        let mut map = ExtentMap::default();
+        let mut journal_segments = 0;
+        if plan.direction == Direction::Forward && point.lsn > plan.base.lsn {
+            journal_segments = map_journal(&sources, &plan, &mut map).await?;
+        }
+        let undo_end = plan.undo_segments.end.max(plan.undo_segments.start);
+        if let Some(log) = &sources.undo {
+            for seq in plan.undo_segments.clone() {
+                let index = sources.undo_index(seq).await?;
+                map_undo(
+                    log,
+                    seq,
+                    &index.entries,
+                    plan.undo_after,
+                    sources.size,
+                    &mut map,
+                )?;
+            }
+        }
+        let scratch = match scratch {
+            None => None,
+            Some(path) => {
+                let file = File::options()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(path)
+                    .map_err(|source| {
+                        if source.kind() == io::ErrorKind::AlreadyExists {
+                            TimeTravelError::ScratchExists {
+                                path: path.to_owned(),
+                            }
+                        } else {
+                            TimeTravelError::Io {
+                                what: "cannot create --writable",
+                                path: path.to_owned(),
+                                source,
+                            }
+                        }
+                    })?;
+                file.set_len(sources.size)
+                    .map_err(|source| TimeTravelError::Io {
+                        what: "cannot size --writable",
+                        path: path.to_owned(),
+                        source,
+                    })?;
+                Some(Scratch {
+                    file,
+                    path: path.to_owned(),
+                    written: RwLock::new(ExtentMap::default()),
+                })
+            }
+        };
+        let summary = ViewSummary {
+            point,
+            direction: plan.direction,
+            extents: map.len(),
+            undo_segments: plan.undo_segments.end - plan.undo_segments.start,
+            journal_segments,
+        };
+        Ok(TimeView {
+            block_size: sources.reader.manifest().block_size,
+            reader: sources.reader,
+            undo: sources.undo,
+            replica,
+            size: sources.size,
+            map: RwLock::new(map),
+            threshold: plan.undo_after,
+            known_end: tokio::sync::Mutex::new(undo_end),
+            generation: AtomicU64::new(undo_end),
+            cache: Mutex::new(Cache::default()),
+            scratch,
+            summary,
+        })
+    }
+
+    pub fn summary(&self) -> &ViewSummary {
+        &self.summary
+    }
+
+    /// Adds undo segments the agent wrote since the map was last extended; true if any.
+    async fn refresh(&self) -> TimeTravelResult<bool> {
+        let Some(log) = &self.undo else {
+            return Ok(false);
+        };
+        let mut known = self.known_end.lock().await;
+        let end = log.end_from(*known).await?;
+        if end == *known {
+            return Ok(false);
+        }
+        for seq in *known..end {
+            let Some(index) = log.index(seq).await? else {
+                return Err(TimeTravelError::UndoSegmentMissing {
+                    undo: log.describe(),
+                    seq,
+                });
+            };
+            let mut map = self.map.write().expect("not poisoned");
+            map_undo(
+                log,
+                seq,
+                &index.entries,
+                self.threshold,
+                self.size,
+                &mut map,
+            )?;
+        }
+        *known = end;
+        self.generation.store(end, Ordering::Release);
+        Ok(true)
+    }
+
+    async fn payload(&self, loc: &Location) -> Result<Bytes, BlockError> {
+        let key = (loc.layer, loc.seq, loc.entry.body_pos);
+        if let Some(p) = self.cache.lock().expect("not poisoned").get(&key) {
+            return Ok(p);
+        }
+        let data = match loc.layer {
+            Layer::Journal => self
+                .reader
+                .payload(loc.seq, &loc.entry)
+                .await
+                .map_err(io_other)?,
+            Layer::Undo => {
+                let log = self.undo.as_ref().ok_or_else(|| io_other("no undo log"))?;
+                log.payload(loc.seq, &loc.entry).await.map_err(io_other)?
+            }
+        };
+        if (data.len() as u64) < loc.entry.length {
+            return Err(io_other(format!(
+                "record LSN {} payload is {} bytes, its index says {}",
+                loc.entry.lsn,
+                data.len(),
+                loc.entry.length
+            )));
+        }
+        self.cache
+            .lock()
+            .expect("not poisoned")
+            .put(key, data.clone());
+        Ok(data)
+    }
+
+    /// The point's bytes of `offset..offset + len`, before the scratch's writes.
+    async fn read_point(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        let end = offset + buf.len() as u64;
+        loop {
+            let generation = self.generation.load(Ordering::Acquire);
+            let pieces = self.map.read().expect("not poisoned").pieces(offset, end);
+            let mut from_replica = false;
+            for (s, e, src) in pieces {
+                let out = &mut buf[(s - offset) as usize..(e - offset) as usize];
+                match src {
+                    None => {
+                        from_replica = true;
+                        self.replica.read_exact_at(out, s)?;
+                    }
+                    Some(Source::Zero) => out.fill(0),
+                    Some(Source::Payload(loc)) => {
+                        let p = self.payload(&loc).await?;
+                        let from = (s - loc.entry.offset) as usize;
+                        out.copy_from_slice(&p[from..from + out.len()]);
+                    }
+                }
+            }
+            if from_replica {
+                // The agent writes an undo segment before it changes the replica: any
+                // change the reads above saw is in a segment the map now has (added by
+                // this read or a concurrent one).
+                self.refresh().await.map_err(io_other)?;
+                if self.generation.load(Ordering::Acquire) != generation {
+                    continue;
+                }
+            }
+            return Ok(());
+        }
+    }
+
+    fn scratch(&self) -> Result<&Scratch, BlockError> {
+        self.scratch.as_ref().ok_or(BlockError::ReadOnly)
+    }
+}
+
+/// Maps the journal's records after the consistent point up to the point (newest wins).
+/// Returns the segments read.
+async fn map_journal(sources: &Sources, plan: &Plan, map: &mut ExtentMap) -> TimeTravelResult<u64> {
+    let (base, point) = (plan.base.lsn, plan.point.lsn);
+    let mut seq = sources.consumer.consistent_seq;
+    let mut read = 0;
+    let mut last = base;
+    while last < point {
+        let Some(index) = sources.reader.index(seq).await? else {
+            return Err(TimeTravelError::JournalSegmentMissing {
+                journal: sources.journal().describe(),
+                lsn: last + 1,
+            });
+        };
+        read += 1;
+        let key = sources.reader.manifest().segment_key(seq);
+        for e in index
+            .entries
+            .iter()
+            .filter(|e| e.lsn > base && e.lsn <= point)
+        {
+            last = e.lsn;
+            let Some((start, end, source)) = extent_of(&key, Layer::Journal, seq, e, sources.size)?
+            else {
+                continue;
+            };
+            map.overwrite(start, end, source);
+        }
+        seq = index.header.next_seq;
+    }
+    Ok(read)
+}
+
+/// Maps the undo records after `threshold` in one undo segment (oldest wins).
+fn map_undo(
+    log: &UndoLog,
+    seq: u64,
+    entries: &[IndexEntry],
+    threshold: u64,
+    size: u64,
+    map: &mut ExtentMap,
+) -> TimeTravelResult<()> {
+    let key = format!(
+        "{}/{}",
+        log.describe(),
+        crate::journal::paths::undo_segment_key(seq)
+    );
+    for e in entries.iter().filter(|e| e.lsn > threshold) {
+        if let Some((start, end, source)) = extent_of(&key, Layer::Undo, seq, e, size)? {
+            map.fill_gaps(start, end, source);
+        }
+    }
+    Ok(())
+}
+
+/// The device range a record changes and where its bytes come from; `None` for records
+/// that change no bytes.
+fn extent_of(
+    object: &str,
+    layer: Layer,
+    seq: u64,
+    e: &IndexEntry,
+    size: u64,
+) -> TimeTravelResult<Option<(u64, u64, Source)>> {
+    let source = match e.kind {
+        RecordKind::Write | RecordKind::ResyncData => Source::Payload(Arc::new(Location {
+            layer,
+            seq,
+            entry: e.clone(),
+        })),
+        RecordKind::Discard | RecordKind::WriteZeroes => Source::Zero,
+        _ => return Ok(None),
+    };
+    match e.offset.checked_add(e.length) {
+        Some(end) if end <= size && e.dev == 0 => Ok(Some((e.offset, end, source))),
+        _ => Err(TimeTravelError::RecordOutside {
+            object: object.to_string(),
+            lsn: e.lsn,
+            offset: e.offset,
+            len: e.length,
+            size,
+        }),
+    }
+}
+
+#[async_trait]
+impl BlockDevice for TimeView {
+    fn info(&self) -> DeviceInfo {
+        let writable = self.scratch.is_some();
+        DeviceInfo {
+            size: self.size,
+            block_size: self.block_size,
+            read_only: !writable,
+            supports_trim: writable,
+            supports_write_zeroes: writable,
+            flush_covers_all_connections: true,
+        }
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BlockError> {
+        check_range(offset, u64::from(len), self.size)?;
+        let mut buf = vec![0u8; len as usize];
+        self.read_point(offset, &mut buf).await?;
+        if let Some(scratch) = &self.scratch {
+            let pieces = scratch
+                .written
+                .read()
+                .expect("not poisoned")
+                .pieces(offset, offset + u64::from(len));
+            for (s, e, src) in pieces {
+                if src.is_some() {
+                    let out = &mut buf[(s - offset) as usize..(e - offset) as usize];
+                    scratch.file.read_exact_at(out, s)?;
+                }
+            }
+        }
+        Ok(Bytes::from(buf))
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), BlockError> {
+        check_range(offset, data.len() as u64, self.size)?;
+        let scratch = self.scratch()?;
+        scratch.file.write_all_at(&data, offset)?;
+        if fua {
+            scratch.file.sync_data()?;
+        }
+        scratch.written.write().expect("not poisoned").overwrite(
+            offset,
+            offset + data.len() as u64,
+            Source::Zero,
+        );
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), BlockError> {
+        match &self.scratch {
+            Some(s) => Ok(s.file.sync_data()?),
+            None => Ok(()),
+        }
+    }
+
+    async fn trim(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.write_zeroes(offset, len, false).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), BlockError> {
+        check_range(offset, len, self.size)?;
+        let scratch = self.scratch()?;
+        zero_file_range(&scratch.file, offset, len).map_err(|e| {
+            BlockError::Io(io::Error::new(
+                e.kind(),
+                format!("scratch {}: {e}", scratch.path.display()),
+            ))
+        })?;
+        if fua {
+            scratch.file.sync_data()?;
+        }
+        scratch.written.write().expect("not poisoned").overwrite(
+            offset,
+            offset + len,
+            Source::Zero,
+        );
+        Ok(())
+    }
+}
+
+/// Makes `offset..offset + len` of `file` read as zeroes (a punched hole, or written zeroes
+/// where the filesystem cannot punch).
+fn zero_file_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: fallocate reads only its integer arguments on a descriptor `file` keeps open.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let zeroes = vec![0u8; (1 << 20).min(len as usize)];
+    let mut at = offset;
+    while at < offset + len {
+        let n = zeroes.len().min((offset + len - at) as usize);
+        file.write_all_at(&zeroes[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}

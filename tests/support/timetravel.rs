@@ -1,0 +1,116 @@
+//! Time-travel test helpers: a journal written in phases of known content at controlled
+//! times, each ending with a `MARK` record and its `marks/<name>`, with the image expected
+//! after every phase kept as a hash (one image in memory at a time).
+
+use std::path::Path;
+
+use tinylag::clock::format_ns;
+use tinylag::journal::mark::{self, MarkPoint};
+use tinylag::journal::Op;
+
+use super::replay::{file_hash, TestJournal};
+
+/// One second in nanoseconds.
+pub const SEC: u64 = 1_000_000_000;
+
+/// What the disk was after a phase.
+#[derive(Clone, Debug)]
+pub struct PhaseEnd {
+    pub mark: String,
+    /// The LSN of the phase's MARK record (its last).
+    pub lsn: u64,
+    /// The timestamp of every record of the phase (whole seconds).
+    pub time_ns: u64,
+    /// FNV-1a of the image after the phase.
+    pub hash: u64,
+}
+
+impl PhaseEnd {
+    /// `--at` a time inside the phase's quiet interval (after it, before the next).
+    pub fn at(&self) -> String {
+        format_ns(self.time_ns + SEC)
+    }
+
+    /// `--at` exactly the phase's records' time.
+    pub fn at_exactly(&self) -> String {
+        format_ns(self.time_ns)
+    }
+}
+
+/// The expected image, kept in memory and changed like a replica.
+pub struct Model {
+    pub image: Vec<u8>,
+}
+
+impl Model {
+    pub fn new(size: u64) -> Model {
+        Model {
+            image: vec![0; size as usize],
+        }
+    }
+
+    pub fn apply(&mut self, op: &Op) {
+        match op {
+            Op::Write { offset, data } | Op::ResyncData { offset, data } => {
+                self.image[*offset as usize..*offset as usize + data.len()].copy_from_slice(data)
+            }
+            Op::Discard { offset, len } | Op::WriteZeroes { offset, len } => {
+                self.image[*offset as usize..(*offset + *len) as usize].fill(0)
+            }
+            _ => {}
+        }
+    }
+
+    pub fn hash(&self) -> u64 {
+        self.image.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
+    }
+}
+
+/// Appends phase `name`: `segments` segments of `per_segment` random operations, all at
+/// `time_ns`, then a MARK record (and `marks/<name>`) at the same time.
+pub async fn phase(
+    journal: &mut TestJournal,
+    model: &mut Model,
+    name: &str,
+    time_ns: u64,
+    segments: usize,
+    per_segment: usize,
+) -> PhaseEnd {
+    for _ in 0..segments {
+        let ops: Vec<Op> = (0..per_segment).map(|_| journal.random_op()).collect();
+        for op in &ops {
+            model.apply(op);
+        }
+        journal.append_at(ops, time_ns).await;
+    }
+    let lsns = journal
+        .append_at(vec![Op::Mark { name: name.into() }], time_ns)
+        .await;
+    let point = MarkPoint {
+        name: name.into(),
+        lsn: lsns.start,
+        timestamp_ns: time_ns,
+    };
+    mark::create(journal.store.as_ref(), &point)
+        .await
+        .expect("create mark");
+    PhaseEnd {
+        mark: name.into(),
+        lsn: lsns.start,
+        time_ns,
+        hash: model.hash(),
+    }
+}
+
+/// Asserts `file` is the image of `phase`.
+pub fn assert_phase(file: &Path, phase: &PhaseEnd, what: &str) {
+    assert_eq!(
+        file_hash(file),
+        phase.hash,
+        "{what}: {} is not the image of phase {}",
+        file.display(),
+        phase.mark
+    );
+}
