@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 #[path = "tinylag/mod.rs"]
 mod cmd;
 
-use cmd::{init, journal_cmd, replay, serve, status, up};
+use cmd::{init, journal_cmd, replay, serve, status, trim, up};
 
 /// Asynchronous block-device replication through a journal in object storage,
 /// with delayed replicas and time travel.
@@ -37,6 +37,9 @@ enum Command {
     Replay(Box<replay::ReplayArgs>),
     /// Serve the primary over NBD and journal every acknowledged change (the primary daemon).
     Serve(serve::ServeArgs),
+    /// Look after an undo log.
+    #[command(subcommand)]
+    Undo(trim::UndoCommand),
     /// Show a running daemon's mode, pool, LSNs, lag, uploads and dirty regions.
     Status(status::StatusArgs),
     /// Primary, journal and replica in one directory, one process: serve + replay.
@@ -63,6 +66,7 @@ fn main() -> ExitCode {
             Command::Replay(a) => replay::run(*a).await,
             Command::Serve(a) => serve::run(a).await,
             Command::Status(a) => status::run(a).await,
+            Command::Undo(trim::UndoCommand::Trim(a)) => trim::undo_trim(a).await,
             Command::Up(a) => up::run(a).await,
         }
     });

@@ -1,4 +1,5 @@
-//! `tinylag journal info` and `tinylag journal inspect`.
+//! `tinylag journal info` and `tinylag journal inspect` (and the dispatch of `journal trim`
+//! and `journal unregister`, which live in `trim.rs`).
 
 use std::io::Write;
 
@@ -20,6 +21,10 @@ pub enum JournalCommand {
     Info(InfoArgs),
     /// List records (from the segment indexes; payloads are not read).
     Inspect(InspectArgs),
+    /// Delete the segments every consumer has committed and the retention no longer needs.
+    Trim(crate::cmd::trim::JournalTrimArgs),
+    /// Remove a consumer, so it no longer holds trim back.
+    Unregister(crate::cmd::trim::UnregisterArgs),
 }
 
 #[derive(Debug, Args)]
@@ -53,6 +58,8 @@ pub async fn run(cmd: JournalCommand) -> anyhow::Result<()> {
     match cmd {
         JournalCommand::Info(a) => info(a).await,
         JournalCommand::Inspect(a) => inspect(a).await,
+        JournalCommand::Trim(a) => crate::cmd::trim::journal_trim(a).await,
+        JournalCommand::Unregister(a) => crate::cmd::trim::unregister(a).await,
     }
 }
 

@@ -42,9 +42,9 @@ use super::lag_histogram::LagHistogram;
 use super::mode::{FullReason, ModeState};
 use super::pool::{Permit, Pool, RECORD_OVERHEAD};
 use crate::clock::{Clock, MonotonicTimestamps};
-use crate::journal::consumer::{load_trim_pointer, TrimPointer};
+use crate::journal::consumer::TrimPointer;
 use crate::journal::epoch::{self, EpochClaim};
-use crate::journal::head::{plan_restart, RestartPlan};
+use crate::journal::head::{plan_restart_from_trim_pointer, RestartPlan};
 use crate::journal::segment::{encode_plug, SegmentBuilder, SegmentError};
 use crate::journal::{JournalError, Manifest, Op, Record};
 use crate::store::ObjectStore;
@@ -255,8 +255,7 @@ pub async fn prepare(
     let claim = epoch::claim_next(store.as_ref(), clock.now_ns())
         .await
         .map_err(fail)?;
-    let trim = load_trim_pointer(store.as_ref()).await.map_err(fail)?;
-    let plan = plan_restart(store.as_ref(), &manifest, trim.first_seq, trim.first_lsn)
+    let (trim, plan) = plan_restart_from_trim_pointer(store.as_ref(), &manifest)
         .await
         .map_err(fail)?;
     Ok(Prepared {
