@@ -11,9 +11,7 @@ use tinylag::clock::{format_ns, Clock, SystemClock};
 use tinylag::journal::{consumer, Manifest};
 use tinylag::store::counting::{CountingStore, RequestCounts};
 use tinylag::store::{open_store, ObjectStore, StoreUri};
-use tinylag::trim::{
-    trim_journal, trim_undo, JournalTrimOptions, TrimReport, UndoTrimOptions,
-};
+use tinylag::trim::{trim_journal, trim_undo, JournalTrimOptions, TrimReport, UndoTrimOptions};
 use tinylag::units::format_size;
 
 use crate::cmd::args::{parse_store_uri, JournalArgs};
@@ -133,13 +131,22 @@ pub async fn unregister(args: UnregisterArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print(report: &TrimReport, requests: RequestCounts, json: bool, what: &str) -> anyhow::Result<()> {
+fn print(
+    report: &TrimReport,
+    requests: RequestCounts,
+    json: bool,
+    what: &str,
+) -> anyhow::Result<()> {
     if json {
         let out = Output { report, requests };
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
-    let verb = if report.dry_run { "would delete" } else { "deleted" };
+    let verb = if report.dry_run {
+        "would delete"
+    } else {
+        "deleted"
+    };
     if report.leftovers > 0 {
         println!(
             "{}: {verb} {} seqs an interrupted trim left below seq {}",
@@ -157,7 +164,10 @@ fn print(report: &TrimReport, requests: RequestCounts, json: bool, what: &str) -
             report.before.first_seq,
             report.after.first_seq,
             if report.deleted_orphans > 0 {
-                format!(", with {} orphaned seqs behind plugs", report.deleted_orphans)
+                format!(
+                    ", with {} orphaned seqs behind plugs",
+                    report.deleted_orphans
+                )
             } else {
                 String::new()
             }
@@ -169,7 +179,10 @@ fn print(report: &TrimReport, requests: RequestCounts, json: bool, what: &str) -
         report.after.first_lsn,
         report
             .first_live_timestamp_ns
-            .map_or(String::new(), |t| format!(", oldest record {}", format_ns(t)))
+            .map_or(String::new(), |t| format!(
+                ", oldest record {}",
+                format_ns(t)
+            ))
     );
     println!("held back by {}", report.held_by.describe());
     println!(

@@ -176,7 +176,14 @@ mod tests {
             .unwrap();
         let c = store.counts();
         assert_eq!(
-            (c.put, c.put_if_absent, c.get, c.head, c.delete_many, c.deleted_keys),
+            (
+                c.put,
+                c.put_if_absent,
+                c.get,
+                c.head,
+                c.delete_many,
+                c.deleted_keys
+            ),
             (1, 1, 1, 1, 1, 2)
         );
         assert_eq!(c.total(), 5);

@@ -18,7 +18,9 @@ use crate::journal::segment::{read_index, Expected, SegmentIndex};
 use crate::journal::Manifest;
 use crate::store::ObjectStore;
 
-use super::{finish_interrupted, Deleter, DroppedConsumer, HeldBy, TrimError, TrimReport, TrimResult};
+use super::{
+    finish_interrupted, Deleter, DroppedConsumer, HeldBy, TrimError, TrimReport, TrimResult,
+};
 
 /// What `journal trim` is asked to do.
 #[derive(Clone, Copy, Debug)]

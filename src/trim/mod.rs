@@ -127,7 +127,10 @@ pub enum HeldBy {
     Head { seq: u64 },
     /// The undo segments crash recovery needs: those at and after the consumer's
     /// `undo.consistent_seq`.
-    CrashRecovery { consumer: String, consistent_seq: u64 },
+    CrashRecovery {
+        consumer: String,
+        consistent_seq: u64,
+    },
     /// Nothing is left to trim: no segment exists at the pointer.
     Nothing { seq: u64 },
 }
