@@ -90,7 +90,7 @@ pub async fn journal_trim(args: JournalTrimArgs) -> anyhow::Result<()> {
         dry_run: args.dry_run,
         now_ns: SystemClock.now_ns(),
     };
-    let report = trim_journal(store.as_ref(), &manifest, &opts).await?;
+    let report = trim_journal(store.clone(), &manifest, &opts).await?;
     for d in &report.dropped_consumers {
         eprintln!(
             "tinylag: warning: {} consumer {} of {}: silent since {}, at applied LSN {}; its replica can no longer follow this journal",
@@ -113,7 +113,7 @@ pub async fn undo_trim(args: UndoTrimArgs) -> anyhow::Result<()> {
         dry_run: args.dry_run,
         now_ns: SystemClock.now_ns(),
     };
-    let report = trim_undo(undo.as_ref(), journal.as_ref(), &opts).await?;
+    let report = trim_undo(undo.clone(), journal.as_ref(), &opts).await?;
     print(&report, undo.counts(), args.json, "undo segments")
 }
 

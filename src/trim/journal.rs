@@ -14,9 +14,12 @@
 
 use crate::journal::consumer::{self, ConsumerState};
 use crate::journal::error::JournalError;
-use crate::journal::segment::{read_index, Expected, SegmentIndex};
+use std::sync::Arc;
+
 use crate::journal::Manifest;
 use crate::store::ObjectStore;
+
+use super::read_ahead::ReadAhead;
 
 use super::{
     finish_interrupted, Deleter, DroppedConsumer, HeldBy, TrimError, TrimReport, TrimResult,
@@ -33,24 +36,6 @@ pub struct JournalTrimOptions {
     pub dry_run: bool,
     /// The current time (ns since the UNIX epoch).
     pub now_ns: u64,
-}
-
-/// Reads segment `seq`'s index; `None` when it does not exist.
-async fn index(
-    store: &dyn ObjectStore,
-    manifest: &Manifest,
-    seq: u64,
-) -> TrimResult<Option<SegmentIndex>> {
-    let expected = Expected {
-        uuid: manifest.uuid,
-        seq,
-        first_lsn: None,
-    };
-    match read_index(store, &manifest.segment_key(seq), &expected).await {
-        Ok(i) => Ok(Some(i)),
-        Err(e) if e.is_not_found() => Ok(None),
-        Err(e) => Err(e.into()),
-    }
 }
 
 /// Unregisters the consumers silent for longer than `after_ns` (re-reading each first, so
@@ -103,10 +88,11 @@ async fn drop_silent(
 
 /// Trims the journal in `store` (see the module documentation).
 pub async fn trim_journal(
-    store: &dyn ObjectStore,
+    store_arc: Arc<dyn ObjectStore>,
     manifest: &Manifest,
     opts: &JournalTrimOptions,
 ) -> TrimResult<TrimReport> {
+    let store = store_arc.as_ref();
     let before = consumer::load_trim_pointer(store).await?;
     let mut consumers = consumer::list(store).await?;
     let mut dropped_consumers = Vec::new();
@@ -146,8 +132,15 @@ pub async fn trim_journal(
         dropped_consumers,
     };
 
+    let keys = manifest.clone();
+    let mut reads = ReadAhead::new(
+        store_arc.clone(),
+        manifest.uuid,
+        Arc::new(move |seq| keys.segment_key(seq)),
+        floor.saturating_add(1),
+    );
     let mut seq = before.first_seq;
-    let Some(mut cur) = index(store, manifest, seq).await? else {
+    let Some(mut cur) = reads.get(seq).await? else {
         return Ok(report);
     };
     if cur.header.first_lsn != before.first_lsn {
@@ -173,7 +166,7 @@ pub async fn trim_journal(
                 newest_timestamp_ns: newest,
             };
         }
-        let Some(next) = index(store, manifest, next_seq).await? else {
+        let Some(next) = reads.get(next_seq).await? else {
             break HeldBy::Head { seq };
         };
         if next.header.first_lsn != cur.header.end_lsn() {

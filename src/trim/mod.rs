@@ -42,6 +42,7 @@ use crate::store::counting::DELETE_BATCH;
 use crate::store::{ObjectStore, StoreError};
 
 pub mod journal;
+mod read_ahead;
 pub mod undo;
 
 pub use journal::{trim_journal, JournalTrimOptions};
@@ -71,6 +72,9 @@ pub enum TrimError {
         expected: u64,
         found: u64,
     },
+    /// A read-ahead task panicked or was cancelled.
+    #[error("trim: an index read task failed: {0}")]
+    Task(String),
     /// `trim` or `trim.pending` is not valid JSON of the expected shape.
     #[error("object {key} in {store} is not a valid {what}: {reason}")]
     Malformed {

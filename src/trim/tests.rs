@@ -206,7 +206,7 @@ async fn trim_stops_at_the_slowest_consumer_and_names_it() {
     j.consumer("fast", 18, 18, NOW).await;
     // Inside a resync span: its consistent seq holds it back, not its next seq.
     j.consumer("slow", 12, 7, NOW).await;
-    let report = trim_journal(j.store.as_ref(), &j.manifest, &opts(0))
+    let report = trim_journal(j.store.clone(), &j.manifest, &opts(0))
         .await
         .unwrap();
     assert_eq!(report.deleted_segments, 7);
@@ -225,8 +225,8 @@ async fn trim_stops_at_the_slowest_consumer_and_names_it() {
     assert_readable(j.store.clone(), &j.manifest, (20, 61)).await;
 
     // A second run deletes nothing and costs a handful of requests.
-    let counting = CountingStore::new(j.store.clone());
-    let again = trim_journal(&counting, &j.manifest, &opts(0))
+    let counting = Arc::new(CountingStore::new(j.store.clone()));
+    let again = trim_journal(counting.clone(), &j.manifest, &opts(0))
         .await
         .unwrap();
     assert_eq!((again.deleted_segments, again.after), (0, report.after));
@@ -239,14 +239,14 @@ async fn retention_and_the_head_hold_trim_back() {
     let mut j = Journal::new().await;
     j.append(20, 20).await;
     // No consumer: only the retention (segments 15.. hold records of the last 5 s).
-    let report = trim_journal(j.store.as_ref(), &j.manifest, &opts(5))
+    let report = trim_journal(j.store.clone(), &j.manifest, &opts(5))
         .await
         .unwrap();
     assert_eq!(report.after.first_seq, 15);
     assert!(matches!(report.held_by, HeldBy::Retention { seq: 15, .. }));
     assert_eq!(report.first_live_timestamp_ns, Some(ts(15, 20)));
     // Without retention the newest segment still stays.
-    let report = trim_journal(j.store.as_ref(), &j.manifest, &opts(0))
+    let report = trim_journal(j.store.clone(), &j.manifest, &opts(0))
         .await
         .unwrap();
     assert_eq!(report.after.first_seq, 19);
@@ -262,7 +262,7 @@ async fn a_dry_run_changes_nothing() {
     j.consumer("old", 5, 5, 1).await;
     let before = list_all(j.store.as_ref(), "").await.unwrap();
     let report = trim_journal(
-        j.store.as_ref(),
+        j.store.clone(),
         &j.manifest,
         &JournalTrimOptions {
             dry_run: true,
@@ -287,7 +287,7 @@ async fn silent_consumers_are_dropped_and_live_ones_kept() {
     j.consumer("dead", 2, 2, NOW - 3600 * SEC).await;
     j.consumer("idle", 6, 6, NOW - 30 * SEC).await;
     let report = trim_journal(
-        j.store.as_ref(),
+        j.store.clone(),
         &j.manifest,
         &JournalTrimOptions {
             drop_consumer_after_ns: Some(60 * SEC),
@@ -318,7 +318,7 @@ async fn plugs_are_followed_and_their_orphans_deleted_with_them() {
     let end = (j.next_seq, j.next_lsn);
     assert_readable(j.store.clone(), &j.manifest, end).await;
     j.consumer("c", 9, 9, NOW).await;
-    let report = trim_journal(j.store.as_ref(), &j.manifest, &opts(0))
+    let report = trim_journal(j.store.clone(), &j.manifest, &opts(0))
         .await
         .unwrap();
     assert_eq!(report.deleted_segments, 7, "0, 1, 2, the plug, 6, 7, 8");
@@ -332,7 +332,7 @@ async fn plugs_are_followed_and_their_orphans_deleted_with_them() {
     j.plug_over(2, 12).await;
     j.append(2, 12).await;
     j.consumer("c", 4, 4, NOW).await;
-    let report = trim_journal(j.store.as_ref(), &j.manifest, &opts(0))
+    let report = trim_journal(j.store.clone(), &j.manifest, &opts(0))
         .await
         .unwrap();
     assert_eq!(report.after.first_seq, 3);
@@ -348,7 +348,7 @@ async fn a_damaged_chain_stops_trim_before_it() {
         .put_if_absent(&j.manifest.segment_key(3), body)
         .await
         .unwrap();
-    let err = trim_journal(j.store.as_ref(), &j.manifest, &opts(0))
+    let err = trim_journal(j.store.clone(), &j.manifest, &opts(0))
         .await
         .unwrap_err();
     assert!(matches!(err, TrimError::BrokenChain { .. }), "{err}");
@@ -364,8 +364,8 @@ async fn trimming_thousands_of_segments_costs_at_most_two_requests_each() {
     let mut j = Journal::new().await;
     j.append(2500, 2500).await;
     j.consumer("c", 2400, 2400, NOW).await;
-    let counting = CountingStore::new(j.store.clone());
-    let report = trim_journal(&counting, &j.manifest, &opts(0))
+    let counting = Arc::new(CountingStore::new(j.store.clone()));
+    let report = trim_journal(counting.clone(), &j.manifest, &opts(0))
         .await
         .unwrap();
     assert_eq!(report.deleted_segments, 2400);
@@ -391,16 +391,16 @@ struct DiesAfter {
 
 impl DiesAfter {
     fn spend(&self) -> StoreResult<()> {
-        let left = self.budget.load(Ordering::SeqCst);
-        if left == 0 {
-            return Err(StoreError::Permanent {
+        self.budget
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+                left.checked_sub(1)
+            })
+            .map(|_| ())
+            .map_err(|_| StoreError::Permanent {
                 store: "dies-after".into(),
                 key: String::new(),
                 message: "killed".into(),
-            });
-        }
-        self.budget.store(left - 1, Ordering::SeqCst);
-        Ok(())
+            })
     }
 }
 
@@ -463,8 +463,8 @@ async fn crash_at_every_request(segments: u64, floor: u64, step: usize) {
     let mut clean = Journal::new().await;
     clean.append(segments, segments).await;
     clean.consumer("c", floor, floor, NOW).await;
-    let counting = CountingStore::new(clean.store.clone());
-    trim_journal(&counting, &clean.manifest, &opts(0))
+    let counting = Arc::new(CountingStore::new(clean.store.clone()));
+    trim_journal(counting.clone(), &clean.manifest, &opts(0))
         .await
         .unwrap();
     let calls = counting.counts().total();
@@ -480,7 +480,7 @@ async fn crash_at_every_request(segments: u64, floor: u64, step: usize) {
             budget: AtomicU64::new(budget),
         });
         assert!(
-            trim_journal(dying.as_ref(), &j.manifest, &opts(0))
+            trim_journal(dying.clone(), &j.manifest, &opts(0))
                 .await
                 .is_err(),
             "killed at request {budget}"
@@ -490,7 +490,7 @@ async fn crash_at_every_request(segments: u64, floor: u64, step: usize) {
         assert!(pointer.first_seq <= floor, "killed at request {budget}");
         assert_readable(j.store.clone(), &j.manifest, end).await;
         // The next trim finishes the job exactly.
-        trim_journal(j.store.as_ref(), &j.manifest, &opts(0))
+        trim_journal(j.store.clone(), &j.manifest, &opts(0))
             .await
             .unwrap();
         assert_eq!(
@@ -569,7 +569,7 @@ async fn undo_trim_keeps_the_window_and_what_crash_recovery_needs() {
     commit_undo_position(&j, 20, 20).await;
 
     // The window: records of the last 5 seconds are in segments 15..
-    let report = trim_undo(undo.as_ref(), j.store.as_ref(), &undo_opts(5))
+    let report = trim_undo(undo.clone(), j.store.as_ref(), &undo_opts(5))
         .await
         .unwrap();
     assert_eq!(report.deleted_segments, 15);
@@ -589,7 +589,7 @@ async fn undo_trim_keeps_the_window_and_what_crash_recovery_needs() {
 
     // Inside a resync span the agent's consistent point is back at 17: never past it.
     commit_undo_position(&j, 17, 20).await;
-    let report = trim_undo(undo.as_ref(), j.store.as_ref(), &undo_opts(0))
+    let report = trim_undo(undo.clone(), j.store.as_ref(), &undo_opts(0))
         .await
         .unwrap();
     assert_eq!(report.after.first_seq, 17);
@@ -603,13 +603,13 @@ async fn undo_trim_keeps_the_window_and_what_crash_recovery_needs() {
     assert_eq!(undo_seqs(&undo).await, [17, 18, 19]);
 
     // A second run is a no-op; a dry run changes nothing.
-    let again = trim_undo(undo.as_ref(), j.store.as_ref(), &undo_opts(0))
+    let again = trim_undo(undo.clone(), j.store.as_ref(), &undo_opts(0))
         .await
         .unwrap();
     assert_eq!(again.deleted_segments, 0);
     commit_undo_position(&j, 20, 20).await;
     let dry = trim_undo(
-        undo.as_ref(),
+        undo.clone(),
         j.store.as_ref(),
         &UndoTrimOptions {
             dry_run: true,
@@ -628,7 +628,7 @@ async fn undo_trim_refuses_what_it_cannot_check() {
     j.append(1, 1).await;
     let undo = undo_log(&j, 3, 3).await;
     // The consumer is not registered.
-    let err = trim_undo(undo.as_ref(), j.store.as_ref(), &undo_opts(0))
+    let err = trim_undo(undo.clone(), j.store.as_ref(), &undo_opts(0))
         .await
         .unwrap_err();
     assert!(
@@ -636,21 +636,43 @@ async fn undo_trim_refuses_what_it_cannot_check() {
         "{err}"
     );
     // No undo log there.
-    let empty = MemoryStore::new();
-    let err = trim_undo(&empty, j.store.as_ref(), &undo_opts(0))
+    let empty = Arc::new(MemoryStore::new());
+    let err = trim_undo(empty.clone(), j.store.as_ref(), &undo_opts(0))
         .await
         .unwrap_err();
     assert!(matches!(err, TrimError::NoUndoLog { .. }), "{err}");
     assert!(
-        list_all(&empty, "").await.unwrap().is_empty(),
+        list_all(empty.as_ref(), "").await.unwrap().is_empty(),
         "nothing created"
     );
     // Another journal's undo log.
     let other = Journal::new().await;
     other.consumer("c", 0, 0, NOW).await;
-    let err = trim_undo(undo.as_ref(), other.store.as_ref(), &undo_opts(0))
+    let err = trim_undo(undo.clone(), other.store.as_ref(), &undo_opts(0))
         .await
         .unwrap_err();
     assert!(matches!(err, TrimError::ForeignUndoLog { .. }), "{err}");
     assert_eq!(undo_seqs(&undo).await, [0, 1, 2]);
+}
+
+#[tokio::test]
+async fn read_ahead_stays_near_what_the_walk_uses() {
+    let mut j = Journal::new().await;
+    j.append(1000, 1000).await;
+    // The retention stops the walk at seq 10: read-ahead wastes at most half again.
+    let counting = Arc::new(CountingStore::new(j.store.clone()));
+    let report = trim_journal(counting.clone(), &j.manifest, &opts(990))
+        .await
+        .unwrap();
+    assert_eq!(report.deleted_segments, 10);
+    let reads = counting.counts().get_tail;
+    assert!(reads <= 11 + 6, "{reads} index reads to delete 10 segments");
+    // Never a read past the consumer's floor.
+    j.consumer("c", 50, 50, NOW).await;
+    let counting = Arc::new(CountingStore::new(j.store.clone()));
+    let report = trim_journal(counting.clone(), &j.manifest, &opts(0))
+        .await
+        .unwrap();
+    assert_eq!(report.after.first_seq, 50);
+    assert_eq!(counting.counts().get_tail, 41, "seqs 10..=50, once each");
 }

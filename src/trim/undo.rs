@@ -17,11 +17,13 @@
 use crate::journal::consumer::{self, TrimPointer};
 use crate::journal::error::JournalError;
 use crate::journal::paths;
-use crate::journal::segment::{read_index, Expected, SegmentIndex};
+use std::sync::Arc;
+
 use crate::journal::Manifest;
 use crate::replayer::undo::read_manifest;
 use crate::store::ObjectStore;
-use uuid::Uuid;
+
+use super::read_ahead::ReadAhead;
 
 use super::{finish_interrupted, Deleter, HeldBy, TrimError, TrimReport, TrimResult};
 
@@ -36,26 +38,14 @@ pub struct UndoTrimOptions {
     pub now_ns: u64,
 }
 
-async fn index(store: &dyn ObjectStore, uuid: Uuid, seq: u64) -> TrimResult<Option<SegmentIndex>> {
-    let expected = Expected {
-        uuid,
-        seq,
-        first_lsn: None,
-    };
-    match read_index(store, &paths::undo_segment_key(seq), &expected).await {
-        Ok(i) => Ok(Some(i)),
-        Err(e) if e.is_not_found() => Ok(None),
-        Err(e) => Err(e.into()),
-    }
-}
-
 /// Trims the undo log in `undo` of a consumer of the journal in `journal` (see the module
 /// documentation).
 pub async fn trim_undo(
-    undo: &dyn ObjectStore,
+    undo_arc: Arc<dyn ObjectStore>,
     journal: &dyn ObjectStore,
     opts: &UndoTrimOptions,
 ) -> TrimResult<TrimReport> {
+    let undo = undo_arc.as_ref();
     let manifest = Manifest::load(journal).await?;
     let Some(log) = read_manifest(undo).await? else {
         return Err(TrimError::NoUndoLog {
@@ -103,6 +93,12 @@ pub async fn trim_undo(
         dropped_consumers: Vec::new(),
     };
 
+    let mut reads = ReadAhead::new(
+        undo_arc.clone(),
+        manifest.uuid,
+        Arc::new(paths::undo_segment_key),
+        limit,
+    );
     let (mut seq, mut lsn) = (before.first_seq, before.first_lsn);
     let mut deleter = Deleter::new(undo, &key, opts.dry_run, seq);
     let held_by = loop {
@@ -112,7 +108,7 @@ pub async fn trim_undo(
                 consistent_seq: limit,
             };
         }
-        let Some(cur) = index(undo, manifest.uuid, seq).await? else {
+        let Some(cur) = reads.get(seq).await? else {
             break HeldBy::Nothing { seq };
         };
         lsn = cur.header.first_lsn;
