@@ -115,7 +115,7 @@ pub async fn trim_journal(
     let cutoff = opts.now_ns.saturating_sub(opts.retain_ns);
 
     let key = |seq: u64| manifest.segment_key(seq);
-    let leftovers = finish_interrupted(store, &key, before.first_seq, opts.dry_run).await?;
+    let leftovers = finish_interrupted(store, &key, before.first_seq, floor, opts.dry_run).await?;
     let mut report = TrimReport {
         store: store.describe(),
         dry_run: opts.dry_run,
@@ -151,9 +151,21 @@ pub async fn trim_journal(
             found: cur.header.first_lsn,
         });
     }
-    let mut deleter = Deleter::new(store, &key, opts.dry_run, seq);
-    let held_by = loop {
-        deleter.advance(seq, cur.header.first_lsn, false).await?;
+    let mut deleter = Deleter::new(store, &key, opts.dry_run, true, seq);
+    // What the walk passed since the last chunk was deleted: (seq, bytes, orphans).
+    let mut chunk: Vec<(u64, u64, u64)> = Vec::new();
+    let mut late = None;
+    let mut held_by = loop {
+        if let Some(c) = deleter.advance(seq, cur.header.first_lsn, false).await? {
+            late = Some(c);
+            break HeldBy::Head { seq };
+        }
+        if chunk
+            .last()
+            .is_some_and(|&(s, _, _)| s < deleter.chunk_from)
+        {
+            chunk.clear();
+        }
         let next_seq = cur.header.next_seq;
         if seq >= floor || next_seq > floor {
             break held_by_consumer();
@@ -177,13 +189,35 @@ pub async fn trim_journal(
                 found: next.header.first_lsn,
             });
         }
+        let orphans = next_seq - seq - 1;
+        chunk.push((seq, cur.object_size, orphans));
         report.deleted_segments += 1;
         report.deleted_bytes += cur.object_size;
-        report.deleted_orphans += next_seq - seq - 1;
+        report.deleted_orphans += orphans;
         seq = next_seq;
         cur = next;
     };
-    deleter.advance(seq, cur.header.first_lsn, true).await?;
+    if late.is_none() {
+        late = deleter.advance(seq, cur.header.first_lsn, true).await?;
+    }
+    if let Some(c) = late {
+        // The pointer stays where it moved to; the segments from the consumer's floor on stay
+        // too (named in `trim.pending` until a later trim may delete them).
+        let floor = c.trim_floor();
+        for &(_, bytes, orphans) in chunk.iter().filter(|&&(s, _, _)| s >= floor) {
+            report.deleted_segments -= 1;
+            report.deleted_bytes -= bytes;
+            report.deleted_orphans -= orphans;
+        }
+        held_by = HeldBy::Consumer {
+            name: c.name.clone(),
+            floor_seq: c.trim_floor(),
+            next_seq: c.next_seq,
+            consistent_seq: c.consistent_seq,
+            applied_lsn: c.applied_lsn,
+            consistent_lsn: c.consistent_lsn,
+        };
+    }
     deleter.finish().await?;
     report.after = consumer::TrimPointer {
         first_seq: seq,

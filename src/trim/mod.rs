@@ -27,13 +27,18 @@
 //! a trim killed between 1 and 2 left a pending range the pointer never reached). Only one
 //! trim may run on a store at a time (run it from one cron job).
 //!
-//! Racing readers: a starting writer (`head::plan_restart`) re-reads the pointer after
-//! probing and plans again if it moved, so it never mistakes a trimmed seq for the end of
-//! the journal; a new replay agent re-reads it after registering. Consumers never read below
+//! Racing readers: a starting writer (`head::plan_restart_from_trim_pointer`) re-reads the
+//! pointer after probing and plans again if it moved, so it never mistakes a trimmed seq for
+//! the end of the journal. A new replay agent reads the pointer, registers there, and reads
+//! the pointer again, withdrawing if it moved; trim lists the consumers again after each
+//! pointer move and before deleting, so an agent that passed its check is seen, and its
+//! segments stay (named in `trim.pending` until it has moved on; the pointer may then sit
+//! above that consumer, which reads from its own position). Consumers never read below
 //! their own position, which trim keeps.
 
 use serde::{Deserialize, Serialize};
 
+use crate::journal::consumer::{self, ConsumerState, TrimPointer};
 use crate::journal::error::JournalError;
 use crate::journal::paths;
 use crate::journal::segment::SegmentError;
@@ -203,8 +208,8 @@ pub struct TrimReport {
     pub store: String,
     pub dry_run: bool,
     /// The pointer before and after.
-    pub before: crate::journal::consumer::TrimPointer,
-    pub after: crate::journal::consumer::TrimPointer,
+    pub before: TrimPointer,
+    pub after: TrimPointer,
     /// Segments deleted (journal: segments on the chain, plugs included).
     pub deleted_segments: u64,
     /// Their stored bytes.
@@ -242,8 +247,12 @@ struct Deleter<'a> {
     store: &'a dyn ObjectStore,
     key: &'a (dyn Fn(u64) -> String + Sync),
     dry_run: bool,
+    /// Whether consumers hold this store's segments (journal: yes; undo log: its one
+    /// consumer's limit is fixed for the run).
+    recheck_consumers: bool,
     /// First seq not yet made dead.
     chunk_from: u64,
+    /// `trim.pending` was written and must go when the run ends.
     wrote_pending: bool,
 }
 
@@ -252,43 +261,72 @@ impl<'a> Deleter<'a> {
         store: &'a dyn ObjectStore,
         key: &'a (dyn Fn(u64) -> String + Sync),
         dry_run: bool,
+        recheck_consumers: bool,
         from: u64,
     ) -> Self {
         Deleter {
             store,
             key,
             dry_run,
+            recheck_consumers,
             chunk_from: from,
             wrote_pending: false,
         }
     }
 
     /// Everything below `to` may go, and `to` (whose first LSN is `to_lsn`) is the first live
-    /// seq. Deletes when a chunk is full, or now with `force`.
-    async fn advance(&mut self, to: u64, to_lsn: u64, force: bool) -> TrimResult<()> {
+    /// seq. Deletes when a chunk is full, or now with `force`. Returns a consumer that
+    /// registered below `to` while the trim ran (the walk must stop there); its segments
+    /// stay, and `trim.pending` keeps naming them for a later trim.
+    async fn advance(
+        &mut self,
+        to: u64,
+        to_lsn: u64,
+        force: bool,
+    ) -> TrimResult<Option<ConsumerState>> {
         let pending = to.saturating_sub(self.chunk_from);
         if pending == 0 || (!force && pending < DELETE_BATCH as u64) {
-            return Ok(());
+            return Ok(None);
         }
-        if !self.dry_run {
-            let range = PendingDelete {
-                from_seq: self.chunk_from,
-                to_seq: to,
-            };
-            let body = serde_json::to_vec(&range).expect("a pending range serializes");
-            self.store
-                .put(paths::TRIM_PENDING, bytes::Bytes::from(body))
-                .await?;
-            self.wrote_pending = true;
-            let pointer = crate::journal::consumer::TrimPointer {
-                first_seq: to,
-                first_lsn: to_lsn,
-            };
-            crate::journal::consumer::store_trim_pointer(self.store, &pointer).await?;
-            delete_range(self.store, self.key, self.chunk_from, to).await?;
-        }
+        let from = self.chunk_from;
         self.chunk_from = to;
-        Ok(())
+        if self.dry_run {
+            return Ok(None);
+        }
+        put_pending(self.store, from, to).await?;
+        self.wrote_pending = true;
+        let pointer = TrimPointer {
+            first_seq: to,
+            first_lsn: to_lsn,
+        };
+        consumer::store_trim_pointer(self.store, &pointer).await?;
+        // A replay agent reads the pointer, registers, then reads it again and withdraws if
+        // it moved. One that passed that check registered before the pointer moved, so this
+        // listing (after the move) sees it.
+        let slowest = if self.recheck_consumers {
+            slowest_consumer(self.store).await?
+        } else {
+            None
+        };
+        match slowest.filter(|c| c.trim_floor() < to) {
+            Some(c) => {
+                let cut = c.trim_floor().max(from);
+                tracing::warn!(
+                    "consumer {} registered at seq {} of {} while trim ran: its segments stay",
+                    c.name,
+                    c.trim_floor(),
+                    self.store.describe()
+                );
+                delete_range(self.store, self.key, from, cut).await?;
+                put_pending(self.store, cut, to).await?;
+                self.wrote_pending = false;
+                Ok(Some(c))
+            }
+            None => {
+                delete_range(self.store, self.key, from, to).await?;
+                Ok(None)
+            }
+        }
     }
 
     /// Removes `trim.pending` once every chunk is deleted.
@@ -300,6 +338,26 @@ impl<'a> Deleter<'a> {
         }
         Ok(())
     }
+}
+
+/// The registered consumer with the lowest trim floor.
+async fn slowest_consumer(store: &dyn ObjectStore) -> TrimResult<Option<ConsumerState>> {
+    Ok(consumer::list(store)
+        .await?
+        .into_iter()
+        .min_by_key(ConsumerState::trim_floor))
+}
+
+async fn put_pending(store: &dyn ObjectStore, from: u64, to: u64) -> TrimResult<()> {
+    let range = PendingDelete {
+        from_seq: from,
+        to_seq: to,
+    };
+    let body = serde_json::to_vec(&range).expect("a pending range serializes");
+    store
+        .put(paths::TRIM_PENDING, bytes::Bytes::from(body))
+        .await?;
+    Ok(())
 }
 
 /// Deletes the keys of seqs `from..to`, oldest first, at most [`DELETE_BATCH`] per request.
@@ -319,12 +377,15 @@ async fn delete_range(
     Ok(())
 }
 
-/// Deletes what an interrupted trim left below `pointer` (see [`PendingDelete`]) and returns
-/// how many seqs that was. With `dry_run`, only counts them.
+/// Deletes what an interrupted trim left below `pointer` (see [`PendingDelete`]), but
+/// nothing at or past `floor` (a consumer that registered while that trim ran), and returns
+/// how many seqs it deleted. What `floor` keeps stays named in `trim.pending`. With
+/// `dry_run`, only counts.
 async fn finish_interrupted(
     store: &dyn ObjectStore,
     key: &(dyn Fn(u64) -> String + Sync),
     pointer: u64,
+    floor: u64,
     dry_run: bool,
 ) -> TrimResult<u64> {
     let data = match store.get(paths::TRIM_PENDING).await {
@@ -339,16 +400,24 @@ async fn finish_interrupted(
         reason: e.to_string(),
     })?;
     let to = range.to_seq.min(pointer);
-    let count = to.saturating_sub(range.from_seq);
-    if !dry_run {
-        if count > 0 {
-            tracing::info!(
-                "finishing an interrupted trim of {}: deleting seqs {}..{to}",
-                store.describe(),
-                range.from_seq
-            );
-            delete_range(store, key, range.from_seq, to).await?;
+    let cut = to.min(floor.max(range.from_seq));
+    let count = cut.saturating_sub(range.from_seq);
+    if dry_run {
+        return Ok(count);
+    }
+    if count > 0 {
+        tracing::info!(
+            "finishing an interrupted trim of {}: deleting seqs {}..{cut}",
+            store.describe(),
+            range.from_seq
+        );
+        delete_range(store, key, range.from_seq, cut).await?;
+    }
+    if cut < to {
+        if cut > range.from_seq {
+            put_pending(store, cut, to).await?;
         }
+    } else {
         store
             .delete_many(&[paths::TRIM_PENDING.to_string()])
             .await?;

@@ -2,7 +2,7 @@
 //! orphans, the request bound, and a crash at every request.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -370,7 +370,11 @@ async fn trimming_thousands_of_segments_costs_at_most_two_requests_each() {
         .unwrap();
     assert_eq!(report.deleted_segments, 2400);
     let c = counting.counts();
-    assert_eq!(c.list, 1, "only the consumers are listed");
+    assert_eq!(
+        c.list,
+        1 + 3,
+        "only the consumers are listed: at the start and after each pointer move"
+    );
     assert_eq!(c.delete_many, 3 + 1, "three batches and trim.pending");
     assert!(
         c.total() <= 2 * report.deleted_segments,
@@ -675,4 +679,98 @@ async fn read_ahead_stays_near_what_the_walk_uses() {
         .unwrap();
     assert_eq!(report.after.first_seq, 50);
     assert_eq!(counting.counts().get_tail, 41, "seqs 10..=50, once each");
+}
+
+/// A store on which a replay agent registers at the old pointer the moment trim first moves
+/// the pointer: the agent read the pointer before the move and registered after trim listed
+/// the consumers, and its own re-read of the pointer happened before the move too.
+#[derive(Debug)]
+struct RegistersDuringTrim {
+    inner: Arc<dyn ObjectStore>,
+    late: Mutex<Option<ConsumerState>>,
+}
+
+#[async_trait]
+impl ObjectStore for RegistersDuringTrim {
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> StoreResult<()> {
+        self.inner.put_if_absent(key, data).await
+    }
+    async fn put(&self, key: &str, data: Bytes) -> StoreResult<()> {
+        if key == paths::TRIM_POINTER {
+            let late = self.late.lock().unwrap().take();
+            if let Some(state) = late {
+                consumer::commit(self.inner.as_ref(), &state).await.unwrap();
+            }
+        }
+        self.inner.put(key, data).await
+    }
+    async fn get(&self, key: &str) -> StoreResult<Bytes> {
+        self.inner.get(key).await
+    }
+    async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> StoreResult<Bytes> {
+        self.inner.get_range(key, range).await
+    }
+    async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
+        self.inner.head(key).await
+    }
+    async fn list(&self, prefix: &str, after: Option<&str>, max: usize) -> StoreResult<ListPage> {
+        self.inner.list(prefix, after, max).await
+    }
+    async fn delete_many(&self, keys: &[String]) -> StoreResult<()> {
+        self.inner.delete_many(keys).await
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+#[tokio::test]
+async fn a_consumer_registering_while_trim_runs_keeps_its_segments() {
+    let mut j = Journal::new().await;
+    j.append(1500, 1500).await;
+    let mut late = ConsumerState {
+        name: "late".into(),
+        next_seq: 0,
+        applied_lsn: 0,
+        applied_timestamp_ns: 0,
+        consistent_lsn: 0,
+        consistent_seq: 0,
+        consistent_timestamp_ns: 0,
+        delay_ns: 0,
+        replica: "/r/late".into(),
+        registered_at_ns: NOW,
+        updated_at_ns: NOW,
+        undo: UndoPosition::default(),
+    };
+    let store = Arc::new(RegistersDuringTrim {
+        inner: j.store.clone(),
+        late: Mutex::new(Some(late.clone())),
+    });
+    let report = trim_journal(store, &j.manifest, &opts(0)).await.unwrap();
+    assert!(
+        matches!(&report.held_by, HeldBy::Consumer { name, .. } if name == "late"),
+        "{report:?}"
+    );
+    assert_eq!(report.deleted_segments, 0, "{report:?}");
+    assert_eq!(j.segment_seqs().await, (0..1500).collect::<Vec<_>>());
+    // The consumer reads on from seq 0; a writer restarts from the pointer.
+    let reader = JournalReader::new(j.store.clone(), j.manifest.clone());
+    let mut cursor = Cursor {
+        seq: 0,
+        next_lsn: 1,
+    };
+    assert!(matches!(
+        reader.step(&mut cursor).await.unwrap(),
+        Step::Segment(_)
+    ));
+    assert_readable(j.store.clone(), &j.manifest, (1500, 4501)).await;
+    // Once it has moved on, a later trim deletes everything below it: nothing leaks.
+    late.next_seq = 1400;
+    late.consistent_seq = 1400;
+    consumer::commit(j.store.as_ref(), &late).await.unwrap();
+    trim_journal(j.store.clone(), &j.manifest, &opts(0))
+        .await
+        .unwrap();
+    assert_eq!(j.segment_seqs().await, (1400..1500).collect::<Vec<_>>());
+    assert!(j.store.head(paths::TRIM_PENDING).await.is_err());
 }

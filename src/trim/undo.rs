@@ -76,7 +76,7 @@ pub async fn trim_undo(
     let cutoff = opts.now_ns.saturating_sub(opts.retain_ns);
     let before = consumer::load_trim_pointer(undo).await?;
     let key = paths::undo_segment_key;
-    let leftovers = finish_interrupted(undo, &key, before.first_seq, opts.dry_run).await?;
+    let leftovers = finish_interrupted(undo, &key, before.first_seq, limit, opts.dry_run).await?;
     let mut report = TrimReport {
         store: undo.describe(),
         dry_run: opts.dry_run,
@@ -100,7 +100,7 @@ pub async fn trim_undo(
         limit,
     );
     let (mut seq, mut lsn) = (before.first_seq, before.first_lsn);
-    let mut deleter = Deleter::new(undo, &key, opts.dry_run, seq);
+    let mut deleter = Deleter::new(undo, &key, opts.dry_run, false, seq);
     let held_by = loop {
         if seq >= limit {
             break HeldBy::CrashRecovery {
