@@ -470,7 +470,7 @@ async fn undo_trim_between_kills_of_the_agent_keeps_crash_recovery_exact() {
             journal.append_random(40).await;
         }
         let mut agent = spawn(&once, &log);
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(30..300))).await;
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(100..600))).await;
         if agent.exited().is_none() {
             agent.child_mut().kill().expect("SIGKILL");
             agent.child_mut().wait().expect("reap");
@@ -493,10 +493,22 @@ async fn undo_trim_between_kills_of_the_agent_keeps_crash_recovery_exact() {
             &format!("kill {kills}, after undo trim and recovery"),
         );
     }
-    assert!(trimmed > 0, "undo trim never deleted anything");
     run_ok(&once);
     oracle.advance(None).await;
     assert_replica_is(&replica, &oracle, "after the final run");
+    // Everything is applied and consistent: the whole log is past the window.
+    let out = run_ok(&undo_trim);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    trimmed += report["deleted_segments"].as_u64().unwrap();
+    assert_eq!(report["held_by"]["reason"], "crash_recovery", "{report:#}");
+    eprintln!("undo trim deleted {trimmed} undo segments over {kills} kills");
+    assert!(trimmed > 0, "undo trim never deleted anything");
+    // Recovery after that trim still finds nothing to undo, and the agent goes on.
+    run_ok(&recover_only);
+    journal.append_random(40).await;
+    run_ok(&once);
+    oracle.advance(None).await;
+    assert_replica_is(&replica, &oracle, "after trimming the whole window");
     // The pointer is where the window starts, and the log below it is gone.
     let undo_dir = PathBuf::from(&undo);
     let pointer: serde_json::Value =
