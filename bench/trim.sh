@@ -170,6 +170,13 @@ per segment plus one `delete_many` per 1,000; the blind baseline needs no reads,
 it is faster: it is the floor, not an alternative (it would delete what a consumer or the
 retention still needs). Nothing is listed: the cost is O(segments deleted), whatever the
 journal's length.
+
+On s3s-fs the requests column counts store calls, not HTTP requests: s3s-fs 0.14 answers a
+suffix range longer than the object (these segments are smaller than the 64 KiB tail trim
+asks for) with a 500, and the S3 store falls back to a HEAD and a ranged GET, so each index
+read costs it three HTTP requests and three round trips (one on AWS S3, MinIO or Ceph RGW,
+and on s3s-fs too once segments pass 64 KiB, as real 8 MiB segments do). Index reads run up
+to 32 at a time; a debug build spends most of each request's time signing and parsing.
 <!-- trim:end -->
 """
 text = open(out).read() if os.path.exists(out) else "# tinylag benchmarks\n"
