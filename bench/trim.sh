@@ -176,7 +176,7 @@ suffix range longer than the object (these segments are smaller than the 64 KiB 
 asks for) with a 500, and the S3 store falls back to a HEAD and a ranged GET, so each index
 read costs it three HTTP requests and three round trips (one on AWS S3, MinIO or Ceph RGW,
 and on s3s-fs too once segments pass 64 KiB, as real 8 MiB segments do). Index reads run up
-to 32 at a time; a debug build spends most of each request's time signing and parsing.
+to 32 at a time.
 <!-- trim:end -->
 """
 text = open(out).read() if os.path.exists(out) else "# tinylag benchmarks\n"
