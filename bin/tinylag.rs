@@ -17,7 +17,7 @@ mod cmd;
 
 use cmd::args::UsageError;
 use cmd::output::{error_text, ColorChoice};
-use cmd::{control_cmd, init, journal_cmd, replay, serve, status, timetravel, up};
+use cmd::{control_cmd, init, journal_cmd, replay, serve, status, timetravel, trim, up};
 
 /// Asynchronous block-device replication through a journal in object storage,
 /// with delayed replicas and time travel.
@@ -66,6 +66,9 @@ enum Command {
     Timeline(Box<timetravel::TimelineArgs>),
     /// Serve the disk as of a time or mark over NBD at once, without a full copy.
     Mount(Box<timetravel::MountArgs>),
+    /// Look after an undo log.
+    #[command(subcommand)]
+    Undo(trim::UndoCommand),
     /// Show a running daemon's mode, pool, LSNs, lag, uploads and dirty regions.
     Status(status::StatusArgs),
     /// Primary, journal and replica in one directory, one process: serve + replay.
@@ -98,6 +101,7 @@ fn main() -> ExitCode {
             Command::Timeline(a) => timetravel::run_timeline(*a).await,
             Command::Mount(a) => timetravel::run_mount(*a).await,
             Command::Status(a) => status::run(a).await,
+            Command::Undo(trim::UndoCommand::Trim(a)) => trim::undo_trim(a).await,
             Command::Up(a) => up::run(a).await,
         }
     });

@@ -1,4 +1,5 @@
-//! `tinylag journal info`, `tinylag journal inspect` and `tinylag journal verify`.
+//! `tinylag journal info`, `inspect` and `verify` (and the dispatch of `journal trim` and
+//! `journal unregister`, which live in `trim.rs`).
 
 use std::io::Write;
 use std::time::Duration;
@@ -24,6 +25,10 @@ pub enum JournalCommand {
     /// Read every live segment in full and check every checksum, LSN and epoch (one segment
     /// in memory at a time). Fails naming the first bad object.
     Verify(VerifyArgs),
+    /// Delete the segments every consumer has committed and the retention no longer needs.
+    Trim(crate::cmd::trim::JournalTrimArgs),
+    /// Remove a consumer, so it no longer holds trim back.
+    Unregister(crate::cmd::trim::UnregisterArgs),
 }
 
 #[derive(Debug, Args)]
@@ -70,6 +75,8 @@ pub async fn run(cmd: JournalCommand) -> anyhow::Result<()> {
         JournalCommand::Info(a) => info(a).await,
         JournalCommand::Inspect(a) => inspect(a).await,
         JournalCommand::Verify(a) => verify(a).await,
+        JournalCommand::Trim(a) => crate::cmd::trim::journal_trim(a).await,
+        JournalCommand::Unregister(a) => crate::cmd::trim::unregister(a).await,
     }
 }
 

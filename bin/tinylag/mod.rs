@@ -9,4 +9,5 @@ pub mod replay;
 pub mod serve;
 pub mod status;
 pub mod timetravel;
+pub mod trim;
 pub mod up;

@@ -65,6 +65,10 @@ pub struct ReplayArgs {
     /// Run crash recovery only, then exit (for tests and operators checking a replica).
     #[arg(long, hide = true)]
     pub recover_only: bool,
+    /// Commit the unchanged position at least this often when idle (the sign of life
+    /// `journal trim --drop-consumer-after` reads).
+    #[arg(long, default_value = "60s", value_parser = parse_duration, hide = true)]
+    pub idle_commit: Duration,
 }
 
 /// `<path><suffix>` beside `path` (`replica.img` → `replica.img.undo`).
@@ -117,7 +121,10 @@ pub async fn open(args: &ReplayArgs, journal: Arc<dyn ObjectStore>) -> anyhow::R
             undo_part: usize::try_from(args.undo_part_bytes).unwrap_or(usize::MAX),
             ..BatchLimits::default()
         },
-        poll: PollPolicy::default(),
+        poll: PollPolicy {
+            idle_commit: args.idle_commit,
+            ..PollPolicy::default()
+        },
     };
     let reader = JournalReader::new(journal, manifest);
     let opened = Agent::open(

@@ -151,7 +151,12 @@ impl VerifyTally {
 }
 
 /// The first live segment and the first LSN in it (JSON in `trim`). Absent means nothing
-/// was trimmed yet: seq 0, LSN 1.
+/// was trimmed yet: seq 0, LSN 1. An undo log keeps one too (`trim` in its own root: its
+/// first live undo seq and that segment's first journal LSN).
+///
+/// # Invariants
+/// - Segment `first_seq` exists (trim always keeps the newest segment) or no segment was
+///   ever written; every seq below it may be gone, or still being deleted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrimPointer {
     pub first_seq: u64,
@@ -266,7 +271,8 @@ pub async fn load_trim_pointer(store: &dyn ObjectStore) -> JournalResult<TrimPoi
     }
 }
 
-/// Moves the trim pointer (trim only, after the segments below it are deleted).
+/// Moves the trim pointer (trim only). Trim moves it *before* it deletes the segments below
+/// it, so it never names a deleted seq (the order is documented in `crate::trim`).
 pub async fn store_trim_pointer(
     store: &dyn ObjectStore,
     pointer: &TrimPointer,

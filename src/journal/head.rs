@@ -8,6 +8,7 @@
 //! Must never: list the segment folders (that costs O(journal)), or report a head past a
 //! hole as if the segments before it were all there.
 
+use super::consumer::{load_trim_pointer, TrimPointer};
 use super::error::JournalResult;
 use super::manifest::Manifest;
 use super::segment::{read_index, Expected, SegmentIndex};
@@ -123,6 +124,31 @@ pub async fn plan_restart(
         next_lsn,
         last_timestamp_ns,
     })
+}
+
+/// [`plan_restart`] from the trim pointer, safe against a `journal trim` running at the same
+/// time: trim moves the pointer before it deletes anything below it, so a plan made while
+/// the pointer read before and after it stayed the same never probed a deleted seq (which
+/// would look like the end of the journal). A moved pointer means plan again.
+pub async fn plan_restart_from_trim_pointer(
+    store: &dyn ObjectStore,
+    manifest: &Manifest,
+) -> JournalResult<(TrimPointer, RestartPlan)> {
+    let mut trim = load_trim_pointer(store).await?;
+    loop {
+        let plan = plan_restart(store, manifest, trim.first_seq, trim.first_lsn).await?;
+        let again = load_trim_pointer(store).await?;
+        if again == trim {
+            return Ok((trim, plan));
+        }
+        tracing::info!(
+            "the trim pointer of {} moved from seq {} to {} while planning; planning again",
+            store.describe(),
+            trim.first_seq,
+            again.first_seq
+        );
+        trim = again;
+    }
 }
 
 /// The index of segment `seq`, checked against the manifest's UUID.

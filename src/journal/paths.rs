@@ -9,6 +9,7 @@
 //! journal/<seq % W>/<seq:020>    segments
 //! consumers/<name>               commit position of each consumer
 //! trim                           first live seq
+//! trim.pending                   the seqs an unfinished trim is deleting (below `trim`)
 //! marks/<name>                   a named point (LSN, time), kept after its segment is trimmed
 //! leases/<epoch:020>             the lease of writer epoch <epoch>, renewed by that writer only
 //! ```
@@ -18,6 +19,8 @@
 //! ```text
 //! undo.json                      undo-log manifest (journal UUID, consumer, replica, size)
 //! undo/<seq:020>                 undo segments, one per applied batch
+//! trim                           first live undo seq (same format as the journal's)
+//! trim.pending                   the undo seqs an unfinished undo trim is deleting
 //! ```
 
 /// The manifest, written once by conditional create.
@@ -30,6 +33,8 @@ pub const CONSUMERS_PREFIX: &str = "consumers/";
 pub const JOURNAL_PREFIX: &str = "journal/";
 /// The first live seq.
 pub const TRIM_POINTER: &str = "trim";
+/// The seqs an unfinished trim is deleting, all below [`TRIM_POINTER`] (see `crate::trim`).
+pub const TRIM_PENDING: &str = "trim.pending";
 /// Folder of named points (marks).
 pub const MARKS_PREFIX: &str = "marks/";
 

@@ -113,6 +113,10 @@ pub struct PollPolicy {
     pub min: Duration,
     /// When idle (the backoff doubles up to this).
     pub max: Duration,
+    /// An agent with nothing to apply (idle, or waiting out its delay) commits its unchanged
+    /// position at least this often, so `journal trim --drop-consumer-after` can tell a live
+    /// idle agent (recent `updated_at_ns`) from a dead one.
+    pub idle_commit: Duration,
 }
 
 impl Default for PollPolicy {
@@ -120,6 +124,7 @@ impl Default for PollPolicy {
         PollPolicy {
             min: Duration::from_millis(10),
             max: Duration::from_secs(1),
+            idle_commit: Duration::from_secs(60),
         }
     }
 }
@@ -235,6 +240,15 @@ impl Agent {
         }
         let mut pos = consumer::register(store.as_ref(), &initial).await?;
         let is_new = pos == initial;
+        // A `journal trim` that listed the consumers before this registration may have moved
+        // the pointer past where it starts (and be deleting those segments): start over.
+        if is_new && consumer::load_trim_pointer(store.as_ref()).await? != trim {
+            consumer::unregister(store.as_ref(), &config.name).await?;
+            return Err(ReplayError::TrimmedWhileRegistering {
+                journal,
+                name: config.name.clone(),
+            });
+        }
         if pos.replica != config.replica {
             return Err(ReplayError::ConsumerOfOtherReplica {
                 name: config.name.clone(),
@@ -273,7 +287,11 @@ impl Agent {
                 };
                 let log = UndoLog::open_or_create(undo_store, &expected).await?;
                 if is_new {
-                    let segments = log.end_from(0).await?;
+                    // An `undo trim` moves the log's start: count from its pointer.
+                    let from = consumer::load_trim_pointer(log.store().as_ref())
+                        .await?
+                        .first_seq;
+                    let segments = log.end_from(from).await? - from;
                     if segments > 0 {
                         return Err(ReplayError::StaleUndoLog {
                             undo: log.describe(),
@@ -441,6 +459,11 @@ impl Agent {
                     r = rx.recv() => r,
                     // Wake up now and then to check `--until`.
                     _ = self.timer.sleep(Duration::from_secs(1)), if self.config.until_ns.is_some() => continue,
+                    // Real time, not the timer: only a live process should look alive.
+                    _ = tokio::time::sleep(self.until_idle_commit()) => {
+                        self.commit_if_silent().await?;
+                        continue;
+                    }
                 };
                 match received {
                     Some(Ok(p)) => self.pending.push_back(p),
@@ -467,6 +490,7 @@ impl Agent {
                     return Ok(Outcome::CaughtUp);
                 }
                 self.drain().await?;
+                self.commit_if_silent().await?;
                 self.board.waiting_until(due);
                 let wait = Duration::from_nanos(due - now).min(Duration::from_secs(1));
                 tokio::select! {
@@ -844,6 +868,26 @@ impl Agent {
             pos.consistent_seq = pos.next_seq;
             pos.undo.consistent_seq = pos.undo.next_seq;
         }
+    }
+
+    /// How long until [`commit_if_silent`](Self::commit_if_silent) has to commit.
+    fn until_idle_commit(&self) -> Duration {
+        let silent = self.clock.now_ns().saturating_sub(self.pos.updated_at_ns);
+        self.config
+            .poll
+            .idle_commit
+            .saturating_sub(Duration::from_nanos(silent))
+    }
+
+    /// Commits the position, unchanged, when the last commit is older than
+    /// [`PollPolicy::idle_commit`]: the sign of life `journal trim --drop-consumer-after`
+    /// reads.
+    async fn commit_if_silent(&mut self) -> Result<(), ReplayError> {
+        let silent = self.clock.now_ns().saturating_sub(self.pos.updated_at_ns);
+        if silent >= self.config.poll.idle_commit.as_nanos() as u64 {
+            self.commit(0, 0).await?;
+        }
+        Ok(())
     }
 
     /// Commits the in-memory position.

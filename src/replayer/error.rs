@@ -42,6 +42,9 @@ pub enum ReplayError {
     /// A new replica cannot be built from a journal whose start was trimmed away.
     #[error("journal {journal} was trimmed up to LSN {first_lsn}: a new replica built from it would miss the records before; seed the replica from a copy of the primary first")]
     JournalTrimmed { journal: String, first_lsn: u64 },
+    /// A `journal trim` moved the journal's start while this new consumer registered there.
+    #[error("journal {journal} was trimmed while consumer {name} registered at its start; the registration was withdrawn, run the agent again")]
+    TrimmedWhileRegistering { journal: String, name: String },
     /// An undo segment past the consistent position holds a record at or before it: the
     /// undo log does not belong to this position.
     #[error("undo segment {key} in {undo} holds LSN {lsn}, but only records after the consistent LSN {consistent_lsn} may be undone")]

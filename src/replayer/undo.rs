@@ -211,6 +211,7 @@ impl UndoLog {
         &self.manifest
     }
 
+    /// The store the log lives in.
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
         &self.store
     }
@@ -400,6 +401,19 @@ impl UndoLog {
             .delete_many(&[paths::undo_segment_key(seq)])
             .await
             .map_err(|e| self.store_err(e))
+    }
+}
+
+/// Reads the manifest of an existing undo log without creating one (for tools that must not
+/// turn a wrong location into a new log); `None` when `store` holds no `undo.json`.
+pub async fn read_manifest(store: &dyn ObjectStore) -> Result<Option<UndoManifest>, UndoError> {
+    match store.get(paths::UNDO_MANIFEST).await {
+        Ok(data) => parse_manifest(&store.describe(), &data).map(Some),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(source) => Err(UndoError::Store {
+            store: store.describe(),
+            source,
+        }),
     }
 }
 

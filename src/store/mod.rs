@@ -18,6 +18,7 @@ use std::ops::Range;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub mod counting;
 pub mod flaky;
 pub mod local;
 pub mod memory;

@@ -40,9 +40,9 @@ use super::intake::Intake;
 use super::mode::FullReason;
 use super::shared::{Shared, WriterStats};
 use crate::clock::{Clock, MonotonicTimestamps};
-use crate::journal::consumer::{load_trim_pointer, TrimPointer};
+use crate::journal::consumer::TrimPointer;
 use crate::journal::epoch::{self, EpochClaim};
-use crate::journal::head::{plan_restart, RestartPlan};
+use crate::journal::head::{plan_restart_from_trim_pointer, RestartPlan};
 use crate::journal::segment::{encode_plug, SegmentBuilder, SegmentError};
 use crate::journal::{JournalError, Manifest, Op, Record};
 use crate::store::ObjectStore;
@@ -166,8 +166,7 @@ pub async fn prepare(
     let claim = epoch::claim_next(store.as_ref(), clock.now_ns())
         .await
         .map_err(fail)?;
-    let trim = load_trim_pointer(store.as_ref()).await.map_err(fail)?;
-    let plan = plan_restart(store.as_ref(), &manifest, trim.first_seq, trim.first_lsn)
+    let (trim, plan) = plan_restart_from_trim_pointer(store.as_ref(), &manifest)
         .await
         .map_err(fail)?;
     Ok(Prepared {

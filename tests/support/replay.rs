@@ -75,6 +75,22 @@ impl TestJournal {
         }
     }
 
+    /// Opens a journal made elsewhere (e.g. by `tinylag init`), to read its positions;
+    /// `next_seq` and `next_lsn` are not known and start at 0 and 1.
+    pub async fn open(dir: &Path) -> TestJournal {
+        let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir));
+        let manifest = Manifest::load(store.as_ref()).await.expect("a journal");
+        TestJournal {
+            dir: dir.to_path_buf(),
+            store,
+            manifest,
+            next_seq: 0,
+            next_lsn: 1,
+            last_ts: 0,
+            rng: StdRng::seed_from_u64(0),
+        }
+    }
+
     pub fn uri(&self) -> &str {
         self.dir.to_str().expect("utf-8 path")
     }

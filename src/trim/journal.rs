@@ -1,0 +1,229 @@
+//! `journal trim`: deletes the segments every consumer has committed and the retention no
+//! longer needs, oldest first, walking forward from the `trim` pointer by predicted keys.
+//!
+//! What is deleted, segment by segment along the chain from the pointer (plugs followed):
+//! a segment `s` goes when `s` is below every consumer's `trim_floor()`, its newest record
+//! is older than `now - retain` (a plug or an empty segment holds none), and the segment
+//! after it exists (the newest segment always stays). With no consumer registered only the
+//! retention holds trim back: the journal keeps `retain` of history and its newest segment.
+//! Seqs a plug jumps over (a dead writer's orphans) go with the plug. Cost: one index read
+//! (one ranged GET) per deleted segment plus one for the first kept, one `delete_many` per
+//! [`DELETE_BATCH`](crate::store::counting::DELETE_BATCH) seqs, and a few metadata requests.
+//!
+//! Must never: see the module documentation of [`crate::trim`].
+
+use crate::journal::consumer::{self, ConsumerState};
+use crate::journal::error::JournalError;
+use std::sync::Arc;
+
+use crate::journal::Manifest;
+use crate::store::ObjectStore;
+
+use super::read_ahead::ReadAhead;
+
+use super::{
+    finish_interrupted, Deleter, DroppedConsumer, HeldBy, TrimError, TrimReport, TrimResult,
+};
+
+/// What `journal trim` is asked to do.
+#[derive(Clone, Copy, Debug)]
+pub struct JournalTrimOptions {
+    /// Keep every segment holding a record younger than this (ns).
+    pub retain_ns: u64,
+    /// Unregister consumers that have not committed for longer than this (ns).
+    pub drop_consumer_after_ns: Option<u64>,
+    /// Report, change nothing.
+    pub dry_run: bool,
+    /// The current time (ns since the UNIX epoch).
+    pub now_ns: u64,
+}
+
+/// Unregisters the consumers silent for longer than `after_ns` (re-reading each first, so
+/// one that committed since the listing stays) and returns the others and the dropped.
+async fn drop_silent(
+    store: &dyn ObjectStore,
+    consumers: Vec<ConsumerState>,
+    after_ns: u64,
+    opts: &JournalTrimOptions,
+) -> TrimResult<(Vec<ConsumerState>, Vec<DroppedConsumer>)> {
+    let cutoff = opts.now_ns.saturating_sub(after_ns);
+    let (mut kept, mut dropped) = (Vec::new(), Vec::new());
+    for listed in consumers {
+        if listed.updated_at_ns >= cutoff {
+            kept.push(listed);
+            continue;
+        }
+        let state = match consumer::load(store, &listed.name).await {
+            Ok(s) => s,
+            Err(JournalError::UnknownConsumer { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if state.updated_at_ns >= cutoff {
+            kept.push(state);
+            continue;
+        }
+        tracing::warn!(
+            "{}consumer {} of {}: silent since {} (longer than --drop-consumer-after), at applied LSN {}; it no longer holds trim back and its replica cannot follow this journal any more",
+            if opts.dry_run { "would unregister " } else { "unregistering " },
+            state.name,
+            store.describe(),
+            crate::clock::format_ns(state.updated_at_ns),
+            state.applied_lsn
+        );
+        if !opts.dry_run {
+            match consumer::unregister(store, &state.name).await {
+                Ok(()) | Err(JournalError::UnknownConsumer { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        dropped.push(DroppedConsumer {
+            name: state.name,
+            updated_at_ns: state.updated_at_ns,
+            next_seq: state.next_seq,
+            applied_lsn: state.applied_lsn,
+        });
+    }
+    Ok((kept, dropped))
+}
+
+/// Trims the journal in `store` (see the module documentation).
+pub async fn trim_journal(
+    store_arc: Arc<dyn ObjectStore>,
+    manifest: &Manifest,
+    opts: &JournalTrimOptions,
+) -> TrimResult<TrimReport> {
+    let store = store_arc.as_ref();
+    let before = consumer::load_trim_pointer(store).await?;
+    let mut consumers = consumer::list(store).await?;
+    let mut dropped_consumers = Vec::new();
+    if let Some(after) = opts.drop_consumer_after_ns {
+        (consumers, dropped_consumers) = drop_silent(store, consumers, after, opts).await?;
+    }
+    let slowest = consumers.iter().min_by_key(|c| c.trim_floor());
+    let floor = slowest.map_or(u64::MAX, ConsumerState::trim_floor);
+    let held_by_consumer = || {
+        let c = slowest.expect("a floor below u64::MAX comes from a consumer");
+        HeldBy::Consumer {
+            name: c.name.clone(),
+            floor_seq: floor,
+            next_seq: c.next_seq,
+            consistent_seq: c.consistent_seq,
+            applied_lsn: c.applied_lsn,
+            consistent_lsn: c.consistent_lsn,
+        }
+    };
+    let cutoff = opts.now_ns.saturating_sub(opts.retain_ns);
+
+    let key = |seq: u64| manifest.segment_key(seq);
+    let leftovers = finish_interrupted(store, &key, before.first_seq, floor, opts.dry_run).await?;
+    let mut report = TrimReport {
+        store: store.describe(),
+        dry_run: opts.dry_run,
+        before,
+        after: before,
+        deleted_segments: 0,
+        deleted_bytes: 0,
+        deleted_orphans: 0,
+        leftovers,
+        first_live_timestamp_ns: None,
+        held_by: HeldBy::Nothing {
+            seq: before.first_seq,
+        },
+        dropped_consumers,
+    };
+
+    let keys = manifest.clone();
+    let mut reads = ReadAhead::new(
+        store_arc.clone(),
+        manifest.uuid,
+        Arc::new(move |seq| keys.segment_key(seq)),
+        floor.saturating_add(1),
+    );
+    let mut seq = before.first_seq;
+    let Some(mut cur) = reads.get(seq).await? else {
+        return Ok(report);
+    };
+    if cur.header.first_lsn != before.first_lsn {
+        return Err(TrimError::BrokenChain {
+            store: store.describe(),
+            key: manifest.segment_key(seq),
+            expected: before.first_lsn,
+            found: cur.header.first_lsn,
+        });
+    }
+    let mut deleter = Deleter::new(store, &key, opts.dry_run, true, seq);
+    // What the walk passed since the last chunk was deleted: (seq, bytes, orphans).
+    let mut chunk: Vec<(u64, u64, u64)> = Vec::new();
+    let mut late = None;
+    let mut held_by = loop {
+        if let Some(c) = deleter.advance(seq, cur.header.first_lsn, false).await? {
+            late = Some(c);
+            break HeldBy::Head { seq };
+        }
+        if chunk
+            .last()
+            .is_some_and(|&(s, _, _)| s < deleter.chunk_from)
+        {
+            chunk.clear();
+        }
+        let next_seq = cur.header.next_seq;
+        if seq >= floor || next_seq > floor {
+            break held_by_consumer();
+        }
+        if let Some(newest) = cur.last_timestamp().filter(|&t| t >= cutoff) {
+            break HeldBy::Retention {
+                retain_ns: opts.retain_ns,
+                cutoff_ns: cutoff,
+                seq,
+                newest_timestamp_ns: newest,
+            };
+        }
+        let Some(next) = reads.get(next_seq).await? else {
+            break HeldBy::Head { seq };
+        };
+        if next.header.first_lsn != cur.header.end_lsn() {
+            return Err(TrimError::BrokenChain {
+                store: store.describe(),
+                key: manifest.segment_key(next_seq),
+                expected: cur.header.end_lsn(),
+                found: next.header.first_lsn,
+            });
+        }
+        let orphans = next_seq - seq - 1;
+        chunk.push((seq, cur.object_size, orphans));
+        report.deleted_segments += 1;
+        report.deleted_bytes += cur.object_size;
+        report.deleted_orphans += orphans;
+        seq = next_seq;
+        cur = next;
+    };
+    if late.is_none() {
+        late = deleter.advance(seq, cur.header.first_lsn, true).await?;
+    }
+    if let Some(c) = late {
+        // The pointer stays where it moved to; the segments from the consumer's floor on stay
+        // too (named in `trim.pending` until a later trim may delete them).
+        let floor = c.trim_floor();
+        for &(_, bytes, orphans) in chunk.iter().filter(|&&(s, _, _)| s >= floor) {
+            report.deleted_segments -= 1;
+            report.deleted_bytes -= bytes;
+            report.deleted_orphans -= orphans;
+        }
+        held_by = HeldBy::Consumer {
+            name: c.name.clone(),
+            floor_seq: c.trim_floor(),
+            next_seq: c.next_seq,
+            consistent_seq: c.consistent_seq,
+            applied_lsn: c.applied_lsn,
+            consistent_lsn: c.consistent_lsn,
+        };
+    }
+    deleter.finish().await?;
+    report.after = consumer::TrimPointer {
+        first_seq: seq,
+        first_lsn: cur.header.first_lsn,
+    };
+    report.first_live_timestamp_ns = cur.first_timestamp();
+    report.held_by = held_by;
+    Ok(report)
+}
