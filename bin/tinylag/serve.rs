@@ -22,8 +22,9 @@ use tinylag::writer::journal_writer::WriterConfig;
 use tinylag::writer::mode::AckMode;
 use tinylag::writer::pool::MIN_POOL_SIZE;
 use tinylag::writer::primary::{JournalSetup, Labels, PrimaryCore};
+use tinylag::writer::status::StatusSnapshot;
 
-use crate::cmd::args::{parse_size, parse_store_uri, S3Args};
+use crate::cmd::args::{parse_group, parse_size, parse_store_uri, S3Args, TlsArgs};
 
 /// Block size advertised without a journal (`--no-journal`), when no manifest says.
 const NO_JOURNAL_BLOCK_SIZE: u32 = 4096;
@@ -38,9 +39,12 @@ pub struct ServeArgs {
     pub journal: Option<StoreUri>,
     #[command(flatten)]
     pub s3: S3Args,
-    /// NBD address: unix:PATH or tcp:IP:PORT [default: unix:<primary>.sock].
+    /// NBD address: unix:PATH or tcp:IP:PORT [default: unix:<primary>.sock]. TCP on an
+    /// address other than loopback needs --tls require (or --insecure-no-tls).
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// NBD export name [default: the journal's device name]. Clients asking for the empty
     /// name get this export.
     #[arg(long, value_name = "NAME")]
@@ -48,6 +52,10 @@ pub struct ServeArgs {
     /// Control socket [default: <primary>.ctl].
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+    /// Let this group use the control socket (mode 0660) and run every command on it
+    /// [default: owner and root only, mode 0600].
+    #[arg(long, value_name = "GROUP", value_parser = parse_group)]
+    pub control_group: Option<u32>,
     /// Memory for changes acknowledged but not yet durable; past it, changes are not
     /// journaled (their regions go dirty) rather than blocking the primary.
     #[arg(long, default_value = "512M", value_parser = parse_size)]
@@ -101,23 +109,20 @@ pub fn default_control_path(primary: &Path) -> PathBuf {
     beside(primary, ".ctl")
 }
 
-/// The NBD URI clients use for `export` on `addr`.
-fn nbd_uri(addr: &ListenAddr, export: &str) -> String {
-    match addr {
-        ListenAddr::Unix(path) => format!("nbd+unix:///{export}?socket={}", path.display()),
-        ListenAddr::Tcp(sa) => format!("nbd://{sa}/{export}"),
-    }
-}
-
 struct StatusHandler {
     core: Arc<PrimaryCore>,
+    /// Shown by `status` while plaintext clients can reach the disk from other hosts.
+    security_warning: Option<String>,
 }
 
 #[async_trait]
 impl Handler for StatusHandler {
     async fn handle(&self, request: Request) -> Response {
         match request.cmd.as_str() {
-            "status" => match serde_json::to_value(self.core.status()) {
+            "status" => match serde_json::to_value(StatusSnapshot {
+                security_warning: self.security_warning.clone(),
+                ..self.core.status()
+            }) {
                 Ok(v) => Response::ok(v),
                 Err(e) => Response::error(format!("cannot encode the status: {e}")),
             },
@@ -165,6 +170,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Some(s) => s.parse()?,
         None => ListenAddr::Unix(beside(&args.primary, ".sock")),
     };
+    let security = args.tls.security(&listen)?;
     let control_path = args
         .control
         .clone()
@@ -200,7 +206,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Bind first: a second daemon on the same sockets is refused before it claims an epoch.
     let listener = nbd::bind(&listen).await?;
     let listen = listener.local_addr().clone();
-    let control_listener = control::bind(&control_path)
+    let access = control::Access {
+        group: args.control_group,
+    };
+    let control_listener = control::bind_with(&control_path, access)
         .await
         .with_context(|| format!("cannot listen on --control {}", control_path.display()))?;
 
@@ -235,29 +244,37 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             return Err(e.into());
         }
     };
-    let server = Arc::new(NbdServer::new(
-        vec![Export {
-            name: export.clone(),
-            description: format!("tinylag primary {}", args.primary.display()),
-            device: core.clone(),
-        }],
-        &export,
-    )?);
+    let server = Arc::new(
+        NbdServer::new(
+            vec![Export {
+                name: export.clone(),
+                description: format!("tinylag primary {}", args.primary.display()),
+                device: core.clone(),
+            }],
+            &export,
+        )?
+        .with_security(security.clone()),
+    );
+    let security_warning = security.warning(&listen);
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let control_task = tokio::spawn(control::serve(
         control_listener,
-        Arc::new(StatusHandler { core: core.clone() }),
+        Arc::new(StatusHandler {
+            core: core.clone(),
+            security_warning: security_warning.clone(),
+        }),
         shutdown_rx.clone(),
     ));
     let nbd_task = tokio::spawn(nbd::serve(listener, server, shutdown_rx));
 
     let status = core.status();
     println!(
-        "tinylag serve: {} ({}) as {}",
+        "tinylag serve: {} ({}) as {} ({})",
         args.primary.display(),
         format_size(status.device_size),
-        nbd_uri(&listen, &export)
+        args.tls.nbd_uri(&listen, &export),
+        security.describe()
     );
     println!(
         "mode {}, journal {}, control {}",
@@ -266,6 +283,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         control_path.display()
     );
     if let Some(w) = status.warning() {
+        eprintln!("{w}");
+    }
+    if let Some(w) = &security_warning {
+        tracing::warn!("{w}");
         eprintln!("{w}");
     }
 

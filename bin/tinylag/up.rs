@@ -21,7 +21,7 @@ use tinylag::store::local::LocalStore;
 use tinylag::store::ObjectStore;
 use tinylag::units::format_size;
 
-use crate::cmd::args::parse_size;
+use crate::cmd::args::{parse_size, TlsArgs};
 use crate::cmd::{replay, serve};
 
 /// The consumer name of the replica `up` keeps.
@@ -37,9 +37,12 @@ pub struct UpArgs {
     /// Device size of a new primary (an existing one keeps its size).
     #[arg(long, value_parser = parse_size)]
     pub size: Option<u64>,
-    /// NBD address: unix:PATH or tcp:IP:PORT [default: unix:DIR/primary.img.sock].
+    /// NBD address: unix:PATH or tcp:IP:PORT [default: unix:DIR/primary.img.sock]. TCP on
+    /// an address other than loopback needs --tls require (or --insecure-no-tls).
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// Replay delay of the replica (e.g. 1h).
     #[arg(long, default_value = "0", value_name = "DURATION")]
     pub delay: String,
@@ -53,9 +56,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         tinylag::units::parse_duration(&args.delay).map_err(|e| anyhow::anyhow!("--delay: {e}"))?;
     let delay = tinylag::replayer::status::format_duration(delay);
     if let Some(listen) = &args.listen {
-        listen
+        let addr = listen
             .parse::<ListenAddr>()
             .with_context(|| format!("--listen {listen}"))?;
+        // Refused here, before anything is created, rather than by `serve` later.
+        args.tls.security(&addr)?;
     }
     let dir =
         std::path::absolute(&args.dir).with_context(|| format!("--dir {}", args.dir.display()))?;
@@ -81,6 +86,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     if let Some(listen) = &args.listen {
         serve_argv.extend(["--listen".into(), listen.clone()]);
     }
+    serve_argv.extend(args.tls.to_argv());
     let serve_args: serve::ServeArgs = parse_args(&serve_argv)?;
     let replay_argv = vec![
         "replay".to_string(),
@@ -99,8 +105,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .listen
         .clone()
         .unwrap_or_else(|| format!("unix:{}.sock", primary.display()));
+    let uri = args.tls.nbd_uri(&listen.parse()?, &export);
     print_guide(
-        &dir, &primary, &journal, &replica, size, &listen, &export, &delay,
+        &dir, &primary, &journal, &replica, size, &listen, &uri, &export, &delay,
     );
 
     let replay_task = tokio::spawn(replay::run(replay_args));
@@ -190,16 +197,10 @@ fn print_guide(
     replica: &Path,
     size: u64,
     listen: &str,
+    uri: &str,
     export: &str,
     delay: &str,
 ) {
-    let uri = match listen.strip_prefix("unix:") {
-        Some(path) => format!("nbd+unix:///{export}?socket={path}"),
-        None => format!(
-            "nbd://{}/{export}",
-            listen.strip_prefix("tcp:").unwrap_or(listen)
-        ),
-    };
     let nbd_client = match listen.strip_prefix("unix:") {
         Some(path) => format!("nbd-client -unix {path} -N {export} /dev/nbd0"),
         None => {

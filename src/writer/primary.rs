@@ -611,6 +611,7 @@ impl PrimaryCore {
                 records_abandoned: 0,
                 dirty,
                 uptime_seconds,
+                security_warning: None,
             };
         };
         let head_lsn = self.head_lsn();
@@ -675,6 +676,7 @@ impl PrimaryCore {
             records_abandoned: s.records_abandoned.load(Ordering::Acquire),
             dirty,
             uptime_seconds,
+            security_warning: None,
         }
     }
 }

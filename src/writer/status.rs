@@ -52,6 +52,10 @@ pub struct StatusSnapshot {
     pub records_abandoned: u64,
     pub dirty: DirtyStatus,
     pub uptime_seconds: f64,
+    /// Set while the NBD server accepts plaintext clients from other hosts
+    /// (`--insecure-no-tls`); `status` shows it first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_warning: Option<String>,
 }
 
 /// Acknowledgement policy, configured and in force now.
@@ -142,6 +146,9 @@ impl StatusSnapshot {
     /// The human form printed by `tinylag status`.
     pub fn render_text(&self) -> String {
         let mut out = String::new();
+        if let Some(w) = &self.security_warning {
+            let _ = writeln!(out, "{w}\n");
+        }
         if let Some(w) = self.warning() {
             let _ = writeln!(out, "{w}\n");
         }
@@ -325,6 +332,7 @@ mod tests {
                 region_size: 4 << 20,
             },
             uptime_seconds: 12.0,
+            security_warning: None,
         }
     }
 
