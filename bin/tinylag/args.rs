@@ -128,7 +128,12 @@ impl TlsArgs {
         let tls = self.tls != TlsMode::Off;
         let s = if tls { "s" } else { "" };
         let certs = match (&self.tls_certificates, tls) {
-            (Some(dir), true) => format!("tls-certificates={}", dir.display()),
+            (Some(dir), true) => format!(
+                "tls-certificates={}",
+                std::path::absolute(dir)
+                    .unwrap_or_else(|_| dir.clone())
+                    .display()
+            ),
             _ => String::new(),
         };
         match addr {

@@ -8,4 +8,5 @@ pub mod oracle;
 pub mod procs;
 pub mod replay;
 pub mod s3;
+pub mod tls;
 pub mod verdict;
