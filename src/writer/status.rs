@@ -353,6 +353,21 @@ mod tests {
     }
 
     #[test]
+    fn an_exposed_plaintext_listener_is_shown_first() {
+        let mut s = sample(Mode::Logging);
+        assert!(serde_json::to_value(&s)
+            .unwrap()
+            .get("security_warning")
+            .is_none());
+        s.security_warning = Some("WARNING: NBD on tcp:0.0.0.0:10809 accepts plaintext".into());
+        let text = s.render_text();
+        assert!(text.starts_with("WARNING: NBD on tcp:0.0.0.0:10809"), "{text}");
+        let back: StatusSnapshot =
+            serde_json::from_value(serde_json::to_value(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+    }
+
+    #[test]
     fn json_round_trips_with_stable_names() {
         let s = sample(Mode::ForwardPart);
         let json = serde_json::to_value(&s).unwrap();
