@@ -327,8 +327,31 @@ fn slow_handshakes_are_dropped_at_the_deadline_while_a_bystander_works() {
     stalled.send_option(wire::OPT_STARTTLS, &[]);
     assert_eq!(stalled.option_reply().1, wire::REP_ACK);
     stalled.send(&[0x16, 0x03, 0x01, 0x02, 0x00]);
+    // Garbage after STARTTLS: raw, or inside well-formed TLS record headers (which may
+    // leave the server waiting for more: then the deadline ends it).
+    let mut fuzzed: Vec<_> = (0..12u64)
+        .map(|seed| {
+            let mut client = Wire::greet(port);
+            client.send_option(wire::OPT_STARTTLS, &[]);
+            assert_eq!(client.option_reply().1, wire::REP_ACK);
+            let body = pattern(seed, 1 + (seed as usize * 997) % 3000);
+            let mut bytes = Vec::new();
+            if seed % 2 == 0 {
+                bytes.extend_from_slice(&[0x16, 0x03, 0x01]);
+                bytes.extend_from_slice(&(body.len() as u16).to_be_bytes());
+            }
+            bytes.extend_from_slice(&body);
+            client.send(&bytes);
+            client
+        })
+        .collect();
     for client in [&mut silent, &mut half, &mut stalled] {
         assert!(client.closed_by_server(), "a slow client was not dropped");
+    }
+    for client in &mut fuzzed {
+        // At most a TLS alert record (content type 21), never anything in plaintext.
+        let said = client.until_closed();
+        assert!(said.is_empty() || said[0] == 21, "{said:?}");
     }
     let waited = started.elapsed();
     assert!(
@@ -389,6 +412,14 @@ fn plaintext_tcp_for_other_hosts_and_bad_credentials_are_refused_before_anything
         &[],
     );
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(!up_dir.exists(), "up created its directory before refusing");
+    let out = tinylag(&["up", "--dir", path(&up_dir), "--tls", "require"], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("--tls-certificates DIR"),
+        "{}",
+        text(&out)
+    );
     assert!(!up_dir.exists(), "up created its directory before refusing");
 
     // Bad values name the flag.

@@ -55,13 +55,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let delay =
         tinylag::units::parse_duration(&args.delay).map_err(|e| anyhow::anyhow!("--delay: {e}"))?;
     let delay = tinylag::replayer::status::format_duration(delay);
-    if let Some(listen) = &args.listen {
-        let addr = listen
+    // Checked here, before anything is created, rather than by `serve` later.
+    let addr = match &args.listen {
+        Some(listen) => listen
             .parse::<ListenAddr>()
-            .with_context(|| format!("--listen {listen}"))?;
-        // Refused here, before anything is created, rather than by `serve` later.
-        args.tls.security(&addr)?;
-    }
+            .with_context(|| format!("--listen {listen}"))?,
+        // The default, a Unix socket in --dir (its path does not matter to the check).
+        None => ListenAddr::Unix(args.dir.join("primary.img.sock")),
+    };
+    args.tls.security(&addr)?;
     let dir =
         std::path::absolute(&args.dir).with_context(|| format!("--dir {}", args.dir.display()))?;
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;

@@ -361,7 +361,10 @@ mod tests {
             .is_none());
         s.security_warning = Some("WARNING: NBD on tcp:0.0.0.0:10809 accepts plaintext".into());
         let text = s.render_text();
-        assert!(text.starts_with("WARNING: NBD on tcp:0.0.0.0:10809"), "{text}");
+        assert!(
+            text.starts_with("WARNING: NBD on tcp:0.0.0.0:10809"),
+            "{text}"
+        );
         let back: StatusSnapshot =
             serde_json::from_value(serde_json::to_value(&s).unwrap()).unwrap();
         assert_eq!(back, s);
