@@ -125,6 +125,18 @@ fn tls_clients_read_and_write_and_the_journal_rebuilds_the_primary() {
         ],
     );
     qemu_io_tls(port, &cli, &["read -P 0xab 0 1M", "read -P 0 4M 4k"]);
+    let out = run_ok(Command::new("qemu-img").args([
+        "info",
+        "--output=json",
+        "--object",
+        &format!("tls-creds-x509,id=tls0,endpoint=client,dir={}", cli.display()),
+        "--image-opts",
+        &format!(
+            "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},export=disk0,tls-creds=tls0"
+        ),
+    ]));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["virtual-size"], 64 * MIB, "{info:#}");
 
     // nbdcopy in and back out, through nbds:// URIs.
     let source = dir.path().join("source.img");
@@ -202,6 +214,55 @@ fn mutual_tls_over_a_unix_socket_wants_a_client_certificate_from_our_ca() {
 }
 
 #[test]
+fn tls_on_lets_each_client_choose() {
+    let dir = tempfile::tempdir().unwrap();
+    let (primary, journal) = setup(dir.path());
+    let ca = Ca::new(&dir.path().join("pki"), "good");
+    let srv = ca.server_dir(&dir.path().join("server"), 2);
+    let cli = ca.client_dir(&dir.path().join("client"), None);
+    let port = free_port();
+    let listen = format!("tcp:127.0.0.1:{port}");
+    let mut daemon = Daemon::start(
+        &primary,
+        &journal,
+        &[
+            "--listen",
+            &listen,
+            "--tls",
+            "on",
+            "--tls-certificates",
+            path(&srv),
+        ],
+        &[],
+    );
+    for (uri, tls) in [
+        (format!("nbd://127.0.0.1:{port}/"), false),
+        (nbds(port, &cli), true),
+    ] {
+        let out = run_ok(Command::new("nbdinfo").args(["--json", &uri]));
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(info["TLS"], tls, "{uri}: {info:#}");
+    }
+    // STARTTLS once TLS is active is refused, and the session goes on.
+    let mut client = Wire::greet(port).start_tls(client_config(&cli)).unwrap();
+    client.send_option(wire::OPT_STARTTLS, &[]);
+    assert_eq!(client.option_reply().1, wire::REP_ERR_INVALID);
+    client.go("disk0").unwrap();
+    client.write(0, &pattern(1, 4096));
+    assert_eq!(client.read(0, 4096), pattern(1, 4096));
+    daemon.stop_ok();
+
+    // With TLS off, STARTTLS is unsupported and plaintext goes on.
+    let mut daemon = Daemon::start(&primary, &journal, &["--listen", &listen], &[]);
+    let mut plain = Wire::greet(port);
+    plain.send_option(wire::OPT_STARTTLS, &[]);
+    assert_eq!(plain.option_reply().1, wire::REP_ERR_UNSUP);
+    plain.go("disk0").unwrap();
+    assert_eq!(plain.read(0, 4096), pattern(1, 4096));
+    daemon.stop_ok();
+}
+
+#[test]
 fn refusals_and_starttls_abuse_leave_a_bystander_working() {
     let dir = tempfile::tempdir().unwrap();
     let (primary, journal) = setup(dir.path());
@@ -234,6 +295,10 @@ fn refusals_and_starttls_abuse_leave_a_bystander_working() {
         plain.closed_by_server(),
         "EXPORT_NAME over plaintext must close"
     );
+    let mut quitter = Wire::greet(port);
+    quitter.send_option(wire::OPT_ABORT, &[]);
+    assert_eq!(quitter.option_reply().1, wire::REP_ACK);
+    assert!(quitter.closed_by_server());
 
     // A server certificate from another CA.
     let wrong = other.client_dir(&dir.path().join("client-wrong-ca"), None);
@@ -522,6 +587,20 @@ fn control_socket_is_owner_only_and_other_uids_cannot_change_state() {
     }
     let log = daemon.stop_ok();
     assert!(log.contains("control request refused"), "{log}");
+
+    // With --control-group, the group may connect (0660) and change state.
+    let mut daemon = Daemon::start(
+        &primary,
+        "",
+        &["--no-journal", "--control-group", "65534"],
+        &[],
+    );
+    let meta = std::fs::metadata(&control).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), 65534);
+    let answer = control_as_nobody(&control, r#"{"cmd":"mark"}"#);
+    assert!(answer.contains("unknown command"), "{answer}");
+    daemon.stop_ok();
 }
 
 fn unsafe_geteuid() -> u32 {
