@@ -483,7 +483,7 @@ mod tests {
 
     #[tokio::test]
     async fn metered_reads_stop_at_the_budget_until_lifted() {
-        let data = vec![7u8; 100];
+        let data = [7u8; 100];
         let mut metered = Metered::new(&data[..], 40);
         let mut buf = [0u8; 30];
         metered.read_exact(&mut buf).await.unwrap();
