@@ -42,6 +42,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start and matched at once: the size of the largest arguments is irrelevant.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Create a new journal (and, if asked, a sparse primary file).

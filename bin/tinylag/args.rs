@@ -1,5 +1,5 @@
-//! Argument types shared by the subcommands: the journal location, S3 options, and the
-//! value parsers that turn `4G` / `200ms` / times into numbers with errors that name the form.
+//! Argument types shared by the subcommands: the journal location, S3 options, who may
+//! connect to an NBD server (`TlsArgs`), and the value parsers that turn `4G` / `200ms` / times into numbers with errors that name the form.
 //!
 //! The convention every subcommand follows (so all bad input looks the same):
 //! - a flag's value is checked by a clap value parser from this file
@@ -12,11 +12,12 @@
 //!   `conflicts_with` returns [`usage`] from `run`: printed like clap's own errors, exit 2.
 //! - everything else is a runtime error, printed once by `main` as `tinylag: error: …`.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use tinylag::nbd::{ListenAddr, NbdError};
+use tinylag::nbd::{ListenAddr, NbdError, Security, SecurityOptions, TlsMode};
 use tinylag::store::{open_store, ObjectStore, S3Options, StoreUri};
 use tinylag::writer::MaxLag;
 use tinylag::writer::MIN_POOL_SIZE;
@@ -155,4 +156,107 @@ pub fn usage(message: impl Into<String>) -> anyhow::Error {
 
 pub fn parse_time(s: &str) -> Result<u64, String> {
     tinylag::clock::parse_time(s, &tinylag::clock::SystemClock)
+}
+
+/// Who may connect to an NBD server and how: flattened into every command that serves
+/// NBD (`serve`, `up`, `mount`).
+#[derive(Debug, Clone, Args)]
+pub struct TlsArgs {
+    /// NBD over TLS (the protocol's STARTTLS): off, on (clients choose) or require (every
+    /// option before STARTTLS is refused).
+    #[arg(long, default_value = "off", value_name = "off|on|require", value_parser = parse_tls_mode)]
+    pub tls: TlsMode,
+    /// Directory with server-cert.pem, server-key.pem and, for --tls-verify-peer,
+    /// ca-cert.pem (the layout of nbdkit --tls-certificates and qemu's tls-creds-x509).
+    #[arg(long, value_name = "DIR")]
+    pub tls_certificates: Option<PathBuf>,
+    /// Require a client certificate signed by DIR/ca-cert.pem (mutual TLS).
+    #[arg(long)]
+    pub tls_verify_peer: bool,
+    /// Allow plaintext NBD on a TCP address other hosts can reach (refused otherwise):
+    /// anyone who reaches it can read and overwrite the disk.
+    #[arg(long)]
+    pub insecure_no_tls: bool,
+    /// A client that has not chosen an export this long after connecting (TLS handshake
+    /// included) is disconnected.
+    #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_positive_duration)]
+    pub handshake_timeout: Duration,
+}
+
+impl TlsArgs {
+    /// Loads the credentials and refuses plaintext on an address other hosts reach
+    /// (unless --insecure-no-tls).
+    pub fn security(&self, listen: &ListenAddr) -> anyhow::Result<Security> {
+        Ok(Security::new(
+            &SecurityOptions {
+                mode: self.tls,
+                certificates: self.tls_certificates.clone(),
+                verify_peer: self.tls_verify_peer,
+                insecure_no_tls: self.insecure_no_tls,
+                handshake_timeout: Some(self.handshake_timeout),
+            },
+            listen,
+        )?)
+    }
+
+    /// The same options as command-line arguments (for `up`, which runs `serve`).
+    pub fn to_argv(&self) -> Vec<String> {
+        let mut argv = vec!["--tls".to_string(), self.tls.to_string()];
+        if let Some(dir) = &self.tls_certificates {
+            argv.extend(["--tls-certificates".into(), dir.display().to_string()]);
+        }
+        if self.tls_verify_peer {
+            argv.push("--tls-verify-peer".into());
+        }
+        if self.insecure_no_tls {
+            argv.push("--insecure-no-tls".into());
+        }
+        argv.extend([
+            "--handshake-timeout".into(),
+            format!("{}ms", self.handshake_timeout.as_millis()),
+        ]);
+        argv
+    }
+
+    /// The NBD URI clients use for `export` on `addr`: `nbds` when TLS is on, with the
+    /// client-side certificate directory libnbd wants.
+    pub fn nbd_uri(&self, addr: &ListenAddr, export: &str) -> String {
+        let tls = self.tls != TlsMode::Off;
+        let s = if tls { "s" } else { "" };
+        let certs = match (&self.tls_certificates, tls) {
+            (Some(dir), true) => format!(
+                "tls-certificates={}",
+                std::path::absolute(dir)
+                    .unwrap_or_else(|_| dir.clone())
+                    .display()
+            ),
+            _ => String::new(),
+        };
+        match addr {
+            ListenAddr::Unix(path) => {
+                let sep = if certs.is_empty() { "" } else { "&" };
+                format!(
+                    "nbd{s}+unix:///{export}?socket={}{sep}{certs}",
+                    path.display()
+                )
+            }
+            ListenAddr::Tcp(sa) if certs.is_empty() => format!("nbd{s}://{sa}/{export}"),
+            ListenAddr::Tcp(sa) => format!("nbd{s}://{sa}/{export}?{certs}"),
+        }
+    }
+}
+
+pub fn parse_tls_mode(s: &str) -> Result<TlsMode, String> {
+    s.parse()
+}
+
+pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match tinylag::units::parse_duration(s)? {
+        d if d.is_zero() => Err(format!("{s:?} is zero; give a positive duration like 10s")),
+        d => Ok(d),
+    }
+}
+
+pub fn parse_group(s: &str) -> Result<u32, String> {
+    tinylag::control::resolve_group(s)
 }

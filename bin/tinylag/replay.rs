@@ -19,7 +19,9 @@ use tinylag::store::{open_store, ObjectStore, StoreUri};
 use tinylag::units::format_duration;
 use tokio::sync::watch;
 
-use crate::cmd::args::{parse_duration, parse_size, parse_store_uri, parse_time, JournalArgs};
+use crate::cmd::args::{
+    parse_duration, parse_group, parse_size, parse_store_uri, parse_time, JournalArgs,
+};
 use crate::cmd::output::self_command;
 
 #[derive(Debug, Args)]
@@ -53,6 +55,10 @@ pub struct ReplayArgs {
     /// Control socket (default: <replica>.ctl).
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+    /// Let this group use the control socket (mode 0660) and run every command on it
+    /// [default: owner and root only, mode 0600].
+    #[arg(long, value_name = "GROUP", value_parser = parse_group)]
+    pub control_group: Option<u32>,
     /// Most records per batch (one undo segment, one fsync, one commit each).
     #[arg(long, default_value_t = 8192, hide = true)]
     pub batch_records: usize,
@@ -187,7 +193,10 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
         return Ok(());
     }
 
-    let listener = control::bind(&control_path)
+    let access = control::Access {
+        group: args.control_group,
+    };
+    let listener = control::bind_with(&control_path, access)
         .await
         .with_context(|| format!("control socket {}", control_path.display()))?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

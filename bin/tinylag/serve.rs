@@ -25,8 +25,8 @@ use tinylag::writer::{
 };
 
 use crate::cmd::args::{
-    parse_duration, parse_listen, parse_max_lag, parse_pool_size, parse_segment_size,
-    parse_store_uri, usage, Ack, S3Args,
+    parse_duration, parse_group, parse_listen, parse_max_lag, parse_pool_size, parse_segment_size,
+    parse_store_uri, usage, Ack, S3Args, TlsArgs,
 };
 
 /// Block size advertised without a journal (`--no-journal`), when no manifest says.
@@ -42,9 +42,12 @@ pub struct ServeArgs {
     pub journal: Option<StoreUri>,
     #[command(flatten)]
     pub s3: S3Args,
-    /// NBD address: unix:PATH or tcp:IP:PORT [default: unix:<primary>.sock].
+    /// NBD address: unix:PATH or tcp:IP:PORT [default: unix:<primary>.sock]. TCP on an
+    /// address other than loopback needs --tls require (or --insecure-no-tls).
     #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
     pub listen: Option<ListenAddr>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// NBD export name [default: the journal's device name]. Clients asking for the empty
     /// name get this export.
     #[arg(long, value_name = "NAME")]
@@ -52,6 +55,10 @@ pub struct ServeArgs {
     /// Control socket [default: <primary>.ctl].
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+    /// Let this group use the control socket (mode 0660) and run every command on it
+    /// [default: owner and root only, mode 0600].
+    #[arg(long, value_name = "GROUP", value_parser = parse_group)]
+    pub control_group: Option<u32>,
     /// Memory for changes acknowledged but not yet durable; past it, changes are not
     /// journaled (their regions go dirty) rather than blocking the primary.
     #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_pool_size, allow_hyphen_values = true)]
@@ -176,6 +183,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Some(addr) => addr.clone(),
         None => ListenAddr::Unix(beside(&args.primary, ".sock")),
     };
+    let security = args.tls.security(&listen)?;
     let control_path = args
         .control
         .clone()
@@ -211,7 +219,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Bind first: a second daemon on the same sockets is refused before it claims an epoch.
     let listener = nbd::bind(&listen).await?;
     let listen = listener.local_addr().clone();
-    let control_listener = control::bind(&control_path)
+    let access = control::Access {
+        group: args.control_group,
+    };
+    let control_listener = control::bind_with(&control_path, access)
         .await
         .with_context(|| format!("cannot listen on --control {}", control_path.display()))?;
 
@@ -292,14 +303,18 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             )
             .await;
     }
-    let server = Arc::new(NbdServer::new(
-        vec![Export {
-            name: export.clone(),
-            description: format!("tinylag primary {}", args.primary.display()),
-            device: core.clone(),
-        }],
-        &export,
-    )?);
+    let server = Arc::new(
+        NbdServer::new(
+            vec![Export {
+                name: export.clone(),
+                description: format!("tinylag primary {}", args.primary.display()),
+                device: core.clone(),
+            }],
+            &export,
+        )?
+        .with_security(security.clone()),
+    );
+    let security_warning = security.warning(&listen);
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let control_task = tokio::spawn(control::serve(
@@ -308,6 +323,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             core: core.clone(),
             store: journal_store.clone(),
             lease: keeper.clone(),
+            security_warning: security_warning.clone(),
         }),
         shutdown_rx.clone(),
     ));
@@ -315,10 +331,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     let status = core.status();
     println!(
-        "tinylag serve: {} ({}) as {}",
+        "tinylag serve: {} ({}) as {} ({})",
         args.primary.display(),
         format_size(status.device_size),
-        nbd_uri(&listen, &export)
+        args.tls.nbd_uri(&listen, &export),
+        security.describe()
     );
     println!(
         "mode {}, journal {}, control {}",
@@ -341,6 +358,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             ),
             _ => {}
         }
+    }
+    if let Some(w) = &security_warning {
+        tracing::warn!("{w}");
+        eprintln!("{w}");
     }
 
     let signal = wait_for_signal().await?;

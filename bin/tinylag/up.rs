@@ -21,7 +21,7 @@ use tinylag::store::local::LocalStore;
 use tinylag::store::ObjectStore;
 use tinylag::units::{format_duration, format_size};
 
-use crate::cmd::args::{parse_duration, parse_listen, parse_size};
+use crate::cmd::args::{parse_duration, parse_listen, parse_size, TlsArgs};
 use crate::cmd::output::self_command;
 use crate::cmd::{replay, serve};
 
@@ -38,9 +38,12 @@ pub struct UpArgs {
     /// Device size of a new primary (an existing one keeps its size) [default: 1G].
     #[arg(long, value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true)]
     pub size: Option<u64>,
-    /// NBD address: unix:PATH or tcp:IP:PORT [default: unix:DIR/primary.img.sock].
+    /// NBD address: unix:PATH or tcp:IP:PORT [default: unix:DIR/primary.img.sock]. TCP on
+    /// an address other than loopback needs --tls require (or --insecure-no-tls).
     #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
     pub listen: Option<ListenAddr>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// Replay delay of the replica (e.g. 1h).
     #[arg(long, default_value = "0", value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
     pub delay: Duration,
@@ -51,6 +54,13 @@ const DEFAULT_SIZE: u64 = 1 << 30;
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let delay = format_duration(args.delay);
+    // Checked here, before anything is created, rather than by `serve` later.
+    let addr = match &args.listen {
+        Some(listen) => listen.clone(),
+        // The default, a Unix socket in --dir (its path does not matter to the check).
+        None => ListenAddr::Unix(args.dir.join("primary.img.sock")),
+    };
+    args.tls.security(&addr)?;
     let dir = std::path::absolute(&args.dir).context("--dir")?;
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let primary = dir.join("primary.img");
@@ -88,6 +98,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     if let Some(listen) = &args.listen {
         serve_argv.extend(["--listen".into(), listen.to_string()]);
     }
+    serve_argv.extend(args.tls.to_argv());
     let serve_args: serve::ServeArgs = parse_args(&serve_argv)?;
     let replay_argv = vec![
         "replay".to_string(),
@@ -106,8 +117,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         || format!("unix:{}.sock", primary.display()),
         ToString::to_string,
     );
+    let uri = args.tls.nbd_uri(&listen.parse()?, &export);
     print_guide(
-        &dir, &primary, &journal, &replica, size, &listen, &export, &delay,
+        &dir, &primary, &journal, &replica, size, &listen, &uri, &export, &delay,
     );
 
     let replay_task = tokio::spawn(replay::run(replay_args));
@@ -222,16 +234,10 @@ fn print_guide(
     replica: &Path,
     size: u64,
     listen: &str,
+    uri: &str,
     export: &str,
     delay: &str,
 ) {
-    let uri = match listen.strip_prefix("unix:") {
-        Some(path) => format!("nbd+unix:///{export}?socket={path}"),
-        None => format!(
-            "nbd://{}/{export}",
-            listen.strip_prefix("tcp:").unwrap_or(listen)
-        ),
-    };
     let nbd_client = match listen.strip_prefix("unix:") {
         Some(path) => format!("nbd-client -unix {path} -N {export} /dev/nbd0"),
         None => {

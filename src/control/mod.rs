@@ -6,9 +6,20 @@
 //! ← {"ok":true,"result":{...}}        or        ← {"ok":false,"error":"..."}
 //! ```
 //!
+//! Who may do what: the socket file is created `0600` (owner only), or `0660` with a
+//! group (`--control-group`), in a directory the daemon checks others cannot write to
+//! (else they could swap the socket under a client). Every request is then checked
+//! against the peer's credentials (`SO_PEERCRED`) by [`authorize`]: read-only commands
+//! (`status`) are answered to whoever could connect; every other command, including any
+//! added later, is refused unless the peer is the daemon's own user, root, or in the
+//! control group. The socket's mode and the check guard each other: a socket loosened by
+//! hand (e.g. `chmod 666` for monitoring) still lets only those peers change anything.
+//!
 //! Must never: let a slow or malformed client hold up the daemon (each connection is its
-//! own task with a line-length cap and a read timeout), or print credentials in a response.
+//! own task with a line-length cap and a read timeout), print credentials in a response,
+//! or run a command that is not explicitly read-only for a peer [`authorize`] refuses.
 
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +28,10 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
+
+/// Commands that change nothing and may be answered to anyone who can connect. Every
+/// command not listed here is treated as state-changing.
+const READ_ONLY_COMMANDS: &[&str] = &["status"];
 
 /// Longest request line accepted.
 const MAX_REQUEST: usize = 64 * 1024;
@@ -86,9 +101,147 @@ pub enum ControlError {
     },
 }
 
-/// Binds the control socket, replacing a stale socket file (one nothing answers on).
-/// Refuses if a live daemon already answers there.
-pub async fn bind(path: &Path) -> std::io::Result<UnixListener> {
+/// Who may use a control socket besides its owner and root.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Access {
+    /// Members of this group may connect (socket mode `0660`) and run every command.
+    pub group: Option<u32>,
+}
+
+/// The credentials of a connected client, from `SO_PEERCRED`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: Option<i32>,
+}
+
+/// A bound control socket with the rules [`serve`] applies to its clients.
+#[derive(Debug)]
+pub struct ControlListener {
+    listener: UnixListener,
+    /// The daemon's effective uid: the socket's owner.
+    owner: u32,
+    access: Access,
+}
+
+/// Whether `cmd` changes nothing (answered to anyone who can connect).
+pub fn is_read_only(cmd: &str) -> bool {
+    READ_ONLY_COMMANDS.contains(&cmd)
+}
+
+/// May `peer` run `cmd` on a daemon running as `owner`? Read-only commands: yes.
+/// Anything else: only the owner, root, or a member of `access.group` (primary group
+/// from `SO_PEERCRED`, or supplementary groups of its process). The error names who may.
+pub fn authorize(cmd: &str, peer: &Peer, owner: u32, access: &Access) -> Result<(), String> {
+    if is_read_only(cmd) || peer.uid == owner || peer.uid == 0 {
+        return Ok(());
+    }
+    if let Some(group) = access.group {
+        if peer.gid == group || peer.pid.is_some_and(|pid| in_group(pid, group)) {
+            return Ok(());
+        }
+    }
+    let group = access
+        .group
+        .map(|g| format!(" or group {g}"))
+        .unwrap_or_default();
+    Err(format!(
+        "permission denied: {cmd:?} changes state and only uid {owner}, root{group} may run it \
+         (you are uid {})",
+        peer.uid
+    ))
+}
+
+/// Whether process `pid` has `group` among its supplementary groups (`/proc/PID/status`).
+fn in_group(pid: i32, group: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Groups:"))
+        .is_some_and(|groups| {
+            groups
+                .split_whitespace()
+                .any(|g| g.parse::<u32>() == Ok(group))
+        })
+}
+
+/// Resolves `--control-group`: a group name or a numeric gid.
+pub fn resolve_group(name: &str) -> Result<u32, String> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(gid);
+    }
+    let c_name = std::ffi::CString::new(name).map_err(|_| format!("{name:?} contains NUL"))?;
+    // SAFETY: `libc::group` is plain data (integers and pointers); all-zero is valid.
+    let mut group: libc::group = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 << 10];
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call; `buf` outlives its use through `group`.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            c_name.as_ptr(),
+            &mut group,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if rc != 0 || found.is_null() {
+        return Err(format!(
+            "no group named {name:?}; give a group name from /etc/group or a numeric gid"
+        ));
+    }
+    Ok(group.gr_gid)
+}
+
+/// Refuses a directory that others could write to (unless it is sticky, like /tmp) or
+/// that belongs to another user: they could replace the socket under a client.
+fn check_directory(path: &Path) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let meta = std::fs::metadata(dir)?;
+    let mode = meta.permissions().mode();
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let unsafe_dir = if mode & 0o002 != 0 && mode & 0o1000 == 0 {
+        Some(format!(
+            "it is writable by everyone (mode {:o})",
+            mode & 0o7777
+        ))
+    } else if meta.uid() != me && meta.uid() != 0 {
+        Some(format!(
+            "it belongs to uid {}, not to us (uid {me}) or root",
+            meta.uid()
+        ))
+    } else {
+        None
+    };
+    match unsafe_dir {
+        Some(reason) => Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "refusing to create a control socket in {}: {reason}; choose another --control path",
+                dir.display()
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Binds an owner-only (`0600`) control socket; see [`bind_with`].
+pub async fn bind(path: &Path) -> std::io::Result<ControlListener> {
+    bind_with(path, Access::default()).await
+}
+
+/// Binds the control socket, replacing a stale socket file (one nothing answers on), and
+/// sets its mode: `0600`, or `0660` owned by `access.group`. Refuses if a live daemon
+/// already answers there or if the directory is not safe (see [`check_directory`]).
+pub async fn bind_with(path: &Path, access: Access) -> std::io::Result<ControlListener> {
+    check_directory(path)?;
     if path.exists() {
         if UnixStream::connect(path).await.is_ok() {
             return Err(std::io::Error::new(
@@ -98,23 +251,37 @@ pub async fn bind(path: &Path) -> std::io::Result<UnixListener> {
         }
         std::fs::remove_file(path)?;
     }
-    UnixListener::bind(path)
+    let listener = UnixListener::bind(path)?;
+    // Until the chmod the socket has the umask's mode; a client connecting in that
+    // instant can still run only read-only commands (`authorize`).
+    if let Some(gid) = access.group {
+        std::os::unix::fs::chown(path, None, Some(gid))?;
+    }
+    let mode = if access.group.is_some() { 0o660 } else { 0o600 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(ControlListener {
+        listener,
+        // SAFETY: geteuid cannot fail.
+        owner: unsafe { libc::geteuid() },
+        access,
+    })
 }
 
 /// Serves requests until `shutdown` turns true.
 pub async fn serve(
-    listener: UnixListener,
+    listener: ControlListener,
     handler: Arc<dyn Handler>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
+    let (owner, access) = (listener.owner, listener.access);
     loop {
         tokio::select! {
             _ = wait_shutdown(&mut shutdown) => return,
-            accepted = listener.accept() => match accepted {
+            accepted = listener.listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let handler = handler.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = serve_one(stream, handler).await {
+                        if let Err(e) = serve_one(stream, handler, owner, access).await {
                             tracing::debug!("control connection ended: {e}");
                         }
                     });
@@ -134,7 +301,18 @@ pub async fn wait_shutdown(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await.map(|_| ());
 }
 
-async fn serve_one(stream: UnixStream, handler: Arc<dyn Handler>) -> std::io::Result<()> {
+async fn serve_one(
+    stream: UnixStream,
+    handler: Arc<dyn Handler>,
+    owner: u32,
+    access: Access,
+) -> std::io::Result<()> {
+    let cred = stream.peer_cred()?;
+    let peer = Peer {
+        uid: cred.uid(),
+        gid: cred.gid(),
+        pid: cred.pid(),
+    };
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read.take(MAX_REQUEST as u64 + 1));
     let mut line = String::new();
@@ -150,7 +328,18 @@ async fn serve_one(stream: UnixStream, handler: Arc<dyn Handler>) -> std::io::Re
         ))
     } else {
         match serde_json::from_str::<Request>(&line) {
-            Ok(request) => handler.handle(request).await,
+            Ok(request) => match authorize(&request.cmd, &peer, owner, &access) {
+                Ok(()) => handler.handle(request).await,
+                Err(refusal) => {
+                    tracing::warn!(
+                        cmd = %request.cmd,
+                        uid = peer.uid,
+                        pid = ?peer.pid,
+                        "control request refused"
+                    );
+                    Response::error(refusal)
+                }
+            },
             Err(e) => Response::error(format!("malformed request: {e}")),
         }
     };
@@ -253,5 +442,96 @@ mod tests {
         assert!(bind(&path).await.is_err());
         tx.send(true).unwrap();
         server.await.unwrap();
+    }
+
+    #[test]
+    fn only_read_only_commands_are_open_to_other_users() {
+        let owner = 1000;
+        let peer = |uid, gid| Peer {
+            uid,
+            gid,
+            pid: None,
+        };
+        let open = Access::default();
+        let group = Access { group: Some(50) };
+        // Status: anyone who could connect.
+        assert!(authorize("status", &peer(2000, 2000), owner, &open).is_ok());
+        // The owner and root: everything.
+        for cmd in ["mark", "verify", "resync", "status"] {
+            assert!(authorize(cmd, &peer(owner, 1), owner, &open).is_ok());
+            assert!(authorize(cmd, &peer(0, 0), owner, &open).is_ok());
+        }
+        // Anything not known to be read-only counts as state-changing, including
+        // commands that do not exist yet.
+        for cmd in ["mark", "verify", "resync", "future-command", "Status", ""] {
+            let err = authorize(cmd, &peer(2000, 2000), owner, &open).unwrap_err();
+            assert!(
+                err.contains("permission denied") && err.contains("uid 2000"),
+                "{err}"
+            );
+            assert!(authorize(cmd, &peer(2000, 50), owner, &group).is_ok());
+            assert!(authorize(cmd, &peer(2000, 51), owner, &group).is_err());
+        }
+        // Supplementary groups are read from the peer's process.
+        let me = Peer {
+            uid: 2000,
+            gid: 2000,
+            pid: Some(std::process::id() as i32),
+        };
+        let my_gid = unsafe { libc::getegid() };
+        let err = authorize(
+            "mark",
+            &me,
+            owner,
+            &Access {
+                group: Some(my_gid + 12345),
+            },
+        );
+        assert!(err.is_err());
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let groups = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Groups:"))
+            .unwrap();
+        if let Some(g) = groups.split_whitespace().next() {
+            let g: u32 = g.parse().unwrap();
+            assert!(authorize("mark", &me, owner, &Access { group: Some(g) }).is_ok());
+        }
+    }
+
+    #[tokio::test]
+    async fn sockets_are_owner_only_or_group_and_refuse_unsafe_directories() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let listener = bind(&path).await.unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        drop(listener);
+        std::fs::remove_file(&path).unwrap();
+
+        let gid = unsafe { libc::getegid() };
+        let _listener = bind_with(&path, Access { group: Some(gid) }).await.unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+        assert_eq!(meta.gid(), gid);
+
+        let open = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(open.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = bind(&open.path().join("ctl.sock")).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied);
+        assert!(err.to_string().contains("writable by everyone"), "{err}");
+        assert!(!open.path().join("ctl.sock").exists());
+        // A sticky world-writable directory (like /tmp) is fine.
+        std::fs::set_permissions(open.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(bind(&open.path().join("ctl.sock")).await.is_ok());
+    }
+
+    #[test]
+    fn groups_resolve_by_name_or_number() {
+        assert_eq!(resolve_group("4242").unwrap(), 4242);
+        assert_eq!(resolve_group("root").unwrap(), 0);
+        let err = resolve_group("no-such-group-here").unwrap_err();
+        assert!(err.contains("numeric gid"), "{err}");
     }
 }

@@ -3,13 +3,21 @@
 //!
 //! Supported options: `NBD_OPT_EXPORT_NAME`, `NBD_OPT_ABORT`, `NBD_OPT_LIST`,
 //! `NBD_OPT_INFO` and `NBD_OPT_GO` (with `NBD_INFO_EXPORT`, `NBD_INFO_BLOCK_SIZE`,
-//! `NBD_INFO_NAME`, `NBD_INFO_DESCRIPTION`). Everything else (TLS, structured replies,
-//! metadata contexts, extended headers) gets `NBD_REP_ERR_UNSUP` and the client may go
-//! on with simple replies.
+//! `NBD_INFO_NAME`, `NBD_INFO_DESCRIPTION`), and `NBD_OPT_STARTTLS` when TLS is on: the
+//! negotiation then ends with [`Outcome::StartTls`], the caller wraps the connection in
+//! TLS and calls [`options`] again on the encrypted stream. Everything else (structured
+//! replies, metadata contexts, extended headers) gets `NBD_REP_ERR_UNSUP` and the client
+//! may go on with simple replies.
+//!
+//! With `--tls require` ("forced TLS" in the spec) every option before STARTTLS other
+//! than `NBD_OPT_ABORT` gets `NBD_REP_ERR_TLS_REQD` (`NBD_OPT_EXPORT_NAME`, which cannot
+//! carry an error, closes the connection), so a plaintext client learns nothing, not
+//! even the export names.
 //!
 //! Must never: buffer an option longer than `MAX_OPTION_LEN` (the connection is closed
-//! instead); send fixed-newstyle replies to a client that did not ask for fixed newstyle;
-//! enter transmission with an export the client did not name.
+//! instead) or more than `MAX_NEGOTIATION_BYTES` of options in all; send fixed-newstyle
+//! replies to a client that did not ask for fixed newstyle; enter transmission with an
+//! export the client did not name, or over plaintext when TLS is required.
 
 use std::io;
 use std::sync::Arc;
@@ -25,6 +33,31 @@ pub(crate) enum Outcome {
     Transmission(Arc<Export>),
     /// The client sent `NBD_OPT_ABORT`; the connection ends.
     Aborted,
+    /// The server acknowledged `NBD_OPT_STARTTLS`: the next bytes are a TLS handshake,
+    /// after which negotiation goes on ([`options`] with `Tls::Active`).
+    StartTls,
+}
+
+/// Where the connection stands with TLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Tls {
+    /// The server does not offer TLS.
+    Unavailable,
+    /// Offered; the client may stay in plaintext.
+    Offered,
+    /// Required and not yet negotiated: only STARTTLS and ABORT are served.
+    Required,
+    /// The connection is encrypted.
+    Active,
+}
+
+/// What the negotiation has learned so far; survives the switch to TLS.
+pub(crate) struct Negotiation {
+    fixed: bool,
+    no_zeroes: bool,
+    pub(crate) tls: Tls,
+    /// Option bytes the client may still send (`MAX_NEGOTIATION_BYTES` in all).
+    budget: u64,
 }
 
 /// Every way negotiation fails; each closes the connection (and only it).
@@ -56,6 +89,21 @@ pub(crate) enum HandshakeError {
     /// `NBD_OPT_EXPORT_NAME` named an export that does not exist.
     #[error("NBD_OPT_EXPORT_NAME asked for unknown export {name:?}")]
     UnknownExport { name: String },
+    /// A plaintext client chose an export with `NBD_OPT_EXPORT_NAME` while TLS is
+    /// required; that option cannot carry an error, so the connection is closed.
+    #[error("plaintext NBD_OPT_EXPORT_NAME refused: this server requires TLS (NBD_OPT_STARTTLS)")]
+    TlsRequired,
+    /// The client kept negotiating past the byte bound without choosing an export.
+    #[error("the client sent more than {MAX_NEGOTIATION_BYTES} bytes of options without choosing an export")]
+    TooMuchNegotiation,
+    /// The TLS handshake after `NBD_OPT_STARTTLS` failed (no common cipher, no or an
+    /// untrusted client certificate, a client that sent too much, …).
+    #[error("TLS handshake failed: {0}")]
+    Tls(#[source] io::Error),
+    /// The client sent bytes after `NBD_OPT_STARTTLS` before reading the reply: they
+    /// would be plaintext injected into the encrypted session (CVE-2021-3716 in nbdkit).
+    #[error("the client sent data after NBD_OPT_STARTTLS before the server's reply")]
+    DataAfterStartTls,
 }
 
 impl From<io::Error> for HandshakeError {
@@ -64,13 +112,12 @@ impl From<io::Error> for HandshakeError {
     }
 }
 
-/// Runs the negotiation on a fresh connection. `peer` is only used for logging.
-pub(crate) async fn negotiate<R, W>(
+/// Greets a fresh connection and reads the client's flags.
+pub(crate) async fn greet<R, W>(
     reader: &mut R,
     writer: &mut W,
-    server: &NbdServer,
-    peer: &str,
-) -> Result<Outcome, HandshakeError>
+    tls: Tls,
+) -> Result<Negotiation, HandshakeError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -84,9 +131,29 @@ where
             flags: client_flags,
         });
     }
-    let fixed = client_flags & FLAG_C_FIXED_NEWSTYLE != 0;
-    let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
+    Ok(Negotiation {
+        fixed: client_flags & FLAG_C_FIXED_NEWSTYLE != 0,
+        no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
+        tls,
+        budget: MAX_NEGOTIATION_BYTES,
+    })
+}
 
+/// Answers options until the client chooses an export, aborts, or (over plaintext, TLS
+/// offered) asks for STARTTLS. `peer` is only used for logging.
+pub(crate) async fn options<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    server: &NbdServer,
+    peer: &str,
+    state: &mut Negotiation,
+) -> Result<Outcome, HandshakeError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let fixed = state.fixed;
+    let no_zeroes = state.no_zeroes;
     loop {
         let mut raw = [0u8; OPTION_HEADER_LEN];
         reader.read_exact(&mut raw).await?;
@@ -113,12 +180,34 @@ where
                 length: header.length,
             });
         }
+        let cost = OPTION_HEADER_LEN as u64 + u64::from(header.length);
+        state.budget = state
+            .budget
+            .checked_sub(cost)
+            .ok_or(HandshakeError::TooMuchNegotiation)?;
         let mut data = vec![0u8; header.length as usize];
         reader.read_exact(&mut data).await?;
         if !fixed && option != OPT_EXPORT_NAME {
             return Err(HandshakeError::NotFixedNewstyle { option });
         }
-        tracing::debug!(peer, option, length = header.length, "NBD option");
+        tracing::debug!(peer, option, length = header.length, tls = ?state.tls, "NBD option");
+
+        if state.tls == Tls::Required {
+            match option {
+                OPT_STARTTLS | OPT_ABORT => {}
+                OPT_EXPORT_NAME => return Err(HandshakeError::TlsRequired),
+                _ => {
+                    send(
+                        writer,
+                        option,
+                        REP_ERR_TLS_REQD,
+                        b"this server requires TLS: send NBD_OPT_STARTTLS first",
+                    )
+                    .await?;
+                    continue;
+                }
+            }
+        }
 
         match option {
             OPT_EXPORT_NAME => {
@@ -182,7 +271,22 @@ where
                     return Ok(Outcome::Transmission(Arc::clone(export)));
                 }
             }
-            OPT_STARTTLS | OPT_STRUCTURED_REPLY => {
+            OPT_STARTTLS => {
+                let (reply, message): (u32, &[u8]) = match state.tls {
+                    _ if !data.is_empty() => (REP_ERR_INVALID, b"NBD_OPT_STARTTLS takes no data"),
+                    Tls::Unavailable => (
+                        REP_ERR_UNSUP,
+                        b"TLS is not enabled on this server (--tls off)",
+                    ),
+                    Tls::Active => (REP_ERR_INVALID, b"TLS is already active"),
+                    Tls::Offered | Tls::Required => (REP_ACK, b""),
+                };
+                send(writer, option, reply, message).await?;
+                if reply == REP_ACK {
+                    return Ok(Outcome::StartTls);
+                }
+            }
+            OPT_STRUCTURED_REPLY => {
                 send(
                     writer,
                     option,

@@ -1,10 +1,17 @@
 //! Listening sockets (TCP or Unix), the accept loop, and the life of one connection:
-//! handshake, then transmission, then close, each step logged with the peer and export.
+//! handshake (with STARTTLS, the TLS handshake in the middle of it), then transmission,
+//! then close, each step logged with the peer and export.
+//!
+//! A plaintext connection is split into the socket's own owned halves, so the plain path
+//! pays nothing for TLS; after STARTTLS the halves are put back together, wrapped in TLS
+//! and split again. The whole negotiation, TLS included, runs against one deadline.
 //!
 //! Must never: let a failing connection stop the accept loop or another connection;
 //! remove a socket file that is not ours (a live server's socket, or a regular file);
-//! wait unboundedly for connections at shutdown.
+//! wait unboundedly for connections at shutdown, or for a client that does not finish
+//! its handshake.
 
+use std::future::Future;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -12,13 +19,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter};
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::net::{tcp, unix, TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
-use super::handshake::{negotiate, HandshakeError, Outcome};
+use super::handshake::{greet, options, HandshakeError, Outcome, Tls};
+use super::tls::{Metered, TlsMode, MAX_TLS_HANDSHAKE_BYTES};
 use super::transmission::{serve_export, TransmissionError};
-use super::{stop_requested, ListenAddr, NbdServer};
+use super::{stop_requested, Export, ListenAddr, NbdServer};
 
 /// How long `serve` lets open connections finish their in-flight requests after a
 /// shutdown before it drops them.
@@ -167,12 +176,10 @@ pub async fn serve(
                     connections.spawn(async move {
                         match conn {
                             Accepted::Tcp(stream, peer) => {
-                                let (r, w) = stream.into_split();
-                                connection(r, w, peer, server, shutdown).await;
+                                connection(stream, peer, server, shutdown).await;
                             }
                             Accepted::Unix(stream, peer) => {
-                                let (r, w) = stream.into_split();
-                                connection(r, w, peer, server, shutdown).await;
+                                connection(stream, peer, server, shutdown).await;
                             }
                         }
                     });
@@ -204,46 +211,171 @@ pub async fn serve(
     Ok(())
 }
 
+/// A connected socket: split into owned halves for the plaintext path, put back together
+/// for STARTTLS.
+trait Socket: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static {
+    type Read: AsyncRead + Unpin + Send + 'static;
+    type Write: AsyncWrite + Unpin + Send + 'static;
+    fn halves(self) -> (Self::Read, Self::Write);
+    fn reunite(read: Self::Read, write: Self::Write) -> io::Result<Self>;
+}
+
+impl Socket for TcpStream {
+    type Read = tcp::OwnedReadHalf;
+    type Write = tcp::OwnedWriteHalf;
+    fn halves(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+    fn reunite(read: Self::Read, write: Self::Write) -> io::Result<Self> {
+        read.reunite(write).map_err(io::Error::other)
+    }
+}
+
+impl Socket for UnixStream {
+    type Read = unix::OwnedReadHalf;
+    type Write = unix::OwnedWriteHalf;
+    fn halves(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+    fn reunite(read: Self::Read, write: Self::Write) -> io::Result<Self> {
+        read.reunite(write).map_err(io::Error::other)
+    }
+}
+
 /// One connection from greeting to close.
-async fn connection<R, W>(
-    reader: R,
-    writer: W,
+async fn connection<S: Socket>(
+    stream: S,
     peer: String,
     server: Arc<NbdServer>,
     mut shutdown: watch::Receiver<bool>,
+) {
+    let security = server.security();
+    let deadline = Instant::now() + security.handshake_timeout;
+    let tls = match security.mode {
+        TlsMode::Off => Tls::Unavailable,
+        TlsMode::On => Tls::Offered,
+        TlsMode::Require => Tls::Required,
+    };
+    tracing::debug!(peer, "NBD client connected");
+    let (r, w) = stream.halves();
+    let mut reader = BufReader::with_capacity(IO_BUFFER, r);
+    let mut writer = BufWriter::with_capacity(IO_BUFFER, w);
+    let plaintext = async {
+        let mut state = greet(&mut reader, &mut writer, tls).await?;
+        let outcome = options(&mut reader, &mut writer, &server, &peer, &mut state).await?;
+        Ok((outcome, state))
+    };
+    let Some((outcome, mut state)) =
+        handshake_phase(plaintext, deadline, &mut shutdown, &peer).await
+    else {
+        return;
+    };
+    let export = match outcome {
+        Outcome::Transmission(export) => {
+            return transmit(reader, writer, export, shutdown, &peer).await;
+        }
+        Outcome::Aborted => {
+            tracing::debug!(peer, "NBD client aborted the handshake");
+            return;
+        }
+        Outcome::StartTls => {
+            let Some(acceptor) = security.acceptor.clone() else {
+                // `options` acknowledges STARTTLS only when TLS is offered.
+                tracing::error!(peer, "STARTTLS acknowledged without TLS credentials");
+                return;
+            };
+            let upgraded = async {
+                // Anything already buffered was sent before our reply: plaintext the
+                // client wants us to treat as if it came over TLS. Refuse it.
+                if !reader.buffer().is_empty() {
+                    return Err(HandshakeError::DataAfterStartTls);
+                }
+                let socket = S::reunite(reader.into_inner(), writer.into_inner())?;
+                let mut stream = acceptor
+                    .accept(Metered::new(socket, MAX_TLS_HANDSHAKE_BYTES))
+                    .await
+                    .map_err(HandshakeError::Tls)?;
+                stream.get_mut().0.lift();
+                state.tls = Tls::Active;
+                tracing::debug!(peer, "NBD client switched to TLS");
+                let (r, w) = tokio::io::split(stream);
+                let mut reader = BufReader::with_capacity(IO_BUFFER, r);
+                let mut writer = BufWriter::with_capacity(IO_BUFFER, w);
+                let outcome = options(&mut reader, &mut writer, &server, &peer, &mut state).await?;
+                Ok((outcome, reader, writer))
+            };
+            let Some((outcome, reader, writer)) =
+                handshake_phase(upgraded, deadline, &mut shutdown, &peer).await
+            else {
+                return;
+            };
+            match outcome {
+                Outcome::Transmission(export) => (export, reader, writer),
+                Outcome::Aborted => {
+                    tracing::debug!(peer, "NBD client aborted the handshake");
+                    return;
+                }
+                Outcome::StartTls => {
+                    tracing::error!(peer, "STARTTLS acknowledged twice");
+                    return;
+                }
+            }
+        }
+    };
+    let (export, reader, writer) = export;
+    transmit(reader, writer, export, shutdown, &peer).await
+}
+
+/// Runs one step of the negotiation until `deadline`; `None` (logged) if it failed, ran
+/// out of time or the server is shutting down.
+async fn handshake_phase<T>(
+    phase: impl Future<Output = Result<T, HandshakeError>>,
+    deadline: Instant,
+    shutdown: &mut watch::Receiver<bool>,
+    peer: &str,
+) -> Option<T> {
+    let result = tokio::select! {
+        biased;
+        _ = stop_requested(shutdown) => {
+            tracing::debug!(peer, "closing an NBD connection in its handshake: shutting down");
+            return None;
+        }
+        result = tokio::time::timeout_at(deadline, phase) => result,
+    };
+    match result {
+        Ok(Ok(value)) => Some(value),
+        Err(_) => {
+            tracing::warn!(
+                peer,
+                "NBD handshake not finished by its deadline; closing this connection"
+            );
+            None
+        }
+        Ok(Err(HandshakeError::Io(e))) => {
+            tracing::debug!(peer, error = %e, "NBD client left during the handshake");
+            None
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(peer, error = %e, "NBD handshake failed; closing this connection");
+            None
+        }
+    }
+}
+
+/// The transmission phase of a negotiated connection, logged.
+async fn transmit<R, W>(
+    reader: R,
+    writer: W,
+    export: Arc<Export>,
+    shutdown: watch::Receiver<bool>,
+    peer: &str,
 ) where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send,
 {
-    let mut reader = BufReader::with_capacity(IO_BUFFER, reader);
-    let mut writer = BufWriter::with_capacity(IO_BUFFER, writer);
-    tracing::debug!(peer, "NBD client connected");
-    let negotiated = tokio::select! {
-        biased;
-        _ = stop_requested(&mut shutdown) => {
-            tracing::debug!(peer, "closing an NBD connection in its handshake: shutting down");
-            return;
-        }
-        outcome = negotiate(&mut reader, &mut writer, &server, &peer) => outcome,
-    };
-    let export = match negotiated {
-        Ok(Outcome::Transmission(export)) => export,
-        Ok(Outcome::Aborted) => {
-            tracing::debug!(peer, "NBD client aborted the handshake");
-            return;
-        }
-        Err(HandshakeError::Io(e)) => {
-            tracing::debug!(peer, error = %e, "NBD client left during the handshake");
-            return;
-        }
-        Err(e) => {
-            tracing::warn!(peer, error = %e, "NBD handshake failed; closing this connection");
-            return;
-        }
-    };
     let name = export.name.clone();
     tracing::info!(peer, export = %name, "NBD client connected");
-    match serve_export(reader, writer, export, shutdown, &peer).await {
+    match serve_export(reader, writer, export, shutdown, peer).await {
         Ok(ending) => tracing::info!(peer, export = %name, ?ending, "NBD client disconnected"),
         Err(TransmissionError::Io(e)) => {
             tracing::info!(peer, export = %name, error = %e, "NBD connection lost")

@@ -1,8 +1,9 @@
 //! NBD server frontend: serves [`BlockDevice`]s to NBD clients (qemu, nbd-client,
 //! libnbd tools, the kernel) over TCP or a Unix socket.
 //!
-//! Fixed newstyle negotiation with `NBD_OPT_EXPORT_NAME`, `ABORT`, `LIST`, `INFO` and
-//! `GO` (`handshake.rs`); then simple replies to `READ`, `WRITE`, `FLUSH`, `TRIM`,
+//! Fixed newstyle negotiation with `NBD_OPT_EXPORT_NAME`, `ABORT`, `LIST`, `INFO`, `GO`
+//! and `STARTTLS` (`handshake.rs`), under a deadline and a byte bound, with the TLS
+//! policy and credentials of `tls.rs`; then simple replies to `READ`, `WRITE`, `FLUSH`, `TRIM`,
 //! `WRITE_ZEROES` and `DISC` with FUA, many requests in flight per connection and
 //! replies in completion order (`transmission.rs`); many connections per listener
 //! (`listen.rs`). Wire formats live in `protocol.rs`.
@@ -24,9 +25,11 @@ use crate::block::BlockDevice;
 mod handshake;
 mod listen;
 mod protocol;
+mod tls;
 mod transmission;
 
 pub use listen::{bind, serve, Listener};
+pub use tls::{Security, SecurityOptions, TlsError, TlsMode, DEFAULT_HANDSHAKE_TIMEOUT};
 
 /// One named device offered to clients.
 #[derive(Clone)]
@@ -104,6 +107,7 @@ pub enum NbdError {
 pub struct NbdServer {
     exports: BTreeMap<String, Arc<Export>>,
     default: String,
+    security: Security,
 }
 
 impl NbdServer {
@@ -144,7 +148,19 @@ impl NbdServer {
         Ok(Self {
             exports: by_name,
             default: default_export.to_owned(),
+            security: Security::default(),
         })
+    }
+
+    /// Sets who may connect and how (TLS policy, credentials, handshake deadline); the
+    /// default is plaintext with the default deadline.
+    pub fn with_security(mut self, security: Security) -> Self {
+        self.security = security;
+        self
+    }
+
+    pub(crate) fn security(&self) -> &Security {
+        &self.security
     }
 
     /// The export a client names; the empty name is the default export.

@@ -53,6 +53,7 @@ pub(crate) const REP_SERVER: u32 = 2;
 pub(crate) const REP_INFO: u32 = 3;
 pub(crate) const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 pub(crate) const REP_ERR_INVALID: u32 = (1 << 31) + 3;
+pub(crate) const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
 pub(crate) const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
 pub(crate) const REP_ERR_TOO_BIG: u32 = (1 << 31) + 9;
 
@@ -88,6 +89,10 @@ pub(crate) const MAX_PAYLOAD: u32 = 32 << 20;
 /// an `NBD_OPT_GO` with a 4096-byte name and a handful of info requests; 64 KiB is
 /// generous and bounds what a hostile client can make us buffer.
 pub(crate) const MAX_OPTION_LEN: u32 = 64 << 10;
+/// Most bytes a client may send in option headers and data over the whole negotiation
+/// (before and after STARTTLS together): room for hundreds of the largest legal options,
+/// so only a client looping on options without ever choosing an export reaches it.
+pub(crate) const MAX_NEGOTIATION_BYTES: u64 = 1 << 20;
 /// Longest export name (the spec's hard limit for strings).
 pub(crate) const MAX_NAME_LEN: usize = 4096;
 /// Preferred block size advertised: the page size, where files and devices do their

@@ -416,7 +416,11 @@ async fn write_replies<W: AsyncWrite + Unpin>(
             writer.flush().await?;
         }
     }
-    writer.flush().await
+    writer.flush().await?;
+    // Ends a TLS session with close_notify (plain sockets just send FIN a little early);
+    // the client may already be gone, which is fine.
+    let _ = writer.shutdown().await;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -308,6 +308,8 @@ pub struct ServeControl {
     /// The journal (`None` with `--no-journal`).
     pub store: Option<Arc<dyn ObjectStore>>,
     pub lease: Option<Arc<LeaseKeeper>>,
+    /// Shown by `status` while plaintext clients can reach the disk from other hosts.
+    pub security_warning: Option<String>,
 }
 
 fn args<T: for<'de> Deserialize<'de>>(
@@ -327,7 +329,9 @@ fn regions(cmd: &'static str, s: &str) -> Result<RegionList, CommandError> {
 
 impl ServeControl {
     fn status(&self) -> Result<serde_json::Value, String> {
-        let mut v = serde_json::to_value(self.core.status()).map_err(|e| format!("status: {e}"))?;
+        let mut snapshot = self.core.status();
+        snapshot.security_warning = self.security_warning.clone();
+        let mut v = serde_json::to_value(snapshot).map_err(|e| format!("status: {e}"))?;
         if let (Some(lease), Some(obj)) = (
             self.lease.as_ref().and_then(|l| l.status()),
             v.as_object_mut(),

@@ -66,6 +66,10 @@ pub struct StatusSnapshot {
     pub resync: ResyncStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub activity_log: Option<ActivityLogStatus>,
+    /// Set while the NBD server accepts plaintext clients from other hosts
+    /// (`--insecure-no-tls`); `status` shows it first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_warning: Option<String>,
 }
 
 /// The activity log as `status` shows it.
@@ -172,6 +176,9 @@ impl StatusSnapshot {
     /// The human form printed by `tinylag status`.
     pub fn render_text(&self) -> String {
         let mut out = String::new();
+        if let Some(w) = &self.security_warning {
+            let _ = writeln!(out, "{w}\n");
+        }
         if let Some(w) = self.warning() {
             let _ = writeln!(out, "{w}\n");
         }
@@ -439,6 +446,7 @@ impl PrimaryCore {
                 records_abandoned: 0,
                 dirty,
                 uptime_seconds,
+                security_warning: None,
                 start: None,
                 transitions: self.mode.transitions(),
                 resync: ResyncStatus::default(),
@@ -507,6 +515,7 @@ impl PrimaryCore {
             records_abandoned: s.records_abandoned.load(Ordering::Acquire),
             dirty,
             uptime_seconds,
+            security_warning: None,
             start: serde_json::to_value(&j.start).ok(),
             transitions: self.mode.transitions(),
             resync: j.episodes.status(),
@@ -603,6 +612,7 @@ mod tests {
                 writes: 9,
                 broken: false,
             }),
+            security_warning: None,
         }
     }
 
@@ -630,6 +640,24 @@ mod tests {
         assert!(sample(Mode::Fenced)
             .render_text()
             .contains("another writer owns the journal"));
+    }
+
+    #[test]
+    fn an_exposed_plaintext_listener_is_shown_first() {
+        let mut s = sample(Mode::Logging);
+        assert!(serde_json::to_value(&s)
+            .unwrap()
+            .get("security_warning")
+            .is_none());
+        s.security_warning = Some("WARNING: NBD on tcp:0.0.0.0:10809 accepts plaintext".into());
+        let text = s.render_text();
+        assert!(
+            text.starts_with("WARNING: NBD on tcp:0.0.0.0:10809"),
+            "{text}"
+        );
+        let back: StatusSnapshot =
+            serde_json::from_value(serde_json::to_value(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
     }
 
     #[test]

@@ -9,5 +9,6 @@ pub mod procs;
 pub mod replay;
 pub mod s3;
 pub mod timetravel;
+pub mod tls;
 pub mod verdict;
 pub mod vm;
