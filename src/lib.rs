@@ -13,5 +13,6 @@ pub mod nbd;
 pub mod replayer;
 pub mod store;
 pub mod trim;
+pub mod ublk;
 pub mod units;
 pub mod writer;

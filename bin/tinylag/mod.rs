@@ -6,4 +6,5 @@ pub mod journal_cmd;
 pub mod replay;
 pub mod serve;
 pub mod status;
+pub mod ublk;
 pub mod up;
