@@ -3,9 +3,10 @@
 //! `/dev/ublkb0`, and the guest writes patterns and reads them back with `dd`/`cmp`,
 //! discards and zeroes ranges (`blkdiscard`, `blkdiscard -z`), makes, fills, remounts and
 //! checks an ext4 (`mkfs.ext4`, `e2fsck -fn`), kills the daemon with -9 and has a new one
-//! re-attach to the same device (user recovery) with the data intact, stops it cleanly,
-//! and finally rebuilds a replica from the journal alone (`replay --once`) and compares it
-//! with the primary. Each step prints a marker; the host checks the markers and the code.
+//! re-attach to the same device (user recovery) with the data intact, and stops it cleanly.
+//! Before the kill and after the stop, a replica rebuilt from the journal alone
+//! (`replay --once`) equals the primary. Last, the daemon is killed again while a copy into
+//! the mounted filesystem is in flight, and the copy completes through its successor. Each step prints a marker; the host checks the markers and the code.
 
 mod support;
 
@@ -39,7 +40,7 @@ fn guest_script(tinylag: &Path) -> String {
 T={t}
 D=/dev/ublkb0
 SERVE="$T serve --primary /tmp/p.img --journal /tmp/j --frontend ublk --dev-id 0 \
-    --user-recovery --queues 2 --depth 16 --io-buf-size 256K --pool-size 64M --linger 50ms"
+    --user-recovery --queues 2 --depth 16 --io-buf-size 256K --pool-size 64M --linger 50ms --compress off"
 fail() {{ echo "FAILED: $*"; cat /tmp/serve.log; exit 1; }}
 wait_for() {{ # wait_for TEXT: until the daemon's log says it
     i=0
@@ -49,13 +50,31 @@ wait_for() {{ # wait_for TEXT: until the daemon's log says it
         sleep 0.1
     done
 }}
+drained() {{ # the daemon's journal holds everything it acknowledged
+    s=$($T status --primary /tmp/p.img --json) || return 1
+    h=$(echo "$s" | grep '"head_lsn"' | tr -dc 0-9)
+    d=$(echo "$s" | grep '"durable_lsn"' | tr -dc 0-9)
+    [ -n "$h" ] && [ "$h" = "$d" ]
+}}
+wait_drained() {{
+    i=0
+    until drained; do
+        i=$((i + 1)); [ $i -lt 300 ] || fail "the journal did not drain"
+        sleep 0.1
+    done
+}}
+replica_equals_primary() {{ # replay what the journal holds, compare with the primary
+    $T replay --journal /tmp/j --replica /tmp/r.img --name vm --once >/tmp/replay.log 2>&1 \
+        || {{ cat /tmp/replay.log; fail "replay"; }}
+    cmp /tmp/r.img /tmp/p.img || fail "the replica differs from the primary ($1)"
+}}
 zeroes() {{ # zeroes OFFSET_KIB LEN_KIB: that range of the device reads as zeroes
     dd if=$D of=/tmp/z bs=1024 skip=$1 count=$2 2>/dev/null
     dd if=/dev/zero of=/tmp/zz bs=1024 count=$2 2>/dev/null
     cmp /tmp/z /tmp/zz || fail "not zero at $1K+$2K"
 }}
 
-echo "step: init"
+echo "step: init ($(cut -d" " -f1 /proc/uptime)s)"
 $T init --journal /tmp/j --size 64M --primary /tmp/p.img --segment-size 1M >/dev/null
 $SERVE >/tmp/serve.log 2>&1 &
 PID=$!
@@ -68,7 +87,7 @@ wait_for "as /dev/ublkb0"
 [ "$(cat /sys/block/ublkb0/queue/write_zeroes_max_bytes)" != 0 ] || fail "no write-zeroes"
 [ "$(cat /sys/block/ublkb0/size)" = 131072 ] || fail "size"
 
-echo "step: patterns"
+echo "step: patterns ($(cut -d" " -f1 /proc/uptime)s)"
 dd if=/dev/urandom of=/tmp/a bs=4096 count=1500 2>/dev/null
 # Across a region boundary (4 MiB), in large requests, with a flush at the end.
 dd if=/tmp/a of=$D bs=256K seek=14 conv=fsync 2>/dev/null
@@ -83,17 +102,17 @@ dd if=/tmp/a of=$D bs=4096 seek=16383 count=1 conv=fsync 2>/dev/null
 dd if=$D of=/tmp/b bs=4096 skip=16383 count=1 2>/dev/null
 cmp -n 4096 /tmp/a /tmp/b || fail "last block"
 
-echo "step: discard"
+echo "step: discard ($(cut -d" " -f1 /proc/uptime)s)"
 /usr/sbin/blkdiscard -o 4194304 -l 1048576 $D
 zeroes 4096 1024
-echo "step: write-zeroes"
+echo "step: write-zeroes ($(cut -d" " -f1 /proc/uptime)s)"
 /usr/sbin/blkdiscard -z -o 5242880 -l 524288 $D
 zeroes 5120 512
 dd if=$D of=/tmp/b bs=1024 skip=3584 count=512 2>/dev/null
 dd if=/tmp/a of=/tmp/c bs=1024 count=512 2>/dev/null
 cmp /tmp/b /tmp/c || fail "discard reached outside its range"
 
-echo "step: ext4"
+echo "step: ext4 ($(cut -d" " -f1 /proc/uptime)s)"
 /sbin/mkfs.ext4 -q -F -b 4096 $D
 mount -t ext4 $D /mnt
 i=0
@@ -108,7 +127,12 @@ sync
 umount /mnt
 /sbin/e2fsck -fn $D >/tmp/fsck.log 2>&1 || {{ cat /tmp/fsck.log; fail "fsck"; }}
 
-echo "step: kill -9"
+echo "step: replay ($(cut -d" " -f1 /proc/uptime)s)"
+wait_drained
+$T status --primary /tmp/p.img --json | grep -q '"mode": "logging"' || fail "not logging"
+replica_equals_primary "first daemon"
+
+echo "step: kill -9 ($(cut -d" " -f1 /proc/uptime)s)"
 kill -9 $PID
 wait $PID 2>/dev/null || true
 [ -e /sys/block/ublkb0 ] || fail "the device went away with the daemon"
@@ -127,22 +151,50 @@ sync
 umount /mnt
 /sbin/e2fsck -fn $D >/tmp/fsck.log 2>&1 || {{ cat /tmp/fsck.log; fail "fsck after re-attach"; }}
 
-echo "step: stop"
+echo "step: stop ($(cut -d" " -f1 /proc/uptime)s)"
 kill -TERM $PID
 wait $PID || fail "the daemon's clean stop failed"
-grep -q "clean" /tmp/serve.log || fail "not a clean stop"
+lsns=$(sed -n 's/^stopped: .*durable through LSN \([0-9]*\) of \([0-9]*\).*/\1 \2/p' /tmp/serve.log)
+[ -n "$lsns" ] && [ "${{lsns% *}}" = "${{lsns#* }}" ] || fail "the journal did not drain at the stop"
 i=0
 while [ -e /sys/block/ublkb0 ]; do
     i=$((i + 1)); [ $i -lt 100 ] || fail "the device outlived a clean stop"; sleep 0.1
 done
 
-echo "step: replay"
-$T replay --journal /tmp/j --replica /tmp/r.img --name vm --once >/tmp/replay.log 2>&1 \
-    || {{ cat /tmp/replay.log; fail "replay"; }}
-cmp /tmp/r.img /tmp/p.img || fail "the replica differs from the primary"
-/sbin/e2fsck -fn /tmp/p.img >/dev/null 2>&1 || fail "the primary file is not a clean ext4"
+echo "daemon log after the re-attach:"; cat /tmp/serve.log
+# The killed daemon had drained its journal; its successor journals from where it stopped.
+echo "step: replay again ($(cut -d" " -f1 /proc/uptime)s)"
+replica_equals_primary "after the re-attach"
+
+# Now with writes in flight: the filesystem sees a pause, not an error.
+echo "step: kill -9 under I/O ($(cut -d" " -f1 /proc/uptime)s)"
+$SERVE >/tmp/serve.log 2>&1 &
+PID=$!
+wait_for "as /dev/ublkb0"
+mount -t ext4 $D /mnt
+dd if=/dev/urandom of=/tmp/big bs=65536 count=192 2>/dev/null
+dd if=/tmp/big of=/mnt/big bs=65536 conv=fsync 2>/tmp/dd.log &
+DD=$!
+sleep 1
+kill -0 $DD 2>/dev/null && echo "the copy was in flight at the kill"
+kill -9 $PID
+wait $PID 2>/dev/null || true
+echo "killed ($(cut -d" " -f1 /proc/uptime)s)"
+$SERVE >/tmp/serve.log 2>&1 &
+PID=$!
+wait_for "as /dev/ublkb0 (re-attached)"
+echo "re-attached ($(cut -d" " -f1 /proc/uptime)s)"
+wait $DD || {{ cat /tmp/dd.log; fail "the copy failed across the re-attach"; }}
+echo "copied ($(cut -d" " -f1 /proc/uptime)s)"
+cmp /tmp/big /mnt/big || fail "the copy differs after the re-attach"
+cmp /tmp/f0 /mnt/d0/f0 || fail "an old file changed"
+umount /mnt
+/sbin/e2fsck -fn $D >/tmp/fsck.log 2>&1 || {{ cat /tmp/fsck.log; fail "fsck after kill under I/O"; }}
+kill -TERM $PID
+wait $PID || fail "the last daemon's clean stop failed"
+grep -v INFO /tmp/serve.log
 echo "primary $(sha256sum /tmp/p.img)"
-echo "step: done"
+echo "step: done ($(cut -d" " -f1 /proc/uptime)s)"
 "#
     )
 }
@@ -165,14 +217,18 @@ fn ublk_serves_patterns_discard_zeroes_ext4_recovery_and_a_journal_that_rebuilds
         .run(dir.path());
     let _ = std::fs::remove_dir_all(tinylag.parent().unwrap());
     assert_eq!(code, 0, "the guest failed; console:\n{console}");
+    // Shown with --nocapture: what the daemon said across the run.
+    eprintln!("{console}");
     for step in [
         "patterns",
         "discard",
         "write-zeroes",
         "ext4",
         "kill -9",
-        "stop",
         "replay",
+        "stop",
+        "replay again",
+        "kill -9 under I/O",
         "done",
     ] {
         assert!(console.contains(&format!("step: {step}")), "{console}");

@@ -34,6 +34,9 @@ pub(crate) mod request;
 /// The kernel's control device; it exists once `ublk_drv` is loaded.
 pub const CONTROL_PATH: &str = "/dev/ublk-control";
 
+/// The most memory the request buffers (one per tag) may take.
+const MAX_REQUEST_BUFFERS: u64 = 1 << 30;
+
 /// How the device is made; the CLI's `--queues`, `--depth`, ... flags.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UblkOptions {
@@ -156,6 +159,15 @@ pub fn validate(options: &UblkOptions, block_size: u32) -> Result<(), UblkServeE
         return bad(format!(
             "--io-buf-size {buf} is not usable: use a multiple of 4K and of the block size \
              ({block_size}) from 4K to 32M"
+        ));
+    }
+    // Every tag owns a buffer of --io-buf-size: keep their sum bounded.
+    let total = u64::from(options.queues) * u64::from(options.depth) * u64::from(buf);
+    if total > MAX_REQUEST_BUFFERS {
+        return bad(format!(
+            "--queues {} x --depth {} x --io-buf-size {buf} is {total} bytes of request \
+             buffers: keep the product at most 1G",
+            options.queues, options.depth
         ));
     }
     Ok(())
@@ -315,12 +327,29 @@ fn recoverable(dev_id: u32, size: u64) -> Result<bool, UblkServeError> {
         Err(e) if errno(&e) == Some(libc::ENODEV) => return Ok(false),
         Err(e) => return Err(recover_err(describe(&e))),
     };
-    let state = u32::from(ctrl.dev_info().state);
-    if state == libublk::sys::UBLK_S_DEV_LIVE {
-        return Err(recover_err(
-            "it is live, served by another daemon; stop that one first".into(),
-        ));
+    // A daemon that was just killed leaves the device live until the kernel has torn down
+    // its rings; give that a moment, but never take a device a live daemon serves.
+    let mut waited = 0;
+    while u32::from(ctrl.dev_info().state) == libublk::sys::UBLK_S_DEV_LIVE {
+        let pid = ctrl.dev_info().ublksrv_pid;
+        if pid_alive(pid) || waited >= RECOVERY_WAIT_STEPS {
+            return Err(recover_err(format!(
+                "it is live, served by process {pid}; stop that daemon first"
+            )));
+        }
+        if waited == 0 {
+            tracing::info!(
+                dev_id,
+                pid,
+                "waiting for the dead daemon's device to quiesce"
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        waited += 1;
+        ctrl.read_dev_info()
+            .map_err(|e| recover_err(describe(&e)))?;
     }
+    let state = u32::from(ctrl.dev_info().state);
     if state != libublk::sys::UBLK_S_DEV_QUIESCED && state != libublk::sys::UBLK_S_DEV_FAIL_IO {
         return Err(recover_err(format!(
             "it is in state {state}, not waiting for recovery; delete it or pick another --dev-id"
@@ -342,11 +371,30 @@ fn recoverable(dev_id: u32, size: u64) -> Result<bool, UblkServeError> {
             params.basic.dev_sectors * SECTOR
         )));
     }
+    let asked = std::time::Instant::now();
     ctrl.start_user_recover()
         .map_err(|e| recover_err(describe(&e)))?;
+    tracing::info!(
+        dev_id,
+        waited_ms = asked.elapsed().as_millis() as u64,
+        "recovery started"
+    );
     // This handle must not delete the device when dropped.
     ctrl.disown();
     Ok(true)
+}
+
+/// How many 100 ms steps a new daemon waits for a dead one's device to quiesce.
+const RECOVERY_WAIT_STEPS: u32 = 300;
+
+/// Whether process `pid` exists (in this PID namespace).
+fn pid_alive(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 only checks that the process exists and may be signalled.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 /// The control thread: makes the device, runs its queues until told to stop, deletes it.
@@ -397,6 +445,11 @@ fn run_device(
                     dev_id,
                     reason: describe(&e),
                 },
+                Some(dev_id) if errno(&e) == Some(libc::EEXIST) => UblkServeError::Add(format!(
+                    "/dev/ublkb{dev_id} already exists (left by a daemon with \
+                     --user-recovery? add --user-recovery to re-attach to it, or pick another \
+                     --dev-id)"
+                )),
                 _ => UblkServeError::Add(describe(&e)),
             }));
             return;
@@ -443,7 +496,9 @@ fn run_device(
 
 /// One queue thread: a task per tag, driven by a local executor that wakes on the queue's
 /// io_uring or when a request finished on the runtime.
-fn serve_queue(qid: u16, dev: &UblkDev, ctx: QueueCtx) {
+fn serve_queue(qid: u16, dev: &UblkDev, mut ctx: QueueCtx) {
+    // The buffers are what the kernel agreed to, which may be less than was asked.
+    ctx.geo.buf_size = ctx.geo.buf_size.min(dev.dev_info.max_io_buf_bytes);
     let queue = match UblkQueue::new(qid, dev) {
         Ok(q) => Rc::new(q),
         Err(e) => {
@@ -650,6 +705,14 @@ mod tests {
                     ..ok.clone()
                 },
                 "--io-buf-size",
+            ),
+            (
+                UblkOptions {
+                    queues: 8,
+                    depth: 4096,
+                    ..ok.clone()
+                },
+                "at most 1G",
             ),
         ] {
             let e = validate(&opts, 4096).unwrap_err().to_string();
