@@ -300,3 +300,113 @@ fn a_short_read_is_an_error_not_a_success() {
     assert_eq!(completion(&read, full, &mut buf), 8192);
     assert_eq!(buf, vec![7u8; 8192]);
 }
+
+/// Descriptors through the primary core (the device `serve` hands the frontend), with an
+/// in-memory primary and journal: each lands in the journal as the same operation. Only
+/// this test touches the writer; the frontend's code never imports it.
+#[tokio::test]
+async fn through_the_primary_core_each_op_is_journaled_as_itself() {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use crate::clock::SystemClock;
+    use crate::journal::manifest::ManifestParams;
+    use crate::journal::reader::{Cursor, JournalReader, Step};
+    use crate::journal::{Manifest, Op};
+    use crate::store::memory::MemoryStore;
+    use crate::store::ObjectStore;
+    use crate::writer::journal_writer::WriterConfig;
+    use crate::writer::mode::AckMode;
+    use crate::writer::primary::{JournalSetup, Labels, PrimaryCore};
+
+    let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+    let manifest = Manifest::new(
+        &ManifestParams {
+            device_name: "disk0".into(),
+            size: 16 * MIB,
+            block_size: 4096,
+            region_size: 4 * MIB,
+            splay_width: 4,
+            segment_size: 256 << 10,
+        },
+        1,
+    )
+    .unwrap();
+    manifest.create(store.as_ref()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let primary_path = dir.path().join("primary.img");
+    std::fs::File::create(&primary_path)
+        .unwrap()
+        .set_len(16 * MIB)
+        .unwrap();
+    let disk = Arc::new(MemDisk::new(16 * MIB));
+    let setup = JournalSetup {
+        store: store.clone(),
+        manifest: manifest.clone(),
+        writer: WriterConfig {
+            linger: Duration::from_millis(10),
+            ..WriterConfig::for_manifest(&manifest)
+        },
+        pool_size: 16 * MIB,
+        ack: AckMode::parse("journal", None).unwrap(),
+        clock: Arc::new(SystemClock),
+        primary_path,
+    };
+    let core = PrimaryCore::start(disk.clone(), Labels::default(), Some(setup))
+        .await
+        .unwrap();
+
+    let g = geo();
+    let mut buf = vec![0x3Cu8; 512 << 10];
+    for (op_flags, sector, sectors) in [
+        (OP_WRITE | F_FUA, 8, 16),
+        (OP_FLUSH, u64::MAX, 0),
+        (OP_DISCARD, 8, 8),
+        (OP_WRITE_ZEROES, 24, 8),
+        (OP_READ, 0, 40),
+    ] {
+        let request = translate(op_flags, sector, sectors, &g).unwrap();
+        let payload = match request {
+            Request::Write { len, .. } => Bytes::copy_from_slice(&buf[..len as usize]),
+            _ => Bytes::new(),
+        };
+        let outcome = execute(&core, request, payload).await;
+        assert!(completion(&request, outcome, &mut buf) >= 0, "{request:?}");
+    }
+    // The read came back through the core: untouched, discarded, written, zeroed blocks.
+    assert_eq!(&buf[..4096], &[0xAA; 4096][..]);
+    assert_eq!(&buf[4096..8192], &[0; 4096][..]);
+    assert_eq!(&buf[8192..12288], &[0x3C; 4096][..]);
+    assert_eq!(&buf[12288..16384], &[0; 4096][..]);
+    let report = core.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(report.durable_lsn, report.head_lsn);
+
+    let reader = JournalReader::new(store, manifest);
+    let mut cursor = Cursor {
+        seq: 0,
+        next_lsn: 1,
+    };
+    let mut ops = Vec::new();
+    while let Step::Segment(s) = reader.step(&mut cursor).await.unwrap() {
+        for r in s.records {
+            match r.op {
+                Op::Write { offset, data } => ops.push(format!("write {offset}+{}", data.len())),
+                Op::Flush => ops.push("flush".into()),
+                Op::Discard { offset, len } => ops.push(format!("discard {offset}+{len}")),
+                Op::WriteZeroes { offset, len } => ops.push(format!("write_zeroes {offset}+{len}")),
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(
+        ops,
+        [
+            "write 4096+8192",
+            "flush",
+            "discard 4096+4096",
+            "write_zeroes 12288+4096",
+        ]
+    );
+    // FUA reached the primary as FUA.
+    assert_eq!(disk.calls()[0], "write 4096+8192 fua=true");
+}
