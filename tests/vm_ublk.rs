@@ -42,12 +42,17 @@ D=/dev/ublkb0
 SERVE="$T serve --primary /tmp/p.img --journal /tmp/j --frontend ublk --dev-id 0 \
     --user-recovery --queues 2 --depth 16 --io-buf-size 256K --pool-size 64M --linger 50ms --compress off"
 fail() {{ echo "FAILED: $*"; cat /tmp/serve.log; exit 1; }}
+# Deadlines in guest seconds (TCG on a busy host is slow, so no loop counts).
+now() {{ cut -d. -f1 /proc/uptime; }}
+alive() {{ # the daemon runs (an exited one stays a zombie until waited for)
+    [ -e /proc/$PID/status ] && ! grep -q '^State:[[:space:]]*Z' /proc/$PID/status
+}}
 wait_for() {{ # wait_for TEXT: until the daemon's log says it
-    i=0
+    deadline=$(( $(now) + 90 ))
     until grep -q "$1" /tmp/serve.log 2>/dev/null; do
-        i=$((i + 1)); [ $i -lt 600 ] || fail "no '$1' from the daemon"
-        kill -0 $PID 2>/dev/null || fail "the daemon exited"
-        sleep 0.1
+        [ $(now) -lt $deadline ] || fail "no '$1' from the daemon"
+        alive || fail "the daemon exited"
+        sleep 0.2
     done
 }}
 drained() {{ # the daemon's journal holds everything it acknowledged
@@ -57,10 +62,10 @@ drained() {{ # the daemon's journal holds everything it acknowledged
     [ -n "$h" ] && [ "$h" = "$d" ]
 }}
 wait_drained() {{
-    i=0
+    deadline=$(( $(now) + 60 ))
     until drained; do
-        i=$((i + 1)); [ $i -lt 300 ] || fail "the journal did not drain"
-        sleep 0.1
+        [ $(now) -lt $deadline ] || fail "the journal did not drain"
+        sleep 0.2
     done
 }}
 replica_equals_primary() {{ # replay what the journal holds, compare with the primary
@@ -156,9 +161,9 @@ kill -TERM $PID
 wait $PID || fail "the daemon's clean stop failed"
 lsns=$(sed -n 's/^stopped: .*durable through LSN \([0-9]*\) of \([0-9]*\).*/\1 \2/p' /tmp/serve.log)
 [ -n "$lsns" ] && [ "${{lsns% *}}" = "${{lsns#* }}" ] || fail "the journal did not drain at the stop"
-i=0
+deadline=$(( $(now) + 30 ))
 while [ -e /sys/block/ublkb0 ]; do
-    i=$((i + 1)); [ $i -lt 100 ] || fail "the device outlived a clean stop"; sleep 0.1
+    [ $(now) -lt $deadline ] || fail "the device outlived a clean stop"; sleep 0.2
 done
 
 echo "daemon log after the re-attach:"; cat /tmp/serve.log
