@@ -6,7 +6,8 @@
 //! re-attach to the same device (user recovery) with the data intact, and stops it cleanly.
 //! Before the kill and after the stop, a replica rebuilt from the journal alone
 //! (`replay --once`) equals the primary. Last, the daemon is killed again while a copy into
-//! the mounted filesystem is in flight, and the copy completes through its successor. Each step prints a marker; the host checks the markers and the code.
+//! the mounted filesystem is in flight, and the copy completes through its successor; and an
+//! `--unprivileged` device serves too. Each step prints a marker; the host checks the markers and the code.
 
 mod support;
 
@@ -197,7 +198,18 @@ umount /mnt
 /sbin/e2fsck -fn $D >/tmp/fsck.log 2>&1 || {{ cat /tmp/fsck.log; fail "fsck after kill under I/O"; }}
 kill -TERM $PID
 wait $PID || fail "the last daemon's clean stop failed"
-grep -v INFO /tmp/serve.log
+echo "daemon log after the re-attach under I/O:"; cat /tmp/serve.log
+
+echo "step: unprivileged ($(cut -d" " -f1 /proc/uptime)s)"
+$T serve --primary /tmp/p.img --journal /tmp/j --frontend ublk --unprivileged --dev-id 1 \
+    >/tmp/serve.log 2>&1 &
+PID=$!
+wait_for "as /dev/ublkb1"
+dd if=/tmp/a of=/dev/ublkb1 bs=4096 count=64 conv=fsync 2>/dev/null
+dd if=/dev/ublkb1 of=/tmp/b bs=4096 count=64 2>/dev/null
+cmp -n 262144 /tmp/a /tmp/b || fail "unprivileged device"
+kill -TERM $PID
+wait $PID || fail "the unprivileged daemon's clean stop failed"
 echo "primary $(sha256sum /tmp/p.img)"
 echo "step: done ($(cut -d" " -f1 /proc/uptime)s)"
 "#
@@ -234,6 +246,7 @@ fn ublk_serves_patterns_discard_zeroes_ext4_recovery_and_a_journal_that_rebuilds
         "stop",
         "replay again",
         "kill -9 under I/O",
+        "unprivileged",
         "done",
     ] {
         assert!(console.contains(&format!("step: {step}")), "{console}");
