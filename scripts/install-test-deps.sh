@@ -77,6 +77,24 @@ install_moto() {
     say "moto $MOTO_VERSION installed in $TINYLAG_MOTO_VENV"
 }
 
+# What the build itself needs beyond Rust: libublk's -sys crate generates the kernel's ublk
+# bindings with bindgen, which loads libclang (and finds headers through clang).
+install_build_deps() {
+    local missing=()
+    command -v cc >/dev/null 2>&1 || missing+=(build-essential)
+    command -v clang >/dev/null 2>&1 || missing+=(clang)
+    local lib found=0
+    for lib in /usr/lib/llvm-*/lib/libclang.so* /usr/lib/*-linux-gnu/libclang-*.so*; do
+        [ -e "$lib" ] && found=1 && break
+    done
+    [ "$found" = 1 ] || missing+=(libclang-dev)
+    if [ "${#missing[@]}" -eq 0 ]; then
+        say "build tools present (cc, clang, libclang for libublk's bindgen)"
+    else
+        apt_install "${missing[@]}"
+    fi
+}
+
 # The real clients and tools the tests drive: NBD clients, fio, a FUSE/loop/ext4 toolchain,
 # openssl (test certificates for NBD over TLS) and setpriv (a client under another uid).
 install_system_tools() {
@@ -100,6 +118,7 @@ install_system_tools() {
 }
 
 main() {
+    install_build_deps
     install_system_tools
     install_s3s_fs
     install_moto

@@ -14,5 +14,6 @@ pub mod replayer;
 pub mod store;
 pub mod timetravel;
 pub mod trim;
+pub mod ublk;
 pub mod units;
 pub mod writer;

@@ -10,4 +10,5 @@ pub mod serve;
 pub mod status;
 pub mod timetravel;
 pub mod trim;
+pub mod ublk;
 pub mod up;

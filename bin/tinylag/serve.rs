@@ -1,4 +1,5 @@
-//! `tinylag serve`: the primary daemon. Serves the primary over NBD through the primary core,
+//! `tinylag serve`: the primary daemon. Serves the primary over NBD (or, with `--frontend
+//! ublk`, as a local `/dev/ublkbN`) through the primary core,
 //! journals every acknowledged change, keeps a writer lease on the journal (a second `serve`
 //! is refused while it is live, unless `--takeover`), answers `status`, `mark`, `verify` and
 //! `resync` on the control socket, and on SIGINT/SIGTERM stops accepting, drains the journal
@@ -28,9 +29,12 @@ use crate::cmd::args::{
     parse_duration, parse_group, parse_listen, parse_max_lag, parse_pool_size, parse_segment_size,
     parse_store_uri, usage, Ack, S3Args, TlsArgs,
 };
+use crate::cmd::ublk::{Frontend, UblkArgs};
 
 /// Block size advertised without a journal (`--no-journal`), when no manifest says.
 const NO_JOURNAL_BLOCK_SIZE: u32 = 4096;
+/// Region size (ublk's chunk) without a journal.
+const NO_JOURNAL_REGION_SIZE: u64 = 4 << 20;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -42,6 +46,12 @@ pub struct ServeArgs {
     pub journal: Option<StoreUri>,
     #[command(flatten)]
     pub s3: S3Args,
+    /// How the primary is served: nbd (a socket, see --listen) or ublk (a local
+    /// /dev/ublkbN; needs the kernel's ublk_drv).
+    #[arg(long, value_enum, default_value = "nbd")]
+    pub frontend: Frontend,
+    #[command(flatten)]
+    pub ublk: UblkArgs,
     /// NBD address: unix:PATH or tcp:IP:PORT [default: unix:<primary>.sock]. TCP on an
     /// address other than loopback needs --tls require (or --insecure-no-tls).
     #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
@@ -179,6 +189,20 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     return_large_buffers_to_the_kernel();
     // Every argument is checked before anything is opened, bound or claimed.
     let ack = args.ack_mode()?;
+    let ublk = args.frontend == Frontend::Ublk;
+    if ublk {
+        for (given, flag) in [
+            (args.listen.is_some(), "--listen"),
+            (args.export.is_some(), "--export"),
+        ] {
+            if given {
+                bail!("{flag} is an NBD option; --frontend ublk serves /dev/ublkbN instead");
+            }
+        }
+        tinylag::ublk::check_driver()?;
+    } else if let Some(flag) = args.ublk.given().first() {
+        bail!("{flag} is a ublk option: add --frontend ublk, or leave it out for NBD");
+    }
     let listen: ListenAddr = match &args.listen {
         Some(addr) => addr.clone(),
         None => ListenAddr::Unix(beside(&args.primary, ".sock")),
@@ -200,6 +224,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let block_size = journal
         .as_ref()
         .map_or(NO_JOURNAL_BLOCK_SIZE, |(_, m)| m.block_size);
+    let ublk_options = args.ublk.options(
+        journal
+            .as_ref()
+            .map_or(NO_JOURNAL_REGION_SIZE, |(_, m)| m.region_size),
+    );
+    if ublk {
+        tinylag::ublk::validate(&ublk_options, block_size)?;
+    }
     let export = args.export.clone().unwrap_or_else(|| {
         journal
             .as_ref()
@@ -217,8 +249,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let device: Arc<dyn BlockDevice> = Arc::new(device);
 
     // Bind first: a second daemon on the same sockets is refused before it claims an epoch.
-    let listener = nbd::bind(&listen).await?;
-    let listen = listener.local_addr().clone();
+    let listener = match ublk {
+        false => Some(nbd::bind(&listen).await?),
+        true => None,
+    };
+    let listen = listener.as_ref().map_or(listen, |l| l.local_addr().clone());
     let access = control::Access {
         group: args.control_group,
     };
@@ -228,7 +263,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     let labels = Labels {
         primary: args.primary.display().to_string(),
-        listen: listen.to_string(),
+        listen: if ublk {
+            "ublk".to_string()
+        } else {
+            listen.to_string()
+        },
         export: export.clone(),
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -327,15 +366,45 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }),
         shutdown_rx.clone(),
     ));
-    let nbd_task = tokio::spawn(nbd::serve(listener, server, shutdown_rx));
+    let (nbd_task, ublk_device, served_as) = match listener {
+        Some(listener) => (
+            Some(tokio::spawn(nbd::serve(listener, server, shutdown_rx))),
+            None,
+            format!(
+                "{} ({})",
+                args.tls.nbd_uri(&listen, &export),
+                security.describe()
+            ),
+        ),
+        None => {
+            let device: Arc<dyn BlockDevice> = core.clone();
+            match tinylag::ublk::start(device, ublk_options, tokio::runtime::Handle::current())
+                .await
+            {
+                Ok(d) => {
+                    let how = if d.recovered() { " (re-attached)" } else { "" };
+                    let path = format!("{}{how}", d.block_path());
+                    (None, Some(d), path)
+                }
+                Err(e) => {
+                    let _ = shutdown_tx.send(true);
+                    core.shutdown(args.drain_timeout).await;
+                    if let Some(keeper) = &keeper {
+                        keeper.release().await;
+                    }
+                    let _ = control_task.await;
+                    let _ = std::fs::remove_file(&control_path);
+                    return Err(e.into());
+                }
+            }
+        }
+    };
 
     let status = core.status();
     println!(
-        "tinylag serve: {} ({}) as {} ({})",
+        "tinylag serve: {} ({}) as {served_as}",
         args.primary.display(),
         format_size(status.device_size),
-        args.tls.nbd_uri(&listen, &export),
-        security.describe()
     );
     println!(
         "mode {}, journal {}, control {}",
@@ -370,10 +439,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         "stopping: no new connections, finishing in-flight I/O"
     );
     let _ = shutdown_tx.send(true);
-    match nbd_task.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "the NBD server failed"),
-        Err(e) => tracing::error!(error = %e, "the NBD server task failed"),
+    if let Some(device) = ublk_device {
+        device.stop().await;
+    }
+    if let Some(task) = nbd_task {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "the NBD server failed"),
+            Err(e) => tracing::error!(error = %e, "the NBD server task failed"),
+        }
     }
     let report = core.shutdown(args.drain_timeout).await;
     if let Some(keeper) = &keeper {

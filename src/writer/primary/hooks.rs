@@ -170,8 +170,8 @@ impl PrimaryCore {
     /// and the writer drops what it still holds at its next upload's fence check.
     pub fn fence(&self, reason: String) {
         if let Some(j) = &self.journal {
-            j.stats.set_stopped(reason);
+            j.stats.set_stopped(reason.clone());
         }
-        self.mode.fence("a newer writer owns the journal (lease)");
+        self.mode.fence(&reason);
     }
 }
