@@ -369,10 +369,8 @@ fn verify_reports_a_corrupted_replica_region_and_resync_marks_it() {
 }
 
 /// The whole loop: corrupt, verify (reported), resync (re-journaled as a span), verify
-/// again (clean) and the replica equals the primary. Needs the resync spans of h/resync:
-/// on this branch alone `resync` only marks regions dirty and nothing re-journals them.
+/// again (clean) and the replica equals the primary.
 #[test]
-#[ignore = "needs h/resync"]
 fn resync_repairs_a_region_that_verify_reported() {
     let t = setup("16M", &["--region-size", "1M"]);
     let pa = t.root.join("a.img");
