@@ -142,6 +142,19 @@ impl S3Server {
         })
     }
 
+    /// Freezes the server (SIGSTOP, by pid): connections hang, nothing answers, as with a
+    /// store that is alive but far too slow. [`S3Server::thaw`] lets it go on.
+    pub fn freeze(&self) {
+        // SAFETY: kill only sends a signal to our own child's pid.
+        unsafe { libc::kill(self.child.pid() as i32, libc::SIGSTOP) };
+    }
+
+    /// Undoes [`S3Server::freeze`] (SIGCONT).
+    pub fn thaw(&self) {
+        // SAFETY: as in `freeze`.
+        unsafe { libc::kill(self.child.pid() as i32, libc::SIGCONT) };
+    }
+
     /// Stops the server (SIGKILL, by pid): its data stays on disk for [`S3Server::resume`].
     pub fn pause(&mut self) {
         let child = self.child.child_mut();
