@@ -505,7 +505,7 @@ impl PrimaryCore {
             start: serde_json::to_value(&j.start).ok(),
             transitions: self.mode.transitions(),
             resync: j.episodes.status(),
-            activity_log: Some(ActivityLogStatus {
+            activity_log: (!j.al.path().as_os_str().is_empty()).then(|| ActivityLogStatus {
                 path: j.al.path().display().to_string(),
                 regions: j.al.active(),
                 bytes: j.al.active() * self.dirty.region_size(),
@@ -590,7 +590,7 @@ mod tests {
                 lifetime_regions: 2,
                 episodes_ended: 0,
             },
-            activity_log: Some(ActivityLogStatus {
+            activity_log: (!j.al.path().as_os_str().is_empty()).then(|| ActivityLogStatus {
                 path: "/var/lib/disk.img.tinylag-al".into(),
                 regions: 5,
                 bytes: 20 << 20,

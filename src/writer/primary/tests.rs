@@ -131,7 +131,7 @@ impl Fixture {
             ack,
             clock: Arc::new(SystemClock),
             primary_path: self.dir.path().join("primary.img"),
-            activity_log: self.dir.path().join("primary.img.tinylag-al"),
+            activity_log: Some(self.dir.path().join("primary.img.tinylag-al")),
         }
     }
 
