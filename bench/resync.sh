@@ -35,7 +35,7 @@ done
 [[ -x $S3FS ]] || { echo "bench/resync.sh: s3s-fs not found at $S3FS (scripts/install-test-deps.sh)" >&2; exit 1; }
 
 cargo build --release --quiet --bin tinylag
-BIN=$PWD/target/release/tinylag
+BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/tinylag
 rm -rf "$DIR"
 mkdir -p "$DIR"
 PIDS=()
