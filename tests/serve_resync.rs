@@ -421,3 +421,218 @@ async fn a_replay_agent_killed_inside_a_span_is_before_or_after_it() {
         "after the span the replica is the primary's image at LSN {last}"
     );
 }
+
+/// ext4 through nbdfuse and a loop device on `serve`, under a file workload, while the
+/// store (s3s-fs) is cut for a few seconds and restored. Copies of the replica are judged by
+/// the ext4 judge at random moments: during the outage, once the agent has applied all the
+/// journal it can reach (it is frozen with SIGSTOP while the copy is made); after it, by
+/// killing the agent wherever it is (inside the resync span, likely) and running its crash
+/// recovery first. Every copy is a state the primary really had, so every one is clean. In
+/// the end the replica is byte-identical to the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext4_replica_copies_stay_clean_through_a_store_outage() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use support::nbd::{Cleanup, CLIENT_TIMEOUT};
+
+    if !Path::new("/dev/fuse").exists() || !Path::new("/dev/loop-control").exists() {
+        eprintln!("skipping: /dev/fuse or loop devices are absent on this machine");
+        return;
+    }
+    let Some(mut s3) = S3Server::start(S3ServerKind::S3sFs).await else {
+        return;
+    };
+    let env = s3.child_env();
+    let dir = tempfile::tempdir().unwrap();
+    let primary = dir.path().join("primary.img");
+    let journal = s3.uri("ext4-outage");
+    // nbdfuse passes the loop device's 512-byte requests through: the export must take them.
+    init(
+        &journal,
+        &primary,
+        "64M",
+        &[
+            "--segment-size",
+            "1M",
+            "--block-size",
+            "512",
+            "--region-size",
+            "1M",
+        ],
+        &env,
+    );
+    let daemon = Daemon::start(&primary, &journal, &["--pool-size", "4M"], &env);
+    let replica = dir.path().join("replica.img");
+    let mut agent_args = replay_args(&journal, &replica, "fs");
+    agent_args.extend(["--batch-records", "64"].map(String::from));
+    let agent_log = dir.path().join("replay.log");
+    let start_agent = || {
+        ChildGuard::spawn_logged(
+            "tinylag replay",
+            support::replay::tinylag()
+                .args(&agent_args)
+                .envs(env.iter().map(|(k, v)| (*k, v.as_str()))),
+            &agent_log,
+        )
+        .expect("spawn replay")
+    };
+    let mut agent = start_agent();
+
+    let fuse_dir = dir.path().join("fuse");
+    let mnt = dir.path().join("mnt");
+    for d in [&fuse_dir, &mnt] {
+        std::fs::create_dir(d).unwrap();
+    }
+    let pidfile = dir.path().join("nbdfuse.pid");
+    let nbd_file = fuse_dir.join("nbd");
+    let nbdfuse = support::nbd::ChildGuard::spawn(Command::new("nbdfuse").args([
+        "-P",
+        path(&pidfile),
+        path(&nbd_file),
+        &daemon.uri(),
+    ]));
+    let mut cleanup = Cleanup::default();
+    cleanup.push("fusermount3", &["-u", path(&fuse_dir)]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !pidfile.exists() {
+        assert!(Instant::now() < deadline, "nbdfuse did not get ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = run_cmd_ok(Command::new("losetup").args(["-f", "--show", path(&nbd_file)]));
+    let loop_dev = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    cleanup.push("losetup", &["-d", &loop_dev]);
+    run_cmd_ok(Command::new("mkfs.ext4").args(["-q", &loop_dev]));
+    run_cmd_ok(Command::new("mount").args([&loop_dev, path(&mnt)]));
+    cleanup.push("umount", &[path(&mnt)]);
+
+    // The workload: files of 16-256 KiB written, some synced, old ones deleted.
+    let stop = Arc::new(AtomicBool::new(false));
+    let workload = {
+        let (stop, mnt) = (stop.clone(), mnt.clone());
+        std::thread::spawn(move || {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+            let mut i = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                let d = mnt.join(format!("d{}", i % 8));
+                std::fs::create_dir_all(&d).unwrap();
+                let len = rng.gen_range(16..256) * 1024;
+                std::fs::write(d.join(format!("f{i}")), pattern(i, len)).unwrap();
+                if i % 8 == 0 {
+                    run_cmd_ok(Command::new("sync").arg("-f").arg(&d));
+                }
+                if i >= 40 {
+                    let _ = std::fs::remove_file(
+                        mnt.join(format!("d{}", (i - 40) % 8))
+                            .join(format!("f{}", i - 40)),
+                    );
+                }
+                i += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            i
+        })
+    };
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(23);
+    let mut judged = 0;
+    let ctl = format!("{}.ctl", replica.display());
+    let agent_status = || -> serde_json::Value {
+        let out = support::replay::tinylag()
+            .args(["status", "--control", &ctl, "--json"])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_else(
+            |_| serde_json::json!({ "error": String::from_utf8_lossy(&out.stderr) }),
+        )
+    };
+    let mut judged_idle = 0;
+    let mut judge_idle = |agent: &ChildGuard| {
+        // The store is gone: once the agent's position stops moving it has applied what it
+        // could fetch, and is consistent there.
+        let mut last = serde_json::Value::Null;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            std::thread::sleep(Duration::from_millis(700));
+            let now = agent_status();
+            if now["applied_lsn"] == last["applied_lsn"]
+                && now["applied_lsn"] == now["consistent_lsn"]
+                && now["applied_lsn"].is_u64()
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent never settled: {now:#}\nagent log:\n{}\nserve log:\n{}",
+                std::fs::read_to_string(&agent_log).unwrap_or_default(),
+                daemon.log_tail()
+            );
+            last = now;
+        }
+        // SAFETY: signals to our own child, by pid.
+        unsafe { libc::kill(agent.pid() as i32, libc::SIGSTOP) };
+        let verdict = support::verdict::judge_ext4(&replica);
+        unsafe { libc::kill(agent.pid() as i32, libc::SIGCONT) };
+        if let Err(verdict) = verdict {
+            panic!("a copy of the replica during the outage is not clean:\n{verdict}");
+        }
+        judged_idle += 1;
+    };
+    let mut judge_copy = |agent: &mut ChildGuard, moment: &str| {
+        // A crash of the agent, then its recovery: the replica is at its consistent LSN.
+        agent.child_mut().kill().unwrap();
+        agent.child_mut().wait().unwrap();
+        let mut recover = agent_args.clone();
+        recover.push("--recover-only".into());
+        let out = support::replay::tinylag()
+            .args(&recover)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "recovery failed: {out:?}");
+        if std::fs::metadata(&replica).map_or(0, |m| m.len()) > 0 {
+            if let Err(verdict) = support::verdict::judge_ext4(&replica) {
+                panic!("a copy of the replica {moment} is not clean:\n{verdict}");
+            }
+            judged += 1;
+        }
+        *agent = start_agent();
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    s3.pause();
+    std::thread::sleep(Duration::from_millis(rng.gen_range(500..2000)));
+    judge_idle(&agent);
+    s3.resume();
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(rng.gen_range(300..2000)));
+        judge_copy(&mut agent, "after the outage");
+    }
+    stop.store(true, Ordering::Release);
+    let files = workload.join().unwrap();
+    cleanup.run_last(); // umount
+    cleanup.run_last(); // losetup -d
+    cleanup.run_last(); // fusermount3 -u
+    let exited = nbdfuse.wait(CLIENT_TIMEOUT);
+    assert!(exited.status.success(), "nbdfuse: {}", exited.status);
+    let status = daemon.wait_status(Duration::from_secs(90), "logging again", |s| {
+        s["mode"] == "logging" && s["durable_lsn"] == s["head_lsn"]
+    });
+    assert!(
+        status["transitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["to"] == "forward-part"),
+        "the outage overflowed the pool: {status:#}"
+    );
+    wait_identical(
+        &replica,
+        &primary,
+        Duration::from_secs(120),
+        "after the workload",
+    );
+    judge_copy(&mut agent, "at the end");
+    eprintln!(
+        "{files} files written; replica copies judged clean: {judged_idle} during the outage, \
+         {judged} after a kill and recovery"
+    );
+    assert!(judged_idle == 1 && judged >= 4, "too few copies judged");
+}
