@@ -147,7 +147,10 @@ impl Previous {
 #[derive(Debug, thiserror::Error)]
 pub enum ActivityLogError {
     /// The log file could not be read, created or written at start.
-    #[error("activity log {path}: {source}")]
+    #[error(
+        "activity log {path}: {source} (put it elsewhere with --activity-log PATH, or run \
+         without one with --no-activity-log)"
+    )]
     Io {
         path: PathBuf,
         #[source]
