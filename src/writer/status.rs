@@ -590,7 +590,7 @@ mod tests {
                 lifetime_regions: 2,
                 episodes_ended: 0,
             },
-            activity_log: (!j.al.path().as_os_str().is_empty()).then(|| ActivityLogStatus {
+            activity_log: Some(ActivityLogStatus {
                 path: "/var/lib/disk.img.tinylag-al".into(),
                 regions: 5,
                 bytes: 20 << 20,
