@@ -35,8 +35,8 @@ for tool in fio python3; do
 done
 
 cargo build --release --quiet --bin tinylag --example replay_bench_journal
-BIN=$PWD/target/release/tinylag
-GEN=$PWD/target/release/examples/replay_bench_journal
+BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/tinylag
+GEN=${CARGO_TARGET_DIR:-$PWD/target}/release/examples/replay_bench_journal
 
 rm -rf "$DIR"
 mkdir -p "$DIR"
@@ -154,6 +154,29 @@ catchup_run() {
     PIDS+=("$replay_pid")
     wait_path "$sock"
     wait_path "$replica.ctl"
+    # A new journal over a primary with data starts forward-full: let that resync finish and
+    # the agent apply it before the burst, so the burst's catch-up is measured alone.
+    python3 - "$primary.ctl" "$replica.ctl" <<'PY'
+import json, socket, sys, time
+def status(path):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    s.sendall(b'{"cmd":"status"}\n')
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = s.recv(1 << 16)
+        if not chunk:
+            break
+        data += chunk
+    return json.loads(data)["result"]
+while True:
+    st = status(sys.argv[1])
+    if st["mode"] == "logging" and st["durable_lsn"] >= st["head_lsn"]:
+        break
+    time.sleep(0.2)
+while status(sys.argv[2])["applied_lsn"] < st["head_lsn"]:
+    time.sleep(0.2)
+PY
     local args
     case $wl in
         randwrite-4k) args=(--rw=randwrite --bs=4k --iodepth=32) ;;
@@ -165,9 +188,9 @@ catchup_run() {
     local burst_end
     burst_end=$(now)
     python3 - "$primary.ctl" "$replica.ctl" "$burst_end" "$work/fio.json" "$replay_pid" \
-        "$wl" "$where" "$run" >>"$CATCHUP" <<'PY'
-import json, socket, sys, time
-serve_ctl, replica_ctl, burst_end, fio, pid, wl, where, run = sys.argv[1:9]
+        "$wl" "$where" "$run" "$primary" "$replica" >>"$CATCHUP" <<'PY'
+import json, socket, subprocess, sys, time
+serve_ctl, replica_ctl, burst_end, fio, pid, wl, where, run, primary, replica = sys.argv[1:11]
 def status(path):
     s = socket.socket(socket.AF_UNIX)
     s.connect(path)
@@ -194,13 +217,25 @@ while True:
         break
     time.sleep(0.02)
 caught = time.time()
+# Caught up means the replica is byte-identical to the primary: the writer's resync of what
+# the burst left dirty (pool full) must be journaled and applied too.
+while True:
+    st = status(serve_ctl)
+    if st["mode"] == "logging" and st["durable_lsn"] >= st["head_lsn"]:
+        while status(replica_ctl)["applied_lsn"] < st["head_lsn"] and time.time() < deadline:
+            time.sleep(0.05)
+        if subprocess.run(["cmp", "-s", primary, replica]).returncode == 0 or time.time() > deadline:
+            break
+    time.sleep(0.1)
+identical = time.time()
 print(f"      agent at the end of the burst: applied LSN {behind['applied_lsn']}, "
       f"{behind['lag_records']} records behind; after catch-up: {rs['records_applied']} records "
       f"in {rs['batches_applied']} batches, time spent {rs['time_spent']}", file=sys.stderr)
 job = json.load(open(fio))["jobs"][0]["write"]
 hwm = next(int(l.split()[1]) * 1024 for l in open(f"/proc/{pid}/status") if l.startswith("VmHWM:"))
 print("\t".join(str(v) for v in [wl, where, run, f"{caught - float(burst_end):.2f}",
-      f"{at_head - float(burst_end):.2f}", head, job["io_bytes"], f"{job['iops']:.0f}", hwm]))
+      f"{at_head - float(burst_end):.2f}", head, job["io_bytes"], f"{job['iops']:.0f}", hwm,
+      f"{identical - float(burst_end):.2f}", st["head_lsn"]]))
 PY
     echo "   $(tail -1 "$CATCHUP")"
     stop "$serve_pid"
@@ -292,9 +327,10 @@ replay runs about 30 MB/s per image by default.
 """
 catch = {}
 for line in open(catchup):
-    wl, where, run, secs, drain, head, io_bytes, iops, hwm = line.split()
-    catch.setdefault((wl, where), []).append((float(secs), float(drain), int(head),
-                                              int(io_bytes), float(iops), int(hwm)))
+    wl, where, run, secs, drain, head, io_bytes, iops, hwm, identical, final_head = line.split()
+    catch.setdefault((wl, where), []).append((float(identical), float(secs), float(drain),
+                                              int(final_head), int(io_bytes), float(iops),
+                                              int(hwm)))
 crows = []
 for wl in ("randwrite-4k", "seqwrite-1M"):
     for where in ("local", "s3"):
@@ -307,8 +343,8 @@ for wl in ("randwrite-4k", "seqwrite-1M"):
         med = lambda i: mid[i]
         target = 2 if wl == "randwrite-4k" else 5
         crows.append(f"| {wl} | {'local directory' if where == 'local' else 'local S3 (s3s-fs)'} | "
-                     f"{med(0):.2f} s | {med(1):.2f} s | {int(med(2)):,} | {med(3) / 1e6:,.0f} MB | "
-                     f"{med(4):,.0f} | {med(5) / (1 << 20):.0f} MiB | ≤ {target} s |")
+                     f"{med(0):.2f} s | {med(1):.2f} s | {med(2):.2f} s | {int(med(3)):,} | "
+                     f"{med(4) / 1e6:,.0f} MB | {med(5):,.0f} | {med(6) / (1 << 20):.0f} MiB | ≤ {target} s |")
 catchup_text = kept("### Catch-up")
 if crows:
     catchup_text = f"""### Catch-up
@@ -316,16 +352,18 @@ if crows:
 `bench/replay.sh catchup` on {time.strftime('%Y-%m-%d')}: {machine}: medians of {len(next(iter(catch.values())))} runs.
 A {burst} s fio burst (`--ioengine=nbd`, 4k randwrite QD32; 1M seqwrite QD4) through
 `tinylag serve` on a {size_arg} primary, with `tinylag replay` (undo log on, local directory)
-running beside it from the start on a replica that equals the primary; the journal in a local
-directory or on a local S3 server. Catch-up is the time from the end of the burst until the
-replica's applied LSN reaches the journal head (the writer's last record); "journal drained"
-is how much of that the writer took to make its last segment durable. "records" counts what
-the journal holds, "written" what fio wrote: at 1 GB/s of 1 MiB writes the writer's memory
-pool overflows and most writes become dirty regions (forward-part) instead of records, so the
-agent has less to apply than fio wrote.
+running beside it from the start on a replica that equals the primary (the writer's initial
+forward-full of the new journal is done and applied before the burst); the journal in a local
+directory or on a local S3 server. **Catch-up is the time from the end of the burst until the
+replica is byte-identical to the primary** (`cmp`), which includes the writer's resync of
+everything the burst left dirty when its memory pool overflowed (at 1 GB/s of 1 MiB writes
+most writes become dirty regions, then `RESYNC_DATA`). "to journal head" is the time until the
+agent applied the writer's last record at the end of the burst, "journal drained" the time the
+writer took to make that record durable. "records" counts what the journal holds in the end
+(resync records included), "written" what fio wrote.
 
-| burst | journal | catch-up | journal drained | records | written | fio IOPS | agent peak RSS | target |
-|---|---|---|---|---|---|---|---|---|
+| burst | journal | catch-up (replica = primary) | to journal head | journal drained | records | written | fio IOPS | agent peak RSS | target |
+|---|---|---|---|---|---|---|---|---|---|
 """ + "\n".join(crows) + """
 
 Anchor, measured on the same kind of 2-core machine with Ceph 16.2 rbd-mirror in journal mode:

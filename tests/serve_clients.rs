@@ -184,7 +184,7 @@ fn status_answers_in_text_and_json_and_fails_clearly_without_a_daemon() {
 }
 
 #[test]
-fn a_clean_stop_restarts_logging_and_a_kill_restarts_forward_full() {
+fn a_clean_stop_restarts_logging_and_a_kill_resyncs_what_the_activity_log_names() {
     let dir = tempfile::tempdir().unwrap();
     let (primary, journal) = setup(dir.path());
     let mut daemon = Daemon::start(&primary, &journal, &[], &[]);
@@ -201,12 +201,40 @@ fn a_clean_stop_restarts_logging_and_a_kill_restarts_forward_full() {
     });
     drop(daemon); // SIGKILL: no drain, no clean-stop marker
 
+    // The activity log names the region written since the clean start: it alone is
+    // resynced, and the restart says so.
+    let daemon = Daemon::start(&primary, &journal, &[], &[]);
+    let status = daemon.wait_status(Duration::from_secs(30), "logging", |s| {
+        s["mode"] == "logging" && s["durable_lsn"] == s["head_lsn"]
+    });
+    assert_eq!(status["start"]["kind"], "activity-log", "{status:#}");
+    assert_eq!(status["start"]["regions"], 1, "{status:#}");
+    assert_eq!(status["resync"]["lifetime_regions"], 1, "{status:#}");
+    assert!(
+        daemon.log_tail().contains("resyncing the 1 regions"),
+        "{}",
+        daemon.log_tail()
+    );
+    drop(daemon);
+
+    // Without its activity log, a kill means the whole device: forward-full, said loudly.
+    std::fs::remove_file(format!("{}.tinylag-al", primary.display())).unwrap();
     let mut daemon = Daemon::start(&primary, &journal, &[], &[]);
     let status = daemon.status();
-    assert_eq!(status["mode"], "forward-full", "{status:#}");
-    let text = tinylag_ok(&["status", "--primary", path(&primary)], &[]);
-    assert!(text.starts_with("WARNING: mode forward-full"), "{text}");
-    assert!(text.contains("did not stop cleanly"), "{text}");
+    let reason = status["start"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("no usable activity log") && reason.contains("missing"),
+        "{status:#}"
+    );
+    assert_eq!(status["transitions"][0]["to"], "forward-full", "{status:#}");
+    assert!(
+        daemon.log_tail().contains("the WHOLE device is resynced"),
+        "{}",
+        daemon.log_tail()
+    );
+    daemon.wait_status(Duration::from_secs(60), "logging", |s| {
+        s["mode"] == "logging" && s["durable_lsn"] == s["head_lsn"]
+    });
     daemon.stop_ok();
     // The journal is still one gap-free chain (the oracle checks), and it holds the data.
     let rebuilt = dir.path().join("rebuilt.img");

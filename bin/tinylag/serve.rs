@@ -110,6 +110,10 @@ pub struct ServeArgs {
     /// after a crash resyncs only those [default: <primary>.tinylag-al].
     #[arg(long, value_name = "PATH")]
     pub activity_log: Option<PathBuf>,
+    /// Keep no activity log (saves one fsync per newly active region; a restart after a
+    /// crash then resyncs the whole device).
+    #[arg(long, conflicts_with = "activity_log")]
+    pub no_activity_log: bool,
     /// Once no upload has completed for this long, --ack journal stops waiting for the
     /// store (status shows the outage) until an upload succeeds again.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration, allow_hyphen_values = true)]
@@ -314,10 +318,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             ack,
             clock: clock.clone(),
             primary_path: args.primary.clone(),
-            activity_log: args
-                .activity_log
-                .clone()
-                .unwrap_or_else(|| default_activity_log_path(&args.primary)),
+            activity_log: (!args.no_activity_log).then(|| {
+                args.activity_log
+                    .clone()
+                    .unwrap_or_else(|| default_activity_log_path(&args.primary))
+            }),
         }
     });
     let started = PrimaryCore::start(device, labels, setup).await;

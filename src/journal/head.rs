@@ -91,7 +91,20 @@ pub async fn plan_restart(
     first_lsn: u64,
 ) -> JournalResult<RestartPlan> {
     let width = u64::from(manifest.splay_width);
-    let end = probe_end(store, manifest, first_seq).await?;
+    let mut end = probe_end(store, manifest, first_seq).await?;
+    // The bisection stops at *a* missing seq after an existing one; with holes at the tail it
+    // may be a hole with orphans past it. Orphans lie within 2W seqs of any hole (W uploads
+    // in flight per dead writer, one more segment per dead restarted writer): look that far
+    // past the end and continue from any found.
+    'orphans: loop {
+        for seq in end + 1..=end + 2 * width {
+            if segment_exists(store, manifest, seq).await? {
+                end = probe_end(store, manifest, seq).await?;
+                continue 'orphans;
+            }
+        }
+        break;
+    }
     // Holes only sit among the last uploads of writers that died: at most W per writer, and
     // a dead restarted writer adds one more segment. Walk back from the end until 2W
     // consecutive segments exist; no hole can lie before that.
@@ -163,4 +176,52 @@ pub async fn prefix_index(
         first_lsn: None,
     };
     Ok(read_index(store, &manifest.segment_key(seq), &expected).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::journal::manifest::ManifestParams;
+    use crate::journal::record::{Op, Record};
+    use crate::journal::segment::encode_segment;
+    use crate::store::memory::MemoryStore;
+
+    /// Segments 0..=29 and an orphan at 31: the bisection alone would stop at the hole 30
+    /// and miss the orphan, whose seq the new writer would then collide with.
+    #[tokio::test]
+    async fn an_orphan_just_past_a_hole_is_found() {
+        let store = MemoryStore::new();
+        let m = Manifest::new(
+            &ManifestParams {
+                device_name: "d".into(),
+                size: 1 << 20,
+                block_size: 4096,
+                region_size: 1 << 20,
+                splay_width: 4,
+                segment_size: 1 << 20,
+            },
+            1,
+        )
+        .unwrap();
+        for seq in (0..29).chain([31]) {
+            store
+                .put_if_absent(&m.segment_key(seq), Bytes::from_static(b"x"))
+                .await
+                .unwrap();
+        }
+        let record = Record {
+            lsn: 30,
+            timestamp_ns: 5,
+            dev: 0,
+            op: Op::Flush,
+        };
+        let last = encode_segment(m.uuid, 1, 29, 30, &[record]).unwrap();
+        store.put_if_absent(&m.segment_key(29), last).await.unwrap();
+        let plan = plan_restart(&store, &m, 0, 1).await.unwrap();
+        assert_eq!(plan.holes, vec![30]);
+        assert_eq!(plan.last_orphan, Some(31));
+        assert_eq!((plan.next_seq, plan.next_lsn), (32, 31));
+    }
 }

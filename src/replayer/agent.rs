@@ -677,7 +677,7 @@ impl Agent {
             blocking("fsync", move || sync(replica.as_ref())).await?;
             board.spent(Phase::Sync, started.elapsed());
             let started = Instant::now();
-            consumer::commit(store.as_ref(), &state).await?;
+            commit_retrying(store.as_ref(), &state).await?;
             board.spent(Phase::Commit, started.elapsed());
             board.committed(&state, records, bytes);
             Ok(())
@@ -895,11 +895,27 @@ impl Agent {
         self.drain().await?;
         self.pos.updated_at_ns = self.clock.now_ns();
         let started = Instant::now();
-        consumer::commit(self.reader.store().as_ref(), &self.pos).await?;
+        commit_retrying(self.reader.store().as_ref(), &self.pos).await?;
         self.board.spent(Phase::Commit, started.elapsed());
         self.dirty = false;
         self.board.committed(&self.pos, records, bytes);
         Ok(())
+    }
+}
+
+/// Commits a position, retrying transient store errors until the store answers (a store
+/// outage must not stop the agent: the position it commits is the same on every retry).
+async fn commit_retrying(store: &dyn ObjectStore, state: &ConsumerState) -> JournalResult<()> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match consumer::commit(store, state).await {
+            Err(JournalError::Store(e)) if e.is_transient() => {
+                tracing::warn!(error = %e, "committing the position failed; will retry");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            other => return other,
+        }
     }
 }
 

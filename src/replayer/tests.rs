@@ -482,6 +482,54 @@ async fn an_unfinished_resync_span_is_undone_whole() {
     assert!(replica.contents() == f.oracle(last));
 }
 
+/// A writer that crashed inside a resync span leaves it open; the next writer opens its
+/// own span (EPOCH, RESYNC_BEGIN) for the regions its activity log names. The replica stays
+/// at the point before the first RESYNC_BEGIN until the second span's RESYNC_END, and a
+/// crash of the agent anywhere in between returns it there.
+#[tokio::test]
+async fn a_span_reopened_by_a_restarted_writer_ends_at_its_resync_end() {
+    let mut f = Fixture::new(7).await;
+    let replica = Arc::new(MemoryReplica::new(SIZE));
+    let undo = Arc::new(MemoryStore::new());
+    f.random_segment(6).await;
+    let resync = |offset: u64, byte: u8| Op::ResyncData {
+        offset,
+        data: Bytes::from(vec![byte; 4096]),
+    };
+    let mut ops = vec![Op::ResyncBegin];
+    ops.extend((0..9).map(|i| resync(i * 4096, 0x10 + i as u8)));
+    f.segment(ops).await;
+    let before_span = f.records.len() as u64 - 10;
+    let mut ops = vec![Op::Epoch { epoch: 2 }, Op::ResyncBegin];
+    ops.extend((3..6).map(|i| resync(i * 4096, 0x60 + i as u8)));
+    f.segment(ops).await;
+    f.run(f.config("dr"), &replica, true, Some(&undo))
+        .await
+        .unwrap();
+    let pos = f.position("dr").await;
+    assert_eq!(pos.applied_lsn, f.records.len() as u64);
+    assert_eq!(
+        pos.consistent_lsn, before_span,
+        "still inside the first span"
+    );
+    let mut agent = f
+        .agent(f.config("dr"), &replica, false, Some(&undo))
+        .await
+        .unwrap();
+    assert_eq!(agent.recover().await.unwrap().to_lsn, before_span);
+    assert!(replica.contents() == f.oracle(before_span));
+
+    f.segment(vec![resync(20 * 4096, 0x77), Op::ResyncEnd])
+        .await;
+    f.run(f.config("dr"), &replica, false, Some(&undo))
+        .await
+        .unwrap();
+    let last = f.records.len() as u64;
+    let pos = f.position("dr").await;
+    assert_eq!((pos.applied_lsn, pos.consistent_lsn), (last, last));
+    assert!(replica.contents() == f.oracle(last));
+}
+
 #[tokio::test]
 async fn delayed_records_wait_until_their_time_plus_the_delay() {
     let mut f = Fixture::new(6).await;

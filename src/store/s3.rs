@@ -270,7 +270,13 @@ impl S3Store {
                 (None, self.transient(key, message))
             }
             SdkError::DispatchFailure(failure) => {
-                if failure.is_io() || failure.is_timeout() {
+                // A connection that closed or reset under a request sent on it (the server
+                // died or restarted) is reported as an "other" failure by the HTTP client,
+                // but it is as transient as any I/O error.
+                let connection_lost = message.contains("SendRequest")
+                    || message.contains("connection closed")
+                    || message.contains("connection reset");
+                if failure.is_io() || failure.is_timeout() || connection_lost {
                     (None, self.transient(key, message))
                 } else {
                     // Missing credentials, a malformed endpoint: retrying will not help.

@@ -7,7 +7,7 @@
 //!   active region costs one atomic load.
 //! - Each journaled change notes its LSN against its regions ([`ActivityLog::touch`]). A
 //!   region leaves the log ([`ActivityLog::retire`]) once it is not dirty and every record
-//!   touching it is durable, and it has been quiet for one cleaning round (so a hot region
+//!   touching it is durable, and it has been quiet for one cleaning round (half a second; so a hot region
 //!   is not written out and back every round). The caller holds the region's range lock
 //!   while it checks and retires, so no change to it is in flight.
 //!
@@ -147,7 +147,10 @@ impl Previous {
 #[derive(Debug, thiserror::Error)]
 pub enum ActivityLogError {
     /// The log file could not be read, created or written at start.
-    #[error("activity log {path}: {source}")]
+    #[error(
+        "activity log {path}: {source} (put it elsewhere with --activity-log PATH, or run \
+         without one with --no-activity-log)"
+    )]
     Io {
         path: PathBuf,
         #[source]
@@ -319,6 +322,33 @@ impl ActivityLog {
             broken: AtomicBool::new(false),
             writes: AtomicU64::new(1),
         }))
+    }
+
+    /// A log that is not kept (`--no-activity-log`): activation costs nothing, nothing is
+    /// written, and the next start after a crash resyncs the whole device.
+    pub fn disabled(device_size: u64, region_size: u64) -> Arc<ActivityLog> {
+        let regions = device_size.div_ceil(region_size);
+        let words = regions.div_ceil(64) as usize;
+        Arc::new(ActivityLog {
+            path: PathBuf::new(),
+            region_size,
+            device_size,
+            durable: (0..words).map(|_| AtomicU64::new(u64::MAX)).collect(),
+            last_lsn: (0..regions).map(|_| AtomicU64::new(0)).collect(),
+            inner: Mutex::new(Inner {
+                file: None,
+                slot: Slot {
+                    uuid: Uuid::nil(),
+                    epoch: 0,
+                    generation: 0,
+                    region_size,
+                    regions,
+                    bits: vec![0; words],
+                },
+            }),
+            broken: AtomicBool::new(true),
+            writes: AtomicU64::new(0),
+        })
     }
 
     pub fn path(&self) -> &Path {

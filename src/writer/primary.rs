@@ -86,8 +86,9 @@ pub struct JournalSetup {
     /// journal's primary hold data" check.
     pub primary_path: PathBuf,
     /// Where the activity log lives (`--activity-log`, default
-    /// [`activity_log::default_path`]).
-    pub activity_log: PathBuf,
+    /// [`activity_log::default_path`]); `None` keeps none (`--no-activity-log`: a restart
+    /// after a crash is then `forward-full`).
+    pub activity_log: Option<PathBuf>,
 }
 
 /// Every way starting the core fails.
@@ -271,16 +272,16 @@ impl PrimaryCore {
         let full = restart::initial_full_reason(&prepared, uuid, marker.as_ref(), || {
             restart::primary_has_data(&setup.primary_path)
         })?;
-        let previous = match full {
-            Some(FullReason::UncleanRestart) => Some(activity_log::read_previous(
-                &setup.activity_log,
-                uuid,
-                epoch,
-                region_size,
-                dirty.total(),
-            )?),
-            _ => None,
-        };
+        let previous =
+            match (full, &setup.activity_log) {
+                (Some(FullReason::UncleanRestart), Some(path)) => Some(
+                    activity_log::read_previous(path, uuid, epoch, region_size, dirty.total())?,
+                ),
+                (Some(FullReason::UncleanRestart), None) => Some(Previous::Unusable(
+                    "no activity log is kept (--no-activity-log)".into(),
+                )),
+                _ => None,
+            };
         let all = vec![u64::MAX; dirty.total().div_ceil(64) as usize];
         let (start, initial) = match (full, previous) {
             (None, _) => (StartKind::Clean, Vec::new()),
@@ -310,14 +311,10 @@ impl PrimaryCore {
                 )
             }
         };
-        let al = ActivityLog::create(
-            &setup.activity_log,
-            uuid,
-            epoch,
-            info.size,
-            region_size,
-            &initial,
-        )?;
+        let al = match &setup.activity_log {
+            Some(path) => ActivityLog::create(path, uuid, epoch, info.size, region_size, &initial)?,
+            None => ActivityLog::disabled(info.size, region_size),
+        };
         let skip_holes = full == Some(FullReason::PrimaryHasData);
         match &start {
             StartKind::Clean => {}

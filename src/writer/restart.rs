@@ -13,9 +13,10 @@
 //! | has segments | marker matches the journal end, no holes or orphans | `logging` |
 //! | has segments | no marker, another journal's marker, or another end | `forward-full` |
 //!
-//! The activity log (a later part) will narrow `forward-full` after a crash to the regions
-//! that were active. A primary changed behind tinylag's back between two runs cannot be
-//! detected here.
+//! After an unclean stop the core then asks the previous writer's activity log
+//! ([`super::activity_log`]) which regions were active: a usable log narrows the resync to
+//! them (`forward-part`); without one it stays `forward-full`. A primary changed behind
+//! tinylag's back between two runs cannot be detected here.
 //!
 //! Must never: leave a marker in place while a writer runs (a crash must not look clean);
 //! report `logging` when it cannot show that nothing was lost.

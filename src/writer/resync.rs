@@ -59,8 +59,9 @@ const CHUNK_WAIT: Duration = Duration::from_secs(1);
 const IDLE_POLL: Duration = Duration::from_millis(250);
 /// How long the resync waits before trying again when the journal cannot take data.
 const BACKOFF: Duration = Duration::from_millis(50);
-/// How often the activity-log cleaner runs.
-const CLEAN_EVERY: Duration = Duration::from_secs(1);
+/// How often the activity-log cleaner runs (a region leaves the log one to two rounds after
+/// its last record is durable).
+const CLEAN_EVERY: Duration = Duration::from_millis(500);
 
 /// Opening and ending dirty episodes, and queuing resync records. Shared by the I/O path
 /// and the resync task.

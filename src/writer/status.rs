@@ -519,7 +519,7 @@ impl PrimaryCore {
             start: serde_json::to_value(&j.start).ok(),
             transitions: self.mode.transitions(),
             resync: j.episodes.status(),
-            activity_log: Some(ActivityLogStatus {
+            activity_log: (!j.al.path().as_os_str().is_empty()).then(|| ActivityLogStatus {
                 path: j.al.path().display().to_string(),
                 regions: j.al.active(),
                 bytes: j.al.active() * self.dirty.region_size(),

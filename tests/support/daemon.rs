@@ -221,6 +221,13 @@ impl Daemon {
         (field("VmRSS:"), field("VmHWM:"))
     }
 
+    /// SIGKILL (by pid) and reaps it: a crash, no shutdown of any kind.
+    pub fn kill9(&mut self) {
+        let child = self.guard.child_mut();
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     /// SIGTERM, then waits up to `timeout` for the exit; returns the exit status and the log.
     pub fn stop(&mut self, timeout: Duration) -> (ExitStatus, String) {
         let status = self.guard.terminate(timeout).expect("terminate");

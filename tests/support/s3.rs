@@ -86,6 +86,7 @@ pub fn skip_s3() -> bool {
 pub struct S3Server {
     kind: S3ServerKind,
     endpoint: String,
+    port: u16,
     child: ChildGuard,
     /// Data directory (s3s-fs) and the server's log.
     _dir: TempDir,
@@ -131,6 +132,66 @@ impl S3Server {
         let data = dir.path().join("data");
         std::fs::create_dir(&data).map_err(|e| format!("create {}: {e}", data.display()))?;
         let port = free_port();
+        let child = Self::spawn_on(kind, program, &dir, port)?;
+        Ok(S3Server {
+            kind,
+            endpoint: format!("http://127.0.0.1:{port}"),
+            port,
+            child,
+            _dir: dir,
+        })
+    }
+
+    /// Freezes the server (SIGSTOP, by pid): connections hang, nothing answers, as with a
+    /// store that is alive but far too slow. [`S3Server::thaw`] lets it go on.
+    pub fn freeze(&self) {
+        // SAFETY: kill only sends a signal to our own child's pid.
+        unsafe { libc::kill(self.child.pid() as i32, libc::SIGSTOP) };
+    }
+
+    /// Undoes [`S3Server::freeze`] (SIGCONT).
+    pub fn thaw(&self) {
+        // SAFETY: as in `freeze`.
+        unsafe { libc::kill(self.child.pid() as i32, libc::SIGCONT) };
+    }
+
+    /// Stops the server (SIGKILL, by pid): its data stays on disk for [`S3Server::resume`].
+    pub fn pause(&mut self) {
+        let child = self.child.child_mut();
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Starts the server again on the same port and data directory after
+    /// [`S3Server::pause`].
+    pub fn resume(&mut self) {
+        let program = self.kind.program();
+        let mut last = String::new();
+        for _ in 0..20 {
+            match Self::spawn_on(self.kind, &program, &self._dir, self.port) {
+                Ok(child) => {
+                    self.child = child;
+                    return;
+                }
+                // The port may linger for a moment after the kill.
+                Err(e) => last = e,
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        panic!(
+            "{} did not restart on port {}: {last}",
+            self.kind.name(),
+            self.port
+        );
+    }
+
+    fn spawn_on(
+        kind: S3ServerKind,
+        program: &PathBuf,
+        dir: &TempDir,
+        port: u16,
+    ) -> Result<ChildGuard, String> {
+        let data = dir.path().join("data");
         let mut cmd = Command::new(program);
         match kind {
             S3ServerKind::S3sFs => {
@@ -156,12 +217,7 @@ impl S3Server {
         let mut child =
             ChildGuard::spawn_logged(kind.name(), &mut cmd, &log).map_err(|e| e.to_string())?;
         child.wait_for_port(port, STARTUP)?;
-        Ok(S3Server {
-            kind,
-            endpoint: format!("http://127.0.0.1:{port}"),
-            child,
-            _dir: dir,
-        })
+        Ok(child)
     }
 
     pub fn kind(&self) -> S3ServerKind {

@@ -131,7 +131,7 @@ impl Fixture {
             ack,
             clock: Arc::new(SystemClock),
             primary_path: self.dir.path().join("primary.img"),
-            activity_log: self.dir.path().join("primary.img.tinylag-al"),
+            activity_log: Some(self.dir.path().join("primary.img.tinylag-al")),
         }
     }
 
@@ -604,4 +604,36 @@ async fn forward_full_reads_only_allocated_nonzero_data() {
     let mut image = vec![0u8; SIZE as usize];
     image[3 << 20..(3 << 20) + 65536].copy_from_slice(&pattern(1, 65536));
     assert!(f.replay().await == image);
+}
+
+/// Without an activity log nothing is written beside the primary, activation is free, and
+/// a restart after a crash resyncs the whole device.
+#[tokio::test]
+async fn without_an_activity_log_a_crash_means_forward_full() {
+    let f = Fixture::new().await;
+    let disk = MemDisk::new(Duration::ZERO);
+    let setup = || {
+        let mut s = f.setup(AckMode::Async, 8 << 20);
+        s.activity_log = None;
+        s
+    };
+    let core = PrimaryCore::start(disk.clone(), Labels::default(), Some(setup()))
+        .await
+        .unwrap();
+    core.write(0, pattern(1, 4096), false).await.unwrap();
+    assert!(core.status().activity_log.is_none());
+    drop(core);
+    assert!(!f.dir.path().join("primary.img.tinylag-al").exists());
+    let core = PrimaryCore::start(disk.clone(), Labels::default(), Some(setup()))
+        .await
+        .unwrap();
+    assert_eq!(core.mode(), Mode::ForwardFull);
+    assert!(core
+        .status()
+        .mode_reason
+        .unwrap()
+        .contains("--no-activity-log"));
+    wait_mode(&core, Mode::Logging, Duration::from_secs(20)).await;
+    core.shutdown(Duration::from_secs(5)).await;
+    assert!(f.replay().await == disk.snapshot());
 }
