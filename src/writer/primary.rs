@@ -733,7 +733,7 @@ impl BlockDevice for PrimaryCore {
 }
 
 mod hooks;
-pub use hooks::{Appended, HookError};
+pub use hooks::HookError;
 
 #[cfg(test)]
 mod tests;

@@ -164,7 +164,10 @@ impl PrimaryCore {
             .map(|&r| self.region_range(r))
             .collect::<Result<Vec<_>, _>>()?;
         let j = self.journaling()?;
-        tracing::info!(regions = regions.len(), "regions marked for a resync on request");
+        tracing::info!(
+            regions = regions.len(),
+            "regions marked for a resync on request"
+        );
         for range in ranges {
             self.not_journaled(j, Some(range));
         }
