@@ -433,6 +433,29 @@ fn resync_repairs_a_region_that_verify_reported() {
     );
     wait_caught_up(&t.journal, "dr", &mut agent, Duration::from_secs(120));
     assert_same(&replica, &pa);
+
+    // `verify --repair` journals the checks, then resyncs the same regions.
+    corrupt(&replica, 3 * MIB, 4096);
+    let out = tinylag_ok(
+        &[
+            "verify",
+            "--control",
+            s(&a.control),
+            "--regions",
+            "3",
+            "--repair",
+            "--json",
+        ],
+        &[],
+    );
+    let done: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(done["repaired"], 1, "{done:#}");
+    a.wait_status(Duration::from_secs(60), "back to logging", |st| {
+        st["mode"] == "logging" && st["dirty"]["regions"] == 0
+    });
+    wait_durable(&a);
+    wait_caught_up(&t.journal, "dr", &mut agent, Duration::from_secs(120));
+    assert_same(&replica, &pa);
 }
 
 #[test]
