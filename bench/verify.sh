@@ -18,7 +18,9 @@
 # Needs: cargo, fio (with the nbd engine), python3.
 # Environment: SIZE (default 1G), REPS (default 3), RUNTIME (default 10), LEASE_WINDOW
 # (default 60), BENCH_DIR (default a fresh directory under /var/tmp, removed at the end),
-# OUT (default BENCHMARKS.md in the checkout), CARGO_TARGET_DIR (where the release build is).
+# OUT (default BENCHMARKS.md in the checkout), CARGO_TARGET_DIR (where the build is),
+# PROFILE (release, default, or debug: no release build, for a machine without the time),
+# BUILD=0 (use the binary already built).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -43,8 +45,15 @@ cleanup() {
 }
 trap cleanup EXIT
 
-(cd "$ROOT" && cargo build --release --quiet)
-BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/tinylag
+PROFILE=${PROFILE:-release}
+if [[ ${BUILD:-1} == 0 ]]; then
+    : # use the binary as built
+elif [[ $PROFILE == release ]]; then
+    (cd "$ROOT" && cargo build --release --quiet)
+else
+    (cd "$ROOT" && cargo build --quiet)
+fi
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/$PROFILE/tinylag
 export TINYLAG_LOG=warn
 IMG=$WORK/primary.img
 SOCK=$WORK/primary.sock
@@ -125,10 +134,10 @@ echo -e "renewals\t1\t$(python3 -c "print(($after - $before) * 60 / $LEASE_WINDO
 stop "$PID"
 
 python3 - "$RESULTS" "$OUT" "$SIZE" "$REPS" "$RUNTIME" "$LEASE_WINDOW" "$(nproc)" \
-    "$(uptime | sed 's/.*load average: //')" "$(fio --version)" <<'EOF'
+    "$(uptime | sed 's/.*load average: //')" "$(fio --version)" "$PROFILE" <<'EOF'
 import statistics, sys
 from collections import defaultdict
-results, out, size, reps, runtime, window, cores, load, fio = sys.argv[1:10]
+results, out, size, reps, runtime, window, cores, load, fio, profile = sys.argv[1:11]
 vals = defaultdict(list)
 for line in open(results):
     k, _, v = line.rstrip("\n").split("\t")
@@ -136,7 +145,7 @@ for line in open(results):
 med = {k: statistics.median(v) for k, v in vals.items()}
 lines = ["## verify and leases", "",
          f"`bench/verify.sh` ({fio}, nbd engine, Unix socket; one `serve`, local journal, "
-         f"{size} primary of random data, release build). Medians of {reps} interleaved runs. "
+         f"{size} primary of random data, {profile} build). Medians of {reps} interleaved runs. "
          f"Machine: {cores} cores shared with other helpers' builds and tests (load average at "
          f"the end: {load}), so absolute numbers are low and noisy; compare within the table. "
          "Both reads go through the page cache after the first pass.", "",

@@ -346,25 +346,47 @@ fn verify_reports_a_corrupted_replica_region_and_resync_marks_it() {
     );
     assert_eq!(a.status()["dirty"]["regions"], 0);
 
-    // `resync` marks the region dirty and opens a resync span (RESYNC_BEGIN queued).
+    // `resync` marks the region dirty and opens a resync span: its RESYNC_BEGIN follows the
+    // last VERIFY in the journal. (With the resync spans of h/resync the region is then
+    // re-journaled at once and the mode returns to logging: see the ignored test below.)
     let out = tinylag_ok(
-        &["resync", "--control", s(&a.control), "--regions", "5"],
+        &[
+            "resync",
+            "--control",
+            s(&a.control),
+            "--regions",
+            "5",
+            "--json",
+        ],
         &[],
     );
-    assert!(out.contains("1 regions"), "{out}");
-    let st = a.status();
-    assert!(st["dirty"]["regions"].as_u64() >= Some(1), "{st:#}");
-    assert_ne!(st["mode"], "logging", "{st:#}");
+    let done: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(done["regions"], 1, "{done:#}");
+    assert_eq!(done["bytes"], MIB, "{done:#}");
     wait_durable(&a);
     let listing = tinylag_ok(
         &["journal", "inspect", "--journal", &t.journal, "--json"],
         &[],
     );
-    assert!(listing.contains("\"RESYNC_BEGIN\""), "{listing}");
-    // Verify is refused while a resync is pending: replicas cannot match yet.
-    let out = tinylag(&["verify", "--control", s(&a.control)], &[]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not logging"));
+    let kinds: Vec<serde_json::Value> = listing
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let last_verify = kinds.iter().rposition(|r| r["kind"] == "VERIFY").unwrap();
+    assert!(
+        kinds[last_verify..]
+            .iter()
+            .any(|r| r["kind"] == "RESYNC_BEGIN"),
+        "{listing}"
+    );
+    // While the resync is pending, verify is refused: replicas cannot match yet.
+    let st = a.status();
+    if st["mode"] != "logging" {
+        assert!(st["dirty"]["regions"].as_u64() >= Some(1), "{st:#}");
+        let out = tinylag(&["verify", "--control", s(&a.control)], &[]);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("not logging"));
+    }
     drop(agent);
 }
 
@@ -407,6 +429,29 @@ fn resync_repairs_a_region_that_verify_reported() {
         tally["mismatched"].as_array().is_none_or(|m| m.is_empty()),
         "{tally:#}"
     );
+    wait_caught_up(&t.journal, "dr", &mut agent, Duration::from_secs(120));
+    assert_same(&replica, &pa);
+
+    // `verify --repair` journals the checks, then resyncs the same regions.
+    corrupt(&replica, 3 * MIB, 4096);
+    let out = tinylag_ok(
+        &[
+            "verify",
+            "--control",
+            s(&a.control),
+            "--regions",
+            "3",
+            "--repair",
+            "--json",
+        ],
+        &[],
+    );
+    let done: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(done["repaired"], 1, "{done:#}");
+    a.wait_status(Duration::from_secs(60), "back to logging", |st| {
+        st["mode"] == "logging" && st["dirty"]["regions"] == 0
+    });
+    wait_durable(&a);
     wait_caught_up(&t.journal, "dr", &mut agent, Duration::from_secs(120));
     assert_same(&replica, &pa);
 }

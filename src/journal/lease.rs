@@ -87,9 +87,8 @@ impl Lease {
     /// process is gone (killed, crashed) holds nothing: its successor need not wait out the
     /// term.
     pub fn is_live(&self, now_ns: u64) -> bool {
-        !self.released
-            && now_ns < self.expires_at_ns()
-            && !(self.host == hostname() && !process_exists(self.pid))
+        let holder_may_run = self.host != hostname() || process_exists(self.pid);
+        !self.released && now_ns < self.expires_at_ns() && holder_may_run
     }
 }
 

@@ -390,6 +390,9 @@ impl Handler for ServeControl {
                 Err(e) => Response::error(format!("cannot encode the {e}")),
             };
         }
+        if is_state_changing(&request.cmd) {
+            tracing::info!(cmd = %request.cmd, args = %request.args, "control command");
+        }
         match self.run(request).await {
             Ok(v) => Response::ok(v),
             Err(e) => Response::error(e.to_string()),

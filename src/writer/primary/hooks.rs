@@ -141,7 +141,13 @@ impl PrimaryCore {
             .read(range.start, len)
             .await
             .map_err(|source| HookError::Read { region, source })?;
-        let checksum = VerifyChecksum::of(&data);
+        // Hashing 4 MiB takes milliseconds: off the async threads.
+        let checksum = tokio::task::spawn_blocking(move || VerifyChecksum::of(&data))
+            .await
+            .map_err(|e| HookError::Read {
+                region,
+                source: BlockError::Io(std::io::Error::other(format!("hash task failed: {e}"))),
+            })?;
         let appended = self.append_control(Op::Verify {
             offset: range.start,
             len: u64::from(len),
@@ -158,6 +164,10 @@ impl PrimaryCore {
             .map(|&r| self.region_range(r))
             .collect::<Result<Vec<_>, _>>()?;
         let j = self.journaling()?;
+        tracing::info!(
+            regions = regions.len(),
+            "regions marked for a resync on request"
+        );
         for range in ranges {
             j.episodes
                 .not_journaled(Some(range), "resync asked for by the operator");
