@@ -44,7 +44,7 @@ use crate::journal::consumer::{self, ConsumerState, UndoPosition};
 use crate::journal::head::probe_end;
 use crate::journal::reader::{Cursor, JournalReader};
 use crate::journal::record::{Op, Record, RecordKind};
-use crate::journal::JournalError;
+use crate::journal::{JournalError, JournalResult};
 use crate::store::ObjectStore;
 
 use super::apply::{apply_op, apply_overlay, extent, sync, ApplyError};
