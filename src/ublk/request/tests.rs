@@ -348,7 +348,7 @@ async fn through_the_primary_core_each_op_is_journaled_as_itself() {
         pool_size: 16 * MIB,
         ack: AckMode::parse("journal", None).unwrap(),
         clock: Arc::new(SystemClock),
-        activity_log: dir.path().join("primary.img.tinylag-al"),
+        activity_log: Some(dir.path().join("primary.img.tinylag-al")),
         primary_path,
     };
     let core = PrimaryCore::start(disk.clone(), Labels::default(), Some(setup))
