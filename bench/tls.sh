@@ -18,7 +18,8 @@
 # Environment: RUNTIME (s per run, default 10), REPS (default 3), SIZE (primary, default 1G),
 # BENCH_DIR (work directory; default a fresh one under /var/tmp, removed at the end),
 # CONFIGS (default "a b c d e"), OUT (default BENCHMARKS.md in the checkout),
-# TABLE_ONLY=1 (with BENCH_DIR: only rewrite the table from that directory's results.tsv).
+# TABLE_ONLY=1 (with BENCH_DIR: only rewrite the table from that directory's results.tsv),
+# TINYLAG_BIN (an already built release binary: skips the cargo build).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -47,8 +48,12 @@ cleanup() {
 trap cleanup EXIT
 
 measure() {
-(cd "$ROOT" && cargo build --release --quiet)
-BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/tinylag
+if [[ -n ${TINYLAG_BIN:-} ]]; then
+    BIN=$TINYLAG_BIN
+else
+    (cd "$ROOT" && cargo build --release --quiet)
+    BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/tinylag
+fi
 export TINYLAG_LOG=warn
 
 # A CA, a server certificate for 127.0.0.1 (nbdkit/qemu layout) and the client's CA file.

@@ -270,7 +270,7 @@ async fn connection<S: Socket>(
     else {
         return;
     };
-    let export = match outcome {
+    let (export, reader, writer) = match outcome {
         Outcome::Transmission(export) => {
             return transmit(reader, writer, export, shutdown, &peer).await;
         }
@@ -322,7 +322,6 @@ async fn connection<S: Socket>(
             }
         }
     };
-    let (export, reader, writer) = export;
     transmit(reader, writer, export, shutdown, &peer).await
 }
 
