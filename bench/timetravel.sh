@@ -13,7 +13,7 @@
 #            fio 4k random reads (nbd engine, QD16, 10 s) through the mount against the same
 #            replica served by `tinylag serve --no-journal`, interleaved
 #
-# Environment: RUNS (default 3), SIZE (1G), WRITES (30000), SPAN (600), BENCH_DIR (scratch,
+# Environment: PROFILE (release, or debug for a quick look), RUNS (default 3), SIZE (1G), WRITES (30000), SPAN (600), BENCH_DIR (scratch,
 # default target/bench-timetravel; needs ~4x SIZE), BENCH_OUT (default BENCHMARKS.md: the
 # "timetravel" section between its markers is replaced). Needs fio (nbd engine), qemu-io,
 # python3.
@@ -27,14 +27,19 @@ SPAN=${SPAN:-600}
 DIR=${BENCH_DIR:-$PWD/target/bench-timetravel}
 OUT=${BENCH_OUT:-$PWD/BENCHMARKS.md}
 TARGET=${CARGO_TARGET_DIR:-$PWD/target}
+PROFILE=${PROFILE:-release}
 
 for tool in fio qemu-io python3; do
     command -v "$tool" >/dev/null || { echo "bench/timetravel.sh needs $tool" >&2; exit 1; }
 done
 
-cargo build --release --quiet --bin tinylag --example timetravel_bench_journal
-BIN=$TARGET/release/tinylag
-GEN=$TARGET/release/examples/timetravel_bench_journal
+if [ "$PROFILE" = release ]; then
+    cargo build --release --quiet --bin tinylag --example timetravel_bench_journal
+else
+    cargo build --quiet --bin tinylag --example timetravel_bench_journal
+fi
+BIN=$TARGET/$PROFILE/tinylag
+GEN=$TARGET/$PROFILE/examples/timetravel_bench_journal
 
 rm -rf "$DIR"
 mkdir -p "$DIR"
@@ -129,10 +134,10 @@ for run in $(seq 1 "$RUNS"); do
 done
 
 python3 - "$RESULTS" "$OUT" "$SIZE" "$WRITES" "$SPAN" "$RUNS" "$UNDO_BYTES" "$(uname -r)" \
-    "$(stat -f -c %T "$DIR")" "$(nproc)" <<'EOF'
+    "$(stat -f -c %T "$DIR")" "$(nproc)" "$PROFILE" <<'EOF'
 import statistics, sys
 from collections import defaultdict
-results, out, size, writes, span, runs, undo, kernel, fs, cores = sys.argv[1:]
+results, out, size, writes, span, runs, undo, kernel, fs, cores, profile = sys.argv[1:]
 v = defaultdict(list)
 for line in open(results):
     part, label, value = line.split("\t")
@@ -150,7 +155,7 @@ for: `examples/timetravel_bench_journal.rs`), applied by `tinylag replay --once`
 ({int(undo) / 2**20:.0f} MiB). The restore point is {span} s before the head, so every random
 write is undone. Medians of {runs} interleaved runs; {cores} cores shared with other builds and
 tests running at the same time (numbers are noisy; ratios compare runs of the same moment);
-{fs} scratch directory; Linux {kernel}; release build.
+{fs} scratch directory; Linux {kernel}; {profile} build.
 
 | measure | tinylag | baseline (same run) | ratio | target |
 |---|---|---|---|---|
