@@ -110,7 +110,8 @@ randread() {
         >"$DIR/fio-$label.json"
     python3 - "$DIR/fio-$label.json" "$label" >>"$RESULTS" <<'EOF'
 import json, sys
-j = json.load(open(sys.argv[1]))
+text = open(sys.argv[1]).read()
+j = json.loads(text[text.index("{"):])  # fio prints "connected to NBD server" first
 print(f"iops\t{sys.argv[2]}\t{j['jobs'][0]['read']['iops']:.0f}")
 EOF
 }
