@@ -373,3 +373,85 @@ async fn restore_while_replay_applies_is_exact() {
     agent.terminate(Duration::from_secs(10)).unwrap();
     assert_phase(&replica, &p3, "the replica");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_undo_trim_pointer_moves_the_window_start() {
+    use std::sync::Arc;
+    use tinylag::journal::consumer::{store_trim_pointer, TrimPointer};
+    use tinylag::journal::paths::undo_segment_key;
+    use tinylag::store::local::LocalStore;
+    use tinylag::store::ObjectStore;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut journal = TestJournal::create(&dir.path().join("journal"), SIZE, 5).await;
+    let replica = dir.path().join("replica.img");
+    let ends = phases(&mut journal, base_time(), 4).await;
+    // Phase by phase, so each phase has undo segments of its own.
+    for end in &ends[..3] {
+        let mut args = replay_args(journal.uri(), &replica, "dr");
+        args.extend(["--until".into(), end.at()]);
+        run_ok(&args);
+    }
+    replay_once(&journal, &replica, &[]);
+    assert_phase(&replica, &ends[3], "the replica");
+    // What `undo trim` does: delete the segments of phases 1 and 2, then move the pointer.
+    let undo: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir.path().join("replica.img.undo")));
+    let kept = journal.position("dr").await.undo.next_seq;
+    let mut first_kept = kept;
+    for seq in 0..kept {
+        let (segment, _) =
+            tinylag::replayer::undo::UndoLog::open_existing(undo.clone(), journal.manifest.uuid)
+                .await
+                .unwrap()
+                .read(seq)
+                .await
+                .unwrap()
+                .unwrap();
+        if segment.records.iter().all(|r| r.lsn <= ends[1].lsn) {
+            undo.delete_many(&[undo_segment_key(seq)]).await.unwrap();
+        } else {
+            first_kept = first_kept.min(seq);
+        }
+    }
+    store_trim_pointer(
+        undo.as_ref(),
+        &TrimPointer {
+            first_seq: first_kept,
+            first_lsn: ends[1].lsn + 1,
+        },
+    )
+    .await
+    .unwrap();
+
+    restore_is(&journal, &replica, dir.path(), &["--mark", "p2"], &ends[1]);
+    restore_is(&journal, &replica, dir.path(), &["--mark", "p3"], &ends[2]);
+    refused(
+        &journal,
+        &replica,
+        dir.path(),
+        &["--mark", "p1"],
+        &["outside the restorable window"],
+    );
+    refused(
+        &journal,
+        &replica,
+        dir.path(),
+        &["--at", &ends[0].at()],
+        &["before the restorable window", &format_ns(ends[2].time_ns)],
+    );
+    let o = run_ok(&[
+        "timeline".into(),
+        "--journal".into(),
+        journal.uri().into(),
+        "--replica".into(),
+        s(&replica),
+        "--json".into(),
+    ]);
+    let t: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(t["window_start"]["lsn"], ends[1].lsn, "{t}");
+    assert_eq!(t["window_start_time"], format_ns(ends[2].time_ns));
+    assert_eq!(t["undo_segments"][0], first_kept);
+    let marks = t["marks"].as_array().unwrap();
+    assert_eq!(marks[0]["in_window"], false, "{t}");
+    assert_eq!(marks[1]["in_window"], true, "{t}");
+}

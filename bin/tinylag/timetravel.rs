@@ -146,7 +146,7 @@ impl Reporter {
             bar.set_position(done);
             return;
         }
-        let tenth = if total == 0 { 10 } else { done * 10 / total };
+        let tenth = (done * 10).checked_div(total).unwrap_or(10);
         let mut last = self.last.lock().expect("not poisoned");
         if last.0 != Some(stage) || tenth > last.1 {
             *last = (Some(stage), tenth);

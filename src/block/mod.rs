@@ -2,8 +2,8 @@
 //!
 //! Frontends (NBD now, ublk later) hold a `dyn BlockDevice` and know nothing of journals;
 //! the primary core (`writer::primary`) implements it for `serve`, [`file::FileDevice`]
-//! implements it for a plain file or block device, and the time-travel view will implement
-//! it for `mount --at`.
+//! implements it for a plain file or block device, and the time-travel view
+//! (`timetravel::view::TimeView`) implements it for `mount --at`.
 //!
 //! Must never: accept I/O outside `0..size` (callers get [`BlockError::OutOfRange`] and
 //! nothing is touched).

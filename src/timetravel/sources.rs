@@ -514,3 +514,51 @@ impl Spans {
         self.last
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans_become_holes_with_the_valid_points_around_them() {
+        let mut spans = Spans::default();
+        let kinds = [
+            (1, RecordKind::Write),
+            (2, RecordKind::ResyncBegin),
+            (3, RecordKind::ResyncData),
+            (4, RecordKind::ResyncEnd),
+            (5, RecordKind::Write),
+            (6, RecordKind::ResyncBegin),
+            (7, RecordKind::Write),
+        ];
+        for (lsn, kind) in kinds {
+            spans.feed(lsn, lsn * 10, kind);
+        }
+        // Records fed again are ignored.
+        spans.feed(3, 30, RecordKind::ResyncEnd);
+        let holes = spans.all();
+        assert_eq!(holes.len(), 2);
+        let (done, open) = (holes[0], holes[1]);
+        assert_eq!(done.begin_lsn, 2);
+        assert_eq!(done.before.map(|p| p.lsn), Some(1));
+        assert_eq!(done.end.map(|p| p.lsn), Some(4));
+        assert!(!done.contains(1) && done.contains(2) && done.contains(3) && !done.contains(4));
+        assert_eq!(spans.open(), Some(open));
+        assert!(open.contains(6) && open.contains(100) && !open.contains(5));
+        let e = open.refuse(&Point {
+            lsn: 7,
+            timestamp_ns: 70,
+        });
+        let text = e.to_string();
+        assert!(
+            text.contains("LSN 5") && text.contains("not finished"),
+            "{text}"
+        );
+        // A window that starts inside a span: the end alone is known.
+        let mut late = Spans::default();
+        late.feed(10, 1, RecordKind::ResyncData);
+        late.feed(11, 2, RecordKind::ResyncEnd);
+        let h = late.all()[0];
+        assert!(h.before.is_none() && h.contains(10) && !h.contains(11));
+    }
+}

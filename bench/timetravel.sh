@@ -1,0 +1,180 @@
+#!/usr/bin/env bash
+# Time-travel benchmark (issue 8): `tinylag restore` and `tinylag mount --at` on a replica of
+# SIZE (default 1G) whose journal holds a full fill and then WRITES random 4 KiB writes spread
+# over SPAN seconds (default 600: "10 minutes of writes"; the timestamps are generated, not
+# waited for: examples/timetravel_bench_journal.rs).
+#
+#   restore  `tinylag restore --at <SPAN seconds before the head>` (sparse copy of the replica,
+#            then every undo record of the span written back) against `cp --sparse=always` of
+#            the same replica, interleaved, RUNS times each (medians)
+#   mount    `tinylag mount --at` the same point: time from starting the command until a first
+#            4 KiB read through it returns (polling with nbdinfo-free raw reads: qemu-io), and
+#            the client's own start-up time measured against an already running mount; then
+#            fio 4k random reads (nbd engine, QD16, 10 s) through the mount against the same
+#            replica served by `tinylag serve --no-journal`, interleaved
+#
+# Environment: PROFILE (release, or debug for a quick look), RUNS (default 3), SIZE (1G), WRITES (30000), SPAN (600), BENCH_DIR (scratch,
+# default target/bench-timetravel; needs ~4x SIZE), BENCH_OUT (default BENCHMARKS.md: the
+# "timetravel" section between its markers is replaced). Needs fio (nbd engine), qemu-io,
+# python3.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUNS=${RUNS:-3}
+SIZE=${SIZE:-1G}
+WRITES=${WRITES:-30000}
+SPAN=${SPAN:-600}
+DIR=${BENCH_DIR:-$PWD/target/bench-timetravel}
+OUT=${BENCH_OUT:-$PWD/BENCHMARKS.md}
+TARGET=${CARGO_TARGET_DIR:-$PWD/target}
+PROFILE=${PROFILE:-release}
+
+for tool in fio qemu-io python3; do
+    command -v "$tool" >/dev/null || { echo "bench/timetravel.sh needs $tool" >&2; exit 1; }
+done
+
+if [ "$PROFILE" = release ]; then
+    cargo build --release --quiet --bin tinylag --example timetravel_bench_journal
+else
+    cargo build --quiet --bin tinylag --example timetravel_bench_journal
+fi
+BIN=$TARGET/$PROFILE/tinylag
+GEN=$TARGET/$PROFILE/examples/timetravel_bench_journal
+
+rm -rf "$DIR"
+mkdir -p "$DIR"
+RESULTS=$DIR/results.tsv
+: >"$RESULTS"
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+}
+trap cleanup EXIT
+export TINYLAG_LOG=warn
+
+now() { date +%s.%N; }
+elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.4f}')" "$1" "$2"; }
+
+echo "journal: $SIZE fill + $WRITES random 4k writes over ${SPAN}s"
+AT=$("$GEN" "$DIR/journal" "$SIZE" "$WRITES" "$SPAN")
+REPLICA=$DIR/replica.img
+start=$(now)
+"$BIN" replay --journal "$DIR/journal" --replica "$REPLICA" --name bench --once >"$DIR/replay.log" 2>&1
+echo "replayed in $(elapsed "$start" "$(now)") s; restore point $AT"
+UNDO_BYTES=$(du -sb "$REPLICA.undo" | cut -f1)
+
+"$BIN" restore --journal "$DIR/journal" --replica "$REPLICA" --at "$AT" --output "$DIR/plan" \
+    --dry-run >"$DIR/plan.txt"
+cat "$DIR/plan.txt"
+
+for run in $(seq 1 "$RUNS"); do
+    rm -f "$DIR/cp.img" "$DIR/restored.img"
+    sync
+    start=$(now)
+    cp --sparse=always "$REPLICA" "$DIR/cp.img"
+    printf 'restore\tcp\t%s\n' "$(elapsed "$start" "$(now)")" >>"$RESULTS"
+    rm -f "$DIR/cp.img"
+    sync
+    start=$(now)
+    "$BIN" restore --journal "$DIR/journal" --replica "$REPLICA" --at "$AT" \
+        --output "$DIR/restored.img" >"$DIR/restore.log" 2>&1
+    printf 'restore\trestore\t%s\n' "$(elapsed "$start" "$(now)")" >>"$RESULTS"
+done
+
+# A first 4 KiB read through a fresh mount, polling until it answers.
+first_read() {
+    local sock=$DIR/mount.sock start t
+    rm -f "$sock"
+    start=$(now)
+    "$BIN" mount --journal "$DIR/journal" --replica "$REPLICA" --at "$AT" --listen "unix:$sock" \
+        >"$DIR/mount.log" 2>&1 &
+    local pid=$!
+    PIDS+=("$pid")
+    until [ -S "$sock" ] && qemu-io -f raw -r -c "read 0 4k" "nbd+unix:///disk0?socket=$sock" >/dev/null 2>&1; do
+        sleep 0.005
+    done
+    t=$(elapsed "$start" "$(now)")
+    # The client's own start-up, against the running mount.
+    start=$(now)
+    qemu-io -f raw -r -c "read 0 4k" "nbd+unix:///disk0?socket=$sock" >/dev/null
+    printf 'mount\tfirst-read\t%s\nmount\tclient-start\t%s\n' "$t" "$(elapsed "$start" "$(now)")" >>"$RESULTS"
+    MOUNT_PID=$pid
+}
+
+randread() {
+    local label=$1 uri=$2
+    fio --name=randread --ioengine=nbd --uri="$uri" --rw=randread --bs=4k --iodepth=16 \
+        --size="$SIZE" --time_based --runtime=10 --ramp_time=1 --output-format=json \
+        >"$DIR/fio-$label.json"
+    python3 - "$DIR/fio-$label.json" "$label" >>"$RESULTS" <<'EOF'
+import json, sys
+text = open(sys.argv[1]).read()
+j = json.loads(text[text.index("{"):])  # fio prints "connected to NBD server" first
+print(f"iops\t{sys.argv[2]}\t{j['jobs'][0]['read']['iops']:.0f}")
+EOF
+}
+
+cp --sparse=always "$REPLICA" "$DIR/serve.img"
+for run in $(seq 1 "$RUNS"); do
+    first_read
+    randread mount "nbd+unix:///disk0?socket=$DIR/mount.sock"
+    kill "$MOUNT_PID"
+    wait "$MOUNT_PID" 2>/dev/null || true
+    sock=$DIR/serve.sock
+    rm -f "$sock"
+    "$BIN" serve --primary "$DIR/serve.img" --no-journal --listen "unix:$sock" --export disk0 \
+        >"$DIR/serve.log" 2>&1 &
+    spid=$!
+    PIDS+=("$spid")
+    until [ -S "$sock" ]; do sleep 0.01; done
+    randread serve "nbd+unix:///disk0?socket=$sock"
+    kill "$spid"
+    wait "$spid" 2>/dev/null || true
+done
+
+python3 - "$RESULTS" "$OUT" "$SIZE" "$WRITES" "$SPAN" "$RUNS" "$UNDO_BYTES" "$(uname -r)" \
+    "$(stat -f -c %T "$DIR")" "$(nproc)" "$PROFILE" <<'EOF'
+import statistics, sys
+from collections import defaultdict
+results, out, size, writes, span, runs, undo, kernel, fs, cores, profile = sys.argv[1:]
+v = defaultdict(list)
+for line in open(results):
+    part, label, value = line.split("\t")
+    v[(part, label)].append(float(value))
+m = {k: statistics.median(x) for k, x in v.items()}
+cp, rs = m[("restore", "cp")], m[("restore", "restore")]
+first, client = m[("mount", "first-read")], m[("mount", "client-start")]
+im, iserve = m[("iops", "mount")], m[("iops", "serve")]
+section = f"""<!-- timetravel:begin -->
+## timetravel
+
+`bench/timetravel.sh`: a {size} replica whose journal holds a full fill (1 MiB writes), then
+{writes} random 4 KiB writes with timestamps spread evenly over {span} s (generated, not waited
+for: `examples/timetravel_bench_journal.rs`), applied by `tinylag replay --once` with an undo log
+({int(undo) / 2**20:.0f} MiB). The restore point is {span} s before the head, so every random
+write is undone. Medians of {runs} interleaved runs; {cores} cores shared with other builds and
+tests running at the same time (numbers are noisy; ratios compare runs of the same moment);
+{fs} scratch directory; Linux {kernel}; {profile} build.
+
+| measure | tinylag | baseline (same run) | ratio | target |
+|---|---|---|---|---|
+| restore {size} to {span} s back | {rs:.2f} s | `cp --sparse=always`: {cp:.2f} s | {rs / cp:.2f}x | <= 1.5x |
+| `mount --at` start to first 4 KiB read | {first * 1000:.0f} ms | the client alone: {client * 1000:.0f} ms | | <= 100 ms |
+| 4k random read IOPS (fio nbd, QD16) | {im:.0f} | `serve --no-journal` of the replica: {iserve:.0f} | {im / iserve:.2f}x | |
+
+The first-read time includes starting `tinylag mount` (opening the journal and undo log,
+resolving the time, building the extent map from {writes} undo records' index entries) and
+qemu-io's own start-up, measured alone in the next column.
+<!-- timetravel:end -->
+"""
+text = open(out).read() if __import__("os").path.exists(out) else "# Benchmarks\n"
+b, e = "<!-- timetravel:begin -->", "<!-- timetravel:end -->\n"
+if b in text:
+    text = text[: text.index(b)] + section + text[text.index(e) + len(e):]
+else:
+    text = text.rstrip("\n") + "\n\n" + section
+open(out, "w").write(text)
+print(section)
+EOF
