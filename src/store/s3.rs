@@ -105,6 +105,16 @@ impl fmt::Debug for S3Store {
     }
 }
 
+/// The one HTTPS client of the SDK: rustls with the ring provider (the SDK's default,
+/// aws-lc-rs, is a large C build; see Cargo.toml). Plain `http://` endpoints work too.
+pub fn https_client() -> aws_sdk_s3::config::SharedHttpClient {
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https()
+}
+
 impl S3Store {
     /// Connects with credentials and region from the standard AWS chain.
     pub async fn connect(
@@ -123,6 +133,7 @@ impl S3Store {
         .or_default_provider()
         .or_else(Region::from_static("us-east-1"));
         let sdk = aws_config::defaults(BehaviorVersion::latest())
+            .http_client(https_client())
             .region(region)
             .load()
             .await;
@@ -189,6 +200,7 @@ impl S3Store {
                 .and_then(endpoint_host)
                 .is_some_and(host_needs_path_style);
         let config = builder
+            .http_client(https_client())
             .force_path_style(path_style)
             .retry_config(RetryConfig::disabled())
             .timeout_config(
