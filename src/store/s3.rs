@@ -127,16 +127,14 @@ impl S3Store {
         if let Some(endpoint) = &opts.endpoint {
             check_endpoint(endpoint)?;
         }
-        let region = aws_config::meta::region::RegionProviderChain::first_try(
-            opts.region.clone().map(Region::new),
-        )
-        .or_default_provider()
-        .or_else(Region::from_static("us-east-1"));
-        let sdk = aws_config::defaults(BehaviorVersion::latest())
-            .http_client(https_client())
-            .region(region)
-            .load()
-            .await;
+        // The loader's own chains (region, credentials) use the loader's HTTP client for
+        // instance metadata; a region chain built apart from it would have none.
+        let mut loader =
+            aws_config::defaults(BehaviorVersion::latest()).http_client(https_client());
+        if let Some(region) = &opts.region {
+            loader = loader.region(Region::new(region.clone()));
+        }
+        let sdk = loader.load().await;
         // The endpoint that will be used, to decide on path-style addressing.
         let endpoint = opts
             .endpoint
@@ -144,6 +142,9 @@ impl S3Store {
             .or_else(|| std::env::var("AWS_ENDPOINT_URL_S3").ok())
             .or_else(|| sdk.endpoint_url().map(str::to_string));
         let mut builder = aws_sdk_s3::config::Builder::from(&sdk);
+        if sdk.region().is_none() {
+            builder = builder.region(Region::from_static("us-east-1"));
+        }
         if let Some(explicit) = &opts.endpoint {
             builder = builder.endpoint_url(explicit);
         }
