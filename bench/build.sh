@@ -20,6 +20,7 @@ ROUNDS=${ROUNDS:-1}
 PROFILE=${PROFILE:-release}
 [ $# -ge 1 ] || { echo "usage: bench/build.sh REV [REV...]" >&2; exit 2; }
 BENCH_DIR=${BENCH_DIR:-$(mktemp -d /var/tmp/tinylag-build-bench.XXXXXX)}
+mkdir -p "$BENCH_DIR"
 trap 'rm -rf "$BENCH_DIR"' EXIT
 flag=()
 [ "$PROFILE" = release ] && flag=(--release)
