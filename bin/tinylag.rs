@@ -28,8 +28,7 @@ struct Cli {
     /// The AWS SDK's own chatter (e.g. "no IMDS here") is kept at error unless named.
     #[arg(long, global = true, env = "TINYLAG_LOG", default_value = "info")]
     log: String,
-    /// Colours in log lines: auto (only when stderr is a terminal and NO_COLOR is unset),
-    /// always, never.
+    /// Colours in log lines.
     #[arg(
         long,
         global = true,

@@ -39,15 +39,19 @@ fn restore_to_each_mark_made_through_serve_gives_that_phase_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let primary = dir.path().join("primary.img");
     let journal = dir.path().join("journal");
-    init(&s(&journal), &primary, "16M", &["--segment-size", "1M"], &[]);
+    init(
+        &s(&journal),
+        &primary,
+        "16M",
+        &["--segment-size", "1M"],
+        &[],
+    );
     let mut daemon = Daemon::start(&primary, &s(&journal), &[], &[]);
     let uri = daemon.uri();
     // Let the start-up resync (a new journal over a fresh, all-zero primary) finish first.
-    daemon.wait_status(
-        std::time::Duration::from_secs(60),
-        "logging",
-        |st| st["mode"] == "logging",
-    );
+    daemon.wait_status(std::time::Duration::from_secs(60), "logging", |st| {
+        st["mode"] == "logging"
+    });
 
     let mut expected = Vec::new();
     let mut lsns = Vec::new();
@@ -67,13 +71,13 @@ fn restore_to_each_mark_made_through_serve_gives_that_phase_exactly() {
     qemu_io_ok(&uri, &[&format!("write -P 0x77 {} 4k", 15 << 20)]);
 
     // Names are unique per journal.
-    let dup = tinylag(
-        &["mark", "phase-1", "--control", &s(&daemon.control)],
-        &[],
-    );
+    let dup = tinylag(&["mark", "phase-1", "--control", &s(&daemon.control)], &[]);
     assert_eq!(dup.status.code(), Some(1), "{dup:?}");
     let stderr = String::from_utf8_lossy(&dup.stderr);
-    assert!(stderr.contains("phase-1") && stderr.contains("already"), "{stderr}");
+    assert!(
+        stderr.contains("phase-1") && stderr.contains("already"),
+        "{stderr}"
+    );
 
     let status = daemon.wait_status(
         std::time::Duration::from_secs(60),
@@ -132,5 +136,9 @@ fn restore_to_each_mark_made_through_serve_gives_that_phase_exactly() {
     assert_eq!(refused.status.code(), Some(1), "{refused:?}");
     assert!(String::from_utf8_lossy(&refused.stderr).contains("nope"));
     assert!(!out.exists());
-    assert!(head > lsns[2], "head {head} after the last mark {}", lsns[2]);
+    assert!(
+        head > lsns[2],
+        "head {head} after the last mark {}",
+        lsns[2]
+    );
 }

@@ -132,7 +132,7 @@ async fn info(args: InfoArgs) -> anyhow::Result<()> {
     }
     for c in &info.consumers {
         println!(
-            "consumer     {}: applied lsn {} at {} (consistent {}), behind the head {}, delay {}, undo log {} in {} segments, replica {}",
+            "consumer     {}: applied lsn {} at {} (consistent {}), behind: {}, delay {}, undo log {} in {} segments, replica {}",
             c.state.name,
             c.state.applied_lsn,
             if c.state.applied_timestamp_ns == 0 {

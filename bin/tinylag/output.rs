@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 pub enum ColorChoice {
     /// Only when stderr is a terminal and NO_COLOR is unset.
     Auto,
+    /// Always, even into a file or a pipe.
     Always,
+    /// Never.
     Never,
 }
 

@@ -73,7 +73,7 @@ pub enum Op {
     Mark { name: String },
     /// A writer of this epoch started appending.
     Epoch { epoch: u64 },
-    /// Start of a span that is applied atomically (see DESIGN.md, primary step 4).
+    /// Start of a span that is applied atomically (see docs/DESIGN.md, primary step 4).
     ResyncBegin,
     /// Region content read from the primary during a resync.
     ResyncData { offset: u64, data: Bytes },

@@ -293,7 +293,7 @@ fn load_acceptor(dir: &Path, verify_peer: bool) -> Result<TlsAcceptor, TlsError>
     };
     let chain = certificates(&dir.join("server-cert.pem"))?;
     let key = private_key(&dir.join("server-key.pem"))?;
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| rejected(e.to_string()))?;

@@ -105,6 +105,16 @@ impl fmt::Debug for S3Store {
     }
 }
 
+/// The one HTTPS client of the SDK: rustls with the ring provider (the SDK's default,
+/// aws-lc-rs, is a large C build; see Cargo.toml). Plain `http://` endpoints work too.
+pub fn https_client() -> aws_sdk_s3::config::SharedHttpClient {
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https()
+}
+
 impl S3Store {
     /// Connects with credentials and region from the standard AWS chain.
     pub async fn connect(
@@ -117,15 +127,14 @@ impl S3Store {
         if let Some(endpoint) = &opts.endpoint {
             check_endpoint(endpoint)?;
         }
-        let region = aws_config::meta::region::RegionProviderChain::first_try(
-            opts.region.clone().map(Region::new),
-        )
-        .or_default_provider()
-        .or_else(Region::from_static("us-east-1"));
-        let sdk = aws_config::defaults(BehaviorVersion::latest())
-            .region(region)
-            .load()
-            .await;
+        // The loader's own chains (region, credentials) use the loader's HTTP client for
+        // instance metadata; a region chain built apart from it would have none.
+        let mut loader =
+            aws_config::defaults(BehaviorVersion::latest()).http_client(https_client());
+        if let Some(region) = &opts.region {
+            loader = loader.region(Region::new(region.clone()));
+        }
+        let sdk = loader.load().await;
         // The endpoint that will be used, to decide on path-style addressing.
         let endpoint = opts
             .endpoint
@@ -133,6 +142,9 @@ impl S3Store {
             .or_else(|| std::env::var("AWS_ENDPOINT_URL_S3").ok())
             .or_else(|| sdk.endpoint_url().map(str::to_string));
         let mut builder = aws_sdk_s3::config::Builder::from(&sdk);
+        if sdk.region().is_none() {
+            builder = builder.region(Region::from_static("us-east-1"));
+        }
         if let Some(explicit) = &opts.endpoint {
             builder = builder.endpoint_url(explicit);
         }
@@ -189,6 +201,7 @@ impl S3Store {
                 .and_then(endpoint_host)
                 .is_some_and(host_needs_path_style);
         let config = builder
+            .http_client(https_client())
             .force_path_style(path_style)
             .retry_config(RetryConfig::disabled())
             .timeout_config(

@@ -93,7 +93,7 @@ impl std::fmt::Display for MaxLag {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             MaxLag::Bytes(b) => f.write_str(&crate::units::format_size(*b)),
-            MaxLag::Time(d) => write!(f, "{:.3}s", d.as_secs_f64()),
+            MaxLag::Time(d) => f.write_str(&crate::units::format_duration(*d)),
         }
     }
 }

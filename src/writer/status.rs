@@ -93,7 +93,7 @@ pub struct ActivityLogStatus {
 pub struct AckStatus {
     /// `async`, `journal` or `adaptive`.
     pub configured: String,
-    /// The bound of `adaptive` (`64.0 MiB`, `5.000s`).
+    /// The bound of `adaptive` as configured (`64.0 MiB`, `5s`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_lag: Option<String>,
     /// What a write gets now: `async` or `journal`.

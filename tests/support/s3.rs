@@ -275,6 +275,7 @@ impl S3Server {
     pub fn client(&self) -> aws_sdk_s3::Client {
         let config = aws_sdk_s3::config::Builder::new()
             .behavior_version(BehaviorVersion::latest())
+            .http_client(tinylag::store::s3::https_client())
             .region(Region::new("us-east-1"))
             .endpoint_url(&self.endpoint)
             .force_path_style(true)

@@ -140,7 +140,7 @@ pub fn client_config(dir: &Path) -> Arc<ClientConfig> {
     for ca in CertificateDer::pem_file_iter(dir.join("ca-cert.pem")).unwrap() {
         roots.add(ca.unwrap()).unwrap();
     }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
