@@ -38,6 +38,8 @@ use crate::journal::paths;
 use crate::journal::JournalError;
 use crate::store::{ListPage, ObjectMeta, ObjectStore, StoreError, StoreResult};
 
+/// How long a stop waits for the lease's last renewal and its release write.
+const RELEASE_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 /// Renewals never come closer together than this, whatever the term.
 const MIN_RENEW_EVERY: Duration = Duration::from_millis(500);
 
@@ -329,11 +331,19 @@ impl LeaseKeeper {
 
     /// Stops renewing and, unless fenced, marks the lease released so the next writer need
     /// not wait out the term (a clean stop).
+    /// Stops renewing and marks the lease released, each step bounded by [`RELEASE_GRACE`]
+    /// so that a dead store cannot hold up a stop (the lease then simply expires).
     pub async fn release(&self) {
         let task = lock(&self.task).take();
-        if let Some((task, stop)) = task {
+        if let Some((mut task, stop)) = task {
             let _ = stop.send(true);
-            let _ = task.await;
+            // A renewal stuck in store retries (store down) must not hold up the stop.
+            if tokio::time::timeout(RELEASE_GRACE, &mut task)
+                .await
+                .is_err()
+            {
+                task.abort();
+            }
         }
         if self.state.fenced.load(Ordering::Acquire) {
             return;
@@ -343,9 +353,18 @@ impl LeaseKeeper {
             l.clone()
         });
         if let Some(lease) = lease {
-            match lease::write(self.state.store.as_ref(), &lease).await {
-                Ok(()) => self.state.released.store(true, Ordering::Release),
-                Err(e) => tracing::warn!(error = %e, "cannot release the writer lease"),
+            match tokio::time::timeout(
+                RELEASE_GRACE,
+                lease::write(self.state.store.as_ref(), &lease),
+            )
+            .await
+            {
+                Ok(Ok(())) => self.state.released.store(true, Ordering::Release),
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot release the writer lease"),
+                Err(_) => tracing::warn!(
+                    "the store did not answer within {RELEASE_GRACE:?}; the writer lease is \
+                     not released and expires by itself"
+                ),
             }
         }
     }
