@@ -122,8 +122,10 @@ outage_part() {
     t_back=$(now)
     # Watch for logging while the load goes on.
     (until [[ $(status "$w/primary.img.ctl" | field 'd.get("mode")') == logging ]]; do sleep 0.2; done; now >"$w/t_log") &
+    local watcher=$!
     after=$(fio_iops "$w/p.sock" "$RUNTIME")
-    wait
+    # Only the watcher: a bare `wait` would also wait for serve and replay, which run on.
+    wait "$watcher"
     t_log=$(cat "$w/t_log")
     until cmp -s "$w/primary.img" "$w/replica.img"; do sleep 0.5; done
     t_same=$(now)
