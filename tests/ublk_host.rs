@@ -111,7 +111,8 @@ fn ublk_flags_are_checked_before_anything_is_opened() {
         assert_eq!(code, Some(2), "{extra:?}: {stderr}");
         assert!(stderr.contains(flag), "{extra:?}: {stderr}");
     }
-    // Combinations: a ublk flag without ublk, an NBD flag with it (exit 1, named).
+    // Combinations: a ublk flag without ublk, an NBD flag with it (usage errors: exit 2,
+    // named).
     for (extra, flag) in [
         (&["--queues", "2"][..], "--queues"),
         (&["--user-recovery"][..], "--user-recovery"),
@@ -122,8 +123,58 @@ fn ublk_flags_are_checked_before_anything_is_opened() {
         ),
     ] {
         let (code, stderr) = serve(extra);
-        assert_eq!(code, Some(1), "{extra:?}: {stderr}");
+        assert_eq!(code, Some(2), "{extra:?}: {stderr}");
         assert!(stderr.contains(flag), "{extra:?}: {stderr}");
     }
     assert_eq!(listing(dir.path()), before, "serve changed files");
+}
+
+/// `mount --frontend ublk` takes the same flags and the same checks, before the replica,
+/// its undo log or the journal is opened (here there is no replica at all).
+#[test]
+fn mount_ublk_checks_its_flags_and_names_a_missing_driver() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("journal");
+    let j = journal.to_str().unwrap();
+    init(j, &dir.path().join("primary.img"), "16M", &[], &[]);
+    let before = listing(dir.path());
+    let replica = dir.path().join("replica.img");
+    let r = replica.to_str().unwrap();
+    let mount = |extra: &[&str]| {
+        let mut args = vec!["mount", "--journal", j, "--replica", r, "--mark", "m1"];
+        args.extend_from_slice(extra);
+        let out = tinylag(&args, &[]);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for (extra, flag) in [
+        (&["--queues", "2"][..], "--queues"),
+        (&["--frontend", "nbd", "--dev-id", "1"][..], "--dev-id"),
+        (&["--frontend", "ublk", "--export", "x"][..], "--export"),
+        (
+            &[
+                "--frontend",
+                "ublk",
+                "--user-recovery",
+                "--writable",
+                "/nonexistent/s",
+            ][..],
+            "--writable",
+        ),
+        (&["--frontend", "ublk", "--depth", "0"][..], "--depth"),
+    ] {
+        let (code, stderr) = mount(extra);
+        assert_eq!(code, Some(2), "{extra:?}: {stderr}");
+        assert!(stderr.contains(flag), "{extra:?}: {stderr}");
+    }
+    if !Path::new("/dev/ublk-control").exists() {
+        let (code, stderr) = mount(&["--frontend", "ublk"]);
+        assert_eq!(code, Some(1), "{stderr}");
+        for needle in ["ublk driver", "modprobe ublk_drv", "--frontend nbd"] {
+            assert!(stderr.contains(needle), "missing {needle:?} in: {stderr}");
+        }
+    }
+    assert_eq!(listing(dir.path()), before, "mount changed files");
 }

@@ -11,28 +11,9 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
-use support::vm::{vm_available, Guest};
-
-/// The tinylag binary without debug info (a debug build is ~300 MB; the guest gets it in its
-/// initramfs), outside /tmp (the guest mounts a tmpfs there).
-fn guest_tinylag() -> PathBuf {
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-        .unwrap()
-        .keep();
-    let out = dir.join("tinylag");
-    let status = Command::new("strip")
-        .arg("--strip-debug")
-        .arg("-o")
-        .arg(&out)
-        .arg(env!("CARGO_BIN_EXE_tinylag"))
-        .status()
-        .expect("run strip");
-    assert!(status.success(), "strip failed");
-    out
-}
+use support::vm::{guest_tinylag, vm_available, Guest};
 
 fn guest_script(tinylag: &Path) -> String {
     let t = tinylag.display();

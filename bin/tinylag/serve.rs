@@ -200,12 +200,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             (args.export.is_some(), "--export"),
         ] {
             if given {
-                bail!("{flag} is an NBD option; --frontend ublk serves /dev/ublkbN instead");
+                return Err(usage(format!(
+                    "{flag} is an NBD option; --frontend ublk serves /dev/ublkbN instead"
+                )));
             }
         }
         tinylag::ublk::check_driver()?;
     } else if let Some(flag) = args.ublk.given().first() {
-        bail!("{flag} is a ublk option: add --frontend ublk, or leave it out for NBD");
+        return Err(usage(format!(
+            "{flag} is a ublk option: add --frontend ublk, or leave it out for NBD"
+        )));
     }
     let listen: ListenAddr = match &args.listen {
         Some(addr) => addr.clone(),

@@ -15,8 +15,9 @@ use tinylag::timetravel::restore::{self, Direction, Stage};
 use tinylag::timetravel::view::TimeView;
 use tinylag::timetravel::{timeline, Point, Sources, Target};
 
-use crate::cmd::args::{parse_store_uri, parse_time, JournalArgs};
+use crate::cmd::args::{parse_store_uri, parse_time, usage, JournalArgs};
 use crate::cmd::serve::{nbd_uri, wait_for_signal};
+use crate::cmd::ublk::{Frontend, UblkArgs};
 
 /// The replica and where its history is.
 #[derive(Debug, Args)]
@@ -246,6 +247,12 @@ pub struct MountArgs {
     pub replica: ReplicaArgs,
     #[command(flatten)]
     pub point: PointArgs,
+    /// How the past disk is served: nbd (a socket, see --listen) or ublk (a local
+    /// /dev/ublkbN, read-only unless --writable; needs the kernel's ublk_drv).
+    #[arg(long, value_enum, default_value = "nbd")]
+    pub frontend: Frontend,
+    #[command(flatten)]
+    pub ublk: UblkArgs,
     /// NBD address: unix:PATH or tcp:IP:PORT [default: unix:<replica>.at.sock].
     #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
     pub listen: Option<ListenAddr>,
@@ -258,12 +265,54 @@ pub struct MountArgs {
     pub writable: Option<PathBuf>,
 }
 
+impl MountArgs {
+    /// Refuses flags of the other frontend and combinations that cannot work, before
+    /// anything is opened.
+    fn check_frontend(&self) -> anyhow::Result<()> {
+        match self.frontend {
+            Frontend::Ublk => {
+                for (given, flag) in [
+                    (self.listen.is_some(), "--listen"),
+                    (self.export.is_some(), "--export"),
+                ] {
+                    if given {
+                        return Err(usage(format!(
+                            "{flag} is an NBD option; --frontend ublk serves /dev/ublkbN instead"
+                        )));
+                    }
+                }
+                // A re-attached device would keep the kernel's view of writes that went
+                // to a scratch file the new daemon cannot reopen (it must be new).
+                if self.ublk.user_recovery && self.writable.is_some() {
+                    return Err(usage(
+                        "--user-recovery cannot be used with --writable: a re-attaching daemon \
+                         would lose the scratch file's writes under a mounted filesystem",
+                    ));
+                }
+                tinylag::ublk::check_driver()?;
+            }
+            Frontend::Nbd => {
+                if let Some(flag) = self.ublk.given().first() {
+                    return Err(usage(format!(
+                        "{flag} is a ublk option: add --frontend ublk, or leave it out for NBD"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 fn parse_listen(s: &str) -> Result<ListenAddr, String> {
     s.parse::<ListenAddr>().map_err(|e| e.to_string())
 }
 
 pub async fn run_mount(args: MountArgs) -> anyhow::Result<()> {
+    args.check_frontend()?;
     let (sources, point) = open_at(&args.replica, &args.point).await?;
+    if args.frontend == Frontend::Ublk {
+        return run_mount_ublk(args, sources, point).await;
+    }
     let export = args.export.clone().unwrap_or_else(|| {
         sources
             .reader
@@ -294,22 +343,12 @@ pub async fn run_mount(args: MountArgs) -> anyhow::Result<()> {
     let listen = listener.local_addr().clone();
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let nbd_task = tokio::spawn(nbd::serve(listener, server, shutdown_rx));
-    println!(
-        "tinylag mount: {replica} as of {} ({}, {} extents mapped) as {}",
-        point.describe(),
-        match summary.direction {
-            Direction::Backward => "back through the undo log",
-            Direction::Forward => "forward through the journal",
-        },
-        summary.extents,
-        nbd_uri(&listen, &export)
-    );
-    println!(
-        "{}",
-        match &args.writable {
-            Some(p) => format!("writable: writes go to {}", p.display()),
-            None => "read-only".to_string(),
-        }
+    announce(
+        &replica,
+        &point,
+        &summary,
+        &nbd_uri(&listen, &export),
+        &args.writable,
     );
     let signal = wait_for_signal().await?;
     tracing::info!(signal, "stopping");
@@ -319,4 +358,57 @@ pub async fn run_mount(args: MountArgs) -> anyhow::Result<()> {
         Ok(Err(e)) => Err(e.into()),
         Err(e) => Err(anyhow::anyhow!("the NBD server task failed: {e}")),
     }
+}
+
+/// `mount --frontend ublk`: the past disk as a local `/dev/ublkbN` (read-only unless
+/// `--writable`), until SIGINT/SIGTERM, which deletes the device.
+async fn run_mount_ublk(args: MountArgs, sources: Sources, point: Point) -> anyhow::Result<()> {
+    let region_size = sources.reader.manifest().region_size;
+    let replica = sources.replica.display().to_string();
+    let view = TimeView::open(sources, point, args.writable.as_deref()).await?;
+    let summary = view.summary().clone();
+    let options = args.ublk.options(region_size);
+    let device =
+        tinylag::ublk::start(Arc::new(view), options, tokio::runtime::Handle::current()).await?;
+    let served_as = format!(
+        "{}{}",
+        device.block_path(),
+        if device.recovered() {
+            " (re-attached)"
+        } else {
+            ""
+        }
+    );
+    announce(&replica, &point, &summary, &served_as, &args.writable);
+    let signal = wait_for_signal().await?;
+    tracing::info!(signal, "stopping: deleting {}", device.block_path());
+    device.stop().await;
+    Ok(())
+}
+
+/// The two lines `mount` prints once it serves: what, as of when, served as what; then
+/// read-only or where writes go.
+fn announce(
+    replica: &str,
+    point: &Point,
+    summary: &tinylag::timetravel::view::ViewSummary,
+    served_as: &str,
+    writable: &Option<PathBuf>,
+) {
+    println!(
+        "tinylag mount: {replica} as of {} ({}, {} extents mapped) as {served_as}",
+        point.describe(),
+        match summary.direction {
+            Direction::Backward => "back through the undo log",
+            Direction::Forward => "forward through the journal",
+        },
+        summary.extents,
+    );
+    println!(
+        "{}",
+        match writable {
+            Some(p) => format!("writable: writes go to {}", p.display()),
+            None => "read-only".to_string(),
+        }
+    );
 }

@@ -18,6 +18,25 @@ pub fn vm_cache() -> PathBuf {
         })
 }
 
+/// The tinylag binary without debug info (a debug build is ~300 MB; the guest gets it in its
+/// initramfs), in a new directory outside /tmp (the guest mounts a tmpfs there). The caller
+/// removes the directory.
+pub fn guest_tinylag() -> PathBuf {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap()
+        .keep();
+    let out = dir.join("tinylag");
+    let status = Command::new("strip")
+        .arg("--strip-debug")
+        .arg("-o")
+        .arg(&out)
+        .arg(env!("CARGO_BIN_EXE_tinylag"))
+        .status()
+        .expect("run strip");
+    assert!(status.success(), "strip failed");
+    out
+}
+
 /// `false` (after saying so) when the operator asked to skip VM tests; panics when the VM
 /// files are missing otherwise.
 pub fn vm_available() -> bool {
