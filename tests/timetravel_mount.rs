@@ -439,3 +439,84 @@ async fn ext4_through_nbdfuse_and_a_loop_device_shows_the_phase_files() {
     );
     mount.stop();
 }
+
+/// Over TCP the mount has the same door as `serve`: plaintext on an address other hosts reach
+/// is refused before anything is opened, and with `--tls require` a TLS client (nbdcopy over
+/// `nbds://`) reads the past disk while a plaintext one is turned away.
+#[tokio::test(flavor = "multi_thread")]
+async fn over_tcp_the_past_needs_tls_like_the_present() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut journal = TestJournal::create(&dir.path().join("journal"), SIZE, 13).await;
+    let ends = phases(&mut journal, base_time(), 2).await;
+
+    // Refused before the replica is looked at (there is none yet).
+    let missing = dir.path().join("no-such-replica.img");
+    let out = tinylag()
+        .args([
+            "mount",
+            "--journal",
+            journal.uri(),
+            "--replica",
+            &s(&missing),
+        ])
+        .args(["--mark", "p1", "--listen", "tcp:0.0.0.0:0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--insecure-no-tls") && !stderr.contains("no-such-replica"),
+        "{stderr}"
+    );
+
+    let replica = dir.path().join("replica.img");
+    run_ok(&{
+        let mut a = replay_args(journal.uri(), &replica, "dr");
+        a.push("--once".into());
+        a
+    });
+    let ca = support::tls::Ca::new(&dir.path().join("pki"), "mount");
+    let srv = ca.server_dir(&dir.path().join("server"), 2);
+    let cli = ca.client_dir(&dir.path().join("client"), None);
+    let port = procs::free_port();
+    let mut cmd = tinylag();
+    cmd.args([
+        "mount",
+        "--journal",
+        journal.uri(),
+        "--replica",
+        &s(&replica),
+    ])
+    .args(["--mark", "p1", "--listen", &format!("tcp:127.0.0.1:{port}")])
+    .args(["--tls", "require", "--tls-certificates", &s(&srv)]);
+    let mut guard =
+        procs::ChildGuard::spawn_logged("tinylag mount", &mut cmd, &dir.path().join("tls.log"))
+            .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            guard.exited().is_none(),
+            "mount exited: {}",
+            guard.log_tail(4000)
+        );
+        assert!(Instant::now() < deadline, "mount never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let served = dir.path().join("served.img");
+    run_cmd(Command::new("nbdcopy").args([
+        &format!("nbds://127.0.0.1:{port}/disk0?tls-certificates={}", s(&cli)),
+        &s(&served),
+    ]));
+    assert_phase(&served, &ends[0], "mount --mark p1 over TLS");
+    let plain = Command::new("nbdinfo")
+        .arg(format!("nbd://127.0.0.1:{port}/disk0"))
+        .output()
+        .unwrap();
+    assert!(!plain.status.success(), "a plaintext client was served");
+    guard.terminate(Duration::from_secs(10)).unwrap();
+    assert!(
+        guard.log_tail(4000).contains("tls require"),
+        "{}",
+        guard.log_tail(4000)
+    );
+}

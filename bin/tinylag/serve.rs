@@ -166,14 +166,6 @@ pub fn default_control_path(primary: &Path) -> PathBuf {
     beside(primary, ".ctl")
 }
 
-/// The NBD URI clients use for `export` on `addr`.
-pub fn nbd_uri(addr: &ListenAddr, export: &str) -> String {
-    match addr {
-        ListenAddr::Unix(path) => format!("nbd+unix:///{export}?socket={}", path.display()),
-        ListenAddr::Tcp(sa) => format!("nbd://{sa}/{export}"),
-    }
-}
-
 /// Large buffers (client payloads of up to 32 MiB, segment buffers of `segment_size`) come
 /// and go at the rate of the I/O. glibc's default raises its mmap threshold after the first
 /// such buffer is freed, and from then on serves them from per-thread arenas that keep the

@@ -8,15 +8,15 @@ use std::sync::{Arc, Mutex};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use tinylag::clock::{Clock, SystemClock};
-use tinylag::nbd::{self, Export, ListenAddr, NbdServer};
+use tinylag::nbd::{self, Export, ListenAddr, NbdServer, TlsMode};
 use tinylag::store::local::LocalStore;
 use tinylag::store::{open_store, ObjectStore, StoreUri};
 use tinylag::timetravel::restore::{self, Direction, Stage};
 use tinylag::timetravel::view::TimeView;
 use tinylag::timetravel::{timeline, Point, Sources, Target};
 
-use crate::cmd::args::{parse_store_uri, parse_time, usage, JournalArgs};
-use crate::cmd::serve::{nbd_uri, wait_for_signal};
+use crate::cmd::args::{parse_store_uri, parse_time, usage, JournalArgs, TlsArgs};
+use crate::cmd::serve::wait_for_signal;
 use crate::cmd::ublk::{Frontend, UblkArgs};
 
 /// The replica and where its history is.
@@ -253,9 +253,12 @@ pub struct MountArgs {
     pub frontend: Frontend,
     #[command(flatten)]
     pub ublk: UblkArgs,
-    /// NBD address: unix:PATH or tcp:IP:PORT [default: unix:<replica>.at.sock].
+    /// NBD address: unix:PATH or tcp:IP:PORT [default: unix:<replica>.at.sock]. TCP on an
+    /// address other than loopback needs --tls require (or --insecure-no-tls).
     #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
     pub listen: Option<ListenAddr>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// NBD export name [default: the journal's device name].
     #[arg(long, value_name = "NAME")]
     pub export: Option<String>,
@@ -274,6 +277,10 @@ impl MountArgs {
                 for (given, flag) in [
                     (self.listen.is_some(), "--listen"),
                     (self.export.is_some(), "--export"),
+                    (self.tls.tls != TlsMode::Off, "--tls"),
+                    (self.tls.tls_certificates.is_some(), "--tls-certificates"),
+                    (self.tls.tls_verify_peer, "--tls-verify-peer"),
+                    (self.tls.insecure_no_tls, "--insecure-no-tls"),
                 ] {
                     if given {
                         return Err(usage(format!(
@@ -309,10 +316,20 @@ fn parse_listen(s: &str) -> Result<ListenAddr, String> {
 
 pub async fn run_mount(args: MountArgs) -> anyhow::Result<()> {
     args.check_frontend()?;
-    let (sources, point) = open_at(&args.replica, &args.point).await?;
     if args.frontend == Frontend::Ublk {
+        let (sources, point) = open_at(&args.replica, &args.point).await?;
         return run_mount_ublk(args, sources, point).await;
     }
+    let listen = match &args.listen {
+        Some(l) => l.clone(),
+        None => ListenAddr::Unix(beside(
+            &std::path::absolute(&args.replica.replica)?,
+            ".at.sock",
+        )),
+    };
+    // Before anything is opened: plaintext on an address other hosts reach is refused.
+    let security = args.tls.security(&listen)?;
+    let (sources, point) = open_at(&args.replica, &args.point).await?;
     let export = args.export.clone().unwrap_or_else(|| {
         sources
             .reader
@@ -321,35 +338,40 @@ pub async fn run_mount(args: MountArgs) -> anyhow::Result<()> {
             .first()
             .map_or_else(|| "disk0".to_string(), |d| d.name.clone())
     });
-    let listen = match &args.listen {
-        Some(l) => l.clone(),
-        None => ListenAddr::Unix(beside(
-            &std::path::absolute(&args.replica.replica)?,
-            ".at.sock",
-        )),
-    };
     let replica = sources.replica.display().to_string();
     let view = TimeView::open(sources, point, args.writable.as_deref()).await?;
     let summary = view.summary().clone();
-    let server = Arc::new(NbdServer::new(
-        vec![Export {
-            name: export.clone(),
-            description: format!("tinylag {replica} as of {}", point.describe()),
-            device: Arc::new(view),
-        }],
-        &export,
-    )?);
+    let server = Arc::new(
+        NbdServer::new(
+            vec![Export {
+                name: export.clone(),
+                description: format!("tinylag {replica} as of {}", point.describe()),
+                device: Arc::new(view),
+            }],
+            &export,
+        )?
+        .with_security(security.clone()),
+    );
     let listener = nbd::bind(&listen).await?;
     let listen = listener.local_addr().clone();
+    let security_warning = security.warning(&listen);
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let nbd_task = tokio::spawn(nbd::serve(listener, server, shutdown_rx));
     announce(
         &replica,
         &point,
         &summary,
-        &nbd_uri(&listen, &export),
+        &format!(
+            "{} ({})",
+            args.tls.nbd_uri(&listen, &export),
+            security.describe()
+        ),
         &args.writable,
     );
+    if let Some(w) = &security_warning {
+        tracing::warn!("{w}");
+        eprintln!("{w}");
+    }
     let signal = wait_for_signal().await?;
     tracing::info!(signal, "stopping");
     let _ = shutdown_tx.send(true);
