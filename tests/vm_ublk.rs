@@ -13,43 +13,19 @@ mod support;
 
 use std::path::Path;
 
-use support::vm::{guest_tinylag, vm_available, Guest};
+use support::vm::{guest_tinylag, vm_available, Guest, GUEST_DAEMON_LIB};
 
 fn guest_script(tinylag: &Path) -> String {
     let t = tinylag.display();
+    let lib = GUEST_DAEMON_LIB;
     format!(
         r#"set -e
 T={t}
 D=/dev/ublkb0
 SERVE="$T serve --primary /tmp/p.img --journal /tmp/j --frontend ublk --dev-id 0 \
     --user-recovery --queues 2 --depth 16 --io-buf-size 256K --pool-size 64M --linger 50ms --compress off"
-fail() {{ echo "FAILED: $*"; cat /tmp/serve.log; exit 1; }}
-# Deadlines in guest seconds (TCG on a busy host is slow, so no loop counts).
-now() {{ cut -d. -f1 /proc/uptime; }}
-alive() {{ # the daemon runs (an exited one stays a zombie until waited for)
-    [ -e /proc/$PID/status ] && ! grep -q '^State:[[:space:]]*Z' /proc/$PID/status
-}}
-wait_for() {{ # wait_for TEXT: until the daemon's log says it
-    deadline=$(( $(now) + 90 ))
-    until grep -q "$1" /tmp/serve.log 2>/dev/null; do
-        [ $(now) -lt $deadline ] || fail "no '$1' from the daemon"
-        alive || fail "the daemon exited"
-        sleep 0.2
-    done
-}}
-drained() {{ # the daemon's journal holds everything it acknowledged
-    s=$($T status --primary /tmp/p.img --json) || return 1
-    h=$(echo "$s" | grep '"head_lsn"' | tr -dc 0-9)
-    d=$(echo "$s" | grep '"durable_lsn"' | tr -dc 0-9)
-    [ -n "$h" ] && [ "$h" = "$d" ]
-}}
-wait_drained() {{
-    deadline=$(( $(now) + 60 ))
-    until drained; do
-        [ $(now) -lt $deadline ] || fail "the journal did not drain"
-        sleep 0.2
-    done
-}}
+LOGS=/tmp/serve.log
+{lib}
 replica_equals_primary() {{ # replay what the journal holds, compare with the primary
     $T replay --journal /tmp/j --replica /tmp/r.img --name vm --once >/tmp/replay.log 2>&1 \
         || {{ cat /tmp/replay.log; fail "replay"; }}
@@ -65,7 +41,7 @@ echo "step: init ($(cut -d" " -f1 /proc/uptime)s)"
 $T init --journal /tmp/j --size 64M --primary /tmp/p.img --segment-size 1M >/dev/null
 $SERVE >/tmp/serve.log 2>&1 &
 PID=$!
-wait_for "as /dev/ublkb0"
+wait_for /tmp/serve.log "as /dev/ublkb0"
 [ -b $D ] || fail "no $D"
 [ "$(cat /sys/block/ublkb0/queue/logical_block_size)" = 4096 ] || fail "block size"
 [ "$(cat /sys/block/ublkb0/queue/chunk_sectors)" = 8192 ] || fail "chunk_sectors"
@@ -125,7 +101,7 @@ wait $PID 2>/dev/null || true
 [ -e /sys/block/ublkb0 ] || fail "the device went away with the daemon"
 $SERVE >/tmp/serve.log 2>&1 &
 PID=$!
-wait_for "as /dev/ublkb0 (re-attached)"
+wait_for /tmp/serve.log "as /dev/ublkb0 (re-attached)"
 mount -t ext4 $D /mnt
 i=0
 while [ $i -lt 12 ]; do
@@ -157,7 +133,7 @@ replica_equals_primary "after the re-attach"
 echo "step: kill -9 under I/O ($(cut -d" " -f1 /proc/uptime)s)"
 $SERVE >/tmp/serve.log 2>&1 &
 PID=$!
-wait_for "as /dev/ublkb0"
+wait_for /tmp/serve.log "as /dev/ublkb0"
 mount -t ext4 $D /mnt
 dd if=/dev/urandom of=/tmp/big bs=65536 count=192 2>/dev/null
 dd if=/tmp/big of=/mnt/big bs=65536 conv=fsync 2>/tmp/dd.log &
@@ -169,7 +145,7 @@ wait $PID 2>/dev/null || true
 echo "killed ($(cut -d" " -f1 /proc/uptime)s)"
 $SERVE >/tmp/serve.log 2>&1 &
 PID=$!
-wait_for "as /dev/ublkb0 (re-attached)"
+wait_for /tmp/serve.log "as /dev/ublkb0 (re-attached)"
 echo "re-attached ($(cut -d" " -f1 /proc/uptime)s)"
 wait $DD || {{ cat /tmp/dd.log; fail "the copy failed across the re-attach"; }}
 echo "copied ($(cut -d" " -f1 /proc/uptime)s)"
@@ -185,7 +161,7 @@ echo "step: unprivileged ($(cut -d" " -f1 /proc/uptime)s)"
 $T serve --primary /tmp/p.img --journal /tmp/j --frontend ublk --unprivileged --dev-id 1 \
     >/tmp/serve.log 2>&1 &
 PID=$!
-wait_for "as /dev/ublkb1"
+wait_for /tmp/serve.log "as /dev/ublkb1"
 dd if=/tmp/a of=/dev/ublkb1 bs=4096 count=64 conv=fsync 2>/dev/null
 dd if=/dev/ublkb1 of=/tmp/b bs=4096 count=64 2>/dev/null
 cmp -n 262144 /tmp/a /tmp/b || fail "unprivileged device"

@@ -11,37 +11,16 @@ mod support;
 
 use std::path::Path;
 
-use support::vm::{guest_tinylag, vm_available, Guest};
+use support::vm::{guest_tinylag, vm_available, Guest, GUEST_DAEMON_LIB};
 
 fn guest_script(tinylag: &Path) -> String {
     let t = tinylag.display();
+    let lib = GUEST_DAEMON_LIB;
     format!(
         r#"set -e
 T={t}
-fail() {{ echo "FAILED: $*"; cat /tmp/serve.log /tmp/mount.log 2>/dev/null; exit 1; }}
-now() {{ cut -d. -f1 /proc/uptime; }}
-alive() {{ [ -e /proc/$PID/status ] && ! grep -q '^State:[[:space:]]*Z' /proc/$PID/status; }}
-wait_for() {{ # wait_for LOG TEXT: until the daemon's log says it
-    deadline=$(( $(now) + 90 ))
-    until grep -q "$2" "$1" 2>/dev/null; do
-        [ $(now) -lt $deadline ] || fail "no '$2' in $1"
-        alive || fail "the daemon exited"
-        sleep 0.2
-    done
-}}
-drained() {{
-    s=$($T status --primary /tmp/p.img --json) || return 1
-    h=$(echo "$s" | grep '"head_lsn"' | tr -dc 0-9)
-    d=$(echo "$s" | grep '"durable_lsn"' | tr -dc 0-9)
-    [ -n "$h" ] && [ "$h" = "$d" ]
-}}
-wait_drained() {{
-    deadline=$(( $(now) + 60 ))
-    until drained; do
-        [ $(now) -lt $deadline ] || fail "the journal did not drain"
-        sleep 0.2
-    done
-}}
+LOGS="/tmp/serve.log /tmp/mount.log"
+{lib}
 stop() {{ # stop: SIGTERM the daemon, wait, and see its device go
     kill -TERM $PID
     wait $PID || fail "the daemon's clean stop failed"

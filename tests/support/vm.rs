@@ -18,6 +18,39 @@ pub fn vm_cache() -> PathBuf {
         })
 }
 
+/// Shell functions for guest scripts that drive a tinylag daemon (busybox sh). The script
+/// sets `T` (the tinylag binary) and `PID` (the daemon), serves the primary `/tmp/p.img`,
+/// and lists the logs `fail` shows in `LOGS`. Deadlines are in guest seconds: TCG on a busy
+/// host is slow, so no loop counts.
+pub const GUEST_DAEMON_LIB: &str = r#"
+fail() { echo "FAILED: $*"; for l in $LOGS; do echo "--- $l"; cat "$l" 2>/dev/null; done; exit 1; }
+now() { cut -d. -f1 /proc/uptime; }
+alive() { # the daemon runs (an exited one stays a zombie until waited for)
+    [ -e /proc/$PID/status ] && ! grep -q '^State:[[:space:]]*Z' /proc/$PID/status
+}
+wait_for() { # wait_for LOG TEXT: until the daemon's log says it
+    deadline=$(( $(now) + 90 ))
+    until grep -q "$2" "$1" 2>/dev/null; do
+        [ $(now) -lt $deadline ] || fail "no '$2' in $1"
+        alive || fail "the daemon exited"
+        sleep 0.2
+    done
+}
+drained() { # the daemon's journal holds everything it acknowledged
+    s=$($T status --primary /tmp/p.img --json) || return 1
+    h=$(echo "$s" | grep '"head_lsn"' | tr -dc 0-9)
+    d=$(echo "$s" | grep '"durable_lsn"' | tr -dc 0-9)
+    [ -n "$h" ] && [ "$h" = "$d" ]
+}
+wait_drained() {
+    deadline=$(( $(now) + 60 ))
+    until drained; do
+        [ $(now) -lt $deadline ] || fail "the journal did not drain"
+        sleep 0.2
+    done
+}
+"#;
+
 /// The tinylag binary without debug info (a debug build is ~300 MB; the guest gets it in its
 /// initramfs), in a new directory outside /tmp (the guest mounts a tmpfs there). The caller
 /// removes the directory.
