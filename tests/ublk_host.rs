@@ -121,6 +121,7 @@ fn ublk_flags_are_checked_before_anything_is_opened() {
             &["--frontend", "ublk", "--listen", "tcp:127.0.0.1:1"][..],
             "--listen",
         ),
+        (&["--frontend", "ublk", "--tls", "require"][..], "--tls"),
     ] {
         let (code, stderr) = serve(extra);
         assert_eq!(code, Some(2), "{extra:?}: {stderr}");

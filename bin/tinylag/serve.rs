@@ -29,7 +29,7 @@ use crate::cmd::args::{
     parse_duration, parse_group, parse_listen, parse_max_lag, parse_pool_size, parse_segment_size,
     parse_store_uri, usage, Ack, S3Args, TlsArgs,
 };
-use crate::cmd::ublk::{Frontend, UblkArgs};
+use crate::cmd::ublk::{check_frontend, Frontend, UblkArgs};
 
 /// Block size advertised without a journal (`--no-journal`), when no manifest says.
 const NO_JOURNAL_BLOCK_SIZE: u32 = 4096;
@@ -186,23 +186,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Every argument is checked before anything is opened, bound or claimed.
     let ack = args.ack_mode()?;
     let ublk = args.frontend == Frontend::Ublk;
-    if ublk {
-        for (given, flag) in [
-            (args.listen.is_some(), "--listen"),
-            (args.export.is_some(), "--export"),
-        ] {
-            if given {
-                return Err(usage(format!(
-                    "{flag} is an NBD option; --frontend ublk serves /dev/ublkbN instead"
-                )));
-            }
-        }
-        tinylag::ublk::check_driver()?;
-    } else if let Some(flag) = args.ublk.given().first() {
-        return Err(usage(format!(
-            "{flag} is a ublk option: add --frontend ublk, or leave it out for NBD"
-        )));
-    }
+    let mut nbd_flags = vec![
+        (args.listen.is_some(), "--listen"),
+        (args.export.is_some(), "--export"),
+    ];
+    nbd_flags.extend(args.tls.given());
+    check_frontend(args.frontend, &args.ublk, &nbd_flags)?;
     let listen: ListenAddr = match &args.listen {
         Some(addr) => addr.clone(),
         None => ListenAddr::Unix(beside(&args.primary, ".sock")),

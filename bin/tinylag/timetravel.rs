@@ -8,16 +8,16 @@ use std::sync::{Arc, Mutex};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use tinylag::clock::{Clock, SystemClock};
-use tinylag::nbd::{self, Export, ListenAddr, NbdServer, TlsMode};
+use tinylag::nbd::{self, Export, ListenAddr, NbdServer};
 use tinylag::store::local::LocalStore;
 use tinylag::store::{open_store, ObjectStore, StoreUri};
 use tinylag::timetravel::restore::{self, Direction, Stage};
 use tinylag::timetravel::view::TimeView;
 use tinylag::timetravel::{timeline, Point, Sources, Target};
 
-use crate::cmd::args::{parse_store_uri, parse_time, usage, JournalArgs, TlsArgs};
+use crate::cmd::args::{parse_listen, parse_store_uri, parse_time, usage, JournalArgs, TlsArgs};
 use crate::cmd::serve::wait_for_signal;
-use crate::cmd::ublk::{Frontend, UblkArgs};
+use crate::cmd::ublk::{check_frontend, Frontend, UblkArgs};
 
 /// The replica and where its history is.
 #[derive(Debug, Args)]
@@ -272,46 +272,21 @@ impl MountArgs {
     /// Refuses flags of the other frontend and combinations that cannot work, before
     /// anything is opened.
     fn check_frontend(&self) -> anyhow::Result<()> {
-        match self.frontend {
-            Frontend::Ublk => {
-                for (given, flag) in [
-                    (self.listen.is_some(), "--listen"),
-                    (self.export.is_some(), "--export"),
-                    (self.tls.tls != TlsMode::Off, "--tls"),
-                    (self.tls.tls_certificates.is_some(), "--tls-certificates"),
-                    (self.tls.tls_verify_peer, "--tls-verify-peer"),
-                    (self.tls.insecure_no_tls, "--insecure-no-tls"),
-                ] {
-                    if given {
-                        return Err(usage(format!(
-                            "{flag} is an NBD option; --frontend ublk serves /dev/ublkbN instead"
-                        )));
-                    }
-                }
-                // A re-attached device would keep the kernel's view of writes that went
-                // to a scratch file the new daemon cannot reopen (it must be new).
-                if self.ublk.user_recovery && self.writable.is_some() {
-                    return Err(usage(
-                        "--user-recovery cannot be used with --writable: a re-attaching daemon \
-                         would lose the scratch file's writes under a mounted filesystem",
-                    ));
-                }
-                tinylag::ublk::check_driver()?;
-            }
-            Frontend::Nbd => {
-                if let Some(flag) = self.ublk.given().first() {
-                    return Err(usage(format!(
-                        "{flag} is a ublk option: add --frontend ublk, or leave it out for NBD"
-                    )));
-                }
-            }
+        // A re-attached device would keep the kernel's view of writes that went to a
+        // scratch file the new daemon cannot reopen (it must be new).
+        if self.ublk.user_recovery && self.writable.is_some() {
+            return Err(usage(
+                "--user-recovery cannot be used with --writable: a re-attaching daemon \
+                 would lose the scratch file's writes under a mounted filesystem",
+            ));
         }
-        Ok(())
+        let mut nbd_flags = vec![
+            (self.listen.is_some(), "--listen"),
+            (self.export.is_some(), "--export"),
+        ];
+        nbd_flags.extend(self.tls.given());
+        check_frontend(self.frontend, &self.ublk, &nbd_flags)
     }
-}
-
-fn parse_listen(s: &str) -> Result<ListenAddr, String> {
-    s.parse::<ListenAddr>().map_err(|e| e.to_string())
 }
 
 pub async fn run_mount(args: MountArgs) -> anyhow::Result<()> {

@@ -4,7 +4,9 @@
 use clap::{Args, ValueEnum};
 use tinylag::ublk::UblkOptions;
 
-use crate::cmd::args::parse_size;
+use tinylag::nbd::TlsMode;
+
+use crate::cmd::args::{parse_size, usage, TlsArgs};
 
 /// How `serve` hands the primary to its users.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -47,6 +49,46 @@ fn parse_io_buf_size(s: &str) -> Result<u32, String> {
         ));
     }
     Ok(size as u32)
+}
+
+/// Refuses flags of the frontend not chosen: NBD flags (`nbd_flags`: given or not, and the
+/// flag's name) with `--frontend ublk`, ublk flags without it; and, for ublk, a kernel without
+/// the driver. Runs before anything is opened.
+pub fn check_frontend(
+    frontend: Frontend,
+    ublk: &UblkArgs,
+    nbd_flags: &[(bool, &str)],
+) -> anyhow::Result<()> {
+    match frontend {
+        Frontend::Ublk => {
+            if let Some((_, flag)) = nbd_flags.iter().find(|(given, _)| *given) {
+                return Err(usage(format!(
+                    "{flag} is an NBD option; --frontend ublk serves /dev/ublkbN instead"
+                )));
+            }
+            tinylag::ublk::check_driver()?;
+        }
+        Frontend::Nbd => {
+            if let Some(flag) = ublk.given().first() {
+                return Err(usage(format!(
+                    "{flag} is a ublk option: add --frontend ublk, or leave it out for NBD"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl TlsArgs {
+    /// The TLS flags given on the command line, for refusing them where there is no NBD.
+    pub fn given(&self) -> [(bool, &'static str); 4] {
+        [
+            (self.tls != TlsMode::Off, "--tls"),
+            (self.tls_certificates.is_some(), "--tls-certificates"),
+            (self.tls_verify_peer, "--tls-verify-peer"),
+            (self.insecure_no_tls, "--insecure-no-tls"),
+        ]
+    }
 }
 
 impl UblkArgs {
