@@ -7,6 +7,7 @@
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// `--color`: when log lines carry ANSI colours.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -30,6 +31,47 @@ impl ColorChoice {
                     && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
             }
         }
+    }
+}
+
+/// `--log-format`: how log lines are written on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (timestamp, level, message and fields), for log shippers.
+    Json,
+}
+
+/// Whether `--log-format json` is on (set once by `main` before any subcommand runs).
+static JSON_LOGS: AtomicBool = AtomicBool::new(false);
+
+pub fn set_json_logs(on: bool) {
+    JSON_LOGS.store(on, Ordering::Relaxed);
+}
+
+pub fn json_logs() -> bool {
+    JSON_LOGS.load(Ordering::Relaxed)
+}
+
+/// A daemon's line for the operator on stderr (a banner, a warning): as it is, or with
+/// `--log-format json` an `info` log event, so the daemon's stderr stays one JSON object per
+/// line.
+pub fn say(line: impl std::fmt::Display) {
+    if JSON_LOGS.load(Ordering::Relaxed) {
+        tracing::info!("{line}");
+    } else {
+        eprintln!("{line}");
+    }
+}
+
+/// A daemon's line on stdout (its start and stop banners): as it is, or with `--log-format
+/// json` an `info` log event on stderr, so a daemon under systemd logs JSON lines only.
+pub fn tell(line: impl std::fmt::Display) {
+    if JSON_LOGS.load(Ordering::Relaxed) {
+        tracing::info!("{line}");
+    } else {
+        println!("{line}");
     }
 }
 

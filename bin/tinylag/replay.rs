@@ -22,7 +22,9 @@ use tokio::sync::watch;
 use crate::cmd::args::{
     parse_duration, parse_group, parse_size, parse_store_uri, parse_time, JournalArgs,
 };
-use crate::cmd::output::self_command;
+use crate::cmd::config::ConfigArg;
+use crate::cmd::output::{say, self_command, tell};
+use crate::cmd::systemd;
 
 #[derive(Debug, Args)]
 pub struct ReplayArgs {
@@ -75,6 +77,8 @@ pub struct ReplayArgs {
     /// `journal trim --drop-consumer-after` reads).
     #[arg(long, default_value = "60s", value_parser = parse_duration, hide = true)]
     pub idle_commit: Duration,
+    #[command(flatten)]
+    pub config: ConfigArg,
 }
 
 /// `<path><suffix>` beside `path` (`replica.img` → `replica.img.undo`).
@@ -189,7 +193,7 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
 
     if args.recover_only {
         let report = agent.recover().await?;
-        println!("{}", serde_json::to_string(&report)?);
+        tell(serde_json::to_string(&report)?);
         return Ok(());
     }
 
@@ -206,7 +210,7 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
         Arc::new(StatusHandler(board.clone())),
         shutdown_rx.clone(),
     ));
-    eprintln!(
+    say(format!(
         "tinylag replay: {} -> {} as consumer {} (delay {}, undo log {}); status: {} status --control {}",
         journal.describe(),
         replica.display(),
@@ -215,7 +219,9 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
         undo.as_deref().unwrap_or("none"),
         self_command(),
         control_path.display()
-    );
+    ));
+    // Recovered and opened; the control socket answers and the agent runs from here on.
+    systemd::ready(&format!("replaying onto {}", replica.display()));
     let signals = tokio::spawn(forward_signals(shutdown_tx.clone()));
     let result = agent.run(shutdown_rx).await;
     signals.abort();
@@ -230,7 +236,7 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
         Outcome::Shutdown => "stopped",
     };
     let t = status.time_spent;
-    eprintln!(
+    say(format!(
         "tinylag replay: {why}: applied LSN {} ({}), consistent LSN {}; this run: {} records in {} batches, time in pre-images {} ms, undo log {} ms, apply {} ms, fsync {} ms, commits {} ms",
         status.applied_lsn,
         status
@@ -245,7 +251,7 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
         t.apply_ms,
         t.sync_ms,
         t.commit_ms
-    );
+    ));
     Ok(())
 }
 
@@ -263,6 +269,7 @@ pub async fn forward_signals(shutdown: watch::Sender<bool>) {
         _ = int.recv() => {}
         _ = term.recv() => {}
     }
+    systemd::stopping();
     tracing::info!("signal received: finishing the current batch");
     let _ = shutdown.send(true);
 }

@@ -29,6 +29,9 @@ use crate::cmd::args::{
     parse_duration, parse_group, parse_listen, parse_max_lag, parse_pool_size, parse_segment_size,
     parse_store_uri, usage, Ack, S3Args, TlsArgs,
 };
+use crate::cmd::config::ConfigArg;
+use crate::cmd::output::{say, tell};
+use crate::cmd::systemd;
 use crate::cmd::ublk::{Frontend, UblkArgs};
 
 /// Block size advertised without a journal (`--no-journal`), when no manifest says.
@@ -127,6 +130,8 @@ pub struct ServeArgs {
     /// on the same host, where a dead pid frees the lease at once).
     #[arg(long, default_value = "15s", value_parser = parse_lease_time)]
     pub lease_time: Duration,
+    #[command(flatten)]
+    pub config: ConfigArg,
 }
 
 fn parse_lease_time(s: &str) -> Result<Duration, String> {
@@ -406,39 +411,44 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
 
     let status = core.status();
-    println!(
+    tell(format!(
         "tinylag serve: {} ({}) as {served_as}",
         args.primary.display(),
         format_size(status.device_size),
-    );
-    println!(
+    ));
+    tell(format!(
         "mode {}, journal {}, control {}",
         status.mode,
         status.journal.as_deref().unwrap_or("none (--no-journal)"),
         control_path.display()
-    );
+    ));
     if let Some(w) = status.warning() {
-        eprintln!("{w}");
+        say(w);
     }
     if let Some(start) = &status.start {
         match start["kind"].as_str() {
-            Some("activity-log") => println!(
+            Some("activity-log") => tell(format!(
                 "restart after an unclean stop: resyncing the {} regions the activity log names",
                 start["regions"]
-            ),
-            Some("full") => eprintln!(
+            )),
+            Some("full") => say(format!(
                 "starting forward-full: the WHOLE device is resynced ({})",
                 start["reason"].as_str().unwrap_or("")
-            ),
+            )),
             _ => {}
         }
     }
     if let Some(w) = &security_warning {
         tracing::warn!("{w}");
-        eprintln!("{w}");
+        if !crate::cmd::output::json_logs() {
+            eprintln!("{w}");
+        }
     }
+    // The NBD listener (bound above) accepts from here on; the control socket answers.
+    systemd::ready(&format!("serving {served_as}"));
 
     let signal = wait_for_signal().await?;
+    systemd::stopping();
     tracing::info!(
         signal,
         "stopping: no new connections, finishing in-flight I/O"
@@ -465,24 +475,24 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     if core.epoch().is_some() {
         if report.undrained_records > 0 {
-            eprintln!(
+            say(format!(
                 "tinylag serve: {} records (LSN {}..={}) could not be journaled within {:?}; \
                  the next start will be forward-full",
                 report.undrained_records,
                 report.durable_lsn + 1,
                 report.head_lsn,
                 args.drain_timeout
-            );
+            ));
         }
-        println!(
+        tell(format!(
             "stopped: mode {}, journal durable through LSN {} of {}{}",
             report.mode,
             report.durable_lsn,
             report.head_lsn,
             if report.clean { ", clean" } else { "" }
-        );
+        ));
     } else {
-        println!("stopped");
+        tell("stopped");
     }
     Ok(())
 }

@@ -37,6 +37,8 @@ pub struct JournalTrimArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub config: crate::cmd::config::ConfigArg,
 }
 
 #[derive(Debug, Args)]
