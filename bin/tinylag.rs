@@ -182,6 +182,10 @@ fn parse_command_line() -> Result<Cli, ExitCode> {
 
 /// Logging on stderr: `--log`, else `RUST_LOG`, else `info`; text or JSON lines.
 fn init_logging(filter: Option<&str>, ansi: bool, json: bool) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
     let from_env = std::env::var("RUST_LOG")
         .ok()
         .filter(|f| !f.trim().is_empty());
@@ -195,16 +199,26 @@ fn init_logging(filter: Option<&str>, ansi: bool, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     cmd::output::set_json_logs(json);
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder
+    let format = tracing_subscriber::fmt::layer().with_writer(cmd::log_redact::RedactingStderr);
+    let format = if json {
+        format
             .json()
             .flatten_event(true)
             .with_current_span(false)
-            .init();
+            .boxed()
     } else {
-        builder.with_ansi(ansi).with_target(false).init();
-    }
+        format.with_ansi(ansi).with_target(false).boxed()
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::filter::filter_fn(no_credentials))
+        .with(format)
+        .init();
+}
+
+/// The AWS SDK's crates log each request's signing parameters, access key id included, at
+/// TRACE (aws-sigv4's "signing request"): their TRACE events are never written, whatever the
+/// filter says. Their DEBUG events, and everything else, pass.
+fn no_credentials(meta: &tracing::Metadata<'_>) -> bool {
+    !(*meta.level() == tracing::Level::TRACE && meta.target().starts_with("aws_"))
 }

@@ -5,6 +5,7 @@ pub mod config;
 pub mod control_cmd;
 pub mod init;
 pub mod journal_cmd;
+pub mod log_redact;
 pub mod output;
 pub mod replay;
 pub mod serve;

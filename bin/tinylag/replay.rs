@@ -24,6 +24,7 @@ use crate::cmd::args::{
 };
 use crate::cmd::config::ConfigArg;
 use crate::cmd::output::{say, self_command, tell};
+use crate::cmd::serve::StopSignals;
 use crate::cmd::systemd;
 
 #[derive(Debug, Args)]
@@ -197,6 +198,8 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
         return Ok(());
     }
 
+    // Caught from here on: a stop while the control socket already answers is clean.
+    let signals = StopSignals::watch()?;
     let access = control::Access {
         group: args.control_group,
     };
@@ -222,7 +225,7 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
     ));
     // Recovered and opened; the control socket answers and the agent runs from here on.
     systemd::ready(&format!("replaying onto {}", replica.display()));
-    let signals = tokio::spawn(forward_signals(shutdown_tx.clone()));
+    let signals = tokio::spawn(forward_signals(signals, shutdown_tx.clone()));
     let result = agent.run(shutdown_rx).await;
     signals.abort();
     let _ = shutdown_tx.send(true);
@@ -256,19 +259,8 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
 }
 
 /// Turns SIGINT and SIGTERM into a shutdown request.
-pub async fn forward_signals(shutdown: watch::Sender<bool>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        tracing::warn!("cannot install signal handlers; stop with SIGKILL");
-        return;
-    };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
-    }
+pub async fn forward_signals(mut signals: StopSignals, shutdown: watch::Sender<bool>) {
+    signals.recv().await;
     systemd::stopping();
     tracing::info!("signal received: finishing the current batch");
     let _ = shutdown.send(true);

@@ -217,6 +217,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         None => ListenAddr::Unix(beside(&args.primary, ".sock")),
     };
     let security = args.tls.security(&listen)?;
+    let mut signals = StopSignals::watch()?;
     let control_path = args
         .control
         .clone()
@@ -447,7 +448,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // The NBD listener (bound above) accepts from here on; the control socket answers.
     systemd::ready(&format!("serving {served_as}"));
 
-    let signal = wait_for_signal().await?;
+    let signal = signals.recv().await;
     systemd::stopping();
     tracing::info!(
         signal,
@@ -498,11 +499,31 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 pub async fn wait_for_signal() -> anyhow::Result<&'static str> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
+    Ok(StopSignals::watch()?.recv().await)
+}
+
+/// SIGTERM and SIGINT, caught from the moment this is made: a daemon makes it before its
+/// sockets answer, so a stop that comes while it starts (right after `status` first
+/// answers, or systemd's READY=1) is a clean stop, not the default action's kill.
+pub struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    pub fn watch() -> anyhow::Result<StopSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate()).context("cannot watch SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("cannot watch SIGINT")?,
+        })
+    }
+
+    /// The name of the first signal that arrives.
+    pub async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
 }

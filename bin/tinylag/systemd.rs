@@ -19,6 +19,10 @@ pub fn stopping() {
 }
 
 fn send(states: &[NotifyState]) {
+    // systemd treats an empty $NOTIFY_SOCKET as unset.
+    if std::env::var_os("NOTIFY_SOCKET").is_none_or(|v| v.is_empty()) {
+        return;
+    }
     if let Err(e) = sd_notify::notify(states) {
         tracing::warn!(error = %e, "cannot notify systemd on $NOTIFY_SOCKET");
     }
