@@ -258,6 +258,45 @@ fn a_typo_or_a_bad_value_in_the_config_file_is_refused_naming_the_key() {
     );
 }
 
+#[test]
+fn the_readme_config_example_is_valid_and_complete() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let start = readme
+        .find("```toml\n")
+        .expect("a ```toml block in README.md")
+        + 8;
+    let end = start + readme[start..].find("```").expect("the block's end");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("example.toml");
+    std::fs::write(&file, &readme[start..end]).unwrap();
+    let said = tinylag_ok(&["config", "check", path(&file)], &[]);
+    assert!(said.contains("3 sections"), "{said}");
+    for section in ["serve", "replay", "journal trim"] {
+        assert!(
+            said.contains(&format!("complete: `tinylag {section} --config")),
+            "{section}: {said}"
+        );
+    }
+    // A conflict inside a section is refused by `config check` too, naming both flags.
+    let conflict = dir.path().join("conflict.toml");
+    std::fs::write(
+        &conflict,
+        "[serve]\nactivity-log = \"/a\"\nno-activity-log = true\n",
+    )
+    .unwrap();
+    let out = tinylag(&["config", "check", path(&conflict)], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let said = text(&out);
+    assert!(
+        said.contains("[serve]")
+            && said.contains("--activity-log")
+            && said.contains("--no-activity-log"),
+        "{said}"
+    );
+    assert!(!said.contains("all keys and values valid"), "{said}");
+}
+
 // ---------------------------------------------------------------------------------------
 // systemd
 // ---------------------------------------------------------------------------------------

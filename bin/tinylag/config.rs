@@ -551,12 +551,7 @@ pub fn check(args: CheckArgs, root: Command) -> anyhow::Result<()> {
             section_list()
         );
     }
-    println!(
-        "{}: {} section{}, all keys and values valid",
-        args.file.display(),
-        config.sections.len(),
-        if config.sections.len() == 1 { "" } else { "s" }
-    );
+    let mut report = Vec::new();
     for section in &config.sections {
         let mut argv: Vec<OsString> = vec!["tinylag".into()];
         argv.extend(section.command.iter().map(OsString::from));
@@ -565,25 +560,26 @@ pub fn check(args: CheckArgs, root: Command) -> anyhow::Result<()> {
             .iter()
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
-        println!(
-            "[{}] {} key{}: {}",
+        let n = section.settings.len();
+        report.push(format!(
+            "[{}] {n} key{}: {}",
             section.name,
-            section.settings.len(),
-            if section.settings.len() == 1 { "" } else { "s" },
+            if n == 1 { "" } else { "s" },
             shown.join(" ")
-        );
+        ));
+        // The rules between flags (conflicts, requirements), as the command will apply them.
         match root.clone().try_get_matches_from(&argv) {
-            Ok(_) => println!(
+            Ok(_) => report.push(format!(
                 "  complete: `tinylag {} --config {}` needs no other flag",
                 section.command.join(" "),
                 args.file.display()
-            ),
+            )),
             Err(e) if e.kind() == clap::error::ErrorKind::MissingRequiredArgument => {
                 let missing = match e.get(clap::error::ContextKind::InvalidArg) {
                     Some(clap::error::ContextValue::Strings(v)) => v.join(", "),
                     _ => clap_message(&e),
                 };
-                println!("  the command line must add: {missing}");
+                report.push(format!("  the command line must add: {missing}"));
             }
             Err(e) => {
                 return Err(ConfigError::Conflict {
@@ -594,6 +590,15 @@ pub fn check(args: CheckArgs, root: Command) -> anyhow::Result<()> {
                 .into())
             }
         }
+    }
+    let n = config.sections.len();
+    println!(
+        "{}: {n} section{}, all keys and values valid",
+        args.file.display(),
+        if n == 1 { "" } else { "s" }
+    );
+    for line in report {
+        println!("{line}");
     }
     Ok(())
 }
