@@ -31,8 +31,8 @@ struct Cli {
     /// kept at error unless named.
     #[arg(long, global = true, env = "TINYLAG_LOG", value_name = "FILTER")]
     log: Option<String>,
-    /// Log lines as text, or as one JSON object per line (with json, the daemons' banners
-    /// and the final error are JSON log events too).
+    /// Log lines as text, or as one JSON object per line on stderr (with json, banners,
+    /// reports and the final error are JSON objects too, so a daemon writes JSON lines only).
     #[arg(
         long,
         global = true,
@@ -142,7 +142,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
             None if json => {
-                tracing::error!("tinylag: error: {}", error_text(&e));
+                cmd::output::error_line(format!("tinylag: error: {}", error_text(&e)));
                 ExitCode::FAILURE
             }
             None => {

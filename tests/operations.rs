@@ -60,7 +60,12 @@ fn a_daemon_started_from_a_config_file_behaves_as_with_the_same_flags() {
              [replay]\n\
              journal = \"{journal}\"\n\
              name = \"dr\"\n\
-             delay = \"0\"\n",
+             delay = \"0\"\n\
+             \n\
+             [journal-trim]\n\
+             journal = \"{journal}\"\n\
+             retain = \"0\"\n\
+             log-format = \"json\"\n",
             path(&primary)
         ),
     )
@@ -68,7 +73,7 @@ fn a_daemon_started_from_a_config_file_behaves_as_with_the_same_flags() {
 
     // `config check` validates every section and shows what each gives.
     let checked = tinylag_ok(&["config", "check", path(&config)], &[]);
-    assert!(checked.contains("2 sections"), "{checked}");
+    assert!(checked.contains("3 sections"), "{checked}");
     assert!(
         checked.contains("--pool-size=24M") && checked.contains("--export=db1"),
         "{checked}"
@@ -161,6 +166,14 @@ fn a_daemon_started_from_a_config_file_behaves_as_with_the_same_flags() {
         image[..1 << 20].iter().all(|&b| b == 0x5a),
         "the replica has the write"
     );
+
+    // The trim job from its section, logging JSON as the file says: its report is JSON
+    // log lines too.
+    let out = tinylag(&["journal", "trim", "--config", path(&config)], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let lines = text(&out);
+    assert!(assert_json_lines("journal trim", &lines) >= 3, "{lines}");
+    assert!(lines.contains("held back by"), "{lines}");
 }
 
 #[test]

@@ -54,25 +54,52 @@ pub fn json_logs() -> bool {
     JSON_LOGS.load(Ordering::Relaxed)
 }
 
-/// A daemon's line for the operator on stderr (a banner, a warning): as it is, or with
-/// `--log-format json` an `info` log event, so the daemon's stderr stays one JSON object per
-/// line.
+/// A line for the operator on stderr (a banner, a notice): as it is, or with `--log-format
+/// json` one JSON object shaped like the log events (`timestamp`, `level`, `message`,
+/// `target`). Like the text, it is written whatever `--log` filters: it is the command's
+/// output, not a log event.
 pub fn say(line: impl std::fmt::Display) {
     if JSON_LOGS.load(Ordering::Relaxed) {
-        tracing::info!("{line}");
+        json_line("INFO", &line.to_string());
     } else {
         eprintln!("{line}");
     }
 }
 
-/// A daemon's line on stdout (its start and stop banners): as it is, or with `--log-format
-/// json` an `info` log event on stderr, so a daemon under systemd logs JSON lines only.
+/// A warning for the operator on stderr: as it is, or with `--log-format json` a JSON
+/// object at level `WARN`.
+pub fn warn(line: impl std::fmt::Display) {
+    if JSON_LOGS.load(Ordering::Relaxed) {
+        json_line("WARN", &line.to_string());
+    } else {
+        eprintln!("{line}");
+    }
+}
+
+/// The final error of a command with `--log-format json`: one JSON object at level `ERROR`.
+pub fn error_line(line: impl std::fmt::Display) {
+    json_line("ERROR", &line.to_string());
+}
+
+/// A line on stdout (a daemon's start and stop banners, a report): as it is, or with
+/// `--log-format json` a JSON object on stderr, so a daemon under systemd writes JSON lines
+/// only.
 pub fn tell(line: impl std::fmt::Display) {
     if JSON_LOGS.load(Ordering::Relaxed) {
-        tracing::info!("{line}");
+        json_line("INFO", &line.to_string());
     } else {
         println!("{line}");
     }
+}
+
+fn json_line(level: &str, message: &str) {
+    let line = serde_json::json!({
+        "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        "level": level,
+        "message": message,
+        "target": "tinylag",
+    });
+    eprintln!("{line}");
 }
 
 /// An error and its causes on one line, each cause once: a cause whose text its wrapper

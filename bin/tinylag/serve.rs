@@ -30,7 +30,7 @@ use crate::cmd::args::{
     parse_store_uri, usage, Ack, S3Args, TlsArgs,
 };
 use crate::cmd::config::ConfigArg;
-use crate::cmd::output::{say, tell};
+use crate::cmd::output::{tell, warn};
 use crate::cmd::systemd;
 use crate::cmd::ublk::{Frontend, UblkArgs};
 
@@ -424,7 +424,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         control_path.display()
     ));
     if let Some(w) = status.warning() {
-        say(w);
+        warn(w);
     }
     if let Some(start) = &status.start {
         match start["kind"].as_str() {
@@ -432,7 +432,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 "restart after an unclean stop: resyncing the {} regions the activity log names",
                 start["regions"]
             )),
-            Some("full") => say(format!(
+            Some("full") => warn(format!(
                 "starting forward-full: the WHOLE device is resynced ({})",
                 start["reason"].as_str().unwrap_or("")
             )),
@@ -476,7 +476,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     if core.epoch().is_some() {
         if report.undrained_records > 0 {
-            say(format!(
+            warn(format!(
                 "tinylag serve: {} records (LSN {}..={}) could not be journaled within {:?}; \
                  the next start will be forward-full",
                 report.undrained_records,
