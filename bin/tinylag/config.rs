@@ -107,15 +107,13 @@ pub enum ConfigError {
     )]
     NotInSection { path: PathBuf, key: String },
     /// A key that is not a long flag of the section's subcommand.
-    #[error(
-        "{path}: [{section}] has no key `{key}`{hint}; the keys are the long flags of `tinylag {command}`: {accepted}"
-    )]
+    #[error("{path}: [{section}] has no key `{key}`{hint}; the keys are {accepted}")]
     UnknownKey {
         path: PathBuf,
         section: String,
         key: String,
         hint: String,
-        command: String,
+        /// "the long flags of `tinylag serve`: ack, activity-log, …"
         accepted: String,
     },
     /// A key that looks like a credential.
@@ -309,8 +307,10 @@ fn check_section(
                 section: section.name.clone(),
                 key: key.clone(),
                 hint,
-                command: command_name.clone(),
-                accepted: accepted.into_iter().collect::<Vec<_>>().join(", "),
+                accepted: format!(
+                    "the long flags of `tinylag {command_name}`: {}",
+                    accepted.into_iter().collect::<Vec<_>>().join(", ")
+                ),
             });
         };
         let wrong_type = |expected: String| ConfigError::WrongType {
@@ -601,4 +601,124 @@ pub fn check(args: CheckArgs, root: Command) -> anyhow::Result<()> {
         println!("{line}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    fn argv(args: &[&str]) -> Vec<OsString> {
+        std::iter::once("tinylag")
+            .chain(args.iter().copied())
+            .map(OsString::from)
+            .collect()
+    }
+
+    fn shown(argv: &[OsString]) -> Vec<String> {
+        argv.iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    fn file(body: &str) -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, body).unwrap();
+        let path = path.display().to_string();
+        (dir, path)
+    }
+
+    const SERVE: &str = "[serve]\nprimary = \"/p\"\njournal = \"/j\"\npool-size = \"64M\"\n\
+                         no-activity-log = true\nlog-format = \"json\"\n";
+
+    #[test]
+    fn the_file_fills_in_what_the_command_line_leaves_out() {
+        let (_dir, path) = file(SERVE);
+        let root = crate::Cli::command();
+        let merged = merge(&root, argv(&["serve", "--config", &path])).unwrap();
+        let args = shown(&merged.argv);
+        for expected in [
+            "--primary=/p",
+            "--journal=/j",
+            "--pool-size=64M",
+            "--no-activity-log",
+            "--log-format=json",
+        ] {
+            assert!(args.contains(&expected.to_string()), "{args:?}");
+        }
+        let (_, section, keys) = merged.from_file.unwrap();
+        assert_eq!(section, "serve");
+        assert_eq!(keys.len(), 5, "{keys:?}");
+    }
+
+    #[test]
+    fn the_command_line_wins_and_drops_conflicting_keys() {
+        let (_dir, path) = file(SERVE);
+        let root = crate::Cli::command();
+        let merged = merge(
+            &root,
+            argv(&[
+                "--log-format",
+                "text",
+                "serve",
+                "--config",
+                &path,
+                "--pool-size",
+                "8M",
+                "--activity-log",
+                "/al",
+            ]),
+        )
+        .unwrap();
+        let args = shown(&merged.argv);
+        assert!(
+            !args.iter().any(|a| a.starts_with("--pool-size=")),
+            "{args:?}"
+        );
+        assert!(!args.contains(&"--no-activity-log".to_string()), "{args:?}");
+        assert!(
+            !args.contains(&"--log-format=json".to_string()),
+            "a global given before the subcommand wins: {args:?}"
+        );
+        assert!(args.contains(&"--primary=/p".to_string()), "{args:?}");
+    }
+
+    #[test]
+    fn other_command_lines_pass_through_untouched() {
+        let (_dir, path) = file(SERVE);
+        let root = crate::Cli::command();
+        for args in [
+            vec!["serve", "--primary", "/p", "--journal", "/j"],
+            vec!["serve", "--config", &path, "--help"],
+            vec!["status", "--control", "/c"],
+            vec!["journal", "info", "--journal", "/j"],
+        ] {
+            let merged = merge(&root, argv(&args)).unwrap();
+            assert_eq!(merged.argv, argv(&args));
+            assert!(merged.from_file.is_none());
+        }
+    }
+
+    #[test]
+    fn nested_subcommands_read_their_own_section() {
+        let (_dir, path) = file(
+            "[journal-trim]\njournal = \"/j\"\nretain = \"2h\"\ndry-run = true\n\
+             [replay]\nbatch-records = 100\n",
+        );
+        let root = crate::Cli::command();
+        let merged = merge(&root, argv(&["journal", "trim", "--config", &path])).unwrap();
+        let args = shown(&merged.argv);
+        assert!(args.contains(&"--retain=2h".to_string()), "{args:?}");
+        assert!(args.contains(&"--dry-run".to_string()), "{args:?}");
+        assert!(
+            !args.iter().any(|a| a.starts_with("--batch")),
+            "only [journal-trim]: {args:?}"
+        );
+        let cli = crate::Cli::try_parse_from(&merged.argv);
+        assert!(cli.is_ok(), "{:?}", cli.err());
+        // Integers pass as their text, through the flag's own parser.
+        let merged = merge(&root, argv(&["replay", "--config", &path])).unwrap();
+        assert!(shown(&merged.argv).contains(&"--batch-records=100".to_string()));
+    }
 }

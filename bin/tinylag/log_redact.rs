@@ -78,7 +78,7 @@ pub fn redact(text: &str) -> String {
             continue;
         }
         let end = tail
-            .find(|c: char| matches!(c, '"' | '\\' | '/' | ',' | ' ' | '\n'))
+            .find(['"', '\\', '/', ',', ' ', '\n'])
             .unwrap_or(tail.len());
         if end > 0 {
             out.push_str(REDACTED);
