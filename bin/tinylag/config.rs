@@ -40,15 +40,23 @@ pub const SECTIONS: [(&str, &[&str]); 4] = [
     ("journal-trim", &["journal", "trim"]),
 ];
 
-/// Key fragments that mark a credential; refused by name whatever the section.
+/// Key fragments that mark a credential; refused by name whatever the section, unless the
+/// key names a place to read one from (`…-file`, `…-path`, `…-dir`).
 const CREDENTIAL_WORDS: [&str; 6] = [
     "secret",
     "password",
     "token",
     "access-key",
     "access_key",
-    "credential",
+    "session",
 ];
+
+/// Whether `key` looks like it holds a credential itself.
+fn is_credential(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    CREDENTIAL_WORDS.iter().any(|w| key.contains(w))
+        && !["-file", "-path", "-dir"].iter().any(|s| key.ends_with(s))
+}
 
 /// `--config FILE` of a daemon subcommand (flattened into its arguments). By the time the
 /// subcommand runs, the file's settings are already on its command line.
@@ -286,8 +294,7 @@ fn check_section(
 ) -> Result<Section, ConfigError> {
     let command_name = section.command.join(" ");
     for (key, value) in entries {
-        let lower = key.to_ascii_lowercase();
-        if CREDENTIAL_WORDS.iter().any(|w| lower.contains(w)) {
+        if is_credential(key) {
             return Err(ConfigError::Credential {
                 path: path.to_path_buf(),
                 section: section.name.clone(),
@@ -697,6 +704,27 @@ mod tests {
             let merged = merge(&root, argv(&args)).unwrap();
             assert_eq!(merged.argv, argv(&args));
             assert!(merged.from_file.is_none());
+        }
+    }
+
+    #[test]
+    fn keys_holding_credentials_are_told_from_keys_naming_a_file() {
+        for key in [
+            "s3-secret-access-key",
+            "aws_secret_access_key",
+            "aws-session-token",
+            "access_key_id",
+            "password",
+        ] {
+            assert!(is_credential(key), "{key}");
+        }
+        for key in [
+            "s3-secret-file",
+            "token-path",
+            "pool-size",
+            "tls-certificates",
+        ] {
+            assert!(!is_credential(key), "{key}");
         }
     }
 

@@ -223,7 +223,8 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
         self_command(),
         control_path.display()
     ));
-    // Recovered and opened; the control socket answers and the agent runs from here on.
+    // The control socket answers and the agent runs from here on (crash recovery, if any, is
+    // its first step: status shows it, and a long one is not cut short by a start timeout).
     systemd::ready(&format!("replaying onto {}", replica.display()));
     let signals = tokio::spawn(forward_signals(signals, shutdown_tx.clone()));
     let result = agent.run(shutdown_rx).await;

@@ -440,8 +440,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
     if let Some(w) = &security_warning {
-        tracing::warn!("{w}");
-        if !crate::cmd::output::json_logs() {
+        if crate::cmd::output::json_logs() {
+            warn(w);
+        } else {
+            tracing::warn!("{w}");
             eprintln!("{w}");
         }
     }
