@@ -693,6 +693,11 @@ async fn json_logs_parse_line_by_line_and_no_credential_shows_anywhere() {
         ],
         &bad_env,
     );
+    assert!(
+        !out.status.success(),
+        "s3s-fs checks signatures: {}",
+        text(&out)
+    );
     shown.push(("journal info with a wrong secret".into(), text(&out)));
 
     // Stop both; their logs are complete now.
