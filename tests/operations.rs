@@ -729,20 +729,23 @@ async fn json_logs_parse_line_by_line_and_no_credential_shows_anywhere() {
 fn rust_log_is_honoured_unless_log_or_tinylag_log_says_otherwise() {
     let dir = tempfile::tempdir().unwrap();
     let (primary, journal) = primary_and_journal(dir.path());
-    let control = dir.path().join("primary.img.ctl");
     // Starts and stops `serve`; whether its INFO event at SIGTERM ("stopping: …") was logged.
     let logs_info = |n: usize, env: &[(&str, &str)], extra: &[&str]| -> bool {
         let log = dir.path().join(format!("serve-{n}.log"));
+        let run_dir = tempfile::tempdir().unwrap();
+        let notify = NotifySocket::bind(run_dir.path());
         let mut cmd = Command::new(tinylag_bin());
         cmd.args(["serve", "--primary", path(&primary), "--journal", &journal])
             .args(["--log-format", "json"])
             .args(extra)
             .env_remove("TINYLAG_LOG")
             .env_remove("RUST_LOG")
-            .envs(env.iter().copied());
+            .envs(env.iter().copied())
+            .env("NOTIFY_SOCKET", &notify.path);
         let mut serve = ChildGuard::spawn_logged("tinylag serve", &mut cmd, &log).unwrap();
-        support::procs::wait_for_path(&control, Duration::from_secs(60))
-            .unwrap_or_else(|e| panic!("{e}; log:\n{}", log_of(&log)));
+        notify
+            .recv(Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("no READY=1; log:\n{}", log_of(&log)));
         let exited = serve.terminate(Duration::from_secs(60)).unwrap();
         assert!(exited.success(), "{exited}; log:\n{}", log_of(&log));
         let said = log_of(&log);

@@ -217,7 +217,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         None => ListenAddr::Unix(beside(&args.primary, ".sock")),
     };
     let security = args.tls.security(&listen)?;
-    let mut signals = StopSignals::watch()?;
     let control_path = args
         .control
         .clone()
@@ -366,6 +365,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     );
     let security_warning = security.warning(&listen);
 
+    // Caught from before the control socket first answers: a stop that comes right after
+    // (a test's first `status`, systemd's READY=1) is a clean stop, not the default kill.
+    // (Until here a signal kills at once, as a stuck start should be stoppable.)
+    let mut signals = StopSignals::watch()?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let control_task = tokio::spawn(control::serve(
         control_listener,
@@ -505,8 +508,8 @@ pub async fn wait_for_signal() -> anyhow::Result<&'static str> {
 }
 
 /// SIGTERM and SIGINT, caught from the moment this is made: a daemon makes it before its
-/// sockets answer, so a stop that comes while it starts (right after `status` first
-/// answers, or systemd's READY=1) is a clean stop, not the default action's kill.
+/// sockets answer, so a stop that comes right after they do (after the first `status`, or
+/// systemd's READY=1) is a clean stop, not the default action's kill.
 pub struct StopSignals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
