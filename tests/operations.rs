@@ -526,6 +526,53 @@ fn serve_and_replay_tell_systemd_when_they_are_ready_and_when_they_stop() {
     );
 }
 
+#[test]
+fn up_runs_from_its_config_section_and_tells_systemd() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("up.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[up]\ndir = \"{}\"\nsize = \"32M\"\ndelay = \"0\"\nlog-format = \"json\"\n",
+            path(&data)
+        ),
+    )
+    .unwrap();
+    let notify = NotifySocket::bind(dir.path());
+    let log = dir.path().join("up.log");
+    let mut up = spawn_logged(
+        "tinylag up",
+        &["up", "--config", path(&config)],
+        &[("NOTIFY_SOCKET", notify.path.display().to_string())],
+        &log,
+    );
+    // Both halves say READY=1 (serve once its socket accepts, replay once its agent runs).
+    let mut ready = Vec::new();
+    while ready.len() < 2 {
+        let got = notify
+            .recv(Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("READY=1 {ready:?}; log:\n{}", log_of(&log)));
+        ready.push(got);
+    }
+    assert!(
+        ready.iter().all(|r| r.starts_with("READY=1\n")),
+        "{ready:?}"
+    );
+    let info = run_ok(Command::new("nbdinfo").arg(format!(
+        "nbd+unix:///?socket={}",
+        data.join("primary.img.sock").display()
+    )));
+    assert!(
+        String::from_utf8_lossy(&info.stdout).contains("33554432"),
+        "size = \"32M\" from the file"
+    );
+    let exited = up.terminate(Duration::from_secs(60)).unwrap();
+    assert!(exited.success(), "{exited}; log:\n{}", log_of(&log));
+    let said = log_of(&log);
+    assert!(assert_json_lines("up", &said) >= 5, "{said}");
+}
+
 // ---------------------------------------------------------------------------------------
 // Logs and credentials
 // ---------------------------------------------------------------------------------------
