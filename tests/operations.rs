@@ -395,6 +395,21 @@ fn the_systemd_units_pass_systemd_analyze_verify() {
     let problems = verify_units(&units, &man);
     assert!(problems.is_empty(), "systemd-analyze verify: {problems:#?}");
 
+    // The hardening keeps each service's exposure in systemd's "OK" band (below 5.0 of 10).
+    for name in seen.iter().filter(|n| n.ends_with(".service")) {
+        let out = Command::new("systemd-analyze")
+            .args(["security", "--offline=true", "--threshold=50", "--no-pager"])
+            .arg(units.join(name))
+            .env("SYSTEMD_COLORS", "0")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: exposure above 5.0:\n{}",
+            text(&out)
+        );
+    }
+
     // The same check catches a broken unit: a bad value and an unknown key (which
     // systemd-analyze only warns about, exiting 0).
     let serve = units.join("tinylag-serve@.service");
