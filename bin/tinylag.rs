@@ -9,25 +9,39 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 // The subcommands live in bin/tinylag/, one file each, declared in bin/tinylag/mod.rs.
 #[path = "tinylag/mod.rs"]
 mod cmd;
 
 use cmd::args::UsageError;
-use cmd::output::{error_text, ColorChoice};
-use cmd::{control_cmd, init, journal_cmd, replay, serve, status, timetravel, trim, up};
+use cmd::output::{error_text, ColorChoice, LogFormat};
+use cmd::{
+    config, control_cmd, init, journal_cmd, replay, serve, shell_docs, status, timetravel, trim, up,
+};
 
 /// Asynchronous block-device replication through a journal in object storage,
 /// with delayed replicas and time travel.
 #[derive(Debug, Parser)]
 #[command(name = "tinylag", version, about, propagate_version = true)]
 struct Cli {
-    /// Log filter (error, warn, info, debug, trace, or a tracing filter like tinylag=debug).
-    /// The AWS SDK's own chatter (e.g. "no IMDS here") is kept at error unless named.
-    #[arg(long, global = true, env = "TINYLAG_LOG", default_value = "info")]
-    log: String,
+    /// Log filter (error, warn, info, debug, trace, or a tracing filter like tinylag=debug)
+    /// [default: $RUST_LOG, else info]. The AWS SDK's own chatter (e.g. "no IMDS here") is
+    /// kept at error unless named.
+    #[arg(long, global = true, env = "TINYLAG_LOG", value_name = "FILTER")]
+    log: Option<String>,
+    /// Log lines as text, or as one JSON object per line on stderr (with json, banners,
+    /// reports and the final error are JSON objects too, so a daemon writes JSON lines only).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        value_name = "text|json",
+        hide_possible_values = true
+    )]
+    log_format: LogFormat,
     /// Colours in log lines.
     #[arg(
         long,
@@ -74,11 +88,22 @@ enum Command {
     Status(status::StatusArgs),
     /// Primary, journal and replica in one directory, one process: serve + replay.
     Up(up::UpArgs),
+    /// Check a config file (the settings of --config FILE).
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(shell_docs::CompletionsArgs),
+    /// Write the man pages (tinylag.1 and one per subcommand) into a directory.
+    Manpage(shell_docs::ManpageArgs),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_logging(&cli.log, cli.color.ansi());
+    let cli = match parse_command_line() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    let json = cli.log_format == LogFormat::Json;
+    init_logging(cli.log.as_deref(), cli.color.ansi(), json);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -104,6 +129,9 @@ fn main() -> ExitCode {
             Command::Status(a) => status::run(a).await,
             Command::Undo(trim::UndoCommand::Trim(a)) => trim::undo_trim(a).await,
             Command::Up(a) => up::run(a).await,
+            Command::Config(config::ConfigCommand::Check(a)) => config::check(a, Cli::command()),
+            Command::Completions(a) => shell_docs::completions(a, Cli::command()),
+            Command::Manpage(a) => shell_docs::manpage(a, Cli::command()),
         }
     });
     match result {
@@ -113,6 +141,10 @@ fn main() -> ExitCode {
                 eprintln!("error: {usage}\n\nFor more information, try '--help'.");
                 ExitCode::from(2)
             }
+            None if json => {
+                cmd::output::error_line(format!("tinylag: error: {}", error_text(&e)));
+                ExitCode::FAILURE
+            }
             None => {
                 eprintln!("tinylag: error: {}", error_text(&e));
                 ExitCode::FAILURE
@@ -121,7 +153,44 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(filter: &str, ansi: bool) {
+/// The command line, with the settings of `--config FILE` added (see `config::merge`); on a
+/// bad command line or config file, prints the error and gives the exit code (2).
+fn parse_command_line() -> Result<Cli, ExitCode> {
+    let merged = match config::merge(&Cli::command(), std::env::args_os().collect()) {
+        Ok(merged) => merged,
+        Err(e) => {
+            eprintln!("error: {e}\n\nFor more information, try '--help'.");
+            return Err(ExitCode::from(2));
+        }
+    };
+    match Cli::try_parse_from(&merged.argv) {
+        Ok(cli) => Ok(cli),
+        Err(e) => {
+            let _ = e.print();
+            match &merged.from_file {
+                Some((file, section, keys)) if e.use_stderr() && !keys.is_empty() => eprintln!(
+                    "note: --config {} [{section}] added: {}",
+                    file.display(),
+                    keys.join(", ")
+                ),
+                _ => {}
+            }
+            Err(ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2)))
+        }
+    }
+}
+
+/// Logging on stderr: `--log`, else `RUST_LOG`, else `info`; text or JSON lines.
+fn init_logging(filter: Option<&str>, ansi: bool, json: bool) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
+    let from_env = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|f| !f.trim().is_empty());
+    let filter = filter.map(str::to_string).or(from_env);
+    let filter = filter.as_deref().unwrap_or("info");
     let filter = if filter.contains("aws") {
         filter.to_string()
     } else {
@@ -129,10 +198,27 @@ fn init_logging(filter: &str, ansi: bool) {
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .with_target(false)
+    cmd::output::set_json_logs(json);
+    let format = tracing_subscriber::fmt::layer().with_writer(cmd::log_redact::RedactingStderr);
+    let format = if json {
+        format
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .boxed()
+    } else {
+        format.with_ansi(ansi).with_target(false).boxed()
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::filter::filter_fn(no_credentials))
+        .with(format)
         .init();
+}
+
+/// The AWS SDK's crates log each request's signing parameters, access key id included, at
+/// TRACE (aws-sigv4's "signing request"): their TRACE events are never written, whatever the
+/// filter says. Their DEBUG events, and everything else, pass.
+fn no_credentials(meta: &tracing::Metadata<'_>) -> bool {
+    !(*meta.level() == tracing::Level::TRACE && meta.target().starts_with("aws_"))
 }

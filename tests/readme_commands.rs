@@ -15,6 +15,7 @@ const GLOBAL_FLAGS: &[&str] = &[
     "--help",
     "--version",
     "--log",
+    "--log-format",
     "--color",
     "--s3-endpoint",
     "--s3-region",

@@ -1,13 +1,17 @@
 //! The subcommands of `tinylag`, one file each, plus the argument types they share.
 
 pub mod args;
+pub mod config;
 pub mod control_cmd;
 pub mod init;
 pub mod journal_cmd;
+pub mod log_redact;
 pub mod output;
 pub mod replay;
 pub mod serve;
+pub mod shell_docs;
 pub mod status;
+pub mod systemd;
 pub mod timetravel;
 pub mod trim;
 pub mod ublk;

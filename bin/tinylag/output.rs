@@ -7,6 +7,7 @@
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// `--color`: when log lines carry ANSI colours.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -31,6 +32,81 @@ impl ColorChoice {
             }
         }
     }
+}
+
+/// `--log-format`: how log lines are written on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (timestamp, level, message and fields), for log shippers.
+    Json,
+}
+
+/// Whether `--log-format json` is on (set once by `main` before any subcommand runs).
+static JSON_LOGS: AtomicBool = AtomicBool::new(false);
+
+pub fn set_json_logs(on: bool) {
+    JSON_LOGS.store(on, Ordering::Relaxed);
+}
+
+/// A line for the operator on stderr (a banner, a notice): as it is, or with `--log-format
+/// json` one JSON object shaped like the log events (`timestamp`, `level`, `message`,
+/// `target`). Like the text, it is written whatever `--log` filters: it is the command's
+/// output, not a log event.
+pub fn say(line: impl std::fmt::Display) {
+    if JSON_LOGS.load(Ordering::Relaxed) {
+        json_line("INFO", &line.to_string());
+    } else {
+        eprintln!("{line}");
+    }
+}
+
+/// A warning for the operator on stderr: as it is, or with `--log-format json` a JSON
+/// object at level `WARN`.
+pub fn warn(line: impl std::fmt::Display) {
+    if JSON_LOGS.load(Ordering::Relaxed) {
+        json_line("WARN", &line.to_string());
+    } else {
+        eprintln!("{line}");
+    }
+}
+
+/// A warning that also belongs in the log (the plaintext-TCP warning): on stderr and as a
+/// `WARN` event, or with `--log-format json` one JSON object (not two).
+pub fn warn_logged(line: impl std::fmt::Display) {
+    if JSON_LOGS.load(Ordering::Relaxed) {
+        json_line("WARN", &line.to_string());
+    } else {
+        tracing::warn!("{line}");
+        eprintln!("{line}");
+    }
+}
+
+/// The final error of a command with `--log-format json`: one JSON object at level `ERROR`.
+pub fn error_line(line: impl std::fmt::Display) {
+    json_line("ERROR", &line.to_string());
+}
+
+/// A line on stdout (a daemon's start and stop banners, a report): as it is, or with
+/// `--log-format json` a JSON object on stderr, so a daemon under systemd writes JSON lines
+/// only.
+pub fn tell(line: impl std::fmt::Display) {
+    if JSON_LOGS.load(Ordering::Relaxed) {
+        json_line("INFO", &line.to_string());
+    } else {
+        println!("{line}");
+    }
+}
+
+fn json_line(level: &str, message: &str) {
+    let line = serde_json::json!({
+        "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        "level": level,
+        "message": message,
+        "target": "tinylag",
+    });
+    eprintln!("{line}");
 }
 
 /// An error and its causes on one line, each cause once: a cause whose text its wrapper

@@ -22,7 +22,10 @@ use tokio::sync::watch;
 use crate::cmd::args::{
     parse_duration, parse_group, parse_size, parse_store_uri, parse_time, JournalArgs,
 };
-use crate::cmd::output::self_command;
+use crate::cmd::config::ConfigArg;
+use crate::cmd::output::{say, self_command, tell};
+use crate::cmd::serve::StopSignals;
+use crate::cmd::systemd;
 
 #[derive(Debug, Args)]
 pub struct ReplayArgs {
@@ -75,6 +78,8 @@ pub struct ReplayArgs {
     /// `journal trim --drop-consumer-after` reads).
     #[arg(long, default_value = "60s", value_parser = parse_duration, hide = true)]
     pub idle_commit: Duration,
+    #[command(flatten)]
+    pub config: ConfigArg,
 }
 
 /// `<path><suffix>` beside `path` (`replica.img` → `replica.img.undo`).
@@ -189,10 +194,12 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
 
     if args.recover_only {
         let report = agent.recover().await?;
-        println!("{}", serde_json::to_string(&report)?);
+        tell(serde_json::to_string(&report)?);
         return Ok(());
     }
 
+    // Caught from here on: a stop while the control socket already answers is clean.
+    let signals = StopSignals::watch()?;
     let access = control::Access {
         group: args.control_group,
     };
@@ -206,7 +213,7 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
         Arc::new(StatusHandler(board.clone())),
         shutdown_rx.clone(),
     ));
-    eprintln!(
+    say(format!(
         "tinylag replay: {} -> {} as consumer {} (delay {}, undo log {}); status: {} status --control {}",
         journal.describe(),
         replica.display(),
@@ -215,8 +222,11 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
         undo.as_deref().unwrap_or("none"),
         self_command(),
         control_path.display()
-    );
-    let signals = tokio::spawn(forward_signals(shutdown_tx.clone()));
+    ));
+    // The control socket answers and the agent runs from here on (crash recovery, if any, is
+    // its first step: status shows it, and a long one is not cut short by a start timeout).
+    systemd::ready(&format!("replaying onto {}", replica.display()));
+    let signals = tokio::spawn(forward_signals(signals, shutdown_tx.clone()));
     let result = agent.run(shutdown_rx).await;
     signals.abort();
     let _ = shutdown_tx.send(true);
@@ -230,7 +240,7 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
         Outcome::Shutdown => "stopped",
     };
     let t = status.time_spent;
-    eprintln!(
+    say(format!(
         "tinylag replay: {why}: applied LSN {} ({}), consistent LSN {}; this run: {} records in {} batches, time in pre-images {} ms, undo log {} ms, apply {} ms, fsync {} ms, commits {} ms",
         status.applied_lsn,
         status
@@ -245,24 +255,14 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
         t.apply_ms,
         t.sync_ms,
         t.commit_ms
-    );
+    ));
     Ok(())
 }
 
 /// Turns SIGINT and SIGTERM into a shutdown request.
-pub async fn forward_signals(shutdown: watch::Sender<bool>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        tracing::warn!("cannot install signal handlers; stop with SIGKILL");
-        return;
-    };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
-    }
+pub async fn forward_signals(mut signals: StopSignals, shutdown: watch::Sender<bool>) {
+    signals.recv().await;
+    systemd::stopping();
     tracing::info!("signal received: finishing the current batch");
     let _ = shutdown.send(true);
 }

@@ -29,6 +29,9 @@ use crate::cmd::args::{
     parse_duration, parse_group, parse_listen, parse_max_lag, parse_pool_size, parse_segment_size,
     parse_store_uri, usage, Ack, S3Args, TlsArgs,
 };
+use crate::cmd::config::ConfigArg;
+use crate::cmd::output::{tell, warn, warn_logged};
+use crate::cmd::systemd;
 use crate::cmd::ublk::{check_frontend, Frontend, UblkArgs};
 
 /// Block size advertised without a journal (`--no-journal`), when no manifest says.
@@ -127,6 +130,8 @@ pub struct ServeArgs {
     /// on the same host, where a dead pid frees the lease at once).
     #[arg(long, default_value = "15s", value_parser = parse_lease_time)]
     pub lease_time: Duration,
+    #[command(flatten)]
+    pub config: ConfigArg,
 }
 
 fn parse_lease_time(s: &str) -> Result<Duration, String> {
@@ -345,6 +350,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     );
     let security_warning = security.warning(&listen);
 
+    // Caught from before the control socket first answers: a stop that comes right after
+    // (a test's first `status`, systemd's READY=1) is a clean stop, not the default kill.
+    // (Until here a signal kills at once, as a stuck start should be stoppable.)
+    let mut signals = StopSignals::watch()?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let control_task = tokio::spawn(control::serve(
         control_listener,
@@ -391,39 +400,41 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
 
     let status = core.status();
-    println!(
+    tell(format!(
         "tinylag serve: {} ({}) as {served_as}",
         args.primary.display(),
         format_size(status.device_size),
-    );
-    println!(
+    ));
+    tell(format!(
         "mode {}, journal {}, control {}",
         status.mode,
         status.journal.as_deref().unwrap_or("none (--no-journal)"),
         control_path.display()
-    );
+    ));
     if let Some(w) = status.warning() {
-        eprintln!("{w}");
+        warn(w);
     }
     if let Some(start) = &status.start {
         match start["kind"].as_str() {
-            Some("activity-log") => println!(
+            Some("activity-log") => tell(format!(
                 "restart after an unclean stop: resyncing the {} regions the activity log names",
                 start["regions"]
-            ),
-            Some("full") => eprintln!(
+            )),
+            Some("full") => warn(format!(
                 "starting forward-full: the WHOLE device is resynced ({})",
                 start["reason"].as_str().unwrap_or("")
-            ),
+            )),
             _ => {}
         }
     }
     if let Some(w) = &security_warning {
-        tracing::warn!("{w}");
-        eprintln!("{w}");
+        warn_logged(w);
     }
+    // The NBD listener (bound above) accepts from here on; the control socket answers.
+    systemd::ready(&format!("serving {served_as}"));
 
-    let signal = wait_for_signal().await?;
+    let signal = signals.recv().await;
+    systemd::stopping();
     tracing::info!(
         signal,
         "stopping: no new connections, finishing in-flight I/O"
@@ -450,34 +461,54 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     if core.epoch().is_some() {
         if report.undrained_records > 0 {
-            eprintln!(
+            warn(format!(
                 "tinylag serve: {} records (LSN {}..={}) could not be journaled within {:?}; \
                  the next start will be forward-full",
                 report.undrained_records,
                 report.durable_lsn + 1,
                 report.head_lsn,
                 args.drain_timeout
-            );
+            ));
         }
-        println!(
+        tell(format!(
             "stopped: mode {}, journal durable through LSN {} of {}{}",
             report.mode,
             report.durable_lsn,
             report.head_lsn,
             if report.clean { ", clean" } else { "" }
-        );
+        ));
     } else {
-        println!("stopped");
+        tell("stopped");
     }
     Ok(())
 }
 
 pub async fn wait_for_signal() -> anyhow::Result<&'static str> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
+    Ok(StopSignals::watch()?.recv().await)
+}
+
+/// SIGTERM and SIGINT, caught from the moment this is made: a daemon makes it before its
+/// sockets answer, so a stop that comes right after they do (after the first `status`, or
+/// systemd's READY=1) is a clean stop, not the default action's kill.
+pub struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    pub fn watch() -> anyhow::Result<StopSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate()).context("cannot watch SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("cannot watch SIGINT")?,
+        })
+    }
+
+    /// The name of the first signal that arrives.
+    pub async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
 }

@@ -16,6 +16,7 @@ use tinylag::timetravel::view::TimeView;
 use tinylag::timetravel::{timeline, Point, Sources, Target};
 
 use crate::cmd::args::{parse_listen, parse_store_uri, parse_time, usage, JournalArgs, TlsArgs};
+use crate::cmd::output::{tell, warn_logged};
 use crate::cmd::serve::wait_for_signal;
 use crate::cmd::ublk::{check_frontend, Frontend, UblkArgs};
 
@@ -344,8 +345,7 @@ pub async fn run_mount(args: MountArgs) -> anyhow::Result<()> {
         &args.writable,
     );
     if let Some(w) = &security_warning {
-        tracing::warn!("{w}");
-        eprintln!("{w}");
+        warn_logged(w);
     }
     let signal = wait_for_signal().await?;
     tracing::info!(signal, "stopping");
@@ -392,7 +392,7 @@ fn announce(
     served_as: &str,
     writable: &Option<PathBuf>,
 ) {
-    println!(
+    tell(format!(
         "tinylag mount: {replica} as of {} ({}, {} extents mapped) as {served_as}",
         point.describe(),
         match summary.direction {
@@ -400,12 +400,9 @@ fn announce(
             Direction::Forward => "forward through the journal",
         },
         summary.extents,
-    );
-    println!(
-        "{}",
-        match writable {
-            Some(p) => format!("writable: writes go to {}", p.display()),
-            None => "read-only".to_string(),
-        }
-    );
+    ));
+    tell(match writable {
+        Some(p) => format!("writable: writes go to {}", p.display()),
+        None => "read-only".to_string(),
+    });
 }

@@ -15,6 +15,7 @@ use tinylag::trim::{trim_journal, trim_undo, JournalTrimOptions, TrimReport, Und
 use tinylag::units::format_size;
 
 use crate::cmd::args::{parse_store_uri, JournalArgs};
+use crate::cmd::output::{tell, warn};
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     tinylag::units::parse_duration(s)
@@ -37,6 +38,8 @@ pub struct JournalTrimArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub config: crate::cmd::config::ConfigArg,
 }
 
 #[derive(Debug, Args)]
@@ -92,14 +95,14 @@ pub async fn journal_trim(args: JournalTrimArgs) -> anyhow::Result<()> {
     };
     let report = trim_journal(store.clone(), &manifest, &opts).await?;
     for d in &report.dropped_consumers {
-        eprintln!(
+        warn(format!(
             "tinylag: warning: {} consumer {} of {}: silent since {}, at applied LSN {}; its replica can no longer follow this journal",
             if report.dry_run { "would unregister" } else { "unregistered" },
             d.name,
             report.store,
             format_ns(d.updated_at_ns),
             d.applied_lsn
-        );
+        ));
     }
     print(&report, store.counts(), args.json, "segments")
 }
@@ -148,15 +151,15 @@ fn print(
         "deleted"
     };
     if report.leftovers > 0 {
-        println!(
+        tell(format!(
             "{}: {verb} {} seqs an interrupted trim left below seq {}",
             report.store, report.leftovers, report.before.first_seq
-        );
+        ));
     }
     if report.deleted_segments == 0 {
-        println!("{}: nothing to trim", report.store);
+        tell(format!("{}: nothing to trim", report.store));
     } else {
-        println!(
+        tell(format!(
             "{}: {verb} {} {what} ({}), seqs {}..{}{}",
             report.store,
             report.deleted_segments,
@@ -171,9 +174,9 @@ fn print(
             } else {
                 String::new()
             }
-        );
+        ));
     }
-    println!(
+    tell(format!(
         "first live   seq {}, LSN {}{}",
         report.after.first_seq,
         report.after.first_lsn,
@@ -183,14 +186,14 @@ fn print(
                 ", oldest record {}",
                 format_ns(t)
             ))
-    );
-    println!("held back by {}", report.held_by.describe());
-    println!(
+    ));
+    tell(format!("held back by {}", report.held_by.describe()));
+    tell(format!(
         "requests     {} ({} index reads, {} deletes, {} writes)",
         requests.total(),
         requests.get_tail + requests.get_range,
         requests.delete_many,
         requests.put + requests.put_if_absent
-    );
+    ));
     Ok(())
 }

@@ -7,6 +7,7 @@
 //! or let the replica side stop the primary: if the replay agent fails, the primary keeps
 //! serving and the failure is reported.
 
+use std::fmt::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -22,7 +23,8 @@ use tinylag::store::ObjectStore;
 use tinylag::units::{format_duration, format_size};
 
 use crate::cmd::args::{parse_duration, parse_listen, parse_size, TlsArgs};
-use crate::cmd::output::self_command;
+use crate::cmd::config::ConfigArg;
+use crate::cmd::output::{say, self_command, tell};
 use crate::cmd::{replay, serve};
 
 /// The consumer name of the replica `up` keeps.
@@ -47,6 +49,8 @@ pub struct UpArgs {
     /// Replay delay of the replica (e.g. 1h).
     #[arg(long, default_value = "0", value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
     pub delay: Duration,
+    #[command(flatten)]
+    pub config: ConfigArg,
 }
 
 /// Size of a new primary when `--size` is not given.
@@ -127,11 +131,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     // Both listen for SIGINT/SIGTERM; once the primary is down, the agent finishes its batch.
     match tokio::time::timeout(REPLAY_STOP, replay_task).await {
         Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => eprintln!("tinylag up: the replay agent stopped with an error: {e:#}"),
-        Ok(Err(e)) => eprintln!("tinylag up: the replay agent task failed: {e}"),
-        Err(_) => eprintln!(
+        Ok(Ok(Err(e))) => say(format!(
+            "tinylag up: the replay agent stopped with an error: {e:#}"
+        )),
+        Ok(Err(e)) => say(format!("tinylag up: the replay agent task failed: {e}")),
+        Err(_) => say(format!(
             "tinylag up: the replay agent did not stop within {REPLAY_STOP:?}; its next start recovers"
-        ),
+        )),
     }
     served
 }
@@ -249,40 +255,55 @@ fn print_guide(
     let kernel_nbd = Path::new("/sys/module/nbd").exists() || Path::new("/dev/nbd0").exists();
     let mnt = dir.join("mnt");
     let me = self_command();
-    println!("tinylag up: {} in {}", format_size(size), dir.display());
-    println!(
+    let mut g = String::new();
+    let _ = writeln!(g, "tinylag up: {} in {}", format_size(size), dir.display());
+    let _ = writeln!(
+        g,
         "  primary  {}  (served over NBD at {uri})",
         primary.display()
     );
-    println!("  journal  {}", journal.display());
-    println!(
+    let _ = writeln!(g, "  journal  {}", journal.display());
+    let _ = writeln!(
+        g,
         "  replica  {}  (consumer {CONSUMER}, delay {delay}, undo log {}.undo)",
         replica.display(),
         replica.display()
     );
-    println!("connect:");
-    println!("  qemu-io -f raw '{uri}' -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M'");
-    println!(
+    let _ = writeln!(g, "connect:");
+    let _ = writeln!(
+        g,
+        "  qemu-io -f raw '{uri}' -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M'"
+    );
+    let _ = writeln!(g,
         "  mkdir -p {m} && nbdfuse {m} '{uri}' &   # {m}/nbd is the disk as a file: losetup, mkfs, mount",
         m = mnt.display()
     );
     if kernel_nbd {
-        println!("  {nbd_client}   # the kernel's nbd driver");
+        let _ = writeln!(g, "  {nbd_client}   # the kernel's nbd driver");
     } else {
-        println!("  {nbd_client}   # needs the kernel's nbd driver (modprobe nbd), absent here");
+        let _ = writeln!(
+            g,
+            "  {nbd_client}   # needs the kernel's nbd driver (modprobe nbd), absent here"
+        );
     }
-    println!("watch:");
-    println!(
+    let _ = writeln!(g, "watch:");
+    let _ = writeln!(
+        g,
         "  {me} status --control {}.ctl   # the primary",
         primary.display()
     );
-    println!(
+    let _ = writeln!(
+        g,
         "  {me} status --control {}.ctl   # the replica",
         replica.display()
     );
-    println!("  {me} journal info --journal {}", journal.display());
-    println!(
+    let _ = writeln!(g, "  {me} journal info --journal {}", journal.display());
+    let _ = writeln!(
+        g,
         "stop: Ctrl-C (or SIGTERM); `{me} up --dir {}` resumes",
         dir.display()
     );
+    for line in g.lines() {
+        tell(line);
+    }
 }
