@@ -48,6 +48,32 @@ pub enum AgentState {
     Failed,
 }
 
+impl AgentState {
+    /// Every state, for the one-gauge-per-state metric.
+    pub const ALL: [AgentState; 7] = [
+        AgentState::Starting,
+        AgentState::Recovering,
+        AgentState::CatchingUp,
+        AgentState::WaitingForDelay,
+        AgentState::Idle,
+        AgentState::Stopped,
+        AgentState::Failed,
+    ];
+
+    /// The name `status` shows (`catching-up`).
+    pub fn name(self) -> &'static str {
+        match self {
+            AgentState::Starting => "starting",
+            AgentState::Recovering => "recovering",
+            AgentState::CatchingUp => "catching-up",
+            AgentState::WaitingForDelay => "waiting-for-delay",
+            AgentState::Idle => "idle",
+            AgentState::Stopped => "stopped",
+            AgentState::Failed => "failed",
+        }
+    }
+}
+
 /// The journal head as far as the agent knows it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct KnownHead {
@@ -667,6 +693,13 @@ impl Handler for StatusHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_names_are_the_json_names() {
+        for state in AgentState::ALL {
+            assert_eq!(serde_json::to_value(state).unwrap(), state.name());
+        }
+    }
 
     #[test]
     fn durations_format_in_their_largest_unit() {
