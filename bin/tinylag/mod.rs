@@ -4,6 +4,7 @@ pub mod args;
 pub mod control_cmd;
 pub mod init;
 pub mod journal_cmd;
+pub mod metrics;
 pub mod output;
 pub mod replay;
 pub mod serve;

@@ -16,8 +16,10 @@ use tinylag::block::BlockDevice;
 use tinylag::clock::{Clock, SystemClock};
 use tinylag::control;
 use tinylag::journal::{epoch, lease, Manifest};
+use tinylag::metrics::{Hub, PrimarySource};
 use tinylag::nbd::{self, Export, ListenAddr, NbdServer};
-use tinylag::store::{open_store, StoreUri};
+use tinylag::store::counting::CountingStore;
+use tinylag::store::{open_store, ObjectStore, StoreUri};
 use tinylag::units::format_size;
 use tinylag::writer::control_records::ServeControl;
 use tinylag::writer::lease::LeaseKeeper;
@@ -29,6 +31,7 @@ use crate::cmd::args::{
     parse_duration, parse_group, parse_listen, parse_max_lag, parse_pool_size, parse_segment_size,
     parse_store_uri, usage, Ack, S3Args, TlsArgs,
 };
+use crate::cmd::metrics::{Endpoint, MetricsArgs};
 use crate::cmd::ublk::{Frontend, UblkArgs};
 
 /// Block size advertised without a journal (`--no-journal`), when no manifest says.
@@ -127,6 +130,8 @@ pub struct ServeArgs {
     /// on the same host, where a dead pid frees the lease at once).
     #[arg(long, default_value = "15s", value_parser = parse_lease_time)]
     pub lease_time: Duration,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
 }
 
 fn parse_lease_time(s: &str) -> Result<Duration, String> {
@@ -190,6 +195,11 @@ fn return_large_buffers_to_the_kernel() {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    run_with(args, None).await
+}
+
+/// [`run`], with the metrics going to `shared` (from `up`) instead of `--metrics-listen`.
+pub async fn run_with(args: ServeArgs, shared: Option<Arc<Hub>>) -> anyhow::Result<()> {
     return_large_buffers_to_the_kernel();
     // Every argument is checked before anything is opened, bound or claimed.
     let ack = args.ack_mode()?;
@@ -217,9 +227,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| default_control_path(&args.primary));
 
+    let metrics = Endpoint::open(&args.metrics, shared).await?;
+    let mut counted = None;
     let journal = match (&args.journal, args.no_journal) {
         (Some(uri), false) => {
-            let store = open_store(uri, &args.s3.options()).await?;
+            let mut store = open_store(uri, &args.s3.options()).await?;
+            if metrics.is_some() {
+                let counting = Arc::new(CountingStore::new(store));
+                counted = Some(counting.clone());
+                store = counting as Arc<dyn ObjectStore>;
+            }
             let manifest = Manifest::load(store.as_ref()).await?;
             Some((store, manifest))
         }
@@ -361,6 +378,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let security_warning = security.warning(&listen);
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let metrics_url = metrics.as_ref().and_then(Endpoint::url);
+    let metrics_task = metrics.and_then(|m| {
+        m.hub.add_source(Arc::new(PrimarySource(core.clone())));
+        if let Some(counting) = counted {
+            m.hub.add_store("primary", "journal", counting);
+        }
+        m.start(shutdown_rx.clone())
+    });
     let control_task = tokio::spawn(control::serve(
         control_listener,
         Arc::new(ServeControl {
@@ -417,6 +442,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         status.journal.as_deref().unwrap_or("none (--no-journal)"),
         control_path.display()
     );
+    if let Some(url) = &metrics_url {
+        println!("metrics {url}");
+    }
     if let Some(w) = status.warning() {
         eprintln!("{w}");
     }
@@ -459,6 +487,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         keeper.release().await;
     }
     let _ = control_task.await;
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
     let _ = std::fs::remove_file(&control_path);
     if let Some(e) = &report.flush_error {
         bail!("the final fsync of {} failed: {e}", args.primary.display());

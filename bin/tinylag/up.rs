@@ -22,6 +22,7 @@ use tinylag::store::ObjectStore;
 use tinylag::units::{format_duration, format_size};
 
 use crate::cmd::args::{parse_duration, parse_listen, parse_size, TlsArgs};
+use crate::cmd::metrics::{Endpoint, MetricsArgs};
 use crate::cmd::output::self_command;
 use crate::cmd::{replay, serve};
 
@@ -47,6 +48,9 @@ pub struct UpArgs {
     /// Replay delay of the replica (e.g. 1h).
     #[arg(long, default_value = "0", value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
     pub delay: Duration,
+    /// One endpoint for the primary's and the replica's metrics.
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
 }
 
 /// Size of a new primary when `--size` is not given.
@@ -118,12 +122,19 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         ToString::to_string,
     );
     let uri = args.tls.nbd_uri(&listen.parse()?, &export);
+    let metrics = Endpoint::open(&args.metrics, None).await?;
     print_guide(
         &dir, &primary, &journal, &replica, size, &listen, &uri, &export, &delay,
     );
+    let hub = metrics.as_ref().map(|m| m.hub.clone());
+    let (metrics_stop, metrics_stopped) = tokio::sync::watch::channel(false);
+    if let Some(url) = metrics.as_ref().and_then(Endpoint::url) {
+        println!("metrics: {url}   # the primary's and the replica's series");
+    }
+    let metrics_task = metrics.and_then(|m| m.start(metrics_stopped));
 
-    let replay_task = tokio::spawn(replay::run(replay_args));
-    let served = serve::run(serve_args).await;
+    let replay_task = tokio::spawn(replay::run_with(replay_args, hub.clone()));
+    let served = serve::run_with(serve_args, hub).await;
     // Both listen for SIGINT/SIGTERM; once the primary is down, the agent finishes its batch.
     match tokio::time::timeout(REPLAY_STOP, replay_task).await {
         Ok(Ok(Ok(()))) => {}
@@ -132,6 +143,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         Err(_) => eprintln!(
             "tinylag up: the replay agent did not stop within {REPLAY_STOP:?}; its next start recovers"
         ),
+    }
+    let _ = metrics_stop.send(true);
+    if let Some(task) = metrics_task {
+        let _ = task.await;
     }
     served
 }
