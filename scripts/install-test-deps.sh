@@ -96,14 +96,15 @@ install_build_deps() {
 }
 
 # The real clients and tools the tests drive: NBD clients, fio, a FUSE/loop/ext4 toolchain,
-# openssl (test certificates for NBD over TLS) and setpriv (a client under another uid).
+# openssl (test certificates for NBD over TLS), setpriv (a client under another uid) and
+# prometheus + promtool (a real Prometheus scrapes --metrics-listen; Debian's package).
 install_system_tools() {
     local missing=()
     local tool pkg
     for pair in qemu-io:qemu-utils qemu-img:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin \
         nbdfuse:nbdfuse nbdkit:nbdkit fio:fio mkfs.ext4:e2fsprogs e2fsck:e2fsprogs \
         debugfs:e2fsprogs fusermount3:fuse3 losetup:mount python3:python3 openssl:openssl \
-        setpriv:util-linux; do
+        setpriv:util-linux prometheus:prometheus promtool:prometheus; do
         tool="${pair%%:*}"
         pkg="${pair##*:}"
         if ! command -v "$tool" >/dev/null 2>&1; then
@@ -111,7 +112,7 @@ install_system_tools() {
         fi
     done
     if [ "${#missing[@]}" -eq 0 ]; then
-        say "system tools present (qemu-io, nbdinfo, nbdcopy, nbdfuse, nbdkit, fio, e2fsprogs, fuse3, openssl, setpriv)"
+        say "system tools present (qemu-io, nbdinfo, nbdcopy, nbdfuse, nbdkit, fio, e2fsprogs, fuse3, openssl, setpriv, prometheus)"
     else
         apt_install "${missing[@]}"
     fi
