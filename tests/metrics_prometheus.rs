@@ -388,3 +388,39 @@ fn a_bad_metrics_address_is_refused_naming_the_flag() {
         "nothing left behind"
     );
 }
+
+#[test]
+fn the_readme_scrape_config_and_alert_rules_pass_promtool() {
+    let readme = include_str!("../README.md");
+    let section = readme
+        .split("## Metrics (Prometheus)")
+        .nth(1)
+        .expect("README has a metrics section");
+    let blocks: Vec<&str> = section
+        .split("```yaml\n")
+        .skip(1)
+        .map(|b| b.split("```").next().unwrap())
+        .collect();
+    let [config, rules] = blocks[..] else {
+        panic!("expected a scrape config and a rules file, got {blocks:?}");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
+    std::fs::write(dir.path().join("tinylag-rules.yml"), rules).unwrap();
+    for args in [
+        vec!["check", "config", "prometheus.yml"],
+        vec!["check", "rules", "tinylag-rules.yml"],
+    ] {
+        let out = Command::new("promtool")
+            .args(&args)
+            .current_dir(dir.path())
+            .output()
+            .expect("promtool");
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -235,3 +235,29 @@ async fn the_endpoint_serves_metrics_and_nothing_else() {
     stop.send(true).unwrap();
     task.await.unwrap();
 }
+
+#[tokio::test]
+async fn every_series_is_documented() {
+    let doc = include_str!("../../docs/METRICS.md");
+    let hub = Hub::new();
+    hub.add_source(Arc::new(Fixed(primary)));
+    hub.add_source(Arc::new(Fixed(replica)));
+    hub.add_store(
+        "primary",
+        "journal",
+        Arc::new(CountingStore::new(Arc::new(MemoryStore::new()))),
+    );
+    let text = hub.render(Format::Text).await;
+    let families: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    assert!(families.len() > 40, "{families:?}");
+    for name in families {
+        assert!(
+            doc.contains(&format!("`{name}`")) || doc.contains(&format!("`{name}{{")),
+            "{name} is not in docs/METRICS.md"
+        );
+    }
+}
