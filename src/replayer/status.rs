@@ -26,6 +26,9 @@ use super::recovery::RecoveryReport;
 
 /// How long a probed head stays fresh.
 const HEAD_CACHE_NS: u64 = 2_000_000_000;
+/// How long a status request (or a metrics scrape) waits for the journal store before it
+/// answers with what the agent already knows: a store that is down must not hang `status`.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Segments whose sizes a status request reads with HEAD; beyond, lag bytes are estimated.
 const LAG_SIZE_SAMPLE: u64 = 32;
 
@@ -344,11 +347,17 @@ impl StatusBoard {
                 return (head, bytes);
             }
         }
-        let probed = self.probe(seen, position).await;
+        let probed = tokio::time::timeout(PROBE_TIMEOUT, self.probe(seen, position)).await;
         let (head, bytes) = match probed {
-            Ok(found) => found,
-            Err(e) => {
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) => {
                 tracing::debug!("status head probe failed: {e}");
+                (seen, None)
+            }
+            Err(_) => {
+                tracing::debug!(
+                    "status head probe: no answer from the store within {PROBE_TIMEOUT:?}"
+                );
                 (seen, None)
             }
         };
@@ -410,11 +419,15 @@ impl StatusBoard {
         }
         let mut seq = position.next_seq;
         for _ in 0..8 {
-            let index = match self.reader.index(seq).await {
-                Ok(Some(index)) => index,
-                Ok(None) => return None,
-                Err(e) => {
+            let index = match tokio::time::timeout(PROBE_TIMEOUT, self.reader.index(seq)).await {
+                Ok(Ok(Some(index))) => index,
+                Ok(Ok(None)) => return None,
+                Ok(Err(e)) => {
                     tracing::debug!("status: reading the index of segment {seq}: {e}");
+                    return None;
+                }
+                Err(_) => {
+                    tracing::debug!("status: no index of segment {seq} within {PROBE_TIMEOUT:?}");
                     return None;
                 }
             };
