@@ -145,10 +145,12 @@ outage_part() {
     t_same=$(now)
     sleep 2
     kill "$sampler"
-    gnuplot -e "data='$DIR/timeline.tsv'; out='$SVG'; $(python3 -c "
+    # The events on the samples' time axis, kept beside them to redraw the picture.
+    python3 -c "
 import sys; t0, k, b, l, s = map(float, sys.argv[1:])
 print(f'kill={k - t0:.1f}; back={b - t0:.1f}; logging={l - t0:.1f}; same={s - t0:.1f}')" \
-        "$t_sample" "$t_kill" "$t_back" "$t_log" "$t_same")" bench/timeline.gp
+        "$t_sample" "$t_kill" "$t_back" "$t_log" "$t_same" >"$DIR/timeline.events"
+    gnuplot -e "data='$DIR/timeline.tsv'; out='$SVG'; $(cat "$DIR/timeline.events")" bench/timeline.gp
     echo "timeline: $SVG"
     python3 - "$before" "$during" "$after" "$t_back" "$t_log" "$t_same" "$OUTAGE" "$full_mbs" "$fio_read" >"$DIR/outage.tsv" <<'EOF'
 import sys

@@ -23,8 +23,8 @@ set arrow 2 from same, graph 0 to same, graph 1 nohead lc rgb "#2ca02c" dt 2
 set multiplot layout 3,1 title sprintf("tinylag: a %.0f s store outage under 4k random writes (sampled from the daemons' own /metrics)", back - kill)
 set ylabel "primary write IOPS"
 set format x ""
-set key bottom right
-set label 1 "store down" at (kill + back) / 2, graph 0.08 center front
+set key bottom center
+set label 1 "store down" at (kill + back) / 2, graph 0.5 center front
 plot data using 1:2 skip 1 with lines ls 1 title "rate of tinylag_primary_requests_total{op=\"write\"}"
 unset label 1
 set key top left

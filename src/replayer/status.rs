@@ -337,6 +337,12 @@ impl StatusBoard {
                 }),
             );
         }
+        if let Some((at, _, None)) = cached {
+            // The last probe failed or timed out: do not make every status wait again.
+            if now.saturating_sub(at) < HEAD_CACHE_NS {
+                return (seen, None);
+            }
+        }
         if let Some((at, head, bytes)) = cached {
             // A cached head that is not past the applied LSN would say "nothing behind"
             // while the agent catches up: probe again instead.
