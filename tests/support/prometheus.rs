@@ -117,22 +117,48 @@ impl Prometheus {
         }
         let config_path = dir.join("prometheus.yml");
         std::fs::write(&config_path, config).unwrap();
-        let port = free_port();
-        let mut cmd = Command::new("prometheus");
-        cmd.arg(format!("--config.file={}", config_path.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("prometheus-data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .arg("--log.level=warn");
-        let mut guard =
-            ChildGuard::spawn_logged("prometheus", &mut cmd, &dir.join("prometheus.log"))
+        // A port free a moment ago may be taken before Prometheus binds it: retry on another.
+        let mut failures = Vec::new();
+        for attempt in 0..3 {
+            let port = free_port();
+            let mut cmd = Command::new("prometheus");
+            cmd.arg(format!("--config.file={}", config_path.display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.join(format!("prometheus-data-{attempt}")).display()
+                ))
+                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+                .arg("--log.level=warn");
+            let log = dir.join(format!("prometheus-{attempt}.log"));
+            let mut guard = ChildGuard::spawn_logged("prometheus", &mut cmd, &log)
                 .expect("prometheus (Debian package prometheus; scripts/install-test-deps.sh)");
-        guard
-            .wait_for_port(port, START_TIMEOUT)
-            .unwrap_or_else(|e| panic!("{e}"));
-        Prometheus { guard, port }
+            match guard.wait_for_port(port, START_TIMEOUT) {
+                Ok(()) => {
+                    let prometheus = Prometheus { guard, port };
+                    prometheus.wait_ready();
+                    return prometheus;
+                }
+                Err(e) => failures.push(e),
+            }
+        }
+        panic!("Prometheus did not start:\n{}", failures.join("\n"));
+    }
+
+    /// Waits until `/-/ready` says 200: the API answers 503 while the storage opens.
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let (status, body) = http_get(self.port, "/-/ready");
+            if status == 200 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Prometheus not ready after {START_TIMEOUT:?} ({status} {body}); log:\n{}",
+                self.guard.log_tail(4096)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// The instant vector of `query`: (labels, value) per series.
