@@ -187,8 +187,8 @@ impl Collector for StoreRequests {
         counter(
             &mut encoder,
             "store_requests",
-            "Object-store calls by the daemon, by operation and outcome (not_found and \
-             already_exists are expected answers, error is a failure).",
+            "Object-store calls by the daemon, by operation and final outcome after retries \
+             (not_found and already_exists are expected answers, error is a failure).",
             &self.0,
         )
     }

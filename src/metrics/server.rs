@@ -1,8 +1,8 @@
 //! The HTTP side of `--metrics-listen`: hyper's HTTP/1 server answering `GET /metrics` (and
 //! `HEAD`) with a scrape of the [`Hub`]; 404 for any other path, 405 for other methods.
 //!
-//! Must never: read a request body, keep a connection past shutdown, or answer anything but
-//! metrics.
+//! Must never: read a request body, keep a connection past shutdown or past
+//! `HEADER_TIMEOUT` without a request, or answer anything but metrics.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -14,11 +14,15 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ACCEPT, ALLOW, CONTENT_TYPE};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::{Format, Hub, MetricsError};
+
+/// How long a client may take to send its request head (a stalled scraper, or a connection
+/// opened and left idle, is closed after it).
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 use crate::control::wait_shutdown;
 
 /// A bound metrics endpoint, not serving yet.
@@ -58,6 +62,8 @@ pub async fn serve(listener: MetricsListener, hub: Arc<Hub>, mut shutdown: watch
                     tokio::spawn(async move {
                         let service = service_fn(move |req| answer(hub.clone(), req));
                         let conn = hyper::server::conn::http1::Builder::new()
+                            .timer(TokioTimer::new())
+                            .header_read_timeout(HEADER_TIMEOUT)
                             .serve_connection(TokioIo::new(stream), service);
                         tokio::pin!(conn);
                         tokio::select! {
