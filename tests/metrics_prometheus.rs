@@ -333,6 +333,27 @@ fn status_watch_redraws_every_second_until_interrupted() {
         shown.last().unwrap().contains(" 1 writes (4.0 KiB)"),
         "{shown:?}"
     );
+
+    // On a terminal (script(1) gives it a pty), each frame clears the screen first.
+    let command = format!(
+        "timeout --preserve-status -s INT 2.5 {} status --watch --control {}",
+        tinylag_bin(),
+        serve.control.display()
+    );
+    let out = Command::new("script")
+        .args(["-qfec", &command, "/dev/null"])
+        .env("TINYLAG_LOG", "warn")
+        .output()
+        .expect("script (util-linux)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "Ctrl-C is a clean stop: {:?} {text:?}",
+        out.status
+    );
+    let clears = text.matches("\x1b[H\x1b[2J").count();
+    assert!(clears >= 2, "{clears} screen clears in {text:?}");
+    assert_eq!(text.matches("tinylag status --watch ").count(), clears);
     serve.stop_ok();
 }
 
