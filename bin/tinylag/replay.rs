@@ -26,6 +26,7 @@ use crate::cmd::args::{
 };
 use crate::cmd::metrics::{Endpoint, MetricsArgs};
 use crate::cmd::output::self_command;
+use crate::cmd::serve::StopSignals;
 
 #[derive(Debug, Args)]
 pub struct ReplayArgs {
@@ -232,6 +233,8 @@ pub async fn run_with(args: ReplayArgs, shared: Option<Arc<Hub>>) -> anyhow::Res
     let access = control::Access {
         group: args.control_group,
     };
+    // Before the control socket exists: a stop sent once it answers is never lost.
+    let stop_signals = StopSignals::install();
     let listener = control::bind_with(&control_path, access)
         .await
         .with_context(|| format!("control socket {}", control_path.display()))?;
@@ -265,7 +268,7 @@ pub async fn run_with(args: ReplayArgs, shared: Option<Arc<Hub>>) -> anyhow::Res
         self_command(),
         control_path.display()
     );
-    let signals = tokio::spawn(forward_signals(shutdown_tx.clone()));
+    let signals = tokio::spawn(forward_signals(stop_signals, shutdown_tx.clone()));
     let result = agent.run(shutdown_rx).await;
     signals.abort();
     let _ = shutdown_tx.send(true);
@@ -301,20 +304,16 @@ pub async fn run_with(args: ReplayArgs, shared: Option<Arc<Hub>>) -> anyhow::Res
     Ok(())
 }
 
-/// Turns SIGINT and SIGTERM into a shutdown request.
-pub async fn forward_signals(shutdown: watch::Sender<bool>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        tracing::warn!("cannot install signal handlers; stop with SIGKILL");
-        return;
+/// Turns SIGINT and SIGTERM (installed by the caller) into a shutdown request.
+pub async fn forward_signals(signals: anyhow::Result<StopSignals>, shutdown: watch::Sender<bool>) {
+    let signals = match signals {
+        Ok(signals) => signals,
+        Err(e) => {
+            tracing::warn!("{e:#}; stop with SIGKILL");
+            return;
+        }
     };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
-    }
+    signals.wait().await;
     tracing::info!("signal received: finishing the current batch");
     let _ = shutdown.send(true);
 }

@@ -278,6 +278,8 @@ pub async fn run_with(args: ServeArgs, shared: Option<Arc<Hub>>) -> anyhow::Resu
     let access = control::Access {
         group: args.control_group,
     };
+    // Before the control socket exists: a stop sent once it answers is never lost.
+    let signals = StopSignals::install()?;
     let control_listener = control::bind_with(&control_path, access)
         .await
         .with_context(|| format!("cannot listen on --control {}", control_path.display()))?;
@@ -466,7 +468,7 @@ pub async fn run_with(args: ServeArgs, shared: Option<Arc<Hub>>) -> anyhow::Resu
         eprintln!("{w}");
     }
 
-    let signal = wait_for_signal().await?;
+    let signal = signals.wait().await;
     tracing::info!(
         signal,
         "stopping: no new connections, finishing in-flight I/O"
@@ -519,11 +521,31 @@ pub async fn run_with(args: ServeArgs, shared: Option<Arc<Hub>>) -> anyhow::Resu
 }
 
 pub async fn wait_for_signal() -> anyhow::Result<&'static str> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
+    Ok(StopSignals::install()?.wait().await)
+}
+
+/// SIGTERM and SIGINT, watched from the moment [`StopSignals::install`] returns: a daemon
+/// installs them before its control socket answers, so a stop sent as soon as it answers
+/// is never lost (or left to the default action, which would kill it uncleanly).
+pub struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    pub fn install() -> anyhow::Result<StopSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate()).context("cannot watch SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("cannot watch SIGINT")?,
+        })
+    }
+
+    /// The first of them to arrive.
+    pub async fn wait(mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
 }
