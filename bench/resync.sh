@@ -8,7 +8,10 @@
 #           randwrite QD32) for RUNTIME s, the S3 server killed for OUTAGE s under the same
 #           load, restarted on its data, RUNTIME s more; IOPS of each phase, the seconds from
 #           the store's return to mode `logging`, and (once fio stops) to the replica being
-#           byte-identical to the primary (cmp).
+#           byte-identical to the primary (cmp). Both daemons run with --metrics-listen and
+#           bench/timeline.py samples their /metrics every 0.5 s from the replica's start to
+#           the end; bench/timeline.gp draws primary IOPS, journal lag and replica lag from
+#           those samples into TIMELINE_SVG (default bench/resync-outage.svg).
 #   al      4k randwrite QD32 IOPS through serve (local-directory journal) with the activity
 #           log on and off (--no-activity-log), REPS interleaved runs of RUNTIME s each.
 #   all     both (default)
@@ -16,7 +19,8 @@
 # Environment: SIZE (default 1G), RUNTIME (default 10), OUTAGE (default 60), REPS (default 3),
 # BENCH_DIR (scratch, default target/bench-resync), BENCH_OUT (default BENCHMARKS.md; the
 # section between "<!-- resync:begin -->" and "<!-- resync:end -->" is replaced).
-# Needs fio (nbd engine), python3, cmp, s3s-fs (scripts/install-test-deps.sh).
+# Needs fio (nbd engine), python3, cmp, s3s-fs (scripts/install-test-deps.sh), gnuplot
+# (Debian: gnuplot-nox) for the outage timeline.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,8 +32,9 @@ REPS=${REPS:-3}
 S3FS=${TINYLAG_TOOLS:-$HOME/.cache/tinylag/tools}/bin/s3s-fs
 DIR=${BENCH_DIR:-$PWD/target/bench-resync}
 OUT=${BENCH_OUT:-$PWD/BENCHMARKS.md}
+SVG=${TIMELINE_SVG:-$PWD/bench/resync-outage.svg}
 
-for tool in fio python3 cmp; do
+for tool in fio python3 cmp gnuplot; do
     command -v "$tool" >/dev/null || { echo "bench/resync.sh needs $tool" >&2; exit 1; }
 done
 [[ -x $S3FS ]] || { echo "bench/resync.sh: s3s-fs not found at $S3FS (scripts/install-test-deps.sh)" >&2; exit 1; }
@@ -98,8 +103,11 @@ outage_part() {
     env "${env[@]}" "$BIN" init --journal s3://bench/j --size "$SIZE" >/dev/null
     local t0 t_logging
     t0=$(now)
+    local mport_p mport_r
+    mport_p=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    mport_r=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
     env "${env[@]}" "$BIN" serve --primary "$w/primary.img" --journal s3://bench/j \
-        --listen "unix:$w/p.sock" >"$w/serve.log" 2>&1 &
+        --listen "unix:$w/p.sock" --metrics-listen "127.0.0.1:$mport_p" >"$w/serve.log" 2>&1 &
     PIDS+=($!)
     wait_path "$w/primary.img.ctl"
     until [[ $(status "$w/primary.img.ctl" | field 'd.get("mode")') == logging ]]; do sleep 0.2; done
@@ -112,11 +120,17 @@ outage_part() {
     # A replica that starts equal to the primary (as after the forward-full).
     cp --sparse=never "$w/primary.img" "$w/replica.img"
     env "${env[@]}" "$BIN" replay --journal s3://bench/j --replica "$w/replica.img" --name dr \
-        --no-undo >"$w/replay.log" 2>&1 &
+        --no-undo --metrics-listen "127.0.0.1:$mport_r" >"$w/replay.log" 2>&1 &
     PIDS+=($!)
+    local t_sample sampler t_kill
+    t_sample=$(now)
+    python3 bench/timeline.py "$mport_p" "$mport_r" "$DIR/timeline.tsv" 0.5 &
+    sampler=$!
+    PIDS+=("$sampler")
     local before during after t_back t_log t_same
     before=$(fio_iops "$w/p.sock" "$RUNTIME")
     kill -9 "$S3PID"
+    t_kill=$(now)
     during=$(fio_iops "$w/p.sock" "$OUTAGE")
     start_s3 "$w/s3" "$port"
     t_back=$(now)
@@ -129,6 +143,15 @@ outage_part() {
     t_log=$(cat "$w/t_log")
     until cmp -s "$w/primary.img" "$w/replica.img"; do sleep 0.5; done
     t_same=$(now)
+    sleep 2
+    kill "$sampler"
+    # The events on the samples' time axis, kept beside them to redraw the picture.
+    python3 -c "
+import sys; t0, k, b, l, s = map(float, sys.argv[1:])
+print(f'kill={k - t0:.1f}; back={b - t0:.1f}; logging={l - t0:.1f}; same={s - t0:.1f}')" \
+        "$t_sample" "$t_kill" "$t_back" "$t_log" "$t_same" >"$DIR/timeline.events"
+    gnuplot -e "data='$DIR/timeline.tsv'; out='$SVG'; $(cat "$DIR/timeline.events")" bench/timeline.gp
+    echo "timeline: $SVG"
     python3 - "$before" "$during" "$after" "$t_back" "$t_log" "$t_same" "$OUTAGE" "$full_mbs" "$fio_read" >"$DIR/outage.tsv" <<'EOF'
 import sys
 b, d, a, back, log, same, outage, full, fio = sys.argv[1:]
@@ -171,9 +194,9 @@ case $PART in
     *) echo "usage: bench/resync.sh [outage|al|all]" >&2; exit 1 ;;
 esac
 
-python3 - "$DIR" "$OUT" "$SIZE" "$RUNTIME" "$REPS" <<'EOF'
+python3 - "$DIR" "$OUT" "$SIZE" "$RUNTIME" "$REPS" "$SVG" <<'EOF'
 import os, statistics, subprocess, sys, datetime
-d, out, size, runtime, reps = sys.argv[1:]
+d, out, size, runtime, reps, svg = sys.argv[1:]
 cpus = os.cpu_count()
 kernel = subprocess.run(["uname", "-r"], capture_output=True, text=True).stdout.strip()
 lines = ["<!-- resync:begin -->", "## resync", "",
@@ -191,6 +214,14 @@ if os.path.exists(f"{d}/outage.tsv"):
               f"Resync throughput: the forward-full of the {size} primary (every region read and "
               f"journaled, serve just started) ran at {full} MB/s; fio reading the same file "
               f"(1M sequential) in the same run: {fio.strip()} MB/s.", ""]
+    if os.path.exists(f"{d}/timeline.tsv") and os.path.exists(svg):
+        rel = os.path.relpath(svg, os.path.dirname(os.path.abspath(out)))
+        lines += [f"![primary IOPS, journal lag and replica lag during the outage]({rel})", "",
+                  "The same run as the daemons' own metrics saw it (`--metrics-listen`, sampled "
+                  "every 0.5 s by `bench/timeline.py`, drawn by `bench/timeline.gp`): primary "
+                  "write IOPS, the journal's lag (bytes not yet durable, and dirty bytes "
+                  "waiting for a resync) and the replica's lag behind the primary's head; the "
+                  "outage is shaded.", ""]
 if os.path.exists(f"{d}/al.tsv"):
     rows = [l.split("\t") for l in open(f"{d}/al.tsv").read().split("\n") if l]
     on = [float(v) for m, v in rows if m == "on"]

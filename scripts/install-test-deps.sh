@@ -97,14 +97,16 @@ install_build_deps() {
 
 # The real clients and tools the tests drive: NBD clients, fio, a FUSE/loop/ext4 toolchain,
 # openssl (test certificates for NBD over TLS), setpriv (a client under another uid),
-# systemd-analyze (the unit files are verified) and man (the generated man pages render).
+# systemd-analyze (the unit files are verified), man (the generated man pages render) and
+# prometheus + promtool (a real Prometheus scrapes --metrics-listen; Debian's package).
 install_system_tools() {
     local missing=()
     local tool pkg
     for pair in qemu-io:qemu-utils qemu-img:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin \
         nbdfuse:nbdfuse nbdkit:nbdkit fio:fio mkfs.ext4:e2fsprogs e2fsck:e2fsprogs \
         debugfs:e2fsprogs fusermount3:fuse3 losetup:mount python3:python3 openssl:openssl \
-        setpriv:util-linux systemd-analyze:systemd man:man-db; do
+        setpriv:util-linux systemd-analyze:systemd man:man-db prometheus:prometheus \
+        promtool:prometheus; do
         tool="${pair%%:*}"
         pkg="${pair##*:}"
         if ! command -v "$tool" >/dev/null 2>&1; then
@@ -112,7 +114,7 @@ install_system_tools() {
         fi
     done
     if [ "${#missing[@]}" -eq 0 ]; then
-        say "system tools present (qemu-io, nbdinfo, nbdcopy, nbdfuse, nbdkit, fio, e2fsprogs, fuse3, openssl, setpriv, systemd-analyze, man)"
+        say "system tools present (qemu-io, nbdinfo, nbdcopy, nbdfuse, nbdkit, fio, e2fsprogs, fuse3, openssl, setpriv, systemd-analyze, man, prometheus)"
     else
         apt_install "${missing[@]}"
     fi

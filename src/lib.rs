@@ -9,6 +9,7 @@ pub mod block;
 pub mod clock;
 pub mod control;
 pub mod journal;
+pub mod metrics;
 pub mod nbd;
 pub mod replayer;
 pub mod store;

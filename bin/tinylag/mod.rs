@@ -6,6 +6,7 @@ pub mod control_cmd;
 pub mod init;
 pub mod journal_cmd;
 pub mod log_redact;
+pub mod metrics;
 pub mod output;
 pub mod replay;
 pub mod serve;

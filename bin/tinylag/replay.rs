@@ -10,10 +10,12 @@ use tinylag::clock::{format_ns, Clock, SystemClock};
 use tinylag::control;
 use tinylag::journal::reader::JournalReader;
 use tinylag::journal::Manifest;
+use tinylag::metrics::{Hub, ReplicaSource};
 use tinylag::replayer::{
     Agent, AgentConfig, BatchLimits, Outcome, PollPolicy, ReplicaFile, ReplicaTarget,
     StatusHandler, TokioTimer,
 };
+use tinylag::store::counting::CountingStore;
 use tinylag::store::local::LocalStore;
 use tinylag::store::{open_store, ObjectStore, StoreUri};
 use tinylag::units::format_duration;
@@ -23,6 +25,7 @@ use crate::cmd::args::{
     parse_duration, parse_group, parse_size, parse_store_uri, parse_time, JournalArgs,
 };
 use crate::cmd::config::ConfigArg;
+use crate::cmd::metrics::{Endpoint, MetricsArgs};
 use crate::cmd::output::{say, self_command, tell};
 use crate::cmd::serve::StopSignals;
 use crate::cmd::systemd;
@@ -79,6 +82,8 @@ pub struct ReplayArgs {
     #[arg(long, default_value = "60s", value_parser = parse_duration, hide = true)]
     pub idle_commit: Duration,
     #[command(flatten)]
+    pub metrics: MetricsArgs,
+    #[command(flatten)]
     pub config: ConfigArg,
 }
 
@@ -100,10 +105,17 @@ pub struct Opened {
     pub control: PathBuf,
     pub replica: PathBuf,
     pub undo: Option<String>,
+    /// The undo store's request counts, when [`open`] was asked to count them.
+    pub undo_counts: Option<Arc<CountingStore>>,
 }
 
-/// Opens the journal, the replica, the undo log, and the agent, for `replay` and `up`.
-pub async fn open(args: &ReplayArgs, journal: Arc<dyn ObjectStore>) -> anyhow::Result<Opened> {
+/// Opens the journal, the replica, the undo log, and the agent, for `replay` and `up`; with
+/// `count_undo`, requests to the undo store are counted (for the metrics).
+pub async fn open(
+    args: &ReplayArgs,
+    journal: Arc<dyn ObjectStore>,
+    count_undo: bool,
+) -> anyhow::Result<Opened> {
     let manifest = Manifest::load(journal.as_ref()).await?;
     let replica_path = std::path::absolute(&args.replica)
         .with_context(|| format!("--replica {}", args.replica.display()))?;
@@ -117,6 +129,14 @@ pub async fn open(args: &ReplayArgs, journal: Arc<dyn ObjectStore>) -> anyhow::R
             Some(uri) => open_store(uri, &args.journal.s3.options()).await?,
             None => Arc::new(LocalStore::new(beside(&replica_path, ".undo"))),
         })
+    };
+    let undo_counts = match (&undo_store, count_undo) {
+        (Some(store), true) => Some(Arc::new(CountingStore::new(store.clone()))),
+        _ => None,
+    };
+    let undo_store = match &undo_counts {
+        Some(counting) => Some(counting.clone() as Arc<dyn ObjectStore>),
+        None => undo_store,
     };
     let (replica, created) = ReplicaFile::open_or_create(&replica_path, size)?;
     let replica: Arc<dyn ReplicaTarget> = Arc::new(replica);
@@ -167,6 +187,7 @@ pub async fn open(args: &ReplayArgs, journal: Arc<dyn ObjectStore>) -> anyhow::R
         control,
         replica: replica_path,
         undo: undo_store.map(|s| s.describe()),
+        undo_counts,
     })
 }
 
@@ -183,14 +204,29 @@ fn limit_malloc_arenas() {
 }
 
 pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
+    run_with(args, None).await
+}
+
+/// [`run`], with the metrics going to `shared` (from `up`) instead of `--metrics-listen`.
+pub async fn run_with(args: ReplayArgs, shared: Option<Arc<Hub>>) -> anyhow::Result<()> {
     limit_malloc_arenas();
-    let journal = args.journal.open().await?;
+    let metrics = match args.recover_only {
+        true => None,
+        false => Endpoint::open(&args.metrics, shared).await?,
+    };
+    let mut journal = args.journal.open().await?;
+    let journal_counts = metrics.as_ref().map(|_| {
+        let counting = Arc::new(CountingStore::new(journal.clone()));
+        journal = counting.clone();
+        counting
+    });
     let Opened {
         mut agent,
         control: control_path,
         replica,
         undo,
-    } = open(&args, journal.clone()).await?;
+        undo_counts,
+    } = open(&args, journal.clone(), metrics.is_some()).await?;
 
     if args.recover_only {
         let report = agent.recover().await?;
@@ -213,6 +249,19 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
         Arc::new(StatusHandler(board.clone())),
         shutdown_rx.clone(),
     ));
+    let metrics_url = metrics.as_ref().and_then(Endpoint::url);
+    let metrics_task = metrics.and_then(|m| {
+        m.hub.add_source(Arc::new(ReplicaSource(board.clone())));
+        for (store, counts) in [("journal", journal_counts), ("undo", undo_counts)] {
+            if let Some(counts) = counts {
+                m.hub.add_store("replica", store, counts);
+            }
+        }
+        m.start(shutdown_rx.clone())
+    });
+    if let Some(url) = &metrics_url {
+        say(format!("tinylag replay: metrics {url}"));
+    }
     say(format!(
         "tinylag replay: {} -> {} as consumer {} (delay {}, undo log {}); status: {} status --control {}",
         journal.describe(),
@@ -231,6 +280,9 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
     signals.abort();
     let _ = shutdown_tx.send(true);
     let _ = server.await;
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
     let _ = std::fs::remove_file(&control_path);
     let outcome = result?;
     let status = board.snapshot().await;

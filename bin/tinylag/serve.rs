@@ -16,8 +16,10 @@ use tinylag::block::BlockDevice;
 use tinylag::clock::{Clock, SystemClock};
 use tinylag::control;
 use tinylag::journal::{epoch, lease, Manifest};
+use tinylag::metrics::{Hub, PrimarySource};
 use tinylag::nbd::{self, Export, ListenAddr, NbdServer};
-use tinylag::store::{open_store, StoreUri};
+use tinylag::store::counting::CountingStore;
+use tinylag::store::{open_store, ObjectStore, StoreUri};
 use tinylag::units::format_size;
 use tinylag::writer::control_records::ServeControl;
 use tinylag::writer::lease::LeaseKeeper;
@@ -30,6 +32,7 @@ use crate::cmd::args::{
     parse_store_uri, usage, Ack, S3Args, TlsArgs,
 };
 use crate::cmd::config::ConfigArg;
+use crate::cmd::metrics::{Endpoint, MetricsArgs};
 use crate::cmd::output::{tell, warn, warn_logged};
 use crate::cmd::systemd;
 use crate::cmd::ublk::{check_frontend, Frontend, UblkArgs};
@@ -131,6 +134,8 @@ pub struct ServeArgs {
     #[arg(long, default_value = "15s", value_parser = parse_lease_time)]
     pub lease_time: Duration,
     #[command(flatten)]
+    pub metrics: MetricsArgs,
+    #[command(flatten)]
     pub config: ConfigArg,
 }
 
@@ -187,6 +192,11 @@ fn return_large_buffers_to_the_kernel() {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    run_with(args, None).await
+}
+
+/// [`run`], with the metrics going to `shared` (from `up`) instead of `--metrics-listen`.
+pub async fn run_with(args: ServeArgs, shared: Option<Arc<Hub>>) -> anyhow::Result<()> {
     return_large_buffers_to_the_kernel();
     // Every argument is checked before anything is opened, bound or claimed.
     let ack = args.ack_mode()?;
@@ -207,9 +217,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| default_control_path(&args.primary));
 
+    let metrics = Endpoint::open(&args.metrics, shared).await?;
+    let mut counted = None;
     let journal = match (&args.journal, args.no_journal) {
         (Some(uri), false) => {
-            let store = open_store(uri, &args.s3.options()).await?;
+            let mut store = open_store(uri, &args.s3.options()).await?;
+            if metrics.is_some() {
+                let counting = Arc::new(CountingStore::new(store));
+                counted = Some(counting.clone());
+                store = counting as Arc<dyn ObjectStore>;
+            }
             let manifest = Manifest::load(store.as_ref()).await?;
             Some((store, manifest))
         }
@@ -251,6 +268,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let access = control::Access {
         group: args.control_group,
     };
+    // Caught from before the control socket exists: a stop that comes right after it
+    // answers (a test's first `status`, systemd's READY=1) is a clean stop, not the default
+    // kill. (Until here a signal kills at once, as a stuck start should be stoppable.)
+    let mut signals = StopSignals::watch()?;
     let control_listener = control::bind_with(&control_path, access)
         .await
         .with_context(|| format!("cannot listen on --control {}", control_path.display()))?;
@@ -350,11 +371,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     );
     let security_warning = security.warning(&listen);
 
-    // Caught from before the control socket first answers: a stop that comes right after
-    // (a test's first `status`, systemd's READY=1) is a clean stop, not the default kill.
-    // (Until here a signal kills at once, as a stuck start should be stoppable.)
-    let mut signals = StopSignals::watch()?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let metrics_url = metrics.as_ref().and_then(Endpoint::url);
+    let metrics_task = metrics.and_then(|m| {
+        m.hub.add_source(Arc::new(PrimarySource(core.clone())));
+        if let Some(counting) = counted {
+            m.hub.add_store("primary", "journal", counting);
+        }
+        m.start(shutdown_rx.clone())
+    });
     let control_task = tokio::spawn(control::serve(
         control_listener,
         Arc::new(ServeControl {
@@ -411,6 +436,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         status.journal.as_deref().unwrap_or("none (--no-journal)"),
         control_path.display()
     ));
+    if let Some(url) = &metrics_url {
+        tell(format!("metrics {url}"));
+    }
     if let Some(w) = status.warning() {
         warn(w);
     }
@@ -455,6 +483,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         keeper.release().await;
     }
     let _ = control_task.await;
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
     let _ = std::fs::remove_file(&control_path);
     if let Some(e) = &report.flush_error {
         bail!("the final fsync of {} failed: {e}", args.primary.display());

@@ -1,10 +1,15 @@
 //! `tinylag status`: asks a running daemon (the primary, or a replay agent: its answer's
 //! `role` says which) for its status over the control socket and prints it (text for people,
-//! `--json` for scripts).
+//! `--json` for scripts). With `--watch` it asks again every second and redraws (clear
+//! screen and home, plain ANSI, on a terminal; frames one after another otherwise) until
+//! Ctrl-C.
 
-use std::path::PathBuf;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::Args;
+use tinylag::clock::{format_ns, Clock, SystemClock};
 use tinylag::control::{self, Request};
 use tinylag::replayer::status::{render_text, ReplicaStatus};
 use tinylag::writer::StatusSnapshot;
@@ -22,7 +27,13 @@ pub struct StatusArgs {
     /// Print the daemon's answer as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Ask again every second and redraw, until Ctrl-C (with --json: one line per answer).
+    #[arg(long)]
+    pub watch: bool,
 }
+
+/// How often `--watch` asks.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
 
 pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
     let path = match (args.control, args.primary) {
@@ -30,14 +41,55 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         (None, Some(primary)) => default_control_path(&primary),
         (None, None) => anyhow::bail!("give --control PATH or --primary PATH"),
     };
+    if !args.watch {
+        print!("{}", ask(&path, args.json, false).await?);
+        return Ok(());
+    }
+    // A daemon that is not there at all is an error; one that goes away later is shown.
+    let mut frame = ask(&path, args.json, true).await?;
+    let terminal = std::io::stdout().is_terminal();
+    loop {
+        let mut out = std::io::stdout().lock();
+        if terminal {
+            // Clear the screen and go home, then the frame.
+            write!(out, "\x1b[H\x1b[2J")?;
+        }
+        if !args.json {
+            writeln!(
+                out,
+                "tinylag status --watch {} at {} (Ctrl-C to stop)\n",
+                path.display(),
+                format_ns(SystemClock.now_ns())
+            )?;
+        }
+        write!(out, "{frame}")?;
+        out.flush()?;
+        drop(out);
+        tokio::select! {
+            _ = tokio::time::sleep(WATCH_EVERY) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+        frame = match ask(&path, args.json, true).await {
+            Ok(f) => f,
+            Err(e) => format!("cannot get the status: {e:#}\n"),
+        };
+    }
+}
+
+/// One status request, rendered as `status` prints it (`compact`: JSON on one line).
+async fn ask(path: &Path, json: bool, compact: bool) -> anyhow::Result<String> {
     let request = Request {
         cmd: "status".into(),
         args: serde_json::Value::Null,
     };
-    let answer = control::request(&path, &request).await?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&answer)?);
-        return Ok(());
+    let answer = control::request(path, &request).await?;
+    if json {
+        let mut text = match compact {
+            true => serde_json::to_string(&answer)?,
+            false => serde_json::to_string_pretty(&answer)?,
+        };
+        text.push('\n');
+        return Ok(text);
     }
     if answer["role"] == "replica" {
         let status: ReplicaStatus = serde_json::from_value(answer).map_err(|e| {
@@ -46,8 +98,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
                 path.display()
             )
         })?;
-        print!("{}", render_text(&status));
-        return Ok(());
+        return Ok(render_text(&status));
     }
     let lease = answer.get("lease").cloned();
     let status: StatusSnapshot = serde_json::from_value(answer).map_err(|e| {
@@ -56,11 +107,11 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
             path.display()
         )
     })?;
-    print!("{}", status.render_text());
+    let mut text = status.render_text();
     if let Some(l) = lease {
-        println!(
+        text.push_str(&format!(
             "{:<16}{}: epoch {} held by {} pid {} since {}, renewed {} (every {:.0}s of a \
-             {:.0}s term, {} renewals, {} errors), expires in {:.1}s",
+             {:.0}s term, {} renewals, {} errors), expires in {:.1}s\n",
             "lease",
             l["state"].as_str().unwrap_or("?"),
             l["epoch"],
@@ -73,7 +124,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
             l["renewals"],
             l["renewal_errors"],
             l["expires_in_seconds"].as_f64().unwrap_or(0.0)
-        );
+        ));
     }
-    Ok(())
+    Ok(text)
 }

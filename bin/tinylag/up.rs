@@ -24,6 +24,7 @@ use tinylag::units::{format_duration, format_size};
 
 use crate::cmd::args::{parse_duration, parse_listen, parse_size, TlsArgs};
 use crate::cmd::config::ConfigArg;
+use crate::cmd::metrics::{Endpoint, MetricsArgs};
 use crate::cmd::output::{say, self_command, tell};
 use crate::cmd::{replay, serve};
 
@@ -49,6 +50,9 @@ pub struct UpArgs {
     /// Replay delay of the replica (e.g. 1h).
     #[arg(long, default_value = "0", value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
     pub delay: Duration,
+    /// One endpoint for the primary's and the replica's metrics.
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
     #[command(flatten)]
     pub config: ConfigArg,
 }
@@ -122,12 +126,21 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         ToString::to_string,
     );
     let uri = args.tls.nbd_uri(&listen.parse()?, &export);
+    let metrics = Endpoint::open(&args.metrics, None).await?;
     print_guide(
         &dir, &primary, &journal, &replica, size, &listen, &uri, &export, &delay,
     );
+    let hub = metrics.as_ref().map(|m| m.hub.clone());
+    let (metrics_stop, metrics_stopped) = tokio::sync::watch::channel(false);
+    if let Some(url) = metrics.as_ref().and_then(Endpoint::url) {
+        tell(format!(
+            "metrics: {url}   # the primary's and the replica's series"
+        ));
+    }
+    let metrics_task = metrics.and_then(|m| m.start(metrics_stopped));
 
-    let replay_task = tokio::spawn(replay::run(replay_args));
-    let served = serve::run(serve_args).await;
+    let replay_task = tokio::spawn(replay::run_with(replay_args, hub.clone()));
+    let served = serve::run_with(serve_args, hub).await;
     // Both listen for SIGINT/SIGTERM; once the primary is down, the agent finishes its batch.
     match tokio::time::timeout(REPLAY_STOP, replay_task).await {
         Ok(Ok(Ok(()))) => {}
@@ -138,6 +151,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         Err(_) => say(format!(
             "tinylag up: the replay agent did not stop within {REPLAY_STOP:?}; its next start recovers"
         )),
+    }
+    let _ = metrics_stop.send(true);
+    if let Some(task) = metrics_task {
+        let _ = task.await;
     }
     served
 }

@@ -26,6 +26,9 @@ use super::recovery::RecoveryReport;
 
 /// How long a probed head stays fresh.
 const HEAD_CACHE_NS: u64 = 2_000_000_000;
+/// How long a status request (or a metrics scrape) waits for the journal store before it
+/// answers with what the agent already knows: a store that is down must not hang `status`.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Segments whose sizes a status request reads with HEAD; beyond, lag bytes are estimated.
 const LAG_SIZE_SAMPLE: u64 = 32;
 
@@ -46,6 +49,32 @@ pub enum AgentState {
     Stopped,
     /// Stopped by an error (see `error`).
     Failed,
+}
+
+impl AgentState {
+    /// Every state, for the one-gauge-per-state metric.
+    pub const ALL: [AgentState; 7] = [
+        AgentState::Starting,
+        AgentState::Recovering,
+        AgentState::CatchingUp,
+        AgentState::WaitingForDelay,
+        AgentState::Idle,
+        AgentState::Stopped,
+        AgentState::Failed,
+    ];
+
+    /// The name `status` shows (`catching-up`).
+    pub fn name(self) -> &'static str {
+        match self {
+            AgentState::Starting => "starting",
+            AgentState::Recovering => "recovering",
+            AgentState::CatchingUp => "catching-up",
+            AgentState::WaitingForDelay => "waiting-for-delay",
+            AgentState::Idle => "idle",
+            AgentState::Stopped => "stopped",
+            AgentState::Failed => "failed",
+        }
+    }
 }
 
 /// The journal head as far as the agent knows it.
@@ -308,6 +337,12 @@ impl StatusBoard {
                 }),
             );
         }
+        if let Some((at, _, None)) = cached {
+            // The last probe failed or timed out: do not make every status wait again.
+            if now.saturating_sub(at) < HEAD_CACHE_NS {
+                return (seen, None);
+            }
+        }
         if let Some((at, head, bytes)) = cached {
             // A cached head that is not past the applied LSN would say "nothing behind"
             // while the agent catches up: probe again instead.
@@ -318,11 +353,17 @@ impl StatusBoard {
                 return (head, bytes);
             }
         }
-        let probed = self.probe(seen, position).await;
+        let probed = tokio::time::timeout(PROBE_TIMEOUT, self.probe(seen, position)).await;
         let (head, bytes) = match probed {
-            Ok(found) => found,
-            Err(e) => {
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) => {
                 tracing::debug!("status head probe failed: {e}");
+                (seen, None)
+            }
+            Err(_) => {
+                tracing::debug!(
+                    "status head probe: no answer from the store within {PROBE_TIMEOUT:?}"
+                );
                 (seen, None)
             }
         };
@@ -384,11 +425,15 @@ impl StatusBoard {
         }
         let mut seq = position.next_seq;
         for _ in 0..8 {
-            let index = match self.reader.index(seq).await {
-                Ok(Some(index)) => index,
-                Ok(None) => return None,
-                Err(e) => {
+            let index = match tokio::time::timeout(PROBE_TIMEOUT, self.reader.index(seq)).await {
+                Ok(Ok(Some(index))) => index,
+                Ok(Ok(None)) => return None,
+                Ok(Err(e)) => {
                     tracing::debug!("status: reading the index of segment {seq}: {e}");
+                    return None;
+                }
+                Err(_) => {
+                    tracing::debug!("status: no index of segment {seq} within {PROBE_TIMEOUT:?}");
                     return None;
                 }
             };
@@ -667,6 +712,13 @@ impl Handler for StatusHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_names_are_the_json_names() {
+        for state in AgentState::ALL {
+            assert_eq!(serde_json::to_value(state).unwrap(), state.name());
+        }
+    }
 
     #[test]
     fn durations_format_in_their_largest_unit() {

@@ -7,6 +7,10 @@
 //! `delete_many` call is one request on S3 as long as it carries at most 1000 keys (the S3
 //! `DeleteObjects` limit); callers that want that cost batch by [`DELETE_BATCH`].
 //!
+//! Each call is also tallied by its result ([`Outcome`]: ok, not found, already exists,
+//! other error), for the `tinylag_store_requests_total` metric; [`CountingStore::counts`]
+//! sums over results.
+//!
 //! Must never: change what a call does or returns.
 
 use std::ops::Range;
@@ -51,16 +55,88 @@ impl RequestCounts {
     }
 }
 
+/// A request kind, in the order of [`RequestCounts`]' fields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operation {
+    PutIfAbsent,
+    Put,
+    Get,
+    GetRange,
+    GetTail,
+    Head,
+    List,
+    DeleteMany,
+}
+
+impl Operation {
+    pub const ALL: [Operation; 8] = [
+        Operation::PutIfAbsent,
+        Operation::Put,
+        Operation::Get,
+        Operation::GetRange,
+        Operation::GetTail,
+        Operation::Head,
+        Operation::List,
+        Operation::DeleteMany,
+    ];
+
+    /// The name in metrics labels (the trait method's name).
+    pub fn name(self) -> &'static str {
+        match self {
+            Operation::PutIfAbsent => "put_if_absent",
+            Operation::Put => "put",
+            Operation::Get => "get",
+            Operation::GetRange => "get_range",
+            Operation::GetTail => "get_tail",
+            Operation::Head => "head",
+            Operation::List => "list",
+            Operation::DeleteMany => "delete_many",
+        }
+    }
+}
+
+/// How a request ended. `not_found` and `already_exists` are answers the callers expect
+/// (polling for the next segment, a conditional create that lost), not failures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    NotFound,
+    AlreadyExists,
+    Error,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 4] = [
+        Outcome::Ok,
+        Outcome::NotFound,
+        Outcome::AlreadyExists,
+        Outcome::Error,
+    ];
+
+    /// The name in metrics labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::NotFound => "not_found",
+            Outcome::AlreadyExists => "already_exists",
+            Outcome::Error => "error",
+        }
+    }
+
+    fn of<T>(result: &StoreResult<T>) -> Outcome {
+        match result {
+            Ok(_) => Outcome::Ok,
+            Err(e) if e.is_not_found() => Outcome::NotFound,
+            Err(e) if e.is_already_exists() => Outcome::AlreadyExists,
+            Err(_) => Outcome::Error,
+        }
+    }
+}
+
+/// Calls by operation and outcome.
 #[derive(Debug, Default)]
 struct Counters {
-    put_if_absent: AtomicU64,
-    put: AtomicU64,
-    get: AtomicU64,
-    get_range: AtomicU64,
-    get_tail: AtomicU64,
-    head: AtomicU64,
-    list: AtomicU64,
-    delete_many: AtomicU64,
+    calls: [[AtomicU64; 4]; 8],
     deleted_keys: AtomicU64,
 }
 
@@ -83,54 +159,67 @@ impl CountingStore {
         }
     }
 
-    /// The counts so far.
+    /// Calls of `op` that ended with `outcome` so far.
+    pub fn count(&self, op: Operation, outcome: Outcome) -> u64 {
+        self.counters.calls[op as usize][outcome as usize].load(Ordering::Relaxed)
+    }
+
+    /// The counts so far (every outcome).
     pub fn counts(&self) -> RequestCounts {
-        let c = &self.counters;
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let calls = |op: Operation| Outcome::ALL.iter().map(|&o| self.count(op, o)).sum();
         RequestCounts {
-            put_if_absent: load(&c.put_if_absent),
-            put: load(&c.put),
-            get: load(&c.get),
-            get_range: load(&c.get_range),
-            get_tail: load(&c.get_tail),
-            head: load(&c.head),
-            list: load(&c.list),
-            delete_many: load(&c.delete_many),
-            deleted_keys: load(&c.deleted_keys),
+            put_if_absent: calls(Operation::PutIfAbsent),
+            put: calls(Operation::Put),
+            get: calls(Operation::Get),
+            get_range: calls(Operation::GetRange),
+            get_tail: calls(Operation::GetTail),
+            head: calls(Operation::Head),
+            list: calls(Operation::List),
+            delete_many: calls(Operation::DeleteMany),
+            deleted_keys: self.counters.deleted_keys.load(Ordering::Relaxed),
         }
+    }
+
+    /// Tallies `result` under `op` and hands it back.
+    fn tally<T>(&self, op: Operation, result: StoreResult<T>) -> StoreResult<T> {
+        bump(
+            &self.counters.calls[op as usize][Outcome::of(&result) as usize],
+            1,
+        );
+        result
     }
 }
 
 #[async_trait]
 impl ObjectStore for CountingStore {
     async fn put_if_absent(&self, key: &str, data: Bytes) -> StoreResult<()> {
-        bump(&self.counters.put_if_absent, 1);
-        self.inner.put_if_absent(key, data).await
+        let result = self.inner.put_if_absent(key, data).await;
+        self.tally(Operation::PutIfAbsent, result)
     }
 
     async fn put(&self, key: &str, data: Bytes) -> StoreResult<()> {
-        bump(&self.counters.put, 1);
-        self.inner.put(key, data).await
+        let result = self.inner.put(key, data).await;
+        self.tally(Operation::Put, result)
     }
 
     async fn get(&self, key: &str) -> StoreResult<Bytes> {
-        bump(&self.counters.get, 1);
-        self.inner.get(key).await
+        let result = self.inner.get(key).await;
+        self.tally(Operation::Get, result)
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
-        bump(&self.counters.get_range, 1);
-        self.inner.get_range(key, range).await
+        let result = self.inner.get_range(key, range).await;
+        self.tally(Operation::GetRange, result)
     }
 
     async fn get_tail(&self, key: &str, len: u64) -> StoreResult<(Bytes, u64)> {
-        bump(&self.counters.get_tail, 1);
-        self.inner.get_tail(key, len).await
+        let result = self.inner.get_tail(key, len).await;
+        self.tally(Operation::GetTail, result)
     }
 
     async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
-        bump(&self.counters.head, 1);
-        self.inner.head(key).await
+        let result = self.inner.head(key).await;
+        self.tally(Operation::Head, result)
     }
 
     async fn list(
@@ -139,14 +228,14 @@ impl ObjectStore for CountingStore {
         start_after: Option<&str>,
         max_keys: usize,
     ) -> StoreResult<ListPage> {
-        bump(&self.counters.list, 1);
-        self.inner.list(prefix, start_after, max_keys).await
+        let result = self.inner.list(prefix, start_after, max_keys).await;
+        self.tally(Operation::List, result)
     }
 
     async fn delete_many(&self, keys: &[String]) -> StoreResult<()> {
-        bump(&self.counters.delete_many, 1);
         bump(&self.counters.deleted_keys, keys.len() as u64);
-        self.inner.delete_many(keys).await
+        let result = self.inner.delete_many(keys).await;
+        self.tally(Operation::DeleteMany, result)
     }
 
     fn describe(&self) -> String {
@@ -187,5 +276,12 @@ mod tests {
             (1, 1, 1, 1, 1, 2)
         );
         assert_eq!(c.total(), 5);
+        assert_eq!(store.count(Operation::Put, Outcome::Ok), 1);
+        assert_eq!(
+            store.count(Operation::PutIfAbsent, Outcome::AlreadyExists),
+            1
+        );
+        assert_eq!(store.count(Operation::Head, Outcome::NotFound), 1);
+        assert_eq!(store.count(Operation::Head, Outcome::Ok), 0);
     }
 }

@@ -24,6 +24,8 @@ pub struct LagHistogram {
     buckets: [AtomicU64; BUCKETS],
     count: AtomicU64,
     max_ns: AtomicU64,
+    /// Sum of every lag, for the Prometheus histogram's `_sum` (wraps after 584 years).
+    sum_ns: AtomicU64,
 }
 
 impl Default for LagHistogram {
@@ -32,8 +34,19 @@ impl Default for LagHistogram {
             buckets: std::array::from_fn(|_| AtomicU64::new(0)),
             count: AtomicU64::new(0),
             max_ns: AtomicU64::new(0),
+            sum_ns: AtomicU64::new(0),
         }
     }
+}
+
+/// The histogram in Prometheus' terms, for `/metrics`: the count in each bucket (not
+/// cumulative) with its upper bound in seconds, one bucket per doubling from 1 µs, the last
+/// one unbounded (`f64::INFINITY`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LagBuckets {
+    pub buckets: Vec<(f64, u64)>,
+    pub count: u64,
+    pub sum_seconds: f64,
 }
 
 /// Quantiles of the histogram, for `status`.
@@ -70,6 +83,33 @@ impl LagHistogram {
         self.buckets[bucket_of(lag_ns)].fetch_add(1, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
         self.max_ns.fetch_max(lag_ns, Ordering::Relaxed);
+        self.sum_ns.fetch_add(lag_ns, Ordering::Relaxed);
+    }
+
+    /// Every bucket, merged to one per doubling (Prometheus needs no finer ones: its quantile
+    /// estimate interpolates inside a bucket). Bucket `STEPS·k` holds lags under 1 µs·2^k.
+    pub fn buckets(&self) -> LagBuckets {
+        let step = STEPS as usize;
+        let mut buckets = Vec::with_capacity(BUCKETS / step + 1);
+        let mut pending = 0u64;
+        let mut total = 0u64;
+        for (i, b) in self.buckets.iter().enumerate() {
+            let n = b.load(Ordering::Relaxed);
+            pending += n;
+            total += n;
+            if i % step == 0 && i + 1 < BUCKETS {
+                buckets.push((upper_bound(i).as_secs_f64(), pending));
+                pending = 0;
+            }
+        }
+        buckets.push((f64::INFINITY, pending));
+        LagBuckets {
+            buckets,
+            // From the buckets, so `_count` equals the `+Inf` bucket even while records are
+            // being counted concurrently.
+            count: total,
+            sum_seconds: self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9,
+        }
     }
 
     /// The lag at or under which a fraction `q` of the records stayed (an upper bound).
@@ -120,6 +160,35 @@ mod tests {
         let s = h.summary();
         assert_eq!(s.records, 1000);
         assert_eq!(s.max_seconds, 1.0);
+    }
+
+    #[test]
+    fn buckets_double_and_add_up() {
+        let h = LagHistogram::new();
+        for ns in [500, 1_500, 3_000_000, 3_000_000, 2_000_000_000] {
+            h.record(ns);
+        }
+        let b = h.buckets();
+        assert_eq!(b.count, 5);
+        assert_eq!(b.buckets.iter().map(|(_, n)| n).sum::<u64>(), 5);
+        assert_eq!(b.buckets[0], (1e-6, 1), "under 1 µs");
+        assert_eq!(b.buckets[1], (2e-6, 1), "1.5 µs");
+        assert!(b.buckets.windows(2).all(|w| w[1].0 > w[0].0));
+        assert_eq!(b.buckets.last().unwrap().0, f64::INFINITY);
+        // 3 ms lies under 2^12 µs = 4.096 ms, and over 2^11 µs.
+        let at = |le: f64| {
+            b.buckets
+                .iter()
+                .find(|(u, _)| (*u - le).abs() < 1e-12)
+                .unwrap()
+                .1
+        };
+        assert_eq!(at(4.096e-3), 2);
+        assert!(
+            (b.sum_seconds - 2.006_002).abs() < 1e-9,
+            "{}",
+            b.sum_seconds
+        );
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub mod control_records;
 mod dirty;
 mod encoder;
 mod intake;
+mod io_counts;
 mod journal_writer;
 mod lag_histogram;
 pub mod lease;
@@ -41,8 +42,12 @@ mod shared;
 mod status;
 
 pub use activity_log::default_path as default_activity_log_path;
+pub use io_counts::IoStatus;
 pub use journal_writer::WriterConfig;
+pub use lag_histogram::{LagBuckets, LagSummary};
 pub use mode::{AckMode, MaxLag, Mode};
 pub use pool::MIN_POOL_SIZE;
 pub use primary::{CoreError, JournalSetup, Labels, PrimaryCore, ShutdownReport};
+#[cfg(test)]
+pub(crate) use status::tests::sample as sample_status;
 pub use status::StatusSnapshot;

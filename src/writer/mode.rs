@@ -40,6 +40,16 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// Every mode, for the one-gauge-per-mode metric.
+    pub const ALL: [Mode; 6] = [
+        Mode::Logging,
+        Mode::ForwardPart,
+        Mode::ForwardFull,
+        Mode::ReverseFull,
+        Mode::Fenced,
+        Mode::NoJournal,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Mode::Logging => "logging",

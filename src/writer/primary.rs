@@ -153,6 +153,8 @@ pub struct PrimaryCore {
     pub(super) journal: Option<Journaling>,
     pub(super) labels: Labels,
     pub(super) started: std::time::Instant,
+    /// Requests served, for `status` and `/metrics`.
+    pub(super) io: super::io_counts::IoCounts,
 }
 
 impl std::fmt::Debug for PrimaryCore {
@@ -237,6 +239,7 @@ impl PrimaryCore {
                 journal: None,
                 labels,
                 started: std::time::Instant::now(),
+                io: Default::default(),
             });
         };
         let manifest = setup.manifest;
@@ -415,6 +418,7 @@ impl PrimaryCore {
             }),
             labels,
             started: std::time::Instant::now(),
+            io: Default::default(),
         })
     }
 
@@ -679,11 +683,13 @@ impl BlockDevice for PrimaryCore {
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BlockError> {
         // Reads take no lock: a read overlapping a write in flight may see either content,
         // as on any disk.
+        self.io.read(u64::from(len));
         self.device.read(offset, len).await
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), BlockError> {
         let len = data.len() as u64;
+        self.io.write(len);
         check_range(offset, len, self.info.size)?;
         let shared = data.clone();
         self.change(
@@ -695,6 +701,7 @@ impl BlockDevice for PrimaryCore {
     }
 
     async fn flush(&self) -> Result<(), BlockError> {
+        self.io.flush();
         let applied = self.device.flush().await;
         let ticket = self.journal(Op::Flush, &applied);
         applied?;
@@ -703,6 +710,7 @@ impl BlockDevice for PrimaryCore {
     }
 
     async fn trim(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.io.trim();
         check_range(offset, len, self.info.size)?;
         self.change(
             offset..offset + len,
@@ -713,6 +721,7 @@ impl BlockDevice for PrimaryCore {
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), BlockError> {
+        self.io.write_zeroes();
         check_range(offset, len, self.info.size)?;
         self.change(
             offset..offset + len,

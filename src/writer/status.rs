@@ -13,7 +13,8 @@ use std::sync::atomic::Ordering;
 
 use serde::{Deserialize, Serialize};
 
-use super::lag_histogram::LagSummary;
+use super::io_counts::IoStatus;
+use super::lag_histogram::{LagBuckets, LagSummary};
 use super::mode::{AckMode, Mode, Transition};
 use super::primary::{PrimaryCore, StartKind};
 use super::resync::ResyncStatus;
@@ -54,6 +55,9 @@ pub struct StatusSnapshot {
     /// Records queued but never journaled (fenced, writer stopped, not drained).
     pub records_abandoned: u64,
     pub dirty: DirtyStatus,
+    /// Requests the primary served since start.
+    #[serde(default)]
+    pub io: IoStatus,
     pub uptime_seconds: f64,
     /// How this daemon started: `clean`, `activity-log` (with the regions it named) or
     /// `full` (with why).
@@ -363,6 +367,20 @@ impl StatusSnapshot {
                 ),
             );
         }
+        line(
+            &mut out,
+            "served",
+            format!(
+                "{} reads ({}), {} writes ({}), {} flushes, {} trims, {} write-zeroes",
+                self.io.reads,
+                format_size(self.io.bytes_read),
+                self.io.writes,
+                format_size(self.io.bytes_written),
+                self.io.flushes,
+                self.io.trims,
+                self.io.write_zeroes
+            ),
+        );
         line(&mut out, "uptime", secs(self.uptime_seconds));
         out
     }
@@ -374,6 +392,11 @@ fn secs(seconds: f64) -> String {
 }
 
 impl PrimaryCore {
+    /// The ack->durable lag histogram behind `durable_lag` (absent without a journal).
+    pub fn durable_lag_buckets(&self) -> Option<LagBuckets> {
+        self.journal.as_ref().map(|j| j.stats.durable_lag.buckets())
+    }
+
     /// The status snapshot.
     pub fn status(&self) -> StatusSnapshot {
         let mode = self.mode();
@@ -445,6 +468,7 @@ impl PrimaryCore {
                 },
                 records_abandoned: 0,
                 dirty,
+                io: self.io.status(),
                 uptime_seconds,
                 security_warning: None,
                 start: None,
@@ -514,6 +538,7 @@ impl PrimaryCore {
             },
             records_abandoned: s.records_abandoned.load(Ordering::Acquire),
             dirty,
+            io: self.io.status(),
             uptime_seconds,
             security_warning: None,
             start: serde_json::to_value(&j.start).ok(),
@@ -532,7 +557,7 @@ impl PrimaryCore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn sample(mode: Mode) -> StatusSnapshot {
@@ -584,6 +609,15 @@ mod tests {
                 bytes: 0,
                 region_size: 4 << 20,
             },
+            io: IoStatus {
+                reads: 4,
+                writes: 110,
+                flushes: 2,
+                trims: 0,
+                write_zeroes: 0,
+                bytes_read: 16384,
+                bytes_written: 110 << 12,
+            },
             uptime_seconds: 12.0,
             start: None,
             transitions: vec![Transition {
@@ -621,6 +655,7 @@ mod tests {
         let ok = sample(Mode::Logging).render_text();
         assert!(!ok.contains("WARNING"), "{ok}");
         assert!(ok.contains("head 100, durable 90"), "{ok}");
+        assert!(ok.contains("110 writes (440.0 KiB)"), "{ok}");
         let mut part = sample(Mode::ForwardPart);
         part.dirty.regions = 3;
         part.dirty.bytes = 12 << 20;

@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod nbd;
 pub mod oracle;
 pub mod procs;
+pub mod prometheus;
 pub mod replay;
 pub mod s3;
 pub mod timetravel;
