@@ -51,7 +51,7 @@ use super::apply::{apply_op, apply_overlay, extent, sync, ApplyError};
 use super::error::ReplayError;
 use super::fetcher::{Fetcher, Pending};
 use super::overlay::Overlay;
-use super::preimage::{capture, read_preimage};
+use super::preimage::{capture_batch, read_preimage};
 use super::recovery::{blocking, recover, RecoveryReport};
 use super::replica::ReplicaTarget;
 use super::status::{AgentIdentity, AgentState, Phase, StatusBoard};
@@ -608,18 +608,12 @@ impl Agent {
             let target = self.replica.clone();
             let started = Instant::now();
             let (preimages, overlay) = blocking("read pre-images", move || {
-                let mut overlay = Overlay::new();
-                let preimages = records
-                    .iter()
-                    .map(|r| capture(target.as_ref(), &mut overlay, r))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|source| ApplyError::Io {
-                        replica: target.describe(),
-                        what: "read pre-image",
-                        lsn: records.first().map_or(0, |r| r.lsn),
-                        source,
-                    })?;
-                Ok::<_, ApplyError>((preimages, overlay))
+                capture_batch(target.as_ref(), &records).map_err(|source| ApplyError::Io {
+                    replica: target.describe(),
+                    what: "read pre-image",
+                    lsn: records.first().map_or(0, |r| r.lsn),
+                    source,
+                })
             })
             .await?;
             self.board.spent(Phase::Preimage, started.elapsed());

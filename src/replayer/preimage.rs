@@ -42,6 +42,127 @@ pub fn capture(
     })
 }
 
+/// The undo records of a whole batch (one per record, in order, as [`capture`] would give
+/// them one by one) and the batch's overlay, reading the replica once per run of adjacent or
+/// overlapping ranges ([`ReplicaTarget::read_many`], all runs at once) and asking where its
+/// data is once per data extent rather than once per record (a fully written replica: once).
+///
+/// Memory: the runs hold at most the batch's ranges once each, which the batch limits bound;
+/// a pre-image that no earlier record of the batch touched shares the run's buffer.
+pub fn capture_batch(
+    target: &dyn ReplicaTarget,
+    records: &[Record],
+) -> io::Result<(Vec<Record>, Overlay)> {
+    let runs = read_runs(target, records)?;
+    let mut overlay = Overlay::new();
+    let mut undo = Vec::with_capacity(records.len());
+    for record in records {
+        let op = match extent(&record.op) {
+            None => record.op.clone(),
+            Some((offset, len)) => from_runs(&runs, &overlay, offset, len),
+        };
+        overlay.record(record.lsn, &record.op);
+        undo.push(Record {
+            lsn: record.lsn,
+            timestamp_ns: record.timestamp_ns,
+            dev: record.dev,
+            op,
+        });
+    }
+    Ok((undo, overlay))
+}
+
+/// A run of the batch's ranges: `start..start + len`, with the replica's bytes, or `None`
+/// when it lies in a hole.
+struct Run {
+    start: u64,
+    len: u64,
+    data: Option<Bytes>,
+}
+
+/// The union of the records' ranges as sorted, disjoint runs, read from the replica.
+fn read_runs(target: &dyn ReplicaTarget, records: &[Record]) -> io::Result<Vec<Run>> {
+    let mut ranges: Vec<(u64, u64)> = records
+        .iter()
+        .filter_map(|r| extent(&r.op))
+        .filter(|&(_, len)| len > 0)
+        .map(|(offset, len)| (offset, offset + len))
+        .collect();
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (start, end) in ranges {
+        match merged.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
+    }
+    // Which runs touch data: walk the data extents forward with the runs (sorted).
+    let mut data_extent: Option<std::ops::Range<u64>> = None;
+    let mut past_last_data = false;
+    let mut runs = Vec::with_capacity(merged.len());
+    let mut reads: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut read_run: Vec<usize> = Vec::new();
+    for (start, end) in merged {
+        if !past_last_data && data_extent.as_ref().is_none_or(|d| d.end <= start) {
+            data_extent = target.next_data(start)?;
+            past_last_data = data_extent.is_none();
+        }
+        let has_data = data_extent.as_ref().is_some_and(|d| d.start < end);
+        if has_data {
+            read_run.push(runs.len());
+            reads.push((start, vec![0u8; (end - start) as usize]));
+        }
+        runs.push(Run {
+            start,
+            len: end - start,
+            data: None,
+        });
+    }
+    target.read_many(&mut reads)?;
+    for (i, (_, buf)) in read_run.into_iter().zip(reads) {
+        runs[i].data = Some(Bytes::from(buf));
+    }
+    Ok(runs)
+}
+
+/// The pre-image of `offset..offset + len` from the batch's runs patched with `overlay`.
+fn from_runs(runs: &[Run], overlay: &Overlay, offset: u64, len: u64) -> Op {
+    let end = offset + len;
+    if len == 0 {
+        return Op::WriteZeroes { offset, len };
+    }
+    // The run holding the range: the last one starting at or before it.
+    let i = runs.partition_point(|r| r.start <= offset) - 1;
+    let run = &runs[i];
+    debug_assert!(
+        end <= run.start + run.len,
+        "a record's range lies in one run"
+    );
+    let touched = overlay.touches(offset, end);
+    let data = match (&run.data, touched) {
+        (None, false) => return Op::WriteZeroes { offset, len },
+        (Some(data), false) => {
+            let at = (offset - run.start) as usize;
+            data.slice(at..at + len as usize)
+        }
+        (data, true) => {
+            let mut buf = match data {
+                Some(data) => {
+                    let at = (offset - run.start) as usize;
+                    data[at..at + len as usize].to_vec()
+                }
+                None => vec![0u8; len as usize],
+            };
+            overlay.patch(offset, &mut buf);
+            Bytes::from(buf)
+        }
+    };
+    if is_zero(&data) {
+        return Op::WriteZeroes { offset, len };
+    }
+    Op::Write { offset, data }
+}
+
 /// The pre-image of `offset..offset + len` as an operation that restores it.
 pub fn read_preimage(
     target: &dyn ReplicaTarget,
@@ -127,6 +248,37 @@ mod tests {
                 apply_op(&replica, u.lsn, &u.op).unwrap();
                 prop_assert_eq!(&replica.contents(), &states[i], "after undoing LSN {}", u.lsn);
             }
+        }
+    }
+
+    proptest! {
+        /// A batch's pre-images read in runs are the ones read record by record, over a
+        /// replica with holes (the memory replica answers `next_data` from its holes).
+        #[test]
+        fn a_batch_captured_in_runs_equals_record_by_record(
+            before in proptest::collection::vec(op_strategy(), 0..8),
+            batch in proptest::collection::vec(op_strategy(), 1..24),
+        ) {
+            let replica = MemoryReplica::new(SIZE);
+            for (i, op) in before.iter().enumerate() {
+                apply_op(&replica, i as u64, op).unwrap();
+            }
+            let records: Vec<Record> = batch
+                .iter()
+                .enumerate()
+                .map(|(i, op)| Record { lsn: i as u64 + 1, timestamp_ns: 0, dev: 0, op: op.clone() })
+                .collect();
+            let mut overlay = Overlay::new();
+            let one_by_one: Vec<Record> = records
+                .iter()
+                .map(|r| capture(&replica, &mut overlay, r).unwrap())
+                .collect();
+            let (in_runs, batch_overlay) = capture_batch(&replica, &records).unwrap();
+            prop_assert_eq!(in_runs, one_by_one);
+            prop_assert_eq!(
+                batch_overlay.extents().collect::<Vec<_>>(),
+                overlay.extents().collect::<Vec<_>>()
+            );
         }
     }
 

@@ -19,6 +19,12 @@
 //!   that change no bytes (FLUSH, MARK, EPOCH, RESYNC_BEGIN/END) are copied as they are, and
 //!   undoing them does nothing.
 //!
+//! - each pre-image is stored raw or as a zstd frame, as the codec's index entry says per
+//!   payload (`compressed`); the agent offers a pre-image to zstd only when a sample (or, for
+//!   small ones, the run before it) compresses (`super::compress`), so pre-images of data
+//!   that does not compress cost no compression attempt. This changed no byte of the format:
+//!   segments written before, with every payload offered, read the same way.
+//!
 //! A journal record too large for one pre-image (a DISCARD of gigabytes) is applied in
 //! pieces, each with its own undo segment holding one record: that LSN, the piece's range.
 //!
@@ -33,12 +39,14 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::journal::paths;
-use crate::journal::record::Record;
+use crate::journal::record::{Op, Record};
 use crate::journal::segment::{
-    decode_payload, decode_segment, encode_segment, read_index, DecodedSegment, Expected,
-    IndexEntry, SegmentError, SegmentIndex,
+    decode_payload, decode_segment, read_index, DecodedSegment, Expected, IndexEntry,
+    SegmentBuilder, SegmentError, SegmentIndex,
 };
 use crate::store::{ObjectStore, StoreError};
+
+use super::compress::CompressProbe;
 
 /// The undo-log format version this build writes and reads.
 pub const UNDO_FORMAT_VERSION: u32 = 1;
@@ -274,14 +282,13 @@ impl UndoLog {
         let first_lsn = records.first().map_or(0, |r| r.lsn);
         let uuid = self.manifest.journal_uuid;
         // Compressing and checksumming tens of megabytes is CPU work: off the runtime.
-        let body =
-            tokio::task::spawn_blocking(move || encode_segment(uuid, 0, seq, first_lsn, &records))
-                .await
-                .map_err(|e| UndoError::Task {
-                    store: self.describe(),
-                    message: e.to_string(),
-                })?
-                .map_err(|e| self.segment_err(e))?;
+        let body = tokio::task::spawn_blocking(move || encode_undo(uuid, seq, first_lsn, &records))
+            .await
+            .map_err(|e| UndoError::Task {
+                store: self.describe(),
+                message: e.to_string(),
+            })?
+            .map_err(|e| self.segment_err(e))?;
         let len = body.len() as u64;
         let key = paths::undo_segment_key(seq);
         match self.store.put_if_absent(&key, body).await {
@@ -402,6 +409,35 @@ impl UndoLog {
             .await
             .map_err(|e| self.store_err(e))
     }
+}
+
+/// Encodes undo segment `seq` in the journal's codec, offering each pre-image to zstd only
+/// when [`CompressProbe`] expects it to shrink (the rest is stored raw, as the codec stores
+/// any payload that does not compress; readers cannot tell the difference).
+fn encode_undo(
+    uuid: Uuid,
+    seq: u64,
+    first_lsn: u64,
+    records: &[Record],
+) -> Result<Bytes, SegmentError> {
+    let mut builder = SegmentBuilder::new(uuid, 0, seq, first_lsn);
+    let payload: usize = records.iter().map(|r| r.op.payload_len()).sum();
+    // Raw pre-images: the body is the payloads; one allocation for them and the index.
+    builder.reserve(payload + records.len() * 64 + 4096);
+    let mut probe = CompressProbe::new();
+    for record in records {
+        let data = match &record.op {
+            Op::Write { data, .. } | Op::ResyncData { data, .. } => Some(data),
+            _ => None,
+        };
+        let offered = data.is_some_and(|d| probe.offer(d));
+        builder.set_compression(offered);
+        builder.push(record)?;
+        if let (Some(d), true) = (data, offered) {
+            probe.observe(d.len(), builder.last_compressed().unwrap_or(false));
+        }
+    }
+    Ok(builder.finish())
 }
 
 /// Reads the manifest of an existing undo log without creating one (for tools that must not
