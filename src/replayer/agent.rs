@@ -3,7 +3,8 @@
 //!
 //! Per batch, strictly in this order:
 //! 1. read the pre-images of the batch's ranges from the replica ([`super::preimage`]) and
-//!    write them as one undo segment (durable when the store call returns);
+//!    write them as up to four undo segments, each written while the next part's pre-images
+//!    are read (all durable when the last store call returns);
 //! 2. apply the records in LSN order ([`super::apply`]);
 //! 3. `fdatasync` the replica;
 //! 4. commit the position (`consumers/<name>`), with the undo-log position beside it.
@@ -55,7 +56,7 @@ use super::preimage::{capture_batch, read_preimage};
 use super::recovery::{blocking, recover, RecoveryReport};
 use super::replica::ReplicaTarget;
 use super::status::{AgentIdentity, AgentState, Phase, StatusBoard};
-use super::undo::{UndoLog, UndoManifest, UNDO_FORMAT_VERSION};
+use super::undo::{split_by, UndoLog, UndoManifest, STRAYS, UNDO_FORMAT_VERSION};
 
 /// How long after `--until` an idle agent keeps waiting for records acknowledged before it
 /// (they reach the journal within the writer's linger and upload time).
@@ -605,25 +606,8 @@ impl Agent {
         let bytes: u64 = records.iter().map(weight).sum();
         let count = records.len() as u64;
         let overlay = if let Some(undo) = &self.undo {
-            let target = self.replica.clone();
-            let started = Instant::now();
-            let (preimages, overlay) = blocking("read pre-images", move || {
-                capture_batch(target.as_ref(), &records).map_err(|source| ApplyError::Io {
-                    replica: target.describe(),
-                    what: "read pre-image",
-                    lsn: records.first().map_or(0, |r| r.lsn),
-                    source,
-                })
-            })
-            .await?;
-            self.board.spent(Phase::Preimage, started.elapsed());
-            let started = Instant::now();
-            let payload: usize = preimages.iter().map(|r| r.op.payload_len()).sum();
-            let parts = payload / self.config.limits.undo_part.max(1) + 1;
-            let (segments, size) = undo
-                .write_split(self.pos.undo.next_seq, preimages, parts)
-                .await?;
-            self.board.spent(Phase::Undo, started.elapsed());
+            let undo = undo.clone();
+            let (overlay, segments, size) = self.write_preimages(&undo, records).await?;
             self.pos.undo.next_seq += segments;
             self.pos.undo.bytes += size;
             self.pos.undo.segments += segments;
@@ -650,6 +634,78 @@ impl Agent {
         }
         self.finish_in_background(count, bytes);
         Ok(())
+    }
+
+    /// Reads the pre-images of a batch and makes them durable as up to [`STRAYS`] + 1 undo
+    /// segments from the current undo seq: the batch is cut into parts of about
+    /// [`BatchLimits::undo_part`] bytes, and each part's segment is encoded and written while
+    /// the next part's pre-images are read (consecutive parts whose pre-images hold less than
+    /// that share one segment, so a batch over holes costs one). Returns the batch's overlay,
+    /// the segments written and their bytes; all are durable when this returns.
+    async fn write_preimages(
+        &self,
+        undo: &UndoLog,
+        records: Vec<Record>,
+    ) -> Result<(Overlay, u64, u64), ReplayError> {
+        let part = self.config.limits.undo_part.max(1) as u64;
+        let total: u64 = records.iter().map(weight).sum();
+        let parts = ((total / part) as usize + 1).min(STRAYS as usize + 1);
+        let groups = split_by(records, parts, weight);
+        let last = groups.len() - 1;
+        let first_seq = self.pos.undo.next_seq;
+        let mut next_seq = first_seq;
+        let mut overlay = Overlay::new();
+        let mut ready: Vec<Record> = Vec::new();
+        let mut writes = Vec::new();
+        for (i, group) in groups.into_iter().enumerate() {
+            let target = self.replica.clone();
+            let started = Instant::now();
+            let (preimages, back) = blocking("read pre-images", move || {
+                let mut overlay = overlay;
+                capture_batch(target.as_ref(), &group, &mut overlay)
+                    .map(|p| (p, overlay))
+                    .map_err(|source| ApplyError::Io {
+                        replica: target.describe(),
+                        what: "read pre-image",
+                        lsn: group.first().map_or(0, |r| r.lsn),
+                        source,
+                    })
+            })
+            .await?;
+            self.board.spent(Phase::Preimage, started.elapsed());
+            overlay = back;
+            ready.extend(preimages);
+            let payload: usize = ready.iter().map(|r| r.op.payload_len()).sum();
+            if payload as u64 >= part || i == last {
+                let log = undo.clone();
+                let seq = next_seq;
+                next_seq += 1;
+                let records = std::mem::take(&mut ready);
+                writes.push(tokio::spawn(async move { log.write(seq, records).await }));
+            }
+        }
+        let started = Instant::now();
+        let mut bytes = 0;
+        let mut failure = None;
+        for write in writes {
+            match write.await {
+                Ok(Ok(size)) => bytes += size,
+                Ok(Err(e)) => {
+                    failure.get_or_insert(ReplayError::from(e));
+                }
+                Err(e) => {
+                    failure.get_or_insert(ReplayError::Task {
+                        what: "undo segment write",
+                        message: e.to_string(),
+                    });
+                }
+            }
+        }
+        self.board.spent(Phase::Undo, started.elapsed());
+        match failure {
+            Some(e) => Err(e),
+            None => Ok((overlay, next_seq - first_seq, bytes)),
+        }
     }
 
     /// Starts the fsync of the replica and the commit of the current position, after the

@@ -42,24 +42,27 @@ pub fn capture(
     })
 }
 
-/// The undo records of a whole batch (one per record, in order, as [`capture`] would give
-/// them one by one) and the batch's overlay, reading the replica once per run of adjacent or
+/// The undo records of a batch (one per record, in order, as [`capture`] would give them one
+/// by one), reading the replica once per run of adjacent or
 /// overlapping ranges ([`ReplicaTarget::read_many`], all runs at once) and asking where its
 /// data is once per data extent rather than once per record (a fully written replica: once).
 ///
 /// Memory: the runs hold at most the batch's ranges once each, which the batch limits bound;
 /// a pre-image that no earlier record of the batch touched shares the run's buffer.
+///
+/// `overlay` holds what the records before these (of the same batch) wrote, and gets these
+/// records' effect added: a batch may be captured in consecutive parts.
 pub fn capture_batch(
     target: &dyn ReplicaTarget,
     records: &[Record],
-) -> io::Result<(Vec<Record>, Overlay)> {
+    overlay: &mut Overlay,
+) -> io::Result<Vec<Record>> {
     let runs = read_runs(target, records)?;
-    let mut overlay = Overlay::new();
     let mut undo = Vec::with_capacity(records.len());
     for record in records {
         let op = match extent(&record.op) {
             None => record.op.clone(),
-            Some((offset, len)) => from_runs(&runs, &overlay, offset, len),
+            Some((offset, len)) => from_runs(&runs, overlay, offset, len),
         };
         overlay.record(record.lsn, &record.op);
         undo.push(Record {
@@ -69,7 +72,7 @@ pub fn capture_batch(
             op,
         });
     }
-    Ok((undo, overlay))
+    Ok(undo)
 }
 
 /// A run of the batch's ranges: `start..start + len`, with the replica's bytes, or `None`
@@ -258,6 +261,7 @@ mod tests {
         fn a_batch_captured_in_runs_equals_record_by_record(
             before in proptest::collection::vec(op_strategy(), 0..8),
             batch in proptest::collection::vec(op_strategy(), 1..24),
+            split in 0..24usize,
         ) {
             let replica = MemoryReplica::new(SIZE);
             for (i, op) in before.iter().enumerate() {
@@ -273,7 +277,11 @@ mod tests {
                 .iter()
                 .map(|r| capture(&replica, &mut overlay, r).unwrap())
                 .collect();
-            let (in_runs, batch_overlay) = capture_batch(&replica, &records).unwrap();
+            // In two parts, the second seeing the first's writes through the overlay.
+            let cut = split % records.len();
+            let mut batch_overlay = Overlay::new();
+            let mut in_runs = capture_batch(&replica, &records[..cut], &mut batch_overlay).unwrap();
+            in_runs.extend(capture_batch(&replica, &records[cut..], &mut batch_overlay).unwrap());
             prop_assert_eq!(in_runs, one_by_one);
             prop_assert_eq!(
                 batch_overlay.extents().collect::<Vec<_>>(),

@@ -6,14 +6,14 @@
 //!
 //! ```text
 //! undo.json          UndoManifest (JSON), written once by conditional create
-//! undo/<seq:020>     undo segments, numbered from 0 by the agent, one per applied batch
+//! undo/<seq:020>     undo segments, numbered from 0 by the agent, one to four per applied batch
 //! ```
 //!
 //! An undo segment uses the journal's segment codec unchanged (header, body, rkyv index,
 //! trailer, every byte checked; see [`crate::journal::segment`]), with:
 //! - `uuid` = the journal's device-group UUID, `epoch` = 0, `seq` = the undo seq;
-//! - `first_lsn` = the journal LSN of the first record the batch applies, and one undo record
-//!   per journal record of the batch, with that record's LSN, timestamp and device;
+//! - `first_lsn` = the journal LSN of the first record of its part of the batch, and one undo
+//!   record per journal record of that part, with that record's LSN, timestamp and device;
 //! - each undo record's operation restores what the journal record overwrote: `WRITE(offset,
 //!   bytes before)`, or `WRITE_ZEROES(offset, len)` when the range read as zeroes; records
 //!   that change no bytes (FLUSH, MARK, EPOCH, RESYNC_BEGIN/END) are copied as they are, and
@@ -459,18 +459,24 @@ pub const STRAYS: u64 = 3;
 
 /// Splits `records` into at most `parts` runs of about equal payload bytes, in order.
 fn split(records: Vec<Record>, parts: usize) -> Vec<Vec<Record>> {
-    let total: usize = records.iter().map(|r| r.op.payload_len()).sum();
-    let target = total.div_ceil(parts.max(1)).max(1);
+    split_by(records, parts, |r| r.op.payload_len() as u64)
+}
+
+/// Splits `items` into at most `parts` non-empty runs of about equal `weight`, in order
+/// (one empty run for no items).
+pub(crate) fn split_by<T>(items: Vec<T>, parts: usize, weight: impl Fn(&T) -> u64) -> Vec<Vec<T>> {
+    let total: u64 = items.iter().map(&weight).sum();
+    let target = total.div_ceil(parts.max(1) as u64).max(1);
     let mut groups = vec![Vec::new()];
     let mut bytes = 0;
-    for record in records {
+    for item in items {
         let last = groups.last_mut().expect("never empty");
         if bytes >= target && !last.is_empty() && groups.len() < parts {
             groups.push(Vec::new());
             bytes = 0;
         }
-        bytes += record.op.payload_len();
-        groups.last_mut().expect("never empty").push(record);
+        bytes += weight(&item);
+        groups.last_mut().expect("never empty").push(item);
     }
     groups
 }
