@@ -51,10 +51,13 @@ pub fn capture(
 /// a pre-image that no earlier record of the batch touched shares the run's buffer.
 ///
 /// `overlay` holds what the records before these (of the same batch) wrote, and gets these
-/// records' effect added: a batch may be captured in consecutive parts.
+/// records' effect added: a batch may be captured in consecutive parts. `base`, when given,
+/// is the previous batch's net effect, which may still be being written to the replica: the
+/// bytes it covers are taken from it, never from the replica (which may hold them torn).
 pub fn capture_batch(
     target: &dyn ReplicaTarget,
     records: &[Record],
+    base: Option<&Overlay>,
     overlay: &mut Overlay,
 ) -> io::Result<Vec<Record>> {
     let runs = read_runs(target, records)?;
@@ -62,7 +65,7 @@ pub fn capture_batch(
     for record in records {
         let op = match extent(&record.op) {
             None => record.op.clone(),
-            Some((offset, len)) => from_runs(&runs, overlay, offset, len),
+            Some((offset, len)) => from_runs(&runs, base, overlay, offset, len),
         };
         overlay.record(record.lsn, &record.op);
         undo.push(Record {
@@ -128,8 +131,9 @@ fn read_runs(target: &dyn ReplicaTarget, records: &[Record]) -> io::Result<Vec<R
     Ok(runs)
 }
 
-/// The pre-image of `offset..offset + len` from the batch's runs patched with `overlay`.
-fn from_runs(runs: &[Run], overlay: &Overlay, offset: u64, len: u64) -> Op {
+/// The pre-image of `offset..offset + len` from the batch's runs patched with `base` (the
+/// previous batch), then `overlay` (this batch so far).
+fn from_runs(runs: &[Run], base: Option<&Overlay>, overlay: &Overlay, offset: u64, len: u64) -> Op {
     let end = offset + len;
     if len == 0 {
         return Op::WriteZeroes { offset, len };
@@ -141,7 +145,7 @@ fn from_runs(runs: &[Run], overlay: &Overlay, offset: u64, len: u64) -> Op {
         end <= run.start + run.len,
         "a record's range lies in one run"
     );
-    let touched = overlay.touches(offset, end);
+    let touched = overlay.touches(offset, end) || base.is_some_and(|b| b.touches(offset, end));
     let data = match (&run.data, touched) {
         (None, false) => return Op::WriteZeroes { offset, len },
         (Some(data), false) => {
@@ -156,6 +160,9 @@ fn from_runs(runs: &[Run], overlay: &Overlay, offset: u64, len: u64) -> Op {
                 }
                 None => vec![0u8; len as usize],
             };
+            if let Some(base) = base {
+                base.patch(offset, &mut buf);
+            }
             overlay.patch(offset, &mut buf);
             Bytes::from(buf)
         }
@@ -280,13 +287,54 @@ mod tests {
             // In two parts, the second seeing the first's writes through the overlay.
             let cut = split % records.len();
             let mut batch_overlay = Overlay::new();
-            let mut in_runs = capture_batch(&replica, &records[..cut], &mut batch_overlay).unwrap();
-            in_runs.extend(capture_batch(&replica, &records[cut..], &mut batch_overlay).unwrap());
+            let mut in_runs =
+                capture_batch(&replica, &records[..cut], None, &mut batch_overlay).unwrap();
+            in_runs.extend(
+                capture_batch(&replica, &records[cut..], None, &mut batch_overlay).unwrap(),
+            );
             prop_assert_eq!(in_runs, one_by_one);
             prop_assert_eq!(
                 batch_overlay.extents().collect::<Vec<_>>(),
                 overlay.extents().collect::<Vec<_>>()
             );
+        }
+    }
+
+    proptest! {
+        /// With the previous batch given as `base` and not yet written (or half written) to
+        /// the replica, the pre-images are those of the replica with that batch applied.
+        #[test]
+        fn a_batch_captured_over_an_unapplied_previous_batch_sees_it(
+            before in proptest::collection::vec(op_strategy(), 0..6),
+            previous in proptest::collection::vec(op_strategy(), 1..12),
+            batch in proptest::collection::vec(op_strategy(), 1..12),
+            written in 0..12usize,
+        ) {
+            let applied = MemoryReplica::new(SIZE);
+            let pending = MemoryReplica::new(SIZE);
+            for (i, op) in before.iter().enumerate() {
+                apply_op(&applied, i as u64, op).unwrap();
+                apply_op(&pending, i as u64, op).unwrap();
+            }
+            let mut base = Overlay::new();
+            for (i, op) in previous.iter().enumerate() {
+                apply_op(&applied, 100 + i as u64, op).unwrap();
+                base.record(100 + i as u64, op);
+                // The replica being written has only some of the previous batch.
+                if i < written {
+                    apply_op(&pending, 100 + i as u64, op).unwrap();
+                }
+            }
+            let records: Vec<Record> = batch
+                .iter()
+                .enumerate()
+                .map(|(i, op)| Record { lsn: 200 + i as u64, timestamp_ns: 0, dev: 0, op: op.clone() })
+                .collect();
+            let mut overlay = Overlay::new();
+            let want = capture_batch(&applied, &records, None, &mut overlay).unwrap();
+            let mut overlay = Overlay::new();
+            let got = capture_batch(&pending, &records, Some(&base), &mut overlay).unwrap();
+            prop_assert_eq!(got, want);
         }
     }
 
