@@ -17,8 +17,8 @@
 # needs ~5x SIZE), BENCH_OUT (default BENCHMARKS.md; the "replay" section between its
 # markers is replaced). Needs fio (with the nbd engine), python3, and for catchup s3s-fs
 # (scripts/install-test-deps.sh). Apply runs are interleaved (fio, no undo, undo, undo with
-# TINYLAG_IO_ENGINE=threads; then again) so that the noise of a shared machine hits every
-# configuration alike.
+# TINYLAG_IO_ENGINE=threads, the last two in turns first; then again) so that the noise of
+# a shared machine hits every configuration alike.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -91,16 +91,19 @@ apply_part() {
             t=$(timed "$BIN" replay --journal "$journal" --replica "$replica" \
                 --name "noundo-$run" --no-undo --once --control "$DIR/ctl")
             printf '%s\tno-undo\t%s\t%s\n' "$pattern" "$run" "$t" >>"$RESULTS"
-            t=$(timed "$BIN" replay --journal "$journal" --replica "$replica" \
-                --name "undo-$run" --undo "$DIR/undo-$run" --once --control "$DIR/ctl")
-            printf '%s\tundo\t%s\t%s\n' "$pattern" "$run" "$t" >>"$RESULTS"
-            rm -rf "$DIR/undo-$run"
-            # The same on the fallback I/O path (pre-images read with pread, no io_uring).
-            t=$(timed env TINYLAG_IO_ENGINE=threads "$BIN" replay --journal "$journal" \
-                --replica "$replica" --name "threads-$run" --undo "$DIR/undo-threads-$run" \
-                --once --control "$DIR/ctl")
-            printf '%s\tundo-threads\t%s\t%s\n' "$pattern" "$run" "$t" >>"$RESULTS"
-            rm -rf "$DIR/undo-threads-$run"
+            # With the undo log on io_uring (the default) and on the fallback I/O path
+            # (TINYLAG_IO_ENGINE=threads: pre-images read with pread), in turns first.
+            local engines=(io_uring threads)
+            (( run % 2 == 0 )) && engines=(threads io_uring)
+            for engine in "${engines[@]}"; do
+                local mode=undo
+                [[ $engine == threads ]] && mode=undo-threads
+                t=$(timed env TINYLAG_IO_ENGINE=$engine "$BIN" replay --journal "$journal" \
+                    --replica "$replica" --name "$mode-$run" --undo "$DIR/$mode-$run" \
+                    --once --control "$DIR/ctl")
+                printf '%s\t%s\t%s\t%s\n' "$pattern" "$mode" "$run" "$t" >>"$RESULTS"
+                rm -rf "${DIR:?}/$mode-$run"
+            done
             echo "   run $run: $(grep -P "^$pattern\t" "$RESULTS" | grep -P "\t$run\t" | cut -f2,4 | tr '\t\n' '= ')"
         done
         rm -rf "$journal"
@@ -343,6 +346,29 @@ Targets: without undo ≥ 0.8x fio for 1 MiB records; with undo ≥ 0.4x for 1 M
 ≥ 0.3x for 4 KiB records (issue 9). Before issue 9 (2026-11-23, same script, 3 runs) the undo
 log applied 1 MiB records at 0.31x fio and 4 KiB records at 0.26x; without undo 0.98x and 0.49x.
 Anchor: Ceph's journal replay runs about 30 MB/s per image by default.
+
+How a batch is applied with the undo log (issue 9): its pre-images are read in coalesced
+runs (one `SEEK_DATA` walk, all runs submitted to one io_uring; `pread` with
+`TINYLAG_IO_ENGINE=threads`), offered to zstd only when a sample compresses, and written as
+up to four undo segments, each while the next part is read; the batch's writes to the replica
+run while the next batch reads and writes its pre-images. Each undo segment is one store
+`put_if_absent` (a local directory fsyncs the file and the directory), then the replica gets
+one `fdatasync` per batch. One undo segment per batch (one undo fsync) measured slower, 5.2 s
+against 2.8 to 3.7 s for the 1 MiB journal (2026-12-01, before the batches overlapped),
+because encoding, writing and syncing a batch's pre-images then run one after the other. The
+replica is written with `pwrite`, not io_uring: on this ext4 a buffered write submitted to
+io_uring is handed to a kernel worker, and fio's 4k random writes to a 1G file at QD64 took
+3.4 to 4.5 s with `psync` against 5.0 to 5.3 s with `io_uring`. Reads go through io_uring
+because a replica is mostly not in the page cache: fio's 4k random reads of an uncached 1G
+file at QD64 took 20.3 s with `psync` and 6.5 s with `io_uring`. This benchmark's replica is
+cached, where neither engine wins every run (below).
+
+The load decides these ratios: fio is one thread, the agent's batches overlap on both cores,
+and other builds take those cores. Two earlier runs of this script on 2026-12-01, same code
+and machine: at a median 1-minute load of 3.5, undo log
+at 0.45x fio for 1 MiB records and 0.45x for 4 KiB records (`threads`: 0.77x, 0.52x; that run
+always ran io_uring first), without undo 1.62x and 0.78x; at a median load of 7.2, undo log
+at 0.15x and 0.29x (`threads`: 0.18x, 0.23x), without undo 0.62x and 0.26x.
 """
 catch = {}
 for line in open(catchup):
