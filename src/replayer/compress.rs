@@ -15,15 +15,15 @@
 //! let a wrong guess cost more than a sample's compression per payload.
 
 /// Payloads at least this long are judged by a sample.
-pub const SAMPLE_FROM: usize = 32 << 10;
+pub(crate) const SAMPLE_FROM: usize = 32 << 10;
 /// Bytes per sample piece.
-pub const SAMPLE_PIECE: usize = 2 << 10;
+pub(crate) const SAMPLE_PIECE: usize = 2 << 10;
 /// Pieces per sample, evenly spread (the first at the payload's start).
-pub const SAMPLES: usize = 4;
+pub(crate) const SAMPLES: usize = 4;
 /// Small payloads that did not compress, in a row, before the probe starts skipping.
-pub const MISSES_BEFORE_SKIP: u32 = 4;
+pub(crate) const MISSES_BEFORE_SKIP: u32 = 4;
 /// While skipping, one small payload in this many is still offered.
-pub const RETRY_EVERY: u32 = 16;
+pub(crate) const RETRY_EVERY: u32 = 16;
 /// The codec's threshold for storing compressed: zstd must save 1/8.
 const WORTH: usize = 8;
 /// Shorter payloads are stored raw by the codec anyway.
@@ -33,7 +33,7 @@ const LEVEL: i32 = 1;
 
 /// The probe for one undo segment's payloads, in order.
 #[derive(Default)]
-pub struct CompressProbe {
+pub(crate) struct CompressProbe {
     /// Small payloads in a row that were offered and stayed raw.
     misses: u32,
     /// Small payloads skipped since the last one offered.
@@ -55,13 +55,13 @@ impl std::fmt::Debug for CompressProbe {
 }
 
 impl CompressProbe {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Whether `payload` should be offered to zstd. A small payload that is offered must be
     /// followed by [`observe`](Self::observe) with what the codec did.
-    pub fn offer(&mut self, payload: &[u8]) -> bool {
+    pub(crate) fn offer(&mut self, payload: &[u8]) -> bool {
         if payload.len() < MIN_LEN {
             return false;
         }
@@ -80,7 +80,7 @@ impl CompressProbe {
     }
 
     /// What the codec did with a small payload that [`offer`](Self::offer) offered.
-    pub fn observe(&mut self, payload_len: usize, compressed: bool) {
+    pub(crate) fn observe(&mut self, payload_len: usize, compressed: bool) {
         if (MIN_LEN..SAMPLE_FROM).contains(&payload_len) {
             self.misses = if compressed {
                 0

@@ -23,13 +23,13 @@ use std::sync::{Mutex, OnceLock};
 use io_uring::{opcode, types, IoUring};
 
 /// Submission queue entries of a ring (reads in flight at most).
-pub const ENTRIES: u32 = 64;
+pub(crate) const ENTRIES: u32 = 64;
 /// The environment variable that selects the I/O engine.
-pub const ENGINE_VAR: &str = "TINYLAG_IO_ENGINE";
+pub(crate) const ENGINE_VAR: &str = "TINYLAG_IO_ENGINE";
 
 /// How the replica is read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Engine {
+pub(crate) enum Engine {
     /// Reads submitted together to an io_uring.
     Uring,
     /// `pread` on the calling thread (the fallback).
@@ -38,7 +38,7 @@ pub enum Engine {
 
 /// What `TINYLAG_IO_ENGINE` asks for: `threads` the fallback, `io_uring` (or unset) the ring.
 /// Another value is `Err` with a message naming the variable and the accepted values.
-pub fn requested(value: Option<&str>) -> Result<Engine, String> {
+pub(crate) fn requested(value: Option<&str>) -> Result<Engine, String> {
     match value {
         None | Some("") | Some("io_uring") | Some("uring") => Ok(Engine::Uring),
         Some("threads") => Ok(Engine::Threads),
@@ -50,7 +50,7 @@ pub fn requested(value: Option<&str>) -> Result<Engine, String> {
 
 /// The engine this process uses, decided on first use: what the environment requests, and
 /// io_uring only if the kernel gives a ring. Logs once when it falls back.
-pub fn engine() -> Engine {
+pub(crate) fn engine() -> Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
     *ENGINE.get_or_init(|| {
         let wanted = requested(std::env::var(ENGINE_VAR).ok().as_deref()).unwrap_or_else(|e| {
@@ -74,7 +74,7 @@ pub fn engine() -> Engine {
 }
 
 /// An io_uring that reads ranges of one file descriptor.
-pub struct RingReader {
+pub(crate) struct RingReader {
     ring: Mutex<IoUring>,
 }
 
@@ -86,7 +86,7 @@ impl std::fmt::Debug for RingReader {
 
 impl RingReader {
     /// A ring, when [`engine`] is io_uring and the kernel gives one.
-    pub fn new() -> Option<RingReader> {
+    pub(crate) fn new() -> Option<RingReader> {
         if engine() != Engine::Uring {
             return None;
         }
@@ -103,7 +103,7 @@ impl RingReader {
 
     /// Fills every buffer from its offset of `fd`. A read that ends early is continued; one
     /// that reaches the end of the file is an `UnexpectedEof` error.
-    pub fn read_many(&self, fd: RawFd, reads: &mut [(u64, Vec<u8>)]) -> io::Result<()> {
+    pub(crate) fn read_many(&self, fd: RawFd, reads: &mut [(u64, Vec<u8>)]) -> io::Result<()> {
         let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
         let mut done = vec![0usize; reads.len()];
         let mut queue: Vec<usize> = (0..reads.len()).rev().collect();
