@@ -369,6 +369,16 @@ and machine: at a median 1-minute load of 3.5, undo log
 at 0.45x fio for 1 MiB records and 0.45x for 4 KiB records (`threads`: 0.77x, 0.52x; that run
 always ran io_uring first), without undo 1.62x and 0.78x; at a median load of 7.2, undo log
 at 0.15x and 0.29x (`threads`: 0.18x, 0.23x), without undo 0.62x and 0.26x.
+
+Missed: with undo, 1 MiB records stay under 0.4x fio whenever the machine is loaded (0.15x to
+0.33x at a median load of 7 to 11; 0.45x at 3.5); 4 KiB records reach 0.3x in two of the three
+runs (0.29x, 0.40x, 0.45x). Why: each byte costs a pre-image read, an encode copy and
+checksum, and an undo file write that must reach the disk before the replica's write, so
+about twice fio's disk writes and three times its memory copies, spread over threads that
+share two cores with other builds while fio runs one thread. In a profile of the 1 MiB run
+(perf, before the batches overlapped) a third of the agent's CPU was the kernel copying undo
+segments into the local store's new files (temp file, fsync, link), a path this work did not
+change (the store is the primary side's).
 """
 catch = {}
 for line in open(catchup):
