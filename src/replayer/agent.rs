@@ -3,14 +3,18 @@
 //!
 //! Per batch, strictly in this order:
 //! 1. read the pre-images of the batch's ranges from the replica ([`super::preimage`]) and
-//!    write them as one undo segment (durable when the store call returns);
+//!    write them as up to four undo segments, each written while the next part's pre-images
+//!    are read (all durable when the last store call returns);
 //! 2. apply the records in LSN order ([`super::apply`]);
 //! 3. `fdatasync` the replica;
 //! 4. commit the position (`consumers/<name>`), with the undo-log position beside it.
 //!
-//! Steps 3 and 4 of a batch run in the background while the next batch does step 1 (its
-//! pre-images are read after this batch's writes, which the page cache already shows);
-//! commits stay in order, and each follows the fsync of the writes it covers.
+//! Steps 2 to 4 of a batch run in the background while the next batch does step 1: its
+//! pre-images take the bytes this batch writes from this batch's overlay, never from the
+//! replica, which may hold them half written (the next batch's own writes wait for these);
+//! commits stay in order, and each follows the fsync of the writes it covers. A crash then
+//! leaves undo segments of two batches past the commit, and recovery undoes both, newest
+//! first, which ends at the oldest pre-image of every byte: the committed state.
 //!
 //! A fetcher task ([`super::fetcher`]) reads ahead: it asks for the predicted key of the next
 //! segment (no listing), decodes and verifies the whole segment (every CRC, the UUID, seq and
@@ -35,7 +39,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::clock::Clock;
@@ -51,11 +55,11 @@ use super::apply::{apply_op, apply_overlay, extent, sync, ApplyError};
 use super::error::ReplayError;
 use super::fetcher::{Fetcher, Pending};
 use super::overlay::Overlay;
-use super::preimage::{capture, read_preimage};
+use super::preimage::{capture_batch, read_preimage};
 use super::recovery::{blocking, recover, RecoveryReport};
 use super::replica::ReplicaTarget;
 use super::status::{AgentIdentity, AgentState, Phase, StatusBoard};
-use super::undo::{UndoLog, UndoManifest, UNDO_FORMAT_VERSION};
+use super::undo::{split_by, UndoLog, UndoManifest, STRAYS, UNDO_FORMAT_VERSION};
 
 /// How long after `--until` an idle agent keeps waiting for records acknowledged before it
 /// (they reach the journal within the writer's linger and upload time).
@@ -168,6 +172,14 @@ fn weight(record: &Record) -> u64 {
     extent(&record.op).map_or(0, |(_, len)| len)
 }
 
+/// A batch being written to the replica in the background.
+#[derive(Debug)]
+struct Applying {
+    handle: JoinHandle<Result<(), ReplayError>>,
+    /// What the batch writes: the next batch's pre-images read these bytes from here.
+    overlay: Arc<Overlay>,
+}
+
 /// A replay agent for one consumer and one replica.
 #[derive(Debug)]
 pub struct Agent {
@@ -183,6 +195,9 @@ pub struct Agent {
     pos: ConsumerState,
     /// The position has moved past empty segments without being committed.
     dirty: bool,
+    /// The writes of the last batch to the replica, running while the next batch reads its
+    /// pre-images (through that batch's overlay) and writes its undo segments.
+    applying: Option<Applying>,
     /// The fsync and commit of the last batch, running while the next batch reads its
     /// pre-images and writes its undo segment.
     finishing: Option<JoinHandle<Result<(), ReplayError>>>,
@@ -322,6 +337,7 @@ impl Agent {
             board,
             pos,
             dirty: false,
+            applying: None,
             finishing: None,
             recovered: false,
             pending: VecDeque::new(),
@@ -604,32 +620,12 @@ impl Agent {
         let records: Vec<Record> = items.iter().map(|i| i.record.clone()).collect();
         let bytes: u64 = records.iter().map(weight).sum();
         let count = records.len() as u64;
+        // The previous batch may still be being written: its overlay stands in for the
+        // replica's bytes it covers.
+        let base = self.applying.as_ref().map(|a| a.overlay.clone());
         let overlay = if let Some(undo) = &self.undo {
-            let target = self.replica.clone();
-            let started = Instant::now();
-            let (preimages, overlay) = blocking("read pre-images", move || {
-                let mut overlay = Overlay::new();
-                let preimages = records
-                    .iter()
-                    .map(|r| capture(target.as_ref(), &mut overlay, r))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|source| ApplyError::Io {
-                        replica: target.describe(),
-                        what: "read pre-image",
-                        lsn: records.first().map_or(0, |r| r.lsn),
-                        source,
-                    })?;
-                Ok::<_, ApplyError>((preimages, overlay))
-            })
-            .await?;
-            self.board.spent(Phase::Preimage, started.elapsed());
-            let started = Instant::now();
-            let payload: usize = preimages.iter().map(|r| r.op.payload_len()).sum();
-            let parts = payload / self.config.limits.undo_part.max(1) + 1;
-            let (segments, size) = undo
-                .write_split(self.pos.undo.next_seq, preimages, parts)
-                .await?;
-            self.board.spent(Phase::Undo, started.elapsed());
+            let undo = undo.clone();
+            let (overlay, segments, size) = self.write_preimages(&undo, records, base).await?;
             self.pos.undo.next_seq += segments;
             self.pos.undo.bytes += size;
             self.pos.undo.segments += segments;
@@ -641,10 +637,21 @@ impl Agent {
             }
             overlay
         };
+        // This batch's pre-images are durable; its writes go after the previous batch's.
+        self.wait_applied().await?;
+        let overlay = Arc::new(overlay);
+        let (applied_tx, applied_rx) = oneshot::channel();
         let target = self.replica.clone();
-        let started = Instant::now();
-        blocking("apply", move || apply_overlay(target.as_ref(), &overlay)).await?;
-        self.board.spent(Phase::Apply, started.elapsed());
+        let board = self.board.clone();
+        let writes = overlay.clone();
+        let handle = tokio::spawn(async move {
+            let started = Instant::now();
+            let result = blocking("apply", move || apply_overlay(target.as_ref(), &writes)).await;
+            board.spent(Phase::Apply, started.elapsed());
+            let _ = applied_tx.send(result.is_ok());
+            result
+        });
+        self.applying = Some(Applying { handle, overlay });
         for item in &items {
             self.advance(&item.record, item.next_seq_after);
         }
@@ -652,17 +659,100 @@ impl Agent {
             .last()
             .filter(|i| i.record.kind() == RecordKind::Verify)
         {
+            self.wait_applied().await?;
             self.verify(&last.record).await?;
         }
-        self.finish_in_background(count, bytes);
+        self.finish_in_background(count, bytes, applied_rx);
         Ok(())
     }
 
+    /// Waits until the last batch's writes are done (not yet durable).
+    async fn wait_applied(&mut self) -> Result<(), ReplayError> {
+        match self.applying.take() {
+            Some(applying) => join(applying.handle, "apply").await,
+            None => Ok(()),
+        }
+    }
+
+    /// Reads the pre-images of a batch and makes them durable as up to [`STRAYS`] + 1 undo
+    /// segments from the current undo seq: the batch is cut into parts of about
+    /// [`BatchLimits::undo_part`] bytes, and each part's segment is encoded and written while
+    /// the next part's pre-images are read (consecutive parts whose pre-images hold less than
+    /// that share one segment, so a batch over holes costs one). Returns the batch's overlay,
+    /// the segments written and their bytes; all are durable when this returns.
+    async fn write_preimages(
+        &self,
+        undo: &UndoLog,
+        records: Vec<Record>,
+        base: Option<Arc<Overlay>>,
+    ) -> Result<(Overlay, u64, u64), ReplayError> {
+        let part = self.config.limits.undo_part.max(1) as u64;
+        let total: u64 = records.iter().map(weight).sum();
+        let parts = ((total / part) as usize + 1).min(STRAYS as usize + 1);
+        let groups = split_by(records, parts, weight);
+        let last = groups.len() - 1;
+        let first_seq = self.pos.undo.next_seq;
+        let mut next_seq = first_seq;
+        let mut overlay = Overlay::new();
+        let mut ready: Vec<Record> = Vec::new();
+        let mut writes = Vec::new();
+        for (i, group) in groups.into_iter().enumerate() {
+            let target = self.replica.clone();
+            let base = base.clone();
+            let started = Instant::now();
+            let (preimages, back) = blocking("read pre-images", move || {
+                let mut overlay = overlay;
+                capture_batch(target.as_ref(), &group, base.as_deref(), &mut overlay)
+                    .map(|p| (p, overlay))
+                    .map_err(|source| ApplyError::Io {
+                        replica: target.describe(),
+                        what: "read pre-image",
+                        lsn: group.first().map_or(0, |r| r.lsn),
+                        source,
+                    })
+            })
+            .await?;
+            self.board.spent(Phase::Preimage, started.elapsed());
+            overlay = back;
+            ready.extend(preimages);
+            let payload: usize = ready.iter().map(|r| r.op.payload_len()).sum();
+            if payload as u64 >= part || i == last {
+                let log = undo.clone();
+                let seq = next_seq;
+                next_seq += 1;
+                let records = std::mem::take(&mut ready);
+                writes.push(tokio::spawn(async move { log.write(seq, records).await }));
+            }
+        }
+        let started = Instant::now();
+        let mut bytes = 0;
+        let mut failure = None;
+        for write in writes {
+            match write.await {
+                Ok(Ok(size)) => bytes += size,
+                Ok(Err(e)) => {
+                    failure.get_or_insert(ReplayError::from(e));
+                }
+                Err(e) => {
+                    failure.get_or_insert(ReplayError::Task {
+                        what: "undo segment write",
+                        message: e.to_string(),
+                    });
+                }
+            }
+        }
+        self.board.spent(Phase::Undo, started.elapsed());
+        match failure {
+            Some(e) => Err(e),
+            None => Ok((overlay, next_seq - first_seq, bytes)),
+        }
+    }
+
     /// Starts the fsync of the replica and the commit of the current position, after the
-    /// previous batch's (commits stay in order). The next batch may read pre-images and
-    /// write its undo segment meanwhile; a commit still only ever follows the fsync of the
-    /// writes it covers.
-    fn finish_in_background(&mut self, records: u64, bytes: u64) {
+    /// previous batch's (commits stay in order) and once `applied` says this batch's writes
+    /// are done. The next batch may read pre-images and write its undo segment meanwhile; a
+    /// commit still only ever follows the fsync of the writes it covers.
+    fn finish_in_background(&mut self, records: u64, bytes: u64, applied: oneshot::Receiver<bool>) {
         let previous = self.finishing.take();
         let replica = self.replica.clone();
         let store = self.reader.store().clone();
@@ -671,7 +761,14 @@ impl Agent {
         let state = self.pos.clone();
         self.finishing = Some(tokio::spawn(async move {
             if let Some(previous) = previous {
-                join(previous).await?;
+                join(previous, "fsync and commit").await?;
+            }
+            // A failed apply is reported by the agent, which waits for it; nothing to commit.
+            if !applied.await.unwrap_or(false) {
+                return Err(ReplayError::Task {
+                    what: "fsync and commit",
+                    message: "the batch's writes to the replica failed".into(),
+                });
             }
             let started = Instant::now();
             blocking("fsync", move || sync(replica.as_ref())).await?;
@@ -684,12 +781,14 @@ impl Agent {
         }));
     }
 
-    /// Waits for the background fsync and commit, if any.
+    /// Waits for the background writes, fsync and commit, if any.
     async fn drain(&mut self) -> Result<(), ReplayError> {
-        match self.finishing.take() {
-            Some(handle) => join(handle).await,
+        let applied = self.wait_applied().await;
+        let finished = match self.finishing.take() {
+            Some(handle) => join(handle, "fsync and commit").await,
             None => Ok(()),
-        }
+        };
+        applied.and(finished)
     }
 
     /// Applies one record too large for a batch, piece by piece, each piece's pre-image
@@ -920,9 +1019,12 @@ async fn commit_retrying(store: &dyn ObjectStore, state: &ConsumerState) -> Jour
 }
 
 /// Waits for a background task and passes its error on.
-async fn join(handle: JoinHandle<Result<(), ReplayError>>) -> Result<(), ReplayError> {
+async fn join(
+    handle: JoinHandle<Result<(), ReplayError>>,
+    what: &'static str,
+) -> Result<(), ReplayError> {
     handle.await.map_err(|e| ReplayError::Task {
-        what: "fsync and commit",
+        what,
         message: e.to_string(),
     })?
 }

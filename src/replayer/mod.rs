@@ -6,9 +6,11 @@
 //! - [`apply`]: what each record kind does to the replica;
 //! - [`overlay`]: the net effect of a batch, applied in offset order;
 //! - [`preimage`]: reading what a batch is about to overwrite;
+//! - `compress`: which pre-images are worth offering to zstd;
 //! - [`undo`]: the undo log (its manifest and segments, in the journal's segment codec);
 //! - [`recovery`]: undoing what a crash left past the last consistent commit;
 //! - [`replica`]: the replica file or block device;
+//! - `uring`: reading a batch's pre-images with io_uring (or `pread`, the fallback);
 //! - [`status`]: what the agent reports on its control socket.
 //!
 //! Must never: touch the replica before the undo record of the change is durable; commit a
@@ -18,6 +20,7 @@
 
 pub mod agent;
 pub mod apply;
+mod compress;
 pub mod error;
 mod fetcher;
 pub mod overlay;
@@ -26,6 +29,7 @@ pub mod recovery;
 pub mod replica;
 pub mod status;
 pub mod undo;
+mod uring;
 pub mod verify;
 
 pub use agent::{Agent, AgentConfig, BatchLimits, Outcome, PollPolicy, Timer, TokioTimer};

@@ -79,6 +79,14 @@ impl Overlay {
             .any(|s| matches!(self.extents.get(s), Some(e) if matches!(e.fill, Fill::Data(_))))
     }
 
+    /// True when part of `start..end` was changed by the batch (data or zeroes).
+    pub fn touches(&self, start: u64, end: u64) -> bool {
+        self.extents
+            .range(..end)
+            .next_back()
+            .is_some_and(|(_, e)| e.end > start)
+    }
+
     /// Replaces the bytes of `buf` (which holds `offset..offset + buf.len()`) that the
     /// overlay covers with what it holds.
     pub fn patch(&self, offset: u64, buf: &mut [u8]) {

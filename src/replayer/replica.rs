@@ -12,11 +12,15 @@
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use crate::block::file::{block_device_size, is_unsupported, to_off_t};
+
+use super::uring::RingReader;
 
 /// Largest single write: zero buffers when a file system can neither punch holes nor zero
 /// ranges, and pieces of large records.
@@ -42,6 +46,19 @@ pub trait ReplicaTarget: Send + Sync + fmt::Debug {
     fn is_hole(&self, offset: u64, len: u64) -> io::Result<bool>;
     /// Makes every completed write durable.
     fn sync(&self) -> io::Result<()>;
+    /// The first extent holding data that ends after `offset` (it may start before it), or
+    /// `None` when only holes follow. A target that cannot tell says everything from
+    /// `offset` to the end is data.
+    fn next_data(&self, offset: u64) -> io::Result<Option<Range<u64>>> {
+        Ok((offset < self.size()).then(|| offset..self.size()))
+    }
+    /// Fills each buffer from its offset, as [`read_at`](Self::read_at) one after another
+    /// would; a target may read them in parallel.
+    fn read_many(&self, reads: &mut [(u64, Vec<u8>)]) -> io::Result<()> {
+        reads
+            .iter_mut()
+            .try_for_each(|(offset, buf)| self.read_at(*offset, buf))
+    }
 }
 
 /// Every way opening or creating a replica fails; each names the path.
@@ -95,6 +112,9 @@ pub struct ReplicaFile {
     path: PathBuf,
     size: u64,
     block_device: bool,
+    /// The io_uring for [`ReplicaTarget::read_many`], set up on first use; `None` inside
+    /// when the process reads with `pread` (see [`super::uring::engine`]).
+    ring: OnceLock<Option<RingReader>>,
 }
 
 impl ReplicaFile {
@@ -184,6 +204,7 @@ impl ReplicaFile {
             path: path.to_owned(),
             size,
             block_device,
+            ring: OnceLock::new(),
         })
     }
 
@@ -296,6 +317,43 @@ impl ReplicaTarget for ReplicaFile {
     fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
     }
+
+    fn read_many(&self, reads: &mut [(u64, Vec<u8>)]) -> io::Result<()> {
+        match self.ring.get_or_init(RingReader::new) {
+            Some(ring) => ring.read_many(self.file.as_raw_fd(), reads),
+            None => reads
+                .iter_mut()
+                .try_for_each(|(offset, buf)| self.file.read_exact_at(buf, *offset)),
+        }
+    }
+
+    fn next_data(&self, offset: u64) -> io::Result<Option<Range<u64>>> {
+        if offset >= self.size {
+            return Ok(None);
+        }
+        if self.block_device {
+            return Ok(Some(offset..self.size));
+        }
+        let fd = self.file.as_raw_fd();
+        // SAFETY: lseek reads only its integer arguments. It moves the shared
+        // file offset, which nothing here uses (all I/O is positional).
+        let data = unsafe { libc::lseek(fd, to_off_t(offset)?, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENXIO) => Ok(None),
+                // A file system without SEEK_DATA: cannot tell.
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(Some(offset..self.size)),
+                _ => Err(e),
+            };
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Some(data as u64..(hole as u64).min(self.size)))
+    }
 }
 
 fn lock_exclusive(file: &File) -> io::Result<()> {
@@ -407,6 +465,24 @@ impl ReplicaTarget for MemoryReplica {
     fn sync(&self) -> io::Result<()> {
         Ok(())
     }
+    fn next_data(&self, offset: u64) -> io::Result<Option<Range<u64>>> {
+        let size = self.size();
+        let holes = self.holes.lock().unwrap();
+        let mut at = offset;
+        while let Some(h) = holes.iter().find(|h| h.start <= at && at < h.end) {
+            at = h.end;
+        }
+        if at >= size {
+            return Ok(None);
+        }
+        let end = holes
+            .iter()
+            .filter(|h| h.start > at)
+            .map(|h| h.start)
+            .min()
+            .unwrap_or(size);
+        Ok(Some(at..end))
+    }
 }
 
 #[cfg(test)]
@@ -445,6 +521,13 @@ mod tests {
             "a range reaching data is not a hole"
         );
         assert!(r.is_hole(65536, 4096).unwrap());
+        let mut reads = vec![(0u64, vec![1u8; 4096]), (4096, vec![0u8; 8192])];
+        r.read_many(&mut reads).unwrap();
+        assert!(reads[0].1.iter().all(|&b| b == 0));
+        assert!(reads[1].1.iter().all(|&b| b == 7));
+        let data = r.next_data(0).unwrap().expect("data after 0");
+        assert!(data.start <= 4096 && data.end >= 12288, "{data:?}");
+        assert_eq!(r.next_data(65536).unwrap(), None);
         r.punch_hole(4096, 4096).unwrap();
         r.zero_range(8192, 100).unwrap();
         let mut buf = vec![1u8; 12288];

@@ -6,18 +6,24 @@
 //!
 //! ```text
 //! undo.json          UndoManifest (JSON), written once by conditional create
-//! undo/<seq:020>     undo segments, numbered from 0 by the agent, one per applied batch
+//! undo/<seq:020>     undo segments, numbered from 0 by the agent, one to four per applied batch
 //! ```
 //!
 //! An undo segment uses the journal's segment codec unchanged (header, body, rkyv index,
 //! trailer, every byte checked; see [`crate::journal::segment`]), with:
 //! - `uuid` = the journal's device-group UUID, `epoch` = 0, `seq` = the undo seq;
-//! - `first_lsn` = the journal LSN of the first record the batch applies, and one undo record
-//!   per journal record of the batch, with that record's LSN, timestamp and device;
+//! - `first_lsn` = the journal LSN of the first record of its part of the batch, and one undo
+//!   record per journal record of that part, with that record's LSN, timestamp and device;
 //! - each undo record's operation restores what the journal record overwrote: `WRITE(offset,
 //!   bytes before)`, or `WRITE_ZEROES(offset, len)` when the range read as zeroes; records
 //!   that change no bytes (FLUSH, MARK, EPOCH, RESYNC_BEGIN/END) are copied as they are, and
 //!   undoing them does nothing.
+//!
+//! - each pre-image is stored raw or as a zstd frame, as the codec's index entry says per
+//!   payload (`compressed`); the agent offers a pre-image to zstd only when a sample (or, for
+//!   small ones, the run before it) compresses (`super::compress`), so pre-images of data
+//!   that does not compress cost no compression attempt. This changed no byte of the format:
+//!   segments written before, with every payload offered, read the same way.
 //!
 //! A journal record too large for one pre-image (a DISCARD of gigabytes) is applied in
 //! pieces, each with its own undo segment holding one record: that LSN, the piece's range.
@@ -33,12 +39,14 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::journal::paths;
-use crate::journal::record::Record;
+use crate::journal::record::{Op, Record};
 use crate::journal::segment::{
-    decode_payload, decode_segment, encode_segment, read_index, DecodedSegment, Expected,
-    IndexEntry, SegmentError, SegmentIndex,
+    decode_payload, decode_segment, read_index, DecodedSegment, Expected, IndexEntry,
+    SegmentBuilder, SegmentError, SegmentIndex,
 };
 use crate::store::{ObjectStore, StoreError};
+
+use super::compress::CompressProbe;
 
 /// The undo-log format version this build writes and reads.
 pub const UNDO_FORMAT_VERSION: u32 = 1;
@@ -274,14 +282,13 @@ impl UndoLog {
         let first_lsn = records.first().map_or(0, |r| r.lsn);
         let uuid = self.manifest.journal_uuid;
         // Compressing and checksumming tens of megabytes is CPU work: off the runtime.
-        let body =
-            tokio::task::spawn_blocking(move || encode_segment(uuid, 0, seq, first_lsn, &records))
-                .await
-                .map_err(|e| UndoError::Task {
-                    store: self.describe(),
-                    message: e.to_string(),
-                })?
-                .map_err(|e| self.segment_err(e))?;
+        let body = tokio::task::spawn_blocking(move || encode_undo(uuid, seq, first_lsn, &records))
+            .await
+            .map_err(|e| UndoError::Task {
+                store: self.describe(),
+                message: e.to_string(),
+            })?
+            .map_err(|e| self.segment_err(e))?;
         let len = body.len() as u64;
         let key = paths::undo_segment_key(seq);
         match self.store.put_if_absent(&key, body).await {
@@ -404,6 +411,35 @@ impl UndoLog {
     }
 }
 
+/// Encodes undo segment `seq` in the journal's codec, offering each pre-image to zstd only
+/// when [`CompressProbe`] expects it to shrink (the rest is stored raw, as the codec stores
+/// any payload that does not compress; readers cannot tell the difference).
+fn encode_undo(
+    uuid: Uuid,
+    seq: u64,
+    first_lsn: u64,
+    records: &[Record],
+) -> Result<Bytes, SegmentError> {
+    let mut builder = SegmentBuilder::new(uuid, 0, seq, first_lsn);
+    let payload: usize = records.iter().map(|r| r.op.payload_len()).sum();
+    // Raw pre-images: the body is the payloads; one allocation for them and the index.
+    builder.reserve(payload + records.len() * 64 + 4096);
+    let mut probe = CompressProbe::new();
+    for record in records {
+        let data = match &record.op {
+            Op::Write { data, .. } | Op::ResyncData { data, .. } => Some(data),
+            _ => None,
+        };
+        let offered = data.is_some_and(|d| probe.offer(d));
+        builder.set_compression(offered);
+        builder.push(record)?;
+        if let (Some(d), true) = (data, offered) {
+            probe.observe(d.len(), builder.last_compressed().unwrap_or(false));
+        }
+    }
+    Ok(builder.finish())
+}
+
 /// Reads the manifest of an existing undo log without creating one (for tools that must not
 /// turn a wrong location into a new log); `None` when `store` holds no `undo.json`.
 pub async fn read_manifest(store: &dyn ObjectStore) -> Result<Option<UndoManifest>, UndoError> {
@@ -423,18 +459,24 @@ pub const STRAYS: u64 = 3;
 
 /// Splits `records` into at most `parts` runs of about equal payload bytes, in order.
 fn split(records: Vec<Record>, parts: usize) -> Vec<Vec<Record>> {
-    let total: usize = records.iter().map(|r| r.op.payload_len()).sum();
-    let target = total.div_ceil(parts.max(1)).max(1);
+    split_by(records, parts, |r| r.op.payload_len() as u64)
+}
+
+/// Splits `items` into at most `parts` non-empty runs of about equal `weight`, in order
+/// (one empty run for no items).
+pub(crate) fn split_by<T>(items: Vec<T>, parts: usize, weight: impl Fn(&T) -> u64) -> Vec<Vec<T>> {
+    let total: u64 = items.iter().map(&weight).sum();
+    let target = total.div_ceil(parts.max(1) as u64).max(1);
     let mut groups = vec![Vec::new()];
     let mut bytes = 0;
-    for record in records {
+    for item in items {
         let last = groups.last_mut().expect("never empty");
         if bytes >= target && !last.is_empty() && groups.len() < parts {
             groups.push(Vec::new());
             bytes = 0;
         }
-        bytes += record.op.payload_len();
-        groups.last_mut().expect("never empty").push(record);
+        bytes += weight(&item);
+        groups.last_mut().expect("never empty").push(item);
     }
     groups
 }
