@@ -19,6 +19,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -74,8 +75,8 @@ pub struct FileOptions {
     /// calling thread: what the page cache can serve without waiting costs a copy instead
     /// of a hand-off to the blocking pool (about three times the IOPS for 4 KiB requests);
     /// the rest (a cache miss, writeback pressure, a file system without NOWAIT) goes to
-    /// the blocking pool as before. Ignored with `direct` and with the io_uring engine
-    /// (io_uring tries the page cache without waiting by itself).
+    /// the blocking pool (or the ring) as before. Writes stop trying after the first
+    /// `EOPNOTSUPP` (ext4 cannot do buffered `RWF_NOWAIT` writes). Ignored with `direct`.
     pub nowait_fast_path: bool,
     /// What runs reads, writes and flushes ([`super::engine::select`] picks it for `serve`).
     /// [`IoEngine::Uring`] needs a tokio runtime at [`FileDevice::open`].
@@ -174,6 +175,9 @@ pub struct FileDevice {
     direct: bool,
     /// Try the page cache without waiting first (see [`FileOptions::nowait_fast_path`]).
     nowait: bool,
+    /// Writes try `RWF_NOWAIT` too: cleared the first time the file system answers that it
+    /// cannot (ext4 buffered writes), so that it costs one system call, once.
+    nowait_writes: AtomicBool,
     /// The io_uring engine's ring; `None` with [`IoEngine::Threads`].
     ring: Option<Arc<Ring>>,
     info: DeviceInfo,
@@ -238,6 +242,7 @@ impl FileDevice {
             kind,
             direct: options.direct,
             nowait: options.nowait_fast_path && !options.direct,
+            nowait_writes: AtomicBool::new(options.nowait_fast_path && !options.direct),
             ring,
             info: DeviceInfo {
                 size,
@@ -349,11 +354,6 @@ impl BlockDevice for FileDevice {
             return Ok(Bytes::new());
         }
         let direct = self.direct;
-        if let Some(ring) = &self.ring {
-            return uring_read(ring, offset, len as usize, direct)
-                .await
-                .map_err(BlockError::Io);
-        }
         let mut buf = Vec::new();
         let mut done = 0;
         if self.nowait {
@@ -362,6 +362,11 @@ impl BlockDevice for FileDevice {
             if done == buf.len() {
                 return Ok(Bytes::from(buf));
             }
+        }
+        if let Some(ring) = &self.ring {
+            return uring_read(ring, offset, len as usize, direct)
+                .await
+                .map_err(BlockError::Io);
         }
         self.blocking(move |file| {
             let len = len as usize;
@@ -386,17 +391,20 @@ impl BlockDevice for FileDevice {
             return Ok(());
         }
         let direct = self.direct;
-        if let Some(ring) = &self.ring {
-            return uring_write(ring, offset, data, fua, direct)
-                .await
-                .map_err(BlockError::Io);
-        }
         let mut done = 0;
-        if self.nowait {
-            done = write_nowait(&self.file, &data, offset);
+        if self.nowait_writes.load(Ordering::Relaxed) {
+            match write_nowait(&self.file, &data, offset) {
+                Some(n) => done = n,
+                None => self.nowait_writes.store(false, Ordering::Relaxed),
+            }
             if done == data.len() && !fua {
                 return Ok(());
             }
+        }
+        if let Some(ring) = &self.ring {
+            return uring_write(ring, offset + done as u64, data.slice(done..), fua, direct)
+                .await
+                .map_err(BlockError::Io);
         }
         self.blocking(move |file| {
             if direct {
@@ -609,11 +617,12 @@ fn read_nowait(file: &File, buf: &mut [u8], offset: u64) -> usize {
 }
 
 /// `pwritev2(RWF_NOWAIT)`: writes what the page cache takes without waiting. Returns the
-/// bytes written (0 when it would wait, on any error, or when the file system cannot do
-/// it); the caller writes the rest the ordinary way, which also reports real errors.
-fn write_nowait(file: &File, buf: &[u8], offset: u64) -> usize {
+/// bytes written (0 when it would wait or on any error), or `None` when the file system
+/// cannot write without waiting at all (`EOPNOTSUPP`); the caller writes the rest the
+/// ordinary way, which also reports real errors.
+fn write_nowait(file: &File, buf: &[u8], offset: u64) -> Option<usize> {
     let Ok(offset) = to_off_t(offset) else {
-        return 0;
+        return Some(0);
     };
     let iov = libc::iovec {
         iov_base: buf.as_ptr() as *mut libc::c_void,
@@ -622,7 +631,10 @@ fn write_nowait(file: &File, buf: &[u8], offset: u64) -> usize {
     // SAFETY: the iovec points into `buf`, which outlives the call; pwritev2 only reads
     // through it. The descriptor stays open because `file` is borrowed.
     let n = unsafe { libc::pwritev2(file.as_raw_fd(), &iov, 1, offset, libc::RWF_NOWAIT) };
-    usize::try_from(n).unwrap_or(0).min(buf.len())
+    if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP) {
+        return None;
+    }
+    Some(usize::try_from(n).unwrap_or(0).min(buf.len()))
 }
 
 /// `fallocate(2)` on `file`.
