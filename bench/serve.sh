@@ -11,6 +11,10 @@
 #   f  no server: fio's io_uring engine on the file itself, same queue depth (the NBD hop's
 #      cost is b against f)
 #   g  as b with TINYLAG_IO_ENGINE=threads (the fallback engine: what io_uring gained)
+#   s  seqwrite-1M only, no server: fio writing files of the segment size (8 MiB, the
+#      default) into a directory on the same file system, 1M writes, fsync at close, 4 jobs
+#      (the default splay width): the bandwidth the local journal can hope for
+# Journaled servers (c, d, e) are measured once their initial full resync is done.
 # Then, for c and d, "half-4k": 4k randwrite QD32 rate-limited to half of c's median
 # randwrite-4k IOPS in this run, for the ack→durable p99 at a load the journal must sustain.
 # Every (server, workload) pair runs REPS times with a fresh server (and a fresh journal),
@@ -22,7 +26,7 @@
 # Needs: cargo, fio (with the nbd engine), nbdkit, python3, s3s-fs (scripts/install-test-deps.sh).
 # Environment: RUNTIME (s per run, default 10), REPS (default 3), SIZE (primary, default 1G),
 # BENCH_DIR (work directory; default a fresh one under /var/tmp, removed at the end),
-# CONFIGS (default "a b c d e f g"), OUT (default BENCHMARKS.md in the checkout),
+# CONFIGS (default "a b c d e f g s"), OUT (default BENCHMARKS.md in the checkout),
 # TABLE_ONLY=1 (with BENCH_DIR: only rewrite the table from that directory's results.tsv).
 set -euo pipefail
 
@@ -30,7 +34,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RUNTIME=${RUNTIME:-10}
 REPS=${REPS:-3}
 SIZE=${SIZE:-1G}
-CONFIGS=${CONFIGS:-"a b c d e f g"}
+CONFIGS=${CONFIGS:-"a b c d e f g s"}
 OUT=${OUT:-$ROOT/BENCHMARKS.md}
 S3FS=${TINYLAG_TOOLS:-$HOME/.cache/tinylag/tools}/bin/s3s-fs
 WORKLOADS="randwrite-4k randread-4k seqwrite-1M half-4k"
@@ -74,7 +78,9 @@ with open(path, "wb") as f:
     for i in range(n >> 20):
         f.write(block[i % 64:] + block[: i % 64])
 EOF
-for c in $CONFIGS; do cp --sparse=never "$SEED" "$WORK/$c.img"; done
+for c in $CONFIGS; do
+    if [[ $c != s ]]; then cp --sparse=never "$SEED" "$WORK/$c.img"; fi
+done
 rm -f "$SEED"
 
 # Waits (up to 30 s) for a Unix socket to accept connections.
@@ -113,7 +119,7 @@ start_server() {
     CTL="" S3PID="" PID="" URI=""
     rm -rf "$WORK/journal-$c" "$WORK/s3-$c" "$sock"
     case $c in
-    f)
+    f | s)
         return 0
         ;;
     g)
@@ -135,8 +141,9 @@ start_server() {
         local extra=()
         if [[ $c == e ]]; then extra=(--compress off); fi
         "$BIN" init --journal "$WORK/journal-$c" --size "$SIZE" --primary "$img" >/dev/null
-        "$BIN" serve --primary "$img" --journal "$WORK/journal-$c" --listen "unix:$sock" \
-            "${extra[@]}" >"$WORK/$c.log" 2>&1 &
+        SERVE=(env "$BIN" serve --primary "$img" --journal "$WORK/journal-$c"
+            --listen "unix:$sock" "${extra[@]}")
+        "${SERVE[@]}" >"$WORK/$c.log" 2>&1 &
         PID=$!
         CTL=$img.ctl
         ;;
@@ -154,9 +161,9 @@ start_server() {
         done
         env "${S3_ENV[@]}" AWS_ENDPOINT_URL="http://127.0.0.1:$port" \
             "$BIN" init --journal s3://bench/j --size "$SIZE" --primary "$img" >/dev/null
-        env "${S3_ENV[@]}" AWS_ENDPOINT_URL="http://127.0.0.1:$port" \
-            "$BIN" serve --primary "$img" --journal s3://bench/j --listen "unix:$sock" \
-            >"$WORK/$c.log" 2>&1 &
+        SERVE=(env "${S3_ENV[@]}" AWS_ENDPOINT_URL="http://127.0.0.1:$port"
+            "$BIN" serve --primary "$img" --journal s3://bench/j --listen "unix:$sock")
+        "${SERVE[@]}" >"$WORK/$c.log" 2>&1 &
         PID=$!
         CTL=$img.ctl
         ;;
@@ -164,6 +171,33 @@ start_server() {
     PIDS+=("$PID")
     wait_socket "$sock"
     URI="nbd+unix:///?socket=$sock"
+    if [[ $c == [cde] ]]; then
+        # Journaled: let the initial full resync finish, then restart from the clean stop
+        # (mode logging at once, fresh ack→durable histogram).
+        wait_logging
+        stop "$PID"
+        "${SERVE[@]}" >>"$WORK/$c.log" 2>&1 &
+        PID=$!
+        PIDS+=("$PID")
+        wait_socket "$sock"
+        wait_logging
+    fi
+}
+
+# A new journal over a primary with data starts in forward-full: the daemon journals the
+# whole primary first. Waits (up to 10 min) until that is done, so that the runs measure
+# steady-state journaling, not the initial resync competing with it (start_server then
+# restarts the daemon, so its ack→durable histogram holds only the measured run).
+wait_logging() {
+    for _ in $(seq 6000); do
+        if "$BIN" status --control "$CTL" --json 2>/dev/null | python3 -c \
+            'import json,sys; s=json.load(sys.stdin); sys.exit(0 if s["mode"]=="logging" and s["durable_lsn"]>=s["head_lsn"] else 1)'; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "bench/serve.sh: $CTL never reached mode logging" >&2
+    return 1
 }
 
 # Waits until the daemon's journal has caught up, then prints its status JSON.
@@ -209,17 +243,26 @@ for wl in $WORKLOADS; do
         configs=$(tr -cd 'cd ' <<<"$CONFIGS")
         ;;
     esac
+    if [[ $wl != seqwrite-1M ]]; then configs=${configs//s/}; fi
     for rep in $(seq "$REPS"); do
         for c in $configs; do
             start_server "$c"
+            size=$SIZE
             if [[ $c == f ]]; then
                 target=(--ioengine=io_uring --filename="$WORK/$c.img")
+            elif [[ $c == s ]]; then
+                rm -rf "$WORK/seg-s" && mkdir -p "$WORK/seg-s"
+                target=(--ioengine=psync --directory="$WORK/seg-s" --numjobs=4 --nrfiles=16
+                    --filesize=8M --file_service_type=sequential --openfiles=1
+                    --create_on_open=1 --fsync_on_close=1 --unlink_each_loop=1
+                    --group_reporting)
+                size=128M
             else
                 target=(--ioengine=nbd --uri="$URI")
             fi
             cpu0=0
             if [[ -n $PID ]]; then cpu0=$(cpu_seconds "$PID"); fi
-            fio --name="$wl" "${target[@]}" "${args[@]}" --size="$SIZE" \
+            fio --name="$wl" "${target[@]}" "${args[@]}" --size="$size" \
                 --time_based --runtime="$RUNTIME" --ramp_time=1 --norandommap --randrepeat=0 \
                 --output-format=json --output="$WORK/fio.json" >/dev/null
             status='{}' hwm=0 cpu=""
@@ -231,7 +274,7 @@ for wl in $WORKLOADS; do
                 stop "$PID"
             fi
             if [[ -n $S3PID ]]; then stop "$S3PID"; fi
-            rm -rf "$WORK/journal-$c" "$WORK/s3-$c"
+            rm -rf "$WORK/journal-$c" "$WORK/s3-$c" "$WORK/seg-s"
             python3 - "$WORK/fio.json" "$c" "$wl" "$rep" "$hwm" "$status" "$cpu" \
                 "$RUNTIME" >>"$RESULTS" <<'EOF'
 import json, sys
@@ -279,7 +322,8 @@ for line in open(results):
 names = {"a": "a: nbdkit file", "b": "b: serve --no-journal", "c": "c: serve, local journal",
          "d": "d: serve, S3 journal (s3s-fs)", "e": "e: c with --compress off",
          "f": "f: fio io_uring on the file (no NBD)",
-         "g": "g: b on the threads engine (fallback)"}
+         "g": "g: b on the threads engine (fallback)",
+         "s": "s: fio, 8 MiB files + fsync into a directory, 4 jobs (no NBD)"}
 def med(c, wl, i):
     vals = [r[i] for r in rows.get((c, wl), []) if r[i] is not None]
     return statistics.median(vals) if vals else None
@@ -300,7 +344,7 @@ lines = ["## serve", "",
          "| workload | server | IOPS | MB/s | p50 µs | p99 µs | ack→durable p99 | CPU s/GB | peak RSS MiB |",
          "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
 for wl in wls:
-    for c in "fagbced":
+    for c in "sfagbced":
         if (c, wl) not in rows:
             continue
         lag = med(c, wl, 4)
@@ -344,6 +388,7 @@ lines += ["", "| also | workload | value |", "|---|---|---:|"]
 for (x, y, i, what) in [("b", "f", 0, "IOPS b / f (the NBD hop: serve --no-journal / fio io_uring on the file)"),
                         ("b", "g", 0, "IOPS b / g (io_uring engine / threads engine)"),
                         ("e", "c", 0, "IOPS e / c (compression off / on)"),
+                        ("c", "s", 1, "MB/s c / s (local journal / fio writing segment files)"),
                         ("d", "b", 0, "IOPS d / b (S3 journal / no journal)")]:
     for wl in wls[:3]:
         r = ratio(x, y, wl, i)
