@@ -264,12 +264,19 @@ async fn read_payload<R: AsyncRead + Unpin>(
     reader: &mut R,
     length: u32,
 ) -> Result<Bytes, TransmissionError> {
-    let mut buf = BytesMut::zeroed(length as usize);
-    let mut received = 0;
-    while received < buf.len() {
-        match reader.read(&mut buf[received..]).await {
-            Ok(0) => return Err(TransmissionError::TruncatedWrite { received, length }),
-            Ok(n) => received += n,
+    // Read straight into uninitialised capacity (no zeroing of up to 32 MiB first), never
+    // past the payload: the next request's header may already be in the stream.
+    let mut buf = BytesMut::with_capacity(length as usize);
+    let mut limited = reader.take(u64::from(length));
+    while buf.len() < length as usize {
+        match limited.read_buf(&mut buf).await {
+            Ok(0) => {
+                return Err(TransmissionError::TruncatedWrite {
+                    received: buf.len(),
+                    length,
+                })
+            }
+            Ok(_) => {}
             Err(e) => return Err(TransmissionError::Io(e)),
         }
     }
