@@ -108,7 +108,10 @@ fn ext4_on_the_daemon_is_clean_and_the_journal_rebuilds_it() {
 
     let status = daemon.status();
     assert_eq!(status["mode"], "logging", "{status:#}");
-    assert!(status["head_lsn"].as_u64().unwrap() > 100, "{status:#}");
+    // mkfs and the copy were journaled. How many records that takes depends on how the
+    // kernel merged the requests (99 to 145 seen on one machine, on either I/O engine);
+    // the rebuild below is the real check.
+    assert!(status["head_lsn"].as_u64().unwrap() > 50, "{status:#}");
     daemon.stop_ok();
 
     if let Err(verdict) = support::verdict::judge_ext4(&primary) {

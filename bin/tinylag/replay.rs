@@ -210,6 +210,9 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
 /// [`run`], with the metrics going to `shared` (from `up`) instead of `--metrics-listen`.
 pub async fn run_with(args: ReplayArgs, shared: Option<Arc<Hub>>) -> anyhow::Result<()> {
     limit_malloc_arenas();
+    // A bad TINYLAG_IO_ENGINE (or `uring` where it cannot run) stops the agent here, before
+    // anything is opened, as it stops serve.
+    tinylag::block::engine::select()?;
     let metrics = match args.recover_only {
         true => None,
         false => Endpoint::open(&args.metrics, shared).await?,

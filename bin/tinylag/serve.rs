@@ -249,10 +249,18 @@ pub async fn run_with(args: ServeArgs, shared: Option<Arc<Hub>>) -> anyhow::Resu
             .and_then(|(_, m)| m.devices.first().map(|d| d.name.clone()))
             .unwrap_or_else(|| "disk0".to_string())
     });
+    let engine = tinylag::block::engine::select()?;
+    tracing::info!(
+        engine = %engine.engine,
+        reason = %engine.reason,
+        "primary I/O engine: {}",
+        engine.engine
+    );
     let device = FileDevice::open(
         &args.primary,
         FileOptions {
             direct: args.direct,
+            engine: engine.engine,
             ..FileOptions::new(block_size)
         },
     )

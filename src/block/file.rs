@@ -1,10 +1,13 @@
 //! File or block-device target: positional I/O on the primary disk (see mod.rs).
 //!
-//! [`FileDevice`] serves a regular file or a block device through [`BlockDevice`]: reads
-//! and writes are `pread`/`pwrite` on one shared descriptor, run on the blocking pool so
-//! the async frontends never stall; trim punches holes (files) or discards (block
-//! devices); write-zeroes asks the kernel to zero a range and falls back to writing zeroes.
-//! With `O_DIRECT` every transfer goes through a page-aligned bounce buffer.
+//! [`FileDevice`] serves a regular file or a block device through [`BlockDevice`]. Reads,
+//! writes and flushes run on one of two engines ([`IoEngine`]): an io_uring per device
+//! (`block::uring`: submitted by the requesting task, completed on the runtime, no thread
+//! hand-off), or `pread`/`pwrite`/`fdatasync` on one shared descriptor run on the blocking
+//! pool, so the async frontends never stall. Trim punches holes (files) or discards (block
+//! devices) and write-zeroes asks the kernel to zero a range (falling back to writing
+//! zeroes); both are rare and run on the blocking pool with either engine. With `O_DIRECT`
+//! every transfer goes through a page-aligned bounce buffer.
 //!
 //! Must never: touch bytes outside `0..size` (every request is range-checked first),
 //! write through a read-only device, or report a FUA write or a flush as done before
@@ -16,11 +19,14 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use super::engine::IoEngine;
+use super::uring::{Buffer, Ring};
 use super::{check_range, BlockDevice, BlockError, DeviceInfo};
 
 /// `BLKGETSIZE64` = `_IOR(0x12, 114, u64)`: the size of a block device in bytes. The
@@ -69,8 +75,12 @@ pub struct FileOptions {
     /// calling thread: what the page cache can serve without waiting costs a copy instead
     /// of a hand-off to the blocking pool (about three times the IOPS for 4 KiB requests);
     /// the rest (a cache miss, writeback pressure, a file system without NOWAIT) goes to
-    /// the blocking pool as before. Ignored with `direct`.
+    /// the blocking pool (or the ring) as before. Writes stop trying after the first
+    /// `EOPNOTSUPP` (ext4 cannot do buffered `RWF_NOWAIT` writes). Ignored with `direct`.
     pub nowait_fast_path: bool,
+    /// What runs reads, writes and flushes ([`super::engine::select`] picks it for `serve`).
+    /// [`IoEngine::Uring`] needs a tokio runtime at [`FileDevice::open`].
+    pub engine: IoEngine,
 }
 
 impl FileOptions {
@@ -81,6 +91,7 @@ impl FileOptions {
             read_only: false,
             direct: false,
             nowait_fast_path: true,
+            engine: IoEngine::Threads,
         }
     }
 }
@@ -94,6 +105,13 @@ pub enum FileError {
     /// The file or device could not be opened.
     #[error("cannot open {path}: {source}")]
     Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The io_uring engine could not be set up for the file.
+    #[error("cannot set up io_uring for {path}: {source}")]
+    IoEngine {
         path: PathBuf,
         #[source]
         source: io::Error,
@@ -157,6 +175,11 @@ pub struct FileDevice {
     direct: bool,
     /// Try the page cache without waiting first (see [`FileOptions::nowait_fast_path`]).
     nowait: bool,
+    /// Writes try `RWF_NOWAIT` too: cleared the first time the file system answers that it
+    /// cannot (ext4 buffered writes), so that it costs one system call, once.
+    nowait_writes: AtomicBool,
+    /// The io_uring engine's ring; `None` with [`IoEngine::Threads`].
+    ring: Option<Arc<Ring>>,
     info: DeviceInfo,
 }
 
@@ -201,12 +224,26 @@ impl FileDevice {
                 block_size,
             });
         }
+        let file = Arc::new(file);
+        let ring = match options.engine {
+            IoEngine::Threads => None,
+            IoEngine::Uring => {
+                Some(
+                    Ring::new(Arc::clone(&file)).map_err(|source| FileError::IoEngine {
+                        path: path.to_owned(),
+                        source,
+                    })?,
+                )
+            }
+        };
         Ok(Self {
-            file: Arc::new(file),
+            file,
             path: path.to_owned(),
             kind,
             direct: options.direct,
             nowait: options.nowait_fast_path && !options.direct,
+            nowait_writes: AtomicBool::new(options.nowait_fast_path && !options.direct),
+            ring,
             info: DeviceInfo {
                 size,
                 block_size,
@@ -253,6 +290,14 @@ impl FileDevice {
     /// The path this device was opened from.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The engine running this device's reads, writes and flushes.
+    pub fn engine(&self) -> IoEngine {
+        match self.ring {
+            Some(_) => IoEngine::Uring,
+            None => IoEngine::Threads,
+        }
     }
 
     /// Refuses writes on a read-only device and checks the range; the common prologue
@@ -318,6 +363,11 @@ impl BlockDevice for FileDevice {
                 return Ok(Bytes::from(buf));
             }
         }
+        if let Some(ring) = &self.ring {
+            return uring_read(ring, offset, len as usize, direct)
+                .await
+                .map_err(BlockError::Io);
+        }
         self.blocking(move |file| {
             let len = len as usize;
             if direct {
@@ -342,11 +392,19 @@ impl BlockDevice for FileDevice {
         }
         let direct = self.direct;
         let mut done = 0;
-        if self.nowait {
-            done = write_nowait(&self.file, &data, offset);
+        if self.nowait_writes.load(Ordering::Relaxed) {
+            match write_nowait(&self.file, &data, offset) {
+                Some(n) => done = n,
+                None => self.nowait_writes.store(false, Ordering::Relaxed),
+            }
             if done == data.len() && !fua {
                 return Ok(());
             }
+        }
+        if let Some(ring) = &self.ring {
+            return uring_write(ring, offset + done as u64, data.slice(done..), fua, direct)
+                .await
+                .map_err(BlockError::Io);
         }
         self.blocking(move |file| {
             if direct {
@@ -368,6 +426,9 @@ impl BlockDevice for FileDevice {
         if self.info.read_only {
             // Nothing was written through this descriptor; fdatasync would only cost time.
             return Ok(());
+        }
+        if let Some(ring) = &self.ring {
+            return ring.sync_data().await.map_err(BlockError::Io);
         }
         self.blocking(|file| file.sync_data()).await
     }
@@ -470,6 +531,74 @@ impl BlockDevice for FileDevice {
     }
 }
 
+/// Reads `len` bytes at `offset` through the ring (short reads are continued).
+async fn uring_read(ring: &Arc<Ring>, offset: u64, len: usize, direct: bool) -> io::Result<Bytes> {
+    let mut buffer = if direct {
+        Buffer::Aligned(AlignedBuf::zeroed(len)?)
+    } else {
+        Buffer::Owned(vec![0u8; len])
+    };
+    let mut done = 0;
+    while done < len {
+        let (n, back) = ring.read(buffer, done, offset + done as u64).await?;
+        buffer = back;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "end of file at {} while reading {len} bytes at {offset}",
+                    offset + done as u64
+                ),
+            ));
+        }
+        done += n;
+    }
+    Ok(match buffer {
+        Buffer::Owned(v) => Bytes::from(v),
+        Buffer::Aligned(a) => Bytes::copy_from_slice(a.as_slice()),
+        Buffer::None | Buffer::Shared(_) => {
+            return Err(io::Error::other(
+                "io_uring returned a read's buffer changed",
+            ))
+        }
+    })
+}
+
+/// Writes `data` at `offset` through the ring (short writes are continued), then
+/// `fdatasync` with `fua`.
+async fn uring_write(
+    ring: &Arc<Ring>,
+    offset: u64,
+    data: Bytes,
+    fua: bool,
+    direct: bool,
+) -> io::Result<()> {
+    let len = data.len();
+    let mut buffer = if direct {
+        let mut aligned = AlignedBuf::zeroed(len)?;
+        aligned.as_mut_slice().copy_from_slice(&data);
+        Buffer::Aligned(aligned)
+    } else {
+        Buffer::Shared(data)
+    };
+    let mut done = 0;
+    while done < len {
+        let (n, back) = ring.write(buffer, done, offset + done as u64).await?;
+        buffer = back;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                format!("the file took no bytes at {}", offset + done as u64),
+            ));
+        }
+        done += n;
+    }
+    if fua {
+        ring.sync_data().await?;
+    }
+    Ok(())
+}
+
 /// `preadv2(RWF_NOWAIT)`: reads what the page cache holds without waiting. Returns the bytes
 /// read (0 when it would wait, on any error, or when the file system cannot tell); the
 /// caller reads the rest the ordinary way.
@@ -488,11 +617,12 @@ fn read_nowait(file: &File, buf: &mut [u8], offset: u64) -> usize {
 }
 
 /// `pwritev2(RWF_NOWAIT)`: writes what the page cache takes without waiting. Returns the
-/// bytes written (0 when it would wait, on any error, or when the file system cannot do
-/// it); the caller writes the rest the ordinary way, which also reports real errors.
-fn write_nowait(file: &File, buf: &[u8], offset: u64) -> usize {
+/// bytes written (0 when it would wait or on any error), or `None` when the file system
+/// cannot write without waiting at all (`EOPNOTSUPP`); the caller writes the rest the
+/// ordinary way, which also reports real errors.
+fn write_nowait(file: &File, buf: &[u8], offset: u64) -> Option<usize> {
     let Ok(offset) = to_off_t(offset) else {
-        return 0;
+        return Some(0);
     };
     let iov = libc::iovec {
         iov_base: buf.as_ptr() as *mut libc::c_void,
@@ -501,7 +631,10 @@ fn write_nowait(file: &File, buf: &[u8], offset: u64) -> usize {
     // SAFETY: the iovec points into `buf`, which outlives the call; pwritev2 only reads
     // through it. The descriptor stays open because `file` is borrowed.
     let n = unsafe { libc::pwritev2(file.as_raw_fd(), &iov, 1, offset, libc::RWF_NOWAIT) };
-    usize::try_from(n).unwrap_or(0).min(buf.len())
+    if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP) {
+        return None;
+    }
+    Some(usize::try_from(n).unwrap_or(0).min(buf.len()))
 }
 
 /// `fallocate(2)` on `file`.
@@ -578,7 +711,7 @@ pub(crate) fn to_off_t(v: u64) -> io::Result<libc::off_t> {
 /// # Invariants
 /// `ptr` points to `len` initialised bytes allocated with `layout` (size ≥ 1), owned
 /// exclusively by this value until drop.
-struct AlignedBuf {
+pub(super) struct AlignedBuf {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
     layout: Layout,
@@ -588,7 +721,7 @@ struct AlignedBuf {
 unsafe impl Send for AlignedBuf {}
 
 impl AlignedBuf {
-    fn zeroed(len: usize) -> io::Result<Self> {
+    pub(super) fn zeroed(len: usize) -> io::Result<Self> {
         let layout = Layout::from_size_align(len.max(1), DIRECT_ALIGN).map_err(|_| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -606,12 +739,12 @@ impl AlignedBuf {
         Ok(Self { ptr, len, layout })
     }
 
-    fn as_slice(&self) -> &[u8] {
+    pub(super) fn as_slice(&self) -> &[u8] {
         // SAFETY: see the struct invariants.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
-    fn as_mut_slice(&mut self) -> &mut [u8] {
+    pub(super) fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: see the struct invariants; `&mut self` makes the borrow exclusive.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
@@ -807,5 +940,147 @@ mod tests {
             .unwrap()
             .iter()
             .all(|&b| b == 0));
+    }
+
+    /// A device on the io_uring engine, or `None` (and a note) where io_uring is refused.
+    fn uring_device(path: &Path, direct: bool) -> Option<FileDevice> {
+        if let Err(reason) = crate::block::engine::probe_uring() {
+            eprintln!("skipping: {reason}");
+            return None;
+        }
+        let options = FileOptions {
+            direct,
+            engine: IoEngine::Uring,
+            ..FileOptions::new(4096)
+        };
+        match FileDevice::open(path, options) {
+            Ok(dev) => Some(dev),
+            Err(FileError::Open { source, .. })
+                if direct && source.raw_os_error() == Some(libc::EINVAL) =>
+            {
+                eprintln!("skipping: the temp directory's filesystem refuses O_DIRECT");
+                None
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn the_uring_engine_needs_a_runtime() {
+        if crate::block::engine::probe_uring().is_err() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        FileDevice::create_sparse(&path, 1 << 20).unwrap();
+        let options = FileOptions {
+            engine: IoEngine::Uring,
+            ..FileOptions::new(4096)
+        };
+        let err = FileDevice::open(&path, options).unwrap_err();
+        assert!(matches!(err, FileError::IoEngine { .. }), "{err}");
+        assert!(err.to_string().contains("tokio runtime"), "{err}");
+    }
+
+    /// io_uring and the thread pool see the same bytes, whichever wrote, buffered and
+    /// with O_DIRECT, with FUA and flush.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn uring_engine_agrees_with_the_threads_engine() {
+        for direct in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("disk.img");
+            FileDevice::create_sparse(&path, 4 << 20).unwrap();
+            let Some(ring) = uring_device(&path, direct) else {
+                continue;
+            };
+            assert_eq!(ring.engine(), IoEngine::Uring);
+            let threads = FileDevice::open(&path, FileOptions::new(4096)).unwrap();
+            assert_eq!(threads.engine(), IoEngine::Threads);
+            let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i * 13 % 251) as u8).collect();
+            ring.write(8192, Bytes::from(data.clone()), false)
+                .await
+                .unwrap();
+            assert_eq!(threads.read(8192, 1 << 20).await.unwrap(), data);
+            threads
+                .write(2 << 20, Bytes::from(data.clone()), false)
+                .await
+                .unwrap();
+            threads.flush().await.unwrap();
+            assert_eq!(ring.read(2 << 20, 1 << 20).await.unwrap(), data);
+            ring.write(0, Bytes::from(vec![9u8; 4096]), true)
+                .await
+                .unwrap();
+            ring.flush().await.unwrap();
+            assert_eq!(threads.read(0, 4096).await.unwrap(), vec![9u8; 4096]);
+            // Trim and write-zeroes (blocking pool with either engine) still work.
+            ring.write_zeroes(0, 4096, false).await.unwrap();
+            assert_eq!(ring.read(0, 4096).await.unwrap(), vec![0u8; 4096]);
+            // Reads past the end are refused before the ring sees them.
+            assert!(matches!(
+                ring.read(4 << 20, 4096).await.unwrap_err(),
+                BlockError::OutOfRange { .. }
+            ));
+        }
+    }
+
+    /// Many tasks at once on one ring: every write lands, every completion reaches its
+    /// own task.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn uring_engine_completes_many_concurrent_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        FileDevice::create_sparse(&path, 8 << 20).unwrap();
+        let Some(dev) = uring_device(&path, false) else {
+            return;
+        };
+        let dev = Arc::new(dev);
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..1024u64 {
+            let dev = Arc::clone(&dev);
+            tasks.spawn(async move {
+                let block = vec![(i % 251) as u8 + 1; 4096];
+                dev.write(i * 4096, Bytes::from(block.clone()), i % 64 == 0)
+                    .await
+                    .unwrap();
+                assert_eq!(dev.read(i * 4096, 4096).await.unwrap(), block);
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.unwrap();
+        }
+        let file = std::fs::read(&path).unwrap();
+        for i in 0..1024usize {
+            assert!(file[i * 4096..(i + 1) * 4096]
+                .iter()
+                .all(|&b| b == (i % 251) as u8 + 1));
+        }
+    }
+
+    /// A request whose future is dropped mid-flight keeps its buffer until the kernel is
+    /// done; the device goes on serving and closes cleanly.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn uring_engine_survives_dropped_requests() {
+        use std::future::Future;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        FileDevice::create_sparse(&path, 8 << 20).unwrap();
+        let Some(dev) = uring_device(&path, false) else {
+            return;
+        };
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        for i in 0..64u64 {
+            let mut write = Box::pin(dev.write(i << 16, Bytes::from(vec![7u8; 1 << 16]), true));
+            let _ = write.as_mut().poll(&mut cx);
+            drop(write);
+            let mut read = Box::pin(dev.read(i << 16, 1 << 16));
+            let _ = read.as_mut().poll(&mut cx);
+            drop(read);
+        }
+        dev.write(0, Bytes::from(vec![3u8; 4096]), false)
+            .await
+            .unwrap();
+        assert_eq!(dev.read(0, 4096).await.unwrap(), vec![3u8; 4096]);
+        drop(dev);
     }
 }

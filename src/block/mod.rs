@@ -11,7 +11,9 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub mod engine;
 pub mod file;
+mod uring;
 
 /// What a device is and what it supports; frontends advertise exactly this.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

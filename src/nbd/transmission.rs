@@ -264,12 +264,19 @@ async fn read_payload<R: AsyncRead + Unpin>(
     reader: &mut R,
     length: u32,
 ) -> Result<Bytes, TransmissionError> {
-    let mut buf = BytesMut::zeroed(length as usize);
-    let mut received = 0;
-    while received < buf.len() {
-        match reader.read(&mut buf[received..]).await {
-            Ok(0) => return Err(TransmissionError::TruncatedWrite { received, length }),
-            Ok(n) => received += n,
+    // Read straight into uninitialised capacity (no zeroing of up to 32 MiB first), never
+    // past the payload: the next request's header may already be in the stream.
+    let mut buf = BytesMut::with_capacity(length as usize);
+    let mut limited = reader.take(u64::from(length));
+    while buf.len() < length as usize {
+        match limited.read_buf(&mut buf).await {
+            Ok(0) => {
+                return Err(TransmissionError::TruncatedWrite {
+                    received: buf.len(),
+                    length,
+                })
+            }
+            Ok(_) => {}
             Err(e) => return Err(TransmissionError::Io(e)),
         }
     }
@@ -398,20 +405,21 @@ fn error_reply(handle: u64, error: u32, permits: Permits) -> Reply {
     }
 }
 
-/// Writes replies as they arrive; flushes whenever no further reply is queued so that
-/// a burst of completions goes out in few system calls.
+/// Most replies gathered into one vectored write.
+const MAX_REPLY_BATCH: usize = 64;
+
+/// Writes replies as they arrive: everything queued by then goes out in one vectored write
+/// (headers and read data side by side, no copy of the data), and the writer is flushed
+/// whenever no further reply is queued, so a burst of completions costs one system call.
 async fn write_replies<W: AsyncWrite + Unpin>(
     mut writer: W,
     mut rx: mpsc::UnboundedReceiver<Reply>,
 ) -> io::Result<()> {
-    while let Some(reply) = rx.recv().await {
-        writer
-            .write_all(&simple_reply(reply.error, reply.handle))
-            .await?;
-        if let Some(data) = &reply.data {
-            writer.write_all(data).await?;
-        }
-        drop(reply);
+    let mut batch = Vec::with_capacity(MAX_REPLY_BATCH);
+    while rx.recv_many(&mut batch, MAX_REPLY_BATCH).await > 0 {
+        write_batch(&mut writer, &batch).await?;
+        // Sent: the permits go back to the reader.
+        batch.clear();
         if rx.is_empty() {
             writer.flush().await?;
         }
@@ -420,6 +428,31 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     // Ends a TLS session with close_notify (plain sockets just send FIN a little early);
     // the client may already be gone, which is fine.
     let _ = writer.shutdown().await;
+    Ok(())
+}
+
+/// Writes `replies` (headers, and read data after each) with as few writes as the writer
+/// takes.
+async fn write_batch<W: AsyncWrite + Unpin>(writer: &mut W, replies: &[Reply]) -> io::Result<()> {
+    let headers: Vec<[u8; SIMPLE_REPLY_LEN]> = replies
+        .iter()
+        .map(|r| simple_reply(r.error, r.handle))
+        .collect();
+    let mut slices = Vec::with_capacity(replies.len() * 2);
+    for (reply, header) in replies.iter().zip(&headers) {
+        slices.push(io::IoSlice::new(header));
+        if let Some(data) = reply.data.as_ref().filter(|d| !d.is_empty()) {
+            slices.push(io::IoSlice::new(data));
+        }
+    }
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let n = writer.write_vectored(rest).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        io::IoSlice::advance_slices(&mut rest, n);
+    }
     Ok(())
 }
 

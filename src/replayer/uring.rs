@@ -7,10 +7,10 @@
 //! thread (measured slower than `pwrite`, see BENCHMARKS.md "replay"), so the replica is
 //! written with positional writes, one thread hand-off per batch.
 //!
-//! The engine is chosen once per process ([`engine`]): io_uring unless the environment says
-//! `TINYLAG_IO_ENGINE=threads` (the same switch the primary side reads) or the kernel refuses
-//! a ring (old kernel, seccomp, `io_uring_disabled`), which is logged once; the fallback
-//! reads with `pread`, one range after another.
+//! The engine is chosen once per process ([`engine`]) by the same choice the primary makes
+//! ([`crate::block::engine::select`]: `TINYLAG_IO_ENGINE`, else a probe of io_uring, which an
+//! old kernel, seccomp or `io_uring_disabled` refuses), logged once; the fallback reads with
+//! `pread`, one range after another.
 //!
 //! Must never: return while the kernel may still write into a caller's buffer (every
 //! submitted read is reaped first, or its buffer is leaked when the ring itself fails); report
@@ -22,53 +22,23 @@ use std::sync::{Mutex, OnceLock};
 
 use io_uring::{opcode, types, IoUring};
 
+use crate::block::engine::IoEngine;
+
 /// Submission queue entries of a ring (reads in flight at most).
 pub(crate) const ENTRIES: u32 = 64;
-/// The environment variable that selects the I/O engine.
-pub(crate) const ENGINE_VAR: &str = "TINYLAG_IO_ENGINE";
-
-/// How the replica is read.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Engine {
-    /// Reads submitted together to an io_uring.
-    Uring,
-    /// `pread` on the calling thread (the fallback).
-    Threads,
-}
-
-/// What `TINYLAG_IO_ENGINE` asks for: `threads` the fallback, `io_uring` (or unset) the ring.
-/// Another value is `Err` with a message naming the variable and the accepted values.
-pub(crate) fn requested(value: Option<&str>) -> Result<Engine, String> {
-    match value {
-        None | Some("") | Some("io_uring") | Some("uring") => Ok(Engine::Uring),
-        Some("threads") => Ok(Engine::Threads),
-        Some(other) => Err(format!(
-            "{ENGINE_VAR}={other:?} is not an I/O engine; use io_uring or threads"
-        )),
-    }
-}
-
-/// The engine this process uses, decided on first use: what the environment requests, and
-/// io_uring only if the kernel gives a ring. Logs once when it falls back.
-pub(crate) fn engine() -> Engine {
-    static ENGINE: OnceLock<Engine> = OnceLock::new();
-    *ENGINE.get_or_init(|| {
-        let wanted = requested(std::env::var(ENGINE_VAR).ok().as_deref()).unwrap_or_else(|e| {
-            tracing::warn!("{e}; using io_uring where the kernel allows it");
-            Engine::Uring
-        });
-        if wanted == Engine::Threads {
-            tracing::info!("{ENGINE_VAR}=threads: the replica is read with pread");
-            return Engine::Threads;
+/// The engine this process reads the replica with, decided on first use and logged once. A
+/// bad `TINYLAG_IO_ENGINE` is refused at the start of `replay` (the agent checks it first);
+/// here it only falls back to `pread`.
+pub(crate) fn engine() -> IoEngine {
+    static ENGINE: OnceLock<IoEngine> = OnceLock::new();
+    *ENGINE.get_or_init(|| match crate::block::engine::select() {
+        Ok(choice) => {
+            tracing::info!("replica read engine: {} ({})", choice.engine, choice.reason);
+            choice.engine
         }
-        match IoUring::new(ENTRIES) {
-            Ok(_) => Engine::Uring,
-            Err(e) => {
-                tracing::warn!(
-                    "io_uring is unavailable ({e}); the replica is read with pread instead"
-                );
-                Engine::Threads
-            }
+        Err(e) => {
+            tracing::warn!("{e}; the replica is read with pread");
+            IoEngine::Threads
         }
     })
 }
@@ -87,7 +57,7 @@ impl std::fmt::Debug for RingReader {
 impl RingReader {
     /// A ring, when [`engine`] is io_uring and the kernel gives one.
     pub(crate) fn new() -> Option<RingReader> {
-        if engine() != Engine::Uring {
+        if engine() != IoEngine::Uring {
             return None;
         }
         match IoUring::new(ENTRIES) {
@@ -190,15 +160,6 @@ mod tests {
     use std::os::unix::fs::FileExt;
 
     use super::*;
-
-    #[test]
-    fn the_engine_variable_is_read_strictly() {
-        assert_eq!(requested(None), Ok(Engine::Uring));
-        assert_eq!(requested(Some("io_uring")), Ok(Engine::Uring));
-        assert_eq!(requested(Some("threads")), Ok(Engine::Threads));
-        let e = requested(Some("aio")).unwrap_err();
-        assert!(e.contains(ENGINE_VAR) && e.contains("threads"), "{e}");
-    }
 
     #[test]
     fn many_ranges_read_like_pread_and_eof_is_an_error() {

@@ -11,6 +11,13 @@
 //! - `put`: temp file, fsync, `rename(2)` over the final name, fsync the directory.
 //! - new directories are fsync'd into their parents before anything is created in them.
 //!
+//! The temp file's data goes to disk before its fsync: writeback of each 1 MiB piece starts
+//! as soon as it is written (`sync_file_range(WRITE)`), and all of it is waited for before
+//! the fsync (`sync_file_range(WAIT_BEFORE|WRITE|WAIT_AFTER)`). The fsync then commits
+//! metadata only, so the file-system journal commit it forces is short, and another file's
+//! writers on the same file system (the primary) wait less for it. Durability still rests on
+//! the fsync alone; the sync_file_range calls are hints whose errors are ignored.
+//!
 //! Blocking file-system calls run on tokio's blocking pool, never on a runtime worker.
 //!
 //! Must never: overwrite an object in `put_if_absent`; let a reader see a partial object;
@@ -372,9 +379,18 @@ impl TempFile {
         let temp = TempFile { path: Some(path) };
         // In pieces: one multi-megabyte write(2) into new page-cache pages is several times
         // slower than the same bytes in 1 MiB writes (measured 112 ms vs 11 ms for 32 MiB).
+        let mut written = 0u64;
         data.chunks(WRITE_CHUNK)
-            .try_for_each(|chunk| file.write_all(chunk))
-            .and_then(|()| file.sync_all())
+            .try_for_each(|chunk| {
+                file.write_all(chunk)?;
+                start_writeback(&file, written, chunk.len() as u64);
+                written += chunk.len() as u64;
+                Ok(())
+            })
+            .and_then(|()| {
+                wait_writeback(&file);
+                file.sync_all()
+            })
             .map_err(|e| io_error(temp.path(), e))?;
         Ok(temp)
     }
@@ -418,6 +434,38 @@ fn parent_of(path: &Path) -> StoreResult<&Path> {
             io::Error::new(io::ErrorKind::NotFound, "no parent directory"),
         )
     })
+}
+
+/// Starts writeback of `offset..offset+len` of `file` without waiting (a hint).
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: sync_file_range only reads its integer arguments; `file` keeps the fd open.
+    unsafe {
+        libc::sync_file_range(
+            std::os::fd::AsRawFd::as_raw_fd(file),
+            offset,
+            len,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
+}
+
+/// Writes out and waits for every dirty page of `file`, without a file-system journal
+/// commit (a hint: the fsync after it is what makes the data durable).
+fn wait_writeback(file: &File) {
+    // SAFETY: as in start_writeback; offset 0 and length 0 mean the whole file.
+    unsafe {
+        libc::sync_file_range(
+            std::os::fd::AsRawFd::as_raw_fd(file),
+            0,
+            0,
+            libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                | libc::SYNC_FILE_RANGE_WRITE
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+        )
+    };
 }
 
 fn fsync_dir(dir: &Path) -> StoreResult<()> {

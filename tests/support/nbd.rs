@@ -58,14 +58,23 @@ impl TestServer {
 
     fn start_on(exports: &[ExportSpec], tcp: Option<&str>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
+        let runtime = test_runtime();
+        // The engine `serve` would pick: io_uring where it works, the thread pool with
+        // TINYLAG_IO_ENGINE=threads (scripts/test runs these suites both ways).
+        let engine = tinylag::block::engine::select()
+            .expect("TINYLAG_IO_ENGINE")
+            .engine;
         let mut list = Vec::new();
         for spec in exports {
             let path = dir.path().join(format!("{}.img", spec.name));
             FileDevice::create_sparse(&path, spec.size).expect("create image");
+            // The io_uring engine completes requests on the runtime it is opened in.
+            let _entered = runtime.enter();
             let device = FileDevice::open(
                 &path,
                 FileOptions {
                     read_only: spec.read_only,
+                    engine,
                     ..FileOptions::new(spec.block_size)
                 },
             )
@@ -76,12 +85,21 @@ impl TestServer {
                 device: Arc::new(device),
             });
         }
-        Self::serve_exports(dir, list, tcp)
+        Self::serve_exports_on(runtime, dir, list, tcp)
     }
 
     /// Serves ready-made `exports` (the first is the default) on a Unix socket in `dir`,
     /// or on `tcp` if given.
     pub fn serve_exports(dir: tempfile::TempDir, exports: Vec<Export>, tcp: Option<&str>) -> Self {
+        Self::serve_exports_on(test_runtime(), dir, exports, tcp)
+    }
+
+    fn serve_exports_on(
+        runtime: tokio::runtime::Runtime,
+        dir: tempfile::TempDir,
+        exports: Vec<Export>,
+        tcp: Option<&str>,
+    ) -> Self {
         init_tracing();
         let default = exports[0].name.clone();
         let server = Arc::new(NbdServer::new(exports, &default).expect("server"));
@@ -89,11 +107,6 @@ impl TestServer {
             Some(a) => a.parse().expect("tcp addr"),
             None => ListenAddr::Unix(dir.path().join("nbd.sock")),
         };
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
         let listener = runtime.block_on(bind(&addr)).expect("bind");
         let addr = listener.local_addr().clone();
         let (shutdown, rx) = tokio::sync::watch::channel(false);
@@ -591,4 +604,13 @@ impl RawClient {
     pub fn u64(&mut self) -> u64 {
         u64::from_be_bytes(self.bytes(8).try_into().unwrap())
     }
+}
+
+/// The runtime a [`TestServer`] runs on (two workers, like a small machine).
+fn test_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
 }
