@@ -37,7 +37,7 @@ SIZE=${SIZE:-1G}
 CONFIGS=${CONFIGS:-"a b c d e f g s"}
 OUT=${OUT:-$ROOT/BENCHMARKS.md}
 S3FS=${TINYLAG_TOOLS:-$HOME/.cache/tinylag/tools}/bin/s3s-fs
-WORKLOADS="randwrite-4k randread-4k seqwrite-1M half-4k"
+WORKLOADS=${WORKLOADS:-"randwrite-4k randread-4k seqwrite-1M half-4k"}
 
 for tool in fio nbdkit python3 cargo; do
     command -v "$tool" >/dev/null || { echo "bench/serve.sh: $tool is not installed" >&2; exit 2; }
