@@ -37,6 +37,10 @@ done
 [ -n "$script" ] && [ -f "$script" ] || die "--script GUEST.sh is required"
 [ -s "$TINYLAG_VM/kernel-version" ] || die "no guest kernel in $TINYLAG_VM: run scripts/vm/fetch.sh"
 command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 missing: run scripts/vm/fetch.sh"
+# The guest mounts a tmpfs over /tmp: whatever is copied in under it would be hidden.
+for dest in ${bins[@]+"${bins[@]}"} ${files[@]+"${files[@]#*:}"}; do
+    case "$dest" in /tmp/*) die "$dest is under /tmp in the guest, which its tmpfs hides: use another path" ;; esac
+done
 
 root="$TINYLAG_VM/root"
 kver=$(cat "$TINYLAG_VM/kernel-version")

@@ -52,12 +52,19 @@ wait_drained() {
 "#;
 
 /// The tinylag binary without debug info (a debug build is ~300 MB; the guest gets it in its
-/// initramfs), in a new directory outside /tmp (the guest mounts a tmpfs there). The caller
-/// removes the directory.
+/// initramfs), in a new directory outside /tmp (the guest mounts a tmpfs there): under the
+/// target dir, or under /var/tmp when that is itself under /tmp. The caller removes the
+/// directory.
 pub fn guest_tinylag() -> PathBuf {
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-        .unwrap()
-        .keep();
+    // The guest mounts a tmpfs over /tmp, hiding a binary copied in under it: a checkout
+    // under /tmp (a CI clone, say) has its target dir there too.
+    let target_tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let base = if target_tmp.starts_with("/tmp") {
+        Path::new("/var/tmp")
+    } else {
+        target_tmp
+    };
+    let dir = tempfile::tempdir_in(base).unwrap().keep();
     let out = dir.join("tinylag");
     let status = Command::new("strip")
         .arg("--strip-debug")
