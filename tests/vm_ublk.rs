@@ -13,7 +13,7 @@ mod support;
 
 use std::path::Path;
 
-use support::vm::{guest_tinylag, vm_available, Guest, GUEST_DAEMON_LIB};
+use support::vm::{assert_steps, guest_tinylag, ublk_ext4_guest, vm_available, GUEST_DAEMON_LIB};
 
 fn guest_script(tinylag: &Path) -> String {
     let t = tinylag.display();
@@ -180,32 +180,23 @@ fn ublk_serves_patterns_discard_zeroes_ext4_recovery_and_a_journal_that_rebuilds
     }
     let dir = tempfile::tempdir().unwrap();
     let tinylag = guest_tinylag();
-    let (code, console) = Guest::new(guest_script(&tinylag))
-        .module("ublk_drv")
-        .module("crc32c_generic")
-        .module("ext4")
-        .bin(&tinylag)
-        .bin("/sbin/mkfs.ext4")
-        .bin("/sbin/e2fsck")
-        .bin("/usr/sbin/blkdiscard")
-        .run(dir.path());
+    let (code, console) = ublk_ext4_guest(guest_script(&tinylag), &tinylag).run(dir.path());
     let _ = std::fs::remove_dir_all(tinylag.parent().unwrap());
-    assert_eq!(code, 0, "the guest failed; console:\n{console}");
-    // Shown with --nocapture: what the daemon said across the run.
-    eprintln!("{console}");
-    for step in [
-        "patterns",
-        "discard",
-        "write-zeroes",
-        "ext4",
-        "kill -9",
-        "replay",
-        "stop",
-        "replay again",
-        "kill -9 under I/O",
-        "unprivileged",
-        "done",
-    ] {
-        assert!(console.contains(&format!("step: {step}")), "{console}");
-    }
+    assert_steps(
+        code,
+        &console,
+        &[
+            "patterns",
+            "discard",
+            "write-zeroes",
+            "ext4",
+            "kill -9",
+            "replay",
+            "stop",
+            "replay again",
+            "kill -9 under I/O",
+            "unprivileged",
+            "done",
+        ],
+    );
 }

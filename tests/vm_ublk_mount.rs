@@ -11,7 +11,7 @@ mod support;
 
 use std::path::Path;
 
-use support::vm::{guest_tinylag, vm_available, Guest, GUEST_DAEMON_LIB};
+use support::vm::{assert_steps, guest_tinylag, ublk_ext4_guest, vm_available, GUEST_DAEMON_LIB};
 
 fn guest_script(tinylag: &Path) -> String {
     let t = tinylag.display();
@@ -117,25 +117,18 @@ fn mount_ublk_serves_the_disk_at_a_mark_read_only_and_writable_into_scratch() {
     }
     let dir = tempfile::tempdir().unwrap();
     let tinylag = guest_tinylag();
-    let (code, console) = Guest::new(guest_script(&tinylag))
-        .module("ublk_drv")
-        .module("crc32c_generic")
-        .module("ext4")
-        .bin(&tinylag)
-        .bin("/sbin/mkfs.ext4")
-        .bin("/sbin/e2fsck")
-        .run(dir.path());
+    let (code, console) = ublk_ext4_guest(guest_script(&tinylag), &tinylag).run(dir.path());
     let _ = std::fs::remove_dir_all(tinylag.parent().unwrap());
-    assert_eq!(code, 0, "the guest failed; console:\n{console}");
-    eprintln!("{console}");
-    for step in [
-        "phase 1",
-        "phase 2",
-        "replay",
-        "read-only past",
-        "writable past",
-        "done",
-    ] {
-        assert!(console.contains(&format!("step: {step}")), "{console}");
-    }
+    assert_steps(
+        code,
+        &console,
+        &[
+            "phase 1",
+            "phase 2",
+            "replay",
+            "read-only past",
+            "writable past",
+            "done",
+        ],
+    );
 }

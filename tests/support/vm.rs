@@ -160,3 +160,26 @@ impl Guest {
         (out.status.code().unwrap_or(-1), console)
     }
 }
+
+/// A guest for ublk tests: `ublk_drv` and ext4 loaded, with `tinylag` and the e2fsprogs and
+/// util-linux tools the scripts use.
+pub fn ublk_ext4_guest(script: String, tinylag: &Path) -> Guest {
+    Guest::new(script)
+        .module("ublk_drv")
+        .module("crc32c_generic")
+        .module("ext4")
+        .bin(tinylag)
+        .bin("/sbin/mkfs.ext4")
+        .bin("/sbin/e2fsck")
+        .bin("/usr/sbin/blkdiscard")
+}
+
+/// Checks a guest run: exit code 0 and a `step: NAME` marker for every step, in the console
+/// (which is printed, for `--nocapture`).
+pub fn assert_steps(code: i32, console: &str, steps: &[&str]) {
+    assert_eq!(code, 0, "the guest failed; console:\n{console}");
+    eprintln!("{console}");
+    for step in steps {
+        assert!(console.contains(&format!("step: {step}")), "{console}");
+    }
+}
