@@ -14,9 +14,13 @@
 #   s  seqwrite-1M only, no server: fio writing files of the segment size (8 MiB, the
 #      default) into a directory on the same file system, 1M writes, fsync at close, 4 jobs
 #      (the default splay width): the bandwidth the local journal can hope for
-# Journaled servers (c, d, e) are measured once their initial full resync is done.
+#   x  as c with the binary at BASE_BIN (an A/B of two builds in one run; only when asked)
+# Journaled servers (c, d, e, x) are measured once their initial full resync is done.
 # Then, for c and d, "half-4k": 4k randwrite QD32 rate-limited to half of c's median
 # randwrite-4k IOPS in this run, for the ack→durable p99 at a load the journal must sustain.
+# And "sweep-1M": 1M seqwrite QD4 rate-limited to each of SWEEP (MB/s) on the journaled
+# servers, recording whether the pool overflowed (the mode left `logging`): where the journal
+# stops absorbing large writes.
 # Every (server, workload) pair runs REPS times with a fresh server (and a fresh journal),
 # interleaved (rep 1 of every server, then rep 2, ...); the table in BENCHMARKS.md (section
 # "serve") shows medians, the ratios against the targets, the p99 ack→durable lag (from the
@@ -27,6 +31,8 @@
 # Environment: RUNTIME (s per run, default 10), REPS (default 3), SIZE (primary, default 1G),
 # BENCH_DIR (work directory; default a fresh one under /var/tmp, removed at the end),
 # CONFIGS (default "a b c d e f g s"), OUT (default BENCHMARKS.md in the checkout),
+# WORKLOADS (default "randwrite-4k randread-4k seqwrite-1M half-4k"; add sweep-1M),
+# SWEEP (MB/s steps of sweep-1M, default "250 500 750 1000 1250"), BASE_BIN (config x),
 # TABLE_ONLY=1 (with BENCH_DIR: only rewrite the table from that directory's results.tsv).
 set -euo pipefail
 
@@ -38,6 +44,11 @@ CONFIGS=${CONFIGS:-"a b c d e f g s"}
 OUT=${OUT:-$ROOT/BENCHMARKS.md}
 S3FS=${TINYLAG_TOOLS:-$HOME/.cache/tinylag/tools}/bin/s3s-fs
 WORKLOADS=${WORKLOADS:-"randwrite-4k randread-4k seqwrite-1M half-4k"}
+SWEEP=${SWEEP:-"250 500 750 1000 1250"}
+if [[ $CONFIGS == *x* && ! -x ${BASE_BIN:-} ]]; then
+    echo "bench/serve.sh: config x needs BASE_BIN, the other build's tinylag binary" >&2
+    exit 2
+fi
 
 for tool in fio nbdkit python3 cargo; do
     command -v "$tool" >/dev/null || { echo "bench/serve.sh: $tool is not installed" >&2; exit 2; }
@@ -137,11 +148,12 @@ start_server() {
         PID=$!
         CTL=$img.ctl
         ;;
-    c | e)
-        local extra=()
+    c | e | x)
+        local extra=() bin=$BIN
         if [[ $c == e ]]; then extra=(--compress off); fi
-        "$BIN" init --journal "$WORK/journal-$c" --size "$SIZE" --primary "$img" >/dev/null
-        SERVE=(env "$BIN" serve --primary "$img" --journal "$WORK/journal-$c"
+        if [[ $c == x ]]; then bin=$BASE_BIN; fi
+        "$bin" init --journal "$WORK/journal-$c" --size "$SIZE" --primary "$img" >/dev/null
+        SERVE=(env "$bin" serve --primary "$img" --journal "$WORK/journal-$c"
             --listen "unix:$sock" "${extra[@]}")
         "${SERVE[@]}" >"$WORK/$c.log" 2>&1 &
         PID=$!
@@ -171,7 +183,7 @@ start_server() {
     PIDS+=("$PID")
     wait_socket "$sock"
     URI="nbd+unix:///?socket=$sock"
-    if [[ $c == [cde] ]]; then
+    if [[ $c == [cdex] ]]; then
         # Journaled: let the initial full resync finish, then restart from the clean stop
         # (mode logging at once, fresh ack→durable histogram).
         wait_logging
@@ -220,7 +232,7 @@ half_rate() {
     python3 - "$RESULTS" <<'EOF'
 import statistics, sys
 rows = [l.split("\t") for l in open(sys.argv[1])]
-for c in "cde":
+for c in "cdex":
     v = [float(r[3]) for r in rows if r[0] == c and r[1] == "randwrite-4k"]
     if v:
         print(int(statistics.median(v) / 2))
@@ -230,7 +242,16 @@ else:
 EOF
 }
 
+# sweep-1M stands for one workload per rate step.
+workloads=()
 for wl in $WORKLOADS; do
+    if [[ $wl == sweep-1M ]]; then
+        for r in $SWEEP; do workloads+=("seqwrite-1M@$r"); done
+    else
+        workloads+=("$wl")
+    fi
+done
+for wl in "${workloads[@]}"; do
     configs=$CONFIGS
     case $wl in
     randwrite-4k) args=(--rw=randwrite --bs=4k --iodepth=32) ;;
@@ -241,6 +262,10 @@ for wl in $WORKLOADS; do
         if [[ $rate == 0 ]]; then continue; fi
         args=(--rw=randwrite --bs=4k --iodepth=32 --rate_iops="$rate")
         configs=$(tr -cd 'cd ' <<<"$CONFIGS")
+        ;;
+    seqwrite-1M@*)
+        args=(--rw=write --bs=1M --iodepth=4 --rate="${wl#*@}m")
+        configs=$(tr -cd 'cdex ' <<<"$CONFIGS")
         ;;
     esac
     if [[ $wl != seqwrite-1M ]]; then configs=${configs//s/}; fi
@@ -285,12 +310,17 @@ pct = side["clat_ns"]["percentile"]
 status = json.loads(status)
 lag = status.get("durable_lag", {})
 lag = lag.get("p99_seconds", "") if lag.get("records", 0) > 0 else ""
+# The pool overflowed when the mode left `logging` during the run (the daemon was restarted
+# in `logging` just before it).
+overflows = sum(1 for t in status.get("transitions", []) if t.get("from") == "logging")
+pool_peak = status.get("pool", {}).get("peak", "")
 # CPU per GB moved: the CPU covers the 1 s ramp-up too, fio's byte counts do not, so the
 # bytes are the measured rate over the whole run.
 moved = side["bw_bytes"] * (float(runtime) + 1)
 cpu_per_gb = float(cpu) / (moved / 1e9) if cpu and moved > 0 else ""
 print("\t".join(str(v) for v in [config, wl, rep, side["iops"], side["bw_bytes"] / 1e6,
-      pct["50.000000"] / 1e3, pct["99.000000"] / 1e3, lag, int(hwm), cpu_per_gb]))
+      pct["50.000000"] / 1e3, pct["99.000000"] / 1e3, lag, int(hwm), cpu_per_gb,
+      overflows if status else "", pool_peak]))
 EOF
             tail -1 "$RESULTS" >&2
         done
@@ -316,13 +346,18 @@ for line in open(results):
     f = line.rstrip("\n").split("\t")
     c, wl, rep, iops, mbps, p50, p99, lag, hwm = f[:9]
     cpu_gb = f[9] if len(f) > 9 else ""
+    overflows = f[10] if len(f) > 10 else ""
+    pool_peak = f[11] if len(f) > 11 else ""
     rows[(c, wl)].append((float(iops), float(mbps), float(p50), float(p99),
                           float(lag) if lag else None, int(hwm),
-                          float(cpu_gb) if cpu_gb else None))
+                          float(cpu_gb) if cpu_gb else None,
+                          int(overflows) if overflows else None,
+                          int(pool_peak) if pool_peak else None))
 names = {"a": "a: nbdkit file", "b": "b: serve --no-journal", "c": "c: serve, local journal",
          "d": "d: serve, S3 journal (s3s-fs)", "e": "e: c with --compress off",
          "f": "f: fio io_uring on the file (no NBD)",
          "g": "g: b on the threads engine (fallback)",
+         "x": "x: c on the BASE_BIN build",
          "s": "s: fio, 8 MiB files + fsync into a directory, 4 jobs (no NBD)"}
 def med(c, wl, i):
     vals = [r[i] for r in rows.get((c, wl), []) if r[i] is not None]
@@ -344,7 +379,7 @@ lines = ["## serve", "",
          "| workload | server | IOPS | MB/s | p50 µs | p99 µs | ack→durable p99 | CPU s/GB | peak RSS MiB |",
          "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
 for wl in wls:
-    for c in "sfagbced":
+    for c in "sfagbcxed":
         if (c, wl) not in rows:
             continue
         lag = med(c, wl, 4)
@@ -389,7 +424,9 @@ for (x, y, i, what) in [("b", "f", 0, "IOPS b / f (the NBD hop: serve --no-journ
                         ("b", "g", 0, "IOPS b / g (io_uring engine / threads engine)"),
                         ("e", "c", 0, "IOPS e / c (compression off / on)"),
                         ("c", "s", 1, "MB/s c / s (local journal / fio writing segment files)"),
-                        ("d", "b", 0, "IOPS d / b (S3 journal / no journal)")]:
+                        ("d", "b", 0, "IOPS d / b (S3 journal / no journal)"),
+                        ("c", "x", 1, "MB/s c / x (this build / BASE_BIN)"),
+                        ("c", "x", 6, "CPU s/GB c / x (this build / BASE_BIN)")]:
     for wl in wls[:3]:
         r = ratio(x, y, wl, i)
         if r is not None:
@@ -401,6 +438,28 @@ for wl in ["randwrite-4k", "seqwrite-1M"]:
         lines.append(f"| CPU s/GB b / a (serve --no-journal / nbdkit) | {wl} | {r2:.2f} |")
     if r is not None:
         lines.append(f"| CPU s/GB c / a (serve with local journal / nbdkit) | {wl} | {r:.2f} |")
+sweep = sorted({wl for (_, wl) in rows if wl.startswith("seqwrite-1M@")},
+               key=lambda w: int(w.split("@")[1]))
+if sweep:
+    cs = [c for c in "cxed" if any((c, wl) in rows for wl in sweep)]
+    lines += ["", "Where the pool overflows: 1M seqwrite QD4 rate-limited to each step (sweep-1M); "
+              "per server the median MB/s reached, the pool's peak, and in how many of the "
+              f"{reps} runs the mode left `logging` (the pool overflowed).", "",
+              "| offered MB/s | " + " | ".join(names[c] for c in cs) + " |",
+              "|---:|" + "---|" * len(cs)]
+    for wl in sweep:
+        cells = []
+        for c in cs:
+            runs = rows.get((c, wl), [])
+            if not runs:
+                cells.append("–")
+                continue
+            over = sum(1 for r in runs if r[7])
+            peak = med(c, wl, 8)
+            cells.append(f"{med(c, wl, 1):.0f} MB/s, pool peak "
+                         f"{'–' if peak is None else format(peak / 2**20, '.0f')} MiB, "
+                         f"overflowed {over}/{len(runs)}")
+        lines.append(f"| {wl.split('@')[1]} | " + " | ".join(cells) + " |")
 section = "\n".join(lines) + "\n"
 try:
     text = open(out).read()
