@@ -20,7 +20,6 @@
 
 pub mod agent;
 pub mod apply;
-mod compress;
 pub mod error;
 mod fetcher;
 pub mod overlay;

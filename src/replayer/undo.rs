@@ -46,7 +46,7 @@ use crate::journal::segment::{
 };
 use crate::store::{ObjectStore, StoreError};
 
-use super::compress::CompressProbe;
+use crate::journal::segment::CompressProbe;
 
 /// The undo-log format version this build writes and reads.
 pub const UNDO_FORMAT_VERSION: u32 = 1;

@@ -4,9 +4,10 @@
 //! first record, or at once when journal-mode writers wait and an upload slot is free
 //! (group commit). Closed segments go to the upload coordinator in `journal_writer`.
 //!
-//! Compression adapts: after [`PROBE_MISSES`] payloads in a row that zstd could not shrink
-//! by 1/8, the next [`SKIP_RECORDS`] payloads are stored raw, then zstd is tried again. Data
-//! that compresses keeps being compressed; data that does not stops costing the attempt.
+//! Compression adapts, with the policy the replay agent uses for undo pre-images
+//! ([`CompressProbe`]): a large payload is offered to zstd when a sample of it compresses, and
+//! small payloads that keep not compressing are mostly stored raw. Data that compresses keeps
+//! being compressed; data that does not stops costing the attempt.
 //!
 //! Must never: reorder records, skip an LSN, or drop a record without marking its range
 //! dirty (when journaling has stopped).
@@ -23,12 +24,8 @@ use uuid::Uuid;
 use super::intake::Intake;
 use super::pool::Permit;
 use super::shared::{Pending, Shared, WriterStats};
-use crate::journal::segment::SegmentBuilder;
-
-/// Payload records in a row that did not compress before compression is skipped.
-pub const PROBE_MISSES: u32 = 32;
-/// Payload records stored raw before compression is tried again.
-pub const SKIP_RECORDS: u32 = 1024;
+use crate::journal::record::Op;
+use crate::journal::segment::{BufferRecycler, CompressProbe, SegmentBuilder};
 /// Room reserved past `segment_size` in a new segment buffer: the record that crosses the
 /// target size and the index.
 const SEGMENT_SLACK: usize = (1 << 20) + (256 << 10);
@@ -70,41 +67,6 @@ struct Open {
     ranges: Vec<Range<u64>>,
 }
 
-/// Adaptive compression state (see the module documentation).
-#[derive(Debug)]
-struct Probe {
-    /// Compression is allowed at all (`--compress auto`).
-    allowed: bool,
-    enabled: bool,
-    misses: u32,
-    skipped: u32,
-}
-
-impl Probe {
-    fn observe(&mut self, compressed: bool) {
-        if !self.allowed {
-            return;
-        }
-        if self.enabled {
-            if compressed {
-                self.misses = 0;
-            } else {
-                self.misses += 1;
-                if self.misses >= PROBE_MISSES {
-                    self.enabled = false;
-                    self.skipped = 0;
-                }
-            }
-        } else {
-            self.skipped += 1;
-            if self.skipped >= SKIP_RECORDS {
-                self.enabled = true;
-                self.misses = 0;
-            }
-        }
-    }
-}
-
 /// The encoder's configuration and connections.
 pub struct Encoder {
     pub intake: Arc<Intake>,
@@ -128,7 +90,11 @@ pub struct Encoder {
 struct Run {
     cfg: Encoder,
     open: Option<Open>,
-    probe: Probe,
+    /// Which payloads zstd gets (see the module documentation); unused with `compress` off.
+    probe: CompressProbe,
+    /// Buffers of uploaded segments, reused for the next ones: at most one idle buffer per
+    /// upload slot is kept (a segment size each, outside the pool's cap).
+    buffers: BufferRecycler,
 }
 
 impl Encoder {
@@ -137,19 +103,14 @@ impl Encoder {
         std::thread::Builder::new()
             .name("tinylag-encoder".into())
             .spawn(move || {
-                let compress = self.compress;
                 let shared = self.shared.clone();
                 let stopped = self.stopped.clone();
                 let stats = self.stats.clone();
                 let run = Run {
+                    buffers: BufferRecycler::new(self.max_uploads),
                     cfg: self,
                     open: None,
-                    probe: Probe {
-                        allowed: compress,
-                        enabled: compress,
-                        misses: 0,
-                        skipped: 0,
-                    },
+                    probe: CompressProbe::new(),
                 };
                 if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run.run())).is_err() {
                     // A bug; journaling cannot go on, and the mode must say so.
@@ -207,12 +168,16 @@ impl Run {
         if self.open.is_none() {
             let seq = self.cfg.next_seq;
             self.cfg.next_seq += 1;
-            let mut builder =
-                SegmentBuilder::new(self.cfg.uuid, self.cfg.epoch, seq, self.cfg.next_lsn);
-            builder.set_compression(self.probe.enabled);
             // The segment closes once it passes `segment_size`, usually by less than one
             // record: room for that and a 1 MiB record (and the index) avoids regrowth.
-            builder.reserve(self.cfg.segment_size as usize + SEGMENT_SLACK);
+            let builder = SegmentBuilder::recycled(
+                self.cfg.uuid,
+                self.cfg.epoch,
+                seq,
+                self.cfg.next_lsn,
+                &self.buffers,
+                self.cfg.segment_size as usize + SEGMENT_SLACK,
+            );
             self.open = Some(Open {
                 seq,
                 builder,
@@ -230,7 +195,13 @@ impl Run {
         let Some(open) = self.open.as_mut() else {
             return;
         };
-        let was_enabled = self.probe.enabled;
+        let data = match &record.op {
+            Op::Write { data, .. } | Op::ResyncData { data, .. } => Some(&data[..]),
+            _ => None,
+        };
+        // Control records' payloads (mark names, verify digests) are small or random.
+        let offered = self.cfg.compress && data.is_some_and(|d| self.probe.offer(d));
+        open.builder.set_compression(offered);
         match open.builder.push(&record) {
             Ok(()) => {
                 open.permit.merge(permit);
@@ -238,14 +209,9 @@ impl Run {
                 if let Some(range) = record.op.range() {
                     open.ranges.push(range);
                 }
-                if was_enabled && record.op.payload_len() >= 64 {
-                    self.probe
-                        .observe(open.builder.last_compressed().unwrap_or(false));
-                } else if !was_enabled && record.op.payload_len() > 0 {
-                    self.probe.observe(false);
-                }
-                if self.probe.enabled != was_enabled {
-                    open.builder.set_compression(self.probe.enabled);
+                if let Some(d) = data.filter(|_| offered) {
+                    let compressed = open.builder.last_compressed().unwrap_or(false);
+                    self.probe.observe(d.len(), compressed);
                 }
                 let full = open.builder.encoded_len() as u64 >= self.cfg.segment_size;
                 self.cfg.next_lsn += 1;
@@ -318,33 +284,5 @@ impl Run {
                 self.cfg.shared.dirty.mark(r);
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn compression_is_skipped_after_misses_and_probed_again() {
-        let mut p = Probe {
-            allowed: true,
-            enabled: true,
-            misses: 0,
-            skipped: 0,
-        };
-        for _ in 0..PROBE_MISSES - 1 {
-            p.observe(false);
-        }
-        p.observe(true);
-        assert!(p.enabled, "a hit resets the count");
-        for _ in 0..PROBE_MISSES {
-            p.observe(false);
-        }
-        assert!(!p.enabled);
-        for _ in 0..SKIP_RECORDS {
-            p.observe(false);
-        }
-        assert!(p.enabled, "tried again after the skip");
     }
 }

@@ -7,6 +7,7 @@
 use bytes::Bytes;
 use uuid::Uuid;
 
+use super::buffers::{grow_zeroed, BufferRecycler, SegmentBuf, BUFFER_ALIGN};
 use super::header::Trailer;
 use super::index::{archived_len, Footer, FooterEntry};
 use super::{
@@ -31,8 +32,11 @@ pub struct SegmentBuilder {
     seq: u64,
     first_lsn: u64,
     /// Header placeholder followed by the body: `finish` fills in the header and appends the
-    /// index and trailer, so the body is never copied again.
-    buf: Vec<u8>,
+    /// index and trailer, so the body is never copied again. Page-aligned (see
+    /// [`super::buffers`]).
+    buf: SegmentBuf,
+    /// Where the buffer goes back once the finished segment is dropped.
+    recycler: Option<BufferRecycler>,
     entries: Vec<FooterEntry>,
     last_timestamp: Option<u64>,
     body_crc: u32,
@@ -57,12 +61,47 @@ impl std::fmt::Debug for SegmentBuilder {
 
 impl SegmentBuilder {
     pub fn new(uuid: Uuid, epoch: u64, seq: u64, first_lsn: u64) -> Self {
+        Self::with_buffer(
+            uuid,
+            epoch,
+            seq,
+            first_lsn,
+            SegmentBuf::new(BUFFER_ALIGN),
+            None,
+        )
+    }
+
+    /// A builder encoding into a buffer from `recycler` with room for `capacity` bytes (the
+    /// segment size plus slack); the finished segment's bytes give it back when dropped.
+    pub fn recycled(
+        uuid: Uuid,
+        epoch: u64,
+        seq: u64,
+        first_lsn: u64,
+        recycler: &BufferRecycler,
+        capacity: usize,
+    ) -> Self {
+        let buf = recycler.take(capacity);
+        Self::with_buffer(uuid, epoch, seq, first_lsn, buf, Some(recycler.clone()))
+    }
+
+    fn with_buffer(
+        uuid: Uuid,
+        epoch: u64,
+        seq: u64,
+        first_lsn: u64,
+        mut buf: SegmentBuf,
+        recycler: Option<BufferRecycler>,
+    ) -> Self {
+        buf.clear();
+        buf.extend_from_slice(&[0; HEADER_LEN]);
         SegmentBuilder {
             uuid,
             epoch,
             seq,
             first_lsn,
-            buf: vec![0; HEADER_LEN],
+            buf,
+            recycler,
             entries: Vec::new(),
             last_timestamp: None,
             body_crc: 0,
@@ -200,7 +239,7 @@ impl SegmentBuilder {
                 self.compressor = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
             }
             if let Some(compressor) = self.compressor.as_mut() {
-                self.buf.resize(start + limit, 0);
+                grow_zeroed(&mut self.buf, start + limit);
                 if let Ok(n) = compressor.compress_to_buffer(payload, &mut self.buf[start..]) {
                     self.buf.truncate(start + n);
                     self.body_crc = crc32c::crc32c_append(self.body_crc, &self.buf[start..]);
@@ -277,7 +316,10 @@ impl SegmentBuilder {
         buf.reserve_exact(index.len() + TRAILER_LEN);
         buf.extend_from_slice(&index);
         buf.extend_from_slice(&trailer.encode());
-        Bytes::from(buf)
+        match self.recycler {
+            Some(recycler) => recycler.wrap(buf),
+            None => Bytes::from_owner(buf),
+        }
     }
 }
 

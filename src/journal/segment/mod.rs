@@ -31,16 +31,20 @@ use uuid::Uuid;
 
 use crate::journal::record::{Record, RecordKind};
 
+mod buffers;
 mod builder;
 mod error;
 mod header;
 mod index;
+mod probe;
 mod read;
 
+pub use buffers::BufferRecycler;
 pub use builder::{encode_plug, encode_segment, SegmentBuilder};
 pub use error::SegmentError;
 pub use header::decode_header;
 pub use index::decode_index_from_tail;
+pub(crate) use probe::CompressProbe;
 pub use read::{decode_payload, decode_segment, read_index, read_segment};
 
 /// Format version written in the header and the index.

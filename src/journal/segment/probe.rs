@@ -1,10 +1,11 @@
-//! Deciding which pre-images are worth offering to zstd before an undo segment is encoded.
+//! Deciding which payloads are worth offering to zstd before they are pushed into a segment:
+//! one policy for the journal writer's records and the replay agent's undo pre-images.
 //!
 //! The segment codec stores each payload raw unless zstd saves at least 1/8 of it, and it
-//! says which per payload (the index entry's `compressed` flag), so an undo segment written
-//! with some payloads never offered to zstd is the same format and reads like any other.
-//! What this saves is the attempt: a replica of already-compressed or encrypted data gives
-//! pre-images that never shrink, and trying costs more CPU than the rest of a batch.
+//! says which per payload (the index entry's `compressed` flag), so a segment with some
+//! payloads never offered to zstd is the same format and reads like any other. What this
+//! saves is the attempt: a disk of already-compressed or encrypted data gives payloads that
+//! never shrink, and trying costs more CPU than everything else done per byte.
 //!
 //! - A large payload (at least [`SAMPLE_FROM`]) is offered when a sample of it compresses:
 //!   [`SAMPLES`] pieces of [`SAMPLE_PIECE`] bytes spread over it, compressed together.
