@@ -18,8 +18,7 @@
 # Journaled servers (c, d, e, x) are measured once their initial full resync is done.
 # Then, for c and d, "half-4k": 4k randwrite QD32 rate-limited to half of c's median
 # randwrite-4k IOPS in this run, for the ack→durable p99 at a load the journal must sustain.
-# And "sweep-1M": 1M seqwrite QD4 rate-limited to each of SWEEP (MB/s) on the journaled
-# servers, recording whether the pool overflowed (the mode left `logging`): where the journal
+# And "sweep-1M": 1M seqwrite QD4 rate-limited to each of SWEEP (MB/s) on c, d and x, recording whether the pool overflowed (the mode left `logging`): where the journal
 # stops absorbing large writes.
 # Every (server, workload) pair runs REPS times with a fresh server (and a fresh journal),
 # interleaved (rep 1 of every server, then rep 2, ...); the table in BENCHMARKS.md (section
@@ -32,7 +31,7 @@
 # BENCH_DIR (work directory; default a fresh one under /var/tmp, removed at the end),
 # CONFIGS (default "a b c d e f g s"), OUT (default BENCHMARKS.md in the checkout),
 # WORKLOADS (default "randwrite-4k randread-4k seqwrite-1M half-4k"; add sweep-1M),
-# SWEEP (MB/s steps of sweep-1M, default "250 500 750 1000 1250"), BASE_BIN (config x),
+# SWEEP (MB/s steps of sweep-1M on c, d and x; default "300 600 900 1200"), BASE_BIN (config x),
 # TABLE_ONLY=1 (with BENCH_DIR: only rewrite the table from that directory's results.tsv).
 set -euo pipefail
 
@@ -44,7 +43,7 @@ CONFIGS=${CONFIGS:-"a b c d e f g s"}
 OUT=${OUT:-$ROOT/BENCHMARKS.md}
 S3FS=${TINYLAG_TOOLS:-$HOME/.cache/tinylag/tools}/bin/s3s-fs
 WORKLOADS=${WORKLOADS:-"randwrite-4k randread-4k seqwrite-1M half-4k"}
-SWEEP=${SWEEP:-"250 500 750 1000 1250"}
+SWEEP=${SWEEP:-"300 600 900 1200"}
 if [[ $CONFIGS == *x* && ! -x ${BASE_BIN:-} ]]; then
     echo "bench/serve.sh: config x needs BASE_BIN, the other build's tinylag binary" >&2
     exit 2
@@ -265,7 +264,7 @@ for wl in "${workloads[@]}"; do
         ;;
     seqwrite-1M@*)
         args=(--rw=write --bs=1M --iodepth=4 --rate="${wl#*@}m")
-        configs=$(tr -cd 'cdex ' <<<"$CONFIGS")
+        configs=$(tr -cd 'cdx ' <<<"$CONFIGS")
         ;;
     esac
     if [[ $wl != seqwrite-1M ]]; then configs=${configs//s/}; fi
