@@ -15,13 +15,15 @@
 #      default) into a directory on the same file system, 1M writes, fsync at close, 4 jobs
 #      (the default splay width): the bandwidth the local journal can hope for
 #   x  as c with the binary at BASE_BIN (an A/B of two builds in one run; only when asked)
-# Journaled servers (c, d, e, x) are measured once their initial full resync is done.
+#   y  as d with the binary at BASE_BIN (the same for the S3 journal)
+# Journaled servers (c, d, e, x, y) are measured once their initial full resync is done.
 # Then, for c and d, "half-4k": 4k randwrite QD32 rate-limited to half of c's median
 # randwrite-4k IOPS in this run, for the ack→durable p99 at a load the journal must sustain.
-# And "sweep-1M": 1M seqwrite QD4 rate-limited to each of SWEEP (MB/s) on c, d and x, recording whether the pool overflowed (the mode left `logging`): where the journal
+# And "sweep-1M": 1M seqwrite QD4 rate-limited to each of SWEEP (MB/s) on c, d, x and y, recording whether the pool overflowed (the mode left `logging`): where the journal
 # stops absorbing large writes.
 # Every (server, workload) pair runs REPS times with a fresh server (and a fresh journal),
-# interleaved (rep 1 of every server, then rep 2, ...); the table in BENCHMARKS.md (section
+# interleaved (rep 1 of every server, then rep 2, ...; each rep starts one server further
+# along, so no server always runs right after the same one and its writeback); the table in BENCHMARKS.md (section
 # "serve") shows medians, the ratios against the targets, the p99 ack→durable lag (from the
 # daemon's status), the server's CPU seconds per GB written (utime + stime from /proc, the
 # S3 server's own CPU not included) and the peak RSS (VmHWM).
@@ -44,15 +46,15 @@ OUT=${OUT:-$ROOT/BENCHMARKS.md}
 S3FS=${TINYLAG_TOOLS:-$HOME/.cache/tinylag/tools}/bin/s3s-fs
 WORKLOADS=${WORKLOADS:-"randwrite-4k randread-4k seqwrite-1M half-4k"}
 SWEEP=${SWEEP:-"300 600 900 1200"}
-if [[ $CONFIGS == *x* && ! -x ${BASE_BIN:-} ]]; then
-    echo "bench/serve.sh: config x needs BASE_BIN, the other build's tinylag binary" >&2
+if [[ $CONFIGS == *[xy]* && ! -x ${BASE_BIN:-} ]]; then
+    echo "bench/serve.sh: configs x and y need BASE_BIN, the other build's tinylag binary" >&2
     exit 2
 fi
 
 for tool in fio nbdkit python3 cargo; do
     command -v "$tool" >/dev/null || { echo "bench/serve.sh: $tool is not installed" >&2; exit 2; }
 done
-if [[ $CONFIGS == *d* && ! -x $S3FS ]]; then
+if [[ $CONFIGS == *[dy]* && ! -x $S3FS ]]; then
     echo "bench/serve.sh: s3s-fs not found at $S3FS (run scripts/install-test-deps.sh)" >&2
     exit 2
 fi
@@ -158,7 +160,9 @@ start_server() {
         PID=$!
         CTL=$img.ctl
         ;;
-    d)
+    d | y)
+        local bin=$BIN
+        if [[ $c == y ]]; then bin=$BASE_BIN; fi
         mkdir -p "$WORK/s3-$c/bench"
         local port
         port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -171,9 +175,9 @@ start_server() {
             sleep 0.1
         done
         env "${S3_ENV[@]}" AWS_ENDPOINT_URL="http://127.0.0.1:$port" \
-            "$BIN" init --journal s3://bench/j --size "$SIZE" --primary "$img" >/dev/null
+            "$bin" init --journal s3://bench/j --size "$SIZE" --primary "$img" >/dev/null
         SERVE=(env "${S3_ENV[@]}" AWS_ENDPOINT_URL="http://127.0.0.1:$port"
-            "$BIN" serve --primary "$img" --journal s3://bench/j --listen "unix:$sock")
+            "$bin" serve --primary "$img" --journal s3://bench/j --listen "unix:$sock")
         "${SERVE[@]}" >"$WORK/$c.log" 2>&1 &
         PID=$!
         CTL=$img.ctl
@@ -182,7 +186,7 @@ start_server() {
     PIDS+=("$PID")
     wait_socket "$sock"
     URI="nbd+unix:///?socket=$sock"
-    if [[ $c == [cdex] ]]; then
+    if [[ $c == [cdexy] ]]; then
         # Journaled: let the initial full resync finish, then restart from the clean stop
         # (mode logging at once, fresh ack→durable histogram).
         wait_logging
@@ -260,16 +264,19 @@ for wl in "${workloads[@]}"; do
         rate=$(half_rate)
         if [[ $rate == 0 ]]; then continue; fi
         args=(--rw=randwrite --bs=4k --iodepth=32 --rate_iops="$rate")
-        configs=$(tr -cd 'cd ' <<<"$CONFIGS")
+        configs=$(tr -cd 'cdxy ' <<<"$CONFIGS")
         ;;
     seqwrite-1M@*)
         args=(--rw=write --bs=1M --iodepth=4 --rate="${wl#*@}m")
-        configs=$(tr -cd 'cdx ' <<<"$CONFIGS")
+        configs=$(tr -cd 'cdxy ' <<<"$CONFIGS")
         ;;
     esac
     if [[ $wl != seqwrite-1M ]]; then configs=${configs//s/}; fi
+    read -ra order <<<"$configs"
     for rep in $(seq "$REPS"); do
-        for c in $configs; do
+        # Rotate: rep r starts with the r-th server.
+        shift_by=$(( (rep - 1) % ${#order[@]} ))
+        for c in "${order[@]:shift_by}" "${order[@]:0:shift_by}"; do
             start_server "$c"
             size=$SIZE
             if [[ $c == f ]]; then
@@ -357,6 +364,7 @@ names = {"a": "a: nbdkit file", "b": "b: serve --no-journal", "c": "c: serve, lo
          "f": "f: fio io_uring on the file (no NBD)",
          "g": "g: b on the threads engine (fallback)",
          "x": "x: c on the BASE_BIN build",
+         "y": "y: d on the BASE_BIN build",
          "s": "s: fio, 8 MiB files + fsync into a directory, 4 jobs (no NBD)"}
 def med(c, wl, i):
     vals = [r[i] for r in rows.get((c, wl), []) if r[i] is not None]
@@ -378,7 +386,7 @@ lines = ["## serve", "",
          "| workload | server | IOPS | MB/s | p50 µs | p99 µs | ack→durable p99 | CPU s/GB | peak RSS MiB |",
          "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
 for wl in wls:
-    for c in "sfagbcxed":
+    for c in "sfagbcxedy":
         if (c, wl) not in rows:
             continue
         lag = med(c, wl, 4)
@@ -425,7 +433,8 @@ for (x, y, i, what) in [("b", "f", 0, "IOPS b / f (the NBD hop: serve --no-journ
                         ("c", "s", 1, "MB/s c / s (local journal / fio writing segment files)"),
                         ("d", "b", 0, "IOPS d / b (S3 journal / no journal)"),
                         ("c", "x", 1, "MB/s c / x (this build / BASE_BIN)"),
-                        ("c", "x", 6, "CPU s/GB c / x (this build / BASE_BIN)")]:
+                        ("c", "x", 6, "CPU s/GB c / x (this build / BASE_BIN)"),
+                        ("d", "y", 1, "MB/s d / y (this build / BASE_BIN, S3 journal)")]:
     for wl in wls[:3]:
         r = ratio(x, y, wl, i)
         if r is not None:
@@ -440,7 +449,7 @@ for wl in ["randwrite-4k", "seqwrite-1M"]:
 sweep = sorted({wl for (_, wl) in rows if wl.startswith("seqwrite-1M@")},
                key=lambda w: int(w.split("@")[1]))
 if sweep:
-    cs = [c for c in "cxed" if any((c, wl) in rows for wl in sweep)]
+    cs = [c for c in "cxdy" if any((c, wl) in rows for wl in sweep)]
     lines += ["", "Where the pool overflows: 1M seqwrite QD4 rate-limited to each step (sweep-1M); "
               "per server the median MB/s reached, the pool's peak, and in how many of the "
               f"{reps} runs the mode left `logging` (the pool overflowed).", "",
