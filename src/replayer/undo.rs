@@ -434,7 +434,7 @@ fn encode_undo(
         builder.set_compression(offered);
         builder.push(record)?;
         if let (Some(d), true) = (data, offered) {
-            probe.observe(d.len(), builder.last_compressed().unwrap_or(false));
+            probe.observe(d.len(), builder.last_stored_len().unwrap_or(d.len()));
         }
     }
     Ok(builder.finish())

@@ -210,8 +210,8 @@ impl Run {
                     open.ranges.push(range);
                 }
                 if let Some(d) = data.filter(|_| offered) {
-                    let compressed = open.builder.last_compressed().unwrap_or(false);
-                    self.probe.observe(d.len(), compressed);
+                    let stored = open.builder.last_stored_len().unwrap_or(d.len());
+                    self.probe.observe(d.len(), stored);
                 }
                 let full = open.builder.encoded_len() as u64 >= self.cfg.segment_size;
                 self.cfg.next_lsn += 1;

@@ -126,9 +126,9 @@ impl SegmentBuilder {
         self.buf.reserve_exact(bytes);
     }
 
-    /// Whether the last record pushed was stored compressed (`None` before the first push).
-    pub fn last_compressed(&self) -> Option<bool> {
-        self.entries.last().map(|e| e.compressed != 0)
+    /// Bytes the last record's payload takes in the body (`None` before the first push).
+    pub fn last_stored_len(&self) -> Option<usize> {
+        self.entries.last().map(|e| e.stored_len as usize)
     }
 
     /// Appends a record. Its LSN must be [`next_lsn`](Self::next_lsn) and its timestamp not
