@@ -711,7 +711,7 @@ pub(crate) fn to_off_t(v: u64) -> io::Result<libc::off_t> {
 /// # Invariants
 /// `ptr` points to `len` initialised bytes allocated with `layout` (size ≥ 1), owned
 /// exclusively by this value until drop.
-pub(super) struct AlignedBuf {
+pub(crate) struct AlignedBuf {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
     layout: Layout,
@@ -721,7 +721,7 @@ pub(super) struct AlignedBuf {
 unsafe impl Send for AlignedBuf {}
 
 impl AlignedBuf {
-    pub(super) fn zeroed(len: usize) -> io::Result<Self> {
+    pub(crate) fn zeroed(len: usize) -> io::Result<Self> {
         let layout = Layout::from_size_align(len.max(1), DIRECT_ALIGN).map_err(|_| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -739,12 +739,16 @@ impl AlignedBuf {
         Ok(Self { ptr, len, layout })
     }
 
-    pub(super) fn as_slice(&self) -> &[u8] {
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn as_slice(&self) -> &[u8] {
         // SAFETY: see the struct invariants.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
-    pub(super) fn as_mut_slice(&mut self) -> &mut [u8] {
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: see the struct invariants; `&mut self` makes the borrow exclusive.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }

@@ -24,6 +24,7 @@ use crate::block::BlockDevice;
 
 mod handshake;
 mod listen;
+mod payload;
 mod protocol;
 mod tls;
 mod transmission;

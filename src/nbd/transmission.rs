@@ -15,10 +15,11 @@
 use std::io;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
+use super::payload::{PayloadError, PayloadPool};
 use super::protocol::*;
 use super::{stop_requested, Export};
 use crate::block::{check_range, BlockDevice, BlockError, DeviceInfo};
@@ -264,23 +265,15 @@ async fn read_payload<R: AsyncRead + Unpin>(
     reader: &mut R,
     length: u32,
 ) -> Result<Bytes, TransmissionError> {
-    // Read straight into uninitialised capacity (no zeroing of up to 32 MiB first), never
-    // past the payload: the next request's header may already be in the stream.
-    let mut buf = BytesMut::with_capacity(length as usize);
-    let mut limited = reader.take(u64::from(length));
-    while buf.len() < length as usize {
-        match limited.read_buf(&mut buf).await {
-            Ok(0) => {
-                return Err(TransmissionError::TruncatedWrite {
-                    received: buf.len(),
-                    length,
-                })
+    PayloadPool::shared()
+        .read(reader, length as usize)
+        .await
+        .map_err(|e| match e {
+            PayloadError::Truncated { received, .. } => {
+                TransmissionError::TruncatedWrite { received, length }
             }
-            Ok(_) => {}
-            Err(e) => return Err(TransmissionError::Io(e)),
-        }
-    }
-    Ok(buf.freeze())
+            PayloadError::Io(e) => TransmissionError::Io(e),
+        })
 }
 
 /// Checks a request against the export before anything touches the device. `Err` is
