@@ -19,9 +19,10 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
-use super::payload::{PayloadError, PayloadPool};
+use super::payload::{self, PayloadError};
 use super::protocol::*;
 use super::{stop_requested, Export};
+use crate::block::buffers::BufferPool;
 use crate::block::{check_range, BlockDevice, BlockError, DeviceInfo};
 
 /// Requests admitted but not yet answered, per connection. Deep enough for fio's
@@ -265,8 +266,7 @@ async fn read_payload<R: AsyncRead + Unpin>(
     reader: &mut R,
     length: u32,
 ) -> Result<Bytes, TransmissionError> {
-    PayloadPool::shared()
-        .read(reader, length as usize)
+    payload::read_payload(BufferPool::shared(), reader, length as usize)
         .await
         .map_err(|e| match e {
             PayloadError::Truncated { received, .. } => {

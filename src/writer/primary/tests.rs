@@ -546,7 +546,12 @@ async fn requests_outside_the_device_are_not_counted_as_io() {
     core.write_zeroes(8192, 4096, false).await.unwrap();
     let before = core.status().io;
     assert_eq!(
-        (before.reads, before.writes, before.trims, before.write_zeroes),
+        (
+            before.reads,
+            before.writes,
+            before.trims,
+            before.write_zeroes
+        ),
         (1, 1, 1, 1)
     );
     assert_eq!((before.bytes_read, before.bytes_written), (4096, 4096));
@@ -554,7 +559,10 @@ async fn requests_outside_the_device_are_not_counted_as_io() {
     assert!(core.write(past, pattern(2, 8192), false).await.is_err());
     assert!(core.read(past, 8192).await.is_err());
     assert!(core.trim(past, 8192).await.is_err());
-    assert!(core.write_zeroes(u64::MAX - 4095, 4096, false).await.is_err());
+    assert!(core
+        .write_zeroes(u64::MAX - 4095, 4096, false)
+        .await
+        .is_err());
     assert_eq!(core.status().io, before);
 }
 
