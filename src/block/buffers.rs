@@ -31,9 +31,10 @@ use super::file::AlignedBuf;
 pub(crate) const MIN_RECYCLED: usize = 64 << 10;
 /// Most bytes of idle buffers the process-wide shelf keeps (one maximum-size NBD payload).
 pub(crate) const SHELF_BYTES: usize = 32 << 20;
-/// New buffers are a whole number of these (pages). An idle buffer serves any request it
-/// holds with at most a quarter of it to spare, so that requests of nearly the same length
-/// share buffers and a small request does not pin a large buffer.
+/// A buffer is its request's length rounded up to a whole number of these (pages), and
+/// serves only requests that round to the same size: a lent buffer holds less than one page
+/// more than its request shows (as much as the allocator's own rounding of a large
+/// allocation), so the journal pool's accounting of the records sharing it stays true.
 const GRANULE: usize = 4096;
 
 /// A bounded shelf of idle buffers. Cheap to clone (shared).
@@ -81,14 +82,13 @@ impl BufferPool {
         SHARED.get_or_init(|| BufferPool::new(SHELF_BYTES))
     }
 
-    /// A buffer of at least `len` bytes: an idle one that fits with at most a quarter to
-    /// spare, else a new one. Its content is whatever an earlier request left in it.
+    /// A buffer of `len` bytes rounded up to whole pages: an idle one of that size, else a
+    /// new one. Its content is whatever an earlier request left in it.
     pub(crate) fn take(&self, len: usize) -> io::Result<AlignedBuf> {
         let size = len.max(1).div_ceil(GRANULE) * GRANULE;
-        let fits = |b: &AlignedBuf| b.len() >= size && b.len() - size <= size / 4;
         {
             let mut shelf = self.lock();
-            if let Some(i) = shelf.idle.iter().rposition(fits) {
+            if let Some(i) = shelf.idle.iter().rposition(|b| b.len() == size) {
                 if let Some(buffer) = shelf.idle.remove(i) {
                     shelf.bytes -= buffer.len();
                     return Ok(buffer);
@@ -187,10 +187,10 @@ mod tests {
         assert_eq!(first_ptr as usize % 4096, 0, "buffers are page-aligned");
         drop(first);
         assert_eq!(pool.idle(), (1, MIB));
-        // A slightly shorter request reuses the buffer and shows only its own length.
-        let second = filled(&pool, MIB - GRANULE, 0xbb);
+        // A request a few sectors shorter reuses the buffer and shows only its own length.
+        let second = filled(&pool, MIB - 1536, 0xbb);
         assert_eq!(second.as_ptr(), first_ptr, "the buffer was not reused");
-        assert_eq!(second.len(), MIB - GRANULE);
+        assert_eq!(second.len(), MIB - 1536);
         assert!(second.iter().all(|&b| b == 0xbb));
         assert_eq!(pool.idle(), (0, 0));
         // Clones keep it lent; only the last one gives it back.
@@ -199,12 +199,12 @@ mod tests {
         assert_eq!(pool.idle(), (0, 0));
         drop(clone);
         assert_eq!(pool.idle(), (1, MIB));
-        // A much shorter request takes a new buffer rather than pin a large one.
-        let small = filled(&pool, MIB / 2, 1);
+        // A request a page shorter takes a new buffer rather than pin a larger one.
+        let small = filled(&pool, MIB - GRANULE, 1);
         assert_ne!(small.as_ptr(), first_ptr);
         drop(small);
-        assert_eq!(pool.idle(), (2, MIB + MIB / 2));
-        // The most recent fitting buffer is taken.
+        assert_eq!(pool.idle(), (2, 2 * MIB - GRANULE));
+        // The buffer of the request's size is taken, though another came back later.
         assert_eq!(filled(&pool, MIB, 2).as_ptr(), first_ptr);
     }
 

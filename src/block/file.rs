@@ -1039,8 +1039,11 @@ mod tests {
                 let first = device.read(0, MIB as u32).await.unwrap();
                 assert!(first == pattern[..MIB as usize], "{case}");
                 drop(first);
-                let second = device.read(2 * MIB, (MIB - 4096) as u32).await.unwrap();
-                assert_eq!(second.len() as u64, MIB - 4096, "{case}");
+                // Buffered: seven sectors short, so the 1 MiB buffer is reused with a stale
+                // tail past the end. O_DIRECT needs whole blocks: a page short.
+                let short = if direct { MIB - 4096 } else { MIB - 3584 };
+                let second = device.read(2 * MIB, short as u32).await.unwrap();
+                assert_eq!(second.len() as u64, short, "{case}");
                 assert!(second.iter().all(|&b| b == 0xee), "{case}");
                 let small = device.read(MIB, 4096).await.unwrap();
                 assert!(small == pattern[MIB as usize..][..4096], "{case}");
