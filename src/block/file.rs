@@ -25,6 +25,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use super::buffers::{BufferPool, MIN_RECYCLED};
 use super::engine::IoEngine;
 use super::uring::{Buffer, Ring};
 use super::{check_range, BlockDevice, BlockError, DeviceInfo};
@@ -353,34 +354,42 @@ impl BlockDevice for FileDevice {
         if len == 0 {
             return Ok(Bytes::new());
         }
-        let direct = self.direct;
-        let mut buf = Vec::new();
+        let len = len as usize;
+        // Large and direct reads land in a recycled aligned buffer: no fresh mapping to
+        // fault in per request, and no bounce copy for O_DIRECT. Only its first `len`
+        // bytes are shown, and only once this read has filled all of them.
+        let pool = BufferPool::shared();
+        let mut buffer = if self.direct || len >= MIN_RECYCLED {
+            Buffer::Aligned(pool.take(len)?)
+        } else {
+            Buffer::Owned(vec![0u8; len])
+        };
         let mut done = 0;
         if self.nowait {
-            buf = vec![0u8; len as usize];
-            done = read_nowait(&self.file, &mut buf, offset);
-            if done == buf.len() {
-                return Ok(Bytes::from(buf));
-            }
+            done = read_nowait(&self.file, &mut buffer.as_mut_slice()[..len], offset);
         }
-        if let Some(ring) = &self.ring {
-            return uring_read(ring, offset, len as usize, direct)
-                .await
-                .map_err(BlockError::Io);
+        if done < len {
+            buffer = match &self.ring {
+                Some(ring) => uring_read(ring, buffer, done, len, offset).await?,
+                None => {
+                    self.blocking(move |file| {
+                        file.read_exact_at(
+                            &mut buffer.as_mut_slice()[done..len],
+                            offset + done as u64,
+                        )?;
+                        Ok(buffer)
+                    })
+                    .await?
+                }
+            };
         }
-        self.blocking(move |file| {
-            let len = len as usize;
-            if direct {
-                let mut buf = AlignedBuf::zeroed(len)?;
-                file.read_exact_at(buf.as_mut_slice(), offset)?;
-                Ok(Bytes::copy_from_slice(buf.as_slice()))
-            } else {
-                buf.resize(len, 0);
-                file.read_exact_at(&mut buf[done..], offset + done as u64)?;
-                Ok(Bytes::from(buf))
-            }
-        })
-        .await
+        match buffer {
+            Buffer::Aligned(aligned) => Ok(pool.lend(aligned, len)),
+            Buffer::Owned(v) => Ok(Bytes::from(v)),
+            Buffer::None | Buffer::Shared(_) => Err(BlockError::Io(io::Error::other(
+                "a read's buffer came back changed",
+            ))),
+        }
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), BlockError> {
@@ -407,7 +416,7 @@ impl BlockDevice for FileDevice {
                 .map_err(BlockError::Io);
         }
         self.blocking(move |file| {
-            if direct {
+            if direct && !is_aligned(&data) {
                 let mut buf = AlignedBuf::zeroed(data.len())?;
                 buf.as_mut_slice().copy_from_slice(&data);
                 file.write_all_at(buf.as_slice(), offset)?;
@@ -531,16 +540,17 @@ impl BlockDevice for FileDevice {
     }
 }
 
-/// Reads `len` bytes at `offset` through the ring (short reads are continued).
-async fn uring_read(ring: &Arc<Ring>, offset: u64, len: usize, direct: bool) -> io::Result<Bytes> {
-    let mut buffer = if direct {
-        Buffer::Aligned(AlignedBuf::zeroed(len)?)
-    } else {
-        Buffer::Owned(vec![0u8; len])
-    };
-    let mut done = 0;
+/// Reads `buffer[done..len]` from `offset + done` through the ring (short reads are
+/// continued); returns the buffer.
+async fn uring_read(
+    ring: &Arc<Ring>,
+    mut buffer: Buffer,
+    mut done: usize,
+    len: usize,
+    offset: u64,
+) -> io::Result<Buffer> {
     while done < len {
-        let (n, back) = ring.read(buffer, done, offset + done as u64).await?;
+        let (n, back) = ring.read(buffer, done, len, offset + done as u64).await?;
         buffer = back;
         if n == 0 {
             return Err(io::Error::new(
@@ -553,15 +563,7 @@ async fn uring_read(ring: &Arc<Ring>, offset: u64, len: usize, direct: bool) -> 
         }
         done += n;
     }
-    Ok(match buffer {
-        Buffer::Owned(v) => Bytes::from(v),
-        Buffer::Aligned(a) => Bytes::copy_from_slice(a.as_slice()),
-        Buffer::None | Buffer::Shared(_) => {
-            return Err(io::Error::other(
-                "io_uring returned a read's buffer changed",
-            ))
-        }
-    })
+    Ok(buffer)
 }
 
 /// Writes `data` at `offset` through the ring (short writes are continued), then
@@ -574,7 +576,7 @@ async fn uring_write(
     direct: bool,
 ) -> io::Result<()> {
     let len = data.len();
-    let mut buffer = if direct {
+    let mut buffer = if direct && !is_aligned(&data) {
         let mut aligned = AlignedBuf::zeroed(len)?;
         aligned.as_mut_slice().copy_from_slice(&data);
         Buffer::Aligned(aligned)
@@ -597,6 +599,12 @@ async fn uring_write(
         ring.sync_data().await?;
     }
     Ok(())
+}
+
+/// Whether `data` starts on a [`DIRECT_ALIGN`] boundary, so `O_DIRECT` can take it as it
+/// is (recycled NBD payloads do; the length is checked against the block size apart).
+fn is_aligned(data: &[u8]) -> bool {
+    data.as_ptr() as usize % DIRECT_ALIGN == 0
 }
 
 /// `preadv2(RWF_NOWAIT)`: reads what the page cache holds without waiting. Returns the bytes
@@ -711,7 +719,7 @@ pub(crate) fn to_off_t(v: u64) -> io::Result<libc::off_t> {
 /// # Invariants
 /// `ptr` points to `len` initialised bytes allocated with `layout` (size ≥ 1), owned
 /// exclusively by this value until drop.
-pub(super) struct AlignedBuf {
+pub(crate) struct AlignedBuf {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
     layout: Layout,
@@ -721,7 +729,7 @@ pub(super) struct AlignedBuf {
 unsafe impl Send for AlignedBuf {}
 
 impl AlignedBuf {
-    pub(super) fn zeroed(len: usize) -> io::Result<Self> {
+    pub(crate) fn zeroed(len: usize) -> io::Result<Self> {
         let layout = Layout::from_size_align(len.max(1), DIRECT_ALIGN).map_err(|_| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -739,12 +747,16 @@ impl AlignedBuf {
         Ok(Self { ptr, len, layout })
     }
 
-    pub(super) fn as_slice(&self) -> &[u8] {
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn as_slice(&self) -> &[u8] {
         // SAFETY: see the struct invariants.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
-    pub(super) fn as_mut_slice(&mut self) -> &mut [u8] {
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: see the struct invariants; `&mut self` makes the borrow exclusive.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
@@ -984,6 +996,74 @@ mod tests {
 
     /// io_uring and the thread pool see the same bytes, whichever wrote, buffered and
     /// with O_DIRECT, with FUA and flush.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn recycled_read_buffers_show_only_what_the_read_filled() {
+        const MIB: u64 = 1 << 20;
+        let pattern: Vec<u8> = (0..2 * MIB).map(|i| (i % 251) as u8).collect();
+        for (engine, direct, nowait) in [
+            (IoEngine::Threads, false, true),
+            (IoEngine::Threads, false, false),
+            (IoEngine::Threads, true, false),
+            (IoEngine::Uring, false, true),
+            (IoEngine::Uring, true, false),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("disk.img");
+            let mut content = pattern.clone();
+            content.resize(4 * MIB as usize, 0xee);
+            std::fs::write(&path, &content).unwrap();
+            let device = if engine == IoEngine::Uring {
+                match uring_device(&path, direct) {
+                    Some(device) => device,
+                    None => continue,
+                }
+            } else {
+                let options = FileOptions {
+                    direct,
+                    nowait_fast_path: nowait,
+                    ..FileOptions::new(4096)
+                };
+                match FileDevice::open(&path, options) {
+                    Ok(device) => device,
+                    Err(FileError::Open { source, .. })
+                        if direct && source.raw_os_error() == Some(libc::EINVAL) =>
+                    {
+                        continue;
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            };
+            let case = format!("{engine} direct={direct} nowait={nowait}");
+            // Recycled buffers go round: each read shows its own bytes and length only.
+            for _ in 0..3 {
+                let first = device.read(0, MIB as u32).await.unwrap();
+                assert!(first == pattern[..MIB as usize], "{case}");
+                drop(first);
+                // Buffered: seven sectors short, so the 1 MiB buffer is reused with a stale
+                // tail past the end. O_DIRECT needs whole blocks: a page short.
+                let short = if direct { MIB - 4096 } else { MIB - 3584 };
+                let second = device.read(2 * MIB, short as u32).await.unwrap();
+                assert_eq!(second.len() as u64, short, "{case}");
+                assert!(second.iter().all(|&b| b == 0xee), "{case}");
+                let small = device.read(MIB, 4096).await.unwrap();
+                assert!(small == pattern[MIB as usize..][..4096], "{case}");
+            }
+            // A read the file cannot fill (shrunk behind the device's back) is an error,
+            // never a buffer whose tail an earlier read left behind.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_len(3 * MIB + 4096)
+                .unwrap();
+            let err = device.read(3 * MIB, MIB as u32).await.unwrap_err();
+            assert!(
+                matches!(&err, BlockError::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof),
+                "{case}: {err}"
+            );
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn uring_engine_agrees_with_the_threads_engine() {
         for direct in [false, true] {

@@ -11,6 +11,7 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub(crate) mod buffers;
 pub mod engine;
 pub mod file;
 mod uring;

@@ -105,6 +105,15 @@ pub(crate) enum Buffer {
 }
 
 impl Buffer {
+    /// The bytes a read may fill (none for `None` and `Shared`).
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
+        match self {
+            Buffer::None | Buffer::Shared(_) => &mut [],
+            Buffer::Owned(v) => v,
+            Buffer::Aligned(a) => a.as_mut_slice(),
+        }
+    }
+
     fn len(&self) -> usize {
         match self {
             Buffer::None => 0,
@@ -216,11 +225,12 @@ impl Ring {
         Ok((n as usize, buffer))
     }
 
-    /// Reads into `buffer[from..]` from `offset`; returns the bytes read and the buffer.
+    /// Reads into `buffer[from..end]` from `offset`; returns the bytes read and the buffer.
     pub(crate) async fn read(
         self: &Arc<Self>,
         mut buffer: Buffer,
         from: usize,
+        end: usize,
         offset: u64,
     ) -> io::Result<(usize, Buffer)> {
         let ptr: *mut u8 = match &mut buffer {
@@ -235,6 +245,13 @@ impl Ring {
             Buffer::Aligned(a) => a.as_mut_slice().as_mut_ptr(),
         };
         let len = transfer_len(&buffer, from)?;
+        if end < from || end - from > len as usize {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "read ends past its buffer",
+            ));
+        }
+        let len = (end - from) as u32;
         // SAFETY: as in `write`; the buffer is exclusively owned by the slot meanwhile.
         let entry = opcode::Read::new(
             types::Fd(self.file.as_raw_fd()),

@@ -5,8 +5,8 @@
 //! and `STARTTLS` (`handshake.rs`), under a deadline and a byte bound, with the TLS
 //! policy and credentials of `tls.rs`; then simple replies to `READ`, `WRITE`, `FLUSH`, `TRIM`,
 //! `WRITE_ZEROES` and `DISC` with FUA, many requests in flight per connection and
-//! replies in completion order (`transmission.rs`); many connections per listener
-//! (`listen.rs`). Wire formats live in `protocol.rs`.
+//! replies in completion order (`transmission.rs`; write payloads read by `payload.rs`);
+//! many connections per listener (`listen.rs`). Wire formats live in `protocol.rs`.
 //!
 //! Must never: let one client's bad input disturb another connection (a malformed
 //! request gets an NBD error, or only that connection is closed); touch the device for
@@ -24,6 +24,7 @@ use crate::block::BlockDevice;
 
 mod handshake;
 mod listen;
+mod payload;
 mod protocol;
 mod tls;
 mod transmission;

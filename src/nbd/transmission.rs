@@ -15,12 +15,14 @@
 use std::io;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
+use super::payload::{self, PayloadError};
 use super::protocol::*;
 use super::{stop_requested, Export};
+use crate::block::buffers::BufferPool;
 use crate::block::{check_range, BlockDevice, BlockError, DeviceInfo};
 
 /// Requests admitted but not yet answered, per connection. Deep enough for fio's
@@ -264,23 +266,14 @@ async fn read_payload<R: AsyncRead + Unpin>(
     reader: &mut R,
     length: u32,
 ) -> Result<Bytes, TransmissionError> {
-    // Read straight into uninitialised capacity (no zeroing of up to 32 MiB first), never
-    // past the payload: the next request's header may already be in the stream.
-    let mut buf = BytesMut::with_capacity(length as usize);
-    let mut limited = reader.take(u64::from(length));
-    while buf.len() < length as usize {
-        match limited.read_buf(&mut buf).await {
-            Ok(0) => {
-                return Err(TransmissionError::TruncatedWrite {
-                    received: buf.len(),
-                    length,
-                })
+    payload::read_payload(BufferPool::shared(), reader, length as usize)
+        .await
+        .map_err(|e| match e {
+            PayloadError::Truncated { received, .. } => {
+                TransmissionError::TruncatedWrite { received, length }
             }
-            Ok(_) => {}
-            Err(e) => return Err(TransmissionError::Io(e)),
-        }
-    }
-    Ok(buf.freeze())
+            PayloadError::Io(e) => TransmissionError::Io(e),
+        })
 }
 
 /// Checks a request against the export before anything touches the device. `Err` is
@@ -432,26 +425,34 @@ async fn write_replies<W: AsyncWrite + Unpin>(
 }
 
 /// Writes `replies` (headers, and read data after each) with as few writes as the writer
-/// takes.
+/// takes. The headers and the slice list live on the stack (no allocation per batch). The
+/// writer is the connection's `BufWriter`: a batch smaller than its buffer is copied into
+/// it (headers of write replies, a few small reads: one system call for several batches
+/// while replies keep coming), a larger one goes to the socket as it is.
 async fn write_batch<W: AsyncWrite + Unpin>(writer: &mut W, replies: &[Reply]) -> io::Result<()> {
-    let headers: Vec<[u8; SIMPLE_REPLY_LEN]> = replies
-        .iter()
-        .map(|r| simple_reply(r.error, r.handle))
-        .collect();
-    let mut slices = Vec::with_capacity(replies.len() * 2);
-    for (reply, header) in replies.iter().zip(&headers) {
-        slices.push(io::IoSlice::new(header));
-        if let Some(data) = reply.data.as_ref().filter(|d| !d.is_empty()) {
-            slices.push(io::IoSlice::new(data));
+    for chunk in replies.chunks(MAX_REPLY_BATCH) {
+        let mut headers = [[0u8; SIMPLE_REPLY_LEN]; MAX_REPLY_BATCH];
+        for (header, reply) in headers.iter_mut().zip(chunk) {
+            *header = simple_reply(reply.error, reply.handle);
         }
-    }
-    let mut rest = &mut slices[..];
-    while !rest.is_empty() {
-        let n = writer.write_vectored(rest).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
+        let mut slices = [io::IoSlice::new(&[]); 2 * MAX_REPLY_BATCH];
+        let mut used = 0;
+        for (reply, header) in chunk.iter().zip(&headers) {
+            slices[used] = io::IoSlice::new(header);
+            used += 1;
+            if let Some(data) = reply.data.as_ref().filter(|d| !d.is_empty()) {
+                slices[used] = io::IoSlice::new(data);
+                used += 1;
+            }
         }
-        io::IoSlice::advance_slices(&mut rest, n);
+        let mut rest = &mut slices[..used];
+        while !rest.is_empty() {
+            let n = writer.write_vectored(rest).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            io::IoSlice::advance_slices(&mut rest, n);
+        }
     }
     Ok(())
 }
@@ -698,6 +699,67 @@ mod tests {
         let mut rest = Vec::new();
         client.read_to_end(&mut rest).await.unwrap();
         assert!(rest.is_empty());
+    }
+
+    /// Takes at most 7 bytes per write: every slice boundary and partial write happens.
+    struct Trickle(Vec<u8>);
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            let n = buf.len().min(7);
+            self.0.extend_from_slice(&buf[..n]);
+            std::task::Poll::Ready(Ok(n))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reply_batch_goes_out_whole_and_in_order() {
+        let permits = Arc::new(Semaphore::new(1000));
+        let mut replies = Vec::new();
+        let mut expected = Vec::new();
+        // More than one batch's worth, so the chunking is exercised too.
+        for handle in 0..(MAX_REPLY_BATCH as u64 + 10) {
+            let (error, data) = match handle % 3 {
+                0 => (
+                    0,
+                    Some(Bytes::from(vec![handle as u8; 5 + handle as usize])),
+                ),
+                1 => (EIO, None),
+                _ => (0, Some(Bytes::new())),
+            };
+            expected.extend_from_slice(&simple_reply(error, handle));
+            if let Some(d) = &data {
+                expected.extend_from_slice(d);
+            }
+            replies.push(Reply {
+                handle,
+                error,
+                data,
+                _permits: Permits {
+                    _request: Arc::clone(&permits).acquire_owned().await.unwrap(),
+                    _bytes: None,
+                },
+            });
+        }
+        let mut out = Trickle(Vec::new());
+        write_batch(&mut out, &replies).await.unwrap();
+        assert_eq!(out.0, expected);
     }
 
     #[test]

@@ -7,8 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-/// Counts since the daemon started (reads that failed and writes that failed included: a
-/// request is counted when it arrives).
+/// Counts since the daemon started: a request is counted once it passed the range check
+/// and goes to the device (one the device then fails is counted; one outside the device
+/// never is).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IoStatus {
     pub reads: u64,

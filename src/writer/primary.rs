@@ -683,14 +683,15 @@ impl BlockDevice for PrimaryCore {
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BlockError> {
         // Reads take no lock: a read overlapping a write in flight may see either content,
         // as on any disk.
+        check_range(offset, u64::from(len), self.info.size)?;
         self.io.read(u64::from(len));
         self.device.read(offset, len).await
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), BlockError> {
         let len = data.len() as u64;
-        self.io.write(len);
         check_range(offset, len, self.info.size)?;
+        self.io.write(len);
         let shared = data.clone();
         self.change(
             offset..offset + len,
@@ -710,8 +711,8 @@ impl BlockDevice for PrimaryCore {
     }
 
     async fn trim(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        self.io.trim();
         check_range(offset, len, self.info.size)?;
+        self.io.trim();
         self.change(
             offset..offset + len,
             Op::Discard { offset, len },
@@ -721,8 +722,8 @@ impl BlockDevice for PrimaryCore {
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), BlockError> {
-        self.io.write_zeroes();
         check_range(offset, len, self.info.size)?;
+        self.io.write_zeroes();
         self.change(
             offset..offset + len,
             Op::WriteZeroes { offset, len },

@@ -535,6 +535,38 @@ async fn without_a_journal_the_core_just_serves_the_disk() {
 }
 
 #[tokio::test]
+async fn requests_outside_the_device_are_not_counted_as_io() {
+    let disk = MemDisk::new(Duration::ZERO);
+    let core = PrimaryCore::start(disk.clone(), Labels::default(), None)
+        .await
+        .unwrap();
+    core.write(0, pattern(1, 4096), false).await.unwrap();
+    core.read(0, 4096).await.unwrap();
+    core.trim(4096, 4096).await.unwrap();
+    core.write_zeroes(8192, 4096, false).await.unwrap();
+    let before = core.status().io;
+    assert_eq!(
+        (
+            before.reads,
+            before.writes,
+            before.trims,
+            before.write_zeroes
+        ),
+        (1, 1, 1, 1)
+    );
+    assert_eq!((before.bytes_read, before.bytes_written), (4096, 4096));
+    let past = SIZE - 4096;
+    assert!(core.write(past, pattern(2, 8192), false).await.is_err());
+    assert!(core.read(past, 8192).await.is_err());
+    assert!(core.trim(past, 8192).await.is_err());
+    assert!(core
+        .write_zeroes(u64::MAX - 4095, 4096, false)
+        .await
+        .is_err());
+    assert_eq!(core.status().io, before);
+}
+
+#[tokio::test]
 async fn a_new_journal_over_a_primary_with_data_starts_forward_full() {
     let f = Fixture::new().await;
     use std::os::unix::fs::FileExt;
