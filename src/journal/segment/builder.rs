@@ -131,11 +131,6 @@ impl SegmentBuilder {
         self.entries.last().map(|e| e.stored_len as usize)
     }
 
-    /// Bytes the last record's payload takes in the body (`None` before the first push).
-    pub fn last_stored_len(&self) -> Option<usize> {
-        self.entries.last().map(|e| e.stored_len as usize)
-    }
-
     /// Appends a record. Its LSN must be [`next_lsn`](Self::next_lsn) and its timestamp not
     /// before the previous record's. On error the builder is unchanged.
     pub fn push(&mut self, record: &Record) -> Result<(), SegmentError> {
