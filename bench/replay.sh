@@ -93,8 +93,8 @@ apply_part() {
             printf '%s\tno-undo\t%s\t%s\n' "$pattern" "$run" "$t" >>"$RESULTS"
             # With the undo log on io_uring (the default) and on the fallback I/O path
             # (TINYLAG_IO_ENGINE=threads: pre-images read with pread), in turns first.
-            local engines=(io_uring threads)
-            (( run % 2 == 0 )) && engines=(threads io_uring)
+            local engines=(uring threads)
+            (( run % 2 == 0 )) && engines=(threads uring)
             for engine in "${engines[@]}"; do
                 local mode=undo
                 [[ $engine == threads ]] && mode=undo-threads
