@@ -13,8 +13,11 @@
 //! pre-images take the bytes this batch writes from this batch's overlay, never from the
 //! replica, which may hold them half written (the next batch's own writes wait for these);
 //! commits stay in order, and each follows the fsync of the writes it covers. A crash then
-//! leaves undo segments of two batches past the commit, and recovery undoes both, newest
-//! first, which ends at the oldest pre-image of every byte: the committed state.
+//! leaves undo segments of several batches past the commit, and recovery undoes them all,
+//! newest first, which ends at the oldest pre-image of every byte: the committed state. A
+//! batch's own segments are written at once, so a crash among those writes can leave a
+//! later part without an earlier one; such a batch never reached the replica, and recovery
+//! deletes those strays without writing them back (see [`super::recovery`]).
 //!
 //! A fetcher task ([`super::fetcher`]) reads ahead: it asks for the predicted key of the next
 //! segment (no listing), decodes and verifies the whole segment (every CRC, the UUID, seq and

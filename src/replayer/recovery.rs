@@ -7,17 +7,27 @@
 //! (the agent died between writing its pre-images and committing) or inside a resync span
 //! that never reached its `RESYNC_END`. Recovery:
 //!
-//! 1. finds the run of undo segments from `undo.consistent_seq` (O(log n) HEADs), and any
-//!    strays a batch whose undo segments were being written in parallel left just past it;
-//! 2. reads them newest first and writes every pre-image back, newest record first;
+//! 1. finds the run of undo segments from `undo.consistent_seq` (O(log n) HEADs) up to the
+//!    first missing one, and any strays past that gap;
+//! 2. reads the run newest first and writes every pre-image back, newest record first;
 //! 3. fsyncs the replica;
 //! 4. commits the position back at the consistent point;
-//! 5. deletes those undo segments, newest first.
+//! 5. deletes the strays and the run, newest first.
+//!
+//! Strays are never written back. The agent writes a batch's undo segments at once, and a
+//! crash among those writes leaves later parts without an earlier one: such a batch never
+//! touched the replica (its writes wait for all of its segments), and a later part's
+//! pre-images hold what the earlier parts' records write (a pre-image is the replica patched
+//! with the records of the batch before it). Writing them back would put bytes of records
+//! that were never applied on the replica. Segments before the gap are whole batches, or
+//! the leading parts of that last batch, whose oldest pre-image of each byte is what the
+//! replica held: undoing them is exact.
 //!
 //! A crash anywhere in there is safe to repeat: undoing the same run again ends at the same
 //! bytes (the oldest pre-image of each byte wins, and it is the consistent content), and
-//! step 5 deleting newest first leaves a run that still starts at `undo.consistent_seq`.
-//! The agent writes nothing new until step 5 is done.
+//! step 5 deleting newest first leaves a run that still starts at `undo.consistent_seq`
+//! (strays, deleted first, stay past a gap until then). The agent writes nothing new until
+//! step 5 is done.
 //!
 //! Without an undo log (`--no-undo`) there is nothing to undo: the replica may be torn
 //! between its last commit and the crash until the agent re-applies those records (redo is
@@ -44,6 +54,10 @@ use super::undo::UndoLog;
 pub struct RecoveryReport {
     pub undone_segments: u64,
     pub undone_records: u64,
+    /// Strays deleted without being written back: parts of a batch that never reached the
+    /// replica.
+    #[serde(default)]
+    pub discarded_segments: u64,
     /// Applied LSN found at start.
     pub from_lsn: u64,
     /// Applied LSN after recovery (the consistent LSN).
@@ -68,8 +82,9 @@ pub async fn recover(
         return Ok(report);
     };
     let from = state.undo.consistent_seq;
-    let end = undo.end_with_strays(from).await?;
-    if end == from && state.consistent_lsn == state.applied_lsn {
+    let end = undo.end_from(from).await?;
+    let strays = undo.strays(end).await?;
+    if end == from && strays.is_empty() && state.consistent_lsn == state.applied_lsn {
         return Ok(report);
     }
     tracing::info!(
@@ -79,6 +94,13 @@ pub async fn recover(
         state.applied_lsn,
         state.consistent_lsn
     );
+    if !strays.is_empty() {
+        tracing::info!(
+            "recovery: deleting undo segments {strays:?} of {} without writing them back: \
+             a crash cut their batch's undo writes short, so it never reached the replica",
+            undo.describe()
+        );
+    }
     let mut committed_bytes = 0u64;
     let mut committed_segments = 0u64;
     for seq in (from..end).rev() {
@@ -129,6 +151,10 @@ pub async fn recover(
     state.undo.segments = state.undo.segments.saturating_sub(committed_segments);
     state.updated_at_ns = now_ns;
     consumer::commit(journal, state).await?;
+    for &seq in strays.iter().rev() {
+        undo.delete(seq).await?;
+        report.discarded_segments += 1;
+    }
     for seq in (from..end).rev() {
         undo.delete(seq).await?;
     }

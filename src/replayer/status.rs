@@ -646,11 +646,19 @@ pub fn render_text(s: &ReplicaStatus) -> String {
         );
     }
     if let Some(r) = &s.recovery {
-        if r.undone_segments > 0 || r.from_lsn != r.to_lsn {
+        if r.undone_segments > 0 || r.discarded_segments > 0 || r.from_lsn != r.to_lsn {
+            let discarded = if r.discarded_segments > 0 {
+                format!(
+                    "; deleted {} undo segments of a batch that never reached the replica",
+                    r.discarded_segments
+                )
+            } else {
+                String::new()
+            };
             line(
                 "last recovery",
                 format!(
-                    "undid {} records in {} undo segments: LSN {} -> {}",
+                    "undid {} records in {} undo segments: LSN {} -> {}{discarded}",
                     r.undone_records, r.undone_segments, r.from_lsn, r.to_lsn
                 ),
             );

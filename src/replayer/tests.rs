@@ -23,7 +23,7 @@ use crate::journal::reader::JournalReader;
 use crate::journal::record::{Op, Record};
 use crate::journal::segment::encode_segment;
 use crate::journal::JournalError;
-use crate::store::flaky::FlakyStore;
+use crate::store::flaky::{FailureKind, FlakyStore};
 use crate::store::memory::MemoryStore;
 use crate::store::ObjectStore;
 
@@ -171,10 +171,24 @@ impl Fixture {
         created: bool,
         undo: Option<&Arc<MemoryStore>>,
     ) -> Result<Agent, ReplayError> {
-        let reader = JournalReader::new(self.store.clone(), self.manifest.clone());
+        let undo = undo.map(|u| u.clone() as Arc<dyn ObjectStore>);
+        self.agent_on(self.store.clone(), undo, config, replica, created)
+            .await
+    }
+
+    /// [`agent`](Self::agent) reading the journal from `journal` and writing its undo log
+    /// to `undo` (stores wrapped to inject failures).
+    async fn agent_on(
+        &self,
+        journal: Arc<dyn ObjectStore>,
+        undo: Option<Arc<dyn ObjectStore>>,
+        config: AgentConfig,
+        replica: &Arc<MemoryReplica>,
+        created: bool,
+    ) -> Result<Agent, ReplayError> {
         Agent::open(
-            reader,
-            undo.map(|u| u.clone() as Arc<dyn ObjectStore>),
+            JournalReader::new(journal, self.manifest.clone()),
+            undo,
             replica.clone(),
             created,
             config,
@@ -421,6 +435,83 @@ async fn recovery_interrupted_half_way_is_completed_by_the_next_start() {
         .await
         .unwrap();
     assert!(replica.contents() == f.oracle(f.records.len() as u64));
+}
+
+/// A crash while a batch's undo segments are being written (all at once) can leave a later
+/// part without an earlier one. That batch never touched the replica, and the later part's
+/// pre-images hold what the earlier part's records write (the replica patched with the batch
+/// so far): recovery must delete it unread, or it writes bytes that were never applied. The
+/// crash is played by an undo store that refuses one part's segment.
+#[tokio::test]
+async fn a_batch_whose_undo_writes_were_cut_short_is_discarded_not_undone() {
+    // Which of the batch's two undo segments the store refuses.
+    for refused in [0, 1] {
+        let mut f = Fixture::new(12).await;
+        let replica = Arc::new(MemoryReplica::new(SIZE));
+        let undo = Arc::new(MemoryStore::new());
+        let fill = |byte: u8| Op::Write {
+            offset: 0,
+            data: Bytes::from(vec![byte; 16 << 10]),
+        };
+        f.segment(vec![fill(0x11)]).await;
+        f.run(f.config("dr"), &replica, true, Some(&undo))
+            .await
+            .unwrap();
+        let committed = f.position("dr").await;
+        let first = committed.undo.next_seq;
+        // One batch of two records over the same bytes, a part each (16 KiB parts): the
+        // second record's pre-image is the first record's data.
+        f.segment(vec![fill(0xAA), fill(0xBB)]).await;
+        let flaky = Arc::new(FlakyStore::new(undo.clone()));
+        let mut agent = f
+            .agent_on(
+                f.store.clone(),
+                Some(flaky.clone()),
+                f.config("dr"),
+                &replica,
+                false,
+            )
+            .await
+            .unwrap();
+        agent.recover().await.unwrap();
+        flaky.fail_prefix(
+            &paths::undo_segment_key(first + refused),
+            FailureKind::Permanent,
+        );
+        let (_tx, rx) = watch::channel(false);
+        agent.run(rx).await.unwrap_err();
+        let written = first + 1 - refused;
+        assert!(
+            undo.head(&paths::undo_segment_key(written)).await.is_ok(),
+            "refused {refused}: the other part was written"
+        );
+        assert!(
+            replica.contents() == f.oracle(committed.applied_lsn),
+            "refused {refused}: the batch touched the replica before its undo was durable"
+        );
+
+        let mut agent = f
+            .agent(f.config("dr"), &replica, false, Some(&undo))
+            .await
+            .unwrap();
+        let report = agent.recover().await.unwrap();
+        assert!(
+            replica.contents() == f.oracle(committed.applied_lsn),
+            "refused {refused}: recovery wrote bytes of records that were never applied"
+        );
+        // A later part alone is a stray, deleted unread; a leading part is undone (exact: its
+        // pre-images are what the replica holds).
+        let (undone, discarded) = if refused == 0 { (0, 1) } else { (1, 0) };
+        assert_eq!(report.undone_segments, undone, "refused {refused}");
+        assert_eq!(report.discarded_segments, discarded, "refused {refused}");
+        assert_eq!(undo_segment_count(&undo).await, committed.undo.segments);
+        assert_eq!(f.position("dr").await.undo, committed.undo);
+
+        f.run(f.config("dr"), &replica, false, Some(&undo))
+            .await
+            .unwrap();
+        assert!(replica.contents() == f.oracle(f.records.len() as u64));
+    }
 }
 
 #[tokio::test]
@@ -896,18 +987,10 @@ async fn status_answers_within_seconds_while_the_store_hangs() {
     f.random_segment(6).await;
     // The store answers nothing for an hour (as a dead S3 endpoint that never refuses).
     let flaky = Arc::new(FlakyStore::new(f.store.clone()));
-    let reader = JournalReader::new(flaky.clone(), f.manifest.clone());
-    let agent = Agent::open(
-        reader,
-        None,
-        replica.clone(),
-        false,
-        f.config("dr"),
-        f.clock.clone(),
-        Arc::new(ManualTimer(f.clock.clone())),
-    )
-    .await
-    .unwrap();
+    let agent = f
+        .agent_on(flaky.clone(), None, f.config("dr"), &replica, false)
+        .await
+        .unwrap();
     flaky.set_latency(Duration::from_secs(3600));
     let started = std::time::Instant::now();
     let status = tokio::time::timeout(Duration::from_secs(30), agent.board().snapshot())

@@ -301,44 +301,6 @@ impl UndoLog {
         }
     }
 
-    /// Writes `records` as up to `parts` undo segments from `first_seq` on, each a
-    /// contiguous LSN range of about equal bytes, all at once (parallel encoding, parallel
-    /// puts: one stream is slower on both a local disk and S3). Returns the segments written
-    /// and their bytes; all are durable when this returns. If it fails, some of them may
-    /// exist: crash recovery finds and removes such strays ([`STRAYS`] seqs past the run).
-    pub async fn write_split(
-        &self,
-        first_seq: u64,
-        records: Vec<Record>,
-        parts: usize,
-    ) -> Result<(u64, u64), UndoError> {
-        let groups = split(records, parts.clamp(1, STRAYS as usize + 1));
-        let count = groups.len() as u64;
-        let mut tasks = tokio::task::JoinSet::new();
-        for (i, group) in groups.into_iter().enumerate() {
-            let log = self.clone();
-            tasks.spawn(async move { log.write(first_seq + i as u64, group).await });
-        }
-        let mut bytes = 0;
-        let mut failure = None;
-        while let Some(joined) = tasks.join_next().await {
-            match joined {
-                Ok(Ok(size)) => bytes += size,
-                Ok(Err(e)) => failure = failure.or(Some(e)),
-                Err(e) => {
-                    failure = failure.or(Some(UndoError::Task {
-                        store: self.describe(),
-                        message: e.to_string(),
-                    }))
-                }
-            }
-        }
-        match failure {
-            Some(e) => Err(e),
-            None => Ok((count, bytes)),
-        }
-    }
-
     /// Reads and verifies undo segment `seq`, with its stored size; `None` when absent.
     pub async fn read(&self, seq: u64) -> Result<Option<(DecodedSegment, u64)>, UndoError> {
         let key = paths::undo_segment_key(seq);
@@ -361,9 +323,13 @@ impl UndoLog {
         }
     }
 
-    /// The first seq at or after `from` that does not exist, when the segments from `from`
-    /// on form a contiguous run (they do: the agent writes them one after another, and
-    /// recovery deletes them highest first). O(log n) HEAD requests.
+    /// The end of the run of undo segments from `from`: the first seq at or after `from`
+    /// that does not exist. O(log n) HEAD requests.
+    ///
+    /// Segments past that first gap can exist: a crash while a batch's segments were being
+    /// written at once (see [`STRAYS`]) leaves the later ones without an earlier one. They
+    /// are never part of the run: that batch never reached the replica, and their
+    /// pre-images assume its earlier parts were applied (see [`strays`](Self::strays)).
     pub async fn end_from(&self, from: u64) -> Result<u64, UndoError> {
         if !self.exists(from).await? {
             return Ok(from);
@@ -386,20 +352,29 @@ impl UndoLog {
                 hi = mid;
             }
         }
-        Ok(hi)
-    }
-
-    /// The end of the run of undo segments from `from`, including strays that a
-    /// [`write_split`](Self::write_split) cut short by a crash may have left just past it:
-    /// every existing segment from `from` on is below the returned seq.
-    pub async fn end_with_strays(&self, from: u64) -> Result<u64, UndoError> {
-        let mut end = self.end_from(from).await?;
-        for seq in end + 1..=end + STRAYS {
-            if self.exists(seq).await? {
-                end = seq + 1;
-            }
+        // The search may have landed on a stray past the first gap. Strays and the gap belong
+        // to one batch of at most `STRAYS + 1` segments, so the gap lies among the last
+        // `STRAYS + 1` seqs before `hi` (everything before those is the run).
+        let mut end = hi.saturating_sub(STRAYS + 1).max(from);
+        while end < hi && self.exists(end).await? {
+            end += 1;
         }
         Ok(end)
+    }
+
+    /// The strays past the run that ends at `run_end` (from [`end_from`](Self::end_from)),
+    /// ascending: what a crash in the middle of a batch's undo writes left. That batch was
+    /// never applied (its writes wait for all of its segments), so strays are to be deleted,
+    /// never written back: a part's pre-images include what the batch's earlier parts write,
+    /// which the replica never received.
+    pub async fn strays(&self, run_end: u64) -> Result<Vec<u64>, UndoError> {
+        let mut found = Vec::new();
+        for seq in run_end + 1..=run_end + STRAYS {
+            if self.exists(seq).await? {
+                found.push(seq);
+            }
+        }
+        Ok(found)
     }
 
     /// Deletes undo segment `seq` (missing is fine).
@@ -453,14 +428,9 @@ pub async fn read_manifest(store: &dyn ObjectStore) -> Result<Option<UndoManifes
     }
 }
 
-/// Most undo segments one batch is split into, minus one: how far past the end of the run
-/// a crash during [`UndoLog::write_split`] can leave a segment.
+/// Most undo segments one batch is written as, minus one: the agent writes a batch's
+/// segments at once, so a crash can leave up to this many of them past a missing one.
 pub const STRAYS: u64 = 3;
-
-/// Splits `records` into at most `parts` runs of about equal payload bytes, in order.
-fn split(records: Vec<Record>, parts: usize) -> Vec<Vec<Record>> {
-    split_by(records, parts, |r| r.op.payload_len() as u64)
-}
 
 /// Splits `items` into at most `parts` non-empty runs of about equal `weight`, in order
 /// (one empty run for no items).
@@ -560,39 +530,41 @@ mod tests {
         assert_eq!(log.end_from(3).await.unwrap(), 4);
     }
 
+    /// Every shape a crash can leave: complete batches `0..gap`, then the last batch (which
+    /// may have begun up to `STRAYS` seqs before the gap) with any of its later segments
+    /// written. The run always ends at the gap, wherever the search probes land, and the
+    /// strays are all found.
     #[tokio::test]
-    async fn a_batch_splits_into_contiguous_parts_and_strays_are_found() {
-        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
-        let log = UndoLog::open_or_create(store.clone(), &manifest("a"))
-            .await
-            .unwrap();
-        let records: Vec<Record> = (1..=10)
-            .map(|lsn| Record {
-                lsn,
-                timestamp_ns: lsn,
-                dev: 0,
-                op: Op::Write {
-                    offset: lsn * 100,
-                    data: Bytes::from(vec![lsn as u8; 100]),
-                },
-            })
-            .collect();
-        let (segments, bytes) = log.write_split(0, records.clone(), 3).await.unwrap();
-        assert_eq!(segments, 3);
-        let mut back = Vec::new();
-        let mut total = 0;
-        for seq in 0..3 {
-            let (s, size) = log.read(seq).await.unwrap().unwrap();
-            assert!(!s.records.is_empty());
-            back.extend(s.records);
-            total += size;
+    async fn the_run_ends_at_the_first_gap_and_strays_past_it_are_found() {
+        for gap in 0..40u64 {
+            for begun in 0..=STRAYS.min(gap) {
+                let batch_start = gap - begun;
+                let later = batch_start + STRAYS + 1 - (gap + 1);
+                for mask in 0..1u64 << later {
+                    let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+                    let log = UndoLog::open_or_create(store.clone(), &manifest("a"))
+                        .await
+                        .unwrap();
+                    let strays: Vec<u64> = (0..later)
+                        .filter(|i| mask & (1 << i) != 0)
+                        .map(|i| gap + 1 + i)
+                        .collect();
+                    // Only existence matters to the search (HEAD requests).
+                    for seq in (0..gap).chain(strays.iter().copied()) {
+                        store
+                            .put(&paths::undo_segment_key(seq), Bytes::from_static(b"x"))
+                            .await
+                            .unwrap();
+                    }
+                    let what = format!("gap {gap}, strays {strays:?}");
+                    assert_eq!(log.end_from(0).await.unwrap(), gap, "{what}");
+                    assert_eq!(log.strays(gap).await.unwrap(), strays, "{what}");
+                    if gap > 0 {
+                        assert_eq!(log.end_from(gap - 1).await.unwrap(), gap, "{what}");
+                    }
+                }
+            }
         }
-        assert_eq!(back, records, "the parts are the batch, in order");
-        assert_eq!(bytes, total);
-        // A crash left seq 5 without seq 4: the run ends at 3, the stray is found.
-        log.write(5, records[..1].to_vec()).await.unwrap();
-        assert_eq!(log.end_from(0).await.unwrap(), 3);
-        assert_eq!(log.end_with_strays(0).await.unwrap(), 6);
     }
 
     #[tokio::test]

@@ -406,9 +406,10 @@ pub async fn restore(
     };
     match &sources.undo {
         Some(log) => {
-            // Everything the agent wrote during the copy has its undo segment by now.
+            // Everything the agent wrote during the copy has its undo segment by now, in
+            // the run (strays past it are parts of a batch that has not been applied).
             let end = log
-                .end_with_strays(plan.undo_segments.end.max(plan.undo_segments.start))
+                .end_from(plan.undo_segments.end.max(plan.undo_segments.start))
                 .await?;
             let segments = plan.undo_segments.start..end;
             write_back(

@@ -152,9 +152,8 @@ impl Sources {
                 let first = consumer::load_trim_pointer(log.store().as_ref())
                     .await?
                     .first_seq;
-                let end = log
-                    .end_with_strays(first.max(consumer.undo.next_seq))
-                    .await?;
+                // Not the strays past the run: their batch never reached the replica.
+                let end = log.end_from(first.max(consumer.undo.next_seq)).await?;
                 (first, end)
             }
             None => (0, 0),
