@@ -172,6 +172,15 @@ impl TestJournal {
             .expect("consumer registered")
     }
 
+    /// The committed position of consumer `name`, `None` while it is not registered.
+    pub async fn try_position(&self, name: &str) -> Option<ConsumerState> {
+        match consumer::load(self.store.as_ref(), name).await {
+            Ok(state) => Some(state),
+            Err(tinylag::journal::JournalError::UnknownConsumer { .. }) => None,
+            Err(e) => panic!("reading the position of {name}: {e}"),
+        }
+    }
+
     /// Key of segment `seq` and its file in the journal directory.
     pub fn segment_file(&self, seq: u64) -> (String, PathBuf) {
         let key = self.manifest.segment_key(seq);
@@ -180,10 +189,12 @@ impl TestJournal {
     }
 }
 
-/// `tinylag` with test logging.
+/// `tinylag` with test logging: warnings only, or the filter in `TINYLAG_TEST_LOG` (say
+/// `info,tinylag=debug`) when chasing a failure.
 pub fn tinylag() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tinylag"));
-    cmd.env("TINYLAG_LOG", "warn");
+    let filter = std::env::var("TINYLAG_TEST_LOG").unwrap_or_else(|_| "warn".into());
+    cmd.env("TINYLAG_LOG", filter);
     cmd
 }
 
