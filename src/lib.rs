@@ -5,6 +5,7 @@
 //! `bin/` wires everything; [`writer`], [`replayer`] and [`trim`] use [`journal`];
 //! [`journal`] uses [`store`]. Frontends ([`nbd`]) know only [`block::BlockDevice`].
 
+pub(crate) mod aligned;
 pub mod block;
 pub mod clock;
 pub mod control;

@@ -19,12 +19,11 @@
 //! buffer is on the shelf only while nothing refers to it).
 
 use std::collections::VecDeque;
-use std::io;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use bytes::Bytes;
 
-use super::file::AlignedBuf;
+use crate::aligned::{self, AlignedBuf};
 
 /// Transfers at least this long use recycled buffers; smaller ones come from the allocator,
 /// whose per-thread caches serve them without new mappings.
@@ -84,18 +83,18 @@ impl BufferPool {
 
     /// A buffer of `len` bytes rounded up to whole pages: an idle one of that size, else a
     /// new one. Its content is whatever an earlier request left in it.
-    pub(crate) fn take(&self, len: usize) -> io::Result<AlignedBuf> {
+    pub(crate) fn take(&self, len: usize) -> AlignedBuf {
         let size = len.max(1).div_ceil(GRANULE) * GRANULE;
         {
             let mut shelf = self.lock();
             if let Some(i) = shelf.idle.iter().rposition(|b| b.len() == size) {
                 if let Some(buffer) = shelf.idle.remove(i) {
                     shelf.bytes -= buffer.len();
-                    return Ok(buffer);
+                    return buffer;
                 }
             }
         }
-        AlignedBuf::zeroed(size)
+        aligned::zeroed(size)
     }
 
     /// `buffer[..len]` as [`Bytes`]; the buffer comes back to this pool when the last
@@ -174,7 +173,7 @@ mod tests {
 
     /// Takes a buffer for `len` bytes, fills them with `byte` and lends them.
     fn filled(pool: &BufferPool, len: usize, byte: u8) -> Bytes {
-        let mut buffer = pool.take(len).unwrap();
+        let mut buffer = pool.take(len);
         buffer.as_mut_slice()[..len].fill(byte);
         pool.lend(buffer, len)
     }

@@ -13,7 +13,6 @@
 //! write through a read-only device, or report a FUA write or a flush as done before
 //! `fdatasync` has returned.
 
-use std::alloc::{self, Layout};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -29,6 +28,7 @@ use super::buffers::{BufferPool, MIN_RECYCLED};
 use super::engine::IoEngine;
 use super::uring::{Buffer, Ring};
 use super::{check_range, BlockDevice, BlockError, DeviceInfo};
+use crate::aligned;
 
 /// `BLKGETSIZE64` = `_IOR(0x12, 114, u64)`: the size of a block device in bytes. The
 /// `libc` crate does not export it, so it is encoded here: the read direction is bit 31
@@ -53,9 +53,9 @@ const BLKGETSIZE64: libc::Ioctl = 0x4008_1272_u32 as libc::Ioctl;
 /// `BLKDISCARD` = `_IO(0x12, 119)`: discard a `[offset, len]` byte range of a block device.
 const BLKDISCARD: libc::Ioctl = 0x1277;
 
-/// Memory alignment of the `O_DIRECT` bounce buffer. 4096 satisfies every logical block
-/// size the device may have (512 or 4096) and the page alignment some drivers want.
-const DIRECT_ALIGN: usize = 4096;
+/// Memory alignment `O_DIRECT` transfers get: a page satisfies every logical block size the
+/// device may have (512 or 4096) and the page alignment some drivers want.
+const DIRECT_ALIGN: usize = aligned::PAGE_ALIGN;
 
 /// Largest buffer used when write-zeroes has to fall back to writing zeroes, so a
 /// multi-gigabyte request never allocates more than this.
@@ -360,7 +360,7 @@ impl BlockDevice for FileDevice {
         // bytes are shown, and only once this read has filled all of them.
         let pool = BufferPool::shared();
         let mut buffer = if self.direct || len >= MIN_RECYCLED {
-            Buffer::Aligned(pool.take(len)?)
+            Buffer::Aligned(pool.take(len))
         } else {
             Buffer::Owned(vec![0u8; len])
         };
@@ -417,9 +417,7 @@ impl BlockDevice for FileDevice {
         }
         self.blocking(move |file| {
             if direct && !is_aligned(&data) {
-                let mut buf = AlignedBuf::zeroed(data.len())?;
-                buf.as_mut_slice().copy_from_slice(&data);
-                file.write_all_at(buf.as_slice(), offset)?;
+                file.write_all_at(&aligned::copied(&data), offset)?;
             } else {
                 file.write_all_at(&data[done..], offset + done as u64)?;
             }
@@ -577,9 +575,7 @@ async fn uring_write(
 ) -> io::Result<()> {
     let len = data.len();
     let mut buffer = if direct && !is_aligned(&data) {
-        let mut aligned = AlignedBuf::zeroed(len)?;
-        aligned.as_mut_slice().copy_from_slice(&data);
-        Buffer::Aligned(aligned)
+        Buffer::Aligned(aligned::copied(&data))
     } else {
         Buffer::Shared(data)
     };
@@ -688,11 +684,11 @@ pub(crate) fn block_device_size(file: &File) -> io::Result<u64> {
 /// aligned buffer so the same path works with `O_DIRECT`.
 fn write_zero_chunks(file: &File, offset: u64, len: u64) -> io::Result<()> {
     let chunk = len.min(ZERO_CHUNK as u64) as usize;
-    let zeroes = AlignedBuf::zeroed(chunk)?;
+    let zeroes = aligned::zeroed(chunk);
     let mut done = 0u64;
     while done < len {
         let n = (len - done).min(chunk as u64) as usize;
-        file.write_all_at(&zeroes.as_slice()[..n], offset + done)?;
+        file.write_all_at(&zeroes[..n], offset + done)?;
         done += n as u64;
     }
     Ok(())
@@ -712,61 +708,6 @@ pub(crate) fn to_off_t(v: u64) -> io::Result<libc::off_t> {
             format!("offset or length {v} does not fit in off_t"),
         )
     })
-}
-
-/// A zero-filled heap buffer aligned to [`DIRECT_ALIGN`], as `O_DIRECT` requires.
-///
-/// # Invariants
-/// `ptr` points to `len` initialised bytes allocated with `layout` (size ≥ 1), owned
-/// exclusively by this value until drop.
-pub(crate) struct AlignedBuf {
-    ptr: std::ptr::NonNull<u8>,
-    len: usize,
-    layout: Layout,
-}
-
-// SAFETY: the buffer is plain bytes owned exclusively by the value.
-unsafe impl Send for AlignedBuf {}
-
-impl AlignedBuf {
-    pub(crate) fn zeroed(len: usize) -> io::Result<Self> {
-        let layout = Layout::from_size_align(len.max(1), DIRECT_ALIGN).map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("cannot lay out an aligned buffer of {len} bytes"),
-            )
-        })?;
-        // SAFETY: the layout has a non-zero size.
-        let raw = unsafe { alloc::alloc_zeroed(layout) };
-        let ptr = std::ptr::NonNull::new(raw).ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::OutOfMemory,
-                format!("cannot allocate an aligned buffer of {len} bytes"),
-            )
-        })?;
-        Ok(Self { ptr, len, layout })
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.len
-    }
-
-    pub(crate) fn as_slice(&self) -> &[u8] {
-        // SAFETY: see the struct invariants.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-
-    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: see the struct invariants; `&mut self` makes the borrow exclusive.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `zeroed` with exactly this layout, freed once.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
-    }
 }
 
 #[cfg(test)]

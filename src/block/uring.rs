@@ -34,7 +34,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 use slab::Slab;
 use tokio::io::unix::AsyncFd;
 
-use super::file::AlignedBuf;
+use crate::aligned::AlignedBuf;
 
 /// Submission queue entries. Entries leave the queue at every submit, so only a submit the
 /// kernel refused (`EAGAIN`/`EBUSY`) can leave more than one waiting.

@@ -32,7 +32,7 @@ pub(crate) async fn read_payload<R: AsyncRead + Unpin>(
     if length < MIN_RECYCLED {
         return read_fresh(reader, length).await;
     }
-    let mut buffer = pool.take(length)?;
+    let mut buffer = pool.take(length);
     let mut filled = 0;
     while filled < length {
         match reader

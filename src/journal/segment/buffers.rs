@@ -17,21 +17,15 @@
 
 use std::sync::{Arc, Mutex};
 
-use aligned_vec::{AVec, ConstAlign};
 use bytes::Bytes;
 
-/// Alignment of a segment's buffer in memory: a page, so that the local store can write a
-/// finished segment with `O_DIRECT` straight from it.
-pub(crate) const BUFFER_ALIGN: usize = 4096;
-
-/// A page-aligned growable byte buffer.
-pub(crate) type SegmentBuf = AVec<u8, ConstAlign<BUFFER_ALIGN>>;
+use crate::aligned::{AlignedBuf, PAGE_ALIGN};
 
 /// A small free list of segment buffers, shared by a writer's builders and the segments
 /// they produced (a finished segment gives its buffer back when its last `Bytes` is dropped).
 #[derive(Clone, Debug)]
 pub struct BufferRecycler {
-    free: Arc<Mutex<Vec<SegmentBuf>>>,
+    free: Arc<Mutex<Vec<AlignedBuf>>>,
     keep: usize,
 }
 
@@ -46,7 +40,7 @@ impl BufferRecycler {
 
     /// An empty buffer with room for at least `capacity` bytes: an idle one when there is
     /// one large enough, else a new one.
-    pub(crate) fn take(&self, capacity: usize) -> SegmentBuf {
+    pub(crate) fn take(&self, capacity: usize) -> AlignedBuf {
         let reused = {
             let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
             let fits = free.iter().rposition(|b| b.capacity() >= capacity);
@@ -57,7 +51,7 @@ impl BufferRecycler {
                 buf.clear();
                 buf
             }
-            None => SegmentBuf::with_capacity(BUFFER_ALIGN, capacity),
+            None => AlignedBuf::with_capacity(PAGE_ALIGN, capacity),
         }
     }
 
@@ -68,14 +62,14 @@ impl BufferRecycler {
 
     /// `buf` as the bytes of a finished segment; the buffer comes back here when they are
     /// dropped.
-    pub(crate) fn wrap(&self, buf: SegmentBuf) -> Bytes {
+    pub(crate) fn wrap(&self, buf: AlignedBuf) -> Bytes {
         Bytes::from_owner(Returning {
             buf: Some(buf),
             recycler: self.clone(),
         })
     }
 
-    fn give_back(&self, mut buf: SegmentBuf) {
+    fn give_back(&self, mut buf: AlignedBuf) {
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
         if free.len() < self.keep {
             buf.clear();
@@ -86,7 +80,7 @@ impl BufferRecycler {
 
 /// The owner behind a finished segment's `Bytes`.
 struct Returning {
-    buf: Option<SegmentBuf>,
+    buf: Option<AlignedBuf>,
     recycler: BufferRecycler,
 }
 
@@ -101,22 +95,6 @@ impl Drop for Returning {
         if let Some(buf) = self.buf.take() {
             self.recycler.give_back(buf);
         }
-    }
-}
-
-/// Extends `buf` to `len` bytes of zeroes. `AVec::resize` writes one byte per step, which
-/// costs more than the zstd call it prepares for a 1 MiB payload; this is one `memset`.
-pub(crate) fn grow_zeroed(buf: &mut SegmentBuf, len: usize) {
-    let old = buf.len();
-    if len <= old {
-        return;
-    }
-    buf.reserve(len - old);
-    // SAFETY: `reserve` made room for `len` bytes; `write_bytes` initializes `old..len`
-    // before `set_len` exposes them, and u8 has no invalid bit patterns.
-    unsafe {
-        buf.as_mut_ptr().add(old).write_bytes(0, len - old);
-        buf.set_len(len);
     }
 }
 
@@ -140,7 +118,7 @@ mod tests {
         let again = recycler.take(1 << 20);
         assert_eq!(again.as_ptr(), ptr, "the same memory is reused");
         assert!(again.is_empty(), "and it starts empty");
-        assert_eq!(again.as_ptr().align_offset(BUFFER_ALIGN), 0);
+        assert_eq!(again.as_ptr().align_offset(PAGE_ALIGN), 0);
     }
 
     #[test]
@@ -157,17 +135,5 @@ mod tests {
         );
         assert_eq!(recycler.idle(), 1);
         assert_eq!(BufferRecycler::new(0).idle(), 0);
-    }
-
-    #[test]
-    fn grow_zeroed_zeroes_and_keeps_the_prefix() {
-        let mut buf = SegmentBuf::new(BUFFER_ALIGN);
-        buf.extend_from_slice(&[9, 9]);
-        grow_zeroed(&mut buf, 5000);
-        assert_eq!(buf.len(), 5000);
-        assert_eq!(&buf[..2], &[9, 9]);
-        assert!(buf[2..].iter().all(|&b| b == 0));
-        grow_zeroed(&mut buf, 10);
-        assert_eq!(buf.len(), 5000, "never shrinks");
     }
 }

@@ -7,13 +7,14 @@
 use bytes::Bytes;
 use uuid::Uuid;
 
-use super::buffers::{grow_zeroed, BufferRecycler, SegmentBuf, BUFFER_ALIGN};
+use super::buffers::BufferRecycler;
 use super::header::Trailer;
 use super::index::{archived_len, Footer, FooterEntry};
 use super::{
     payload_bytes, SegmentError, SegmentHeader, FLAG_PLUG, FORMAT_VERSION, HEADER_LEN,
     MAX_INDEX_LEN, MAX_PAYLOAD_LEN, MAX_RECORDS, TRAILER_LEN,
 };
+use crate::aligned::{grow_zeroed, AlignedBuf, PAGE_ALIGN};
 use crate::journal::record::{Op, Record};
 
 /// zstd level: the writer runs on few cores, and level 1 already wins most of what
@@ -37,7 +38,7 @@ pub struct SegmentBuilder {
     /// Header placeholder followed by the body: `finish` fills in the header and appends the
     /// index and trailer, so the body is never copied again. Page-aligned (see
     /// [`super::buffers`]).
-    buf: SegmentBuf,
+    buf: AlignedBuf,
     /// Where the buffer goes back once the finished segment is dropped.
     recycler: Option<BufferRecycler>,
     entries: Vec<FooterEntry>,
@@ -69,7 +70,7 @@ impl SegmentBuilder {
             epoch,
             seq,
             first_lsn,
-            SegmentBuf::new(BUFFER_ALIGN),
+            AlignedBuf::new(PAGE_ALIGN),
             None,
         )
     }
@@ -93,7 +94,7 @@ impl SegmentBuilder {
         epoch: u64,
         seq: u64,
         first_lsn: u64,
-        mut buf: SegmentBuf,
+        mut buf: AlignedBuf,
         recycler: Option<BufferRecycler>,
     ) -> Self {
         buf.clear();

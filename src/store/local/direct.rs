@@ -31,11 +31,11 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
-use aligned_vec::{AVec, ConstAlign};
+use crate::aligned::{self, AlignedBuf, PAGE_ALIGN};
 
 /// Memory, offset and length alignment used for direct writes: the page size, which is at
 /// least the logical block size of every device that matters here.
-pub(crate) const ALIGN: usize = 4096;
+pub(crate) const ALIGN: usize = PAGE_ALIGN;
 /// Objects smaller than this are written through the page cache: a direct write would save
 /// little and small objects (heads, positions, marks) are read back soon.
 pub(crate) const DIRECT_MIN: usize = 256 << 10;
@@ -44,9 +44,6 @@ const BOUNCE_LEN: usize = 4 << 20;
 /// Largest single direct write from the caller's buffer: big enough that the kernel splits
 /// it into many device requests in flight at once, small enough to bound one call.
 const DIRECT_CHUNK: usize = 32 << 20;
-
-/// A page-aligned byte buffer.
-type AlignedBuf = AVec<u8, ConstAlign<ALIGN>>;
 
 thread_local! {
     static BOUNCE: RefCell<Option<AlignedBuf>> = const { RefCell::new(None) };
@@ -112,14 +109,7 @@ fn write_from_caller(file: &File, data: &[u8]) -> io::Result<usize> {
 fn write_through_bounce(file: &File, data: &[u8]) -> io::Result<usize> {
     BOUNCE.with(|cell| {
         let mut slot = cell.borrow_mut();
-        let bounce = slot.get_or_insert_with(|| {
-            let mut buf = AlignedBuf::with_capacity(ALIGN, BOUNCE_LEN);
-            // Block by block: `AVec::resize` writes one byte per step.
-            for _ in 0..BOUNCE_LEN / ALIGN {
-                buf.extend_from_slice(&[0; ALIGN]);
-            }
-            buf
-        });
+        let bounce = slot.get_or_insert_with(|| aligned::zeroed(BOUNCE_LEN));
         let mut done = 0;
         for piece in data.chunks(BOUNCE_LEN) {
             let staged = &mut bounce[..piece.len()];
