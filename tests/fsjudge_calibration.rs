@@ -19,13 +19,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use support::daemon::{init, Daemon};
-use support::nbd::{pattern, run_ok, ChildGuard, Cleanup, CLIENT_TIMEOUT};
+use support::ext4::NbdLoop;
+use support::nbd::{pattern, run_ok};
+use support::procs::path;
 use support::verdict::{classify, judge_ext4};
 use tinylag::journal::reader::{Cursor, JournalReader, Step};
 use tinylag::journal::{Manifest, Op};
@@ -43,21 +44,6 @@ const DROP_SHARE: f64 = 0.05;
 /// written again later). Calibration on a 2-core machine: 12 of 12 rejected in three runs
 /// (~250 writes after mkfs, 12 dropped each); with 2% dropped (5 writes), 6 of 12.
 const MIN_REJECTED: usize = 9;
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
-
-fn wait_until(mut ready: impl FnMut() -> bool, what: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !ready() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// The journal of an ext4 workload and where mkfs ended in it.
 struct Capture {
@@ -81,31 +67,13 @@ fn capture(dir: &Path) -> Capture {
         &[],
     );
     let mut daemon = Daemon::start(&primary, path(&journal), &[], &[]);
-    let fuse_dir = dir.join("fuse");
-    let mnt = dir.join("mnt");
-    for d in [&fuse_dir, &mnt] {
-        std::fs::create_dir(d).unwrap();
-    }
-    let pidfile = dir.join("nbdfuse.pid");
-    let nbd_file = fuse_dir.join("nbd");
-    let nbdfuse = ChildGuard::spawn(Command::new("nbdfuse").args([
-        "-P",
-        path(&pidfile),
-        path(&nbd_file),
-        &daemon.uri(),
-    ]));
-    let mut cleanup = Cleanup::default();
-    cleanup.push("fusermount3", &["-u", path(&fuse_dir)]);
-    wait_until(|| pidfile.exists(), "nbdfuse to be ready");
-    let out = run_ok(Command::new("losetup").args(["-f", "--show", path(&nbd_file)]));
-    let loop_dev = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    cleanup.push("losetup", &["-d", &loop_dev]);
-    run_ok(Command::new("mkfs.ext4").args(["-q", &loop_dev]));
-    run_ok(Command::new("blockdev").args(["--flushbufs", &loop_dev]));
+    let mut disk = NbdLoop::attach(&daemon.uri(), dir);
+    let mnt = disk.mnt.clone();
+    disk.mkfs_ext4();
+    run_ok(Command::new("blockdev").args(["--flushbufs", &disk.device]));
     let mkfs_end = daemon.status()["head_lsn"].as_u64().unwrap();
 
-    run_ok(Command::new("mount").args([&loop_dev, path(&mnt)]));
-    cleanup.push("umount", &[path(&mnt)]);
+    disk.mount();
     let mut held_open = None;
     for round in 0..8u64 {
         let d = mnt.join(format!("round{round}"));
@@ -140,15 +108,7 @@ fn capture(dir: &Path) -> Capture {
         }
         run_ok(Command::new("sync").arg("-f").arg(path(&mnt)));
     }
-    cleanup.run_last(); // umount
-    cleanup.run_last(); // losetup -d
-    cleanup.run_last(); // fusermount3 -u
-    let exited = nbdfuse.wait(CLIENT_TIMEOUT);
-    assert!(
-        exited.status.success(),
-        "nbdfuse exited with {}",
-        exited.status
-    );
+    disk.finish();
     let last = daemon.status()["head_lsn"].as_u64().unwrap();
     daemon.stop_ok();
     assert!(

@@ -9,8 +9,10 @@ mod support;
 use std::path::Path;
 use std::process::Command;
 
+use support::ext4::{NbdLoop, ReadOnlyMount};
 use support::nbd::wire::*;
 use support::nbd::*;
+use support::procs::path;
 
 const MIB: u64 = 1 << 20;
 
@@ -252,10 +254,6 @@ fn fio_nbd_engine_deep_queue_writes_and_verifies() {
     assert!(written > 1000, "only {written} blocks written");
 }
 
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
-
 /// ext4 on a loop device on an nbdfuse file on our server: mkfs, copy a tree in, unmount,
 /// then check the backing image with e2fsck and by reading the files back.
 #[test]
@@ -266,46 +264,17 @@ fn ext4_through_nbdfuse_and_a_loop_device() {
     }
     let server = TestServer::start(&[ExportSpec::new("disk", 64 * MIB)]);
     let work = tempfile::tempdir().unwrap();
-    let fuse_dir = work.path().join("fuse");
-    let mnt = work.path().join("mnt");
     let tree = work.path().join("tree");
-    for d in [&fuse_dir, &mnt, &tree] {
-        std::fs::create_dir(d).unwrap();
-    }
+    std::fs::create_dir(&tree).unwrap();
     let files = make_tree(&tree);
-
-    let pidfile = work.path().join("nbdfuse.pid");
-    let nbd_file = fuse_dir.join("nbd");
-    let nbdfuse = ChildGuard::spawn(Command::new("nbdfuse").args([
-        "-P",
-        path(&pidfile),
-        path(&nbd_file),
-        &server.uri(""),
-    ]));
-    // Declared after the nbdfuse guard so it is dropped first: unmount before the kill.
-    let mut cleanup = Cleanup::default();
-    cleanup.push("fusermount3", &["-u", path(&fuse_dir)]);
-    wait_until(|| pidfile.exists(), "nbdfuse to be ready");
-    assert_eq!(std::fs::metadata(&nbd_file).unwrap().len(), 64 * MIB);
-
-    let loop_dev = stdout_of(Command::new("losetup").args(["-f", "--show", path(&nbd_file)]))
-        .trim()
-        .to_owned();
-    cleanup.push("losetup", &["-d", &loop_dev]);
-    run_ok(Command::new("mkfs.ext4").args(["-q", &loop_dev]));
-    run_ok(Command::new("mount").args([&loop_dev, path(&mnt)]));
-    cleanup.push("umount", &[path(&mnt)]);
+    let mut disk = NbdLoop::attach(&server.uri(""), work.path());
+    assert_eq!(std::fs::metadata(&disk.file).unwrap().len(), 64 * MIB);
+    let mnt = disk.mnt.clone();
+    disk.mkfs_ext4();
+    disk.mount();
     run_ok(Command::new("cp").args(["-a", &format!("{}/.", path(&tree)), path(&mnt)]));
     run_ok(Command::new("sync").arg("-f").arg(path(&mnt)));
-    cleanup.run_last(); // umount
-    cleanup.run_last(); // losetup -d
-    cleanup.run_last(); // fusermount3 -u
-    let exited = nbdfuse.wait(CLIENT_TIMEOUT);
-    assert!(
-        exited.status.success(),
-        "nbdfuse exited with {}",
-        exited.status
-    );
+    disk.finish();
 
     // The image as the server wrote it: a copy goes to e2fsck, which repairs what it
     // checks; the original is mounted read-only and compared file by file.
@@ -313,13 +282,12 @@ fn ext4_through_nbdfuse_and_a_loop_device() {
         panic!("e2fsck judged the image corrupt:\n{verdict}");
     }
     let image = server.image("disk");
-    run_ok(Command::new("mount").args(["-o", "loop,ro", path(&image), path(&mnt)]));
-    cleanup.push("umount", &[path(&mnt)]);
+    let mounted = ReadOnlyMount::new(&image, &mnt);
     for (rel, content) in &files {
         let got = read_file(&mnt.join(rel));
         assert!(got == *content, "{rel} differs after the round trip");
     }
-    cleanup.run_last();
+    mounted.unmount();
 }
 
 /// A few MiB of files in nested directories; returns (relative path, content).
@@ -340,17 +308,6 @@ fn make_tree(root: &Path) -> Vec<(String, Vec<u8>)> {
         }
     }
     files
-}
-
-fn wait_until(mut ready: impl FnMut() -> bool, what: &str) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !ready() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
 }
 
 /// A real block device (a loop device) as the target: size from `BLKGETSIZE64`,

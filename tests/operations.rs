@@ -8,25 +8,13 @@ mod support;
 
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::daemon::{init, tinylag, tinylag_bin, tinylag_ok, Daemon};
 use support::nbd::{qemu_io_ok, run_ok};
-use support::procs::ChildGuard;
+use support::procs::{path, text, ChildGuard};
 use support::s3::{S3Server, S3ServerKind, ACCESS_KEY, SECRET_KEY};
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 /// A file primary and a local-directory journal in `dir`.
 fn primary_and_journal(dir: &Path) -> (PathBuf, String) {

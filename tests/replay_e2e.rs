@@ -10,15 +10,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::daemon::{init, Daemon};
-use support::nbd::{pattern, qemu_io_ok, run_ok, ChildGuard, Cleanup, CLIENT_TIMEOUT};
+use support::ext4::{NbdLoop, ReadOnlyMount};
+use support::nbd::{pattern, qemu_io_ok, run_ok};
 use support::oracle::assert_same_image;
-use support::procs;
+use support::procs::{self, path};
 use support::replay::{now_ns, replay_args, spawn};
 use tinylag::control::{request, Request};
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
 
 /// A replay agent started beside a daemon, with its control socket.
 struct Agent {
@@ -168,28 +165,10 @@ fn ext4_through_serve_is_replicated_and_the_replica_is_a_clean_filesystem() {
         &dir.path().join("replay.log"),
     );
 
-    let fuse_dir = dir.path().join("fuse");
-    let mnt = dir.path().join("mnt");
-    for d in [&fuse_dir, &mnt] {
-        std::fs::create_dir(d).unwrap();
-    }
-    let pidfile = dir.path().join("nbdfuse.pid");
-    let nbd_file = fuse_dir.join("nbd");
-    let nbdfuse = ChildGuard::spawn(Command::new("nbdfuse").args([
-        "-P",
-        path(&pidfile),
-        path(&nbd_file),
-        &daemon.uri(),
-    ]));
-    let mut cleanup = Cleanup::default();
-    cleanup.push("fusermount3", &["-u", path(&fuse_dir)]);
-    procs::wait_for_path(&pidfile, Duration::from_secs(30)).unwrap();
-    let out = run_ok(Command::new("losetup").args(["-f", "--show", path(&nbd_file)]));
-    let loop_dev = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    cleanup.push("losetup", &["-d", &loop_dev]);
-    run_ok(Command::new("mkfs.ext4").args(["-q", &loop_dev]));
-    run_ok(Command::new("mount").args([&loop_dev, path(&mnt)]));
-    cleanup.push("umount", &[path(&mnt)]);
+    let mut disk = NbdLoop::attach(&daemon.uri(), dir.path());
+    let mnt = disk.mnt.clone();
+    disk.mkfs_ext4();
+    disk.mount();
     let mut files = Vec::new();
     for i in 0..40u64 {
         let rel = format!("d{}/f{i}.bin", i % 4);
@@ -200,10 +179,7 @@ fn ext4_through_serve_is_replicated_and_the_replica_is_a_clean_filesystem() {
     }
     run_ok(Command::new("sync").arg("-f").arg(path(&mnt)));
     std::fs::remove_dir_all(mnt.join("d3")).unwrap();
-    cleanup.run_last(); // umount
-    cleanup.run_last(); // losetup -d
-    cleanup.run_last(); // fusermount3 -u
-    assert!(nbdfuse.wait(CLIENT_TIMEOUT).status.success());
+    disk.finish();
 
     let head = stop_daemon(&mut daemon);
     agent.wait_applied(head, Duration::from_secs(60));
@@ -212,12 +188,11 @@ fn ext4_through_serve_is_replicated_and_the_replica_is_a_clean_filesystem() {
     if let Err(verdict) = support::verdict::judge_ext4(&replica) {
         panic!("e2fsck judged the replica corrupt:\n{verdict}");
     }
-    run_ok(Command::new("mount").args(["-o", "loop,ro", path(&replica), path(&mnt)]));
-    cleanup.push("umount", &[path(&mnt)]);
+    let mounted = ReadOnlyMount::new(&replica, &mnt);
     for (rel, content) in files.iter().filter(|(rel, _)| !rel.starts_with("d3")) {
         assert!(std::fs::read(mnt.join(rel)).unwrap() == *content, "{rel}");
     }
-    cleanup.run_last();
+    mounted.unmount();
 }
 
 /// qemu-io writes one block at a time through `serve`; the agent runs with `--delay 3s`.

@@ -11,12 +11,9 @@ use std::time::Duration;
 use support::daemon::{init, tinylag, tinylag_ok, Daemon};
 use support::nbd::{pattern, qemu_io_ok, run_ok};
 use support::oracle::{assert_same_image, rebuild_local};
+use support::procs::path;
 
 const MIB: u64 = 1 << 20;
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
 
 /// A journal directory and a 64 MiB primary made by `tinylag init`.
 fn setup(dir: &Path) -> (std::path::PathBuf, String) {

@@ -10,10 +10,7 @@ use std::process::Command;
 use support::daemon::{init, Daemon};
 use support::nbd::run_ok;
 use support::oracle::{assert_same_image, rebuild_local};
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
+use support::procs::path;
 
 /// fio with `jobs` connections of queue depth 32, random sizes from 4 KiB to 64 KiB, all in
 /// the same 4 MiB: most writes overlap writes in flight on other connections.

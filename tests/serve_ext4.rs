@@ -6,26 +6,12 @@ mod support;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 use support::daemon::{init, Daemon};
-use support::nbd::{pattern, run_ok, ChildGuard, Cleanup, CLIENT_TIMEOUT};
+use support::ext4::{NbdLoop, ReadOnlyMount};
+use support::nbd::{pattern, run_ok};
 use support::oracle::{assert_same_image, rebuild_local};
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
-
-fn wait_until(mut ready: impl FnMut() -> bool, what: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !ready() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+use support::procs::path;
 
 /// A few MiB of files in nested directories; returns (relative path, content).
 fn make_tree(root: &Path) -> Vec<(String, Vec<u8>)> {
@@ -67,44 +53,18 @@ fn ext4_on_the_daemon_is_clean_and_the_journal_rebuilds_it() {
     );
     let mut daemon = Daemon::start(&primary, path(&journal), &[], &[]);
 
-    let fuse_dir = dir.path().join("fuse");
-    let mnt = dir.path().join("mnt");
     let tree = dir.path().join("tree");
-    for d in [&fuse_dir, &mnt, &tree] {
-        std::fs::create_dir(d).unwrap();
-    }
+    std::fs::create_dir(&tree).unwrap();
     let files = make_tree(&tree);
-    let pidfile = dir.path().join("nbdfuse.pid");
-    let nbd_file = fuse_dir.join("nbd");
-    let nbdfuse = ChildGuard::spawn(Command::new("nbdfuse").args([
-        "-P",
-        path(&pidfile),
-        path(&nbd_file),
-        &daemon.uri(),
-    ]));
-    // Declared after the nbdfuse guard so it is dropped first: unmount before the kill.
-    let mut cleanup = Cleanup::default();
-    cleanup.push("fusermount3", &["-u", path(&fuse_dir)]);
-    wait_until(|| pidfile.exists(), "nbdfuse to be ready");
-    let out = run_ok(Command::new("losetup").args(["-f", "--show", path(&nbd_file)]));
-    let loop_dev = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    cleanup.push("losetup", &["-d", &loop_dev]);
-    run_ok(Command::new("mkfs.ext4").args(["-q", &loop_dev]));
-    run_ok(Command::new("mount").args([&loop_dev, path(&mnt)]));
-    cleanup.push("umount", &[path(&mnt)]);
+    let mut disk = NbdLoop::attach(&daemon.uri(), dir.path());
+    let mnt = disk.mnt.clone();
+    disk.mkfs_ext4();
+    disk.mount();
     run_ok(Command::new("cp").args(["-a", &format!("{}/.", path(&tree)), path(&mnt)]));
     run_ok(Command::new("sync").arg("-f").arg(path(&mnt)));
     // Delete some files so the filesystem discards their blocks (when it does).
     std::fs::remove_dir_all(mnt.join("dir3")).unwrap();
-    cleanup.run_last(); // umount
-    cleanup.run_last(); // losetup -d
-    cleanup.run_last(); // fusermount3 -u
-    let exited = nbdfuse.wait(CLIENT_TIMEOUT);
-    assert!(
-        exited.status.success(),
-        "nbdfuse exited with {}",
-        exited.status
-    );
+    disk.finish();
 
     let status = daemon.status();
     assert_eq!(status["mode"], "logging", "{status:#}");
@@ -123,12 +83,11 @@ fn ext4_on_the_daemon_is_clean_and_the_journal_rebuilds_it() {
     assert_same_image(&rebuilt, &primary);
 
     // And the files are there, read through the rebuilt image.
-    run_ok(Command::new("mount").args(["-o", "loop,ro", path(&rebuilt), path(&mnt)]));
-    cleanup.push("umount", &[path(&mnt)]);
+    let mounted = ReadOnlyMount::new(&rebuilt, &mnt);
     for (rel, content) in files.iter().filter(|(rel, _)| !rel.starts_with("dir3")) {
         let got = std::fs::read(mnt.join(rel)).unwrap();
         assert!(got == *content, "{rel} differs in the rebuilt image");
     }
     assert!(!mnt.join("dir3").exists());
-    cleanup.run_last();
+    mounted.unmount();
 }

@@ -18,7 +18,7 @@ use rand::{Rng, SeedableRng};
 use support::daemon::{init, Daemon};
 use support::nbd::{pattern, run_ok as run_cmd_ok};
 use support::oracle::OracleImage;
-use support::procs::ChildGuard;
+use support::procs::{path, ChildGuard};
 use support::replay::{first_difference, replay_args, run_ok, spawn, TestJournal};
 use support::s3::{S3Server, S3ServerKind};
 use tinylag::journal::consumer;
@@ -27,10 +27,6 @@ use tinylag::store::local::LocalStore;
 use tinylag::store::ObjectStore;
 
 const MIB: u64 = 1 << 20;
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
 
 /// fio's nbd engine: random writes of 4-64 KiB in `size` bytes from `offset`.
 fn fio_cmd(uri: &str, workdir: &Path, offset: u64, size: u64, seconds: u64) -> Command {

@@ -5,19 +5,15 @@
 
 mod support;
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::daemon::{init, tinylag_ok, Daemon};
 use support::nbd::{pattern, qemu_io_ok, run_ok};
+use support::procs::path;
 use support::s3::{S3Server, S3ServerKind, SECRET_KEY};
 
 const MIB: u64 = 1 << 20;
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_store_never_blocks_the_primary_and_memory_stays_capped() {

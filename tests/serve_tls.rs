@@ -10,28 +10,16 @@ mod support;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::daemon::{init, tinylag, Daemon};
 use support::nbd::{pattern, run, run_ok, wire, CLIENT_TIMEOUT};
 use support::oracle::{assert_same_image, rebuild_local};
-use support::procs::free_port;
+use support::procs::{free_port, path, text};
 use support::tls::{client_config, Ca, Wire, REP_ERR_TLS_REQD};
 
 const MIB: usize = 1 << 20;
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 /// A 64 MiB primary and its journal, made by `tinylag init`.
 fn setup(dir: &Path) -> (PathBuf, String) {

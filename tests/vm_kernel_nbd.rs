@@ -6,17 +6,11 @@
 
 mod support;
 
-use std::path::Path;
-
 use support::daemon::{init, Daemon};
 use support::oracle::{assert_same_image, rebuild_local};
-use support::procs::free_port;
+use support::procs::{free_port, path};
 use support::replay::{replay_args, run_ok};
 use support::vm::{vm_available, Guest};
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
 
 /// The guest: connect, mkfs, fill, remount, verify, fsck, disconnect. Every step is checked
 /// (`set -e`), and the script says which step it reached.

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod ext4;
 pub mod nbd;
 pub mod oracle;
 pub mod procs;

@@ -345,6 +345,11 @@ impl Cleanup {
         ));
     }
 
+    /// True when no action is left to run.
+    pub fn is_empty(&self) -> bool {
+        self.actions.is_empty()
+    }
+
     /// Runs the most recent action now (the normal path), so drop does not repeat it.
     pub fn run_last(&mut self) {
         if let Some((program, args)) = self.actions.pop() {
