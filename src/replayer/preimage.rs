@@ -227,6 +227,30 @@ mod tests {
         })
     }
 
+    /// A replica holding `before` (LSNs from 0), and `batch` as records numbered from
+    /// `first_lsn`.
+    fn replica_and_records(
+        before: &[Op],
+        batch: &[Op],
+        first_lsn: u64,
+    ) -> (MemoryReplica, Vec<Record>) {
+        let replica = MemoryReplica::new(SIZE);
+        for (i, op) in before.iter().enumerate() {
+            apply_op(&replica, i as u64, op).unwrap();
+        }
+        let records = batch
+            .iter()
+            .enumerate()
+            .map(|(i, op)| Record {
+                lsn: first_lsn + i as u64,
+                timestamp_ns: 0,
+                dev: 0,
+                op: op.clone(),
+            })
+            .collect();
+        (replica, records)
+    }
+
     proptest! {
         /// Applying a batch, then its undo records in reverse, gives back every intermediate
         /// state: the pre-image of record i is exactly the replica after records 0..i.
@@ -235,15 +259,7 @@ mod tests {
             before in proptest::collection::vec(op_strategy(), 0..6),
             batch in proptest::collection::vec(op_strategy(), 1..24),
         ) {
-            let replica = MemoryReplica::new(SIZE);
-            for (i, op) in before.iter().enumerate() {
-                apply_op(&replica, i as u64, op).unwrap();
-            }
-            let records: Vec<Record> = batch
-                .iter()
-                .enumerate()
-                .map(|(i, op)| Record { lsn: i as u64 + 1, timestamp_ns: 0, dev: 0, op: op.clone() })
-                .collect();
+            let (replica, records) = replica_and_records(&before, &batch, 1);
             let mut overlay = Overlay::new();
             let undo: Vec<Record> = records
                 .iter()
@@ -270,15 +286,7 @@ mod tests {
             batch in proptest::collection::vec(op_strategy(), 1..24),
             split in 0..24usize,
         ) {
-            let replica = MemoryReplica::new(SIZE);
-            for (i, op) in before.iter().enumerate() {
-                apply_op(&replica, i as u64, op).unwrap();
-            }
-            let records: Vec<Record> = batch
-                .iter()
-                .enumerate()
-                .map(|(i, op)| Record { lsn: i as u64 + 1, timestamp_ns: 0, dev: 0, op: op.clone() })
-                .collect();
+            let (replica, records) = replica_and_records(&before, &batch, 1);
             let mut overlay = Overlay::new();
             let one_by_one: Vec<Record> = records
                 .iter()
@@ -297,6 +305,28 @@ mod tests {
                 batch_overlay.extents().collect::<Vec<_>>(),
                 overlay.extents().collect::<Vec<_>>()
             );
+        }
+    }
+
+    proptest! {
+        /// What crash recovery relies on when a batch's undo segments were cut short before
+        /// any of its records was applied: writing back the leading part's pre-images
+        /// (newest first) leaves the replica as it was, whatever the batch and the cut.
+        #[test]
+        fn the_leading_part_of_an_unapplied_batch_undoes_to_the_same_bytes(
+            before in proptest::collection::vec(op_strategy(), 0..8),
+            batch in proptest::collection::vec(op_strategy(), 1..24),
+            split in 0..24usize,
+        ) {
+            let (replica, records) = replica_and_records(&before, &batch, 1);
+            let cut = split % records.len() + 1;
+            let mut overlay = Overlay::new();
+            let leading = capture_batch(&replica, &records[..cut], None, &mut overlay).unwrap();
+            let untouched = replica.contents();
+            for u in leading.iter().rev() {
+                apply_op(&replica, u.lsn, &u.op).unwrap();
+            }
+            prop_assert_eq!(replica.contents(), untouched);
         }
     }
 
