@@ -41,7 +41,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -62,6 +61,7 @@ use super::preimage::{capture_batch, read_preimage};
 use super::recovery::{blocking, recover, RecoveryReport};
 use super::replica::ReplicaTarget;
 use super::status::{AgentIdentity, AgentState, Phase, StatusBoard};
+use super::timing::{PollPolicy, Timer};
 use super::undo::{split_by, UndoLog, UndoManifest, STRAYS, UNDO_FORMAT_VERSION};
 
 /// How long after `--until` an idle agent keeps waiting for records acknowledged before it
@@ -71,23 +71,6 @@ const UNTIL_GRACE: Duration = Duration::from_secs(5);
 /// a batch (fewer, larger batches mean fewer fsyncs), never unbounded memory.
 const PREFETCH_MIN: usize = 2;
 const PREFETCH_MAX: usize = 16;
-
-/// Sleeping, behind a trait so tests of delays move a manual clock instead of waiting.
-#[async_trait]
-pub trait Timer: Send + Sync + std::fmt::Debug {
-    async fn sleep(&self, d: Duration);
-}
-
-/// The real timer.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct TokioTimer;
-
-#[async_trait]
-impl Timer for TokioTimer {
-    async fn sleep(&self, d: Duration) {
-        tokio::time::sleep(d).await
-    }
-}
 
 /// How big a batch may grow.
 #[derive(Clone, Copy, Debug)]
@@ -109,29 +92,6 @@ impl Default for BatchLimits {
             max_bytes: 32 << 20,
             piece_len: 16 << 20,
             undo_part: 4 << 20,
-        }
-    }
-}
-
-/// How often to ask for the next segment.
-#[derive(Clone, Copy, Debug)]
-pub struct PollPolicy {
-    /// Right after data arrived.
-    pub min: Duration,
-    /// When idle (the backoff doubles up to this).
-    pub max: Duration,
-    /// An agent with nothing to apply (idle, or waiting out its delay) commits its unchanged
-    /// position at least this often, so `journal trim --drop-consumer-after` can tell a live
-    /// idle agent (recent `updated_at_ns`) from a dead one.
-    pub idle_commit: Duration,
-}
-
-impl Default for PollPolicy {
-    fn default() -> Self {
-        PollPolicy {
-            min: Duration::from_millis(10),
-            max: Duration::from_secs(1),
-            idle_commit: Duration::from_secs(60),
         }
     }
 }

@@ -19,10 +19,10 @@ use crate::journal::record::Record;
 use crate::journal::segment::{DecodedSegment, SegmentError};
 use crate::journal::JournalError;
 
-use super::agent::{PollPolicy, Timer};
 use super::apply::check_record;
 use super::error::ReplayError;
 use super::status::StatusBoard;
+use super::timing::{PollPolicy, Timer};
 
 /// A fetched segment not yet fully applied.
 #[derive(Debug)]

@@ -6,12 +6,12 @@
 //! - [`apply`]: what each record kind does to the replica;
 //! - [`overlay`]: the net effect of a batch, applied in offset order;
 //! - [`preimage`]: reading what a batch is about to overwrite;
-//! - `compress`: which pre-images are worth offering to zstd;
 //! - [`undo`]: the undo log (its manifest and segments, in the journal's segment codec);
 //! - [`recovery`]: undoing what a crash left past the last consistent commit;
 //! - [`replica`]: the replica file or block device;
 //! - `uring`: reading a batch's pre-images with io_uring (or `pread`, the fallback);
-//! - [`status`]: what the agent reports on its control socket.
+//! - [`status`]: what the agent reports on its control socket;
+//! - [`timing`]: the timer the agent and fetcher sleep on, and how often they poll.
 //!
 //! Must never: touch the replica before the undo record of the change is durable; commit a
 //! position the replica has not fsync'd; apply a record from a segment that failed
@@ -27,15 +27,17 @@ pub mod preimage;
 pub mod recovery;
 pub mod replica;
 pub mod status;
+pub mod timing;
 pub mod undo;
 mod uring;
 pub mod verify;
 
-pub use agent::{Agent, AgentConfig, BatchLimits, Outcome, PollPolicy, Timer, TokioTimer};
+pub use agent::{Agent, AgentConfig, BatchLimits, Outcome};
 pub use error::ReplayError;
 pub use recovery::RecoveryReport;
 pub use replica::{ReplicaFile, ReplicaTarget};
 pub use status::{ReplicaStatus, StatusBoard, StatusHandler};
+pub use timing::{PollPolicy, Timer, TokioTimer};
 
 #[cfg(test)]
 mod tests;

@@ -11,10 +11,11 @@ use rand::{Rng, SeedableRng};
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use super::agent::{Agent, AgentConfig, BatchLimits, Outcome, PollPolicy, Timer};
+use super::agent::{Agent, AgentConfig, BatchLimits, Outcome};
 use super::apply::apply_op;
 use super::error::ReplayError;
 use super::replica::{MemoryReplica, ReplicaTarget};
+use super::timing::{PollPolicy, Timer};
 use crate::clock::{Clock, ManualClock};
 use crate::journal::consumer::{self, ConsumerState};
 use crate::journal::manifest::{Manifest, ManifestParams};

@@ -21,7 +21,7 @@
 //!
 //! - each pre-image is stored raw or as a zstd frame, as the codec's index entry says per
 //!   payload (`compressed`); the agent offers a pre-image to zstd only when a sample (or, for
-//!   small ones, the run before it) compresses (`super::compress`), so pre-images of data
+//!   small ones, the run before it) compresses ([`CompressProbe`]), so pre-images of data
 //!   that does not compress cost no compression attempt. This changed no byte of the format:
 //!   segments written before, with every payload offered, read the same way.
 //!
