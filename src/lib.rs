@@ -14,6 +14,8 @@ pub mod metrics;
 pub mod nbd;
 pub mod replayer;
 pub mod store;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod timetravel;
 pub mod trim;
 pub mod ublk;

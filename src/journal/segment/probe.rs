@@ -130,26 +130,15 @@ impl CompressProbe {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn noise(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
+    use crate::testing::noise;
 
     #[test]
     fn large_payloads_are_judged_by_a_sample() {
         let mut p = CompressProbe::new();
-        assert!(!p.offer(&noise(1 << 20, 1)), "random bytes are not offered");
+        assert!(!p.offer(&noise(1, 1 << 20)), "random bytes are not offered");
         assert!(p.offer(&vec![7u8; 1 << 20]), "a repeated byte is offered");
         // Half data, half zeroes: the sample sees both, and zstd would save a third.
-        let mut mixed = noise(1 << 20, 2);
+        let mut mixed = noise(2, 1 << 20);
         mixed[1 << 19..].fill(0);
         assert!(p.offer(&mixed));
         assert!(!p.offer(&[1u8; 32]), "too short for zstd to pay");
@@ -157,7 +146,7 @@ mod tests {
 
     /// Offers `n` small payloads of 4 KiB; `stored` gives each offered one's stored length.
     fn feed(p: &mut CompressProbe, n: u32, stored: impl Fn(u32) -> usize) -> u32 {
-        let payload = noise(4096, 3);
+        let payload = noise(3, 4096);
         let mut offered = 0;
         for i in 0..n {
             if p.offer(&payload) {

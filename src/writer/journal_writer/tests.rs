@@ -80,17 +80,7 @@ fn send(w: &JournalWriter, shared: &Shared, ops: Vec<Op>) -> u64 {
 
 /// Bytes zstd cannot shrink, so segment sizes are predictable.
 fn noise(seed: u64, len: usize) -> Bytes {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    Bytes::from(
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect::<Vec<_>>(),
-    )
+    Bytes::from(crate::testing::noise(seed, len))
 }
 
 fn write(offset: u64, len: usize, byte: u8) -> Op {

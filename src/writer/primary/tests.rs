@@ -199,17 +199,7 @@ fn kinds_of(records: &[Record]) -> Vec<RecordKind> {
 }
 
 fn pattern(seed: u64, len: usize) -> Bytes {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    Bytes::from(
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect::<Vec<_>>(),
-    )
+    Bytes::from(crate::testing::noise(seed, len))
 }
 
 #[tokio::test]
