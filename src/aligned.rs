@@ -6,6 +6,7 @@
 //! Must never: expose bytes that were not initialised (every constructor here zeroes).
 
 use aligned_vec::{AVec, ConstAlign};
+use bytes::Bytes;
 
 /// The alignment: a page, which covers the logical block size of every disk `O_DIRECT`
 /// meets here.
@@ -42,6 +43,46 @@ pub(crate) fn grow_zeroed(buf: &mut AlignedBuf, len: usize) {
     unsafe {
         buf.as_mut_ptr().add(old).write_bytes(0, len - old);
         buf.set_len(len);
+    }
+}
+
+/// Where a lent buffer goes back to: a pool of idle buffers.
+pub(crate) trait Shelf: Send + Sync + 'static {
+    /// Takes `buffer` back (keeps it for reuse, or frees it).
+    fn give_back(&self, buffer: AlignedBuf);
+}
+
+/// `buffer[..len]` as [`Bytes`]; `buffer` goes back to `shelf` when the last clone is
+/// dropped. The caller has written all of `buffer[..len]`: nothing else is shown.
+pub(crate) fn lend<S: Shelf>(buffer: AlignedBuf, len: usize, shelf: S) -> Bytes {
+    let len = len.min(buffer.len());
+    Bytes::from_owner(Lent {
+        buffer: Some(buffer),
+        len,
+        shelf,
+    })
+}
+
+/// The owner behind a lent buffer's [`Bytes`].
+struct Lent<S: Shelf> {
+    /// `Some` until dropped.
+    buffer: Option<AlignedBuf>,
+    /// The only bytes the `Bytes` shows.
+    len: usize,
+    shelf: S,
+}
+
+impl<S: Shelf> AsRef<[u8]> for Lent<S> {
+    fn as_ref(&self) -> &[u8] {
+        self.buffer.as_ref().map_or(&[][..], |b| &b[..self.len])
+    }
+}
+
+impl<S: Shelf> Drop for Lent<S> {
+    fn drop(&mut self) {
+        if let Some(buffer) = self.buffer.take() {
+            self.shelf.give_back(buffer);
+        }
     }
 }
 

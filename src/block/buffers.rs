@@ -100,30 +100,7 @@ impl BufferPool {
     /// `buffer[..len]` as [`Bytes`]; the buffer comes back to this pool when the last
     /// clone is dropped. The caller has written all of `buffer[..len]` for this request.
     pub(crate) fn lend(&self, buffer: AlignedBuf, len: usize) -> Bytes {
-        let len = len.min(buffer.len());
-        Bytes::from_owner(Lent {
-            buffer: Some(buffer),
-            len,
-            pool: self.clone(),
-        })
-    }
-
-    /// Puts `buffer` on the shelf, making room by dropping the oldest idle buffers; one
-    /// larger than the whole shelf is simply freed.
-    pub(crate) fn give_back(&self, buffer: AlignedBuf) {
-        let size = buffer.len();
-        let mut shelf = self.lock();
-        if size > shelf.limit {
-            return;
-        }
-        while shelf.bytes + size > shelf.limit {
-            match shelf.idle.pop_front() {
-                Some(old) => shelf.bytes -= old.len(),
-                None => break,
-            }
-        }
-        shelf.bytes += size;
-        shelf.idle.push_back(buffer);
+        aligned::lend(buffer, len, self.clone())
     }
 
     fn lock(&self) -> MutexGuard<'_, Shelf> {
@@ -139,29 +116,23 @@ impl BufferPool {
     }
 }
 
-/// A recycled buffer lent to one request: the owner behind its [`Bytes`], which puts the
-/// buffer back on the shelf when dropped.
-struct Lent {
-    /// `Some` until dropped.
-    buffer: Option<AlignedBuf>,
-    /// The only bytes the `Bytes` shows.
-    len: usize,
-    pool: BufferPool,
-}
-
-impl AsRef<[u8]> for Lent {
-    fn as_ref(&self) -> &[u8] {
-        self.buffer
-            .as_ref()
-            .map_or(&[][..], |b| &b.as_slice()[..self.len])
-    }
-}
-
-impl Drop for Lent {
-    fn drop(&mut self) {
-        if let Some(buffer) = self.buffer.take() {
-            self.pool.give_back(buffer);
+impl aligned::Shelf for BufferPool {
+    /// Puts `buffer` on the shelf, making room by dropping the oldest idle buffers; one
+    /// larger than the whole shelf is simply freed.
+    fn give_back(&self, buffer: AlignedBuf) {
+        let size = buffer.len();
+        let mut shelf = self.lock();
+        if size > shelf.limit {
+            return;
         }
+        while shelf.bytes + size > shelf.limit {
+            match shelf.idle.pop_front() {
+                Some(old) => shelf.bytes -= old.len(),
+                None => break,
+            }
+        }
+        shelf.bytes += size;
+        shelf.idle.push_back(buffer);
     }
 }
 

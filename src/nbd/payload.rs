@@ -10,6 +10,7 @@ use std::io;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use crate::aligned::Shelf as _;
 use crate::block::buffers::{BufferPool, MIN_RECYCLED};
 
 /// Every way reading a payload fails.

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
-use crate::aligned::{AlignedBuf, PAGE_ALIGN};
+use crate::aligned::{self, AlignedBuf, PAGE_ALIGN};
 
 /// A small free list of segment buffers, shared by a writer's builders and the segments
 /// they produced (a finished segment gives its buffer back when its last `Bytes` is dropped).
@@ -63,37 +63,17 @@ impl BufferRecycler {
     /// `buf` as the bytes of a finished segment; the buffer comes back here when they are
     /// dropped.
     pub(crate) fn wrap(&self, buf: AlignedBuf) -> Bytes {
-        Bytes::from_owner(Returning {
-            buf: Some(buf),
-            recycler: self.clone(),
-        })
+        let len = buf.len();
+        aligned::lend(buf, len, self.clone())
     }
+}
 
+impl aligned::Shelf for BufferRecycler {
     fn give_back(&self, mut buf: AlignedBuf) {
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
         if free.len() < self.keep {
             buf.clear();
             free.push(buf);
-        }
-    }
-}
-
-/// The owner behind a finished segment's `Bytes`.
-struct Returning {
-    buf: Option<AlignedBuf>,
-    recycler: BufferRecycler,
-}
-
-impl AsRef<[u8]> for Returning {
-    fn as_ref(&self) -> &[u8] {
-        self.buf.as_deref().unwrap_or(&[])
-    }
-}
-
-impl Drop for Returning {
-    fn drop(&mut self) {
-        if let Some(buf) = self.buf.take() {
-            self.recycler.give_back(buf);
         }
     }
 }
