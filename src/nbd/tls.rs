@@ -115,11 +115,12 @@ pub enum TlsError {
     UnusedOption { flag: &'static str },
     /// A TCP listener reachable from other hosts would accept plaintext clients.
     #[error(
-        "refusing to serve {addr} without TLS: anyone who can reach it could read and overwrite \
-         the disk; use --tls require --tls-certificates DIR, listen on 127.0.0.1 or a Unix \
-         socket, or pass --insecure-no-tls"
+        "refusing to serve {addr} without TLS: anyone who can reach it could {}; use --tls \
+         require --tls-certificates DIR, listen on 127.0.0.1 or a Unix socket, or pass \
+         --insecure-no-tls",
+        exposure(*read_only)
     )]
-    InsecureListener { addr: ListenAddr },
+    InsecureListener { addr: ListenAddr, read_only: bool },
 }
 
 /// The server's security settings: TLS policy and credentials, and how long a client may
@@ -131,6 +132,17 @@ pub struct Security {
     pub(crate) verify_peer: bool,
     pub(crate) handshake_timeout: Duration,
     pub(crate) insecure: bool,
+    /// Clients cannot change the disk (`mount` without `--writable`): warnings say so.
+    pub(crate) read_only: bool,
+}
+
+/// What a client that reaches the server can do, for the warnings.
+fn exposure(read_only: bool) -> &'static str {
+    if read_only {
+        "read the disk"
+    } else {
+        "read and overwrite the disk"
+    }
 }
 
 impl fmt::Debug for Security {
@@ -154,6 +166,7 @@ impl Default for Security {
             verify_peer: false,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             insecure: false,
+            read_only: false,
         }
     }
 }
@@ -169,6 +182,9 @@ pub struct SecurityOptions {
     pub verify_peer: bool,
     /// The operator insists on plaintext TCP reachable from other hosts.
     pub insecure_no_tls: bool,
+    /// The export is read-only (a time-travel `mount`): the refusal and the warning speak
+    /// of reading the disk, not overwriting it.
+    pub read_only: bool,
     /// Deadline from accept to the end of negotiation; `None` for the default.
     pub handshake_timeout: Option<Duration>,
 }
@@ -200,6 +216,7 @@ impl Security {
         if insecure && !options.insecure_no_tls {
             return Err(TlsError::InsecureListener {
                 addr: listen.clone(),
+                read_only: options.read_only,
             });
         }
         Ok(Self {
@@ -210,6 +227,7 @@ impl Security {
                 .handshake_timeout
                 .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT),
             insecure,
+            read_only: options.read_only,
         })
     }
 
@@ -223,7 +241,8 @@ impl Security {
         self.insecure.then(|| {
             format!(
                 "WARNING: NBD on {listen} accepts plaintext clients from other hosts \
-                 (--insecure-no-tls): anyone who can reach it can read and overwrite the disk."
+                 (--insecure-no-tls): anyone who can reach it can {}.",
+                exposure(self.read_only)
             )
         })
     }

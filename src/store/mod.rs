@@ -27,7 +27,7 @@ pub mod s3;
 pub mod uri;
 
 pub use s3::S3Options;
-pub use uri::{open_store, StoreUri, StoreUriError};
+pub use uri::{open_store, open_store_for_command, StoreUri, StoreUriError};
 
 /// What a listing or a `head` reports about one object.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,6 +93,26 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// A transient error that ended a retry loop, saying so: "… (gave up after 3 attempts in
+    /// 0.6 s)". Other errors (an answer after retries) are returned as they are.
+    pub fn after_attempts(self, attempts: u32, spent: std::time::Duration) -> StoreError {
+        match self {
+            StoreError::Transient {
+                store,
+                key,
+                message,
+            } => StoreError::Transient {
+                store,
+                key,
+                message: format!(
+                    "{message} (gave up after {attempts} attempts in {:.1} s)",
+                    spent.as_secs_f64()
+                ),
+            },
+            other => other,
+        }
+    }
+
     /// True when retrying the same call may succeed.
     pub fn is_transient(&self) -> bool {
         match self {

@@ -3,13 +3,21 @@
 //! Every store that [`super::uri::open_store`] hands out is wrapped in a [`RetryingStore`],
 //! so the journal code sees a transient error only after the whole retry budget is spent.
 //!
+//! A command an operator waits on (`journal info`, `restore`, …) opens its stores
+//! [failing fast at first](RetryingStore::failing_fast_at_first): until a store has answered
+//! once, a transient failure (an unreachable endpoint) gets a short, quiet retry budget, so
+//! the command fails in about a second with one line instead of logging a WARN per retry for
+//! a quarter of a minute. Once the store has answered, the full budget applies. The error a
+//! spent budget returns says how many attempts over how long.
+//!
 //! Must never: retry a permanent error (access denied, a full disk, a conflict); report a
 //! conditional create that really happened as a conflict (see [`RetryingStore`]).
 
 use std::future::Future;
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -41,6 +49,16 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// For a store that has never answered, in a command an operator waits on: three
+    /// attempts, 200 ms then 400 ms apart (about 0.6 s of retries).
+    pub fn first_contact() -> Self {
+        RetryPolicy {
+            max_attempts: 3,
+            base_delay: Duration::from_millis(200),
+            max_delay: Duration::from_millis(400),
+        }
+    }
+
     /// The pause after failed attempt `attempt` (1-based): `base * 2^(attempt-1)` capped at
     /// `max_delay`, then drawn uniformly from its upper half so that writers that failed
     /// together do not retry together.
@@ -80,6 +98,10 @@ impl RetryPolicy {
 pub struct RetryingStore {
     inner: Arc<dyn ObjectStore>,
     policy: RetryPolicy,
+    /// The quiet policy used until the store has answered once, if any.
+    first_contact: Option<RetryPolicy>,
+    /// Whether any call got an answer (success or a permanent error) from the store.
+    answered: AtomicBool,
 }
 
 impl RetryingStore {
@@ -89,7 +111,34 @@ impl RetryingStore {
     }
 
     pub fn with_policy(inner: Arc<dyn ObjectStore>, policy: RetryPolicy) -> Self {
-        RetryingStore { inner, policy }
+        RetryingStore {
+            inner,
+            policy,
+            first_contact: None,
+            answered: AtomicBool::new(false),
+        }
+    }
+
+    /// Until the store has answered once, retries transient failures with `first_contact`
+    /// instead of the policy, logging them at DEBUG instead of WARN.
+    pub fn failing_fast_at_first(mut self, first_contact: RetryPolicy) -> Self {
+        self.first_contact = Some(first_contact);
+        self
+    }
+
+    /// The policy for the next retry, and whether its retries are logged quietly.
+    fn current_policy(&self) -> (&RetryPolicy, bool) {
+        match &self.first_contact {
+            Some(first) if !self.answered.load(Ordering::Relaxed) => (first, true),
+            _ => (&self.policy, false),
+        }
+    }
+
+    /// Notes that `result` came from a store that answered (anything but a transient error).
+    fn note_answer<T>(&self, result: &StoreResult<T>) {
+        if !matches!(result, Err(e) if e.is_transient()) {
+            self.answered.store(true, Ordering::Relaxed);
+        }
     }
 
     /// The wrapped store.
@@ -108,29 +157,34 @@ impl RetryingStore {
         Fut: Future<Output = StoreResult<T>>,
     {
         let mut attempt = 1;
+        let started = Instant::now();
         loop {
-            match op().await {
-                Err(e) if e.is_transient() && attempt < self.policy.max_attempts => {
+            let result = op().await;
+            self.note_answer(&result);
+            match result {
+                Err(e) if e.is_transient() && attempt < self.current_policy().0.max_attempts => {
                     self.pause(what, key, attempt, &e).await;
                     attempt += 1;
                 }
+                Err(e) if attempt > 1 => return Err(e.after_attempts(attempt, started.elapsed())),
                 result => return result,
             }
         }
     }
 
     async fn pause(&self, what: &str, key: &str, attempt: u32, err: &StoreError) {
-        let delay = self.policy.delay(attempt);
-        tracing::warn!(
-            store = %self.inner.describe(),
-            op = what,
-            key,
-            attempt,
-            max_attempts = self.policy.max_attempts,
-            delay_ms = delay.as_millis() as u64,
-            error = %err,
-            "transient store error, retrying"
-        );
+        let (policy, quiet) = self.current_policy();
+        let delay = policy.delay(attempt);
+        let store = self.inner.describe();
+        let max_attempts = policy.max_attempts;
+        let delay_ms = delay.as_millis() as u64;
+        if quiet {
+            tracing::debug!(store, op = what, key, attempt, max_attempts, delay_ms, error = %err,
+                "store not reached yet, retrying");
+        } else {
+            tracing::warn!(store, op = what, key, attempt, max_attempts, delay_ms, error = %err,
+                "transient store error, retrying");
+        }
         tokio::time::sleep(delay).await;
     }
 
@@ -164,17 +218,21 @@ impl ObjectStore for RetryingStore {
     async fn put_if_absent(&self, key: &str, data: Bytes) -> StoreResult<()> {
         let mut attempt = 1;
         let mut failed_transiently = false;
+        let started = Instant::now();
         loop {
-            match self.inner.put_if_absent(key, data.clone()).await {
+            let result = self.inner.put_if_absent(key, data.clone()).await;
+            self.note_answer(&result);
+            match result {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_already_exists() && failed_transiently => {
                     return self.resolve_ambiguous_create(key, &data, e).await
                 }
-                Err(e) if e.is_transient() && attempt < self.policy.max_attempts => {
+                Err(e) if e.is_transient() && attempt < self.current_policy().0.max_attempts => {
                     failed_transiently = true;
                     self.pause("put_if_absent", key, attempt, &e).await;
                     attempt += 1;
                 }
+                Err(e) if attempt > 1 => return Err(e.after_attempts(attempt, started.elapsed())),
                 Err(e) => return Err(e),
             }
         }

@@ -290,13 +290,15 @@ impl S3Store {
                     || message.contains("connection closed")
                     || message.contains("connection reset");
                 if failure.is_io() || failure.is_timeout() || connection_lost {
-                    (None, self.transient(key, message))
+                    (None, self.transient(key, with_endpoint_hint(message)))
                 } else {
                     // Missing credentials, a malformed endpoint: retrying will not help.
-                    (None, self.permanent(key, message))
+                    (None, self.permanent(key, with_credentials_hint(message)))
                 }
             }
-            SdkError::ConstructionFailure(_) => (None, self.permanent(key, message)),
+            SdkError::ConstructionFailure(_) => {
+                (None, self.permanent(key, with_credentials_hint(message)))
+            }
             SdkError::ServiceError(service) => {
                 let status = service.raw().status().as_u16();
                 let code = service.err().code().unwrap_or("");
@@ -307,7 +309,16 @@ impl S3Store {
                     None => format!("HTTP {status} {code}"),
                 };
                 let error = match (status, code) {
-                    (_, "NoSuchBucket") => self.permanent(key, message),
+                    (_, "NoSuchBucket") => self.permanent(
+                        key,
+                        format!(
+                            "{message}; create the bucket first (aws s3 mb s3://{})",
+                            self.bucket
+                        ),
+                    ),
+                    (_, "InvalidAccessKeyId" | "SignatureDoesNotMatch") => {
+                        self.permanent(key, format!("{message}; {CREDENTIALS_HINT}"))
+                    }
                     // A service without conditional writes: no retry will give it them.
                     (501, _) | (_, "NotImplemented") => self.permanent(key, message),
                     (404, _) | (_, "NoSuchKey") | (_, "NotFound") => StoreError::NotFound {
@@ -691,6 +702,31 @@ impl ObjectStore for S3Store {
     fn describe(&self) -> String {
         self.url.clone()
     }
+}
+
+/// What to set when S3 credentials are missing or refused (never a credential's value).
+const CREDENTIALS_HINT: &str = "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE \
+     (a profile in ~/.aws/credentials); for an S3-compatible server also --s3-endpoint URL";
+
+/// A failure to find credentials said as what to set: the SDK's own words ("failed to load
+/// IMDS session token", "the credential provider was not enabled") name none of it.
+fn with_credentials_hint(message: String) -> String {
+    let lower = message.to_ascii_lowercase();
+    if lower.contains("credential") || lower.contains("imds") || lower.contains("identity") {
+        // On one line: the SDK lists each provider it tried on a line of its own.
+        let said: Vec<&str> = message.lines().map(str::trim).collect();
+        format!(
+            "no usable S3 credentials: {CREDENTIALS_HINT} (the AWS SDK said: {})",
+            said.join(" ")
+        )
+    } else {
+        message
+    }
+}
+
+/// A connection failure names the flag that says where S3 is.
+fn with_endpoint_hint(message: String) -> String {
+    format!("{message}; is the S3 endpoint right and up? (--s3-endpoint URL, or AWS_ENDPOINT_URL)")
 }
 
 /// The messages of an error and its sources, joined by `: `, each said once. The SDK's own

@@ -5,7 +5,9 @@
 //! [`open_store`] builds the backend and wraps it in a [`RetryingStore`].
 //!
 //! Must never: guess at a scheme it does not know (a typo like `s4://b` is an error, not a
-//! local directory named `s4:`); give two different `mem://` names the same store.
+//! local directory named `s4:`), nor take a mistyped address for a local path (`s3:/b/j`,
+//! `s3//b/j`, `S3://b`, `file:/x` are refused as addresses: a directory named like that is
+//! written `./s3:/b/j`); give two different `mem://` names the same store.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -15,7 +17,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use super::local::LocalStore;
 use super::memory::MemoryStore;
-use super::retrying::RetryingStore;
+use super::retrying::{RetryPolicy, RetryingStore};
 use super::s3::{check_bucket, normalize_prefix, S3ConfigError, S3Options, S3Store};
 use super::ObjectStore;
 
@@ -32,11 +34,15 @@ pub enum StoreUriError {
     /// A `scheme://` this program does not know.
     #[error("unknown scheme in store address {uri:?}; accepted: {ACCEPTED}")]
     UnknownScheme { uri: String },
+    /// Something that reads as a mistyped address (`s3:/bucket`, `s3//bucket`, `S3://b`),
+    /// not as a local path.
+    #[error("store address {uri:?} is not a valid address: {reason}; accepted: {ACCEPTED}")]
+    Malformed { uri: String, reason: String },
     /// `file://` followed by something other than an absolute path.
     #[error("store address {uri:?} must be file:///abs/path (three slashes, absolute path); accepted: {ACCEPTED}")]
     FileNotAbsolute { uri: String },
     /// `s3://` without a bucket, or with an invalid bucket or prefix.
-    #[error("invalid S3 store address {uri:?} (expected s3://bucket[/prefix])")]
+    #[error("invalid S3 store address {uri:?}: {source} (expected s3://bucket[/prefix])")]
     S3Address {
         uri: String,
         #[source]
@@ -97,6 +103,12 @@ impl StoreUri {
         if let Some(name) = s.strip_prefix("mem://") {
             return Ok(StoreUri::Memory(name.to_string()));
         }
+        if let Some(reason) = mistyped_scheme(s) {
+            return Err(StoreUriError::Malformed {
+                uri: s.to_string(),
+                reason,
+            });
+        }
         if s.contains("://") {
             return Err(StoreUriError::UnknownScheme { uri: s.to_string() });
         }
@@ -107,6 +119,40 @@ impl StoreUri {
         })?;
         Ok(StoreUri::Local(absolute))
     }
+}
+
+/// Why `s`, which is none of the accepted forms, reads as a mistyped address rather than a
+/// relative path: its first component is a scheme (`s3:`, `file:`, `mem:`, any `word:`
+/// followed by `/`) without its `//`, or a known scheme name followed by `//`, or a known
+/// scheme in capitals.
+fn mistyped_scheme(s: &str) -> Option<String> {
+    const SCHEMES: [&str; 3] = ["s3", "file", "mem"];
+    let (first, rest) = s.split_once('/').unwrap_or((s, ""));
+    if let Some((scheme, after)) = first.split_once(':') {
+        let lower = scheme.to_ascii_lowercase();
+        let known = SCHEMES.contains(&lower.as_str());
+        let scheme_like = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+        let looks_like_a_scheme =
+            known || (scheme_like && after.is_empty() && s.len() > first.len());
+        if looks_like_a_scheme && !s.contains("://") {
+            return Some(format!(
+                "`{scheme}:` must be followed by two slashes ({lower}://…); a local directory \
+                 named like this is written ./{s}"
+            ));
+        }
+        if known && lower != scheme {
+            return Some(format!("schemes are lower case ({lower}://…)"));
+        }
+    }
+    if SCHEMES.contains(&first.to_ascii_lowercase().as_str()) && rest.starts_with('/') {
+        return Some(format!(
+            "`{first}` must be followed by a colon ({first}://…)"
+        ));
+    }
+    None
 }
 
 impl FromStr for StoreUri {
@@ -135,6 +181,25 @@ pub async fn open_store(
     uri: &StoreUri,
     opts: &S3Options,
 ) -> Result<Arc<dyn ObjectStore>, StoreUriError> {
+    Ok(Arc::new(RetryingStore::new(open_backend(uri, opts).await?)))
+}
+
+/// Like [`open_store`], for a command an operator waits on (`journal info`, `restore`): a
+/// store that has never answered fails within about a second, quietly retried
+/// ([`RetryingStore::failing_fast_at_first`]), instead of after the daemons' full budget.
+pub async fn open_store_for_command(
+    uri: &StoreUri,
+    opts: &S3Options,
+) -> Result<Arc<dyn ObjectStore>, StoreUriError> {
+    let store = RetryingStore::new(open_backend(uri, opts).await?)
+        .failing_fast_at_first(RetryPolicy::first_contact());
+    Ok(Arc::new(store))
+}
+
+async fn open_backend(
+    uri: &StoreUri,
+    opts: &S3Options,
+) -> Result<Arc<dyn ObjectStore>, StoreUriError> {
     let inner: Arc<dyn ObjectStore> = match uri {
         StoreUri::Local(path) => Arc::new(LocalStore::new(path.clone())),
         StoreUri::S3 { bucket, prefix } => Arc::new(
@@ -147,7 +212,7 @@ pub async fn open_store(
         ),
         StoreUri::Memory(name) => memory_store(name),
     };
-    Ok(Arc::new(RetryingStore::new(inner)))
+    Ok(inner)
 }
 
 /// The process-wide registry behind `mem://name`.
@@ -227,6 +292,12 @@ mod tests {
             ("s3://", "S3"),
             ("s3://bu/cket/../x", "S3"),
             ("s3://bad bucket", "S3"),
+            ("s3:/bucket/j", "`s3:` must be followed by two slashes"),
+            ("s3:bucket/j", "`s3:` must be followed by two slashes"),
+            ("s3//bucket/j", "`s3` must be followed by a colon"),
+            ("S3://bucket/j", "schemes are lower case (s3://"),
+            ("file:/var/j", "`file:` must be followed by two slashes"),
+            ("s3:///j", "S3"),
         ] {
             let err = StoreUri::parse(bad).expect_err(bad);
             let text = err.to_string();
