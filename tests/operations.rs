@@ -227,9 +227,9 @@ fn a_typo_or_a_bad_value_in_the_config_file_is_refused_naming_the_key() {
             "a value of an unknown key printed: {said}"
         );
         assert!(!control.exists(), "{name}: nothing may start");
-        // `config check` refuses the same file with the same words (exit 1).
+        // `config check` refuses the same file with the same words and exit code.
         let out = tinylag(&["config", "check", path(&file)], &[]);
-        assert_eq!(out.status.code(), Some(1), "{name}: {}", text(&out));
+        assert_eq!(out.status.code(), Some(2), "{name}: {}", text(&out));
         assert!(text(&out).contains(expected[0]), "{}", text(&out));
     }
 
@@ -238,7 +238,7 @@ fn a_typo_or_a_bad_value_in_the_config_file_is_refused_naming_the_key() {
     std::fs::write(&broken, "[serve]\nexport = \"hunter2-not-printed\n").unwrap();
     let out = tinylag(&["config", "check", path(&broken)], &[]);
     let said = text(&out);
-    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert_eq!(out.status.code(), Some(2), "{said}");
     assert!(said.contains("broken.toml:2:"), "{said}");
     assert!(!said.contains("hunter2"), "{said}");
 
@@ -272,8 +272,8 @@ fn the_readme_config_example_is_valid_and_complete() {
     let file = dir.path().join("example.toml");
     std::fs::write(&file, &readme[start..end]).unwrap();
     let said = tinylag_ok(&["config", "check", path(&file)], &[]);
-    assert!(said.contains("3 sections"), "{said}");
-    for section in ["serve", "replay", "journal trim"] {
+    assert!(said.contains("4 sections"), "{said}");
+    for section in ["serve", "replay", "journal trim", "undo trim"] {
         assert!(
             said.contains(&format!("complete: `tinylag {section} --config")),
             "{section}: {said}"
@@ -287,7 +287,7 @@ fn the_readme_config_example_is_valid_and_complete() {
     )
     .unwrap();
     let out = tinylag(&["config", "check", path(&conflict)], &[]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let said = text(&out);
     assert!(
         said.contains("[serve]")

@@ -1,4 +1,4 @@
-//! `--config FILE`: the settings of `serve`, `replay`, `up` and `journal trim` in a TOML file,
+//! `--config FILE`: the settings of `serve`, `replay`, `up`, `journal trim` and `undo trim` in a TOML file,
 //! one section per daemon, and `tinylag config check FILE`.
 //!
 //! There is no second list of settings to keep in step with the flags: a section's keys are
@@ -23,21 +23,27 @@
 //! [replay]                     # tinylag replay
 //! [up]                         # tinylag up
 //! [journal-trim]               # tinylag journal trim
+//! [undo-trim]                  # tinylag undo trim
 //! ```
+//!
+//! Every problem of a file is reported in one run, in file order, each at its line, with the
+//! nearest section or key name when one is close (`retian` → `retain`).
 
-use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use clap::parser::ValueSource;
 use clap::{Arg, ArgAction, ArgMatches, Args, Command};
 
+use crate::cmd::args::usage;
+
 /// The sections of a config file and the subcommand (path from the root) each configures.
-pub const SECTIONS: [(&str, &[&str]); 4] = [
+pub const SECTIONS: [(&str, &[&str]); 5] = [
     ("serve", &["serve"]),
     ("replay", &["replay"]),
     ("up", &["up"]),
     ("journal-trim", &["journal", "trim"]),
+    ("undo-trim", &["undo", "trim"]),
 ];
 
 /// Key fragments that mark a credential; refused by name whatever the section, unless the
@@ -62,9 +68,9 @@ fn is_credential(key: &str) -> bool {
 /// subcommand runs, the file's settings are already on its command line.
 #[derive(Debug, Clone, Args)]
 pub struct ConfigArg {
-    /// Read settings from the [serve], [replay], [up] or [journal-trim] section of this TOML
-    /// file: keys are this command's long flags (pool-size = "1G"); flags on the command line
-    /// win. See `tinylag config check`.
+    /// Read settings from this command's section of a TOML file ([serve], [replay], [up],
+    /// [journal-trim] or [undo-trim]): keys are its long flags (pool-size = "1G"); flags on
+    /// the command line win. See `tinylag config check`.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 }
@@ -83,8 +89,21 @@ pub struct CheckArgs {
     pub file: PathBuf,
 }
 
+/// Where in a config file a problem is: `FILE:LINE` (the line of the section or key).
+#[derive(Debug, Clone)]
+pub struct Place {
+    pub path: PathBuf,
+    pub line: usize,
+}
+
+impl std::fmt::Display for Place {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.path.display(), self.line)
+    }
+}
+
 /// Why a config file was refused. Every message names the file and, where there is one, the
-/// section and key, and says what is accepted.
+/// line, section and key, and says what is accepted.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
@@ -104,57 +123,61 @@ pub enum ConfigError {
     },
     /// A table that is not one of the sections.
     #[error(
-        "{path}: unknown section [{section}]; the sections are {}",
+        "{at}: unknown section [{section}]{hint}; the sections are {}",
         section_list()
     )]
-    UnknownSection { path: PathBuf, section: String },
+    UnknownSection {
+        at: Place,
+        section: String,
+        /// " (did you mean [serve]?)" or nothing.
+        hint: String,
+    },
     /// A key outside any section.
     #[error(
-        "{path}: `{key}` is outside any section; put it under one of {}",
+        "{at}: `{key}` is outside any section; put it under one of {}",
         section_list()
     )]
-    NotInSection { path: PathBuf, key: String },
+    NotInSection { at: Place, key: String },
     /// A key that is not a long flag of the section's subcommand.
-    #[error("{path}: [{section}] has no key `{key}`{hint}; the keys are {accepted}")]
+    #[error("{at}: [{section}] has no key `{key}`; {hint}")]
     UnknownKey {
-        path: PathBuf,
+        at: Place,
         section: String,
         key: String,
+        /// "did you mean `retain`?", else where the keys are listed.
         hint: String,
-        /// "the long flags of `tinylag serve`: ack, activity-log, …"
-        accepted: String,
     },
     /// A key that looks like a credential.
     #[error(
-        "{path}: [{section}] `{key}`: credentials are not accepted in a config file; use the standard AWS chain: \
+        "{at}: [{section}] `{key}`: credentials are not accepted in a config file; use the standard AWS chain: \
          AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment (under systemd: EnvironmentFile= \
          with mode 0600), a profile in AWS_SHARED_CREDENTIALS_FILE, or instance metadata"
     )]
     Credential {
-        path: PathBuf,
+        at: Place,
         section: String,
         key: String,
     },
     /// The TOML type of a value does not fit its flag.
-    #[error("{path}: [{section}] `{key}`: {expected}")]
+    #[error("{at}: [{section}] `{key}`: {expected}")]
     WrongType {
-        path: PathBuf,
+        at: Place,
         section: String,
         key: String,
         expected: String,
     },
     /// The flag's own parser refused the value.
-    #[error("{path}: [{section}] `{key}`: {message}")]
+    #[error("{at}: [{section}] `{key}`: {message}")]
     BadValue {
-        path: PathBuf,
+        at: Place,
         section: String,
         key: String,
         message: String,
     },
     /// The settings of a section contradict each other (clap's conflict rules).
-    #[error("{path}: [{section}]: {message}")]
+    #[error("{at}: [{section}]: {message}")]
     Conflict {
-        path: PathBuf,
+        at: Place,
         section: String,
         message: String,
     },
@@ -188,6 +211,8 @@ pub struct Section {
     /// The subcommand path, e.g. `["journal", "trim"]`.
     pub command: Vec<String>,
     pub settings: Vec<Setting>,
+    /// Where its header is.
+    pub place: Place,
 }
 
 /// A config file whose every section, key and value has been checked.
@@ -198,63 +223,165 @@ pub struct ConfigFile {
 
 impl ConfigFile {
     /// Reads and checks `path` against `root`, the whole `tinylag` command.
-    pub fn load(path: &Path, root: &Command) -> Result<ConfigFile, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
+    pub fn load(path: &Path, root: &Command) -> Result<ConfigFile, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|source| {
+            ConfigErrors::one(ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })
         })?;
         Self::parse(path, &text, root)
     }
 
-    /// Checks `text` (the contents of `path`).
-    pub fn parse(path: &Path, text: &str, root: &Command) -> Result<ConfigFile, ConfigError> {
-        let table: toml::Table = toml::from_str(text).map_err(|e| {
+    /// Checks `text` (the contents of `path`): every section, key and value, each problem
+    /// reported (in file order), not only the first.
+    pub fn parse(path: &Path, text: &str, root: &Command) -> Result<ConfigFile, ConfigErrors> {
+        let syntax = |e: toml::de::Error| {
             let (line, column) = e
                 .span()
                 .map_or((0, 0), |span| line_column(text, span.start));
-            ConfigError::Syntax {
+            ConfigErrors::one(ConfigError::Syntax {
                 path: path.to_path_buf(),
                 line,
                 column,
                 message: e.message().trim().to_string(),
-            }
-        })?;
+            })
+        };
+        let table: toml::Table = toml::from_str(text).map_err(syntax)?;
+        // The same document with its spans, for the file order and the line numbers.
+        let spanned = toml::de::DeTable::parse(text).map_err(syntax)?;
+        let at = |offset: usize| Place {
+            path: path.to_path_buf(),
+            line: line_column(text, offset).0,
+        };
         let mut root = root.clone();
         root.build();
         let mut sections = Vec::new();
-        for (name, value) in &table {
-            let Some((_, command_path)) = SECTIONS.iter().find(|(s, _)| s == name) else {
-                return Err(match value {
+        let mut problems = Vec::new();
+        for ((name, offset), keys) in in_file_order(spanned.get_ref()) {
+            let value = &table[&name];
+            let section_command = SECTIONS.iter().find(|(s, _)| *s == name);
+            let (Some((_, command_path)), toml::Value::Table(entries)) = (section_command, value)
+            else {
+                problems.push(match value {
                     toml::Value::Table(_) => ConfigError::UnknownSection {
-                        path: path.to_path_buf(),
-                        section: name.clone(),
+                        at: at(offset),
+                        hint: closest(&name, SECTIONS.iter().map(|(s, _)| *s))
+                            .map(|s| format!(" (did you mean [{s}]?)"))
+                            .unwrap_or_default(),
+                        section: name,
                     },
                     _ => ConfigError::NotInSection {
-                        path: path.to_path_buf(),
-                        key: name.clone(),
+                        at: at(offset),
+                        key: name,
                     },
                 });
-            };
-            let toml::Value::Table(entries) = value else {
-                return Err(ConfigError::NotInSection {
-                    path: path.to_path_buf(),
-                    key: name.clone(),
-                });
+                continue;
             };
             let command = find_command(&root, command_path);
-            let section = Section {
+            let mut section = Section {
                 name: name.clone(),
                 command: command_path.iter().map(|s| s.to_string()).collect(),
                 settings: Vec::new(),
+                place: at(offset),
             };
-            sections.push(check_section(path, section, command, entries)?);
+            for (key, offset) in keys {
+                match check_setting(&section, command, &key, &entries[&key], at(offset)) {
+                    Ok(setting) => section.settings.push(setting),
+                    Err(problem) => problems.push(problem),
+                }
+            }
+            sections.push(section);
         }
-        Ok(ConfigFile { sections })
+        if problems.is_empty() {
+            Ok(ConfigFile { sections })
+        } else {
+            Err(ConfigErrors {
+                path: path.to_path_buf(),
+                problems,
+            })
+        }
     }
 
     pub fn section(&self, name: &str) -> Option<&Section> {
         self.sections.iter().find(|s| s.name == name)
     }
+}
+
+/// Every problem found in a config file, in file order. Shown as the one problem's line, or
+/// as a count followed by one line per problem.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigErrors {
+    pub path: PathBuf,
+    pub problems: Vec<ConfigError>,
+}
+
+impl ConfigErrors {
+    fn one(problem: ConfigError) -> ConfigErrors {
+        let path = match &problem {
+            ConfigError::Read { path, .. }
+            | ConfigError::Syntax { path, .. }
+            | ConfigError::MissingSection { path, .. } => path.clone(),
+            ConfigError::UnknownSection { at, .. }
+            | ConfigError::NotInSection { at, .. }
+            | ConfigError::UnknownKey { at, .. }
+            | ConfigError::Credential { at, .. }
+            | ConfigError::WrongType { at, .. }
+            | ConfigError::BadValue { at, .. }
+            | ConfigError::Conflict { at, .. } => at.path.clone(),
+        };
+        ConfigErrors {
+            path,
+            problems: vec![problem],
+        }
+    }
+}
+
+impl std::fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.problems.as_slice() {
+            [one] => write!(f, "{one}"),
+            all => {
+                write!(f, "{}: {} problems", self.path.display(), all.len())?;
+                all.iter().try_for_each(|p| write!(f, "\n  {p}"))
+            }
+        }
+    }
+}
+
+/// A name (a section's or a key's) and the byte offset it is written at.
+type Written = (String, usize);
+
+/// The sections of a parsed document in file order, each with the offset of its name and its
+/// keys (with their offsets) in file order. (The parsed tables keep their keys sorted.)
+fn in_file_order(document: &toml::de::DeTable<'_>) -> Vec<(Written, Vec<Written>)> {
+    let mut sections: Vec<_> = document
+        .iter()
+        .map(|(name, value)| {
+            let mut keys: Vec<Written> = match value.get_ref() {
+                toml::de::DeValue::Table(entries) => entries
+                    .keys()
+                    .map(|k| (k.get_ref().to_string(), k.span().start))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            keys.sort_by_key(|(_, offset)| *offset);
+            ((name.get_ref().to_string(), name.span().start), keys)
+        })
+        .collect();
+    sections.sort_by_key(|((_, offset), _)| *offset);
+    sections
+}
+
+/// The candidate nearest to `typed`, if it is near enough to be what was meant: `pool_size`
+/// for `pool-size`, `retian` for `retain`, `serv` for `serve`.
+fn closest<'a>(typed: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let typed = typed.to_ascii_lowercase().replace('_', "-");
+    candidates
+        .map(|c| (strsim::damerau_levenshtein(&typed, c), c))
+        .filter(|(distance, c)| *distance <= (c.len() / 3).max(1))
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, c)| c)
 }
 
 /// 1-based line and column of byte `offset` in `text`.
@@ -286,60 +413,61 @@ fn settable(command: &Command) -> impl Iterator<Item = (&str, &Arg)> {
     })
 }
 
-fn check_section(
-    path: &Path,
-    mut section: Section,
+/// Checks `key = value` of `section` against the flags of its `command`.
+fn check_setting(
+    section: &Section,
     command: &Command,
-    entries: &toml::Table,
-) -> Result<Section, ConfigError> {
-    let command_name = section.command.join(" ");
-    for (key, value) in entries {
-        if is_credential(key) {
-            return Err(ConfigError::Credential {
-                path: path.to_path_buf(),
-                section: section.name.clone(),
-                key: key.clone(),
-            });
-        }
-        let Some((_, arg)) = settable(command).find(|(long, _)| long == key) else {
-            let dashed = key.replace('_', "-");
-            let hint = if dashed != *key && settable(command).any(|(long, _)| long == dashed) {
-                format!(" (did you mean `{dashed}`?)")
-            } else {
-                String::new()
-            };
-            let accepted: BTreeSet<&str> = settable(command).map(|(long, _)| long).collect();
-            return Err(ConfigError::UnknownKey {
-                path: path.to_path_buf(),
-                section: section.name.clone(),
-                key: key.clone(),
-                hint,
-                accepted: format!(
-                    "the long flags of `tinylag {command_name}`: {}",
-                    accepted.into_iter().collect::<Vec<_>>().join(", ")
-                ),
-            });
-        };
-        let wrong_type = |expected: String| ConfigError::WrongType {
-            path: path.to_path_buf(),
-            section: section.name.clone(),
-            key: key.clone(),
-            expected,
-        };
-        let argv = to_argv(key, arg, value).map_err(wrong_type)?;
-        check_value(&command_name, key, arg, &argv).map_err(|message| ConfigError::BadValue {
-            path: path.to_path_buf(),
-            section: section.name.clone(),
-            key: key.clone(),
-            message,
-        })?;
-        section.settings.push(Setting {
-            key: key.clone(),
-            id: arg.get_id().to_string(),
-            argv,
+    key: &str,
+    value: &toml::Value,
+    at: Place,
+) -> Result<Setting, ConfigError> {
+    let (name, key) = (section.name.clone(), key.to_string());
+    if is_credential(&key) {
+        return Err(ConfigError::Credential {
+            at,
+            section: name,
+            key,
         });
     }
-    Ok(section)
+    let Some((_, arg)) = settable(command).find(|(long, _)| *long == key) else {
+        let hint = match closest(&key, settable(command).map(|(long, _)| long)) {
+            Some(long) => format!("did you mean `{long}`?"),
+            None => format!(
+                "the keys are the long flags of `tinylag {}` (see its --help)",
+                section.command.join(" ")
+            ),
+        };
+        return Err(ConfigError::UnknownKey {
+            at,
+            section: name,
+            key,
+            hint,
+        });
+    };
+    let argv = match to_argv(&key, arg, value) {
+        Ok(argv) => argv,
+        Err(expected) => {
+            return Err(ConfigError::WrongType {
+                at,
+                section: name,
+                key,
+                expected,
+            })
+        }
+    };
+    if let Err(message) = check_value(&section.command.join(" "), &key, arg, &argv) {
+        return Err(ConfigError::BadValue {
+            at,
+            section: name,
+            key,
+            message,
+        });
+    }
+    Ok(Setting {
+        key,
+        id: arg.get_id().to_string(),
+        argv,
+    })
 }
 
 /// The command-line arguments `key = value` stands for, or what the flag expects.
@@ -442,7 +570,7 @@ pub struct Merged {
 /// subcommand) to `argv`, skipping each key the command line or the environment already
 /// sets, or that conflicts with a flag the command line gives. Any other command line comes
 /// back as it was, for clap to parse (and refuse or explain).
-pub fn merge(root: &Command, argv: Vec<OsString>) -> Result<Merged, ConfigError> {
+pub fn merge(root: &Command, argv: Vec<OsString>) -> Result<Merged, ConfigErrors> {
     let unchanged = |argv| Merged {
         argv,
         from_file: None,
@@ -485,7 +613,7 @@ pub fn merge(root: &Command, argv: Vec<OsString>) -> Result<Merged, ConfigError>
                 .iter()
                 .map(|s| format!("[{}]", s.name))
                 .collect();
-            return Err(ConfigError::MissingSection {
+            return Err(ConfigErrors::one(ConfigError::MissingSection {
                 path: file,
                 section: section_name.to_string(),
                 found: if found.is_empty() {
@@ -493,7 +621,7 @@ pub fn merge(root: &Command, argv: Vec<OsString>) -> Result<Merged, ConfigError>
                 } else {
                     found.join(", ")
                 },
-            });
+            }));
         };
         let on_command_line: Vec<&Arg> = command
             .get_arguments()
@@ -548,17 +676,19 @@ fn conflicts(command: &Command, a: &Arg, b: &Arg) -> bool {
             .any(|c| c.get_id() == a.get_id())
 }
 
-/// `tinylag config check FILE`: every section checked, and what each gives.
+/// `tinylag config check FILE`: every section checked, and what each gives. A file with
+/// problems is refused like the commands that read it refuse it (every problem listed, exit 2).
 pub fn check(args: CheckArgs, root: Command) -> anyhow::Result<()> {
-    let config = ConfigFile::load(&args.file, &root)?;
+    let config = ConfigFile::load(&args.file, &root).map_err(|e| usage(e.to_string()))?;
     if config.sections.is_empty() {
-        anyhow::bail!(
+        return Err(usage(format!(
             "{}: no sections; expected one or more of {}",
             args.file.display(),
             section_list()
-        );
+        )));
     }
     let mut report = Vec::new();
+    let mut conflicts = Vec::new();
     for section in &config.sections {
         let mut argv: Vec<OsString> = vec!["tinylag".into()];
         argv.extend(section.command.iter().map(OsString::from));
@@ -588,15 +718,19 @@ pub fn check(args: CheckArgs, root: Command) -> anyhow::Result<()> {
                 };
                 report.push(format!("  the command line must add: {missing}"));
             }
-            Err(e) => {
-                return Err(ConfigError::Conflict {
-                    path: args.file.clone(),
-                    section: section.name.clone(),
-                    message: clap_message(&e),
-                }
-                .into())
-            }
+            Err(e) => conflicts.push(ConfigError::Conflict {
+                at: section.place.clone(),
+                section: section.name.clone(),
+                message: clap_message(&e),
+            }),
         }
+    }
+    if !conflicts.is_empty() {
+        let errors = ConfigErrors {
+            path: args.file.clone(),
+            problems: conflicts,
+        };
+        return Err(usage(errors.to_string()));
     }
     let n = config.sections.len();
     println!(
@@ -748,5 +882,37 @@ mod tests {
         // Integers pass as their text, through the flag's own parser.
         let merged = merge(&root, argv(&["replay", "--config", &path])).unwrap();
         assert!(shown(&merged.argv).contains(&"--batch-records=100".to_string()));
+    }
+
+    #[test]
+    fn every_problem_is_reported_in_file_order_with_the_nearest_name() {
+        let text = "[up]\nsize = \"nope\"\n[serv]\nx = 1\n[journal-trim]\nretian = \"2h\"\n\
+                    dry_run = true\nzzzz = 1\n";
+        let root = crate::Cli::command();
+        let errors = ConfigFile::parse(Path::new("c.toml"), text, &root).unwrap_err();
+        let lines: Vec<String> = errors.problems.iter().map(|p| p.to_string()).collect();
+        let starts: Vec<&str> = lines.iter().map(|l| &l[..l.find(' ').unwrap()]).collect();
+        assert_eq!(
+            starts,
+            [
+                "c.toml:2:",
+                "c.toml:3:",
+                "c.toml:6:",
+                "c.toml:7:",
+                "c.toml:8:"
+            ],
+            "{lines:#?}"
+        );
+        assert!(lines[1].contains("(did you mean [serve]?)"), "{}", lines[1]);
+        assert!(lines[2].ends_with("did you mean `retain`?"), "{}", lines[2]);
+        assert!(
+            lines[3].ends_with("did you mean `dry-run`?"),
+            "{}",
+            lines[3]
+        );
+        assert!(lines[4].contains("see its --help"), "{}", lines[4]);
+        assert!(errors
+            .to_string()
+            .starts_with("c.toml: 5 problems\n  c.toml:2:"));
     }
 }
