@@ -1,6 +1,8 @@
 //! README.md's command table is checked against the CLI itself, so it cannot drift: every
 //! subcommand `tinylag --help` lists (recursively) has a row, every long flag its `--help`
-//! shows appears in that row, and every flag a row names exists.
+//! shows appears in that row, and every flag a row names exists. (That every command line of
+//! the README's shell blocks and of the systemd units parses is checked in the binary:
+//! bin/tinylag/doc_examples.rs, `cargo test --bin tinylag doc_examples`.)
 //!
 //! To add a command: add a row `| \`tinylag NAME --flag VALUE [--other]\` | what it does |`
 //! to the table under "## Commands" (global flags such as `--log` and `--color` are listed

@@ -3,6 +3,8 @@
 pub mod args;
 pub mod config;
 pub mod control_cmd;
+#[cfg(test)]
+mod doc_examples;
 pub mod init;
 pub mod journal_cmd;
 pub mod log_redact;

@@ -10,7 +10,7 @@ use serde::Serialize;
 use tinylag::clock::{format_ns, Clock, SystemClock};
 use tinylag::journal::{consumer, Manifest};
 use tinylag::store::counting::{CountingStore, RequestCounts};
-use tinylag::store::{open_store, ObjectStore, StoreUri};
+use tinylag::store::{open_store_for_command, ObjectStore, StoreUri};
 use tinylag::trim::{trim_journal, trim_undo, JournalTrimOptions, TrimReport, UndoTrimOptions};
 use tinylag::units::format_size;
 
@@ -74,6 +74,8 @@ pub struct UndoTrimArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub config: crate::cmd::config::ConfigArg,
 }
 
 /// `--json` output: the report and the store requests it cost.
@@ -85,7 +87,7 @@ struct Output<'a> {
 }
 
 pub async fn journal_trim(args: JournalTrimArgs) -> anyhow::Result<()> {
-    let store = Arc::new(CountingStore::new(args.journal.open().await?));
+    let store = Arc::new(CountingStore::new(args.journal.open_for_command().await?));
     let manifest = Manifest::load(store.as_ref()).await?;
     let opts = JournalTrimOptions {
         retain_ns: args.retain.as_nanos() as u64,
@@ -108,8 +110,9 @@ pub async fn journal_trim(args: JournalTrimArgs) -> anyhow::Result<()> {
 }
 
 pub async fn undo_trim(args: UndoTrimArgs) -> anyhow::Result<()> {
-    let journal = args.journal.open().await?;
-    let undo: Arc<dyn ObjectStore> = open_store(&args.undo, &args.journal.s3.options()).await?;
+    let journal = args.journal.open_for_command().await?;
+    let undo: Arc<dyn ObjectStore> =
+        open_store_for_command(&args.undo, &args.journal.s3.options()).await?;
     let undo = Arc::new(CountingStore::new(undo));
     let opts = UndoTrimOptions {
         retain_ns: args.retain.as_nanos() as u64,
@@ -121,7 +124,7 @@ pub async fn undo_trim(args: UndoTrimArgs) -> anyhow::Result<()> {
 }
 
 pub async fn unregister(args: UnregisterArgs) -> anyhow::Result<()> {
-    let store = args.journal.open().await?;
+    let store = args.journal.open_for_command().await?;
     let state = consumer::load(store.as_ref(), &args.name).await?;
     consumer::unregister(store.as_ref(), &args.name).await?;
     println!(
