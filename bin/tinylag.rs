@@ -15,7 +15,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 #[path = "tinylag/mod.rs"]
 mod cmd;
 
-use cmd::args::UsageError;
+use cmd::args::{UsageError, GLOBAL_OPTIONS};
 use cmd::output::{error_text, ColorChoice, LogFormat};
 use cmd::{
     config, control_cmd, init, journal_cmd, replay, serve, shell_docs, status, timetravel, trim, up,
@@ -29,7 +29,13 @@ struct Cli {
     /// Log filter (error, warn, info, debug, trace, or a tracing filter like tinylag=debug)
     /// [default: $RUST_LOG, else info]. The AWS SDK's own chatter (e.g. "no IMDS here") is
     /// kept at error unless named.
-    #[arg(long, global = true, env = "TINYLAG_LOG", value_name = "FILTER")]
+    #[arg(
+        long,
+        global = true,
+        env = "TINYLAG_LOG",
+        value_name = "FILTER",
+        help_heading = GLOBAL_OPTIONS
+    )]
     log: Option<String>,
     /// Log lines as text, or as one JSON object per line on stderr (with json, banners,
     /// reports and the final error are JSON objects too, so a daemon writes JSON lines only).
@@ -39,7 +45,8 @@ struct Cli {
         value_enum,
         default_value = "text",
         value_name = "text|json",
-        hide_possible_values = true
+        hide_possible_values = true,
+        help_heading = GLOBAL_OPTIONS
     )]
     log_format: LogFormat,
     /// Colours in log lines.
@@ -48,7 +55,8 @@ struct Cli {
         global = true,
         value_enum,
         default_value = "auto",
-        value_name = "WHEN"
+        value_name = "auto|always|never",
+        help_heading = GLOBAL_OPTIONS
     )]
     color: ColorChoice,
     #[command(subcommand)]

@@ -11,6 +11,14 @@
 //! - a rule that ties several flags together and cannot be said with clap's `requires` /
 //!   `conflicts_with` returns [`usage`] from `run`: printed like clap's own errors, exit 2.
 //! - everything else is a runtime error, printed once by `main` as `tinylag: error: …`.
+//!
+//! How a flag is shown in `--help` and the man pages (so every command reads alike):
+//! - one placeholder per kind of value: `value_name = "DURATION"` for every duration, `SIZE`,
+//!   `PATH`, `FILE`, `DIR`, `URI`, `TIME`, `NAME`, `N` (a count), `ADDR`; a choice shows its
+//!   values (`value_name = "off|on|require"`). Clap's default (the field's name) is never left.
+//! - a command's own flags under "Options"; flags every command takes (`--log`, `--color`,
+//!   declared `global` in bin/tinylag.rs) under [`GLOBAL_OPTIONS`]; the S3 connection flags
+//!   under [`S3_OPTIONS`] (`help_heading = …` on the flag).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,9 +26,14 @@ use std::time::Duration;
 
 use clap::Args;
 use tinylag::nbd::{ListenAddr, NbdError, Security, SecurityOptions, TlsMode};
-use tinylag::store::{open_store, ObjectStore, S3Options, StoreUri};
+use tinylag::store::{open_store, open_store_for_command, ObjectStore, S3Options, StoreUri};
 use tinylag::writer::MaxLag;
 use tinylag::writer::MIN_POOL_SIZE;
+
+/// The `--help` heading of the flags every command takes.
+pub const GLOBAL_OPTIONS: &str = "Global options";
+/// The `--help` heading of the S3 connection flags.
+pub const S3_OPTIONS: &str = "S3 options";
 
 /// Where the journal is and how to reach S3.
 #[derive(Debug, Clone, Args)]
@@ -36,13 +49,13 @@ pub struct JournalArgs {
 #[derive(Debug, Clone, Args)]
 pub struct S3Args {
     /// S3 endpoint URL (default: AWS, or the standard AWS_ENDPOINT_URL).
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", help_heading = S3_OPTIONS)]
     pub s3_endpoint: Option<String>,
     /// S3 region (default: the standard AWS chain, else us-east-1).
-    #[arg(long, value_name = "REGION")]
+    #[arg(long, value_name = "REGION", help_heading = S3_OPTIONS)]
     pub s3_region: Option<String>,
     /// Force path-style addressing (automatic for IP and localhost endpoints).
-    #[arg(long)]
+    #[arg(long, help_heading = S3_OPTIONS)]
     pub s3_path_style: bool,
 }
 
@@ -57,8 +70,15 @@ impl S3Args {
 }
 
 impl JournalArgs {
+    /// The journal, for a daemon: transient failures get the full retry budget.
     pub async fn open(&self) -> anyhow::Result<Arc<dyn ObjectStore>> {
         Ok(open_store(&self.journal, &self.s3.options()).await?)
+    }
+
+    /// The journal, for a command an operator waits on: an unreachable store fails within
+    /// about a second, with one line.
+    pub async fn open_for_command(&self) -> anyhow::Result<Arc<dyn ObjectStore>> {
+        Ok(open_store_for_command(&self.journal, &self.s3.options()).await?)
     }
 }
 
@@ -174,7 +194,7 @@ pub struct TlsArgs {
     #[arg(long)]
     pub tls_verify_peer: bool,
     /// Allow plaintext NBD on a TCP address other hosts can reach (refused otherwise):
-    /// anyone who reaches it can read and overwrite the disk.
+    /// anyone who reaches it can read the disk (and, but for a read-only mount, overwrite it).
     #[arg(long)]
     pub insecure_no_tls: bool,
     /// A client that has not chosen an export this long after connecting (TLS handshake
@@ -187,12 +207,19 @@ impl TlsArgs {
     /// Loads the credentials and refuses plaintext on an address other hosts reach
     /// (unless --insecure-no-tls).
     pub fn security(&self, listen: &ListenAddr) -> anyhow::Result<Security> {
+        self.security_of(listen, false)
+    }
+
+    /// [`Self::security`] of a server whose clients cannot change the disk (`read_only`):
+    /// its refusal and warning speak of reading the disk.
+    pub fn security_of(&self, listen: &ListenAddr, read_only: bool) -> anyhow::Result<Security> {
         Ok(Security::new(
             &SecurityOptions {
                 mode: self.tls,
                 certificates: self.tls_certificates.clone(),
                 verify_peer: self.tls_verify_peer,
                 insecure_no_tls: self.insecure_no_tls,
+                read_only,
                 handshake_timeout: Some(self.handshake_timeout),
             },
             listen,

@@ -78,7 +78,7 @@ pub struct VerifyArgs {
     #[arg(long, default_value = "all", value_name = "LIST|all", value_parser = parse_regions)]
     pub regions: RegionList,
     /// Read the primary at most this fast (bytes per second, e.g. 200M); 0 = unpaced.
-    #[arg(long, default_value = "200M", value_parser = parse_size)]
+    #[arg(long, default_value = "200M", value_name = "SIZE", value_parser = parse_size)]
     pub rate: u64,
     /// Afterwards re-journal the same regions as a resync span, repairing every replica.
     #[arg(long)]

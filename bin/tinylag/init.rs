@@ -26,7 +26,7 @@ pub struct InitArgs {
     #[arg(long, value_name = "SIZE", default_value = "4M", value_parser = parse_size, allow_hyphen_values = true)]
     pub region_size: u64,
     /// Splay width W: segment uploads in flight, and stripes of the journal.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+    #[arg(long, default_value_t = 4, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
     pub splay: u32,
     /// Target segment size.
     #[arg(long, value_name = "SIZE", default_value = "8M", value_parser = parse_size, allow_hyphen_values = true)]
@@ -87,7 +87,7 @@ pub async fn run(args: InitArgs) -> anyhow::Result<()> {
         }
         None => false,
     };
-    let store = args.journal.open().await?;
+    let store = args.journal.open_for_command().await?;
     manifest.create(store.as_ref()).await?;
     if let (true, Some(path)) = (create_primary, &args.primary) {
         FileDevice::create_sparse(path, args.size).context("--primary")?;

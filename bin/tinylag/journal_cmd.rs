@@ -60,7 +60,7 @@ pub struct InspectArgs {
     #[arg(long, value_name = "N", conflicts_with = "from_time")]
     pub seq: Option<u64>,
     /// Start at the first segment holding a record at or after T (RFC 3339, @unix, or "10m ago").
-    #[arg(long, value_name = "T", value_parser = parse_time)]
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
     pub from_time: Option<u64>,
     /// Stop after this many records.
     #[arg(long, value_name = "N")]
@@ -81,7 +81,7 @@ pub async fn run(cmd: JournalCommand) -> anyhow::Result<()> {
 }
 
 async fn info(args: InfoArgs) -> anyhow::Result<()> {
-    let store = args.journal.open().await?;
+    let store = args.journal.open_for_command().await?;
     let manifest = Manifest::load(store.as_ref()).await?;
     let info = gather(store.as_ref(), &manifest).await?;
     if args.json {
@@ -211,7 +211,7 @@ struct RecordLine {
 }
 
 async fn inspect(args: InspectArgs) -> anyhow::Result<()> {
-    let store = args.journal.open().await?;
+    let store = args.journal.open_for_command().await?;
     let manifest = Manifest::load(store.as_ref()).await?;
     let trim = load_trim_pointer(store.as_ref()).await?;
     let reader = JournalReader::new(store.clone(), manifest.clone());
@@ -293,7 +293,7 @@ async fn inspect(args: InspectArgs) -> anyhow::Result<()> {
 }
 
 async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
-    let store = args.journal.open().await?;
+    let store = args.journal.open_for_command().await?;
     let manifest = Manifest::load(store.as_ref()).await?;
     let report =
         tinylag::journal::verify::verify_journal(store.as_ref(), &manifest, args.from_seq, |_| {})

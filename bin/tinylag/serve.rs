@@ -54,7 +54,7 @@ pub struct ServeArgs {
     pub s3: S3Args,
     /// How the primary is served: nbd (a socket, see --listen) or ublk (a local
     /// /dev/ublkbN; needs the kernel's ublk_drv).
-    #[arg(long, value_enum, default_value = "nbd")]
+    #[arg(long, value_enum, default_value = "nbd", value_name = "nbd|ublk")]
     pub frontend: Frontend,
     #[command(flatten)]
     pub ublk: UblkArgs,
@@ -131,7 +131,7 @@ pub struct ServeArgs {
     /// Term of this writer's lease on the journal, renewed every third of it (one request).
     /// Another `serve` waits this long after this one vanishes without a clean stop (unless
     /// on the same host, where a dead pid frees the lease at once).
-    #[arg(long, default_value = "15s", value_parser = parse_lease_time)]
+    #[arg(long, default_value = "15s", value_name = "DURATION", value_parser = parse_lease_time)]
     pub lease_time: Duration,
     #[command(flatten)]
     pub metrics: MetricsArgs,
@@ -250,12 +250,6 @@ pub async fn run_with(args: ServeArgs, shared: Option<Arc<Hub>>) -> anyhow::Resu
             .unwrap_or_else(|| "disk0".to_string())
     });
     let engine = tinylag::block::engine::select()?;
-    tracing::info!(
-        engine = %engine.engine,
-        reason = %engine.reason,
-        "primary I/O engine: {}",
-        engine.engine
-    );
     let device = FileDevice::open(
         &args.primary,
         FileOptions {
@@ -320,6 +314,13 @@ pub async fn run_with(args: ServeArgs, shared: Option<Arc<Hub>>) -> anyhow::Resu
             return Err(e.into());
         }
     }
+    // Only now, so that a refused start (sockets or lease taken) prints nothing but its error.
+    tracing::info!(
+        engine = %engine.engine,
+        reason = %engine.reason,
+        "primary I/O engine: {}",
+        engine.engine
+    );
     let setup = journal.map(|(_, manifest)| {
         let keeper = keeper.as_ref().expect("a keeper with every journal");
         let mut writer = WriterConfig::for_manifest(&manifest);

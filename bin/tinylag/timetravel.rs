@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tinylag::clock::{Clock, SystemClock};
 use tinylag::nbd::{self, Export, ListenAddr, NbdServer};
 use tinylag::store::local::LocalStore;
-use tinylag::store::{open_store, ObjectStore, StoreUri};
+use tinylag::store::{open_store_for_command, ObjectStore, StoreUri};
 use tinylag::timetravel::restore::{self, Direction, Stage};
 use tinylag::timetravel::view::TimeView;
 use tinylag::timetravel::{timeline, Point, Sources, Target};
@@ -74,9 +74,9 @@ fn beside(path: &Path, suffix: &str) -> PathBuf {
 impl ReplicaArgs {
     /// Opens the journal, the consumer and the undo log (nothing is created).
     pub async fn open(&self) -> anyhow::Result<Sources> {
-        let journal = self.journal.open().await?;
+        let journal = self.journal.open_for_command().await?;
         let undo: Arc<dyn ObjectStore> = match &self.undo {
-            Some(uri) => open_store(uri, &self.journal.s3.options()).await?,
+            Some(uri) => open_store_for_command(uri, &self.journal.s3.options()).await?,
             None => {
                 let replica = std::path::absolute(&self.replica)?;
                 Arc::new(LocalStore::new(beside(&replica, ".undo")))
@@ -113,10 +113,12 @@ pub struct RestoreArgs {
     pub json: bool,
 }
 
-/// Progress on a terminal (a bar) or as plain lines (every tenth, per stage).
+/// Progress on a terminal (a bar); elsewhere (a log, a pipe) one summary line per stage, once
+/// it is done.
 struct Reporter {
     bar: Option<ProgressBar>,
-    last: Mutex<(Option<Stage>, u64)>,
+    /// The stages whose summary line is printed.
+    finished: Mutex<Vec<Stage>>,
 }
 
 impl Reporter {
@@ -132,15 +134,15 @@ impl Reporter {
         });
         Reporter {
             bar,
-            last: Mutex::new((None, 0)),
+            finished: Mutex::new(Vec::new()),
         }
     }
 
     fn report(&self, stage: Stage, done: u64, total: u64) {
-        let name = match stage {
-            Stage::Copy => "copy",
-            Stage::Undo => "undo",
-            Stage::Journal => "journal",
+        let (name, unit) = match stage {
+            Stage::Copy => ("copy", "bytes of the replica copied"),
+            Stage::Undo => ("undo", "undo segments applied"),
+            Stage::Journal => ("journal", "journal segments applied"),
         };
         if let Some(bar) = &self.bar {
             bar.set_message(name);
@@ -148,11 +150,10 @@ impl Reporter {
             bar.set_position(done);
             return;
         }
-        let tenth = (done * 10).checked_div(total).unwrap_or(10);
-        let mut last = self.last.lock().expect("not poisoned");
-        if last.0 != Some(stage) || tenth > last.1 {
-            *last = (Some(stage), tenth);
-            eprintln!("{name}: {done}/{total}");
+        let mut finished = self.finished.lock().expect("not poisoned");
+        if done >= total && !finished.contains(&stage) {
+            finished.push(stage);
+            eprintln!("{name}: done, {done} {unit}");
         }
     }
 }
@@ -250,7 +251,7 @@ pub struct MountArgs {
     pub point: PointArgs,
     /// How the past disk is served: nbd (a socket, see --listen) or ublk (a local
     /// /dev/ublkbN, read-only unless --writable; needs the kernel's ublk_drv).
-    #[arg(long, value_enum, default_value = "nbd")]
+    #[arg(long, value_enum, default_value = "nbd", value_name = "nbd|ublk")]
     pub frontend: Frontend,
     #[command(flatten)]
     pub ublk: UblkArgs,
@@ -265,7 +266,7 @@ pub struct MountArgs {
     pub export: Option<String>,
     /// Accept writes into this new copy-on-write scratch file (without it, writes get
     /// EPERM). The replica, undo log and journal are never written either way.
-    #[arg(long, value_name = "SCRATCH")]
+    #[arg(long, value_name = "PATH")]
     pub writable: Option<PathBuf>,
 }
 
@@ -304,7 +305,7 @@ pub async fn run_mount(args: MountArgs) -> anyhow::Result<()> {
         )),
     };
     // Before anything is opened: plaintext on an address other hosts reach is refused.
-    let security = args.tls.security(&listen)?;
+    let security = args.tls.security_of(&listen, args.writable.is_none())?;
     let (sources, point) = open_at(&args.replica, &args.point).await?;
     let export = args.export.clone().unwrap_or_else(|| {
         sources

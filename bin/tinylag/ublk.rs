@@ -24,7 +24,7 @@ pub struct UblkArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub queues: Option<u16>,
     /// ublk: requests in flight per queue [default: 64].
-    #[arg(long, value_name = "D", value_parser = clap::value_parser!(u16).range(1..=4096))]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=4096))]
     pub depth: Option<u16>,
     /// ublk: the largest read or write the kernel sends in one request [default: 512K].
     #[arg(long, value_name = "SIZE", value_parser = parse_io_buf_size)]
