@@ -917,6 +917,31 @@ async fn retry_gives_up_after_its_attempts() {
     store.list("", None, 10).await.expect("store back");
 }
 
+/// A one-shot command's store: while it has never answered, the short first-contact budget
+/// applies and the error says what was spent; once it has answered, the full budget does.
+#[tokio::test]
+async fn a_store_that_never_answered_fails_fast_then_gets_the_full_budget() {
+    let flaky = flaky_memory();
+    let quick = RetryPolicy {
+        max_attempts: 2,
+        base_delay: Duration::from_millis(1),
+        max_delay: Duration::from_millis(1),
+    };
+    let store = quick_retries(flaky.clone(), 6).failing_fast_at_first(quick);
+    flaky.fail_all(Some(FailureKind::Transient));
+    let err = store.get("k").await.expect_err("store down");
+    assert!(err.is_transient(), "{err}");
+    assert!(err.to_string().contains("(gave up after 2 attempts in "), "{err}");
+    assert_eq!(flaky.calls(), 2);
+    flaky.fail_all(None);
+    assert!(store.get("k").await.expect_err("missing").is_not_found());
+    flaky.fail_all(Some(FailureKind::Transient));
+    let before = flaky.calls();
+    let err = store.get("k").await.expect_err("store down again");
+    assert!(err.to_string().contains("(gave up after 6 attempts in "), "{err}");
+    assert_eq!(flaky.calls() - before, 6);
+}
+
 #[tokio::test]
 async fn retry_does_not_retry_permanent_errors() {
     let flaky = flaky_memory();
