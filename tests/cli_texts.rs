@@ -227,3 +227,48 @@ tinylag: error: cannot listen on unix:[DIR]/p.img.sock: another server is listen
     let status = first.terminate(Duration::from_secs(30)).unwrap();
     assert!(status.success(), "the first serve exited with {status}");
 }
+
+/// The man pages carry EXAMPLES, EXIT STATUS, ENVIRONMENT, FILES and SEE ALSO, and show a
+/// required flag as required, with its value.
+#[test]
+fn man_pages_have_the_operator_sections() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tinylag"))
+        .args(["manpage", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let page = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap();
+    let serve = page("tinylag-serve.1");
+    for section in [
+        "EXAMPLES",
+        "EXIT STATUS",
+        "ENVIRONMENT",
+        "FILES",
+        "SEE ALSO",
+    ] {
+        assert!(
+            serve.contains(&format!(".SH \"{section}\""))
+                || serve.contains(&format!(".SH {section}")),
+            "serve lacks {section}:\n{serve}"
+        );
+    }
+    assert!(serve.contains("AWS_ACCESS_KEY_ID"), "{serve}");
+    assert!(serve.contains("tinylag(1)"), "{serve}");
+    let info = page("tinylag-journal-info.1");
+    let synopsis = info
+        .split(".SH SYNOPSIS")
+        .nth(1)
+        .and_then(|s| s.lines().nth(1))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        synopsis.starts_with(r"\fBtinylag journal info\fR \fB\-\-journal\fR\fI URI\fR"),
+        "{synopsis}"
+    );
+    assert!(info.contains("Required."), "{info}");
+}

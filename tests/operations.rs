@@ -377,7 +377,9 @@ fn the_systemd_units_pass_systemd_analyze_verify() {
             "tinylag-journal-trim@.service",
             "tinylag-journal-trim@.timer",
             "tinylag-replay@.service",
-            "tinylag-serve@.service"
+            "tinylag-serve@.service",
+            "tinylag-undo-trim@.service",
+            "tinylag-undo-trim@.timer"
         ]
     );
     let problems = verify_units(&units, &man);

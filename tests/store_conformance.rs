@@ -931,14 +931,20 @@ async fn a_store_that_never_answered_fails_fast_then_gets_the_full_budget() {
     flaky.fail_all(Some(FailureKind::Transient));
     let err = store.get("k").await.expect_err("store down");
     assert!(err.is_transient(), "{err}");
-    assert!(err.to_string().contains("(gave up after 2 attempts in "), "{err}");
+    assert!(
+        err.to_string().contains("(gave up after 2 attempts in "),
+        "{err}"
+    );
     assert_eq!(flaky.calls(), 2);
     flaky.fail_all(None);
     assert!(store.get("k").await.expect_err("missing").is_not_found());
     flaky.fail_all(Some(FailureKind::Transient));
     let before = flaky.calls();
     let err = store.get("k").await.expect_err("store down again");
-    assert!(err.to_string().contains("(gave up after 6 attempts in "), "{err}");
+    assert!(
+        err.to_string().contains("(gave up after 6 attempts in "),
+        "{err}"
+    );
     assert_eq!(flaky.calls() - before, 6);
 }
 

@@ -282,10 +282,26 @@ fn every_unit_runs_a_command_line_the_readme_config_completes() {
 
 #[test]
 fn every_man_page_example_parses() {
+    // `--config /etc/tinylag/db1.toml` is the README's example file.
+    let (instance, example_config) = readme_config(&read(&repo_file("README.md")));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join(format!("{instance}.toml"));
+    std::fs::write(&file, example_config).unwrap();
+    let installed = format!("/etc/tinylag/{instance}.toml");
     let mut problems = Vec::new();
     for example in crate::cmd::shell_docs::EXAMPLES {
         for command in shell_commands(example.command) {
-            let argv = tinylag_argv(&command).expect("an example runs tinylag");
+            let argv: Vec<String> = tinylag_argv(&command)
+                .expect("an example runs tinylag")
+                .into_iter()
+                .map(|a| {
+                    if a == installed {
+                        file.display().to_string()
+                    } else {
+                        a
+                    }
+                })
+                .collect();
             if let Some(why) = refusal(&argv) {
                 problems.push(format!("`{}`:\n{why}", example.command));
             }

@@ -76,7 +76,11 @@ fn render_page(cmd: &Command, out: &mut dyn Write) -> std::io::Result<()> {
     let mut roff = Roff::new();
     let examples: Vec<&Example> = EXAMPLES
         .iter()
-        .filter(|e| e.command.starts_with(&format!("tinylag {path}")))
+        .filter(|e| {
+            let rest = e.command.strip_prefix("tinylag").unwrap_or_default();
+            let rest = rest.trim_start().strip_prefix(path.as_str()).unwrap_or("-");
+            path.is_empty() || rest.is_empty() || rest.starts_with(' ')
+        })
         .collect();
     if !examples.is_empty() {
         roff.control("SH", ["EXAMPLES"]);
