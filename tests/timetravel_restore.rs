@@ -75,7 +75,22 @@ fn tree(dir: &Path) -> Vec<(PathBuf, u64)> {
 /// Restores to `point` into a fresh file under `dir` and checks it is `phase`'s image.
 fn restore_is(journal: &TestJournal, replica: &Path, dir: &Path, point: &[&str], phase: &PhaseEnd) {
     let out = dir.join(format!("out-{}", rand_name()));
-    run_ok(&restore_args(journal, replica, point, &out));
+    let said = run_ok(&restore_args(journal, replica, point, &out));
+    // Not a terminal: one summary line per stage, no running `copy: N/M` counts.
+    let stderr = String::from_utf8_lossy(&said.stderr);
+    assert!(
+        stderr.contains("copy: done, "),
+        "restore {point:?}: {stderr}"
+    );
+    for line in stderr.lines() {
+        let stage = line.split(':').next().unwrap_or_default();
+        if ["copy", "undo", "journal"].contains(&stage) {
+            assert!(
+                line.starts_with(&format!("{stage}: done, ")),
+                "restore {point:?}: {line}"
+            );
+        }
+    }
     assert_phase(&out, phase, &format!("restore {point:?}"));
     std::fs::remove_file(&out).unwrap();
 }
