@@ -165,7 +165,7 @@ fn an_unreachable_endpoint_fails_fast_with_one_line() {
     snapbox::assert_data_eq!(
         err,
         snapbox::str![[r#"
-tinylag: error: transient error on tinylag.json in s3://bucket/j/: dispatch failure: io error: client error (Connect): tcp connect error: Connection refused (os error 111); is the S3 endpoint right and up? (--s3-endpoint URL, or AWS_ENDPOINT_URL) (gave up after 3 attempts in [..] s)
+tinylag: error: transient error on tinylag.json in s3://bucket/j/: dispatch failure: io error: client error (Connect): tcp connect error: Connection refused (os error 111); is the S3 endpoint right and up? (--s3-endpoint URL, or AWS_ENDPOINT_URL) (gave up after 4 attempts in [..] s)
 
 "#]]
     );

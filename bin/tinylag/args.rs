@@ -76,7 +76,7 @@ impl JournalArgs {
     }
 
     /// The journal, for a command an operator waits on: an unreachable store fails within
-    /// about a second, with one line.
+    /// two seconds, with one line.
     pub async fn open_for_command(&self) -> anyhow::Result<Arc<dyn ObjectStore>> {
         Ok(open_store_for_command(&self.journal, &self.s3.options()).await?)
     }

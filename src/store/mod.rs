@@ -93,8 +93,8 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// A transient error that ended a retry loop, saying so: "… (gave up after 3 attempts in
-    /// 0.6 s)". Other errors (an answer after retries) are returned as they are.
+    /// A transient error that ended a retry loop, saying so: "… (gave up after 4 attempts in
+    /// 1.6 s)". Other errors (an answer after retries) are returned as they are.
     pub fn after_attempts(self, attempts: u32, spent: std::time::Duration) -> StoreError {
         match self {
             StoreError::Transient {

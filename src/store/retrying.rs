@@ -6,7 +6,7 @@
 //! A command an operator waits on (`journal info`, `restore`, …) opens its stores
 //! [failing fast at first](RetryingStore::failing_fast_at_first): until a store has answered
 //! once, a transient failure (an unreachable endpoint) gets a short, quiet retry budget, so
-//! the command fails in about a second with one line instead of logging a WARN per retry for
+//! the command fails within two seconds with one line instead of logging a WARN per retry for
 //! a quarter of a minute. Once the store has answered, the full budget applies. The error a
 //! spent budget returns says how many attempts over how long.
 //!
@@ -49,13 +49,14 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// For a store that has never answered, in a command an operator waits on: three
-    /// attempts, 200 ms then 400 ms apart (about 0.6 s of retries).
+    /// For a store that has never answered, in a command an operator waits on: four
+    /// attempts, 250 ms, 500 ms and 1 s apart at most (under 2 s of retries: enough for a
+    /// server still starting or a first request throttled, short enough to wait for).
     pub fn first_contact() -> Self {
         RetryPolicy {
-            max_attempts: 3,
-            base_delay: Duration::from_millis(200),
-            max_delay: Duration::from_millis(400),
+            max_attempts: 4,
+            base_delay: Duration::from_millis(250),
+            max_delay: Duration::from_secs(1),
         }
     }
 

@@ -185,7 +185,7 @@ pub async fn open_store(
 }
 
 /// Like [`open_store`], for a command an operator waits on (`journal info`, `restore`): a
-/// store that has never answered fails within about a second, quietly retried
+/// store that has never answered fails within two seconds, quietly retried
 /// ([`RetryingStore::failing_fast_at_first`]), instead of after the daemons' full budget.
 pub async fn open_store_for_command(
     uri: &StoreUri,
