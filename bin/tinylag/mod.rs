@@ -3,6 +3,7 @@
 pub mod args;
 pub mod config;
 pub mod control_cmd;
+pub mod freeze;
 pub mod init;
 pub mod journal_cmd;
 pub mod log_redact;
