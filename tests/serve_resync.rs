@@ -515,6 +515,15 @@ async fn ext4_replica_copies_stay_clean_through_a_store_outage() {
 
     // The workload: files of 16-256 KiB written, some synced, old ones deleted.
     let stop = Arc::new(AtomicBool::new(false));
+    /// Stops the workload when the test fails first, so it does not keep the unmount busy
+    /// (dropped before `cleanup`, which was declared earlier).
+    struct StopOnDrop(Arc<AtomicBool>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+    let _stop_on_failure = StopOnDrop(stop.clone());
     let workload = {
         let (stop, mnt) = (stop.clone(), mnt.clone());
         std::thread::spawn(move || {
