@@ -126,3 +126,59 @@ fn process_alive(pid: &str) -> bool {
         })
         .unwrap_or(false)
 }
+
+/// `scripts/check-leftovers` (the end of `scripts/test`) names a mount under the run's
+/// temporary directory and a process carrying the run's marker, fails while they are there,
+/// and passes once they are gone.
+#[test]
+fn the_leftover_check_names_what_a_run_left_and_passes_once_it_is_gone() {
+    let work = tempfile::tempdir().unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/check-leftovers");
+    let marker = format!("TINYLAG_TEST_RUN=leftover-check-{}", std::process::id());
+    let check = || {
+        let out = Command::new(script)
+            .args([work.path().as_os_str(), marker.as_ref()])
+            .output()
+            .unwrap();
+        (out.status.code(), text(&out))
+    };
+    assert_eq!(
+        check(),
+        (Some(0), String::new()),
+        "a clean directory passes"
+    );
+
+    let mnt = work.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mut cleanup = support::teardown::Cleanup::default();
+    cleanup.unmount(&mnt);
+    support::nbd::run_ok(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "leftover-test"])
+            .arg(&mnt),
+    );
+    // A program named like one the suite starts, with the run's marker in its environment.
+    let named = work.path().join("nbdfuse");
+    std::fs::copy("/bin/sleep", &named).unwrap();
+    let (name, value) = marker.split_once('=').unwrap();
+    let mut process = support::procs::ChildGuard::spawn(
+        "a leftover",
+        Command::new(&named).arg("600").env(name, value),
+    )
+    .unwrap();
+    let (code, report) = check();
+    assert_eq!(code, Some(1), "{report}");
+    assert!(
+        report.contains(&format!("mount: {}", mnt.display()))
+            && report.contains(&format!("process: {}", process.pid())),
+        "{report}"
+    );
+
+    cleanup.run_all();
+    process.terminate(Duration::from_secs(5)).unwrap();
+    assert_eq!(
+        check(),
+        (Some(0), String::new()),
+        "nothing left, so it passes"
+    );
+}
