@@ -98,7 +98,8 @@ install_build_deps() {
 # The real clients and tools the tests drive: NBD clients, fio, a FUSE/loop/ext4 toolchain,
 # openssl (test certificates for NBD over TLS), setpriv (a client under another uid),
 # systemd-analyze (the unit files are verified), man (the generated man pages render) and
-# prometheus + promtool (a real Prometheus scrapes --metrics-listen; Debian's package).
+# prometheus + promtool (a real Prometheus scrapes --metrics-listen; Debian's package),
+# fsfreeze (mark --freeze) and curl (the README's S3 walkthrough creates its bucket with it).
 install_system_tools() {
     local missing=()
     local tool pkg
@@ -106,7 +107,7 @@ install_system_tools() {
         nbdfuse:nbdfuse nbdkit:nbdkit fio:fio mkfs.ext4:e2fsprogs e2fsck:e2fsprogs \
         debugfs:e2fsprogs fusermount3:fuse3 losetup:mount python3:python3 openssl:openssl \
         setpriv:util-linux systemd-analyze:systemd man:man-db prometheus:prometheus \
-        promtool:prometheus; do
+        promtool:prometheus dumpe2fs:e2fsprogs fsfreeze:util-linux curl:curl; do
         tool="${pair%%:*}"
         pkg="${pair##*:}"
         if ! command -v "$tool" >/dev/null 2>&1; then

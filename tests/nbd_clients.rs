@@ -325,7 +325,7 @@ fn block_device_target_served_over_nbd() {
         .trim()
         .to_owned();
     let mut cleanup = Cleanup::default();
-    cleanup.push("losetup", &["-d", &loop_dev]);
+    cleanup.detach_loop(&loop_dev);
 
     let device = tinylag::block::file::FileDevice::open(
         Path::new(&loop_dev),

@@ -500,7 +500,7 @@ async fn ext4_replica_copies_stay_clean_through_a_store_outage() {
         &daemon.uri(),
     ]));
     let mut cleanup = Cleanup::default();
-    cleanup.push("fusermount3", &["-u", path(&fuse_dir)]);
+    cleanup.unmount_fuse(&fuse_dir);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !pidfile.exists() {
         assert!(Instant::now() < deadline, "nbdfuse did not get ready");
@@ -508,13 +508,22 @@ async fn ext4_replica_copies_stay_clean_through_a_store_outage() {
     }
     let out = run_cmd_ok(Command::new("losetup").args(["-f", "--show", path(&nbd_file)]));
     let loop_dev = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    cleanup.push("losetup", &["-d", &loop_dev]);
+    cleanup.detach_loop(&loop_dev);
     run_cmd_ok(Command::new("mkfs.ext4").args(["-q", &loop_dev]));
+    cleanup.unmount(&mnt);
     run_cmd_ok(Command::new("mount").args([&loop_dev, path(&mnt)]));
-    cleanup.push("umount", &[path(&mnt)]);
 
     // The workload: files of 16-256 KiB written, some synced, old ones deleted.
     let stop = Arc::new(AtomicBool::new(false));
+    /// Stops the workload when the test fails first, so it does not keep the unmount busy
+    /// (dropped before `cleanup`, which was declared earlier).
+    struct StopOnDrop(Arc<AtomicBool>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+    let _stop_on_failure = StopOnDrop(stop.clone());
     let workload = {
         let (stop, mnt) = (stop.clone(), mnt.clone());
         std::thread::spawn(move || {
@@ -616,9 +625,7 @@ async fn ext4_replica_copies_stay_clean_through_a_store_outage() {
     }
     stop.store(true, Ordering::Release);
     let files = workload.join().unwrap();
-    cleanup.run_last(); // umount
-    cleanup.run_last(); // losetup -d
-    cleanup.run_last(); // fusermount3 -u
+    cleanup.run_all(); // umount, losetup -d, fusermount3 -u
     let exited = nbdfuse.wait(CLIENT_TIMEOUT);
     assert!(exited.status.success(), "nbdfuse: {}", exited.status);
     let status = daemon.wait_status(Duration::from_secs(90), "logging again", |s| {

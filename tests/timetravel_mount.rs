@@ -414,13 +414,13 @@ async fn ext4_through_nbdfuse_and_a_loop_device_shows_the_phase_files() {
         &mount.uri(),
     ]));
     let mut cleanup = Cleanup::default();
-    cleanup.push("fusermount3", &["-u", &s(&fuse_dir)]);
+    cleanup.unmount_fuse(&fuse_dir);
     wait_for_path(&pidfile, Duration::from_secs(30)).unwrap();
     let out = run_cmd(Command::new("losetup").args(["-r", "-f", "--show", &s(&nbd_file)]));
     let loop_dev = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    cleanup.push("losetup", &["-d", &loop_dev]);
+    cleanup.detach_loop(&loop_dev);
+    cleanup.unmount(&mnt);
     run_cmd(Command::new("mount").args(["-t", "ext4", "-o", "ro,noload", &loop_dev, &s(&mnt)]));
-    cleanup.push("umount", &[&s(&mnt)]);
     for (rel, content) in &v1 {
         let got = std::fs::read(mnt.join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"));
         assert!(got == *content, "{rel} differs in the mounted phase");
@@ -428,9 +428,7 @@ async fn ext4_through_nbdfuse_and_a_loop_device_shows_the_phase_files() {
     for (rel, _) in &v2 {
         assert!(!mnt.join(rel).exists(), "{rel} of the later phase shows");
     }
-    cleanup.run_last(); // umount
-    cleanup.run_last(); // losetup -d
-    cleanup.run_last(); // fusermount3 -u
+    cleanup.run_all(); // umount, losetup -d, fusermount3 -u
     let exited = nbdfuse.wait(CLIENT_TIMEOUT);
     assert!(
         exited.status.success(),

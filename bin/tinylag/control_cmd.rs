@@ -1,5 +1,6 @@
 //! `tinylag mark`, `tinylag verify` and `tinylag resync`: clients of a running `serve`'s
-//! control socket (see `tinylag::writer::control_records` for what the daemon does).
+//! control socket (see `tinylag::writer::control_records` for what the daemon does); a mark's
+//! freezes and application hooks are in [`crate::cmd::freeze`].
 
 use std::path::PathBuf;
 
@@ -12,6 +13,7 @@ use tinylag::writer::control_records::{
 };
 
 use crate::cmd::args::parse_size;
+use crate::cmd::freeze::{self, ConsistencyArgs};
 use crate::cmd::serve::default_control_path;
 
 /// Where the daemon answers.
@@ -63,6 +65,8 @@ pub struct MarkArgs {
     pub name: String,
     #[command(flatten)]
     pub control: ControlArgs,
+    #[command(flatten)]
+    pub consistency: ConsistencyArgs,
 }
 
 fn parse_mark_name(s: &str) -> Result<String, String> {
@@ -101,10 +105,23 @@ fn parse_regions(s: &str) -> Result<RegionList, String> {
 }
 
 pub async fn mark(args: MarkArgs) -> anyhow::Result<()> {
-    let (done, raw): (MarkDone, _) = args
-        .control
-        .ask("mark", MarkRequest { name: args.name })
-        .await?;
+    if args.consistency.any() {
+        // Before any hook runs or anything is frozen: a daemon that is not there fails now.
+        let control = args.control.path();
+        std::os::unix::net::UnixStream::connect(&control).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach the serve daemon at {}: {e}; nothing was run or frozen",
+                control.display()
+            )
+        })?;
+    }
+    let request = args.control.ask(
+        "mark",
+        MarkRequest {
+            name: args.name.clone(),
+        },
+    );
+    let (done, raw): (MarkDone, _) = freeze::around(&args.consistency, request).await?;
     if args.control.json {
         println!("{}", serde_json::to_string_pretty(&raw)?);
     } else {

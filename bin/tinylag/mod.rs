@@ -5,6 +5,7 @@ pub mod config;
 pub mod control_cmd;
 #[cfg(test)]
 mod doc_examples;
+pub mod freeze;
 pub mod init;
 pub mod journal_cmd;
 pub mod log_redact;

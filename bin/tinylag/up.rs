@@ -128,7 +128,16 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let uri = args.tls.nbd_uri(&listen.parse()?, &export);
     let metrics = Endpoint::open(&args.metrics, None).await?;
     print_guide(
-        &dir, &primary, &journal, &replica, size, &listen, &uri, &export, &delay,
+        &dir,
+        &primary,
+        &journal,
+        &replica,
+        size,
+        manifest.block_size,
+        &listen,
+        &uri,
+        &export,
+        &delay,
     );
     let hub = metrics.as_ref().map(|m| m.hub.clone());
     let (metrics_stop, metrics_stopped) = tokio::sync::watch::channel(false);
@@ -256,6 +265,7 @@ fn print_guide(
     journal: &Path,
     replica: &Path,
     size: u64,
+    block_size: u32,
     listen: &str,
     uri: &str,
     export: &str,
@@ -291,9 +301,26 @@ fn print_guide(
         g,
         "  qemu-io -f raw '{uri}' -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M'"
     );
-    let _ = writeln!(g,
-        "  mkdir -p {m} && nbdfuse {m} '{uri}' &   # {m}/nbd is the disk as a file: losetup, mkfs, mount",
+    // mkfs and mount go on a loop device over nbdfuse's file, never on the file itself:
+    // nbdfuse refuses the unaligned writes mkfs makes through a file. The loop device takes
+    // the disk's block size, or it would send 512-byte requests a 4 KiB disk refuses.
+    let fs = dir.join("fs");
+    let _ = writeln!(
+        g,
+        "  mkdir -p {m} && nbdfuse {m} '{uri}' &   # {m}/nbd is the disk as a file",
         m = mnt.display()
+    );
+    let _ = writeln!(
+        g,
+        "  dev=$(losetup -b {block_size} -f --show {m}/nbd) && mkfs.ext4 -q \"$dev\" && mkdir -p {fs} && mount \"$dev\" {fs}   # as root; mkfs the loop device, not {m}/nbd",
+        m = mnt.display(),
+        fs = fs.display()
+    );
+    let _ = writeln!(
+        g,
+        "  umount {fs}; losetup -d \"$dev\"; fusermount3 -u {m}   # undo, in this order",
+        m = mnt.display(),
+        fs = fs.display()
     );
     if kernel_nbd {
         let _ = writeln!(g, "  {nbd_client}   # the kernel's nbd driver");
@@ -315,6 +342,7 @@ fn print_guide(
         replica.display()
     );
     let _ = writeln!(g, "  {me} journal info --journal {}", journal.display());
+    print_time_travel(&mut g, &me, dir, primary, journal, replica, export);
     let _ = writeln!(
         g,
         "stop: Ctrl-C (or SIGTERM); `{me} up --dir {}` resumes",
@@ -323,4 +351,39 @@ fn print_guide(
     for line in g.lines() {
         tell(line);
     }
+}
+
+/// The time-travel commands with this `up`'s own paths: a mark, the window, the disk as of the
+/// mark as a new file and served read-only without a copy (at `mount`'s default socket).
+#[allow(clippy::too_many_arguments)]
+fn print_time_travel(
+    g: &mut String,
+    me: &str,
+    dir: &Path,
+    primary: &Path,
+    journal: &Path,
+    replica: &Path,
+    export: &str,
+) {
+    const MARK: &str = "before-change";
+    let (j, r) = (journal.display(), replica.display());
+    let _ = writeln!(g, "time travel:");
+    let _ = writeln!(
+        g,
+        "  {me} mark {MARK} --primary {}   # a named point; --freeze MOUNTPOINT makes it file-system-consistent",
+        primary.display()
+    );
+    let _ = writeln!(g, "  {me} timeline --replica {r} --journal {j}");
+    let _ = writeln!(
+        g,
+        "  {me} restore --mark {MARK} --output {} --replica {r} --journal {j}   # or --at TIME",
+        dir.join(format!("{MARK}.img")).display()
+    );
+    let _ = writeln!(
+        g,
+        "  {me} mount --mark {MARK} --replica {r} --journal {j} &   # read-only, no copy"
+    );
+    // `mount`'s default address: unix:<replica>.at.sock.
+    let past = format!("nbd+unix:///{export}?socket={r}.at.sock");
+    let _ = writeln!(g, "  qemu-io -f raw -r '{past}' -c 'read 0 1M'");
 }

@@ -3,7 +3,8 @@
 //! read-only loop mounts of images, to read files back out of what a test produced.
 //!
 //! Must never: leave a mount, a loop device or a FUSE mount behind when a test fails (the
-//! guards undo them on drop, newest first, before nbdfuse is killed).
+//! guards undo them on drop, newest first, each waited for (see [`super::teardown`]), before
+//! nbdfuse is killed).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -44,11 +45,11 @@ impl NbdLoop {
             uri.as_ref(),
         ]));
         let mut cleanup = Cleanup::default();
-        cleanup.push("fusermount3", &["-u", path(&fuse_dir)]);
+        cleanup.unmount_fuse(&fuse_dir);
         wait_for_path(&pidfile, Duration::from_secs(30)).expect("nbdfuse to be ready");
         let out = run_ok(Command::new("losetup").args(["-f", "--show", path(&file)]));
         let device = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        cleanup.push("losetup", &["-d", &device]);
+        cleanup.detach_loop(&device);
         NbdLoop {
             cleanup,
             nbdfuse,
@@ -65,8 +66,13 @@ impl NbdLoop {
 
     /// Mounts the loop device on [`mnt`](Self::mnt).
     pub fn mount(&mut self) {
+        self.cleanup.unmount(&self.mnt);
         run_ok(Command::new("mount").args([&self.device, path(&self.mnt)]));
-        self.cleanup.push("umount", &[path(&self.mnt)]);
+    }
+
+    /// The pid of nbdfuse (for tests that check it is gone after a failure).
+    pub fn nbdfuse_pid(&self) -> u32 {
+        self.nbdfuse.id()
     }
 
     /// Unmounts (when mounted), detaches the loop device, unmounts the FUSE file and checks
@@ -77,9 +83,7 @@ impl NbdLoop {
             nbdfuse,
             ..
         } = self;
-        while !cleanup.is_empty() {
-            cleanup.run_last();
-        }
+        cleanup.run_all();
         let exited = nbdfuse.wait(CLIENT_TIMEOUT);
         assert!(
             exited.status.success(),
@@ -97,14 +101,15 @@ pub struct ReadOnlyMount {
 impl ReadOnlyMount {
     /// Mounts `image` read-only at `mnt`.
     pub fn new(image: &Path, mnt: &Path) -> ReadOnlyMount {
-        run_ok(Command::new("mount").args(["-o", "loop,ro", path(image), path(mnt)]));
         let mut cleanup = Cleanup::default();
-        cleanup.push("umount", &[path(mnt)]);
+        cleanup.detach_loops_of(image);
+        cleanup.unmount(mnt);
+        run_ok(Command::new("mount").args(["-o", "loop,ro", path(image), path(mnt)]));
         ReadOnlyMount { cleanup }
     }
 
-    /// Unmounts now, failing the test if that fails.
+    /// Unmounts now and waits until the loop device is gone, failing the test if that fails.
     pub fn unmount(mut self) {
-        self.cleanup.run_last();
+        self.cleanup.run_all();
     }
 }

@@ -10,6 +10,8 @@ pub mod procs;
 pub mod prometheus;
 pub mod replay;
 pub mod s3;
+pub mod shell;
+pub mod teardown;
 pub mod timetravel;
 pub mod tls;
 pub mod verdict;

@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 use tinylag::block::file::{FileDevice, FileOptions};
 use tinylag::nbd::{bind, serve, Export, ListenAddr, NbdServer};
 
+/// The teardown steps, here for the tests that import them with the NBD helpers.
+pub use super::teardown::Cleanup;
+
 /// How long any one client command may run before the test fails.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -327,43 +330,6 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     }
     out.truncate(len);
     out
-}
-
-/// Cleanup actions run in reverse order on drop: unmounts, loop detaches, …, so a
-/// failing test leaves no mount behind.
-#[derive(Default)]
-pub struct Cleanup {
-    actions: Vec<(String, Vec<String>)>,
-}
-
-impl Cleanup {
-    /// Registers a command to run at drop (before those registered earlier).
-    pub fn push(&mut self, program: &str, args: &[&str]) {
-        self.actions.push((
-            program.to_owned(),
-            args.iter().map(|a| (*a).to_owned()).collect(),
-        ));
-    }
-
-    /// True when no action is left to run.
-    pub fn is_empty(&self) -> bool {
-        self.actions.is_empty()
-    }
-
-    /// Runs the most recent action now (the normal path), so drop does not repeat it.
-    pub fn run_last(&mut self) {
-        if let Some((program, args)) = self.actions.pop() {
-            run_ok(Command::new(&program).args(&args));
-        }
-    }
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        while let Some((program, args)) = self.actions.pop() {
-            let _ = run(Command::new(&program).args(&args), Duration::from_secs(30));
-        }
-    }
 }
 
 /// NBD wire constants the raw test client needs (the server's own are private).

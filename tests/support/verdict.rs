@@ -116,3 +116,41 @@ fn output_text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     )
 }
+
+/// Whether an ext4 image is clean as it is, with nothing to recover: its superblock does not
+/// ask for journal recovery (`needs_recovery`, set on every mounted ext4 and cleared by an
+/// unmount or a freeze) and `e2fsck -fn` finds nothing. Read-only: the image is not changed.
+/// `Err` says which and carries the tools' output.
+pub fn ext4_clean_without_recovery(image: &Path) -> Result<(), String> {
+    if ext4_needs_recovery(image)? {
+        return Err(format!(
+            "{} needs journal recovery (its superblock has needs_recovery)",
+            image.display()
+        ));
+    }
+    let check = e2fsck(&["-fn"], image)?;
+    if check.status.code() != Some(0) {
+        return Err(format!(
+            "e2fsck -fn finds problems (exit {:?}):\n{}",
+            check.status.code(),
+            output_text(&check)
+        ));
+    }
+    Ok(())
+}
+
+/// Whether an ext4 image's superblock asks for journal recovery (`dumpe2fs -h`).
+pub fn ext4_needs_recovery(image: &Path) -> Result<bool, String> {
+    let out = Command::new("dumpe2fs")
+        .arg("-h")
+        .arg(image)
+        .env("LC_ALL", "C")
+        .output()
+        .map_err(|e| format!("cannot run dumpe2fs (install e2fsprogs): {e}"))?;
+    let text = output_text(&out);
+    let features = text
+        .lines()
+        .find(|l| l.starts_with("Filesystem features:"))
+        .ok_or_else(|| format!("dumpe2fs -h {} shows no features:\n{text}", image.display()))?;
+    Ok(features.split_whitespace().any(|f| f == "needs_recovery"))
+}
