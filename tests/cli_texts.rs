@@ -157,7 +157,8 @@ fn an_unreachable_endpoint_fails_fast_with_one_line() {
     let elapsed = started.elapsed();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr).replace(&endpoint, "[ENDPOINT]");
-    assert!(elapsed < Duration::from_secs(5), "took {elapsed:?}: {err}");
+    // "A few seconds" (four attempts in under two); the margin is for a loaded CI machine.
+    assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}: {err}");
     assert!(
         !err.contains(secret) && !err.contains("AKIDNOTAREALKEY"),
         "{err}"
