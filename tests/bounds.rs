@@ -92,6 +92,16 @@ fn hogs_pipelining_large_reads_are_bounded_and_a_bystander_is_served() {
         "{status:#}"
     );
     assert_eq!(buffers["cap"].as_u64(), Some(MAX_BUFFERED));
+    // And `status` says so to a person.
+    let text = support::daemon::tinylag_ok(&["status", "--control", path(&daemon.control)], &[]);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("nbd buffers"))
+        .unwrap_or_else(|| panic!("no nbd buffers line in:\n{text}"));
+    assert!(
+        line.contains("of 256.0 MiB held") && line.contains("connections throttled now"),
+        "{line}"
+    );
 
     // The hogs hang up: everything they held comes back, the bystander's own buffers
     // are all that is left.
