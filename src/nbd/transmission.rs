@@ -190,8 +190,14 @@ where
                 .await
                 .map_err(semaphore_closed)?;
             // Waits while the server as a whole holds too much (this connection among the
-            // heaviest): no further request is read from this client meanwhile.
-            let held = buffers.acquire(u64::from(payload_bytes)).await;
+            // heaviest): no further request is read from this client meanwhile. A client
+            // that never takes its replies may wait here for good, so a shutdown ends the
+            // wait (the request was not started; nothing is answered).
+            let held = tokio::select! {
+                biased;
+                _ = stop_requested(&mut shutdown) => return Ok(Ending::Shutdown),
+                held = buffers.acquire(u64::from(payload_bytes)) => held,
+            };
             (Some(permit), Some(held))
         } else {
             (None, None)
@@ -592,14 +598,19 @@ mod tests {
 
     type Client = tokio::io::DuplexStream;
 
-    /// Starts `serve_export` on one end of an in-memory pipe; returns the client end.
-    fn start(
-        device: Arc<GatedDevice>,
-    ) -> (
+    type Started = (
         Client,
         watch::Sender<bool>,
         tokio::task::JoinHandle<Result<Ending, TransmissionError>>,
-    ) {
+    );
+
+    /// Starts `serve_export` on one end of an in-memory pipe; returns the client end.
+    fn start(device: Arc<GatedDevice>) -> Started {
+        start_in(device, super::super::BufferBudget::default())
+    }
+
+    /// [`start`], sharing `budget` with whoever else holds it.
+    fn start_in(device: Arc<GatedDevice>, budget: super::super::BufferBudget) -> Started {
         let (client, server) = tokio::io::duplex(4 << 20);
         let (reader, writer) = tokio::io::split(server);
         let export = Arc::new(Export {
@@ -608,7 +619,7 @@ mod tests {
             device,
         });
         let (stop, shutdown) = watch::channel(false);
-        let buffers = super::super::BufferBudget::default().holder();
+        let buffers = budget.holder();
         let task = tokio::spawn(async move {
             serve_export(reader, writer, export, shutdown, "test", &buffers).await
         });
@@ -710,6 +721,41 @@ mod tests {
         let mut rest = Vec::new();
         client.read_to_end(&mut rest).await.unwrap();
         assert!(rest.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_ends_a_wait_for_buffer_memory() {
+        let budget = super::super::BufferBudget::new(super::super::MIN_MAX_BUFFERED).unwrap();
+        // Another connection holds the whole shared part (3/4 of the cap).
+        let other = budget.holder();
+        let _full = other.acquire(48 << 20).await;
+        let device = GatedDevice::new(1);
+        let (mut client, stop, task) = start_in(Arc::clone(&device), budget.clone());
+        send_read(&mut client, 1, 4096, 2 << 20).await;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while budget.status().throttled == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the read never waited"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        stop.send(true).unwrap();
+        let ending = tokio::time::timeout(std::time::Duration::from_secs(10), task)
+            .await
+            .expect("serve_export returned")
+            .unwrap()
+            .unwrap();
+        assert_eq!(ending, Ending::Shutdown);
+        // The read never reached the device, and the connection gave back all it held.
+        assert_eq!(
+            device.max_inside.load(std::sync::atomic::Ordering::SeqCst),
+            0
+        );
+        assert_eq!(
+            (budget.status().held, budget.status().throttled),
+            (48 << 20, 0)
+        );
     }
 
     /// Takes at most 7 bytes per write: every slice boundary and partial write happens.
