@@ -16,7 +16,9 @@
 #      (the default splay width): the bandwidth the local journal can hope for
 #   x  as c with the binary at BASE_BIN (an A/B of two builds in one run; only when asked)
 #   y  as d with the binary at BASE_BIN (the same for the S3 journal)
-# Journaled servers (c, d, e, x, y) are measured once their initial full resync is done.
+#   m  as c with --max-buffered 64M, the smallest NBD buffer budget (the memory bound at
+#      its tightest; against x with a BASE_BIN from before the bound: what the bound costs)
+# Journaled servers (c, d, e, m, x, y) are measured once their initial full resync is done.
 # Then, for c and d, "half-4k": 4k randwrite QD32 rate-limited to half of c's median
 # randwrite-4k IOPS in this run, for the ack→durable p99 at a load the journal must sustain.
 # And "sweep-1M": 1M seqwrite QD4 rate-limited to each of SWEEP (MB/s) on c, d, x and y, recording whether the pool overflowed (the mode left `logging`): where the journal
@@ -149,9 +151,10 @@ start_server() {
         PID=$!
         CTL=$img.ctl
         ;;
-    c | e | x)
+    c | e | m | x)
         local extra=() bin=$BIN
         if [[ $c == e ]]; then extra=(--compress off); fi
+        if [[ $c == m ]]; then extra=(--max-buffered 64M); fi
         if [[ $c == x ]]; then bin=$BASE_BIN; fi
         "$bin" init --journal "$WORK/journal-$c" --size "$SIZE" --primary "$img" >/dev/null
         SERVE=(env "$bin" serve --primary "$img" --journal "$WORK/journal-$c"
@@ -186,7 +189,7 @@ start_server() {
     PIDS+=("$PID")
     wait_socket "$sock"
     URI="nbd+unix:///?socket=$sock"
-    if [[ $c == [cdexy] ]]; then
+    if [[ $c == [cdemxy] ]]; then
         # Journaled: let the initial full resync finish, then restart from the clean stop
         # (mode logging at once, fresh ack→durable histogram).
         wait_logging
@@ -365,6 +368,7 @@ names = {"a": "a: nbdkit file", "b": "b: serve --no-journal", "c": "c: serve, lo
          "g": "g: b on the threads engine (fallback)",
          "x": "x: c on the BASE_BIN build",
          "y": "y: d on the BASE_BIN build",
+         "m": "m: c with --max-buffered 64M",
          "s": "s: fio, 8 MiB files + fsync into a directory, 4 jobs (no NBD)"}
 def med(c, wl, i):
     vals = [r[i] for r in rows.get((c, wl), []) if r[i] is not None]
@@ -386,7 +390,7 @@ lines = ["## serve", "",
          "| workload | server | IOPS | MB/s | p50 µs | p99 µs | ack→durable p99 | CPU s/GB | peak RSS MiB |",
          "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
 for wl in wls:
-    for c in "sfagbcxedy":
+    for c in "sfagbcmxedy":
         if (c, wl) not in rows:
             continue
         lag = med(c, wl, 4)
@@ -433,6 +437,9 @@ for (x, y, i, what) in [("b", "f", 0, "IOPS b / f (the NBD hop: serve --no-journ
                         ("c", "s", 1, "MB/s c / s (local journal / fio writing segment files)"),
                         ("d", "b", 0, "IOPS d / b (S3 journal / no journal)"),
                         ("c", "x", 1, "MB/s c / x (this build / BASE_BIN)"),
+                        ("c", "x", 0, "IOPS c / x (this build / BASE_BIN)"),
+                        ("m", "x", 0, "IOPS m / x (tightest NBD buffer budget / BASE_BIN)"),
+                        ("m", "c", 0, "IOPS m / c (--max-buffered 64M / default 256M)"),
                         ("c", "x", 6, "CPU s/GB c / x (this build / BASE_BIN)"),
                         ("d", "y", 1, "MB/s d / y (this build / BASE_BIN, S3 journal)")]:
     for wl in wls[:3]:

@@ -25,7 +25,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use tinylag::nbd::{ListenAddr, NbdError, Security, SecurityOptions, TlsMode};
+use tinylag::nbd::{
+    BufferBudget, ListenAddr, NbdError, Security, SecurityOptions, TlsMode, MIN_MAX_BUFFERED,
+};
 use tinylag::store::{open_store, open_store_for_command, ObjectStore, S3Options, StoreUri};
 use tinylag::writer::MaxLag;
 use tinylag::writer::MIN_POOL_SIZE;
@@ -101,6 +103,18 @@ pub fn parse_pool_size(s: &str) -> Result<u64, String> {
         return Err(format!(
             "too small: use at least {}",
             tinylag::units::format_size_exact(MIN_POOL_SIZE.into())
+        ));
+    }
+    Ok(size)
+}
+
+/// `--max-buffered`: a size of at least 64M (two maximum NBD requests).
+pub fn parse_max_buffered(s: &str) -> Result<u64, String> {
+    let size = parse_size(s)?;
+    if size < MIN_MAX_BUFFERED {
+        return Err(format!(
+            "too small: use at least {} (two maximum-size NBD requests)",
+            tinylag::units::format_size_exact(MIN_MAX_BUFFERED.into())
         ));
     }
     Ok(size)
@@ -201,6 +215,11 @@ pub struct TlsArgs {
     /// included) is disconnected.
     #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_positive_duration)]
     pub handshake_timeout: Duration,
+    /// Most memory all NBD clients together may make the server hold (read replies, write
+    /// payloads in flight, socket and TLS buffers); past it the connections holding the
+    /// most are not read from until they take their replies. At least 64M.
+    #[arg(long, default_value = "256M", value_name = "SIZE", value_parser = parse_max_buffered, allow_hyphen_values = true)]
+    pub max_buffered: u64,
 }
 
 impl TlsArgs {
@@ -241,8 +260,15 @@ impl TlsArgs {
         argv.extend([
             "--handshake-timeout".into(),
             format!("{}ms", self.handshake_timeout.as_millis()),
+            "--max-buffered".into(),
+            self.max_buffered.to_string(),
         ]);
         argv
+    }
+
+    /// The budget every connection of one NBD server shares (`--max-buffered`).
+    pub fn buffer_budget(&self) -> anyhow::Result<BufferBudget> {
+        Ok(BufferBudget::new(self.max_buffered)?)
     }
 
     /// The NBD URI clients use for `export` on `addr`: `nbds` when TLS is on, with the

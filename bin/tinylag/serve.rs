@@ -16,7 +16,7 @@ use tinylag::block::BlockDevice;
 use tinylag::clock::{Clock, SystemClock};
 use tinylag::control;
 use tinylag::journal::{epoch, lease, Manifest};
-use tinylag::metrics::{Hub, PrimarySource};
+use tinylag::metrics::{Hub, NbdBuffersSource, PrimarySource};
 use tinylag::nbd::{self, Export, ListenAddr, NbdServer};
 use tinylag::store::counting::CountingStore;
 use tinylag::store::{open_store, ObjectStore, StoreUri};
@@ -212,6 +212,7 @@ pub async fn run_with(args: ServeArgs, shared: Option<Arc<Hub>>) -> anyhow::Resu
         None => ListenAddr::Unix(beside(&args.primary, ".sock")),
     };
     let security = args.tls.security(&listen)?;
+    let nbd_buffers = args.tls.buffer_budget()?;
     let control_path = args
         .control
         .clone()
@@ -376,7 +377,8 @@ pub async fn run_with(args: ServeArgs, shared: Option<Arc<Hub>>) -> anyhow::Resu
             }],
             &export,
         )?
-        .with_security(security.clone()),
+        .with_security(security.clone())
+        .with_buffer_budget(nbd_buffers.clone()),
     );
     let security_warning = security.warning(&listen);
 
@@ -384,6 +386,16 @@ pub async fn run_with(args: ServeArgs, shared: Option<Arc<Hub>>) -> anyhow::Resu
     let metrics_url = metrics.as_ref().and_then(Endpoint::url);
     let metrics_task = metrics.and_then(|m| {
         m.hub.add_source(Arc::new(PrimarySource(core.clone())));
+        if listener.is_some() {
+            let status = core.status();
+            m.hub.add_source(Arc::new(NbdBuffersSource {
+                budget: nbd_buffers.clone(),
+                labels: vec![
+                    ("journal", status.journal.unwrap_or_default()),
+                    ("device", status.export),
+                ],
+            }));
+        }
         if let Some(counting) = counted {
             m.hub.add_store("primary", "journal", counting);
         }
@@ -396,6 +408,7 @@ pub async fn run_with(args: ServeArgs, shared: Option<Arc<Hub>>) -> anyhow::Resu
             store: journal_store.clone(),
             lease: keeper.clone(),
             security_warning: security_warning.clone(),
+            nbd_buffers: listener.is_some().then(|| nbd_buffers.clone()),
         }),
         shutdown_rx.clone(),
     ));

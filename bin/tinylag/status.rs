@@ -101,6 +101,7 @@ async fn ask(path: &Path, json: bool, compact: bool) -> anyhow::Result<String> {
         return Ok(render_text(&status));
     }
     let lease = answer.get("lease").cloned();
+    let buffers = answer.get("nbd_buffers").cloned();
     let status: StatusSnapshot = serde_json::from_value(answer).map_err(|e| {
         anyhow::anyhow!(
             "the daemon at {} answered a status this tinylag cannot read ({e}); try --json",
@@ -124,6 +125,19 @@ async fn ask(path: &Path, json: bool, compact: bool) -> anyhow::Result<String> {
             l["renewals"],
             l["renewal_errors"],
             l["expires_in_seconds"].as_f64().unwrap_or(0.0)
+        ));
+    }
+    if let Some(b) = buffers {
+        let size = |key: &str| tinylag::units::format_size(b[key].as_u64().unwrap_or(0));
+        text.push_str(&format!(
+            "{:<16}{} of {} held by NBD clients (peak {}), {} connections throttled now, {} \
+             waits since start\n",
+            "nbd buffers",
+            size("held"),
+            size("cap"),
+            size("peak"),
+            b["throttled"],
+            b["throttled_total"]
         ));
     }
     Ok(text)

@@ -327,7 +327,8 @@ pub async fn run_mount(args: MountArgs) -> anyhow::Result<()> {
             }],
             &export,
         )?
-        .with_security(security.clone()),
+        .with_security(security.clone())
+        .with_buffer_budget(args.tls.buffer_budget()?),
     );
     let listener = nbd::bind(&listen).await?;
     let listen = listener.local_addr().clone();

@@ -20,6 +20,7 @@
 //! block the daemon's I/O or the replay agent (a scrape reads atomics and takes the status
 //! board's lock briefly, like `status`); serve anything but `GET /metrics`.
 
+mod nbd;
 mod primary;
 mod replica;
 mod server;
@@ -36,6 +37,7 @@ use prometheus_client::registry::Registry;
 
 use crate::store::counting::{CountingStore, Operation, Outcome};
 
+pub use nbd::NbdBuffersSource;
 pub use primary::PrimarySource;
 pub use replica::ReplicaSource;
 pub use server::{bind, serve, MetricsListener};

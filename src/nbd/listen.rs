@@ -6,6 +6,10 @@
 //! pays nothing for TLS; after STARTTLS the halves are put back together, wrapped in TLS
 //! and split again. The whole negotiation, TLS included, runs against one deadline.
 //!
+//! Each connection is a holder in the server's buffer budget from its first byte: its
+//! socket buffers (and TLS state after STARTTLS) are charged before the handshake runs,
+//! and its requests' payloads during transmission.
+//!
 //! Must never: let a failing connection stop the accept loop or another connection;
 //! remove a socket file that is not ours (a live server's socket, or a regular file);
 //! wait unboundedly for connections at shutdown, or for a client that does not finish
@@ -24,6 +28,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use super::budget::Holder;
 use super::handshake::{greet, options, HandshakeError, Outcome, Tls};
 use super::tls::{Metered, TlsMode, MAX_TLS_HANDSHAKE_BYTES};
 use super::transmission::{serve_export, TransmissionError};
@@ -36,6 +41,12 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Socket buffer sizes on our side; larger reads and writes bypass them.
 const IO_BUFFER: usize = 64 << 10;
+/// What a connection holds before any request: its reader's and writer's buffers, and
+/// the handshake's bounded scratch. Charged to the buffer budget for its whole life.
+const CONNECTION_BUFFERS: u64 = 2 * IO_BUFFER as u64 + (32 << 10);
+/// What TLS adds: rustls's plaintext buffers in each direction (its default limit of
+/// 64 KiB each) and a record being decrypted or encrypted in each (16 KiB plus overhead).
+const TLS_BUFFERS: u64 = 2 * (64 << 10) + 2 * (18 << 10);
 
 /// A bound listening socket, ready for [`serve`].
 #[derive(Debug)]
@@ -257,6 +268,18 @@ async fn connection<S: Socket>(
         TlsMode::Require => Tls::Required,
     };
     tracing::debug!(peer, "NBD client connected");
+    let buffers = server.buffers().holder();
+    // Waits (within the handshake's deadline) while the server holds too much already.
+    let Some(socket_buffers) = handshake_phase(
+        async { Ok(buffers.acquire(CONNECTION_BUFFERS).await) },
+        deadline,
+        &mut shutdown,
+        &peer,
+    )
+    .await
+    else {
+        return;
+    };
     let (r, w) = stream.halves();
     let mut reader = BufReader::with_capacity(IO_BUFFER, r);
     let mut writer = BufWriter::with_capacity(IO_BUFFER, w);
@@ -270,9 +293,9 @@ async fn connection<S: Socket>(
     else {
         return;
     };
-    let (export, reader, writer) = match outcome {
+    let (export, reader, writer, _tls_buffers) = match outcome {
         Outcome::Transmission(export) => {
-            return transmit(reader, writer, export, shutdown, &peer).await;
+            return transmit(reader, writer, export, shutdown, &peer, &buffers).await;
         }
         Outcome::Aborted => {
             tracing::debug!(peer, "NBD client aborted the handshake");
@@ -290,6 +313,7 @@ async fn connection<S: Socket>(
                 if !reader.buffer().is_empty() {
                     return Err(HandshakeError::DataAfterStartTls);
                 }
+                let tls_buffers = buffers.acquire(TLS_BUFFERS).await;
                 let socket = S::reunite(reader.into_inner(), writer.into_inner())?;
                 let mut stream = acceptor
                     .accept(Metered::new(socket, MAX_TLS_HANDSHAKE_BYTES))
@@ -302,15 +326,15 @@ async fn connection<S: Socket>(
                 let mut reader = BufReader::with_capacity(IO_BUFFER, r);
                 let mut writer = BufWriter::with_capacity(IO_BUFFER, w);
                 let outcome = options(&mut reader, &mut writer, &server, &peer, &mut state).await?;
-                Ok((outcome, reader, writer))
+                Ok((outcome, reader, writer, tls_buffers))
             };
-            let Some((outcome, reader, writer)) =
+            let Some((outcome, reader, writer, tls_buffers)) =
                 handshake_phase(upgraded, deadline, &mut shutdown, &peer).await
             else {
                 return;
             };
             match outcome {
-                Outcome::Transmission(export) => (export, reader, writer),
+                Outcome::Transmission(export) => (export, reader, writer, tls_buffers),
                 Outcome::Aborted => {
                     tracing::debug!(peer, "NBD client aborted the handshake");
                     return;
@@ -322,7 +346,8 @@ async fn connection<S: Socket>(
             }
         }
     };
-    transmit(reader, writer, export, shutdown, &peer).await
+    transmit(reader, writer, export, shutdown, &peer, &buffers).await;
+    drop(socket_buffers);
 }
 
 /// Runs one step of the negotiation until `deadline`; `None` (logged) if it failed, ran
@@ -368,13 +393,14 @@ async fn transmit<R, W>(
     export: Arc<Export>,
     shutdown: watch::Receiver<bool>,
     peer: &str,
+    buffers: &Holder,
 ) where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send,
 {
     let name = export.name.clone();
     tracing::info!(peer, export = %name, "NBD client connected");
-    match serve_export(reader, writer, export, shutdown, peer).await {
+    match serve_export(reader, writer, export, shutdown, peer, buffers).await {
         Ok(ending) => tracing::info!(peer, export = %name, ?ending, "NBD client disconnected"),
         Err(TransmissionError::Io(e)) => {
             tracing::info!(peer, export = %name, error = %e, "NBD connection lost")

@@ -6,12 +6,14 @@
 //! policy and credentials of `tls.rs`; then simple replies to `READ`, `WRITE`, `FLUSH`, `TRIM`,
 //! `WRITE_ZEROES` and `DISC` with FUA, many requests in flight per connection and
 //! replies in completion order (`transmission.rs`; write payloads read by `payload.rs`);
-//! many connections per listener (`listen.rs`). Wire formats live in `protocol.rs`.
+//! many connections per listener (`listen.rs`). Wire formats live in `protocol.rs`. What
+//! all connections together may make the server hold (read replies, write payloads,
+//! socket and TLS buffers) is capped by one budget (`budget.rs`, `--max-buffered`).
 //!
 //! Must never: let one client's bad input disturb another connection (a malformed
 //! request gets an NBD error, or only that connection is closed); touch the device for
 //! a request it rejected; buffer unbounded data for a client (in-flight requests and
-//! bytes are capped per connection); log data.
+//! bytes are capped per connection, and bytes across all connections); log data.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -22,6 +24,7 @@ use std::sync::Arc;
 
 use crate::block::BlockDevice;
 
+mod budget;
 mod handshake;
 mod listen;
 mod payload;
@@ -29,6 +32,7 @@ mod protocol;
 mod tls;
 mod transmission;
 
+pub use budget::{BudgetError, BudgetStatus, BufferBudget, DEFAULT_MAX_BUFFERED, MIN_MAX_BUFFERED};
 pub use listen::{bind, serve, Listener};
 pub use tls::{Security, SecurityOptions, TlsError, TlsMode, DEFAULT_HANDSHAKE_TIMEOUT};
 
@@ -109,6 +113,7 @@ pub struct NbdServer {
     exports: BTreeMap<String, Arc<Export>>,
     default: String,
     security: Security,
+    buffers: BufferBudget,
 }
 
 impl NbdServer {
@@ -150,6 +155,7 @@ impl NbdServer {
             exports: by_name,
             default: default_export.to_owned(),
             security: Security::default(),
+            buffers: BufferBudget::default(),
         })
     }
 
@@ -162,6 +168,17 @@ impl NbdServer {
 
     pub(crate) fn security(&self) -> &Security {
         &self.security
+    }
+
+    /// Shares `buffers` among all connections (the default is a budget of its own of
+    /// [`DEFAULT_MAX_BUFFERED`] bytes); keep a clone to read its status.
+    pub fn with_buffer_budget(mut self, buffers: BufferBudget) -> Self {
+        self.buffers = buffers;
+        self
+    }
+
+    pub(crate) fn buffers(&self) -> &BufferBudget {
+        &self.buffers
     }
 
     /// The export a client names; the empty name is the default export.

@@ -1,11 +1,12 @@
 //! The transmission phase: reads requests, runs each on the device as its own task and
 //! writes simple replies in completion order through one writer.
 //!
-//! Memory per connection is bounded: a request is admitted only once it holds one of
-//! `MAX_IN_FLIGHT_REQUESTS` request permits and, for READ and WRITE, as many byte permits
-//! as its payload (out of `MAX_IN_FLIGHT_BYTES`). Permits travel with the reply and are
-//! released once the writer has sent it, so a client that stops reading replies stops
-//! being read from.
+//! Memory is bounded per connection and across connections: a request is admitted only
+//! once it holds one of `MAX_IN_FLIGHT_REQUESTS` request permits and, for READ and WRITE,
+//! as many byte permits as its payload (out of `MAX_IN_FLIGHT_BYTES`) and as many bytes of
+//! the server-wide [`BufferBudget`](super::budget::BufferBudget). Permits travel with the
+//! reply and are released once the writer has sent it, so a client that stops reading
+//! replies stops being read from.
 //!
 //! Must never: call the device for a request it rejected (bad flags, misaligned, out of
 //! range, read-only, oversized); send a reply for `NBD_CMD_DISC`; send data after an
@@ -19,6 +20,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
+use super::budget::{Held, Holder};
 use super::payload::{self, PayloadError};
 use super::protocol::*;
 use super::{stop_requested, Export};
@@ -81,6 +83,8 @@ struct Reply {
 struct Permits {
     _request: OwnedSemaphorePermit,
     _bytes: Option<OwnedSemaphorePermit>,
+    /// The payload's bytes in the server-wide budget.
+    _buffered: Option<Held>,
 }
 
 /// Serves `export` on an established connection until the client disconnects, the
@@ -92,13 +96,14 @@ pub(crate) async fn serve_export<R, W>(
     export: Arc<Export>,
     shutdown: watch::Receiver<bool>,
     peer: &str,
+    buffers: &Holder,
 ) -> Result<Ending, TransmissionError>
 where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send,
 {
     let (tx, rx) = mpsc::unbounded_channel();
-    let reading = read_requests(reader, export, tx, shutdown, peer);
+    let reading = read_requests(reader, export, tx, shutdown, peer, buffers);
     let writing = write_replies(writer, rx);
     tokio::pin!(reading, writing);
     tokio::select! {
@@ -127,6 +132,7 @@ async fn read_requests<R>(
     tx: mpsc::UnboundedSender<Reply>,
     mut shutdown: watch::Receiver<bool>,
     peer: &str,
+    buffers: &Holder,
 ) -> Result<Ending, TransmissionError>
 where
     R: AsyncRead + Unpin,
@@ -166,6 +172,7 @@ where
             let permits = Permits {
                 _request: request_permit,
                 _bytes: None,
+                _buffered: None,
             };
             let _ = tx.send(error_reply(request.handle, EINVAL, permits));
             return Err(TransmissionError::OversizedWrite {
@@ -177,18 +184,28 @@ where
             CMD_READ if request.length <= MAX_PAYLOAD => request.length,
             _ => 0,
         };
-        let byte_permit = if payload_bytes > 0 {
+        let (byte_permit, buffered) = if payload_bytes > 0 {
             let permit = Arc::clone(&byte_permits)
                 .acquire_many_owned(payload_bytes)
                 .await
                 .map_err(semaphore_closed)?;
-            Some(permit)
+            // Waits while the server as a whole holds too much (this connection among the
+            // heaviest): no further request is read from this client meanwhile. A client
+            // that never takes its replies may wait here for good, so a shutdown ends the
+            // wait (the request was not started; nothing is answered).
+            let held = tokio::select! {
+                biased;
+                _ = stop_requested(&mut shutdown) => return Ok(Ending::Shutdown),
+                held = buffers.acquire(u64::from(payload_bytes)) => held,
+            };
+            (Some(permit), Some(held))
         } else {
-            None
+            (None, None)
         };
         let permits = Permits {
             _request: request_permit,
             _bytes: byte_permit,
+            _buffered: buffered,
         };
 
         // The payload must be consumed even if the write is then rejected, or the next
@@ -581,14 +598,19 @@ mod tests {
 
     type Client = tokio::io::DuplexStream;
 
-    /// Starts `serve_export` on one end of an in-memory pipe; returns the client end.
-    fn start(
-        device: Arc<GatedDevice>,
-    ) -> (
+    type Started = (
         Client,
         watch::Sender<bool>,
         tokio::task::JoinHandle<Result<Ending, TransmissionError>>,
-    ) {
+    );
+
+    /// Starts `serve_export` on one end of an in-memory pipe; returns the client end.
+    fn start(device: Arc<GatedDevice>) -> Started {
+        start_in(device, super::super::BufferBudget::default())
+    }
+
+    /// [`start`], sharing `budget` with whoever else holds it.
+    fn start_in(device: Arc<GatedDevice>, budget: super::super::BufferBudget) -> Started {
         let (client, server) = tokio::io::duplex(4 << 20);
         let (reader, writer) = tokio::io::split(server);
         let export = Arc::new(Export {
@@ -597,10 +619,10 @@ mod tests {
             device,
         });
         let (stop, shutdown) = watch::channel(false);
-        let task =
-            tokio::spawn(
-                async move { serve_export(reader, writer, export, shutdown, "test").await },
-            );
+        let buffers = budget.holder();
+        let task = tokio::spawn(async move {
+            serve_export(reader, writer, export, shutdown, "test", &buffers).await
+        });
         (client, stop, task)
     }
 
@@ -701,6 +723,41 @@ mod tests {
         assert!(rest.is_empty());
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_ends_a_wait_for_buffer_memory() {
+        let budget = super::super::BufferBudget::new(super::super::MIN_MAX_BUFFERED).unwrap();
+        // Another connection holds the whole shared part (3/4 of the cap).
+        let other = budget.holder();
+        let _full = other.acquire(48 << 20).await;
+        let device = GatedDevice::new(1);
+        let (mut client, stop, task) = start_in(Arc::clone(&device), budget.clone());
+        send_read(&mut client, 1, 4096, 2 << 20).await;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while budget.status().throttled == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the read never waited"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        stop.send(true).unwrap();
+        let ending = tokio::time::timeout(std::time::Duration::from_secs(10), task)
+            .await
+            .expect("serve_export returned")
+            .unwrap()
+            .unwrap();
+        assert_eq!(ending, Ending::Shutdown);
+        // The read never reached the device, and the connection gave back all it held.
+        assert_eq!(
+            device.max_inside.load(std::sync::atomic::Ordering::SeqCst),
+            0
+        );
+        assert_eq!(
+            (budget.status().held, budget.status().throttled),
+            (48 << 20, 0)
+        );
+    }
+
     /// Takes at most 7 bytes per write: every slice boundary and partial write happens.
     struct Trickle(Vec<u8>);
 
@@ -754,6 +811,7 @@ mod tests {
                 _permits: Permits {
                     _request: Arc::clone(&permits).acquire_owned().await.unwrap(),
                     _bytes: None,
+                    _buffered: None,
                 },
             });
         }

@@ -1,4 +1,5 @@
-//! What `serve` answers on its control socket, in one place: `status` (with the lease),
+//! What `serve` answers on its control socket, in one place: `status` (with the lease and
+//! the NBD server's buffer budget),
 //! `mark` (a named point), `verify` (in-band verify: `VERIFY` records of regions, paced) and
 //! `resync` (regions re-journaled as a resync span). State-changing commands are the ones
 //! [`is_state_changing`] names, so a check of the peer can be added at one spot.
@@ -310,6 +311,8 @@ pub struct ServeControl {
     pub lease: Option<Arc<LeaseKeeper>>,
     /// Shown by `status` while plaintext clients can reach the disk from other hosts.
     pub security_warning: Option<String>,
+    /// The NBD server's buffer budget (`None` with `--frontend ublk`), shown by `status`.
+    pub nbd_buffers: Option<crate::nbd::BufferBudget>,
 }
 
 fn args<T: for<'de> Deserialize<'de>>(
@@ -339,6 +342,13 @@ impl ServeControl {
             obj.insert(
                 "lease".into(),
                 serde_json::to_value(lease).map_err(|e| format!("lease status: {e}"))?,
+            );
+        }
+        if let (Some(buffers), Some(obj)) = (&self.nbd_buffers, v.as_object_mut()) {
+            obj.insert(
+                "nbd_buffers".into(),
+                serde_json::to_value(buffers.status())
+                    .map_err(|e| format!("NBD buffer status: {e}"))?,
             );
         }
         Ok(v)
