@@ -78,7 +78,11 @@ impl Fetcher {
         // Idle time spent at `idle_at` since its last hole check.
         let (mut idle_at, mut idle_for) = (u64::MAX, Duration::ZERO);
         loop {
-            if self.end.is_some_and(|end| cursor.seq >= end) || *shutdown.borrow() {
+            if *shutdown.borrow() {
+                return;
+            }
+            if self.end.is_some_and(|end| cursor.seq >= end) {
+                self.check_once_end(cursor.seq).await;
                 return;
             }
             let seq = cursor.seq;
@@ -107,12 +111,7 @@ impl Fetcher {
                 }
                 Ok(Step::NotYet) => {
                     if self.end.is_some() {
-                        // `--once`: the end it stops at must not be a hole.
-                        let store = self.reader.store().clone();
-                        let manifest = self.reader.manifest();
-                        if let Err(e) = head::check_end(store.as_ref(), manifest, seq).await {
-                            let _ = self.tx.send(Err(e.into())).await;
-                        }
+                        self.check_once_end(seq).await;
                         return;
                     }
                     if idle_at != seq {
@@ -146,6 +145,15 @@ impl Fetcher {
                     return;
                 }
             }
+        }
+    }
+
+    /// `--once` stops at `seq`: unless that is a hole, whose error it passes on.
+    async fn check_once_end(&self, seq: u64) {
+        let store = self.reader.store().clone();
+        let manifest = self.reader.manifest();
+        if let Err(e) = head::check_end(store.as_ref(), manifest, seq).await {
+            let _ = self.tx.send(Err(e.into())).await;
         }
     }
 
