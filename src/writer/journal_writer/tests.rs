@@ -54,7 +54,7 @@ fn shared() -> Shared {
 }
 
 async fn start(store: Arc<dyn ObjectStore>, m: &Manifest, shared: &Shared) -> JournalWriter {
-    prepare(store, m.clone(), &SystemClock)
+    prepare(store, m.clone(), &SystemClock, false)
         .await
         .unwrap()
         .start(Arc::new(SystemClock), config(), shared.clone(), false)
@@ -345,7 +345,7 @@ async fn a_restart_continues_after_the_prefix_and_plugs_holes() {
     w1.task.abort(); // the writer "dies"
     flaky.clear_prefix();
 
-    let prepared = prepare(store.clone(), m.clone(), &SystemClock)
+    let prepared = prepare(store.clone(), m.clone(), &SystemClock, false)
         .await
         .unwrap();
     assert_eq!(prepared.plan.holes, vec![2]);
@@ -379,7 +379,7 @@ async fn a_long_outage_releases_journal_waiters_until_the_store_answers() {
     let m = manifest();
     m.create(store.as_ref()).await.unwrap();
     let shared = shared();
-    let w = prepare(store.clone(), m.clone(), &SystemClock)
+    let w = prepare(store.clone(), m.clone(), &SystemClock, false)
         .await
         .unwrap()
         .start(
@@ -420,7 +420,7 @@ async fn compression_follows_the_setting() {
         let m = manifest();
         m.create(store.as_ref()).await.unwrap();
         let shared = shared();
-        let w = prepare(store.clone(), m.clone(), &SystemClock)
+        let w = prepare(store.clone(), m.clone(), &SystemClock, false)
             .await
             .unwrap()
             .start(
