@@ -181,7 +181,7 @@ impl Fetcher {
         let manifest = self.reader.manifest();
         if let Err(e) = head::check_missing(store.as_ref(), manifest, seq, &known).await {
             tracing::error!("{e}; waiting for the object to come back");
-            self.board.warn(Some(e.to_string()));
+            self.board.journal_hole(seq, e.to_string());
         }
     }
 
