@@ -480,6 +480,27 @@ mod tests {
         );
     }
 
+    /// Each renewal records what the writer reports durable, and the release the final
+    /// value: readers tell a hole from the end by it (`journal::head`).
+    #[tokio::test]
+    async fn renewals_and_the_release_record_the_durable_seq() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let claim = epoch::claim_next(store.as_ref(), 1).await.unwrap();
+        let k = keeper(store.clone(), Duration::from_secs(60));
+        let durable = Arc::new(AtomicU64::new(7));
+        let reported = durable.clone();
+        k.record_durable(Box::new(move || reported.load(Ordering::Acquire)));
+        k.start(claim.epoch, 1, Box::new(|_| {})).await;
+        let stored = lease::read(store.as_ref(), claim.epoch).await.unwrap();
+        assert_eq!(stored.unwrap().durable_next_seq, 7);
+        durable.store(9, Ordering::Release);
+        k.release().await;
+        let stored = lease::read(store.as_ref(), claim.epoch).await.unwrap();
+        let stored = stored.unwrap();
+        assert!(stored.released);
+        assert_eq!(stored.durable_next_seq, 9);
+    }
+
     /// A writer past its deadline (as after SIGSTOP) may not upload before it has looked for
     /// a newer epoch; finding one fences it, once.
     #[tokio::test]
