@@ -109,15 +109,21 @@ pub async fn known_end_from_lease(store: &dyn ObjectStore, epoch: u64) -> Journa
 const HOLE_SCAN: u64 = 64;
 
 /// A reader found seq `missing` absent: `Ok` when that may be the end (at or above the known
-/// end), [`JournalError::Hole`] when it is a hole. The hole's range is found by looking at
-/// the seqs after it (at most [`HOLE_SCAN`] HEADs, only once a hole is certain).
+/// end, or there after all), [`JournalError::Hole`] when it is a hole. The hole's range is
+/// found by looking at the seqs after it (at most [`HOLE_SCAN`] HEADs, only once a hole is
+/// certain).
+///
+/// `known` must have been read *after* the read that found `missing` absent; even so, a live
+/// writer may have uploaded `missing` between that read and the lease renewal `known` came
+/// from, so a seq below the known end is looked at once more (one HEAD) before it is called
+/// a hole.
 pub async fn check_missing(
     store: &dyn ObjectStore,
     manifest: &Manifest,
     missing: u64,
     known: &KnownEnd,
 ) -> JournalResult<()> {
-    if missing >= known.seq {
+    if missing >= known.seq || segment_exists(store, manifest, missing).await? {
         return Ok(());
     }
     Err(hole(store, manifest, missing, known).await)

@@ -1050,7 +1050,11 @@ async fn a_tailing_agent_reports_a_hole_and_resumes_when_the_segment_is_back() {
             .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
         }
     };
-    let status = wait_for("the hole", |s| s.journal_hole_seq.is_some()).await;
+    // Segments 0..3 hold LSNs 1..=12; the applier commits them while the fetcher waits.
+    let status = wait_for("the hole", |s| {
+        s.journal_hole_seq.is_some() && s.applied_lsn == 12
+    })
+    .await;
     assert_eq!(status.journal_hole_seq, Some(3));
     let error = status.error.clone().unwrap_or_default();
     assert!(error.contains("journal hole at seq 3"), "{error}");
