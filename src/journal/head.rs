@@ -369,6 +369,71 @@ mod tests {
     use crate::journal::segment::encode_segment;
     use crate::store::memory::MemoryStore;
 
+    /// In a memory journal of segments 0..8 whose lease recorded 8 as durable, the first, a
+    /// middle and the last-but-one segment deleted are each a hole for `verify` with the
+    /// right seq; the same seq at or past the known end is the end.
+    #[tokio::test]
+    async fn a_missing_segment_below_the_known_end_is_a_hole_wherever_it_is() {
+        use crate::journal::epoch;
+        use crate::journal::lease::{self, Lease};
+        use crate::journal::verify::verify_journal;
+        for missing in [0, 4, 6] {
+            let store = MemoryStore::new();
+            let m = Manifest::new(
+                &ManifestParams {
+                    device_name: "d".into(),
+                    size: 1 << 20,
+                    block_size: 4096,
+                    region_size: 1 << 20,
+                    splay_width: 2,
+                    segment_size: 1 << 20,
+                },
+                1,
+            )
+            .unwrap();
+            let claim = epoch::claim_next(&store, 1).await.unwrap();
+            for seq in (0..8u64).filter(|&s| s != missing) {
+                let record = Record {
+                    lsn: seq + 1,
+                    timestamp_ns: seq + 1,
+                    dev: 0,
+                    op: Op::Flush,
+                };
+                let body = encode_segment(m.uuid, 1, seq, seq + 1, &[record]).unwrap();
+                store
+                    .put_if_absent(&m.segment_key(seq), body)
+                    .await
+                    .unwrap();
+            }
+            // No lease end recorded yet: the gap reads as the end (an older journal).
+            let report = verify_journal(&store, &m, None, |_| {}).await.unwrap();
+            assert_eq!(report.next_seq, missing);
+            let mut l = Lease::new(claim.epoch, 1, 2, 15_000);
+            l.durable_next_seq = 8;
+            lease::write(&store, &l).await.unwrap();
+            let err = verify_journal(&store, &m, None, |_| {}).await.unwrap_err();
+            let JournalError::Hole {
+                first_missing,
+                next_present,
+                known_end,
+                ..
+            } = err
+            else {
+                panic!("{err}");
+            };
+            assert_eq!(
+                (first_missing, next_present, known_end),
+                (missing, Some(missing + 1), 8)
+            );
+            let known = super::known_end(&store).await.unwrap();
+            assert!(check_missing(&store, &m, 8, &known).await.is_ok());
+            assert_eq!(
+                lowest_missing(&store, &m, 0, 8).await.unwrap(),
+                Some(missing)
+            );
+        }
+    }
+
     /// Segments 0..=29 and an orphan at 31: the bisection alone would stop at the hole 30
     /// and miss the orphan, whose seq the new writer would then collide with.
     #[tokio::test]
