@@ -89,6 +89,23 @@ pub struct Window {
     pub hole: Option<String>,
 }
 
+/// The error for journal segment `seq` (which must hold LSN `lsn`) found missing while
+/// reading: a hole when it lies below the journal's known end (never the "trimmed? run
+/// again" advice, which is wrong for a hole), else a segment trimmed or gone meanwhile.
+pub(crate) async fn journal_segment_missing(
+    reader: &JournalReader,
+    seq: u64,
+    lsn: u64,
+) -> TimeTravelError {
+    match head::check_end(reader.store().as_ref(), reader.manifest(), seq).await {
+        Err(e @ JournalError::Hole { .. }) => e.into(),
+        _ => TimeTravelError::JournalSegmentMissing {
+            journal: reader.store().describe(),
+            lsn,
+        },
+    }
+}
+
 impl Window {
     /// Refuses a point after the head when a hole stops the journal there.
     fn check_hole(&self, past_head: bool) -> TimeTravelResult<()> {
