@@ -247,7 +247,13 @@ async fn inspect(args: InspectArgs) -> anyhow::Result<()> {
             "SEQ", "LSN", "TIME", "KIND", "DEV", "OFFSET", "LENGTH", "STORED"
         )?;
     }
-    'segments: while let Some(index) = reader.index(seq).await? {
+    'segments: loop {
+        let Some(index) = reader.index(seq).await? else {
+            // The end, or a hole below the journal's known end: never silently the end.
+            out.flush().context("writing to stdout")?;
+            tinylag::journal::head::check_end(store.as_ref(), &manifest, seq).await?;
+            break;
+        };
         for e in &index.entries {
             if args.from_time.is_some_and(|t| e.timestamp_ns < t) {
                 continue;

@@ -133,6 +133,12 @@ pub struct ServeArgs {
     /// on the same host, where a dead pid frees the lease at once).
     #[arg(long, default_value = "15s", value_name = "DURATION", value_parser = parse_lease_time)]
     pub lease_time: Duration,
+    /// Start even though a journal segment is missing below the journal's known end (a hole
+    /// that `serve` otherwise refuses): everything from the hole on is abandoned, and the
+    /// whole device is resynced so every replica converges again. Prefer restoring the
+    /// missing object.
+    #[arg(long, conflicts_with = "no_journal")]
+    pub abandon_after_hole: bool,
     #[command(flatten)]
     pub metrics: MetricsArgs,
     #[command(flatten)]
@@ -344,6 +350,7 @@ pub async fn run_with(args: ServeArgs, shared: Option<Arc<Hub>>) -> anyhow::Resu
                     .clone()
                     .unwrap_or_else(|| default_activity_log_path(&args.primary))
             }),
+            abandon_after_hole: args.abandon_after_hole,
         }
     });
     let started = PrimaryCore::start(device, labels, setup).await;
@@ -360,6 +367,8 @@ pub async fn run_with(args: ServeArgs, shared: Option<Arc<Hub>>) -> anyhow::Resu
             Err(_) => clock.now_ns(),
         };
         let fenced = core.clone();
+        let durable = core.clone();
+        keeper.record_durable(Box::new(move || durable.durable_next_seq()));
         keeper
             .start(
                 epoch,

@@ -1,6 +1,7 @@
 //! `tinylag restore`, `tinylag timeline` and `tinylag mount`: time travel over a replica, its
 //! undo log and the journal (the work is in `tinylag::timetravel`).
 
+use anyhow::bail;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -239,6 +240,9 @@ pub async fn run_timeline(args: TimelineArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&t)?);
     } else {
         print!("{t}");
+    }
+    if let Some(hole) = &t.journal_hole {
+        bail!("the window ends early: {hole}");
     }
     Ok(())
 }

@@ -76,6 +76,26 @@ pub enum JournalError {
     /// No mark of that name.
     #[error("no mark named {name} in {journal}")]
     UnknownMark { journal: String, name: String },
+    /// A segment is missing below the journal's known end (see `journal::head`): a hole,
+    /// not the end. Nothing past it can be read; it is never taken for the end.
+    #[error(
+        "journal hole at seq {first_missing}: {key} is missing in {journal}, but {known_from} \
+         records segments up to seq {known_end} (exclusive){next}; the journal cannot be read \
+         past it. Restore the missing object, or restart `tinylag serve --abandon-after-hole` \
+         to abandon everything after it and resync every replica in full",
+        next = missing_range(*.first_missing, *.next_present)
+    )]
+    Hole {
+        journal: String,
+        key: String,
+        first_missing: u64,
+        /// The next seq found present after the hole, when one was looked for.
+        next_present: Option<u64>,
+        /// One past the highest seq known to have been durable.
+        known_end: u64,
+        /// Who recorded `known_end` (a writer's lease, a consumer's commit position, …).
+        known_from: String,
+    },
     /// A segment could not be read or decoded.
     #[error(transparent)]
     Segment(#[from] crate::journal::segment::SegmentError),
@@ -85,3 +105,13 @@ pub enum JournalError {
 }
 
 pub type JournalResult<T> = Result<T, JournalError>;
+
+/// ", seqs A..B are missing" when a hole spans more than one seq.
+fn missing_range(first_missing: u64, next_present: Option<u64>) -> String {
+    match next_present {
+        Some(next) if next > first_missing + 1 => {
+            format!("; seqs {first_missing}..{next} are missing")
+        }
+        _ => String::new(),
+    }
+}

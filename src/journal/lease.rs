@@ -34,7 +34,7 @@ use crate::store::ObjectStore;
 ///
 /// ```json
 /// {"epoch":3,"host":"db1","pid":4242,"since_ns":…,"renewed_at_ns":…,"ttl_ms":15000,
-///  "renewals":17,"released":false}
+///  "renewals":17,"released":false,"durable_next_seq":42}
 /// ```
 ///
 /// # Invariants
@@ -60,6 +60,12 @@ pub struct Lease {
     /// The holder stopped cleanly and gave the journal up.
     #[serde(default)]
     pub released: bool,
+    /// Every seq below this one was durable (a segment or a plug) when the lease was sent: a
+    /// reader that finds one of them missing has found a hole, not the end (see
+    /// `journal::head`). 0 when nothing is recorded (a lease of an older tinylag). On a
+    /// release after a drained stop it is the end of the journal.
+    #[serde(default)]
+    pub durable_next_seq: u64,
 }
 
 impl Lease {
@@ -74,6 +80,7 @@ impl Lease {
             ttl_ms,
             renewals: 0,
             released: false,
+            durable_next_seq: 0,
         }
     }
 
@@ -131,6 +138,7 @@ pub async fn current(store: &dyn ObjectStore, default_ttl_ms: u64) -> JournalRes
         ttl_ms: default_ttl_ms,
         renewals: 0,
         released: false,
+        durable_next_seq: 0,
     }))
 }
 

@@ -3,6 +3,10 @@
 //! [`ReadAhead`] is the same walk with several segment reads in flight; the replay agent,
 //! restore and `mount --at` all read a segment range through it.
 //!
+//! [`Step::NotYet`] only says the next seq is missing now: a caller that stops there checks it
+//! against the journal's known end (`head::check_missing`), below which it is a hole, not the
+//! end (see `journal::head`).
+//!
 //! Must never: return a record out of LSN order, skip an LSN, or return anything from an
 //! object whose UUID, seq, first LSN or checksums are not the expected ones.
 

@@ -1,14 +1,17 @@
 //! `journal verify`: reads every live segment in full, in the journal's order, and checks
 //! everything a reader checks (header, index and body CRCs, every payload CRC, UUID, seq,
 //! LSN continuity, plugs) plus the epoch order: no segment of an older writer epoch after
-//! one of a newer epoch.
+//! one of a newer epoch. A missing segment is the end only at or above the journal's known
+//! end (`head::known_end`); below it, it is a hole and verification fails naming it.
 //!
-//! Must never: hold more than one segment in memory, or write anything.
+//! Must never: hold more than one segment in memory, or write anything; pass a journal with
+//! a hole.
 
 use serde::Serialize;
 
 use super::consumer::load_trim_pointer;
 use super::error::JournalResult;
+use super::head;
 use super::manifest::Manifest;
 use super::segment::{read_segment, Expected, SegmentError};
 use crate::store::ObjectStore;
@@ -62,7 +65,10 @@ pub async fn verify_journal(
         };
         let segment = match read_segment(store, &key, &expected).await {
             Ok(s) => s,
-            Err(e) if e.is_not_found() => break,
+            Err(e) if e.is_not_found() => {
+                head::check_end(store, manifest, seq).await?;
+                break;
+            }
             Err(e) => return Err(e.into()),
         };
         let header = &segment.header;

@@ -74,6 +74,13 @@ impl Collector for ReplicaScrape {
         )?;
         gauge(
             &mut e,
+            "replica_journal_hole",
+            "1 while a journal hole (a segment missing below the journal's known end) stops \
+             the agent; status names the seq.",
+            &one(flag(s.journal_hole_seq.is_some())),
+        )?;
+        gauge(
+            &mut e,
             "replica_head_lsn",
             "The journal head this agent compares with.",
             &one(s.head_lsn),

@@ -3,17 +3,25 @@
 //! per poll interval when idle), checks every record fits the replica, and hands whole
 //! verified segments to the apply loop over a bounded channel.
 //!
+//! A missing next segment is the end only at or above the journal's known end
+//! (`journal::head`): `--once` checks that at its one end (and stops with the hole as its
+//! error); a tailing agent checks it after every [`HOLE_CHECK_EVERY`] of idling at the same
+//! seq, with one GET of the lease of the epoch it last read (no LIST), and while a hole
+//! stands its status says `journal hole at seq N` and it waits, applying nothing past it.
+//!
 //! Must never: hand over a segment that failed verification, or a record outside the
 //! replica; stop over a store outage (it retries at the idle pace); hold more than the
-//! channel's and the read-ahead's segments in memory.
+//! channel's and the read-ahead's segments in memory; take a hole for the end.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
 use crate::control::wait_shutdown;
+use crate::journal::head::{self, KnownEnd};
 use crate::journal::reader::{Cursor, JournalReader, ReadAhead, Step};
 use crate::journal::record::Record;
 use crate::journal::segment::{DecodedSegment, SegmentError};
@@ -55,6 +63,10 @@ pub(crate) struct Fetcher {
 /// channel's.
 const READ_AHEAD: usize = 8;
 
+/// Idle time at one missing seq after which a tailing agent asks the lease whether that seq
+/// is a hole: one GET, rare enough to add nothing to the idle request bill worth counting.
+pub(crate) const HOLE_CHECK_EVERY: Duration = Duration::from_secs(60);
+
 impl Fetcher {
     pub(crate) async fn run(mut self, mut cursor: Cursor, mut shutdown: watch::Receiver<bool>) {
         let mut idle = self.poll.min;
@@ -63,8 +75,14 @@ impl Fetcher {
         let mut resuming = true;
         let mut ahead = ReadAhead::new(self.reader.clone(), self.end);
         let mut width = 1;
+        // Idle time spent at `idle_at` since its last hole check.
+        let (mut idle_at, mut idle_for) = (u64::MAX, Duration::ZERO);
         loop {
-            if self.end.is_some_and(|end| cursor.seq >= end) || *shutdown.borrow() {
+            if *shutdown.borrow() {
+                return;
+            }
+            if self.end.is_some_and(|end| cursor.seq >= end) {
+                self.check_once_end(cursor.seq).await;
                 return;
             }
             let seq = cursor.seq;
@@ -93,8 +111,17 @@ impl Fetcher {
                 }
                 Ok(Step::NotYet) => {
                     if self.end.is_some() {
+                        self.check_once_end(seq).await;
                         return;
                     }
+                    if idle_at != seq {
+                        (idle_at, idle_for) = (seq, Duration::ZERO);
+                    }
+                    if idle_for >= HOLE_CHECK_EVERY {
+                        idle_for = Duration::ZERO;
+                        self.check_hole(seq).await;
+                    }
+                    idle_for += idle;
                     width = 1;
                     self.at_head.store(true, Ordering::Release);
                     tokio::select! {
@@ -118,6 +145,43 @@ impl Fetcher {
                     return;
                 }
             }
+        }
+    }
+
+    /// `--once` stops at `seq`: unless that is a hole, whose error it passes on.
+    async fn check_once_end(&self, seq: u64) {
+        let store = self.reader.store().clone();
+        let manifest = self.reader.manifest();
+        if let Err(e) = head::check_end(store.as_ref(), manifest, seq).await {
+            let _ = self.tx.send(Err(e.into())).await;
+        }
+    }
+
+    /// A tailing agent idle at missing seq `seq`: is it a hole? One GET of the lease of the
+    /// writer epoch last read (found from the previous segment's index once, after a
+    /// restart). A hole goes into the status until the seq appears; a failed check is only
+    /// logged (the next one comes).
+    async fn check_hole(&mut self, seq: u64) {
+        let store = self.reader.store().clone();
+        if self.epoch_seen == 0 && seq > 0 {
+            if let Ok(Some(index)) = self.reader.index(seq - 1).await {
+                self.epoch_seen = index.header.epoch;
+            }
+        }
+        let known = match head::known_end_from_lease(store.as_ref(), self.epoch_seen).await {
+            Ok(end) => KnownEnd {
+                seq: end,
+                from: format!("writer epoch {}'s lease", self.epoch_seen),
+            },
+            Err(e) => {
+                tracing::debug!("cannot read the lease to check for a hole at seq {seq}: {e}");
+                return;
+            }
+        };
+        let manifest = self.reader.manifest();
+        if let Err(e) = head::check_missing(store.as_ref(), manifest, seq, &known).await {
+            tracing::error!("{e}; waiting for the object to come back");
+            self.board.journal_hole(seq, e.to_string());
         }
     }
 

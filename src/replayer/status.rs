@@ -152,6 +152,8 @@ struct Board {
     oldest_unapplied: Option<(u64, u64)>,
     /// Nanoseconds per phase.
     spent_ns: [u64; 5],
+    /// A journal hole stops the agent at this seq (see `journal::head`).
+    journal_hole: Option<u64>,
 }
 
 /// Shared between the agent (writer) and the control handler (reader).
@@ -180,6 +182,9 @@ pub struct ReplicaStatus {
     pub consistent_time: Option<String>,
     /// Inside a resync span: the replica is not consistent until its `RESYNC_END`.
     pub in_resync_span: bool,
+    /// A journal hole at this seq stops the agent (`error` says `journal hole at seq N`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub journal_hole_seq: Option<u64>,
     /// The journal head this status compares with (probed when the agent is behind).
     pub head_lsn: u64,
     pub head_time: Option<String>,
@@ -238,6 +243,7 @@ impl StatusBoard {
                 head_cache: None,
                 oldest_unapplied: None,
                 spent_ns: [0; 5],
+                journal_hole: None,
             }),
         }
     }
@@ -307,6 +313,15 @@ impl StatusBoard {
             raise(&mut b.head, lsn, ts, next_seq);
         }
         b.error = None;
+        b.journal_hole = None;
+    }
+
+    /// A journal hole at `seq` stops the agent until the segment appears (`message` names
+    /// it and the choices); cleared by the next segment seen.
+    pub fn journal_hole(&self, seq: u64, message: String) {
+        let mut b = self.lock();
+        b.journal_hole = Some(seq);
+        b.error = Some(message);
     }
 
     /// Adds `elapsed` to the time spent in `phase`.
@@ -448,7 +463,7 @@ impl StatusBoard {
 
     /// The full status, probing the head if the agent is behind.
     pub async fn snapshot(&self) -> ReplicaStatus {
-        let (position, state, error, due, applied, bytes, batches, recovery, spent) = {
+        let (position, state, error, due, applied, bytes, batches, recovery, spent, hole) = {
             let b = self.lock();
             (
                 b.position.clone(),
@@ -460,6 +475,7 @@ impl StatusBoard {
                 b.batches_applied,
                 b.recovery.clone(),
                 b.spent_ns,
+                b.journal_hole,
             )
         };
         let ms = |p: Phase| spent[p as usize] / 1_000_000;
@@ -508,6 +524,7 @@ impl StatusBoard {
             consistent_lsn: position.consistent_lsn,
             consistent_time: time(position.consistent_timestamp_ns),
             in_resync_span: position.consistent_lsn < position.applied_lsn,
+            journal_hole_seq: hole,
             head_lsn,
             head_time: time(head.timestamp_ns),
             lag_records,

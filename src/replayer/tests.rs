@@ -1006,3 +1006,70 @@ async fn status_answers_within_seconds_while_the_store_hangs() {
     );
     assert_eq!(status.applied_lsn, 6, "what the agent knows is still shown");
 }
+
+/// A tailing agent idle at a missing seq below what the writer's lease recorded as durable
+/// says `journal hole at seq N` (after its occasional check, not per poll), applies nothing
+/// past it, and goes on once the object is back.
+#[tokio::test]
+async fn a_tailing_agent_reports_a_hole_and_resumes_when_the_segment_is_back() {
+    use crate::journal::lease::{self, Lease};
+    let mut f = Fixture::new(11).await;
+    for _ in 0..6 {
+        f.random_segment(4).await;
+    }
+    let mut l = Lease::new(1, T0, T0, 15_000);
+    l.durable_next_seq = 6;
+    lease::write(f.store.as_ref(), &l).await.unwrap();
+    let key = f.manifest.segment_key(3);
+    let kept = f.store.get(&key).await.unwrap();
+    f.store
+        .delete_many(std::slice::from_ref(&key))
+        .await
+        .unwrap();
+
+    let replica = Arc::new(MemoryReplica::new(SIZE));
+    let mut config = f.config("dr");
+    config.once = false;
+    let agent = f.agent(config, &replica, true, None).await.unwrap();
+    let board = agent.board();
+    let (stop, rx) = watch::channel(false);
+    let run = tokio::spawn(agent.run(rx));
+    let wait_for = |what: &'static str, done: fn(&super::ReplicaStatus) -> bool| {
+        let board = board.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(20), async {
+                loop {
+                    let status = board.snapshot().await;
+                    if done(&status) {
+                        return status;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+        }
+    };
+    // Segments 0..3 hold LSNs 1..=12; the applier commits them while the fetcher waits.
+    let status = wait_for("the hole", |s| {
+        s.journal_hole_seq.is_some() && s.applied_lsn == 12
+    })
+    .await;
+    assert_eq!(status.journal_hole_seq, Some(3));
+    let error = status.error.clone().unwrap_or_default();
+    assert!(error.contains("journal hole at seq 3"), "{error}");
+    let before_hole = f.records.iter().take(3 * 4).last().unwrap().lsn;
+    assert_eq!(status.applied_lsn, before_hole);
+    assert_eq!(replica.contents(), f.oracle(before_hole));
+
+    f.store.put_if_absent(&key, kept).await.unwrap();
+    let last = f.records.last().unwrap().lsn;
+    let status = wait_for("the rest", |s| {
+        s.applied_lsn == s.head_lsn && s.journal_hole_seq.is_none()
+    })
+    .await;
+    assert_eq!(status.applied_lsn, last);
+    assert_eq!(replica.contents(), f.oracle(last));
+    stop.send(true).unwrap();
+    run.await.unwrap().unwrap();
+}

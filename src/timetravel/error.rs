@@ -64,6 +64,13 @@ pub enum TimeTravelError {
     /// An undo segment the plan needs is gone (trimmed, or rewound by a recovering agent).
     #[error("undo segment {seq} of {undo} disappeared while reading it (undo trim, or a replay agent recovering); run the command again")]
     UndoSegmentMissing { undo: String, seq: u64 },
+    /// The point is after a journal hole: the records past it cannot be read.
+    #[error("points after LSN {head_lsn} ({head}) cannot be restored: {hole}")]
+    PastJournalHole {
+        head_lsn: u64,
+        head: String,
+        hole: String,
+    },
     /// A journal segment the plan needs is gone.
     #[error(
         "journal {journal} has no segment holding LSN {lsn} (trimmed?); run the command again"

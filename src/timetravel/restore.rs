@@ -33,7 +33,7 @@ use crate::replayer::undo::{UndoError, UndoLog};
 
 use super::copy::copy_sparse;
 use super::error::{TimeTravelError, TimeTravelResult};
-use super::sources::{Hole, Point, Sources, Spans, Window};
+use super::sources::{journal_segment_missing, Hole, Point, Sources, Spans, Window};
 
 /// Undo segments read ahead of the one being written back.
 const UNDO_READ_AHEAD: usize = 4;
@@ -220,6 +220,10 @@ pub async fn plan(sources: &Sources, window: &Window, point: Point) -> TimeTrave
             break;
         }
         let Some(index) = sources.reader.index(seq).await? else {
+            if !reached {
+                let lsn = spans.last().map_or(base.lsn + 1, |p| p.lsn + 1);
+                return Err(journal_segment_missing(&sources.reader, seq, lsn).await);
+            }
             break;
         };
         let next = index.header.next_seq;
@@ -530,10 +534,7 @@ async fn forward(
             ahead.step(&mut cursor, JOURNAL_READ_AHEAD).await?
         };
         let Step::Segment(segment) = step else {
-            return Err(TimeTravelError::JournalSegmentMissing {
-                journal: reader.store().describe(),
-                lsn: cursor.next_lsn,
-            });
+            return Err(journal_segment_missing(&reader, cursor.seq, cursor.next_lsn).await);
         };
         let key = reader.manifest().segment_key(segment.header.seq);
         let records: Vec<Record> = segment

@@ -3,22 +3,25 @@
 //! point (an LSN) inside it.
 //!
 //! The window runs from the oldest undo record (the undo store's `trim` pointer names the
-//! first live undo segment) to the journal's head (found from the consumer's position with
-//! O(log n) HEAD probes). A time becomes the last record at or before it by a binary search
+//! first live undo segment) to the journal's head (found by following the chain of segment
+//! indexes from the consumer's position; a segment missing below the journal's known end is
+//! a hole, and the window ends before it). A time becomes the last record at or before it by a binary search
 //! over segment indexes (one tail read each): never a listing of the journal or the log.
 //!
-//! Must never: write to any store or to the replica; accept a point outside the window.
+//! Must never: write to any store or to the replica; accept a point outside the window, or
+//! past a journal hole.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::clock::format_ns;
 use crate::journal::consumer::{self, ConsumerState};
-use crate::journal::head::probe_end;
+use crate::journal::head;
 use crate::journal::mark;
 use crate::journal::reader::JournalReader;
 use crate::journal::record::RecordKind;
 use crate::journal::segment::SegmentIndex;
+use crate::journal::JournalError;
 use crate::journal::Manifest;
 use crate::replayer::undo::{UndoError, UndoLog};
 use crate::store::ObjectStore;
@@ -69,7 +72,7 @@ pub struct Sources {
 }
 
 /// The restorable window and where things stand.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Window {
     /// The oldest restorable point.
     pub start: Point,
@@ -77,10 +80,44 @@ pub struct Window {
     pub start_time_ns: u64,
     /// The journal's head: the newest point.
     pub head: Point,
-    /// Past the last journal segment.
+    /// Past the last journal segment that can be read (the end, or a hole).
     pub journal_end: u64,
     /// The last record the undo log holds a pre-image of, if any.
     pub undo_last: Option<Point>,
+    /// A journal hole at `journal_end` (its message): the head is the last point before it,
+    /// and no point after the head can be restored.
+    pub hole: Option<String>,
+}
+
+/// The error for journal segment `seq` (which must hold LSN `lsn`) found missing while
+/// reading: a hole when it lies below the journal's known end (never the "trimmed? run
+/// again" advice, which is wrong for a hole), else a segment trimmed or gone meanwhile.
+pub(crate) async fn journal_segment_missing(
+    reader: &JournalReader,
+    seq: u64,
+    lsn: u64,
+) -> TimeTravelError {
+    match head::check_end(reader.store().as_ref(), reader.manifest(), seq).await {
+        Err(e @ JournalError::Hole { .. }) => e.into(),
+        _ => TimeTravelError::JournalSegmentMissing {
+            journal: reader.store().describe(),
+            lsn,
+        },
+    }
+}
+
+impl Window {
+    /// Refuses a point after the head when a hole stops the journal there.
+    fn check_hole(&self, past_head: bool) -> TimeTravelResult<()> {
+        match &self.hole {
+            Some(hole) if past_head => Err(TimeTravelError::PastJournalHole {
+                head_lsn: self.head.lsn,
+                head: format_ns(self.head.timestamp_ns),
+                hole: hole.clone(),
+            }),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl Sources {
@@ -225,9 +262,6 @@ impl Sources {
         } else {
             (consistent, consistent.timestamp_ns, None)
         };
-        let manifest = self.reader.manifest();
-        let journal_end =
-            probe_end(self.journal().as_ref(), manifest, self.consumer.next_seq).await?;
         let mut head = Point {
             lsn: self.consumer.applied_lsn,
             timestamp_ns: self.consumer.applied_timestamp_ns,
@@ -237,25 +271,34 @@ impl Sources {
                 head = u;
             }
         }
-        for seq in (self.consumer.consistent_seq..journal_end).rev() {
-            if let Some(index) = self.reader.index(seq).await? {
-                if let Some(e) = index.entries.last() {
-                    if e.lsn > head.lsn {
-                        head = Point {
-                            lsn: e.lsn,
-                            timestamp_ns: e.timestamp_ns,
-                        };
-                    }
-                    break;
+        // The chain from the consumer's position, one index (tail read) per segment: its
+        // end is the first missing seq, which is a hole when it lies below the journal's
+        // known end (see `journal::head`). The head is the last record before it.
+        let mut seq = self.consumer.next_seq;
+        while let Some(index) = self.reader.index(seq).await? {
+            if let Some(e) = index.entries.last() {
+                if e.lsn > head.lsn {
+                    head = Point {
+                        lsn: e.lsn,
+                        timestamp_ns: e.timestamp_ns,
+                    };
                 }
             }
+            seq = index.header.next_seq;
         }
+        let journal = self.journal();
+        let hole = match head::check_end(journal.as_ref(), self.reader.manifest(), seq).await {
+            Ok(()) => None,
+            Err(e @ JournalError::Hole { .. }) => Some(e.to_string()),
+            Err(e) => return Err(e.into()),
+        };
         Ok(Window {
             start,
             start_time_ns,
             head,
-            journal_end,
+            journal_end: seq,
             undo_last,
+            hole,
         })
     }
 
@@ -269,6 +312,7 @@ impl Sources {
         match target {
             Target::Mark(name) => {
                 let m = mark::load(self.journal().as_ref(), name).await?;
+                window.check_hole(m.lsn > window.head.lsn)?;
                 if m.lsn < window.start.lsn || m.lsn > window.head.lsn {
                     return Err(TimeTravelError::MarkOutsideWindow {
                         name: name.clone(),
@@ -286,6 +330,7 @@ impl Sources {
                 })
             }
             &Target::Time(t) => {
+                window.check_hole(t > window.head.timestamp_ns)?;
                 if t < window.start_time_ns {
                     return Err(TimeTravelError::BeforeWindow {
                         time: format_ns(t),

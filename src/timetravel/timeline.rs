@@ -73,6 +73,10 @@ pub struct Timeline {
     pub delay_ns: u64,
     /// Undo segments in the log (first live seq and past the last).
     pub undo_segments: [u64; 2],
+    /// A segment missing below the journal's known end stops the window at `window_end`
+    /// (the message names the seqs); `timeline` then exits non-zero.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub journal_hole: Option<String>,
 }
 
 /// Every hole inside the window: reads the index of every undo segment and every journal
@@ -144,6 +148,7 @@ pub async fn gather(sources: &Sources) -> TimeTravelResult<Timeline> {
         consistent: sources.consistent().into(),
         delay_ns: c.delay_ns,
         undo_segments: [sources.undo_first, sources.undo_end],
+        journal_hole: window.hole.clone(),
     })
 }
 
@@ -164,6 +169,9 @@ impl std::fmt::Display for Timeline {
             self.window_end.time,
             self.window_end.lsn
         )?;
+        if let Some(hole) = &self.journal_hole {
+            writeln!(f, "MISSING   {hole}")?;
+        }
         if self.holes.is_empty() {
             writeln!(f, "holes     none")?;
         }

@@ -51,7 +51,7 @@ use crate::replayer::undo::UndoLog;
 use super::error::{TimeTravelError, TimeTravelResult};
 use super::extents::{ExtentMap, Layer, Location, Source};
 use super::restore::{plan, Direction, Plan};
-use super::sources::{Point, Sources};
+use super::sources::{journal_segment_missing, Point, Sources};
 
 /// Decoded payloads kept for reads that hit the same record again.
 pub const CACHE_BYTES: usize = 64 << 20;
@@ -338,10 +338,7 @@ async fn map_journal(sources: &Sources, plan: &Plan, map: &mut ExtentMap) -> Tim
     let mut last = base;
     while last < point {
         let Some(index) = sources.reader.index(seq).await? else {
-            return Err(TimeTravelError::JournalSegmentMissing {
-                journal: sources.journal().describe(),
-                lsn: last + 1,
-            });
+            return Err(journal_segment_missing(&sources.reader, seq, last + 1).await);
         };
         read += 1;
         let key = sources.reader.manifest().segment_key(seq);

@@ -14,6 +14,7 @@
 
 use crate::journal::consumer::{self, ConsumerState};
 use crate::journal::error::JournalError;
+use crate::journal::head;
 use std::sync::Arc;
 
 use crate::journal::Manifest;
@@ -141,6 +142,8 @@ pub async fn trim_journal(
     );
     let mut seq = before.first_seq;
     let Some(mut cur) = reads.get(seq).await? else {
+        // Nothing at the pointer: an empty journal, or a hole trim did not make.
+        head::check_end(store, manifest, seq).await?;
         return Ok(report);
     };
     if cur.header.first_lsn != before.first_lsn {
@@ -179,6 +182,9 @@ pub async fn trim_journal(
             };
         }
         let Some(next) = reads.get(next_seq).await? else {
+            // The pointer never moves across a hole it did not make: a missing seq below
+            // the journal's known end stops the trim with the hole as its error.
+            head::check_end(store, manifest, next_seq).await?;
             break HeldBy::Head { seq };
         };
         if next.header.first_lsn != cur.header.end_lsn() {

@@ -11,7 +11,9 @@
 //! Starting ([`prepare`] then [`Prepared::start`]): claim the next writer epoch, plan the
 //! restart from the trim pointer ([`head::plan_restart`]), write the first segment (an
 //! `EPOCH` record, and `RESYNC_BEGIN` if the replica cannot be trusted) at `plan.next_seq`,
-//! then plug every hole, highest seq first.
+//! then plug every hole, highest seq first. Only the previous writer's own crash gaps are
+//! plugged: a segment missing below the journal's known end is a hole, and the start is
+//! refused (unless `--abandon-after-hole`, see [`prepare`]).
 //!
 //! Failures: an upload that fails is retried with the same bytes, with backoff, until it
 //! succeeds (the store's own wrapper already retries transient errors; this retries the
@@ -40,9 +42,9 @@ use super::intake::Intake;
 use super::mode::FullReason;
 use super::shared::{Shared, WriterStats};
 use crate::clock::{Clock, MonotonicTimestamps};
-use crate::journal::consumer::TrimPointer;
+use crate::journal::consumer::{self, TrimPointer};
 use crate::journal::epoch::{self, EpochClaim};
-use crate::journal::head::{plan_restart_from_trim_pointer, RestartPlan};
+use crate::journal::head::{self, plan_restart_from_trim_pointer, KnownEnd, RestartPlan};
 use crate::journal::segment::{encode_plug, SegmentBuilder, SegmentError};
 use crate::journal::{JournalError, Manifest, Op, Record};
 use crate::store::ObjectStore;
@@ -92,6 +94,9 @@ impl WriterConfig {
 pub struct Progress {
     /// Every record at or below this LSN is in a durable segment.
     pub durable_lsn: u64,
+    /// Every seq below this one is durable (a segment or a plug): what the lease records
+    /// for readers to tell a hole from the end (`journal::head`).
+    pub durable_next_seq: u64,
     /// Waiters for an LSN at or below this stop waiting without durability: the writer was
     /// fenced or stopped (`u64::MAX`), or the store has been failing past the outage bound.
     pub released_lsn: u64,
@@ -144,6 +149,8 @@ pub struct Prepared {
     pub claim: EpochClaim,
     pub trim: TrimPointer,
     pub plan: RestartPlan,
+    /// `--abandon-after-hole` abandoned the journal from this seq on (see [`prepare`]).
+    pub abandoned: Option<u64>,
 }
 
 impl Prepared {
@@ -154,27 +161,130 @@ impl Prepared {
 }
 
 /// Claims the next epoch and plans where to continue. Nothing is written but the claim.
+///
+/// A gap the plan would plug is the previous writer's own only at or above the journal's
+/// known end (`head::known_end`: what the last lease recorded as durable, what consumers
+/// committed): below it, a segment that was durable has gone missing, and plugging it would
+/// silently drop every record after it. Such a hole refuses the start
+/// ([`JournalError::Hole`]), before the epoch is claimed, unless `abandon_after_hole`: then
+/// everything from the lowest missing seq on is abandoned (plugged, as a crash gap is) and
+/// [`Prepared::abandoned`] tells the core to resync the whole device, so that every consumer
+/// converges again.
 pub async fn prepare(
     store: Arc<dyn ObjectStore>,
     manifest: Manifest,
     clock: &dyn Clock,
+    abandon_after_hole: bool,
 ) -> Result<Prepared, StartError> {
     let fail = |source| StartError::Journal {
         journal: store.describe(),
         source,
     };
+    let (known, hole) = find_hole(store.as_ref(), &manifest).await.map_err(fail)?;
+    match hole {
+        Some(hole) if !abandon_after_hole => return Err(fail(hole)),
+        _ => {}
+    }
+    let abandoning = hole.is_some();
     let claim = epoch::claim_next(store.as_ref(), clock.now_ns())
         .await
         .map_err(fail)?;
-    let (trim, plan) = plan_restart_from_trim_pointer(store.as_ref(), &manifest)
+    let (trim, mut plan) = plan_restart_from_trim_pointer(store.as_ref(), &manifest)
         .await
         .map_err(fail)?;
+    if abandoning {
+        plan = abandon_after(store.as_ref(), &manifest, &trim, &known, plan)
+            .await
+            .map_err(fail)?;
+        tracing::warn!(
+            journal = %store.describe(),
+            first_abandoned = plan.first_missing,
+            plugs = plan.holes.len(),
+            next_seq = plan.next_seq,
+            "--abandon-after-hole: every segment from the hole on is abandoned and plugged; \
+             the whole device is resynced so every replica converges again"
+        );
+    }
+    let abandoned = abandoning.then_some(plan.first_missing);
     Ok(Prepared {
         store,
         manifest,
         claim,
         trim,
         plan,
+        abandoned,
+    })
+}
+
+/// The journal's known end, and the hole a restart would otherwise plug (see [`prepare`]).
+async fn find_hole(
+    store: &dyn ObjectStore,
+    manifest: &Manifest,
+) -> Result<(KnownEnd, Option<JournalError>), JournalError> {
+    let (trim, plan) = plan_restart_from_trim_pointer(store, manifest).await?;
+    let known = head::known_end(store).await?;
+    // The plan only looks for gaps near the end; a hole may lie anywhere below it.
+    let to = plan.first_missing.min(known.seq);
+    let lowest = head::lowest_missing(store, manifest, trim.first_seq, to).await?;
+    let lowest = match lowest {
+        Some(seq) => seq,
+        None if plan.first_missing < known.seq => plan.first_missing,
+        None => return Ok((known, None)),
+    };
+    let hole = head::hole(store, manifest, lowest, &known).await;
+    Ok((known, Some(hole)))
+}
+
+/// `plan` redone so that everything from the lowest missing seq on is abandoned: the new
+/// writer starts past every seq known to exist, every missing seq before it is plugged, and
+/// LSNs continue from the last record before the hole. Refused when a consumer has already
+/// read past the hole (its position would no longer follow the chain).
+async fn abandon_after(
+    store: &dyn ObjectStore,
+    manifest: &Manifest,
+    trim: &TrimPointer,
+    known: &KnownEnd,
+    plan: RestartPlan,
+) -> Result<RestartPlan, JournalError> {
+    let next_seq = plan.next_seq.max(known.seq);
+    let lowest = head::lowest_missing(store, manifest, trim.first_seq, next_seq)
+        .await?
+        .unwrap_or(plan.first_missing);
+    if let Some(ahead) = consumer::list(store)
+        .await?
+        .into_iter()
+        .find(|c| c.next_seq > lowest)
+    {
+        return Err(JournalError::InvalidParameter {
+            name: "--abandon-after-hole",
+            reason: format!(
+                "consumer {} has already read past the hole at seq {lowest} (its position is \
+                 seq {}), so abandoning what follows would strand it; restore the missing \
+                 object, or unregister that consumer and seed its replica again from a restore",
+                ahead.name, ahead.next_seq
+            ),
+        });
+    }
+    let mut holes = Vec::new();
+    for seq in lowest..next_seq {
+        if !head::segment_exists(store, manifest, seq).await? {
+            holes.push(seq);
+        }
+    }
+    let (next_lsn, last_timestamp_ns) = if lowest > trim.first_seq {
+        let index = head::prefix_index(store, manifest, lowest - 1).await?;
+        (index.header.end_lsn(), index.last_timestamp().unwrap_or(0))
+    } else {
+        (trim.first_lsn, 0)
+    };
+    Ok(RestartPlan {
+        first_missing: lowest,
+        last_orphan: (lowest < next_seq).then(|| next_seq - 1),
+        holes,
+        next_seq,
+        next_lsn,
+        // Timestamps never go below any record written, abandoned ones included.
+        last_timestamp_ns: last_timestamp_ns.max(plan.last_timestamp_ns),
     })
 }
 
@@ -267,6 +377,7 @@ impl Prepared {
         let (out, rx) = mpsc::unbounded_channel();
         let (progress_tx, progress) = watch::channel(Progress {
             durable_lsn: lsn - 1,
+            durable_next_seq: plan.next_seq + 1,
             released_lsn: 0,
         });
         let intake = Arc::new(Intake::new(lsn));
@@ -469,14 +580,17 @@ impl Task {
                 break;
             }
             // Dropping the entry releases its pool bytes.
-            let (settled, _) = entry.remove();
+            let (seq, (settled, _)) = entry.remove_entry();
             for ts in &settled.timestamps {
                 self.stats.durable_lag.record(now.saturating_sub(*ts));
             }
-            durable = Some(settled.last_lsn);
+            durable = Some((settled.last_lsn, seq + 1));
         }
-        if let Some(lsn) = durable {
-            self.progress.send_modify(|p| p.durable_lsn = lsn);
+        if let Some((lsn, next_seq)) = durable {
+            self.progress.send_modify(|p| {
+                p.durable_lsn = lsn;
+                p.durable_next_seq = next_seq;
+            });
         }
         // A slot is free: journal-mode writers waiting on the open segment need it closed.
         if self.stats.sync_waiters.load(Ordering::Acquire) > 0 {

@@ -46,6 +46,10 @@ const MIN_RENEW_EVERY: Duration = Duration::from_millis(500);
 /// Called once when the lease keeper finds that a newer epoch exists.
 pub type OnFenced = Box<dyn Fn(String) + Send + Sync>;
 
+/// Asked at each renewal (and at the release) for the seq below which the journal is
+/// durable, which the lease records (`Lease::durable_next_seq`).
+pub type DurableNextSeq = Box<dyn Fn() -> u64 + Send + Sync>;
+
 /// What `status` shows of the lease (the holder is this writer).
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct LeaseStatus {
@@ -84,6 +88,7 @@ struct LeaseState {
     fenced: AtomicBool,
     released: AtomicBool,
     on_fenced: Mutex<Option<OnFenced>>,
+    durable_next_seq: Mutex<Option<DurableNextSeq>>,
     /// Serializes deadline checks (the keeper and concurrent uploads).
     check: tokio::sync::Mutex<()>,
 }
@@ -105,6 +110,13 @@ impl LeaseState {
         lock(&self.valid_until).is_none_or(|t| Instant::now() >= t)
     }
 
+    /// What the writer reports durable, recorded in the lease (never moving back).
+    fn record_durable(&self, lease: &mut Lease) {
+        if let Some(durable) = lock(&self.durable_next_seq).as_ref() {
+            lease.durable_next_seq = lease.durable_next_seq.max(durable());
+        }
+    }
+
     /// One renewal: one PUT. On success the term restarts from when it was sent.
     async fn renew(&self) -> Result<(), String> {
         let sent = Instant::now();
@@ -115,6 +127,7 @@ impl LeaseState {
             };
             lease.renewed_at_ns = self.clock.now_ns();
             lease.renewals += 1;
+            self.record_durable(lease);
             lease.clone()
         };
         match lease::write(self.store.as_ref(), &lease).await {
@@ -270,10 +283,17 @@ impl LeaseKeeper {
                 fenced: AtomicBool::new(false),
                 released: AtomicBool::new(false),
                 on_fenced: Mutex::new(None),
+                durable_next_seq: Mutex::new(None),
                 check: tokio::sync::Mutex::new(()),
             }),
             task: Mutex::new(None),
         }
+    }
+
+    /// Has every renewal (and the release) record what `durable` reports: the seq below which
+    /// the journal is durable. Set before [`start`](Self::start) so the first lease has it.
+    pub fn record_durable(&self, durable: DurableNextSeq) {
+        *lock(&self.state.durable_next_seq) = Some(durable);
     }
 
     /// The store the writer must use.
@@ -350,6 +370,7 @@ impl LeaseKeeper {
         }
         let lease = lock(&self.state.lease).as_mut().map(|l| {
             l.released = true;
+            self.state.record_durable(l);
             l.clone()
         });
         if let Some(lease) = lease {
@@ -457,6 +478,27 @@ mod tests {
                 .await
                 .is_ok()
         );
+    }
+
+    /// Each renewal records what the writer reports durable, and the release the final
+    /// value: readers tell a hole from the end by it (`journal::head`).
+    #[tokio::test]
+    async fn renewals_and_the_release_record_the_durable_seq() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let claim = epoch::claim_next(store.as_ref(), 1).await.unwrap();
+        let k = keeper(store.clone(), Duration::from_secs(60));
+        let durable = Arc::new(AtomicU64::new(7));
+        let reported = durable.clone();
+        k.record_durable(Box::new(move || reported.load(Ordering::Acquire)));
+        k.start(claim.epoch, 1, Box::new(|_| {})).await;
+        let stored = lease::read(store.as_ref(), claim.epoch).await.unwrap();
+        assert_eq!(stored.unwrap().durable_next_seq, 7);
+        durable.store(9, Ordering::Release);
+        k.release().await;
+        let stored = lease::read(store.as_ref(), claim.epoch).await.unwrap();
+        let stored = stored.unwrap();
+        assert!(stored.released);
+        assert_eq!(stored.durable_next_seq, 9);
     }
 
     /// A writer past its deadline (as after SIGSTOP) may not upload before it has looked for

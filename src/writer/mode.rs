@@ -198,6 +198,9 @@ pub enum FullReason {
     /// The previous writer stopped uncleanly and its activity log is missing, stale (another
     /// journal or writer) or corrupt, so the regions it was writing are unknown.
     NoActivityLog = 4,
+    /// `serve --abandon-after-hole` abandoned the journal after a missing segment: every
+    /// consumer must converge again from a full resync.
+    AbandonedHole = 5,
 }
 
 impl FullReason {
@@ -207,6 +210,7 @@ impl FullReason {
             2 => Some(FullReason::PrimaryHasData),
             3 => Some(FullReason::WriterFailed),
             4 => Some(FullReason::NoActivityLog),
+            5 => Some(FullReason::AbandonedHole),
             _ => None,
         }
     }
@@ -218,6 +222,10 @@ impl FullReason {
                  from the journal"
             }
             FullReason::PrimaryHasData => "the journal is new but the primary already held data",
+            FullReason::AbandonedHole => {
+                "--abandon-after-hole abandoned the journal after a missing segment (a resync \
+                 hole for every consumer)"
+            }
             FullReason::WriterFailed => "the journal writer stopped on an internal error",
             FullReason::NoActivityLog => {
                 "the previous writer did not stop cleanly and left no usable activity log; the \

@@ -89,6 +89,10 @@ pub struct JournalSetup {
     /// [`activity_log::default_path`]); `None` keeps none (`--no-activity-log`: a restart
     /// after a crash is then `forward-full`).
     pub activity_log: Option<PathBuf>,
+    /// `--abandon-after-hole`: start even though a segment is missing below the journal's
+    /// known end, abandoning everything after it and resyncing the whole device (see
+    /// [`journal_writer::prepare`]).
+    pub abandon_after_hole: bool,
 }
 
 /// Every way starting the core fails.
@@ -267,8 +271,13 @@ impl PrimaryCore {
         let uuid = manifest.uuid;
 
         let region_size = manifest.region_size;
-        let prepared =
-            journal_writer::prepare(setup.store.clone(), manifest, setup.clock.as_ref()).await?;
+        let prepared = journal_writer::prepare(
+            setup.store.clone(),
+            manifest,
+            setup.clock.as_ref(),
+            setup.abandon_after_hole,
+        )
+        .await?;
         let epoch = prepared.claim.epoch;
         let marker_path = restart::marker_path(&setup.primary_path);
         let marker = restart::take_marker(&marker_path)?;
@@ -445,6 +454,14 @@ impl PrimaryCore {
         self.journal
             .as_ref()
             .map_or(0, |j| j.progress.borrow().durable_lsn)
+    }
+
+    /// Every journal seq below this one is durable (0 without a journal): what the writer's
+    /// lease records so readers can tell a missing segment below it for a hole.
+    pub fn durable_next_seq(&self) -> u64 {
+        self.journal
+            .as_ref()
+            .map_or(0, |j| j.progress.borrow().durable_next_seq)
     }
 
     /// Waits until every record up to `lsn` is durable, or the writer gave up on them.

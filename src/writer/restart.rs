@@ -162,6 +162,9 @@ pub fn initial_full_reason(
     marker: Option<&CleanMarker>,
     primary_has_data: impl FnOnce() -> Result<bool, RestartError>,
 ) -> Result<Option<FullReason>, RestartError> {
+    if prepared.abandoned.is_some() {
+        return Ok(Some(FullReason::AbandonedHole));
+    }
     let plan = &prepared.plan;
     let clean = marker.is_some_and(|m| {
         m.uuid == uuid

@@ -54,7 +54,7 @@ fn shared() -> Shared {
 }
 
 async fn start(store: Arc<dyn ObjectStore>, m: &Manifest, shared: &Shared) -> JournalWriter {
-    prepare(store, m.clone(), &SystemClock)
+    prepare(store, m.clone(), &SystemClock, false)
         .await
         .unwrap()
         .start(Arc::new(SystemClock), config(), shared.clone(), false)
@@ -345,7 +345,7 @@ async fn a_restart_continues_after_the_prefix_and_plugs_holes() {
     w1.task.abort(); // the writer "dies"
     flaky.clear_prefix();
 
-    let prepared = prepare(store.clone(), m.clone(), &SystemClock)
+    let prepared = prepare(store.clone(), m.clone(), &SystemClock, false)
         .await
         .unwrap();
     assert_eq!(prepared.plan.holes, vec![2]);
@@ -379,7 +379,7 @@ async fn a_long_outage_releases_journal_waiters_until_the_store_answers() {
     let m = manifest();
     m.create(store.as_ref()).await.unwrap();
     let shared = shared();
-    let w = prepare(store.clone(), m.clone(), &SystemClock)
+    let w = prepare(store.clone(), m.clone(), &SystemClock, false)
         .await
         .unwrap()
         .start(
@@ -420,7 +420,7 @@ async fn compression_follows_the_setting() {
         let m = manifest();
         m.create(store.as_ref()).await.unwrap();
         let shared = shared();
-        let w = prepare(store.clone(), m.clone(), &SystemClock)
+        let w = prepare(store.clone(), m.clone(), &SystemClock, false)
             .await
             .unwrap()
             .start(
@@ -450,4 +450,93 @@ async fn compression_follows_the_setting() {
         .unwrap();
         assert_eq!(index.entries[0].compressed, compress, "compress={compress}");
     }
+}
+
+/// Segments 0..12 of a stopped writer whose lease recorded 12 as durable: seq 5 deleted
+/// behind its back is a hole, which `prepare` refuses (claiming no epoch) and names; with
+/// `abandon_after_hole` it plugs every missing seq from 5 on and LSNs continue after seq 4.
+/// The same gap above what the lease recorded is the writer's own crash gap: plugged.
+#[tokio::test]
+async fn a_hole_below_the_leases_durable_seq_refuses_the_restart_unless_abandoned() {
+    use crate::journal::lease::{self, Lease};
+    use crate::journal::segment::encode_segment;
+    use crate::journal::verify::verify_journal;
+
+    let journal = |durable_next_seq: u64| async move {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let m = manifest();
+        m.create(store.as_ref()).await.unwrap();
+        let claim = epoch::claim_next(store.as_ref(), 1).await.unwrap();
+        for seq in 0..12u64 {
+            let record = Record {
+                lsn: seq + 1,
+                timestamp_ns: seq + 1,
+                dev: 0,
+                op: Op::Flush,
+            };
+            let body = encode_segment(m.uuid, claim.epoch, seq, seq + 1, &[record]).unwrap();
+            store
+                .put_if_absent(&m.segment_key(seq), body)
+                .await
+                .unwrap();
+        }
+        let mut l = Lease::new(claim.epoch, 1, 2, 15_000);
+        l.durable_next_seq = durable_next_seq;
+        l.released = true;
+        lease::write(store.as_ref(), &l).await.unwrap();
+        (store, m)
+    };
+
+    // A hole: deleted below what the lease recorded as durable.
+    let (store, m) = journal(12).await;
+    store.delete_many(&[m.segment_key(5)]).await.unwrap();
+    let err = verify_journal(store.as_ref(), &m, None, |_| {})
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            JournalError::Hole {
+                first_missing: 5,
+                known_end: 12,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = prepare(store.clone(), m.clone(), &SystemClock, false)
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("journal hole at seq 5"), "{msg}");
+    assert!(msg.contains("--abandon-after-hole"), "{msg}");
+    assert_eq!(epoch::current_epoch(store.as_ref()).await.unwrap(), Some(1));
+
+    let prepared = prepare(store.clone(), m.clone(), &SystemClock, true)
+        .await
+        .unwrap();
+    assert_eq!(prepared.abandoned, Some(5));
+    assert_eq!(prepared.plan.holes, vec![5]);
+    assert_eq!((prepared.plan.next_seq, prepared.plan.next_lsn), (12, 6));
+    let shared = shared();
+    let w = prepared
+        .start(Arc::new(SystemClock), config(), shared.clone(), true)
+        .await
+        .unwrap();
+    w.intake.close();
+    w.task.await.unwrap();
+    let report = verify_journal(store.as_ref(), &m, None, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(report.plugs, 1);
+    assert_eq!(report.next_seq, 13);
+
+    // The writer's own crash gap: seq 10 was in flight above the recorded durable seq 9.
+    let (store, m) = journal(9).await;
+    store.delete_many(&[m.segment_key(10)]).await.unwrap();
+    let prepared = prepare(store.clone(), m.clone(), &SystemClock, false)
+        .await
+        .unwrap();
+    assert_eq!(prepared.abandoned, None);
+    assert_eq!(prepared.plan.holes, vec![10]);
 }

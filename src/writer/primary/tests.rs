@@ -132,6 +132,7 @@ impl Fixture {
             clock: Arc::new(SystemClock),
             primary_path: self.dir.path().join("primary.img"),
             activity_log: Some(self.dir.path().join("primary.img.tinylag-al")),
+            abandon_after_hole: false,
         }
     }
 
