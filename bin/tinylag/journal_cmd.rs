@@ -247,7 +247,7 @@ async fn inspect(args: InspectArgs) -> anyhow::Result<()> {
             "SEQ", "LSN", "TIME", "KIND", "DEV", "OFFSET", "LENGTH", "STORED"
         )?;
     }
-    'segments: while let Some(index) = reader.index(seq).await? {
+    'segments: while let Some(index) = reader.checked_index(seq).await? {
         for e in &index.entries {
             if args.from_time.is_some_and(|t| e.timestamp_ns < t) {
                 continue;
