@@ -198,6 +198,7 @@ async fn inspect_lists_records_and_info_shows_consumer_lag() {
             updated_at_ns: 0,
             undo: Default::default(),
             verify: Default::default(),
+            seed: Default::default(),
         },
     )
     .await

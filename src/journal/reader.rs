@@ -173,6 +173,36 @@ impl JournalReader {
     }
 }
 
+impl JournalReader {
+    /// The first seq in `lo..hi` whose last record is at or after `lsn`, with its index
+    /// (binary search on segment indexes, as [`seek_time`](Self::seek_time)); `None` if none.
+    pub async fn seek_lsn(
+        &self,
+        lo: u64,
+        hi: u64,
+        lsn: u64,
+    ) -> JournalResult<Option<(u64, SegmentIndex)>> {
+        let (mut lo, mut hi) = (lo, hi);
+        let end = hi;
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let after = match self.index(mid).await? {
+                Some(i) => i.entries.last().is_some_and(|e| e.lsn >= lsn),
+                None => false,
+            };
+            if after {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        if lo >= end {
+            return Ok(None);
+        }
+        Ok(self.index(lo).await?.map(|i| (lo, i)))
+    }
+}
+
 /// [`JournalReader::step`] with up to `width` segment reads in flight: the segments after the
 /// cursor are fetched by predicted key ahead of need, without knowing their first LSN, and
 /// each is checked against the cursor when its turn comes, so every step returns exactly
