@@ -282,13 +282,11 @@ async fn inspect_fails_on_a_segment_with_a_zeroed_or_corrupt_header() {
     let key = manifest.segment_key(1);
     let path = journal.join(&key);
     let good = std::fs::read(&path).unwrap();
-    let damages: [(&str, Box<dyn Fn(&mut Vec<u8>)>); 2] = [
-        ("zeroed", Box::new(|b: &mut Vec<u8>| b[..72].fill(0))),
-        ("one flipped bit", Box::new(|b: &mut Vec<u8>| b[40] ^= 1)),
-    ];
-    for (what, damage) in damages {
-        let mut bad = good.clone();
-        damage(&mut bad);
+    let mut zeroed = good.clone();
+    zeroed[..72].fill(0);
+    let mut flipped = good.clone();
+    flipped[40] ^= 1;
+    for (what, bad) in [("zeroed", zeroed), ("one flipped bit", flipped)] {
         std::fs::write(&path, &bad).unwrap();
         for json in [false, true] {
             let mut args = vec!["journal", "inspect", "--journal", &j];
