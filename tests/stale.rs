@@ -275,5 +275,7 @@ fn assume_seeded_adopts_an_operators_copy_and_says_so() {
     assert!(agent.log_tail(8000).contains("on the operator's word"));
     let state = setup.consumer("copied").unwrap();
     assert_eq!(state["seed"]["by"], "assumed", "{state:#}");
+    let info = tinylag_ok(&["journal", "info", "--journal", &setup.journal], &[]);
+    assert!(info.contains("seeded     ASSUMED"), "{info}");
     setup.finish(&[(&copy, "copied")]);
 }

@@ -147,6 +147,12 @@ async fn info(args: InfoArgs) -> anyhow::Result<()> {
             c.state.undo.segments,
             c.state.replica
         );
+        if !matches!(
+            c.state.seed,
+            tinylag::journal::consumer::Seed::Blank | tinylag::journal::consumer::Seed::Unrecorded
+        ) {
+            println!("  seeded     {}", c.state.seed);
+        }
         let v = &c.state.verify;
         if v.checked + v.skipped > 0 {
             println!(
