@@ -147,6 +147,16 @@ fn a_stale_image_is_refused_and_a_restore_seeds_it() {
     assert!(!setup.path("stale.img.undo").exists());
     assert!(!setup.path("stale.img.ctl").exists());
 
+    // A file without any data is the blank device an agent creates (one killed before it
+    // registered leaves such a file): adopted as blank.
+    let blank = setup.path("blank.img");
+    std::fs::File::create(&blank)
+        .unwrap()
+        .set_len(16 * MIB)
+        .unwrap();
+    setup.replay_once_ok(&blank, "blank", &[]);
+    assert_eq!(setup.consumer("blank").unwrap()["seed"]["by"], "blank");
+
     // Way 1: the image comes from a restore of the vouched replica, which leaves a stamp.
     std::fs::remove_file(&stale).unwrap();
     tinylag_ok(
@@ -188,7 +198,7 @@ fn a_stale_image_is_refused_and_a_restore_seeds_it() {
     let state = setup.consumer("newguy").unwrap();
     assert_eq!(state["seed"]["by"], "restore", "{state:#}");
     assert!(!stamp.exists(), "the adopted image's stamp stays behind");
-    setup.finish(&[(&stale, "newguy"), (&reference, "dr")]);
+    setup.finish(&[(&stale, "newguy"), (&reference, "dr"), (&blank, "blank")]);
 }
 
 #[test]

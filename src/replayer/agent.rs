@@ -224,7 +224,7 @@ impl Agent {
         // A new consumer on an image it did not create adopts it only if something vouches
         // for it (see `crate::journal::seed`); also refused before registering.
         let initial = match (&existing, replica_created) {
-            (None, false) => adopt(&reader, &config, initial, trim).await?,
+            (None, false) => adopt(&reader, replica.as_ref(), &config, initial, trim).await?,
             _ => initial,
         };
         let mut pos = consumer::register(store.as_ref(), &initial).await?;
@@ -1033,13 +1033,35 @@ fn seed_stamp_image(replica: &str) -> Option<std::path::PathBuf> {
 /// it, or the refusal naming the choices. `initial` starts at the journal's start (`trim`).
 async fn adopt(
     reader: &JournalReader,
+    replica: &dyn ReplicaTarget,
     config: &AgentConfig,
     mut initial: ConsumerState,
     trim: consumer::TrimPointer,
 ) -> Result<ConsumerState, ReplayError> {
     let journal = reader.store().describe();
     let manifest = reader.manifest();
+    // A file without any data is the blank device, as the agent creates it (an agent killed
+    // after creating its replica and before registering leaves one behind).
+    let blank = || {
+        replica
+            .is_hole(0, replica.size())
+            .map_err(|source| ApplyError::Io {
+                replica: replica.describe(),
+                what: "look for data in the replica",
+                lsn: 0,
+                source,
+            })
+    };
     match &config.seed {
+        SeedChoice::Refuse if blank()? => {
+            if trim.first_lsn > 1 {
+                return Err(ReplayError::JournalTrimmed {
+                    journal,
+                    first_lsn: trim.first_lsn,
+                });
+            }
+            Ok(initial)
+        }
         SeedChoice::Refuse => Err(ReplayError::UnvouchedReplica {
             replica: config.replica.clone(),
             journal,
