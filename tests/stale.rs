@@ -198,6 +198,9 @@ fn a_stale_image_is_refused_and_a_restore_seeds_it() {
     let state = setup.consumer("newguy").unwrap();
     assert_eq!(state["seed"]["by"], "restore", "{state:#}");
     assert!(!stamp.exists(), "the adopted image's stamp stays behind");
+    // A stray or broken stamp matters only to a new consumer: an existing one restarts.
+    std::fs::write(setup.path("dr.img.seed.json"), b"not a stamp").unwrap();
+    setup.replay_once_ok(&reference, "dr", &[]);
     setup.finish(&[(&stale, "newguy"), (&reference, "dr"), (&blank, "blank")]);
 }
 

@@ -154,9 +154,11 @@ pub async fn open(
     } else if args.check_seed {
         SeedChoice::Check
     } else {
-        match SeedStamp::read_checked(&replica_path)? {
-            Some(stamp) => SeedChoice::Stamp(stamp),
-            None => SeedChoice::Refuse,
+        match SeedStamp::read_checked(&replica_path) {
+            Ok(Some(stamp)) => SeedChoice::Stamp(stamp),
+            Ok(None) => SeedChoice::Refuse,
+            // Only a new consumer needs the stamp: the agent decides.
+            Err(e) => SeedChoice::BrokenStamp(e.to_string()),
         }
     };
     let (replica, created) = ReplicaFile::open_or_create(&replica_path, size)?;

@@ -1062,6 +1062,9 @@ async fn adopt(
             }
             Ok(initial)
         }
+        SeedChoice::BrokenStamp(reason) => Err(ReplayError::BrokenStamp {
+            reason: reason.clone(),
+        }),
         SeedChoice::Refuse => Err(ReplayError::UnvouchedReplica {
             replica: config.replica.clone(),
             journal,

@@ -4,7 +4,6 @@ use crate::journal::JournalError;
 
 use super::apply::ApplyError;
 use super::replica::ReplicaError;
-use super::seed::StampError;
 use super::undo::UndoError;
 
 /// One variant per way the agent stops; each message names the journal object, the replica
@@ -72,9 +71,9 @@ pub enum ReplayError {
         name: String,
         lsn: u64,
     },
-    /// A seed stamp cannot be read or no longer matches its image.
-    #[error(transparent)]
-    Stamp(#[from] StampError),
+    /// A new consumer's image has a seed stamp that cannot vouch for it.
+    #[error("{reason}; nothing was changed: restore the image again, or remove the stamp and choose --check-seed or --assume-seeded")]
+    BrokenStamp { reason: String },
     /// The seed stamp is of another journal.
     #[error("the seed stamp beside {replica} is of journal {found}, not {journal} ({expected}); restore from this journal, or remove the stamp")]
     StampOfOtherJournal {

@@ -53,6 +53,9 @@ pub enum SeedChoice {
     Check,
     /// A seed stamp beside the image, checked against the file.
     Stamp(SeedStamp),
+    /// A seed stamp beside the image that cannot vouch for it (why): refused if the consumer
+    /// is new, ignored if it already exists (its position says how its image was seeded).
+    BrokenStamp(String),
 }
 
 /// Why a stamp cannot vouch for its image.
