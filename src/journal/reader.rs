@@ -14,8 +14,8 @@ use tokio::task::JoinHandle;
 use super::error::{JournalError, JournalResult};
 use super::manifest::Manifest;
 use super::segment::{
-    decode_payload, read_index, read_index_and_header, read_segment, DecodedSegment, Expected,
-    IndexEntry, SegmentError, SegmentIndex,
+    check_header, decode_payload, read_index, read_segment, DecodedSegment, Expected, IndexEntry,
+    SegmentError, SegmentIndex,
 };
 use crate::store::{ObjectStore, StoreError};
 
@@ -90,12 +90,12 @@ impl JournalReader {
     /// [`index`](Self::index), with the segment's header read and checked too (one more
     /// small ranged read): a zeroed or corrupt header is an error, not a listing.
     pub async fn checked_index(&self, seq: u64) -> JournalResult<Option<SegmentIndex>> {
+        let Some(index) = self.index(seq).await? else {
+            return Ok(None);
+        };
         let key = self.manifest.segment_key(seq);
-        match read_index_and_header(self.store.as_ref(), &key, &self.expected(seq, None)).await {
-            Ok(i) => Ok(Some(i)),
-            Err(e) if e.is_not_found() => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+        check_header(self.store.as_ref(), &key, &self.expected(seq, None), &index).await?;
+        Ok(Some(index))
     }
 
     /// Reads one record's payload from segment `seq` with a ranged read (time travel's

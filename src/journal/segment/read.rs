@@ -56,20 +56,19 @@ pub async fn read_index(
     }
 }
 
-/// [`read_index`], plus the header (one more ranged read of its first [`HEADER_LEN`] bytes),
-/// checked and compared with the index's copy: for listings that read no payload yet must
-/// not pass over a damaged segment (`journal inspect`).
-pub async fn read_index_and_header(
+/// Reads a segment's header (one ranged read of its first [`HEADER_LEN`] bytes), checks it
+/// and compares it with `index`'s copy: for listings that read no payload yet must not pass
+/// over a damaged segment (`journal inspect`).
+pub async fn check_header(
     store: &dyn ObjectStore,
     key: &str,
     expected: &Expected,
-) -> Result<SegmentIndex, SegmentError> {
-    let index = read_index(store, key, expected).await?;
+    index: &SegmentIndex,
+) -> Result<(), SegmentError> {
     let head = store.get_range(key, 0..HEADER_LEN as u64).await?;
     let header = decode_header(key, &head)?;
     expected.check(key, &header)?;
-    check_agreement(key, &header, &index.header)?;
-    Ok(index)
+    check_agreement(key, &header, &index.header)
 }
 
 /// Reads and decodes a whole segment; raw payloads share the object's buffer.
