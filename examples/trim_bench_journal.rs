@@ -97,6 +97,7 @@ async fn make(store: Arc<dyn ObjectStore>, segments: u64) -> anyhow::Result<()> 
         updated_at_ns: now,
         undo: Default::default(),
         verify: Default::default(),
+        seed: Default::default(),
     };
     consumer::commit(store.as_ref(), &state).await?;
     Ok(())

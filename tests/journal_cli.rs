@@ -198,6 +198,7 @@ async fn inspect_lists_records_and_info_shows_consumer_lag() {
             updated_at_ns: 0,
             undo: Default::default(),
             verify: Default::default(),
+            seed: Default::default(),
         },
     )
     .await
@@ -251,6 +252,51 @@ async fn inspect_lists_records_and_info_shows_consumer_lag() {
     assert_eq!(c["lag_records"], 2);
     assert!(c["lag_bytes"].as_u64().unwrap() > 0);
     assert!((c["lag_seconds"].as_f64().unwrap() - 0.002).abs() < 1e-6);
+}
+
+/// `inspect` reads only indexes, yet a segment whose header is zeroed or damaged is an
+/// error naming the object, not a listing that exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_fails_on_a_segment_with_a_zeroed_or_corrupt_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("j");
+    let j = journal.to_str().unwrap().to_string();
+    ok(&["init", "--journal", &j, "--size", "16M", "--splay", "2"]);
+    let store = LocalStore::new(&journal);
+    let manifest = Manifest::load(&store).await.unwrap();
+    for seq in 0..2u64 {
+        let lsn = seq + 1;
+        let records = [rec(lsn, Op::Flush)];
+        let bytes = encode_segment(manifest.uuid, 1, seq, lsn, &records).unwrap();
+        store
+            .put_if_absent(&manifest.segment_key(seq), bytes)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        ok(&["journal", "inspect", "--journal", &j, "--json"])
+            .lines()
+            .count(),
+        2
+    );
+    let key = manifest.segment_key(1);
+    let path = journal.join(&key);
+    let good = std::fs::read(&path).unwrap();
+    let mut zeroed = good.clone();
+    zeroed[..72].fill(0);
+    let mut flipped = good.clone();
+    flipped[40] ^= 1;
+    for (what, bad) in [("zeroed", zeroed), ("one flipped bit", flipped)] {
+        std::fs::write(&path, &bad).unwrap();
+        for json in [false, true] {
+            let mut args = vec!["journal", "inspect", "--journal", &j];
+            if json {
+                args.push("--json");
+            }
+            let err = fails(&args);
+            assert!(err.contains(&key), "{what}: {err}");
+        }
+    }
 }
 
 /// Two writers starting at once on one local directory: exactly one ends up the owner.

@@ -470,3 +470,29 @@ async fn the_undo_trim_pointer_moves_the_window_start() {
     assert_eq!(marks[0]["in_window"], false, "{t}");
     assert_eq!(marks[1]["in_window"], true, "{t}");
 }
+
+/// A garbage journal `trim` pointer is refused by restore as by every other command, naming
+/// the object, and nothing is written.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_garbage_journal_trim_pointer_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut journal = TestJournal::create(&dir.path().join("journal"), SIZE, 7).await;
+    let replica = dir.path().join("replica.img");
+    let ends = phases(&mut journal, base_time(), 2).await;
+    replay_once(&journal, &replica, &[]);
+    assert_phase(&replica, &ends[1], "the replica");
+    std::fs::write(journal.dir.join("trim"), b"{\"first_seq\": \"what\"").unwrap();
+    let info = run(&[
+        "journal".to_string(),
+        "info".into(),
+        "--journal".into(),
+        journal.uri().into(),
+    ]);
+    let said = String::from_utf8_lossy(&info.stderr).to_string();
+    assert!(!info.status.success() && said.contains("trim"), "{said}");
+    let replica_hash = file_hash(&replica);
+    for point in [&["--mark", "p1"][..], &["--at", &ends[1].at()]] {
+        refused(&journal, &replica, dir.path(), point, &["trim"]);
+    }
+    assert_eq!(file_hash(&replica), replica_hash);
+}

@@ -246,6 +246,7 @@ async fn silent_consumer(journal: &TestJournal, name: &str, silent_for: Duration
         updated_at_ns: at,
         undo: Default::default(),
         verify: Default::default(),
+        seed: Default::default(),
     };
     consumer::commit(journal.store.as_ref(), &state)
         .await

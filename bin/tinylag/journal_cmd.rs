@@ -147,6 +147,12 @@ async fn info(args: InfoArgs) -> anyhow::Result<()> {
             c.state.undo.segments,
             c.state.replica
         );
+        if !matches!(
+            c.state.seed,
+            tinylag::journal::consumer::Seed::Blank | tinylag::journal::consumer::Seed::Unrecorded
+        ) {
+            println!("  seeded     {}", c.state.seed);
+        }
         let v = &c.state.verify;
         if v.checked + v.skipped > 0 {
             println!(
@@ -248,7 +254,7 @@ async fn inspect(args: InspectArgs) -> anyhow::Result<()> {
         )?;
     }
     'segments: loop {
-        let Some(index) = reader.index(seq).await? else {
+        let Some(index) = reader.checked_index(seq).await? else {
             // The end, or a hole below the journal's known end: never silently the end.
             out.flush().context("writing to stdout")?;
             tinylag::journal::head::check_end(store.as_ref(), &manifest, seq).await?;

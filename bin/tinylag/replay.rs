@@ -12,8 +12,8 @@ use tinylag::journal::reader::JournalReader;
 use tinylag::journal::Manifest;
 use tinylag::metrics::{Hub, ReplicaSource};
 use tinylag::replayer::{
-    Agent, AgentConfig, BatchLimits, Outcome, PollPolicy, ReplicaFile, ReplicaTarget,
-    StatusHandler, TokioTimer,
+    Agent, AgentConfig, BatchLimits, Outcome, PollPolicy, ReplicaFile, ReplicaTarget, SeedChoice,
+    SeedStamp, StatusHandler, TokioTimer,
 };
 use tinylag::store::counting::CountingStore;
 use tinylag::store::local::LocalStore;
@@ -74,6 +74,16 @@ pub struct ReplayArgs {
     /// Pre-image bytes per undo segment (a batch's undo segments are written in parallel).
     #[arg(long, value_name = "SIZE", default_value = "4M", value_parser = parse_size, allow_hyphen_values = true, hide = true)]
     pub undo_part_bytes: u64,
+    /// A new consumer adopts the existing --replica image on your word: you copied it from
+    /// the primary at the journal's start (or where its trim pointer is) yourself. Nothing
+    /// is checked; status says so.
+    #[arg(long, conflicts_with = "check_seed")]
+    pub assume_seeded: bool,
+    /// A new consumer adopts the existing --replica image and proves it region by region
+    /// against the primary: run `tinylag verify` on the primary, then `tinylag resync
+    /// --regions LIST` for the regions status lists as differing.
+    #[arg(long)]
+    pub check_seed: bool,
     /// Run crash recovery only, then exit (for tests and operators checking a replica).
     #[arg(long, hide = true)]
     pub recover_only: bool,
@@ -138,6 +148,19 @@ pub async fn open(
         Some(counting) => Some(counting.clone() as Arc<dyn ObjectStore>),
         None => undo_store,
     };
+    // Read before the file is opened: a stamp vouches for the image only as restore left it.
+    let seed = if args.assume_seeded {
+        SeedChoice::Assume
+    } else if args.check_seed {
+        SeedChoice::Check
+    } else {
+        match SeedStamp::read_checked(&replica_path) {
+            Ok(Some(stamp)) => SeedChoice::Stamp(stamp),
+            Ok(None) => SeedChoice::Refuse,
+            // Only a new consumer needs the stamp: the agent decides.
+            Err(e) => SeedChoice::BrokenStamp(e.to_string()),
+        }
+    };
     let (replica, created) = ReplicaFile::open_or_create(&replica_path, size)?;
     let replica: Arc<dyn ReplicaTarget> = Arc::new(replica);
     let config = AgentConfig {
@@ -156,6 +179,7 @@ pub async fn open(
             idle_commit: args.idle_commit,
             ..PollPolicy::default()
         },
+        seed,
     };
     let reader = JournalReader::new(journal, manifest);
     let opened = Agent::open(
@@ -294,6 +318,9 @@ pub async fn run_with(args: ReplayArgs, shared: Option<Arc<Hub>>) -> anyhow::Res
         Outcome::ReachedUntil => "reached --until",
         Outcome::Shutdown => "stopped",
     };
+    if !status.seed_vouched {
+        say(format!("tinylag replay: the replica is {}", status.seed));
+    }
     let t = status.time_spent;
     say(format!(
         "tinylag replay: {why}: applied LSN {} ({}), consistent LSN {}; this run: {} records in {} batches, time in pre-images {} ms, undo log {} ms, apply {} ms, fsync {} ms, commits {} ms",

@@ -220,6 +220,17 @@ pub async fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
             report.undo_records,
             report.journal_records
         );
+        match &report.seed_stamp {
+            Some(stamp) => println!(
+                "seed stamp {}: `tinylag replay --replica {}` with a new --name adopts the image and starts at LSN {}",
+                stamp.display(),
+                report.output.display(),
+                report.point.lsn
+            ),
+            None => println!(
+                "no seed stamp: the replica restored from is not vouched for (see its status), so replay will not adopt this image as it is"
+            ),
+        }
     }
     Ok(())
 }

@@ -16,9 +16,12 @@
 //! hand (e.g. `chmod 666` for monitoring) still lets only those peers change anything.
 //!
 //! Must never: let a slow or malformed client hold up the daemon (each connection is its
-//! own task with a line-length cap and a read timeout), print credentials in a response,
-//! or run a command that is not explicitly read-only for a peer [`authorize`] refuses.
+//! own task with a line-length cap and a read timeout; a request line that is not JSON, or
+//! not even UTF-8, gets a `malformed request` answer), keep running a command whose client
+//! hung up, print credentials in a response, or run a command that is not explicitly
+//! read-only for a peer [`authorize`] refuses.
 
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -313,23 +316,36 @@ async fn serve_one(
         gid: cred.gid(),
         pid: cred.pid(),
     };
+    let fd = stream.as_raw_fd();
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read.take(MAX_REQUEST as u64 + 1));
-    let mut line = String::new();
-    let n = match tokio::time::timeout(READ_TIMEOUT, lines.read_line(&mut line)).await {
+    // Bytes, not a `String`: a line that is not UTF-8 is answered, not a read error.
+    let mut line = Vec::new();
+    let n = match tokio::time::timeout(READ_TIMEOUT, lines.read_until(b'\n', &mut line)).await {
         Ok(r) => r?,
         Err(_) => return Ok(()),
     };
     let response = if n == 0 {
         return Ok(());
-    } else if n > MAX_REQUEST || !line.ends_with('\n') {
+    } else if n > MAX_REQUEST || !line.ends_with(b"\n") {
         Response::error(format!(
             "request longer than {MAX_REQUEST} bytes or not newline-terminated"
         ))
     } else {
-        match serde_json::from_str::<Request>(&line) {
+        match serde_json::from_slice::<Request>(&line) {
             Ok(request) => match authorize(&request.cmd, &peer, owner, &access) {
-                Ok(()) => handler.handle(request).await,
+                Ok(()) => {
+                    let cmd = request.cmd.clone();
+                    tokio::select! {
+                        response = handler.handle(request) => response,
+                        () = hung_up(fd) => {
+                            // Dropping the command's future stops it (a `verify` reads no
+                            // further region) and frees what it held; the socket closes here.
+                            tracing::info!(%cmd, pid = ?peer.pid, "control client hung up: command abandoned");
+                            return Ok(());
+                        }
+                    }
+                }
                 Err(refusal) => {
                     tracing::warn!(
                         cmd = %request.cmd,
@@ -347,6 +363,31 @@ async fn serve_one(
     out.push(b'\n');
     write.write_all(&out).await?;
     write.shutdown().await
+}
+
+/// How often a running command checks whether its client is still there.
+const HANGUP_CHECK: Duration = Duration::from_millis(200);
+
+/// Resolves once the client has closed its socket (`POLLHUP` or `POLLERR`). A client that
+/// only shut down its sending side (`socat`, `nc -U` at the end of their input) still waits
+/// for the answer: that is no hang-up.
+async fn hung_up(fd: std::os::fd::RawFd) {
+    let mut tick = tokio::time::interval(HANGUP_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let mut poll = libc::pollfd {
+            fd,
+            events: 0,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, no wait; `fd` belongs to the connection this task owns
+        // (it outlives this future, which the caller drops first).
+        let n = unsafe { libc::poll(&mut poll, 1, 0) };
+        if n > 0 && poll.revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+            return;
+        }
+    }
 }
 
 use tokio::io::AsyncReadExt as _;
@@ -440,6 +481,97 @@ mod tests {
         // Still serving after the bad ones; a second bind while it runs is refused.
         assert!(request(&path, &status).await.is_ok());
         assert!(bind(&path).await.is_err());
+        tx.send(true).unwrap();
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_request_line_that_is_not_utf8_gets_a_malformed_request_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let listener = bind(&path).await.unwrap();
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let server = tokio::spawn(serve(listener, Arc::new(Echo), rx));
+        for garbage in [
+            &b"\xff\xfe\x80 not utf-8\n"[..],
+            b"{\"cmd\":\"st\xffatus\"}\n",
+        ] {
+            let mut raw = UnixStream::connect(&path).await.unwrap();
+            raw.write_all(garbage).await.unwrap();
+            let mut answer = String::new();
+            BufReader::new(raw).read_line(&mut answer).await.unwrap();
+            let response: Response = serde_json::from_str(&answer).unwrap();
+            assert!(!response.ok, "{answer}");
+            assert!(
+                response.error.unwrap().starts_with("malformed request"),
+                "{answer}"
+            );
+        }
+        tx.send(true).unwrap();
+        server.await.unwrap();
+    }
+
+    /// A command that runs until its future is dropped, and says when that happened.
+    struct Endless {
+        started: tokio::sync::mpsc::UnboundedSender<()>,
+        dropped: tokio::sync::mpsc::UnboundedSender<()>,
+    }
+
+    struct SignalOnDrop(tokio::sync::mpsc::UnboundedSender<()>);
+
+    impl Drop for SignalOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.send(());
+        }
+    }
+
+    #[async_trait]
+    impl Handler for Endless {
+        async fn handle(&self, _request: Request) -> Response {
+            let _guard = SignalOnDrop(self.dropped.clone());
+            let _ = self.started.send(());
+            std::future::pending::<()>().await;
+            Response::error("unreachable")
+        }
+    }
+
+    #[tokio::test]
+    async fn a_command_whose_client_hangs_up_is_stopped_and_its_socket_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let listener = bind(&path).await.unwrap();
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+        let (dropped_tx, mut dropped) = tokio::sync::mpsc::unbounded_channel();
+        let handler = Arc::new(Endless {
+            started: started_tx,
+            dropped: dropped_tx,
+        });
+        let server = tokio::spawn(serve(listener, handler, rx));
+
+        // A client that only stops sending still gets to wait for its answer.
+        let mut half = UnixStream::connect(&path).await.unwrap();
+        half.write_all(b"{\"cmd\":\"verify\"}\n").await.unwrap();
+        half.shutdown().await.unwrap();
+        started.recv().await.unwrap();
+        tokio::time::sleep(HANGUP_CHECK * 3).await;
+        assert!(dropped.try_recv().is_err(), "a half-close is not a hang-up");
+
+        // One that closes its socket: the command is dropped and the daemon's end closes.
+        let mut gone = UnixStream::connect(&path).await.unwrap();
+        gone.write_all(b"{\"cmd\":\"verify\"}\n").await.unwrap();
+        started.recv().await.unwrap();
+        drop(gone);
+        tokio::time::timeout(Duration::from_secs(10), dropped.recv())
+            .await
+            .expect("the abandoned command was not stopped")
+            .unwrap();
+        // The half-closed client's command is still running; closing it stops that one too.
+        drop(half);
+        tokio::time::timeout(Duration::from_secs(10), dropped.recv())
+            .await
+            .expect("the second abandoned command was not stopped")
+            .unwrap();
         tx.send(true).unwrap();
         server.await.unwrap();
     }

@@ -7,6 +7,8 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+pub use super::seed::Seed;
+
 use super::error::{JournalError, JournalResult};
 use super::paths;
 use crate::store::{list_all, ObjectStore};
@@ -53,6 +55,10 @@ pub struct ConsumerState {
     /// What the consumer's `VERIFY` comparisons found (shown by `journal info`).
     #[serde(default)]
     pub verify: VerifyTally,
+    /// Who vouches that the replica held the journal's state where this consumer started
+    /// (committed with the position: a check's progress never runs ahead of it).
+    #[serde(default)]
+    pub seed: Seed,
 }
 
 impl ConsumerState {
@@ -302,6 +308,7 @@ mod tests {
             updated_at_ns: 1,
             undo: UndoPosition::default(),
             verify: VerifyTally::default(),
+            seed: Default::default(),
         }
     }
 

@@ -14,6 +14,7 @@ pub mod mark;
 pub mod paths;
 pub mod reader;
 pub mod record;
+pub mod seed;
 pub mod segment;
 pub mod verify;
 

@@ -18,8 +18,8 @@ use tokio::task::JoinHandle;
 use super::error::{JournalError, JournalResult};
 use super::manifest::Manifest;
 use super::segment::{
-    decode_payload, read_index, read_segment, DecodedSegment, Expected, IndexEntry, SegmentError,
-    SegmentIndex,
+    check_header, decode_payload, read_index, read_segment, DecodedSegment, Expected, IndexEntry,
+    SegmentError, SegmentIndex,
 };
 use crate::store::{ObjectStore, StoreError};
 
@@ -89,6 +89,17 @@ impl JournalReader {
             Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// [`index`](Self::index), with the segment's header read and checked too (one more
+    /// small ranged read): a zeroed or corrupt header is an error, not a listing.
+    pub async fn checked_index(&self, seq: u64) -> JournalResult<Option<SegmentIndex>> {
+        let Some(index) = self.index(seq).await? else {
+            return Ok(None);
+        };
+        let key = self.manifest.segment_key(seq);
+        check_header(self.store.as_ref(), &key, &self.expected(seq, None), &index).await?;
+        Ok(Some(index))
     }
 
     /// Reads one record's payload from segment `seq` with a ranged read (time travel's
@@ -163,6 +174,36 @@ impl JournalReader {
             }
         }
         Ok(lo)
+    }
+}
+
+impl JournalReader {
+    /// The first seq in `lo..hi` whose last record is at or after `lsn`, with its index
+    /// (binary search on segment indexes, as [`seek_time`](Self::seek_time)); `None` if none.
+    pub async fn seek_lsn(
+        &self,
+        lo: u64,
+        hi: u64,
+        lsn: u64,
+    ) -> JournalResult<Option<(u64, SegmentIndex)>> {
+        let (mut lo, mut hi) = (lo, hi);
+        let end = hi;
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let after = match self.index(mid).await? {
+                Some(i) => i.entries.last().is_some_and(|e| e.lsn >= lsn),
+                None => false,
+            };
+            if after {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        if lo >= end {
+            return Ok(None);
+        }
+        Ok(self.index(lo).await?.map(|i| (lo, i)))
     }
 }
 

@@ -10,6 +10,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 
 use super::{counter, flag, gauge, Labels, Source};
+use crate::journal::consumer::Seed;
 use crate::replayer::status::AgentState;
 use crate::replayer::{ReplicaStatus, StatusBoard};
 
@@ -192,6 +193,23 @@ impl Collector for ReplicaScrape {
             "verify_mismatching_regions",
             "Regions mismatching now (not yet rewritten since).",
             &one(v.mismatched.len() as u64),
+        )?;
+        // Who vouches for the image, loudly: an operator's word, or a check not finished.
+        gauge(
+            &mut e,
+            "replica_seed_assumed",
+            "1 when the replica's starting image was adopted on the operator's word (--assume-seeded), unchecked.",
+            &one(u64::from(matches!(s.seed, Seed::Assumed { .. }))),
+        )?;
+        let unproven = match &s.seed {
+            Seed::Checking { unproven, .. } => unproven.count(),
+            _ => 0,
+        };
+        gauge(
+            &mut e,
+            "replica_seed_unproven_regions",
+            "Regions of an adopted image not yet proven equal to the primary (--check-seed); the replica is not vouched for while above 0.",
+            &one(unproven),
         )?;
         Ok(())
     }

@@ -45,6 +45,7 @@ fn replica() -> Box<dyn Collector> {
         "delay": "3s", "next_due_time": null, "undo_bytes": 123, "undo_segments": 2,
         "verify": {"checked": 5, "mismatches": 1, "skipped": 0, "last_lsn": 9,
                    "mismatched": [{"lsn": 9, "timestamp_ns": 1, "offset": 0, "len": 4096}]},
+        "seed": {"by": "checking", "lsn": 0, "unproven": [[1, 3], [5, 6]], "mismatched": [[5, 6]]},
         "records_applied": 40, "bytes_applied": 4096, "batches_applied": 3, "recovery": null,
         "time_spent": {"preimage_ms": 1500, "undo_ms": 0, "apply_ms": 0, "sync_ms": 0,
                        "commit_ms": 0},
@@ -155,6 +156,11 @@ async fn replica_series_carry_the_status_values() {
         v(&format!("tinylag_verify_mismatching_regions{{{l}}}")),
         "1"
     );
+    assert_eq!(
+        v(&format!("tinylag_replica_seed_unproven_regions{{{l}}}")),
+        "3"
+    );
+    assert_eq!(v(&format!("tinylag_replica_seed_assumed{{{l}}}")), "0");
     assert_eq!(
         v(&format!(
             "tinylag_replica_phase_seconds_total{{{l},phase=\"preimage\"}}"

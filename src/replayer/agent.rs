@@ -46,7 +46,7 @@ use tokio::task::JoinHandle;
 
 use crate::clock::Clock;
 use crate::control::wait_shutdown;
-use crate::journal::consumer::{self, ConsumerState, UndoPosition};
+use crate::journal::consumer::{self, ConsumerState, Seed, UndoPosition};
 use crate::journal::head::probe_end;
 use crate::journal::reader::{Cursor, JournalReader};
 use crate::journal::record::{Op, Record, RecordKind};
@@ -60,6 +60,7 @@ use super::overlay::Overlay;
 use super::preimage::{capture_batch, read_preimage};
 use super::recovery::{blocking, recover, RecoveryReport};
 use super::replica::ReplicaTarget;
+use super::seed::{SeedChoice, SeedStamp};
 use super::status::{AgentIdentity, AgentState, Phase, StatusBoard};
 use super::timing::{PollPolicy, Timer};
 use super::undo::{split_by, UndoLog, UndoManifest, STRAYS, UNDO_FORMAT_VERSION};
@@ -110,6 +111,9 @@ pub struct AgentConfig {
     pub once: bool,
     pub limits: BatchLimits,
     pub poll: PollPolicy,
+    /// How a new consumer may adopt an existing replica image (ignored for a consumer that
+    /// is already registered, and for a replica file created just now).
+    pub seed: SeedChoice,
 }
 
 /// Why [`Agent::run`] returned without error.
@@ -202,6 +206,7 @@ impl Agent {
             updated_at_ns: now,
             undo: UndoPosition::default(),
             verify: Default::default(),
+            seed: Seed::Blank,
         };
         // Refuse before registering: a new consumer on a trimmed journal would hold trim back
         // for a replica that can never be built.
@@ -216,6 +221,12 @@ impl Agent {
                 first_lsn: trim.first_lsn,
             });
         }
+        // A new consumer on an image it did not create adopts it only if something vouches
+        // for it (see `crate::journal::seed`); also refused before registering.
+        let initial = match (&existing, replica_created) {
+            (None, false) => adopt(&reader, replica.as_ref(), &config, initial, trim).await?,
+            _ => initial,
+        };
         let mut pos = consumer::register(store.as_ref(), &initial).await?;
         let is_new = pos == initial;
         // A `journal trim` that listed the consumers before this registration may have moved
@@ -243,12 +254,27 @@ impl Agent {
             });
         }
         if is_new && !replica_created {
-            tracing::warn!(
-                "new consumer {} starts at LSN {} on the existing replica {}: it must already equal the primary as of that LSN",
-                config.name,
-                pos.applied_lsn,
-                config.replica
-            );
+            match &pos.seed {
+                Seed::Assumed { .. } => tracing::warn!(
+                    consumer = %config.name,
+                    replica = %config.replica,
+                    "new consumer adopts an existing replica on the operator's word (--assume-seeded): nothing checks it holds the primary's state at LSN {}",
+                    pos.applied_lsn
+                ),
+                seed => tracing::info!(
+                    consumer = %config.name,
+                    replica = %config.replica,
+                    "new consumer adopts an existing replica at LSN {}: {seed}",
+                    pos.applied_lsn
+                ),
+            }
+            if matches!(config.seed, SeedChoice::Stamp(_)) {
+                // Adopted: from here the agent changes the image, and the position says how
+                // it was seeded.
+                if let Some(path) = seed_stamp_image(&config.replica) {
+                    SeedStamp::remove(&path);
+                }
+            }
         }
         pos.delay_ns = config.delay.as_nanos() as u64;
         let device_size = manifest.device_size(0).unwrap_or(0);
@@ -908,12 +934,44 @@ impl Agent {
         self.pos
             .verify
             .record(record.lsn, record.timestamp_ns, offset, len, matched);
+        let (region_size, device_size) = self.layout();
+        match matched {
+            Some(true) => self
+                .pos
+                .seed
+                .proven((offset, len), record.lsn, region_size, device_size),
+            Some(false) => self
+                .pos
+                .seed
+                .mismatched((offset, len), region_size, device_size),
+            None => {}
+        }
         self.dirty = true;
         Ok(())
     }
 
+    /// The journal's region size and device size (what a seed check counts in).
+    fn layout(&self) -> (u64, u64) {
+        let manifest = self.reader.manifest();
+        (manifest.region_size, manifest.device_size(0).unwrap_or(0))
+    }
+
     /// Moves the in-memory position past `record` (applied and fsync'd).
     fn advance(&mut self, record: &Record, next_seq_after: u64) {
+        // A record that rewrites whole regions leaves them equal to the primary's.
+        let rewritten = match &record.op {
+            Op::Write { offset, data } | Op::ResyncData { offset, data } => {
+                Some((*offset, data.len() as u64))
+            }
+            Op::WriteZeroes { offset, len } => Some((*offset, *len)),
+            _ => None,
+        };
+        if let Some(range) = rewritten {
+            let (region_size, device_size) = self.layout();
+            self.pos
+                .seed
+                .proven(range, record.lsn, region_size, device_size);
+        }
         let pos = &mut self.pos;
         let in_span = pos.consistent_lsn < pos.applied_lsn;
         pos.applied_lsn = record.lsn;
@@ -962,6 +1020,115 @@ impl Agent {
         self.dirty = false;
         self.board.committed(&self.pos, records, bytes);
         Ok(())
+    }
+}
+
+/// The image path a seed stamp sits beside, for a replica shown as a file path.
+fn seed_stamp_image(replica: &str) -> Option<std::path::PathBuf> {
+    let path = std::path::PathBuf::from(replica);
+    path.is_absolute().then_some(path)
+}
+
+/// The initial position of a new consumer on an existing image, as `config.seed` vouches for
+/// it, or the refusal naming the choices. `initial` starts at the journal's start (`trim`).
+async fn adopt(
+    reader: &JournalReader,
+    replica: &dyn ReplicaTarget,
+    config: &AgentConfig,
+    mut initial: ConsumerState,
+    trim: consumer::TrimPointer,
+) -> Result<ConsumerState, ReplayError> {
+    let journal = reader.store().describe();
+    let manifest = reader.manifest();
+    // A file without any data is the blank device, as the agent creates it (an agent killed
+    // after creating its replica and before registering leaves one behind).
+    let blank = || {
+        replica
+            .is_hole(0, replica.size())
+            .map_err(|source| ApplyError::Io {
+                replica: replica.describe(),
+                what: "look for data in the replica",
+                lsn: 0,
+                source,
+            })
+    };
+    match &config.seed {
+        SeedChoice::Refuse if blank()? => {
+            if trim.first_lsn > 1 {
+                return Err(ReplayError::JournalTrimmed {
+                    journal,
+                    first_lsn: trim.first_lsn,
+                });
+            }
+            Ok(initial)
+        }
+        SeedChoice::BrokenStamp(reason) => Err(ReplayError::BrokenStamp {
+            reason: reason.clone(),
+        }),
+        SeedChoice::Refuse => Err(ReplayError::UnvouchedReplica {
+            replica: config.replica.clone(),
+            journal,
+            name: config.name.clone(),
+            lsn: initial.applied_lsn,
+        }),
+        SeedChoice::Assume => {
+            initial.seed = Seed::Assumed {
+                lsn: initial.applied_lsn,
+            };
+            Ok(initial)
+        }
+        SeedChoice::Check => {
+            let regions = manifest
+                .device_size(0)
+                .unwrap_or(0)
+                .div_ceil(manifest.region_size.max(1));
+            initial.seed = Seed::checking(initial.applied_lsn, regions);
+            Ok(initial)
+        }
+        SeedChoice::Stamp(stamp) => {
+            if stamp.journal_uuid != manifest.uuid {
+                return Err(ReplayError::StampOfOtherJournal {
+                    replica: config.replica.clone(),
+                    journal,
+                    found: stamp.journal_uuid,
+                    expected: manifest.uuid,
+                });
+            }
+            let gone = || ReplayError::StampPointGone {
+                replica: config.replica.clone(),
+                journal: journal.clone(),
+                lsn: stamp.lsn,
+                seq: stamp.seq,
+                first_lsn: trim.first_lsn,
+            };
+            if stamp.lsn + 1 < trim.first_lsn {
+                return Err(gone());
+            }
+            // The segment holding the stamp's LSN (a consumer may start inside it); at the
+            // journal's very start, the first live segment.
+            let seq = if stamp.lsn + 1 == trim.first_lsn {
+                trim.first_seq
+            } else {
+                let index = reader.index(stamp.seq).await?.ok_or_else(gone)?;
+                let holds = index.header.first_lsn <= stamp.lsn
+                    && index.entries.last().is_some_and(|e| e.lsn >= stamp.lsn);
+                if !holds || stamp.seq < trim.first_seq {
+                    return Err(gone());
+                }
+                stamp.seq
+            };
+            initial.next_seq = seq;
+            initial.applied_lsn = stamp.lsn;
+            initial.applied_timestamp_ns = stamp.timestamp_ns;
+            initial.consistent_lsn = stamp.lsn;
+            initial.consistent_seq = seq;
+            initial.consistent_timestamp_ns = stamp.timestamp_ns;
+            initial.seed = Seed::Restore {
+                lsn: stamp.lsn,
+                epoch: stamp.epoch,
+            };
+            Ok(initial)
+        }
     }
 }
 

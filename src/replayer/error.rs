@@ -40,7 +40,7 @@ pub enum ReplayError {
         applied_lsn: u64,
     },
     /// A new replica cannot be built from a journal whose start was trimmed away.
-    #[error("journal {journal} was trimmed up to LSN {first_lsn}: a new replica built from it would miss the records before; seed the replica from a copy of the primary first")]
+    #[error("journal {journal} was trimmed up to LSN {first_lsn}: a new replica built from it would miss the records before; seed the replica first (`tinylag restore --output` from another replica, or a copy of the primary with --check-seed)")]
     JournalTrimmed { journal: String, first_lsn: u64 },
     /// A `journal trim` moved the journal's start while this new consumer registered there.
     #[error("journal {journal} was trimmed while consumer {name} registered at its start; the registration was withdrawn, run the agent again")]
@@ -61,6 +61,35 @@ pub enum ReplayError {
         undo: String,
         name: String,
         segments: u64,
+    },
+    /// A new consumer was given an existing image that nothing vouches holds the journal's
+    /// state where the consumer would start (see `crate::journal::seed`).
+    #[error("replica {replica} already exists, and nothing vouches that it holds the state of {journal} at LSN {lsn}, where the new consumer {name} would start: replaying onto it could leave a replica the primary never had. Nothing was changed. Choose one: (1) seed it with `tinylag restore --output {replica}` (from another replica; the restore leaves a seed stamp replay accepts), (2) --check-seed: the agent proves it region by region against the primary (run `tinylag verify` on the primary, then `tinylag resync --regions` for what differs, as its status says), (3) --assume-seeded if you copied it from the primary yourself at that point (status will say so)")]
+    UnvouchedReplica {
+        replica: String,
+        journal: String,
+        name: String,
+        lsn: u64,
+    },
+    /// A new consumer's image has a seed stamp that cannot vouch for it.
+    #[error("{reason}; nothing was changed: restore the image again, or remove the stamp and choose --check-seed or --assume-seeded")]
+    BrokenStamp { reason: String },
+    /// The seed stamp is of another journal.
+    #[error("the seed stamp beside {replica} is of journal {found}, not {journal} ({expected}); restore from this journal, or remove the stamp")]
+    StampOfOtherJournal {
+        replica: String,
+        journal: String,
+        found: uuid::Uuid,
+        expected: uuid::Uuid,
+    },
+    /// The seed stamp's point was trimmed from the journal (or its segment is missing).
+    #[error("the seed stamp beside {replica} holds LSN {lsn} of {journal}, but segment {seq} holding it is not there (the journal starts at LSN {first_lsn}): restore again from a newer point")]
+    StampPointGone {
+        replica: String,
+        journal: String,
+        lsn: u64,
+        seq: u64,
+        first_lsn: u64,
     },
     /// A blocking replica task panicked or was cancelled.
     #[error("replica task ({what}) failed: {message}")]

@@ -26,6 +26,7 @@ pub mod overlay;
 pub mod preimage;
 pub mod recovery;
 pub mod replica;
+pub mod seed;
 pub mod status;
 pub mod timing;
 pub mod undo;
@@ -36,6 +37,7 @@ pub use agent::{Agent, AgentConfig, BatchLimits, Outcome};
 pub use error::ReplayError;
 pub use recovery::RecoveryReport;
 pub use replica::{ReplicaFile, ReplicaTarget};
+pub use seed::{SeedChoice, SeedStamp};
 pub use status::{ReplicaStatus, StatusBoard, StatusHandler};
 pub use timing::{PollPolicy, Timer, TokioTimer};
 

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::{format_ns, Clock};
 use crate::control::{Handler, Request, Response};
-use crate::journal::consumer::{ConsumerState, VerifyTally};
+use crate::journal::consumer::{ConsumerState, Seed, VerifyTally};
 use crate::journal::head::{prefix_index, probe_end};
 use crate::journal::reader::JournalReader;
 use crate::units::{format_elapsed, format_size};
@@ -212,6 +212,12 @@ pub struct ReplicaStatus {
     /// What the `VERIFY` records applied so far found.
     #[serde(default)]
     pub verify: VerifyTally,
+    /// Who vouches for the replica's starting image (see `crate::journal::seed`).
+    #[serde(default)]
+    pub seed: Seed,
+    /// False while nothing vouches for the image yet (a `--check-seed` not finished).
+    #[serde(default = "vouched_by_default")]
+    pub seed_vouched: bool,
     /// Since the agent started.
     pub records_applied: u64,
     pub bytes_applied: u64,
@@ -500,6 +506,7 @@ impl StatusBoard {
             updated_at_ns: 0,
             undo: Default::default(),
             verify: Default::default(),
+            seed: Default::default(),
         });
         let (head, lag_bytes) = self.head(&position).await;
         let head_lsn = head.lsn.max(position.applied_lsn);
@@ -538,6 +545,8 @@ impl StatusBoard {
             undo_bytes: position.undo.bytes,
             undo_segments: position.undo.segments,
             verify: position.verify.clone(),
+            seed: position.seed.clone(),
+            seed_vouched: position.seed.vouched(),
             records_applied: applied,
             bytes_applied: bytes,
             batches_applied: batches,
@@ -546,6 +555,10 @@ impl StatusBoard {
             started_time: format_ns(self.started_ns),
         }
     }
+}
+
+fn vouched_by_default() -> bool {
+    true
 }
 
 fn raise(head: &mut KnownHead, lsn: u64, timestamp_ns: u64, next_seq: u64) {
@@ -575,6 +588,9 @@ pub fn render_text(s: &ReplicaStatus) -> String {
     }
     line("journal", s.identity.journal.clone());
     line("replica", s.identity.replica.clone());
+    if !matches!(s.seed, Seed::Blank | Seed::Unrecorded) {
+        line("seeded", s.seed.to_string());
+    }
     line(
         "applied",
         format!("LSN {} at {}", s.applied_lsn, or_never(&s.applied_time)),

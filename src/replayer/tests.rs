@@ -15,6 +15,7 @@ use super::agent::{Agent, AgentConfig, BatchLimits, Outcome};
 use super::apply::apply_op;
 use super::error::ReplayError;
 use super::replica::{MemoryReplica, ReplicaTarget};
+use super::seed::SeedChoice;
 use super::timing::{PollPolicy, Timer};
 use crate::clock::{Clock, ManualClock};
 use crate::journal::consumer::{self, ConsumerState};
@@ -162,6 +163,7 @@ impl Fixture {
                 undo_part: 16 << 10,
             },
             poll: PollPolicy::default(),
+            seed: SeedChoice::Refuse,
         }
     }
 

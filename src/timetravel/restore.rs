@@ -25,10 +25,12 @@ use std::sync::Arc;
 use serde::Serialize;
 use tokio::task::JoinHandle;
 
+use crate::journal::head::probe_end;
 use crate::journal::reader::{Cursor, ReadAhead, Step};
 use crate::journal::record::{Record, RecordKind};
 use crate::replayer::apply::{apply_op, check_record, sync};
 use crate::replayer::replica::{ReplicaFile, ReplicaTarget};
+use crate::replayer::seed::{stamp_path, SeedStamp};
 use crate::replayer::undo::{UndoError, UndoLog};
 
 use super::copy::copy_sparse;
@@ -100,6 +102,8 @@ pub struct Report {
     pub undo_records: u64,
     pub journal_segments: u64,
     pub journal_records: u64,
+    /// The seed stamp left beside the output (`replay` adopts the image with it), if any.
+    pub seed_stamp: Option<PathBuf>,
 }
 
 /// The first undo seq in `range` whose last record is after `lsn` (binary search on
@@ -407,6 +411,7 @@ pub async fn restore(
         undo_records: 0,
         journal_segments: 0,
         journal_records: 0,
+        seed_stamp: None,
     };
     match &sources.undo {
         Some(log) => {
@@ -443,8 +448,60 @@ pub async fn restore(
     }
     let t = target.clone();
     blocking("fsync", move || Ok(sync(t.as_ref())?)).await?;
+    drop(target);
+    report.seed_stamp = leave_seed_stamp(sources, plan.point, output).await?;
     partial.0 = None;
     Ok(report)
+}
+
+/// Writes the seed stamp beside the finished `output` (see [`crate::replayer::seed`]), so
+/// `replay` may adopt it as a new consumer's replica starting at `point`. None when the
+/// replica restored from is itself not vouched for (a `--check-seed` not finished): its
+/// images prove nothing.
+async fn leave_seed_stamp(
+    sources: &Sources,
+    point: Point,
+    output: &Path,
+) -> TimeTravelResult<Option<PathBuf>> {
+    if !sources.consumer.seed.vouched() {
+        tracing::warn!(
+            replica = %sources.replica.display(),
+            "no seed stamp: the replica restored from is {}",
+            sources.consumer.seed
+        );
+        return Ok(None);
+    }
+    let journal = sources.journal();
+    let trim = crate::journal::consumer::load_trim_pointer(journal.as_ref()).await?;
+    let (seq, epoch) = if point.lsn < trim.first_lsn {
+        (trim.first_seq, 0)
+    } else {
+        let end = probe_end(journal.as_ref(), sources.reader.manifest(), trim.first_seq).await?;
+        match sources
+            .reader
+            .seek_lsn(trim.first_seq, end, point.lsn)
+            .await?
+        {
+            Some((seq, index)) => (seq, index.header.epoch),
+            // Trimmed meanwhile: the image is right, but no consumer could start there.
+            None => return Ok(None),
+        }
+    };
+    let stamp = SeedStamp::for_image(
+        output,
+        sources.reader.manifest().uuid,
+        point.lsn,
+        point.timestamp_ns,
+        seq,
+        epoch,
+    )
+    .and_then(|stamp| stamp.write(output))
+    .map_err(|e| TimeTravelError::Io {
+        what: "cannot write the seed stamp",
+        path: stamp_path(output),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    Ok(Some(stamp))
 }
 
 /// Writes back, newest first, every undo record after `after` in `segments`.

@@ -130,6 +130,10 @@ impl Sources {
         undo_store: Arc<dyn ObjectStore>,
     ) -> TimeTravelResult<Sources> {
         let manifest = Manifest::load(journal.as_ref()).await?;
+        // Read, though nothing here needs its value yet: a journal whose trim pointer is
+        // garbage is refused as every other command refuses it, before a restore or mount
+        // reads segments a broken trim may be deleting.
+        consumer::load_trim_pointer(journal.as_ref()).await?;
         let size = manifest.device_size(0).unwrap_or(0);
         let replica = std::path::absolute(replica).map_err(|source| TimeTravelError::Io {
             what: "cannot resolve --replica",

@@ -144,6 +144,7 @@ impl Journal {
             updated_at_ns,
             undo: UndoPosition::default(),
             verify: Default::default(),
+            seed: Default::default(),
         };
         consumer::commit(self.store.as_ref(), &state).await.unwrap();
     }
@@ -743,6 +744,7 @@ async fn a_consumer_registering_while_trim_runs_keeps_its_segments() {
         updated_at_ns: NOW,
         undo: UndoPosition::default(),
         verify: Default::default(),
+        seed: Default::default(),
     };
     let store = Arc::new(RegistersDuringTrim {
         inner: j.store.clone(),

@@ -56,6 +56,21 @@ pub async fn read_index(
     }
 }
 
+/// Reads a segment's header (one ranged read of its first [`HEADER_LEN`] bytes), checks it
+/// and compares it with `index`'s copy: for listings that read no payload yet must not pass
+/// over a damaged segment (`journal inspect`).
+pub async fn check_header(
+    store: &dyn ObjectStore,
+    key: &str,
+    expected: &Expected,
+    index: &SegmentIndex,
+) -> Result<(), SegmentError> {
+    let head = store.get_range(key, 0..HEADER_LEN as u64).await?;
+    let header = decode_header(key, &head)?;
+    expected.check(key, &header)?;
+    check_agreement(key, &header, &index.header)
+}
+
 /// Reads and decodes a whole segment; raw payloads share the object's buffer.
 pub async fn read_segment(
     store: &dyn ObjectStore,
