@@ -349,6 +349,7 @@ impl Prepared {
             clock,
             store,
             manifest,
+            epoch,
             config,
             rx,
             intake: intake.clone(),
@@ -390,8 +391,9 @@ async fn create_checked(
 #[derive(Debug)]
 enum Refused {
     /// The key holds another object: another writer wrote this seq (a newer epoch's
-    /// first segment or plugs, see the module documentation).
-    Taken { key: String },
+    /// first segment or plugs, see the module documentation). `newer` is the highest
+    /// epoch claimed, when it could be read.
+    Taken { key: String, newer: Option<u64> },
 }
 
 /// The upload coordinator.
@@ -399,6 +401,7 @@ struct Task {
     clock: Arc<dyn Clock>,
     store: Arc<dyn ObjectStore>,
     manifest: Arc<Manifest>,
+    epoch: u64,
     config: WriterConfig,
     rx: mpsc::UnboundedReceiver<Encoded>,
     intake: Arc<Intake>,
@@ -435,10 +438,19 @@ impl Task {
                 Some(joined) = self.uploads.join_next(), if !self.uploads.is_empty() => {
                     match joined {
                         Ok((seq, Ok(()))) => self.uploaded(seq),
-                        Ok((_, Err(Refused::Taken { key }))) => self.stop(
-                            format!("segment {key} was written by another writer"),
-                            true,
-                        ),
+                        Ok((_, Err(Refused::Taken { key, newer }))) => {
+                            let by = match newer {
+                                Some(newer) if newer > self.epoch => format!(
+                                    ": writer epoch {} was fenced by epoch {newer}",
+                                    self.epoch
+                                ),
+                                _ => String::new(),
+                            };
+                            self.stop(
+                                format!("segment {key} was written by another writer{by}"),
+                                true,
+                            )
+                        }
                         Err(e) => self.stop(format!("an upload task failed: {e}"), false),
                     }
                 }
@@ -614,11 +626,11 @@ impl Upload {
                 Ok(()) => return self.done(&bytes),
                 Err(e) if e.is_already_exists() => {
                     if !maybe_created {
-                        return Err(Refused::Taken { key: self.key });
+                        return Err(self.taken().await);
                     }
                     match self.store.get(&self.key).await {
                         Ok(existing) if existing == bytes => return self.done(&bytes),
-                        Ok(_) => return Err(Refused::Taken { key: self.key }),
+                        Ok(_) => return Err(self.taken().await),
                         Err(e) => format!("reading back {}: {e}", self.key),
                     }
                 }
@@ -631,6 +643,16 @@ impl Upload {
             self.stats.record_error(failure, attempt_started);
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(self.retry_max);
+        }
+    }
+
+    /// The key is someone else's; which epoch took over is worth one listing of `epochs/`
+    /// (it happens once per writer, when it stops).
+    async fn taken(self) -> Refused {
+        let newer = epoch::current_epoch(self.store.as_ref()).await.ok().flatten();
+        Refused::Taken {
+            key: self.key,
+            newer,
         }
     }
 

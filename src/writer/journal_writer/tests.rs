@@ -305,7 +305,7 @@ async fn a_takeover_fences_a_writer_that_keeps_writing_and_none_of_its_late_uplo
         .stats
         .stopped_reason()
         .unwrap()
-        .contains("another writer"));
+        .contains("another writer: writer epoch 1 was fenced by epoch 2"));
     w1.intake.close();
     w1.task.await.unwrap();
     assert_eq!(shared1.pool.used(), 0);
