@@ -1,7 +1,9 @@
 //! The replay agent's fetcher: a task that reads the journal ahead of the applier through
-//! [`ReadAhead`] (up to [`READ_AHEAD`] segment reads in flight while data flows, one request
-//! per poll interval when idle), checks every record fits the replica, and hands whole
-//! verified segments to the apply loop over a bounded channel.
+//! [`ReadAhead`] (segment reads in flight doubling with each segment found, up to
+//! [`READ_AHEAD`] while a backlog flows; one request per poll interval when idle, the
+//! interval backing off as [`PollPolicy`] says), checks every record fits the replica, and
+//! hands whole verified segments to the apply loop over a bounded channel. Each segment is
+//! read once, with one GET (no HEAD first).
 //!
 //! Must never: hand over a segment that failed verification, or a record outside the
 //! replica; stop over a store outage (it retries at the idle pace); hold more than the
@@ -10,6 +12,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
@@ -58,6 +61,8 @@ const READ_AHEAD: usize = 8;
 impl Fetcher {
     pub(crate) async fn run(mut self, mut cursor: Cursor, mut shutdown: watch::Receiver<bool>) {
         let mut idle = self.poll.min;
+        // Time spent asking without finding a segment (the timer's time: tests move it).
+        let mut idle_for = Duration::ZERO;
         // The committed position may sit inside its segment; later segments start exactly
         // where the previous one ended.
         let mut resuming = true;
@@ -81,9 +86,12 @@ impl Fetcher {
             match step {
                 Ok(Step::Segment(segment)) => {
                     resuming = false;
-                    width = READ_AHEAD;
+                    // Widen step by step: at the head, a full read-ahead would send
+                    // READ_AHEAD GETs for one segment, all but one answered 404.
+                    width = (width * 2).min(READ_AHEAD);
                     self.at_head.store(false, Ordering::Release);
                     idle = self.poll.min;
+                    idle_for = Duration::ZERO;
                     let key = self.reader.manifest().segment_key(segment.header.seq);
                     let message = self.check(&key, segment);
                     let failed = message.is_err();
@@ -101,7 +109,8 @@ impl Fetcher {
                         _ = wait_shutdown(&mut shutdown) => return,
                         _ = self.timer.sleep(idle) => {}
                     }
-                    idle = (idle * 2).min(self.poll.max);
+                    idle_for += idle;
+                    idle = (idle * 2).min(self.poll.cap(idle_for));
                 }
                 Err(e) if is_store_trouble(&e) => {
                     // Transient trouble was already retried by the store; keep trying at the
