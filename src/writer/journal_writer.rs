@@ -77,8 +77,8 @@ use super::shared::{Shared, WriterStats};
 use crate::clock::{Clock, MonotonicTimestamps};
 use crate::journal::consumer::TrimPointer;
 use crate::journal::epoch::{self, EpochClaim};
-use crate::journal::lease;
 use crate::journal::head::{plan_restart_from_trim_pointer, RestartPlan};
+use crate::journal::lease;
 use crate::journal::segment::{encode_plug, SegmentBuilder, SegmentError};
 use crate::journal::{JournalError, Manifest, Op, Record};
 use crate::store::ObjectStore;
@@ -649,7 +649,10 @@ impl Upload {
     /// The key is someone else's; which epoch took over is worth one listing of `epochs/`
     /// (it happens once per writer, when it stops).
     async fn taken(self) -> Refused {
-        let newer = epoch::current_epoch(self.store.as_ref()).await.ok().flatten();
+        let newer = epoch::current_epoch(self.store.as_ref())
+            .await
+            .ok()
+            .flatten();
         Refused::Taken {
             key: self.key,
             newer,

@@ -300,7 +300,10 @@ async fn a_takeover_fences_a_writer_that_keeps_writing_and_none_of_its_late_uplo
     .unwrap()
     .unwrap();
     assert_eq!(shared1.mode.mode(), Mode::Fenced);
-    assert!(shared1.dirty.is_dirty(3), "the lost records' region is dirty");
+    assert!(
+        shared1.dirty.is_dirty(3),
+        "the lost records' region is dirty"
+    );
     assert!(w1
         .stats
         .stopped_reason()
