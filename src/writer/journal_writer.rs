@@ -72,7 +72,7 @@ use tokio::time::Instant;
 
 use super::encoder::{Encoded, Encoder, Unsettled};
 use super::intake::Intake;
-use super::mode::FullReason;
+use super::mode::{FullReason, Mode};
 use super::shared::{Shared, WriterStats};
 use crate::clock::{Clock, MonotonicTimestamps};
 use crate::journal::consumer::TrimPointer;
@@ -394,6 +394,9 @@ enum Refused {
     /// first segment or plugs, see the module documentation). `newer` is the highest
     /// epoch claimed, when it could be read.
     Taken { key: String, newer: Option<u64> },
+    /// Journaling was stopped from outside while this upload was failing: the lease keeper
+    /// found a newer epoch (and the lease wrapper now refuses every segment upload).
+    Stopped { reason: String },
 }
 
 /// The upload coordinator.
@@ -450,6 +453,10 @@ impl Task {
                                 format!("segment {key} was written by another writer{by}"),
                                 true,
                             )
+                        }
+                        Ok((_, Err(Refused::Stopped { reason }))) => {
+                            let fenced = self.shared.mode.mode() == Mode::Fenced;
+                            self.stop(reason, fenced)
                         }
                         Err(e) => self.stop(format!("an upload task failed: {e}"), false),
                     }
@@ -639,6 +646,9 @@ impl Upload {
                     e.to_string()
                 }
             };
+            if let Some(reason) = self.stats.stopped_reason() {
+                return Err(Refused::Stopped { reason });
+            }
             tracing::warn!(key = %self.key, error = %failure, "segment upload failed; retrying");
             self.stats.record_error(failure, attempt_started);
             tokio::time::sleep(delay).await;

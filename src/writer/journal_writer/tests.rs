@@ -332,6 +332,65 @@ async fn a_takeover_fences_a_writer_that_keeps_writing_and_none_of_its_late_uplo
     }
 }
 
+/// Fenced by the lease keeper (a renewal found a newer epoch, nothing uploaded since): the
+/// lease wrapper refuses the next upload, and the writer stops for good, releasing what it
+/// holds, instead of retrying a refused upload forever.
+#[tokio::test]
+async fn a_writer_fenced_by_its_lease_renewal_stops_at_its_next_upload() {
+    use crate::writer::lease::LeaseKeeper;
+    let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+    let m = manifest();
+    m.create(store.as_ref()).await.unwrap();
+    let keeper = LeaseKeeper::new(
+        store.clone(),
+        Arc::new(SystemClock),
+        Duration::from_millis(1500),
+    );
+    let shared = shared();
+    let w = start(keeper.store(), &m, &shared).await;
+    let (stats, mode) = (w.stats.clone(), shared.mode.clone());
+    // What `PrimaryCore::fence` does.
+    keeper
+        .start(
+            w.epoch,
+            1,
+            Box::new(move |reason| {
+                stats.set_stopped(reason.clone());
+                mode.fence(&reason);
+            }),
+        )
+        .await;
+    epoch::claim_next(store.as_ref(), 5).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while keeper.status().unwrap().state != "fenced" {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("a renewal finds epoch 2");
+    let lsn = send(&w, &shared, vec![write(3 << 20, 4096, 1)]);
+    let mut rx = w.progress.clone();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        rx.wait_for(|p| p.released_lsn >= lsn),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    w.intake.close();
+    w.task.await.unwrap();
+    assert_eq!(shared.mode.mode(), Mode::Fenced);
+    assert!(
+        shared.dirty.is_dirty(3),
+        "the lost record's region is dirty"
+    );
+    assert!(w.stats.stopped_reason().unwrap().contains("found epoch 2"));
+    assert_eq!(shared.pool.used(), 0);
+    assert!(!crate::journal::head::segment_exists(store.as_ref(), &m, 1)
+        .await
+        .unwrap());
+}
+
 #[tokio::test]
 async fn a_segment_key_taken_by_someone_else_fences_the_writer() {
     let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
