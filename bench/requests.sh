@@ -4,7 +4,7 @@
 # request kind (PUT, GET, HEAD, LIST, DELETE). Measured in-process with the counting store
 # (`examples/request_bill.rs`, the measurements `tests/requests.rs` asserts; one counted
 # call is one request on S3), on this tree and, with BEFORE=<commit>, on that commit (a
-# detached `git worktree` in BENCH_DIR with the two measurement files copied in).
+# detached `git worktree` in BENCH_DIR with the measurement files copied in).
 #
 #   bench/requests.sh                 # this tree
 #   BEFORE=fbcc865 bench/requests.sh  # and the build before, side by side
@@ -35,6 +35,8 @@ if [[ -n ${BEFORE:-} ]]; then
     git worktree remove --force "$tree" 2>/dev/null || true
     git worktree add --detach "$tree" "$BEFORE" >/dev/null
     cp tests/support/request_bill.rs "$tree/tests/support/"
+    grep -q '^pub mod request_bill;' "$tree/tests/support/mod.rs" ||
+        echo 'pub mod request_bill;' >>"$tree/tests/support/mod.rs"
     cp examples/request_bill.rs "$tree/examples/"
     measure "$tree" before
     git worktree remove --force "$tree"

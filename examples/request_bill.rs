@@ -7,6 +7,11 @@
 //! request_bill
 //! ```
 
+// The two test-support files the measurements need (the rest of `tests/support` expects to
+// be built as a test); `request_bill` finds `pattern` as `super::nbd`.
+#[path = "../tests/support/nbd.rs"]
+#[allow(dead_code)]
+mod nbd;
 #[path = "../tests/support/request_bill.rs"]
 #[allow(dead_code)]
 mod request_bill;

@@ -12,10 +12,10 @@
 //! and the counting store sees exactly the calls a store would get (one call, one request
 //! on S3).
 
-#[path = "support/request_bill.rs"]
-mod request_bill;
+mod support;
 
-use request_bill::{gib_bill, idle_minute, MIB};
+use support::oracle::assert_same_image;
+use support::request_bill::{gib_bill, idle_minute};
 use tinylag::writer::Mode;
 
 /// Idle: the agent's polls back off and the lease costs two requests a renewal; with the
@@ -82,28 +82,5 @@ async fn a_gib_of_writes_and_its_catch_up_cost_at_most_2_2_requests_a_segment() 
         "commits at most every few seconds, not per batch: {replayed:?}"
     );
     assert!(per_segment <= 2.2, "{per_segment:.2} requests a segment");
-    assert_same(&bill.primary, &bill.replica);
-}
-
-fn assert_same(a: &std::path::Path, b: &std::path::Path) {
-    use std::io::Read;
-    let (mut fa, mut fb) = (
-        std::fs::File::open(a).unwrap(),
-        std::fs::File::open(b).unwrap(),
-    );
-    let (mut ba, mut bb) = (vec![0u8; MIB as usize], vec![0u8; MIB as usize]);
-    let mut offset = 0u64;
-    loop {
-        let na = fa.read(&mut ba).unwrap();
-        let nb = fb.read(&mut bb).unwrap();
-        assert_eq!(na, nb, "sizes differ at {offset}");
-        if na == 0 {
-            return;
-        }
-        assert!(
-            ba[..na] == bb[..nb],
-            "the replica differs in the MiB at {offset}"
-        );
-        offset += na as u64;
-    }
+    assert_same_image(&bill.primary, &bill.replica);
 }

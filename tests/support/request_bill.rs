@@ -29,6 +29,8 @@ use tinylag::store::ObjectStore;
 use tinylag::writer::lease::LeaseKeeper;
 use tinylag::writer::{AckMode, JournalSetup, Labels, Mode, PrimaryCore, WriterConfig};
 
+use super::nbd::pattern;
+
 pub const MIB: u64 = 1 << 20;
 /// `serve --lease-time`'s default.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(15);
@@ -284,7 +286,7 @@ pub async fn gib_bill() -> GibBill {
     // once (`--ack async`, the default); every 128 MiB the test waits for the journal, so
     // the pool never fills (which would turn writes into a resync).
     for i in 0..WRITES {
-        let data = Bytes::from(noise(i, MIB as usize));
+        let data = Bytes::from(pattern(i, MIB as usize));
         core.write((i * MIB) % DEVICE, data, false).await.unwrap();
         if (i + 1) % 128 == 0 {
             assert!(core.wait_durable(core.head_lsn()).await);
@@ -356,18 +358,4 @@ pub async fn gib_bill() -> GibBill {
         primary,
         replica: replica_path,
     }
-}
-
-/// Deterministic incompressible bytes.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
