@@ -159,8 +159,8 @@ pub struct Agent {
     timer: Arc<dyn Timer>,
     config: AgentConfig,
     board: Arc<StatusBoard>,
-    /// The committed position, moved forward in memory as batches apply and committed
-    /// after each one.
+    /// The committed position, moved forward in memory as batches apply and committed at
+    /// most every [`PollPolicy::commit_every`].
     pos: ConsumerState,
     /// The position has moved without being committed (past empty segments, or over
     /// batches whose commit was deferred by [`PollPolicy::commit_every`]).
