@@ -168,8 +168,6 @@ pub struct Agent {
     /// Batches applied since the last commit whose writes have not been fsync'd (their
     /// commit was deferred): the next commit fsyncs first.
     unsynced: bool,
-    /// Records and bytes applied since the last commit (for the status counters).
-    uncommitted: (u64, u64),
     /// The writes of the last batch to the replica, running while the next batch reads its
     /// pre-images (through that batch's overlay) and writes its undo segments.
     applying: Option<Applying>,
@@ -313,7 +311,6 @@ impl Agent {
             pos,
             dirty: false,
             unsynced: false,
-            uncommitted: (0, 0),
             applying: None,
             finishing: None,
             recovered: false,
@@ -739,14 +736,14 @@ impl Agent {
     /// commit still only ever follows the fsync of the writes it covers.
     fn finish_in_background(&mut self, records: u64, bytes: u64, applied: oneshot::Receiver<bool>) {
         let previous = self.finishing.take();
-        self.uncommitted.0 += records;
-        self.uncommitted.1 += bytes;
         if !self.commit_due() {
             // Deferred: the next commit (when due, at the head, or at the stop) fsyncs and
             // covers this batch; until then a crash undoes it with the others past the
-            // commit.
+            // commit. Status shows the batch once its writes are on the replica.
             self.dirty = true;
             self.unsynced = true;
+            let board = self.board.clone();
+            let state = self.pos.clone();
             self.finishing = Some(tokio::spawn(async move {
                 if let Some(previous) = previous {
                     join(previous, "fsync and commit").await?;
@@ -757,11 +754,11 @@ impl Agent {
                         message: "the batch's writes to the replica failed".into(),
                     });
                 }
+                board.committed(&state, records, bytes);
                 Ok(())
             }));
             return;
         }
-        let (records, bytes) = std::mem::take(&mut self.uncommitted);
         self.dirty = false;
         self.unsynced = false;
         let replica = self.replica.clone();
@@ -1025,8 +1022,6 @@ impl Agent {
             self.board.spent(Phase::Sync, started.elapsed());
             self.unsynced = false;
         }
-        let (deferred_records, deferred_bytes) = std::mem::take(&mut self.uncommitted);
-        let (records, bytes) = (records + deferred_records, bytes + deferred_bytes);
         self.pos.updated_at_ns = self.clock.now_ns();
         let started = Instant::now();
         commit_retrying(self.reader.store().as_ref(), &self.pos).await?;

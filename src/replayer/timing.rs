@@ -52,7 +52,8 @@ pub struct PollPolicy {
     /// A moved position is committed at most this often (one PUT each): while catching up,
     /// several batches share one commit. The committed position then lags the replica by
     /// up to this much, which recovery handles as it handles any crash between a batch and
-    /// its commit (the undo segments past the commit are undone, newest first).
+    /// its commit (the undo segments past the commit are undone, newest first); `status`
+    /// shows each batch as soon as it is on the replica.
     pub commit_every: Duration,
 }
 
