@@ -70,7 +70,19 @@ fn agent_args(
 ) -> (Vec<String>, std::path::PathBuf) {
     let replica = dir.join(format!("replica{generation}.img"));
     let mut args = replay_args(journal.uri(), &replica, &format!("spanned{generation}"));
-    args.extend(["--batch-records", "2", "--batch-bytes", "1M"].map(String::from));
+    // A commit after every batch: the test kills the agent once its commit is inside the
+    // span, which a commit every 3 s would rarely show.
+    args.extend(
+        [
+            "--batch-records",
+            "2",
+            "--batch-bytes",
+            "1M",
+            "--commit-every",
+            "0s",
+        ]
+        .map(String::from),
+    );
     (args, replica)
 }
 

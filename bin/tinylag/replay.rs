@@ -91,6 +91,10 @@ pub struct ReplayArgs {
     /// `journal trim --drop-consumer-after` reads).
     #[arg(long, default_value = "60s", value_parser = parse_duration, hide = true)]
     pub idle_commit: Duration,
+    /// Commit a moved position at most this often (one fsync and one PUT covering every
+    /// batch since the last); `0s` commits after every batch (tests that watch commits).
+    #[arg(long, default_value = "3s", value_parser = parse_duration, hide = true)]
+    pub commit_every: Duration,
     #[command(flatten)]
     pub metrics: MetricsArgs,
     #[command(flatten)]
@@ -177,6 +181,7 @@ pub async fn open(
         },
         poll: PollPolicy {
             idle_commit: args.idle_commit,
+            commit_every: args.commit_every,
             ..PollPolicy::default()
         },
         seed,

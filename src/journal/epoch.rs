@@ -72,7 +72,8 @@ pub async fn read_claim(store: &dyn ObjectStore, epoch: u64) -> JournalResult<Ep
 }
 
 /// Fails with [`JournalError::Fenced`] if a writer claimed an epoch after `epoch`. One HEAD in
-/// the common case; the writer calls it before every segment upload.
+/// the common case; the writer calls it at its start and in every lease renewal, not per
+/// segment upload (see `writer::journal_writer`, "Fencing without a request per upload").
 pub async fn ensure_not_fenced(store: &dyn ObjectStore, epoch: u64) -> JournalResult<()> {
     match store.head(&paths::epoch_key(epoch + 1)).await {
         Err(e) if e.is_not_found() => Ok(()),

@@ -263,6 +263,24 @@ pub struct RestartPlan {
     pub last_timestamp_ns: u64,
 }
 
+impl RestartPlan {
+    /// Moves the first segment `width - 1` seqs further on and adds the seqs skipped to the
+    /// holes, so that the new writer owns `width` consecutive seqs once it has started (its
+    /// first segment and the plugs below it). A previous writer that may still be uploading
+    /// (at most `width` uploads in flight) can then never get a segment accepted past them:
+    /// see `writer::journal_writer`, "Fencing without a request per upload".
+    pub fn reserve(&mut self, width: u64) {
+        let skip = width.saturating_sub(1);
+        if skip == 0 {
+            return;
+        }
+        self.holes.extend(self.next_seq..self.next_seq + skip);
+        self.first_missing = self.first_missing.min(self.next_seq);
+        self.next_seq += skip;
+        self.last_orphan = Some(self.next_seq - 1);
+    }
+}
+
 /// Works out where a new writer continues: the end of the gap-free prefix from `first_seq`,
 /// and any orphans past it. `first_lsn` is the LSN at `first_seq` (from the trim pointer).
 pub async fn plan_restart(

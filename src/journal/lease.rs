@@ -13,9 +13,11 @@
 //! any more: readers look at the lease of the highest epoch. So no writer ever overwrites
 //! another's lease, which is what the DESIGN's "replaced by conditional put" protects.
 //!
-//! The lease is advisory for *liveness* only; *safety* stays with the epochs: a writer
-//! checks for a newer epoch before every segment upload, and a writer that missed its own
-//! renewal deadline checks again before its next upload (see `writer::lease`).
+//! The lease is advisory for *liveness* only; *safety* stays with the epochs and the
+//! conditional creates of segments (see `writer::journal_writer`, "Fencing without a
+//! request per upload"): each renewal checks for a newer epoch first, a writer that missed
+//! its own renewal deadline checks again before its next upload (see `writer::lease`), and
+//! a new writer whose predecessor may still upload starts `W - 1` seqs on.
 //!
 //! Must never: call a lease live that its holder released, or dead while its holder may
 //! still write within its term (clock skew is on the side of "live").
@@ -162,6 +164,32 @@ pub async fn ensure_free(
         });
     }
     Ok(lease)
+}
+
+/// Whether the writer of epoch `epoch` may still upload segments, as a writer that just
+/// claimed `epoch + 1` must know (see `writer::journal_writer`, "Fencing without a request
+/// per upload"): no, when its lease says it released the journal (a clean stop ends every
+/// upload first), or when it ran in another process on this host that is gone. Otherwise
+/// (live, expired but perhaps only paused, on another host, or no lease written yet) it
+/// may. A writer in this very process (tests that run two writers in one process) is taken
+/// as gone: it cannot outlive its own test. One GET (two when no lease was written).
+pub async fn predecessor_may_still_write(
+    store: &dyn ObjectStore,
+    epoch: u64,
+) -> JournalResult<bool> {
+    let (host, pid) = match read(store, epoch).await? {
+        Some(lease) if lease.released => return Ok(false),
+        Some(lease) => (lease.host, lease.pid),
+        None => match epoch::read_claim(store, epoch).await {
+            Ok(claim) => (claim.host, claim.pid),
+            Err(JournalError::Store(e)) if e.is_not_found() => return Ok(false),
+            Err(e) => return Err(e),
+        },
+    };
+    if host != hostname() {
+        return Ok(true);
+    }
+    Ok(pid != std::process::id() && process_exists(pid))
 }
 
 fn process_exists(pid: u32) -> bool {

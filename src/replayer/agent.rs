@@ -9,6 +9,12 @@
 //! 3. `fdatasync` the replica;
 //! 4. commit the position (`consumers/<name>`), with the undo-log position beside it.
 //!
+//! Steps 3 and 4 happen at most every [`PollPolicy::commit_every`] (3 s): a batch applied
+//! sooner after the last commit leaves them to the next commit (when due, at the stop, or
+//! after `--once`), which fsyncs and covers every batch since. A catch-up thus costs one
+//! PUT per few seconds, not one per batch; a crash meanwhile leaves more undo segments past
+//! the commit, which recovery undoes as below.
+//!
 //! Steps 2 to 4 of a batch run in the background while the next batch does step 1: its
 //! pre-images take the bytes this batch writes from this batch's overlay, never from the
 //! replica, which may hold them half written (the next batch's own writes wait for these);
@@ -22,7 +28,7 @@
 //! A fetcher task ([`super::fetcher`]) reads ahead: it asks for the predicted key of the next
 //! segment (no listing), decodes and verifies the whole segment (every CRC, the UUID, seq and
 //! first LSN) and checks every record fits the replica, all before handing it over. While
-//! data flows it asks again at once; when idle it backs off to one request per second. A
+//! data flows it asks again at once; when idle it backs off (see [`PollPolicy`]). A
 //! store that is down is retried; a corrupt or foreign segment stops the agent before any of
 //! its records is applied.
 //!
@@ -157,11 +163,15 @@ pub struct Agent {
     timer: Arc<dyn Timer>,
     config: AgentConfig,
     board: Arc<StatusBoard>,
-    /// The committed position, moved forward in memory as batches apply and committed
-    /// after each one.
+    /// The committed position, moved forward in memory as batches apply and committed at
+    /// most every [`PollPolicy::commit_every`].
     pos: ConsumerState,
-    /// The position has moved past empty segments without being committed.
+    /// The position has moved without being committed (past empty segments, or over
+    /// batches whose commit was deferred by [`PollPolicy::commit_every`]).
     dirty: bool,
+    /// Batches applied since the last commit whose writes have not been fsync'd (their
+    /// commit was deferred): the next commit fsyncs first.
+    unsynced: bool,
     /// The writes of the last batch to the replica, running while the next batch reads its
     /// pre-images (through that batch's overlay) and writes its undo segments.
     applying: Option<Applying>,
@@ -326,6 +336,7 @@ impl Agent {
             board,
             pos,
             dirty: false,
+            unsynced: false,
             applying: None,
             finishing: None,
             recovered: false,
@@ -440,7 +451,7 @@ impl Agent {
                     return Err(e);
                 }
                 self.drain().await?;
-                if self.dirty {
+                if self.dirty && self.commit_due() {
                     self.commit(0, 0).await?;
                 }
                 if let Some(until) = self.config.until_ns {
@@ -469,6 +480,11 @@ impl Agent {
                         self.commit_if_silent().await?;
                         continue;
                     }
+                    // A deferred commit is made once it is due, data or not.
+                    _ = tokio::time::sleep(self.until_commit_due()), if self.dirty => {
+                        self.commit(0, 0).await?;
+                        continue;
+                    }
                 };
                 match received {
                     Some(Ok(p)) => self.pending.push_back(p),
@@ -495,6 +511,9 @@ impl Agent {
                     return Ok(Outcome::CaughtUp);
                 }
                 self.drain().await?;
+                if self.dirty && self.commit_due() {
+                    self.commit(0, 0).await?;
+                }
                 self.commit_if_silent().await?;
                 self.board.waiting_until(due);
                 let wait = Duration::from_nanos(due - now).min(Duration::from_secs(1));
@@ -743,6 +762,31 @@ impl Agent {
     /// commit still only ever follows the fsync of the writes it covers.
     fn finish_in_background(&mut self, records: u64, bytes: u64, applied: oneshot::Receiver<bool>) {
         let previous = self.finishing.take();
+        if !self.commit_due() {
+            // Deferred: the next commit (when due, at the head, or at the stop) fsyncs and
+            // covers this batch; until then a crash undoes it with the others past the
+            // commit. Status shows the batch once its writes are on the replica.
+            self.dirty = true;
+            self.unsynced = true;
+            let board = self.board.clone();
+            let state = self.pos.clone();
+            self.finishing = Some(tokio::spawn(async move {
+                if let Some(previous) = previous {
+                    join(previous, "fsync and commit").await?;
+                }
+                if !applied.await.unwrap_or(false) {
+                    return Err(ReplayError::Task {
+                        what: "apply",
+                        message: "the batch's writes to the replica failed".into(),
+                    });
+                }
+                board.committed(&state, records, bytes);
+                Ok(())
+            }));
+            return;
+        }
+        self.dirty = false;
+        self.unsynced = false;
         let replica = self.replica.clone();
         let store = self.reader.store().clone();
         let board = self.board.clone();
@@ -1010,9 +1054,32 @@ impl Agent {
         Ok(())
     }
 
-    /// Commits the in-memory position.
+    /// Whether a moved position may be committed now: the last commit is at least
+    /// [`PollPolicy::commit_every`] old.
+    fn commit_due(&self) -> bool {
+        self.until_commit_due().is_zero()
+    }
+
+    /// How long until a moved position may be committed.
+    fn until_commit_due(&self) -> Duration {
+        let since = self.clock.now_ns().saturating_sub(self.pos.updated_at_ns);
+        self.config
+            .poll
+            .commit_every
+            .saturating_sub(Duration::from_nanos(since))
+    }
+
+    /// Commits the in-memory position, after an fsync of the replica when batches applied
+    /// since the last commit were not fsync'd.
     async fn commit(&mut self, records: u64, bytes: u64) -> Result<(), ReplayError> {
         self.drain().await?;
+        if self.unsynced {
+            let replica = self.replica.clone();
+            let started = Instant::now();
+            blocking("fsync", move || sync(replica.as_ref())).await?;
+            self.board.spent(Phase::Sync, started.elapsed());
+            self.unsynced = false;
+        }
         self.pos.updated_at_ns = self.clock.now_ns();
         let started = Instant::now();
         commit_retrying(self.reader.store().as_ref(), &self.pos).await?;

@@ -1,7 +1,9 @@
 //! The replay agent's fetcher: a task that reads the journal ahead of the applier through
-//! [`ReadAhead`] (up to [`READ_AHEAD`] segment reads in flight while data flows, one request
-//! per poll interval when idle), checks every record fits the replica, and hands whole
-//! verified segments to the apply loop over a bounded channel.
+//! [`ReadAhead`] (segment reads in flight doubling with each segment found, up to
+//! [`READ_AHEAD`] while a backlog flows; one request per poll interval when idle, the
+//! interval backing off as [`PollPolicy`] says), checks every record fits the replica, and
+//! hands whole verified segments to the apply loop over a bounded channel. Each segment is
+//! read once, with one GET (no HEAD first).
 //!
 //! A missing next segment is the end only at or above the journal's known end
 //! (`journal::head`): `--once` checks that at its one end (and stops with the hole as its
@@ -70,13 +72,15 @@ pub(crate) const HOLE_CHECK_EVERY: Duration = Duration::from_secs(60);
 impl Fetcher {
     pub(crate) async fn run(mut self, mut cursor: Cursor, mut shutdown: watch::Receiver<bool>) {
         let mut idle = self.poll.min;
+        // Time spent asking without finding a segment (the timer's time: tests move it).
+        let mut idle_for = Duration::ZERO;
         // The committed position may sit inside its segment; later segments start exactly
         // where the previous one ended.
         let mut resuming = true;
         let mut ahead = ReadAhead::new(self.reader.clone(), self.end);
         let mut width = 1;
         // Idle time spent at `idle_at` since its last hole check.
-        let (mut idle_at, mut idle_for) = (u64::MAX, Duration::ZERO);
+        let (mut idle_at, mut since_hole_check) = (u64::MAX, Duration::ZERO);
         loop {
             if *shutdown.borrow() {
                 return;
@@ -99,9 +103,12 @@ impl Fetcher {
             match step {
                 Ok(Step::Segment(segment)) => {
                     resuming = false;
-                    width = READ_AHEAD;
+                    // Widen step by step: at the head, a full read-ahead would send
+                    // READ_AHEAD GETs for one segment, all but one answered 404.
+                    width = (width * 2).min(READ_AHEAD);
                     self.at_head.store(false, Ordering::Release);
                     idle = self.poll.min;
+                    idle_for = Duration::ZERO;
                     let key = self.reader.manifest().segment_key(segment.header.seq);
                     let message = self.check(&key, segment);
                     let failed = message.is_err();
@@ -115,20 +122,21 @@ impl Fetcher {
                         return;
                     }
                     if idle_at != seq {
-                        (idle_at, idle_for) = (seq, Duration::ZERO);
+                        (idle_at, since_hole_check) = (seq, Duration::ZERO);
                     }
-                    if idle_for >= HOLE_CHECK_EVERY {
-                        idle_for = Duration::ZERO;
+                    if since_hole_check >= HOLE_CHECK_EVERY {
+                        since_hole_check = Duration::ZERO;
                         self.check_hole(seq).await;
                     }
-                    idle_for += idle;
+                    since_hole_check += idle;
                     width = 1;
                     self.at_head.store(true, Ordering::Release);
                     tokio::select! {
                         _ = wait_shutdown(&mut shutdown) => return,
                         _ = self.timer.sleep(idle) => {}
                     }
-                    idle = (idle * 2).min(self.poll.max);
+                    idle_for += idle;
+                    idle = (idle * 2).min(self.poll.cap(idle_for));
                 }
                 Err(e) if is_store_trouble(&e) => {
                     // Transient trouble was already retried by the store; keep trying at the

@@ -294,7 +294,9 @@ impl StatusBoard {
         self.lock().error = message;
     }
 
-    /// The agent committed `position` after applying `records` records of `bytes` bytes.
+    /// The agent applied `records` records of `bytes` bytes up to `position`, and committed
+    /// it (or will, within [`PollPolicy::commit_every`](super::PollPolicy::commit_every)):
+    /// status shows what the replica holds, not only what the store has.
     pub fn committed(&self, position: &ConsumerState, records: u64, bytes: u64) {
         let mut b = self.lock();
         b.records_applied += records;

@@ -17,11 +17,46 @@
 //!
 //! Failures: an upload that fails is retried with the same bytes, with backoff, until it
 //! succeeds (the store's own wrapper already retries transient errors; this retries the
-//! rest), counting every failure. A segment key already taken by someone else, or a newer
-//! epoch, means another writer owns the journal: journaling stops for good (mode `fenced`),
+//! rest), counting every failure. A segment key already taken by someone else means another
+//! writer owns the journal: journaling stops for good (mode `fenced`),
 //! every record still held is marked dirty and all waiters are released.
 //!
+//! # Fencing without a request per upload
+//! A segment upload is one request, the conditional create of its key: no `HEAD
+//! epochs/<epoch + 1>` before it. What keeps a fenced writer E from getting a segment
+//! accepted after writer E+1 has started writing:
+//!
+//! 1. Every seq is created at most once (`If-None-Match: *`, or the local store's exclusive
+//!    link), and a writer that meets a key it did not create stops journaling for good.
+//! 2. Writer E starts the upload of seq `s` only when the coordinator has seen all but at
+//!    most `W - 1` of E's seqs below `s` succeed (at most `W` uploads in flight; a refused
+//!    one stops E before it starts another).
+//! 3. A starting writer E+1 whose predecessor may still be uploading (its lease is not
+//!    released and its process is not known to be gone: a takeover, a paused or
+//!    partitioned holder; [`lease::predecessor_may_still_write`]) writes its first segment
+//!    `W - 1` seqs past the planned end `N` and plugs every seq from the first missing one
+//!    up to it ([`RestartPlan::reserve`]). Once its start has succeeded, E+1 has created
+//!    every missing seq up to `N + W - 1`, among them the `W` consecutive seqs `N ..= N + W - 1`.
+//!
+//! Then E gets no segment accepted at a seq E+1 created (1); below `N` every other seq
+//! existed when E+1 planned; and E never even starts a seq above `N + W - 1`: by (2) it
+//! would first have seen one of `N ..= N + W - 1` succeed, a key E+1 created (1). If E wins
+//! one of those keys first, E+1's own create fails and E+1 refuses to start, naming the
+//! key (a writer racing its predecessor does not journal; nothing it planned is read).
+//! In particular, when the new epoch's first seq lies beyond the predecessor's next seq
+//! (uploads of its still in flight, or the reservation itself), every seq between is a
+//! plug: a late upload there meets it and is refused; the reservation closes the seqs above.
+//! A predecessor that released its lease, or whose process is gone, uploads nothing more,
+//! and the new writer starts at the planned end as before.
+//!
+//! Fencing is also *learned* in bounded time without uploads: each lease renewal (every
+//! `ttl / 3`) checks for a newer epoch first, and a writer past its renewal deadline checks
+//! before its next upload (`writer::lease`), so an idle fenced writer reports `fenced`
+//! within a renewal period rather than at its next write.
+//!
 //! [`head::plan_restart`]: crate::journal::head::plan_restart
+//! [`RestartPlan::reserve`]: crate::journal::head::RestartPlan::reserve
+//! [`lease::predecessor_may_still_write`]: crate::journal::lease::predecessor_may_still_write
 //!
 //! Must never: advance the durable LSN past a segment that is not durable; upload two
 //! different objects under one key; block the I/O path (intake never waits; the pool, not
@@ -39,12 +74,13 @@ use tokio::time::Instant;
 
 use super::encoder::{Encoded, Encoder, Unsettled};
 use super::intake::Intake;
-use super::mode::FullReason;
+use super::mode::{FullReason, Mode};
 use super::shared::{Shared, WriterStats};
 use crate::clock::{Clock, MonotonicTimestamps};
 use crate::journal::consumer::{self, TrimPointer};
 use crate::journal::epoch::{self, EpochClaim};
 use crate::journal::head::{self, plan_restart_from_trim_pointer, KnownEnd, RestartPlan};
+use crate::journal::lease;
 use crate::journal::segment::{encode_plug, SegmentBuilder, SegmentError};
 use crate::journal::{JournalError, Manifest, Op, Record};
 use crate::store::ObjectStore;
@@ -151,12 +187,14 @@ pub struct Prepared {
     pub plan: RestartPlan,
     /// `--abandon-after-hole` abandoned the journal from this seq on (see [`prepare`]).
     pub abandoned: Option<u64>,
+    /// The journal held no segment when planned (before any [`RestartPlan::reserve`]).
+    empty: bool,
 }
 
 impl Prepared {
     /// True when the journal holds no segment yet (a new journal).
     pub fn journal_is_empty(&self) -> bool {
-        self.plan.next_seq == self.trim.first_seq && self.plan.next_lsn == self.trim.first_lsn
+        self.empty
     }
 }
 
@@ -206,6 +244,23 @@ pub async fn prepare(
         );
     }
     let abandoned = abandoning.then_some(plan.first_missing);
+    let empty = plan.next_seq == trim.first_seq && plan.next_lsn == trim.first_lsn;
+    let previous = claim.epoch - 1;
+    if previous > 0
+        && lease::predecessor_may_still_write(store.as_ref(), previous)
+            .await
+            .map_err(fail)?
+    {
+        plan.reserve(u64::from(manifest.splay_width));
+        tracing::info!(
+            journal = %store.describe(),
+            previous,
+            first_seq = plan.next_seq,
+            "the previous writer may still be uploading: this writer starts {} seqs on and \
+             plugs the seqs between, so that none of its late uploads can be accepted",
+            manifest.splay_width.saturating_sub(1)
+        );
+    }
     Ok(Prepared {
         store,
         manifest,
@@ -213,6 +268,7 @@ pub async fn prepare(
         trim,
         plan,
         abandoned,
+        empty,
     })
 }
 
@@ -429,7 +485,8 @@ impl Prepared {
     }
 }
 
-/// One conditional create after a fence check, as the first segment and plugs need.
+/// One conditional create after a fence check, as the first segment and plugs need (one
+/// HEAD per writer start, not per upload).
 async fn create_checked(
     store: &dyn ObjectStore,
     epoch: u64,
@@ -444,10 +501,13 @@ async fn create_checked(
 /// Why an upload gave up (every other failure is retried).
 #[derive(Debug)]
 enum Refused {
-    /// A newer epoch exists.
-    Fenced { newer: u64 },
-    /// The key holds another object: another writer wrote this seq.
-    Taken { key: String },
+    /// The key holds another object: another writer wrote this seq (a newer epoch's
+    /// first segment or plugs, see the module documentation). `newer` is the highest
+    /// epoch claimed, when it could be read.
+    Taken { key: String, newer: Option<u64> },
+    /// Journaling was stopped from outside while this upload was failing: the lease keeper
+    /// found a newer epoch (and the lease wrapper now refuses every segment upload).
+    Stopped { reason: String },
 }
 
 /// The upload coordinator.
@@ -492,14 +552,23 @@ impl Task {
                 Some(joined) = self.uploads.join_next(), if !self.uploads.is_empty() => {
                     match joined {
                         Ok((seq, Ok(()))) => self.uploaded(seq),
-                        Ok((_, Err(Refused::Fenced { newer }))) => self.stop(
-                            format!("writer epoch {} was fenced by epoch {newer}", self.epoch),
-                            true,
-                        ),
-                        Ok((_, Err(Refused::Taken { key }))) => self.stop(
-                            format!("segment {key} was written by another writer"),
-                            true,
-                        ),
+                        Ok((_, Err(Refused::Taken { key, newer }))) => {
+                            let by = match newer {
+                                Some(newer) if newer > self.epoch => format!(
+                                    ": writer epoch {} was fenced by epoch {newer}",
+                                    self.epoch
+                                ),
+                                _ => String::new(),
+                            };
+                            self.stop(
+                                format!("segment {key} was written by another writer{by}"),
+                                true,
+                            )
+                        }
+                        Ok((_, Err(Refused::Stopped { reason }))) => {
+                            let fenced = self.shared.mode.mode() == Mode::Fenced;
+                            self.stop(reason, fenced)
+                        }
                         Err(e) => self.stop(format!("an upload task failed: {e}"), false),
                     }
                 }
@@ -546,7 +615,6 @@ impl Task {
             let upload = Upload {
                 store: self.store.clone(),
                 key: self.manifest.segment_key(seq),
-                epoch: self.epoch,
                 stats: self.stats.clone(),
                 retry_base: self.config.retry_base,
                 retry_max: self.config.retry_max,
@@ -660,7 +728,6 @@ impl Task {
 struct Upload {
     store: Arc<dyn ObjectStore>,
     key: String,
-    epoch: u64,
     stats: Arc<WriterStats>,
     retry_base: Duration,
     retry_max: Duration,
@@ -674,31 +741,45 @@ impl Upload {
         let mut maybe_created = false;
         loop {
             let attempt_started = Instant::now();
-            let failure = match epoch::ensure_not_fenced(self.store.as_ref(), self.epoch).await {
-                Err(JournalError::Fenced { newer, .. }) => return Err(Refused::Fenced { newer }),
-                Err(e) => format!("fence check before {}: {e}", self.key),
-                Ok(()) => match self.store.put_if_absent(&self.key, bytes.clone()).await {
-                    Ok(()) => return self.done(&bytes),
-                    Err(e) if e.is_already_exists() => {
-                        if !maybe_created {
-                            return Err(Refused::Taken { key: self.key });
-                        }
-                        match self.store.get(&self.key).await {
-                            Ok(existing) if existing == bytes => return self.done(&bytes),
-                            Ok(_) => return Err(Refused::Taken { key: self.key }),
-                            Err(e) => format!("reading back {}: {e}", self.key),
-                        }
+            // No fence check here: the conditional create is the check (see the module
+            // documentation, "Fencing without a request per upload").
+            let failure = match self.store.put_if_absent(&self.key, bytes.clone()).await {
+                Ok(()) => return self.done(&bytes),
+                Err(e) if e.is_already_exists() => {
+                    if !maybe_created {
+                        return Err(self.taken().await);
                     }
-                    Err(e) => {
-                        maybe_created = true;
-                        e.to_string()
+                    match self.store.get(&self.key).await {
+                        Ok(existing) if existing == bytes => return self.done(&bytes),
+                        Ok(_) => return Err(self.taken().await),
+                        Err(e) => format!("reading back {}: {e}", self.key),
                     }
-                },
+                }
+                Err(e) => {
+                    maybe_created = true;
+                    e.to_string()
+                }
             };
+            if let Some(reason) = self.stats.stopped_reason() {
+                return Err(Refused::Stopped { reason });
+            }
             tracing::warn!(key = %self.key, error = %failure, "segment upload failed; retrying");
             self.stats.record_error(failure, attempt_started);
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(self.retry_max);
+        }
+    }
+
+    /// The key is someone else's; which epoch took over is worth one listing of `epochs/`
+    /// (it happens once per writer, when it stops).
+    async fn taken(self) -> Refused {
+        let newer = epoch::current_epoch(self.store.as_ref())
+            .await
+            .ok()
+            .flatten();
+        Refused::Taken {
+            key: self.key,
+            newer,
         }
     }
 

@@ -1,19 +1,22 @@
 //! The writer's side of the lease (`journal::lease`): a task that renews this writer's
-//! lease every `ttl / 3` (one PUT each), and a store wrapper that keeps a writer which
-//! missed its own renewal deadline (paused, partitioned) from uploading a segment before it
-//! has checked that no newer epoch exists.
+//! lease every `ttl / 3` (two requests each: the fence check `HEAD epochs/<E+1>`, then the
+//! lease's PUT), and a store wrapper that keeps a writer which missed its own renewal
+//! deadline (paused, partitioned), or found itself fenced, from uploading a segment before
+//! it has checked that no newer epoch exists.
 //!
 //! ```text
 //! serve: lease::ensure_free ─► PrimaryCore::start (claims epoch E, through LeasedStore)
-//!        ─► LeaseKeeper::start(E): writes leases/E, renews every ttl/3
+//!        ─► LeaseKeeper::start(E): HEAD epochs/E+1, writes leases/E; again every ttl/3
 //! upload of a segment ─► LeasedStore::put_if_absent: deadline passed? ─► HEAD epochs/E+1,
-//!        renew ─► then the PUT (or a transient error, after which the writer's own fence
-//!        check sees the newer epoch and stops journaling: mode `fenced`)
+//!        renew ─► then the PUT (or a transient error; a newer epoch fences the writer:
+//!        mode `fenced`)
 //! ```
 //!
 //! The deadline is measured on the monotonic clock from the moment the last successful
-//! renewal was *sent*, which is no later than the `renewed_at` the lease advertises; a
-//! process stopped by SIGSTOP sees its deadline pass the moment it runs again.
+//! renewal's fence check was *sent*, which is no later than the `renewed_at` the lease
+//! advertises; a process stopped by SIGSTOP sees its deadline pass the moment it runs
+//! again. Segment uploads themselves carry no fence check: see `writer::journal_writer`,
+//! "Fencing without a request per upload", for why the conditional create suffices.
 //!
 //! Must never: let a segment upload start after the deadline without the epoch check;
 //! block the primary's I/O (only uploads wait for the check); renew after the writer
@@ -117,9 +120,32 @@ impl LeaseState {
         }
     }
 
-    /// One renewal: one PUT. On success the term restarts from when it was sent.
+    /// One renewal: the fence check (a HEAD of `epochs/<epoch + 1>`), then the lease's PUT.
+    /// On success the term restarts from when the check was sent: no newer epoch existed
+    /// then, so the term ends at most one `ttl` after any newer claim (the bound the module
+    /// documentation's safety argument uses). Finding a newer epoch fences the writer.
     async fn renew(&self) -> Result<(), String> {
         let sent = Instant::now();
+        let Some(epoch) = lock(&self.lease).as_ref().map(|l| l.epoch) else {
+            return Err("no lease yet".into());
+        };
+        match epoch::ensure_not_fenced(self.store.as_ref(), epoch).await {
+            Ok(()) => {}
+            Err(JournalError::Fenced { newer, .. }) => {
+                let reason = format!(
+                    "writer epoch {epoch} found epoch {newer}: another writer took the journal \
+                     over"
+                );
+                self.fence(reason.clone());
+                return Err(reason);
+            }
+            Err(e) => {
+                let message = format!("checking for an epoch after {epoch}: {e}");
+                self.errors.fetch_add(1, Ordering::AcqRel);
+                *lock(&self.last_error) = Some(message.clone());
+                return Err(message);
+            }
+        }
         let lease = {
             let mut guard = lock(&self.lease);
             let Some(lease) = guard.as_mut() else {
@@ -145,8 +171,8 @@ impl LeaseState {
         }
     }
 
-    /// The deadline passed: check that no newer epoch exists, then renew. `Err` says why
-    /// journaling must wait (or stop, once `fenced` is set).
+    /// The deadline passed: renew, which checks that no newer epoch exists first. `Err`
+    /// says why journaling must wait (or stop, once `fenced` is set).
     async fn recheck(&self, epoch: u64) -> Result<(), String> {
         let _one = self.check.lock().await;
         if self.fenced.load(Ordering::Acquire) {
@@ -155,24 +181,9 @@ impl LeaseState {
         if !self.expired() {
             return Ok(());
         }
-        match epoch::ensure_not_fenced(self.store.as_ref(), epoch).await {
-            Ok(()) => {}
-            Err(JournalError::Fenced { newer, .. }) => {
-                let reason = format!(
-                    "writer epoch {epoch} missed its lease deadline and found epoch {newer}: \
-                     another writer took the journal over"
-                );
-                self.fence(reason.clone());
-                return Err(reason);
-            }
-            Err(e) => {
-                return Err(format!(
-                    "writer epoch {epoch} missed its lease deadline and cannot check for a \
-                     newer epoch: {e}"
-                ))
-            }
-        }
-        self.renew().await
+        self.renew()
+            .await
+            .map_err(|e| format!("writer epoch {epoch} missed its lease deadline: {e}"))
     }
 
     fn fence(&self, reason: String) {
@@ -207,7 +218,9 @@ impl std::fmt::Debug for LeasedStore {
 impl ObjectStore for LeasedStore {
     async fn put_if_absent(&self, key: &str, data: Bytes) -> StoreResult<()> {
         if let Some(epoch) = self.state.epoch() {
-            if key.starts_with(paths::JOURNAL_PREFIX) && self.state.expired() {
+            if key.starts_with(paths::JOURNAL_PREFIX)
+                && (self.state.expired() || self.state.fenced.load(Ordering::Acquire))
+            {
                 self.state
                     .recheck(epoch)
                     .await
@@ -544,6 +557,38 @@ mod tests {
         // A fenced writer leaves its lease as it was: not released.
         let stored = lease::read(store.as_ref(), 1).await.unwrap().unwrap();
         assert!(!stored.released);
+    }
+
+    /// Uploads carry no fence check, so an idle writer learns of a takeover from its
+    /// renewals: within one renewal period, with no upload at all.
+    #[tokio::test]
+    async fn a_renewal_finds_a_newer_epoch_and_fences_an_idle_writer() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let claim = epoch::claim_next(store.as_ref(), 1).await.unwrap();
+        let k = keeper(store.clone(), Duration::from_millis(1500));
+        let (tx, mut fenced) = tokio::sync::mpsc::unbounded_channel();
+        k.start(
+            claim.epoch,
+            1,
+            Box::new(move |reason| {
+                let _ = tx.send(reason);
+            }),
+        )
+        .await;
+        epoch::claim_next(store.as_ref(), 2).await.unwrap();
+        let reason = tokio::time::timeout(Duration::from_secs(5), fenced.recv())
+            .await
+            .expect("fenced within a few renewal periods")
+            .unwrap();
+        assert!(reason.contains("found epoch 2"), "{reason}");
+        assert_eq!(k.status().unwrap().state, "fenced");
+        let err = k
+            .store()
+            .put_if_absent("journal/0/00000000000000000000", Bytes::from_static(b"a"))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("fenced"), "{err}");
+        assert!(store.head("journal/0/00000000000000000000").await.is_err());
     }
 
     #[tokio::test]

@@ -9,6 +9,7 @@ pub mod oracle;
 pub mod procs;
 pub mod prometheus;
 pub mod replay;
+pub mod request_bill;
 pub mod s3;
 pub mod shell;
 pub mod teardown;

@@ -255,15 +255,119 @@ async fn an_ambiguous_create_is_recognised_as_ours() {
     assert_eq!(w.stats.upload_errors.load(Ordering::Acquire), 1);
 }
 
+/// A takeover while the old writer keeps writing (the case the per-upload fence check used
+/// to cover): the new writer reserves `W` seqs past the end, so every later upload of the
+/// old one meets a key it did not create, however many segments it has queued; the old
+/// writer is fenced, marks its records dirty, and the journal holds only what it uploaded
+/// before the takeover, then the new writer's.
 #[tokio::test]
-async fn a_newer_epoch_fences_the_writer_and_marks_its_records_dirty() {
+async fn a_takeover_fences_a_writer_that_keeps_writing_and_none_of_its_late_uploads_land() {
     let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
     let m = manifest();
     m.create(store.as_ref()).await.unwrap();
+    let shared1 = shared();
+    let w1 = start(store.clone(), &m, &shared1).await;
+    let before = send(&w1, &shared1, vec![write(0, 4096, 1)]);
+    wait_durable(&w1, before).await;
+
+    // Another writer takes over; its predecessor may still upload (what
+    // `lease::predecessor_may_still_write` says of a live or paused holder).
+    let mut prepared = prepare(store.clone(), m.clone(), &SystemClock, false)
+        .await
+        .unwrap();
+    let end = prepared.plan.next_seq;
+    prepared.plan.reserve(u64::from(m.splay_width));
+    assert_eq!(prepared.plan.next_seq, end + 3);
+    assert_eq!(prepared.plan.holes, vec![end, end + 1, end + 2]);
+    let shared2 = shared();
+    let w2 = prepared
+        .start(Arc::new(SystemClock), config(), shared2.clone(), false)
+        .await
+        .unwrap();
+
+    // The old writer goes on: many segments' worth, W uploads at a time.
+    let ops = (0..40).map(|i| Op::Write {
+        offset: (3 << 20) + i * (64 << 10),
+        data: noise(i, 64 << 10),
+    });
+    let lsn = send(&w1, &shared1, ops.collect());
+    let mut rx = w1.progress.clone();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        rx.wait_for(|p| p.released_lsn >= lsn),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(shared1.mode.mode(), Mode::Fenced);
+    assert!(
+        shared1.dirty.is_dirty(3),
+        "the lost records' region is dirty"
+    );
+    assert!(w1
+        .stats
+        .stopped_reason()
+        .unwrap()
+        .contains("another writer: writer epoch 1 was fenced by epoch 2"));
+    w1.intake.close();
+    w1.task.await.unwrap();
+    assert_eq!(shared1.pool.used(), 0);
+
+    let after = send(&w2, &shared2, vec![write(8 << 20, 4096, 2)]);
+    wait_durable(&w2, after).await;
+    w2.intake.close();
+    w2.task.await.unwrap();
+    let records = read_all(store.clone(), &m).await;
+    let kinds: Vec<_> = records.iter().map(|r| r.kind().name()).collect();
+    assert_eq!(kinds, vec!["EPOCH", "WRITE", "EPOCH", "WRITE"]);
+    // Nothing of the old epoch past the new writer's seqs: it never started those uploads.
+    let next = end + 3 + 2;
+    for seq in next..next + 8 {
+        assert!(
+            !crate::journal::head::segment_exists(store.as_ref(), &m, seq)
+                .await
+                .unwrap(),
+            "seq {seq} exists"
+        );
+    }
+}
+
+/// Fenced by the lease keeper (a renewal found a newer epoch, nothing uploaded since): the
+/// lease wrapper refuses the next upload, and the writer stops for good, releasing what it
+/// holds, instead of retrying a refused upload forever.
+#[tokio::test]
+async fn a_writer_fenced_by_its_lease_renewal_stops_at_its_next_upload() {
+    use crate::writer::lease::LeaseKeeper;
+    let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+    let m = manifest();
+    m.create(store.as_ref()).await.unwrap();
+    let keeper = LeaseKeeper::new(
+        store.clone(),
+        Arc::new(SystemClock),
+        Duration::from_millis(1500),
+    );
     let shared = shared();
-    let w = start(store.clone(), &m, &shared).await;
-    // Another writer takes over.
+    let w = start(keeper.store(), &m, &shared).await;
+    let (stats, mode) = (w.stats.clone(), shared.mode.clone());
+    // What `PrimaryCore::fence` does.
+    keeper
+        .start(
+            w.epoch,
+            1,
+            Box::new(move |reason| {
+                stats.set_stopped(reason.clone());
+                mode.fence(&reason);
+            }),
+        )
+        .await;
     epoch::claim_next(store.as_ref(), 5).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while keeper.status().unwrap().state != "fenced" {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("a renewal finds epoch 2");
     let lsn = send(&w, &shared, vec![write(3 << 20, 4096, 1)]);
     let mut rx = w.progress.clone();
     tokio::time::timeout(
@@ -273,24 +377,18 @@ async fn a_newer_epoch_fences_the_writer_and_marks_its_records_dirty() {
     .await
     .unwrap()
     .unwrap();
+    w.intake.close();
+    w.task.await.unwrap();
     assert_eq!(shared.mode.mode(), Mode::Fenced);
     assert!(
         shared.dirty.is_dirty(3),
         "the lost record's region is dirty"
     );
-    assert!(w
-        .stats
-        .stopped_reason()
-        .unwrap()
-        .contains("fenced by epoch 2"));
+    assert!(w.stats.stopped_reason().unwrap().contains("found epoch 2"));
     assert_eq!(shared.pool.used(), 0);
-    // Records sent after the fence are dropped (and marked) too.
-    send(&w, &shared, vec![write(5 << 20, 4096, 1)]);
-    w.intake.close();
-    w.task.await.unwrap();
-    assert!(shared.dirty.is_dirty(5));
-    // The one uploading at the fence, and the one sent after it.
-    assert_eq!(w.stats.records_abandoned.load(Ordering::Acquire), 2);
+    assert!(!crate::journal::head::segment_exists(store.as_ref(), &m, 1)
+        .await
+        .unwrap());
 }
 
 #[tokio::test]

@@ -177,7 +177,8 @@ impl PrimaryCore {
 
     /// Stops journaling because another writer owns the journal (the lease keeper found a
     /// newer epoch). The primary keeps serving; changes from now on only mark regions dirty,
-    /// and the writer drops what it still holds at its next upload's fence check.
+    /// and the writer drops what it still holds when its next upload fails (the lease
+    /// wrapper refuses a fenced writer's uploads).
     pub fn fence(&self, reason: String) {
         if let Some(j) = &self.journal {
             j.stats.set_stopped(reason.clone());
