@@ -182,6 +182,9 @@ pub struct Agent {
     pending: VecDeque<Pending>,
     /// An error from the fetcher, returned once everything fetched before it is applied.
     deferred: Option<ReplayError>,
+    /// The loop stopped on the fetcher's error (a journal hole, a bad object), not on the
+    /// replica's: what was applied before it is still committed.
+    journal_stopped: bool,
 }
 
 impl Agent {
@@ -342,6 +345,7 @@ impl Agent {
             recovered: false,
             pending: VecDeque::new(),
             deferred: None,
+            journal_stopped: false,
         })
     }
 
@@ -427,6 +431,14 @@ impl Agent {
         fetch_task.abort();
         // Whatever stopped the loop, the last applied batch still gets its commit.
         let finished = self.drain().await;
+        if outcome.is_err() && self.journal_stopped && finished.is_ok() && self.dirty {
+            // The journal stopped the agent (a hole, a bad object), not the replica: every
+            // batch the position covers is on the replica, so the position is committed before
+            // the error goes out (trim and the next start see how far this consumer got).
+            if let Err(e) = self.commit(0, 0).await {
+                tracing::warn!("committing the position before stopping failed: {e}");
+            }
+        }
         let outcome = outcome?;
         finished?;
         if self.dirty {
@@ -448,6 +460,7 @@ impl Agent {
             self.skip_empty_segments();
             if self.pending.is_empty() {
                 if let Some(e) = self.deferred.take() {
+                    self.journal_stopped = true;
                     return Err(e);
                 }
                 self.drain().await?;
@@ -488,7 +501,10 @@ impl Agent {
                 };
                 match received {
                     Some(Ok(p)) => self.pending.push_back(p),
-                    Some(Err(e)) => return Err(e),
+                    Some(Err(e)) => {
+                        self.journal_stopped = true;
+                        return Err(e);
+                    }
                     // The fetcher stops on its own in `--once` mode at the end, and on
                     // shutdown.
                     None if *shutdown.borrow() => return Ok(Outcome::Shutdown),
