@@ -15,6 +15,7 @@ use tinylag::block::file::{FileDevice, FileOptions};
 use tinylag::block::BlockDevice;
 use tinylag::clock::{Clock, SystemClock};
 use tinylag::control;
+use tinylag::journal::epoch::{ClaimBasis, EpochReason};
 use tinylag::journal::{epoch, lease, Manifest};
 use tinylag::metrics::{Hub, NbdBuffersSource, PrimarySource};
 use tinylag::nbd::{self, Export, ListenAddr, NbdServer};
@@ -303,11 +304,13 @@ pub async fn run_with(args: ServeArgs, shared: Option<Arc<Hub>>) -> anyhow::Resu
             args.lease_time,
         ))
     });
+    let mut claim = ClaimBasis::default();
     if let Some(store) = &journal_store {
         let ttl_ms = args.lease_time.as_millis() as u64;
         if args.takeover {
             if let Ok(Some(holder)) = lease::current(store.as_ref(), ttl_ms).await {
                 if holder.is_live(clock.now_ns()) {
+                    claim.reason = EpochReason::Takeover;
                     tracing::warn!(
                         epoch = holder.epoch,
                         host = %holder.host,
@@ -351,6 +354,7 @@ pub async fn run_with(args: ServeArgs, shared: Option<Arc<Hub>>) -> anyhow::Resu
                     .unwrap_or_else(|| default_activity_log_path(&args.primary))
             }),
             abandon_after_hole: args.abandon_after_hole,
+            claim: claim.clone(),
         }
     });
     let started = PrimaryCore::start(device, labels, setup).await;

@@ -15,6 +15,12 @@ use crate::store::{list_all, ObjectStore};
 
 /// The body of an epoch claim (JSON). `claim_id` makes every claim's bytes unique, which the
 /// retrying store relies on to recognise its own earlier successful create.
+///
+/// A claim says who fenced whom and why; where the epoch's records begin and which prefix
+/// of its predecessor they continue is in the epoch's chain entry
+/// ([`super::chain::ChainEntry`]), written once the writer has planned. `reason`, `owner`
+/// and `fork` were added after format version 1 shipped: an older claim reads as
+/// `start` by an unnamed owner, without a fork.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EpochClaim {
     pub epoch: u64,
@@ -22,6 +28,65 @@ pub struct EpochClaim {
     pub host: String,
     pub pid: u32,
     pub claimed_at_ns: u64,
+    /// Why this writer began.
+    #[serde(default)]
+    pub reason: EpochReason,
+    /// Who owns the epoch: the site's name (`promote --name`), or empty for a plain `serve`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub owner: String,
+    /// Only for `promote --at`: the fork the claim commits to before anything is planned,
+    /// so that the records of `fork.epoch` after `fork.lsn` are a branch from this claim on,
+    /// whatever the writer does next.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fork: Option<Predecessor>,
+}
+
+/// Why a writer epoch began (shown by `journal info` and `timeline`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EpochReason {
+    /// `serve` on a journal whose previous writer is gone or stopped (or a new journal).
+    #[default]
+    Start,
+    /// `serve --takeover`: the previous writer's lease was live; it is fenced.
+    Takeover,
+    /// `promote` after the previous owner's `demote`: nothing is lost, nothing resynced.
+    Promote,
+    /// `promote --force`: the previous owner is gone (or fenced); what it never uploaded
+    /// is lost to this chain and comes back only as its divergence at `rejoin`.
+    PromoteForce,
+    /// `promote --at`/`--mark`: a past point; the previous owner's later records are a branch.
+    PromoteAt,
+}
+
+impl EpochReason {
+    /// The name `journal info`, `timeline` and the claim's JSON use.
+    pub fn name(self) -> &'static str {
+        match self {
+            EpochReason::Start => "start",
+            EpochReason::Takeover => "takeover",
+            EpochReason::Promote => "promote",
+            EpochReason::PromoteForce => "promote --force",
+            EpochReason::PromoteAt => "promote --at",
+        }
+    }
+}
+
+/// An epoch's predecessor: the epoch it continues and the last LSN of it that the new
+/// owner's image contains (Ceph's `TagPredecessor`). Records of that epoch past `lsn` are
+/// not on the new chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Predecessor {
+    pub epoch: u64,
+    pub lsn: u64,
+}
+
+/// What a claimer says about itself (everything of an [`EpochClaim`] but the numbers).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClaimBasis {
+    pub reason: EpochReason,
+    pub owner: String,
+    pub fork: Option<Predecessor>,
 }
 
 /// The highest epoch claimed so far, if any. Lists `epochs/`, which holds one object per
@@ -37,13 +102,38 @@ pub async fn current_epoch(store: &dyn ObjectStore) -> JournalResult<Option<u64>
 /// Claims the epoch after the current highest. Exactly one of several concurrent claimers
 /// succeeds; the others get [`JournalError::EpochContended`].
 pub async fn claim_next(store: &dyn ObjectStore, now_ns: u64) -> JournalResult<EpochClaim> {
+    claim_next_as(store, now_ns, ClaimBasis::default()).await
+}
+
+/// [`claim_next`] with a reason, an owner and (for `promote --at`) a fork.
+pub async fn claim_next_as(
+    store: &dyn ObjectStore,
+    now_ns: u64,
+    basis: ClaimBasis,
+) -> JournalResult<EpochClaim> {
     let epoch = current_epoch(store).await?.map_or(1, |e| e + 1);
+    claim_exact(store, epoch, now_ns, basis).await
+}
+
+/// Claims exactly `epoch` — the one after the epoch the claimer has checked (a `promote`
+/// checks that its predecessor demoted): if anyone claimed it first, the claimer lost the
+/// race and gets [`JournalError::EpochContended`], never a higher epoch that would fence
+/// the winner.
+pub async fn claim_exact(
+    store: &dyn ObjectStore,
+    epoch: u64,
+    now_ns: u64,
+    basis: ClaimBasis,
+) -> JournalResult<EpochClaim> {
     let claim = EpochClaim {
         epoch,
         claim_id: Uuid::new_v4(),
         host: hostname(),
         pid: std::process::id(),
         claimed_at_ns: now_ns,
+        reason: basis.reason,
+        owner: basis.owner,
+        fork: basis.fork,
     };
     let body = serde_json::to_vec(&claim).expect("an epoch claim always serializes");
     match store

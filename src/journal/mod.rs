@@ -3,6 +3,7 @@
 //! Must never: overwrite a segment or the manifest; accept an object whose UUID, seq, LSN
 //! range or checksums are not the ones expected; build an object key outside [`paths`].
 
+pub mod chain;
 pub mod consumer;
 pub mod epoch;
 pub mod error;

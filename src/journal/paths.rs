@@ -12,6 +12,9 @@
 //! trim.pending                   the seqs an unfinished trim is deleting (below `trim`)
 //! marks/<name>                   a named point (LSN, time), kept after its segment is trimmed
 //! leases/<epoch:020>             the lease of writer epoch <epoch>, renewed by that writer only
+//! chain/<epoch:020>              where epoch <epoch> begins and which prefix of its predecessor it continues
+//! branches/<name>                a branch: records a `promote --at` left off the chain, kept until dropped
+//! requests/resync/<name>         regions a rejoining replica asks the writer to journal as a resync span
 //! ```
 //!
 //! An undo log (a replay agent's pre-images, in its own store root) has its own two names:
@@ -41,6 +44,13 @@ pub const MARKS_PREFIX: &str = "marks/";
 /// Folder of writer leases, one key per epoch (see `journal::lease` for why not one key).
 pub const LEASES_PREFIX: &str = "leases/";
 
+/// Folder of epoch chain entries (see `journal::chain`).
+pub const CHAIN_PREFIX: &str = "chain/";
+/// Folder of branches (see `journal::chain`).
+pub const BRANCHES_PREFIX: &str = "branches/";
+/// Folder of resync requests from rejoining replicas to the writer.
+pub const RESYNC_REQUESTS_PREFIX: &str = "requests/resync/";
+
 /// The undo-log manifest, written once by conditional create.
 pub const UNDO_MANIFEST: &str = "undo.json";
 /// Folder of undo segments.
@@ -54,6 +64,38 @@ pub fn epoch_key(epoch: u64) -> String {
 /// Parses an epoch key back to its number; `None` for anything else.
 pub fn parse_epoch_key(key: &str) -> Option<u64> {
     parse_padded(key.strip_prefix(EPOCHS_PREFIX)?)
+}
+
+/// Key of the chain entry of epoch `epoch`.
+pub fn chain_key(epoch: u64) -> String {
+    format!("{CHAIN_PREFIX}{epoch:020}")
+}
+
+/// Parses a chain entry key back to its epoch.
+pub fn parse_chain_key(key: &str) -> Option<u64> {
+    parse_padded(key.strip_prefix(CHAIN_PREFIX)?)
+}
+
+/// Key of branch `name` (names follow [`valid_consumer_name`]).
+pub fn branch_key(name: &str) -> String {
+    format!("{BRANCHES_PREFIX}{name}")
+}
+
+/// Parses a branch key back to the name.
+pub fn parse_branch_key(key: &str) -> Option<&str> {
+    key.strip_prefix(BRANCHES_PREFIX)
+        .filter(|n| valid_consumer_name(n))
+}
+
+/// Key of the resync request of consumer `name`.
+pub fn resync_request_key(name: &str) -> String {
+    format!("{RESYNC_REQUESTS_PREFIX}{name}")
+}
+
+/// Parses a resync request key back to the consumer's name.
+pub fn parse_resync_request_key(key: &str) -> Option<&str> {
+    key.strip_prefix(RESYNC_REQUESTS_PREFIX)
+        .filter(|n| valid_consumer_name(n))
 }
 
 /// Key of the lease of writer epoch `epoch`.

@@ -22,6 +22,9 @@ pub enum RecordKind {
     /// Added after format version 1 shipped: an older reader refuses a segment holding one
     /// with an "unknown record kind" error naming the object, never misreads it.
     Verify = 10,
+    /// The writer of this epoch demoted itself: the last record of its epoch; a `promote`
+    /// without `--force` requires it at the end of the current epoch.
+    Demote = 11,
 }
 
 impl RecordKind {
@@ -37,6 +40,7 @@ impl RecordKind {
             8 => RecordKind::ResyncData,
             9 => RecordKind::ResyncEnd,
             10 => RecordKind::Verify,
+            11 => RecordKind::Demote,
             _ => return None,
         })
     }
@@ -54,6 +58,7 @@ impl RecordKind {
             RecordKind::ResyncData => "RESYNC_DATA",
             RecordKind::ResyncEnd => "RESYNC_END",
             RecordKind::Verify => "VERIFY",
+            RecordKind::Demote => "DEMOTE",
         }
     }
 }
@@ -73,6 +78,9 @@ pub enum Op {
     Mark { name: String },
     /// A writer of this epoch started appending.
     Epoch { epoch: u64 },
+    /// The writer of this epoch demoted itself: nothing of its epoch follows (`tinylag
+    /// demote`). Stored like `EPOCH`: the epoch in the index entry's offset, no payload.
+    Demote { epoch: u64 },
     /// Start of a span that is applied atomically (see docs/DESIGN.md, primary step 4).
     ResyncBegin,
     /// Region content read from the primary during a resync.
@@ -156,6 +164,7 @@ impl Op {
             Op::Flush => RecordKind::Flush,
             Op::Mark { .. } => RecordKind::Mark,
             Op::Epoch { .. } => RecordKind::Epoch,
+            Op::Demote { .. } => RecordKind::Demote,
             Op::ResyncBegin => RecordKind::ResyncBegin,
             Op::ResyncData { .. } => RecordKind::ResyncData,
             Op::ResyncEnd => RecordKind::ResyncEnd,

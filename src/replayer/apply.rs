@@ -93,6 +93,7 @@ pub fn extent(op: &Op) -> Option<(u64, u64)> {
         Op::Flush
         | Op::Mark { .. }
         | Op::Epoch { .. }
+        | Op::Demote { .. }
         | Op::ResyncBegin
         | Op::ResyncEnd
         | Op::Verify { .. } => None,
@@ -120,6 +121,7 @@ pub fn apply_op(target: &dyn ReplicaTarget, lsn: u64, op: &Op) -> Result<(), App
         Op::Flush
         | Op::Mark { .. }
         | Op::Epoch { .. }
+        | Op::Demote { .. }
         | Op::ResyncBegin
         | Op::ResyncEnd
         | Op::Verify { .. } => Ok(()),

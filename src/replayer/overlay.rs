@@ -141,6 +141,7 @@ impl Overlay {
             Op::Flush
             | Op::Mark { .. }
             | Op::Epoch { .. }
+            | Op::Demote { .. }
             | Op::ResyncBegin
             | Op::ResyncEnd
             | Op::Verify { .. } => {}

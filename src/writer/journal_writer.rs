@@ -77,13 +77,15 @@ use super::intake::Intake;
 use super::mode::{FullReason, Mode};
 use super::shared::{Shared, WriterStats};
 use crate::clock::{Clock, MonotonicTimestamps};
+use crate::journal::chain::{self, ChainEntry};
 use crate::journal::consumer::{self, TrimPointer};
-use crate::journal::epoch::{self, EpochClaim};
+use crate::journal::epoch::{self, ClaimBasis, EpochClaim, Predecessor};
 use crate::journal::head::{self, plan_restart_from_trim_pointer, KnownEnd, RestartPlan};
 use crate::journal::lease;
+use crate::journal::paths;
 use crate::journal::segment::{encode_plug, SegmentBuilder, SegmentError};
 use crate::journal::{JournalError, Manifest, Op, Record};
-use crate::store::ObjectStore;
+use crate::store::{list_all, ObjectStore};
 
 /// How often the writer checks whether a store outage has lasted past the bound.
 const OUTAGE_CHECK: Duration = Duration::from_millis(250);
@@ -189,6 +191,8 @@ pub struct Prepared {
     pub abandoned: Option<u64>,
     /// The journal held no segment when planned (before any [`RestartPlan::reserve`]).
     empty: bool,
+    /// What this epoch continues, for its chain entry (see [`journal::chain`]).
+    pub predecessor: Option<Predecessor>,
 }
 
 impl Prepared {
@@ -208,11 +212,32 @@ impl Prepared {
 /// everything from the lowest missing seq on is abandoned (plugged, as a crash gap is) and
 /// [`Prepared::abandoned`] tells the core to resync the whole device, so that every consumer
 /// converges again.
+#[cfg(test)]
 pub async fn prepare(
     store: Arc<dyn ObjectStore>,
     manifest: Manifest,
     clock: &dyn Clock,
     abandon_after_hole: bool,
+) -> Result<Prepared, StartError> {
+    prepare_as(
+        store,
+        manifest,
+        clock,
+        abandon_after_hole,
+        ClaimBasis::default(),
+    )
+    .await
+}
+
+/// [`prepare`] with the claim's reason, owner and (for `promote --at`) fork: the epoch's
+/// chain entry records them, with the predecessor at the fork or, for every other reason,
+/// at the journal's end as planned.
+pub async fn prepare_as(
+    store: Arc<dyn ObjectStore>,
+    manifest: Manifest,
+    clock: &dyn Clock,
+    abandon_after_hole: bool,
+    basis: ClaimBasis,
 ) -> Result<Prepared, StartError> {
     let fail = |source| StartError::Journal {
         journal: store.describe(),
@@ -224,7 +249,7 @@ pub async fn prepare(
         _ => {}
     }
     let abandoning = hole.is_some();
-    let claim = epoch::claim_next(store.as_ref(), clock.now_ns())
+    let claim = epoch::claim_next_as(store.as_ref(), clock.now_ns(), basis)
         .await
         .map_err(fail)?;
     let (trim, mut plan) = plan_restart_from_trim_pointer(store.as_ref(), &manifest)
@@ -261,6 +286,24 @@ pub async fn prepare(
             manifest.splay_width.saturating_sub(1)
         );
     }
+    let predecessor = match claim.fork {
+        Some(fork) => Some(fork),
+        None if empty && trim.first_seq == 0 => None,
+        None => {
+            let previous_entry = list_all(store.as_ref(), paths::CHAIN_PREFIX)
+                .await
+                .map_err(|e| fail(e.into()))?
+                .iter()
+                .filter_map(|o| paths::parse_chain_key(&o.key))
+                .filter(|&e| e < claim.epoch)
+                .max();
+            Some(Predecessor {
+                // A journal older than the chain: the epoch before this one.
+                epoch: previous_entry.unwrap_or(claim.epoch - 1),
+                lsn: plan.next_lsn.saturating_sub(1),
+            })
+        }
+    };
     Ok(Prepared {
         store,
         manifest,
@@ -269,6 +312,7 @@ pub async fn prepare(
         plan,
         abandoned,
         empty,
+        predecessor,
     })
 }
 
@@ -375,10 +419,31 @@ impl Prepared {
             manifest,
             claim,
             plan,
+            predecessor,
             ..
         } = self;
         let epoch = claim.epoch;
         let timestamps = MonotonicTimestamps::new(clock.clone(), plan.last_timestamp_ns);
+        // The chain entry before the first segment: a reader that meets a record of this
+        // epoch can always learn what it continues.
+        let entry = ChainEntry {
+            epoch,
+            first_seq: plan.next_seq,
+            first_lsn: plan.next_lsn,
+            predecessor,
+            reason: claim.reason,
+            owner: claim.owner.clone(),
+            host: claim.host.clone(),
+            began_at_ns: clock.now_ns(),
+        };
+        chain::write_entry(store.as_ref(), &entry)
+            .await
+            .map_err(|source| StartError::FirstSegment {
+                journal: store.describe(),
+                key: paths::chain_key(epoch),
+                epoch,
+                source,
+            })?;
         let mut ops = vec![Op::Epoch { epoch }];
         if resync_begin {
             ops.push(Op::ResyncBegin);

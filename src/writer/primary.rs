@@ -56,6 +56,7 @@ use super::resync::{self, Episodes, ResyncTask};
 use super::shared::{record_cost, Shared, WriterStats};
 use crate::block::{check_range, BlockDevice, BlockError, DeviceInfo};
 use crate::clock::{Clock, MonotonicTimestamps};
+use crate::journal::epoch::ClaimBasis;
 use crate::journal::{Manifest, Op, Record};
 use crate::store::ObjectStore;
 
@@ -93,6 +94,8 @@ pub struct JournalSetup {
     /// known end, abandoning everything after it and resyncing the whole device (see
     /// [`journal_writer::prepare`]).
     pub abandon_after_hole: bool,
+    /// Why this writer claims its epoch, and who it is (`serve --takeover`, `promote`).
+    pub claim: ClaimBasis,
 }
 
 /// Every way starting the core fails.
@@ -271,11 +274,12 @@ impl PrimaryCore {
         let uuid = manifest.uuid;
 
         let region_size = manifest.region_size;
-        let prepared = journal_writer::prepare(
+        let prepared = journal_writer::prepare_as(
             setup.store.clone(),
             manifest,
             setup.clock.as_ref(),
             setup.abandon_after_hole,
+            setup.claim.clone(),
         )
         .await?;
         let epoch = prepared.claim.epoch;

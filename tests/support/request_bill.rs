@@ -274,6 +274,7 @@ pub async fn gib_bill() -> GibBill {
         primary_path: primary.clone(),
         activity_log: Some(dir.path().join("primary.img.tinylag-al")),
         abandon_after_hole: false,
+        claim: Default::default(),
     };
     let core = Arc::new(
         PrimaryCore::start(device, Labels::default(), Some(setup))

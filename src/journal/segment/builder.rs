@@ -146,7 +146,7 @@ impl SegmentBuilder {
             }
             Op::Discard { offset, len } | Op::WriteZeroes { offset, len } => (*offset, *len),
             Op::Mark { name } => (0, name.len() as u64),
-            Op::Epoch { epoch } => (*epoch, 0),
+            Op::Epoch { epoch } | Op::Demote { epoch } => (*epoch, 0),
             Op::Verify { offset, .. } => (*offset, payload.len() as u64),
             Op::Flush | Op::ResyncBegin | Op::ResyncEnd => (0, 0),
         };

@@ -345,9 +345,9 @@ pub(crate) fn check_entry_fields(key: &str, e: &IndexEntry) -> Result<(), Segmen
                 return Err(invalid(key, lsn, "VERIFY payload is not 40 bytes"));
             }
         }
-        RecordKind::Epoch => {
+        RecordKind::Epoch | RecordKind::Demote => {
             if e.length != 0 {
-                return Err(invalid(key, lsn, "EPOCH has a non-zero length"));
+                return Err(invalid(key, lsn, "EPOCH or DEMOTE has a non-zero length"));
             }
         }
         RecordKind::Flush | RecordKind::ResyncBegin | RecordKind::ResyncEnd => {

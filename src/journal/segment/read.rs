@@ -243,6 +243,7 @@ fn record_from(key: &str, e: &IndexEntry, payload: Bytes) -> Result<Record, Segm
             })?,
         },
         RecordKind::Epoch => Op::Epoch { epoch: e.offset },
+        RecordKind::Demote => Op::Demote { epoch: e.offset },
         RecordKind::ResyncBegin => Op::ResyncBegin,
         RecordKind::ResyncEnd => Op::ResyncEnd,
         RecordKind::Verify => {

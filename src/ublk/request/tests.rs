@@ -351,6 +351,7 @@ async fn through_the_primary_core_each_op_is_journaled_as_itself() {
         activity_log: Some(dir.path().join("primary.img.tinylag-al")),
         primary_path,
         abandon_after_hole: false,
+        claim: Default::default(),
     };
     let core = PrimaryCore::start(disk.clone(), Labels::default(), Some(setup))
         .await

@@ -133,6 +133,7 @@ impl Fixture {
             primary_path: self.dir.path().join("primary.img"),
             activity_log: Some(self.dir.path().join("primary.img.tinylag-al")),
             abandon_after_hole: false,
+            claim: Default::default(),
         }
     }
 

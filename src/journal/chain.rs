@@ -1,0 +1,388 @@
+//! The epoch chain: where each writer epoch's records begin, which prefix of its predecessor
+//! it continues, and from that the **lineage** — the LSNs a reader applies — and the
+//! **branches** — records a `promote --at` left off the chain, kept by name.
+//!
+//! A writer writes its epoch's entry (`chain/<epoch:020>`, conditional create, never
+//! replaced) after it has planned and before its first segment, so an entry exists for
+//! every epoch that holds a record. LSNs keep increasing along the seqs across epochs (a new
+//! writer continues at the journal's end), so an LSN names one record; a fork is an entry
+//! whose predecessor LSN is below its own first LSN − 1, and the records between are a
+//! branch. Journals written before the chain existed have no entries: an epoch without one
+//! continues everything before it.
+//!
+//! Must never: replace an entry or a branch; put a record of a branch on the lineage (a
+//! reader that applied one must wind it back or stop); fork from a point off the lineage.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::epoch::{self, EpochClaim, EpochReason, Predecessor};
+use super::error::{JournalError, JournalResult};
+use super::paths;
+use crate::store::{list_all, ObjectStore};
+
+/// One epoch's place in the chain (JSON at `chain/<epoch:020>`).
+///
+/// ```json
+/// {"epoch":4,"first_seq":120,"first_lsn":9001,"predecessor":{"epoch":3,"lsn":8500},
+///  "reason":"promote-at","owner":"siteb","host":"b1","began_at_ns":1765000000000000000}
+/// ```
+///
+/// `first_seq`/`first_lsn` are the epoch's first segment (its `EPOCH` record). `predecessor`
+/// is the epoch this one continues and the last LSN of it that the new owner's image
+/// contains; `None` only for the journal's first epoch. For every reason but `promote --at`
+/// it is the journal's end as the writer planned it (`first_lsn − 1`), so nothing is cut.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainEntry {
+    pub epoch: u64,
+    pub first_seq: u64,
+    pub first_lsn: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predecessor: Option<Predecessor>,
+    #[serde(default)]
+    pub reason: EpochReason,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub owner: String,
+    #[serde(default)]
+    pub host: String,
+    pub began_at_ns: u64,
+}
+
+impl ChainEntry {
+    /// The LSNs of the predecessor this entry cuts off (`pred.lsn + 1 ..= first_lsn − 1`),
+    /// `None` when it continues the journal's end.
+    pub fn cut(&self) -> Option<(u64, u64)> {
+        let pred = self.predecessor?;
+        (pred.lsn + 1 < self.first_lsn).then(|| (pred.lsn + 1, self.first_lsn - 1))
+    }
+}
+
+/// A branch: records `from_lsn..=to_lsn` (segments `first_seq..=last_seq`) that the fork of
+/// epoch `forked_by` left off the chain. JSON at `branches/<name>`; trim keeps its segments
+/// until `journal trim --drop-branch NAME`; `restore`/`mount --branch NAME` read the state at
+/// its end.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Branch {
+    pub name: String,
+    pub forked_by: u64,
+    pub from_lsn: u64,
+    pub to_lsn: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub created_at_ns: u64,
+}
+
+/// The LSNs a reader applies: sorted, disjoint inclusive ranges.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lineage {
+    ranges: Vec<(u64, u64)>,
+}
+
+impl Lineage {
+    /// Every LSN (a journal with no fork).
+    pub fn everything() -> Lineage {
+        Lineage {
+            ranges: vec![(0, u64::MAX)],
+        }
+    }
+
+    /// Whether the record with `lsn` is on the lineage.
+    pub fn contains(&self, lsn: u64) -> bool {
+        let i = self.ranges.partition_point(|&(_, hi)| hi < lsn);
+        self.ranges.get(i).is_some_and(|&(lo, _)| lo <= lsn)
+    }
+
+    /// The LSNs left off the lineage below `end` (inclusive ranges), for reports.
+    pub fn cuts_below(&self, end: u64) -> Vec<(u64, u64)> {
+        let mut cuts = Vec::new();
+        let mut next = 0u64;
+        for &(lo, hi) in &self.ranges {
+            if lo > next && next <= end {
+                cuts.push((next, (lo - 1).min(end)));
+            }
+            next = hi.saturating_add(1);
+            if hi == u64::MAX {
+                break;
+            }
+        }
+        cuts
+    }
+
+    /// The last LSN at or below `lsn` that is on the lineage (where a reader that applied
+    /// `lsn` must wind back to), `None` when there is none.
+    pub fn last_at_or_below(&self, lsn: u64) -> Option<u64> {
+        let i = self.ranges.partition_point(|&(lo, _)| lo <= lsn);
+        let (_, hi) = *self.ranges.get(i.checked_sub(1)?)?;
+        Some(hi.min(lsn))
+    }
+
+    fn from_ranges(mut ranges: Vec<(u64, u64)>) -> Lineage {
+        ranges.retain(|&(lo, hi)| lo <= hi);
+        ranges.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+        for (lo, hi) in ranges {
+            match merged.last_mut() {
+                Some(last) if lo <= last.1.saturating_add(1) => last.1 = last.1.max(hi),
+                _ => merged.push((lo, hi)),
+            }
+        }
+        Lineage { ranges: merged }
+    }
+}
+
+/// Every claim and chain entry of a journal (one LIST of `epochs/` and of `chain/`, a GET
+/// of each: both hold one object per writer start and stay small).
+#[derive(Clone, Debug, Default)]
+pub struct Chain {
+    pub claims: BTreeMap<u64, EpochClaim>,
+    pub entries: BTreeMap<u64, ChainEntry>,
+}
+
+impl Chain {
+    /// The entry of the highest epoch that began writing.
+    pub fn head(&self) -> Option<&ChainEntry> {
+        self.entries.values().next_back()
+    }
+
+    /// The lineage of the current chain (its head epoch, every record from its start on).
+    pub fn lineage(&self) -> Lineage {
+        match self.head() {
+            Some(head) => self.lineage_to(head.epoch, u64::MAX),
+            None => Lineage::everything(),
+        }
+    }
+
+    /// The lineage of the chain as it stood while `epoch` was its head, cut at `end_lsn`:
+    /// what a branch left by a later fork reads.
+    pub fn lineage_to(&self, epoch: u64, end_lsn: u64) -> Lineage {
+        let mut ranges = Vec::new();
+        let mut hi = end_lsn;
+        let mut cur = self.entries.get(&epoch);
+        loop {
+            let Some(entry) = cur else {
+                // No entry (the first epoch, or a journal older than the chain): everything
+                // before continues.
+                ranges.push((0, hi));
+                break;
+            };
+            ranges.push((entry.first_lsn, hi));
+            let Some(pred) = entry.predecessor else {
+                ranges.push((0, entry.first_lsn.saturating_sub(1)));
+                break;
+            };
+            if entry.first_lsn == 0 {
+                break;
+            }
+            hi = pred.lsn.min(entry.first_lsn - 1);
+            cur = self.entries.get(&pred.epoch);
+            if cur.is_none() {
+                ranges.push((0, hi));
+                break;
+            }
+        }
+        Lineage::from_ranges(ranges)
+    }
+
+    /// The epoch whose records hold `lsn` on the current lineage (`None` before the first
+    /// entry or in a cut).
+    pub fn epoch_of(&self, lsn: u64) -> Option<u64> {
+        self.entries
+            .values()
+            .rev()
+            .find(|e| e.first_lsn <= lsn)
+            .map(|e| e.epoch)
+    }
+}
+
+/// Writes the entry of a beginning epoch (conditional create: an entry is never replaced).
+pub async fn write_entry(store: &dyn ObjectStore, entry: &ChainEntry) -> JournalResult<()> {
+    let body = serde_json::to_vec(entry).expect("a chain entry always serializes");
+    store
+        .put_if_absent(&paths::chain_key(entry.epoch), Bytes::from(body))
+        .await
+        .map_err(Into::into)
+}
+
+/// Loads every claim and chain entry.
+pub async fn load(store: &dyn ObjectStore) -> JournalResult<Chain> {
+    let mut chain = Chain::default();
+    for object in list_all(store, paths::EPOCHS_PREFIX).await? {
+        if let Some(epoch) = paths::parse_epoch_key(&object.key) {
+            chain
+                .claims
+                .insert(epoch, epoch::read_claim(store, epoch).await?);
+        }
+    }
+    for object in list_all(store, paths::CHAIN_PREFIX).await? {
+        if let Some(epoch) = paths::parse_chain_key(&object.key) {
+            if let Some(entry) = read_entry(store, epoch).await? {
+                chain.entries.insert(epoch, entry);
+            }
+        }
+    }
+    Ok(chain)
+}
+
+/// Reads the entry of `epoch`; `None` when that epoch never began writing (or the journal
+/// predates the chain).
+pub async fn read_entry(store: &dyn ObjectStore, epoch: u64) -> JournalResult<Option<ChainEntry>> {
+    let key = paths::chain_key(epoch);
+    let data = match store.get(&key).await {
+        Ok(d) => d,
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let entry: ChainEntry = serde_json::from_slice(&data).map_err(|e| JournalError::Malformed {
+        journal: store.describe(),
+        key: key.clone(),
+        what: "epoch chain entry",
+        reason: e.to_string(),
+    })?;
+    if entry.epoch != epoch {
+        return Err(JournalError::Malformed {
+            journal: store.describe(),
+            key,
+            what: "epoch chain entry",
+            reason: format!("it names epoch {}", entry.epoch),
+        });
+    }
+    Ok(Some(entry))
+}
+
+/// Creates a branch (conditional create: a name is used once).
+pub async fn create_branch(store: &dyn ObjectStore, branch: &Branch) -> JournalResult<()> {
+    let body = serde_json::to_vec(branch).expect("a branch always serializes");
+    store
+        .put_if_absent(&paths::branch_key(&branch.name), Bytes::from(body))
+        .await
+        .map_err(Into::into)
+}
+
+/// Every branch, by name.
+pub async fn list_branches(store: &dyn ObjectStore) -> JournalResult<Vec<Branch>> {
+    let mut out = Vec::new();
+    for object in list_all(store, paths::BRANCHES_PREFIX).await? {
+        let Some(name) = paths::parse_branch_key(&object.key) else {
+            continue;
+        };
+        let data = store.get(&object.key).await?;
+        let branch: Branch =
+            serde_json::from_slice(&data).map_err(|e| JournalError::Malformed {
+                journal: store.describe(),
+                key: object.key.clone(),
+                what: "branch",
+                reason: e.to_string(),
+            })?;
+        if branch.name == name {
+            out.push(branch);
+        }
+    }
+    Ok(out)
+}
+
+/// Deletes a branch's object (its segments go with the next trim that passes them).
+pub async fn drop_branch(store: &dyn ObjectStore, name: &str) -> JournalResult<()> {
+    store
+        .delete_many(&[paths::branch_key(name)])
+        .await
+        .map_err(Into::into)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryStore;
+
+    fn entry(epoch: u64, first_lsn: u64, pred: Option<(u64, u64)>) -> ChainEntry {
+        ChainEntry {
+            epoch,
+            first_seq: first_lsn,
+            first_lsn,
+            predecessor: pred.map(|(epoch, lsn)| Predecessor { epoch, lsn }),
+            reason: EpochReason::Start,
+            owner: String::new(),
+            host: String::new(),
+            began_at_ns: 0,
+        }
+    }
+
+    fn chain(entries: Vec<ChainEntry>) -> Chain {
+        Chain {
+            claims: BTreeMap::new(),
+            entries: entries.into_iter().map(|e| (e.epoch, e)).collect(),
+        }
+    }
+
+    #[test]
+    fn a_chain_without_forks_keeps_every_lsn() {
+        let c = chain(vec![
+            entry(1, 0, None),
+            entry(2, 50, Some((1, 49))),
+            entry(3, 90, Some((2, 89))),
+        ]);
+        assert_eq!(c.lineage(), Lineage::everything());
+        assert!(c.lineage().cuts_below(1000).is_empty());
+    }
+
+    #[test]
+    fn a_fork_cuts_the_branch_and_a_later_fork_can_cut_a_whole_epoch() {
+        // E2 forked from E1 at 30 (E1's 31..=49 are a branch); E3 forked from E2 at 60.
+        let c = chain(vec![
+            entry(1, 0, None),
+            entry(2, 50, Some((1, 30))),
+            entry(3, 90, Some((2, 60))),
+        ]);
+        let l = c.lineage();
+        assert!(l.contains(30) && !l.contains(31) && !l.contains(49));
+        assert!(l.contains(50) && l.contains(60) && !l.contains(61) && !l.contains(89));
+        assert!(l.contains(90) && l.contains(u64::MAX));
+        assert_eq!(l.cuts_below(100), vec![(31, 49), (61, 89)]);
+        assert_eq!(l.last_at_or_below(45), Some(30));
+        assert_eq!(l.last_at_or_below(70), Some(60));
+        // The branch E3 left: E2's chain up to 89.
+        let b = c.lineage_to(2, 89);
+        assert!(b.contains(70) && b.contains(89) && !b.contains(40) && !b.contains(90));
+        // A fork back over a whole epoch: E3 forked from E1 at 20; E2 is off the lineage.
+        let c = chain(vec![
+            entry(1, 0, None),
+            entry(2, 50, Some((1, 49))),
+            entry(3, 90, Some((1, 20))),
+        ]);
+        assert_eq!(c.lineage().cuts_below(u64::MAX), vec![(21, 89)]);
+    }
+
+    #[test]
+    fn a_journal_older_than_the_chain_continues_everything() {
+        // Epochs 1 and 2 wrote no entry; epoch 3 continues epoch 2 at 70.
+        let c = chain(vec![entry(3, 71, Some((2, 70)))]);
+        assert_eq!(c.lineage(), Lineage::everything());
+    }
+
+    #[tokio::test]
+    async fn entries_and_branches_are_created_once_and_read_back() {
+        let store = MemoryStore::new();
+        let e = entry(1, 0, None);
+        write_entry(&store, &e).await.unwrap();
+        assert!(write_entry(&store, &e).await.is_err());
+        assert_eq!(read_entry(&store, 1).await.unwrap(), Some(e.clone()));
+        assert_eq!(read_entry(&store, 2).await.unwrap(), None);
+        let b = Branch {
+            name: "before-e2".into(),
+            forked_by: 2,
+            from_lsn: 31,
+            to_lsn: 49,
+            first_seq: 3,
+            last_seq: 5,
+            created_at_ns: 7,
+        };
+        create_branch(&store, &b).await.unwrap();
+        assert!(create_branch(&store, &b).await.is_err());
+        assert_eq!(list_branches(&store).await.unwrap(), vec![b]);
+        drop_branch(&store, "before-e2").await.unwrap();
+        assert!(list_branches(&store).await.unwrap().is_empty());
+        let loaded = load(&store).await.unwrap();
+        assert_eq!(loaded.head(), Some(&e));
+    }
+}
