@@ -36,9 +36,10 @@
 //! commands), [`shutdown`] (drain, fsync, clean-stop marker).
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU8};
 use std::sync::{Arc, Mutex};
 
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
@@ -56,14 +57,16 @@ use crate::block::{BlockDevice, DeviceInfo};
 use crate::clock::{Clock, MonotonicTimestamps};
 
 mod ack;
+mod demote;
 mod device;
 mod hooks;
 mod shutdown;
 mod start;
 
+pub use demote::Demoted;
 pub use hooks::HookError;
 pub use shutdown::ShutdownReport;
-pub use start::{CoreError, JournalSetup, StartKind};
+pub use start::{CatchUp, CoreError, JournalSetup, Promotion, StartKind};
 
 /// Region size of the dirty tracker when there is no manifest to say (`--no-journal`).
 const DEFAULT_REGION_SIZE: u64 = 4 << 20;
@@ -91,6 +94,49 @@ pub struct PrimaryCore {
     pub(super) started: std::time::Instant,
     /// Requests served, for `status` and `/metrics`.
     pub(super) io: super::io_counts::IoCounts,
+    /// What clients see once this writer is fenced (`serve --on-fence`).
+    pub(super) on_fence: OnFence,
+    /// Which requests are refused now: [`Refuse`] as a number (demote, `--on-fence`).
+    pub(super) refuse: AtomicU8,
+    /// The `DEMOTE` this writer journaled, once `demote` succeeded.
+    pub(super) demoted: Mutex<Option<Demoted>>,
+}
+
+/// What clients of a fenced writer see (`serve --on-fence`). DRBD's `on-no-quorum` is the
+/// model: whichever is chosen, `status`, metrics and the log say `fenced`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnFence {
+    /// Keep serving reads and writes (the writes are only in the activity log and the
+    /// dirty map: the split brain `rejoin` counts).
+    #[default]
+    Keep,
+    /// Fail writes, trims and zeroes (NBD `EPERM`, ublk `-EROFS`); reads go on.
+    ReadOnly,
+    /// Fail every request (`EIO`).
+    Error,
+}
+
+impl OnFence {
+    pub fn parse(s: &str) -> Result<OnFence, String> {
+        match s {
+            "keep" => Ok(OnFence::Keep),
+            "read-only" => Ok(OnFence::ReadOnly),
+            "error" => Ok(OnFence::Error),
+            other => Err(format!(
+                "invalid --on-fence {other:?}: use keep, read-only or error"
+            )),
+        }
+    }
+}
+
+/// Levels of [`PrimaryCore::refuse`]; a higher level refuses more.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub(super) enum Refuse {
+    Nothing = 0,
+    Writes = 1,
+    Everything = 2,
 }
 
 impl std::fmt::Debug for PrimaryCore {
@@ -118,6 +164,8 @@ pub(super) struct Journaling {
     pub(super) clock: Arc<dyn Clock>,
     pub(super) task: Mutex<Option<JoinHandle<u64>>>,
     pub(super) marker_path: PathBuf,
+    /// The primary's path: a demote leaves a seed stamp beside it.
+    pub(super) primary_path: PathBuf,
     pub(super) episodes: Arc<Episodes>,
     pub(super) al: Arc<ActivityLog>,
     /// The resync task and the activity-log cleaner; aborted at shutdown.

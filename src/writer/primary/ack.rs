@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Journaling, PrimaryCore};
+use super::{Journaling, PrimaryCore, Refuse};
 use crate::block::BlockError;
 use crate::journal::{Op, Record};
 use crate::writer::mode::{AckMode, MaxLag};
@@ -185,6 +185,11 @@ impl PrimaryCore {
     {
         let ticket = {
             let _held = self.locks.lock(range.clone()).await;
+            // Checked under the lock, so a demote that holds the whole device's lock sees
+            // every change either finished or refused.
+            if self.refusing() != Refuse::Nothing {
+                return Err(BlockError::ReadOnly);
+            }
             if let Some(j) = &self.journal {
                 // The region is durably active before the primary can hold the change.
                 j.al.activate(range).await;

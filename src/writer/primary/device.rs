@@ -6,7 +6,7 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::PrimaryCore;
+use super::{PrimaryCore, Refuse};
 use crate::block::{check_range, BlockDevice, BlockError, DeviceInfo};
 use crate::journal::Op;
 
@@ -20,6 +20,7 @@ impl BlockDevice for PrimaryCore {
         // Reads take no lock: a read overlapping a write in flight may see either content,
         // as on any disk.
         check_range(offset, u64::from(len), self.info.size)?;
+        self.refuse_all()?;
         self.io.read(u64::from(len));
         self.device.read(offset, len).await
     }
@@ -39,6 +40,12 @@ impl BlockDevice for PrimaryCore {
 
     async fn flush(&self) -> Result<(), BlockError> {
         self.io.flush();
+        self.refuse_all()?;
+        if self.refusing() == Refuse::Writes {
+            // Nothing more is journaled (demoted or fenced read-only): the flush only makes
+            // the primary durable.
+            return self.device.flush().await;
+        }
         let applied = self.device.flush().await;
         let ticket = self.journal(Op::Flush, &applied);
         applied?;
@@ -66,5 +73,17 @@ impl BlockDevice for PrimaryCore {
             self.device.write_zeroes(offset, len, fua),
         )
         .await
+    }
+}
+
+impl PrimaryCore {
+    /// `--on-fence error`: every request fails once fenced.
+    fn refuse_all(&self) -> Result<(), BlockError> {
+        match self.refusing() {
+            Refuse::Everything => Err(BlockError::Io(std::io::Error::other(
+                "this writer is fenced (--on-fence error): another writer owns the journal",
+            ))),
+            _ => Ok(()),
+        }
     }
 }

@@ -46,6 +46,19 @@ impl PrimaryCore {
                 clean: false,
             };
         };
+        if let Some(done) = self.demoted() {
+            // The demote drained, fsync'd and left the marker: nothing more to write.
+            let flush_error = self.device.flush().await.err().map(|e| e.to_string());
+            return ShutdownReport {
+                mode: self.mode(),
+                head_lsn: done.lsn,
+                durable_lsn: done.lsn,
+                undrained_records: 0,
+                drained: true,
+                flush_error,
+                clean: true,
+            };
+        }
         for helper in lock(&j.helpers).drain(..) {
             helper.abort();
         }

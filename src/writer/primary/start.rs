@@ -9,12 +9,12 @@
 //! that the primary equals the journal's end.
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU8};
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
-use super::{Journaling, Labels, PrimaryCore, DEFAULT_REGION_SIZE};
+use super::{Journaling, Labels, OnFence, PrimaryCore, DEFAULT_REGION_SIZE};
 use crate::block::BlockDevice;
 use crate::clock::Clock;
 use crate::journal::epoch::ClaimBasis;
@@ -52,6 +52,11 @@ pub struct JournalSetup {
     pub abandon_after_hole: bool,
     /// Why this writer claims its epoch, and who it is (`serve --takeover`, `promote`).
     pub claim: ClaimBasis,
+    /// What clients see once this writer is fenced (`serve --on-fence`).
+    pub on_fence: OnFence,
+    /// `promote`: the epoch to claim exactly and the replica's catch-up that vouches for it
+    /// (see [`Promotion`]); `None` for `serve`.
+    pub promotion: Option<Promotion>,
 }
 
 /// Every way starting the core fails.
@@ -88,6 +93,34 @@ pub enum CoreError {
     Restart(#[from] RestartError),
     #[error(transparent)]
     ActivityLog(#[from] ActivityLogError),
+    /// `promote` could not bring the replica to the journal's end after its claim.
+    #[error("promote: {reason}")]
+    Promote { reason: String },
+}
+
+/// How `promote` starts a writer on a replica (DESIGN.md, "Failover and failback").
+#[derive(Clone)]
+pub struct Promotion {
+    /// The epoch to claim: exactly this one, or lose the race.
+    pub epoch: u64,
+    /// Brings the replica up to the journal's end as planned after the claim.
+    pub catch_up: Arc<dyn CatchUp>,
+}
+
+impl std::fmt::Debug for Promotion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Promotion")
+            .field("epoch", &self.epoch)
+            .finish()
+    }
+}
+
+/// A promoted replica's catch-up, run by the core between its claim and its first segment.
+#[async_trait::async_trait]
+pub trait CatchUp: Send + Sync {
+    /// Applies every record through `last_lsn` and returns the last LSN the replica holds
+    /// (the records past it are not applied: the claim fenced their writer).
+    async fn through(&self, last_lsn: u64) -> Result<u64, String>;
 }
 
 /// How a journaling core started.
@@ -122,6 +155,9 @@ impl PrimaryCore {
                 labels,
                 started: std::time::Instant::now(),
                 io: Default::default(),
+                on_fence: OnFence::Keep,
+                refuse: AtomicU8::new(0),
+                demoted: Mutex::new(None),
             });
         };
         let manifest = setup.manifest;
@@ -149,20 +185,40 @@ impl PrimaryCore {
         let uuid = manifest.uuid;
 
         let region_size = manifest.region_size;
-        let prepared = journal_writer::prepare_as(
+        let prepared = journal_writer::prepare_claiming(
             setup.store.clone(),
             manifest,
             setup.clock.as_ref(),
             setup.abandon_after_hole,
             setup.claim.clone(),
+            setup.promotion.as_ref().map(|p| p.epoch),
         )
         .await?;
         let epoch = prepared.claim.epoch;
         let marker_path = restart::marker_path(&setup.primary_path);
         let marker = restart::take_marker(&marker_path)?;
-        let full = restart::initial_full_reason(&prepared, uuid, marker.as_ref(), || {
+        let mut full = restart::initial_full_reason(&prepared, uuid, marker.as_ref(), || {
             restart::primary_has_data(&setup.primary_path)
         })?;
+        if let (Some(promotion), None) = (&setup.promotion, prepared.abandoned) {
+            // The replica vouches for itself: it holds every record up to the end the plan
+            // found (which, for a forced promote, may have moved since it caught up).
+            let end = prepared.plan.next_lsn.saturating_sub(1);
+            let applied = promotion
+                .catch_up
+                .through(end)
+                .await
+                .map_err(|reason| CoreError::Promote { reason })?;
+            if applied != end {
+                return Err(CoreError::Promote {
+                    reason: format!(
+                        "the replica holds the journal through LSN {applied}, but the journal \
+                         ends at LSN {end} as planned"
+                    ),
+                });
+            }
+            full = None;
+        }
         let previous =
             match (full, &setup.activity_log) {
                 (Some(FullReason::UncleanRestart), Some(path)) => Some(
@@ -299,6 +355,7 @@ impl PrimaryCore {
                 clock: setup.clock,
                 task: Mutex::new(Some(task)),
                 marker_path,
+                primary_path: setup.primary_path.clone(),
                 episodes,
                 al,
                 helpers: Mutex::new(helpers),
@@ -307,6 +364,9 @@ impl PrimaryCore {
             labels,
             started: std::time::Instant::now(),
             io: Default::default(),
+            on_fence: setup.on_fence,
+            refuse: AtomicU8::new(0),
+            demoted: Mutex::new(None),
         })
     }
 }

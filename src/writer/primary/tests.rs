@@ -140,6 +140,8 @@ impl Fixture {
             activity_log: Some(self.dir.path().join("primary.img.tinylag-al")),
             abandon_after_hole: false,
             claim: Default::default(),
+            on_fence: Default::default(),
+            promotion: None,
         }
     }
 
