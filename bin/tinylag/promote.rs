@@ -217,6 +217,7 @@ pub async fn run(args: PromoteArgs) -> anyhow::Result<()> {
         EpochReason::Promote
     };
     let name = args.name.clone();
+    let replica = args.serve.primary.clone();
     let hook_store = store.clone();
     let hook_catch_up = catch_up.clone();
     let serving: serve::ServingHook = Box::new(move |core| {
@@ -230,6 +231,25 @@ pub async fn run(args: PromoteArgs) -> anyhow::Result<()> {
                     "promoted, but the consumer entry could not be removed; drop it with \
                      `tinylag journal trim --drop-consumer`"
                 ),
+            }
+            // The ended consumer's undo log describes an image that is now a primary: it
+            // cannot wind it back any more, and a later agent on this image (the way back)
+            // would refuse it. Kept aside, not deleted.
+            let undo = {
+                let mut p = replica.as_os_str().to_owned();
+                p.push(".undo");
+                std::path::PathBuf::from(p)
+            };
+            if undo.is_dir() {
+                let mut aside = undo.as_os_str().to_owned();
+                aside.push(format!(".promoted-e{}", core.epoch().unwrap_or(0)));
+                match std::fs::rename(&undo, &aside) {
+                    Ok(()) => tell(format!(
+                        "the ended consumer's undo log was moved aside to {}",
+                        std::path::Path::new(&aside).display()
+                    )),
+                    Err(e) => tracing::warn!(error = %e, "cannot move the undo log aside"),
+                }
             }
             tell(format!(
                 "promoted at LSN {lsn}: epoch {} ({}) serving after {:.2}s (replica caught up \
