@@ -247,6 +247,7 @@ async fn silent_consumer(journal: &TestJournal, name: &str, silent_for: Duration
         undo: Default::default(),
         verify: Default::default(),
         seed: Default::default(),
+        chain_epoch: 0,
     };
     consumer::commit(journal.store.as_ref(), &state)
         .await

@@ -118,6 +118,35 @@ impl Lineage {
         Some(hi.min(lsn))
     }
 
+    /// The first LSN at or after `lsn` that is on the lineage, `None` when there is none.
+    pub fn next_at_or_after(&self, lsn: u64) -> Option<u64> {
+        let i = self.ranges.partition_point(|&(_, hi)| hi < lsn);
+        self.ranges.get(i).map(|&(lo, _)| lo.max(lsn))
+    }
+
+    /// The first LSN at or below `upto` that one lineage holds and the other does not
+    /// (`None`: they agree on `0..=upto`). A reader that applied `self` up to `upto` and
+    /// learns `other` must wind back to just before it.
+    pub fn first_difference(&self, other: &Lineage, upto: u64) -> Option<u64> {
+        // Membership only changes at a range's ends, so the first difference is at one.
+        let mut edges: Vec<u64> = vec![0];
+        for &(lo, hi) in self.ranges.iter().chain(other.ranges.iter()) {
+            edges.push(lo);
+            edges.push(hi.saturating_add(1));
+        }
+        edges.sort_unstable();
+        edges.dedup();
+        edges
+            .into_iter()
+            .take_while(|&e| e <= upto)
+            .find(|&e| self.contains(e) != other.contains(e))
+    }
+
+    /// The inclusive ranges of the lineage (for reports and tests).
+    pub fn ranges(&self) -> &[(u64, u64)] {
+        &self.ranges
+    }
+
     fn from_ranges(mut ranges: Vec<(u64, u64)>) -> Lineage {
         ranges.retain(|&(lo, hi)| lo <= hi);
         ranges.sort_unstable();
@@ -183,6 +212,16 @@ impl Chain {
             }
         }
         Lineage::from_ranges(ranges)
+    }
+
+    /// The entry whose epoch begins at `lsn` (where a reader resumes after a cut).
+    pub fn entry_starting_at(&self, lsn: u64) -> Option<&ChainEntry> {
+        self.entries.values().find(|e| e.first_lsn == lsn)
+    }
+
+    /// The epoch of the current head (0 for a journal without entries).
+    pub fn head_epoch(&self) -> u64 {
+        self.head().map_or(0, |h| h.epoch)
     }
 
     /// The epoch whose records hold `lsn` on the current lineage (`None` before the first
@@ -351,6 +390,27 @@ mod tests {
             entry(3, 90, Some((1, 20))),
         ]);
         assert_eq!(c.lineage().cuts_below(u64::MAX), vec![(21, 89)]);
+    }
+
+    #[test]
+    fn a_reader_finds_where_its_lineage_and_a_new_one_part() {
+        let before = chain(vec![entry(1, 0, None)]);
+        let after = chain(vec![entry(1, 0, None), entry(2, 50, Some((1, 30)))]);
+        let (old, new) = (before.lineage(), after.lineage());
+        // Applied up to 45: records 31..=45 are off the new lineage.
+        assert_eq!(old.first_difference(&new, 45), Some(31));
+        // Applied only up to 30: nothing to wind back.
+        assert_eq!(old.first_difference(&new, 30), None);
+        assert_eq!(new.next_at_or_after(31), Some(50));
+        assert_eq!(new.next_at_or_after(12), Some(12));
+        assert_eq!(after.entry_starting_at(50).map(|e| e.epoch), Some(2));
+        // A reader that already followed the fork (lineage_to the head) sees no difference.
+        assert_eq!(
+            new.first_difference(&after.lineage_to(2, u64::MAX), 1000),
+            None
+        );
+        // An old reader's lineage is everything (no entry for epoch 0).
+        assert_eq!(after.lineage_to(0, u64::MAX), Lineage::everything());
     }
 
     #[test]

@@ -51,6 +51,7 @@
 
 mod batch;
 mod big_record;
+mod chain;
 mod commit;
 mod open;
 mod pipeline;
@@ -66,9 +67,10 @@ use tokio::task::JoinHandle;
 
 use crate::clock::Clock;
 use crate::control::wait_shutdown;
+use crate::journal::chain::{Chain, Lineage};
 use crate::journal::consumer::ConsumerState;
 use crate::journal::head::probe_end;
-use crate::journal::reader::{Cursor, JournalReader};
+use crate::journal::reader::JournalReader;
 use crate::journal::record::Record;
 
 use super::apply::extent;
@@ -149,6 +151,8 @@ pub enum Outcome {
 struct Item {
     record: Record,
     next_seq_after: u64,
+    /// Off the lineage: the position moves past it, the replica is not touched.
+    skip: bool,
 }
 
 /// Bytes a record changes on the replica (its payload or its range).
@@ -196,6 +200,10 @@ pub struct Agent {
     /// The loop stopped on the fetcher's error (a journal hole, a bad object), not on the
     /// replica's: what was applied before it is still committed.
     journal_stopped: bool,
+    /// The epoch chain as known (loaded at open, extended by each new epoch's entry).
+    chain: Chain,
+    /// The LSNs the agent applies: the lineage of `pos.chain_epoch` (see `chain.rs`).
+    lineage: Lineage,
 }
 
 impl Agent {
@@ -221,6 +229,8 @@ impl Agent {
             now,
         )
         .await?;
+        // Back at a committed state: bring it onto the chain as it stands now.
+        self.follow(None).await?;
         self.recovered = true;
         self.board.committed(&self.pos, 0, 0);
         self.board.recovered(report.clone());
@@ -250,62 +260,79 @@ impl Agent {
         if !self.recovered {
             self.recover().await?;
         }
-        let cursor = Cursor {
-            seq: self.pos.next_seq,
-            next_lsn: self.pos.applied_lsn + 1,
-        };
-        let end = if self.config.once {
-            let store = self.reader.store().clone();
-            Some(probe_end(store.as_ref(), self.reader.manifest(), cursor.seq).await?)
-        } else {
-            None
-        };
-        let segment = self.reader.manifest().segment_size.max(1);
-        let prefetch = (self.config.limits.max_bytes.div_ceil(segment) as usize + 1)
-            .clamp(PREFETCH_MIN, PREFETCH_MAX);
-        let (tx, mut rx) = mpsc::channel(prefetch);
-        let at_head = Arc::new(AtomicBool::new(false));
-        let fetcher = Fetcher {
-            reader: self.reader.clone(),
-            replica_size: self.replica.size(),
-            end,
-            timer: self.timer.clone(),
-            poll: self.config.poll,
-            board: self.board.clone(),
-            tx,
-            at_head: at_head.clone(),
-            epoch_seen: 0,
-        };
-        let fetch_task = tokio::spawn(fetcher.run(cursor, shutdown.clone()));
-        let outcome = self.apply_loop(&mut rx, &mut shutdown, &at_head).await;
-        fetch_task.abort();
-        // Whatever stopped the loop, the last applied batch still gets its commit.
-        let finished = self.drain().await;
-        if outcome.is_err() && self.journal_stopped && finished.is_ok() && self.dirty {
-            // The journal stopped the agent (a hole, a bad object), not the replica: every
-            // batch the position covers is on the replica, so the position is committed before
-            // the error goes out (trim and the next start see how far this consumer got).
-            if let Err(e) = self.commit(0, 0).await {
-                tracing::warn!("committing the position before stopping failed: {e}");
+        loop {
+            let cursor = self.resume_cursor();
+            let end = if self.config.once {
+                let store = self.reader.store().clone();
+                Some(probe_end(store.as_ref(), self.reader.manifest(), cursor.seq).await?)
+            } else {
+                None
+            };
+            let segment = self.reader.manifest().segment_size.max(1);
+            let prefetch = (self.config.limits.max_bytes.div_ceil(segment) as usize + 1)
+                .clamp(PREFETCH_MIN, PREFETCH_MAX);
+            let (tx, mut rx) = mpsc::channel(prefetch);
+            let at_head = Arc::new(AtomicBool::new(false));
+            let fetcher = Fetcher {
+                reader: self.reader.clone(),
+                replica_size: self.replica.size(),
+                end,
+                timer: self.timer.clone(),
+                poll: self.config.poll,
+                board: self.board.clone(),
+                tx,
+                at_head: at_head.clone(),
+                epoch_seen: 0,
+                known_epoch: self.chain.head_epoch(),
+            };
+            let fetch_task = tokio::spawn(fetcher.run(cursor, shutdown.clone()));
+            let outcome = self.apply_loop(&mut rx, &mut shutdown, &at_head).await;
+            fetch_task.abort();
+            if let Ok(None) = outcome {
+                // Wound back: what was fetched belongs to the old position.
+                self.pending.clear();
+                self.deferred = None;
+                continue;
             }
+            // Whatever stopped the loop, the last applied batch still gets its commit.
+            let finished = self.drain().await;
+            if outcome.is_err() && self.journal_stopped && finished.is_ok() && self.dirty {
+                // The journal stopped the agent (a hole, a bad object), not the replica: every
+                // batch the position covers is on the replica, so the position is committed
+                // before the error goes out (trim and the next start see how far this
+                // consumer got).
+                if let Err(e) = self.commit(0, 0).await {
+                    tracing::warn!("committing the position before stopping failed: {e}");
+                }
+            }
+            let outcome = outcome?.expect("a rewind restarts the loop");
+            finished?;
+            if self.dirty {
+                self.commit(0, 0).await?;
+            }
+            return Ok(outcome);
         }
-        let outcome = outcome?;
-        finished?;
-        if self.dirty {
-            self.commit(0, 0).await?;
-        }
-        Ok(outcome)
     }
 
+    /// Applies what the fetcher hands over; `None` when the replica was wound back (a fork
+    /// below what it applied) and reading starts again from the new position.
     async fn apply_loop(
         &mut self,
         rx: &mut mpsc::Receiver<Result<Pending, ReplayError>>,
         shutdown: &mut watch::Receiver<bool>,
         at_head: &AtomicBool,
-    ) -> Result<Outcome, ReplayError> {
+    ) -> Result<Option<Outcome>, ReplayError> {
         loop {
             if *shutdown.borrow() {
-                return Ok(Outcome::Shutdown);
+                return Ok(Some(Outcome::Shutdown));
+            }
+            if let Some(entry) = self.pending.front_mut().and_then(|p| p.entry.take()) {
+                // The first segment of an epoch not seen before: everything before it is
+                // applied; follow its chain entry before any of its records.
+                self.drain().await?;
+                if self.follow(Some(entry)).await? {
+                    return Ok(None);
+                }
             }
             self.skip_empty_segments();
             if self.pending.is_empty() {
@@ -320,7 +347,7 @@ impl Agent {
                 if let Some(until) = self.config.until_ns {
                     let grace = until.saturating_add(UNTIL_GRACE.as_nanos() as u64);
                     if at_head.load(Ordering::Acquire) && self.clock.now_ns() > grace {
-                        return Ok(Outcome::ReachedUntil);
+                        return Ok(Some(Outcome::ReachedUntil));
                     }
                 }
                 // Idle only once the fetcher found no next segment; between two segments of a
@@ -334,7 +361,7 @@ impl Agent {
                     self.board.set_state(state);
                 }
                 let received = tokio::select! {
-                    _ = wait_shutdown(shutdown) => return Ok(Outcome::Shutdown),
+                    _ = wait_shutdown(shutdown) => return Ok(Some(Outcome::Shutdown)),
                     r = rx.recv() => r,
                     // Wake up now and then to check `--until`.
                     _ = self.timer.sleep(Duration::from_secs(1)), if self.config.until_ns.is_some() => continue,
@@ -357,8 +384,8 @@ impl Agent {
                     }
                     // The fetcher stops on its own in `--once` mode at the end, and on
                     // shutdown.
-                    None if *shutdown.borrow() => return Ok(Outcome::Shutdown),
-                    None => return Ok(Outcome::CaughtUp),
+                    None if *shutdown.borrow() => return Ok(Some(Outcome::Shutdown)),
+                    None => return Ok(Some(Outcome::CaughtUp)),
                 }
                 continue;
             }
@@ -366,7 +393,7 @@ impl Agent {
                 continue;
             };
             if self.config.until_ns.is_some_and(|u| first.timestamp_ns > u) {
-                return Ok(Outcome::ReachedUntil);
+                return Ok(Some(Outcome::ReachedUntil));
             }
             let due = first
                 .timestamp_ns
@@ -374,7 +401,7 @@ impl Agent {
             let now = self.clock.now_ns();
             if now < due {
                 if self.config.once {
-                    return Ok(Outcome::CaughtUp);
+                    return Ok(Some(Outcome::CaughtUp));
                 }
                 self.drain().await?;
                 if self.dirty && self.commit_due() {
@@ -384,7 +411,7 @@ impl Agent {
                 self.board.waiting_until(due);
                 let wait = Duration::from_nanos(due - now).min(Duration::from_secs(1));
                 tokio::select! {
-                    _ = wait_shutdown(shutdown) => return Ok(Outcome::Shutdown),
+                    _ = wait_shutdown(shutdown) => return Ok(Some(Outcome::Shutdown)),
                     _ = self.timer.sleep(wait) => {}
                 }
                 continue;

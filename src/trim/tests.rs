@@ -145,6 +145,7 @@ impl Journal {
             undo: UndoPosition::default(),
             verify: Default::default(),
             seed: Default::default(),
+            chain_epoch: 0,
         };
         consumer::commit(self.store.as_ref(), &state).await.unwrap();
     }
@@ -745,6 +746,7 @@ async fn a_consumer_registering_while_trim_runs_keeps_its_segments() {
         undo: UndoPosition::default(),
         verify: Default::default(),
         seed: Default::default(),
+        chain_epoch: 0,
     };
     let store = Arc::new(RegistersDuringTrim {
         inner: j.store.clone(),

@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::clock::Clock;
+use crate::journal::chain;
 use crate::journal::consumer::{self, ConsumerState, Seed, UndoPosition};
 use crate::journal::reader::JournalReader;
 use crate::journal::JournalError;
@@ -40,6 +41,8 @@ impl Agent {
         let journal = store.describe();
         let now = clock.now_ns();
         let trim = consumer::load_trim_pointer(store.as_ref()).await?;
+        // The chain as it stands: a new consumer follows its head from the start.
+        let chain = chain::load(store.as_ref()).await?;
         let initial = ConsumerState {
             name: config.name.clone(),
             next_seq: trim.first_seq,
@@ -55,6 +58,7 @@ impl Agent {
             undo: UndoPosition::default(),
             verify: Default::default(),
             seed: Seed::Blank,
+            chain_epoch: chain.head_epoch(),
         };
         // Refuse before registering: a new consumer on a trimmed journal would hold trim back
         // for a replica that can never be built.
@@ -164,6 +168,7 @@ impl Agent {
         };
         let board = Arc::new(StatusBoard::new(identity, reader.clone(), clock.clone()));
         board.committed(&pos, 0, 0);
+        let lineage = chain.lineage_to(pos.chain_epoch, u64::MAX);
         Ok(Agent {
             reader,
             undo,
@@ -181,6 +186,8 @@ impl Agent {
             pending: VecDeque::new(),
             deferred: None,
             journal_stopped: false,
+            lineage,
+            chain,
         })
     }
 }

@@ -29,7 +29,18 @@ impl Agent {
         if items.is_empty() {
             return Ok(());
         }
-        let records: Vec<Record> = items.iter().map(|i| i.record.clone()).collect();
+        let records: Vec<Record> = items
+            .iter()
+            .filter(|i| !i.skip)
+            .map(|i| i.record.clone())
+            .collect();
+        if records.is_empty() {
+            // Only records off the lineage: nothing to write, the position moves past them.
+            for item in &items {
+                self.pass_over(&item.record, item.next_seq_after);
+            }
+            return Ok(());
+        }
         let bytes: u64 = records.iter().map(weight).sum();
         let count = records.len() as u64;
         // The previous batch may still be being written: its overlay stands in for the
@@ -65,11 +76,15 @@ impl Agent {
         });
         self.applying = Some(Applying { handle, overlay });
         for item in &items {
-            self.advance(&item.record, item.next_seq_after);
+            if item.skip {
+                self.pass_over(&item.record, item.next_seq_after);
+            } else {
+                self.advance(&item.record, item.next_seq_after);
+            }
         }
         if let Some(last) = items
             .last()
-            .filter(|i| i.record.kind() == RecordKind::Verify)
+            .filter(|i| !i.skip && i.record.kind() == RecordKind::Verify)
         {
             self.wait_applied().await?;
             self.verify(&last.record).await?;

@@ -76,6 +76,26 @@ impl Agent {
         (manifest.region_size, manifest.device_size(0).unwrap_or(0))
     }
 
+    /// Moves the in-memory position past `record`, which is off the lineage and was not
+    /// applied: the replica still holds the lineage's records up to the new applied LSN
+    /// (see [`ConsumerState::chain_epoch`]); resync spans and seeds are not affected.
+    ///
+    /// [`ConsumerState::chain_epoch`]: crate::journal::consumer::ConsumerState::chain_epoch
+    pub(super) fn pass_over(&mut self, record: &Record, next_seq_after: u64) {
+        let pos = &mut self.pos;
+        let in_span = pos.consistent_lsn < pos.applied_lsn;
+        pos.applied_lsn = record.lsn;
+        pos.applied_timestamp_ns = record.timestamp_ns;
+        pos.next_seq = next_seq_after;
+        if !in_span {
+            pos.consistent_lsn = pos.applied_lsn;
+            pos.consistent_timestamp_ns = pos.applied_timestamp_ns;
+            pos.consistent_seq = pos.next_seq;
+            pos.undo.consistent_seq = pos.undo.next_seq;
+        }
+        self.dirty = true;
+    }
+
     /// Moves the in-memory position past `record` (applied and fsync'd).
     pub(super) fn advance(&mut self, record: &Record, next_seq_after: u64) {
         // A record that rewrites whole regions leaves them equal to the primary's.
