@@ -235,6 +235,125 @@ impl Chain {
     }
 }
 
+/// One epoch as `journal info` and `timeline` show it: its claim, and where it began (absent
+/// for an epoch claimed that never wrote: a writer that died before its first segment).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EpochReport {
+    pub epoch: u64,
+    pub reason: EpochReason,
+    pub owner: String,
+    pub host: String,
+    pub claimed_at_ns: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_lsn: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub predecessor: Option<Predecessor>,
+    /// The LSNs this epoch's fork left off the chain (`promote --at`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cut: Option<(u64, u64)>,
+}
+
+/// The chain and its branches, for reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ChainReport {
+    pub epochs: Vec<EpochReport>,
+    pub branches: Vec<Branch>,
+    /// The LSN ranges (inclusive) off the current lineage.
+    pub off_lineage: Vec<(u64, u64)>,
+}
+
+impl ChainReport {
+    /// The report of `chain` and `branches`; `end` bounds the cuts listed (the head LSN).
+    pub fn new(chain: &Chain, branches: Vec<Branch>, end: u64) -> ChainReport {
+        let mut epochs: BTreeMap<u64, EpochReport> = chain
+            .claims
+            .values()
+            .map(|c| {
+                (
+                    c.epoch,
+                    EpochReport {
+                        epoch: c.epoch,
+                        reason: c.reason,
+                        owner: c.owner.clone(),
+                        host: c.host.clone(),
+                        claimed_at_ns: c.claimed_at_ns,
+                        first_seq: None,
+                        first_lsn: None,
+                        predecessor: c.fork,
+                        cut: None,
+                    },
+                )
+            })
+            .collect();
+        for e in chain.entries.values() {
+            let report = epochs.entry(e.epoch).or_insert_with(|| EpochReport {
+                epoch: e.epoch,
+                reason: e.reason,
+                owner: e.owner.clone(),
+                host: e.host.clone(),
+                claimed_at_ns: e.began_at_ns,
+                first_seq: None,
+                first_lsn: None,
+                predecessor: None,
+                cut: None,
+            });
+            report.first_seq = Some(e.first_seq);
+            report.first_lsn = Some(e.first_lsn);
+            report.predecessor = e.predecessor;
+            report.cut = e.cut();
+        }
+        ChainReport {
+            epochs: epochs.into_values().collect(),
+            branches,
+            off_lineage: chain.lineage().cuts_below(end),
+        }
+    }
+
+    /// One line per epoch and per branch, for text reports.
+    pub fn lines(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for e in &self.epochs {
+            let start = match (e.first_seq, e.first_lsn) {
+                (Some(seq), Some(lsn)) => format!("from seq {seq}, LSN {lsn}"),
+                _ => "claimed, never wrote".to_string(),
+            };
+            let pred = e.predecessor.map_or(String::new(), |p| {
+                format!(", continues epoch {} at LSN {}", p.epoch, p.lsn)
+            });
+            let cut = e.cut.map_or(String::new(), |(lo, hi)| {
+                format!(", leaves LSNs {lo}..={hi} off the chain")
+            });
+            let owner = if e.owner.is_empty() {
+                String::new()
+            } else {
+                format!(" by {}", e.owner)
+            };
+            out.push(format!(
+                "epoch {} ({}{owner} on {}): {start}{pred}{cut}",
+                e.epoch,
+                e.reason.name(),
+                if e.host.is_empty() { "?" } else { &e.host }
+            ));
+        }
+        for b in &self.branches {
+            out.push(format!(
+                "branch {}: LSNs {}..={} (seqs {}..={}), left by epoch {}'s fork; kept until `journal trim --drop-branch {}`",
+                b.name, b.from_lsn, b.to_lsn, b.first_seq, b.last_seq, b.forked_by, b.name
+            ));
+        }
+        out
+    }
+}
+
+/// [`load`]s the chain and lists the branches, as a report.
+pub async fn report(store: &dyn ObjectStore, end: u64) -> JournalResult<ChainReport> {
+    let chain = load(store).await?;
+    let branches = list_branches(store).await?;
+    Ok(ChainReport::new(&chain, branches, end))
+}
+
 /// Writes the entry of a beginning epoch (conditional create: an entry is never replaced).
 pub async fn write_entry(store: &dyn ObjectStore, entry: &ChainEntry) -> JournalResult<()> {
     let body = serde_json::to_vec(entry).expect("a chain entry always serializes");

@@ -175,7 +175,9 @@ impl TestJournal {
             .await
             .expect("chain entry");
         self.epoch = epoch;
-        self.append(vec![Op::Epoch { epoch }]).await;
+        // Stamped with the previous record's time: a test controls the times of the rest.
+        self.append_at(vec![Op::Epoch { epoch }], self.last_ts.max(1))
+            .await;
     }
 
     /// The device image of the chain as it stands: every record on its lineage up to
