@@ -1281,3 +1281,47 @@ async fn without_undo_reaching_the_fork_the_agent_stops_and_names_rejoin() {
     assert!(replica.contents() == image, "the replica was touched");
     assert_eq!(f.position("dr").await, before);
 }
+
+#[tokio::test]
+async fn wind_back_to_returns_the_replica_to_a_past_point_and_drops_its_undo_records() {
+    let mut f = Fixture::new(44).await;
+    f.begin_epoch(1, None).await;
+    let fork = fork_after_two_of_three(&mut f).await;
+    let replica = Arc::new(MemoryReplica::new(SIZE));
+    let undo = Arc::new(MemoryStore::new());
+    f.run(f.config("dr"), &replica, true, Some(&undo))
+        .await
+        .unwrap();
+    let segments_before = undo_segment_count(&undo).await;
+    let mut agent = f
+        .agent(f.config("dr"), &replica, false, Some(&undo))
+        .await
+        .unwrap();
+    let ts = f.records[fork as usize - 1].timestamp_ns;
+    let report = agent.wind_back_to(fork, ts).await.unwrap();
+    assert_eq!((report.from_lsn, report.to_lsn), (36, fork));
+    assert!(
+        replica.contents() == f.oracle(fork),
+        "not the image at the fork"
+    );
+    let pos = f.position("dr").await;
+    assert_eq!(
+        (pos.applied_lsn, pos.consistent_lsn, pos.next_seq),
+        (fork, fork, 2)
+    );
+    assert_eq!(pos.applied_timestamp_ns, ts);
+    assert!(undo_segment_count(&undo).await < segments_before);
+    assert_eq!(pos.undo.segments, undo_segment_count(&undo).await);
+    // Past what was applied, or without undo: refused, nothing changed.
+    let mut agent = f
+        .agent(f.config("dr"), &replica, false, Some(&undo))
+        .await
+        .unwrap();
+    assert!(agent.wind_back_to(fork + 1, 0).await.is_err());
+    assert_eq!(f.position("dr").await, pos);
+    // The agent reads on from there: the same records again.
+    f.run(f.config("dr"), &replica, false, Some(&undo))
+        .await
+        .unwrap();
+    assert!(replica.contents() == f.oracle(36));
+}

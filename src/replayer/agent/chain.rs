@@ -12,9 +12,11 @@
 //! be completed; move `chain_epoch` past a fork whose cut records the replica still holds.
 
 use crate::journal::chain::ChainEntry;
+use crate::journal::consumer;
+use crate::journal::head::probe_end;
 use crate::journal::reader::Cursor;
 use crate::replayer::error::ReplayError;
-use crate::replayer::recovery::{wind_back, WindTarget};
+use crate::replayer::recovery::{wind_back, WindBackReport, WindTarget};
 use crate::replayer::status::AgentState;
 
 use super::Agent;
@@ -133,5 +135,75 @@ impl Agent {
             seq: self.pos.next_seq,
             next_lsn,
         }
+    }
+}
+
+impl Agent {
+    /// Winds the replica back to `lsn` on its lineage (`promote --at`): crash recovery
+    /// first, then every record after `lsn` undone through the undo log and its undo
+    /// records dropped; the position is committed at `lsn`, reading on at the segment
+    /// holding the next record. Refused, with nothing changed, when `lsn` is off the lineage,
+    /// past what the replica applied, or beyond the undo log's reach.
+    pub async fn wind_back_to(
+        &mut self,
+        lsn: u64,
+        timestamp_ns: u64,
+    ) -> Result<WindBackReport, ReplayError> {
+        if !self.recovered {
+            self.recover().await?;
+        }
+        let (replica, journal) = (self.config.replica.clone(), self.reader.store().describe());
+        let (name, applied_lsn) = (self.config.name.clone(), self.pos.applied_lsn);
+        let epoch = self.pos.chain_epoch;
+        let cannot = move |why: String| ReplayError::CannotWindBack {
+            replica,
+            journal,
+            name,
+            applied_lsn,
+            target_lsn: lsn,
+            epoch,
+            why,
+        };
+        if !self.lineage.contains(lsn) {
+            return Err(cannot(
+                "that LSN is not on the chain the replica follows".into(),
+            ));
+        }
+        if lsn > self.pos.applied_lsn {
+            return Err(cannot(format!(
+                "the replica has applied only up to LSN {}",
+                self.pos.applied_lsn
+            )));
+        }
+        let store = self.reader.store().clone();
+        let trim = consumer::load_trim_pointer(store.as_ref()).await?;
+        let end = probe_end(store.as_ref(), self.reader.manifest(), trim.first_seq).await?;
+        let resume = match self.reader.seek_lsn(trim.first_seq, end, lsn + 1).await? {
+            Some((seq, _)) => seq,
+            None => self.pos.next_seq,
+        };
+        let to = WindTarget {
+            lsn,
+            timestamp_ns: Some(timestamp_ns),
+            resume_seq: resume,
+            applied: self.lineage.clone(),
+            chain_epoch: self.pos.chain_epoch,
+        };
+        let now = self.clock.now_ns();
+        let report = wind_back(
+            store.as_ref(),
+            self.undo.as_ref(),
+            &self.replica,
+            &mut self.pos,
+            to,
+            now,
+        )
+        .await?;
+        let report = match report {
+            Ok(report) => report,
+            Err(c) => return Err(cannot(c.why)),
+        };
+        self.board.committed(&self.pos, 0, 0);
+        Ok(report)
     }
 }
