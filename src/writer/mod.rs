@@ -47,7 +47,10 @@ pub use journal_writer::WriterConfig;
 pub use lag_histogram::{LagBuckets, LagSummary};
 pub use mode::{AckMode, MaxLag, Mode};
 pub use pool::MIN_POOL_SIZE;
-pub use primary::{CoreError, JournalSetup, Labels, PrimaryCore, ShutdownReport};
+pub use primary::{
+    CatchUp, CoreError, Demoted, JournalSetup, Labels, OnFence, PrimaryCore, Promotion,
+    ShutdownReport,
+};
 #[cfg(test)]
 pub(crate) use status::tests::sample as sample_status;
 pub use status::StatusSnapshot;
