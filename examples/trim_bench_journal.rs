@@ -98,6 +98,7 @@ async fn make(store: Arc<dyn ObjectStore>, segments: u64) -> anyhow::Result<()> 
         undo: Default::default(),
         verify: Default::default(),
         seed: Default::default(),
+        chain_epoch: 0,
     };
     consumer::commit(store.as_ref(), &state).await?;
     Ok(())

@@ -199,6 +199,7 @@ async fn inspect_lists_records_and_info_shows_consumer_lag() {
             undo: Default::default(),
             verify: Default::default(),
             seed: Default::default(),
+            chain_epoch: 0,
         },
     )
     .await

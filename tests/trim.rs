@@ -247,6 +247,7 @@ async fn silent_consumer(journal: &TestJournal, name: &str, silent_for: Duration
         undo: Default::default(),
         verify: Default::default(),
         seed: Default::default(),
+        chain_epoch: 0,
     };
     consumer::commit(journal.store.as_ref(), &state)
         .await
@@ -623,4 +624,101 @@ async fn trim_racing_serve_and_replay_loses_nothing() {
     eprintln!("{runs} trims deleted {deleted} segments while serve and replay ran");
     assert!(deleted > 0, "trim never deleted anything");
     agent.terminate(Duration::from_secs(20)).unwrap();
+}
+
+/// A branch `promote --at` left holds trim at its first segment as a consumer would, and
+/// names itself; `--drop-branch NAME` lets its segments go; an unknown name changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_holds_trim_until_dropped() {
+    use tinylag::journal::chain::{self, Branch};
+    let dir = tempfile::tempdir().unwrap();
+    let mut journal = TestJournal::create(&dir.path().join("j"), 16 << 20, 31).await;
+    journal.begin_epoch(1, None).await;
+    for _ in 0..4 {
+        journal.append_random(8).await;
+    }
+    let fork = journal.next_lsn - 1;
+    let first_seq = journal.next_seq;
+    for _ in 0..3 {
+        journal.append_random(8).await;
+    }
+    let branch = Branch {
+        name: "before-e2".into(),
+        forked_by: 2,
+        from_lsn: fork + 1,
+        to_lsn: journal.next_lsn - 1,
+        first_seq,
+        last_seq: journal.next_seq - 1,
+        created_at_ns: now_ns(),
+    };
+    chain::create_branch(journal.store.as_ref(), &branch)
+        .await
+        .unwrap();
+    journal.begin_epoch(2, Some((1, fork))).await;
+    for _ in 0..3 {
+        journal.append_random(8).await;
+    }
+    let replica = dir.path().join("dr.img");
+    run_ok(&with(
+        replay_args(journal.uri(), &replica, "dr"),
+        &["--once"],
+    ));
+
+    // More for the consumer to follow after the trims; the image while all is there.
+    journal.append_random(8).await;
+    let image = journal.chain_image(None).await;
+    let report = trim_json(journal.uri(), &["--retain", "0"]);
+    assert_eq!(report["held_by"]["reason"], "branch", "{report:#}");
+    assert_eq!(report["held_by"]["name"], "before-e2");
+    assert_eq!(report["after"]["first_seq"], first_seq);
+    let seqs = segment_seqs(&journal).await;
+    assert!((first_seq..=branch.last_seq).all(|s| seqs.contains(&s)));
+    let out = run_ok(&args(&[
+        "journal",
+        "trim",
+        "--journal",
+        journal.uri(),
+        "--retain",
+        "0",
+    ]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("held back by branch before-e2"), "{text}");
+
+    let before = list_all(journal.store.as_ref(), "").await.unwrap();
+    let out = run(&args(&[
+        "journal",
+        "trim",
+        "--journal",
+        journal.uri(),
+        "--retain",
+        "0",
+        "--drop-branch",
+        "nope",
+    ]));
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no branch named nope") && stderr.contains("before-e2"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert_eq!(list_all(journal.store.as_ref(), "").await.unwrap(), before);
+
+    let report = trim_json(
+        journal.uri(),
+        &["--retain", "0", "--drop-branch", "before-e2"],
+    );
+    assert_eq!(report["dropped_branches"][0], "before-e2", "{report:#}");
+    assert_ne!(report["held_by"]["reason"], "branch", "{report:#}");
+    assert!(report["after"]["first_seq"].as_u64().unwrap() > branch.last_seq);
+    assert!(chain::list_branches(journal.store.as_ref())
+        .await
+        .unwrap()
+        .is_empty());
+    // The consumer still follows the chain from its position.
+    run_ok(&with(
+        replay_args(journal.uri(), &replica, "dr"),
+        &["--once"],
+    ));
+    assert!(first_difference(&std::fs::read(&replica).unwrap(), &image).is_none());
 }

@@ -127,6 +127,9 @@ async fn info(args: InfoArgs) -> anyhow::Result<()> {
         info.trim.first_seq,
         format_size(info.bytes)
     );
+    for line in info.chain.lines() {
+        println!("chain        {line}");
+    }
     if info.consumers.is_empty() {
         println!("consumers    none");
     }

@@ -37,7 +37,7 @@ pub struct ReplicaArgs {
     pub name: Option<String>,
 }
 
-/// The point to travel to: a time or a mark.
+/// The point to travel to: a time, a mark, or the end of a branch.
 #[derive(Debug, Args)]
 #[group(required = true, multiple = false)]
 pub struct PointArgs {
@@ -47,6 +47,10 @@ pub struct PointArgs {
     /// The disk as of a mark (see `tinylag timeline`).
     #[arg(long, value_name = "NAME", value_parser = parse_mark_name)]
     pub mark: Option<String>,
+    /// The disk as the old primary left it on a branch (records a `promote --at` left off
+    /// the chain; see `tinylag timeline`): the branch's last record.
+    #[arg(long, value_name = "NAME")]
+    pub branch: Option<String>,
 }
 
 fn parse_mark_name(s: &str) -> Result<String, String> {
@@ -57,10 +61,11 @@ fn parse_mark_name(s: &str) -> Result<String, String> {
 
 impl PointArgs {
     fn target(&self) -> Target {
-        match (&self.at, &self.mark) {
-            (Some(t), _) => Target::Time(*t),
-            (None, Some(m)) => Target::Mark(m.clone()),
-            (None, None) => unreachable!("clap requires one of --at and --mark"),
+        match (&self.at, &self.mark, &self.branch) {
+            (Some(t), _, _) => Target::Time(*t),
+            (None, Some(m), _) => Target::Mark(m.clone()),
+            (None, None, Some(b)) => Target::Branch(b.clone()),
+            (None, None, None) => unreachable!("clap requires one of --at, --mark and --branch"),
         }
     }
 }
@@ -89,7 +94,10 @@ impl ReplicaArgs {
 
 /// Opens the sources and resolves the point (refusing one outside the window).
 pub async fn open_at(replica: &ReplicaArgs, point: &PointArgs) -> anyhow::Result<(Sources, Point)> {
-    let sources = replica.open().await?;
+    let mut sources = replica.open().await?;
+    if let Some(name) = &point.branch {
+        sources.follow_branch(name).await?;
+    }
     let window = sources.window().await?;
     let point = sources
         .resolve(&point.target(), &window, SystemClock.now_ns())

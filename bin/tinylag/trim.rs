@@ -32,6 +32,10 @@ pub struct JournalTrimArgs {
     /// commits at least every minute, even when idle).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub drop_consumer_after: Option<Duration>,
+    /// Delete branch NAME (records a `promote --at` left off the chain; see `timeline`)
+    /// first, so its segments go with this trim (repeatable).
+    #[arg(long, value_name = "NAME")]
+    pub drop_branch: Vec<String>,
     /// Print what would be deleted; change nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -94,6 +98,7 @@ pub async fn journal_trim(args: JournalTrimArgs) -> anyhow::Result<()> {
         drop_consumer_after_ns: args.drop_consumer_after.map(|d| d.as_nanos() as u64),
         dry_run: args.dry_run,
         now_ns: SystemClock.now_ns(),
+        drop_branches: args.drop_branch,
     };
     let report = trim_journal(store.clone(), &manifest, &opts).await?;
     for d in &report.dropped_consumers {
@@ -153,6 +158,17 @@ fn print(
     } else {
         "deleted"
     };
+    for name in &report.dropped_branches {
+        tell(format!(
+            "{}: {} branch {name}",
+            report.store,
+            if report.dry_run {
+                "would drop"
+            } else {
+                "dropped"
+            }
+        ));
+    }
     if report.leftovers > 0 {
         tell(format!(
             "{}: {verb} {} seqs an interrupted trim left below seq {}",

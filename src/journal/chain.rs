@@ -118,6 +118,35 @@ impl Lineage {
         Some(hi.min(lsn))
     }
 
+    /// The first LSN at or after `lsn` that is on the lineage, `None` when there is none.
+    pub fn next_at_or_after(&self, lsn: u64) -> Option<u64> {
+        let i = self.ranges.partition_point(|&(_, hi)| hi < lsn);
+        self.ranges.get(i).map(|&(lo, _)| lo.max(lsn))
+    }
+
+    /// The first LSN at or below `upto` that one lineage holds and the other does not
+    /// (`None`: they agree on `0..=upto`). A reader that applied `self` up to `upto` and
+    /// learns `other` must wind back to just before it.
+    pub fn first_difference(&self, other: &Lineage, upto: u64) -> Option<u64> {
+        // Membership only changes at a range's ends, so the first difference is at one.
+        let mut edges: Vec<u64> = vec![0];
+        for &(lo, hi) in self.ranges.iter().chain(other.ranges.iter()) {
+            edges.push(lo);
+            edges.push(hi.saturating_add(1));
+        }
+        edges.sort_unstable();
+        edges.dedup();
+        edges
+            .into_iter()
+            .take_while(|&e| e <= upto)
+            .find(|&e| self.contains(e) != other.contains(e))
+    }
+
+    /// The inclusive ranges of the lineage (for reports and tests).
+    pub fn ranges(&self) -> &[(u64, u64)] {
+        &self.ranges
+    }
+
     fn from_ranges(mut ranges: Vec<(u64, u64)>) -> Lineage {
         ranges.retain(|&(lo, hi)| lo <= hi);
         ranges.sort_unstable();
@@ -185,6 +214,16 @@ impl Chain {
         Lineage::from_ranges(ranges)
     }
 
+    /// The entry whose epoch begins at `lsn` (where a reader resumes after a cut).
+    pub fn entry_starting_at(&self, lsn: u64) -> Option<&ChainEntry> {
+        self.entries.values().find(|e| e.first_lsn == lsn)
+    }
+
+    /// The epoch of the current head (0 for a journal without entries).
+    pub fn head_epoch(&self) -> u64 {
+        self.head().map_or(0, |h| h.epoch)
+    }
+
     /// The epoch whose records hold `lsn` on the current lineage (`None` before the first
     /// entry or in a cut).
     pub fn epoch_of(&self, lsn: u64) -> Option<u64> {
@@ -194,6 +233,125 @@ impl Chain {
             .find(|e| e.first_lsn <= lsn)
             .map(|e| e.epoch)
     }
+}
+
+/// One epoch as `journal info` and `timeline` show it: its claim, and where it began (absent
+/// for an epoch claimed that never wrote: a writer that died before its first segment).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EpochReport {
+    pub epoch: u64,
+    pub reason: EpochReason,
+    pub owner: String,
+    pub host: String,
+    pub claimed_at_ns: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_lsn: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub predecessor: Option<Predecessor>,
+    /// The LSNs this epoch's fork left off the chain (`promote --at`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cut: Option<(u64, u64)>,
+}
+
+/// The chain and its branches, for reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ChainReport {
+    pub epochs: Vec<EpochReport>,
+    pub branches: Vec<Branch>,
+    /// The LSN ranges (inclusive) off the current lineage.
+    pub off_lineage: Vec<(u64, u64)>,
+}
+
+impl ChainReport {
+    /// The report of `chain` and `branches`; `end` bounds the cuts listed (the head LSN).
+    pub fn new(chain: &Chain, branches: Vec<Branch>, end: u64) -> ChainReport {
+        let mut epochs: BTreeMap<u64, EpochReport> = chain
+            .claims
+            .values()
+            .map(|c| {
+                (
+                    c.epoch,
+                    EpochReport {
+                        epoch: c.epoch,
+                        reason: c.reason,
+                        owner: c.owner.clone(),
+                        host: c.host.clone(),
+                        claimed_at_ns: c.claimed_at_ns,
+                        first_seq: None,
+                        first_lsn: None,
+                        predecessor: c.fork,
+                        cut: None,
+                    },
+                )
+            })
+            .collect();
+        for e in chain.entries.values() {
+            let report = epochs.entry(e.epoch).or_insert_with(|| EpochReport {
+                epoch: e.epoch,
+                reason: e.reason,
+                owner: e.owner.clone(),
+                host: e.host.clone(),
+                claimed_at_ns: e.began_at_ns,
+                first_seq: None,
+                first_lsn: None,
+                predecessor: None,
+                cut: None,
+            });
+            report.first_seq = Some(e.first_seq);
+            report.first_lsn = Some(e.first_lsn);
+            report.predecessor = e.predecessor;
+            report.cut = e.cut();
+        }
+        ChainReport {
+            epochs: epochs.into_values().collect(),
+            branches,
+            off_lineage: chain.lineage().cuts_below(end),
+        }
+    }
+
+    /// One line per epoch and per branch, for text reports.
+    pub fn lines(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for e in &self.epochs {
+            let start = match (e.first_seq, e.first_lsn) {
+                (Some(seq), Some(lsn)) => format!("from seq {seq}, LSN {lsn}"),
+                _ => "claimed, never wrote".to_string(),
+            };
+            let pred = e.predecessor.map_or(String::new(), |p| {
+                format!(", continues epoch {} at LSN {}", p.epoch, p.lsn)
+            });
+            let cut = e.cut.map_or(String::new(), |(lo, hi)| {
+                format!(", leaves LSNs {lo}..={hi} off the chain")
+            });
+            let owner = if e.owner.is_empty() {
+                String::new()
+            } else {
+                format!(" by {}", e.owner)
+            };
+            out.push(format!(
+                "epoch {} ({}{owner} on {}): {start}{pred}{cut}",
+                e.epoch,
+                e.reason.name(),
+                if e.host.is_empty() { "?" } else { &e.host }
+            ));
+        }
+        for b in &self.branches {
+            out.push(format!(
+                "branch {}: LSNs {}..={} (seqs {}..={}), left by epoch {}'s fork; kept until `journal trim --drop-branch {}`",
+                b.name, b.from_lsn, b.to_lsn, b.first_seq, b.last_seq, b.forked_by, b.name
+            ));
+        }
+        out
+    }
+}
+
+/// [`load`]s the chain and lists the branches, as a report.
+pub async fn report(store: &dyn ObjectStore, end: u64) -> JournalResult<ChainReport> {
+    let chain = load(store).await?;
+    let branches = list_branches(store).await?;
+    Ok(ChainReport::new(&chain, branches, end))
 }
 
 /// Writes the entry of a beginning epoch (conditional create: an entry is never replaced).
@@ -351,6 +509,27 @@ mod tests {
             entry(3, 90, Some((1, 20))),
         ]);
         assert_eq!(c.lineage().cuts_below(u64::MAX), vec![(21, 89)]);
+    }
+
+    #[test]
+    fn a_reader_finds_where_its_lineage_and_a_new_one_part() {
+        let before = chain(vec![entry(1, 0, None)]);
+        let after = chain(vec![entry(1, 0, None), entry(2, 50, Some((1, 30)))]);
+        let (old, new) = (before.lineage(), after.lineage());
+        // Applied up to 45: records 31..=45 are off the new lineage.
+        assert_eq!(old.first_difference(&new, 45), Some(31));
+        // Applied only up to 30: nothing to wind back.
+        assert_eq!(old.first_difference(&new, 30), None);
+        assert_eq!(new.next_at_or_after(31), Some(50));
+        assert_eq!(new.next_at_or_after(12), Some(12));
+        assert_eq!(after.entry_starting_at(50).map(|e| e.epoch), Some(2));
+        // A reader that already followed the fork (lineage_to the head) sees no difference.
+        assert_eq!(
+            new.first_difference(&after.lineage_to(2, u64::MAX), 1000),
+            None
+        );
+        // An old reader's lineage is everything (no entry for epoch 0).
+        assert_eq!(after.lineage_to(0, u64::MAX), Lineage::everything());
     }
 
     #[test]

@@ -59,6 +59,13 @@ pub struct ConsumerState {
     /// (committed with the position: a check's progress never runs ahead of it).
     #[serde(default)]
     pub seed: Seed,
+    /// The epoch chain the applied records follow: the replica holds the records of
+    /// `Chain::lineage_to(chain_epoch, ..)` up to `applied_lsn` (records off that lineage
+    /// were read and skipped). 0 (positions written before the chain existed): every record.
+    /// A reader that learns of a later epoch whose fork cuts records it applied winds the
+    /// replica back (see `crate::replayer::recovery::wind_back`).
+    #[serde(default)]
+    pub chain_epoch: u64,
 }
 
 impl ConsumerState {
@@ -309,6 +316,7 @@ mod tests {
             undo: UndoPosition::default(),
             verify: VerifyTally::default(),
             seed: Default::default(),
+            chain_epoch: 0,
         }
     }
 

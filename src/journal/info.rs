@@ -2,12 +2,13 @@
 //! consumer's lag. Gathered here so the CLI, `up` and tests share one definition.
 //!
 //! Must never: read segment bodies. It lists the live segments (bounded by trim) and reads
-//! one index.
+//! one index, and lists the epoch chain (one object per writer start) and the branches.
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use super::chain::{self, ChainReport};
 use super::consumer::{self, ConsumerState, TrimPointer};
 use super::epoch;
 use super::error::JournalResult;
@@ -54,6 +55,8 @@ pub struct JournalInfo {
     pub segments: u64,
     pub bytes: u64,
     pub consumers: Vec<ConsumerLag>,
+    /// The epoch chain (who wrote which epoch, why, from where) and the branches.
+    pub chain: ChainReport,
 }
 
 /// Gathers [`JournalInfo`]: O(log n) probes for the head, one listing of the live segments.
@@ -115,6 +118,7 @@ pub async fn gather(store: &dyn ObjectStore, manifest: &Manifest) -> JournalResu
         trim,
         segments: sizes.len() as u64,
         bytes: sizes.values().sum(),
+        chain: chain::report(store, head.last_lsn).await?,
         head,
         consumers,
     })

@@ -41,35 +41,48 @@
 //! Must never: touch the replica before the batch's undo segment is durable; commit a
 //! position before the replica is fsync'd; apply a record before its `timestamp + delay`;
 //! apply anything from a segment that failed verification.
+//!
+//! This file holds the agent's state and its loop (waiting out the delay, handing batches
+//! on); the jobs are in `agent/`: [`open`] (registering, adopting an image, the undo log),
+//! [`batch`] (which records go together), [`pipeline`] (pre-images, undo segments, the
+//! background writes, fsync and commit), [`big_record`] (a record applied piece by piece),
+//! [`position`] (how the position moves, `VERIFY`s) and [`commit`] (when and how the
+//! position is committed).
+
+mod batch;
+mod big_record;
+mod chain;
+mod commit;
+mod open;
+mod pipeline;
+mod position;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::clock::Clock;
 use crate::control::wait_shutdown;
-use crate::journal::consumer::{self, ConsumerState, Seed, UndoPosition};
+use crate::journal::chain::{Chain, Lineage};
+use crate::journal::consumer::ConsumerState;
 use crate::journal::head::probe_end;
-use crate::journal::reader::{Cursor, JournalReader};
-use crate::journal::record::{Op, Record, RecordKind};
-use crate::journal::{JournalError, JournalResult};
-use crate::store::ObjectStore;
+use crate::journal::reader::JournalReader;
+use crate::journal::record::Record;
 
-use super::apply::{apply_op, apply_overlay, extent, sync, ApplyError};
+use super::apply::extent;
 use super::error::ReplayError;
 use super::fetcher::{Fetcher, Pending};
 use super::overlay::Overlay;
-use super::preimage::{capture_batch, read_preimage};
-use super::recovery::{blocking, recover, RecoveryReport};
+use super::recovery::{recover, RecoveryReport};
 use super::replica::ReplicaTarget;
-use super::seed::{SeedChoice, SeedStamp};
-use super::status::{AgentIdentity, AgentState, Phase, StatusBoard};
+use super::seed::SeedChoice;
+use super::status::{AgentState, StatusBoard};
 use super::timing::{PollPolicy, Timer};
-use super::undo::{split_by, UndoLog, UndoManifest, STRAYS, UNDO_FORMAT_VERSION};
+use super::undo::UndoLog;
 
 /// How long after `--until` an idle agent keeps waiting for records acknowledged before it
 /// (they reach the journal within the writer's linger and upload time).
@@ -138,6 +151,8 @@ pub enum Outcome {
 struct Item {
     record: Record,
     next_seq_after: u64,
+    /// Off the lineage: the position moves past it, the replica is not touched.
+    skip: bool,
 }
 
 /// Bytes a record changes on the replica (its payload or its range).
@@ -185,170 +200,13 @@ pub struct Agent {
     /// The loop stopped on the fetcher's error (a journal hole, a bad object), not on the
     /// replica's: what was applied before it is still committed.
     journal_stopped: bool,
+    /// The epoch chain as known (loaded at open, extended by each new epoch's entry).
+    chain: Chain,
+    /// The LSNs the agent applies: the lineage of `pos.chain_epoch` (see `chain.rs`).
+    lineage: Lineage,
 }
 
 impl Agent {
-    /// Registers (or finds) the consumer, checks it belongs to this replica, and opens the
-    /// undo log (`undo_store`; `None` runs without one). `replica_created` says the replica
-    /// file was created just now (blank).
-    pub async fn open(
-        reader: JournalReader,
-        undo_store: Option<Arc<dyn ObjectStore>>,
-        replica: Arc<dyn ReplicaTarget>,
-        replica_created: bool,
-        config: AgentConfig,
-        clock: Arc<dyn Clock>,
-        timer: Arc<dyn Timer>,
-    ) -> Result<Agent, ReplayError> {
-        let store = reader.store().clone();
-        let manifest = reader.manifest().clone();
-        let journal = store.describe();
-        let now = clock.now_ns();
-        let trim = consumer::load_trim_pointer(store.as_ref()).await?;
-        let initial = ConsumerState {
-            name: config.name.clone(),
-            next_seq: trim.first_seq,
-            applied_lsn: trim.first_lsn.saturating_sub(1),
-            applied_timestamp_ns: 0,
-            consistent_lsn: trim.first_lsn.saturating_sub(1),
-            consistent_seq: trim.first_seq,
-            consistent_timestamp_ns: 0,
-            delay_ns: config.delay.as_nanos() as u64,
-            replica: config.replica.clone(),
-            registered_at_ns: now,
-            updated_at_ns: now,
-            undo: UndoPosition::default(),
-            verify: Default::default(),
-            seed: Seed::Blank,
-        };
-        // Refuse before registering: a new consumer on a trimmed journal would hold trim back
-        // for a replica that can never be built.
-        let existing = match consumer::load(store.as_ref(), &config.name).await {
-            Ok(state) => Some(state),
-            Err(JournalError::UnknownConsumer { .. }) => None,
-            Err(e) => return Err(e.into()),
-        };
-        if existing.is_none() && replica_created && trim.first_lsn > 1 {
-            return Err(ReplayError::JournalTrimmed {
-                journal,
-                first_lsn: trim.first_lsn,
-            });
-        }
-        // A new consumer on an image it did not create adopts it only if something vouches
-        // for it (see `crate::journal::seed`); also refused before registering.
-        let initial = match (&existing, replica_created) {
-            (None, false) => adopt(&reader, replica.as_ref(), &config, initial, trim).await?,
-            _ => initial,
-        };
-        let mut pos = consumer::register(store.as_ref(), &initial).await?;
-        let is_new = pos == initial;
-        // A `journal trim` that listed the consumers before this registration may have moved
-        // the pointer past where it starts (and be deleting those segments): start over.
-        if is_new && consumer::load_trim_pointer(store.as_ref()).await? != trim {
-            consumer::unregister(store.as_ref(), &config.name).await?;
-            return Err(ReplayError::TrimmedWhileRegistering {
-                journal,
-                name: config.name.clone(),
-            });
-        }
-        if pos.replica != config.replica {
-            return Err(ReplayError::ConsumerOfOtherReplica {
-                name: config.name.clone(),
-                journal,
-                registered: pos.replica.clone(),
-                requested: config.replica.clone(),
-            });
-        }
-        if replica_created && pos.applied_lsn > trim.first_lsn.saturating_sub(1) {
-            return Err(ReplayError::ReplicaLost {
-                replica: config.replica.clone(),
-                name: config.name.clone(),
-                applied_lsn: pos.applied_lsn,
-            });
-        }
-        if is_new && !replica_created {
-            match &pos.seed {
-                Seed::Assumed { .. } => tracing::warn!(
-                    consumer = %config.name,
-                    replica = %config.replica,
-                    "new consumer adopts an existing replica on the operator's word (--assume-seeded): nothing checks it holds the primary's state at LSN {}",
-                    pos.applied_lsn
-                ),
-                seed => tracing::info!(
-                    consumer = %config.name,
-                    replica = %config.replica,
-                    "new consumer adopts an existing replica at LSN {}: {seed}",
-                    pos.applied_lsn
-                ),
-            }
-            if matches!(config.seed, SeedChoice::Stamp(_)) {
-                // Adopted: from here the agent changes the image, and the position says how
-                // it was seeded.
-                if let Some(path) = seed_stamp_image(&config.replica) {
-                    SeedStamp::remove(&path);
-                }
-            }
-        }
-        pos.delay_ns = config.delay.as_nanos() as u64;
-        let device_size = manifest.device_size(0).unwrap_or(0);
-        let undo = match undo_store {
-            None => None,
-            Some(undo_store) => {
-                let expected = UndoManifest {
-                    format_version: UNDO_FORMAT_VERSION,
-                    journal_uuid: manifest.uuid,
-                    consumer: config.name.clone(),
-                    replica: config.replica.clone(),
-                    device_size,
-                    created_ns: now,
-                };
-                let log = UndoLog::open_or_create(undo_store, &expected).await?;
-                if is_new {
-                    // An `undo trim` moves the log's start: count from its pointer.
-                    let from = consumer::load_trim_pointer(log.store().as_ref())
-                        .await?
-                        .first_seq;
-                    let segments = log.end_from(from).await? - from;
-                    if segments > 0 {
-                        return Err(ReplayError::StaleUndoLog {
-                            undo: log.describe(),
-                            name: config.name.clone(),
-                            segments,
-                        });
-                    }
-                }
-                Some(log)
-            }
-        };
-        let identity = AgentIdentity {
-            name: config.name.clone(),
-            journal,
-            replica: config.replica.clone(),
-            undo: undo.as_ref().map(|u| u.describe()),
-            delay_ns: pos.delay_ns,
-        };
-        let board = Arc::new(StatusBoard::new(identity, reader.clone(), clock.clone()));
-        board.committed(&pos, 0, 0);
-        Ok(Agent {
-            reader,
-            undo,
-            replica,
-            clock,
-            timer,
-            config,
-            board,
-            pos,
-            dirty: false,
-            unsynced: false,
-            applying: None,
-            finishing: None,
-            recovered: false,
-            pending: VecDeque::new(),
-            deferred: None,
-            journal_stopped: false,
-        })
-    }
-
     /// The status board the control socket reads.
     pub fn board(&self) -> Arc<StatusBoard> {
         self.board.clone()
@@ -371,6 +229,8 @@ impl Agent {
             now,
         )
         .await?;
+        // Back at a committed state: bring it onto the chain as it stands now.
+        self.follow(None).await?;
         self.recovered = true;
         self.board.committed(&self.pos, 0, 0);
         self.board.recovered(report.clone());
@@ -400,62 +260,79 @@ impl Agent {
         if !self.recovered {
             self.recover().await?;
         }
-        let cursor = Cursor {
-            seq: self.pos.next_seq,
-            next_lsn: self.pos.applied_lsn + 1,
-        };
-        let end = if self.config.once {
-            let store = self.reader.store().clone();
-            Some(probe_end(store.as_ref(), self.reader.manifest(), cursor.seq).await?)
-        } else {
-            None
-        };
-        let segment = self.reader.manifest().segment_size.max(1);
-        let prefetch = (self.config.limits.max_bytes.div_ceil(segment) as usize + 1)
-            .clamp(PREFETCH_MIN, PREFETCH_MAX);
-        let (tx, mut rx) = mpsc::channel(prefetch);
-        let at_head = Arc::new(AtomicBool::new(false));
-        let fetcher = Fetcher {
-            reader: self.reader.clone(),
-            replica_size: self.replica.size(),
-            end,
-            timer: self.timer.clone(),
-            poll: self.config.poll,
-            board: self.board.clone(),
-            tx,
-            at_head: at_head.clone(),
-            epoch_seen: 0,
-        };
-        let fetch_task = tokio::spawn(fetcher.run(cursor, shutdown.clone()));
-        let outcome = self.apply_loop(&mut rx, &mut shutdown, &at_head).await;
-        fetch_task.abort();
-        // Whatever stopped the loop, the last applied batch still gets its commit.
-        let finished = self.drain().await;
-        if outcome.is_err() && self.journal_stopped && finished.is_ok() && self.dirty {
-            // The journal stopped the agent (a hole, a bad object), not the replica: every
-            // batch the position covers is on the replica, so the position is committed before
-            // the error goes out (trim and the next start see how far this consumer got).
-            if let Err(e) = self.commit(0, 0).await {
-                tracing::warn!("committing the position before stopping failed: {e}");
+        loop {
+            let cursor = self.resume_cursor();
+            let end = if self.config.once {
+                let store = self.reader.store().clone();
+                Some(probe_end(store.as_ref(), self.reader.manifest(), cursor.seq).await?)
+            } else {
+                None
+            };
+            let segment = self.reader.manifest().segment_size.max(1);
+            let prefetch = (self.config.limits.max_bytes.div_ceil(segment) as usize + 1)
+                .clamp(PREFETCH_MIN, PREFETCH_MAX);
+            let (tx, mut rx) = mpsc::channel(prefetch);
+            let at_head = Arc::new(AtomicBool::new(false));
+            let fetcher = Fetcher {
+                reader: self.reader.clone(),
+                replica_size: self.replica.size(),
+                end,
+                timer: self.timer.clone(),
+                poll: self.config.poll,
+                board: self.board.clone(),
+                tx,
+                at_head: at_head.clone(),
+                epoch_seen: 0,
+                known_epoch: self.chain.head_epoch(),
+            };
+            let fetch_task = tokio::spawn(fetcher.run(cursor, shutdown.clone()));
+            let outcome = self.apply_loop(&mut rx, &mut shutdown, &at_head).await;
+            fetch_task.abort();
+            if let Ok(None) = outcome {
+                // Wound back: what was fetched belongs to the old position.
+                self.pending.clear();
+                self.deferred = None;
+                continue;
             }
+            // Whatever stopped the loop, the last applied batch still gets its commit.
+            let finished = self.drain().await;
+            if outcome.is_err() && self.journal_stopped && finished.is_ok() && self.dirty {
+                // The journal stopped the agent (a hole, a bad object), not the replica: every
+                // batch the position covers is on the replica, so the position is committed
+                // before the error goes out (trim and the next start see how far this
+                // consumer got).
+                if let Err(e) = self.commit(0, 0).await {
+                    tracing::warn!("committing the position before stopping failed: {e}");
+                }
+            }
+            let outcome = outcome?.expect("a rewind restarts the loop");
+            finished?;
+            if self.dirty {
+                self.commit(0, 0).await?;
+            }
+            return Ok(outcome);
         }
-        let outcome = outcome?;
-        finished?;
-        if self.dirty {
-            self.commit(0, 0).await?;
-        }
-        Ok(outcome)
     }
 
+    /// Applies what the fetcher hands over; `None` when the replica was wound back (a fork
+    /// below what it applied) and reading starts again from the new position.
     async fn apply_loop(
         &mut self,
         rx: &mut mpsc::Receiver<Result<Pending, ReplayError>>,
         shutdown: &mut watch::Receiver<bool>,
         at_head: &AtomicBool,
-    ) -> Result<Outcome, ReplayError> {
+    ) -> Result<Option<Outcome>, ReplayError> {
         loop {
             if *shutdown.borrow() {
-                return Ok(Outcome::Shutdown);
+                return Ok(Some(Outcome::Shutdown));
+            }
+            if let Some(entry) = self.pending.front_mut().and_then(|p| p.entry.take()) {
+                // The first segment of an epoch not seen before: everything before it is
+                // applied; follow its chain entry before any of its records.
+                self.drain().await?;
+                if self.follow(Some(entry)).await? {
+                    return Ok(None);
+                }
             }
             self.skip_empty_segments();
             if self.pending.is_empty() {
@@ -470,7 +347,7 @@ impl Agent {
                 if let Some(until) = self.config.until_ns {
                     let grace = until.saturating_add(UNTIL_GRACE.as_nanos() as u64);
                     if at_head.load(Ordering::Acquire) && self.clock.now_ns() > grace {
-                        return Ok(Outcome::ReachedUntil);
+                        return Ok(Some(Outcome::ReachedUntil));
                     }
                 }
                 // Idle only once the fetcher found no next segment; between two segments of a
@@ -484,7 +361,7 @@ impl Agent {
                     self.board.set_state(state);
                 }
                 let received = tokio::select! {
-                    _ = wait_shutdown(shutdown) => return Ok(Outcome::Shutdown),
+                    _ = wait_shutdown(shutdown) => return Ok(Some(Outcome::Shutdown)),
                     r = rx.recv() => r,
                     // Wake up now and then to check `--until`.
                     _ = self.timer.sleep(Duration::from_secs(1)), if self.config.until_ns.is_some() => continue,
@@ -507,8 +384,8 @@ impl Agent {
                     }
                     // The fetcher stops on its own in `--once` mode at the end, and on
                     // shutdown.
-                    None if *shutdown.borrow() => return Ok(Outcome::Shutdown),
-                    None => return Ok(Outcome::CaughtUp),
+                    None if *shutdown.borrow() => return Ok(Some(Outcome::Shutdown)),
+                    None => return Ok(Some(Outcome::CaughtUp)),
                 }
                 continue;
             }
@@ -516,7 +393,7 @@ impl Agent {
                 continue;
             };
             if self.config.until_ns.is_some_and(|u| first.timestamp_ns > u) {
-                return Ok(Outcome::ReachedUntil);
+                return Ok(Some(Outcome::ReachedUntil));
             }
             let due = first
                 .timestamp_ns
@@ -524,7 +401,7 @@ impl Agent {
             let now = self.clock.now_ns();
             if now < due {
                 if self.config.once {
-                    return Ok(Outcome::CaughtUp);
+                    return Ok(Some(Outcome::CaughtUp));
                 }
                 self.drain().await?;
                 if self.dirty && self.commit_due() {
@@ -534,7 +411,7 @@ impl Agent {
                 self.board.waiting_until(due);
                 let wait = Duration::from_nanos(due - now).min(Duration::from_secs(1));
                 tokio::select! {
-                    _ = wait_shutdown(shutdown) => return Ok(Outcome::Shutdown),
+                    _ = wait_shutdown(shutdown) => return Ok(Some(Outcome::Shutdown)),
                     _ = self.timer.sleep(wait) => {}
                 }
                 continue;
@@ -551,684 +428,6 @@ impl Agent {
             }
         }
     }
-
-    /// Pops fully consumed segments off the front, moving the position past them.
-    fn skip_empty_segments(&mut self) {
-        while let Some(front) = self.pending.front() {
-            if !front.records.is_empty() {
-                break;
-            }
-            if self.pos.next_seq != front.next_seq {
-                self.pos.next_seq = front.next_seq;
-                if self.pos.consistent_lsn == self.pos.applied_lsn {
-                    self.pos.consistent_seq = front.next_seq;
-                }
-                self.dirty = true;
-            }
-            self.pending.pop_front();
-        }
-    }
-
-    /// Takes the next batch: due records in order, within the limits, never starting a
-    /// resync span after other records, and a big record alone.
-    fn take_batch(
-        &mut self,
-        rx: &mut mpsc::Receiver<Result<Pending, ReplayError>>,
-        now: u64,
-    ) -> Vec<Item> {
-        let limits = self.config.limits;
-        let delay = self.config.delay.as_nanos() as u64;
-        let mut in_span = self.pos.consistent_lsn < self.pos.applied_lsn;
-        let mut items: Vec<Item> = Vec::new();
-        let mut bytes = 0u64;
-        loop {
-            if self.pending.is_empty() && self.deferred.is_none() {
-                // Extend the batch with segments already fetched, without waiting.
-                match rx.try_recv() {
-                    Ok(Ok(p)) => self.pending.push_back(p),
-                    Ok(Err(e)) => self.deferred = Some(e),
-                    Err(_) => {}
-                }
-            }
-            let Some(front) = self.pending.front_mut() else {
-                break;
-            };
-            let Some(record) = front.records.front() else {
-                self.pending.pop_front();
-                continue;
-            };
-            let w = weight(record);
-            let due = record.timestamp_ns.saturating_add(delay) <= now;
-            let past_until = self
-                .config
-                .until_ns
-                .is_some_and(|u| record.timestamp_ns > u);
-            let opens_span = record.kind() == RecordKind::ResyncBegin && !in_span;
-            let full = items.len() >= limits.max_records
-                || (!items.is_empty() && bytes + w > limits.max_bytes);
-            let big = w > limits.piece_len;
-            if !items.is_empty() && (!due || past_until || opens_span || full || big) {
-                break;
-            }
-            let record = front.records.pop_front().expect("checked above");
-            let next_seq_after = if front.records.is_empty() {
-                front.next_seq
-            } else {
-                front.seq
-            };
-            match record.kind() {
-                RecordKind::ResyncBegin => in_span = true,
-                RecordKind::ResyncEnd => in_span = false,
-                _ => {}
-            }
-            bytes += w;
-            // A VERIFY compares the replica as of its own LSN: it ends its batch, so the
-            // batch's net effect is exactly the state it checks.
-            let verify = record.kind() == RecordKind::Verify;
-            items.push(Item {
-                record,
-                next_seq_after,
-            });
-            if big || verify {
-                break;
-            }
-        }
-        items
-    }
-
-    /// Applies a batch: undo segment, records, fsync, commit.
-    async fn apply_batch(&mut self, items: Vec<Item>) -> Result<(), ReplayError> {
-        if items.is_empty() {
-            return Ok(());
-        }
-        let records: Vec<Record> = items.iter().map(|i| i.record.clone()).collect();
-        let bytes: u64 = records.iter().map(weight).sum();
-        let count = records.len() as u64;
-        // The previous batch may still be being written: its overlay stands in for the
-        // replica's bytes it covers.
-        let base = self.applying.as_ref().map(|a| a.overlay.clone());
-        let overlay = if let Some(undo) = &self.undo {
-            let undo = undo.clone();
-            let (overlay, segments, size) = self.write_preimages(&undo, records, base).await?;
-            self.pos.undo.next_seq += segments;
-            self.pos.undo.bytes += size;
-            self.pos.undo.segments += segments;
-            overlay
-        } else {
-            let mut overlay = Overlay::new();
-            for r in &records {
-                overlay.record(r.lsn, &r.op);
-            }
-            overlay
-        };
-        // This batch's pre-images are durable; its writes go after the previous batch's.
-        self.wait_applied().await?;
-        let overlay = Arc::new(overlay);
-        let (applied_tx, applied_rx) = oneshot::channel();
-        let target = self.replica.clone();
-        let board = self.board.clone();
-        let writes = overlay.clone();
-        let handle = tokio::spawn(async move {
-            let started = Instant::now();
-            let result = blocking("apply", move || apply_overlay(target.as_ref(), &writes)).await;
-            board.spent(Phase::Apply, started.elapsed());
-            let _ = applied_tx.send(result.is_ok());
-            result
-        });
-        self.applying = Some(Applying { handle, overlay });
-        for item in &items {
-            self.advance(&item.record, item.next_seq_after);
-        }
-        if let Some(last) = items
-            .last()
-            .filter(|i| i.record.kind() == RecordKind::Verify)
-        {
-            self.wait_applied().await?;
-            self.verify(&last.record).await?;
-        }
-        self.finish_in_background(count, bytes, applied_rx);
-        Ok(())
-    }
-
-    /// Waits until the last batch's writes are done (not yet durable).
-    async fn wait_applied(&mut self) -> Result<(), ReplayError> {
-        match self.applying.take() {
-            Some(applying) => join(applying.handle, "apply").await,
-            None => Ok(()),
-        }
-    }
-
-    /// Reads the pre-images of a batch and makes them durable as up to [`STRAYS`] + 1 undo
-    /// segments from the current undo seq: the batch is cut into parts of about
-    /// [`BatchLimits::undo_part`] bytes, and each part's segment is encoded and written while
-    /// the next part's pre-images are read (consecutive parts whose pre-images hold less than
-    /// that share one segment, so a batch over holes costs one). Returns the batch's overlay,
-    /// the segments written and their bytes; all are durable when this returns.
-    async fn write_preimages(
-        &self,
-        undo: &UndoLog,
-        records: Vec<Record>,
-        base: Option<Arc<Overlay>>,
-    ) -> Result<(Overlay, u64, u64), ReplayError> {
-        let part = self.config.limits.undo_part.max(1) as u64;
-        let total: u64 = records.iter().map(weight).sum();
-        let parts = ((total / part) as usize + 1).min(STRAYS as usize + 1);
-        let groups = split_by(records, parts, weight);
-        let last = groups.len() - 1;
-        let first_seq = self.pos.undo.next_seq;
-        let mut next_seq = first_seq;
-        let mut overlay = Overlay::new();
-        let mut ready: Vec<Record> = Vec::new();
-        let mut writes = Vec::new();
-        for (i, group) in groups.into_iter().enumerate() {
-            let target = self.replica.clone();
-            let base = base.clone();
-            let started = Instant::now();
-            let (preimages, back) = blocking("read pre-images", move || {
-                let mut overlay = overlay;
-                capture_batch(target.as_ref(), &group, base.as_deref(), &mut overlay)
-                    .map(|p| (p, overlay))
-                    .map_err(|source| ApplyError::Io {
-                        replica: target.describe(),
-                        what: "read pre-image",
-                        lsn: group.first().map_or(0, |r| r.lsn),
-                        source,
-                    })
-            })
-            .await?;
-            self.board.spent(Phase::Preimage, started.elapsed());
-            overlay = back;
-            ready.extend(preimages);
-            let payload: usize = ready.iter().map(|r| r.op.payload_len()).sum();
-            if payload as u64 >= part || i == last {
-                let log = undo.clone();
-                let seq = next_seq;
-                next_seq += 1;
-                let records = std::mem::take(&mut ready);
-                writes.push(tokio::spawn(async move { log.write(seq, records).await }));
-            }
-        }
-        let started = Instant::now();
-        let mut bytes = 0;
-        let mut failure = None;
-        for write in writes {
-            match write.await {
-                Ok(Ok(size)) => bytes += size,
-                Ok(Err(e)) => {
-                    failure.get_or_insert(ReplayError::from(e));
-                }
-                Err(e) => {
-                    failure.get_or_insert(ReplayError::Task {
-                        what: "undo segment write",
-                        message: e.to_string(),
-                    });
-                }
-            }
-        }
-        self.board.spent(Phase::Undo, started.elapsed());
-        match failure {
-            Some(e) => Err(e),
-            None => Ok((overlay, next_seq - first_seq, bytes)),
-        }
-    }
-
-    /// Starts the fsync of the replica and the commit of the current position, after the
-    /// previous batch's (commits stay in order) and once `applied` says this batch's writes
-    /// are done. The next batch may read pre-images and write its undo segment meanwhile; a
-    /// commit still only ever follows the fsync of the writes it covers.
-    fn finish_in_background(&mut self, records: u64, bytes: u64, applied: oneshot::Receiver<bool>) {
-        let previous = self.finishing.take();
-        if !self.commit_due() {
-            // Deferred: the next commit (when due, at the head, or at the stop) fsyncs and
-            // covers this batch; until then a crash undoes it with the others past the
-            // commit. Status shows the batch once its writes are on the replica.
-            self.dirty = true;
-            self.unsynced = true;
-            let board = self.board.clone();
-            let state = self.pos.clone();
-            self.finishing = Some(tokio::spawn(async move {
-                if let Some(previous) = previous {
-                    join(previous, "fsync and commit").await?;
-                }
-                if !applied.await.unwrap_or(false) {
-                    return Err(ReplayError::Task {
-                        what: "apply",
-                        message: "the batch's writes to the replica failed".into(),
-                    });
-                }
-                board.committed(&state, records, bytes);
-                Ok(())
-            }));
-            return;
-        }
-        self.dirty = false;
-        self.unsynced = false;
-        let replica = self.replica.clone();
-        let store = self.reader.store().clone();
-        let board = self.board.clone();
-        self.pos.updated_at_ns = self.clock.now_ns();
-        let state = self.pos.clone();
-        self.finishing = Some(tokio::spawn(async move {
-            if let Some(previous) = previous {
-                join(previous, "fsync and commit").await?;
-            }
-            // A failed apply is reported by the agent, which waits for it; nothing to commit.
-            if !applied.await.unwrap_or(false) {
-                return Err(ReplayError::Task {
-                    what: "fsync and commit",
-                    message: "the batch's writes to the replica failed".into(),
-                });
-            }
-            let started = Instant::now();
-            blocking("fsync", move || sync(replica.as_ref())).await?;
-            board.spent(Phase::Sync, started.elapsed());
-            let started = Instant::now();
-            commit_retrying(store.as_ref(), &state).await?;
-            board.spent(Phase::Commit, started.elapsed());
-            board.committed(&state, records, bytes);
-            Ok(())
-        }));
-    }
-
-    /// Waits for the background writes, fsync and commit, if any.
-    async fn drain(&mut self) -> Result<(), ReplayError> {
-        let applied = self.wait_applied().await;
-        let finished = match self.finishing.take() {
-            Some(handle) => join(handle, "fsync and commit").await,
-            None => Ok(()),
-        };
-        applied.and(finished)
-    }
-
-    /// Applies one record too large for a batch, piece by piece, each piece's pre-image
-    /// durable before the piece is applied; consecutive pieces that were holes share one
-    /// undo record.
-    async fn apply_big(&mut self, item: Item) -> Result<(), ReplayError> {
-        let record = item.record.clone();
-        let (offset, len) = extent(&record.op).unwrap_or((0, 0));
-        let piece = self.config.limits.piece_len.max(1);
-        // A run of pieces whose pre-image reads as zeroes, not yet written.
-        let mut zero_run: Option<(u64, u64)> = None;
-        let mut at = offset;
-        let end = offset + len;
-        while at < end || zero_run.is_some() {
-            let next = if at < end {
-                let n = piece.min(end - at);
-                let pre = match &self.undo {
-                    Some(_) => {
-                        let target = self.replica.clone();
-                        let lsn = record.lsn;
-                        Some(
-                            blocking("read pre-image", move || {
-                                read_preimage(target.as_ref(), &Overlay::new(), at, n).map_err(
-                                    |source| ApplyError::Io {
-                                        replica: target.describe(),
-                                        what: "read pre-image",
-                                        lsn,
-                                        source,
-                                    },
-                                )
-                            })
-                            .await?,
-                        )
-                    }
-                    None => None,
-                };
-                Some((at, n, pre))
-            } else {
-                None
-            };
-            match next {
-                Some((s, n, Some(Op::WriteZeroes { .. }))) => {
-                    zero_run = Some(zero_run.map_or((s, n), |(rs, rn)| (rs, rn + n)));
-                    at += n;
-                    continue;
-                }
-                Some((s, n, pre)) => {
-                    if let Some((rs, rn)) = zero_run.take() {
-                        self.apply_piece(
-                            &record,
-                            rs,
-                            rn,
-                            Some(Op::WriteZeroes {
-                                offset: rs,
-                                len: rn,
-                            }),
-                        )
-                        .await?;
-                    }
-                    self.apply_piece(&record, s, n, pre).await?;
-                    at += n;
-                }
-                None => {
-                    if let Some((rs, rn)) = zero_run.take() {
-                        self.apply_piece(
-                            &record,
-                            rs,
-                            rn,
-                            Some(Op::WriteZeroes {
-                                offset: rs,
-                                len: rn,
-                            }),
-                        )
-                        .await?;
-                    }
-                }
-            }
-        }
-        let target = self.replica.clone();
-        blocking("fsync", move || sync(target.as_ref())).await?;
-        self.advance(&record, item.next_seq_after);
-        self.commit(1, len).await
-    }
-
-    /// Writes the undo segment for `start..start + len` of `record` (if any), then applies
-    /// that part of the record.
-    async fn apply_piece(
-        &mut self,
-        record: &Record,
-        start: u64,
-        len: u64,
-        preimage: Option<Op>,
-    ) -> Result<(), ReplayError> {
-        if let (Some(undo), Some(op)) = (&self.undo, preimage) {
-            let undo_record = Record {
-                lsn: record.lsn,
-                timestamp_ns: record.timestamp_ns,
-                dev: record.dev,
-                op,
-            };
-            let size = undo
-                .write(self.pos.undo.next_seq, vec![undo_record])
-                .await?;
-            self.pos.undo.next_seq += 1;
-            self.pos.undo.bytes += size;
-            self.pos.undo.segments += 1;
-        }
-        let op = sub_op(&record.op, start, len);
-        let target = self.replica.clone();
-        let lsn = record.lsn;
-        blocking("apply", move || apply_op(target.as_ref(), lsn, &op)).await
-    }
-
-    /// Compares the replica with a `VERIFY` record just applied (the last of its batch, so
-    /// the replica is as of its LSN), unless inside an unfinished resync span.
-    async fn verify(&mut self, record: &Record) -> Result<(), ReplayError> {
-        let Op::Verify {
-            offset,
-            len,
-            checksum,
-        } = record.op
-        else {
-            return Ok(());
-        };
-        let in_span = self.pos.consistent_lsn < self.pos.applied_lsn;
-        let matched = if in_span {
-            None
-        } else {
-            let target = self.replica.clone();
-            let lsn = record.lsn;
-            Some(
-                blocking("verify", move || {
-                    super::verify::region_matches(target.as_ref(), offset, len, &checksum).map_err(
-                        |source| ApplyError::Io {
-                            replica: target.describe(),
-                            what: "read for verify",
-                            lsn,
-                            source,
-                        },
-                    )
-                })
-                .await?,
-            )
-        };
-        if matched == Some(false) {
-            tracing::warn!(
-                lsn = record.lsn,
-                offset,
-                len,
-                replica = %self.replica.describe(),
-                "VERIFY mismatch: the replica's region differs from the primary's at this LSN"
-            );
-        }
-        self.pos
-            .verify
-            .record(record.lsn, record.timestamp_ns, offset, len, matched);
-        let (region_size, device_size) = self.layout();
-        match matched {
-            Some(true) => self
-                .pos
-                .seed
-                .proven((offset, len), record.lsn, region_size, device_size),
-            Some(false) => self
-                .pos
-                .seed
-                .mismatched((offset, len), region_size, device_size),
-            None => {}
-        }
-        self.dirty = true;
-        Ok(())
-    }
-
-    /// The journal's region size and device size (what a seed check counts in).
-    fn layout(&self) -> (u64, u64) {
-        let manifest = self.reader.manifest();
-        (manifest.region_size, manifest.device_size(0).unwrap_or(0))
-    }
-
-    /// Moves the in-memory position past `record` (applied and fsync'd).
-    fn advance(&mut self, record: &Record, next_seq_after: u64) {
-        // A record that rewrites whole regions leaves them equal to the primary's.
-        let rewritten = match &record.op {
-            Op::Write { offset, data } | Op::ResyncData { offset, data } => {
-                Some((*offset, data.len() as u64))
-            }
-            Op::WriteZeroes { offset, len } => Some((*offset, *len)),
-            _ => None,
-        };
-        if let Some(range) = rewritten {
-            let (region_size, device_size) = self.layout();
-            self.pos
-                .seed
-                .proven(range, record.lsn, region_size, device_size);
-        }
-        let pos = &mut self.pos;
-        let in_span = pos.consistent_lsn < pos.applied_lsn;
-        pos.applied_lsn = record.lsn;
-        pos.applied_timestamp_ns = record.timestamp_ns;
-        pos.next_seq = next_seq_after;
-        let in_span = match record.kind() {
-            RecordKind::ResyncBegin => true,
-            RecordKind::ResyncEnd => false,
-            _ => in_span,
-        };
-        if !in_span {
-            pos.consistent_lsn = pos.applied_lsn;
-            pos.consistent_timestamp_ns = pos.applied_timestamp_ns;
-            pos.consistent_seq = pos.next_seq;
-            pos.undo.consistent_seq = pos.undo.next_seq;
-        }
-    }
-
-    /// How long until [`commit_if_silent`](Self::commit_if_silent) has to commit.
-    fn until_idle_commit(&self) -> Duration {
-        let silent = self.clock.now_ns().saturating_sub(self.pos.updated_at_ns);
-        self.config
-            .poll
-            .idle_commit
-            .saturating_sub(Duration::from_nanos(silent))
-    }
-
-    /// Commits the position, unchanged, when the last commit is older than
-    /// [`PollPolicy::idle_commit`]: the sign of life `journal trim --drop-consumer-after`
-    /// reads.
-    async fn commit_if_silent(&mut self) -> Result<(), ReplayError> {
-        let silent = self.clock.now_ns().saturating_sub(self.pos.updated_at_ns);
-        if silent >= self.config.poll.idle_commit.as_nanos() as u64 {
-            self.commit(0, 0).await?;
-        }
-        Ok(())
-    }
-
-    /// Whether a moved position may be committed now: the last commit is at least
-    /// [`PollPolicy::commit_every`] old.
-    fn commit_due(&self) -> bool {
-        self.until_commit_due().is_zero()
-    }
-
-    /// How long until a moved position may be committed.
-    fn until_commit_due(&self) -> Duration {
-        let since = self.clock.now_ns().saturating_sub(self.pos.updated_at_ns);
-        self.config
-            .poll
-            .commit_every
-            .saturating_sub(Duration::from_nanos(since))
-    }
-
-    /// Commits the in-memory position, after an fsync of the replica when batches applied
-    /// since the last commit were not fsync'd.
-    async fn commit(&mut self, records: u64, bytes: u64) -> Result<(), ReplayError> {
-        self.drain().await?;
-        if self.unsynced {
-            let replica = self.replica.clone();
-            let started = Instant::now();
-            blocking("fsync", move || sync(replica.as_ref())).await?;
-            self.board.spent(Phase::Sync, started.elapsed());
-            self.unsynced = false;
-        }
-        self.pos.updated_at_ns = self.clock.now_ns();
-        let started = Instant::now();
-        commit_retrying(self.reader.store().as_ref(), &self.pos).await?;
-        self.board.spent(Phase::Commit, started.elapsed());
-        self.dirty = false;
-        self.board.committed(&self.pos, records, bytes);
-        Ok(())
-    }
-}
-
-/// The image path a seed stamp sits beside, for a replica shown as a file path.
-fn seed_stamp_image(replica: &str) -> Option<std::path::PathBuf> {
-    let path = std::path::PathBuf::from(replica);
-    path.is_absolute().then_some(path)
-}
-
-/// The initial position of a new consumer on an existing image, as `config.seed` vouches for
-/// it, or the refusal naming the choices. `initial` starts at the journal's start (`trim`).
-async fn adopt(
-    reader: &JournalReader,
-    replica: &dyn ReplicaTarget,
-    config: &AgentConfig,
-    mut initial: ConsumerState,
-    trim: consumer::TrimPointer,
-) -> Result<ConsumerState, ReplayError> {
-    let journal = reader.store().describe();
-    let manifest = reader.manifest();
-    // A file without any data is the blank device, as the agent creates it (an agent killed
-    // after creating its replica and before registering leaves one behind).
-    let blank = || {
-        replica
-            .is_hole(0, replica.size())
-            .map_err(|source| ApplyError::Io {
-                replica: replica.describe(),
-                what: "look for data in the replica",
-                lsn: 0,
-                source,
-            })
-    };
-    match &config.seed {
-        SeedChoice::Refuse if blank()? => {
-            if trim.first_lsn > 1 {
-                return Err(ReplayError::JournalTrimmed {
-                    journal,
-                    first_lsn: trim.first_lsn,
-                });
-            }
-            Ok(initial)
-        }
-        SeedChoice::BrokenStamp(reason) => Err(ReplayError::BrokenStamp {
-            reason: reason.clone(),
-        }),
-        SeedChoice::Refuse => Err(ReplayError::UnvouchedReplica {
-            replica: config.replica.clone(),
-            journal,
-            name: config.name.clone(),
-            lsn: initial.applied_lsn,
-        }),
-        SeedChoice::Assume => {
-            initial.seed = Seed::Assumed {
-                lsn: initial.applied_lsn,
-            };
-            Ok(initial)
-        }
-        SeedChoice::Check => {
-            let regions = manifest
-                .device_size(0)
-                .unwrap_or(0)
-                .div_ceil(manifest.region_size.max(1));
-            initial.seed = Seed::checking(initial.applied_lsn, regions);
-            Ok(initial)
-        }
-        SeedChoice::Stamp(stamp) => {
-            if stamp.journal_uuid != manifest.uuid {
-                return Err(ReplayError::StampOfOtherJournal {
-                    replica: config.replica.clone(),
-                    journal,
-                    found: stamp.journal_uuid,
-                    expected: manifest.uuid,
-                });
-            }
-            let gone = || ReplayError::StampPointGone {
-                replica: config.replica.clone(),
-                journal: journal.clone(),
-                lsn: stamp.lsn,
-                seq: stamp.seq,
-                first_lsn: trim.first_lsn,
-            };
-            if stamp.lsn + 1 < trim.first_lsn {
-                return Err(gone());
-            }
-            // The segment holding the stamp's LSN (a consumer may start inside it); at the
-            // journal's very start, the first live segment.
-            let seq = if stamp.lsn + 1 == trim.first_lsn {
-                trim.first_seq
-            } else {
-                let index = reader.index(stamp.seq).await?.ok_or_else(gone)?;
-                let holds = index.header.first_lsn <= stamp.lsn
-                    && index.entries.last().is_some_and(|e| e.lsn >= stamp.lsn);
-                if !holds || stamp.seq < trim.first_seq {
-                    return Err(gone());
-                }
-                stamp.seq
-            };
-            initial.next_seq = seq;
-            initial.applied_lsn = stamp.lsn;
-            initial.applied_timestamp_ns = stamp.timestamp_ns;
-            initial.consistent_lsn = stamp.lsn;
-            initial.consistent_seq = seq;
-            initial.consistent_timestamp_ns = stamp.timestamp_ns;
-            initial.seed = Seed::Restore {
-                lsn: stamp.lsn,
-                epoch: stamp.epoch,
-            };
-            Ok(initial)
-        }
-    }
-}
-
-/// Commits a position, retrying transient store errors until the store answers (a store
-/// outage must not stop the agent: the position it commits is the same on every retry).
-async fn commit_retrying(store: &dyn ObjectStore, state: &ConsumerState) -> JournalResult<()> {
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match consumer::commit(store, state).await {
-            Err(JournalError::Store(e)) if e.is_transient() => {
-                tracing::warn!(error = %e, "committing the position failed; will retry");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-            other => return other,
-        }
-    }
 }
 
 /// Waits for a background task and passes its error on.
@@ -1240,21 +439,4 @@ async fn join(
         what,
         message: e.to_string(),
     })?
-}
-
-/// The part `start..start + len` of a ranged operation.
-fn sub_op(op: &Op, start: u64, len: u64) -> Op {
-    match op {
-        Op::Write { offset, data } => Op::Write {
-            offset: start,
-            data: data.slice((start - offset) as usize..(start - offset + len) as usize),
-        },
-        Op::ResyncData { offset, data } => Op::ResyncData {
-            offset: start,
-            data: data.slice((start - offset) as usize..(start - offset + len) as usize),
-        },
-        Op::Discard { .. } => Op::Discard { offset: start, len },
-        Op::WriteZeroes { .. } => Op::WriteZeroes { offset: start, len },
-        other => other.clone(),
-    }
 }

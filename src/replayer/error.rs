@@ -91,6 +91,25 @@ pub enum ReplayError {
         seq: u64,
         first_lsn: u64,
     },
+    /// The replica holds records a fork left off the chain, and its undo log does not reach
+    /// back far enough to wind them back (none kept, or trimmed).
+    #[error("replica {replica} (consumer {name}) holds records up to LSN {applied_lsn} of {journal}, but the epoch chain forked at LSN {target_lsn} (epoch {epoch}) and {why}; nothing was changed. Bring it back on the chain with `tinylag rejoin --replica {replica} --journal {journal} --name {name}`")]
+    CannotWindBack {
+        replica: String,
+        journal: String,
+        name: String,
+        applied_lsn: u64,
+        target_lsn: u64,
+        epoch: u64,
+        why: String,
+    },
+    /// A fork point lies inside the replica's unfinished resync span.
+    #[error("the epoch chain forked at LSN {target_lsn}, inside replica {replica}'s unfinished resync span (consistent at LSN {consistent_lsn}); nothing was changed")]
+    ForkInsideSpan {
+        replica: String,
+        target_lsn: u64,
+        consistent_lsn: u64,
+    },
     /// A blocking replica task panicked or was cancelled.
     #[error("replica task ({what}) failed: {message}")]
     Task { what: &'static str, message: String },

@@ -11,6 +11,9 @@
 //! seq, with one GET of the lease of the epoch it last read (no LIST), and while a hole
 //! stands its status says `journal hole at seq N` and it waits, applying nothing past it.
 //!
+//! The first segment of an epoch later than any the agent knows carries that epoch's chain
+//! entry (one GET of `chain/<epoch>`), which the agent follows before the segment's records.
+//!
 //! Must never: hand over a segment that failed verification, or a record outside the
 //! replica; stop over a store outage (it retries at the idle pace); hold more than the
 //! channel's and the read-ahead's segments in memory; take a hole for the end.
@@ -23,6 +26,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 use crate::control::wait_shutdown;
+use crate::journal::chain::{self, ChainEntry};
 use crate::journal::head::{self, KnownEnd};
 use crate::journal::reader::{Cursor, JournalReader, ReadAhead, Step};
 use crate::journal::record::Record;
@@ -38,8 +42,12 @@ use super::timing::{PollPolicy, Timer};
 #[derive(Debug)]
 pub(crate) struct Pending {
     pub(crate) seq: u64,
+    pub(crate) epoch: u64,
     pub(crate) next_seq: u64,
     pub(crate) records: VecDeque<Record>,
+    /// The chain entry of this segment's epoch, when it is the first segment of an epoch
+    /// the agent did not know (cleared once followed).
+    pub(crate) entry: Option<ChainEntry>,
 }
 
 /// Reads segments ahead of the applier.
@@ -57,6 +65,8 @@ pub(crate) struct Fetcher {
     /// Highest writer epoch of a segment passed on: a later segment of an older epoch is a
     /// fenced writer's late upload and is refused.
     pub(crate) epoch_seen: u64,
+    /// The highest epoch whose chain entry the agent has (loaded at open or passed on).
+    pub(crate) known_epoch: u64,
 }
 
 /// Segment reads in flight at once while data flows: one stream of GETs to S3 cannot keep
@@ -110,7 +120,13 @@ impl Fetcher {
                     idle = self.poll.min;
                     idle_for = Duration::ZERO;
                     let key = self.reader.manifest().segment_key(segment.header.seq);
-                    let message = self.check(&key, segment);
+                    let mut message = self.check(&key, segment);
+                    if let Ok(pending) = &mut message {
+                        match self.new_entry(pending.epoch).await {
+                            Ok(entry) => pending.entry = entry,
+                            Err(e) => message = Err(e),
+                        }
+                    }
                     let failed = message.is_err();
                     if self.tx.send(message).await.is_err() || failed {
                         return;
@@ -193,6 +209,31 @@ impl Fetcher {
         }
     }
 
+    /// The chain entry of `epoch` if it is later than any known (one GET); a read that
+    /// fails is an error (the agent cannot tell whether the records before were a branch).
+    async fn new_entry(&mut self, epoch: u64) -> Result<Option<ChainEntry>, ReplayError> {
+        if epoch <= self.known_epoch {
+            return Ok(None);
+        }
+        let store = self.reader.store().clone();
+        loop {
+            match chain::read_entry(store.as_ref(), epoch).await {
+                Ok(entry) => {
+                    self.known_epoch = epoch;
+                    return Ok(entry);
+                }
+                Err(e) if is_store_trouble(&e) => {
+                    tracing::warn!(
+                        "reading the chain entry of epoch {epoch} failed, will retry: {e}"
+                    );
+                    self.board.warn(Some(e.to_string()));
+                    self.timer.sleep(self.poll.max).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     /// Checks every record fits the replica; the segment was verified by the reader.
     fn check(&mut self, key: &str, segment: DecodedSegment) -> Result<Pending, ReplayError> {
         if segment.header.epoch < self.epoch_seen {
@@ -214,8 +255,10 @@ impl Fetcher {
         );
         Ok(Pending {
             seq: segment.header.seq,
+            epoch: segment.header.epoch,
             next_seq: segment.header.next_seq,
             records: segment.records.into(),
+            entry: None,
         })
     }
 }

@@ -35,7 +35,7 @@ pub mod verify;
 
 pub use agent::{Agent, AgentConfig, BatchLimits, Outcome};
 pub use error::ReplayError;
-pub use recovery::RecoveryReport;
+pub use recovery::{wind_back, CannotWindBack, RecoveryReport, WindBackReport, WindTarget};
 pub use replica::{ReplicaFile, ReplicaTarget};
 pub use seed::{SeedChoice, SeedStamp};
 pub use status::{ReplicaStatus, StatusBoard, StatusHandler};

@@ -509,6 +509,7 @@ impl StatusBoard {
             undo: Default::default(),
             verify: Default::default(),
             seed: Default::default(),
+            chain_epoch: 0,
         });
         let (head, lag_bytes) = self.head(&position).await;
         let head_lsn = head.lsn.max(position.applied_lsn);

@@ -18,7 +18,9 @@ use super::replica::{MemoryReplica, ReplicaTarget};
 use super::seed::SeedChoice;
 use super::timing::{PollPolicy, Timer};
 use crate::clock::{Clock, ManualClock};
+use crate::journal::chain::{self, ChainEntry};
 use crate::journal::consumer::{self, ConsumerState};
+use crate::journal::epoch::{EpochReason, Predecessor};
 use crate::journal::manifest::{Manifest, ManifestParams};
 use crate::journal::paths;
 use crate::journal::reader::JournalReader;
@@ -54,6 +56,8 @@ struct Fixture {
     next_seq: u64,
     clock: Arc<ManualClock>,
     rng: StdRng,
+    /// The writer epoch segments are written under.
+    epoch: u64,
 }
 
 impl Fixture {
@@ -79,6 +83,7 @@ impl Fixture {
             next_seq: 0,
             clock: Arc::new(ManualClock::new(T0 + 3600 * SEC)),
             rng: StdRng::seed_from_u64(seed),
+            epoch: 1,
         }
     }
 
@@ -127,7 +132,7 @@ impl Fixture {
 
     async fn put(&mut self, records: &[Record], uuid: Uuid) {
         let first = records.first().map_or(self.next_lsn(), |r| r.lsn);
-        let body = encode_segment(uuid, 1, self.next_seq, first, records).unwrap();
+        let body = encode_segment(uuid, self.epoch, self.next_seq, first, records).unwrap();
         self.store
             .put_if_absent(&self.manifest.segment_key(self.next_seq), body)
             .await
@@ -138,6 +143,41 @@ impl Fixture {
     async fn random_segment(&mut self, n: usize) {
         let ops = (0..n).map(|_| self.random_op()).collect();
         self.segment(ops).await;
+    }
+
+    /// Begins writer epoch `epoch` at the journal's end, as a writer does: its chain entry
+    /// (continuing `predecessor`, or the journal's end) before its first segment.
+    async fn begin_epoch(&mut self, epoch: u64, predecessor: Option<(u64, u64)>) {
+        let entry = ChainEntry {
+            epoch,
+            first_seq: self.next_seq,
+            first_lsn: self.next_lsn(),
+            predecessor: predecessor.map(|(epoch, lsn)| Predecessor { epoch, lsn }),
+            reason: if predecessor.is_some() {
+                EpochReason::PromoteAt
+            } else {
+                EpochReason::Start
+            },
+            owner: String::new(),
+            host: String::new(),
+            began_at_ns: 0,
+        };
+        chain::write_entry(self.store.as_ref(), &entry)
+            .await
+            .unwrap();
+        self.epoch = epoch;
+    }
+
+    /// The image of the chain as it stands (only records on its lineage) after `lsn`.
+    async fn chain_oracle(&self, lsn: u64) -> Vec<u8> {
+        let lineage = chain::load(self.store.as_ref()).await.unwrap().lineage();
+        let image = MemoryReplica::new(SIZE);
+        for r in self.records.iter().take_while(|r| r.lsn <= lsn) {
+            if lineage.contains(r.lsn) {
+                apply_op(&image, r.lsn, &r.op).unwrap();
+            }
+        }
+        image.contents()
     }
 
     /// The image the primary had after `lsn`.
@@ -1074,4 +1114,214 @@ async fn a_tailing_agent_reports_a_hole_and_resumes_when_the_segment_is_back() {
     assert_eq!(replica.contents(), f.oracle(last));
     stop.send(true).unwrap();
     run.await.unwrap().unwrap();
+}
+
+/// A journal whose epoch 1 wrote 3 segments, of which `promote --at` elsewhere kept only
+/// the first 2: epoch 2 continues from the end of segment 1, and segment 2 is a branch.
+/// Returns the fork LSN.
+async fn fork_after_two_of_three(f: &mut Fixture) -> u64 {
+    f.random_segment(12).await;
+    f.random_segment(12).await;
+    let fork = f.records.len() as u64;
+    f.random_segment(12).await;
+    fork
+}
+
+/// Epoch 2 forks from epoch 1 at `fork` and writes two segments.
+async fn promote_at(f: &mut Fixture, fork: u64) {
+    f.begin_epoch(2, Some((1, fork))).await;
+    f.random_segment(10).await;
+    f.random_segment(10).await;
+}
+
+#[tokio::test]
+async fn an_agent_that_followed_a_branch_winds_back_and_follows_the_chain() {
+    let mut f = Fixture::new(40).await;
+    f.begin_epoch(1, None).await;
+    let fork = fork_after_two_of_three(&mut f).await;
+    let replica = Arc::new(MemoryReplica::new(SIZE));
+    let undo = Arc::new(MemoryStore::new());
+    f.run(f.config("dr"), &replica, true, Some(&undo))
+        .await
+        .unwrap();
+    let before = f.position("dr").await;
+    assert_eq!(before.applied_lsn, 36);
+    assert_eq!(before.chain_epoch, 1);
+
+    // Another site promoted the replica at `fork`: records fork+1..=36 are a branch.
+    promote_at(&mut f, fork).await;
+    f.run(f.config("dr"), &replica, false, Some(&undo))
+        .await
+        .unwrap();
+    let last = f.records.len() as u64;
+    assert!(
+        replica.contents() == f.chain_oracle(last).await,
+        "the replica differs from the chain's state"
+    );
+    assert!(
+        replica.contents() != f.oracle(last),
+        "the branch must not be on it"
+    );
+    let pos = f.position("dr").await;
+    assert_eq!((pos.applied_lsn, pos.consistent_lsn), (last, last));
+    assert_eq!(pos.chain_epoch, 2);
+    // The undo log holds no record of the branch past its oldest kept segment, and what it
+    // holds still walks the replica back to the fork exactly.
+    let log = super::undo::UndoLog::open_existing(undo.clone(), f.manifest.uuid)
+        .await
+        .unwrap();
+    for seq in (0..pos.undo.next_seq).rev() {
+        let (segment, _) = log.read(seq).await.unwrap().unwrap();
+        for r in segment.records.iter().rev() {
+            apply_op(replica.as_ref(), r.lsn, &r.op).unwrap();
+        }
+        let first = segment.records[0].lsn;
+        if first > fork {
+            assert!(first > 36, "undo segment {seq} of the branch was kept");
+        }
+        if first <= fork + 1 {
+            // Back through the oldest segment holding the fork's records.
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_agent_tailing_through_a_fork_winds_back_when_it_meets_the_new_epoch() {
+    let mut f = Fixture::new(41).await;
+    f.begin_epoch(1, None).await;
+    f.random_segment(12).await;
+    f.random_segment(12).await;
+    let fork = f.records.len() as u64;
+    let replica = Arc::new(MemoryReplica::new(SIZE));
+    let undo = Arc::new(MemoryStore::new());
+    f.run(f.config("dr"), &replica, true, Some(&undo))
+        .await
+        .unwrap();
+    // The old primary writes on (what becomes the branch); the agent opens knowing only
+    // epoch 1, then the fork happens while it reads.
+    f.random_segment(12).await;
+    let agent = f
+        .agent(f.config("dr"), &replica, false, Some(&undo))
+        .await
+        .unwrap();
+    promote_at(&mut f, fork).await;
+    let (_tx, rx) = watch::channel(false);
+    agent.run(rx).await.unwrap();
+    let last = f.records.len() as u64;
+    assert!(replica.contents() == f.chain_oracle(last).await);
+    let pos = f.position("dr").await;
+    assert_eq!((pos.applied_lsn, pos.chain_epoch), (last, 2));
+}
+
+#[tokio::test]
+async fn a_new_agent_never_applies_a_branch_it_knows_of() {
+    let mut f = Fixture::new(42).await;
+    f.begin_epoch(1, None).await;
+    let fork = fork_after_two_of_three(&mut f).await;
+    promote_at(&mut f, fork).await;
+    let replica = Arc::new(MemoryReplica::new(SIZE));
+    let undo = Arc::new(MemoryStore::new());
+    f.run(f.config("dr"), &replica, true, Some(&undo))
+        .await
+        .unwrap();
+    let last = f.records.len() as u64;
+    assert!(replica.contents() == f.chain_oracle(last).await);
+    let log = super::undo::UndoLog::open_existing(undo.clone(), f.manifest.uuid)
+        .await
+        .unwrap();
+    let pos = f.position("dr").await;
+    for seq in 0..pos.undo.next_seq {
+        let (segment, _) = log.read(seq).await.unwrap().unwrap();
+        assert!(
+            segment.records.iter().all(|r| r.lsn <= fork || r.lsn > 36),
+            "undo segment {seq} holds a pre-image of a branch record"
+        );
+    }
+    // Stopped in the middle of the branch, it resumes there and still skips it.
+    let replica = Arc::new(MemoryReplica::new(SIZE));
+    let mut config = f.config("dr2");
+    config.limits.max_records = 3;
+    let mut agent = f.agent(config.clone(), &replica, true, None).await.unwrap();
+    agent.recover().await.unwrap();
+    let mut pos = agent.position().clone();
+    pos.applied_lsn = fork + 4;
+    pos.consistent_lsn = fork + 4;
+    pos.next_seq = 2;
+    pos.consistent_seq = 2;
+    consumer::commit(f.store.as_ref(), &pos).await.unwrap();
+    // The replica as that position says: the chain up to the fork.
+    for r in f.records.iter().take_while(|r| r.lsn <= fork) {
+        apply_op(replica.as_ref(), r.lsn, &r.op).unwrap();
+    }
+    f.run(config, &replica, false, None).await.unwrap();
+    assert!(replica.contents() == f.chain_oracle(last).await);
+}
+
+#[tokio::test]
+async fn without_undo_reaching_the_fork_the_agent_stops_and_names_rejoin() {
+    let mut f = Fixture::new(43).await;
+    f.begin_epoch(1, None).await;
+    let fork = fork_after_two_of_three(&mut f).await;
+    let replica = Arc::new(MemoryReplica::new(SIZE));
+    f.run(f.config("dr"), &replica, true, None).await.unwrap();
+    let image = replica.contents();
+    let before = f.position("dr").await;
+    promote_at(&mut f, fork).await;
+    let err = f
+        .run(f.config("dr"), &replica, false, None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ReplayError::CannotWindBack { target_lsn, .. } if target_lsn == fork),
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(text.contains("tinylag rejoin"), "{text}");
+    assert!(replica.contents() == image, "the replica was touched");
+    assert_eq!(f.position("dr").await, before);
+}
+
+#[tokio::test]
+async fn wind_back_to_returns_the_replica_to_a_past_point_and_drops_its_undo_records() {
+    let mut f = Fixture::new(44).await;
+    f.begin_epoch(1, None).await;
+    let fork = fork_after_two_of_three(&mut f).await;
+    let replica = Arc::new(MemoryReplica::new(SIZE));
+    let undo = Arc::new(MemoryStore::new());
+    f.run(f.config("dr"), &replica, true, Some(&undo))
+        .await
+        .unwrap();
+    let segments_before = undo_segment_count(&undo).await;
+    let mut agent = f
+        .agent(f.config("dr"), &replica, false, Some(&undo))
+        .await
+        .unwrap();
+    let ts = f.records[fork as usize - 1].timestamp_ns;
+    let report = agent.wind_back_to(fork, ts).await.unwrap();
+    assert_eq!((report.from_lsn, report.to_lsn), (36, fork));
+    assert!(
+        replica.contents() == f.oracle(fork),
+        "not the image at the fork"
+    );
+    let pos = f.position("dr").await;
+    assert_eq!(
+        (pos.applied_lsn, pos.consistent_lsn, pos.next_seq),
+        (fork, fork, 2)
+    );
+    assert_eq!(pos.applied_timestamp_ns, ts);
+    assert!(undo_segment_count(&undo).await < segments_before);
+    assert_eq!(pos.undo.segments, undo_segment_count(&undo).await);
+    // Past what was applied, or without undo: refused, nothing changed.
+    let mut agent = f
+        .agent(f.config("dr"), &replica, false, Some(&undo))
+        .await
+        .unwrap();
+    assert!(agent.wind_back_to(fork + 1, 0).await.is_err());
+    assert_eq!(f.position("dr").await, pos);
+    // The agent reads on from there: the same records again.
+    f.run(f.config("dr"), &replica, false, Some(&undo))
+        .await
+        .unwrap();
+    assert!(replica.contents() == f.oracle(36));
 }

@@ -106,6 +106,16 @@ pub enum TimeTravelError {
         #[source]
         source: std::io::Error,
     },
+    /// `--branch` names no branch.
+    #[error("journal {journal} has no branch named {name} (its branches: {known}; see `tinylag timeline`)")]
+    UnknownBranch {
+        journal: String,
+        name: String,
+        known: String,
+    },
+    /// A mark whose record a `promote --at` left off the chain.
+    #[error("mark {name} (LSN {lsn}) is on a branch, not on the current epoch chain; restore it with --branch (see `tinylag timeline`)")]
+    MarkOffChain { name: String, lsn: u64 },
     /// A background task panicked or was cancelled.
     #[error("{what} task failed: {message}")]
     Task { what: &'static str, message: String },

@@ -12,6 +12,12 @@
 //! the threshold; bytes no such record touches were not changed since. Going forward, the
 //! journal's records after the consistent point are then applied up to the target.
 //!
+//! # Another lineage
+//! When the image's lineage (`--branch`, or the current chain for a replica whose agent has
+//! not yet followed a fork) parts from the replica's below the point, the replica is undone
+//! back to the last LSN they share and the journal's records of the image's lineage are
+//! applied from there; records off the lineage are read, never applied.
+//!
 //! Must never: write to the replica, the undo log or the journal; leave a partial output
 //! behind on failure; hold more than a few segments in memory.
 
@@ -74,6 +80,10 @@ pub struct Plan {
     /// Records past this LSN in the undo segments are written back.
     #[serde(skip)]
     pub(crate) undo_after: u64,
+    /// Where the journal's records are read from going forward (the segment holding the
+    /// first LSN applied, and that LSN).
+    #[serde(skip)]
+    pub(crate) journal_from: Cursor,
 }
 
 /// The stages [`restore`] reports progress in.
@@ -145,7 +155,14 @@ pub async fn plan(sources: &Sources, window: &Window, point: Point) -> TimeTrave
         journal_bytes: 0,
         journal_records: 0,
         undo_after: base.lsn,
+        journal_from: Cursor {
+            seq: sources.consumer.consistent_seq,
+            next_lsn: base.lsn + 1,
+        },
     };
+    if let Some(common) = sources.rebase(point.lsn.min(base.lsn)) {
+        return plan_rebased(sources, window, plan, common).await;
+    }
     if point.lsn < base.lsn {
         plan.direction = Direction::Backward;
         plan.undo_after = point.lsn;
@@ -235,7 +252,11 @@ pub async fn plan(sources: &Sources, window: &Window, point: Point) -> TimeTrave
             plan.journal_bytes += index.object_size;
             plan.journal_segments.end = next;
         }
-        for e in index.entries.iter().filter(|e| e.lsn > base.lsn) {
+        for e in index
+            .entries
+            .iter()
+            .filter(|e| e.lsn > base.lsn && sources.lineage.contains(e.lsn))
+        {
             spans.feed(e.lsn, e.timestamp_ns, e.kind);
             if !reached {
                 plan.journal_records += 1;
@@ -267,6 +288,68 @@ pub async fn plan(sources: &Sources, window: &Window, point: Point) -> TimeTrave
         return Err(h.refuse(&point));
     }
     Ok(plan)
+}
+
+/// [`plan`] when the image's lineage parts from the replica's at or below the point: undo
+/// back to `common`, the last LSN both hold, then the lineage's journal records up to the
+/// point.
+async fn plan_rebased(
+    sources: &Sources,
+    window: &Window,
+    mut plan: Plan,
+    common: u64,
+) -> TimeTravelResult<Plan> {
+    let point = plan.point;
+    let Some(log) = sources.undo.as_ref().filter(|_| common >= window.start.lsn) else {
+        return Err(TimeTravelError::NoUndoLog {
+            undo: sources.undo_location.clone(),
+            lsn: common,
+            consistent_lsn: plan.base.lsn,
+        });
+    };
+    plan.direction = if point.lsn > common {
+        Direction::Forward
+    } else {
+        Direction::Backward
+    };
+    plan.undo_after = common;
+    let first = first_undo_after(log, sources.undo_first..sources.undo_end, common).await?;
+    plan.undo_segments = first..sources.undo_end;
+    for seq in plan.undo_segments.clone() {
+        let index = sources.undo_index(seq).await?;
+        plan.undo_bytes += index.object_size;
+        plan.undo_records += index.entries.iter().filter(|e| e.lsn > common).count() as u64;
+    }
+    plan.journal_from.next_lsn = common + 1;
+    if point.lsn <= common {
+        return Ok(plan);
+    }
+    let trim = crate::journal::consumer::load_trim_pointer(sources.journal().as_ref()).await?;
+    let Some((mut seq, _)) = sources
+        .reader
+        .seek_lsn(trim.first_seq, window.journal_end, common + 1)
+        .await?
+    else {
+        return Err(journal_segment_missing(&sources.reader, trim.first_seq, common + 1).await);
+    };
+    plan.journal_from.seq = seq;
+    plan.journal_segments = seq..seq;
+    loop {
+        let Some(index) = sources.reader.index(seq).await? else {
+            return Err(journal_segment_missing(&sources.reader, seq, common + 1).await);
+        };
+        plan.journal_bytes += index.object_size;
+        plan.journal_segments.end = index.header.next_seq;
+        plan.journal_records += index
+            .entries
+            .iter()
+            .filter(|e| e.lsn > common && e.lsn <= point.lsn && sources.lineage.contains(e.lsn))
+            .count() as u64;
+        if index.entries.last().is_some_and(|e| e.lsn >= point.lsn) {
+            return Ok(plan);
+        }
+        seq = index.header.next_seq;
+    }
 }
 
 /// The span that ends at `end` and holds `lsn`: its begin found by reading undo indexes
@@ -443,7 +526,7 @@ pub async fn restore(
             }
         }
     }
-    if plan.direction == Direction::Forward && plan.point.lsn > plan.base.lsn {
+    if plan.direction == Direction::Forward && plan.point.lsn >= plan.journal_from.next_lsn {
         forward(sources, plan, &target, progress, &mut report).await?;
     }
     let t = target.clone();
@@ -463,6 +546,14 @@ async fn leave_seed_stamp(
     point: Point,
     output: &Path,
 ) -> TimeTravelResult<Option<PathBuf>> {
+    if let Some(branch) = &sources.branch {
+        // The image is off the chain: no consumer of it could start there.
+        tracing::info!(
+            "no seed stamp: the image is the end of branch {}",
+            branch.name
+        );
+        return Ok(None);
+    }
     if !sources.consumer.seed.vouched() {
         tracing::warn!(
             replica = %sources.replica.display(),
@@ -575,10 +666,7 @@ async fn forward(
     report: &mut Report,
 ) -> TimeTravelResult<()> {
     let reader = sources.reader.clone();
-    let mut cursor = Cursor {
-        seq: sources.consumer.consistent_seq,
-        next_lsn: plan.base.lsn + 1,
-    };
+    let mut cursor = plan.journal_from;
     let mut ahead = ReadAhead::new(reader.clone(), None);
     let mut first = true;
     let total = plan.journal_segments.end - plan.journal_segments.start;
@@ -597,7 +685,7 @@ async fn forward(
         let records: Vec<Record> = segment
             .records
             .into_iter()
-            .filter(|r| r.lsn <= plan.point.lsn)
+            .filter(|r| r.lsn <= plan.point.lsn && sources.lineage.contains(r.lsn))
             .collect();
         report.journal_records += records.len() as u64;
         report.journal_segments += 1;

@@ -8,13 +8,19 @@
 //! a hole, and the window ends before it). A time becomes the last record at or before it by a binary search
 //! over segment indexes (one tail read each): never a listing of the journal or the log.
 //!
+//! Time travel follows the epoch chain: the image is the records of a **lineage** (the
+//! current chain's, or with `--branch NAME` the chain as it stood before a `promote --at`
+//! left that branch, up to the branch's end). A point off that lineage is the state of the
+//! last lineage record before it.
+//!
 //! Must never: write to any store or to the replica; accept a point outside the window, or
-//! past a journal hole.
+//! past a journal hole; apply a record off the lineage.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::clock::format_ns;
+use crate::journal::chain::{self, Branch, Chain, Lineage};
 use crate::journal::consumer::{self, ConsumerState};
 use crate::journal::head;
 use crate::journal::mark;
@@ -50,6 +56,9 @@ pub enum Target {
     Time(u64),
     /// A named point (`marks/<name>`).
     Mark(String),
+    /// The end of a branch (`branches/<name>`): the state the old primary last made durable
+    /// before a `promote --at` forked the chain. [`Sources::follow_branch`] first.
+    Branch(String),
 }
 
 /// The journal, the replica's consumer, and its undo log, as they were when opened.
@@ -69,6 +78,12 @@ pub struct Sources {
     pub replica: PathBuf,
     /// The device size.
     pub size: u64,
+    /// The epoch chain when opened.
+    pub chain: Chain,
+    /// The records the image is made of: the current chain's lineage, or a branch's.
+    pub lineage: Lineage,
+    /// The branch followed (`--branch`), if any.
+    pub branch: Option<Branch>,
 }
 
 /// The restorable window and where things stand.
@@ -199,7 +214,11 @@ impl Sources {
             }
             None => (0, 0),
         };
+        let chain = chain::load(journal.as_ref()).await?;
         Ok(Sources {
+            lineage: chain.lineage(),
+            chain,
+            branch: None,
             reader: JournalReader::new(journal, manifest),
             consumer,
             undo,
@@ -213,6 +232,49 @@ impl Sources {
 
     pub fn journal(&self) -> &Arc<dyn ObjectStore> {
         self.reader.store()
+    }
+
+    /// Reads branch `name` from here on: the image is the chain as it stood while the
+    /// branch's epoch was its head, up to the branch's end.
+    pub async fn follow_branch(&mut self, name: &str) -> TimeTravelResult<()> {
+        let branches = chain::list_branches(self.journal().as_ref()).await?;
+        let Some(branch) = branches.iter().find(|b| b.name == name).cloned() else {
+            return Err(TimeTravelError::UnknownBranch {
+                journal: self.journal().describe(),
+                name: name.to_string(),
+                known: branches
+                    .iter()
+                    .map(|b| b.name.clone())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        };
+        let epoch = self.chain.epoch_of(branch.to_lsn).unwrap_or(0);
+        self.lineage = self.chain.lineage_to(epoch, branch.to_lsn);
+        self.branch = Some(branch);
+        Ok(())
+    }
+
+    /// The records the replica holds: the lineage its agent followed.
+    pub fn replica_lineage(&self) -> Lineage {
+        self.chain.lineage_to(self.consumer.chain_epoch, u64::MAX)
+    }
+
+    /// The last LSN at or below `lsn` where the replica's records and the image's lineage
+    /// still agree, when they part at or below it (the image then starts from there).
+    pub fn rebase(&self, lsn: u64) -> Option<u64> {
+        self.replica_lineage()
+            .first_difference(&self.lineage, lsn)
+            .map(|d| d.saturating_sub(1))
+    }
+
+    /// `point` on the lineage: a point off it is the state of the last lineage record
+    /// before it (the time stays: the state as of then).
+    fn on_lineage(&self, point: Point) -> Point {
+        match self.lineage.last_at_or_below(point.lsn) {
+            Some(lsn) if lsn != point.lsn => Point { lsn, ..point },
+            _ => point,
+        }
     }
 
     /// The consistent point the replica's agent committed.
@@ -314,6 +376,29 @@ impl Sources {
         now_ns: u64,
     ) -> TimeTravelResult<Point> {
         match target {
+            Target::Branch(name) => {
+                let branch = self
+                    .branch
+                    .as_ref()
+                    .filter(|b| &b.name == name)
+                    .expect("follow_branch before resolving a branch");
+                let index = self.reader.index(branch.last_seq).await?;
+                let timestamp_ns = index
+                    .and_then(|i| {
+                        i.entries
+                            .iter()
+                            .find(|e| e.lsn == branch.to_lsn)
+                            .map(|e| e.timestamp_ns)
+                    })
+                    .ok_or_else(|| TimeTravelError::JournalSegmentMissing {
+                        journal: self.journal().describe(),
+                        lsn: branch.to_lsn,
+                    })?;
+                Ok(Point {
+                    lsn: branch.to_lsn,
+                    timestamp_ns,
+                })
+            }
             Target::Mark(name) => {
                 let m = mark::load(self.journal().as_ref(), name).await?;
                 window.check_hole(m.lsn > window.head.lsn)?;
@@ -326,6 +411,12 @@ impl Sources {
                         start: format_ns(window.start_time_ns),
                         head_lsn: window.head.lsn,
                         head: format_ns(window.head.timestamp_ns),
+                    });
+                }
+                if !self.lineage.contains(m.lsn) {
+                    return Err(TimeTravelError::MarkOffChain {
+                        name: name.clone(),
+                        lsn: m.lsn,
                     });
                 }
                 Ok(Point {
@@ -350,13 +441,14 @@ impl Sources {
                     });
                 }
                 if t >= window.head.timestamp_ns {
-                    return Ok(window.head);
+                    return Ok(self.on_lineage(window.head));
                 }
-                if window.undo_last.is_some_and(|u| t < u.timestamp_ns) {
-                    self.time_in_undo(t).await
+                let point = if window.undo_last.is_some_and(|u| t < u.timestamp_ns) {
+                    self.time_in_undo(t).await?
                 } else {
-                    self.time_in_journal(t, window).await
-                }
+                    self.time_in_journal(t, window).await?
+                };
+                Ok(self.on_lineage(point))
             }
         }
     }

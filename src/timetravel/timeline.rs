@@ -7,11 +7,16 @@
 //! the window and every journal segment after the consumer's consistent point, in order,
 //! keeping only the spans, never payloads.
 //!
+//! It also shows the epoch chain: each epoch (who, why, where it began, what it continues),
+//! the forks (`promote --at`) with the LSNs they left off the chain, and the branches kept
+//! of them (restorable with `--branch NAME`). Holes are looked for on the lineage only.
+//!
 //! Must never: write anything; read a segment's payloads.
 
 use serde::Serialize;
 
 use crate::clock::format_ns;
+use crate::journal::chain::{self, ChainReport};
 use crate::journal::mark;
 
 use super::error::TimeTravelResult;
@@ -51,6 +56,8 @@ pub struct MarkAt {
     pub name: String,
     pub at: At,
     pub in_window: bool,
+    /// Whether the mark's record is on the current chain (else it is on a branch).
+    pub on_chain: bool,
 }
 
 /// Everything `timeline` shows (its `--json` form).
@@ -77,6 +84,8 @@ pub struct Timeline {
     /// (the message names the seqs); `timeline` then exits non-zero.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub journal_hole: Option<String>,
+    /// The epoch chain, its forks and branches.
+    pub chain: ChainReport,
 }
 
 /// Every hole inside the window: reads the index of every undo segment and every journal
@@ -97,7 +106,11 @@ pub async fn holes(sources: &Sources, window: &Window) -> TimeTravelResult<Vec<H
         let Some(index) = sources.reader.index(seq).await? else {
             break;
         };
-        for e in &index.entries {
+        for e in index
+            .entries
+            .iter()
+            .filter(|e| sources.lineage.contains(e.lsn))
+        {
             spans.feed(e.lsn, e.timestamp_ns, e.kind);
         }
         seq = index.header.next_seq;
@@ -122,6 +135,7 @@ pub async fn gather(sources: &Sources) -> TimeTravelResult<Timeline> {
         .into_iter()
         .map(|m| MarkAt {
             in_window: m.lsn >= window.start.lsn && m.lsn <= window.head.lsn,
+            on_chain: sources.lineage.contains(m.lsn),
             name: m.name,
             at: At::from(Point {
                 lsn: m.lsn,
@@ -149,6 +163,11 @@ pub async fn gather(sources: &Sources) -> TimeTravelResult<Timeline> {
         delay_ns: c.delay_ns,
         undo_segments: [sources.undo_first, sources.undo_end],
         journal_hole: window.hole.clone(),
+        chain: ChainReport::new(
+            &sources.chain,
+            chain::list_branches(sources.journal().as_ref()).await?,
+            window.head.lsn,
+        ),
     })
 }
 
@@ -196,12 +215,16 @@ impl std::fmt::Display for Timeline {
                 m.name,
                 m.at.time,
                 m.at.lsn,
-                if m.in_window {
-                    ""
-                } else {
-                    "  outside the window"
+                match (m.on_chain, m.in_window) {
+                    (false, _) => "  on a branch",
+                    (true, true) => "",
+                    (true, false) => "  outside the window",
                 }
             )?;
+        }
+        for line in self.chain.lines() {
+            let (kind, rest) = line.split_once(' ').unwrap_or(("chain", &line));
+            writeln!(f, "{kind:<9} {rest}")?;
         }
         writeln!(
             f,

@@ -10,6 +10,10 @@
 //!   the agent wrote past the consistent point fills the gaps, as above;
 //! - everything else is read from the replica.
 //!
+//! Only records of the image's lineage are mapped (see `sources`); when it parts from the
+//! replica's (`--branch`), the undo records go back to the last LSN both share and the
+//! journal's lineage records from there are mapped forward.
+//!
 //! # A replay agent beside the mount
 //! The agent writes an undo segment durably *before* it changes the replica. So after every
 //! read that took bytes from the replica, the view asks whether undo segments appeared after
@@ -148,7 +152,7 @@ impl TimeView {
         })?;
         let mut map = ExtentMap::default();
         let mut journal_segments = 0;
-        if plan.direction == Direction::Forward && point.lsn > plan.base.lsn {
+        if plan.direction == Direction::Forward && point.lsn >= plan.journal_from.next_lsn {
             journal_segments = map_journal(&sources, &plan, &mut map).await?;
         }
         let undo_end = plan.undo_segments.end.max(plan.undo_segments.start);
@@ -329,11 +333,12 @@ impl TimeView {
     }
 }
 
-/// Maps the journal's records after the consistent point up to the point (newest wins).
+/// Maps the journal's records of the lineage after the plan's base up to the point (newest
+/// wins).
 /// Returns the segments read.
 async fn map_journal(sources: &Sources, plan: &Plan, map: &mut ExtentMap) -> TimeTravelResult<u64> {
-    let (base, point) = (plan.base.lsn, plan.point.lsn);
-    let mut seq = sources.consumer.consistent_seq;
+    let (base, point) = (plan.journal_from.next_lsn - 1, plan.point.lsn);
+    let mut seq = plan.journal_from.seq;
     let mut read = 0;
     let mut last = base;
     while last < point {
@@ -348,6 +353,10 @@ async fn map_journal(sources: &Sources, plan: &Plan, map: &mut ExtentMap) -> Tim
             .filter(|e| e.lsn > base && e.lsn <= point)
         {
             last = e.lsn;
+            if !sources.lineage.contains(e.lsn) {
+                // Off the lineage (a branch, or the cut of one): never part of the image.
+                continue;
+            }
             let Some((start, end, source)) = extent_of(&key, Layer::Journal, seq, e, sources.size)?
             else {
                 continue;

@@ -6,12 +6,15 @@
 //! is older than `now - retain` (a plug or an empty segment holds none), and the segment
 //! after it exists (the newest segment always stays). With no consumer registered only the
 //! retention holds trim back: the journal keeps `retain` of history and its newest segment.
-//! Seqs a plug jumps over (a dead writer's orphans) go with the plug. Cost: one index read
+//! Seqs a plug jumps over (a dead writer's orphans) go with the plug. A branch
+//! (`branches/<name>`) holds its first seq as a consumer holds its floor, until
+//! `--drop-branch NAME` deletes its object first. Cost: one index read
 //! (one ranged GET) per deleted segment plus one for the first kept, one `delete_many` per
 //! [`DELETE_BATCH`](crate::store::counting::DELETE_BATCH) seqs, and a few metadata requests.
 //!
 //! Must never: see the module documentation of [`crate::trim`].
 
+use crate::journal::chain;
 use crate::journal::consumer::{self, ConsumerState};
 use crate::journal::error::JournalError;
 use crate::journal::head;
@@ -23,11 +26,12 @@ use crate::store::ObjectStore;
 use super::read_ahead::ReadAhead;
 
 use super::{
-    finish_interrupted, Deleter, DroppedConsumer, HeldBy, TrimError, TrimReport, TrimResult,
+    finish_interrupted, lowest_holder, Deleter, DroppedConsumer, HeldBy, TrimError, TrimReport,
+    TrimResult,
 };
 
 /// What `journal trim` is asked to do.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct JournalTrimOptions {
     /// Keep every segment holding a record younger than this (ns).
     pub retain_ns: u64,
@@ -37,6 +41,8 @@ pub struct JournalTrimOptions {
     pub dry_run: bool,
     /// The current time (ns since the UNIX epoch).
     pub now_ns: u64,
+    /// Branches to delete first (`--drop-branch`): their segments go with this trim.
+    pub drop_branches: Vec<String>,
 }
 
 /// Unregisters the consumers silent for longer than `after_ns` (re-reading each first, so
@@ -95,23 +101,61 @@ pub async fn trim_journal(
 ) -> TrimResult<TrimReport> {
     let store = store_arc.as_ref();
     let before = consumer::load_trim_pointer(store).await?;
+    let mut branches = chain::list_branches(store).await?;
+    let mut dropped_branches = Vec::new();
+    // Every name is checked before anything changes.
+    if let Some(name) = opts
+        .drop_branches
+        .iter()
+        .find(|n| !branches.iter().any(|b| &b.name == *n))
+    {
+        return Err(TrimError::UnknownBranch {
+            journal: store.describe(),
+            name: name.clone(),
+            known: branches.iter().map(|b| b.name.clone()).collect(),
+        });
+    }
+    for name in &opts.drop_branches {
+        let Some(at) = branches.iter().position(|b| &b.name == name) else {
+            return Err(TrimError::UnknownBranch {
+                journal: store.describe(),
+                name: name.clone(),
+                known: branches.iter().map(|b| b.name.clone()).collect(),
+            });
+        };
+        let branch = branches.remove(at);
+        tracing::warn!(
+            "{} branch {} of {} (LSNs {}..={}, seqs {}..={})",
+            if opts.dry_run {
+                "would drop"
+            } else {
+                "dropping"
+            },
+            branch.name,
+            store.describe(),
+            branch.from_lsn,
+            branch.to_lsn,
+            branch.first_seq,
+            branch.last_seq
+        );
+        if !opts.dry_run {
+            chain::drop_branch(store, &branch.name).await?;
+        }
+        dropped_branches.push(branch.name);
+    }
     let mut consumers = consumer::list(store).await?;
     let mut dropped_consumers = Vec::new();
     if let Some(after) = opts.drop_consumer_after_ns {
         (consumers, dropped_consumers) = drop_silent(store, consumers, after, opts).await?;
     }
-    let slowest = consumers.iter().min_by_key(|c| c.trim_floor());
-    let floor = slowest.map_or(u64::MAX, ConsumerState::trim_floor);
+    let slowest = lowest_holder(&consumers, &branches);
+    let floor = slowest.as_ref().map_or(u64::MAX, |(floor, _)| *floor);
     let held_by_consumer = || {
-        let c = slowest.expect("a floor below u64::MAX comes from a consumer");
-        HeldBy::Consumer {
-            name: c.name.clone(),
-            floor_seq: floor,
-            next_seq: c.next_seq,
-            consistent_seq: c.consistent_seq,
-            applied_lsn: c.applied_lsn,
-            consistent_lsn: c.consistent_lsn,
-        }
+        slowest
+            .as_ref()
+            .expect("a floor below u64::MAX comes from a consumer or a branch")
+            .1
+            .clone()
     };
     let cutoff = opts.now_ns.saturating_sub(opts.retain_ns);
 
@@ -131,6 +175,7 @@ pub async fn trim_journal(
             seq: before.first_seq,
         },
         dropped_consumers,
+        dropped_branches,
     };
 
     let keys = manifest.clone();
@@ -206,23 +251,15 @@ pub async fn trim_journal(
     if late.is_none() {
         late = deleter.advance(seq, cur.header.first_lsn, true).await?;
     }
-    if let Some(c) = late {
+    if let Some((floor, holder)) = late {
         // The pointer stays where it moved to; the segments from the consumer's floor on stay
         // too (named in `trim.pending` until a later trim may delete them).
-        let floor = c.trim_floor();
         for &(_, bytes, orphans) in chunk.iter().filter(|&&(s, _, _)| s >= floor) {
             report.deleted_segments -= 1;
             report.deleted_bytes -= bytes;
             report.deleted_orphans -= orphans;
         }
-        held_by = HeldBy::Consumer {
-            name: c.name.clone(),
-            floor_seq: c.trim_floor(),
-            next_seq: c.next_seq,
-            consistent_seq: c.consistent_seq,
-            applied_lsn: c.applied_lsn,
-            consistent_lsn: c.consistent_lsn,
-        };
+        held_by = holder;
     }
     deleter.finish().await?;
     report.after = consumer::TrimPointer {

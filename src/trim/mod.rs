@@ -7,7 +7,9 @@
 //! is younger than the retention, or the newest segment of the journal; delete an undo
 //! segment at or after its consumer's `undo.consistent_seq` (crash recovery needs those);
 //! leave the `trim` pointer naming a seq that may already be deleted; list a segment folder
-//! (a trim costs O(segments deleted), not O(journal)); delete a mark (`marks/<name>`).
+//! (a trim costs O(segments deleted), not O(journal)); delete a mark (`marks/<name>`);
+//! delete a segment of a branch (`branches/<name>`, `first_seq..=last_seq`: a branch holds
+//! the pointer as a consumer does) unless `--drop-branch NAME` removed that branch first.
 //!
 //! # Order of operations (the crash-safety invariant)
 //!
@@ -38,6 +40,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::journal::chain::{self, Branch};
 use crate::journal::consumer::{self, ConsumerState, TrimPointer};
 use crate::journal::error::JournalError;
 use crate::journal::paths;
@@ -76,6 +79,13 @@ pub enum TrimError {
         key: String,
         expected: u64,
         found: u64,
+    },
+    /// `--drop-branch` names no branch.
+    #[error("journal {journal} has no branch named {name} (its branches: {}); nothing was changed", if known.is_empty() { "none".to_string() } else { known.join(", ") })]
+    UnknownBranch {
+        journal: String,
+        name: String,
+        known: Vec<String>,
     },
     /// A read-ahead task panicked or was cancelled.
     #[error("trim: an index read task failed: {0}")]
@@ -140,8 +150,42 @@ pub enum HeldBy {
         consumer: String,
         consistent_seq: u64,
     },
+    /// A branch (`promote --at` left it off the chain): its segments stay until
+    /// `journal trim --drop-branch NAME`.
+    Branch {
+        name: String,
+        first_seq: u64,
+        last_seq: u64,
+        from_lsn: u64,
+        to_lsn: u64,
+    },
     /// Nothing is left to trim: no segment exists at the pointer.
     Nothing { seq: u64 },
+}
+
+impl HeldBy {
+    /// What a consumer's position holds.
+    pub fn consumer(c: &ConsumerState) -> HeldBy {
+        HeldBy::Consumer {
+            name: c.name.clone(),
+            floor_seq: c.trim_floor(),
+            next_seq: c.next_seq,
+            consistent_seq: c.consistent_seq,
+            applied_lsn: c.applied_lsn,
+            consistent_lsn: c.consistent_lsn,
+        }
+    }
+
+    /// What a branch holds.
+    pub fn branch(b: &Branch) -> HeldBy {
+        HeldBy::Branch {
+            name: b.name.clone(),
+            first_seq: b.first_seq,
+            last_seq: b.last_seq,
+            from_lsn: b.from_lsn,
+            to_lsn: b.to_lsn,
+        }
+    }
 }
 
 impl HeldBy {
@@ -175,6 +219,15 @@ impl HeldBy {
                 consistent_seq,
             } => format!(
                 "crash recovery of consumer {consumer} (undo seq {consistent_seq} on follows its consistent point)"
+            ),
+            HeldBy::Branch {
+                name,
+                first_seq,
+                last_seq,
+                from_lsn,
+                to_lsn,
+            } => format!(
+                "branch {name} (seqs {first_seq}..={last_seq}, LSNs {from_lsn}..={to_lsn}; `journal trim --drop-branch {name}` lets them go)"
             ),
             HeldBy::Nothing { seq } => format!("nothing (no segment at seq {seq})"),
         }
@@ -224,6 +277,9 @@ pub struct TrimReport {
     pub held_by: HeldBy,
     /// Consumers unregistered by `--drop-consumer-after` (journal trim only).
     pub dropped_consumers: Vec<DroppedConsumer>,
+    /// Branches removed by `--drop-branch` (journal trim only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dropped_branches: Vec<String>,
 }
 
 /// The seqs an unfinished trim is deleting (JSON at `trim.pending`):
@@ -276,14 +332,15 @@ impl<'a> Deleter<'a> {
 
     /// Everything below `to` may go, and `to` (whose first LSN is `to_lsn`) is the first live
     /// seq. Deletes when a chunk is full, or now with `force`. Returns a consumer that
-    /// registered below `to` while the trim ran (the walk must stop there); its segments
-    /// stay, and `trim.pending` keeps naming them for a later trim.
+    /// registered (or a branch created) below `to` while the trim ran, with its floor (the
+    /// walk must stop there); its segments stay, and `trim.pending` keeps naming them for a
+    /// later trim.
     async fn advance(
         &mut self,
         to: u64,
         to_lsn: u64,
         force: bool,
-    ) -> TrimResult<Option<ConsumerState>> {
+    ) -> TrimResult<Option<(u64, HeldBy)>> {
         let pending = to.saturating_sub(self.chunk_from);
         if pending == 0 || (!force && pending < DELETE_BATCH as u64) {
             return Ok(None);
@@ -304,23 +361,22 @@ impl<'a> Deleter<'a> {
         // it moved. One that passed that check registered before the pointer moved, so this
         // listing (after the move) sees it.
         let slowest = if self.recheck_consumers {
-            slowest_consumer(self.store).await?
+            slowest_holder(self.store).await?
         } else {
             None
         };
-        match slowest.filter(|c| c.trim_floor() < to) {
-            Some(c) => {
-                let cut = c.trim_floor().max(from);
+        match slowest.filter(|(floor, _)| *floor < to) {
+            Some((floor, holder)) => {
+                let cut = floor.max(from);
                 tracing::warn!(
-                    "consumer {} registered at seq {} of {} while trim ran: its segments stay",
-                    c.name,
-                    c.trim_floor(),
+                    "{} appeared at seq {floor} of {} while trim ran: its segments stay",
+                    holder.describe(),
                     self.store.describe()
                 );
                 delete_range(self.store, self.key, from, cut).await?;
                 put_pending(self.store, cut, to).await?;
                 self.wrote_pending = false;
-                Ok(Some(c))
+                Ok(Some((floor, holder)))
             }
             None => {
                 delete_range(self.store, self.key, from, to).await?;
@@ -340,12 +396,27 @@ impl<'a> Deleter<'a> {
     }
 }
 
-/// The registered consumer with the lowest trim floor.
-async fn slowest_consumer(store: &dyn ObjectStore) -> TrimResult<Option<ConsumerState>> {
-    Ok(consumer::list(store)
-        .await?
-        .into_iter()
-        .min_by_key(ConsumerState::trim_floor))
+/// The registered consumer or branch with the lowest trim floor, with that floor.
+async fn slowest_holder(store: &dyn ObjectStore) -> TrimResult<Option<(u64, HeldBy)>> {
+    let consumers = consumer::list(store).await?;
+    let branches = chain::list_branches(store).await?;
+    Ok(lowest_holder(&consumers, &branches))
+}
+
+/// The lowest floor among `consumers` and `branches`, with what holds it.
+fn lowest_holder(consumers: &[ConsumerState], branches: &[Branch]) -> Option<(u64, HeldBy)> {
+    let consumer = consumers
+        .iter()
+        .min_by_key(|c| c.trim_floor())
+        .map(|c| (c.trim_floor(), HeldBy::consumer(c)));
+    let branch = branches
+        .iter()
+        .min_by_key(|b| b.first_seq)
+        .map(|b| (b.first_seq, HeldBy::branch(b)));
+    match (consumer, branch) {
+        (Some(c), Some(b)) => Some(if b.0 < c.0 { b } else { c }),
+        (c, b) => c.or(b),
+    }
 }
 
 async fn put_pending(store: &dyn ObjectStore, from: u64, to: u64) -> TrimResult<()> {

@@ -145,6 +145,7 @@ impl Journal {
             undo: UndoPosition::default(),
             verify: Default::default(),
             seed: Default::default(),
+            chain_epoch: 0,
         };
         consumer::commit(self.store.as_ref(), &state).await.unwrap();
     }
@@ -173,6 +174,7 @@ fn opts(retain_s: u64) -> JournalTrimOptions {
         drop_consumer_after_ns: None,
         dry_run: false,
         now_ns: NOW,
+        drop_branches: Vec::new(),
     }
 }
 
@@ -374,8 +376,8 @@ async fn trimming_thousands_of_segments_costs_at_most_two_requests_each() {
     let c = counting.counts();
     assert_eq!(
         c.list,
-        1 + 3,
-        "only the consumers are listed: at the start and after each pointer move"
+        2 * (1 + 3),
+        "only the consumers and the branches are listed: at the start and after each pointer move"
     );
     assert_eq!(c.delete_many, 3 + 1, "three batches and trim.pending");
     assert!(
@@ -745,6 +747,7 @@ async fn a_consumer_registering_while_trim_runs_keeps_its_segments() {
         undo: UndoPosition::default(),
         verify: Default::default(),
         seed: Default::default(),
+        chain_epoch: 0,
     };
     let store = Arc::new(RegistersDuringTrim {
         inner: j.store.clone(),
@@ -777,4 +780,95 @@ async fn a_consumer_registering_while_trim_runs_keeps_its_segments() {
         .unwrap();
     assert_eq!(j.segment_seqs().await, (1400..1500).collect::<Vec<_>>());
     assert!(j.store.head(paths::TRIM_PENDING).await.is_err());
+}
+
+/// A branch `promote --at` left: seqs `first..=last` (3 records each).
+async fn branch(j: &Journal, name: &str, first: u64, last: u64) -> crate::journal::chain::Branch {
+    let b = crate::journal::chain::Branch {
+        name: name.into(),
+        forked_by: 2,
+        from_lsn: first * 3 + 1,
+        to_lsn: last * 3 + 3,
+        first_seq: first,
+        last_seq: last,
+        created_at_ns: NOW,
+    };
+    crate::journal::chain::create_branch(j.store.as_ref(), &b)
+        .await
+        .unwrap();
+    b
+}
+
+#[tokio::test]
+async fn a_branch_holds_trim_until_it_is_dropped() {
+    let mut j = Journal::new().await;
+    j.append(10, 10).await;
+    j.consumer("dr", 9, 9, NOW).await;
+    branch(&j, "before-e2", 4, 6).await;
+    let report = trim_journal(j.store.clone(), &j.manifest, &opts(0))
+        .await
+        .unwrap();
+    assert_eq!(report.after.first_seq, 4, "the branch's first seq stays");
+    assert!(
+        matches!(&report.held_by, HeldBy::Branch { name, first_seq: 4, .. } if name == "before-e2"),
+        "{:?}",
+        report.held_by
+    );
+    assert!(report
+        .held_by
+        .describe()
+        .contains("--drop-branch before-e2"));
+    assert_eq!(j.segment_seqs().await, (4..10).collect::<Vec<_>>());
+
+    // An unknown name changes nothing, not even the branches named before it.
+    let all = list_all(j.store.as_ref(), "").await.unwrap();
+    let err = trim_journal(
+        j.store.clone(),
+        &j.manifest,
+        &JournalTrimOptions {
+            drop_branches: vec!["before-e2".into(), "nope".into()],
+            ..opts(0)
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, TrimError::UnknownBranch { ref name, .. } if name == "nope"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("before-e2"), "{err}");
+    assert_eq!(list_all(j.store.as_ref(), "").await.unwrap(), all);
+
+    // A dry run drops nothing but says what would go.
+    let dry = trim_journal(
+        j.store.clone(),
+        &j.manifest,
+        &JournalTrimOptions {
+            drop_branches: vec!["before-e2".into()],
+            dry_run: true,
+            ..opts(0)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!((dry.deleted_segments, dry.dropped_branches.len()), (5, 1));
+    assert_eq!(list_all(j.store.as_ref(), "").await.unwrap(), all);
+
+    let report = trim_journal(
+        j.store.clone(),
+        &j.manifest,
+        &JournalTrimOptions {
+            drop_branches: vec!["before-e2".into()],
+            ..opts(0)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.dropped_branches, vec!["before-e2".to_string()]);
+    assert_eq!(report.after.first_seq, 9);
+    assert!(matches!(&report.held_by, HeldBy::Consumer { name, .. } if name == "dr"));
+    assert!(crate::journal::chain::list_branches(j.store.as_ref())
+        .await
+        .unwrap()
+        .is_empty());
 }

@@ -91,6 +91,7 @@ pub async fn trim_undo(
             seq: before.first_seq,
         },
         dropped_consumers: Vec::new(),
+        dropped_branches: Vec::new(),
     };
 
     let mut reads = ReadAhead::new(

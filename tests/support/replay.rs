@@ -9,8 +9,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use tinylag::journal::chain::{self, ChainEntry, Lineage};
 use tinylag::journal::consumer::{self, ConsumerState};
+use tinylag::journal::epoch::{ClaimBasis, EpochReason, Predecessor};
 use tinylag::journal::manifest::ManifestParams;
+use tinylag::journal::reader::{Cursor, JournalReader, Step};
 use tinylag::journal::segment::encode_segment;
 use tinylag::journal::{Manifest, Op, Record};
 use tinylag::store::local::LocalStore;
@@ -34,6 +37,8 @@ pub struct TestJournal {
     pub next_lsn: u64,
     last_ts: u64,
     rng: StdRng,
+    /// The writer epoch segments are written under (1 unless [`begin_epoch`](Self::begin_epoch)).
+    pub epoch: u64,
 }
 
 impl TestJournal {
@@ -72,6 +77,7 @@ impl TestJournal {
             next_lsn: 1,
             last_ts: 0,
             rng: StdRng::seed_from_u64(seed),
+            epoch: 1,
         }
     }
 
@@ -88,6 +94,7 @@ impl TestJournal {
             next_lsn: 1,
             last_ts: 0,
             rng: StdRng::seed_from_u64(0),
+            epoch: 1,
         }
     }
 
@@ -114,8 +121,14 @@ impl TestJournal {
                 op,
             })
             .collect();
-        let body =
-            encode_segment(self.manifest.uuid, 1, self.next_seq, first, &records).expect("encode");
+        let body = encode_segment(
+            self.manifest.uuid,
+            self.epoch,
+            self.next_seq,
+            first,
+            &records,
+        )
+        .expect("encode");
         self.store
             .put_if_absent(&self.manifest.segment_key(self.next_seq), body)
             .await
@@ -124,6 +137,85 @@ impl TestJournal {
         self.next_lsn += records.len() as u64;
         self.last_ts = ts;
         first..self.next_lsn
+    }
+
+    /// Begins writer epoch `epoch` at the journal's end as a writer does: its claim and
+    /// chain entry (continuing `fork` = (epoch, LSN), or the journal's end) before its
+    /// first segment, which holds its `EPOCH` record.
+    pub async fn begin_epoch(&mut self, epoch: u64, fork: Option<(u64, u64)>) {
+        let fork = fork.map(|(epoch, lsn)| Predecessor { epoch, lsn });
+        let reason = if fork.is_some() {
+            EpochReason::PromoteAt
+        } else {
+            EpochReason::Start
+        };
+        let basis = ClaimBasis {
+            reason,
+            owner: "site".into(),
+            fork,
+        };
+        tinylag::journal::epoch::claim_exact(self.store.as_ref(), epoch, now_ns(), basis)
+            .await
+            .expect("claim");
+        let predecessor = fork.or((self.next_lsn > 1).then(|| Predecessor {
+            epoch: self.epoch,
+            lsn: self.next_lsn - 1,
+        }));
+        let entry = ChainEntry {
+            epoch,
+            first_seq: self.next_seq,
+            first_lsn: self.next_lsn,
+            predecessor,
+            reason,
+            owner: "site".into(),
+            host: "test".into(),
+            began_at_ns: now_ns(),
+        };
+        chain::write_entry(self.store.as_ref(), &entry)
+            .await
+            .expect("chain entry");
+        self.epoch = epoch;
+        // Stamped with the previous record's time: a test controls the times of the rest.
+        self.append_at(vec![Op::Epoch { epoch }], self.last_ts.max(1))
+            .await;
+    }
+
+    /// The device image of the chain as it stands: every record on its lineage up to
+    /// `up_to_lsn` (all when `None`), applied in order to a blank image.
+    pub async fn chain_image(&self, up_to_lsn: Option<u64>) -> Vec<u8> {
+        let lineage = chain::load(self.store.as_ref())
+            .await
+            .expect("chain")
+            .lineage();
+        self.image_on(&lineage, up_to_lsn).await
+    }
+
+    /// The device image of the records of `lineage` up to `up_to_lsn`.
+    pub async fn image_on(&self, lineage: &Lineage, up_to_lsn: Option<u64>) -> Vec<u8> {
+        let reader = JournalReader::new(self.store.clone(), self.manifest.clone());
+        let mut cursor = Cursor {
+            seq: 0,
+            next_lsn: 1,
+        };
+        let mut image = vec![0u8; self.size() as usize];
+        let limit = up_to_lsn.unwrap_or(u64::MAX);
+        while let Step::Segment(segment) = reader.step(&mut cursor).await.expect("read") {
+            for r in segment.records {
+                if r.lsn > limit || !lineage.contains(r.lsn) {
+                    continue;
+                }
+                match &r.op {
+                    Op::Write { offset, data } | Op::ResyncData { offset, data } => {
+                        image[*offset as usize..*offset as usize + data.len()].copy_from_slice(data)
+                    }
+                    Op::Discard { offset, len } | Op::WriteZeroes { offset, len } => {
+                        image[*offset as usize..(*offset + *len) as usize].fill(0)
+                    }
+                    _ => {}
+                }
+            }
+        }
+        image
     }
 
     /// Appends one segment of `ops` stamped now.
