@@ -38,6 +38,7 @@ mod primary;
 mod range_lock;
 pub(crate) mod restart;
 mod resync;
+pub mod resync_requests;
 mod shared;
 mod status;
 
@@ -47,7 +48,7 @@ pub use journal_writer::WriterConfig;
 pub use lag_histogram::{LagBuckets, LagSummary};
 pub use mode::{AckMode, MaxLag, Mode};
 pub use pool::MIN_POOL_SIZE;
-pub use primary::{CoreError, JournalSetup, Labels, PrimaryCore, ShutdownReport};
+pub use primary::{CoreError, HookError, JournalSetup, Labels, PrimaryCore, ShutdownReport};
 pub use restart::{marker_path as clean_marker_path, take_marker as take_clean_marker};
 #[cfg(test)]
 pub(crate) use status::tests::sample as sample_status;
