@@ -1,0 +1,262 @@
+//! `tinylag rejoin` with the real binary: an old primary killed under fio comes back as a
+//! replica of the new chain, moving only what diverged (its activity log's regions and its
+//! records after the fork), and ends byte-identical to the new primary; a journal trimmed
+//! past the fork is refused with one line and nothing changed.
+//!
+//! The forced failover is `serve --takeover` on site B's replica once its agent applied
+//! everything durable (what `promote --force` does, built on another branch; the takeover
+//! starts forward-full, which journals B's whole device, and changes nothing of what rejoin
+//! computes: the fork, A's divergence, the bytes it asks for).
+
+mod support;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use support::daemon::{init, tinylag, tinylag_ok, Daemon};
+use support::nbd::{fio_cmd, qemu_io_ok, ChildGuard as FioGuard};
+use support::oracle::assert_same_image;
+use support::procs::{path, wait_until};
+use support::replay::{replay_args, run_ok, spawn};
+use tinylag::journal::consumer;
+use tinylag::journal::seed::Seed;
+use tinylag::journal::Manifest;
+use tinylag::store::local::LocalStore;
+
+const MIB: u64 = 1 << 20;
+const DEVICE: &str = "64M";
+
+/// `(bytes, regions)` from rejoin's "will move" line.
+fn will_move(out: &str) -> (u64, u64) {
+    let line = out
+        .lines()
+        .find(|l| l.contains("will move"))
+        .unwrap_or_else(|| panic!("no 'will move' line in:\n{out}"));
+    let inner = &line[line.find('(').unwrap() + 1..];
+    let mut words = inner.split([' ', ',']).filter(|w| !w.is_empty());
+    let bytes = words.next().unwrap().parse().unwrap();
+    words.next(); // "bytes"
+    let regions = words.next().unwrap().parse().unwrap();
+    (bytes, regions)
+}
+
+/// `(activity-log regions, post-fork record regions)` from rejoin's "diverged:" line.
+fn diverged_parts(out: &str) -> (u64, u64) {
+    let line = out
+        .lines()
+        .find(|l| l.contains("diverged:"))
+        .unwrap_or_else(|| panic!("no 'diverged:' line in:\n{out}"));
+    let numbers: Vec<u64> = line.split(' ').filter_map(|w| w.parse().ok()).collect();
+    (numbers[0], numbers[1])
+}
+
+/// Site A serving under fio is killed with SIGKILL; its last uploads are lost.
+fn kill_a_under_fio(dir: &Path, journal: &str, a: &Path) {
+    let mut daemon = Daemon::start(a, journal, &["--lease-time", "3s", "--linger", "50ms"], &[]);
+    let fio = FioGuard::spawn(
+        fio_cmd(&daemon.uri(), dir, 0, 8 * MIB, 30)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    daemon.wait_status(Duration::from_secs(60), "fio's writes journaled", |s| {
+        s["durable_lsn"].as_u64().unwrap_or(0) > 500
+    });
+    daemon.kill9();
+    drop(fio);
+}
+
+/// B's replica applies everything durable, then B serves it as the new primary: what
+/// `promote --force` does (built on another branch), stood in for by `serve --takeover` on
+/// the replica with a clean-stop marker at the journal's end as B's consumer position says
+/// it (the marker `promote` writes). Where A's last uploads left holes the new writer
+/// plugs, the marker does not match and B starts forward-full instead (a whole-device span
+/// after the fork: the rejoin's own span then proves nothing new, but still runs).
+fn take_over_on_b(journal_dir: &Path, journal: &str, b: &Path) -> Daemon {
+    let mut args = replay_args(journal, b, "siteb");
+    args.push("--once".into());
+    run_ok(&args);
+    let store = LocalStore::new(journal_dir);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let pos = rt.block_on(consumer::load(&store, "siteb")).unwrap();
+    let manifest = rt.block_on(Manifest::load(&store)).unwrap();
+    let marker = serde_json::json!({
+        "uuid": manifest.uuid,
+        "epoch": 0,
+        "next_seq": pos.next_seq,
+        "next_lsn": pos.applied_lsn + 1,
+    });
+    let mut marker_path = b.as_os_str().to_owned();
+    marker_path.push(".tinylag-clean");
+    std::fs::write(marker_path, marker.to_string()).unwrap();
+    let daemon = Daemon::start(
+        b,
+        journal,
+        &["--takeover", "--lease-time", "3s", "--linger", "50ms"],
+        &[],
+    );
+    let started = daemon.status()["mode"].clone();
+    eprintln!("B started {started}");
+    daemon.wait_status(Duration::from_secs(120), "B's takeover resync", |s| {
+        s["mode"] == "logging"
+    });
+    daemon
+}
+
+fn consumer_seed(journal: &Path, name: &str) -> Option<Seed> {
+    let store = LocalStore::new(journal);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(consumer::load(&store, name))
+        .ok()
+        .map(|c| c.seed)
+}
+
+/// Unplanned: A is killed under fio, B takes over and writes; A rejoins moving at most the
+/// regions of its activity log plus its post-fork records (a fraction of the device), is
+/// vouched for once the writer's span arrives, and ends byte-identical to B.
+#[test]
+fn a_killed_primary_rejoins_moving_only_what_diverged() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal_dir = dir.path().join("journal");
+    let journal = path(&journal_dir).to_string();
+    let a = dir.path().join("a.img");
+    let b = dir.path().join("b.img");
+    init(&journal, &a, DEVICE, &["--region-size", "1M"], &[]);
+    // B follows from the start (blank, created by its agent).
+    let mut b_agent = spawn(
+        &replay_args(&journal, &b, "siteb"),
+        &dir.path().join("b-agent.log"),
+    );
+    kill_a_under_fio(dir.path(), &journal, &a);
+    b_agent.terminate(Duration::from_secs(30)).unwrap();
+
+    let mut b_daemon = take_over_on_b(&journal_dir, &journal, &b);
+    // B writes after the fork, in regions A never touched and in one it did.
+    qemu_io_ok(
+        &b_daemon.uri(),
+        &["write -P 0x5b 40M 2M", "write -P 0x5c 1M 64k", "flush"],
+    );
+
+    // A rejoins (a daemon: the writer serves its request at its next lease renewal).
+    let rejoin_log = dir.path().join("rejoin.log");
+    let mut args = replay_args(&journal, &a, "sitea");
+    args[0] = "rejoin".into();
+    let mut a_agent = spawn(&args, &rejoin_log);
+    let request = journal_dir.join("requests/resync/sitea");
+    wait_until(Duration::from_secs(60), || {
+        std::fs::read_to_string(&rejoin_log).is_ok_and(|l| l.contains("will move"))
+    })
+    .unwrap_or_else(|()| panic!("rejoin printed no plan: {}", a_agent.log_tail(4096)));
+    let out = std::fs::read_to_string(&rejoin_log).unwrap();
+    let (bytes, regions) = will_move(&out);
+    let (logged, recorded) = diverged_parts(&out);
+    eprintln!("{out}");
+    assert!(regions >= 1, "A wrote under fio: something diverged\n{out}");
+    assert!(
+        regions <= logged + recorded,
+        "moved regions ≤ the activity log's plus the post-fork records'\n{out}"
+    );
+    assert!(bytes <= regions * MIB, "{out}");
+    assert!(
+        bytes <= 8 * MIB,
+        "fio wrote only the first 8 MiB of 64: {bytes} bytes is not only what diverged"
+    );
+    // Registered at the fork, checking exactly the diverged regions (printed before it is
+    // registered: wait for the registration).
+    wait_until(Duration::from_secs(60), || {
+        consumer_seed(&journal_dir, "sitea").is_some()
+    })
+    .unwrap_or_else(|()| panic!("not registered: {}", a_agent.log_tail(4096)));
+    match consumer_seed(&journal_dir, "sitea") {
+        Some(Seed::Checking { unproven, .. }) => assert!(unproven.count() <= regions),
+        Some(Seed::Checked { .. }) => {}
+        other => panic!("seed {other:?}"),
+    }
+    // The writer journals the span and deletes the request once it is durable.
+    wait_until(Duration::from_secs(120), || !request.exists()).unwrap_or_else(|()| {
+        panic!(
+            "the request was never served; B's log:\n{}",
+            b_daemon.log_tail()
+        )
+    });
+    // Writes stop; B stops cleanly (everything durable); A applies the rest and is vouched.
+    b_daemon.stop_ok();
+    a_agent.terminate(Duration::from_secs(30)).unwrap();
+    let mut once = replay_args(&journal, &a, "sitea");
+    once.push("--once".into());
+    run_ok(&once);
+    assert!(
+        matches!(
+            consumer_seed(&journal_dir, "sitea"),
+            Some(Seed::Checked { .. })
+        ),
+        "every diverged region proven by the span: {:?}",
+        consumer_seed(&journal_dir, "sitea")
+    );
+    assert_same_image(&a, &b);
+}
+
+/// A journal trimmed past the fork: rejoin refuses with one line naming the bytes `--full`
+/// costs, and registers nothing, asks for nothing.
+#[test]
+fn rejoin_after_a_trim_past_the_fork_is_refused_without_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal_dir = dir.path().join("journal");
+    let journal = path(&journal_dir).to_string();
+    let a = dir.path().join("a.img");
+    let b = dir.path().join("b.img");
+    init(&journal, &a, DEVICE, &["--region-size", "1M"], &[]);
+    let mut a_daemon = Daemon::start(&a, &journal, &["--lease-time", "3s"], &[]);
+    qemu_io_ok(&a_daemon.uri(), &["write -P 0xa1 0 3M", "flush"]);
+    a_daemon.wait_status(Duration::from_secs(60), "A's writes durable", |s| {
+        s["durable_lsn"] == s["head_lsn"]
+    });
+    a_daemon.kill9();
+    let mut args = replay_args(&journal, &b, "siteb");
+    args.push("--once".into());
+    run_ok(&args);
+    let mut b_daemon = Daemon::start(&b, &journal, &["--takeover", "--lease-time", "3s"], &[]);
+    b_daemon.wait_status(Duration::from_secs(120), "B's takeover resync", |s| {
+        s["mode"] == "logging"
+    });
+    qemu_io_ok(&b_daemon.uri(), &["write -P 0xb1 8M 1M", "flush"]);
+    b_daemon.stop_ok();
+    // No agent holds trim (B's old consumer is dropped): everything but the newest goes.
+    tinylag_ok(
+        &[
+            "journal",
+            "trim",
+            "--journal",
+            &journal,
+            "--retain",
+            "0s",
+            "--drop-consumer-after",
+            "0s",
+        ],
+        &[],
+    );
+    let before = std::fs::read(&a).unwrap();
+    let mut args = replay_args(&journal, &a, "sitea");
+    args[0] = "rejoin".into();
+    args.push("--once".into());
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = tinylag(&argv, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "refused: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    assert!(lines[0].contains("trimmed past the fork"), "{stderr}");
+    assert!(
+        lines[0].contains("--full") && lines[0].contains("64.0 MiB"),
+        "{stderr}"
+    );
+    assert!(
+        consumer_seed(&journal_dir, "sitea").is_none(),
+        "nothing registered"
+    );
+    assert!(
+        !journal_dir.join("requests/resync/sitea").exists(),
+        "nothing asked"
+    );
+    assert_eq!(std::fs::read(&a).unwrap(), before, "the image untouched");
+}
