@@ -25,6 +25,14 @@ use crate::cmd::output::{say, tell};
 use crate::cmd::replay::{self, ReplayArgs};
 
 #[derive(Debug, Args)]
+// replay's seed choices mean nothing here (rejoin seeds its consumer itself): hidden, refused.
+#[command(
+    mut_arg("check_seed", |a| a.hide(true)),
+    mut_arg("assume_seeded", |a| a.hide(true)),
+    mut_arg("replica", |a| a.help(
+        "The old primary's image, with its activity log and clean-stop marker beside it"
+    ))
+)]
 pub struct RejoinArgs {
     #[command(flatten)]
     pub replay: ReplayArgs,
@@ -58,6 +66,11 @@ fn refusal(e: RejoinError, full_bytes: u64, device: u64) -> anyhow::Error {
 
 pub async fn run(args: RejoinArgs) -> anyhow::Result<()> {
     let r = &args.replay;
+    if r.check_seed || r.assume_seeded {
+        anyhow::bail!(
+            "rejoin refused: --check-seed and --assume-seeded are replay's; rejoin seeds its consumer itself (checking exactly the diverged regions)"
+        );
+    }
     let journal = r.journal.open().await?;
     let manifest = Manifest::load(journal.as_ref()).await?;
     let replica = std::path::absolute(&r.replica)
