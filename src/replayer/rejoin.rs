@@ -314,6 +314,95 @@ mod tests {
         .unwrap()
     }
 
+    /// Epoch 1 wrote seq 0 and demoted; epoch 2 (a plain promote) continued at seq 1.
+    async fn demoted_and_promoted() -> (crate::store::memory::MemoryStore, Manifest, Chain) {
+        use crate::journal::chain::ChainEntry;
+        use crate::journal::epoch::{EpochReason, Predecessor};
+        use crate::journal::record::{Op, Record};
+        use crate::journal::segment::encode_segment;
+        let store = crate::store::memory::MemoryStore::new();
+        let m = manifest();
+        for (epoch, seq, lsn) in [(1, 0, 1), (2, 1, 2)] {
+            let record = Record {
+                lsn,
+                timestamp_ns: lsn,
+                dev: 0,
+                op: Op::Write {
+                    offset: 0,
+                    data: bytes::Bytes::from(vec![1u8; 4096]),
+                },
+            };
+            let body = encode_segment(m.uuid, epoch, seq, lsn, &[record]).unwrap();
+            store
+                .put_if_absent(&m.segment_key(seq), body)
+                .await
+                .unwrap();
+        }
+        let entry = |epoch, first_seq, first_lsn, pred| ChainEntry {
+            epoch,
+            first_seq,
+            first_lsn,
+            predecessor: pred,
+            reason: EpochReason::Promote,
+            owner: String::new(),
+            host: String::new(),
+            began_at_ns: 0,
+        };
+        let mut chain = Chain::default();
+        chain.entries.insert(1, entry(1, 0, 1, None));
+        chain
+            .entries
+            .insert(2, entry(2, 1, 2, Some(Predecessor { epoch: 1, lsn: 1 })));
+        (store, m, chain)
+    }
+
+    #[tokio::test]
+    async fn after_a_plain_promote_nothing_moves_and_the_image_is_vouched_at_once() {
+        let (store, m, chain) = demoted_and_promoted().await;
+        let image = ImageState {
+            owned: 1,
+            source: OwnerSource::CleanStop,
+            unjournaled: RegionRanges::default(),
+        };
+        let plan = plan(&store, &m, &chain, TrimPointer::default(), Ok(image), false)
+            .await
+            .unwrap();
+        assert_eq!((plan.bytes, plan.start_seq, plan.start_lsn), (0, 1, 1));
+        let pos = plan.consumer("sitea", "/a.img", 0, 5);
+        assert!(
+            matches!(pos.seed, Seed::Checked { lsn: 1, .. }),
+            "{:?}",
+            pos.seed
+        );
+        assert_eq!((pos.next_seq, pos.applied_lsn), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn full_moves_every_region_even_without_a_bound_and_starts_at_the_end() {
+        let (store, m, chain) = demoted_and_promoted().await;
+        let unknown = || {
+            Err(RejoinError::UnknownImage {
+                why: "nothing".into(),
+            })
+        };
+        let trim = TrimPointer::default();
+        assert!(plan(&store, &m, &chain, trim, unknown(), false)
+            .await
+            .is_err());
+        let plan = plan(&store, &m, &chain, trim, unknown(), true)
+            .await
+            .unwrap();
+        assert_eq!(plan.regions.to_string(), "0-2");
+        assert_eq!(plan.bytes, 10 * MIB);
+        assert_eq!(
+            (plan.start_seq, plan.start_lsn),
+            (2, 2),
+            "the journal's end"
+        );
+        let pos = plan.consumer("sitea", "/a.img", 0, 5);
+        assert!(!pos.seed.vouched());
+    }
+
     #[test]
     fn bytes_are_regions_times_the_region_size_clipped_at_the_device_end() {
         let r: RegionRanges = "0,2".parse().unwrap();
