@@ -14,7 +14,8 @@
 #   its start onto a blank image (today's way: every segment) and must equal B too; both
 #   timed.
 #
-# Environment: SIZE (default 1G), HOT (default 128M), RUNTIME (default 10), BENCH_DIR (scratch,
+# Environment: SIZE (default 1G), HOT (default 128M), RUNTIME (default 10), RATE_B (fio's
+# --rate on B after the fork, default 20m: production going on, not a flood), BENCH_DIR (scratch,
 # default target/bench-rejoin), BENCH_OUT (default BENCHMARKS.md; the section between
 # "<!-- rejoin:begin -->" and "<!-- rejoin:end -->" is replaced). Needs fio (nbd engine),
 # python3, cmp.
@@ -24,6 +25,7 @@ cd "$(dirname "$0")/.."
 SIZE=${SIZE:-1G}
 HOT=${HOT:-128M}
 RUNTIME=${RUNTIME:-10}
+RATE_B=${RATE_B:-20m}
 DIR=${BENCH_DIR:-$PWD/target/bench-rejoin}
 OUT=${BENCH_OUT:-$PWD/BENCHMARKS.md}
 
@@ -52,10 +54,10 @@ wait_for() { # $1 what, $2 command that succeeds when done
     for _ in $(seq 1200); do eval "$2" && return 0; sleep 0.1; done
     echo "bench/rejoin.sh: timed out waiting for $1" >&2; exit 1
 }
-fio_bg() { # $1 socket, $2 offset, $3 seconds, $4 json out
+fio_bg() { # $1 socket, $2 offset, $3 seconds, $4 json out, $5 extra fio options
     fio --name=load --ioengine=nbd --uri="nbd+unix:///?socket=$1" --rw=randwrite \
         --bsrange=4k-64k --iodepth=8 --offset="$2" --size="$HOT" --time_based \
-        --runtime="$3" --norandommap --randrepeat=0 --output-format=json >"$4" 2>/dev/null &
+        --runtime="$3" --norandommap --randrepeat=0 --output-format=json ${5:-} >"$4" 2>/dev/null &
 }
 fio_bytes() { sed -n '/^{/,$p' "$1" | field 'd["jobs"][0]["write"]["io_bytes"]' 2>/dev/null || echo 0; }
 
@@ -90,8 +92,9 @@ PIDS+=("$BPID")
 wait_for "B answering" "[[ -S $B.ctl ]] && status $B.ctl | grep -q mode"
 B_START=$(status "$B.ctl" | field 'd["mode"]')
 wait_for "B logging" "status $B.ctl | field 'd[\"mode\"]' | grep -qx logging"
-fio_bg "$B.sock" "$(( $(numfmt --from=iec "$HOT") * 2 ))" "$RUNTIME" "$DIR/fio-b.json"
+fio_bg "$B.sock" "$(( $(numfmt --from=iec "$HOT") * 2 ))" "$RUNTIME" "$DIR/fio-b.json" "--rate=$RATE_B"
 wait $! || true
+B_RESYNCED_BEFORE=$(status "$B.ctl" | field 'd["resync"]["lifetime_regions"]')
 
 T1=$(now)
 "$BIN" rejoin --journal "$J" --replica "$A" --name sitea >"$DIR/rejoin.out" 2>"$DIR/rejoin.log" &
@@ -99,7 +102,7 @@ RPID=$!
 PIDS+=("$RPID")
 wait_for "the rejoin's plan" "grep -q 'will move' $DIR/rejoin.out"
 wait_for "the request served" "[[ ! -e $J/requests/resync/sitea ]] && grep -q sitea <(ls $J/consumers)"
-B_RESYNCED=$(status "$B.ctl" | field 'd["resync"]["lifetime_regions"]')
+B_RESYNCED=$(( $(status "$B.ctl" | field 'd["resync"]["lifetime_regions"]') - B_RESYNCED_BEFORE ))
 kill "$BPID"; wait "$BPID" || true
 kill "$RPID"; wait "$RPID" || true
 "$BIN" replay --journal "$J" --replica "$A" --name sitea --once >/dev/null 2>&1
@@ -114,7 +117,7 @@ j, start = sys.argv[1], int(sys.argv[2])
 total = 0
 for stripe in os.listdir(f"{j}/journal"):
     for name in os.listdir(f"{j}/journal/{stripe}"):
-        if int(name) >= start:
+        if name.isdigit() and int(name) >= start:
             total += os.path.getsize(f"{j}/journal/{stripe}/{name}")
 print(total)
 EOF
@@ -147,7 +150,7 @@ section = f"""<!-- rejoin:begin -->
 at the end; 2 cores shared with other builds). Site A serves, B follows; fio writes A's first
 $HOT and A is killed with SIGKILL under it; B applies what is durable and takes over
 (\`serve --takeover\` with the clean-stop marker \`promote --force\` writes; B started \`$B_START\`);
-fio writes $HOT of B elsewhere; then \`tinylag rejoin\` on A. A equals B afterwards (cmp), and so
+fio writes $HOT of B elsewhere at $RATE_B/s for ${RUNTIME}s; then \`tinylag rejoin\` on A. A equals B afterwards (cmp), and so
 does a new consumer's replay of the whole journal onto a blank image (today's way).
 
 The rejoin's own account: "$DIVERGED_LINE".
@@ -155,11 +158,11 @@ The rejoin's own account: "$DIVERGED_LINE".
 | | bytes |
 |---|---|
 | device | {mib(device)} |
-| written on A by fio (before and after the fork) | {mib(a)} |
+| written on A by fio until it was killed (journaled or not) | {mib(a)} |
 | written on B by fio after the fork | {mib(b)} |
 | rejoin: diverged regions on A ({regions} × 4 MiB) | {mib(diverged)} |
 | rejoin: moved (asked of B, printed before moving) | {mib(move)} ({move / max(diverged, 1):.2f} × the diverged regions; {100 * move / device:.1f}% of the device) |
-| rejoin: regions B's writer resynced | {resynced} ({mib(resynced * 4 * 2**20)}) |
+| rejoin: regions B's writer resynced for the request (the span) | {resynced} ({mib(resynced * 4 * 2**20)}; {resynced * 4 * 2**20 / max(diverged, 1):.2f} × the diverged regions, target ≤ 1.2) |
 | rejoin: journal A's agent read from the fork (B's records and the span) | {mib($FROM_FORK)} |
 | today: a new consumer's full replay (every segment of the journal) | {mib($JOURNAL_BYTES)} |
 
