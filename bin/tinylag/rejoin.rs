@@ -89,6 +89,18 @@ pub async fn run(args: RejoinArgs) -> anyhow::Result<()> {
         Err(JournalError::UnknownConsumer { .. }) => {}
         Err(e) => return Err(e.into()),
     }
+    // A `serve` still running on the image (a fenced old primary keeps serving) answers on
+    // the control socket the agent would take: refuse before anything changes.
+    let control = r
+        .control
+        .clone()
+        .unwrap_or_else(|| replay::default_control_path(&replica));
+    if std::os::unix::net::UnixStream::connect(&control).is_ok() {
+        anyhow::bail!(
+            "rejoin refused: a daemon answers on {} (is `serve` still running on this image? stop it first)",
+            control.display()
+        );
+    }
     if !replica.exists() {
         anyhow::bail!(
             "rejoin refused: the old primary's image {} does not exist (for a new replica use `replay`)",
