@@ -5,9 +5,8 @@
 #
 #   A `serve`s a SIZE device (local-directory journal, 4 MiB regions, activity log on) with B
 #   following (`replay`). fio (nbd engine, 4k-64k randwrite QD8) writes HOT bytes of A for
-#   RUNTIME s and A is killed with SIGKILL under it. B applies everything durable and takes
-#   over (`serve --takeover` with the clean-stop marker `promote --force` writes: see
-#   tests/rejoin.rs), fio writes HOT bytes of B (a different span) for RUNTIME s, then A runs
+#   RUNTIME s and A is killed with SIGKILL under it. B takes over with `promote --force`
+#   (applies everything durable, claims the next epoch, serves in `logging`), fio writes HOT bytes of B (a different span) for RUNTIME s, then A runs
 #   `tinylag rejoin`: its "will move" line (bytes, regions), the regions B resynced for it,
 #   and the journal bytes its agent read from the fork on (segments from the start seq) are
 #   recorded; once B stops, A must equal B (cmp). Then a new consumer replays the journal from
@@ -76,20 +75,12 @@ sleep "$((RUNTIME / 2))"
 kill -9 "$APID"
 wait "$FIOA" 2>/dev/null || true
 kill "$BAG"; wait "$BAG" 2>/dev/null || true
-"$BIN" replay --journal "$J" --replica "$B" --name siteb --once >/dev/null 2>&1
-python3 - "$J" "$B" <<'EOF'
-import json, sys
-j, b = sys.argv[1], sys.argv[2]
-pos = json.load(open(f"{j}/consumers/siteb"))
-uuid = json.load(open(f"{j}/tinylag.json"))["uuid"]
-json.dump({"uuid": uuid, "epoch": 0, "next_seq": pos["next_seq"], "next_lsn": pos["applied_lsn"] + 1},
-          open(f"{b}.tinylag-clean", "w"))
-EOF
 T0=$(now)
-"$BIN" serve --primary "$B" --journal "$J" --lease-time 3s --takeover >"$DIR/b.log" 2>&1 &
+"$BIN" promote --force --replica "$B" --journal "$J" --name siteb --lease-time 3s >"$DIR/b.log" 2>&1 &
 BPID=$!
 PIDS+=("$BPID")
 wait_for "B answering" "[[ -S $B.ctl ]] && status $B.ctl | grep -q mode"
+TB=$(now)
 B_START=$(status "$B.ctl" | field 'd["mode"]')
 wait_for "B logging" "status $B.ctl | field 'd[\"mode\"]' | grep -qx logging"
 fio_bg "$B.sock" "$(( $(numfmt --from=iec "$HOT") * 2 ))" "$RUNTIME" "$DIR/fio-b.json" "--rate=$RATE_B"
@@ -148,8 +139,8 @@ section = f"""<!-- rejoin:begin -->
 
 \`bench/rejoin.sh\` on $(date -u +%Y-%m-%d) (release build; SIZE=$SIZE, HOT=$HOT, RUNTIME=${RUNTIME}s; $UPTIME
 at the end; 2 cores shared with other builds). Site A serves, B follows; fio writes A's first
-$HOT and A is killed with SIGKILL under it; B applies what is durable and takes over
-(\`serve --takeover\` with the clean-stop marker \`promote --force\` writes; B started \`$B_START\`);
+$HOT and A is killed with SIGKILL under it; B takes over with
+\`promote --force\` (B started \`$B_START\`; failover {$TB - $T0:.1f} s from the promote to serving);
 fio writes $HOT of B elsewhere at $RATE_B/s for ${RUNTIME}s; then \`tinylag rejoin\` on A. A equals B afterwards (cmp), and so
 does a new consumer's replay of the whole journal onto a blank image (today's way).
 

@@ -18,8 +18,8 @@ mod cmd;
 use cmd::args::{UsageError, GLOBAL_OPTIONS};
 use cmd::output::{error_text, ColorChoice, LogFormat};
 use cmd::{
-    config, control_cmd, init, journal_cmd, rejoin, replay, serve, shell_docs, status, timetravel,
-    trim, up,
+    config, control_cmd, init, journal_cmd, promote, rejoin, replay, serve, shell_docs, status,
+    timetravel, trim, up,
 };
 
 /// Asynchronous block-device replication through a journal in object storage,
@@ -83,6 +83,15 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Re-journal regions of the primary as a resync span through a running `serve`.
     Resync(control_cmd::ResyncArgs),
+    /// End a running `serve`'s epoch for a planned failover: writes refused, everything
+    /// durable, a DEMOTE record last, the lease released.
+    Demote(control_cmd::DemoteArgs),
+    /// Make a replica the primary: catch it up, claim the next epoch and serve it (as
+    /// `serve` does, with its flags); --force when the old primary is gone.
+    #[command(mut_arg("primary", |a| a.long("replica").help(
+        "The replica to promote: it becomes the primary (serve's --primary)"
+    )))]
+    Promote(Box<promote::PromoteArgs>),
     /// Have a running `serve` journal a checksum of regions in order; each replay agent
     /// compares its replica when it applies them and reports mismatches.
     Verify(control_cmd::VerifyArgs),
@@ -131,6 +140,8 @@ fn main() -> ExitCode {
             Command::Journal(c) => journal_cmd::run(c).await,
             Command::Mark(a) => control_cmd::mark(a).await,
             Command::Resync(a) => control_cmd::resync(a).await,
+            Command::Demote(a) => control_cmd::demote(a).await,
+            Command::Promote(a) => promote::run(*a).await,
             Command::Verify(a) => control_cmd::verify(a).await,
             Command::Replay(a) => replay::run(*a).await,
             Command::Rejoin(a) => rejoin::run(*a).await,

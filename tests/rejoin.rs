@@ -3,10 +3,8 @@
 //! records after the fork), and ends byte-identical to the new primary; a journal trimmed
 //! past the fork is refused with one line and nothing changed.
 //!
-//! The forced failover is `serve --takeover` on site B's replica once its agent applied
-//! everything durable (what `promote --force` does, built on another branch; the takeover
-//! starts forward-full, which journals B's whole device, and changes nothing of what rejoin
-//! computes: the fork, A's divergence, the bytes it asks for).
+//! The forced failover is `promote --force` on site B's replica: it serves in `logging`
+//! (nothing resynced), so the rejoin's span is the only way A's diverged regions come back.
 
 mod support;
 
@@ -23,7 +21,6 @@ use support::replay::{replay_args, run_ok, spawn};
 use support::verdict::judge_ext4;
 use tinylag::journal::consumer;
 use tinylag::journal::seed::Seed;
-use tinylag::journal::Manifest;
 use tinylag::store::local::LocalStore;
 
 const MIB: u64 = 1 << 20;
@@ -68,40 +65,28 @@ fn kill_a_under_fio(dir: &Path, journal: &str, a: &Path) {
     drop(fio);
 }
 
-/// B's replica applies everything durable, then B serves it as the new primary: what
-/// `promote --force` does (built on another branch), stood in for by `serve --takeover` on
-/// the replica with a clean-stop marker at the journal's end as B's consumer position says
-/// it (the marker `promote` writes). Where A's last uploads left holes the new writer
-/// plugs, the marker does not match and B starts forward-full instead (a whole-device span
-/// after the fork: the rejoin's own span then proves nothing new, but still runs).
-fn take_over_on_b(journal_dir: &Path, journal: &str, b: &Path) -> Daemon {
-    let mut args = replay_args(journal, b, "siteb");
-    args.push("--once".into());
-    run_ok(&args);
-    let store = LocalStore::new(journal_dir);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let pos = rt.block_on(consumer::load(&store, "siteb")).unwrap();
-    let manifest = rt.block_on(Manifest::load(&store)).unwrap();
-    let marker = serde_json::json!({
-        "uuid": manifest.uuid,
-        "epoch": 0,
-        "next_seq": pos.next_seq,
-        "next_lsn": pos.applied_lsn + 1,
-    });
-    let mut marker_path = b.as_os_str().to_owned();
-    marker_path.push(".tinylag-clean");
-    std::fs::write(marker_path, marker.to_string()).unwrap();
-    let daemon = Daemon::start(
-        b,
+/// B takes over with `promote --force`: its replica applies everything durable, the next
+/// epoch is claimed (fencing A) and B serves in `logging` (nothing resynced).
+fn take_over_on_b(journal: &str, b: &Path) -> Daemon {
+    let args: Vec<String> = [
+        "promote",
+        "--force",
+        "--replica",
+        path(b),
+        "--journal",
         journal,
-        &["--takeover", "--lease-time", "3s", "--linger", "50ms"],
-        &[],
-    );
-    let started = daemon.status()["mode"].clone();
-    eprintln!("B started {started}");
-    daemon.wait_status(Duration::from_secs(120), "B's takeover resync", |s| {
-        s["mode"] == "logging"
-    });
+        "--name",
+        "siteb",
+        "--lease-time",
+        "3s",
+        "--linger",
+        "50ms",
+    ]
+    .map(String::from)
+    .to_vec();
+    let daemon = Daemon::start_args(b, None, &args, &[]);
+    let status = daemon.status();
+    assert_eq!(status["mode"], "logging", "promoted clean: {status:#}");
     daemon
 }
 
@@ -132,7 +117,7 @@ fn a_killed_primary_rejoins_moving_only_what_diverged() {
     kill_a_under_fio(dir.path(), &journal, &a);
     b_agent.terminate(Duration::from_secs(30)).unwrap();
 
-    let mut b_daemon = take_over_on_b(&journal_dir, &journal, &b);
+    let mut b_daemon = take_over_on_b(&journal, &b);
     // B writes after the fork, in regions A never touched and in one it did.
     qemu_io_ok(
         &b_daemon.uri(),
@@ -214,13 +199,7 @@ fn rejoin_after_a_trim_past_the_fork_is_refused_without_full() {
         s["durable_lsn"] == s["head_lsn"]
     });
     a_daemon.kill9();
-    let mut args = replay_args(&journal, &b, "siteb");
-    args.push("--once".into());
-    run_ok(&args);
-    let mut b_daemon = Daemon::start(&b, &journal, &["--takeover", "--lease-time", "3s"], &[]);
-    b_daemon.wait_status(Duration::from_secs(120), "B's takeover resync", |s| {
-        s["mode"] == "logging"
-    });
+    let mut b_daemon = take_over_on_b(&journal, &b);
     qemu_io_ok(&b_daemon.uri(), &["write -P 0xb1 8M 1M", "flush"]);
     b_daemon.stop_ok();
     // No agent holds trim (B's old consumer is dropped): everything but the newest goes.
@@ -322,7 +301,7 @@ fn ext4_stays_clean_across_a_forced_failover_and_a_rejoin() {
     qemu_io_ok(&a_daemon.uri(), &["write -P 0xee 120M 4M"]);
     a_daemon.kill9();
 
-    let mut b_daemon = take_over_on_b(&journal_dir, &journal, &b);
+    let mut b_daemon = take_over_on_b(&journal, &b);
     let on_b = dir.path().join("on-b");
     std::fs::create_dir(&on_b).unwrap();
     let mut disk = NbdLoop::attach(&b_daemon.uri(), &on_b);

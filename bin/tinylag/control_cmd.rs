@@ -1,4 +1,4 @@
-//! `tinylag mark`, `tinylag verify` and `tinylag resync`: clients of a running `serve`'s
+//! `tinylag mark`, `tinylag verify`, `tinylag resync` and `tinylag demote`: clients of a running `serve`'s
 //! control socket (see `tinylag::writer::control_records` for what the daemon does); a mark's
 //! freezes and application hooks are in [`crate::cmd::freeze`].
 
@@ -8,8 +8,8 @@ use clap::Args;
 use tinylag::control::{self, Request};
 use tinylag::units::format_size;
 use tinylag::writer::control_records::{
-    MarkArgs as MarkRequest, MarkDone, RegionList, ResyncArgs as ResyncRequest, ResyncDone,
-    VerifyArgs as VerifyRequest, VerifyDone,
+    DemoteArgs as DemoteRequest, DemoteDone, MarkArgs as MarkRequest, MarkDone, RegionList,
+    ResyncArgs as ResyncRequest, ResyncDone, VerifyArgs as VerifyRequest, VerifyDone,
 };
 
 use crate::cmd::args::parse_size;
@@ -172,6 +172,33 @@ pub async fn resync(args: ResyncArgs) -> anyhow::Result<()> {
         format_size(done.bytes),
         done.dirty_regions,
         done.mode
+    );
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct DemoteArgs {
+    /// How long to wait for a pending resync to drain before giving up (nothing demoted).
+    #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = crate::cmd::args::parse_duration)]
+    pub resync_timeout: std::time::Duration,
+    #[command(flatten)]
+    pub control: ControlArgs,
+}
+
+pub async fn demote(args: DemoteArgs) -> anyhow::Result<()> {
+    let request = DemoteRequest {
+        resync_timeout_s: Some(args.resync_timeout.as_secs().max(1)),
+    };
+    let (done, raw): (DemoteDone, _) = args.control.ask("demote", request).await?;
+    if args.control.json {
+        println!("{}", serde_json::to_string_pretty(&raw)?);
+        return Ok(());
+    }
+    println!(
+        "demoted: epoch {} ends with DEMOTE at LSN {} (seq {}); the primary is exactly the \
+         journal through it, writes are refused, the lease is released; promote a replica \
+         with `tinylag promote`",
+        done.epoch, done.lsn, done.seq
     );
     Ok(())
 }

@@ -11,6 +11,7 @@ pub mod journal_cmd;
 pub mod log_redact;
 pub mod metrics;
 pub mod output;
+pub mod promote;
 pub mod rejoin;
 pub mod replay;
 pub mod serve;

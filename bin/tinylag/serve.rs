@@ -25,7 +25,8 @@ use tinylag::units::format_size;
 use tinylag::writer::control_records::ServeControl;
 use tinylag::writer::lease::LeaseKeeper;
 use tinylag::writer::{
-    default_activity_log_path, AckMode, JournalSetup, Labels, MaxLag, PrimaryCore, WriterConfig,
+    default_activity_log_path, AckMode, JournalSetup, Labels, MaxLag, OnFence, PrimaryCore,
+    Promotion, WriterConfig,
 };
 
 use crate::cmd::args::{
@@ -140,6 +141,11 @@ pub struct ServeArgs {
     /// missing object.
     #[arg(long, conflicts_with = "no_journal")]
     pub abandon_after_hole: bool,
+    /// What clients see once another writer fences this one (split brain): keep (serve
+    /// reads and writes; the writes stay in the activity log as this site's divergence),
+    /// read-only (writes fail: NBD EPERM, ublk EROFS) or error (every request fails).
+    #[arg(long, default_value = "keep", value_name = "keep|read-only|error", value_parser = OnFence::parse)]
+    pub on_fence: OnFence,
     #[command(flatten)]
     pub metrics: MetricsArgs,
     #[command(flatten)]
@@ -204,6 +210,38 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
 /// [`run`], with the metrics going to `shared` (from `up`) instead of `--metrics-listen`.
 pub async fn run_with(args: ServeArgs, shared: Option<Arc<Hub>>) -> anyhow::Result<()> {
+    serve_with(args, shared, None).await
+}
+
+/// What `promote` hands to the serve path: its claim, the exact epoch with the replica's
+/// catch-up, and its last steps once serving.
+pub struct PromoteStart {
+    pub claim: ClaimBasis,
+    pub promotion: Promotion,
+    /// Runs once the primary is served (the consumer entry ends, the report is printed).
+    pub serving: ServingHook,
+}
+
+/// See [`PromoteStart::serving`].
+pub type ServingHook = Box<
+    dyn FnOnce(Arc<PrimaryCore>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        + Send,
+>;
+
+/// `serve` as `promote` runs it in-process: the same flags, sockets, TLS and metrics.
+pub async fn run_promoted(args: ServeArgs, promote: PromoteStart) -> anyhow::Result<()> {
+    serve_with(args, None, Some(promote)).await
+}
+
+async fn serve_with(
+    args: ServeArgs,
+    shared: Option<Arc<Hub>>,
+    promote: Option<PromoteStart>,
+) -> anyhow::Result<()> {
+    let (promote_claim, promotion, serving) = match promote {
+        Some(p) => (Some(p.claim), Some(p.promotion), Some(p.serving)),
+        None => (None, None, None),
+    };
     return_large_buffers_to_the_kernel();
     // Every argument is checked before anything is opened, bound or claimed.
     let ack = args.ack_mode()?;
@@ -304,8 +342,9 @@ pub async fn run_with(args: ServeArgs, shared: Option<Arc<Hub>>) -> anyhow::Resu
             args.lease_time,
         ))
     });
-    let mut claim = ClaimBasis::default();
-    if let Some(store) = &journal_store {
+    let mut claim = promote_claim.clone().unwrap_or_default();
+    // A promote checked the lease itself (released after a demote, or --force).
+    if let (Some(store), None) = (&journal_store, &promote_claim) {
         let ttl_ms = args.lease_time.as_millis() as u64;
         if args.takeover {
             if let Ok(Some(holder)) = lease::current(store.as_ref(), ttl_ms).await {
@@ -355,6 +394,8 @@ pub async fn run_with(args: ServeArgs, shared: Option<Arc<Hub>>) -> anyhow::Resu
             }),
             abandon_after_hole: args.abandon_after_hole,
             claim: claim.clone(),
+            on_fence: args.on_fence,
+            promotion: promotion.clone(),
         }
     });
     let started = PrimaryCore::start(device, labels, setup).await;
@@ -504,6 +545,9 @@ pub async fn run_with(args: ServeArgs, shared: Option<Arc<Hub>>) -> anyhow::Resu
     }
     // The NBD listener (bound above) accepts from here on; the control socket answers.
     systemd::ready(&format!("serving {served_as}"));
+    if let Some(serving) = serving {
+        serving(core.clone()).await;
+    }
 
     let signal = signals.recv().await;
     systemd::stopping();

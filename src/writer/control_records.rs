@@ -1,7 +1,8 @@
 //! What `serve` answers on its control socket, in one place: `status` (with the lease and
 //! the NBD server's buffer budget),
 //! `mark` (a named point), `verify` (in-band verify: `VERIFY` records of regions, paced) and
-//! `resync` (regions re-journaled as a resync span). State-changing commands are the ones
+//! `resync` (regions re-journaled as a resync span) and `demote` (the epoch ends with a
+//! `DEMOTE` record and the lease is released: a planned failover's first half). State-changing commands are the ones
 //! [`is_state_changing`] names, so a check of the peer can be added at one spot.
 //!
 //! ```text
@@ -11,6 +12,8 @@
 //! ← {"ok":true,"result":{"regions":16,"bytes":67108864,"first_lsn":…,"last_lsn":…,…}}
 //! → {"cmd":"resync","args":{"regions":"3,7-9"}}
 //! ← {"ok":true,"result":{"regions":4,"bytes":16777216,"dirty_regions":4,"mode":"forward-part"}}
+//! → {"cmd":"demote","args":{}}
+//! ← {"ok":true,"result":{"epoch":3,"lsn":52817,"seq":412}}
 //! ```
 //!
 //! Must never: create a mark before its `MARK` record is durable, or reuse a name; read
@@ -183,9 +186,35 @@ pub struct MarkDone {
     pub time: String,
 }
 
+/// Arguments of `demote`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DemoteArgs {
+    /// Seconds to wait for a pending resync to drain (default 60).
+    #[serde(default)]
+    pub resync_timeout_s: Option<u64>,
+}
+
+/// What `demote` answers: the epoch, the `DEMOTE`'s LSN and its segment's seq.
+pub use super::primary::Demoted as DemoteDone;
+
 /// Commands that change state (everything but `status`).
 pub fn is_state_changing(cmd: &str) -> bool {
-    matches!(cmd, "mark" | "verify" | "resync")
+    matches!(cmd, "mark" | "verify" | "resync" | "demote")
+}
+
+/// Ends this writer's epoch (see [`PrimaryCore::demote`]), then releases the lease with the
+/// final durable end so that a `promote` need not wait out its term.
+pub async fn demote(
+    core: &PrimaryCore,
+    lease: Option<&LeaseKeeper>,
+    args: &DemoteArgs,
+) -> Result<DemoteDone, CommandError> {
+    let timeout = Duration::from_secs(args.resync_timeout_s.unwrap_or(60));
+    let done = core.demote(timeout).await?;
+    if let Some(lease) = lease {
+        lease.release().await;
+    }
+    Ok(done)
 }
 
 /// Appends a `MARK` record, waits until it is durable, then records `marks/<name>`. A name
@@ -381,10 +410,17 @@ impl ServeControl {
                 let list = regions("resync", &a.regions)?;
                 encode(serde_json::to_value(resync(&self.core, &list)?))
             }
+            "demote" => {
+                let a: DemoteArgs = args("demote", request.args)?;
+                encode(serde_json::to_value(
+                    demote(&self.core, self.lease.as_deref(), &a).await?,
+                ))
+            }
             other => Err(CommandError::BadArguments {
                 cmd: "control",
                 reason: format!(
-                    "unknown command {other:?}; this daemon knows: status, mark, verify, resync"
+                    "unknown command {other:?}; this daemon knows: status, mark, verify, \
+                     resync, demote"
                 ),
             }),
         }

@@ -111,6 +111,25 @@ impl Intake {
         }
     }
 
+    /// Appends the writer's last record and closes the intake in one step, so that nothing
+    /// can be queued after it (`DEMOTE`). `None` when already closed.
+    pub fn append_last(&self, make: impl FnOnce(u64) -> Record, permit: Permit) -> Option<u64> {
+        let mut s = self.state();
+        if s.closed {
+            return None;
+        }
+        let lsn = s.next_lsn;
+        let record = make(lsn);
+        s.next_lsn += 1;
+        s.queued_bytes += permit.bytes();
+        s.queue.push(Pending { record, permit });
+        s.urgent = true;
+        s.closed = true;
+        drop(s);
+        self.wake.notify_one();
+        Some(lsn)
+    }
+
     /// Closes intake and returns the last LSN assigned. The encoder drains what is queued.
     pub fn close(&self) -> u64 {
         let mut s = self.state();

@@ -232,12 +232,27 @@ pub async fn prepare(
 /// [`prepare`] with the claim's reason, owner and (for `promote --at`) fork: the epoch's
 /// chain entry records them, with the predecessor at the fork or, for every other reason,
 /// at the journal's end as planned.
+#[cfg(test)]
 pub async fn prepare_as(
     store: Arc<dyn ObjectStore>,
     manifest: Manifest,
     clock: &dyn Clock,
     abandon_after_hole: bool,
     basis: ClaimBasis,
+) -> Result<Prepared, StartError> {
+    prepare_claiming(store, manifest, clock, abandon_after_hole, basis, None).await
+}
+
+/// [`prepare_as`], claiming exactly `exact` when given (`promote`: the epoch after the one
+/// it checked; of two racing promotes one wins, the other gets
+/// [`JournalError::EpochContended`] with nothing else written).
+pub async fn prepare_claiming(
+    store: Arc<dyn ObjectStore>,
+    manifest: Manifest,
+    clock: &dyn Clock,
+    abandon_after_hole: bool,
+    basis: ClaimBasis,
+    exact: Option<u64>,
 ) -> Result<Prepared, StartError> {
     let fail = |source| StartError::Journal {
         journal: store.describe(),
@@ -249,9 +264,11 @@ pub async fn prepare_as(
         _ => {}
     }
     let abandoning = hole.is_some();
-    let claim = epoch::claim_next_as(store.as_ref(), clock.now_ns(), basis)
-        .await
-        .map_err(fail)?;
+    let claim = match exact {
+        Some(epoch) => epoch::claim_exact(store.as_ref(), epoch, clock.now_ns(), basis).await,
+        None => epoch::claim_next_as(store.as_ref(), clock.now_ns(), basis).await,
+    }
+    .map_err(fail)?;
     let (trim, mut plan) = plan_restart_from_trim_pointer(store.as_ref(), &manifest)
         .await
         .map_err(fail)?;

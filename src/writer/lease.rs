@@ -388,7 +388,9 @@ impl LeaseKeeper {
                 task.abort();
             }
         }
-        if self.state.fenced.load(Ordering::Acquire) {
+        // Fenced: not ours to release. Released already (a demote): nothing more to write.
+        if self.state.fenced.load(Ordering::Acquire) || self.state.released.load(Ordering::Acquire)
+        {
             return;
         }
         let lease = lock(&self.state.lease).as_mut().map(|l| {

@@ -48,7 +48,10 @@ pub use journal_writer::WriterConfig;
 pub use lag_histogram::{LagBuckets, LagSummary};
 pub use mode::{AckMode, MaxLag, Mode};
 pub use pool::MIN_POOL_SIZE;
-pub use primary::{CoreError, HookError, JournalSetup, Labels, PrimaryCore, ShutdownReport};
+pub use primary::{
+    CatchUp, CoreError, Demoted, HookError, JournalSetup, Labels, OnFence, PrimaryCore, Promotion,
+    ShutdownReport,
+};
 pub use restart::{marker_path as clean_marker_path, take_marker as take_clean_marker};
 #[cfg(test)]
 pub(crate) use status::tests::sample as sample_status;

@@ -8,7 +8,8 @@
 //! | `forward-part` | some changes were not journaled (pool full, store down); their regions are dirty and a `RESYNC_BEGIN` is open |
 //! | `forward-full` | the whole primary must be resynced (a restart after a crash or unclean stop, a primary with data the journal never saw) |
 //! | `reverse-full` | replica → primary after a failback (not entered by this daemon yet) |
-//! | `fenced` | a newer writer owns the journal; nothing is journaled any more |
+//! | `fenced` | a newer writer owns the journal; nothing is journaled any more (split brain if clients still write) |
+//! | `demoted` | `tinylag demote` ended this writer's epoch with a `DEMOTE` record: writes are refused, reads go on |
 //! | `no-journal` | `--no-journal`: serving without a journal (for measurements only) |
 //!
 //! Conditions are set by whoever finds trouble (the I/O path, the journal writer) and cleared
@@ -36,17 +37,19 @@ pub enum Mode {
     ForwardFull,
     ReverseFull,
     Fenced,
+    Demoted,
     NoJournal,
 }
 
 impl Mode {
     /// Every mode, for the one-gauge-per-mode metric.
-    pub const ALL: [Mode; 6] = [
+    pub const ALL: [Mode; 7] = [
         Mode::Logging,
         Mode::ForwardPart,
         Mode::ForwardFull,
         Mode::ReverseFull,
         Mode::Fenced,
+        Mode::Demoted,
         Mode::NoJournal,
     ];
 
@@ -57,6 +60,7 @@ impl Mode {
             Mode::ForwardFull => "forward-full",
             Mode::ReverseFull => "reverse-full",
             Mode::Fenced => "fenced",
+            Mode::Demoted => "demoted",
             Mode::NoJournal => "no-journal",
         }
     }
@@ -179,6 +183,8 @@ pub struct ModeState {
     /// The whole primary needs a resync; why, as a [`FullReason`].
     full: AtomicU8,
     fenced: AtomicBool,
+    /// The epoch ended with a `DEMOTE` record (`tinylag demote`).
+    demoted: AtomicBool,
     no_journal: bool,
     transitions: Mutex<VecDeque<Transition>>,
 }
@@ -257,6 +263,8 @@ impl ModeState {
     pub fn mode(&self) -> Mode {
         if self.no_journal {
             Mode::NoJournal
+        } else if self.demoted.load(Ordering::Acquire) {
+            Mode::Demoted
         } else if self.fenced.load(Ordering::Acquire) {
             Mode::Fenced
         } else if self.full.load(Ordering::Acquire) != 0 {
@@ -337,6 +345,11 @@ impl ModeState {
 
     pub fn is_fenced(&self) -> bool {
         self.fenced.load(Ordering::Acquire)
+    }
+
+    /// The epoch ended with its `DEMOTE`: nothing more is journaled, writes are refused.
+    pub fn demote(&self, cause: &str) {
+        self.changing(cause, || self.demoted.store(true, Ordering::Release));
     }
 }
 

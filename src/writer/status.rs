@@ -169,6 +169,11 @@ impl StatusSnapshot {
                  which writer should own the journal.",
                 self.dirty.regions
             )),
+            Mode::Demoted => Some(
+                "mode demoted: this writer's epoch ended with its DEMOTE record; writes are \
+                 refused, reads are served until the daemon is stopped"
+                    .into(),
+            ),
             Mode::NoJournal => Some(
                 "WARNING: mode no-journal: this daemon journals nothing (--no-journal is for \
                  measurements only)."

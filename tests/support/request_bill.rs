@@ -302,6 +302,8 @@ pub async fn gib_bill() -> GibBill {
         activity_log: Some(dir.path().join("primary.img.tinylag-al")),
         abandon_after_hole: false,
         claim: Default::default(),
+        on_fence: Default::default(),
+        promotion: None,
     };
     let core = Arc::new(
         PrimaryCore::start(device, Labels::default(), Some(setup))

@@ -352,6 +352,8 @@ async fn through_the_primary_core_each_op_is_journaled_as_itself() {
         primary_path,
         abandon_after_hole: false,
         claim: Default::default(),
+        on_fence: Default::default(),
+        promotion: None,
     };
     let core = PrimaryCore::start(disk.clone(), Labels::default(), Some(setup))
         .await

@@ -8,7 +8,7 @@
 
 use std::ops::Range;
 
-use super::{Journaling, PrimaryCore};
+use super::{Journaling, OnFence, PrimaryCore, Refuse};
 use crate::block::BlockError;
 use crate::journal::record::VerifyChecksum;
 use crate::journal::{Op, Record};
@@ -39,6 +39,25 @@ pub enum HookError {
     /// The record was queued but did not become durable (store down, or fenced meanwhile).
     #[error("LSN {lsn} did not become durable in the journal (see `status` for why)")]
     NotDurable { lsn: u64 },
+    /// This writer already demoted.
+    #[error("this writer already demoted (DEMOTE at LSN {lsn}); it takes no more writes")]
+    Demoted { lsn: u64 },
+    /// A demote is in progress, or writes are refused already (`--on-fence`).
+    #[error("writes are already refused here (a demote in progress, or fenced)")]
+    Refusing,
+    /// A resync did not drain in time: nothing was demoted.
+    #[error(
+        "mode is still {mode} after {waited:?} ({regions} dirty regions): a resync is pending; \
+         nothing was demoted and writes are taken again — retry once `status` says logging"
+    )]
+    ResyncPending {
+        mode: Mode,
+        regions: u64,
+        waited: std::time::Duration,
+    },
+    /// The clean-stop marker could not be written.
+    #[error("cannot write the clean-stop marker: {reason}")]
+    Marker { reason: String },
     /// A region index past the device.
     #[error("region {region} does not exist: the device has regions 0..{count}")]
     NoSuchRegion { region: u64, count: u64 },
@@ -59,7 +78,7 @@ pub struct Appended {
 }
 
 impl PrimaryCore {
-    fn journaling(&self) -> Result<&Journaling, HookError> {
+    pub(super) fn journaling(&self) -> Result<&Journaling, HookError> {
         let j = self.journal.as_ref().ok_or(HookError::NoJournal)?;
         if self.mode.is_fenced() {
             return Err(HookError::Fenced {
@@ -184,5 +203,23 @@ impl PrimaryCore {
             j.stats.set_stopped(reason.clone());
         }
         self.mode.fence(&reason);
+        let clients = match self.on_fence {
+            OnFence::Keep => {
+                "clients keep reading and writing (split brain: those writes \
+                              stay in the activity log and are this site's divergence at rejoin)"
+            }
+            OnFence::ReadOnly => "writes are refused from now on (--on-fence read-only)",
+            OnFence::Error => "every request fails from now on (--on-fence error)",
+        };
+        match self.on_fence {
+            OnFence::Keep => {}
+            OnFence::ReadOnly => self.refuse_at_least(Refuse::Writes),
+            OnFence::Error => self.refuse_at_least(Refuse::Everything),
+        }
+        tracing::error!(
+            reason = %reason,
+            "FENCED (split brain): another writer owns the journal; nothing written here is \
+             journaled any more; {clients}"
+        );
     }
 }

@@ -6,15 +6,21 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::*;
+use crate::block::{check_range, BlockError};
 use crate::clock::SystemClock;
 use crate::journal::manifest::ManifestParams;
 use crate::journal::reader::{Cursor, JournalReader, Step};
 use crate::journal::RecordKind;
+use crate::journal::{Manifest, Op, Record};
 use crate::store::flaky::{FailureKind, FlakyStore};
 use crate::store::memory::MemoryStore;
+use crate::store::ObjectStore;
+use crate::writer::journal_writer::WriterConfig;
+use crate::writer::mode::MaxLag;
 use crate::writer::pool::RECORD_OVERHEAD;
 
 const SIZE: u64 = 16 << 20;
@@ -134,6 +140,8 @@ impl Fixture {
             activity_log: Some(self.dir.path().join("primary.img.tinylag-al")),
             abandon_after_hole: false,
             claim: Default::default(),
+            on_fence: Default::default(),
+            promotion: None,
         }
     }
 

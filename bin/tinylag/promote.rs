@@ -1,0 +1,257 @@
+//! `tinylag promote`: a replica becomes the primary (DESIGN.md, "Failover and failback").
+//! Run where the replica is, with `serve`'s flags (`--replica` stands for `--primary`):
+//!
+//! - plain: the current epoch must end with its `DEMOTE` and its lease be released; the
+//!   replica's consumer is caught up through the `DEMOTE` (the `replay --once` path), the
+//!   next epoch is claimed exactly (of two racing promotes one wins), and `serve` runs
+//!   in-process on the replica, starting in `logging`: zero bytes resynced.
+//! - `--force`: no `DEMOTE` or lease needed (the old primary is gone): everything durable is
+//!   applied (a hole stops it, with the hole's error), the next epoch is claimed (fencing the
+//!   old owner), whatever the writer's plan then shows durable past what was applied is
+//!   applied too, and serving starts clean.
+//!
+//! The core's start asks the replica's catch-up ([`tinylag::writer::CatchUp`]) to hold the
+//! journal exactly through the planned end: that, not a clean-stop marker, is what lets the
+//! promoted writer start in `logging` (a forced promote's plan has plugs, which a marker
+//! cannot vouch for). The consumer entry of `--name` is removed once serving.
+//!
+//! Must never: claim an epoch other than the one after the epoch it checked; start serving
+//! a replica that does not hold the journal through the planned end; change anything when
+//! it refuses (a refused plain promote has applied records at most, as its agent would).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::{Args, FromArgMatches};
+use tinylag::clock::{Clock, SystemClock};
+use tinylag::journal::epoch::{self, ClaimBasis, EpochReason};
+use tinylag::journal::{consumer, head, lease, Manifest, RecordKind};
+use tinylag::replayer::Outcome;
+use tinylag::store::{open_store, ObjectStore};
+use tinylag::writer::{CatchUp, Promotion};
+use tokio::sync::{watch, Mutex};
+
+use crate::cmd::output::tell;
+use crate::cmd::replay::{self, ReplayArgs};
+use crate::cmd::serve::{self, PromoteStart, ServeArgs};
+
+#[derive(Debug, Args)]
+pub struct PromoteArgs {
+    /// The consumer name the replica's agent replays as; its entry ends once serving.
+    #[arg(long, value_name = "NAME")]
+    pub name: String,
+    /// The old primary is gone (or will be fenced): promote without its DEMOTE or a
+    /// released lease. What it never uploaded is not on the new chain.
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// The replica's agent, run as `replay --once` up to the journal's current end.
+struct ReplicaCatchUp {
+    args: ReplayArgs,
+    journal: Arc<dyn ObjectStore>,
+    /// The last LSN the replica holds, as far as this promote knows.
+    applied: Mutex<u64>,
+}
+
+impl ReplicaCatchUp {
+    /// Runs the agent once: applies what is durable now; returns the applied LSN.
+    async fn run_once(&self) -> anyhow::Result<u64> {
+        let opened = replay::open(&self.args, self.journal.clone(), false)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot open the replica {} as consumer {} (is its replay agent still \
+                     running? stop it first)",
+                    self.args.replica.display(),
+                    self.args.name
+                )
+            })?;
+        let board = opened.agent.board();
+        let (_tx, rx) = watch::channel(false);
+        let outcome = opened.agent.run(rx).await?;
+        let applied = board.snapshot().await.applied_lsn;
+        if !matches!(outcome, Outcome::CaughtUp) {
+            bail!("the replica's agent stopped before the journal's end ({outcome:?})");
+        }
+        *self.applied.lock().await = applied;
+        Ok(applied)
+    }
+}
+
+#[async_trait::async_trait]
+impl CatchUp for ReplicaCatchUp {
+    async fn through(&self, last_lsn: u64) -> Result<u64, String> {
+        let applied = *self.applied.lock().await;
+        if applied >= last_lsn {
+            return Ok(applied);
+        }
+        tracing::info!(
+            applied,
+            last_lsn,
+            "the journal moved past what the replica holds before the claim: applying the rest"
+        );
+        self.run_once().await.map_err(|e| format!("{e:#}"))
+    }
+}
+
+/// `replay --once` arguments for the replica, parsed as `replay` parses them (every default
+/// the agent has).
+fn replay_args(args: &PromoteArgs) -> anyhow::Result<ReplayArgs> {
+    let Some(journal) = &args.serve.journal else {
+        bail!("promote needs --journal");
+    };
+    let mut argv: Vec<String> = vec![
+        "--journal".into(),
+        journal.to_string(),
+        "--replica".into(),
+        args.serve.primary.display().to_string(),
+        "--name".into(),
+        args.name.clone(),
+        "--once".into(),
+        "--commit-every".into(),
+        "0s".into(),
+    ];
+    let s3 = &args.serve.s3;
+    if let Some(e) = &s3.s3_endpoint {
+        argv.extend(["--s3-endpoint".into(), e.clone()]);
+    }
+    if let Some(r) = &s3.s3_region {
+        argv.extend(["--s3-region".into(), r.clone()]);
+    }
+    if s3.s3_path_style {
+        argv.push("--s3-path-style".into());
+    }
+    let command =
+        <ReplayArgs as Args>::augment_args(clap::Command::new("replay")).no_binary_name(true);
+    let matches = command.try_get_matches_from(argv)?;
+    Ok(ReplayArgs::from_arg_matches(&matches)?)
+}
+
+/// The epoch's `DEMOTE`, if its last durable record is one: (LSN, seq).
+async fn demote_at_end(
+    store: &dyn ObjectStore,
+    manifest: &Manifest,
+    epoch: u64,
+) -> anyhow::Result<Option<(u64, u64)>> {
+    let (_, plan) = head::plan_restart_from_trim_pointer(store, manifest).await?;
+    if plan.next_seq == 0 || plan.last_orphan.is_some() {
+        return Ok(None);
+    }
+    let seq = plan.next_seq - 1;
+    let index = head::prefix_index(store, manifest, seq).await?;
+    Ok(index
+        .entries
+        .last()
+        .and_then(|e| (e.kind == RecordKind::Demote && e.offset == epoch).then_some((e.lsn, seq))))
+}
+
+pub async fn run(args: PromoteArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    if args.serve.takeover || args.serve.no_journal {
+        bail!("promote takes neither --takeover (use --force) nor --no-journal");
+    }
+    let Some(uri) = &args.serve.journal else {
+        bail!("promote needs --journal");
+    };
+    let store = open_store(uri, &args.serve.s3.options()).await?;
+    let manifest = Manifest::load(store.as_ref()).await?;
+    let Some(current) = epoch::current_epoch(store.as_ref()).await? else {
+        bail!(
+            "journal {} has had no writer yet: there is nothing to promote from; start \
+             `tinylag serve` instead",
+            store.describe()
+        );
+    };
+    let demote = if args.force {
+        None
+    } else {
+        match lease::read(store.as_ref(), current).await? {
+            Some(l) if l.released => {}
+            Some(l) => bail!(
+                "the primary of epoch {current} (pid {} on {}) has not released its lease: it is \
+                 live or died without a demote; nothing changed. Run `tinylag demote --control \
+                 <its control socket>` there, or `tinylag promote --force` if it is gone{}",
+                l.pid,
+                l.host,
+                if l.is_live(SystemClock.now_ns()) {
+                    " (it is live now)"
+                } else {
+                    ""
+                }
+            ),
+            None => bail!(
+                "epoch {current} has no lease (its writer never started journaling); nothing \
+                 changed; use --force"
+            ),
+        }
+        match demote_at_end(store.as_ref(), &manifest, current).await? {
+            Some(d) => Some(d),
+            None => bail!(
+                "epoch {current} does not end with a DEMOTE record (its primary stopped without \
+                 `tinylag demote`); nothing changed; use --force to promote what is durable"
+            ),
+        }
+    };
+    let catch_up = Arc::new(ReplicaCatchUp {
+        args: replay_args(&args)?,
+        journal: store.clone(),
+        applied: Mutex::new(0),
+    });
+    let applied = catch_up.run_once().await?;
+    if let Some((lsn, _)) = demote {
+        if applied != lsn {
+            bail!(
+                "the replica reached LSN {applied}, not the DEMOTE at LSN {lsn}; nothing was \
+                 claimed"
+            );
+        }
+    }
+    let caught_up = started.elapsed();
+    let reason = if args.force {
+        EpochReason::PromoteForce
+    } else {
+        EpochReason::Promote
+    };
+    let name = args.name.clone();
+    let hook_store = store.clone();
+    let hook_catch_up = catch_up.clone();
+    let serving: serve::ServingHook = Box::new(move |core| {
+        Box::pin(async move {
+            let lsn = *hook_catch_up.applied.lock().await;
+            match consumer::unregister(hook_store.as_ref(), &name).await {
+                Ok(()) => {}
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    consumer = %name,
+                    "promoted, but the consumer entry could not be removed; drop it with \
+                     `tinylag journal trim --drop-consumer`"
+                ),
+            }
+            tell(format!(
+                "promoted at LSN {lsn}: epoch {} ({}) serving after {:.2}s (replica caught up \
+                 in {:.2}s); consumer {name} ended",
+                core.epoch().unwrap_or(0),
+                reason.name(),
+                started.elapsed().as_secs_f64(),
+                caught_up.as_secs_f64(),
+            ));
+        })
+    });
+    let promote = PromoteStart {
+        claim: ClaimBasis {
+            reason,
+            owner: args.name.clone(),
+            fork: None,
+        },
+        promotion: Promotion {
+            epoch: current + 1,
+            catch_up,
+        },
+        serving,
+    };
+    serve::run_promoted(args.serve, promote).await
+}

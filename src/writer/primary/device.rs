@@ -1,0 +1,89 @@
+//! The primary core as a [`BlockDevice`]: what the frontends (NBD, ublk) call. Reads go
+//! straight to the primary; writes, trims and write-zeroes take the ack path.
+//!
+//! Must never: speak a frontend protocol; take a lock for a read.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::{PrimaryCore, Refuse};
+use crate::block::{check_range, BlockDevice, BlockError, DeviceInfo};
+use crate::journal::Op;
+
+#[async_trait]
+impl BlockDevice for PrimaryCore {
+    fn info(&self) -> DeviceInfo {
+        self.info
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BlockError> {
+        // Reads take no lock: a read overlapping a write in flight may see either content,
+        // as on any disk.
+        check_range(offset, u64::from(len), self.info.size)?;
+        self.refuse_all()?;
+        self.io.read(u64::from(len));
+        self.device.read(offset, len).await
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), BlockError> {
+        let len = data.len() as u64;
+        check_range(offset, len, self.info.size)?;
+        self.io.write(len);
+        let shared = data.clone();
+        self.change(
+            offset..offset + len,
+            Op::Write { offset, data },
+            self.device.write(offset, shared, fua),
+        )
+        .await
+    }
+
+    async fn flush(&self) -> Result<(), BlockError> {
+        self.io.flush();
+        self.refuse_all()?;
+        if self.refusing() == Refuse::Writes {
+            // Nothing more is journaled (demoted or fenced read-only): the flush only makes
+            // the primary durable.
+            return self.device.flush().await;
+        }
+        let applied = self.device.flush().await;
+        let ticket = self.journal(Op::Flush, &applied);
+        applied?;
+        self.acknowledge(ticket).await;
+        Ok(())
+    }
+
+    async fn trim(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        check_range(offset, len, self.info.size)?;
+        self.io.trim();
+        self.change(
+            offset..offset + len,
+            Op::Discard { offset, len },
+            self.device.trim(offset, len),
+        )
+        .await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), BlockError> {
+        check_range(offset, len, self.info.size)?;
+        self.io.write_zeroes();
+        self.change(
+            offset..offset + len,
+            Op::WriteZeroes { offset, len },
+            self.device.write_zeroes(offset, len, fua),
+        )
+        .await
+    }
+}
+
+impl PrimaryCore {
+    /// `--on-fence error`: every request fails once fenced.
+    fn refuse_all(&self) -> Result<(), BlockError> {
+        match self.refusing() {
+            Refuse::Everything => Err(BlockError::Io(std::io::Error::other(
+                "this writer is fenced (--on-fence error): another writer owns the journal",
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
