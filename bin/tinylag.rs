@@ -18,8 +18,8 @@ mod cmd;
 use cmd::args::{UsageError, GLOBAL_OPTIONS};
 use cmd::output::{error_text, ColorChoice, LogFormat};
 use cmd::{
-    config, control_cmd, init, journal_cmd, promote, replay, serve, shell_docs, status, timetravel,
-    trim, up,
+    config, control_cmd, init, journal_cmd, promote, rejoin, replay, serve, shell_docs, status,
+    timetravel, trim, up,
 };
 
 /// Asynchronous block-device replication through a journal in object storage,
@@ -77,6 +77,8 @@ enum Command {
     Mark(control_cmd::MarkArgs),
     /// Follow a journal onto a replica (a replay agent), optionally with a delay.
     Replay(Box<replay::ReplayArgs>),
+    /// Bring an old primary back as a replica of the new chain, moving only what diverged.
+    Rejoin(Box<rejoin::RejoinArgs>),
     /// Serve the primary over NBD and journal every acknowledged change (the primary daemon).
     Serve(serve::ServeArgs),
     /// Re-journal regions of the primary as a resync span through a running `serve`.
@@ -144,6 +146,7 @@ fn main() -> ExitCode {
             Command::Promote(a) => promote::run(*a).await,
             Command::Verify(a) => control_cmd::verify(a).await,
             Command::Replay(a) => replay::run(*a).await,
+            Command::Rejoin(a) => rejoin::run(*a).await,
             Command::Serve(a) => serve::run(a).await,
             Command::Restore(a) => timetravel::run_restore(*a).await,
             Command::Timeline(a) => timetravel::run_timeline(*a).await,

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use support::daemon::{init, Daemon};
-use support::nbd::{pattern, run_ok as run_cmd_ok};
+use support::nbd::{fio_cmd, pattern, run_ok as run_cmd_ok};
 use support::oracle::OracleImage;
 use support::procs::{path, ChildGuard};
 use support::replay::{first_difference, replay_args, run_ok, spawn, TestJournal};
@@ -27,27 +27,6 @@ use tinylag::store::local::LocalStore;
 use tinylag::store::ObjectStore;
 
 const MIB: u64 = 1 << 20;
-
-/// fio's nbd engine: random writes of 4-64 KiB in `size` bytes from `offset`.
-fn fio_cmd(uri: &str, workdir: &Path, offset: u64, size: u64, seconds: u64) -> Command {
-    let mut cmd = Command::new("fio");
-    cmd.current_dir(workdir).args([
-        "--name=load",
-        "--ioengine=nbd",
-        &format!("--uri={uri}"),
-        "--rw=randwrite",
-        "--bsrange=4k-64k",
-        "--iodepth=8",
-        &format!("--offset={offset}"),
-        &format!("--size={size}"),
-        "--time_based",
-        &format!("--runtime={seconds}"),
-        "--norandommap",
-        "--randrepeat=0",
-        "--output-format=json",
-    ]);
-    cmd
-}
 
 /// Runs fio for `seconds` and returns its write IOPS.
 fn fio_iops(uri: &str, workdir: &Path, seconds: u64) -> f64 {

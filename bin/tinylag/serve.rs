@@ -437,6 +437,15 @@ async fn serve_with(
     let security_warning = security.warning(&listen);
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    // Rejoining replicas' resync requests: one LIST after each lease renewal.
+    if let (Some(keeper), Some(store), Some(_)) = (&keeper, &journal_store, core.epoch()) {
+        tokio::spawn(tinylag::writer::resync_requests::watch(
+            store.clone(),
+            keeper.renewals(),
+            core.clone(),
+            shutdown_rx.clone(),
+        ));
+    }
     let metrics_url = metrics.as_ref().and_then(Endpoint::url);
     let metrics_task = metrics.and_then(|m| {
         m.hub.add_source(Arc::new(PrimarySource(core.clone())));

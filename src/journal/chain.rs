@@ -147,6 +147,23 @@ impl Lineage {
         &self.ranges
     }
 
+    /// The first LSN of this lineage that `other` does not hold, `None` when `other` holds
+    /// every one (where an old owner's chain leaves the current one: `rejoin`'s fork).
+    pub fn first_not_in(&self, other: &Lineage) -> Option<u64> {
+        for &(lo, hi) in &self.ranges {
+            let i = other.ranges.partition_point(|&(_, ohi)| ohi < lo);
+            match other.ranges.get(i) {
+                Some(&(olo, ohi)) if olo <= lo => {
+                    if ohi < hi {
+                        return Some(ohi + 1);
+                    }
+                }
+                _ => return Some(lo),
+            }
+        }
+        None
+    }
+
     fn from_ranges(mut ranges: Vec<(u64, u64)>) -> Lineage {
         ranges.retain(|&(lo, hi)| lo <= hi);
         ranges.sort_unstable();
@@ -509,6 +526,9 @@ mod tests {
             entry(3, 90, Some((1, 20))),
         ]);
         assert_eq!(c.lineage().cuts_below(u64::MAX), vec![(21, 89)]);
+        // The old owner of E2 (its lineage up to 89) left the current chain after 20.
+        assert_eq!(c.lineage_to(2, 89).first_not_in(&c.lineage()), Some(21));
+        assert_eq!(c.lineage_to(1, 20).first_not_in(&c.lineage()), None);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod chain;
 pub mod consumer;
+pub mod divergence;
 pub mod epoch;
 pub mod error;
 pub mod head;
@@ -15,6 +16,7 @@ pub mod mark;
 pub mod paths;
 pub mod reader;
 pub mod record;
+pub mod resync_request;
 pub mod seed;
 pub mod segment;
 pub mod verify;

@@ -239,6 +239,16 @@ impl RegionRanges {
         self.ranges = out;
     }
 
+    /// The region indexes, ascending.
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.ranges.iter().flat_map(|[s, e]| *s..*e)
+    }
+
+    /// The last region index plus one (0 when empty).
+    pub fn end(&self) -> u64 {
+        self.ranges.last().map_or(0, |[_, e]| *e)
+    }
+
     /// Adds regions `first..end`.
     pub fn insert(&mut self, first: u64, end: u64) {
         if first >= end {
@@ -280,6 +290,32 @@ impl fmt::Display for RegionRanges {
     }
 }
 
+/// Parses the text form [`Display`](fmt::Display) writes: `none`, or indexes and inclusive
+/// ranges `0,3,8-11` (any order, overlaps merged).
+impl std::str::FromStr for RegionRanges {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let mut out = RegionRanges::default();
+        if s == "none" || s.is_empty() {
+            return Ok(out);
+        }
+        for part in s.split(',') {
+            let part = part.trim();
+            let bad = || format!("{part:?} is not a region: use indexes and ranges like 0,3,8-11");
+            let (a, b) = part.split_once('-').unwrap_or((part, part));
+            let a: u64 = a.trim().parse().map_err(|_| bad())?;
+            let b: u64 = b.trim().parse().map_err(|_| bad())?;
+            if b < a || b == u64::MAX {
+                return Err(bad());
+            }
+            out.insert(a, b + 1);
+        }
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,6 +336,16 @@ mod tests {
         r.remove(0, 100);
         assert!(r.is_empty());
         assert_eq!(r.to_string(), "none");
+        let parsed: RegionRanges = "8-11, 0,3,9".parse().unwrap();
+        assert_eq!(parsed.to_string(), "0,3,8-11");
+        assert_eq!(parsed.iter().collect::<Vec<_>>(), vec![0, 3, 8, 9, 10, 11]);
+        assert_eq!(parsed.end(), 12);
+        assert_eq!(
+            "none".parse::<RegionRanges>().unwrap(),
+            RegionRanges::default()
+        );
+        assert!("3-1".parse::<RegionRanges>().is_err());
+        assert!("x".parse::<RegionRanges>().is_err());
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - [`preimage`]: reading what a batch is about to overwrite;
 //! - [`undo`]: the undo log (its manifest and segments, in the journal's segment codec);
 //! - [`recovery`]: undoing what a crash left past the last consistent commit;
+//! - [`rejoin`]: what an old primary's image diverged in since the fork, and where it starts;
 //! - [`replica`]: the replica file or block device;
 //! - `uring`: reading a batch's pre-images with io_uring (or `pread`, the fallback);
 //! - [`status`]: what the agent reports on its control socket;
@@ -25,6 +26,7 @@ mod fetcher;
 pub mod overlay;
 pub mod preimage;
 pub mod recovery;
+pub mod rejoin;
 pub mod replica;
 pub mod seed;
 pub mod status;

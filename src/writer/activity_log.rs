@@ -189,12 +189,7 @@ pub fn read_previous(
             })
         }
     };
-    let len = slot_len(regions) as usize;
-    let best = [0, len]
-        .iter()
-        .filter_map(|&at| data.get(at..at + len).and_then(Slot::decode))
-        .max_by_key(|s| s.generation);
-    let Some(slot) = best else {
+    let Some(slot) = newest_slot(&data, regions) else {
         return Ok(Previous::Unusable(format!(
             "activity log {} is corrupt (no slot with a valid magic, version and CRC)",
             path.display()
@@ -221,6 +216,29 @@ pub fn read_previous(
         Some(why) => Previous::Unusable(format!("activity log {} is stale: {why}", path.display())),
         None => Previous::Usable { bits: slot.bits },
     })
+}
+
+/// The valid slot with the higher generation in a log file's bytes, for `regions` regions.
+fn newest_slot(data: &[u8], regions: u64) -> Option<Slot> {
+    let len = slot_len(regions) as usize;
+    [0, len]
+        .iter()
+        .filter_map(|&at| data.get(at..at + len).and_then(Slot::decode))
+        .max_by_key(|s| s.generation)
+}
+
+/// The newest valid slot of the log at `path` as it is, judged for nothing (`rejoin` reads
+/// which epoch wrote it and the regions it names); `None` when the file is missing or holds
+/// no valid slot.
+pub fn read_slot(path: &Path, regions: u64) -> Result<Option<Slot>, ActivityLogError> {
+    match std::fs::read(path) {
+        Ok(data) => Ok(newest_slot(&data, regions)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(ActivityLogError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
 }
 
 struct Inner {

@@ -92,6 +92,9 @@ struct LeaseState {
     released: AtomicBool,
     on_fenced: Mutex<Option<OnFenced>>,
     durable_next_seq: Mutex<Option<DurableNextSeq>>,
+    /// Counts successful renewals, for what looks at the store once a renewal (the resync
+    /// requests: `writer::resync_requests`).
+    renewed: watch::Sender<u64>,
     /// Serializes deadline checks (the keeper and concurrent uploads).
     check: tokio::sync::Mutex<()>,
 }
@@ -159,7 +162,8 @@ impl LeaseState {
         match lease::write(self.store.as_ref(), &lease).await {
             Ok(()) => {
                 *lock(&self.valid_until) = Some(sent + self.ttl);
-                self.renewals.fetch_add(1, Ordering::AcqRel);
+                let n = self.renewals.fetch_add(1, Ordering::AcqRel) + 1;
+                self.renewed.send_replace(n);
                 Ok(())
             }
             Err(e) => {
@@ -297,6 +301,7 @@ impl LeaseKeeper {
                 released: AtomicBool::new(false),
                 on_fenced: Mutex::new(None),
                 durable_next_seq: Mutex::new(None),
+                renewed: watch::channel(0).0,
                 check: tokio::sync::Mutex::new(()),
             }),
             task: Mutex::new(None),
@@ -307,6 +312,11 @@ impl LeaseKeeper {
     /// the journal is durable. Set before [`start`](Self::start) so the first lease has it.
     pub fn record_durable(&self, durable: DurableNextSeq) {
         *lock(&self.state.durable_next_seq) = Some(durable);
+    }
+
+    /// Changes after every successful renewal (its value: the renewals so far).
+    pub fn renewals(&self) -> watch::Receiver<u64> {
+        self.state.renewed.subscribe()
     }
 
     /// The store the writer must use.

@@ -23,7 +23,7 @@
 //! that cannot be journaled still completes; it is marked dirty); let the journal's order
 //! differ from the disk's; let pool memory pass its cap (one `RESYNC_BEGIN` aside).
 
-mod activity_log;
+pub(crate) mod activity_log;
 pub mod control_records;
 mod dirty;
 mod encoder;
@@ -36,8 +36,9 @@ mod mode;
 mod pool;
 mod primary;
 mod range_lock;
-mod restart;
+pub(crate) mod restart;
 mod resync;
+pub mod resync_requests;
 mod shared;
 mod status;
 
@@ -48,9 +49,10 @@ pub use lag_histogram::{LagBuckets, LagSummary};
 pub use mode::{AckMode, MaxLag, Mode};
 pub use pool::MIN_POOL_SIZE;
 pub use primary::{
-    CatchUp, CoreError, Demoted, JournalSetup, Labels, OnFence, PrimaryCore, Promotion,
+    CatchUp, CoreError, Demoted, HookError, JournalSetup, Labels, OnFence, PrimaryCore, Promotion,
     ShutdownReport,
 };
+pub use restart::{marker_path as clean_marker_path, take_marker as take_clean_marker};
 #[cfg(test)]
 pub(crate) use status::tests::sample as sample_status;
 pub use status::StatusSnapshot;

@@ -98,6 +98,19 @@ pub fn take_marker(path: &Path) -> Result<Option<CleanMarker>, RestartError> {
     }
 }
 
+/// Reads the marker without removing it (`rejoin` looks before it decides); a marker that
+/// does not parse counts as absent.
+pub fn read_marker(path: &Path) -> Result<Option<CleanMarker>, RestartError> {
+    match std::fs::read(path) {
+        Ok(data) => Ok(serde_json::from_slice(&data).ok()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(RestartError::Marker {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
 /// Writes the marker durably (temp file, fsync, rename, directory fsync).
 pub fn write_marker(path: &Path, marker: &CleanMarker) -> Result<(), RestartError> {
     let err = |source| RestartError::Marker {

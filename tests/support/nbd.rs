@@ -588,3 +588,24 @@ fn test_runtime() -> tokio::runtime::Runtime {
         .build()
         .expect("runtime")
 }
+
+/// fio's nbd engine: random writes of 4-64 KiB in `size` bytes from `offset`.
+pub fn fio_cmd(uri: &str, workdir: &Path, offset: u64, size: u64, seconds: u64) -> Command {
+    let mut cmd = Command::new("fio");
+    cmd.current_dir(workdir).args([
+        "--name=load",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--rw=randwrite",
+        "--bsrange=4k-64k",
+        "--iodepth=8",
+        &format!("--offset={offset}"),
+        &format!("--size={size}"),
+        "--time_based",
+        &format!("--runtime={seconds}"),
+        "--norandommap",
+        "--randrepeat=0",
+        "--output-format=json",
+    ]);
+    cmd
+}

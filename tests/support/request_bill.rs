@@ -27,7 +27,8 @@ use tinylag::store::counting::{CountingStore, RequestCounts};
 use tinylag::store::memory::MemoryStore;
 use tinylag::store::ObjectStore;
 use tinylag::writer::lease::LeaseKeeper;
-use tinylag::writer::{AckMode, JournalSetup, Labels, Mode, PrimaryCore, WriterConfig};
+use tinylag::writer::resync_requests::{self, ResyncTarget};
+use tinylag::writer::{AckMode, HookError, JournalSetup, Labels, Mode, PrimaryCore, WriterConfig};
 
 use super::nbd::pattern;
 
@@ -180,6 +181,14 @@ pub async fn lease_requests(ttl: Duration, renewals: u64) -> (RequestCounts, u64
     let claim = epoch::claim_next(store.as_ref(), 1).await.unwrap();
     let keeper = LeaseKeeper::new(store.clone(), Arc::new(SystemClock), ttl);
     keeper.start(claim.epoch, 1, Box::new(|_| {})).await;
+    // As `serve` runs it: the resync requests' LIST after each renewal.
+    let (stop, shutdown) = watch::channel(false);
+    let requests = tokio::spawn(resync_requests::watch(
+        store.clone(),
+        keeper.renewals(),
+        Arc::new(NoRequests),
+        shutdown,
+    ));
     let first = keeper.status().unwrap().renewals;
     let before = counting.counts();
     wait_for(
@@ -190,8 +199,26 @@ pub async fn lease_requests(ttl: Duration, renewals: u64) -> (RequestCounts, u64
     .await;
     let lease = delta(counting.counts(), before);
     let done = keeper.status().unwrap().renewals - first;
+    stop.send_replace(true);
+    requests.await.unwrap();
     keeper.release().await;
     (lease, done)
+}
+
+/// A writer without a core: the idle bill's request watcher finds no request to serve.
+struct NoRequests;
+
+#[async_trait]
+impl ResyncTarget for NoRequests {
+    fn region_count(&self) -> u64 {
+        0
+    }
+    fn resync_regions(&self, _: &[u64]) -> Result<(), HookError> {
+        Ok(())
+    }
+    async fn resync_durable(&self) -> bool {
+        false
+    }
 }
 
 /// Requests an idle `serve` and one idle agent make a minute with the default settings:
@@ -286,6 +313,13 @@ pub async fn gib_bill() -> GibBill {
     keeper
         .start(core.epoch().unwrap(), clock.now_ns(), Box::new(|_| {}))
         .await;
+    let (_stop_requests, shutdown) = watch::channel(false);
+    tokio::spawn(resync_requests::watch(
+        store.clone(),
+        keeper.renewals(),
+        core.clone(),
+        shutdown,
+    ));
     let started = counting.counts();
 
     // 1 GiB of incompressible 1 MiB writes over the device four times, acknowledged at
