@@ -15,6 +15,7 @@
 //! chain/<epoch:020>              where epoch <epoch> begins and which prefix of its predecessor it continues
 //! branches/<name>                a branch: records a `promote --at` left off the chain, kept until dropped
 //! requests/resync/<name>         regions a rejoining replica asks the writer to journal as a resync span
+//! requests/resync.pending        the doorbell: exists while a request may be unseen by the writer
 //! ```
 //!
 //! An undo log (a replay agent's pre-images, in its own store root) has its own two names:
@@ -50,6 +51,10 @@ pub const CHAIN_PREFIX: &str = "chain/";
 pub const BRANCHES_PREFIX: &str = "branches/";
 /// Folder of resync requests from rejoining replicas to the writer.
 pub const RESYNC_REQUESTS_PREFIX: &str = "requests/resync/";
+/// The resync requests' doorbell: a rejoin puts it after its request, the writer looks for
+/// it (one HEAD a renewal) and lists the requests only when it rings. Outside the requests'
+/// folder, so it is never listed as one.
+pub const RESYNC_DOORBELL: &str = "requests/resync.pending";
 
 /// The undo-log manifest, written once by conditional create.
 pub const UNDO_MANIFEST: &str = "undo.json";

@@ -63,7 +63,9 @@ impl ResyncRequest {
     }
 }
 
-/// Writes (or replaces: a rejoin run again asks anew) the request of `request.name`.
+/// Writes (or replaces: a rejoin run again asks anew) the request of `request.name`, then
+/// rings the doorbell ([`paths::RESYNC_DOORBELL`]) — in that order, so a writer that hears it
+/// and lists finds the request.
 pub async fn create(store: &dyn ObjectStore, request: &ResyncRequest) -> JournalResult<()> {
     if !paths::valid_consumer_name(&request.name) {
         return Err(JournalError::InvalidConsumerName(request.name.clone()));
@@ -71,6 +73,28 @@ pub async fn create(store: &dyn ObjectStore, request: &ResyncRequest) -> Journal
     let body = serde_json::to_vec(request).expect("a resync request always serializes");
     store
         .put(&paths::resync_request_key(&request.name), Bytes::from(body))
+        .await?;
+    store
+        .put(paths::RESYNC_DOORBELL, Bytes::from_static(b"{}"))
+        .await
+        .map_err(Into::into)
+}
+
+/// Whether the doorbell rings (one HEAD): a request may be waiting that the writer has not
+/// listed yet.
+pub async fn doorbell_rings(store: &dyn ObjectStore) -> JournalResult<bool> {
+    match store.head(paths::RESYNC_DOORBELL).await {
+        Ok(_) => Ok(true),
+        Err(e) if e.is_not_found() => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Silences the doorbell. The writer does it *before* it lists, so a request created after
+/// the list rings it again and is listed at the next renewal.
+pub async fn silence_doorbell(store: &dyn ObjectStore) -> JournalResult<()> {
+    store
+        .delete_many(&[paths::RESYNC_DOORBELL.to_string()])
         .await
         .map_err(Into::into)
 }

@@ -148,6 +148,10 @@ pub struct RejoinPlan {
     /// The consumer's start: the segment it reads first and the LSN before it.
     pub start_seq: u64,
     pub start_lsn: u64,
+    /// The chain the consumer follows from its start (the current chain's head epoch): the
+    /// image holds that lineage up to `start_lsn`, so the agent never winds it back over a
+    /// fork it is already past.
+    pub chain_epoch: u64,
     /// `--full`: every region.
     pub full: bool,
 }
@@ -235,6 +239,7 @@ pub async fn plan(
         device_size,
         start_seq,
         start_lsn,
+        chain_epoch: chain.head_epoch(),
         full,
     })
 }
@@ -286,6 +291,7 @@ impl RejoinPlan {
             undo: UndoPosition::default(),
             verify: Default::default(),
             seed,
+            chain_epoch: self.chain_epoch,
         }
     }
 }

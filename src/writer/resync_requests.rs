@@ -1,9 +1,11 @@
 //! The writer's side of the resync requests (`journal::resync_request`): after every lease
-//! renewal, one LIST of `requests/resync/`; each request not yet being handled is read (one
-//! GET), its regions journaled as a resync span through the same path as the control
-//! socket's `resync` ([`PrimaryCore::resync_regions`]), and the request deleted once that
-//! span's `RESYNC_END` is durable. In the steady state (no request) this costs one LIST a
-//! renewal, nothing else.
+//! renewal, one HEAD of the doorbell (`requests/resync.pending`); when it rings (and once at
+//! the start, and after a request that must be tried again) the doorbell is silenced and
+//! `requests/resync/` listed; each request not yet being handled is read (one GET), its
+//! regions journaled as a resync span through the same path as the control socket's
+//! `resync` ([`PrimaryCore::resync_regions`]), and the request deleted once that span's
+//! `RESYNC_END` is durable. In the steady state (no request) this costs one HEAD a renewal
+//! and no LIST.
 //!
 //! A request that cannot be read or names regions the device lacks is logged once and left
 //! in place (an operator removes it; it changes nothing). One the writer cannot serve now
@@ -12,7 +14,8 @@
 //! handles the new one.
 //!
 //! Must never: change the primary (a span only reads it); delete a request before its span
-//! is durable; make a request per renewal beyond the one LIST when nothing is asked.
+//! is durable; make a request per renewal beyond the one HEAD when nothing is asked; silence
+//! the doorbell after listing (a request made in between would wait for the next ring).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -66,8 +69,9 @@ impl ResyncTarget for PrimaryCore {
     }
 }
 
-/// Runs until `shutdown` turns true: one LIST of the requests after each change of
-/// `renewed` (see [`crate::writer::lease::LeaseKeeper::renewals`]).
+/// Runs until `shutdown` turns true: after each change of `renewed` (see
+/// [`crate::writer::lease::LeaseKeeper::renewals`]) one look at the doorbell, and a LIST of
+/// the requests when it rings (at once on start: requests made before this writer began).
 pub async fn watch(
     store: Arc<dyn ObjectStore>,
     mut renewed: watch::Receiver<u64>,
@@ -76,15 +80,40 @@ pub async fn watch(
 ) {
     let handling: Arc<Mutex<HashSet<String>>> = Arc::default();
     let mut refused: HashSet<String> = HashSet::new();
+    // Look at once (requests made before this writer began), then at each renewal; `retry`
+    // lists again without a ring when a request could not be served or the list failed.
+    let mut first = true;
+    let mut retry = false;
     loop {
-        tokio::select! {
-            changed = renewed.changed() => if changed.is_err() { return },
-            _ = shutdown.wait_for(|s| *s) => return,
+        if !first {
+            tokio::select! {
+                changed = renewed.changed() => if changed.is_err() { return },
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        }
+        let rings = match resync_request::doorbell_rings(store.as_ref()).await {
+            Ok(rings) => rings,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot look at the resync requests' doorbell; next renewal");
+                continue;
+            }
+        };
+        if !(rings || first || retry) {
+            continue;
+        }
+        first = false;
+        retry = false;
+        if rings {
+            if let Err(e) = resync_request::silence_doorbell(store.as_ref()).await {
+                tracing::warn!(error = %e, "cannot silence the resync requests' doorbell; next renewal");
+                continue;
+            }
         }
         let names = match resync_request::list_names(store.as_ref()).await {
             Ok(names) => names,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list the resync requests; next renewal");
+                retry = true;
                 continue;
             }
         };
@@ -112,6 +141,7 @@ pub async fn watch(
             };
             if let Err(e) = target.resync_regions(&regions) {
                 tracing::warn!(request = %name, error = %e, "cannot serve the resync request now; next renewal");
+                retry = true;
                 continue;
             }
             tracing::info!(
@@ -194,7 +224,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn each_renewal_lists_once_and_a_request_is_deleted_after_its_span() {
+    async fn each_renewal_looks_at_the_doorbell_and_a_request_is_deleted_after_its_span() {
         let counting = Arc::new(CountingStore::new(Arc::new(MemoryStore::new())));
         let store: Arc<dyn ObjectStore> = counting.clone();
         let stub = Arc::new(Stub::default());
@@ -202,12 +232,15 @@ mod tests {
         let (stop, shutdown) = watch::channel(false);
         let task = tokio::spawn(watch(store.clone(), renewed, stub.clone(), shutdown));
 
-        // Steady state: one LIST a renewal, nothing else.
+        // At the start: the doorbell and one LIST (requests made before this writer).
+        until("the first LIST", || counting.counts().list == 1).await;
+        // Steady state: one HEAD of the doorbell a renewal, no LIST, nothing else.
         for n in 1..=3 {
             renew.send_replace(n);
-            until("the LIST", || counting.counts().list == n).await;
+            until("the doorbell", || counting.counts().head == 1 + n).await;
         }
-        assert_eq!(counting.counts().total(), 3, "{:?}", counting.counts());
+        let quiet = counting.counts();
+        assert_eq!((quiet.list, quiet.total()), (1, 5), "{quiet:?}");
 
         let fork = Predecessor { epoch: 1, lsn: 9 };
         let request = ResyncRequest::new("sitea", &"2,5-6".parse().unwrap(), fork, 1);
@@ -219,9 +252,12 @@ mod tests {
         renew.send_replace(4);
         until("the span", || !lock(&stub.asked).is_empty()).await;
         assert_eq!(*lock(&stub.asked), vec![vec![2, 5, 6]]);
-        // Not durable yet: the request stays, and the next renewal does not ask again.
+        assert_eq!(counting.counts().list, 2, "the ring made one LIST");
+        // Not durable yet: the request stays, and the next renewal does not ask again (the
+        // doorbell was silenced before the LIST: no second LIST).
         renew.send_replace(5);
-        until("the LIST", || counting.counts().list == 5).await;
+        until("the doorbell", || counting.counts().head == 6).await;
+        assert_eq!(counting.counts().list, 2);
         assert_eq!(lock(&stub.asked).len(), 1);
         assert!(resync_request::read(store.as_ref(), "sitea")
             .await

@@ -181,7 +181,7 @@ pub async fn lease_requests(ttl: Duration, renewals: u64) -> (RequestCounts, u64
     let claim = epoch::claim_next(store.as_ref(), 1).await.unwrap();
     let keeper = LeaseKeeper::new(store.clone(), Arc::new(SystemClock), ttl);
     keeper.start(claim.epoch, 1, Box::new(|_| {})).await;
-    // As `serve` runs it: the resync requests' LIST after each renewal.
+    // As `serve` runs it: the resync requests' doorbell looked at after each renewal.
     let (stop, shutdown) = watch::channel(false);
     let requests = tokio::spawn(resync_requests::watch(
         store.clone(),
