@@ -143,6 +143,8 @@ $HOT and A is killed with SIGKILL under it; B takes over with
 \`promote --force\` (B started \`$B_START\`; failover {$TB - $T0:.1f} s from the promote to serving);
 fio writes $HOT of B elsewhere at $RATE_B/s for ${RUNTIME}s; then \`tinylag rejoin\` on A. A equals B afterwards (cmp), and so
 does a new consumer's replay of the whole journal onto a blank image (today's way).
+A full replay grows with the journal's retention (here only the seconds A ran before the
+fork); the rejoin with what diverged and what B wrote since.
 
 The rejoin's own account: "$DIVERGED_LINE".
 

@@ -346,3 +346,63 @@ fn ext4_stays_clean_across_a_forced_failover_and_a_rejoin() {
     }
     assert_same_image(&a, &b);
 }
+
+/// Planned: A demotes, B promotes (zero bytes), B writes, A rejoins: nothing diverged, so it
+/// moves zero bytes, asks the writer for nothing, is vouched for at once, and follows B.
+#[test]
+fn after_demote_and_promote_rejoin_moves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal_dir = dir.path().join("journal");
+    let journal = path(&journal_dir).to_string();
+    let a = dir.path().join("a.img");
+    let b = dir.path().join("b.img");
+    init(&journal, &a, DEVICE, &["--region-size", "1M"], &[]);
+    let mut a_daemon = Daemon::start(&a, &journal, &["--lease-time", "3s"], &[]);
+    qemu_io_ok(&a_daemon.uri(), &["write -P 0xa1 0 3M", "flush"]);
+    tinylag_ok(&["demote", "--control", path(&a_daemon.control)], &[]);
+    a_daemon.stop_ok();
+    let args: Vec<String> = [
+        "promote",
+        "--replica",
+        path(&b),
+        "--journal",
+        &journal,
+        "--name",
+        "siteb",
+        "--lease-time",
+        "3s",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut b_daemon = Daemon::start_args(&b, None, &args, &[]);
+    qemu_io_ok(&b_daemon.uri(), &["write -P 0xb1 1M 2M", "flush"]);
+
+    let mut args = replay_args(&journal, &a, "sitea");
+    args[0] = "rejoin".into();
+    args.push("--once".into());
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = tinylag(&argv, &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(will_move(&stdout), (0, 0), "{stdout}");
+    assert!(
+        !journal_dir.join("requests/resync/sitea").exists(),
+        "nothing asked"
+    );
+    assert!(
+        matches!(
+            consumer_seed(&journal_dir, "sitea"),
+            Some(Seed::Checked { .. })
+        ),
+        "vouched at once"
+    );
+    b_daemon.stop_ok();
+    let mut once = replay_args(&journal, &a, "sitea");
+    once.push("--once".into());
+    run_ok(&once);
+    assert_same_image(&a, &b);
+}

@@ -153,7 +153,7 @@ impl fmt::Display for Seed {
                 if mismatched.is_empty() {
                     write!(
                         f,
-                        "; run `tinylag verify` on the primary to check them"
+                        "; run `tinylag verify` on the primary to check them (after `rejoin`, the resync span it asked the new primary for proves them)"
                     )
                 } else {
                     write!(

@@ -11,8 +11,10 @@
 //! - its clean-stop marker (`<primary>.tinylag-clean`, `writer::restart`): the epoch of a
 //!   writer that stopped with everything durable (a `demote` or a clean stop).
 //!
-//! The higher epoch of the two wins; the log's regions count only when the log is at least
-//! as new as the marker (a newer marker means a later clean run without a log). The epoch
+//! The higher epoch of the two wins; the log's regions count only when the log is newer than
+//! the marker. A marker of the log's own epoch was written when that writer stopped cleanly
+//! or demoted, with everything it acknowledged durable (a fenced writer writes none): the
+//! regions its log still lists (they retire a round after they quiet) diverged in nothing. The epoch
 //! claims' host and pid are not used: a host name is shared by containers and a pid is
 //! reused. Without either file (`--no-activity-log` and a crash), nothing bounds what the
 //! image wrote: only `rejoin --full` proceeds. A serve that ran without its log after one
@@ -97,7 +99,10 @@ pub fn read_image_state(
         .filter(|m| m.uuid == manifest.uuid)
         .map(|m| m.epoch);
     match (slot, marker_epoch) {
-        (Some(slot), m) if m.is_none_or(|m| slot.epoch >= m) => {
+        // A marker of the log's own epoch was written at that writer's clean stop (or
+        // demote), after everything it acknowledged was durable: the log names nothing the
+        // journal lacks, whatever it still lists (regions retire a round after they quiet).
+        (Some(slot), m) if m.is_none_or(|m| slot.epoch > m) => {
             let mut unjournaled = RegionRanges::default();
             for (w, word) in slot.bits.iter().enumerate() {
                 let mut word = *word;
@@ -433,6 +438,17 @@ mod tests {
         assert_eq!(state.owned, 3);
         assert_eq!(state.source, OwnerSource::ActivityLog);
         assert_eq!(state.unjournaled.to_string(), "2");
+        // A clean stop of the same epoch (a demote right after writes): nothing unjournaled.
+        let same = CleanMarker {
+            uuid: m.uuid,
+            epoch: 3,
+            next_seq: 9,
+            next_lsn: 99,
+        };
+        write_marker(&marker, &same).unwrap();
+        let state = read_image_state(&al, &marker, &m).unwrap();
+        assert_eq!((state.owned, state.source), (3, OwnerSource::CleanStop));
+        assert!(state.unjournaled.is_empty());
         // A newer clean stop (a later run without the log): its epoch, nothing unjournaled.
         let clean = CleanMarker {
             uuid: m.uuid,
