@@ -422,6 +422,42 @@ fn promote_at_a_mark_keeps_the_old_primarys_tail_as_a_branch() {
         "restore --branch = A's last state",
     );
 
+    // mount --branch serves the same image over NBD.
+    let socket = dir.path().join("branch.sock");
+    let mut mount = support::procs::ChildGuard::spawn_logged(
+        "tinylag mount",
+        support::replay::tinylag().args([
+            "mount",
+            "--journal",
+            j,
+            "--replica",
+            cr,
+            "--branch",
+            "before-e2",
+            "--listen",
+            &format!("unix:{}", path(&socket)),
+        ]),
+        &dir.path().join("mount.log"),
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !socket.exists() {
+        assert!(mount.exited().is_none(), "{}", mount.log_tail(4000));
+        assert!(std::time::Instant::now() < deadline, "mount never listened");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mounted = dir.path().join("mounted.img");
+    support::nbd::run_ok(std::process::Command::new("nbdcopy").args([
+        &format!("nbd+unix:///disk0?socket={}", path(&socket)),
+        path(&mounted),
+    ]));
+    mount.terminate(std::time::Duration::from_secs(10)).unwrap();
+    assert_image(
+        &mounted,
+        &std::fs::read(&a).unwrap(),
+        "mount --branch = A's last state",
+    );
+
     let trim = run_ok(&args(&[
         "journal",
         "trim",
