@@ -385,6 +385,17 @@ fn promote_at_a_mark_keeps_the_old_primarys_tail_as_a_branch() {
     promoted.stop_ok();
     let new_end = head_lsn(&journal);
     wait_applied(&c, new_end, &agent_c);
+    let status = support::daemon::tinylag_ok(
+        &[
+            "status",
+            "--control",
+            &format!("{}.ctl", c.display()),
+            "--json",
+        ],
+        &[],
+    );
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["chain_epoch"], 2, "{status:#}");
     agent_c
         .terminate(std::time::Duration::from_secs(30))
         .unwrap();
