@@ -89,6 +89,8 @@ enum Command {
     #[command(mut_arg("primary", |a| a.long("replica").help(
         "The replica to promote: it becomes the primary (serve's --primary)"
     )))]
+    // promote refuses these two (it fences only with --force, and always journals).
+    #[command(mut_arg("takeover", |a| a.hide(true)), mut_arg("no_journal", |a| a.hide(true)))]
     Promote(Box<promote::PromoteArgs>),
     /// Have a running `serve` journal a checksum of regions in order; each replay agent
     /// compares its replica when it applies them and reports mismatches.

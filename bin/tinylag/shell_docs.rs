@@ -233,6 +233,18 @@ pub const EXAMPLES: &[Example] = &[
         command: "tinylag replay --journal s3://backups/db1 --replica /srv/db1-replica.img --name dr --delay 1h",
     },
     Example {
+        what: "Planned failover, on the primary: stop taking writes and end the epoch:",
+        command: "tinylag demote --control /srv/db1.img.ctl",
+    },
+    Example {
+        what: "Planned failover, on the replica (its agent stopped): serve it as the primary:",
+        command: "tinylag promote --replica /srv/db1-replica.img --journal s3://backups/db1 --name dr --listen unix:/run/db1.sock",
+    },
+    Example {
+        what: "Forced failover: the primary is gone; promote everything durable:",
+        command: "tinylag promote --force --replica /srv/db1-replica.img --journal s3://backups/db1 --name dr",
+    },
+    Example {
         what: "Name the current point of a running serve:",
         command: "tinylag mark before-upgrade --control /srv/db1.img.ctl",
     },
@@ -348,7 +360,7 @@ fn files(cmd: &Command) -> Vec<(&'static str, &'static str)> {
         (
             "control",
             "PRIMARY.ctl, REPLICA.ctl",
-            "A daemon's control socket (--control), which status, mark, verify and resync use.",
+            "A daemon's control socket (--control), which status, mark, verify, resync and demote use.",
         ),
         (
             "dir",

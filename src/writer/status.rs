@@ -164,8 +164,8 @@ impl StatusSnapshot {
                 "WARNING: mode reverse-full: the primary is being rebuilt from a replica.".into(),
             ),
             Mode::Fenced => Some(format!(
-                "WARNING: mode fenced{reason}: another writer owns the journal; NOTHING written \
-                 here is journaled any more ({} regions dirty). Stop this daemon, or find out \
+                "WARNING: mode fenced{reason}: another writer owns the journal (split brain if \
+                 clients still write here); NOTHING written here is journaled any more ({} regions dirty). Stop this daemon, or find out \
                  which writer should own the journal.",
                 self.dirty.regions
             )),

@@ -669,3 +669,70 @@ async fn without_an_activity_log_a_crash_means_forward_full() {
     core.shutdown(Duration::from_secs(5)).await;
     assert!(f.replay().await == disk.snapshot());
 }
+
+/// `demote`: the `DEMOTE` is the journal's last record and covers every acknowledged write;
+/// writes are refused (read-only) while reads and flushes go on; the marker and a seed stamp
+/// at the `DEMOTE` are left; a second demote is refused; nothing is journaled afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demote_journals_demote_last_and_refuses_writes_after_it() {
+    let fx = Fixture::new().await;
+    let disk = MemDisk::new(Duration::ZERO);
+    let core = fx.core(&disk, AckMode::Async, 64 << 20).await;
+    for i in 0..16u64 {
+        core.write(i * 8192, Bytes::from(vec![i as u8 + 1; 4096]), false)
+            .await
+            .unwrap();
+    }
+    let done = core.demote(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(core.mode(), Mode::Demoted);
+    assert!(matches!(
+        core.write(0, Bytes::from(vec![9u8; 4096]), false).await,
+        Err(BlockError::ReadOnly)
+    ));
+    assert!(matches!(
+        core.trim(0, 4096).await,
+        Err(BlockError::ReadOnly)
+    ));
+    assert_eq!(core.read(0, 4096).await.unwrap()[0], 1);
+    core.flush().await.unwrap();
+    assert!(matches!(
+        core.demote(Duration::from_secs(1)).await,
+        Err(HookError::Demoted { .. })
+    ));
+    let records = fx.records().await;
+    let last = records.last().unwrap();
+    assert_eq!(last.lsn, done.lsn);
+    assert!(matches!(last.op, Op::Demote { epoch } if epoch == done.epoch));
+    assert_eq!(fx.replay().await, disk.data.lock().unwrap().clone());
+    let primary = fx.dir.path().join("primary.img");
+    assert!(crate::writer::restart::marker_path(&primary).exists());
+    let stamp = crate::replayer::SeedStamp::read_checked(&primary)
+        .unwrap()
+        .expect("a seed stamp at the DEMOTE");
+    assert_eq!((stamp.lsn, stamp.epoch), (done.lsn, done.epoch));
+    let report = core.shutdown(Duration::from_secs(5)).await;
+    assert!(report.clean && report.head_lsn == done.lsn, "{report:?}");
+    assert_eq!(fx.records().await.len(), records.len(), "nothing after it");
+}
+
+/// A fenced writer refuses to demote, and the regions its clients write after the fence
+/// stay in the activity log (never durable, so never retired): `rejoin` counts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_writer_cannot_demote_and_keeps_its_writes_in_the_activity_log() {
+    let fx = Fixture::new().await;
+    let disk = MemDisk::new(Duration::ZERO);
+    let core = fx.core(&disk, AckMode::Async, 64 << 20).await;
+    core.fence("epoch 2 claimed by a test".into());
+    core.write(5 << 20, Bytes::from(vec![7u8; 4096]), false)
+        .await
+        .unwrap();
+    assert!(matches!(
+        core.demote(Duration::from_secs(1)).await,
+        Err(HookError::Fenced { .. })
+    ));
+    // Longer than the cleaner's period: a quiet, durable region would be retired by now.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let al = core.status().activity_log.unwrap();
+    assert!(al.regions >= 1, "{al:?}");
+    assert!(core.dirty().is_dirty(5));
+}
