@@ -258,3 +258,240 @@ async fn append_at(journal: &mut TestJournal, ts: u64) {
     let ops = (0..25).map(|_| journal.random_op()).collect();
     journal.append_at(ops, ts).await;
 }
+
+/// Polls a replay agent's status until it has applied `lsn`.
+fn wait_applied(replica: &Path, lsn: u64, guard: &support::procs::ChildGuard) {
+    let control = format!("{}.ctl", replica.display());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let out = support::daemon::tinylag(&["status", "--control", &control, "--json"], &[]);
+        if out.status.success() {
+            let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            if s["applied_lsn"].as_u64().is_some_and(|a| a >= lsn) {
+                return;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "agent never applied LSN {lsn}: {}",
+            guard.log_tail(4000)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+fn head_lsn(journal: &str) -> u64 {
+    let out = run_ok(&args(&["journal", "info", "--journal", journal, "--json"]));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    info["head"]["last_lsn"].as_u64().unwrap()
+}
+
+/// The test of the issue: site A serves, B and C replay; A writes, marks `good`, writes on
+/// (the "ransomware"), stops. `promote --mark good` on B winds B back to the mark and
+/// serves it; A's later records become branch `before-e2`. C, tailing, winds back and
+/// follows B. `timeline` lists the branch, `restore --branch` gives exactly A's last durable
+/// image, and trim keeps the branch until `--drop-branch`.
+#[test]
+fn promote_at_a_mark_keeps_the_old_primarys_tail_as_a_branch() {
+    use support::daemon::{init, tinylag_ok, Daemon};
+    use support::nbd::qemu_io_ok;
+    use support::procs::path;
+    use support::replay::spawn;
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("journal");
+    let journal = path(&journal).to_string();
+    let (a, b, c) = (
+        dir.path().join("a.img"),
+        dir.path().join("b.img"),
+        dir.path().join("c.img"),
+    );
+    init(&journal, &a, "16M", &[], &[]);
+    let mut primary = Daemon::start(&a, &journal, &[], &[]);
+    let mut agent_b = spawn(
+        &with(
+            replay_args(&journal, &b, "siteb"),
+            &["--commit-every", "0s"],
+        ),
+        &dir.path().join("b.log"),
+    );
+    let mut agent_c = spawn(
+        &with(
+            replay_args(&journal, &c, "sitec"),
+            &["--commit-every", "0s"],
+        ),
+        &dir.path().join("c.log"),
+    );
+    qemu_io_ok(&primary.uri(), &["write -P 1 0 1M", "write -P 4 6M 256k"]);
+    let control = primary.control.clone();
+    let out = tinylag_ok(
+        &["mark", "good", "--control", path(&control), "--json"],
+        &[],
+    );
+    let mark: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let good = mark["lsn"].as_u64().unwrap();
+    qemu_io_ok(&primary.uri(), &["write -P 2 0 512k", "write -P 3 4M 1M"]);
+    primary.stop_ok();
+    let end = head_lsn(&journal);
+    assert!(end > good + 1);
+    wait_applied(&b, end, &agent_b);
+    wait_applied(&c, end, &agent_c);
+    agent_b
+        .terminate(std::time::Duration::from_secs(30))
+        .unwrap();
+    let at_mark = {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let j = TestJournal::open(Path::new(&journal)).await;
+            j.chain_image(Some(good)).await
+        })
+    };
+
+    let mut promoted = Daemon::start_args(
+        &b,
+        None,
+        &args(&[
+            "promote",
+            "--replica",
+            path(&b),
+            "--journal",
+            &journal,
+            "--name",
+            "siteb",
+            "--mark",
+            "good",
+        ]),
+        &[],
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !promoted
+        .log_tail()
+        .contains(&format!("promoted at LSN {good}:"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            promoted.log_tail()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let s = promoted.status();
+    assert_eq!(s["start"]["kind"], "clean", "{s:#}");
+    // B serves the disk as of the mark; its writes go on the new chain.
+    let (ok, text) = support::nbd::qemu_io(&promoted.uri(), &["read -P 1 0 1M", "read -P 0 4M 1M"]);
+    assert!(ok, "B does not serve the mark's state: {text}");
+    assert_image(&b, &at_mark, "B promoted at the mark");
+    qemu_io_ok(&promoted.uri(), &["write -P 9 8M 64k"]);
+    // A stop makes everything durable: then C must reach the journal's end.
+    promoted.stop_ok();
+    let new_end = head_lsn(&journal);
+    wait_applied(&c, new_end, &agent_c);
+    let status = support::daemon::tinylag_ok(
+        &[
+            "status",
+            "--control",
+            &format!("{}.ctl", c.display()),
+            "--json",
+        ],
+        &[],
+    );
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["chain_epoch"], 2, "{status:#}");
+    agent_c
+        .terminate(std::time::Duration::from_secs(30))
+        .unwrap();
+    assert_image(&c, &std::fs::read(&b).unwrap(), "C follows the new chain");
+
+    let j = &journal;
+    let cr = path(&c);
+    let out = run_ok(&args(&[
+        "timeline",
+        "--journal",
+        j,
+        "--replica",
+        cr,
+        "--json",
+    ]));
+    let t: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(t["chain"]["branches"][0]["name"], "before-e2", "{t:#}");
+    assert_eq!(t["chain"]["branches"][0]["from_lsn"], good + 1, "{t:#}");
+    assert_eq!(t["chain"]["epochs"][1]["reason"], "promote-at", "{t:#}");
+    let restored = dir.path().join("branch.img");
+    run_ok(&args(&[
+        "restore",
+        "--journal",
+        j,
+        "--replica",
+        cr,
+        "--branch",
+        "before-e2",
+        "--output",
+        path(&restored),
+    ]));
+    assert_image(
+        &restored,
+        &std::fs::read(&a).unwrap(),
+        "restore --branch = A's last state",
+    );
+
+    // mount --branch serves the same image over NBD.
+    let socket = dir.path().join("branch.sock");
+    let mut mount = support::procs::ChildGuard::spawn_logged(
+        "tinylag mount",
+        support::replay::tinylag().args([
+            "mount",
+            "--journal",
+            j,
+            "--replica",
+            cr,
+            "--branch",
+            "before-e2",
+            "--listen",
+            &format!("unix:{}", path(&socket)),
+        ]),
+        &dir.path().join("mount.log"),
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !socket.exists() {
+        assert!(mount.exited().is_none(), "{}", mount.log_tail(4000));
+        assert!(std::time::Instant::now() < deadline, "mount never listened");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mounted = dir.path().join("mounted.img");
+    support::nbd::run_ok(std::process::Command::new("nbdcopy").args([
+        &format!("nbd+unix:///disk0?socket={}", path(&socket)),
+        path(&mounted),
+    ]));
+    mount.terminate(std::time::Duration::from_secs(10)).unwrap();
+    assert_image(
+        &mounted,
+        &std::fs::read(&a).unwrap(),
+        "mount --branch = A's last state",
+    );
+
+    let trim = run_ok(&args(&[
+        "journal",
+        "trim",
+        "--journal",
+        j,
+        "--retain",
+        "0",
+        "--json",
+    ]));
+    let report: serde_json::Value = serde_json::from_slice(&trim.stdout).unwrap();
+    assert_eq!(report["held_by"]["reason"], "branch", "{report:#}");
+    let trim = run_ok(&args(&[
+        "journal",
+        "trim",
+        "--journal",
+        j,
+        "--retain",
+        "0",
+        "--drop-branch",
+        "before-e2",
+        "--json",
+    ]));
+    let report: serde_json::Value = serde_json::from_slice(&trim.stdout).unwrap();
+    assert_ne!(report["held_by"]["reason"], "branch", "{report:#}");
+    assert_eq!(report["dropped_branches"][0], "before-e2");
+}

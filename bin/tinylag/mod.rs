@@ -12,6 +12,7 @@ pub mod log_redact;
 pub mod metrics;
 pub mod output;
 pub mod promote;
+pub mod promote_at;
 pub mod rejoin;
 pub mod replay;
 pub mod serve;

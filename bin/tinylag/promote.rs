@@ -15,6 +15,10 @@
 //! promoted writer start in `logging` (a forced promote's plan has plugs, which a marker
 //! cannot vouch for). The consumer entry of `--name` is removed once serving.
 //!
+//! - `--at TIME|--mark NAME` (`promote_at.rs`): a past point X becomes the new chain's
+//!   start: the replica is wound back to X through its undo log, the old epoch's records
+//!   after X are kept as a branch, and the claim commits to the fork X.
+//!
 //! Must never: claim an epoch other than the one after the epoch it checked; start serving
 //! a replica that does not hold the journal through the planned end; change anything when
 //! it refuses (a refused plain promote has applied records at most, as its agent would).
@@ -45,21 +49,32 @@ pub struct PromoteArgs {
     /// released lease. What it never uploaded is not on the new chain.
     #[arg(long)]
     pub force: bool,
+    /// Promote the replica as of the last record at or before TIME (RFC 3339, @unix, "10m
+    /// ago"), wound back through its undo log: the old primary's later records become a
+    /// branch (kept, listed by `timeline`, readable with `restore --branch`).
+    #[arg(long, value_name = "TIME", value_parser = crate::cmd::args::parse_time, conflicts_with = "mark")]
+    pub at: Option<u64>,
+    /// Promote the replica as of a mark (see `tinylag timeline`), as --at does.
+    #[arg(long, value_name = "NAME")]
+    pub mark: Option<String>,
+    /// The name of the branch --at/--mark leaves (default: before-e<the new epoch>).
+    #[arg(long, value_name = "NAME")]
+    pub branch_name: Option<String>,
     #[command(flatten)]
     pub serve: ServeArgs,
 }
 
 /// The replica's agent, run as `replay --once` up to the journal's current end.
-struct ReplicaCatchUp {
-    args: ReplayArgs,
-    journal: Arc<dyn ObjectStore>,
+pub(crate) struct ReplicaCatchUp {
+    pub(crate) args: ReplayArgs,
+    pub(crate) journal: Arc<dyn ObjectStore>,
     /// The last LSN the replica holds, as far as this promote knows.
-    applied: Mutex<u64>,
+    pub(crate) applied: Mutex<u64>,
 }
 
 impl ReplicaCatchUp {
     /// Runs the agent once: applies what is durable now; returns the applied LSN.
-    async fn run_once(&self) -> anyhow::Result<u64> {
+    pub(crate) async fn run_once(&self) -> anyhow::Result<u64> {
         let opened = replay::open(&self.args, self.journal.clone(), false)
             .await
             .with_context(|| {
@@ -100,7 +115,7 @@ impl CatchUp for ReplicaCatchUp {
 
 /// `replay --once` arguments for the replica, parsed as `replay` parses them (every default
 /// the agent has).
-fn replay_args(args: &PromoteArgs) -> anyhow::Result<ReplayArgs> {
+pub(crate) fn replay_args(args: &PromoteArgs) -> anyhow::Result<ReplayArgs> {
     let Some(journal) = &args.serve.journal else {
         bail!("promote needs --journal");
     };
@@ -166,6 +181,14 @@ pub async fn run(args: PromoteArgs) -> anyhow::Result<()> {
             store.describe()
         );
     };
+    if args.at.is_some() || args.mark.is_some() {
+        return crate::cmd::promote_at::run(args, store, manifest, current, started).await;
+    }
+    if args.branch_name.is_some() {
+        return Err(crate::cmd::args::usage(
+            "--branch-name needs --at or --mark",
+        ));
+    }
     let demote = if args.force {
         None
     } else {
@@ -216,6 +239,38 @@ pub async fn run(args: PromoteArgs) -> anyhow::Result<()> {
     } else {
         EpochReason::Promote
     };
+    let core_catch_up: Arc<dyn CatchUp> = catch_up.clone();
+    start_serving(
+        args,
+        store,
+        current,
+        ClaimBasis {
+            reason,
+            owner: String::new(),
+            fork: None,
+        },
+        catch_up,
+        core_catch_up,
+        (started, caught_up),
+    )
+    .await
+}
+
+/// Starts `serve` on the replica as the primary of epoch `current + 1`, claimed with
+/// `claim` (its owner is `--name`); once serving, the consumer entry ends and its undo log
+/// is moved aside. `catch_up.applied` is the LSN reported; `core_catch_up` is what the
+/// core asks to hold the journal through its planned end.
+pub(crate) async fn start_serving(
+    args: PromoteArgs,
+    store: Arc<dyn ObjectStore>,
+    current: u64,
+    mut claim: ClaimBasis,
+    catch_up: Arc<ReplicaCatchUp>,
+    core_catch_up: Arc<dyn CatchUp>,
+    (started, caught_up): (Instant, std::time::Duration),
+) -> anyhow::Result<()> {
+    let reason = claim.reason;
+    claim.owner = args.name.clone();
     let name = args.name.clone();
     let replica = args.serve.primary.clone();
     let hook_store = store.clone();
@@ -262,14 +317,10 @@ pub async fn run(args: PromoteArgs) -> anyhow::Result<()> {
         })
     });
     let promote = PromoteStart {
-        claim: ClaimBasis {
-            reason,
-            owner: args.name.clone(),
-            fork: None,
-        },
+        claim,
         promotion: Promotion {
             epoch: current + 1,
-            catch_up,
+            catch_up: core_catch_up,
         },
         serving,
     };

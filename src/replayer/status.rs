@@ -218,6 +218,9 @@ pub struct ReplicaStatus {
     /// False while nothing vouches for the image yet (a `--check-seed` not finished).
     #[serde(default = "vouched_by_default")]
     pub seed_vouched: bool,
+    /// The epoch chain the replica follows (see `ConsumerState::chain_epoch`).
+    #[serde(default)]
+    pub chain_epoch: u64,
     /// Since the agent started.
     pub records_applied: u64,
     pub bytes_applied: u64,
@@ -550,6 +553,7 @@ impl StatusBoard {
             verify: position.verify.clone(),
             seed: position.seed.clone(),
             seed_vouched: position.seed.vouched(),
+            chain_epoch: position.chain_epoch,
             records_applied: applied,
             bytes_applied: bytes,
             batches_applied: batches,

@@ -692,6 +692,8 @@ async fn read_ahead_stays_near_what_the_walk_uses() {
 struct RegistersDuringTrim {
     inner: Arc<dyn ObjectStore>,
     late: Mutex<Option<ConsumerState>>,
+    /// Or a branch a `promote --at` creates at that moment.
+    late_branch: Mutex<Option<crate::journal::chain::Branch>>,
 }
 
 #[async_trait]
@@ -704,6 +706,12 @@ impl ObjectStore for RegistersDuringTrim {
             let late = self.late.lock().unwrap().take();
             if let Some(state) = late {
                 consumer::commit(self.inner.as_ref(), &state).await.unwrap();
+            }
+            let branch = self.late_branch.lock().unwrap().take();
+            if let Some(branch) = branch {
+                crate::journal::chain::create_branch(self.inner.as_ref(), &branch)
+                    .await
+                    .unwrap();
             }
         }
         self.inner.put(key, data).await
@@ -752,6 +760,7 @@ async fn a_consumer_registering_while_trim_runs_keeps_its_segments() {
     let store = Arc::new(RegistersDuringTrim {
         inner: j.store.clone(),
         late: Mutex::new(Some(late.clone())),
+        late_branch: Mutex::new(None),
     });
     let report = trim_journal(store, &j.manifest, &opts(0)).await.unwrap();
     assert!(
@@ -871,4 +880,31 @@ async fn a_branch_holds_trim_until_it_is_dropped() {
         .await
         .unwrap()
         .is_empty());
+}
+
+#[tokio::test]
+async fn a_branch_created_while_trim_runs_keeps_its_segments() {
+    let mut j = Journal::new().await;
+    j.append(1500, 1500).await;
+    let late = crate::journal::chain::Branch {
+        name: "before-e2".into(),
+        forked_by: 2,
+        from_lsn: 301,
+        to_lsn: 600,
+        first_seq: 100,
+        last_seq: 199,
+        created_at_ns: NOW,
+    };
+    let store = Arc::new(RegistersDuringTrim {
+        inner: j.store.clone(),
+        late: Mutex::new(None),
+        late_branch: Mutex::new(Some(late)),
+    });
+    let report = trim_journal(store, &j.manifest, &opts(0)).await.unwrap();
+    assert!(
+        matches!(&report.held_by, HeldBy::Branch { name, .. } if name == "before-e2"),
+        "{report:?}"
+    );
+    assert_eq!(report.deleted_segments, 100, "{report:?}");
+    assert_eq!(j.segment_seqs().await, (100..1500).collect::<Vec<_>>());
 }
