@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::daemon::{init, tinylag, tinylag_ok, Daemon};
-use support::nbd::{qemu_io, run_ok as run_cmd_ok};
+use support::nbd::{fio_cmd, qemu_io, run_ok as run_cmd_ok};
 use support::procs::{path, ChildGuard};
 use support::replay::{replay_args, run_ok, spawn};
 
@@ -20,21 +20,7 @@ const MIB: u64 = 1 << 20;
 
 /// fio's nbd engine: random writes of 4-64 KiB over the first 32 MiB for `seconds`.
 fn fio(uri: &str, workdir: &Path, seconds: u64) -> Command {
-    let mut cmd = Command::new("fio");
-    cmd.current_dir(workdir).args([
-        "--name=load",
-        "--ioengine=nbd",
-        &format!("--uri={uri}"),
-        "--rw=randwrite",
-        "--bsrange=4k-64k",
-        "--iodepth=8",
-        &format!("--size={}", 32 * MIB),
-        "--time_based",
-        &format!("--runtime={seconds}"),
-        "--norandommap",
-        "--randrepeat=0",
-    ]);
-    cmd
+    fio_cmd(uri, workdir, 0, 32 * MIB, seconds)
 }
 
 fn files_equal(a: &Path, b: &Path) -> bool {
