@@ -46,6 +46,12 @@ pub const SECTIONS: [(&str, &[&str]); 5] = [
     ("undo-trim", &["undo", "trim"]),
 ];
 
+/// Commands that read another command's section: a promoted site serves under the flags of
+/// its `[serve]` (it becomes this site's primary), an old primary rejoins under those of its
+/// `[replay]` (it becomes this site's replica). Keys the command does not take (`primary`
+/// for `promote`, which takes `--replica`) are left out, as the command line's are.
+const SHARED_SECTIONS: [(&str, &[&str]); 2] = [("serve", &["promote"]), ("replay", &["rejoin"])];
+
 /// Key fragments that mark a credential; refused by name whatever the section, unless the
 /// key names a place to read one from (`…-file`, `…-path`, `…-dir`).
 const CREDENTIAL_WORDS: [&str; 6] = [
@@ -69,8 +75,9 @@ fn is_credential(key: &str) -> bool {
 #[derive(Debug, Clone, Args)]
 pub struct ConfigArg {
     /// Read settings from this command's section of a TOML file ([serve], [replay], [up],
-    /// [journal-trim] or [undo-trim]): keys are its long flags (pool-size = "1G"); flags on
-    /// the command line win. See `tinylag config check`.
+    /// [journal-trim] or [undo-trim]; promote reads [serve], rejoin [replay]): keys are its
+    /// long flags (pool-size = "1G"); flags on the command line win. See `tinylag config
+    /// check`.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 }
@@ -581,7 +588,7 @@ pub fn merge(root: &Command, argv: Vec<OsString>) -> Result<Merged, ConfigErrors
     };
     let mut built = root.clone();
     built.build();
-    for (section_name, path) in SECTIONS {
+    for &(section_name, path) in SECTIONS.iter().chain(SHARED_SECTIONS.iter()) {
         let mut matches: &ArgMatches = &top;
         let mut command: &Command = &built;
         let mut found = true;
@@ -882,6 +889,60 @@ mod tests {
         // Integers pass as their text, through the flag's own parser.
         let merged = merge(&root, argv(&["replay", "--config", &path])).unwrap();
         assert!(shown(&merged.argv).contains(&"--batch-records=100".to_string()));
+    }
+
+    #[test]
+    fn promote_reads_serve_and_rejoin_reads_replay() {
+        let (_dir, path) = file(
+            "[serve]
+primary = \"/p\"
+journal = \"/j\"
+lease-time = \"20s\"
+             [replay]
+journal = \"/j\"
+delay = \"1h\"
+",
+        );
+        let root = crate::Cli::command();
+        let merged = merge(
+            &root,
+            argv(&[
+                "promote",
+                "--replica",
+                "/r",
+                "--name",
+                "b",
+                "--config",
+                &path,
+            ]),
+        )
+        .unwrap();
+        let args = shown(&merged.argv);
+        assert!(args.contains(&"--lease-time=20s".to_string()), "{args:?}");
+        assert!(args.contains(&"--journal=/j".to_string()), "{args:?}");
+        assert!(
+            !args.iter().any(|a| a.starts_with("--primary")),
+            "promote takes --replica: {args:?}"
+        );
+        let cli = crate::Cli::try_parse_from(&merged.argv);
+        assert!(cli.is_ok(), "{:?}", cli.err());
+        let merged = merge(
+            &root,
+            argv(&[
+                "rejoin",
+                "--replica",
+                "/a",
+                "--name",
+                "a",
+                "--config",
+                &path,
+            ]),
+        )
+        .unwrap();
+        let args = shown(&merged.argv);
+        assert!(args.contains(&"--delay=1h".to_string()), "{args:?}");
+        let cli = crate::Cli::try_parse_from(&merged.argv);
+        assert!(cli.is_ok(), "{:?}", cli.err());
     }
 
     #[test]
