@@ -14,9 +14,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use support::ext4::NbdLoop;
-use support::nbd::{ExportSpec, TestServer};
-use support::procs::{text, wait_until};
-use support::teardown::{is_mount_point, loop_backing_file};
+use support::nbd::{run, run_ok, ExportSpec, TestServer};
+use support::procs::{path, text, wait_until};
+use support::teardown::{is_mount_point, loop_backing_file, Cleanup};
 
 /// Where the parent tells the child to work (the child's test is a no-op without it).
 const WORK_DIR_VAR: &str = "TINYLAG_TEARDOWN_WORK_DIR";
@@ -181,4 +181,53 @@ fn the_leftover_check_names_what_a_run_left_and_passes_once_it_is_gone() {
         (Some(0), String::new()),
         "nothing left, so it passes"
     );
+}
+
+/// A detach whose loop device the kernel already cleared, and another user bound again to a
+/// different file, leaves that device alone: a second `losetup -d` by name used to detach
+/// the neighbour's device (a parallel test's mount then failed with "unable to read
+/// superblock").
+#[test]
+fn a_detach_never_touches_a_loop_device_bound_again_to_another_file() {
+    if !has_fuse_and_loop() {
+        eprintln!("skipping: /dev/fuse or loop devices are absent on this machine");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (ours, theirs) = (dir.path().join("ours.img"), dir.path().join("theirs.img"));
+    for file in [&ours, &theirs] {
+        std::fs::File::create(file)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+    }
+    let theirs = std::fs::canonicalize(&theirs).unwrap();
+    // Another test may take the device between our detach and the rebind: try again then.
+    for _ in 0..5 {
+        let out = run_ok(Command::new("losetup").args(["-f", "--show", path(&ours)]));
+        let device = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let mut ours_cleanup = Cleanup::default();
+        ours_cleanup.detach_loop(&device);
+        // The kernel clears ours (as an auto-clear does) and the same device is bound again.
+        run_ok(Command::new("losetup").args(["-d", &device]));
+        let rebound = run(
+            Command::new("losetup").args([device.as_str(), path(&theirs)]),
+            Duration::from_secs(30),
+        );
+        if !rebound.status.success() {
+            continue;
+        }
+        let mut theirs_cleanup = Cleanup::default();
+        theirs_cleanup.detach_loop(&device);
+        ours_cleanup.run_all();
+        assert_eq!(
+            loop_backing_file(&device).as_deref(),
+            Some(theirs.as_path()),
+            "our tear-down detached {device}, which another file holds now"
+        );
+        theirs_cleanup.run_all();
+        assert_eq!(loop_backing_file(&device), None, "{device} left attached");
+        return;
+    }
+    panic!("could not rebind a loop device five times in a row");
 }

@@ -6,7 +6,10 @@
 //! marks it for auto-clear, and the loop keeps the nbdfuse file open until the last opener
 //! closes; unmounting the FUSE file system before then fails with "Device or resource busy".
 //! So a detach waits until the loop device has no backing file any more, and every unmount is
-//! retried with backoff while the kernel says busy.
+//! retried with backoff while the kernel says busy. A detach asks once and then only watches:
+//! once the kernel has auto-cleared the device, another test may bind the same `/dev/loopN`,
+//! and a second `losetup -d` by name would detach *its* device (seen as "unable to read
+//! superblock" in a neighbour test), so a device bound to another file is no longer ours.
 //!
 //! Must never: leave a mount or a loop device behind because one attempt failed; touch a mount
 //! or loop device the test did not register; wait without a bound.
@@ -29,8 +32,13 @@ const MAX_BACKOFF: Duration = Duration::from_millis(500);
 enum Step {
     /// `umount PATH`, retried while busy, until PATH is no mount point.
     Unmount(PathBuf),
-    /// `losetup -d DEVICE`, then waiting until the loop device has no backing file.
-    DetachLoop(String),
+    /// `losetup -d DEVICE` (once, while it is bound to `backing`), then waiting until it is
+    /// bound to nothing or to another file.
+    DetachLoop {
+        device: String,
+        backing: Option<PathBuf>,
+        asked: std::cell::Cell<bool>,
+    },
     /// Every loop device on IMAGE (what `mount -o loop` attached), detached and waited for.
     DetachLoopsOf(PathBuf),
     /// `fusermount3 -u PATH`, retried while busy, until PATH is no mount point.
@@ -55,7 +63,11 @@ impl Cleanup {
 
     /// Registers detaching the loop device `device` (`/dev/loopN`).
     pub fn detach_loop(&mut self, device: &str) {
-        self.steps.push(Step::DetachLoop(device.to_owned()));
+        self.steps.push(Step::DetachLoop {
+            device: device.to_owned(),
+            backing: loop_backing_file(device),
+            asked: std::cell::Cell::new(false),
+        });
     }
 
     /// Registers detaching every loop device backed by `image` (`mount -o loop` attaches one
@@ -134,7 +146,21 @@ impl Step {
         match self {
             Step::Unmount(mnt) => unmount_with(mnt, "umount", &[]),
             Step::UnmountFuse(dir) => unmount_with(dir, "fusermount3", &["-u"]),
-            Step::DetachLoop(device) => detach(device),
+            Step::DetachLoop {
+                device,
+                backing,
+                asked,
+            } => match (loop_backing_file(device), backing) {
+                (None, _) => Ok(true),
+                // Auto-cleared and bound again by someone else: ours is gone.
+                (Some(now), Some(ours)) if &now != ours => Ok(true),
+                (Some(_), _) if asked.get() => Ok(false),
+                (Some(_), _) => {
+                    let done = detach(device)?;
+                    asked.set(true);
+                    Ok(done)
+                }
+            },
             Step::DetachLoopsOf(image) => {
                 let mut done = true;
                 for device in loops_of(image) {
@@ -152,7 +178,7 @@ impl Step {
         let (program, args) = match self {
             Step::Unmount(mnt) => ("umount", vec!["-l", super::procs::path(mnt)]),
             Step::UnmountFuse(dir) => ("fusermount3", vec!["-u", "-z", super::procs::path(dir)]),
-            Step::DetachLoop(_) | Step::DetachLoopsOf(_) => return,
+            Step::DetachLoop { .. } | Step::DetachLoopsOf(_) => return,
         };
         let out = run(Command::new(program).args(&args), Duration::from_secs(30));
         if !out.status.success() {
