@@ -58,35 +58,11 @@ impl Agent {
                     continue;
                 }
                 Some((s, n, pre)) => {
-                    if let Some((rs, rn)) = zero_run.take() {
-                        self.apply_piece(
-                            &record,
-                            rs,
-                            rn,
-                            Some(Op::WriteZeroes {
-                                offset: rs,
-                                len: rn,
-                            }),
-                        )
-                        .await?;
-                    }
+                    self.apply_zero_run(&record, zero_run.take()).await?;
                     self.apply_piece(&record, s, n, pre).await?;
                     at += n;
                 }
-                None => {
-                    if let Some((rs, rn)) = zero_run.take() {
-                        self.apply_piece(
-                            &record,
-                            rs,
-                            rn,
-                            Some(Op::WriteZeroes {
-                                offset: rs,
-                                len: rn,
-                            }),
-                        )
-                        .await?;
-                    }
-                }
+                None => self.apply_zero_run(&record, zero_run.take()).await?,
             }
         }
         let target = self.replica.clone();
@@ -97,6 +73,20 @@ impl Agent {
 
     /// Writes the undo segment for `start..start + len` of `record` (if any), then applies
     /// that part of the record.
+    /// Applies a run of pieces whose pre-image was all zeroes as one piece (one undo record
+    /// saying "zeroes" instead of one per piece); nothing when there is no run.
+    async fn apply_zero_run(
+        &mut self,
+        record: &Record,
+        run: Option<(u64, u64)>,
+    ) -> Result<(), ReplayError> {
+        let Some((start, len)) = run else {
+            return Ok(());
+        };
+        let zeroes = Op::WriteZeroes { offset: start, len };
+        self.apply_piece(record, start, len, Some(zeroes)).await
+    }
+
     pub(super) async fn apply_piece(
         &mut self,
         record: &Record,
