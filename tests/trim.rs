@@ -398,10 +398,24 @@ async fn trim_killed_at_random_moments_leaves_a_journal_every_reader_accepts() {
     ]);
     let log = dir.path().join("trim.log");
     let mut kills = 0;
+    let mut kills_while_deleting = 0;
     for attempt in 0.. {
         assert!(attempt < 200, "trim never finished");
+        let before = segment_seqs(&journal).await.len();
         let mut child = spawn(&trim, &log);
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(5..300))).await;
+        if attempt % 2 == 0 {
+            // Kill once trim has deleted a random share of what is left: a
+            // kill in the middle of the deletions, however fast this machine
+            // deletes (a wall-clock guess alone let a fast run finish first).
+            let stop_at = rng.gen_range(1..before.max(2));
+            while child.exited().is_none() && segment_seqs(&journal).await.len() > stop_at {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        } else {
+            // A kill at a random moment: before the listing, during the
+            // pointer write, between deletions.
+            tokio::time::sleep(Duration::from_millis(rng.gen_range(5..300))).await;
+        }
         if let Some(status) = child.exited() {
             assert!(status.success(), "{}", child.log_tail(4000));
             break;
@@ -409,11 +423,20 @@ async fn trim_killed_at_random_moments_leaves_a_journal_every_reader_accepts() {
         child.child_mut().kill().expect("SIGKILL");
         child.child_mut().wait().expect("reap");
         kills += 1;
+        let after = segment_seqs(&journal).await.len();
+        if after < before && after > 1 {
+            kills_while_deleting += 1;
+        }
         assert_readable(&journal, end, &format!("after kill {kills}")).await;
         run_ok(&once);
     }
-    eprintln!("trim was killed {kills} times before a run finished");
-    assert!(kills > 0, "no kill landed while trim ran");
+    eprintln!(
+        "trim was killed {kills} times before a run finished, {kills_while_deleting} of them between deletions"
+    );
+    assert!(
+        kills_while_deleting > 0,
+        "no kill landed while trim was deleting ({kills} kills)"
+    );
     // Whatever the kills left is gone; the journal keeps its newest segment.
     let report = trim_json(journal.uri(), &["--retain", "0"]);
     assert_eq!(report["after"]["first_seq"], SEGMENTS - 1, "{report:#}");
