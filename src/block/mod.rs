@@ -14,6 +14,7 @@ use bytes::Bytes;
 pub(crate) mod buffers;
 pub mod engine;
 pub mod file;
+pub mod group;
 mod uring;
 
 /// What a device is and what it supports; frontends advertise exactly this.

@@ -1,5 +1,11 @@
 //! The manifest (`tinylag.json`): what a journal replicates and how it is laid out.
 //!
+//! A journal replicates one device or a consistency group of several (DESIGN.md,
+//! "Consistency groups"). Devices named at `init` are in the manifest; a device added later
+//! (`journal add-device`) is its own object `devices/<index>`, created once by conditional
+//! create at the next free index, and [`Manifest::load`] appends those in index order. So a
+//! device's index — the `dev` of its records — never changes.
+//!
 //! Must never: be written twice. It is created once by conditional create; every reader
 //! checks the format version and refuses a newer one.
 
@@ -13,6 +19,9 @@ use crate::store::ObjectStore;
 
 /// The format version this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
+
+/// Most devices one group journal may hold.
+pub const MAX_DEVICES: usize = 64;
 
 /// One device of the consistency group.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,6 +44,7 @@ pub struct DeviceSpec {
 /// - `block_size` is 512 or 4096; every device size is a non-zero multiple of it.
 /// - `region_size` is a power of two and a multiple of `block_size`.
 /// - `1 <= splay_width <= 256`; `64 KiB <= segment_size <= 1 GiB`.
+/// - 1 to [`MAX_DEVICES`] devices, with distinct names.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
     pub format_version: u32,
@@ -80,6 +90,58 @@ impl Manifest {
         Ok(manifest)
     }
 
+    /// A group journal of `devices` (index = order given), laid out as `params` says;
+    /// `params.device_name` and `params.size` are not used. Names must be valid new device
+    /// names ([`valid_device_name`]).
+    pub fn new_group(
+        params: &ManifestParams,
+        devices: Vec<DeviceSpec>,
+        created_ns: u64,
+    ) -> JournalResult<Manifest> {
+        for d in &devices {
+            check_new_device_name(&d.name)?;
+        }
+        let manifest = Manifest {
+            devices,
+            ..Manifest::new(params, created_ns)?
+        };
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    /// Where each device lives in the group's address space.
+    pub fn layout(&self) -> super::layout::DeviceLayout {
+        super::layout::DeviceLayout::of(self)
+    }
+
+    /// Adds a device to the journal in `store` at the next free index and returns the
+    /// manifest with it. Refused when the name is taken or invalid, the size is not a
+    /// multiple of the block size, or the group is full; a concurrent add that took the
+    /// index first makes this one fail (run it again), never renumbers anything.
+    pub async fn add_device(
+        store: &dyn ObjectStore,
+        device: DeviceSpec,
+    ) -> JournalResult<Manifest> {
+        check_new_device_name(&device.name)?;
+        let mut manifest = Manifest::load(store).await?;
+        let index = manifest.devices.len();
+        manifest.devices.push(device.clone());
+        manifest.validate()?;
+        let json = serde_json::to_vec_pretty(&device).expect("a device spec serializes");
+        let key = paths::device_key(index);
+        match store.put_if_absent(&key, Bytes::from(json)).await {
+            Ok(()) => Ok(manifest),
+            Err(e) if e.is_already_exists() => Err(JournalError::InvalidParameter {
+                name: "device",
+                reason: format!(
+                    "another add-device took index {index} ({key}) at the same time; run the \
+                     command again"
+                ),
+            }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Checks the invariants.
     pub fn validate(&self) -> JournalResult<()> {
         let bad = |name, reason: String| Err(JournalError::InvalidParameter { name, reason });
@@ -92,7 +154,22 @@ impl Manifest {
         if self.devices.is_empty() {
             return bad("devices", "a journal needs at least one device".into());
         }
-        for d in &self.devices {
+        if self.devices.len() > MAX_DEVICES {
+            return bad(
+                "device",
+                format!(
+                    "{} devices (a group holds at most {MAX_DEVICES})",
+                    self.devices.len()
+                ),
+            );
+        }
+        for (i, d) in self.devices.iter().enumerate() {
+            if self.devices[..i].iter().any(|other| other.name == d.name) {
+                return bad(
+                    "device",
+                    format!("the name {:?} is used by two devices", d.name),
+                );
+            }
             if d.size == 0 || d.size % u64::from(self.block_size) != 0 {
                 return bad(
                     "size",
@@ -188,10 +265,57 @@ impl Manifest {
                 supported: FORMAT_VERSION,
             });
         }
-        let manifest: Manifest =
+        let mut manifest: Manifest =
             serde_json::from_value(probe).map_err(|e| malformed(e.to_string()))?;
         manifest.validate().map_err(|e| malformed(e.to_string()))?;
+        manifest.load_added_devices(store).await?;
         Ok(manifest)
+    }
+}
+
+impl Manifest {
+    /// Appends the devices `journal add-device` created, in index order: one GET per added
+    /// device and one that finds the next index free.
+    async fn load_added_devices(&mut self, store: &dyn ObjectStore) -> JournalResult<()> {
+        loop {
+            let key = paths::device_key(self.devices.len());
+            let data = match store.get(&key).await {
+                Ok(d) => d,
+                Err(e) if e.is_not_found() => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
+            let malformed = |reason: String| JournalError::Malformed {
+                journal: store.describe(),
+                key: key.clone(),
+                what: "device",
+                reason,
+            };
+            let device: DeviceSpec =
+                serde_json::from_slice(&data).map_err(|e| malformed(e.to_string()))?;
+            self.devices.push(device);
+            self.validate().map_err(|e| malformed(e.to_string()))?;
+        }
+    }
+}
+
+/// Device names: what NBD clients ask for as the export name, and what `--primary
+/// NAME=PATH` and `--replica NAME=PATH` match on. The consumer-name rule (1 to 64 of
+/// `[A-Za-z0-9._-]`, not starting with `.`) keeps them safe in paths and on command lines.
+pub fn valid_device_name(name: &str) -> bool {
+    paths::valid_consumer_name(name)
+}
+
+fn check_new_device_name(name: &str) -> JournalResult<()> {
+    if valid_device_name(name) {
+        Ok(())
+    } else {
+        Err(JournalError::InvalidParameter {
+            name: "device",
+            reason: format!(
+                "invalid device name {name:?}: use 1 to 64 of A-Z a-z 0-9 . _ - (not starting \
+                 with .)"
+            ),
+        })
     }
 }
 
@@ -256,6 +380,49 @@ mod tests {
             Manifest::load(&store).await,
             Err(JournalError::Malformed { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn a_group_keeps_its_device_indexes_and_grows_only_at_the_end() {
+        let store = MemoryStore::new();
+        let spec = |name: &str, size| DeviceSpec {
+            name: name.into(),
+            size,
+        };
+        let m = Manifest::new_group(
+            &params(),
+            vec![spec("wal", 8 << 20), spec("data", 64 << 20)],
+            1,
+        )
+        .unwrap();
+        m.create(&store).await.unwrap();
+        let grown = Manifest::add_device(&store, spec("logs", 4 << 20))
+            .await
+            .unwrap();
+        let loaded = Manifest::load(&store).await.unwrap();
+        assert_eq!(loaded, grown);
+        let names: Vec<&str> = loaded.devices.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["wal", "data", "logs"]);
+        let err = Manifest::add_device(&store, spec("data", 4 << 20))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("used by two devices"), "{err}");
+        let err = Manifest::add_device(&store, spec("bad/name", 4 << 20))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("invalid device name"), "{err}");
+        assert_eq!(
+            Manifest::load(&store).await.unwrap(),
+            grown,
+            "refusals add nothing"
+        );
+        let twice = Manifest::new_group(&params(), vec![spec("a", 4096), spec("a", 4096)], 1);
+        assert!(twice
+            .unwrap_err()
+            .to_string()
+            .contains("used by two devices"));
     }
 
     #[test]

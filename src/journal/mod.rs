@@ -10,6 +10,7 @@ pub mod epoch;
 pub mod error;
 pub mod head;
 pub mod info;
+pub mod layout;
 pub mod lease;
 pub mod manifest;
 pub mod mark;

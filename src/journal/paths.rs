@@ -49,6 +49,8 @@ pub const LEASES_PREFIX: &str = "leases/";
 pub const CHAIN_PREFIX: &str = "chain/";
 /// Folder of branches (see `journal::chain`).
 pub const BRANCHES_PREFIX: &str = "branches/";
+/// Folder of devices added to a group after `init` (see `journal::manifest`).
+pub const DEVICES_PREFIX: &str = "devices/";
 /// Folder of resync requests from rejoining replicas to the writer.
 pub const RESYNC_REQUESTS_PREFIX: &str = "requests/resync/";
 /// The resync requests' doorbell: a rejoin puts it after its request, the writer looks for
@@ -103,7 +105,12 @@ pub fn parse_resync_request_key(key: &str) -> Option<&str> {
         .filter(|n| valid_consumer_name(n))
 }
 
-/// Key of the lease of writer epoch `epoch`.
+/// Key of the device added at `index` (`journal add-device`).
+pub fn device_key(index: usize) -> String {
+    format!("{DEVICES_PREFIX}{index:04}")
+}
+
+/// Key of the lease of writer `epoch`.
 pub fn lease_key(epoch: u64) -> String {
     format!("{LEASES_PREFIX}{epoch:020}")
 }

@@ -55,6 +55,7 @@ use super::resync::Episodes;
 use super::shared::WriterStats;
 use crate::block::{BlockDevice, DeviceInfo};
 use crate::clock::{Clock, MonotonicTimestamps};
+use crate::journal::layout::DeviceLayout;
 
 mod ack;
 mod demote;
@@ -89,6 +90,8 @@ pub struct PrimaryCore {
     pub(super) locks: Arc<RangeLock>,
     pub(super) mode: Arc<ModeState>,
     pub(super) dirty: Arc<DirtyRegions>,
+    /// Where each device of the group lives in `device` (one device: the identity).
+    pub(super) layout: Arc<DeviceLayout>,
     pub(super) journal: Option<Journaling>,
     pub(super) labels: Labels,
     pub(super) started: std::time::Instant,
@@ -187,6 +190,11 @@ impl PrimaryCore {
 
     pub fn dirty(&self) -> &DirtyRegions {
         &self.dirty
+    }
+
+    /// The group's devices in this core's address space.
+    pub fn layout(&self) -> &DeviceLayout {
+        &self.layout
     }
 
     /// The writer epoch, with a journal.

@@ -44,10 +44,11 @@ use super::journal_writer::Progress;
 use super::mode::ModeState;
 use super::pool::{Permit, Pool, RECORD_OVERHEAD};
 use super::range_lock::RangeLock;
-use super::shared::{record_cost, WriterStats};
+use super::shared::{device_record, record_cost, WriterStats};
 use crate::block::BlockDevice;
 use crate::clock::MonotonicTimestamps;
-use crate::journal::{Op, Record};
+use crate::journal::layout::DeviceLayout;
+use crate::journal::Op;
 
 /// Bytes read and journaled as one `RESYNC_DATA` record (less with a pool under 8 MiB:
 /// at most 1/8 of it).
@@ -73,6 +74,8 @@ pub struct Episodes {
     pub(super) timestamps: Arc<MonotonicTimestamps>,
     pub(super) stats: Arc<WriterStats>,
     pub(super) al: Option<Arc<ActivityLog>>,
+    /// Where each device of the group lives: records carry device-local offsets.
+    pub(super) layout: Arc<DeviceLayout>,
     pub(super) progress: ResyncProgress,
     /// Serializes opening an episode (with its `RESYNC_BEGIN`) against ending one.
     episode: Mutex<()>,
@@ -137,8 +140,10 @@ impl Episodes {
         timestamps: Arc<MonotonicTimestamps>,
         stats: Arc<WriterStats>,
         al: Option<Arc<ActivityLog>>,
+        layout: Arc<DeviceLayout>,
     ) -> Self {
         Episodes {
+            layout,
             mode,
             dirty,
             pool,
@@ -160,12 +165,7 @@ impl Episodes {
     pub(super) fn append(&self, op: Op, permit: Permit) -> Option<u64> {
         let range = op.range();
         let lsn = self.intake.append(
-            |lsn| Record {
-                lsn,
-                timestamp_ns: self.timestamps.next(),
-                dev: 0,
-                op,
-            },
+            |lsn| device_record(&self.layout, lsn, self.timestamps.next(), op),
             permit,
             false,
         )?;
@@ -405,7 +405,8 @@ impl ResyncTask {
     /// Journals region `r` from the primary, under its range lock.
     async fn region(&self, r: u64) -> Result<(), Short> {
         let e = &self.episodes;
-        let range = e.dirty.region_range(r);
+        // A group's last region of a device ends at the device, not in the padding after it.
+        let range = e.layout.clip(e.dirty.region_range(r));
         let len = range.end - range.start;
         if !self.journal_takes(len) {
             return Err(Short::Busy);

@@ -17,6 +17,7 @@ use super::dirty::DirtyRegions;
 use super::lag_histogram::LagHistogram;
 use super::mode::ModeState;
 use super::pool::{Permit, Pool, RECORD_OVERHEAD};
+use crate::journal::layout::DeviceLayout;
 use crate::journal::{Op, Record};
 
 /// A record on its way to the journal, holding its pool bytes.
@@ -119,6 +120,27 @@ pub struct Shared {
     pub mode: Arc<ModeState>,
     pub dirty: Arc<DirtyRegions>,
     pub pool: Pool,
+}
+
+/// The record of group-space `op` at `lsn`: its device and device-local offsets (see
+/// `journal::layout`).
+///
+/// Callers pass only ops that lie on one device: the group device refuses a change that does
+/// not before it reaches the primary, and region ranges are clipped to their device.
+pub fn device_record(layout: &DeviceLayout, lsn: u64, timestamp_ns: u64, op: Op) -> Record {
+    let (dev, op) = if layout.is_single() {
+        (0, op)
+    } else {
+        layout
+            .localize(op)
+            .expect("a journaled change lies on one device of the group")
+    };
+    Record {
+        lsn,
+        timestamp_ns,
+        dev,
+        op,
+    }
 }
 
 /// Pool bytes one record is charged.

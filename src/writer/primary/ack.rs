@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use super::{Journaling, PrimaryCore, Refuse};
 use crate::block::BlockError;
-use crate::journal::{Op, Record};
+use crate::journal::Op;
 use crate::writer::mode::{AckMode, MaxLag};
-use crate::writer::shared::{record_cost, WriterStats};
+use crate::writer::shared::{device_record, record_cost, WriterStats};
 
 /// A journal-mode acknowledgement in waiting; keeps the writer's group commit informed.
 pub(super) struct Ticket {
@@ -96,12 +96,7 @@ impl PrimaryCore {
                 stats: j.stats.clone(),
             }
         });
-        let make = |lsn| Record {
-            lsn,
-            timestamp_ns: j.timestamps.next(),
-            dev: 0,
-            op,
-        };
+        let make = |lsn| device_record(&self.layout, lsn, j.timestamps.next(), op);
         match j.intake.append(make, permit, wait) {
             Some(lsn) => {
                 if let Some(range) = range {

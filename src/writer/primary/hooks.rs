@@ -11,9 +11,9 @@ use std::ops::Range;
 use super::{Journaling, OnFence, PrimaryCore, Refuse};
 use crate::block::BlockError;
 use crate::journal::record::VerifyChecksum;
-use crate::journal::{Op, Record};
+use crate::journal::Op;
 use crate::writer::mode::Mode;
-use crate::writer::shared::record_cost;
+use crate::writer::shared::{device_record, record_cost};
 
 /// Every way a control command on the core fails.
 #[derive(Debug, thiserror::Error)]
@@ -101,12 +101,7 @@ impl PrimaryCore {
         let mut timestamp_ns = 0;
         let make = |lsn| {
             timestamp_ns = j.timestamps.next();
-            Record {
-                lsn,
-                timestamp_ns,
-                dev: 0,
-                op,
-            }
+            device_record(&self.layout, lsn, timestamp_ns, op)
         };
         let lsn = j
             .intake
@@ -137,7 +132,8 @@ impl PrimaryCore {
         }
         let size = self.dirty.region_size();
         let start = region * size;
-        Ok(start..(start + size).min(self.info.size))
+        // In a group, a device's last region ends at the device (not in the padding).
+        Ok(self.layout.clip(start..(start + size).min(self.info.size)))
     }
 
     /// Reads region `region` under its range lock and journals a `VERIFY` of it at that

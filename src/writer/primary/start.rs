@@ -18,6 +18,8 @@ use super::{Journaling, Labels, OnFence, PrimaryCore, DEFAULT_REGION_SIZE};
 use crate::block::BlockDevice;
 use crate::clock::Clock;
 use crate::journal::epoch::ClaimBasis;
+use crate::journal::layout::DeviceLayout;
+use crate::journal::manifest::DeviceSpec;
 use crate::journal::Manifest;
 use crate::store::ObjectStore;
 use crate::writer::activity_log::{self, ActivityLog, ActivityLogError, Previous};
@@ -148,6 +150,13 @@ impl PrimaryCore {
             return Ok(PrimaryCore {
                 device,
                 info,
+                layout: Arc::new(DeviceLayout::new(
+                    &[DeviceSpec {
+                        name: labels.export.clone(),
+                        size: info.size,
+                    }],
+                    DEFAULT_REGION_SIZE,
+                )),
                 locks: Arc::new(RangeLock::new()),
                 mode: Arc::new(ModeState::without_journal()),
                 dirty: Arc::new(DirtyRegions::new(info.size, DEFAULT_REGION_SIZE)),
@@ -162,7 +171,10 @@ impl PrimaryCore {
         };
         let manifest = setup.manifest;
         let store_name = setup.store.describe();
-        let expected = manifest.device_size(0).unwrap_or(0);
+        let layout = Arc::new(manifest.layout());
+        // One device: its size; a group: the group's address space (the group device checked
+        // each member's size against its device when it was built).
+        let expected = layout.span();
         if info.size != expected {
             return Err(CoreError::SizeMismatch {
                 primary: labels.primary.clone(),
@@ -197,9 +209,21 @@ impl PrimaryCore {
         let epoch = prepared.claim.epoch;
         let marker_path = restart::marker_path(&setup.primary_path);
         let marker = restart::take_marker(&marker_path)?;
-        let mut full = restart::initial_full_reason(&prepared, uuid, marker.as_ref(), || {
-            restart::primary_has_data(&setup.primary_path)
-        })?;
+        let mut full = if layout.is_single() {
+            restart::initial_full_reason(&prepared, uuid, marker.as_ref(), || {
+                restart::primary_has_data(&setup.primary_path)
+            })?
+        } else {
+            // A group: whether any member holds data (each member's own hole map).
+            let has_data = device
+                .has_data(0, info.size)
+                .await
+                .map_err(|e| RestartError::Primary {
+                    path: setup.primary_path.clone(),
+                    source: std::io::Error::other(e),
+                });
+            restart::initial_full_reason(&prepared, uuid, marker.as_ref(), || has_data)?
+        };
         if let (Some(promotion), None) = (&setup.promotion, prepared.abandoned) {
             // The replica vouches for itself: it holds every record up to the end the plan
             // found (which, for a forced promote, may have moved since it caught up).
@@ -316,6 +340,7 @@ impl PrimaryCore {
             timestamps.clone(),
             stats.clone(),
             Some(al.clone()),
+            layout.clone(),
         ));
         let helpers = vec![
             tokio::spawn(
@@ -338,6 +363,7 @@ impl PrimaryCore {
         Ok(PrimaryCore {
             device,
             info,
+            layout,
             locks,
             mode,
             dirty,
