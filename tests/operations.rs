@@ -67,7 +67,7 @@ fn a_daemon_started_from_a_config_file_behaves_as_with_the_same_flags() {
         "{checked}"
     );
     assert!(
-        checked.contains("the command line must add: --replica <PATH>"),
+        checked.contains("the command line must add: --replica <[NAME=]PATH>"),
         "{checked}"
     );
 

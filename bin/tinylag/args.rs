@@ -313,3 +313,37 @@ pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
 pub fn parse_group(s: &str) -> Result<u32, String> {
     tinylag::control::resolve_group(s)
 }
+
+/// One `--primary [NAME=]PATH` or `--replica [NAME=]PATH`: a path, named by its device in a
+/// group journal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamedPath {
+    /// The device this path is for, in a group journal.
+    pub name: Option<String>,
+    pub path: PathBuf,
+}
+
+impl NamedPath {
+    /// `NAME=PATH` when the text before the first `=` is a device name, else a plain path
+    /// (write `./a=b` for a file whose name holds `=`).
+    pub fn parse(s: &str) -> Result<NamedPath, String> {
+        if s.is_empty() {
+            return Err("an empty path".into());
+        }
+        if let Some((name, path)) = s.split_once('=') {
+            if tinylag::journal::manifest::valid_device_name(name) {
+                if path.is_empty() {
+                    return Err(format!("{s}: no path after {name}="));
+                }
+                return Ok(NamedPath {
+                    name: Some(name.to_string()),
+                    path: PathBuf::from(path),
+                });
+            }
+        }
+        Ok(NamedPath {
+            name: None,
+            path: PathBuf::from(s),
+        })
+    }
+}

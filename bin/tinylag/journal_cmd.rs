@@ -1,5 +1,5 @@
-//! `tinylag journal info`, `inspect` and `verify` (and the dispatch of `journal trim` and
-//! `journal unregister`, which live in `trim.rs`).
+//! `tinylag journal info`, `inspect`, `verify` and `add-device` (and the dispatch of
+//! `journal trim` and `journal unregister`, which live in `trim.rs`).
 
 use std::io::Write;
 use std::time::Duration;
@@ -29,6 +29,21 @@ pub enum JournalCommand {
     Trim(crate::cmd::trim::JournalTrimArgs),
     /// Remove a consumer, so it no longer holds trim back.
     Unregister(crate::cmd::trim::UnregisterArgs),
+    /// Add a device to the journal's consistency group, at the next index (existing devices
+    /// keep theirs). A running `serve` or `replay` takes it at its next start.
+    AddDevice(AddDeviceArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AddDeviceArgs {
+    #[command(flatten)]
+    pub journal: JournalArgs,
+    /// The new device's name (its NBD export name).
+    #[arg(long)]
+    pub name: String,
+    /// Its size, e.g. 4G.
+    #[arg(long, value_name = "SIZE", value_parser = crate::cmd::args::parse_size, allow_hyphen_values = true)]
+    pub size: u64,
 }
 
 #[derive(Debug, Args)]
@@ -77,7 +92,27 @@ pub async fn run(cmd: JournalCommand) -> anyhow::Result<()> {
         JournalCommand::Verify(a) => verify(a).await,
         JournalCommand::Trim(a) => crate::cmd::trim::journal_trim(a).await,
         JournalCommand::Unregister(a) => crate::cmd::trim::unregister(a).await,
+        JournalCommand::AddDevice(a) => add_device(a).await,
     }
+}
+
+async fn add_device(args: AddDeviceArgs) -> anyhow::Result<()> {
+    let store = args.journal.open_for_command().await?;
+    let spec = tinylag::journal::manifest::DeviceSpec {
+        name: args.name.clone(),
+        size: args.size,
+    };
+    let manifest = Manifest::add_device(store.as_ref(), spec).await?;
+    println!(
+        "added device {} ({}) to journal {} as device {}; restart serve and replay with a \
+         --primary/--replica {}=PATH for it",
+        args.name,
+        format_size(args.size),
+        store.describe(),
+        manifest.devices.len() - 1,
+        args.name
+    );
+    Ok(())
 }
 
 async fn info(args: InfoArgs) -> anyhow::Result<()> {

@@ -81,7 +81,7 @@ impl ReplicaCatchUp {
                 format!(
                     "cannot open the replica {} as consumer {} (is its replay agent still \
                      running? stop it first)",
-                    self.args.replica.display(),
+                    self.args.first_replica().display(),
                     self.args.name
                 )
             })?;
@@ -123,7 +123,7 @@ pub(crate) fn replay_args(args: &PromoteArgs) -> anyhow::Result<ReplayArgs> {
         "--journal".into(),
         journal.to_string(),
         "--replica".into(),
-        args.serve.primary.display().to_string(),
+        args.serve.first_primary().display().to_string(),
         "--name".into(),
         args.name.clone(),
         "--once".into(),
@@ -174,6 +174,14 @@ pub async fn run(args: PromoteArgs) -> anyhow::Result<()> {
     };
     let store = open_store(uri, &args.serve.s3.options()).await?;
     let manifest = Manifest::load(store.as_ref()).await?;
+    if manifest.devices.len() > 1 {
+        bail!(
+            "promote refused: journal {} is a group of {} devices; failover of a group as a unit \
+             is not supported yet",
+            store.describe(),
+            manifest.devices.len()
+        );
+    }
     let Some(current) = epoch::current_epoch(store.as_ref()).await? else {
         bail!(
             "journal {} has had no writer yet: there is nothing to promote from; start \
@@ -272,7 +280,7 @@ pub(crate) async fn start_serving(
     let reason = claim.reason;
     claim.owner = args.name.clone();
     let name = args.name.clone();
-    let replica = args.serve.primary.clone();
+    let replica = args.serve.first_primary().to_path_buf();
     let hook_store = store.clone();
     let hook_catch_up = catch_up.clone();
     let serving: serve::ServingHook = Box::new(move |core| {

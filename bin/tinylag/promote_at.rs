@@ -97,7 +97,7 @@ pub async fn run(
     catch_up.run_once().await?;
 
     // The point, resolved on the replica's lineage as `restore` resolves it.
-    let replica = std::path::absolute(&args.serve.primary)?;
+    let replica = std::path::absolute(args.serve.first_primary())?;
     let undo: Arc<dyn ObjectStore> = match &catch_up.args.undo {
         Some(uri) => open_store(uri, &args.serve.s3.options()).await?,
         None => {

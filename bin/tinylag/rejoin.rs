@@ -73,8 +73,16 @@ pub async fn run(args: RejoinArgs) -> anyhow::Result<()> {
     }
     let journal = r.journal.open().await?;
     let manifest = Manifest::load(journal.as_ref()).await?;
-    let replica = std::path::absolute(&r.replica)
-        .with_context(|| format!("--replica {}", r.replica.display()))?;
+    if manifest.devices.len() > 1 {
+        anyhow::bail!(
+            "rejoin refused: journal {} is a group of {} devices; rejoining a group as a unit is \
+             not supported yet",
+            journal.describe(),
+            manifest.devices.len()
+        );
+    }
+    let replica = std::path::absolute(r.first_replica())
+        .with_context(|| format!("--replica {}", r.first_replica().display()))?;
     let device = manifest.device_size(0).unwrap_or(0);
     match consumer::load(journal.as_ref(), &r.name).await {
         Ok(pos) => {

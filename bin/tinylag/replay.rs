@@ -4,13 +4,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::Args;
 use tinylag::clock::{format_ns, Clock, SystemClock};
 use tinylag::control;
 use tinylag::journal::reader::JournalReader;
 use tinylag::journal::Manifest;
 use tinylag::metrics::{Hub, ReplicaSource};
+use tinylag::replayer::group_replica::GroupReplica;
 use tinylag::replayer::{
     Agent, AgentConfig, BatchLimits, Outcome, PollPolicy, ReplicaFile, ReplicaTarget, SeedChoice,
     SeedStamp, StatusHandler, TokioTimer,
@@ -22,7 +23,7 @@ use tinylag::units::format_duration;
 use tokio::sync::watch;
 
 use crate::cmd::args::{
-    parse_duration, parse_group, parse_size, parse_store_uri, parse_time, JournalArgs,
+    parse_duration, parse_group, parse_size, parse_store_uri, parse_time, JournalArgs, NamedPath,
 };
 use crate::cmd::config::ConfigArg;
 use crate::cmd::metrics::{Endpoint, MetricsArgs};
@@ -35,9 +36,10 @@ pub struct ReplayArgs {
     #[command(flatten)]
     pub journal: JournalArgs,
     /// The replica image: a file (created sparse, of the device size, if absent) or a block
-    /// device.
-    #[arg(long, value_name = "PATH")]
-    pub replica: PathBuf,
+    /// device. A group journal takes one `--replica NAME=PATH` per device: the set is
+    /// replayed in the group's one order and committed at one LSN.
+    #[arg(long = "replica", value_name = "[NAME=]PATH", value_parser = NamedPath::parse, required = true)]
+    pub replica: Vec<NamedPath>,
     /// Consumer name: this agent's position in the journal (1-64 of A-Z a-z 0-9 . _ -).
     #[arg(long)]
     pub name: String,
@@ -101,6 +103,81 @@ pub struct ReplayArgs {
     pub config: ConfigArg,
 }
 
+impl ReplayArgs {
+    /// The first (or only) replica image: the agent's socket and undo log default to beside
+    /// it.
+    pub fn first_replica(&self) -> &Path {
+        &self.replica[0].path
+    }
+}
+
+/// Each device's image (absolute), in device order: one `--replica` for a one-device journal,
+/// one `NAME=PATH` per device for a group.
+fn match_replicas(replicas: &[NamedPath], manifest: &Manifest) -> anyhow::Result<Vec<PathBuf>> {
+    let devices: Vec<&str> = manifest.devices.iter().map(|d| d.name.as_str()).collect();
+    let absolute = |path: &Path| {
+        std::path::absolute(path).with_context(|| format!("--replica {}", path.display()))
+    };
+    if devices.len() == 1 {
+        if replicas.len() > 1 {
+            bail!(
+                "--replica given {} times, but the journal replicates one device",
+                replicas.len()
+            );
+        }
+        if let Some(name) = &replicas[0].name {
+            if name != devices[0] {
+                bail!(
+                    "--replica {name}=…: the journal's device is named {:?}",
+                    devices[0]
+                );
+            }
+        }
+        return Ok(vec![absolute(&replicas[0].path)?]);
+    }
+    let mut matched: Vec<Option<PathBuf>> = vec![None; devices.len()];
+    for r in replicas {
+        let Some(name) = &r.name else {
+            bail!(
+                "--replica {}: this journal is a group of {} devices ({}); give each as \
+                 --replica NAME=PATH",
+                r.path.display(),
+                devices.len(),
+                devices.join(", ")
+            );
+        };
+        let Some(index) = devices.iter().position(|d| d == name) else {
+            bail!(
+                "--replica {name}=…: the journal has no device {name:?} (its devices: {})",
+                devices.join(", ")
+            );
+        };
+        if matched[index].replace(absolute(&r.path)?).is_some() {
+            bail!("--replica {name}=… is given twice");
+        }
+    }
+    let missing: Vec<&str> = devices
+        .iter()
+        .zip(&matched)
+        .filter(|(_, m)| m.is_none())
+        .map(|(d, _)| *d)
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "no --replica for device(s) {}: a group's replica set holds every device, one \
+             --replica NAME=PATH each",
+            missing.join(", ")
+        );
+    }
+    let paths: Vec<PathBuf> = matched.into_iter().map(|p| p.expect("matched")).collect();
+    for (i, p) in paths.iter().enumerate() {
+        if paths[..i].contains(p) {
+            bail!("--replica {}: one image given for two devices", p.display());
+        }
+    }
+    Ok(paths)
+}
+
 /// `<path><suffix>` beside `path` (`replica.img` → `replica.img.undo`).
 fn beside(path: &Path, suffix: &str) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
@@ -131,11 +208,20 @@ pub async fn open(
     count_undo: bool,
 ) -> anyhow::Result<Opened> {
     let manifest = Manifest::load(journal.as_ref()).await?;
-    let replica_path = std::path::absolute(&args.replica)
-        .with_context(|| format!("--replica {}", args.replica.display()))?;
+    let replica_path = std::path::absolute(args.first_replica())
+        .with_context(|| format!("--replica {}", args.first_replica().display()))?;
     let size = manifest
         .device_size(0)
         .context("the journal's manifest lists no device")?;
+    let group = manifest.devices.len() > 1;
+    // Which image is which device, checked before anything is opened or created.
+    let images = match_replicas(&args.replica, &manifest)?;
+    if group && (args.assume_seeded || args.check_seed) {
+        bail!(
+            "--assume-seeded and --check-seed take one image; a group's replica set starts blank \
+             at the journal's start"
+        );
+    }
     let undo_store: Option<Arc<dyn ObjectStore>> = if args.no_undo {
         None
     } else {
@@ -165,11 +251,54 @@ pub async fn open(
             Err(e) => SeedChoice::BrokenStamp(e.to_string()),
         }
     };
-    let (replica, created) = ReplicaFile::open_or_create(&replica_path, size)?;
-    let replica: Arc<dyn ReplicaTarget> = Arc::new(replica);
+    let (replica, created, created_paths, shown): (
+        Arc<dyn ReplicaTarget>,
+        bool,
+        Vec<PathBuf>,
+        String,
+    ) = if group {
+        let mut members: Vec<Arc<dyn ReplicaTarget>> = Vec::new();
+        let mut created_paths = Vec::new();
+        let opened: anyhow::Result<()> = (|| {
+            for (device, path) in manifest.devices.iter().zip(&images) {
+                let (image, created) = ReplicaFile::open_or_create(path, device.size)
+                    .with_context(|| format!("--replica {}={}", device.name, path.display()))?;
+                if created {
+                    created_paths.push(path.clone());
+                }
+                members.push(Arc::new(image));
+            }
+            Ok(())
+        })();
+        if let Err(e) = opened {
+            for path in &created_paths {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(e);
+        }
+        let set = GroupReplica::new(manifest.layout(), members);
+        let shown = set.describe();
+        // Blank only when every image was created now; an existing image among them is
+        // adopted as the whole set is (refused unless blank).
+        let all_created = created_paths.len() == images.len();
+        (Arc::new(set), all_created, created_paths, shown)
+    } else {
+        let (replica, created) = ReplicaFile::open_or_create(&replica_path, size)?;
+        let created_paths = if created {
+            vec![replica_path.clone()]
+        } else {
+            Vec::new()
+        };
+        (
+            Arc::new(replica),
+            created,
+            created_paths,
+            replica_path.display().to_string(),
+        )
+    };
     let config = AgentConfig {
         name: args.name.clone(),
-        replica: replica_path.display().to_string(),
+        replica: shown,
         delay: args.delay,
         until_ns: args.until,
         once: args.once,
@@ -200,9 +329,9 @@ pub async fn open(
     let agent = match opened {
         Ok(agent) => agent,
         Err(e) => {
-            if created {
-                // Leave nothing behind for a refused start.
-                let _ = std::fs::remove_file(&replica_path);
+            // Leave nothing behind for a refused start.
+            for path in &created_paths {
+                let _ = std::fs::remove_file(path);
             }
             return Err(e.into());
         }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use tinylag::block::file::{FileDevice, FileOptions};
+use tinylag::block::group::{DeviceSlice, GroupDevice};
 use tinylag::block::BlockDevice;
 use tinylag::clock::{Clock, SystemClock};
 use tinylag::control;
@@ -31,7 +32,7 @@ use tinylag::writer::{
 
 use crate::cmd::args::{
     parse_duration, parse_group, parse_listen, parse_max_lag, parse_pool_size, parse_segment_size,
-    parse_store_uri, usage, Ack, S3Args, TlsArgs,
+    parse_store_uri, usage, Ack, NamedPath, S3Args, TlsArgs,
 };
 use crate::cmd::config::ConfigArg;
 use crate::cmd::metrics::{Endpoint, MetricsArgs};
@@ -46,9 +47,11 @@ const NO_JOURNAL_REGION_SIZE: u64 = 4 << 20;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// The primary: a file or block device whose size is the journal's device size.
-    #[arg(long, value_name = "PATH")]
-    pub primary: PathBuf,
+    /// The primary: a file or block device whose size is the journal's device size. A group
+    /// journal (several devices) takes one `--primary NAME=PATH` per device; each is served as
+    /// the NBD export NAME.
+    #[arg(long = "primary", value_name = "[NAME=]PATH", value_parser = NamedPath::parse, required = true)]
+    pub primary: Vec<NamedPath>,
     /// Journal location: /path, file:///path, s3://bucket/prefix or mem://name.
     #[arg(long, value_name = "URI", value_parser = parse_store_uri, required_unless_present = "no_journal")]
     pub journal: Option<StoreUri>,
@@ -161,6 +164,11 @@ fn parse_lease_time(s: &str) -> Result<Duration, String> {
 }
 
 impl ServeArgs {
+    /// The first (or only) primary: the daemon's sockets and files default to beside it.
+    pub fn first_primary(&self) -> &Path {
+        &self.primary[0].path
+    }
+
     /// The acknowledgement policy `--ack` and `--max-lag` describe together.
     fn ack_mode(&self) -> anyhow::Result<AckMode> {
         match (self.ack, self.max_lag) {
@@ -254,14 +262,14 @@ async fn serve_with(
     check_frontend(args.frontend, &args.ublk, &nbd_flags)?;
     let listen: ListenAddr = match &args.listen {
         Some(addr) => addr.clone(),
-        None => ListenAddr::Unix(beside(&args.primary, ".sock")),
+        None => ListenAddr::Unix(beside(args.first_primary(), ".sock")),
     };
     let security = args.tls.security(&listen)?;
     let nbd_buffers = args.tls.buffer_budget()?;
     let control_path = args
         .control
         .clone()
-        .unwrap_or_else(|| default_control_path(&args.primary));
+        .unwrap_or_else(|| default_control_path(args.first_primary()));
 
     let metrics = Endpoint::open(&args.metrics, shared).await?;
     let mut counted = None;
@@ -278,6 +286,15 @@ async fn serve_with(
         }
         _ => None,
     };
+    // Which primary is which device, checked before anything is opened.
+    let primaries = match_primaries(&args.primary, journal.as_ref().map(|(_, m)| m))?;
+    let group = primaries.len() > 1;
+    if group && args.export.is_some() {
+        bail!("--export: a group's exports are its device names (see `tinylag journal info`)");
+    }
+    if group && ublk && args.ublk.dev_id.is_some() {
+        bail!("--dev-id: a group gets one /dev/ublkbN per device, numbered by the kernel");
+    }
     let block_size = journal
         .as_ref()
         .map_or(NO_JOURNAL_BLOCK_SIZE, |(_, m)| m.block_size);
@@ -296,16 +313,30 @@ async fn serve_with(
             .unwrap_or_else(|| "disk0".to_string())
     });
     let engine = tinylag::block::engine::select()?;
-    let device = FileDevice::open(
-        &args.primary,
-        FileOptions {
-            direct: args.direct,
-            engine: engine.engine,
-            ..FileOptions::new(block_size)
-        },
-    )
-    .context("--primary")?;
-    let device: Arc<dyn BlockDevice> = Arc::new(device);
+    let mut members: Vec<Arc<dyn BlockDevice>> = Vec::new();
+    for (name, path) in &primaries {
+        let device = FileDevice::open(
+            path,
+            FileOptions {
+                direct: args.direct,
+                engine: engine.engine,
+                ..FileOptions::new(block_size)
+            },
+        )
+        .with_context(|| match name {
+            Some(name) if group => format!("--primary {name}={}", path.display()),
+            _ => "--primary".to_string(),
+        })?;
+        members.push(Arc::new(device));
+    }
+    let layout = journal.as_ref().map(|(_, m)| m.layout());
+    let device: Arc<dyn BlockDevice> = match (&layout, group) {
+        (Some(layout), true) => Arc::new(
+            GroupDevice::new(layout.clone(), members)
+                .map_err(|e| anyhow::anyhow!("--primary {e}"))?,
+        ),
+        _ => members.pop().expect("one primary"),
+    };
 
     // Bind first: a second daemon on the same sockets is refused before it claims an epoch.
     let listener = match ublk {
@@ -325,7 +356,14 @@ async fn serve_with(
         .with_context(|| format!("cannot listen on --control {}", control_path.display()))?;
 
     let labels = Labels {
-        primary: args.primary.display().to_string(),
+        primary: primaries
+            .iter()
+            .map(|(name, path)| match name {
+                Some(name) if group => format!("{name}={}", path.display()),
+                _ => path.display().to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
         listen: if ublk {
             "ublk".to_string()
         } else {
@@ -386,11 +424,11 @@ async fn serve_with(
             pool_size: args.pool_size,
             ack,
             clock: clock.clone(),
-            primary_path: args.primary.clone(),
+            primary_path: args.first_primary().to_path_buf(),
             activity_log: (!args.no_activity_log).then(|| {
                 args.activity_log
                     .clone()
-                    .unwrap_or_else(|| default_activity_log_path(&args.primary))
+                    .unwrap_or_else(|| default_activity_log_path(args.first_primary()))
             }),
             abandon_after_hole: args.abandon_after_hole,
             claim: claim.clone(),
@@ -422,17 +460,29 @@ async fn serve_with(
             )
             .await;
     }
+    let exports: Vec<Export> = match (&layout, group) {
+        (Some(layout), true) => layout
+            .devices()
+            .iter()
+            .zip(&primaries)
+            .map(|(placed, (_, path))| Export {
+                name: placed.name.clone(),
+                description: format!("tinylag primary {} ({})", placed.name, path.display()),
+                device: Arc::new(DeviceSlice::new(core.clone(), placed.base, placed.size)),
+            })
+            .collect(),
+        _ => vec![Export {
+            name: export.clone(),
+            description: format!("tinylag primary {}", args.first_primary().display()),
+            device: core.clone(),
+        }],
+    };
+    let ublk_targets: Vec<Arc<dyn BlockDevice>> =
+        exports.iter().map(|e| e.device.clone()).collect();
     let server = Arc::new(
-        NbdServer::new(
-            vec![Export {
-                name: export.clone(),
-                description: format!("tinylag primary {}", args.primary.display()),
-                device: core.clone(),
-            }],
-            &export,
-        )?
-        .with_security(security.clone())
-        .with_buffer_budget(nbd_buffers.clone()),
+        NbdServer::new(exports, &export)?
+            .with_security(security.clone())
+            .with_buffer_budget(nbd_buffers.clone()),
     );
     let security_warning = security.warning(&listen);
 
@@ -478,7 +528,7 @@ async fn serve_with(
     let (nbd_task, ublk_device, served_as) = match listener {
         Some(listener) => (
             Some(tokio::spawn(nbd::serve(listener, server, shutdown_rx))),
-            None,
+            Vec::new(),
             format!(
                 "{} ({})",
                 args.tls.nbd_uri(&listen, &export),
@@ -486,16 +536,39 @@ async fn serve_with(
             ),
         ),
         None => {
-            let device: Arc<dyn BlockDevice> = core.clone();
-            match tinylag::ublk::start(device, ublk_options, tokio::runtime::Handle::current())
+            let mut started = Vec::new();
+            let mut failed = None;
+            for target in ublk_targets {
+                match tinylag::ublk::start(
+                    target,
+                    ublk_options.clone(),
+                    tokio::runtime::Handle::current(),
+                )
                 .await
-            {
-                Ok(d) => {
-                    let how = if d.recovered() { " (re-attached)" } else { "" };
-                    let path = format!("{}{how}", d.block_path());
-                    (None, Some(d), path)
+                {
+                    Ok(d) => started.push(d),
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
                 }
-                Err(e) => {
+            }
+            match failed {
+                None => {
+                    let path = started
+                        .iter()
+                        .map(|d| {
+                            let how = if d.recovered() { " (re-attached)" } else { "" };
+                            format!("{}{how}", d.block_path())
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    (None, started, path)
+                }
+                Some(e) => {
+                    for d in started {
+                        d.stop().await;
+                    }
                     let _ = shutdown_tx.send(true);
                     core.shutdown(args.drain_timeout).await;
                     if let Some(keeper) = &keeper {
@@ -512,7 +585,7 @@ async fn serve_with(
     let status = core.status();
     tell(format!(
         "tinylag serve: {} ({}) as {served_as}",
-        args.primary.display(),
+        args.first_primary().display(),
         format_size(status.device_size),
     ));
     tell(format!(
@@ -556,7 +629,7 @@ async fn serve_with(
         "stopping: no new connections, finishing in-flight I/O"
     );
     let _ = shutdown_tx.send(true);
-    if let Some(device) = ublk_device {
+    for device in ublk_device {
         device.stop().await;
     }
     if let Some(task) = nbd_task {
@@ -576,7 +649,10 @@ async fn serve_with(
     }
     let _ = std::fs::remove_file(&control_path);
     if let Some(e) = &report.flush_error {
-        bail!("the final fsync of {} failed: {e}", args.primary.display());
+        bail!(
+            "the final fsync of {} failed: {e}",
+            args.first_primary().display()
+        );
     }
     if core.epoch().is_some() {
         if report.undrained_records > 0 {
@@ -600,6 +676,76 @@ async fn serve_with(
         tell("stopped");
     }
     Ok(())
+}
+
+/// Each device's primary path (with the name it was given), in device order: one primary for
+/// a one-device journal (or `--no-journal`), one `NAME=PATH` per device for a group.
+fn match_primaries(
+    primaries: &[NamedPath],
+    manifest: Option<&Manifest>,
+) -> anyhow::Result<Vec<(Option<String>, PathBuf)>> {
+    let devices: Vec<&str> = manifest
+        .map(|m| m.devices.iter().map(|d| d.name.as_str()).collect())
+        .unwrap_or_default();
+    if devices.len() <= 1 {
+        if primaries.len() > 1 {
+            bail!(
+                "--primary given {} times, but {} one device",
+                primaries.len(),
+                if manifest.is_some() {
+                    "the journal replicates"
+                } else {
+                    "--no-journal serves"
+                }
+            );
+        }
+        let only = &primaries[0];
+        if let (Some(name), Some(device)) = (&only.name, devices.first()) {
+            if name != device {
+                bail!("--primary {name}=…: the journal's device is named {device:?}");
+            }
+        }
+        return Ok(vec![(only.name.clone(), only.path.clone())]);
+    }
+    let mut matched: Vec<Option<PathBuf>> = vec![None; devices.len()];
+    for p in primaries {
+        let Some(name) = &p.name else {
+            bail!(
+                "--primary {}: this journal is a group of {} devices ({}); give each as \
+                 --primary NAME=PATH",
+                p.path.display(),
+                devices.len(),
+                devices.join(", ")
+            );
+        };
+        let Some(index) = devices.iter().position(|d| d == name) else {
+            bail!(
+                "--primary {name}=…: the journal has no device {name:?} (its devices: {})",
+                devices.join(", ")
+            );
+        };
+        if matched[index].replace(p.path.clone()).is_some() {
+            bail!("--primary {name}=… is given twice");
+        }
+    }
+    let missing: Vec<&str> = devices
+        .iter()
+        .zip(&matched)
+        .filter(|(_, m)| m.is_none())
+        .map(|(d, _)| *d)
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "no --primary for device(s) {}: a group is served whole, one --primary NAME=PATH per \
+             device",
+            missing.join(", ")
+        );
+    }
+    Ok(devices
+        .iter()
+        .zip(matched)
+        .map(|(d, path)| (Some(d.to_string()), path.expect("every device matched")))
+        .collect())
 }
 
 pub async fn wait_for_signal() -> anyhow::Result<&'static str> {

@@ -6,14 +6,13 @@
 //! Must never: let a request through a slice reach bytes outside its device; write into the
 //! padding between two devices (it belongs to no device and always reads as zeroes).
 
-use std::ops::Range;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 
 use super::{check_range, BlockDevice, BlockError, DeviceInfo};
-use crate::journal::layout::DeviceLayout;
+use crate::journal::layout::{DeviceLayout, Piece};
 
 /// Several devices in the group's address space (see the module documentation).
 pub struct GroupDevice {
@@ -90,38 +89,6 @@ impl GroupDevice {
                 })?;
         Ok((self.members[dev as usize].as_ref(), local))
     }
-
-    /// `range` cut at device edges: each piece with its device (or `None` for padding).
-    fn pieces(&self, range: Range<u64>) -> Vec<(Option<u32>, Range<u64>)> {
-        let mut out = Vec::new();
-        let mut at = range.start;
-        while at < range.end {
-            match self.layout.device_at(at) {
-                Some((dev, d)) => {
-                    let end = range.end.min(d.base + d.size);
-                    out.push((Some(dev), at..end));
-                    at = end;
-                }
-                None => {
-                    let next = self
-                        .layout
-                        .devices()
-                        .iter()
-                        .map(|d| d.base)
-                        .find(|&b| b > at)
-                        .unwrap_or(range.end);
-                    let end = range.end.min(next);
-                    out.push((None, at..end));
-                    at = end;
-                }
-            }
-        }
-        out
-    }
-
-    fn local(&self, dev: u32, at: u64) -> u64 {
-        at - self.layout.device(dev).map_or(0, |d| d.base)
-    }
 }
 
 #[async_trait]
@@ -132,20 +99,20 @@ impl BlockDevice for GroupDevice {
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BlockError> {
         check_range(offset, u64::from(len), self.info.size)?;
-        let pieces = self.pieces(offset..offset + u64::from(len));
-        if let [(Some(dev), range)] = pieces.as_slice() {
-            return self.members[*dev as usize]
-                .read(self.local(*dev, range.start), len)
-                .await;
+        let pieces = self.layout.pieces(offset..offset + u64::from(len));
+        if let [Piece {
+            on: Some((dev, local)),
+            ..
+        }] = pieces.as_slice()
+        {
+            return self.members[*dev as usize].read(*local, len).await;
         }
         let mut out = BytesMut::with_capacity(len as usize);
-        for (dev, range) in pieces {
-            let n = (range.end - range.start) as usize;
-            match dev {
-                Some(dev) => {
-                    let data = self.members[dev as usize]
-                        .read(self.local(dev, range.start), n as u32)
-                        .await?;
+        for piece in pieces {
+            let n = (piece.range.end - piece.range.start) as usize;
+            match piece.on {
+                Some((dev, local)) => {
+                    let data = self.members[dev as usize].read(local, n as u32).await?;
                     out.extend_from_slice(&data);
                 }
                 None => out.resize(out.len() + n, 0),
@@ -192,11 +159,11 @@ impl BlockDevice for GroupDevice {
 
     async fn has_data(&self, offset: u64, len: u64) -> Result<bool, BlockError> {
         check_range(offset, len, self.info.size)?;
-        for (dev, range) in self.pieces(offset..offset + len) {
-            if let Some(dev) = dev {
+        for piece in self.layout.pieces(offset..offset + len) {
+            if let Some((dev, local)) = piece.on {
                 let member = &self.members[dev as usize];
                 if member
-                    .has_data(self.local(dev, range.start), range.end - range.start)
+                    .has_data(local, piece.range.end - piece.range.start)
                     .await?
                 {
                     return Ok(true);

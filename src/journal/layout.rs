@@ -38,6 +38,15 @@ impl PlacedDevice {
     }
 }
 
+/// A piece of a group range that lies on one device, or in the padding after one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Piece {
+    /// The device and the piece's offset on it; `None` for padding.
+    pub on: Option<(u32, u64)>,
+    /// The piece in the group's address space.
+    pub range: Range<u64>,
+}
+
 /// See the module documentation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceLayout {
@@ -134,6 +143,25 @@ impl DeviceLayout {
             Some((_, d)) => range.start..range.end.min(d.base + d.size),
             None => range.start..range.start,
         }
+    }
+
+    /// `range` cut at device edges, in order: what a read across devices or padding does.
+    pub fn pieces(&self, range: Range<u64>) -> Vec<Piece> {
+        let mut out = Vec::new();
+        let mut at = range.start;
+        while at < range.end {
+            let (on, end) = match self.device_at(at) {
+                Some((dev, d)) => (Some((dev, at - d.base)), d.base + d.size),
+                None => {
+                    let next = self.devices.iter().map(|d| d.base).find(|&b| b > at);
+                    (None, next.unwrap_or(range.end))
+                }
+            };
+            let end = end.min(range.end);
+            out.push(Piece { on, range: at..end });
+            at = end;
+        }
+        out
     }
 
     /// The group offset of `offset..offset + len` on device `dev`, checked to lie on it.

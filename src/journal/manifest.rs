@@ -102,8 +102,14 @@ impl Manifest {
             check_new_device_name(&d.name)?;
         }
         let manifest = Manifest {
+            format_version: FORMAT_VERSION,
+            uuid: Uuid::new_v4(),
             devices,
-            ..Manifest::new(params, created_ns)?
+            block_size: params.block_size,
+            region_size: params.region_size,
+            splay_width: params.splay_width,
+            segment_size: params.segment_size,
+            created_ns,
         };
         manifest.validate()?;
         Ok(manifest)

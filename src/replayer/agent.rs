@@ -276,6 +276,7 @@ impl Agent {
             let fetcher = Fetcher {
                 reader: self.reader.clone(),
                 replica_size: self.replica.size(),
+                layout: self.reader.manifest().layout(),
                 end,
                 timer: self.timer.clone(),
                 poll: self.config.poll,

@@ -2,11 +2,15 @@
 //! punched hole, WRITE_ZEROES as a zeroed range; FLUSH, MARK, EPOCH and the resync markers
 //! change no bytes (the agent fsyncs once per batch instead of at each FLUSH).
 //!
-//! Must never: apply a record that was not checked by [`check_record`] first (a record
-//! outside the replica or for another device is refused before any byte of its batch is
-//! written), or write before the caller made the batch's pre-images durable: this module
+//! Offsets here are in the group's address space (`journal::layout`): a journal record is
+//! moved there by [`check_journal_record`]; undo records are stored there already (device 0).
+//!
+//! Must never: apply a record that was not checked by [`check_journal_record`] or
+//! [`check_record`] first (a record outside the replica or its device is refused before any
+//! byte of its batch is written), or write before the caller made the batch's pre-images durable: this module
 //! writes, the agent decides when.
 
+use crate::journal::layout::DeviceLayout;
 use crate::journal::record::{Op, Record};
 
 use super::overlay::{Fill, Overlay};
@@ -27,9 +31,20 @@ pub enum ApplyError {
         len: u64,
         size: u64,
     },
-    /// The record is for another device of a consistency group; one agent replays device 0.
-    #[error("record LSN {lsn} in {object} is for device {dev}; this agent replays device 0 only")]
+    /// An undo record names a device: undo records are kept in the group's address space,
+    /// as device 0 (a foreign or corrupt undo log).
+    #[error(
+        "undo record LSN {lsn} in {object} names device {dev}; undo records are kept in the \
+         group's address space as device 0"
+    )]
     OtherDevice { object: String, lsn: u64, dev: u32 },
+    /// A journal record names a device the journal does not have, or bytes outside it.
+    #[error("record LSN {lsn} in {object}: {reason}")]
+    NotOnDevice {
+        object: String,
+        lsn: u64,
+        reason: String,
+    },
     /// The replica failed.
     #[error("{what} on replica {replica} failed (record LSN {lsn}): {source}")]
     Io {
@@ -48,8 +63,32 @@ pub enum ApplyError {
     },
 }
 
-/// Checks that `record` (from `object`, for messages) can be applied to a replica of `size`
-/// bytes.
+/// A journal record (from `object`, for messages) moved into the group's address space of
+/// `layout`, checked to lie on its device and inside a replica of `size` bytes.
+pub fn check_journal_record(
+    object: &str,
+    record: Record,
+    layout: &DeviceLayout,
+    size: u64,
+) -> Result<Record, ApplyError> {
+    let lsn = record.lsn;
+    let record = if layout.is_single() && record.dev == 0 {
+        record
+    } else {
+        layout
+            .globalize(record)
+            .map_err(|e| ApplyError::NotOnDevice {
+                object: object.to_string(),
+                lsn,
+                reason: e.to_string(),
+            })?
+    };
+    check_op(object, lsn, &record.op, size)?;
+    Ok(record)
+}
+
+/// Checks that an undo `record` (from `object`, for messages) can be applied to a replica of
+/// `size` bytes.
 pub fn check_record(object: &str, record: &Record, size: u64) -> Result<(), ApplyError> {
     if record.dev != 0 {
         return Err(ApplyError::OtherDevice {

@@ -33,10 +33,11 @@ use crate::journal::record::Record;
 use crate::journal::segment::{DecodedSegment, SegmentError};
 use crate::journal::JournalError;
 
-use super::apply::check_record;
+use super::apply::check_journal_record;
 use super::error::ReplayError;
 use super::status::StatusBoard;
 use super::timing::{PollPolicy, Timer};
+use crate::journal::layout::DeviceLayout;
 
 /// A fetched segment not yet fully applied.
 #[derive(Debug)]
@@ -54,6 +55,8 @@ pub(crate) struct Pending {
 pub(crate) struct Fetcher {
     pub(crate) reader: JournalReader,
     pub(crate) replica_size: u64,
+    /// Where each device lives in the replica set: records are moved there on arrival.
+    pub(crate) layout: DeviceLayout,
     /// `--once`: stop at this seq (the end found at start).
     pub(crate) end: Option<u64>,
     pub(crate) timer: Arc<dyn Timer>,
@@ -245,19 +248,21 @@ impl Fetcher {
             .into());
         }
         self.epoch_seen = segment.header.epoch;
-        for record in &segment.records {
-            check_record(key, record, self.replica_size)?;
-        }
+        let records = segment
+            .records
+            .into_iter()
+            .map(|record| check_journal_record(key, record, &self.layout, self.replica_size))
+            .collect::<Result<VecDeque<Record>, _>>()?;
         self.board.saw_segment(
             segment.header.next_seq,
             segment.header.last_lsn(),
-            segment.records.last().map(|r| r.timestamp_ns),
+            records.back().map(|r| r.timestamp_ns),
         );
         Ok(Pending {
             seq: segment.header.seq,
             epoch: segment.header.epoch,
             next_seq: segment.header.next_seq,
-            records: segment.records.into(),
+            records,
             entry: None,
         })
     }

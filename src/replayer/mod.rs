@@ -10,6 +10,7 @@
 //! - [`recovery`]: undoing what a crash left past the last consistent commit;
 //! - [`rejoin`]: what an old primary's image diverged in since the fork, and where it starts;
 //! - [`replica`]: the replica file or block device;
+//! - [`group_replica`]: a consistency group's replica set (one image per device) as one target;
 //! - `uring`: reading a batch's pre-images with io_uring (or `pread`, the fallback);
 //! - [`status`]: what the agent reports on its control socket;
 //! - [`timing`]: the timer the agent and fetcher sleep on, and how often they poll.
@@ -23,6 +24,7 @@ pub mod agent;
 pub mod apply;
 pub mod error;
 mod fetcher;
+pub mod group_replica;
 pub mod overlay;
 pub mod preimage;
 pub mod recovery;

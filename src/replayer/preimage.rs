@@ -37,7 +37,8 @@ pub fn capture(
     Ok(Record {
         lsn: record.lsn,
         timestamp_ns: record.timestamp_ns,
-        dev: record.dev,
+        // Pre-images are kept in the group's address space (see `apply`).
+        dev: 0,
         op,
     })
 }
@@ -71,7 +72,8 @@ pub fn capture_batch(
         undo.push(Record {
             lsn: record.lsn,
             timestamp_ns: record.timestamp_ns,
-            dev: record.dev,
+            // Pre-images are kept in the group's address space (see `apply`).
+            dev: 0,
             op,
         });
     }

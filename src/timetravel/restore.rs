@@ -34,7 +34,7 @@ use tokio::task::JoinHandle;
 use crate::journal::head::probe_end;
 use crate::journal::reader::{Cursor, ReadAhead, Step};
 use crate::journal::record::{Record, RecordKind};
-use crate::replayer::apply::{apply_op, check_record, sync};
+use crate::replayer::apply::{apply_op, check_journal_record, check_record, sync};
 use crate::replayer::replica::{ReplicaFile, ReplicaTarget};
 use crate::replayer::seed::{stamp_path, SeedStamp};
 use crate::replayer::undo::{UndoError, UndoLog};
@@ -690,9 +690,10 @@ async fn forward(
         report.journal_records += records.len() as u64;
         report.journal_segments += 1;
         let t = target.clone();
+        let layout = reader.manifest().layout();
         blocking("apply", move || {
-            for r in &records {
-                check_record(&key, r, t.size())?;
+            for r in records {
+                let r = check_journal_record(&key, r, &layout, t.size())?;
                 apply_op(t.as_ref(), r.lsn, &r.op)?;
             }
             Ok(())

@@ -145,6 +145,12 @@ impl Sources {
         undo_store: Arc<dyn ObjectStore>,
     ) -> TimeTravelResult<Sources> {
         let manifest = Manifest::load(journal.as_ref()).await?;
+        if manifest.devices.len() > 1 {
+            return Err(TimeTravelError::Group {
+                journal: journal.describe(),
+                devices: manifest.devices.len(),
+            });
+        }
         // Read, though nothing here needs its value yet: a journal whose trim pointer is
         // garbage is refused as every other command refuses it, before a restore or mount
         // reads segments a broken trim may be deleting.

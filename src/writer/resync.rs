@@ -44,7 +44,7 @@ use super::journal_writer::Progress;
 use super::mode::ModeState;
 use super::pool::{Permit, Pool, RECORD_OVERHEAD};
 use super::range_lock::RangeLock;
-use super::shared::{device_record, record_cost, WriterStats};
+use super::shared::{device_record, record_cost, Shared, WriterStats};
 use crate::block::BlockDevice;
 use crate::clock::MonotonicTimestamps;
 use crate::journal::layout::DeviceLayout;
@@ -133,9 +133,7 @@ pub struct ResyncStatus {
 
 impl Episodes {
     pub(super) fn new(
-        mode: Arc<ModeState>,
-        dirty: Arc<DirtyRegions>,
-        pool: Pool,
+        Shared { mode, dirty, pool }: Shared,
         intake: Arc<Intake>,
         timestamps: Arc<MonotonicTimestamps>,
         stats: Arc<WriterStats>,

@@ -98,7 +98,8 @@ impl Agent {
             let undo_record = Record {
                 lsn: record.lsn,
                 timestamp_ns: record.timestamp_ns,
-                dev: record.dev,
+                // Pre-images are kept in the group's address space (see `apply`).
+                dev: 0,
                 op,
             };
             let size = undo

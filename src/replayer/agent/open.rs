@@ -129,7 +129,7 @@ impl Agent {
             }
         }
         pos.delay_ns = config.delay.as_nanos() as u64;
-        let device_size = manifest.device_size(0).unwrap_or(0);
+        let device_size = manifest.layout().span();
         let undo = match undo_store {
             None => None,
             Some(undo_store) => {

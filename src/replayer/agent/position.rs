@@ -73,7 +73,7 @@ impl Agent {
     /// The journal's region size and device size (what a seed check counts in).
     pub(super) fn layout(&self) -> (u64, u64) {
         let manifest = self.reader.manifest();
-        (manifest.region_size, manifest.device_size(0).unwrap_or(0))
+        (manifest.region_size, manifest.layout().span())
     }
 
     /// Moves the in-memory position past `record`, which is off the lineage and was not

@@ -333,9 +333,11 @@ impl PrimaryCore {
         let timestamps = Arc::new(timestamps);
         let locks = Arc::new(RangeLock::new());
         let episodes = Arc::new(Episodes::new(
-            mode.clone(),
-            dirty.clone(),
-            pool.clone(),
+            Shared {
+                mode: mode.clone(),
+                dirty: dirty.clone(),
+                pool: pool.clone(),
+            },
             intake.clone(),
             timestamps.clone(),
             stats.clone(),
