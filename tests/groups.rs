@@ -242,7 +242,11 @@ fn every_replayed_point_and_every_crash_of_the_agent_is_a_prefix_of_the_group_or
     );
 
     // 20 random points: a fresh pair replayed `--until` each holds exactly the writes acked
-    // before it, plus perhaps ones in flight at that instant — and never a gap.
+    // before it, plus perhaps ones in flight at that instant — and never a gap; and the live
+    // set restored to the same instant through its undo log (`restore --output-dir`) is that
+    // pair byte for byte.
+    run_ok(&once);
+    let mut points = Vec::new();
     for i in 0..20 {
         let k = rng.gen_range(1..TOTAL as usize);
         let t = (sent.acked_ns[k - 1] + sent.sent_ns[k]) / 2;
@@ -269,6 +273,31 @@ fn every_replayed_point_and_every_crash_of_the_agent_is_a_prefix_of_the_group_or
             "--name",
             &name,
         ]));
+        points.push((until, name));
+    }
+    for (until, name) in &points {
+        let out = group.path(&format!("restored-{name}"));
+        run_ok(&s(&[
+            "restore",
+            "--journal",
+            &group.journal,
+            "--replica",
+            &format!("wal={}", path(&group.pair("live")[0])),
+            "--replica",
+            &format!("data={}", path(&group.pair("live")[1])),
+            "--at",
+            until,
+            "--output-dir",
+            path(&out),
+        ]));
+        for (device, replayed) in ["wal", "data"].iter().zip(group.pair(name)) {
+            let restored = out.join(format!("{device}.img"));
+            assert!(
+                std::fs::read(&restored).unwrap() == std::fs::read(&replayed).unwrap(),
+                "restore --at {until}: {} differs from the pair replayed --until it",
+                restored.display()
+            );
+        }
     }
 
     // Caught up, the pair is the primaries byte for byte, and real clients read the same.
@@ -387,6 +416,43 @@ fn a_group_is_refused_whole_with_one_line_when_a_device_or_name_is_wrong() {
         serde_json::json!([]),
         "a refused replay registered: {info:#}"
     );
+
+    // A group is restored into an empty directory only; a file output is refused.
+    let full = group.path("full");
+    std::fs::create_dir(&full).unwrap();
+    std::fs::write(full.join("keep.txt"), b"mine").unwrap();
+    let never = group.path("never-written.img");
+    let replicas = [
+        "--replica".to_string(),
+        format!("wal={}", path(&group.path("r-wal.img"))),
+        "--replica".to_string(),
+        format!("data={}", path(&group.path("r-data.img"))),
+    ];
+    run_ok(&group.replay("r", "r", &["--once"]));
+    for (output, expect) in [
+        (vec!["--output-dir", path(&full)], "is not empty"),
+        (
+            vec!["--output", path(&never)],
+            "restore it with --output-dir",
+        ),
+    ] {
+        let at = format!("@{}", now_ns() as f64 / 1e9);
+        let mut args = s(&["restore", "--journal", &group.journal, "--at", &at]);
+        args.extend(replicas.iter().cloned());
+        args.extend(s(&output));
+        let out = run(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(expect),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_dir(&full).unwrap().count(),
+        1,
+        "nothing written into it"
+    );
+    assert!(!never.exists());
 
     // add-device appends; a second device of the same name is refused.
     let added = tinylag_ok(

@@ -106,7 +106,13 @@ pub async fn run(
             Arc::new(LocalStore::new(std::path::PathBuf::from(p)))
         }
     };
-    let sources = Sources::open(store.clone(), &replica, Some(&args.name), undo).await?;
+    let sources = Sources::open(
+        store.clone(),
+        &[(None, replica.clone())],
+        Some(&args.name),
+        undo,
+    )
+    .await?;
     let window = sources.window().await?;
     let target = match (&args.at, &args.mark) {
         (Some(t), _) => Target::Time(*t),

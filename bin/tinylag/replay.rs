@@ -8,6 +8,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use tinylag::clock::{format_ns, Clock, SystemClock};
 use tinylag::control;
+use tinylag::journal::layout::match_named_paths;
 use tinylag::journal::reader::JournalReader;
 use tinylag::journal::Manifest;
 use tinylag::metrics::{Hub, ReplicaSource};
@@ -113,69 +114,15 @@ impl ReplayArgs {
 
 /// Each device's image (absolute), in device order: one `--replica` for a one-device journal,
 /// one `NAME=PATH` per device for a group.
-fn match_replicas(replicas: &[NamedPath], manifest: &Manifest) -> anyhow::Result<Vec<PathBuf>> {
+pub fn match_replicas(replicas: &[NamedPath], manifest: &Manifest) -> anyhow::Result<Vec<PathBuf>> {
     let devices: Vec<&str> = manifest.devices.iter().map(|d| d.name.as_str()).collect();
-    let absolute = |path: &Path| {
-        std::path::absolute(path).with_context(|| format!("--replica {}", path.display()))
-    };
-    if devices.len() == 1 {
-        if replicas.len() > 1 {
-            bail!(
-                "--replica given {} times, but the journal replicates one device",
-                replicas.len()
-            );
-        }
-        if let Some(name) = &replicas[0].name {
-            if name != devices[0] {
-                bail!(
-                    "--replica {name}=…: the journal's device is named {:?}",
-                    devices[0]
-                );
-            }
-        }
-        return Ok(vec![absolute(&replicas[0].path)?]);
-    }
-    let mut matched: Vec<Option<PathBuf>> = vec![None; devices.len()];
+    let mut given = Vec::new();
     for r in replicas {
-        let Some(name) = &r.name else {
-            bail!(
-                "--replica {}: this journal is a group of {} devices ({}); give each as \
-                 --replica NAME=PATH",
-                r.path.display(),
-                devices.len(),
-                devices.join(", ")
-            );
-        };
-        let Some(index) = devices.iter().position(|d| d == name) else {
-            bail!(
-                "--replica {name}=…: the journal has no device {name:?} (its devices: {})",
-                devices.join(", ")
-            );
-        };
-        if matched[index].replace(absolute(&r.path)?).is_some() {
-            bail!("--replica {name}=… is given twice");
-        }
+        let path = std::path::absolute(&r.path)
+            .with_context(|| format!("--replica {}", r.path.display()))?;
+        given.push((r.name.clone(), path));
     }
-    let missing: Vec<&str> = devices
-        .iter()
-        .zip(&matched)
-        .filter(|(_, m)| m.is_none())
-        .map(|(d, _)| *d)
-        .collect();
-    if !missing.is_empty() {
-        bail!(
-            "no --replica for device(s) {}: a group's replica set holds every device, one \
-             --replica NAME=PATH each",
-            missing.join(", ")
-        );
-    }
-    let paths: Vec<PathBuf> = matched.into_iter().map(|p| p.expect("matched")).collect();
-    for (i, p) in paths.iter().enumerate() {
-        if paths[..i].contains(p) {
-            bail!("--replica {}: one image given for two devices", p.display());
-        }
-    }
-    Ok(paths)
+    match_named_paths(&devices, &given, "--replica").map_err(anyhow::Error::msg)
 }
 
 /// `<path><suffix>` beside `path` (`replica.img` → `replica.img.undo`).

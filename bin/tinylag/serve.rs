@@ -17,6 +17,7 @@ use tinylag::block::BlockDevice;
 use tinylag::clock::{Clock, SystemClock};
 use tinylag::control;
 use tinylag::journal::epoch::{ClaimBasis, EpochReason};
+use tinylag::journal::layout::match_named_paths;
 use tinylag::journal::{epoch, lease, Manifest};
 use tinylag::metrics::{Hub, NbdBuffersSource, PrimarySource};
 use tinylag::nbd::{self, Export, ListenAddr, NbdServer};
@@ -678,74 +679,32 @@ async fn serve_with(
     Ok(())
 }
 
-/// Each device's primary path (with the name it was given), in device order: one primary for
-/// a one-device journal (or `--no-journal`), one `NAME=PATH` per device for a group.
+/// Each device's primary path (with its device's name in a group), in device order: one
+/// primary for a one-device journal (or `--no-journal`), one `NAME=PATH` per device for a
+/// group.
 fn match_primaries(
     primaries: &[NamedPath],
     manifest: Option<&Manifest>,
 ) -> anyhow::Result<Vec<(Option<String>, PathBuf)>> {
+    if manifest.is_none() && primaries.len() > 1 {
+        bail!("--no-journal serves one --primary");
+    }
     let devices: Vec<&str> = manifest
         .map(|m| m.devices.iter().map(|d| d.name.as_str()).collect())
         .unwrap_or_default();
-    if devices.len() <= 1 {
-        if primaries.len() > 1 {
-            bail!(
-                "--primary given {} times, but {} one device",
-                primaries.len(),
-                if manifest.is_some() {
-                    "the journal replicates"
-                } else {
-                    "--no-journal serves"
-                }
-            );
-        }
-        let only = &primaries[0];
-        if let (Some(name), Some(device)) = (&only.name, devices.first()) {
-            if name != device {
-                bail!("--primary {name}=…: the journal's device is named {device:?}");
-            }
-        }
-        return Ok(vec![(only.name.clone(), only.path.clone())]);
-    }
-    let mut matched: Vec<Option<PathBuf>> = vec![None; devices.len()];
-    for p in primaries {
-        let Some(name) = &p.name else {
-            bail!(
-                "--primary {}: this journal is a group of {} devices ({}); give each as \
-                 --primary NAME=PATH",
-                p.path.display(),
-                devices.len(),
-                devices.join(", ")
-            );
-        };
-        let Some(index) = devices.iter().position(|d| d == name) else {
-            bail!(
-                "--primary {name}=…: the journal has no device {name:?} (its devices: {})",
-                devices.join(", ")
-            );
-        };
-        if matched[index].replace(p.path.clone()).is_some() {
-            bail!("--primary {name}=… is given twice");
-        }
-    }
-    let missing: Vec<&str> = devices
+    let given: Vec<(Option<String>, PathBuf)> = primaries
         .iter()
-        .zip(&matched)
-        .filter(|(_, m)| m.is_none())
-        .map(|(d, _)| *d)
+        .map(|p| (p.name.clone(), p.path.clone()))
         .collect();
-    if !missing.is_empty() {
-        bail!(
-            "no --primary for device(s) {}: a group is served whole, one --primary NAME=PATH per \
-             device",
-            missing.join(", ")
-        );
-    }
-    Ok(devices
-        .iter()
-        .zip(matched)
-        .map(|(d, path)| (Some(d.to_string()), path.expect("every device matched")))
-        .collect())
+    let paths = match_named_paths(&devices, &given, "--primary").map_err(anyhow::Error::msg)?;
+    Ok(match devices.len() {
+        0 | 1 => vec![(primaries[0].name.clone(), paths[0].clone())],
+        _ => devices
+            .iter()
+            .map(|d| Some(d.to_string()))
+            .zip(paths)
+            .collect(),
+    })
 }
 
 pub async fn wait_for_signal() -> anyhow::Result<&'static str> {

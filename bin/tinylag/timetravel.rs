@@ -16,7 +16,9 @@ use tinylag::timetravel::restore::{self, Direction, Stage};
 use tinylag::timetravel::view::TimeView;
 use tinylag::timetravel::{timeline, Point, Sources, Target};
 
-use crate::cmd::args::{parse_listen, parse_store_uri, parse_time, usage, JournalArgs, TlsArgs};
+use crate::cmd::args::{
+    parse_listen, parse_store_uri, parse_time, usage, JournalArgs, NamedPath, TlsArgs,
+};
 use crate::cmd::output::{tell, warn_logged};
 use crate::cmd::serve::wait_for_signal;
 use crate::cmd::ublk::{check_frontend, Frontend, UblkArgs};
@@ -26,9 +28,10 @@ use crate::cmd::ublk::{check_frontend, Frontend, UblkArgs};
 pub struct ReplicaArgs {
     #[command(flatten)]
     pub journal: JournalArgs,
-    /// The replica a `tinylag replay` keeps (file or block device).
-    #[arg(long, value_name = "PATH")]
-    pub replica: PathBuf,
+    /// The replica a `tinylag replay` keeps (file or block device); for a group journal one
+    /// `--replica NAME=PATH` per device, as `replay` was given them.
+    #[arg(long, value_name = "[NAME=]PATH", value_parser = NamedPath::parse, required = true)]
+    pub replica: Vec<NamedPath>,
     /// Its undo log: a directory or store URI (default: <replica>.undo/ beside it).
     #[arg(long, value_name = "DIR|URI", value_parser = parse_store_uri)]
     pub undo: Option<StoreUri>,
@@ -84,11 +87,21 @@ impl ReplicaArgs {
         let undo: Arc<dyn ObjectStore> = match &self.undo {
             Some(uri) => open_store_for_command(uri, &self.journal.s3.options()).await?,
             None => {
-                let replica = std::path::absolute(&self.replica)?;
+                let replica = std::path::absolute(self.first_replica())?;
                 Arc::new(LocalStore::new(beside(&replica, ".undo")))
             }
         };
-        Ok(Sources::open(journal, &self.replica, self.name.as_deref(), undo).await?)
+        let given: Vec<(Option<String>, PathBuf)> = self
+            .replica
+            .iter()
+            .map(|r| (r.name.clone(), r.path.clone()))
+            .collect();
+        Ok(Sources::open(journal, &given, self.name.as_deref(), undo).await?)
+    }
+
+    /// The first (or only) replica image: the undo log and sockets default to beside it.
+    pub fn first_replica(&self) -> &Path {
+        &self.replica[0].path
     }
 }
 
@@ -112,8 +125,17 @@ pub struct RestoreArgs {
     #[command(flatten)]
     pub point: PointArgs,
     /// The new image file to write (must not exist).
-    #[arg(long, value_name = "FILE")]
-    pub output: PathBuf,
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "output_dir",
+        conflicts_with = "output_dir"
+    )]
+    pub output: Option<PathBuf>,
+    /// A group journal: the directory (new, or empty) to write one image per device into,
+    /// `<device>.img`, all as of the same point.
+    #[arg(long, value_name = "DIR")]
+    pub output_dir: Option<PathBuf>,
     /// Print the plan (direction, objects, bytes) and write nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -169,6 +191,18 @@ impl Reporter {
 
 pub async fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
     let (sources, point) = open_at(&args.replica, &args.point).await?;
+    let output = match (&args.output, &args.output_dir, sources.members.len()) {
+        (Some(file), None, 1) => file.clone(),
+        (None, Some(dir), n) if n > 1 => dir.clone(),
+        (Some(_), _, n) => anyhow::bail!(
+            "--output: journal {} is a group of {n} devices; restore it with --output-dir DIR \
+             (one image per device)",
+            sources.journal().describe()
+        ),
+        (None, _, _) => anyhow::bail!(
+            "--output-dir is for a group journal; this one has one device: use --output FILE"
+        ),
+    };
     let window = sources.window().await?;
     let plan = restore::plan(&sources, &window, point).await?;
     if args.dry_run {
@@ -206,14 +240,14 @@ pub async fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
             );
             println!(
                 "output          {} (not written: --dry-run)",
-                args.output.display()
+                output.display()
             );
         }
         return Ok(());
     }
     let reporter = Reporter::new();
     let progress = |stage, done, total| reporter.report(stage, done, total);
-    let report = restore::restore(&sources, &plan, &args.output, &progress).await?;
+    let report = restore::restore(&sources, &plan, &output, &progress).await?;
     if let Some(bar) = &reporter.bar {
         bar.finish_and_clear();
     }
@@ -323,7 +357,7 @@ pub async fn run_mount(args: MountArgs) -> anyhow::Result<()> {
     let listen = match &args.listen {
         Some(l) => l.clone(),
         None => ListenAddr::Unix(beside(
-            &std::path::absolute(&args.replica.replica)?,
+            &std::path::absolute(args.replica.first_replica())?,
             ".at.sock",
         )),
     };

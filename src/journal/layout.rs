@@ -212,6 +212,77 @@ impl DeviceLayout {
     }
 }
 
+/// Matches paths given on a command line (`--primary`, `--replica`: `[NAME=]PATH`, repeated)
+/// to `devices` (the journal's device names, in index order) and returns one path per device
+/// in index order. One device takes one path, named or not; a group takes exactly one
+/// `NAME=PATH` per device. The error is one line naming `flag` and what is wrong.
+pub fn match_named_paths<P: Clone + PartialEq>(
+    devices: &[&str],
+    given: &[(Option<String>, P)],
+    flag: &str,
+) -> Result<Vec<P>, String> {
+    if devices.len() <= 1 {
+        if given.len() > 1 {
+            return Err(format!(
+                "{flag} given {} times, but the journal has one device",
+                given.len()
+            ));
+        }
+        let Some((name, path)) = given.first() else {
+            return Err(format!("{flag} is required"));
+        };
+        if let (Some(name), Some(device)) = (name, devices.first()) {
+            if name != device {
+                return Err(format!(
+                    "{flag} {name}=…: the journal's device is named {device:?}"
+                ));
+            }
+        }
+        return Ok(vec![path.clone()]);
+    }
+    let mut matched: Vec<Option<P>> = vec![None; devices.len()];
+    for (name, path) in given {
+        let Some(name) = name else {
+            return Err(format!(
+                "{flag} without a name: this journal is a group of {} devices ({}); give each as \
+                 {flag} NAME=PATH",
+                devices.len(),
+                devices.join(", ")
+            ));
+        };
+        let Some(index) = devices.iter().position(|d| d == name) else {
+            return Err(format!(
+                "{flag} {name}=…: the journal has no device {name:?} (its devices: {})",
+                devices.join(", ")
+            ));
+        };
+        if matched[index].replace(path.clone()).is_some() {
+            return Err(format!("{flag} {name}=… is given twice"));
+        }
+    }
+    let missing: Vec<&str> = devices
+        .iter()
+        .zip(&matched)
+        .filter(|(_, m)| m.is_none())
+        .map(|(d, _)| *d)
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "no {flag} for device(s) {}: a group is taken whole, one {flag} NAME=PATH per device",
+            missing.join(", ")
+        ));
+    }
+    let paths: Vec<P> = matched.into_iter().flatten().collect();
+    if paths
+        .iter()
+        .enumerate()
+        .any(|(i, p)| paths[..i].contains(p))
+    {
+        return Err(format!("{flag}: one path is given for two devices"));
+    }
+    Ok(paths)
+}
+
 /// The bytes an op names: what it changes, or what a `VERIFY` covers.
 fn op_extent(op: &Op) -> Option<(u64, u64)> {
     match op {

@@ -10,14 +10,18 @@ use crate::replayer::undo::UndoError;
 /// One variant per failure; each names the object, the flag or the times an operator needs.
 #[derive(Debug, thiserror::Error)]
 pub enum TimeTravelError {
-    /// The journal is a consistency group: its replica set is several images, and time travel
-    /// over a set is not built yet.
+    /// `mount` of a consistency group's replica set is not built yet.
     #[error(
-        "journal {journal} is a group of {devices} devices: restore, mount and timeline of a \
-         group's replica set are not supported yet; to get the set as of a time, replay it into \
-         fresh images with `tinylag replay --once --until TIME --replica NAME=PATH ...`"
+        "journal {journal} is a group of {devices} devices: mount of a group's replica set is \
+         not supported yet; restore the set with `tinylag restore --output-dir DIR` instead"
     )]
     Group { journal: String, devices: usize },
+    /// The `--replica` paths do not name the journal's devices.
+    #[error("{reason}")]
+    ReplicaMap { reason: String },
+    /// A group is restored into a directory (one image per device), a device into a file.
+    #[error("{reason}")]
+    Output { reason: String },
     /// No consumer of the journal is registered for this replica.
     #[error("no replay agent of journal {journal} follows replica {replica}; give the --replica a `tinylag replay` writes (or --name of its consumer)")]
     NoConsumer { journal: String, replica: String },

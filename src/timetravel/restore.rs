@@ -35,6 +35,7 @@ use crate::journal::head::probe_end;
 use crate::journal::reader::{Cursor, ReadAhead, Step};
 use crate::journal::record::{Record, RecordKind};
 use crate::replayer::apply::{apply_op, check_journal_record, check_record, sync};
+use crate::replayer::group_replica::GroupReplica;
 use crate::replayer::replica::{ReplicaFile, ReplicaTarget};
 use crate::replayer::seed::{stamp_path, SeedStamp};
 use crate::replayer::undo::{UndoError, UndoLog};
@@ -404,15 +405,94 @@ async fn span_before(
     })
 }
 
-/// Removes the output unless disarmed.
-struct Partial(Option<PathBuf>);
+/// Removes the outputs (and a directory made for them) unless disarmed.
+struct Partial {
+    files: Vec<PathBuf>,
+    dir: Option<PathBuf>,
+    armed: bool,
+}
 
 impl Drop for Partial {
     fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = std::fs::remove_file(p);
+        if !self.armed {
+            return;
+        }
+        for f in &self.files {
+            let _ = std::fs::remove_file(f);
+        }
+        if let Some(d) = &self.dir {
+            let _ = std::fs::remove_dir(d);
         }
     }
+}
+
+/// Creates the new, sized output file `path` (refused if it exists).
+fn create_output(path: &Path, size: u64, partial: &mut Partial) -> TimeTravelResult<File> {
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                TimeTravelError::OutputExists {
+                    path: path.to_owned(),
+                }
+            } else {
+                io_err("cannot create --output", path)(e)
+            }
+        })?;
+    partial.files.push(path.to_owned());
+    file.set_len(size)
+        .map_err(io_err("cannot size --output", path))?;
+    Ok(file)
+}
+
+/// The image files a restore writes, in device order: `output` itself for one device; for a
+/// group, `output` is a directory (made if absent, refused unless empty) holding
+/// `<device>.img` for each device.
+fn output_files(
+    sources: &Sources,
+    output: &Path,
+    partial: &mut Partial,
+) -> TimeTravelResult<Vec<PathBuf>> {
+    let layout = sources.reader.manifest().layout();
+    if layout.is_single() {
+        return Ok(vec![output.to_owned()]);
+    }
+    match std::fs::read_dir(output) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                return Err(TimeTravelError::Output {
+                    reason: format!(
+                        "--output-dir {} is not empty: a group's restore writes one image per \
+                         device into an empty (or new) directory",
+                        output.display()
+                    ),
+                });
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir(output).map_err(io_err("cannot create --output-dir", output))?;
+            partial.dir = Some(output.to_owned());
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
+            return Err(TimeTravelError::Output {
+                reason: format!(
+                    "{} is a file: a group of {} devices is restored into a directory \
+                     (--output-dir DIR), one image per device",
+                    output.display(),
+                    layout.count()
+                ),
+            })
+        }
+        Err(e) => return Err(io_err("cannot read --output-dir", output)(e)),
+    }
+    Ok(layout
+        .devices()
+        .iter()
+        .map(|d| output.join(format!("{}.img", d.name)))
+        .collect())
 }
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> TimeTravelError {
@@ -440,35 +520,32 @@ pub async fn restore(
     progress: Progress<'_>,
 ) -> TimeTravelResult<Report> {
     let size = sources.size;
-    let file = File::options()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(output)
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                TimeTravelError::OutputExists {
-                    path: output.to_owned(),
-                }
-            } else {
-                io_err("cannot create --output", output)(e)
-            }
-        })?;
-    let mut partial = Partial(Some(output.to_owned()));
-    file.set_len(size)
-        .map_err(io_err("cannot size --output", output))?;
-    // Copy: read-only, no lock (the agent holds it), so `replay` keeps running.
-    let replica =
-        File::open(&sources.replica).map_err(io_err("cannot open --replica", &sources.replica))?;
-    let replica_path = sources.replica.clone();
+    let layout = sources.reader.manifest().layout();
+    let mut partial = Partial {
+        files: Vec::new(),
+        dir: None,
+        armed: true,
+    };
+    let outputs = output_files(sources, output, &mut partial)?;
+    let mut copies = Vec::new();
+    for ((out, member), placed) in outputs.iter().zip(&sources.members).zip(layout.devices()) {
+        let file = create_output(out, placed.size, &mut partial)?;
+        // Copy: read-only, no lock (the agent holds it), so `replay` keeps running.
+        let replica = File::open(member).map_err(io_err("cannot open --replica", member))?;
+        copies.push((replica, member.clone(), file, placed.size, placed.base));
+    }
     let covered = Arc::new(AtomicU64::new(0));
     let copy = {
         let covered = covered.clone();
         tokio::task::spawn_blocking(move || {
-            copy_sparse(&replica, &file, size, &mut |p| {
-                covered.store(p, Ordering::Relaxed)
-            })
-            .map_err(io_err("cannot copy replica", &replica_path))
+            let mut copied = 0;
+            for (replica, path, file, size, base) in copies {
+                copied += copy_sparse(&replica, &file, size, &mut |p| {
+                    covered.store(base + p, Ordering::Relaxed)
+                })
+                .map_err(io_err("cannot copy replica", &path))?;
+            }
+            Ok::<u64, TimeTravelError>(copied)
         })
     };
     tokio::pin!(copy);
@@ -484,7 +561,15 @@ pub async fn restore(
         }
     };
     progress(Stage::Copy, size, size);
-    let target: Arc<dyn ReplicaTarget> = Arc::new(ReplicaFile::open(output, size)?);
+    let target: Arc<dyn ReplicaTarget> = if layout.is_single() {
+        Arc::new(ReplicaFile::open(output, size)?)
+    } else {
+        let mut members: Vec<Arc<dyn ReplicaTarget>> = Vec::new();
+        for (out, placed) in outputs.iter().zip(layout.devices()) {
+            members.push(Arc::new(ReplicaFile::open(out, placed.size)?));
+        }
+        Arc::new(GroupReplica::new(layout.clone(), members))
+    };
     let mut report = Report {
         point: plan.point,
         direction: plan.direction,
@@ -532,8 +617,10 @@ pub async fn restore(
     let t = target.clone();
     blocking("fsync", move || Ok(sync(t.as_ref())?)).await?;
     drop(target);
-    report.seed_stamp = leave_seed_stamp(sources, plan.point, output).await?;
-    partial.0 = None;
+    if layout.is_single() {
+        report.seed_stamp = leave_seed_stamp(sources, plan.point, output).await?;
+    }
+    partial.armed = false;
     Ok(report)
 }
 

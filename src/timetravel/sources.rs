@@ -16,13 +16,14 @@
 //! Must never: write to any store or to the replica; accept a point outside the window, or
 //! past a journal hole; apply a record off the lineage.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::clock::format_ns;
 use crate::journal::chain::{self, Branch, Chain, Lineage};
 use crate::journal::consumer::{self, ConsumerState};
 use crate::journal::head;
+use crate::journal::layout::match_named_paths;
 use crate::journal::mark;
 use crate::journal::reader::JournalReader;
 use crate::journal::record::RecordKind;
@@ -75,8 +76,11 @@ pub struct Sources {
     pub undo_first: u64,
     /// Past the last undo segment (strays of a cut batch included).
     pub undo_end: u64,
+    /// The replica (a group: its first device's image; messages and defaults use it).
     pub replica: PathBuf,
-    /// The device size.
+    /// Every device's image, in device order (one for a one-device journal).
+    pub members: Vec<PathBuf>,
+    /// The device size (a group: its address space, see `journal::layout`).
     pub size: u64,
     /// The epoch chain when opened.
     pub chain: Chain,
@@ -140,28 +144,42 @@ impl Sources {
     /// `name`), with its undo log in `undo_store` (absent: only forward travel).
     pub async fn open(
         journal: Arc<dyn ObjectStore>,
-        replica: &Path,
+        replicas: &[(Option<String>, PathBuf)],
         name: Option<&str>,
         undo_store: Arc<dyn ObjectStore>,
     ) -> TimeTravelResult<Sources> {
         let manifest = Manifest::load(journal.as_ref()).await?;
-        if manifest.devices.len() > 1 {
-            return Err(TimeTravelError::Group {
-                journal: journal.describe(),
-                devices: manifest.devices.len(),
-            });
-        }
         // Read, though nothing here needs its value yet: a journal whose trim pointer is
         // garbage is refused as every other command refuses it, before a restore or mount
         // reads segments a broken trim may be deleting.
         consumer::load_trim_pointer(journal.as_ref()).await?;
-        let size = manifest.device_size(0).unwrap_or(0);
-        let replica = std::path::absolute(replica).map_err(|source| TimeTravelError::Io {
-            what: "cannot resolve --replica",
-            path: replica.to_owned(),
-            source,
-        })?;
-        let shown = replica.display().to_string();
+        let layout = manifest.layout();
+        let size = layout.span();
+        let mut absolute = Vec::new();
+        for (device, path) in replicas {
+            let path = std::path::absolute(path).map_err(|source| TimeTravelError::Io {
+                what: "cannot resolve --replica",
+                path: path.clone(),
+                source,
+            })?;
+            absolute.push((device.clone(), path));
+        }
+        let devices: Vec<&str> = manifest.devices.iter().map(|d| d.name.as_str()).collect();
+        let members = match_named_paths(&devices, &absolute, "--replica")
+            .map_err(|reason| TimeTravelError::ReplicaMap { reason })?;
+        let replica = members[0].clone();
+        // As the agent registered it: the path, or a group's `name=path,…`.
+        let shown = if layout.is_single() {
+            replica.display().to_string()
+        } else {
+            layout
+                .devices()
+                .iter()
+                .zip(&members)
+                .map(|(d, p)| format!("{}={}", d.name, p.display()))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         let consumer = match name {
             Some(name) => consumer::load(journal.as_ref(), name).await?,
             None => {
@@ -232,6 +250,7 @@ impl Sources {
             undo_first,
             undo_end,
             replica,
+            members,
             size,
         })
     }

@@ -143,6 +143,12 @@ impl TimeView {
         point: Point,
         scratch: Option<&Path>,
     ) -> TimeTravelResult<TimeView> {
+        if sources.members.len() > 1 {
+            return Err(TimeTravelError::Group {
+                journal: sources.journal().describe(),
+                devices: sources.members.len(),
+            });
+        }
         let window = sources.window().await?;
         let plan = plan(&sources, &window, point).await?;
         let replica = File::open(&sources.replica).map_err(|source| TimeTravelError::Io {
