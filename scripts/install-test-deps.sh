@@ -107,7 +107,7 @@ install_system_tools() {
         nbdfuse:nbdfuse nbdkit:nbdkit fio:fio mkfs.ext4:e2fsprogs e2fsck:e2fsprogs \
         debugfs:e2fsprogs fusermount3:fuse3 losetup:mount python3:python3 openssl:openssl \
         setpriv:util-linux systemd-analyze:systemd man:man-db prometheus:prometheus \
-        promtool:prometheus dumpe2fs:e2fsprogs fsfreeze:util-linux curl:curl; do
+        promtool:prometheus dumpe2fs:e2fsprogs fsfreeze:util-linux curl:curl mdadm:mdadm; do
         tool="${pair%%:*}"
         pkg="${pair##*:}"
         if ! command -v "$tool" >/dev/null 2>&1; then
@@ -115,7 +115,7 @@ install_system_tools() {
         fi
     done
     if [ "${#missing[@]}" -eq 0 ]; then
-        say "system tools present (qemu-io, nbdinfo, nbdcopy, nbdfuse, nbdkit, fio, e2fsprogs, fuse3, openssl, setpriv, systemd-analyze, man, prometheus)"
+        say "system tools present (qemu-io, nbdinfo, nbdcopy, nbdfuse, nbdkit, fio, e2fsprogs, fuse3, openssl, setpriv, systemd-analyze, man, prometheus, mdadm)"
     else
         apt_install "${missing[@]}"
     fi

