@@ -1,11 +1,14 @@
 //! NBD server frontend: serves [`BlockDevice`]s to NBD clients (qemu, nbd-client,
 //! libnbd tools, the kernel) over TCP or a Unix socket.
 //!
-//! Fixed newstyle negotiation with `NBD_OPT_EXPORT_NAME`, `ABORT`, `LIST`, `INFO`, `GO`
-//! and `STARTTLS` (`handshake.rs`), under a deadline and a byte bound, with the TLS
-//! policy and credentials of `tls.rs`; then simple replies to `READ`, `WRITE`, `FLUSH`, `TRIM`,
-//! `WRITE_ZEROES` and `DISC` with FUA, many requests in flight per connection and
-//! replies in completion order (`transmission.rs`; write payloads read by `payload.rs`);
+//! Fixed newstyle negotiation with `NBD_OPT_EXPORT_NAME`, `ABORT`, `LIST`, `INFO`, `GO`,
+//! `STARTTLS`, `STRUCTURED_REPLY` and `LIST_META_CONTEXT`/`SET_META_CONTEXT`
+//! (`handshake.rs`), under a deadline and a byte bound, with the TLS policy and
+//! credentials of `tls.rs`; then simple or structured replies to `READ`, `WRITE`, `FLUSH`,
+//! `TRIM`, `WRITE_ZEROES`, `BLOCK_STATUS` and `DISC` with FUA, many requests in flight per
+//! connection and replies in completion order (`transmission.rs`; write payloads read by
+//! `payload.rs`). Block status reports the metadata contexts of `meta.rs`: `base:allocation`
+//! from the device, and the dirty bitmaps an export is given (`qemu:dirty-bitmap:<name>`);
 //! many connections per listener (`listen.rs`). Wire formats live in `protocol.rs`. What
 //! all connections together may make the server hold (read replies, write payloads,
 //! socket and TLS buffers) is capped by one budget (`budget.rs`, `--max-buffered`).
@@ -27,6 +30,7 @@ use crate::block::BlockDevice;
 mod budget;
 mod handshake;
 mod listen;
+mod meta;
 mod payload;
 mod protocol;
 mod tls;
@@ -34,6 +38,7 @@ mod transmission;
 
 pub use budget::{BudgetError, BudgetStatus, BufferBudget, DEFAULT_MAX_BUFFERED, MIN_MAX_BUFFERED};
 pub use listen::{bind, serve, Listener};
+pub use meta::{DirtyBitmap, DIRTY_BITMAP_PREFIX};
 pub use tls::{Security, SecurityOptions, TlsError, TlsMode, DEFAULT_HANDSHAKE_TIMEOUT};
 
 /// One named device offered to clients.
@@ -57,11 +62,15 @@ impl fmt::Debug for Export {
 }
 
 impl Export {
-    /// Transmission flags advertised for this export: exactly what the device supports.
-    pub(crate) fn transmission_flags(&self) -> u16 {
+    /// Transmission flags advertised for this export: exactly what the device supports,
+    /// and "don't fragment" once the client negotiated structured replies.
+    pub(crate) fn transmission_flags(&self, structured: bool) -> u16 {
         use protocol::*;
         let info = self.device.info();
         let mut flags = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA;
+        if structured {
+            flags |= FLAG_SEND_DF;
+        }
         if info.read_only {
             flags |= FLAG_READ_ONLY;
         } else {
@@ -99,6 +108,15 @@ pub enum NbdError {
         "export {name:?} has block size {block_size}: expected a power of two from 512 to 65536"
     )]
     BadBlockSize { name: String, block_size: u32 },
+    /// A dirty bitmap's name cannot be part of a metadata context name.
+    #[error("invalid dirty bitmap name {name:?}: {reason}")]
+    BadBitmapName { name: String, reason: &'static str },
+    /// A dirty bitmap was given for an export the server does not have.
+    #[error("dirty bitmap {bitmap:?} is for export {export:?}, which is not one of the exports")]
+    UnknownBitmapExport { export: String, bitmap: String },
+    /// Two dirty bitmaps of one export share a name.
+    #[error("export {export:?} has two dirty bitmaps named {bitmap:?}")]
+    DuplicateBitmap { export: String, bitmap: String },
     /// A listen address is not in one of the accepted forms.
     #[error("invalid listen address {addr:?}: {reason}; expected unix:/path/to/socket or tcp:HOST:PORT (e.g. tcp:127.0.0.1:10809)")]
     BadListenAddr { addr: String, reason: String },
@@ -107,10 +125,13 @@ pub enum NbdError {
 /// The set of exports one server offers, and which one an empty name selects.
 ///
 /// # Invariants
-/// `exports` is non-empty, keyed by each export's own name, and contains `default`.
+/// `exports` is non-empty, keyed by each export's own name, and contains `default`;
+/// `bitmaps` is keyed by names of `exports`, and names no bitmap twice per export.
 #[derive(Debug)]
 pub struct NbdServer {
     exports: BTreeMap<String, Arc<Export>>,
+    /// The dirty bitmaps each export offers besides `base:allocation`.
+    bitmaps: BTreeMap<String, Vec<Arc<DirtyBitmap>>>,
     default: String,
     security: Security,
     buffers: BufferBudget,
@@ -153,6 +174,7 @@ impl NbdServer {
         }
         Ok(Self {
             exports: by_name,
+            bitmaps: BTreeMap::new(),
             default: default_export.to_owned(),
             security: Security::default(),
             buffers: BufferBudget::default(),
@@ -189,6 +211,38 @@ impl NbdServer {
 
     pub(crate) fn exports(&self) -> impl Iterator<Item = &Arc<Export>> {
         self.exports.values()
+    }
+
+    /// Offers `bitmap` on `export` as the metadata context `qemu:dirty-bitmap:<name>`.
+    pub fn with_dirty_bitmap(
+        mut self,
+        export: &str,
+        bitmap: DirtyBitmap,
+    ) -> Result<Self, NbdError> {
+        let Some(found) = self.exports.get(export) else {
+            return Err(NbdError::UnknownBitmapExport {
+                export: export.to_owned(),
+                bitmap: bitmap.name().to_owned(),
+            });
+        };
+        let list = self.bitmaps.entry(found.name.clone()).or_default();
+        if list.iter().any(|b| b.name() == bitmap.name()) {
+            return Err(NbdError::DuplicateBitmap {
+                export: export.to_owned(),
+                bitmap: bitmap.name().to_owned(),
+            });
+        }
+        list.push(Arc::new(bitmap));
+        Ok(self)
+    }
+
+    /// The metadata contexts `export` offers, in the order that gives their IDs.
+    pub(crate) fn contexts(&self, export: &Export) -> Vec<meta::Context> {
+        let mut out = vec![meta::Context::Allocation];
+        if let Some(bitmaps) = self.bitmaps.get(&export.name) {
+            out.extend(bitmaps.iter().cloned().map(meta::Context::Dirty));
+        }
+        out
     }
 }
 
@@ -291,7 +345,7 @@ mod tests {
     #[test]
     fn flags_follow_the_device() {
         use protocol::*;
-        let rw = export("a", info()).transmission_flags();
+        let rw = export("a", info()).transmission_flags(false);
         assert_eq!(
             rw,
             FLAG_HAS_FLAGS
@@ -308,10 +362,15 @@ mod tests {
                 ..info()
             },
         )
-        .transmission_flags();
+        .transmission_flags(true);
         assert_eq!(
             ro,
-            FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_READ_ONLY | FLAG_CAN_MULTI_CONN
+            FLAG_HAS_FLAGS
+                | FLAG_SEND_FLUSH
+                | FLAG_SEND_FUA
+                | FLAG_SEND_DF
+                | FLAG_READ_ONLY
+                | FLAG_CAN_MULTI_CONN
         );
     }
 
@@ -350,6 +409,20 @@ mod tests {
         assert_eq!(server.lookup("").unwrap().name, "b");
         assert_eq!(server.lookup("a").unwrap().name, "a");
         assert!(server.lookup("c").is_none());
+        let bitmap = || DirtyBitmap::new("m1", [0..512]).unwrap();
+        assert!(matches!(
+            NbdServer::new(vec![export("a", info())], "a")
+                .unwrap()
+                .with_dirty_bitmap("z", bitmap()),
+            Err(NbdError::UnknownBitmapExport { .. })
+        ));
+        let server = server.with_dirty_bitmap("a", bitmap()).unwrap();
+        assert_eq!(server.contexts(server.lookup("a").unwrap()).len(), 2);
+        assert_eq!(server.contexts(server.lookup("b").unwrap()).len(), 1);
+        assert!(matches!(
+            server.with_dirty_bitmap("a", bitmap()),
+            Err(NbdError::DuplicateBitmap { .. })
+        ));
     }
 
     #[test]
