@@ -187,7 +187,9 @@ mod tests {
     fn offered() -> Vec<Context> {
         vec![
             Context::Allocation,
-            Context::Dirty(Arc::new(DirtyBitmap::new("since-a", [0..512]).unwrap())),
+            Context::Dirty(Arc::new(
+                DirtyBitmap::new("since-a", std::iter::once(0..512)).unwrap(),
+            )),
         ]
     }
 
@@ -256,7 +258,7 @@ mod tests {
         assert_eq!(b.extents(0, 10000, 2), [(512, true), (3584, false)]);
         assert_eq!(b.extents(9000, 1000, 1), [(1000, false)]);
         assert_eq!(b.extents(5000, 10, 1), [(10, true)]);
-        assert!(DirtyBitmap::new("", [0..1]).is_err());
-        assert!(DirtyBitmap::new(&"x".repeat(4096), [0..1]).is_err());
+        assert!(DirtyBitmap::new("", std::iter::once(0..1)).is_err());
+        assert!(DirtyBitmap::new(&"x".repeat(4096), std::iter::once(0..1)).is_err());
     }
 }

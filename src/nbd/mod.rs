@@ -409,7 +409,7 @@ mod tests {
         assert_eq!(server.lookup("").unwrap().name, "b");
         assert_eq!(server.lookup("a").unwrap().name, "a");
         assert!(server.lookup("c").is_none());
-        let bitmap = || DirtyBitmap::new("m1", [0..512]).unwrap();
+        let bitmap = || DirtyBitmap::new("m1", std::iter::once(0..512)).unwrap();
         assert!(matches!(
             NbdServer::new(vec![export("a", info())], "a")
                 .unwrap()
