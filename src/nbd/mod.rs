@@ -425,6 +425,100 @@ mod tests {
         ));
     }
 
+    /// One option as a client sends it.
+    fn option(code: u32, data: &[u8]) -> Vec<u8> {
+        let mut out = protocol::IHAVEOPT.to_be_bytes().to_vec();
+        out.extend_from_slice(&code.to_be_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(data);
+        out
+    }
+
+    fn set_allocation(export: &str) -> Vec<u8> {
+        let query = b"base:allocation";
+        let mut data = (export.len() as u32).to_be_bytes().to_vec();
+        data.extend_from_slice(export.as_bytes());
+        data.extend_from_slice(&1u32.to_be_bytes());
+        data.extend_from_slice(&(query.len() as u32).to_be_bytes());
+        data.extend_from_slice(query);
+        option(protocol::OPT_SET_META_CONTEXT, &data)
+    }
+
+    /// Reads option replies until the one answering `code` with an ACK or an error;
+    /// returns the reply types seen for it.
+    async fn replies_to(client: &mut tokio::io::DuplexStream, code: u32) -> Vec<u32> {
+        use tokio::io::AsyncReadExt;
+        let mut types = Vec::new();
+        loop {
+            let mut header = [0u8; 20];
+            client.read_exact(&mut header).await.unwrap();
+            let reply_type = u32::from_be_bytes(header[12..16].try_into().unwrap());
+            let len = u32::from_be_bytes(header[16..20].try_into().unwrap());
+            let mut data = vec![0u8; len as usize];
+            client.read_exact(&mut data).await.unwrap();
+            if u32::from_be_bytes(header[8..12].try_into().unwrap()) == code {
+                types.push(reply_type);
+                if reply_type != protocol::REP_META_CONTEXT && reply_type != protocol::REP_INFO {
+                    return types;
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn starttls_forgets_structured_replies_and_contexts() {
+        use handshake::{greet, options, Outcome, Tls};
+        use protocol::*;
+        use tokio::io::AsyncWriteExt;
+        let server = NbdServer::new(vec![export("a", info())], "a").unwrap();
+        let (mut client, end) = tokio::io::duplex(1 << 20);
+        let (mut r, mut w) = tokio::io::split(end);
+        client.write_all(&3u32.to_be_bytes()).await.unwrap();
+        client
+            .write_all(&option(OPT_STRUCTURED_REPLY, &[]))
+            .await
+            .unwrap();
+        client.write_all(&set_allocation("a")).await.unwrap();
+        client.write_all(&option(OPT_STARTTLS, &[])).await.unwrap();
+        let mut state = greet(&mut r, &mut w, Tls::Offered).await.unwrap();
+        let outcome = options(&mut r, &mut w, &server, "test", &mut state).await;
+        assert!(matches!(outcome, Ok(Outcome::StartTls)));
+        let mut greeting = [0u8; GREETING_LEN];
+        tokio::io::AsyncReadExt::read_exact(&mut client, &mut greeting)
+            .await
+            .unwrap();
+        assert_eq!(
+            replies_to(&mut client, OPT_STRUCTURED_REPLY).await,
+            [REP_ACK]
+        );
+        assert_eq!(
+            replies_to(&mut client, OPT_SET_META_CONTEXT).await,
+            [REP_META_CONTEXT, REP_ACK]
+        );
+        assert_eq!(replies_to(&mut client, OPT_STARTTLS).await, [REP_ACK]);
+
+        // "Over TLS" (the same stream stands in for it): contexts need structured replies
+        // negotiated again, and GO enters transmission with neither.
+        state.tls = Tls::Active;
+        client.write_all(&set_allocation("a")).await.unwrap();
+        let mut go = 1u32.to_be_bytes().to_vec();
+        go.extend_from_slice(b"a");
+        go.extend_from_slice(&0u16.to_be_bytes());
+        client.write_all(&option(OPT_GO, &go)).await.unwrap();
+        let outcome = options(&mut r, &mut w, &server, "test", &mut state).await;
+        let Ok(Outcome::Transmission(session)) = outcome else {
+            panic!("GO did not enter transmission");
+        };
+        assert!(!session.structured);
+        assert!(session.contexts.is_empty());
+        assert_eq!(
+            replies_to(&mut client, OPT_SET_META_CONTEXT).await,
+            [REP_ERR_INVALID]
+        );
+        let go_replies = replies_to(&mut client, OPT_GO).await;
+        assert_eq!(go_replies.last(), Some(&REP_ACK));
+    }
+
     #[test]
     fn listen_addresses_parse_and_print() {
         let unix: ListenAddr = "unix:/run/tinylag.sock".parse().unwrap();
