@@ -13,7 +13,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use support::daemon::{init, Daemon};
-use support::nbd::run_ok;
+use support::nbd::wire::*;
+use support::nbd::{run_ok, ExportSpec, RawClient, TestServer};
 use support::oracle::assert_same_image;
 use support::replay::{now_ns, replay_args, run_ok as tinylag_ok, TestJournal};
 use support::timetravel::{Mount, SEC};
@@ -182,6 +183,46 @@ fn nbdcopy_of_a_sparse_gigabyte_reads_only_its_data() {
         "nbdcopy made the server read {moved} bytes for 10 MiB of data"
     );
     assert_same_image(&copy, &primary);
+}
+
+#[test]
+fn a_fragmented_export_is_mapped_in_bounded_replies() {
+    // Data in every other 4 KiB block of 40 MiB: 10240 data extents and as many holes,
+    // more than one reply may carry (8192 descriptors).
+    const SIZE: u64 = 40 * MIB;
+    let server = TestServer::start(&[ExportSpec::new("frag", SIZE)]);
+    let image = server.image("frag");
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .unwrap();
+        for block in (0..SIZE / 4096).step_by(2) {
+            file.write_all_at(&[0x5a; 4096], block * 4096).unwrap();
+        }
+        file.sync_all().unwrap();
+    }
+    let expected = seek_map(&image);
+    assert!(
+        expected.len() > 8192,
+        "the filesystem merged the holes away"
+    );
+
+    let mut c = RawClient::connect(server.socket());
+    c.send_u32(C_FIXED_NEWSTYLE | C_NO_ZEROES);
+    c.send_option(OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(c.option_reply().1, REP_ACK);
+    c.meta_context(OPT_SET_META_CONTEXT, "frag", &["base:allocation"])
+        .unwrap();
+    c.info_or_go(OPT_GO, "frag", &[]).unwrap();
+    c.request(0, CMD_BLOCK_STATUS, 1, 0, SIZE as u32, &[]);
+    let (_, chunk_type, _, payload) = c.chunk();
+    assert_eq!(chunk_type, REPLY_TYPE_BLOCK_STATUS);
+    let descriptors = (payload.len() - 4) / 8;
+    assert_eq!(descriptors, 8192, "one reply is bounded, and full");
+    // nbdinfo asks again from where each reply ended and sees every extent.
+    assert_eq!(allocation_map(&server.uri("frag")), expected);
 }
 
 /// Appends `ops` at `time_ns`, then a mark named `name`.
