@@ -570,7 +570,7 @@ fn structured_replies_and_meta_contexts_refuse_bad_input() {
     let (size, flags) = c.info_or_go(OPT_GO, "disk", &[]).unwrap();
     assert_eq!(size, SIZE);
     assert_ne!(
-        flags & FLAG_SEND_DF_BIT,
+        flags & FLAG_SEND_DF,
         0,
         "DF offered with structured replies"
     );

@@ -18,6 +18,7 @@ use support::nbd::{run_ok, ExportSpec, RawClient, TestServer};
 use support::oracle::assert_same_image;
 use support::replay::{now_ns, replay_args, run_ok as tinylag_ok, TestJournal};
 use support::timetravel::{Mount, SEC};
+use tinylag::clock::format_ns;
 use tinylag::journal::mark::{self, MarkPoint};
 use tinylag::journal::Op;
 
@@ -317,21 +318,13 @@ async fn mount_maps_the_points_holes_and_its_changes_as_a_dirty_bitmap() {
         &["--changes-since", "p1"],
         dir.path(),
     );
-    let dirty = nbdinfo_map(&mount.uri(), Some("qemu:dirty-bitmap:p1"));
-    let dirty: Vec<(u64, u64)> = dirty
-        .into_iter()
-        .filter(|&(_, _, t)| t & 1 == 1)
-        .map(|(o, l, _)| (o, l))
-        .collect();
-    assert_eq!(
-        dirty,
-        [
-            (2 * MIB, 64 << 10),
-            (4 * MIB, MIB),
-            (8 * MIB, MIB),
-            (12 * MIB, MIB)
-        ]
-    );
+    let written_since_p1 = [
+        (2 * MIB, 64 << 10),
+        (4 * MIB, MIB),
+        (8 * MIB, MIB),
+        (12 * MIB, MIB),
+    ];
+    assert_eq!(dirty_extents(&mount.uri(), "p1"), written_since_p1);
     // base:allocation is still offered beside it.
     // (p3's data; p2's discard and zeroes are holes.)
     let p3 = 2 * MIB + (64 << 10);
@@ -357,9 +350,30 @@ async fn mount_maps_the_points_holes_and_its_changes_as_a_dirty_bitmap() {
     );
     mount.stop();
 
+    // A time between p1 and p2 names the same changes, as the bitmap "changes".
+    let mount = Mount::start(
+        &journal,
+        &replica,
+        &["--mark", "p3"],
+        &["--changes-since", &format_ns(t0 + SEC)],
+        dir.path(),
+    );
+    assert_eq!(dirty_extents(&mount.uri(), "changes"), written_since_p1);
+    mount.stop();
+
     // A mark that does not exist is one clear error, before anything is served.
     let out = tinylag_cmd_fails(&journal, &replica, dir.path());
     assert!(out.contains("nosuch"), "{out}");
+}
+
+/// The dirty extents `nbdinfo --map=qemu:dirty-bitmap:NAME` lists: (offset, length).
+fn dirty_extents(uri: &str, bitmap: &str) -> Vec<(u64, u64)> {
+    let context = format!("qemu:dirty-bitmap:{bitmap}");
+    nbdinfo_map(uri, Some(&context))
+        .into_iter()
+        .filter(|&(_, _, t)| t & 1 == 1)
+        .map(|(o, l, _)| (o, l))
+        .collect()
 }
 
 /// `mount --changes-since nosuch`: must fail; returns its stderr.

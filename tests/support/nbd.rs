@@ -382,7 +382,7 @@ pub mod wire {
     pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
     pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
     pub const FLAG_READ_ONLY: u16 = 2;
-    pub const FLAG_SEND_DF_BIT: u16 = 1 << 7;
+    pub const FLAG_SEND_DF: u16 = 1 << 7;
     pub const EPERM: u32 = 1;
     pub const EINVAL: u32 = 22;
     pub const ENOSPC: u32 = 28;
