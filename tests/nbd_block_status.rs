@@ -325,6 +325,27 @@ async fn mount_maps_the_points_holes_and_its_changes_as_a_dirty_bitmap() {
         (12 * MIB, MIB),
     ];
     assert_eq!(dirty_extents(&mount.uri(), "p1"), written_since_p1);
+    // qemu's NBD client reads the same bitmap with x-dirty-bitmap (it then reports dirty
+    // extents as "data": false, the layout qemu's own incremental backup tests use).
+    let opts = format!(
+        "driver=nbd,server.type=unix,server.path={},export=disk0,x-dirty-bitmap=qemu:dirty-bitmap:p1",
+        mount.socket.display()
+    );
+    let out =
+        run_ok(Command::new("qemu-img").args(["map", "--output=json", "--image-opts", &opts]));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let dirty: Vec<(u64, u64)> = merge(v.as_array().unwrap().iter().map(|e| {
+        (
+            e["start"].as_u64().unwrap(),
+            e["length"].as_u64().unwrap(),
+            !e["data"].as_bool().unwrap(),
+        )
+    }))
+    .into_iter()
+    .filter(|r| r.2)
+    .map(|(o, l, _)| (o, l))
+    .collect();
+    assert_eq!(dirty, written_since_p1, "qemu-img map with x-dirty-bitmap");
     // base:allocation is still offered beside it.
     // (p3's data; p2's discard and zeroes are holes.)
     let p3 = 2 * MIB + (64 << 10);
