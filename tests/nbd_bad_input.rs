@@ -191,8 +191,6 @@ fn handshake_errors_are_answered_and_negotiation_goes_on() {
     for (option, data) in [
         (99u32, &b"whatever"[..]),
         (OPT_STARTTLS, &[][..]),
-        (OPT_STRUCTURED_REPLY, &[][..]),
-        (OPT_LIST_META_CONTEXT, &[0, 0, 0, 0, 0, 0, 0, 0][..]),
         (OPT_EXTENDED_HEADERS, &[][..]),
     ] {
         c.send_option(option, data);
@@ -471,4 +469,193 @@ fn old_clients_without_no_zeroes_or_fixed_newstyle_are_served() {
     );
     assert!(out.status.success());
     scene.finish(&["disk"]);
+}
+
+/// A meta-context option's data with a length field that lies: `name`, then `count`
+/// queries of which only `queries` are present.
+fn meta_data(name: &[u8], count: u32, queries: &[&[u8]]) -> Vec<u8> {
+    let mut data = Vec::new();
+    data.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    data.extend_from_slice(name);
+    data.extend_from_slice(&count.to_be_bytes());
+    for q in queries {
+        data.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        data.extend_from_slice(q);
+    }
+    data
+}
+
+#[test]
+fn structured_replies_and_meta_contexts_refuse_bad_input() {
+    let mut scene = Scene::new(&[ExportSpec::new("other", SIZE)]);
+    let mut c = scene.connect();
+    c.send_u32(C_FIXED_NEWSTYLE | C_NO_ZEROES);
+
+    // Contexts before structured replies: refused (the spec's SHOULD), nothing selected.
+    for option in [OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT] {
+        let err = c
+            .meta_context(option, "disk", &["base:allocation"])
+            .unwrap_err();
+        assert_eq!(err.0, REP_ERR_INVALID, "{err:?}");
+        assert!(err.1.contains("STRUCTURED_REPLY"), "{}", err.1);
+    }
+    // NBD_OPT_STRUCTURED_REPLY takes no data; then it is acknowledged.
+    c.send_option(OPT_STRUCTURED_REPLY, b"x");
+    assert_eq!(c.option_reply().1, REP_ERR_INVALID);
+    c.send_option(OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(c.option_reply().1, REP_ACK);
+
+    // Listing: everything with no query (IDs reserved as 0), the wildcard, a leaf.
+    let all = vec![(0, "base:allocation".to_string())];
+    assert_eq!(
+        c.meta_context(OPT_LIST_META_CONTEXT, "disk", &[]),
+        Ok(all.clone())
+    );
+    assert_eq!(
+        c.meta_context(OPT_LIST_META_CONTEXT, "", &["base:"]),
+        Ok(all.clone())
+    );
+    // Unknown namespaces and leaves are ignored, not errors.
+    for option in [OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT] {
+        assert_eq!(
+            c.meta_context(
+                option,
+                "disk",
+                &["x-nosuch:thing", "base:nosuch", "qemu:dirty-bitmap:nosuch"]
+            ),
+            Ok(vec![])
+        );
+    }
+
+    // Malformed data: ERR_INVALID each time, and negotiation goes on.
+    let oversize = vec![b'a'; 4097];
+    let mut long_query = b"base:".to_vec();
+    long_query.extend_from_slice(&oversize);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("short", vec![0, 0, 0]),
+        ("name runs past", meta_data(b"disk", 0, &[])[..6].to_vec()),
+        ("huge count", meta_data(b"disk", u32::MAX, &[])),
+        ("count beyond", meta_data(b"disk", 3, &[b"base:allocation"])),
+        ("oversize name", meta_data(&oversize, 0, &[])),
+        ("oversize query", meta_data(b"disk", 1, &[&long_query])),
+        ("no namespace", meta_data(b"disk", 1, &[b"allocation"])),
+        ("empty namespace", meta_data(b"disk", 1, &[b":allocation"])),
+        ("not UTF-8", meta_data(b"disk", 1, &[b"base:\xff"])),
+        ("NUL", meta_data(b"disk", 1, &[b"base:a\0b"])),
+    ];
+    for option in [OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT] {
+        for (what, data) in &cases {
+            let mut data = data.clone();
+            if *what == "name runs past" {
+                data[3] = 200;
+            }
+            c.send_option(option, &data);
+            let (o, reply, message) = c.option_reply();
+            assert_eq!((o, reply), (option, REP_ERR_INVALID), "{what}");
+            assert!(!message.is_empty(), "{what}: error replies carry a message");
+        }
+        let err = c
+            .meta_context(option, "nosuch", &["base:allocation"])
+            .unwrap_err();
+        assert_eq!(err.0, REP_ERR_UNKNOWN);
+    }
+    scene.check();
+
+    // Contexts set for another export do not carry over to the one chosen.
+    let set = c
+        .meta_context(OPT_SET_META_CONTEXT, "other", &["base:allocation"])
+        .unwrap();
+    assert_eq!(set.len(), 1);
+    assert_ne!(set[0].0, 0, "a selected context has a real ID");
+    let (size, flags) = c.info_or_go(OPT_GO, "disk", &[]).unwrap();
+    assert_eq!(size, SIZE);
+    assert_ne!(
+        flags & FLAG_SEND_DF,
+        0,
+        "DF offered with structured replies"
+    );
+    c.request(0, CMD_BLOCK_STATUS, 7, 0, 4096, &[]);
+    let (error, message) = c.error_chunk(7);
+    assert_eq!(error, EINVAL);
+    assert!(message.contains("META_CONTEXT"), "{message}");
+    // Reads on a structured connection: one content chunk, errors as error chunks.
+    c.request(0, CMD_READ, 8, 0, 4096, &[]);
+    let (flags, chunk_type, handle, payload) = c.chunk();
+    assert_eq!(
+        (flags, chunk_type, handle),
+        (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 8)
+    );
+    assert_eq!(&payload[..8], &0u64.to_be_bytes());
+    assert!(payload[8..] == scene.initial[..4096]);
+    c.request(0, CMD_READ, 9, 8 * MIB, 8192, &[]);
+    let (flags, chunk_type, _, payload) = c.chunk();
+    assert_eq!(
+        (flags, chunk_type),
+        (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE)
+    );
+    assert_eq!(
+        payload,
+        [&(8 * MIB).to_be_bytes()[..], &8192u32.to_be_bytes()].concat()
+    );
+    c.request(0, CMD_READ, 10, SIZE, 512, &[]);
+    assert_eq!(c.error_chunk(10).0, EINVAL);
+    c.request(FLAG_REQ_ONE, CMD_READ, 11, 0, 512, &[]);
+    assert_eq!(c.error_chunk(11).0, EINVAL);
+    scene.check();
+
+    // Contexts requested after GO: option bytes in transmission break the stream, and only
+    // this connection is closed.
+    let mut data = meta_data(b"disk", 1, &[b"base:allocation"]);
+    let mut option = IHAVEOPT.to_be_bytes().to_vec();
+    option.extend_from_slice(&OPT_SET_META_CONTEXT.to_be_bytes());
+    option.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    option.append(&mut data);
+    c.send(&option);
+    c.expect_closed();
+    scene.check();
+
+    // With base:allocation selected for the export chosen: block status past the end, of
+    // zero bytes, or with a flag it does not take is EINVAL; REQ_ONE gets one extent.
+    let mut c = scene.connect();
+    c.send_u32(C_FIXED_NEWSTYLE | C_NO_ZEROES);
+    c.send_option(OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(c.option_reply().1, REP_ACK);
+    let set = c
+        .meta_context(OPT_SET_META_CONTEXT, "", &["base:allocation"])
+        .unwrap();
+    c.info_or_go(OPT_GO, "disk", &[]).unwrap();
+    for (flags, offset, len) in [
+        (0, SIZE, 512),
+        (0, SIZE - 512, 1024),
+        (0, u64::MAX - 511, 1024),
+        (0, 0, 0),
+        (FLAG_DF, 0, 512),
+    ] {
+        c.request(flags, CMD_BLOCK_STATUS, 20, offset, len, &[]);
+        assert_eq!(c.error_chunk(20).0, EINVAL, "{flags} {offset} {len}");
+    }
+    c.request(FLAG_REQ_ONE, CMD_BLOCK_STATUS, 21, 0, 4 * MIB as u32, &[]);
+    let (flags, chunk_type, _, payload) = c.chunk();
+    assert_eq!(
+        (flags, chunk_type),
+        (REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS)
+    );
+    assert_eq!(payload.len(), 4 + 8, "one descriptor");
+    assert_eq!(&payload[..4], &set[0].0.to_be_bytes());
+    let first = u32::from_be_bytes(payload[4..8].try_into().unwrap());
+    assert!(first > 0 && first <= 4 * MIB as u32);
+    // The whole export: descriptors cover it from the offset, none empty, none past it.
+    c.request(0, CMD_BLOCK_STATUS, 22, 0, SIZE as u32, &[]);
+    let (_, _, _, payload) = c.chunk();
+    let lens: Vec<u64> = payload[4..]
+        .chunks(8)
+        .map(|d| u64::from(u32::from_be_bytes(d[..4].try_into().unwrap())))
+        .collect();
+    assert!(lens.iter().all(|&l| l > 0));
+    assert!(lens.iter().sum::<u64>() <= SIZE);
+    // The start holds the initial data: not a hole.
+    assert_eq!(&payload[8..12], &[0, 0, 0, 0]);
+    scene.check();
+
+    scene.finish(&["disk", "other"]);
 }

@@ -1,5 +1,6 @@
 //! Bad input to `tinylag serve`: malformed handshakes, out-of-range, unaligned and oversized
-//! requests, clients that vanish mid-request or with writes in flight. Each gets an NBD
+//! requests, block status without contexts or past the end, clients that vanish mid-request
+//! or with writes or block status requests in flight. Each gets an NBD
 //! error or loses only its own connection; a second client keeps writing and reading
 //! throughout, the daemon stays in `logging`, and the journal still rebuilds the primary.
 
@@ -120,6 +121,26 @@ fn bad_clients_lose_only_their_own_connection_and_the_journal_stays_whole() {
             65536,
             &pattern(h + 100, 65536),
         );
+    }
+    c.hang_up();
+    bystander.check();
+
+    // Block status: refused without contexts (simple reply) and past the end (an error
+    // chunk); a client that pipelines block status of the whole disk and leaves without
+    // reading the replies costs only its own connection.
+    let (mut c, _, _) = RawClient::go(&socket, "");
+    assert_eq!(c.failing(0, CMD_BLOCK_STATUS, 0, 4096, &[]), EINVAL);
+    let mut c = RawClient::connect(&socket);
+    c.send_u32(C_FIXED_NEWSTYLE | C_NO_ZEROES);
+    c.send_option(OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(c.option_reply().1, REP_ACK);
+    c.meta_context(OPT_SET_META_CONTEXT, "disk0", &["base:allocation"])
+        .unwrap();
+    c.info_or_go(OPT_GO, "disk0", &[]).unwrap();
+    c.request(0, CMD_BLOCK_STATUS, 7, SIZE - 4096, 8192, &[]);
+    assert_eq!(c.error_chunk(7).0, EINVAL);
+    for h in 0..256u64 {
+        c.request(0, CMD_BLOCK_STATUS, h, 0, SIZE as u32, &[]);
     }
     c.hang_up();
     bystander.check();

@@ -7,7 +7,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,7 @@ use support::nbd::{
 };
 use support::procs::{self, wait_for_path};
 use support::replay::{file_hash, now_ns, replay_args, run_ok, spawn, tinylag, TestJournal};
-use support::timetravel::{assert_phase, phase, Model, PhaseEnd, SEC};
+use support::timetravel::{assert_phase, phase, Model, Mount, PhaseEnd, SEC};
 use tinylag::journal::mark::{self, MarkPoint};
 use tinylag::journal::Op;
 
@@ -28,63 +28,6 @@ fn s(p: &Path) -> String {
 
 fn base_time() -> u64 {
     (now_ns() - 7200 * SEC) / SEC * SEC
-}
-
-/// A running `tinylag mount`.
-struct Mount {
-    guard: procs::ChildGuard,
-    socket: PathBuf,
-}
-
-impl Mount {
-    fn start(
-        journal: &TestJournal,
-        replica: &Path,
-        point: &[&str],
-        extra: &[&str],
-        dir: &Path,
-    ) -> Mount {
-        let socket = dir.join(format!("mount-{:x}.sock", now_ns()));
-        let mut cmd = tinylag();
-        cmd.args([
-            "mount",
-            "--journal",
-            journal.uri(),
-            "--replica",
-            &s(replica),
-            "--listen",
-            &format!("unix:{}", s(&socket)),
-        ]);
-        cmd.args(point).args(extra);
-        let mut guard =
-            procs::ChildGuard::spawn_logged("tinylag mount", &mut cmd, &dir.join("mount.log"))
-                .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !socket.exists() {
-            assert!(
-                guard.exited().is_none(),
-                "mount exited: {}",
-                guard.log_tail(4000)
-            );
-            assert!(Instant::now() < deadline, "mount never listened");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Mount { guard, socket }
-    }
-
-    fn uri(&self) -> String {
-        format!("nbd+unix:///disk0?socket={}", s(&self.socket))
-    }
-
-    /// The whole export copied into `out` with nbdcopy.
-    fn copy_to(&self, out: &Path) {
-        let _ = std::fs::remove_file(out);
-        run_cmd(Command::new("nbdcopy").args([&self.uri(), &s(out)]));
-    }
-
-    fn stop(mut self) {
-        self.guard.terminate(Duration::from_secs(10)).unwrap();
-    }
 }
 
 fn restore(journal: &TestJournal, replica: &Path, point: &[&str], out: &Path) {

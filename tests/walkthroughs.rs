@@ -1,7 +1,7 @@
 //! What the documentation tells a new user to type, run as they would type it: every command
 //! `tinylag up` prints (the nbdfuse + loop device + mkfs + mount chain and its undo, the watch
-//! commands, the time-travel commands), and the README's two walkthroughs ("Time travel, step
-//! by step" and "S3 from nothing", the latter against the local S3 server). Each runs in one
+//! commands, the time-travel commands), and the README's walkthroughs ("Time travel, step by
+//! step", "Incremental backup over NBD", and "S3 from nothing" against the local S3 server). Each runs in one
 //! bash session, line by line; a line ending in `&` is a daemon, and the next line waits until
 //! its socket is there (as a user waits for its start line).
 
@@ -236,6 +236,46 @@ fn the_readme_time_travel_walkthrough_works_as_written() {
     let lines = walkthrough("## Time travel, step by step");
     let mut session = ShellSession::start(work.path(), &bin_dir(), &[]);
     run_lines(&mut session, work.path(), &lines);
+}
+
+#[test]
+fn the_readme_incremental_backup_walkthrough_works_as_written() {
+    let work = tempfile::tempdir().unwrap();
+    let lines = walkthrough("## Incremental backup over NBD");
+    let mut session = ShellSession::start(work.path(), &bin_dir(), &[]);
+    run_lines(&mut session, work.path(), &lines);
+    let transcript = session.transcript().to_owned();
+    // nbdinfo's text map: the primary's data and holes, then Tuesday's one dirty extent
+    // (offset, length, type, description).
+    let rows = |description: &str| -> Vec<Vec<String>> {
+        transcript
+            .lines()
+            .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+            .filter(|w| w.len() == 4 && w[3] == description)
+            .collect()
+    };
+    assert_eq!(
+        rows("dirty"),
+        [["8388608", "65536", "1", "dirty"]],
+        "{transcript}"
+    );
+    assert!(
+        rows("data").contains(&vec![
+            "0".into(),
+            "1048576".into(),
+            "0".into(),
+            "data".into()
+        ]),
+        "{transcript}"
+    );
+    assert!(!rows("hole,zero").is_empty(), "{transcript}");
+    drop(session);
+    // nbdcopy's copy of Tuesday holds both days' writes.
+    let copy = std::fs::read(work.path().join("tuesday.img")).unwrap();
+    assert_eq!(copy.len(), 64 << 20);
+    assert!(copy[..1 << 20].iter().all(|&b| b == 0xaa));
+    assert!(copy[8 << 20..(8 << 20) + 65536].iter().all(|&b| b == 0xbb));
+    assert!(copy[1 << 20..8 << 20].iter().all(|&b| b == 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use tinylag::clock::{Clock, SystemClock};
-use tinylag::nbd::{self, Export, ListenAddr, NbdServer};
+use tinylag::nbd::{self, DirtyBitmap, Export, ListenAddr, NbdServer};
 use tinylag::store::local::LocalStore;
 use tinylag::store::{open_store_for_command, ObjectStore, StoreUri};
 use tinylag::timetravel::restore::{self, Direction, Stage};
@@ -325,6 +325,63 @@ pub struct MountArgs {
     /// EPERM). The replica, undo log and journal are never written either way.
     #[arg(long, value_name = "PATH")]
     pub writable: Option<PathBuf>,
+    /// Also offer what was written between TIME|MARK and the mounted point as the NBD
+    /// metadata context qemu:dirty-bitmap:<MARK> (qemu:dirty-bitmap:changes for a time), as
+    /// qemu's incremental backups read it (e.g. nbdinfo --map=qemu:dirty-bitmap:MARK).
+    /// Found from segment indexes alone: no payload is read.
+    #[arg(long, value_name = "TIME|MARK", value_parser = parse_since)]
+    pub changes_since: Option<Since>,
+}
+
+/// `--changes-since`: a time, or else a mark's name; and the dirty bitmap's name.
+#[derive(Clone, Debug)]
+pub struct Since {
+    target: Target,
+    bitmap: String,
+}
+
+fn parse_since(s: &str) -> Result<Since, String> {
+    if let Ok(ns) = parse_time(s) {
+        return Ok(Since {
+            target: Target::Time(ns),
+            bitmap: "changes".to_string(),
+        });
+    }
+    tinylag::journal::mark::validate_name(s).map_err(|e| {
+        format!("{s:?} is neither a time (RFC 3339, @unix, \"10m ago\") nor a mark name: {e}")
+    })?;
+    Ok(Since {
+        target: Target::Mark(s.to_string()),
+        bitmap: s.to_string(),
+    })
+}
+
+/// The writes between `since` and `point` as a dirty bitmap (from segment indexes).
+async fn changes_bitmap(
+    sources: &Sources,
+    since: &Since,
+    point: Point,
+) -> anyhow::Result<(DirtyBitmap, tinylag::timetravel::diff::Diff)> {
+    use tinylag::timetravel::diff::{changed_extents, LiveRange};
+    let live = LiveRange::open(&sources.reader).await?;
+    let from = live
+        .resolve(
+            &sources.reader,
+            &sources.lineage,
+            "--changes-since",
+            &since.target,
+            SystemClock.now_ns(),
+        )
+        .await?;
+    let diff = changed_extents(&sources.reader, &sources.lineage, &live, from, point).await?;
+    let bitmap = DirtyBitmap::new(
+        &since.bitmap,
+        diff.extents
+            .iter()
+            .filter(|e| e.dev == 0)
+            .map(|e| e.offset..e.end()),
+    )?;
+    Ok((bitmap, diff))
 }
 
 impl MountArgs {
@@ -342,6 +399,7 @@ impl MountArgs {
         let mut nbd_flags = vec![
             (self.listen.is_some(), "--listen"),
             (self.export.is_some(), "--export"),
+            (self.changes_since.is_some(), "--changes-since"),
         ];
         nbd_flags.extend(self.tls.given());
         check_frontend(self.frontend, &self.ublk, &nbd_flags)
@@ -373,20 +431,36 @@ pub async fn run_mount(args: MountArgs) -> anyhow::Result<()> {
             .map_or_else(|| "disk0".to_string(), |d| d.name.clone())
     });
     let replica = sources.replica.display().to_string();
+    let changes = match &args.changes_since {
+        Some(since) => Some(changes_bitmap(&sources, since, point).await?),
+        None => None,
+    };
     let view = TimeView::open(sources, point, args.writable.as_deref()).await?;
     let summary = view.summary().clone();
-    let server = Arc::new(
-        NbdServer::new(
-            vec![Export {
-                name: export.clone(),
-                description: format!("tinylag {replica} as of {}", point.describe()),
-                device: Arc::new(view),
-            }],
-            &export,
-        )?
-        .with_security(security.clone())
-        .with_buffer_budget(args.tls.buffer_budget()?),
-    );
+    let mut server = NbdServer::new(
+        vec![Export {
+            name: export.clone(),
+            description: format!("tinylag {replica} as of {}", point.describe()),
+            device: Arc::new(view),
+        }],
+        &export,
+    )?
+    .with_security(security.clone())
+    .with_buffer_budget(args.tls.buffer_budget()?);
+    let mut bitmap_line = None;
+    if let Some((bitmap, diff)) = changes {
+        bitmap_line = Some(format!(
+            "changes since {}: {}{} ({} extents, {} bytes, {} segment indexes read)",
+            diff.from.describe(),
+            nbd::DIRTY_BITMAP_PREFIX,
+            bitmap.name(),
+            bitmap.ranges().len(),
+            diff.changed_bytes(),
+            diff.objects_read,
+        ));
+        server = server.with_dirty_bitmap(&export, bitmap)?;
+    }
+    let server = Arc::new(server);
     let listener = nbd::bind(&listen).await?;
     let listen = listener.local_addr().clone();
     let security_warning = security.warning(&listen);
@@ -403,6 +477,9 @@ pub async fn run_mount(args: MountArgs) -> anyhow::Result<()> {
         ),
         &args.writable,
     );
+    if let Some(line) = bitmap_line {
+        tell(line);
+    }
     if let Some(w) = &security_warning {
         warn_logged(w);
     }

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use super::allocation::{self, Allocation, Extent};
 use super::buffers::{BufferPool, MIN_RECYCLED};
 use super::engine::IoEngine;
 use super::uring::{Buffer, Ring};
@@ -515,26 +516,30 @@ impl BlockDevice for FileDevice {
         if len == 0 {
             return Ok(false);
         }
-        if matches!(self.kind, Kind::BlockDevice) {
-            return Ok(true);
+        let extents = self.allocation(offset, len, 1).await?;
+        Ok(!matches!(
+            extents.first(),
+            Some(Extent { len: hole, allocation: Allocation::Hole }) if *hole >= len
+        ))
+    }
+
+    async fn allocation(
+        &self,
+        offset: u64,
+        len: u64,
+        max_extents: usize,
+    ) -> Result<Vec<Extent>, BlockError> {
+        check_range(offset, len, self.info.size)?;
+        if matches!(self.kind, Kind::BlockDevice) || len == 0 {
+            // A block device knows no holes (discarded blocks may read as anything).
+            return Ok(vec![Extent {
+                len,
+                allocation: Allocation::Data,
+            }]);
         }
-        self.blocking(move |file| {
-            let at = i64::try_from(offset).map_err(io::Error::other)?;
-            // SAFETY: lseek only reads its integer arguments; `file` keeps the fd open.
-            let data = unsafe { libc::lseek(file.as_raw_fd(), at, libc::SEEK_DATA) };
-            if data >= 0 {
-                return Ok((data as u64) < offset + len);
-            }
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                // No data at or after `offset`.
-                Some(libc::ENXIO) => Ok(false),
-                // No SEEK_DATA here: assume data.
-                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(true),
-                _ => Err(e),
-            }
-        })
-        .await
+        let block = u64::from(self.info.block_size);
+        self.blocking(move |file| allocation::seek_extents(file, offset, len, block, max_extents))
+            .await
     }
 }
 

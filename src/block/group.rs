@@ -11,6 +11,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 
+use super::allocation::{Allocation, Extent};
 use super::{check_range, BlockDevice, BlockError, DeviceInfo};
 use crate::journal::layout::{DeviceLayout, Piece};
 
@@ -172,6 +173,31 @@ impl BlockDevice for GroupDevice {
         }
         Ok(false)
     }
+
+    async fn allocation(
+        &self,
+        offset: u64,
+        len: u64,
+        max_extents: usize,
+    ) -> Result<Vec<Extent>, BlockError> {
+        check_range(offset, len, self.info.size)?;
+        // The first piece is enough: a shorter answer makes the caller ask again from its end.
+        let Some(first) = self.layout.pieces(offset..offset + len).into_iter().next() else {
+            return Ok(Vec::new());
+        };
+        let piece_len = first.range.end - first.range.start;
+        match first.on {
+            Some((dev, local)) => {
+                self.members[dev as usize]
+                    .allocation(local, piece_len, max_extents)
+                    .await
+            }
+            None => Ok(vec![Extent {
+                len: piece_len,
+                allocation: Allocation::Hole,
+            }]),
+        }
+    }
 }
 
 /// One device's window `base..base + size` of a larger device: what a frontend serves as
@@ -225,6 +251,18 @@ impl BlockDevice for DeviceSlice {
     async fn has_data(&self, offset: u64, len: u64) -> Result<bool, BlockError> {
         check_range(offset, len, self.info.size)?;
         self.inner.has_data(self.base + offset, len).await
+    }
+
+    async fn allocation(
+        &self,
+        offset: u64,
+        len: u64,
+        max_extents: usize,
+    ) -> Result<Vec<Extent>, BlockError> {
+        check_range(offset, len, self.info.size)?;
+        self.inner
+            .allocation(self.base + offset, len, max_extents)
+            .await
     }
 }
 

@@ -11,6 +11,9 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use allocation::{Allocation, Extent};
+
+pub mod allocation;
 pub(crate) mod buffers;
 pub mod engine;
 pub mod file;
@@ -68,6 +71,23 @@ pub trait BlockDevice: Send + Sync {
     async fn has_data(&self, offset: u64, len: u64) -> Result<bool, BlockError> {
         let _ = (offset, len);
         Ok(true)
+    }
+    /// What `offset..offset+len` holds, as consecutive extents from `offset`: at least one
+    /// and at most `max_extents`, never past the range (a shorter answer is fine: the
+    /// caller asks again from where it ended). A range is a hole or zero only if it reads
+    /// as zeroes. Devices that cannot tell answer one data extent.
+    async fn allocation(
+        &self,
+        offset: u64,
+        len: u64,
+        max_extents: usize,
+    ) -> Result<Vec<Extent>, BlockError> {
+        check_range(offset, len, self.info().size)?;
+        let _ = max_extents;
+        Ok(vec![Extent {
+            len,
+            allocation: Allocation::Data,
+        }])
     }
 }
 

@@ -3,11 +3,16 @@
 //!
 //! Supported options: `NBD_OPT_EXPORT_NAME`, `NBD_OPT_ABORT`, `NBD_OPT_LIST`,
 //! `NBD_OPT_INFO` and `NBD_OPT_GO` (with `NBD_INFO_EXPORT`, `NBD_INFO_BLOCK_SIZE`,
-//! `NBD_INFO_NAME`, `NBD_INFO_DESCRIPTION`), and `NBD_OPT_STARTTLS` when TLS is on: the
-//! negotiation then ends with [`Outcome::StartTls`], the caller wraps the connection in
-//! TLS and calls [`options`] again on the encrypted stream. Everything else (structured
-//! replies, metadata contexts, extended headers) gets `NBD_REP_ERR_UNSUP` and the client
-//! may go on with simple replies.
+//! `NBD_INFO_NAME`, `NBD_INFO_DESCRIPTION`), `NBD_OPT_STRUCTURED_REPLY`,
+//! `NBD_OPT_LIST_META_CONTEXT` and `NBD_OPT_SET_META_CONTEXT` (only after structured
+//! replies, as the spec asks; contexts of `meta.rs`), and `NBD_OPT_STARTTLS` when TLS is
+//! on: the negotiation then ends with [`Outcome::StartTls`], the caller wraps the
+//! connection in TLS and calls [`options`] again on the encrypted stream, which forgets
+//! structured replies and contexts negotiated before. Everything else (extended headers,
+//! …) gets `NBD_REP_ERR_UNSUP`.
+//!
+//! The contexts a connection uses in transmission are those of its last
+//! `NBD_OPT_SET_META_CONTEXT`, and only if that named the export it then chose.
 //!
 //! With `--tls require` ("forced TLS" in the spec) every option before STARTTLS other
 //! than `NBD_OPT_ABORT` gets `NBD_REP_ERR_TLS_REQD` (`NBD_OPT_EXPORT_NAME`, which cannot
@@ -24,13 +29,23 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::meta::{self, Selected};
 use super::protocol::*;
 use super::{Export, NbdServer};
+
+/// What transmission serves: the export, and what the client negotiated for it.
+pub(crate) struct Session {
+    pub(crate) export: Arc<Export>,
+    /// Replies are structured (`NBD_OPT_STRUCTURED_REPLY` was acknowledged).
+    pub(crate) structured: bool,
+    /// The metadata contexts block status reports (empty: block status is refused).
+    pub(crate) contexts: Vec<Selected>,
+}
 
 /// How negotiation ended without an error.
 pub(crate) enum Outcome {
     /// The client chose an export; transmission starts.
-    Transmission(Arc<Export>),
+    Transmission(Session),
     /// The client sent `NBD_OPT_ABORT`; the connection ends.
     Aborted,
     /// The server acknowledged `NBD_OPT_STARTTLS`: the next bytes are a TLS handshake,
@@ -58,6 +73,26 @@ pub(crate) struct Negotiation {
     pub(crate) tls: Tls,
     /// Option bytes the client may still send (`MAX_NEGOTIATION_BYTES` in all).
     budget: u64,
+    /// `NBD_OPT_STRUCTURED_REPLY` was acknowledged (since the last STARTTLS).
+    structured: bool,
+    /// The last `NBD_OPT_SET_META_CONTEXT`: the export's canonical name and the contexts it
+    /// selected; `None` after one that failed.
+    meta: Option<(String, Vec<Selected>)>,
+}
+
+impl Negotiation {
+    /// What transmission on `export` gets from this negotiation.
+    fn session(&self, export: &Arc<Export>) -> Session {
+        let contexts = match &self.meta {
+            Some((name, selected)) if *name == export.name => selected.clone(),
+            _ => Vec::new(),
+        };
+        Session {
+            export: Arc::clone(export),
+            structured: self.structured,
+            contexts,
+        }
+    }
 }
 
 /// Every way negotiation fails; each closes the connection (and only it).
@@ -136,6 +171,8 @@ where
         no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
         tls,
         budget: MAX_NEGOTIATION_BYTES,
+        structured: false,
+        meta: None,
     })
 }
 
@@ -222,12 +259,12 @@ where
                 writer
                     .write_all(&export_name_reply(
                         info.size,
-                        export.transmission_flags(),
+                        export.transmission_flags(state.structured),
                         no_zeroes,
                     ))
                     .await?;
                 writer.flush().await?;
-                return Ok(Outcome::Transmission(Arc::clone(export)));
+                return Ok(Outcome::Transmission(state.session(export)));
             }
             OPT_ABORT => {
                 // The client may already be gone; the spec asks us not to mind.
@@ -266,9 +303,9 @@ where
                     send(writer, option, REP_ERR_UNKNOWN, message.as_bytes()).await?;
                     continue;
                 };
-                send_export_info(writer, option, export, &request).await?;
+                send_export_info(writer, option, export, &request, state.structured).await?;
                 if option == OPT_GO {
-                    return Ok(Outcome::Transmission(Arc::clone(export)));
+                    return Ok(Outcome::Transmission(state.session(export)));
                 }
             }
             OPT_STARTTLS => {
@@ -283,23 +320,86 @@ where
                 };
                 send(writer, option, reply, message).await?;
                 if reply == REP_ACK {
+                    // The spec: nothing negotiated before STARTTLS survives it.
+                    state.structured = false;
+                    state.meta = None;
                     return Ok(Outcome::StartTls);
                 }
             }
             OPT_STRUCTURED_REPLY => {
-                send(
-                    writer,
-                    option,
-                    REP_ERR_UNSUP,
-                    b"not supported: this server offers plain simple replies",
-                )
-                .await?;
+                if !data.is_empty() {
+                    send(
+                        writer,
+                        option,
+                        REP_ERR_INVALID,
+                        b"NBD_OPT_STRUCTURED_REPLY takes no data",
+                    )
+                    .await?;
+                    continue;
+                }
+                state.structured = true;
+                send(writer, option, REP_ACK, &[]).await?;
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                meta_context(writer, server, state, option, &data).await?;
             }
             _ => {
                 send(writer, option, REP_ERR_UNSUP, b"unknown option").await?;
             }
         }
     }
+}
+
+/// Answers `NBD_OPT_LIST_META_CONTEXT` or `NBD_OPT_SET_META_CONTEXT`: one
+/// `NBD_REP_META_CONTEXT` per matching context (IDs only when setting), then `NBD_REP_ACK`;
+/// or one error reply. A SET replaces the selection even when it fails.
+async fn meta_context<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    server: &NbdServer,
+    state: &mut Negotiation,
+    option: u32,
+    data: &[u8],
+) -> io::Result<()> {
+    let listing = option == OPT_LIST_META_CONTEXT;
+    if !listing {
+        state.meta = None;
+    }
+    if !state.structured {
+        return send(
+            writer,
+            option,
+            REP_ERR_INVALID,
+            b"metadata contexts need structured replies: send NBD_OPT_STRUCTURED_REPLY first",
+        )
+        .await;
+    }
+    let request = match MetaContextRequest::decode(data) {
+        Ok(request) => request,
+        Err(reason) => return send(writer, option, REP_ERR_INVALID, reason.as_bytes()).await,
+    };
+    let Some(export) = server.lookup(&request.name) else {
+        let message = format!("no export named {:?}", request.name);
+        return send(writer, option, REP_ERR_UNKNOWN, message.as_bytes()).await;
+    };
+    let selected = match meta::select(&server.contexts(export), &request.queries, listing) {
+        Ok(selected) => selected,
+        Err(reason) => return send(writer, option, REP_ERR_INVALID, reason.as_bytes()).await,
+    };
+    for s in &selected {
+        // The spec reserves the ID in list replies; clients must ignore it.
+        let id = if listing { 0 } else { s.id };
+        writer
+            .write_all(&option_reply(
+                option,
+                REP_META_CONTEXT,
+                &rep_meta_context(id, &s.context.name()),
+            ))
+            .await?;
+    }
+    if !listing {
+        state.meta = Some((export.name.clone(), selected));
+    }
+    send(writer, option, REP_ACK, &[]).await
 }
 
 /// The `NBD_REP_INFO` replies and the final `NBD_REP_ACK` of a successful
@@ -309,10 +409,11 @@ async fn send_export_info<W: AsyncWrite + Unpin>(
     option: u32,
     export: &Export,
     request: &InfoRequest,
+    structured: bool,
 ) -> io::Result<()> {
     let info = export.device.info();
     let mut replies = vec![
-        info_export(info.size, export.transmission_flags()),
+        info_export(info.size, export.transmission_flags(structured)),
         // Always sent, asked or not: the minimum (the device's logical block size) is
         // stricter than the protocol's default of 1, and we reject misaligned requests.
         info_block_size(

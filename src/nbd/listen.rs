@@ -29,10 +29,10 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::budget::Holder;
-use super::handshake::{greet, options, HandshakeError, Outcome, Tls};
+use super::handshake::{greet, options, HandshakeError, Outcome, Session, Tls};
 use super::tls::{Metered, TlsMode, MAX_TLS_HANDSHAKE_BYTES};
 use super::transmission::{serve_export, TransmissionError};
-use super::{stop_requested, Export, ListenAddr, NbdServer};
+use super::{stop_requested, ListenAddr, NbdServer};
 
 /// How long `serve` lets open connections finish their in-flight requests after a
 /// shutdown before it drops them.
@@ -293,9 +293,9 @@ async fn connection<S: Socket>(
     else {
         return;
     };
-    let (export, reader, writer, _tls_buffers) = match outcome {
-        Outcome::Transmission(export) => {
-            return transmit(reader, writer, export, shutdown, &peer, &buffers).await;
+    let (session, reader, writer, _tls_buffers) = match outcome {
+        Outcome::Transmission(session) => {
+            return transmit(reader, writer, session, shutdown, &peer, &buffers).await;
         }
         Outcome::Aborted => {
             tracing::debug!(peer, "NBD client aborted the handshake");
@@ -334,7 +334,7 @@ async fn connection<S: Socket>(
                 return;
             };
             match outcome {
-                Outcome::Transmission(export) => (export, reader, writer, tls_buffers),
+                Outcome::Transmission(session) => (session, reader, writer, tls_buffers),
                 Outcome::Aborted => {
                     tracing::debug!(peer, "NBD client aborted the handshake");
                     return;
@@ -346,7 +346,7 @@ async fn connection<S: Socket>(
             }
         }
     };
-    transmit(reader, writer, export, shutdown, &peer, &buffers).await;
+    transmit(reader, writer, session, shutdown, &peer, &buffers).await;
     drop(socket_buffers);
 }
 
@@ -390,7 +390,7 @@ async fn handshake_phase<T>(
 async fn transmit<R, W>(
     reader: R,
     writer: W,
-    export: Arc<Export>,
+    session: Session,
     shutdown: watch::Receiver<bool>,
     peer: &str,
     buffers: &Holder,
@@ -398,9 +398,15 @@ async fn transmit<R, W>(
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send,
 {
-    let name = export.name.clone();
-    tracing::info!(peer, export = %name, "NBD client connected");
-    match serve_export(reader, writer, export, shutdown, peer, buffers).await {
+    let name = session.export.name.clone();
+    tracing::info!(
+        peer,
+        export = %name,
+        structured = session.structured,
+        contexts = session.contexts.len(),
+        "NBD client connected"
+    );
+    match serve_export(reader, writer, session, shutdown, peer, buffers).await {
         Ok(ending) => tracing::info!(peer, export = %name, ?ending, "NBD client disconnected"),
         Err(TransmissionError::Io(e)) => {
             tracing::info!(peer, export = %name, error = %e, "NBD connection lost")

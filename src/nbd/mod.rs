@@ -1,11 +1,14 @@
 //! NBD server frontend: serves [`BlockDevice`]s to NBD clients (qemu, nbd-client,
 //! libnbd tools, the kernel) over TCP or a Unix socket.
 //!
-//! Fixed newstyle negotiation with `NBD_OPT_EXPORT_NAME`, `ABORT`, `LIST`, `INFO`, `GO`
-//! and `STARTTLS` (`handshake.rs`), under a deadline and a byte bound, with the TLS
-//! policy and credentials of `tls.rs`; then simple replies to `READ`, `WRITE`, `FLUSH`, `TRIM`,
-//! `WRITE_ZEROES` and `DISC` with FUA, many requests in flight per connection and
-//! replies in completion order (`transmission.rs`; write payloads read by `payload.rs`);
+//! Fixed newstyle negotiation with `NBD_OPT_EXPORT_NAME`, `ABORT`, `LIST`, `INFO`, `GO`,
+//! `STARTTLS`, `STRUCTURED_REPLY` and `LIST_META_CONTEXT`/`SET_META_CONTEXT`
+//! (`handshake.rs`), under a deadline and a byte bound, with the TLS policy and
+//! credentials of `tls.rs`; then simple or structured replies to `READ`, `WRITE`, `FLUSH`,
+//! `TRIM`, `WRITE_ZEROES`, `BLOCK_STATUS` and `DISC` with FUA, many requests in flight per
+//! connection and replies in completion order (`transmission.rs`; write payloads read by
+//! `payload.rs`). Block status reports the metadata contexts of `meta.rs`: `base:allocation`
+//! from the device, and the dirty bitmaps an export is given (`qemu:dirty-bitmap:<name>`);
 //! many connections per listener (`listen.rs`). Wire formats live in `protocol.rs`. What
 //! all connections together may make the server hold (read replies, write payloads,
 //! socket and TLS buffers) is capped by one budget (`budget.rs`, `--max-buffered`).
@@ -27,6 +30,7 @@ use crate::block::BlockDevice;
 mod budget;
 mod handshake;
 mod listen;
+mod meta;
 mod payload;
 mod protocol;
 mod tls;
@@ -34,6 +38,7 @@ mod transmission;
 
 pub use budget::{BudgetError, BudgetStatus, BufferBudget, DEFAULT_MAX_BUFFERED, MIN_MAX_BUFFERED};
 pub use listen::{bind, serve, Listener};
+pub use meta::{DirtyBitmap, DIRTY_BITMAP_PREFIX};
 pub use tls::{Security, SecurityOptions, TlsError, TlsMode, DEFAULT_HANDSHAKE_TIMEOUT};
 
 /// One named device offered to clients.
@@ -57,11 +62,15 @@ impl fmt::Debug for Export {
 }
 
 impl Export {
-    /// Transmission flags advertised for this export: exactly what the device supports.
-    pub(crate) fn transmission_flags(&self) -> u16 {
+    /// Transmission flags advertised for this export: exactly what the device supports,
+    /// and "don't fragment" once the client negotiated structured replies.
+    pub(crate) fn transmission_flags(&self, structured: bool) -> u16 {
         use protocol::*;
         let info = self.device.info();
         let mut flags = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA;
+        if structured {
+            flags |= FLAG_SEND_DF;
+        }
         if info.read_only {
             flags |= FLAG_READ_ONLY;
         } else {
@@ -99,6 +108,15 @@ pub enum NbdError {
         "export {name:?} has block size {block_size}: expected a power of two from 512 to 65536"
     )]
     BadBlockSize { name: String, block_size: u32 },
+    /// A dirty bitmap's name cannot be part of a metadata context name.
+    #[error("invalid dirty bitmap name {name:?}: {reason}")]
+    BadBitmapName { name: String, reason: &'static str },
+    /// A dirty bitmap was given for an export the server does not have.
+    #[error("dirty bitmap {bitmap:?} is for export {export:?}, which is not one of the exports")]
+    UnknownBitmapExport { export: String, bitmap: String },
+    /// Two dirty bitmaps of one export share a name.
+    #[error("export {export:?} has two dirty bitmaps named {bitmap:?}")]
+    DuplicateBitmap { export: String, bitmap: String },
     /// A listen address is not in one of the accepted forms.
     #[error("invalid listen address {addr:?}: {reason}; expected unix:/path/to/socket or tcp:HOST:PORT (e.g. tcp:127.0.0.1:10809)")]
     BadListenAddr { addr: String, reason: String },
@@ -107,10 +125,13 @@ pub enum NbdError {
 /// The set of exports one server offers, and which one an empty name selects.
 ///
 /// # Invariants
-/// `exports` is non-empty, keyed by each export's own name, and contains `default`.
+/// `exports` is non-empty, keyed by each export's own name, and contains `default`;
+/// `bitmaps` is keyed by names of `exports`, and names no bitmap twice per export.
 #[derive(Debug)]
 pub struct NbdServer {
     exports: BTreeMap<String, Arc<Export>>,
+    /// The dirty bitmaps each export offers besides `base:allocation`.
+    bitmaps: BTreeMap<String, Vec<Arc<DirtyBitmap>>>,
     default: String,
     security: Security,
     buffers: BufferBudget,
@@ -153,6 +174,7 @@ impl NbdServer {
         }
         Ok(Self {
             exports: by_name,
+            bitmaps: BTreeMap::new(),
             default: default_export.to_owned(),
             security: Security::default(),
             buffers: BufferBudget::default(),
@@ -189,6 +211,38 @@ impl NbdServer {
 
     pub(crate) fn exports(&self) -> impl Iterator<Item = &Arc<Export>> {
         self.exports.values()
+    }
+
+    /// Offers `bitmap` on `export` as the metadata context `qemu:dirty-bitmap:<name>`.
+    pub fn with_dirty_bitmap(
+        mut self,
+        export: &str,
+        bitmap: DirtyBitmap,
+    ) -> Result<Self, NbdError> {
+        let Some(found) = self.exports.get(export) else {
+            return Err(NbdError::UnknownBitmapExport {
+                export: export.to_owned(),
+                bitmap: bitmap.name().to_owned(),
+            });
+        };
+        let list = self.bitmaps.entry(found.name.clone()).or_default();
+        if list.iter().any(|b| b.name() == bitmap.name()) {
+            return Err(NbdError::DuplicateBitmap {
+                export: export.to_owned(),
+                bitmap: bitmap.name().to_owned(),
+            });
+        }
+        list.push(Arc::new(bitmap));
+        Ok(self)
+    }
+
+    /// The metadata contexts `export` offers, in the order that gives their IDs.
+    pub(crate) fn contexts(&self, export: &Export) -> Vec<meta::Context> {
+        let mut out = vec![meta::Context::Allocation];
+        if let Some(bitmaps) = self.bitmaps.get(&export.name) {
+            out.extend(bitmaps.iter().cloned().map(meta::Context::Dirty));
+        }
+        out
     }
 }
 
@@ -291,7 +345,7 @@ mod tests {
     #[test]
     fn flags_follow_the_device() {
         use protocol::*;
-        let rw = export("a", info()).transmission_flags();
+        let rw = export("a", info()).transmission_flags(false);
         assert_eq!(
             rw,
             FLAG_HAS_FLAGS
@@ -308,10 +362,15 @@ mod tests {
                 ..info()
             },
         )
-        .transmission_flags();
+        .transmission_flags(true);
         assert_eq!(
             ro,
-            FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_READ_ONLY | FLAG_CAN_MULTI_CONN
+            FLAG_HAS_FLAGS
+                | FLAG_SEND_FLUSH
+                | FLAG_SEND_FUA
+                | FLAG_SEND_DF
+                | FLAG_READ_ONLY
+                | FLAG_CAN_MULTI_CONN
         );
     }
 
@@ -350,6 +409,114 @@ mod tests {
         assert_eq!(server.lookup("").unwrap().name, "b");
         assert_eq!(server.lookup("a").unwrap().name, "a");
         assert!(server.lookup("c").is_none());
+        let bitmap = || DirtyBitmap::new("m1", std::iter::once(0..512)).unwrap();
+        assert!(matches!(
+            NbdServer::new(vec![export("a", info())], "a")
+                .unwrap()
+                .with_dirty_bitmap("z", bitmap()),
+            Err(NbdError::UnknownBitmapExport { .. })
+        ));
+        let server = server.with_dirty_bitmap("a", bitmap()).unwrap();
+        assert_eq!(server.contexts(server.lookup("a").unwrap()).len(), 2);
+        assert_eq!(server.contexts(server.lookup("b").unwrap()).len(), 1);
+        assert!(matches!(
+            server.with_dirty_bitmap("a", bitmap()),
+            Err(NbdError::DuplicateBitmap { .. })
+        ));
+    }
+
+    /// One option as a client sends it.
+    fn option(code: u32, data: &[u8]) -> Vec<u8> {
+        let mut out = protocol::IHAVEOPT.to_be_bytes().to_vec();
+        out.extend_from_slice(&code.to_be_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(data);
+        out
+    }
+
+    fn set_allocation(export: &str) -> Vec<u8> {
+        let query = b"base:allocation";
+        let mut data = (export.len() as u32).to_be_bytes().to_vec();
+        data.extend_from_slice(export.as_bytes());
+        data.extend_from_slice(&1u32.to_be_bytes());
+        data.extend_from_slice(&(query.len() as u32).to_be_bytes());
+        data.extend_from_slice(query);
+        option(protocol::OPT_SET_META_CONTEXT, &data)
+    }
+
+    /// Reads option replies until the one answering `code` with an ACK or an error;
+    /// returns the reply types seen for it.
+    async fn replies_to(client: &mut tokio::io::DuplexStream, code: u32) -> Vec<u32> {
+        use tokio::io::AsyncReadExt;
+        let mut types = Vec::new();
+        loop {
+            let mut header = [0u8; 20];
+            client.read_exact(&mut header).await.unwrap();
+            let reply_type = u32::from_be_bytes(header[12..16].try_into().unwrap());
+            let len = u32::from_be_bytes(header[16..20].try_into().unwrap());
+            let mut data = vec![0u8; len as usize];
+            client.read_exact(&mut data).await.unwrap();
+            if u32::from_be_bytes(header[8..12].try_into().unwrap()) == code {
+                types.push(reply_type);
+                if reply_type != protocol::REP_META_CONTEXT && reply_type != protocol::REP_INFO {
+                    return types;
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn starttls_forgets_structured_replies_and_contexts() {
+        use handshake::{greet, options, Outcome, Tls};
+        use protocol::*;
+        use tokio::io::AsyncWriteExt;
+        let server = NbdServer::new(vec![export("a", info())], "a").unwrap();
+        let (mut client, end) = tokio::io::duplex(1 << 20);
+        let (mut r, mut w) = tokio::io::split(end);
+        client.write_all(&3u32.to_be_bytes()).await.unwrap();
+        client
+            .write_all(&option(OPT_STRUCTURED_REPLY, &[]))
+            .await
+            .unwrap();
+        client.write_all(&set_allocation("a")).await.unwrap();
+        client.write_all(&option(OPT_STARTTLS, &[])).await.unwrap();
+        let mut state = greet(&mut r, &mut w, Tls::Offered).await.unwrap();
+        let outcome = options(&mut r, &mut w, &server, "test", &mut state).await;
+        assert!(matches!(outcome, Ok(Outcome::StartTls)));
+        let mut greeting = [0u8; GREETING_LEN];
+        tokio::io::AsyncReadExt::read_exact(&mut client, &mut greeting)
+            .await
+            .unwrap();
+        assert_eq!(
+            replies_to(&mut client, OPT_STRUCTURED_REPLY).await,
+            [REP_ACK]
+        );
+        assert_eq!(
+            replies_to(&mut client, OPT_SET_META_CONTEXT).await,
+            [REP_META_CONTEXT, REP_ACK]
+        );
+        assert_eq!(replies_to(&mut client, OPT_STARTTLS).await, [REP_ACK]);
+
+        // "Over TLS" (the same stream stands in for it): contexts need structured replies
+        // negotiated again, and GO enters transmission with neither.
+        state.tls = Tls::Active;
+        client.write_all(&set_allocation("a")).await.unwrap();
+        let mut go = 1u32.to_be_bytes().to_vec();
+        go.extend_from_slice(b"a");
+        go.extend_from_slice(&0u16.to_be_bytes());
+        client.write_all(&option(OPT_GO, &go)).await.unwrap();
+        let outcome = options(&mut r, &mut w, &server, "test", &mut state).await;
+        let Ok(Outcome::Transmission(session)) = outcome else {
+            panic!("GO did not enter transmission");
+        };
+        assert!(!session.structured);
+        assert!(session.contexts.is_empty());
+        assert_eq!(
+            replies_to(&mut client, OPT_SET_META_CONTEXT).await,
+            [REP_ERR_INVALID]
+        );
+        let go_replies = replies_to(&mut client, OPT_GO).await;
+        assert_eq!(go_replies.last(), Some(&REP_ACK));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //!
 //! Reference: the NBD protocol specification, `doc/proto.md` in the
 //! NetworkBlockDevice/nbd repository (fixed newstyle negotiation, the INFO extension,
-//! simple replies).
+//! simple and structured replies, metadata contexts and block status).
 //!
 //! Must never: do I/O or keep state. Callers read exactly the sizes given here and
 //! hand the bytes to the decoders, which only look at those bytes.
@@ -20,6 +20,8 @@ pub(crate) const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub(crate) const REQUEST_MAGIC: u32 = 0x2560_9513;
 /// Starts every simple reply.
 pub(crate) const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+/// Starts every structured reply chunk.
+pub(crate) const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
 // Handshake flags (server → client, 16 bits).
 pub(crate) const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
@@ -36,6 +38,8 @@ pub(crate) const FLAG_SEND_FLUSH: u16 = 1 << 2;
 pub(crate) const FLAG_SEND_FUA: u16 = 1 << 3;
 pub(crate) const FLAG_SEND_TRIM: u16 = 1 << 5;
 pub(crate) const FLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+/// `NBD_FLAG_SEND_DF`: reads honour "don't fragment"; only with structured replies.
+pub(crate) const FLAG_SEND_DF: u16 = 1 << 7;
 pub(crate) const FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
 
 // Options.
@@ -46,11 +50,14 @@ pub(crate) const OPT_STARTTLS: u32 = 5;
 pub(crate) const OPT_INFO: u32 = 6;
 pub(crate) const OPT_GO: u32 = 7;
 pub(crate) const OPT_STRUCTURED_REPLY: u32 = 8;
+pub(crate) const OPT_LIST_META_CONTEXT: u32 = 9;
+pub(crate) const OPT_SET_META_CONTEXT: u32 = 10;
 
 // Option reply types. Errors have bit 31 set.
 pub(crate) const REP_ACK: u32 = 1;
 pub(crate) const REP_SERVER: u32 = 2;
 pub(crate) const REP_INFO: u32 = 3;
+pub(crate) const REP_META_CONTEXT: u32 = 4;
 pub(crate) const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 pub(crate) const REP_ERR_INVALID: u32 = (1 << 31) + 3;
 pub(crate) const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
@@ -70,10 +77,29 @@ pub(crate) const CMD_DISC: u16 = 2;
 pub(crate) const CMD_FLUSH: u16 = 3;
 pub(crate) const CMD_TRIM: u16 = 4;
 pub(crate) const CMD_WRITE_ZEROES: u16 = 6;
+pub(crate) const CMD_BLOCK_STATUS: u16 = 7;
 
 // Command flags.
 pub(crate) const CMD_FLAG_FUA: u16 = 1 << 0;
 pub(crate) const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+/// "Don't fragment": at most one content chunk in a structured read reply.
+pub(crate) const CMD_FLAG_DF: u16 = 1 << 2;
+/// One extent per metadata context in a block status reply.
+pub(crate) const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+
+// Structured reply chunk flags and types.
+pub(crate) const REPLY_FLAG_DONE: u16 = 1 << 0;
+pub(crate) const REPLY_TYPE_NONE: u16 = 0;
+pub(crate) const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub(crate) const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+pub(crate) const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+pub(crate) const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+
+// Status flags of `base:allocation` extents.
+pub(crate) const STATE_HOLE: u32 = 1 << 0;
+pub(crate) const STATE_ZERO: u32 = 1 << 1;
+/// Status flag of `qemu:dirty-bitmap:*` extents: written in the bitmap's interval.
+pub(crate) const STATE_DIRTY: u32 = 1 << 0;
 
 // Error values of simple replies (the spec's fixed subset of Linux errno values).
 pub(crate) const EPERM: u32 = 1;
@@ -107,6 +133,15 @@ pub(crate) const OPTION_HEADER_LEN: usize = 16;
 pub(crate) const REQUEST_LEN: usize = 28;
 /// Length of a simple reply header.
 pub(crate) const SIMPLE_REPLY_LEN: usize = 16;
+/// Length of a structured reply chunk header.
+pub(crate) const CHUNK_HEADER_LEN: usize = 20;
+/// Most descriptors in one `NBD_REPLY_TYPE_BLOCK_STATUS` chunk. The spec allows up to
+/// 2^20; a client asks again from where a shorter answer ended, so a smaller bound only
+/// costs a round trip per 8192 extents while it bounds what one request makes us hold
+/// (4 + 8 × 8192 bytes per context).
+pub(crate) const MAX_STATUS_EXTENTS: usize = 8192;
+/// Longest message in an error chunk; ours are short fixed sentences.
+const MAX_ERROR_MESSAGE: usize = 256;
 
 /// The server greeting of fixed newstyle negotiation (18 bytes):
 ///
@@ -357,6 +392,228 @@ pub(crate) fn simple_reply(error: u32, handle: u64) -> [u8; SIMPLE_REPLY_LEN] {
     out
 }
 
+/// The header of a structured reply chunk (20 bytes), followed by `length` payload bytes:
+///
+/// | bytes | field |
+/// |---|---|
+/// | 0..4 | magic `0x668e33ef` |
+/// | 4..6 | flags (`NBD_REPLY_FLAG_DONE` on the last chunk of a reply) |
+/// | 6..8 | chunk type (`NBD_REPLY_TYPE_*`) |
+/// | 8..16 | handle of the request |
+/// | 16..20 | length of the payload |
+pub(crate) fn chunk_header(
+    flags: u16,
+    chunk_type: u16,
+    handle: u64,
+    length: u32,
+) -> [u8; CHUNK_HEADER_LEN] {
+    let mut out = [0u8; CHUNK_HEADER_LEN];
+    out[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    out[4..6].copy_from_slice(&flags.to_be_bytes());
+    out[6..8].copy_from_slice(&chunk_type.to_be_bytes());
+    out[8..16].copy_from_slice(&handle.to_be_bytes());
+    out[16..20].copy_from_slice(&length.to_be_bytes());
+    out
+}
+
+/// An `NBD_REPLY_TYPE_OFFSET_DATA` chunk's header and offset (28 bytes); the `data_len`
+/// bytes of data follow:
+///
+/// | bytes | field |
+/// |---|---|
+/// | 0..20 | chunk header, length `8 + data_len` |
+/// | 20..28 | offset of the data in the export |
+pub(crate) fn offset_data_header(
+    flags: u16,
+    handle: u64,
+    offset: u64,
+    data_len: u32,
+) -> [u8; CHUNK_HEADER_LEN + 8] {
+    let mut out = [0u8; CHUNK_HEADER_LEN + 8];
+    out[..CHUNK_HEADER_LEN].copy_from_slice(&chunk_header(
+        flags,
+        REPLY_TYPE_OFFSET_DATA,
+        handle,
+        8 + data_len,
+    ));
+    out[CHUNK_HEADER_LEN..].copy_from_slice(&offset.to_be_bytes());
+    out
+}
+
+/// An `NBD_REPLY_TYPE_OFFSET_HOLE` chunk (32 bytes): `len` bytes at `offset` read as zeroes.
+///
+/// | bytes | field |
+/// |---|---|
+/// | 0..20 | chunk header, length 12 |
+/// | 20..28 | offset of the hole in the export |
+/// | 28..32 | hole size (nonzero) |
+pub(crate) fn offset_hole(
+    flags: u16,
+    handle: u64,
+    offset: u64,
+    len: u32,
+) -> [u8; CHUNK_HEADER_LEN + 12] {
+    let mut out = [0u8; CHUNK_HEADER_LEN + 12];
+    out[..CHUNK_HEADER_LEN].copy_from_slice(&chunk_header(
+        flags,
+        REPLY_TYPE_OFFSET_HOLE,
+        handle,
+        12,
+    ));
+    out[20..28].copy_from_slice(&offset.to_be_bytes());
+    out[28..32].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
+/// An `NBD_REPLY_TYPE_ERROR` chunk, always the last of its reply (26 + N bytes):
+///
+/// | bytes | field |
+/// |---|---|
+/// | 0..20 | chunk header, flags `DONE`, length `6 + N` |
+/// | 20..24 | error (nonzero, one of the `E*` values) |
+/// | 24..26 | length N of the message |
+/// | 26.. | message for a human (UTF-8; cut to 256 bytes) |
+pub(crate) fn error_chunk(handle: u64, error: u32, message: &str) -> Vec<u8> {
+    let mut end = message.len().min(MAX_ERROR_MESSAGE);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    let message = &message.as_bytes()[..end];
+    let mut out = Vec::with_capacity(CHUNK_HEADER_LEN + 6 + message.len());
+    out.extend_from_slice(&chunk_header(
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_ERROR,
+        handle,
+        6 + message.len() as u32,
+    ));
+    out.put_u32(error);
+    out.put_u16(message.len() as u16);
+    out.put_slice(message);
+    out
+}
+
+/// An `NBD_REPLY_TYPE_BLOCK_STATUS` chunk (20 + 4 + 8n bytes):
+///
+/// | bytes | field |
+/// |---|---|
+/// | 0..20 | chunk header, length `4 + 8n` |
+/// | 20..24 | metadata context ID |
+/// | then n times | extent length (u32, nonzero), status flags (u32) |
+///
+/// `descriptors` must not be empty (the spec requires at least one).
+pub(crate) fn block_status_chunk(
+    flags: u16,
+    handle: u64,
+    context_id: u32,
+    descriptors: &[(u32, u32)],
+) -> Vec<u8> {
+    let payload = 4 + 8 * descriptors.len();
+    let mut out = Vec::with_capacity(CHUNK_HEADER_LEN + payload);
+    out.extend_from_slice(&chunk_header(
+        flags,
+        REPLY_TYPE_BLOCK_STATUS,
+        handle,
+        payload as u32,
+    ));
+    out.put_u32(context_id);
+    for &(len, status) in descriptors {
+        out.put_u32(len);
+        out.put_u32(status);
+    }
+    out
+}
+
+/// Data of an `NBD_REP_META_CONTEXT` reply (4 + N bytes):
+///
+/// | bytes | field |
+/// |---|---|
+/// | 0..4 | metadata context ID (0 in replies to `NBD_OPT_LIST_META_CONTEXT`) |
+/// | 4.. | context name (UTF-8, no terminator) |
+pub(crate) fn rep_meta_context(id: u32, name: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + name.len());
+    out.put_u32(id);
+    out.put_slice(name.as_bytes());
+    out
+}
+
+/// The data of `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT`:
+///
+/// | bytes | field |
+/// |---|---|
+/// | 0..4 | length N of the export name |
+/// | 4..4+N | export name (UTF-8; empty = the default export) |
+/// | 4+N..8+N | number Q of queries |
+/// | then Q times | length L of the query (u32), the query (UTF-8, `namespace:rest`) |
+///
+/// The option length must be exactly what the fields add up to; every string is at most
+/// 4096 bytes with no NUL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct MetaContextRequest {
+    pub(crate) name: String,
+    pub(crate) queries: Vec<String>,
+}
+
+impl MetaContextRequest {
+    /// Parses the option data; `Err` names what is malformed.
+    pub(crate) fn decode(data: &[u8]) -> Result<Self, &'static str> {
+        let mut rest = data;
+        let name = take_string(&mut rest, "export name")?;
+        if rest.len() < 4 {
+            return Err("the query count runs past the option data");
+        }
+        let count = u32::from_be_bytes(be(&rest[0..4]));
+        rest = &rest[4..];
+        // Each query takes at least its 4-byte length: a count the data cannot hold is
+        // refused before anything is allocated for it.
+        if u64::from(count) * 4 > rest.len() as u64 {
+            return Err("the query count does not fit in the option data");
+        }
+        let mut queries = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            queries.push(take_string(&mut rest, "query")?);
+        }
+        if !rest.is_empty() {
+            return Err("bytes left over after the last query");
+        }
+        Ok(Self { name, queries })
+    }
+}
+
+/// Takes one length-prefixed string off the front of `rest`.
+fn take_string(rest: &mut &[u8], what: &'static str) -> Result<String, &'static str> {
+    if rest.len() < 4 {
+        return Err(match what {
+            "export name" => "shorter than the 4 bytes of the export name length",
+            _ => "a query length runs past the option data",
+        });
+    }
+    let len = u32::from_be_bytes(be(&rest[0..4])) as usize;
+    if len > MAX_NAME_LEN {
+        return Err(match what {
+            "export name" => "export name longer than 4096 bytes",
+            _ => "query longer than 4096 bytes",
+        });
+    }
+    if len > rest.len() - 4 {
+        return Err(match what {
+            "export name" => "export name length runs past the option data",
+            _ => "a query length runs past the option data",
+        });
+    }
+    let s = std::str::from_utf8(&rest[4..4 + len]).map_err(|_| match what {
+        "export name" => "export name is not UTF-8",
+        _ => "a query is not UTF-8",
+    })?;
+    if s.contains('\0') {
+        return Err(match what {
+            "export name" => "export name contains NUL",
+            _ => "a query contains NUL",
+        });
+    }
+    *rest = &rest[4 + len..];
+    Ok(s.to_owned())
+}
+
 /// Copies a slice whose length the caller fixed into an array for `from_be_bytes`.
 /// Every call site slices a fixed-size buffer with constant bounds, so the lengths match.
 fn be<const N: usize>(b: &[u8]) -> [u8; N] {
@@ -422,5 +679,53 @@ mod tests {
         assert_eq!(export_name_reply(1, 1, true).len(), 10);
         assert_eq!(export_name_reply(1, 1, false).len(), 134);
         assert_eq!(simple_reply(EIO, 9)[4..8], [0, 0, 0, 5]);
+        assert_eq!(
+            chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, 1, 0).len(),
+            20
+        );
+        assert_eq!(offset_hole(0, 1, 512, 512).len(), 32);
+        assert_eq!(offset_data_header(0, 1, 0, 512)[16..20], [0, 0, 2, 8]);
+        let err = error_chunk(3, EINVAL, "bad");
+        assert_eq!(err.len(), 20 + 6 + 3);
+        assert_eq!(&err[4..8], &[0, 1, 0x80, 1], "DONE, NBD_REPLY_TYPE_ERROR");
+        assert_eq!(error_chunk(3, EIO, &"é".repeat(300)).len(), 20 + 6 + 256);
+        let bs = block_status_chunk(REPLY_FLAG_DONE, 4, 1, &[(512, 3), (1024, 0)]);
+        assert_eq!(bs.len(), 20 + 4 + 16);
+        assert_eq!(&bs[16..20], &[0, 0, 0, 20]);
+    }
+
+    fn meta_request(name: &str, queries: &[&str]) -> Vec<u8> {
+        let mut data = Vec::new();
+        data.put_u32(name.len() as u32);
+        data.put_slice(name.as_bytes());
+        data.put_u32(queries.len() as u32);
+        for q in queries {
+            data.put_u32(q.len() as u32);
+            data.put_slice(q.as_bytes());
+        }
+        data
+    }
+
+    #[test]
+    fn meta_context_requests_parse_and_reject_inconsistent_lengths() {
+        let data = meta_request("disk", &["base:allocation", "qemu:"]);
+        let parsed = MetaContextRequest::decode(&data).unwrap();
+        assert_eq!(parsed.name, "disk");
+        assert_eq!(parsed.queries, vec!["base:allocation", "qemu:"]);
+        assert!(MetaContextRequest::decode(&meta_request("", &[])).is_ok());
+
+        assert!(MetaContextRequest::decode(&data[..data.len() - 1]).is_err());
+        let mut extra = data.clone();
+        extra.push(0);
+        assert!(MetaContextRequest::decode(&extra).is_err());
+        let mut huge_count = meta_request("disk", &[]);
+        let at = huge_count.len() - 4;
+        huge_count[at..].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(MetaContextRequest::decode(&huge_count).is_err());
+        let long = "x".repeat(MAX_NAME_LEN + 1);
+        assert!(MetaContextRequest::decode(&meta_request(&long, &[])).is_err());
+        assert!(MetaContextRequest::decode(&meta_request("d", &[&long])).is_err());
+        assert!(MetaContextRequest::decode(&meta_request("d", &["a\0b"])).is_err());
+        assert!(MetaContextRequest::decode(&[0, 0]).is_err());
     }
 }

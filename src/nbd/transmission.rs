@@ -1,17 +1,28 @@
 //! The transmission phase: reads requests, runs each on the device as its own task and
-//! writes simple replies in completion order through one writer.
+//! writes replies in completion order through one writer.
+//!
+//! Replies are simple unless the client negotiated structured replies; then a READ is
+//! answered with one content chunk (`NBD_REPLY_TYPE_OFFSET_HOLE` when the data read is all
+//! zeroes, else `OFFSET_DATA`), every error with an `NBD_REPLY_TYPE_ERROR` chunk carrying a
+//! message, and other successes with a simple reply (the spec allows it for replies without
+//! payload). `NBD_CMD_BLOCK_STATUS` needs negotiated metadata contexts and gets one
+//! `NBD_REPLY_TYPE_BLOCK_STATUS` chunk per context, each of at most `MAX_STATUS_EXTENTS`
+//! descriptors within the range asked for.
 //!
 //! Memory is bounded per connection and across connections: a request is admitted only
-//! once it holds one of `MAX_IN_FLIGHT_REQUESTS` request permits and, for READ and WRITE,
-//! as many byte permits as its payload (out of `MAX_IN_FLIGHT_BYTES`) and as many bytes of
-//! the server-wide [`BufferBudget`](super::budget::BufferBudget). Permits travel with the
-//! reply and are released once the writer has sent it, so a client that stops reading
-//! replies stops being read from.
+//! once it holds one of `MAX_IN_FLIGHT_REQUESTS` request permits and, for READ, WRITE and
+//! BLOCK_STATUS, as many byte permits as its payload or largest reply (out of
+//! `MAX_IN_FLIGHT_BYTES`) and as many bytes of the server-wide
+//! [`BufferBudget`](super::budget::BufferBudget). Permits travel with the reply and are
+//! released once the writer has sent it, so a client that stops reading replies stops
+//! being read from.
 //!
 //! Must never: call the device for a request it rejected (bad flags, misaligned, out of
-//! range, read-only, oversized); send a reply for `NBD_CMD_DISC`; send data after an
-//! error header; let an error on one request end the connection unless the byte stream
-//! can no longer be parsed (bad magic, unreadable write payload).
+//! range, read-only, oversized, block status without contexts); send a reply for
+//! `NBD_CMD_DISC`; send data after an error header; send a simple reply to a READ once
+//! structured replies are negotiated, or a structured one before; let an error on one
+//! request end the connection unless the byte stream can no longer be parsed (bad magic,
+//! unreadable write payload).
 
 use std::io;
 use std::sync::Arc;
@@ -21,9 +32,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::budget::{Held, Holder};
+use super::handshake::Session;
+use super::meta::{Context, Selected};
 use super::payload::{self, PayloadError};
 use super::protocol::*;
-use super::{stop_requested, Export};
+use super::stop_requested;
+use crate::block::allocation::Allocation;
 use crate::block::buffers::BufferPool;
 use crate::block::{check_range, BlockDevice, BlockError, DeviceInfo};
 
@@ -65,19 +79,66 @@ pub(crate) enum Ending {
 
 /// One decoded, validated operation.
 enum Op {
-    Read { offset: u64, len: u32 },
-    Write { offset: u64, fua: bool },
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        offset: u64,
+        fua: bool,
+    },
     Flush,
-    Trim { offset: u64, len: u64, fua: bool },
-    WriteZeroes { offset: u64, len: u64, fua: bool },
+    Trim {
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
+    BlockStatus {
+        offset: u64,
+        len: u32,
+        req_one: bool,
+    },
+}
+
+/// What a successful operation produced.
+enum Done {
+    Nothing,
+    Data(Bytes),
+    /// Per selected context: its ID and (length, status flags) descriptors.
+    Status(Vec<(u32, Vec<(u32, u32)>)>),
+}
+
+/// Why a request was refused before it reached the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Rejection {
+    errno: u32,
+    /// For the client's human (sent in a structured error chunk).
+    why: &'static str,
+}
+
+fn reject(errno: u32, why: &'static str) -> Rejection {
+    Rejection { errno, why }
 }
 
 /// A reply on its way to the writer, with the permits it releases once sent.
 struct Reply {
     handle: u64,
-    error: u32,
-    data: Option<Bytes>,
+    body: Body,
     _permits: Permits,
+}
+
+/// The bytes of one reply.
+enum Body {
+    /// A simple reply header (built by the writer) and, after a successful read, the data.
+    Simple { error: u32, data: Option<Bytes> },
+    /// Structured reply chunks, complete and in order (read data as its own part after
+    /// its chunk's header, never copied).
+    Chunks(Vec<Bytes>),
 }
 
 struct Permits {
@@ -93,7 +154,7 @@ struct Permits {
 pub(crate) async fn serve_export<R, W>(
     reader: R,
     writer: W,
-    export: Arc<Export>,
+    session: Session,
     shutdown: watch::Receiver<bool>,
     peer: &str,
     buffers: &Holder,
@@ -103,7 +164,7 @@ where
     W: AsyncWrite + Unpin + Send,
 {
     let (tx, rx) = mpsc::unbounded_channel();
-    let reading = read_requests(reader, export, tx, shutdown, peer, buffers);
+    let reading = read_requests(reader, session, tx, shutdown, peer, buffers);
     let writing = write_replies(writer, rx);
     tokio::pin!(reading, writing);
     tokio::select! {
@@ -128,7 +189,7 @@ where
 
 async fn read_requests<R>(
     mut reader: R,
-    export: Arc<Export>,
+    session: Session,
     tx: mpsc::UnboundedSender<Reply>,
     mut shutdown: watch::Receiver<bool>,
     peer: &str,
@@ -137,7 +198,12 @@ async fn read_requests<R>(
 where
     R: AsyncRead + Unpin,
 {
+    let export = session.export;
+    let structured = session.structured;
+    let contexts: Arc<[Selected]> = session.contexts.into();
     let info = export.device.info();
+    // The largest block status reply: one full chunk per context.
+    let status_reply_bound = contexts.len() * (CHUNK_HEADER_LEN + 4 + 8 * MAX_STATUS_EXTENTS);
     // Shared by every request task for its log lines, without a copy per request.
     let peer_tag: Arc<str> = Arc::from(peer);
     let request_permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT_REQUESTS));
@@ -174,7 +240,8 @@ where
                 _bytes: None,
                 _buffered: None,
             };
-            let _ = tx.send(error_reply(request.handle, EINVAL, permits));
+            let rejection = reject(EINVAL, "write longer than the maximum payload");
+            let _ = tx.send(rejected(request.handle, structured, rejection, permits));
             return Err(TransmissionError::OversizedWrite {
                 length: request.length,
             });
@@ -182,6 +249,7 @@ where
         let payload_bytes = match request.command {
             CMD_WRITE => request.length,
             CMD_READ if request.length <= MAX_PAYLOAD => request.length,
+            CMD_BLOCK_STATUS => status_reply_bound as u32,
             _ => 0,
         };
         let (byte_permit, buffered) = if payload_bytes > 0 {
@@ -216,9 +284,9 @@ where
             None
         };
 
-        let op = match validate(&request, &info) {
+        let op = match validate(&request, &info, structured, !contexts.is_empty()) {
             Ok(op) => op,
-            Err(errno) => {
+            Err(rejection) => {
                 tracing::debug!(
                     peer,
                     export = %export.name,
@@ -226,33 +294,35 @@ where
                     offset = request.offset,
                     length = request.length,
                     flags = request.flags,
-                    errno,
+                    errno = rejection.errno,
+                    why = rejection.why,
                     "rejected NBD request"
                 );
-                let _ = tx.send(error_reply(request.handle, errno, permits));
+                let _ = tx.send(rejected(request.handle, structured, rejection, permits));
                 continue;
             }
         };
 
         let device = Arc::clone(&export.device);
+        let contexts = Arc::clone(&contexts);
         let tx = tx.clone();
         let peer = Arc::clone(&peer_tag);
         let handle = request.handle;
         let command = request.command;
+        let read_at = request.offset;
         tokio::spawn(async move {
-            let (error, data) = match execute(device.as_ref(), op, payload).await {
-                Ok(data) => (0, data),
+            let body = match execute(device.as_ref(), &contexts, op, payload).await {
+                Ok(done) => success(handle, structured, read_at, done),
                 Err(e) => {
                     let errno = errno_of(&e, command);
                     tracing::warn!(%peer, command, errno, error = %e, "NBD request failed");
-                    (errno, None)
+                    failure(handle, structured, errno, message_of(errno))
                 }
             };
             // The writer is gone only if the connection broke; nobody to tell then.
             let _ = tx.send(Reply {
                 handle,
-                error,
-                data,
+                body,
                 _permits: permits,
             });
         });
@@ -293,29 +363,46 @@ async fn read_payload<R: AsyncRead + Unpin>(
         })
 }
 
-/// Checks a request against the export before anything touches the device. `Err` is
-/// the NBD error to answer with.
-fn validate(request: &Request, info: &DeviceInfo) -> Result<Op, u32> {
+/// Checks a request against the export and what the connection negotiated, before
+/// anything touches the device.
+fn validate(
+    request: &Request,
+    info: &DeviceInfo,
+    structured: bool,
+    has_contexts: bool,
+) -> Result<Op, Rejection> {
     let command = request.command;
     let allowed_flags = match command {
+        CMD_READ if structured => CMD_FLAG_FUA | CMD_FLAG_DF,
         CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM => CMD_FLAG_FUA,
         CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
-        // Unknown commands (CACHE, BLOCK_STATUS, RESIZE, …) were never advertised.
-        _ => return Err(EINVAL),
+        // The spec asks servers to accept FUA on every command.
+        CMD_BLOCK_STATUS => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
+        // Unknown commands (CACHE, RESIZE, …) were never advertised.
+        _ => return Err(reject(EINVAL, "unknown command")),
     };
-    // The spec asks for EINVAL on flags not documented for the command (DF, REQ_ONE,
-    // FAST_ZERO were never advertised).
+    // The spec asks for EINVAL on flags not documented for the command (FAST_ZERO was
+    // never advertised, DF only with structured replies).
     if request.flags & !allowed_flags != 0 {
-        return Err(EINVAL);
+        return Err(reject(EINVAL, "a command flag not valid for this command"));
     }
     let fua = request.flags & CMD_FLAG_FUA != 0;
     if command == CMD_FLUSH {
         // Offset and length are reserved for FLUSH; clients zero them, we ignore them.
         return Ok(Op::Flush);
     }
-    let modifies = command != CMD_READ;
+    if command == CMD_BLOCK_STATUS && !has_contexts {
+        return Err(reject(
+            EINVAL,
+            "block status needs a metadata context (NBD_OPT_SET_META_CONTEXT)",
+        ));
+    }
+    let modifies = !matches!(command, CMD_READ | CMD_BLOCK_STATUS);
     if modifies && info.read_only {
-        return Err(errno_of(&BlockError::ReadOnly, command));
+        return Err(reject(
+            errno_of(&BlockError::ReadOnly, command),
+            "the export is read-only",
+        ));
     }
     if modifies {
         let supported = match command {
@@ -324,27 +411,48 @@ fn validate(request: &Request, info: &DeviceInfo) -> Result<Op, u32> {
             _ => true,
         };
         if !supported {
-            return Err(errno_of(
-                &BlockError::NotSupported("not advertised for this export"),
-                command,
+            return Err(reject(
+                errno_of(
+                    &BlockError::NotSupported("not advertised for this export"),
+                    command,
+                ),
+                "command not advertised for this export",
             ));
         }
     }
     let offset = request.offset;
     let len = u64::from(request.length);
     if let Err(e) = check_range(offset, len, info.size) {
-        return Err(errno_of(&e, command));
+        return Err(reject(
+            errno_of(&e, command),
+            "the request reaches past the end of the export",
+        ));
+    }
+    if command == CMD_BLOCK_STATUS {
+        // Block status may be unaligned (the spec discusses unaligned queries); only an
+        // empty one has no answer.
+        if request.length == 0 {
+            return Err(reject(EINVAL, "block status of zero bytes"));
+        }
+        return Ok(Op::BlockStatus {
+            offset,
+            len: request.length,
+            req_one: request.flags & CMD_FLAG_REQ_ONE != 0,
+        });
     }
     let block = u64::from(info.block_size);
     if offset % block != 0 || len % block != 0 {
         // Below the advertised minimum block size.
-        return Err(EINVAL);
+        return Err(reject(
+            EINVAL,
+            "offset or length is not a multiple of the minimum block size",
+        ));
     }
     Ok(match command {
         CMD_READ => {
             if request.length > MAX_PAYLOAD {
-                // A simple reply cannot carry more than the advertised maximum payload.
-                return Err(EINVAL);
+                // Neither reply may carry more than the advertised maximum payload.
+                return Err(reject(EINVAL, "read longer than the maximum payload"));
             }
             Op::Read {
                 offset,
@@ -374,45 +482,186 @@ fn errno_of(error: &BlockError, command: u16) -> u32 {
     }
 }
 
-/// Runs a validated operation; `Ok(Some(data))` for reads.
+/// A short sentence for an error chunk, by NBD error value (device errors are not shown
+/// to clients: they may name server paths).
+fn message_of(errno: u32) -> &'static str {
+    match errno {
+        EPERM => "operation not permitted",
+        EIO => "I/O error on the server",
+        ENOSPC => "no space left on the server's device",
+        EOVERFLOW => "value too large",
+        _ => "invalid request",
+    }
+}
+
+/// Runs a validated operation.
 async fn execute(
     device: &dyn BlockDevice,
+    contexts: &[Selected],
     op: Op,
     payload: Option<Bytes>,
-) -> Result<Option<Bytes>, BlockError> {
+) -> Result<Done, BlockError> {
     match op {
-        Op::Read { len: 0, .. } => Ok(Some(Bytes::new())),
-        Op::Read { offset, len } => device.read(offset, len).await.map(Some),
+        Op::Read { len: 0, .. } => Ok(Done::Data(Bytes::new())),
+        Op::Read { offset, len } => device.read(offset, len).await.map(Done::Data),
         Op::Write { offset, fua } => {
             let data = payload.unwrap_or_default();
             if data.is_empty() {
-                return Ok(None);
+                return Ok(Done::Nothing);
             }
-            device.write(offset, data, fua).await.map(|()| None)
+            device
+                .write(offset, data, fua)
+                .await
+                .map(|()| Done::Nothing)
         }
-        Op::Flush => device.flush().await.map(|()| None),
-        Op::Trim { len: 0, .. } | Op::WriteZeroes { len: 0, .. } => Ok(None),
+        Op::Flush => device.flush().await.map(|()| Done::Nothing),
+        Op::Trim { len: 0, .. } | Op::WriteZeroes { len: 0, .. } => Ok(Done::Nothing),
         Op::Trim { offset, len, fua } => {
             device.trim(offset, len).await?;
             if fua {
                 // The trait's trim has no FUA; a flush gives the same guarantee.
                 device.flush().await?;
             }
-            Ok(None)
+            Ok(Done::Nothing)
         }
-        Op::WriteZeroes { offset, len, fua } => {
-            device.write_zeroes(offset, len, fua).await.map(|()| None)
+        Op::WriteZeroes { offset, len, fua } => device
+            .write_zeroes(offset, len, fua)
+            .await
+            .map(|()| Done::Nothing),
+        Op::BlockStatus {
+            offset,
+            len,
+            req_one,
+        } => {
+            let max = if req_one { 1 } else { MAX_STATUS_EXTENTS };
+            let len = u64::from(len);
+            let mut chunks = Vec::with_capacity(contexts.len());
+            for selected in contexts {
+                let extents: Vec<(u64, u32)> = match &selected.context {
+                    Context::Allocation => device
+                        .allocation(offset, len, max)
+                        .await?
+                        .into_iter()
+                        .map(|e| {
+                            let status = match e.allocation {
+                                Allocation::Data => 0,
+                                Allocation::Zero => STATE_ZERO,
+                                Allocation::Hole => STATE_HOLE | STATE_ZERO,
+                            };
+                            (e.len, status)
+                        })
+                        .collect(),
+                    Context::Dirty(bitmap) => bitmap
+                        .extents(offset, len, max)
+                        .into_iter()
+                        .map(|(l, dirty)| (l, if dirty { STATE_DIRTY } else { 0 }))
+                        .collect(),
+                };
+                chunks.push((selected.id, descriptors(extents, len, max)));
+            }
+            Ok(Done::Status(chunks))
         }
     }
 }
 
-fn error_reply(handle: u64, error: u32, permits: Permits) -> Reply {
+/// Block status descriptors from a source's extents, held to what the protocol promises
+/// whatever the source returned: each nonzero, together within `len` (so each fits 32
+/// bits), at most `max`, and at least one (a source that answered nothing is reported as
+/// status 0, "data, not known zero", which is always true).
+fn descriptors(extents: Vec<(u64, u32)>, len: u64, max: usize) -> Vec<(u32, u32)> {
+    let mut out: Vec<(u32, u32)> = Vec::with_capacity(extents.len().min(max));
+    let mut left = len;
+    for (l, status) in extents {
+        if left == 0 || out.len() >= max {
+            break;
+        }
+        let l = l.min(left);
+        if l == 0 {
+            continue;
+        }
+        left -= l;
+        out.push((l as u32, status));
+    }
+    if out.is_empty() {
+        out.push((len as u32, 0));
+    }
+    out
+}
+
+/// The reply to a request refused before it reached the device.
+fn rejected(handle: u64, structured: bool, rejection: Rejection, permits: Permits) -> Reply {
     Reply {
         handle,
-        error,
-        data: None,
+        body: failure(handle, structured, rejection.errno, rejection.why),
         _permits: permits,
     }
+}
+
+/// An error reply: a structured error chunk with `why` once negotiated, else a simple
+/// reply with the error value.
+fn failure(handle: u64, structured: bool, errno: u32, why: &str) -> Body {
+    if structured {
+        Body::Chunks(vec![Bytes::from(error_chunk(handle, errno, why))])
+    } else {
+        Body::Simple {
+            error: errno,
+            data: None,
+        }
+    }
+}
+
+/// The reply to a successful request (`offset`: where a read started).
+fn success(handle: u64, structured: bool, offset: u64, done: Done) -> Body {
+    match done {
+        Done::Nothing => Body::Simple {
+            error: 0,
+            data: None,
+        },
+        Done::Data(data) if !structured => Body::Simple {
+            error: 0,
+            data: Some(data),
+        },
+        // A chunk must describe at least one byte: an empty read is only "done".
+        Done::Data(data) if data.is_empty() => Body::Chunks(vec![Bytes::copy_from_slice(
+            &chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, handle, 0),
+        )]),
+        Done::Data(data) if is_zero(&data) => Body::Chunks(vec![Bytes::copy_from_slice(
+            &offset_hole(REPLY_FLAG_DONE, handle, offset, data.len() as u32),
+        )]),
+        // The data is in hand, so no error can follow: the content chunk is the last.
+        Done::Data(data) => Body::Chunks(vec![
+            Bytes::copy_from_slice(&offset_data_header(
+                REPLY_FLAG_DONE,
+                handle,
+                offset,
+                data.len() as u32,
+            )),
+            data,
+        ]),
+        Done::Status(chunks) => {
+            let last = chunks.len().saturating_sub(1);
+            Body::Chunks(
+                chunks
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (id, descriptors))| {
+                        let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
+                        Bytes::from(block_status_chunk(flags, handle, id, &descriptors))
+                    })
+                    .collect(),
+            )
+        }
+    }
+}
+
+/// Whether every byte is zero: such a read goes out as a hole chunk (12 bytes instead of
+/// the data). Compares 64 bytes at a time; data that is not zero usually stops it at once.
+fn is_zero(data: &[u8]) -> bool {
+    let mut chunks = data.chunks_exact(64);
+    let whole = chunks
+        .by_ref()
+        .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0);
+    whole && chunks.remainder().iter().all(|&b| b == 0)
 }
 
 /// Most replies gathered into one vectored write.
@@ -442,27 +691,34 @@ async fn write_replies<W: AsyncWrite + Unpin>(
 }
 
 /// Writes `replies` (headers, and read data after each) with as few writes as the writer
-/// takes. The headers and the slice list live on the stack (no allocation per batch). The
-/// writer is the connection's `BufWriter`: a batch smaller than its buffer is copied into
-/// it (headers of write replies, a few small reads: one system call for several batches
-/// while replies keep coming), a larger one goes to the socket as it is.
+/// takes. Simple reply headers live on the stack; the slice list is one allocation per
+/// batch (not per reply). The writer is the connection's `BufWriter`: a batch smaller than
+/// its buffer is copied into it (headers of write replies, a few small reads: one system
+/// call for several batches while replies keep coming), a larger one goes to the socket as
+/// it is.
 async fn write_batch<W: AsyncWrite + Unpin>(writer: &mut W, replies: &[Reply]) -> io::Result<()> {
     for chunk in replies.chunks(MAX_REPLY_BATCH) {
         let mut headers = [[0u8; SIMPLE_REPLY_LEN]; MAX_REPLY_BATCH];
         for (header, reply) in headers.iter_mut().zip(chunk) {
-            *header = simple_reply(reply.error, reply.handle);
-        }
-        let mut slices = [io::IoSlice::new(&[]); 2 * MAX_REPLY_BATCH];
-        let mut used = 0;
-        for (reply, header) in chunk.iter().zip(&headers) {
-            slices[used] = io::IoSlice::new(header);
-            used += 1;
-            if let Some(data) = reply.data.as_ref().filter(|d| !d.is_empty()) {
-                slices[used] = io::IoSlice::new(data);
-                used += 1;
+            if let Body::Simple { error, .. } = reply.body {
+                *header = simple_reply(error, reply.handle);
             }
         }
-        let mut rest = &mut slices[..used];
+        let mut slices = Vec::with_capacity(2 * chunk.len());
+        for (reply, header) in chunk.iter().zip(&headers) {
+            match &reply.body {
+                Body::Simple { data, .. } => {
+                    slices.push(io::IoSlice::new(header));
+                    if let Some(data) = data.as_ref().filter(|d| !d.is_empty()) {
+                        slices.push(io::IoSlice::new(data));
+                    }
+                }
+                Body::Chunks(parts) => {
+                    slices.extend(parts.iter().map(|p| io::IoSlice::new(p)));
+                }
+            }
+        }
+        let mut rest = &mut slices[..];
         while !rest.is_empty() {
             let n = writer.write_vectored(rest).await?;
             if n == 0 {
@@ -501,9 +757,9 @@ mod tests {
     }
 
     fn errno(r: Request, read_only: bool) -> u32 {
-        match validate(&r, &info(read_only)) {
+        match validate(&r, &info(read_only), false, false) {
             Ok(_) => 0,
-            Err(e) => e,
+            Err(e) => e.errno,
         }
     }
 
@@ -537,6 +793,40 @@ mod tests {
         );
         assert_eq!(errno(req(CMD_FLUSH, CMD_FLAG_FUA, 0, 0), false), 0);
         assert_eq!(errno(req(CMD_READ, 1 << 2, 0, 512), false), EINVAL);
+        // Block status: only with contexts; within the export; may be unaligned.
+        assert_eq!(errno(req(CMD_BLOCK_STATUS, 0, 0, 512), false), EINVAL);
+        let status = |r: Request| match validate(&r, &info(true), true, true) {
+            Ok(_) => 0,
+            Err(e) => e.errno,
+        };
+        assert_eq!(
+            status(req(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 0, 1 << 20)),
+            0
+        );
+        assert_eq!(status(req(CMD_BLOCK_STATUS, 0, 100, 7)), 0);
+        assert_eq!(status(req(CMD_BLOCK_STATUS, 0, 1 << 20, 512)), EINVAL);
+        assert_eq!(status(req(CMD_BLOCK_STATUS, 0, 0, 0)), EINVAL);
+        assert_eq!(status(req(CMD_BLOCK_STATUS, CMD_FLAG_DF, 0, 512)), EINVAL);
+        // DF only once structured replies were negotiated.
+        assert_eq!(status(req(CMD_READ, CMD_FLAG_DF, 0, 512)), 0);
+        assert_eq!(errno(req(CMD_READ, CMD_FLAG_DF, 0, 512), false), EINVAL);
+    }
+
+    #[test]
+    fn descriptors_stay_within_the_request() {
+        assert_eq!(
+            descriptors(vec![(100, 1), (0, 2), (1000, 3)], 600, 10),
+            [(100, 1), (500, 3)]
+        );
+        assert_eq!(descriptors(vec![(100, 1), (100, 2)], 600, 1), [(100, 1)]);
+        assert_eq!(descriptors(vec![], 600, 10), [(600, 0)]);
+        assert!(is_zero(&[0; 1000]));
+        let mut late = vec![0u8; 1000];
+        late[999] = 1;
+        assert!(!is_zero(&late));
+        late[999] = 0;
+        late[3] = 1;
+        assert!(!is_zero(&late));
     }
 
     /// A device whose reads wait at a gate, counting how many are inside at once.
@@ -613,15 +903,20 @@ mod tests {
     fn start_in(device: Arc<GatedDevice>, budget: super::super::BufferBudget) -> Started {
         let (client, server) = tokio::io::duplex(4 << 20);
         let (reader, writer) = tokio::io::split(server);
-        let export = Arc::new(Export {
+        let export = Arc::new(super::super::Export {
             name: "gated".into(),
             description: String::new(),
             device,
         });
+        let session = Session {
+            export,
+            structured: false,
+            contexts: Vec::new(),
+        };
         let (stop, shutdown) = watch::channel(false);
         let buffers = budget.holder();
         let task = tokio::spawn(async move {
-            serve_export(reader, writer, export, shutdown, "test", &buffers).await
+            serve_export(reader, writer, session, shutdown, "test", &buffers).await
         });
         (client, stop, task)
     }
@@ -792,22 +1087,47 @@ mod tests {
         let mut expected = Vec::new();
         // More than one batch's worth, so the chunking is exercised too.
         for handle in 0..(MAX_REPLY_BATCH as u64 + 10) {
-            let (error, data) = match handle % 3 {
-                0 => (
-                    0,
-                    Some(Bytes::from(vec![handle as u8; 5 + handle as usize])),
+            let body = match handle % 4 {
+                0 => Body::Simple {
+                    error: 0,
+                    data: Some(Bytes::from(vec![handle as u8; 5 + handle as usize])),
+                },
+                1 => Body::Simple {
+                    error: EIO,
+                    data: None,
+                },
+                2 => Body::Simple {
+                    error: 0,
+                    data: Some(Bytes::new()),
+                },
+                _ => success(
+                    handle,
+                    true,
+                    4096,
+                    Done::Data(Bytes::from(vec![7u8; handle as usize])),
                 ),
-                1 => (EIO, None),
-                _ => (0, Some(Bytes::new())),
             };
-            expected.extend_from_slice(&simple_reply(error, handle));
-            if let Some(d) = &data {
-                expected.extend_from_slice(d);
+            match &body {
+                Body::Simple { error, data } => {
+                    expected.extend_from_slice(&simple_reply(*error, handle));
+                    if let Some(d) = data {
+                        expected.extend_from_slice(d);
+                    }
+                }
+                Body::Chunks(parts) => {
+                    expected.extend_from_slice(&offset_data_header(
+                        REPLY_FLAG_DONE,
+                        handle,
+                        4096,
+                        handle as u32,
+                    ));
+                    expected.extend_from_slice(&vec![7u8; handle as usize]);
+                    assert_eq!(parts.len(), 2);
+                }
             }
             replies.push(Reply {
                 handle,
-                error,
-                data,
+                body,
                 _permits: Permits {
                     _request: Arc::clone(&permits).acquire_owned().await.unwrap(),
                     _bytes: None,

@@ -138,6 +138,8 @@ impl Outcome {
 struct Counters {
     calls: [[AtomicU64; 4]; 8],
     deleted_keys: AtomicU64,
+    /// Bytes returned by `get`, `get_range` and `get_tail`.
+    bytes_read: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64, by: u64) {
@@ -180,6 +182,18 @@ impl CountingStore {
         }
     }
 
+    /// Object bytes returned by reads (`get`, `get_range`, `get_tail`) so far: what a
+    /// command's reads cost in transfer, for reports and benchmarks.
+    pub fn bytes_read(&self) -> u64 {
+        self.counters.bytes_read.load(Ordering::Relaxed)
+    }
+
+    fn read_bytes<T>(&self, result: &StoreResult<T>, len: impl Fn(&T) -> usize) {
+        if let Ok(v) = result {
+            bump(&self.counters.bytes_read, len(v) as u64);
+        }
+    }
+
     /// Tallies `result` under `op` and hands it back.
     fn tally<T>(&self, op: Operation, result: StoreResult<T>) -> StoreResult<T> {
         bump(
@@ -204,16 +218,19 @@ impl ObjectStore for CountingStore {
 
     async fn get(&self, key: &str) -> StoreResult<Bytes> {
         let result = self.inner.get(key).await;
+        self.read_bytes(&result, Bytes::len);
         self.tally(Operation::Get, result)
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
         let result = self.inner.get_range(key, range).await;
+        self.read_bytes(&result, Bytes::len);
         self.tally(Operation::GetRange, result)
     }
 
     async fn get_tail(&self, key: &str, len: u64) -> StoreResult<(Bytes, u64)> {
         let result = self.inner.get_tail(key, len).await;
+        self.read_bytes(&result, |(b, _)| b.len());
         self.tally(Operation::GetTail, result)
     }
 

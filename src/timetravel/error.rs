@@ -128,6 +128,14 @@ pub enum TimeTravelError {
     /// A mark whose record a `promote --at` left off the chain.
     #[error("mark {name} (LSN {lsn}) is on a branch, not on the current epoch chain; restore it with --branch (see `tinylag timeline`)")]
     MarkOffChain { name: String, lsn: u64 },
+    /// A diff's point is outside the journal's live range (trimmed, or not written yet).
+    #[error("{what} {point} is outside the journal's live range {range}; choose points inside it (see `tinylag journal info`)")]
+    OutsideJournal {
+        what: &'static str,
+        point: String,
+        /// "LSN a..=b (t1 .. t2)", and the hole that ends it early, if one does.
+        range: String,
+    },
     /// A background task panicked or was cancelled.
     #[error("{what} task failed: {message}")]
     Task { what: &'static str, message: String },

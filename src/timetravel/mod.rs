@@ -9,6 +9,8 @@
 //! - [`view`]: `mount --at`: a read-only (or copy-on-write) block device as of a point,
 //!   served by the NBD server without a full copy;
 //! - [`extents`]: the extent map `view` reads through;
+//! - [`diff`]: the extents changed between two points, from segment indexes alone;
+//! - [`rbd_diff`]: Ceph's "rbd diff v1" stream (`export-diff`, `import-diff`);
 //! - `copy`: the sparse copy.
 //!
 //! Must never: write to the replica, the undo log or the journal; produce or serve a state
@@ -16,8 +18,10 @@
 //! or image into memory.
 
 mod copy;
+pub mod diff;
 pub mod error;
 pub mod extents;
+pub mod rbd_diff;
 pub mod restore;
 pub mod sources;
 pub mod timeline;

@@ -28,6 +28,10 @@
 //! and a map of written ranges, and reads take written ranges from it (copy-on-write). The
 //! scratch holds the mount's writes for its life only.
 //!
+//! Allocation (NBD block status): what the map says is zero (discards, write-zeroes) is a
+//! hole, a payload is data, and a byte from the replica is what `SEEK_HOLE` says of the
+//! replica, with the same undo-segment check as reads; a writable mount's writes are data.
+//!
 //! Memory: the map (one extent per record range in the travelled span) and a payload cache
 //! bounded by [`CACHE_BYTES`].
 //!
@@ -46,6 +50,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use crate::block::allocation::{self, Allocation, Extent};
 use crate::block::{check_range, BlockDevice, BlockError, DeviceInfo};
 use crate::journal::reader::JournalReader;
 use crate::journal::record::RecordKind;
@@ -337,6 +342,70 @@ impl TimeView {
     fn scratch(&self) -> Result<&Scratch, BlockError> {
         self.scratch.as_ref().ok_or(BlockError::ReadOnly)
     }
+
+    /// The point's allocation of `offset..end` as absolute `(start, end, allocation)`
+    /// pieces, at most `max` of them, before the scratch's writes: zeroes in the map are
+    /// holes, payloads data, and the replica's own ranges what `SEEK_HOLE` says of it.
+    async fn point_allocation(
+        &self,
+        offset: u64,
+        end: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, u64, Allocation)>, BlockError> {
+        loop {
+            let generation = self.generation.load(Ordering::Acquire);
+            let pieces = self.map.read().expect("not poisoned").pieces(offset, end);
+            let mut out: Vec<Extent> = Vec::new();
+            let mut from_replica = false;
+            for (s, e, src) in pieces {
+                let room = match src {
+                    Some(Source::Zero) => allocation::push(&mut out, e - s, Allocation::Hole, max),
+                    Some(Source::Payload(_)) => {
+                        allocation::push(&mut out, e - s, Allocation::Data, max)
+                    }
+                    None => {
+                        from_replica = true;
+                        let replica = allocation::seek_extents(
+                            &self.replica,
+                            s,
+                            e - s,
+                            u64::from(self.block_size),
+                            max,
+                        )?;
+                        let mut covered = 0;
+                        let mut room = true;
+                        for x in replica {
+                            room = allocation::push(&mut out, x.len, x.allocation, max);
+                            if !room {
+                                break;
+                            }
+                            covered += x.len;
+                        }
+                        room && covered == e - s
+                    }
+                };
+                if !room {
+                    break;
+                }
+            }
+            if from_replica {
+                // As for reads: a replica hole the agent made after the point is covered by
+                // an undo segment written before it; with that segment mapped, ask again.
+                self.refresh().await.map_err(io_other)?;
+                if self.generation.load(Ordering::Acquire) != generation {
+                    continue;
+                }
+            }
+            let mut at = offset;
+            return Ok(out
+                .into_iter()
+                .map(|x| {
+                    at += x.len;
+                    (at - x.len, at, x.allocation)
+                })
+                .collect());
+        }
+    }
 }
 
 /// Maps the journal's records of the lineage after the plan's base up to the point (newest
@@ -458,6 +527,37 @@ impl BlockDevice for TimeView {
             }
         }
         Ok(Bytes::from(buf))
+    }
+
+    async fn allocation(
+        &self,
+        offset: u64,
+        len: u64,
+        max_extents: usize,
+    ) -> Result<Vec<Extent>, BlockError> {
+        check_range(offset, len, self.size)?;
+        let point = self
+            .point_allocation(offset, offset + len, max_extents.max(1))
+            .await?;
+        let mut out = Vec::new();
+        for (s, e, a) in point {
+            // What a writable mount wrote is data, whatever the point held there.
+            let pieces = match &self.scratch {
+                Some(scratch) => scratch.written.read().expect("not poisoned").pieces(s, e),
+                None => vec![(s, e, None)],
+            };
+            for (ps, pe, written) in pieces {
+                let a = if written.is_some() {
+                    Allocation::Data
+                } else {
+                    a
+                };
+                if !allocation::push(&mut out, pe - ps, a, max_extents.max(1)) {
+                    return Ok(out);
+                }
+            }
+        }
+        Ok(out)
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), BlockError> {

@@ -339,6 +339,7 @@ pub mod wire {
     pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
     pub const REQUEST_MAGIC: u32 = 0x2560_9513;
     pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+    pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
     pub const C_FIXED_NEWSTYLE: u32 = 1;
     pub const C_NO_ZEROES: u32 = 2;
     pub const OPT_EXPORT_NAME: u32 = 1;
@@ -349,10 +350,12 @@ pub mod wire {
     pub const OPT_GO: u32 = 7;
     pub const OPT_STRUCTURED_REPLY: u32 = 8;
     pub const OPT_LIST_META_CONTEXT: u32 = 9;
+    pub const OPT_SET_META_CONTEXT: u32 = 10;
     pub const OPT_EXTENDED_HEADERS: u32 = 11;
     pub const REP_ACK: u32 = 1;
     pub const REP_SERVER: u32 = 2;
     pub const REP_INFO: u32 = 3;
+    pub const REP_META_CONTEXT: u32 = 4;
     pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
     pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
     pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
@@ -371,7 +374,15 @@ pub mod wire {
     pub const CMD_BLOCK_STATUS: u16 = 7;
     pub const FLAG_FUA: u16 = 1;
     pub const FLAG_DF: u16 = 4;
+    pub const FLAG_REQ_ONE: u16 = 8;
+    pub const REPLY_FLAG_DONE: u16 = 1;
+    pub const REPLY_TYPE_NONE: u16 = 0;
+    pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+    pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+    pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+    pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
     pub const FLAG_READ_ONLY: u16 = 2;
+    pub const FLAG_SEND_DF: u16 = 1 << 7;
     pub const EPERM: u32 = 1;
     pub const EINVAL: u32 = 22;
     pub const ENOSPC: u32 = 28;
@@ -486,6 +497,65 @@ impl RawClient {
         buf.extend_from_slice(&length.to_be_bytes());
         buf.extend_from_slice(payload);
         self.send(&buf);
+    }
+
+    /// Sends `NBD_OPT_LIST_META_CONTEXT` or `SET_META_CONTEXT` for `export` with `queries`
+    /// and reads the replies: `Ok` with each context's (ID, name) on `NBD_REP_ACK`, `Err`
+    /// with (reply type, message) on an error reply.
+    pub fn meta_context(
+        &mut self,
+        option: u32,
+        export: &str,
+        queries: &[&str],
+    ) -> Result<Vec<(u32, String)>, (u32, String)> {
+        let mut data = Vec::new();
+        data.extend_from_slice(&(export.len() as u32).to_be_bytes());
+        data.extend_from_slice(export.as_bytes());
+        data.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+        for q in queries {
+            data.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            data.extend_from_slice(q.as_bytes());
+        }
+        self.send_option(option, &data);
+        let mut contexts = Vec::new();
+        loop {
+            let (opt, reply_type, data) = self.option_reply();
+            assert_eq!(opt, option);
+            match reply_type {
+                wire::REP_META_CONTEXT => {
+                    let id = u32::from_be_bytes(data[..4].try_into().unwrap());
+                    contexts.push((id, String::from_utf8(data[4..].to_vec()).unwrap()));
+                }
+                wire::REP_ACK => return Ok(contexts),
+                t => return Err((t, String::from_utf8_lossy(&data).into_owned())),
+            }
+        }
+    }
+
+    /// Reads one structured reply chunk: (flags, type, handle, payload).
+    pub fn chunk(&mut self) -> (u16, u16, u64, Vec<u8>) {
+        assert_eq!(
+            self.u32(),
+            wire::STRUCTURED_REPLY_MAGIC,
+            "structured reply magic"
+        );
+        let flags = self.u16();
+        let chunk_type = self.u16();
+        let handle = self.u64();
+        let len = self.u32() as usize;
+        (flags, chunk_type, handle, self.bytes(len))
+    }
+
+    /// Reads a structured error chunk (the last of its reply) for `handle`: (error, message).
+    pub fn error_chunk(&mut self, handle: u64) -> (u32, String) {
+        let (flags, chunk_type, h, payload) = self.chunk();
+        assert_eq!(h, handle);
+        assert_eq!(chunk_type, wire::REPLY_TYPE_ERROR, "an error chunk");
+        assert_eq!(flags & wire::REPLY_FLAG_DONE, wire::REPLY_FLAG_DONE);
+        let error = u32::from_be_bytes(payload[..4].try_into().unwrap());
+        let len = u16::from_be_bytes([payload[4], payload[5]]) as usize;
+        assert_eq!(payload.len(), 6 + len);
+        (error, String::from_utf8(payload[6..].to_vec()).unwrap())
     }
 
     /// Reads a simple reply header: (error, handle).

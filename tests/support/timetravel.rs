@@ -2,13 +2,16 @@
 //! times, each ending with a `MARK` record and its `marks/<name>`, with the image expected
 //! after every phase kept as a hash (one image in memory at a time).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
 
 use tinylag::clock::format_ns;
 use tinylag::journal::mark::{self, MarkPoint};
 use tinylag::journal::Op;
 
-use super::replay::{file_hash, TestJournal};
+use super::procs;
+use super::replay::{file_hash, now_ns, tinylag, TestJournal};
 
 /// One second in nanoseconds.
 pub const SEC: u64 = 1_000_000_000;
@@ -113,4 +116,65 @@ pub fn assert_phase(file: &Path, phase: &PhaseEnd, what: &str) {
         file.display(),
         phase.mark
     );
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// A running `tinylag mount`.
+pub struct Mount {
+    pub guard: procs::ChildGuard,
+    pub socket: PathBuf,
+}
+
+impl Mount {
+    pub fn start(
+        journal: &TestJournal,
+        replica: &Path,
+        point: &[&str],
+        extra: &[&str],
+        dir: &Path,
+    ) -> Mount {
+        let socket = dir.join(format!("mount-{:x}.sock", now_ns()));
+        let mut cmd = tinylag();
+        cmd.args([
+            "mount",
+            "--journal",
+            journal.uri(),
+            "--replica",
+            &s(replica),
+            "--listen",
+            &format!("unix:{}", s(&socket)),
+        ]);
+        cmd.args(point).args(extra);
+        let mut guard =
+            procs::ChildGuard::spawn_logged("tinylag mount", &mut cmd, &dir.join("mount.log"))
+                .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !socket.exists() {
+            assert!(
+                guard.exited().is_none(),
+                "mount exited: {}",
+                guard.log_tail(4000)
+            );
+            assert!(Instant::now() < deadline, "mount never listened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Mount { guard, socket }
+    }
+
+    pub fn uri(&self) -> String {
+        format!("nbd+unix:///disk0?socket={}", s(&self.socket))
+    }
+
+    /// The whole export copied into `out` with nbdcopy.
+    pub fn copy_to(&self, out: &Path) {
+        let _ = std::fs::remove_file(out);
+        super::nbd::run_ok(Command::new("nbdcopy").args([&self.uri(), &s(out)]));
+    }
+
+    pub fn stop(mut self) {
+        self.guard.terminate(Duration::from_secs(10)).unwrap();
+    }
 }

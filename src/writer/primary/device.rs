@@ -1,5 +1,6 @@
-//! The primary core as a [`BlockDevice`]: what the frontends (NBD, ublk) call. Reads go
-//! straight to the primary; writes, trims and write-zeroes take the ack path.
+//! The primary core as a [`BlockDevice`]: what the frontends (NBD, ublk) call. Reads and
+//! allocation queries go straight to the primary; writes, trims and write-zeroes take the
+//! ack path.
 //!
 //! Must never: speak a frontend protocol; take a lock for a read.
 
@@ -7,6 +8,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{PrimaryCore, Refuse};
+use crate::block::allocation::Extent;
 use crate::block::{check_range, BlockDevice, BlockError, DeviceInfo};
 use crate::journal::Op;
 
@@ -51,6 +53,18 @@ impl BlockDevice for PrimaryCore {
         applied?;
         self.acknowledge(ticket).await;
         Ok(())
+    }
+
+    async fn allocation(
+        &self,
+        offset: u64,
+        len: u64,
+        max_extents: usize,
+    ) -> Result<Vec<Extent>, BlockError> {
+        // Like a read: the primary's own holes (SEEK_HOLE on a file), no lock.
+        check_range(offset, len, self.info.size)?;
+        self.refuse_all()?;
+        self.device.allocation(offset, len, max_extents).await
     }
 
     async fn trim(&self, offset: u64, len: u64) -> Result<(), BlockError> {
