@@ -4,14 +4,18 @@
 //! writes and flushes run on one of two engines ([`IoEngine`]): an io_uring per device
 //! (`block::uring`: submitted by the requesting task, completed on the runtime, no thread
 //! hand-off), or `pread`/`pwrite`/`fdatasync` on one shared descriptor run on the blocking
-//! pool, so the async frontends never stall. Trim punches holes (files) or discards (block
+//! pool, so the async frontends never stall. The one exception: where the file system
+//! cannot take a buffered write with `RWF_NOWAIT` (ext4), a write of at most 64 KiB is a
+//! `pwrite` on the calling thread ([`FileOptions::inline_writes`]), backing off to the
+//! engine for a second after one that took over 2 ms. Trim punches holes (files) or discards (block
 //! devices) and write-zeroes asks the kernel to zero a range (falling back to writing
 //! zeroes); both are rare and run on the blocking pool with either engine. With `O_DIRECT`
 //! every transfer goes through a page-aligned bounce buffer.
 //!
 //! Must never: touch bytes outside `0..size` (every request is range-checked first),
-//! write through a read-only device, or report a FUA write or a flush as done before
-//! `fdatasync` has returned.
+//! write through a read-only device, report a FUA write or a flush as done before
+//! `fdatasync` has returned, or hold the calling thread with more than one slow inline
+//! write per pause.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -95,7 +99,7 @@ pub struct FileOptions {
     /// [`INLINE_WRITE_MAX`] bytes are a plain `pwrite` on the calling thread: a copy into
     /// the page cache, where the engine would cost a hand-off to a kernel worker (io_uring
     /// punts every buffered write ext4 cannot do without waiting) or to the blocking pool,
-    /// and a completion wake-up: about a third of the CPU of a 4 KiB write in the profile
+    /// and a completion wake-up: about half the CPU of a 4 KiB write in the profile
     /// (bench/profile/). A write that takes longer than [`INLINE_SLOW`] (the kernel
     /// throttling dirty pages) sends writes back to the engine for [`INLINE_PAUSE`], so the
     /// calling thread is held up by at most one slow write per pause. Ignored with `direct`;
