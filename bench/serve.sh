@@ -16,6 +16,7 @@
 #      (the default splay width): the bandwidth the local journal can hope for
 #   x  as c with the binary at BASE_BIN (an A/B of two builds in one run; only when asked)
 #   y  as d with the binary at BASE_BIN (the same for the S3 journal)
+#   z  as b with the binary at BASE_BIN (the A/B without the journal)
 #   m  as c with --max-buffered 64M, the smallest NBD buffer budget (the memory bound at
 #      its tightest; against x with a BASE_BIN from before the bound: what the bound costs)
 # Journaled servers (c, d, e, m, x, y) are measured once their initial full resync is done.
@@ -48,8 +49,8 @@ OUT=${OUT:-$ROOT/BENCHMARKS.md}
 S3FS=${TINYLAG_TOOLS:-$HOME/.cache/tinylag/tools}/bin/s3s-fs
 WORKLOADS=${WORKLOADS:-"randwrite-4k randread-4k seqwrite-1M half-4k"}
 SWEEP=${SWEEP:-"300 600 900 1200"}
-if [[ $CONFIGS == *[xy]* && ! -x ${BASE_BIN:-} ]]; then
-    echo "bench/serve.sh: configs x and y need BASE_BIN, the other build's tinylag binary" >&2
+if [[ $CONFIGS == *[xyz]* && ! -x ${BASE_BIN:-} ]]; then
+    echo "bench/serve.sh: configs x, y and z need BASE_BIN, the other build's tinylag binary" >&2
     exit 2
 fi
 
@@ -146,8 +147,10 @@ start_server() {
         nbdkit --unix "$sock" --foreground --exit-with-parent file "$img" &
         PID=$!
         ;;
-    b)
-        "$BIN" serve --primary "$img" --no-journal --listen "unix:$sock" >"$WORK/$c.log" 2>&1 &
+    b | z)
+        local bin=$BIN
+        if [[ $c == z ]]; then bin=$BASE_BIN; fi
+        "$bin" serve --primary "$img" --no-journal --listen "unix:$sock" >"$WORK/$c.log" 2>&1 &
         PID=$!
         CTL=$img.ctl
         ;;
@@ -368,6 +371,7 @@ names = {"a": "a: nbdkit file", "b": "b: serve --no-journal", "c": "c: serve, lo
          "g": "g: b on the threads engine (fallback)",
          "x": "x: c on the BASE_BIN build",
          "y": "y: d on the BASE_BIN build",
+         "z": "z: b on the BASE_BIN build",
          "m": "m: c with --max-buffered 64M",
          "s": "s: fio, 8 MiB files + fsync into a directory, 4 jobs (no NBD)"}
 def med(c, wl, i):
@@ -390,7 +394,7 @@ lines = ["## serve", "",
          "| workload | server | IOPS | MB/s | p50 µs | p99 µs | ack→durable p99 | CPU s/GB | peak RSS MiB |",
          "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
 for wl in wls:
-    for c in "sfagbcmxedy":
+    for c in "sfagbzcmxedy":
         if (c, wl) not in rows:
             continue
         lag = med(c, wl, 4)
@@ -416,6 +420,12 @@ targets = [
      ratio("c", "b", "randwrite-4k", 0), "≥ 0.95", lambda v: v >= 0.95),
     ("4k randwrite p99 latency, c / b",
      ratio("c", "b", "randwrite-4k", 3), "≤ 1.2", lambda v: v <= 1.2),
+    ("4k randwrite CPU s/GB, b / a (issue 23)",
+     ratio("b", "a", "randwrite-4k", 6), "≤ 1.0", lambda v: v <= 1.0),
+    ("4k randwrite CPU s/GB, c / a (issue 23)",
+     ratio("c", "a", "randwrite-4k", 6), "≤ 1.3", lambda v: v <= 1.3),
+    ("4k randread QD32 IOPS, b / a (issue 23)",
+     ratio("b", "a", "randread-4k", 0), "≥ 1.0", lambda v: v >= 1.0),
     ("1M seqwrite QD4 MB/s, b / a",
      ratio("b", "a", "seqwrite-1M", 1), "≥ 1.0", lambda v: v >= 1.0),
     ("1M seqwrite QD4 MB/s, c / b",
@@ -441,6 +451,8 @@ for (x, y, i, what) in [("b", "f", 0, "IOPS b / f (the NBD hop: serve --no-journ
                         ("m", "x", 0, "IOPS m / x (tightest NBD buffer budget / BASE_BIN)"),
                         ("m", "c", 0, "IOPS m / c (--max-buffered 64M / default 256M)"),
                         ("c", "x", 6, "CPU s/GB c / x (this build / BASE_BIN)"),
+                        ("b", "z", 0, "IOPS b / z (this build / BASE_BIN, no journal)"),
+                        ("b", "z", 6, "CPU s/GB b / z (this build / BASE_BIN, no journal)"),
                         ("d", "y", 1, "MB/s d / y (this build / BASE_BIN, S3 journal)")]:
     for wl in wls[:3]:
         r = ratio(x, y, wl, i)

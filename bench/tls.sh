@@ -17,7 +17,8 @@
 # Needs: cargo, fio (with the nbd engine, libnbd built with gnutls), nbdkit, openssl, python3.
 # Environment: RUNTIME (s per run, default 10), REPS (default 3), SIZE (primary, default 1G),
 # BENCH_DIR (work directory; default a fresh one under /var/tmp, removed at the end),
-# CONFIGS (default "a b c d e"), OUT (default BENCHMARKS.md in the checkout),
+# CONFIGS (default "a b c d e"), WORKLOADS (default "randwrite-4k randread-4k seqwrite-1M"),
+# OUT (default BENCHMARKS.md in the checkout),
 # TABLE_ONLY=1 (with BENCH_DIR: only rewrite the table from that directory's results.tsv),
 # TINYLAG_BIN (an already built release binary: skips the cargo build).
 set -euo pipefail
@@ -28,7 +29,7 @@ REPS=${REPS:-3}
 SIZE=${SIZE:-1G}
 CONFIGS=${CONFIGS:-"a b c d e"}
 OUT=${OUT:-$ROOT/BENCHMARKS.md}
-WORKLOADS="randwrite-4k randread-4k seqwrite-1M"
+WORKLOADS=${WORKLOADS:-"randwrite-4k randread-4k seqwrite-1M"}
 
 for tool in fio nbdkit openssl python3 cargo; do
     command -v "$tool" >/dev/null || { echo "bench/tls.sh: $tool is not installed" >&2; exit 2; }

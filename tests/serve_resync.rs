@@ -30,7 +30,16 @@ const MIB: u64 = 1 << 20;
 
 /// Runs fio for `seconds` and returns its write IOPS.
 fn fio_iops(uri: &str, workdir: &Path, seconds: u64) -> f64 {
-    let out = run_cmd_ok(&mut fio_cmd(uri, workdir, 0, 32 * MIB, seconds));
+    fio_iops_at(uri, workdir, seconds, None)
+}
+
+/// [`fio_iops`], at most `rate` IOPS when given.
+fn fio_iops_at(uri: &str, workdir: &Path, seconds: u64, rate: Option<f64>) -> f64 {
+    let mut cmd = fio_cmd(uri, workdir, 0, 32 * MIB, seconds);
+    if let Some(rate) = rate {
+        cmd.arg(format!("--rate_iops={}", rate.max(1.0) as u64));
+    }
+    let out = run_cmd_ok(&mut cmd);
     let text = String::from_utf8_lossy(&out.stdout);
     // The nbd engine prints a line of its own before the JSON.
     let json: serde_json::Value = serde_json::from_str(&text[text.find('{').unwrap_or(0)..])
@@ -137,7 +146,11 @@ async fn a_store_outage_under_load_resyncs_to_a_byte_identical_replica() {
     std::thread::sleep(Duration::from_secs(10).saturating_sub(outage_started.elapsed()));
     s3.resume();
     let recovered = Instant::now();
-    let after = fio_iops(&uri, dir.path(), 3);
+    // At most the load the journal carried before the outage: the recovery is one episode
+    // under a load the store sustains. Unbounded, a primary faster than the store's uploads
+    // (4 KiB writes got faster in issue 23) fills the 8 MiB pool again during the resync, a
+    // second episode this test is not about.
+    let after = fio_iops_at(&uri, dir.path(), 3, Some(before));
     eprintln!(
         "primary write IOPS: before {before:.0}, during the outage {during:.0} ({:.2}x), \
          after {after:.0} ({:.2}x)",

@@ -4,22 +4,27 @@
 //! writes and flushes run on one of two engines ([`IoEngine`]): an io_uring per device
 //! (`block::uring`: submitted by the requesting task, completed on the runtime, no thread
 //! hand-off), or `pread`/`pwrite`/`fdatasync` on one shared descriptor run on the blocking
-//! pool, so the async frontends never stall. Trim punches holes (files) or discards (block
+//! pool, so the async frontends never stall. The one exception: where the file system
+//! cannot take a buffered write with `RWF_NOWAIT` (ext4), a write of at most 64 KiB is a
+//! `pwrite` on the calling thread ([`FileOptions::inline_writes`]), backing off to the
+//! engine for a second after one that took over 2 ms. Trim punches holes (files) or discards (block
 //! devices) and write-zeroes asks the kernel to zero a range (falling back to writing
 //! zeroes); both are rare and run on the blocking pool with either engine. With `O_DIRECT`
 //! every transfer goes through a page-aligned bounce buffer.
 //!
 //! Must never: touch bytes outside `0..size` (every request is range-checked first),
-//! write through a read-only device, or report a FUA write or a flush as done before
-//! `fdatasync` has returned.
+//! write through a read-only device, report a FUA write or a flush as done before
+//! `fdatasync` has returned, or hold the calling thread with more than one slow inline
+//! write per pause.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -62,6 +67,17 @@ const DIRECT_ALIGN: usize = aligned::PAGE_ALIGN;
 /// multi-gigabyte request never allocates more than this.
 const ZERO_CHUNK: usize = 1 << 20;
 
+/// Largest buffered write [`FileOptions::inline_writes`] runs on the calling thread.
+pub const INLINE_WRITE_MAX: usize = 64 << 10;
+/// An inline write slower than this (the page cache throttling dirty data, a file system
+/// lock) sends writes back to the engine for [`INLINE_PAUSE`].
+const INLINE_SLOW: Duration = Duration::from_millis(2);
+/// How long writes avoid the calling thread after a slow inline write.
+const INLINE_PAUSE: Duration = Duration::from_secs(1);
+/// The environment variable that turns [`FileOptions::inline_writes`] off (`off`), for
+/// measuring what it saves.
+pub const INLINE_WRITES_ENV: &str = "TINYLAG_INLINE_WRITES";
+
 /// How a [`FileDevice`] is opened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FileOptions {
@@ -80,6 +96,16 @@ pub struct FileOptions {
     /// the blocking pool (or the ring) as before. Writes stop trying after the first
     /// `EOPNOTSUPP` (ext4 cannot do buffered `RWF_NOWAIT` writes). Ignored with `direct`.
     pub nowait_fast_path: bool,
+    /// Once `RWF_NOWAIT` writes turned out unsupported, buffered writes of at most
+    /// [`INLINE_WRITE_MAX`] bytes are a plain `pwrite` on the calling thread: a copy into
+    /// the page cache, where the engine would cost a hand-off to a kernel worker (io_uring
+    /// punts every buffered write ext4 cannot do without waiting) or to the blocking pool,
+    /// and a completion wake-up: about half the CPU of a 4 KiB write in the profile
+    /// (bench/profile/). A write that takes longer than [`INLINE_SLOW`] (the kernel
+    /// throttling dirty pages) sends writes back to the engine for [`INLINE_PAUSE`], so the
+    /// calling thread is held up by at most one slow write per pause. Ignored with `direct`;
+    /// `TINYLAG_INLINE_WRITES=off` turns it off.
+    pub inline_writes: bool,
     /// What runs reads, writes and flushes ([`super::engine::select`] picks it for `serve`).
     /// [`IoEngine::Uring`] needs a tokio runtime at [`FileDevice::open`].
     pub engine: IoEngine,
@@ -93,6 +119,7 @@ impl FileOptions {
             read_only: false,
             direct: false,
             nowait_fast_path: true,
+            inline_writes: true,
             engine: IoEngine::Threads,
         }
     }
@@ -180,6 +207,8 @@ pub struct FileDevice {
     /// Writes try `RWF_NOWAIT` too: cleared the first time the file system answers that it
     /// cannot (ext4 buffered writes), so that it costs one system call, once.
     nowait_writes: AtomicBool,
+    /// Small writes without `RWF_NOWAIT` run inline (see [`FileOptions::inline_writes`]).
+    inline: InlineWrites,
     /// The io_uring engine's ring; `None` with [`IoEngine::Threads`].
     ring: Option<Arc<Ring>>,
     info: DeviceInfo,
@@ -245,6 +274,11 @@ impl FileDevice {
             direct: options.direct,
             nowait: options.nowait_fast_path && !options.direct,
             nowait_writes: AtomicBool::new(options.nowait_fast_path && !options.direct),
+            inline: InlineWrites::new(
+                options.inline_writes
+                    && !options.direct
+                    && std::env::var(INLINE_WRITES_ENV).as_deref() != Ok("off"),
+            ),
             ring,
             info: DeviceInfo {
                 size,
@@ -410,6 +444,23 @@ impl BlockDevice for FileDevice {
             if done == data.len() && !fua {
                 return Ok(());
             }
+        }
+        // Only where RWF_NOWAIT writes are unsupported: where they work, a write they could
+        // not take is one that would wait, and that belongs to the engine.
+        if done == 0
+            && data.len() <= INLINE_WRITE_MAX
+            && !self.nowait_writes.load(Ordering::Relaxed)
+            && self.inline.now()
+        {
+            let started = Instant::now();
+            let written = self.file.write_all_at(&data, offset);
+            self.inline.took(started.elapsed());
+            written.map_err(BlockError::Io)?;
+            if !fua {
+                return Ok(());
+            }
+            // Only the flush is left for the engine.
+            done = data.len();
         }
         if let Some(ring) = &self.ring {
             return uring_write(ring, offset + done as u64, data.slice(done..), fua, direct)
@@ -600,6 +651,47 @@ async fn uring_write(
         ring.sync_data().await?;
     }
     Ok(())
+}
+
+/// When small buffered writes run on the calling thread (see [`FileOptions::inline_writes`]).
+#[derive(Debug)]
+struct InlineWrites {
+    enabled: bool,
+    /// The moment [`FileDevice::open`] ran; pauses are counted from it.
+    epoch: Instant,
+    /// Nanoseconds after `epoch` before which writes go to the engine.
+    paused_until: AtomicU64,
+}
+
+impl InlineWrites {
+    fn new(enabled: bool) -> Self {
+        Self {
+            enabled,
+            epoch: Instant::now(),
+            paused_until: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether a write may run inline now.
+    fn now(&self) -> bool {
+        if !self.enabled {
+            return false;
+        }
+        let until = self.paused_until.load(Ordering::Relaxed);
+        until == 0 || self.epoch.elapsed().as_nanos() as u64 >= until
+    }
+
+    /// Notes how long an inline write took; a slow one pauses inline writes.
+    fn took(&self, elapsed: Duration) {
+        if elapsed > INLINE_SLOW {
+            let until = (self.epoch.elapsed() + INLINE_PAUSE).as_nanos() as u64;
+            self.paused_until.store(until, Ordering::Relaxed);
+            tracing::debug!(
+                micros = elapsed.as_micros() as u64,
+                "a write on the calling thread was slow; writes go to the I/O engine for a while"
+            );
+        }
+    }
 }
 
 /// Whether `data` starts on a [`DIRECT_ALIGN`] boundary, so `O_DIRECT` can take it as it
@@ -867,6 +959,53 @@ mod tests {
         ));
     }
 
+    /// A slow inline write sends writes to the engine for a pause, then they come back.
+    #[test]
+    fn a_slow_inline_write_pauses_inline_writes() {
+        let inline = InlineWrites::new(true);
+        assert!(inline.now());
+        inline.took(INLINE_SLOW / 2);
+        assert!(inline.now(), "a fast write changes nothing");
+        inline.took(INLINE_SLOW * 2);
+        assert!(!inline.now(), "paused after a slow write");
+        // As if the pause had started long ago.
+        inline.paused_until.store(1, Ordering::Relaxed);
+        assert!(inline.now(), "back after the pause");
+        assert!(!InlineWrites::new(false).now());
+    }
+
+    /// Inline writes (the default) and writes through either engine see the same bytes,
+    /// FUA included.
+    #[tokio::test]
+    async fn inline_writes_agree_with_the_engines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        FileDevice::create_sparse(&path, 1 << 20).unwrap();
+        let inline = FileDevice::open(&path, FileOptions::new(4096)).unwrap();
+        let pooled = FileDevice::open(
+            &path,
+            FileOptions {
+                inline_writes: false,
+                ..FileOptions::new(4096)
+            },
+        )
+        .unwrap();
+        for (at, len, fua) in [(0u64, 4096usize, false), (65536, INLINE_WRITE_MAX, true)] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 13 % 251) as u8).collect();
+            inline
+                .write(at, Bytes::from(data.clone()), fua)
+                .await
+                .unwrap();
+            assert_eq!(pooled.read(at, len as u32).await.unwrap(), data);
+            let other: Vec<u8> = data.iter().map(|b| b ^ 0xff).collect();
+            pooled
+                .write(at, Bytes::from(other.clone()), fua)
+                .await
+                .unwrap();
+            assert_eq!(inline.read(at, len as u32).await.unwrap(), other);
+        }
+    }
+
     /// The page-cache fast path and the blocking path see the same bytes, whichever wrote.
     #[tokio::test]
     async fn nowait_fast_path_agrees_with_the_blocking_path() {
@@ -878,6 +1017,7 @@ mod tests {
             &path,
             FileOptions {
                 nowait_fast_path: false,
+                inline_writes: false,
                 ..FileOptions::new(4096)
             },
         )
@@ -906,9 +1046,11 @@ mod tests {
             eprintln!("skipping: {reason}");
             return None;
         }
+        // Writes through the ring itself, not inline on the calling thread.
         let options = FileOptions {
             direct,
             engine: IoEngine::Uring,
+            inline_writes: false,
             ..FileOptions::new(4096)
         };
         match FileDevice::open(path, options) {

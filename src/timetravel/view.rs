@@ -15,10 +15,12 @@
 //! journal's lineage records from there are mapped forward.
 //!
 //! # A replay agent beside the mount
-//! The agent writes an undo segment durably *before* it changes the replica. So after every
+//! The agent writes an undo segment durably *before* it changes the replica. So after a
 //! read that took bytes from the replica, the view asks whether undo segments appeared after
-//! the ones it knows (one HEAD of the next predicted key); if so it adds their records to the
-//! map (filling gaps only: they are newer than anything mapped) and reads again. A byte the
+//! the ones it knows (one HEAD of the next predicted key), once per batch: reads that finish
+//! together share one probe begun after all of them read (a probe per read made random reads
+//! a third of `serve`'s); if so it adds their records to the map (filling gaps only: they are
+//! newer than anything mapped) and reads again. A byte the
 //! agent changed before the read is then served from its pre-image, so what the mount shows
 //! never changes. (Crash recovery of the agent deletes undo segments after rewinding the
 //! replica; a mapped one that vanishes makes reads of its range fail with EIO rather than
@@ -131,6 +133,12 @@ pub struct TimeView {
     /// `known_end`, stored after the map has the segments below it: a read that resolved
     /// its pieces under an older value may hold replica bytes the map now covers.
     generation: AtomicU64,
+    /// Undo probes begun (each under `known_end`, numbered before its look at the store).
+    probes: AtomicU64,
+    /// The number of the last probe that succeeded. A read that saw `probes` at `n` after
+    /// its replica bytes, and finds this above `n` once it holds `known_end`, is covered by
+    /// a probe that looked after it read, and skips its own.
+    covered: AtomicU64,
     cache: Mutex<Cache>,
     scratch: Option<Scratch>,
     summary: ViewSummary,
@@ -231,6 +239,8 @@ impl TimeView {
             threshold: plan.undo_after,
             known_end: tokio::sync::Mutex::new(undo_end),
             generation: AtomicU64::new(undo_end),
+            probes: AtomicU64::new(0),
+            covered: AtomicU64::new(0),
             cache: Mutex::new(Cache::default()),
             scratch,
             summary,
@@ -242,13 +252,23 @@ impl TimeView {
     }
 
     /// Adds undo segments the agent wrote since the map was last extended; true if any.
-    async fn refresh(&self) -> TimeTravelResult<bool> {
+    /// `seen` is [`TimeView::probes`] as read after the caller's replica reads. Reads waiting together share one probe
+    /// (begun after all of them read): per batch of reads, not one store look-up per read
+    /// (which made a mount's random reads a third of `serve`'s, issue 23).
+    async fn refresh(&self, seen: u64) -> TimeTravelResult<bool> {
         let Some(log) = &self.undo else {
             return Ok(false);
         };
         let mut known = self.known_end.lock().await;
+        if self.covered.load(Ordering::SeqCst) > seen {
+            // A probe began after the caller's reads and succeeded (it ran under the lock we
+            // hold now); whatever it found is in the map and in `generation` already.
+            return Ok(false);
+        }
+        let probe = self.probes.fetch_add(1, Ordering::SeqCst) + 1;
         let end = log.end_from(*known).await?;
         if end == *known {
+            self.covered.store(probe, Ordering::SeqCst);
             return Ok(false);
         }
         for seq in *known..end {
@@ -270,6 +290,7 @@ impl TimeView {
         }
         *known = end;
         self.generation.store(end, Ordering::Release);
+        self.covered.store(probe, Ordering::SeqCst);
         Ok(true)
     }
 
@@ -329,8 +350,9 @@ impl TimeView {
             if from_replica {
                 // The agent writes an undo segment before it changes the replica: any
                 // change the reads above saw is in a segment the map now has (added by
-                // this read or a concurrent one).
-                self.refresh().await.map_err(io_other)?;
+                // this read or a concurrent one), once a probe has looked after them.
+                let seen = self.probes.load(Ordering::SeqCst);
+                self.refresh(seen).await.map_err(io_other)?;
                 if self.generation.load(Ordering::Acquire) != generation {
                     continue;
                 }

@@ -97,7 +97,9 @@ impl TestServer {
         Self::serve_exports_on(test_runtime(), dir, exports, tcp)
     }
 
-    fn serve_exports_on(
+    /// [`TestServer::serve_exports`] on `runtime` (from [`test_runtime`]), for exports whose
+    /// devices had to be opened on it (the io_uring engine completes on its runtime).
+    pub fn serve_exports_on(
         runtime: tokio::runtime::Runtime,
         dir: tempfile::TempDir,
         exports: Vec<Export>,
@@ -627,6 +629,11 @@ impl RawClient {
     }
 
     /// Closes both directions, as a client that dies would.
+    /// The socket itself, for a test that sends and reads in bulk.
+    pub fn stream(&mut self) -> &mut std::os::unix::net::UnixStream {
+        &mut self.stream
+    }
+
     pub fn hang_up(self) {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
@@ -651,7 +658,7 @@ impl RawClient {
 }
 
 /// The runtime a [`TestServer`] runs on (two workers, like a small machine).
-fn test_runtime() -> tokio::runtime::Runtime {
+pub fn test_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -31,11 +31,21 @@ impl BlockDevice for PrimaryCore {
         let len = data.len() as u64;
         check_range(offset, len, self.info.size)?;
         self.io.write(len);
-        let shared = data.clone();
+        // The record shares the payload with the primary's write; without a journal there is
+        // no record, and no second owner to pay for (a clone of a fresh `Bytes` allocates its
+        // shared count: one allocation per write, tests/request_allocations.rs).
+        let record = if self.journal.is_some() {
+            data.clone()
+        } else {
+            Bytes::new()
+        };
         self.change(
             offset..offset + len,
-            Op::Write { offset, data },
-            self.device.write(offset, shared, fua),
+            Op::Write {
+                offset,
+                data: record,
+            },
+            self.device.write(offset, data, fua),
         )
         .await
     }
