@@ -413,7 +413,8 @@ impl TimeView {
             if from_replica {
                 // As for reads: a replica hole the agent made after the point is covered by
                 // an undo segment written before it; with that segment mapped, ask again.
-                self.refresh().await.map_err(io_other)?;
+                let seen = self.probes.load(Ordering::SeqCst);
+                self.refresh(seen).await.map_err(io_other)?;
                 if self.generation.load(Ordering::Acquire) != generation {
                     continue;
                 }
