@@ -103,13 +103,11 @@ enum Command {
     Timeline(Box<timetravel::TimelineArgs>),
     /// Serve the disk as of a time or mark over NBD at once, without a full copy.
     Mount(Box<timetravel::MountArgs>),
-    /// List the byte ranges changed between two times or marks, from segment indexes alone
-    /// (no payload is read).
+    /// List the byte ranges changed between two times or marks (segment indexes only).
     Diff(Box<diff::DiffArgs>),
-    /// Write the change between two times or marks as Ceph's "rbd diff v1" stream (for
-    /// `rbd import-diff` or `tinylag import-diff`).
+    /// Write the change between two times or marks as Ceph's rbd diff v1 stream.
     ExportDiff(Box<diff::ExportDiffArgs>),
-    /// Apply an "rbd diff v1" stream to a raw image (checked whole before anything is written).
+    /// Apply an rbd diff v1 stream to a raw image (checked whole first).
     ImportDiff(Box<diff::ImportDiffArgs>),
     /// Look after an undo log.
     #[command(subcommand)]

@@ -544,6 +544,37 @@ async fn export_diff_then_import_diff_rebuilds_the_later_image_byte_for_byte() {
         assert_eq!(file_hash(&restored), file_hash(&image));
     }
 
+    // To standard output: the same bytes; over an existing file: refused, file unchanged.
+    let file = std::fs::read(d.join("p2-p4.rbddiff")).unwrap();
+    let args = |out: &str| -> Vec<String> {
+        [
+            "export-diff",
+            "--journal",
+            journal.uri(),
+            "--replica",
+            &s(&replica),
+            "--from",
+            "p2",
+            "--to",
+            "p4",
+            "--output",
+            out,
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    };
+    assert_eq!(run_ok(&args("-")).stdout, file);
+    let o = run(&args(&s(&d.join("p2-p4.rbddiff"))));
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(std::fs::read(d.join("p2-p4.rbddiff")).unwrap(), file);
+    assert!(!d.join("p2-p4.rbddiff.partial").exists());
+
     // Bad input changes nothing: the image stays p4's, its name too.
     let good = std::fs::read(d.join("p2-p4.rbddiff")).unwrap();
     let before = file_hash(&image);
