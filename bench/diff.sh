@@ -15,7 +15,8 @@
 # Interleaved, RUNS times each (medians). Environment: PROFILE (release, or debug for a quick
 # look), RUNS (3), SIZE (4G), RECORDS (1000000), BENCH_DIR (scratch, default
 # target/bench-diff; needs about RECORDS x 4 KiB + SIZE), BENCH_OUT (default BENCHMARKS.md: the
-# "diff" section between its markers is replaced). Needs python3.
+# "diff" section between its markers is replaced), CARGO (default cargo; say
+# "/work/bin/slot cargo" to share a build limiter). Needs python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,13 +27,14 @@ DIR=${BENCH_DIR:-$PWD/target/bench-diff}
 OUT=${BENCH_OUT:-$PWD/BENCHMARKS.md}
 TARGET=${CARGO_TARGET_DIR:-$PWD/target}
 PROFILE=${PROFILE:-release}
+CARGO=${CARGO:-cargo}
 
 command -v python3 >/dev/null || { echo "bench/diff.sh needs python3" >&2; exit 1; }
 
 if [ "$PROFILE" = release ]; then
-    cargo build --release --quiet --bin tinylag --example diff_bench_journal
+    $CARGO build --release --quiet --bin tinylag --example diff_bench_journal
 else
-    cargo build --quiet --bin tinylag --example diff_bench_journal
+    $CARGO build --quiet --bin tinylag --example diff_bench_journal
 fi
 BIN=$TARGET/$PROFILE/tinylag
 GEN=$TARGET/$PROFILE/examples/diff_bench_journal
