@@ -671,3 +671,56 @@ async fn points_outside_the_journal_and_holes_are_refused_naming_the_range() {
     refused("p1", "now", &named);
     let _ = history;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn records_a_fork_left_off_the_chain_are_not_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut journal = TestJournal::create(&dir.path().join("journal"), SIZE, 15).await;
+    let t0 = base_time();
+    let mut model = Model::new(SIZE);
+    let mut history = History {
+        log: Vec::new(),
+        marks: Vec::new(),
+        rewrite: None,
+    };
+    journal.begin_epoch(1, None).await;
+    let ops: Vec<Op> = (0..20).map(|_| journal.random_op()).collect();
+    append(&mut journal, &mut model, &mut history, ops, t0).await;
+    let fork = add_mark(&mut journal, "base", t0).await;
+    // Epoch 1 goes on, then a `promote --at base` forks the chain there: these records are
+    // a branch.
+    let ops: Vec<Op> = (0..20).map(|_| journal.random_op()).collect();
+    append(&mut journal, &mut model, &mut history, ops, t0 + SEC).await;
+    add_mark(&mut journal, "onbranch", t0 + SEC).await;
+    let branch_end = history.log.len();
+    journal.begin_epoch(2, Some((1, fork))).await;
+    let ops: Vec<Op> = (0..20).map(|_| journal.random_op()).collect();
+    append(&mut journal, &mut model, &mut history, ops, t0 + 2 * SEC).await;
+    let end = add_mark(&mut journal, "after", t0 + 2 * SEC).await;
+
+    // Only epoch 2's records changed the chain's image since `base`.
+    history.log.drain(..branch_end);
+    let got = extents_of(&diff_json(&journal, "base", "after"));
+    assert_eq!(got, expected_extents(&history, fork, end));
+    let before = journal.chain_image(Some(fork)).await;
+    let after = journal.chain_image(Some(end)).await;
+    for (i, (a, b)) in before.iter().zip(&after).enumerate() {
+        if a != b {
+            let i = i as u64;
+            assert!(got.iter().any(|e| e.0 <= i && i < e.1), "byte {i} differs");
+        }
+    }
+    // A mark on the branch is refused, naming the branch.
+    let o = run(&[
+        "diff".into(),
+        "--journal".into(),
+        journal.uri().into(),
+        "--from".into(),
+        "onbranch".into(),
+        "--to".into(),
+        "after".into(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("on a branch"), "{err}");
+}
