@@ -29,7 +29,7 @@ use tinylag::journal::reader::JournalReader;
 use tinylag::journal::Op;
 use tinylag::store::counting::CountingStore;
 use tinylag::store::ObjectStore;
-use tinylag::timetravel::diff::{changed_extents, LiveRange};
+use tinylag::timetravel::diff::{changed_extents, LiveRange, READ_AHEAD};
 use tinylag::timetravel::{Point, Target};
 
 const SIZE: u64 = 4 << 20;
@@ -350,7 +350,8 @@ async fn the_diff_reads_one_index_per_segment_and_never_a_payload() {
         assert_eq!(after.list, before.list);
         assert_eq!(tails, diff.objects_read, "objects read are tail reads");
         let in_interval = diff.segments.end - diff.segments.start;
-        let search = 64 - (live.end_seq - live.first_seq).leading_zeros() as u64 + 1;
+        let search =
+            64 - (live.end_seq - live.first_seq).leading_zeros() as u64 + 1 + READ_AHEAD as u64;
         assert!(
             diff.objects_read <= in_interval + search,
             "{} reads for {in_interval} segments",
