@@ -135,8 +135,8 @@ cache for both.
 | result | {int(m[("diff", "extents")]):,} extents, {mib(m[("diff", "changed_bytes")])} | {int(m[("compare", "blocks")]):,} differing 4 KiB blocks, every one inside diff's extents | |
 
 `diff` reads one tail per segment (the first one's size guessed, then each the size of the
-previous index and a quarter more: one request per segment, not two) plus a binary search
-for the first segment; the {mib(m[("diff", "segment_bytes")])} of segment payloads are never read.
+previous index and a quarter more: one request per segment, not two; 8 in flight) plus a
+binary search for the first segment; the {mib(m[("diff", "segment_bytes")])} of segment payloads are never read.
 Bytes read are what the journal's store returned (`tinylag diff --json`'s `bytes_read`).
 <!-- diff:end -->"""
 text = open(out).read()
