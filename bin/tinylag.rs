@@ -18,8 +18,8 @@ mod cmd;
 use cmd::args::{UsageError, GLOBAL_OPTIONS};
 use cmd::output::{error_text, ColorChoice, LogFormat};
 use cmd::{
-    config, control_cmd, init, journal_cmd, promote, rejoin, replay, serve, shell_docs, status,
-    timetravel, trim, up,
+    config, control_cmd, diff, init, journal_cmd, promote, rejoin, replay, serve, shell_docs,
+    status, timetravel, trim, up,
 };
 
 /// Asynchronous block-device replication through a journal in object storage,
@@ -103,6 +103,12 @@ enum Command {
     Timeline(Box<timetravel::TimelineArgs>),
     /// Serve the disk as of a time or mark over NBD at once, without a full copy.
     Mount(Box<timetravel::MountArgs>),
+    /// List the byte ranges changed between two times or marks (segment indexes only).
+    Diff(Box<diff::DiffArgs>),
+    /// Write the change between two times or marks as Ceph's rbd diff v1 stream.
+    ExportDiff(Box<diff::ExportDiffArgs>),
+    /// Apply an rbd diff v1 stream to a raw image (checked whole first).
+    ImportDiff(Box<diff::ImportDiffArgs>),
     /// Look after an undo log.
     #[command(subcommand)]
     Undo(trim::UndoCommand),
@@ -151,6 +157,9 @@ fn main() -> ExitCode {
             Command::Restore(a) => timetravel::run_restore(*a).await,
             Command::Timeline(a) => timetravel::run_timeline(*a).await,
             Command::Mount(a) => timetravel::run_mount(*a).await,
+            Command::Diff(a) => diff::run_diff(*a).await,
+            Command::ExportDiff(a) => diff::run_export_diff(*a).await,
+            Command::ImportDiff(a) => diff::run_import_diff(*a).await,
             Command::Status(a) => status::run(a).await,
             Command::Undo(trim::UndoCommand::Trim(a)) => trim::undo_trim(a).await,
             Command::Up(a) => up::run(a).await,

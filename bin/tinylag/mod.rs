@@ -3,6 +3,7 @@
 pub mod args;
 pub mod config;
 pub mod control_cmd;
+pub mod diff;
 #[cfg(test)]
 mod doc_examples;
 pub mod freeze;

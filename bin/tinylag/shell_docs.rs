@@ -257,6 +257,18 @@ pub const EXAMPLES: &[Example] = &[
         command: "tinylag timeline --replica /srv/db1-replica.img --journal s3://backups/db1",
     },
     Example {
+        what: "The byte ranges written between last night's mark and now (segment indexes only):",
+        command: "tinylag diff --journal s3://backups/db1 --from nightly --to now",
+    },
+    Example {
+        what: "The change between two marks as an rbd diff v1 stream (for rbd import-diff):",
+        command: "tinylag export-diff --from monday --to tuesday --replica /srv/db1-replica.img --journal s3://backups/db1 --output monday-tuesday.rbddiff",
+    },
+    Example {
+        what: "Apply it to a raw image that holds monday:",
+        command: "tinylag import-diff monday-tuesday.rbddiff --image /srv/copy.img --base monday",
+    },
+    Example {
         what: "The disk as of a mark, into a new file:",
         command: "tinylag restore --mark before-upgrade --output /srv/db1-then.img --replica /srv/db1-replica.img --journal s3://backups/db1",
     },

@@ -18,8 +18,8 @@ use tokio::task::JoinHandle;
 use super::error::{JournalError, JournalResult};
 use super::manifest::Manifest;
 use super::segment::{
-    check_header, decode_payload, read_index, read_segment, DecodedSegment, Expected, IndexEntry,
-    SegmentError, SegmentIndex,
+    check_header, decode_payload, read_index, read_index_guessing, read_segment, DecodedSegment,
+    Expected, IndexEntry, SegmentError, SegmentIndex,
 };
 use crate::store::{ObjectStore, StoreError};
 
@@ -85,6 +85,22 @@ impl JournalReader {
     pub async fn index(&self, seq: u64) -> JournalResult<Option<SegmentIndex>> {
         let key = self.manifest.segment_key(seq);
         match read_index(self.store.as_ref(), &key, &self.expected(seq, None)).await {
+            Ok(i) => Ok(Some(i)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// [`index`](Self::index) with a first tail read of `guess` bytes; also returns the
+    /// length of the tail that holds the index (the next guess for a walk over segments).
+    pub async fn index_guessing(
+        &self,
+        seq: u64,
+        guess: u64,
+    ) -> JournalResult<Option<(SegmentIndex, u64)>> {
+        let key = self.manifest.segment_key(seq);
+        match read_index_guessing(self.store.as_ref(), &key, &self.expected(seq, None), guess).await
+        {
             Ok(i) => Ok(Some(i)),
             Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e.into()),

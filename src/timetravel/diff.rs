@@ -18,14 +18,16 @@
 //! primary never had) is refused with an error naming the range.
 //!
 //! Cost: one index read per segment from the one holding `from + 1` to the one holding
-//! `to`, plus a binary search (O(log n) index reads) to find the first, plus O(log n) HEADs
-//! to find the journal's end. Memory: one range per record until merged, merged every
+//! `to` ([`READ_AHEAD`] in flight, so at most `READ_AHEAD - 1` read past it), plus a binary
+//! search (O(log n) index reads) to find the first, plus O(log n) HEADs to find the
+//! journal's end. Memory: one range per record until merged, merged every
 //! [`MERGE_EVERY`] ranges.
 //!
 //! Must never: read a payload; read a segment outside the interval except to find it; take a
 //! missing segment for the end of the interval (below the journal's known end it is a hole);
 //! report an extent that overlaps another of the same device.
 
+use std::collections::VecDeque;
 use std::ops::Range;
 
 use serde::Serialize;
@@ -38,10 +40,15 @@ use crate::journal::mark;
 use crate::journal::reader::JournalReader;
 use crate::journal::record::RecordKind;
 use crate::journal::segment::{SegmentError, SegmentIndex};
-use crate::journal::JournalError;
+use crate::journal::{JournalError, JournalResult};
 
 use super::error::{TimeTravelError, TimeTravelResult};
 use super::sources::{journal_segment_missing, Point, Spans, Target};
+
+/// Index reads in flight during a walk.
+pub const READ_AHEAD: usize = 8;
+
+type IndexRead = tokio::task::JoinHandle<JournalResult<Option<(SegmentIndex, u64)>>>;
 
 /// Ranges collected before they are merged (bounds memory on long intervals).
 pub const MERGE_EVERY: usize = 1 << 20;
@@ -402,16 +409,26 @@ pub async fn changed_extents(
     }
     let found = if a < live.end_seq {
         diff.objects_read += 1;
-        reader.index(a).await?
+        reader.index_guessing(a, 0).await?
     } else {
         None
     };
-    let Some(mut index) = found else {
+    let Some((mut index, mut tail)) = found else {
         return Err(journal_segment_missing(reader, a, first).await);
     };
+    // The search counts a missing seq as "before": a hole can make it land past the segment
+    // holding `first`, which then is (or is behind) the seq before.
+    if index.header.first_lsn > first && a > live.first_seq {
+        return Err(journal_segment_missing(reader, a - 1, first).await);
+    }
     diff.segments = a..a;
     let mut ranges: Vec<(u32, u64, u64, bool)> = Vec::new();
     let mut spans = Spans::default();
+    // Index reads in flight for the consecutive seqs after the one being taken: a store's
+    // latency, not its bandwidth, bounds a walk of small reads. Every read started is waited
+    // for and counted (at most READ_AHEAD - 1 past the interval's last segment are wasted).
+    let mut ahead: VecDeque<(u64, IndexRead)> = VecDeque::new();
+    let mut result: TimeTravelResult<()> = Ok(());
     loop {
         diff.segment_bytes += index.object_size;
         diff.segments.end = index.header.next_seq;
@@ -437,22 +454,61 @@ pub async fn changed_extents(
         let next = index.header.next_seq;
         let expect = index.header.end_lsn();
         if next >= live.end_seq {
-            return Err(journal_segment_missing(reader, next, expect).await);
+            result = Err(journal_segment_missing(reader, next, expect).await);
+            break;
         }
-        index = match reader.index(next).await? {
-            Some(i) => i,
-            None => return Err(journal_segment_missing(reader, next, expect).await),
+        // A plug jumps: what was read ahead of it is not the chain.
+        while ahead.front().is_some_and(|(seq, _)| *seq != next) {
+            let (_, read) = ahead.pop_front().expect("checked");
+            let _ = read.await;
+        }
+        // Segments of one journal have indexes of similar size: read the last one's size
+        // (and a quarter more) at once, so each segment costs one read, not two.
+        let guess = tail + tail / 4;
+        let mut seq = ahead.back().map_or(next, |(s, _)| s + 1);
+        while ahead.len() < READ_AHEAD && seq < live.end_seq {
+            let r = reader.clone();
+            ahead.push_back((
+                seq,
+                tokio::spawn(async move { r.index_guessing(seq, guess).await }),
+            ));
+            diff.objects_read += 1;
+            seq += 1;
+        }
+        let (_, read) = ahead.pop_front().expect("next < end_seq: one was started");
+        let read = read.await.map_err(|e| TimeTravelError::Task {
+            what: "index read",
+            message: e.to_string(),
+        });
+        (index, tail) = match read {
+            Ok(Ok(Some(i))) => i,
+            Ok(Ok(None)) => {
+                result = Err(journal_segment_missing(reader, next, expect).await);
+                break;
+            }
+            Ok(Err(e)) => {
+                result = Err(e.into());
+                break;
+            }
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
         };
-        diff.objects_read += 1;
         if index.header.first_lsn != expect {
-            return Err(JournalError::from(SegmentError::WrongFirstLsn {
+            result = Err(JournalError::from(SegmentError::WrongFirstLsn {
                 key: reader.manifest().segment_key(next),
                 expected: expect,
                 found: index.header.first_lsn,
             })
             .into());
+            break;
         }
     }
+    for (_, read) in ahead {
+        let _ = read.await;
+    }
+    result?;
     // A point inside a resync span is a state the primary never had: refuse what the
     // interval shows (a span opened and not closed by `to`, or closed without its begin after
     // `from`).

@@ -45,7 +45,9 @@ pub use error::SegmentError;
 pub use header::decode_header;
 pub use index::decode_index_from_tail;
 pub(crate) use probe::CompressProbe;
-pub use read::{check_header, decode_payload, decode_segment, read_index, read_segment};
+pub use read::{
+    check_header, decode_payload, decode_segment, read_index, read_index_guessing, read_segment,
+};
 
 /// Format version written in the header and the index.
 pub const FORMAT_VERSION: u16 = 1;

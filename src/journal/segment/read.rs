@@ -8,10 +8,11 @@ use std::ops::Range;
 
 use bytes::Bytes;
 
+use super::header::Trailer;
 use super::index::{parse_index, ParsedIndex};
 use super::{
     decode_header, decode_index_from_tail, DecodedSegment, Expected, IndexEntry, SegmentError,
-    SegmentHeader, SegmentIndex, HEADER_LEN, INDEX_TAIL_GUESS,
+    SegmentHeader, SegmentIndex, HEADER_LEN, INDEX_TAIL_GUESS, TRAILER_LEN,
 };
 use crate::journal::record::{decode_verify_payload, Op, Record, RecordKind};
 use crate::store::ObjectStore;
@@ -53,6 +54,29 @@ pub async fn read_index(
             decode_index_from_tail(key, &tail, size, expected)
         }
         other => other,
+    }
+}
+
+/// [`read_index`] with a first tail read of `guess` bytes (at least [`INDEX_TAIL_GUESS`]);
+/// also returns how long the tail holding the index is, so a reader of many segments of
+/// one journal can guess the next one right and pay one read each, not two.
+pub async fn read_index_guessing(
+    store: &dyn ObjectStore,
+    key: &str,
+    expected: &Expected,
+    guess: u64,
+) -> Result<(SegmentIndex, u64), SegmentError> {
+    let (tail, size) = store.get_tail(key, guess.max(INDEX_TAIL_GUESS)).await?;
+    match decode_index_from_tail(key, &tail, size, expected) {
+        Err(SegmentError::TailTooShort { needed }) => {
+            let (tail, size) = store.get_tail(key, needed).await?;
+            Ok((decode_index_from_tail(key, &tail, size, expected)?, needed))
+        }
+        Ok(index) => {
+            let needed = u64::from(Trailer::decode(key, &tail)?.index_len) + TRAILER_LEN as u64;
+            Ok((index, needed))
+        }
+        Err(e) => Err(e),
     }
 }
 
