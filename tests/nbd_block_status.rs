@@ -325,6 +325,29 @@ async fn mount_maps_the_points_holes_and_its_changes_as_a_dirty_bitmap() {
         (12 * MIB, MIB),
     ];
     assert_eq!(dirty_extents(&mount.uri(), "p1"), written_since_p1);
+    // ... and exactly what `tinylag diff` lists for the same two marks.
+    let diff = tinylag_ok(&[
+        "diff".into(),
+        "--journal".into(),
+        journal.uri().into(),
+        "--from".into(),
+        "p1".into(),
+        "--to".into(),
+        "p3".into(),
+        "--json".into(),
+    ]);
+    let diff: serde_json::Value = serde_json::from_slice(&diff.stdout).expect("diff --json");
+    let listed: Vec<(u64, u64)> = diff["extents"]
+        .as_array()
+        .expect("extents")
+        .iter()
+        .map(|e| (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        dirty_extents(&mount.uri(), "p1"),
+        listed,
+        "nbdinfo --map=qemu:dirty-bitmap:p1 against tinylag diff --from p1 --to p3"
+    );
     // qemu's NBD client reads the same bitmap with x-dirty-bitmap (it then reports dirty
     // extents as "data": false, the layout qemu's own incremental backup tests use).
     let opts = format!(
