@@ -57,7 +57,8 @@ run() {
     wait_ctl "$d/p0.img.ctl"
     local out
     out=$(fio --ioengine=nbd --rw=randwrite --bs=4k --size="$SIZE" --time_based --runtime="$SECS" \
-        --norandommap --randrepeat=0 --group_reporting --output-format=json "${jobs[@]}" 2>/dev/null)
+        --norandommap --randrepeat=0 --group_reporting --output-format=json "${jobs[@]}" 2>/dev/null |
+        sed -n '/^{/,$p') # the nbd engine prints a line of its own before the JSON
     kill "$s"; wait "$s" || true
     local iops bytes segs
     iops=$(jq '.jobs[0].write.iops' <<<"$out")
