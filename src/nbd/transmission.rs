@@ -840,8 +840,10 @@ mod tests {
         gate: Semaphore,
         inside: std::sync::atomic::AtomicUsize,
         max_inside: std::sync::atomic::AtomicUsize,
-        /// Reads at offset 0 wait for this; reads elsewhere open it.
+        /// Reads at offset 0 wait for this; reads elsewhere open it unless `held`.
         slow: tokio::sync::Notify,
+        /// Only the test opens `slow` (the read at offset 0 waits for it).
+        held: bool,
         data: Bytes,
     }
 
@@ -852,8 +854,16 @@ mod tests {
                 inside: Default::default(),
                 max_inside: Default::default(),
                 slow: tokio::sync::Notify::new(),
+                held: false,
                 data: Bytes::from(vec![0x5a; MAX_PAYLOAD as usize]),
             })
+        }
+
+        /// A device whose read at offset 0 waits until the test opens `slow`.
+        fn held() -> Arc<Self> {
+            let mut device = Arc::into_inner(Self::new(1000)).expect("only handle");
+            device.held = true;
+            Arc::new(device)
         }
     }
 
@@ -871,7 +881,7 @@ mod tests {
             self.max_inside.fetch_max(now, SeqCst);
             if offset == 0 {
                 self.slow.notified().await;
-            } else {
+            } else if !self.held {
                 self.slow.notify_one();
             }
             self.gate.acquire().await.expect("gate").forget();
@@ -947,20 +957,22 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn replies_go_out_in_completion_order() {
-        let device = GatedDevice::new(1000);
+        let device = GatedDevice::held();
         let (mut client, _stop, _task) = start(Arc::clone(&device));
-        // Request 1 cannot finish until request 2 has run: a server that answered in
-        // request order would hang here.
+        // Request 1 cannot finish until the client has request 2's reply: a server that
+        // answered in request order would hang here. (Opening request 1 from inside request
+        // 2's read raced: both could then finish, in either order.)
         send_read(&mut client, 1, 0, 512).await;
         send_read(&mut client, 2, 512, 512).await;
-        let first = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        let replies = tokio::time::timeout(std::time::Duration::from_secs(10), async {
             let a = recv_read(&mut client, 512).await;
+            device.slow.notify_one();
             let b = recv_read(&mut client, 512).await;
             (a, b)
         })
         .await
         .expect("replies");
-        assert_eq!(first, (2, 1));
+        assert_eq!(replies, (2, 1));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
