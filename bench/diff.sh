@@ -16,7 +16,7 @@
 # look), RUNS (3), SIZE (4G), RECORDS (1000000), BENCH_DIR (scratch, default
 # target/bench-diff; needs about RECORDS x 4 KiB + SIZE), BENCH_OUT (default BENCHMARKS.md: the
 # "diff" section between its markers is replaced), CARGO (default cargo; say
-# "/work/bin/slot cargo" to share a build limiter). Needs python3.
+# "flock /tmp/build.lock cargo" to share a build limiter). Needs python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -107,7 +107,7 @@ for config in $CONFIGS; do
     out=$OUTDIR/$NAME-$config
     {
         echo "# bench/profile.sh $config, $(date -u +%FT%TZ), load $(cut -d' ' -f1-3 /proc/loadavg)"
-        echo "# binary $BIN"
+        echo "# binary $("$BIN" --version 2>/dev/null || basename "$BIN") (its path left out: the repository refers to nothing outside it)"
         # 1. plain
         c0=$(cpu_seconds "$PID") x0=$(ctx_switches "$PID")
         read -r ios iops < <(fio_run "$sock")

@@ -1,8 +1,9 @@
 //! Batching: which due records go together into the next batch (a record count and byte
 //! budget, a `RESYNC_BEGIN` opens a batch, a `VERIFY` ends one, a big record goes alone).
 //!
-//! Records off the epoch chain's lineage (a branch a fork left) go into a batch marked
-//! `skip`: read and verified like the rest, they move the position but are never applied.
+//! Records off the epoch chain's lineage (a branch a fork left) are marked `skip`: read and
+//! verified like the rest, they move the position but are never applied, and they go in
+//! batches of their own (a batch's undo records must be one contiguous LSN run).
 //! A batch ends before the first segment of an epoch the agent has not seen (its chain
 //! entry is followed first, see `chain.rs`).
 //!
@@ -78,7 +79,14 @@ impl Agent {
             let full = items.len() >= limits.max_records
                 || (!items.is_empty() && bytes + w > limits.max_bytes);
             let big = w > limits.piece_len;
-            if !items.is_empty() && (!due || past_until || opens_span || full || big) {
+            // Records off the lineage and records on it never share a batch: a batch's undo
+            // records are one contiguous LSN run (the segment codec's rule), and records on
+            // both sides of a skipped branch would not be (the CI run saw "pushed LSN 58,
+            // expected 34" when a batch held the fork, the branch and the next epoch).
+            let crosses_skip = items.last().is_some_and(|last: &Item| last.skip != skip);
+            if !items.is_empty()
+                && (!due || past_until || opens_span || full || big || crosses_skip)
+            {
                 break;
             }
             let record = front.records.pop_front().expect("checked above");
