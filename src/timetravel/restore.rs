@@ -32,6 +32,7 @@ use serde::Serialize;
 use tokio::task::JoinHandle;
 
 use crate::journal::head::probe_end;
+use crate::journal::layout::DeviceLayout;
 use crate::journal::reader::{Cursor, ReadAhead, Step};
 use crate::journal::record::{Record, RecordKind};
 use crate::replayer::apply::{apply_op, check_journal_record, check_record, sync};
@@ -452,11 +453,10 @@ fn create_output(path: &Path, size: u64, partial: &mut Partial) -> TimeTravelRes
 /// group, `output` is a directory (made if absent, refused unless empty) holding
 /// `<device>.img` for each device.
 fn output_files(
-    sources: &Sources,
+    layout: &DeviceLayout,
     output: &Path,
     partial: &mut Partial,
 ) -> TimeTravelResult<Vec<PathBuf>> {
-    let layout = sources.reader.manifest().layout();
     if layout.is_single() {
         return Ok(vec![output.to_owned()]);
     }
@@ -526,7 +526,7 @@ pub async fn restore(
         dir: None,
         armed: true,
     };
-    let outputs = output_files(sources, output, &mut partial)?;
+    let outputs = output_files(&layout, output, &mut partial)?;
     let mut copies = Vec::new();
     for ((out, member), placed) in outputs.iter().zip(&sources.members).zip(layout.devices()) {
         let file = create_output(out, placed.size, &mut partial)?;
@@ -758,6 +758,8 @@ async fn forward(
     let mut first = true;
     let total = plan.journal_segments.end - plan.journal_segments.start;
     let mut done = 0;
+    // Built once: every segment's records are moved into the group's address space with it.
+    let layout = Arc::new(reader.manifest().layout());
     while cursor.next_lsn <= plan.point.lsn {
         let step = if first {
             first = false;
@@ -777,7 +779,7 @@ async fn forward(
         report.journal_records += records.len() as u64;
         report.journal_segments += 1;
         let t = target.clone();
-        let layout = reader.manifest().layout();
+        let layout = layout.clone();
         blocking("apply", move || {
             for r in records {
                 let r = check_journal_record(&key, r, &layout, t.size())?;
