@@ -21,26 +21,9 @@ use tinylag::store::local::LocalStore;
 use tinylag::store::ObjectStore;
 use tinylag::units::parse_size;
 
-/// xorshift64*: fast incompressible bytes.
-struct Noise(u64);
-
-impl Noise {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn bytes(&mut self, len: usize) -> Bytes {
-        let mut buf = Vec::with_capacity(len + 8);
-        while buf.len() < len {
-            buf.extend_from_slice(&self.next().to_le_bytes());
-        }
-        buf.truncate(len);
-        Bytes::from(buf)
-    }
-}
+#[path = "support/noise.rs"]
+mod noise;
+use noise::Noise;
 
 const SEC: u64 = 1_000_000_000;
 
