@@ -7,8 +7,9 @@
 //! against the journal's known end (`head::check_missing`), below which it is a hole, not the
 //! end (see `journal::head`).
 //!
-//! Must never: return a record out of LSN order, skip an LSN, or return anything from an
-//! object whose UUID, seq, first LSN or checksums are not the expected ones.
+//! Must never: return a record out of LSN order, skip an LSN (a binary search takes a hole
+//! for a hole, never for "before"), or return anything from an object whose UUID, seq,
+//! first LSN or checksums are not the expected ones.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use super::segment::{
     check_header, decode_payload, read_index, read_index_guessing, read_segment, DecodedSegment,
     Expected, IndexEntry, SegmentError, SegmentIndex,
 };
+use super::{consumer, head};
 use crate::store::{ObjectStore, StoreError};
 
 /// A position in the logical journal: the segment to read next and the LSN it must start with.
@@ -174,52 +176,105 @@ impl JournalReader {
 
     /// The first seq in `lo..hi` whose last record is at or after `time_ns` (binary search on
     /// segment indexes: O(log n) tail reads). Returns `hi` if none. Plugs and missing seqs
-    /// count as "before".
+    /// count as "before" while searching; then, if the records wanted may lie before the seq
+    /// found, a missing seq just before it (plugs skipped) is checked: a hole there is
+    /// [`JournalError::Hole`], never an answer past the records it held.
     pub async fn seek_time(&self, lo: u64, hi: u64, time_ns: u64) -> JournalResult<u64> {
+        let start = lo;
         let (mut lo, mut hi) = (lo, hi);
+        let end = hi;
+        let mut found = None;
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            let after = match self.index(mid).await? {
-                Some(i) => i.last_timestamp().is_some_and(|t| t >= time_ns),
-                None => false,
-            };
-            if after {
+            let index = self.index(mid).await?;
+            if index
+                .as_ref()
+                .and_then(|i| i.last_timestamp())
+                .is_some_and(|t| t >= time_ns)
+            {
                 hi = mid;
+                found = index;
             } else {
                 lo = mid + 1;
             }
         }
+        // The seq found holds the first record at or after `time_ns` unless it starts there:
+        // then that record may have been in the seq before.
+        let inside = found
+            .filter(|_| lo < end)
+            .and_then(|i| i.entries.first().map(|e| e.timestamp_ns < time_ns))
+            .unwrap_or(false);
+        if !inside {
+            self.check_before(start, lo).await?;
+        }
         Ok(lo)
     }
-}
 
-impl JournalReader {
     /// The first seq in `lo..hi` whose last record is at or after `lsn`, with its index
-    /// (binary search on segment indexes, as [`seek_time`](Self::seek_time)); `None` if none.
+    /// (binary search on segment indexes, a hole refused, as [`seek_time`](Self::seek_time));
+    /// `None` if none.
     pub async fn seek_lsn(
         &self,
         lo: u64,
         hi: u64,
         lsn: u64,
     ) -> JournalResult<Option<(u64, SegmentIndex)>> {
+        let start = lo;
         let (mut lo, mut hi) = (lo, hi);
         let end = hi;
+        let mut found = None;
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            let after = match self.index(mid).await? {
-                Some(i) => i.entries.last().is_some_and(|e| e.lsn >= lsn),
-                None => false,
-            };
-            if after {
+            let index = self.index(mid).await?;
+            if index
+                .as_ref()
+                .and_then(|i| i.entries.last())
+                .is_some_and(|e| e.lsn >= lsn)
+            {
                 hi = mid;
+                found = index;
             } else {
                 lo = mid + 1;
             }
         }
-        if lo >= end {
-            return Ok(None);
+        let found = found.filter(|_| lo < end);
+        if found.as_ref().is_none_or(|i| i.header.first_lsn > lsn) {
+            self.check_before(start, lo).await?;
         }
-        Ok(self.index(lo).await?.map(|i| (lo, i)))
+        Ok(found.map(|i| (lo, i)))
+    }
+
+    /// For a search of `start..` that answered `found` although what it looked for may lie
+    /// before `found`: the first seq before `found` that is not a plug must exist, or be
+    /// trimmed since the caller read the trim pointer, or lie at or above the journal's
+    /// known end (an upload in flight). Anything else is a hole and refused. The lookups
+    /// past one index read (the known end, the trim pointer) happen only for a missing seq.
+    async fn check_before(&self, start: u64, found: u64) -> JournalResult<()> {
+        for seq in (start..found).rev() {
+            match self.index(seq).await? {
+                Some(index) if index.header.plug => continue,
+                Some(_) => return Ok(()),
+                None => return self.check_missing_for_search(seq).await,
+            }
+        }
+        Ok(())
+    }
+
+    async fn check_missing_for_search(&self, seq: u64) -> JournalResult<()> {
+        let store = self.store.as_ref();
+        match head::check_end(store, &self.manifest, seq).await {
+            Err(hole @ JournalError::Hole { .. }) => {
+                // Trim deletes from the bottom after moving its pointer: behind the pointer a
+                // missing seq is trimmed, not a hole.
+                let trim = consumer::load_trim_pointer(store).await?;
+                if seq < trim.first_seq {
+                    Ok(())
+                } else {
+                    Err(hole)
+                }
+            }
+            other => other,
+        }
     }
 }
 
@@ -475,5 +530,101 @@ mod tests {
             ahead.step(&mut cursor, 4).await.unwrap(),
             Step::NotYet
         ));
+    }
+
+    /// Segments 0..8 (two records each, LSNs 1..=16) with segment 3 deleted behind tinylag's
+    /// back: once the lease records 8 as durable, a search for an LSN or a time the hole held
+    /// is the hole (before, it landed on seq 4 and skipped LSNs 7 and 8); a search for what
+    /// lies outside it still answers, and a seq under the trim pointer is trimmed, not a hole.
+    #[tokio::test]
+    async fn a_binary_search_refuses_a_hole_instead_of_landing_past_it() {
+        use crate::journal::consumer::{store_trim_pointer, TrimPointer};
+        use crate::journal::epoch;
+        use crate::journal::lease::{self, Lease};
+        let store = Arc::new(MemoryStore::new());
+        let params = ManifestParams {
+            device_name: "d".into(),
+            size: 1 << 20,
+            block_size: 4096,
+            region_size: 1 << 20,
+            splay_width: 2,
+            segment_size: 1 << 20,
+        };
+        let manifest = Manifest::new(&params, 1).unwrap();
+        let claim = epoch::claim_next(store.as_ref(), 1).await.unwrap();
+        for seq in (0..8u64).filter(|&s| s != 3) {
+            let records: Vec<Record> = [2 * seq + 1, 2 * seq + 2]
+                .map(|lsn| Record {
+                    lsn,
+                    timestamp_ns: lsn * 10,
+                    dev: 0,
+                    op: Op::Flush,
+                })
+                .into();
+            let body = encode_segment(manifest.uuid, 1, seq, 2 * seq + 1, &records).unwrap();
+            store.put(&manifest.segment_key(seq), body).await.unwrap();
+        }
+        let mut l = Lease::new(claim.epoch, 1, 2, 15_000);
+        l.durable_next_seq = 8;
+        lease::write(store.as_ref(), &l).await.unwrap();
+        let reader = JournalReader::new(store.clone(), manifest);
+
+        for lsn in [7, 8] {
+            let err = reader.seek_lsn(0, 8, lsn).await.unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    JournalError::Hole {
+                        first_missing: 3,
+                        ..
+                    }
+                ),
+                "LSN {lsn}: {err}"
+            );
+        }
+        let err = reader.seek_time(0, 8, 75).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                JournalError::Hole {
+                    first_missing: 3,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // What lies outside the hole is still found: LSN 9 starts seq 4.
+        assert_eq!(
+            reader.seek_lsn(0, 8, 2).await.unwrap().map(|(s, _)| s),
+            Some(0)
+        );
+        assert_eq!(
+            reader.seek_lsn(0, 8, 9).await.unwrap().map(|(s, _)| s),
+            Some(4)
+        );
+        assert_eq!(
+            reader.seek_lsn(0, 8, 12).await.unwrap().map(|(s, _)| s),
+            Some(5)
+        );
+        assert_eq!(reader.seek_time(0, 8, 95).await.unwrap(), 4);
+        assert_eq!(
+            reader.seek_lsn(4, 8, 12).await.unwrap().map(|(s, _)| s),
+            Some(5)
+        );
+        // Trimmed meanwhile: below the trim pointer a missing seq is gone, not a hole.
+        store_trim_pointer(
+            store.as_ref(),
+            &TrimPointer {
+                first_seq: 4,
+                first_lsn: 9,
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            reader.seek_lsn(0, 8, 12).await.unwrap().map(|(s, _)| s),
+            Some(5)
+        );
+        assert_eq!(reader.seek_time(0, 8, 75).await.unwrap(), 4);
     }
 }
