@@ -206,6 +206,25 @@ pub struct Agent {
     lineage: Lineage,
 }
 
+#[cfg(test)]
+impl Agent {
+    /// The batches [`take_batch`](Self::take_batch) makes of `segments` handed over all at
+    /// once, as (LSN, skip) per record: the batching rules, without the fetcher's timing
+    /// deciding which segments are ready together.
+    pub(crate) fn batches_of(&mut self, segments: Vec<Pending>) -> Vec<Vec<(u64, bool)>> {
+        let (_, mut closed) = mpsc::channel(1);
+        self.pending.extend(segments);
+        let mut batches = Vec::new();
+        loop {
+            let batch = self.take_batch(&mut closed, u64::MAX);
+            if batch.is_empty() {
+                return batches;
+            }
+            batches.push(batch.iter().map(|i| (i.record.lsn, i.skip)).collect());
+        }
+    }
+}
+
 impl Agent {
     /// The status board the control socket reads.
     pub fn board(&self) -> Arc<StatusBoard> {
