@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod nbd;
 pub mod replayer;
 pub mod store;
+pub(crate) mod sys;
 #[cfg(test)]
 pub(crate) mod testing;
 pub mod timetravel;

@@ -1,7 +1,7 @@
 //! The NBD server against real clients we did not write: qemu-io, nbdinfo, nbdcopy,
 //! fio's nbd engine, and nbdfuse + a loop device + ext4.
 //!
-//! Every test serves `FileDevice`s on temp files from an in-process server and checks
+//! Every test serves file targets (`block::file::open`) on temp files from an in-process server and checks
 //! the backing files themselves, not only what the client reports.
 
 mod support;
@@ -327,19 +327,18 @@ fn block_device_target_served_over_nbd() {
     let mut cleanup = Cleanup::default();
     cleanup.detach_loop(&loop_dev);
 
-    let device = tinylag::block::file::FileDevice::open(
+    let device = tinylag::block::file::open(
         Path::new(&loop_dev),
         tinylag::block::file::FileOptions::new(512),
     )
     .expect("open the loop device");
-    use tinylag::block::BlockDevice;
     assert_eq!(device.info().size, 8 * MIB);
     let server = TestServer::serve_exports(
         tempfile::tempdir().unwrap(),
         vec![tinylag::nbd::Export {
             name: "dev".into(),
             description: String::new(),
-            device: std::sync::Arc::new(device),
+            device,
         }],
         None,
     );

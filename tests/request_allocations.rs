@@ -1,7 +1,7 @@
 //! Heap allocations per NBD request on the primary's write and read paths (issue 23): a
 //! counting global allocator in this test binary, 10,000 pipelined 4 KiB requests through
 //! the real NBD server over the primary core (`serve --no-journal`'s stack: `PrimaryCore`
-//! over a `FileDevice`, on the engine `TINYLAG_IO_ENGINE` selects), and the count per
+//! over a file target (`block::file::open`), on the engine `TINYLAG_IO_ENGINE` selects), and the count per
 //! request held to the budget docs/DESIGN.md states under `# Invariants`.
 //!
 //! Only the server's allocations are counted: the client thread marks itself exempt, and
@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use support::nbd::wire::*;
 use support::nbd::{test_runtime, RawClient, TestServer};
-use tinylag::block::file::{FileDevice, FileOptions};
+use tinylag::block::file::{self, FileOptions};
 use tinylag::nbd::Export;
 use tinylag::writer::{Labels, PrimaryCore};
 
@@ -81,14 +81,14 @@ const AMORTISED: f64 = 0.75;
 fn server() -> TestServer {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("primary.img");
-    FileDevice::create_sparse(&path, SIZE).expect("create image");
+    file::create_sparse(&path, SIZE).expect("create image");
     let engine = tinylag::block::engine::select()
         .expect("TINYLAG_IO_ENGINE")
         .engine;
     // The io_uring engine completes on the runtime it was opened on: the server's.
     let runtime = test_runtime();
     let core = runtime.block_on(async {
-        let device = FileDevice::open(
+        let device = file::open(
             &path,
             FileOptions {
                 engine,
@@ -96,7 +96,7 @@ fn server() -> TestServer {
             },
         )
         .expect("open image");
-        PrimaryCore::start(Arc::new(device), Labels::default(), None)
+        PrimaryCore::start(device, Labels::default(), None)
             .await
             .expect("core")
     });

@@ -5,8 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use tinylag::block::file::{FileDevice, FileOptions};
-use tinylag::block::BlockDevice;
+use tinylag::block::file::{self, FileOptions};
 use tinylag::clock::{Clock, SystemClock};
 use tinylag::journal::manifest::{valid_device_name, DeviceSpec, Manifest, ManifestParams};
 use tinylag::units::format_size;
@@ -85,7 +84,7 @@ fn check_primary(path: &Path, size: u64, block_size: u32, flag: &str) -> anyhow:
     if path.exists() {
         let mut options = FileOptions::new(block_size);
         options.read_only = true;
-        let found = FileDevice::open(path, options)
+        let found = file::open(path, options)
             .map(|d| d.info().size)
             .with_context(|| flag.to_string())?;
         if found != size {
@@ -154,7 +153,7 @@ pub async fn run(args: InitArgs) -> anyhow::Result<()> {
     let store = args.journal.open_for_command().await?;
     manifest.create(store.as_ref()).await?;
     for (path, size, flag) in &create {
-        FileDevice::create_sparse(path, *size).with_context(|| flag.clone())?;
+        file::create_sparse(path, *size).with_context(|| flag.clone())?;
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&manifest)?);

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use tinylag::block::file::{FileDevice, FileOptions};
+use tinylag::block::file::{self, FileOptions};
 use tinylag::block::group::{DeviceSlice, GroupDevice};
 use tinylag::block::BlockDevice;
 use tinylag::clock::{Clock, SystemClock};
@@ -316,7 +316,7 @@ async fn serve_with(
     let engine = tinylag::block::engine::select()?;
     let mut members: Vec<Arc<dyn BlockDevice>> = Vec::new();
     for (name, path) in &primaries {
-        let device = FileDevice::open(
+        let device = file::open(
             path,
             FileOptions {
                 direct: args.direct,
@@ -328,7 +328,7 @@ async fn serve_with(
             Some(name) if group => format!("--primary {name}={}", path.display()),
             _ => "--primary".to_string(),
         })?;
-        members.push(Arc::new(device));
+        members.push(device);
     }
     let layout = journal.as_ref().map(|(_, m)| m.layout());
     let device: Arc<dyn BlockDevice> = match (&layout, group) {

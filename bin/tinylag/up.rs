@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, FromArgMatches};
-use tinylag::block::file::FileDevice;
+use tinylag::block::file;
 use tinylag::clock::{Clock, SystemClock};
 use tinylag::journal::manifest::{Manifest, ManifestParams};
 use tinylag::journal::JournalError;
@@ -249,7 +249,7 @@ async fn ensure_journal(
                 },
                 SystemClock.now_ns(),
             )?;
-            FileDevice::create_sparse(primary, size)
+            file::create_sparse(primary, size)
                 .with_context(|| format!("cannot create {}", primary.display()))?;
             manifest.create(&store as &dyn ObjectStore).await?;
             Ok(manifest)

@@ -11,7 +11,8 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::io::AsRawFd;
+
+use crate::sys;
 
 /// What one extent holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,7 +65,7 @@ pub fn seek_extents(
     let mut out = Vec::new();
     let mut at = offset;
     while at < end {
-        let data = match seek(file, at, libc::SEEK_DATA)? {
+        let data = match seek(sys::seek_data(file, at))? {
             Seek::Found(d) => d.min(end),
             // Nothing but hole from here to the end of the file.
             Seek::Beyond => end,
@@ -91,7 +92,7 @@ pub fn seek_extents(
         if at >= end {
             break;
         }
-        let hole = match seek(file, at, libc::SEEK_HOLE)? {
+        let hole = match seek(sys::seek_hole(file, at))? {
             Seek::Found(h) => h.min(end),
             Seek::Beyond | Seek::Unsupported => end,
         };
@@ -121,18 +122,20 @@ enum Seek {
     Unsupported,
 }
 
-fn seek(file: &File, at: u64, whence: libc::c_int) -> io::Result<Seek> {
-    let at = i64::try_from(at).map_err(io::Error::other)?;
-    // SAFETY: lseek only reads its integer arguments; `file` keeps the descriptor open.
-    let found = unsafe { libc::lseek(file.as_raw_fd(), at, whence) };
-    if found >= 0 {
-        return Ok(Seek::Found(found as u64));
-    }
-    let e = io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::ENXIO) => Ok(Seek::Beyond),
-        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(Seek::Unsupported),
-        _ => Err(e),
+/// What a `SEEK_DATA`/`SEEK_HOLE` answer means for the walk.
+fn seek(found: io::Result<Option<u64>>) -> io::Result<Seek> {
+    match found {
+        Ok(Some(at)) => Ok(Seek::Found(at)),
+        Ok(None) => Ok(Seek::Beyond),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP)
+            ) =>
+        {
+            Ok(Seek::Unsupported)
+        }
+        Err(e) => Err(e),
     }
 }
 

@@ -1,4 +1,5 @@
-//! Which engine drives a [`super::file::FileDevice`]'s reads, writes and flushes: io_uring
+//! Which engine drives a file target's reads, writes and flushes ([`super::file::open`]
+//! opens the engine's own type): io_uring
 //! (completed on the async runtime's own threads, no hand-off per request) or the blocking
 //! thread pool (the fallback). `serve` picks once at start with [`select`] and logs one line
 //! saying which and why.

@@ -1,16 +1,21 @@
 //! File or block-device target: positional I/O on the primary disk (see mod.rs).
 //!
-//! [`FileDevice`] serves a regular file or a block device through [`BlockDevice`]. Reads,
-//! writes and flushes run on one of two engines ([`IoEngine`]): an io_uring per device
+//! A regular file or a block device is served through [`BlockDevice`] by one type per I/O
+//! engine ([`IoEngine`]), each running reads, writes and flushes its own way:
+//! [`UringFileDevice`](super::uring_file::UringFileDevice) on an io_uring per device
 //! (`block::uring`: submitted by the requesting task, completed on the runtime, no thread
-//! hand-off), or `pread`/`pwrite`/`fdatasync` on one shared descriptor run on the blocking
-//! pool, so the async frontends never stall. The one exception: where the file system
-//! cannot take a buffered write with `RWF_NOWAIT` (ext4), a write of at most 64 KiB is a
-//! `pwrite` on the calling thread ([`FileOptions::inline_writes`]), backing off to the
-//! engine for a second after one that took over 2 ms. Trim punches holes (files) or discards (block
-//! devices) and write-zeroes asks the kernel to zero a range (falling back to writing
-//! zeroes); both are rare and run on the blocking pool with either engine. With `O_DIRECT`
-//! every transfer goes through a page-aligned bounce buffer.
+//! hand-off), [`SyncFileDevice`](super::sync_file::SyncFileDevice) with
+//! `pread`/`pwrite`/`fdatasync` on one shared descriptor run on the blocking pool, so the
+//! async frontends never stall. [`open`] picks the type [`FileOptions::engine`] names.
+//! This file holds what both share ([`FileTarget`]): opening and checking the target, the
+//! page-cache fast paths, trim, write-zeroes and allocation. The one exception to "the
+//! engine does the I/O": where the file system cannot take a buffered write with
+//! `RWF_NOWAIT` (ext4), a write of at most 64 KiB is a `pwrite` on the calling thread
+//! ([`FileOptions::inline_writes`]), backing off to the engine for a second after one that
+//! took over 2 ms. Trim punches holes (files) or discards (block devices) and write-zeroes
+//! asks the kernel to zero a range (falling back to writing zeroes); both are rare and run
+//! on the blocking pool with either engine. With `O_DIRECT` every transfer goes through a
+//! page-aligned bounce buffer. The system calls themselves are in `crate::sys`.
 //!
 //! Must never: touch bytes outside `0..size` (every request is range-checked first),
 //! write through a read-only device, report a FUA write or a flush as done before
@@ -19,45 +24,22 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::allocation::{self, Allocation, Extent};
 use super::buffers::{BufferPool, MIN_RECYCLED};
 use super::engine::IoEngine;
-use super::uring::{Buffer, Ring};
+use super::sync_file::SyncFileDevice;
+use super::uring::Buffer;
+use super::uring_file::UringFileDevice;
 use super::{check_range, BlockDevice, BlockError, DeviceInfo};
-use crate::aligned;
-
-/// `BLKGETSIZE64` = `_IOR(0x12, 114, u64)`: the size of a block device in bytes. The
-/// `libc` crate does not export it, so it is encoded here: the read direction is bit 31
-/// in the generic encoding (x86, arm, riscv, s390x, …) and bit 30 on powerpc, mips and
-/// sparc. (`as` because `Ioctl` is a signed int on musl.)
-#[cfg(not(any(
-    target_arch = "powerpc",
-    target_arch = "powerpc64",
-    target_arch = "mips",
-    target_arch = "mips64",
-    target_arch = "sparc64"
-)))]
-const BLKGETSIZE64: libc::Ioctl = 0x8008_1272_u32 as libc::Ioctl;
-#[cfg(any(
-    target_arch = "powerpc",
-    target_arch = "powerpc64",
-    target_arch = "mips",
-    target_arch = "mips64",
-    target_arch = "sparc64"
-))]
-const BLKGETSIZE64: libc::Ioctl = 0x4008_1272_u32 as libc::Ioctl;
-/// `BLKDISCARD` = `_IO(0x12, 119)`: discard a `[offset, len]` byte range of a block device.
-const BLKDISCARD: libc::Ioctl = 0x1277;
+use crate::{aligned, sys};
 
 /// Memory alignment `O_DIRECT` transfers get: a page satisfies every logical block size the
 /// device may have (512 or 4096) and the page alignment some drivers want.
@@ -78,7 +60,41 @@ const INLINE_PAUSE: Duration = Duration::from_secs(1);
 /// measuring what it saves.
 pub const INLINE_WRITES_ENV: &str = "TINYLAG_INLINE_WRITES";
 
-/// How a [`FileDevice`] is opened.
+/// Opens `path` (a regular file or a block device) with `options`, on the engine
+/// `options.engine` names.
+pub fn open(path: &Path, options: FileOptions) -> Result<Arc<dyn BlockDevice>, FileError> {
+    Ok(match options.engine {
+        IoEngine::Threads => Arc::new(SyncFileDevice::open(path, options)?),
+        IoEngine::Uring => Arc::new(UringFileDevice::open(path, options)?),
+    })
+}
+
+/// Creates a sparse regular file of `size` bytes at `path`, refusing to overwrite
+/// anything already there. The file and its directory entry are synced before return.
+pub fn create_sparse(path: &Path, size: u64) -> Result<(), FileError> {
+    let create_err = |source| FileError::Create {
+        path: path.to_owned(),
+        size,
+        source,
+    };
+    let file = match OpenOptions::new().write(true).create_new(true).open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            return Err(FileError::AlreadyExists {
+                path: path.to_owned(),
+            })
+        }
+        Err(e) => return Err(create_err(e)),
+    };
+    file.set_len(size).map_err(create_err)?;
+    file.sync_all().map_err(create_err)?;
+    // The new name must survive a crash too, or `init` could report a primary that
+    // vanishes on reboot.
+    sys::sync_parent(path).map_err(create_err)?;
+    Ok(())
+}
+
+/// How a file target is opened ([`open`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FileOptions {
     /// Logical block size advertised to clients: 512 or 4096.
@@ -107,7 +123,7 @@ pub struct FileOptions {
     /// `TINYLAG_INLINE_WRITES=off` turns it off.
     pub inline_writes: bool,
     /// What runs reads, writes and flushes ([`super::engine::select`] picks it for `serve`).
-    /// [`IoEngine::Uring`] needs a tokio runtime at [`FileDevice::open`].
+    /// [`IoEngine::Uring`] needs a tokio runtime at [`open`].
     pub engine: IoEngine,
 }
 
@@ -170,7 +186,7 @@ pub enum FileError {
         size: u64,
         block_size: u32,
     },
-    /// [`FileDevice::create_sparse`] found something already at the path.
+    /// [`create_sparse`] found something already at the path.
     #[error("{path} already exists; refusing to overwrite it")]
     AlreadyExists { path: PathBuf },
     /// Creating, sizing or syncing a new sparse file failed.
@@ -190,18 +206,20 @@ enum Kind {
     BlockDevice,
 }
 
-/// A regular file or block device served as a [`BlockDevice`].
+/// What every engine's device shares: the opened file and what was learnt about it, the
+/// request checks, the page-cache fast paths, and the rare requests (trim, write-zeroes,
+/// allocation) that run on the blocking pool whatever the engine.
 ///
 /// # Invariants
 /// - `info.size` is a multiple of `info.block_size`, fixed at open.
 /// - `info.read_only` ⇔ the descriptor was opened without write access.
 /// - With `direct`, every transfer buffer handed to the kernel is `DIRECT_ALIGN`-aligned.
 #[derive(Debug)]
-pub struct FileDevice {
-    file: Arc<File>,
+pub(super) struct FileTarget {
+    pub(super) file: Arc<File>,
     path: PathBuf,
     kind: Kind,
-    direct: bool,
+    pub(super) direct: bool,
     /// Try the page cache without waiting first (see [`FileOptions::nowait_fast_path`]).
     nowait: bool,
     /// Writes try `RWF_NOWAIT` too: cleared the first time the file system answers that it
@@ -209,14 +227,26 @@ pub struct FileDevice {
     nowait_writes: AtomicBool,
     /// Small writes without `RWF_NOWAIT` run inline (see [`FileOptions::inline_writes`]).
     inline: InlineWrites,
-    /// The io_uring engine's ring; `None` with [`IoEngine::Threads`].
-    ring: Option<Arc<Ring>>,
-    info: DeviceInfo,
+    pub(super) info: DeviceInfo,
 }
 
-impl FileDevice {
-    /// Opens `path` (a regular file or a block device) with `options`.
-    pub fn open(path: &Path, options: FileOptions) -> Result<Self, FileError> {
+/// Where a read stands after [`FileTarget::begin_read`].
+pub(super) enum ReadStart {
+    /// Nothing is left to read: the bytes to answer with.
+    Done(Bytes),
+    /// The engine reads `buffer[done..len]` from `offset + done`, then hands the buffer to
+    /// [`FileTarget::finish_read`].
+    Rest {
+        buffer: Buffer,
+        done: usize,
+        len: usize,
+    },
+}
+
+impl FileTarget {
+    /// Opens `path` (a regular file or a block device) with `options`; the engine is the
+    /// caller's to set up.
+    pub(super) fn open(path: &Path, options: FileOptions) -> Result<Self, FileError> {
         let block_size = options.block_size;
         if block_size != 512 && block_size != 4096 {
             return Err(FileError::BadBlockSize { block_size });
@@ -238,7 +268,7 @@ impl FileDevice {
         let (kind, size) = if file_type.is_file() {
             (Kind::Regular, meta.len())
         } else if file_type.is_block_device() {
-            let size = block_device_size(&file).map_err(|source| FileError::DeviceSize {
+            let size = sys::block_device_size(&file).map_err(|source| FileError::DeviceSize {
                 path: path.to_owned(),
                 source,
             })?;
@@ -255,20 +285,8 @@ impl FileDevice {
                 block_size,
             });
         }
-        let file = Arc::new(file);
-        let ring = match options.engine {
-            IoEngine::Threads => None,
-            IoEngine::Uring => {
-                Some(
-                    Ring::new(Arc::clone(&file)).map_err(|source| FileError::IoEngine {
-                        path: path.to_owned(),
-                        source,
-                    })?,
-                )
-            }
-        };
         Ok(Self {
-            file,
+            file: Arc::new(file),
             path: path.to_owned(),
             kind,
             direct: options.direct,
@@ -279,7 +297,6 @@ impl FileDevice {
                     && !options.direct
                     && std::env::var(INLINE_WRITES_ENV).as_deref() != Ok("off"),
             ),
-            ring,
             info: DeviceInfo {
                 size,
                 block_size,
@@ -292,48 +309,9 @@ impl FileDevice {
         })
     }
 
-    /// Creates a sparse regular file of `size` bytes at `path`, refusing to overwrite
-    /// anything already there. The file and its directory entry are synced before return.
-    pub fn create_sparse(path: &Path, size: u64) -> Result<(), FileError> {
-        let create_err = |source| FileError::Create {
-            path: path.to_owned(),
-            size,
-            source,
-        };
-        let file = match OpenOptions::new().write(true).create_new(true).open(path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                return Err(FileError::AlreadyExists {
-                    path: path.to_owned(),
-                })
-            }
-            Err(e) => return Err(create_err(e)),
-        };
-        file.set_len(size).map_err(create_err)?;
-        file.sync_all().map_err(create_err)?;
-        // The new name must survive a crash too, or `init` could report a primary that
-        // vanishes on reboot.
-        let parent = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        File::open(parent)
-            .and_then(|dir| dir.sync_all())
-            .map_err(create_err)?;
-        Ok(())
-    }
-
     /// The path this device was opened from.
-    pub fn path(&self) -> &Path {
+    pub(super) fn path(&self) -> &Path {
         &self.path
-    }
-
-    /// The engine running this device's reads, writes and flushes.
-    pub fn engine(&self) -> IoEngine {
-        match self.ring {
-            Some(_) => IoEngine::Uring,
-            None => IoEngine::Threads,
-        }
     }
 
     /// Refuses writes on a read-only device and checks the range; the common prologue
@@ -362,7 +340,7 @@ impl FileDevice {
     }
 
     /// Runs blocking file work on the blocking pool.
-    async fn blocking<T, F>(&self, work: F) -> Result<T, BlockError>
+    pub(super) async fn blocking<T, F>(&self, work: F) -> Result<T, BlockError>
     where
         T: Send + 'static,
         F: FnOnce(&File) -> io::Result<T> + Send + 'static,
@@ -375,51 +353,37 @@ impl FileDevice {
             )))),
         }
     }
-}
 
-#[async_trait]
-impl BlockDevice for FileDevice {
-    fn info(&self) -> DeviceInfo {
-        self.info
-    }
-
-    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BlockError> {
+    /// A read's checks, its buffer, and what the page cache gives without waiting.
+    pub(super) fn begin_read(&self, offset: u64, len: u32) -> Result<ReadStart, BlockError> {
         check_range(offset, u64::from(len), self.info.size)?;
         self.check_direct_alignment(offset, u64::from(len))?;
         if len == 0 {
-            return Ok(Bytes::new());
+            return Ok(ReadStart::Done(Bytes::new()));
         }
         let len = len as usize;
         // Large and direct reads land in a recycled aligned buffer: no fresh mapping to
         // fault in per request, and no bounce copy for O_DIRECT. Only its first `len`
         // bytes are shown, and only once this read has filled all of them.
-        let pool = BufferPool::shared();
         let mut buffer = if self.direct || len >= MIN_RECYCLED {
-            Buffer::Aligned(pool.take(len))
+            Buffer::Aligned(BufferPool::shared().take(len))
         } else {
             Buffer::Owned(vec![0u8; len])
         };
         let mut done = 0;
         if self.nowait {
-            done = read_nowait(&self.file, &mut buffer.as_mut_slice()[..len], offset);
+            done = sys::read_nowait(&self.file, &mut buffer.as_mut_slice()[..len], offset);
         }
-        if done < len {
-            buffer = match &self.ring {
-                Some(ring) => uring_read(ring, buffer, done, len, offset).await?,
-                None => {
-                    self.blocking(move |file| {
-                        file.read_exact_at(
-                            &mut buffer.as_mut_slice()[done..len],
-                            offset + done as u64,
-                        )?;
-                        Ok(buffer)
-                    })
-                    .await?
-                }
-            };
+        if done == len {
+            return Self::finish_read(buffer, len).map(ReadStart::Done);
         }
+        Ok(ReadStart::Rest { buffer, done, len })
+    }
+
+    /// The first `len` bytes of a read's filled `buffer`, as the answer.
+    pub(super) fn finish_read(buffer: Buffer, len: usize) -> Result<Bytes, BlockError> {
         match buffer {
-            Buffer::Aligned(aligned) => Ok(pool.lend(aligned, len)),
+            Buffer::Aligned(aligned) => Ok(BufferPool::shared().lend(aligned, len)),
             Buffer::Owned(v) => Ok(Bytes::from(v)),
             Buffer::None | Buffer::Shared(_) => Err(BlockError::Io(io::Error::other(
                 "a read's buffer came back changed",
@@ -427,22 +391,29 @@ impl BlockDevice for FileDevice {
         }
     }
 
-    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), BlockError> {
+    /// A write's checks and what the calling thread writes itself (the page cache without
+    /// waiting, or an inline write). `None`: nothing is left to do. `Some(done)`: the engine
+    /// writes `data[done..]` at `offset + done`, then syncs with `fua`.
+    pub(super) fn begin_write(
+        &self,
+        offset: u64,
+        data: &Bytes,
+        fua: bool,
+    ) -> Result<Option<usize>, BlockError> {
         let len = data.len() as u64;
         self.check_write(offset, len)?;
         self.check_direct_alignment(offset, len)?;
         if data.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
-        let direct = self.direct;
         let mut done = 0;
         if self.nowait_writes.load(Ordering::Relaxed) {
-            match write_nowait(&self.file, &data, offset) {
+            match sys::write_nowait(&self.file, data, offset) {
                 Some(n) => done = n,
                 None => self.nowait_writes.store(false, Ordering::Relaxed),
             }
             if done == data.len() && !fua {
-                return Ok(());
+                return Ok(None);
             }
         }
         // Only where RWF_NOWAIT writes are unsupported: where they work, a write they could
@@ -453,46 +424,25 @@ impl BlockDevice for FileDevice {
             && self.inline.now()
         {
             let started = Instant::now();
-            let written = self.file.write_all_at(&data, offset);
+            let written = self.file.write_all_at(data, offset);
             self.inline.took(started.elapsed());
             written.map_err(BlockError::Io)?;
             if !fua {
-                return Ok(());
+                return Ok(None);
             }
             // Only the flush is left for the engine.
             done = data.len();
         }
-        if let Some(ring) = &self.ring {
-            return uring_write(ring, offset + done as u64, data.slice(done..), fua, direct)
-                .await
-                .map_err(BlockError::Io);
-        }
-        self.blocking(move |file| {
-            if direct && !is_aligned(&data) {
-                file.write_all_at(&aligned::copied(&data), offset)?;
-            } else {
-                file.write_all_at(&data[done..], offset + done as u64)?;
-            }
-            if fua {
-                file.sync_data()?;
-            }
-            Ok(())
-        })
-        .await
+        Ok(Some(done))
     }
 
-    async fn flush(&self) -> Result<(), BlockError> {
-        if self.info.read_only {
-            // Nothing was written through this descriptor; fdatasync would only cost time.
-            return Ok(());
-        }
-        if let Some(ring) = &self.ring {
-            return ring.sync_data().await.map_err(BlockError::Io);
-        }
-        self.blocking(|file| file.sync_data()).await
+    /// Whether a flush has anything to do: nothing was written through a read-only
+    /// descriptor, and fdatasync would only cost time.
+    pub(super) fn flush_needed(&self) -> bool {
+        !self.info.read_only
     }
 
-    async fn trim(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+    pub(super) async fn trim(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         self.check_write(offset, len)?;
         if len == 0 {
             return Ok(());
@@ -500,25 +450,25 @@ impl BlockDevice for FileDevice {
         let kind = self.kind;
         self.blocking(move |file| {
             let result = match kind {
-                Kind::Regular => fallocate(
-                    file,
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    offset,
-                    len,
-                ),
-                Kind::BlockDevice => discard(file, offset, len),
+                Kind::Regular => sys::punch_hole(file, offset, len),
+                Kind::BlockDevice => sys::discard(file, offset, len),
             };
             match result {
                 // Trim is a hint: a filesystem or device that cannot discard keeps the
                 // data, which is a correct (if less thrifty) outcome.
-                Err(e) if is_unsupported(&e) => Ok(()),
+                Err(e) if sys::is_unsupported(&e) => Ok(()),
                 other => other,
             }
         })
         .await
     }
 
-    async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), BlockError> {
+    pub(super) async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+    ) -> Result<(), BlockError> {
         self.check_write(offset, len)?;
         self.check_direct_alignment(offset, len)?;
         if len == 0 {
@@ -526,29 +476,18 @@ impl BlockDevice for FileDevice {
         }
         let kind = self.kind;
         self.blocking(move |file| {
-            // Block devices insist on KEEP_SIZE; files accept it and it is what we mean.
-            let zeroed = match fallocate(
-                file,
-                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-                offset,
-                len,
-            ) {
+            let zeroed = match sys::zero_range(file, offset, len) {
                 Ok(()) => true,
-                Err(e) if is_unsupported(&e) => false,
+                Err(e) if sys::is_unsupported(&e) => false,
                 Err(e) => return Err(e),
             };
             // A punched hole reads back as zeroes in a regular file (not on a device,
             // where discard may leave old data).
             let zeroed = zeroed
                 || (kind == Kind::Regular
-                    && match fallocate(
-                        file,
-                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                        offset,
-                        len,
-                    ) {
+                    && match sys::punch_hole(file, offset, len) {
                         Ok(()) => true,
-                        Err(e) if is_unsupported(&e) => false,
+                        Err(e) if sys::is_unsupported(&e) => false,
                         Err(e) => return Err(e),
                     });
             if !zeroed {
@@ -562,7 +501,7 @@ impl BlockDevice for FileDevice {
         .await
     }
 
-    async fn has_data(&self, offset: u64, len: u64) -> Result<bool, BlockError> {
+    pub(super) async fn has_data(&self, offset: u64, len: u64) -> Result<bool, BlockError> {
         check_range(offset, len, self.info.size)?;
         if len == 0 {
             return Ok(false);
@@ -574,7 +513,7 @@ impl BlockDevice for FileDevice {
         ))
     }
 
-    async fn allocation(
+    pub(super) async fn allocation(
         &self,
         offset: u64,
         len: u64,
@@ -594,70 +533,11 @@ impl BlockDevice for FileDevice {
     }
 }
 
-/// Reads `buffer[done..len]` from `offset + done` through the ring (short reads are
-/// continued); returns the buffer.
-async fn uring_read(
-    ring: &Arc<Ring>,
-    mut buffer: Buffer,
-    mut done: usize,
-    len: usize,
-    offset: u64,
-) -> io::Result<Buffer> {
-    while done < len {
-        let (n, back) = ring.read(buffer, done, len, offset + done as u64).await?;
-        buffer = back;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!(
-                    "end of file at {} while reading {len} bytes at {offset}",
-                    offset + done as u64
-                ),
-            ));
-        }
-        done += n;
-    }
-    Ok(buffer)
-}
-
-/// Writes `data` at `offset` through the ring (short writes are continued), then
-/// `fdatasync` with `fua`.
-async fn uring_write(
-    ring: &Arc<Ring>,
-    offset: u64,
-    data: Bytes,
-    fua: bool,
-    direct: bool,
-) -> io::Result<()> {
-    let len = data.len();
-    let mut buffer = if direct && !is_aligned(&data) {
-        Buffer::Aligned(aligned::copied(&data))
-    } else {
-        Buffer::Shared(data)
-    };
-    let mut done = 0;
-    while done < len {
-        let (n, back) = ring.write(buffer, done, offset + done as u64).await?;
-        buffer = back;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                format!("the file took no bytes at {}", offset + done as u64),
-            ));
-        }
-        done += n;
-    }
-    if fua {
-        ring.sync_data().await?;
-    }
-    Ok(())
-}
-
 /// When small buffered writes run on the calling thread (see [`FileOptions::inline_writes`]).
 #[derive(Debug)]
 struct InlineWrites {
     enabled: bool,
-    /// The moment [`FileDevice::open`] ran; pauses are counted from it.
+    /// The moment [`FileTarget::open`] ran; pauses are counted from it.
     epoch: Instant,
     /// Nanoseconds after `epoch` before which writes go to the engine.
     paused_until: AtomicU64,
@@ -696,85 +576,8 @@ impl InlineWrites {
 
 /// Whether `data` starts on a [`DIRECT_ALIGN`] boundary, so `O_DIRECT` can take it as it
 /// is (recycled NBD payloads do; the length is checked against the block size apart).
-fn is_aligned(data: &[u8]) -> bool {
+pub(super) fn is_aligned(data: &[u8]) -> bool {
     data.as_ptr() as usize % DIRECT_ALIGN == 0
-}
-
-/// `preadv2(RWF_NOWAIT)`: reads what the page cache holds without waiting. Returns the bytes
-/// read (0 when it would wait, on any error, or when the file system cannot tell); the
-/// caller reads the rest the ordinary way.
-fn read_nowait(file: &File, buf: &mut [u8], offset: u64) -> usize {
-    let Ok(offset) = to_off_t(offset) else {
-        return 0;
-    };
-    let iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    // SAFETY: the iovec points into `buf`, which is borrowed mutably for the call and
-    // outlives it; the descriptor stays open because `file` is borrowed.
-    let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, offset, libc::RWF_NOWAIT) };
-    usize::try_from(n).unwrap_or(0).min(buf.len())
-}
-
-/// `pwritev2(RWF_NOWAIT)`: writes what the page cache takes without waiting. Returns the
-/// bytes written (0 when it would wait or on any error), or `None` when the file system
-/// cannot write without waiting at all (`EOPNOTSUPP`); the caller writes the rest the
-/// ordinary way, which also reports real errors.
-fn write_nowait(file: &File, buf: &[u8], offset: u64) -> Option<usize> {
-    let Ok(offset) = to_off_t(offset) else {
-        return Some(0);
-    };
-    let iov = libc::iovec {
-        iov_base: buf.as_ptr() as *mut libc::c_void,
-        iov_len: buf.len(),
-    };
-    // SAFETY: the iovec points into `buf`, which outlives the call; pwritev2 only reads
-    // through it. The descriptor stays open because `file` is borrowed.
-    let n = unsafe { libc::pwritev2(file.as_raw_fd(), &iov, 1, offset, libc::RWF_NOWAIT) };
-    if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP) {
-        return None;
-    }
-    Some(usize::try_from(n).unwrap_or(0).min(buf.len()))
-}
-
-/// `fallocate(2)` on `file`.
-fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-    let offset = to_off_t(offset)?;
-    let len = to_off_t(len)?;
-    // SAFETY: fallocate only reads its integer arguments; the descriptor stays open for
-    // the duration of the call because `file` is borrowed.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-/// `ioctl(BLKDISCARD)` on a block device.
-fn discard(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    let range: [u64; 2] = [offset, len];
-    // SAFETY: BLKDISCARD reads a `[u64; 2]` through the pointer, which outlives the call.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKDISCARD, range.as_ptr()) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-/// `ioctl(BLKGETSIZE64)`: the size of a block device in bytes.
-pub(crate) fn block_device_size(file: &File) -> io::Result<u64> {
-    let mut size: u64 = 0;
-    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which is valid and
-    // exclusively borrowed for the call.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
-    if rc == 0 {
-        Ok(size)
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 /// Writes `len` zero bytes at `offset` in chunks of at most [`ZERO_CHUNK`], from an
@@ -791,32 +594,16 @@ fn write_zero_chunks(file: &File, offset: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
-pub(crate) fn is_unsupported(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::ENOTTY)
-    )
-}
-
-pub(crate) fn to_off_t(v: u64) -> io::Result<libc::off_t> {
-    libc::off_t::try_from(v).map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("offset or length {v} does not fit in off_t"),
-        )
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn device(dir: &tempfile::TempDir, size: u64, options: FileOptions) -> FileDevice {
+    fn device(dir: &tempfile::TempDir, size: u64, options: FileOptions) -> Arc<dyn BlockDevice> {
         let path = dir.path().join("disk.img");
         if !path.exists() {
-            FileDevice::create_sparse(&path, size).expect("create");
+            create_sparse(&path, size).expect("create");
         }
-        FileDevice::open(&path, options).expect("open")
+        open(&path, options).expect("open")
     }
 
     #[tokio::test]
@@ -869,7 +656,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("disk.img");
         std::fs::write(&path, vec![7u8; 4096]).unwrap();
-        let dev = FileDevice::open(
+        let dev = open(
             &path,
             FileOptions {
                 read_only: true,
@@ -895,12 +682,12 @@ mod tests {
     async fn direct_io_uses_aligned_buffers() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("disk.img");
-        FileDevice::create_sparse(&path, 1 << 20).unwrap();
+        create_sparse(&path, 1 << 20).unwrap();
         let options = FileOptions {
             direct: true,
             ..FileOptions::new(4096)
         };
-        let dev = match FileDevice::open(&path, options) {
+        let dev = match open(&path, options) {
             Ok(dev) => dev,
             // tmpfs has no O_DIRECT; nothing to test there.
             Err(FileError::Open { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
@@ -926,13 +713,13 @@ mod tests {
     fn create_sparse_refuses_to_overwrite_and_open_checks_geometry() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("disk.img");
-        FileDevice::create_sparse(&path, 1 << 30).unwrap();
+        create_sparse(&path, 1 << 30).unwrap();
         // Sparse: a gigabyte of size, (almost) no blocks.
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.len(), 1 << 30);
         assert!(std::os::unix::fs::MetadataExt::blocks(&meta) < 1024);
         assert!(matches!(
-            FileDevice::create_sparse(&path, 4096),
+            create_sparse(&path, 4096),
             Err(FileError::AlreadyExists { .. })
         ));
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 30);
@@ -940,11 +727,11 @@ mod tests {
         let odd = dir.path().join("odd.img");
         std::fs::write(&odd, vec![0u8; 1000]).unwrap();
         assert!(matches!(
-            FileDevice::open(&odd, FileOptions::new(512)),
+            open(&odd, FileOptions::new(512)),
             Err(FileError::SizeNotBlockMultiple { size: 1000, .. })
         ));
         assert!(matches!(
-            FileDevice::open(&path, FileOptions::new(1024)),
+            open(&path, FileOptions::new(1024)),
             Err(FileError::BadBlockSize { block_size: 1024 })
         ));
         // Read-only, so that open(2) itself succeeds on the directory and the type
@@ -954,7 +741,7 @@ mod tests {
             ..FileOptions::new(512)
         };
         assert!(matches!(
-            FileDevice::open(dir.path(), read_only),
+            open(dir.path(), read_only),
             Err(FileError::NotFileOrBlockDevice { .. })
         ));
     }
@@ -980,9 +767,9 @@ mod tests {
     async fn inline_writes_agree_with_the_engines() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("disk.img");
-        FileDevice::create_sparse(&path, 1 << 20).unwrap();
-        let inline = FileDevice::open(&path, FileOptions::new(4096)).unwrap();
-        let pooled = FileDevice::open(
+        create_sparse(&path, 1 << 20).unwrap();
+        let inline = open(&path, FileOptions::new(4096)).unwrap();
+        let pooled = open(
             &path,
             FileOptions {
                 inline_writes: false,
@@ -1011,9 +798,9 @@ mod tests {
     async fn nowait_fast_path_agrees_with_the_blocking_path() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("disk.img");
-        FileDevice::create_sparse(&path, 1 << 20).unwrap();
-        let fast = FileDevice::open(&path, FileOptions::new(4096)).unwrap();
-        let slow = FileDevice::open(
+        create_sparse(&path, 1 << 20).unwrap();
+        let fast = open(&path, FileOptions::new(4096)).unwrap();
+        let slow = open(
             &path,
             FileOptions {
                 nowait_fast_path: false,
@@ -1041,7 +828,7 @@ mod tests {
     }
 
     /// A device on the io_uring engine, or `None` (and a note) where io_uring is refused.
-    fn uring_device(path: &Path, direct: bool) -> Option<FileDevice> {
+    fn uring_device(path: &Path, direct: bool) -> Option<UringFileDevice> {
         if let Err(reason) = crate::block::engine::probe_uring() {
             eprintln!("skipping: {reason}");
             return None;
@@ -1053,7 +840,7 @@ mod tests {
             inline_writes: false,
             ..FileOptions::new(4096)
         };
-        match FileDevice::open(path, options) {
+        match UringFileDevice::open(path, options) {
             Ok(dev) => Some(dev),
             Err(FileError::Open { source, .. })
                 if direct && source.raw_os_error() == Some(libc::EINVAL) =>
@@ -1072,12 +859,12 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("disk.img");
-        FileDevice::create_sparse(&path, 1 << 20).unwrap();
+        create_sparse(&path, 1 << 20).unwrap();
         let options = FileOptions {
             engine: IoEngine::Uring,
             ..FileOptions::new(4096)
         };
-        let err = FileDevice::open(&path, options).unwrap_err();
+        let err = UringFileDevice::open(&path, options).unwrap_err();
         assert!(matches!(err, FileError::IoEngine { .. }), "{err}");
         assert!(err.to_string().contains("tokio runtime"), "{err}");
     }
@@ -1100,9 +887,9 @@ mod tests {
             let mut content = pattern.clone();
             content.resize(4 * MIB as usize, 0xee);
             std::fs::write(&path, &content).unwrap();
-            let device = if engine == IoEngine::Uring {
+            let device: Arc<dyn BlockDevice> = if engine == IoEngine::Uring {
                 match uring_device(&path, direct) {
-                    Some(device) => device,
+                    Some(device) => Arc::new(device),
                     None => continue,
                 }
             } else {
@@ -1111,7 +898,7 @@ mod tests {
                     nowait_fast_path: nowait,
                     ..FileOptions::new(4096)
                 };
-                match FileDevice::open(&path, options) {
+                match open(&path, options) {
                     Ok(device) => device,
                     Err(FileError::Open { source, .. })
                         if direct && source.raw_os_error() == Some(libc::EINVAL) =>
@@ -1157,12 +944,12 @@ mod tests {
         for direct in [false, true] {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("disk.img");
-            FileDevice::create_sparse(&path, 4 << 20).unwrap();
+            create_sparse(&path, 4 << 20).unwrap();
             let Some(ring) = uring_device(&path, direct) else {
                 continue;
             };
             assert_eq!(ring.engine(), IoEngine::Uring);
-            let threads = FileDevice::open(&path, FileOptions::new(4096)).unwrap();
+            let threads = SyncFileDevice::open(&path, FileOptions::new(4096)).unwrap();
             assert_eq!(threads.engine(), IoEngine::Threads);
             let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i * 13 % 251) as u8).collect();
             ring.write(8192, Bytes::from(data.clone()), false)
@@ -1197,7 +984,7 @@ mod tests {
     async fn uring_engine_completes_many_concurrent_requests() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("disk.img");
-        FileDevice::create_sparse(&path, 8 << 20).unwrap();
+        create_sparse(&path, 8 << 20).unwrap();
         let Some(dev) = uring_device(&path, false) else {
             return;
         };
@@ -1231,7 +1018,7 @@ mod tests {
         use std::future::Future;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("disk.img");
-        FileDevice::create_sparse(&path, 8 << 20).unwrap();
+        create_sparse(&path, 8 << 20).unwrap();
         let Some(dev) = uring_device(&path, false) else {
             return;
         };

@@ -1,8 +1,9 @@
 //! The small block-device trait every frontend serves and every target implements.
 //!
 //! Frontends (NBD now, ublk later) hold a `dyn BlockDevice` and know nothing of journals;
-//! the primary core (`writer::primary`) implements it for `serve`, [`file::FileDevice`]
-//! implements it for a plain file or block device, and the time-travel view
+//! the primary core (`writer::primary`) implements it for `serve`, a file target
+//! ([`sync_file::SyncFileDevice`] or [`uring_file::UringFileDevice`], one per I/O engine,
+//! opened by [`file::open`]) for a plain file or block device, and the time-travel view
 //! (`timetravel::view::TimeView`) implements it for `mount --at`.
 //!
 //! Must never: accept I/O outside `0..size` (callers get [`BlockError::OutOfRange`] and
@@ -18,7 +19,9 @@ pub(crate) mod buffers;
 pub mod engine;
 pub mod file;
 pub mod group;
+pub mod sync_file;
 mod uring;
+pub mod uring_file;
 
 /// What a device is and what it supports; frontends advertise exactly this.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

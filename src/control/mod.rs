@@ -208,8 +208,7 @@ fn check_directory(path: &Path) -> std::io::Result<()> {
     };
     let meta = std::fs::metadata(dir)?;
     let mode = meta.permissions().mode();
-    // SAFETY: geteuid cannot fail.
-    let me = unsafe { libc::geteuid() };
+    let me = rustix::process::geteuid().as_raw();
     let unsafe_dir = if mode & 0o002 != 0 && mode & 0o1000 == 0 {
         Some(format!(
             "it is writable by everyone (mode {:o})",
@@ -264,8 +263,7 @@ pub async fn bind_with(path: &Path, access: Access) -> std::io::Result<ControlLi
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     Ok(ControlListener {
         listener,
-        // SAFETY: geteuid cannot fail.
-        owner: unsafe { libc::geteuid() },
+        owner: rustix::process::geteuid().as_raw(),
         access,
     })
 }
@@ -610,7 +608,7 @@ mod tests {
             gid: 2000,
             pid: Some(std::process::id() as i32),
         };
-        let my_gid = unsafe { libc::getegid() };
+        let my_gid = rustix::process::getegid().as_raw();
         let err = authorize(
             "mark",
             &me,
@@ -642,7 +640,7 @@ mod tests {
         drop(listener);
         std::fs::remove_file(&path).unwrap();
 
-        let gid = unsafe { libc::getegid() };
+        let gid = rustix::process::getegid().as_raw();
         let _listener = bind_with(&path, Access { group: Some(gid) }).await.unwrap();
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o660);

@@ -193,12 +193,13 @@ pub async fn predecessor_may_still_write(
 }
 
 fn process_exists(pid: u32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return false;
-    };
-    // SAFETY: signal 0 sends nothing; it only asks whether the process exists.
-    let r = unsafe { libc::kill(pid, 0) };
-    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    match i32::try_from(pid) {
+        // `kill(0, 0)` asks about our own process group, which exists: a claim that names
+        // pid 0 is taken as a live holder, the careful answer.
+        Ok(0) => true,
+        Ok(pid) => crate::sys::process_exists(pid),
+        Err(_) => false,
+    }
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use crate::block::file::{block_device_size, is_unsupported, to_off_t};
+use crate::sys::{self, block_device_size, is_unsupported, lock_exclusive, sync_parent};
 
 use super::uring::RingReader;
 
@@ -212,18 +212,6 @@ impl ReplicaFile {
         &self.path
     }
 
-    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-        let (offset, len) = (to_off_t(offset)?, to_off_t(len)?);
-        // SAFETY: fallocate reads only its integer arguments; `self.file` keeps the
-        // descriptor open for the duration of the call.
-        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset, len) };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
-    }
-
     fn write_zero_chunks(&self, offset: u64, len: u64) -> io::Result<()> {
         let zeroes = vec![0u8; len.min(ZERO_CHUNK as u64) as usize];
         let mut done = 0u64;
@@ -236,12 +224,16 @@ impl ReplicaFile {
     }
 
     /// Tries the fallocate modes in order, then falls back to writing zeroes.
-    fn zero_with(&self, modes: &[libc::c_int], offset: u64, len: u64) -> io::Result<()> {
+    fn zero_with(&self, modes: &[ZeroMode], offset: u64, len: u64) -> io::Result<()> {
         if len == 0 {
             return Ok(());
         }
-        for &mode in modes {
-            match self.fallocate(mode | libc::FALLOC_FL_KEEP_SIZE, offset, len) {
+        for mode in modes {
+            let zeroed = match mode {
+                ZeroMode::PunchHole => sys::punch_hole(&self.file, offset, len),
+                ZeroMode::ZeroRange => sys::zero_range(&self.file, offset, len),
+            };
+            match zeroed {
                 Ok(()) => return Ok(()),
                 Err(e) if is_unsupported(&e) => continue,
                 Err(e) => return Err(e),
@@ -249,6 +241,13 @@ impl ReplicaFile {
         }
         self.write_zero_chunks(offset, len)
     }
+}
+
+/// The two ways `fallocate` makes a range read as zeroes (both keep the size).
+#[derive(Clone, Copy)]
+enum ZeroMode {
+    PunchHole,
+    ZeroRange,
 }
 
 impl ReplicaTarget for ReplicaFile {
@@ -278,40 +277,32 @@ impl ReplicaTarget for ReplicaFile {
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         // On a block device PUNCH_HOLE is a discard that guarantees zeroes, so the replica
         // reads like a primary file whose hole was punched.
-        self.zero_with(
-            &[libc::FALLOC_FL_PUNCH_HOLE, libc::FALLOC_FL_ZERO_RANGE],
-            offset,
-            len,
-        )
+        self.zero_with(&[ZeroMode::PunchHole, ZeroMode::ZeroRange], offset, len)
     }
 
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.zero_with(
-            &[libc::FALLOC_FL_ZERO_RANGE, libc::FALLOC_FL_PUNCH_HOLE],
-            offset,
-            len,
-        )
+        self.zero_with(&[ZeroMode::ZeroRange, ZeroMode::PunchHole], offset, len)
     }
 
     fn is_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
         if self.block_device || len == 0 {
             return Ok(len == 0);
         }
-        let start = to_off_t(offset)?;
-        // SAFETY: lseek reads only its integer arguments. It moves the shared file offset,
-        // which nothing here uses (all I/O is positional).
-        let data = unsafe { libc::lseek(self.file.as_raw_fd(), start, libc::SEEK_DATA) };
-        if data < 0 {
-            let e = io::Error::last_os_error();
-            return match e.raw_os_error() {
-                // No data at or after `offset`.
-                Some(libc::ENXIO) => Ok(true),
-                // A file system without SEEK_DATA: cannot tell.
-                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(false),
-                _ => Err(e),
-            };
+        match sys::seek_data(&self.file, offset) {
+            Ok(Some(data)) => Ok(data >= offset.saturating_add(len)),
+            // No data at or after `offset`.
+            Ok(None) => Ok(true),
+            // A file system without SEEK_DATA: cannot tell.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINVAL) | Some(libc::EOPNOTSUPP)
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
         }
-        Ok(data as u64 >= offset.saturating_add(len))
     }
 
     fn sync(&self) -> io::Result<()> {
@@ -334,35 +325,24 @@ impl ReplicaTarget for ReplicaFile {
         if self.block_device {
             return Ok(Some(offset..self.size));
         }
-        let fd = self.file.as_raw_fd();
-        // SAFETY: lseek reads only its integer arguments. It moves the shared
-        // file offset, which nothing here uses (all I/O is positional).
-        let data = unsafe { libc::lseek(fd, to_off_t(offset)?, libc::SEEK_DATA) };
-        if data < 0 {
-            let e = io::Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(libc::ENXIO) => Ok(None),
-                // A file system without SEEK_DATA: cannot tell.
-                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(Some(offset..self.size)),
-                _ => Err(e),
-            };
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Some(data as u64..(hole as u64).min(self.size)))
-    }
-}
-
-fn lock_exclusive(file: &File) -> io::Result<()> {
-    // SAFETY: flock reads only its integer arguments on a descriptor `file` keeps open.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
+        let data = match sys::seek_data(&self.file, offset) {
+            Ok(Some(data)) => data,
+            Ok(None) => return Ok(None),
+            // A file system without SEEK_DATA: cannot tell.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINVAL) | Some(libc::EOPNOTSUPP)
+                ) =>
+            {
+                return Ok(Some(offset..self.size))
+            }
+            Err(e) => return Err(e),
+        };
+        // Data at `data` means a hole (or the end) after it: ENXIO cannot happen here.
+        let hole = sys::seek_hole(&self.file, data)?
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENXIO))?;
+        Ok(Some(data..hole.min(self.size)))
     }
 }
 
@@ -371,14 +351,6 @@ fn sibling(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(suffix);
     PathBuf::from(name)
-}
-
-fn sync_parent(path: &Path) -> io::Result<()> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    File::open(parent)?.sync_all()
 }
 
 /// A replica in memory, for unit tests of the agent and recovery.

@@ -7,7 +7,8 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
+
+use crate::sys;
 
 /// Bytes moved per `copy_file_range` call or fallback chunk.
 const CHUNK: u64 = 16 << 20;
@@ -19,26 +20,16 @@ fn next_data(file: &File, from: u64, size: u64) -> io::Result<Option<(u64, u64)>
     if from >= size {
         return Ok(None);
     }
-    let fd = file.as_raw_fd();
-    // SAFETY: lseek reads only its integer arguments on a descriptor `file` keeps open.
-    let start = unsafe { libc::lseek(fd, from as libc::off_t, libc::SEEK_DATA) };
-    if start < 0 {
-        let e = io::Error::last_os_error();
-        return match e.raw_os_error() {
-            Some(libc::ENXIO) => Ok(None),
-            _ => Err(e),
-        };
-    }
-    let start = start as u64;
+    let Some(start) = sys::seek_data(file, from)? else {
+        return Ok(None);
+    };
     if start >= size {
         return Ok(None);
     }
-    // SAFETY: as above.
-    let end = unsafe { libc::lseek(fd, start as libc::off_t, libc::SEEK_HOLE) };
-    if end < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(Some((start, (end as u64).min(size))))
+    // Data at `start` means a hole (or the end) after it: ENXIO cannot happen here.
+    let end =
+        sys::seek_hole(file, start)?.ok_or_else(|| io::Error::from_raw_os_error(libc::ENXIO))?;
+    Ok(Some((start, end.min(size))))
 }
 
 /// Copies `src[0..size]` into `dst` (already `size` bytes long and all holes), keeping holes.
@@ -99,21 +90,7 @@ pub fn copy_sparse(
 /// One `copy_file_range` of up to `len` bytes at `offset` in both files; returns the bytes
 /// moved (at least one, or an error).
 fn copy_range(src: &File, dst: &File, offset: u64, len: u64) -> io::Result<u64> {
-    let mut off_in = offset as libc::loff_t;
-    let mut off_out = offset as libc::loff_t;
-    // SAFETY: both descriptors are open; the offsets are ours and outlive the call.
-    let n = unsafe {
-        libc::copy_file_range(
-            src.as_raw_fd(),
-            &mut off_in,
-            dst.as_raw_fd(),
-            &mut off_out,
-            len as usize,
-            0,
-        )
-    };
-    match n {
-        n if n < 0 => Err(io::Error::last_os_error()),
+    match sys::copy_file_range(src, dst, offset, len as usize)? {
         0 => Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             "the source ended before the device size",

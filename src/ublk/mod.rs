@@ -389,12 +389,7 @@ const RECOVERY_WAIT_STEPS: u32 = 300;
 
 /// Whether process `pid` exists (in this PID namespace).
 fn pid_alive(pid: i32) -> bool {
-    if pid <= 0 {
-        return false;
-    }
-    // SAFETY: signal 0 only checks that the process exists and may be signalled.
-    let r = unsafe { libc::kill(pid, 0) };
-    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    pid > 0 && crate::sys::process_exists(pid)
 }
 
 /// The control thread: makes the device, runs its queues until told to stop, deletes it.

@@ -29,6 +29,8 @@ use std::sync::{Arc, Mutex};
 
 use uuid::Uuid;
 
+use crate::sys::sync_parent;
+
 /// First bytes of each slot.
 pub const MAGIC: [u8; 8] = *b"TLAGACT1";
 /// The format version this code writes and reads.
@@ -525,14 +527,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Critical sections leave the slot consistent (bits are set before the write that may
     // fail); a poisoned lock still guards a usable state.
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn sync_parent(path: &Path) -> io::Result<()> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    File::open(parent)?.sync_all()
 }
 
 #[cfg(test)]

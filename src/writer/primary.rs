@@ -1,5 +1,6 @@
 //! The primary core: the frontend-independent heart of `tinylag serve`. It owns the primary
-//! disk (any [`BlockDevice`], normally a `FileDevice`) and implements [`BlockDevice`] itself,
+//! disk (any [`BlockDevice`], normally a file target from `block::file::open`) and implements
+//! [`BlockDevice`] itself,
 //! so the NBD server today and the ublk frontend later serve it without knowing about
 //! journals.
 //!

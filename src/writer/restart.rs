@@ -23,7 +23,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
@@ -32,6 +31,7 @@ use uuid::Uuid;
 
 use super::journal_writer::Prepared;
 use super::mode::FullReason;
+use crate::sys::{self, sync_parent};
 
 /// The clean-stop marker, stored as JSON at [`marker_path`]:
 ///
@@ -133,14 +133,6 @@ pub fn write_marker(path: &Path, marker: &CleanMarker) -> Result<(), RestartErro
     sync_parent(path).map_err(err)
 }
 
-fn sync_parent(path: &Path) -> io::Result<()> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    File::open(parent)?.sync_all()
-}
-
 /// Whether the primary may hold data: false only for a regular file without a single data
 /// extent (`SEEK_DATA` finds none). Block devices cannot tell, so they count as holding data.
 pub fn primary_has_data(path: &Path) -> Result<bool, RestartError> {
@@ -153,18 +145,13 @@ pub fn primary_has_data(path: &Path) -> Result<bool, RestartError> {
     if meta.file_type().is_block_device() || !meta.is_file() {
         return Ok(true);
     }
-    // SAFETY: lseek only reads its integer arguments; `file` keeps the descriptor open.
-    let at = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_DATA) };
-    if at >= 0 {
-        return Ok(true);
-    }
-    let e = io::Error::last_os_error();
-    match e.raw_os_error() {
+    match sys::seek_data(&file, 0) {
+        Ok(Some(_)) => Ok(true),
         // No data at or after offset 0: the file is one hole.
-        Some(libc::ENXIO) => Ok(false),
+        Ok(None) => Ok(false),
         // A file system without SEEK_DATA: assume data.
-        Some(libc::EINVAL) => Ok(true),
-        _ => Err(err(e)),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(true),
+        Err(e) => Err(err(e)),
     }
 }
 

@@ -1,4 +1,4 @@
-//! NBD test harness: an in-process tinylag NBD server over `FileDevice`s in a temp
+//! NBD test harness: an in-process tinylag NBD server over file targets in a temp
 //! directory, real client programs run with a timeout, and guards that kill or unmount
 //! what a test started even when it fails.
 
@@ -8,7 +8,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tinylag::block::file::{FileDevice, FileOptions};
+use tinylag::block::file::{self, FileOptions};
 use tinylag::nbd::{bind, serve, Export, ListenAddr, NbdServer};
 
 /// The teardown steps, here for the tests that import them with the NBD helpers.
@@ -70,10 +70,10 @@ impl TestServer {
         let mut list = Vec::new();
         for spec in exports {
             let path = dir.path().join(format!("{}.img", spec.name));
-            FileDevice::create_sparse(&path, spec.size).expect("create image");
+            file::create_sparse(&path, spec.size).expect("create image");
             // The io_uring engine completes requests on the runtime it is opened in.
             let _entered = runtime.enter();
-            let device = FileDevice::open(
+            let device = file::open(
                 &path,
                 FileOptions {
                     read_only: spec.read_only,
@@ -85,7 +85,7 @@ impl TestServer {
             list.push(Export {
                 name: spec.name.to_owned(),
                 description: spec.description.to_owned(),
-                device: Arc::new(device),
+                device,
             });
         }
         Self::serve_exports_on(runtime, dir, list, tcp)

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::watch;
 
-use tinylag::block::file::{FileDevice, FileOptions};
+use tinylag::block::file::{self, FileOptions};
 use tinylag::block::BlockDevice;
 use tinylag::clock::{Clock, ManualClock, SystemClock};
 use tinylag::journal::consumer;
@@ -289,9 +289,8 @@ pub async fn gib_bill() -> GibBill {
 
     // The primary core as `serve` starts it: through the lease keeper's store.
     let primary = dir.path().join("primary.img");
-    FileDevice::create_sparse(&primary, DEVICE).unwrap();
-    let device: Arc<dyn BlockDevice> =
-        Arc::new(FileDevice::open(&primary, FileOptions::new(4096)).unwrap());
+    file::create_sparse(&primary, DEVICE).unwrap();
+    let device: Arc<dyn BlockDevice> = file::open(&primary, FileOptions::new(4096)).unwrap();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let keeper = LeaseKeeper::new(store.clone(), clock.clone(), DEFAULT_LEASE);
     let setup = JournalSetup {

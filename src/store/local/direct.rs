@@ -28,10 +28,10 @@
 use std::cell::RefCell;
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 use crate::aligned::{self, AlignedBuf, PAGE_ALIGN};
+use crate::sys;
 
 /// Memory, offset and length alignment used for direct writes: the page size, which is at
 /// least the logical block size of every device that matters here.
@@ -67,7 +67,7 @@ pub(crate) enum Written {
 /// write the rest the usual way.
 pub(crate) fn write_new(file: &File, data: &[u8]) -> io::Result<Written> {
     preallocate(file, data.len());
-    if set_direct(file, true).is_err() {
+    if sys::set_direct(file, true).is_err() {
         return Ok(Written::Refused);
     }
     let whole = data.len() / ALIGN * ALIGN;
@@ -78,7 +78,7 @@ pub(crate) fn write_new(file: &File, data: &[u8]) -> io::Result<Written> {
     };
     // Whatever happened, the descriptor goes back to buffered mode for the tail and the
     // caller's fallback.
-    let switched_back = set_direct(file, false);
+    let switched_back = sys::set_direct(file, false);
     let done = result?;
     switched_back?;
     if done < whole {
@@ -151,35 +151,10 @@ fn refused(err: &io::Error) -> bool {
     err.raw_os_error() == Some(libc::EINVAL)
 }
 
-/// Turns `O_DIRECT` on or off for `file`'s open file description.
-fn set_direct(file: &File, on: bool) -> io::Result<()> {
-    let fd = file.as_raw_fd();
-    // SAFETY: fcntl with F_GETFL/F_SETFL only reads and sets the status flags of `fd`, which
-    // `file` keeps open for the duration of the call.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let wanted = if on {
-        flags | libc::O_DIRECT
-    } else {
-        flags & !libc::O_DIRECT
-    };
-    // SAFETY: as above.
-    if unsafe { libc::fcntl(fd, libc::F_SETFL, wanted) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// Reserves `len` bytes for `file` and sets its size (a hint: a file system without
 /// `fallocate` just extends the file as it is written).
 fn preallocate(file: &File, len: usize) {
-    let Ok(len) = libc::off_t::try_from(len) else {
-        return;
-    };
-    // SAFETY: fallocate only reads its integer arguments; `file` keeps the fd open.
-    unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) };
+    sys::preallocate(file, len as u64);
 }
 
 #[cfg(test)]
@@ -246,10 +221,7 @@ mod tests {
     #[test]
     fn ext4_takes_the_direct_path() {
         let dir = tempfile::tempdir().unwrap();
-        // SAFETY: statfs writes into the zeroed struct we pass; the path is NUL-terminated.
-        let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-        let path = std::ffi::CString::new(dir.path().as_os_str().as_encoded_bytes()).unwrap();
-        assert_eq!(unsafe { libc::statfs(path.as_ptr(), &mut stat) }, 0);
+        let stat = rustix::fs::statfs(dir.path()).unwrap();
         const EXT4_SUPER_MAGIC: i64 = 0xEF53;
         if stat.f_type as i64 != EXT4_SUPER_MAGIC {
             eprintln!("skipped: the temporary directory is not on ext4");
@@ -272,8 +244,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = new_file(dir.path(), "f");
         write_new(&file, &pattern(3 * ALIGN + 5)).unwrap();
-        // SAFETY: F_GETFL on an open descriptor.
-        let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
-        assert_eq!(flags & libc::O_DIRECT, 0);
+        let flags = rustix::fs::fcntl_getfl(&file).unwrap();
+        assert!(!flags.contains(rustix::fs::OFlags::DIRECT));
     }
 }

@@ -601,7 +601,7 @@ async fn a_new_journal_over_a_primary_with_data_starts_forward_full() {
 /// journal, pieces of zeroes become WRITE_ZEROES, and the journal rebuilds the file.
 #[tokio::test]
 async fn forward_full_reads_only_allocated_nonzero_data() {
-    use crate::block::file::{FileDevice, FileOptions};
+    use crate::block::file::{self, FileOptions};
     use std::os::unix::fs::FileExt;
     let f = Fixture::new().await;
     let path = f.dir.path().join("primary.img");
@@ -609,7 +609,7 @@ async fn forward_full_reads_only_allocated_nonzero_data() {
     file.write_all_at(&pattern(1, 65536), 3 << 20).unwrap();
     file.write_all_at(&vec![0u8; 1 << 20], 9 << 20).unwrap(); // allocated zeroes
     file.sync_all().unwrap();
-    let device = Arc::new(FileDevice::open(&path, FileOptions::new(4096)).unwrap());
+    let device = file::open(&path, FileOptions::new(4096)).unwrap();
     let core = PrimaryCore::start(
         device,
         Labels::default(),
