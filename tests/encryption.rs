@@ -442,3 +442,60 @@ fn a_journal_written_across_three_keys_replays_and_restores_with_the_keyring() {
         stderr(&out)
     );
 }
+
+fn verify(journal: &Path, key: Option<&Path>) -> std::process::Output {
+    let args: Vec<String> = ["journal", "verify", "--journal", &s(journal)]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    run(&with_key(args, key))
+}
+
+#[test]
+fn journal_verify_checks_crcs_without_the_key_and_every_tag_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k");
+    keygen(&key, false);
+    let w = write_journal(&dir.path().join("j"), Some(&key), 1);
+
+    let bare = verify(&w.journal, None);
+    assert!(bare.status.success(), "{}", stderr(&bare));
+    let text = String::from_utf8_lossy(&bare.stdout);
+    assert!(text.contains("checked without their key"), "{text}");
+    let keyed = verify(&w.journal, Some(&key));
+    assert!(keyed.status.success(), "{}", stderr(&keyed));
+    let text = String::from_utf8_lossy(&keyed.stdout);
+    assert!(
+        text.contains("every checksum is good") && !text.contains("without their key"),
+        "{text}"
+    );
+
+    let data = objects(&w.journal, "journal/")
+        .into_iter()
+        .find(|f| std::fs::metadata(f).unwrap().len() > 64 << 10)
+        .unwrap();
+    let name = data.file_name().unwrap().to_str().unwrap().to_string();
+    let saved = std::fs::read(&data).unwrap();
+    // A flipped byte in the sealed index: its CRC catches it with or without the key.
+    flip(&data, |len| len - 24 - 30);
+    for k in [None, Some(key.as_path())] {
+        let out = verify(&w.journal, k);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        assert!(
+            stderr(&out).contains(&name),
+            "names {name}: {}",
+            stderr(&out)
+        );
+    }
+    // A flipped byte in a sealed payload: only the key can check the body (its CRC is in
+    // the sealed index), and it names the object.
+    std::fs::write(&data, &saved).unwrap();
+    flip(&data, |_| 72 + 100);
+    let out = verify(&w.journal, Some(&key));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stderr(&out).contains(&name),
+        "names {name}: {}",
+        stderr(&out)
+    );
+}
