@@ -452,11 +452,34 @@ fn verify(journal: &Path, key: Option<&Path>) -> std::process::Output {
 }
 
 #[test]
-fn journal_verify_checks_crcs_without_the_key_and_every_tag_with_it() {
+fn journal_info_names_the_key_and_verify_checks_crcs_without_it_and_every_tag_with_it() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("k");
-    keygen(&key, false);
+    let id = keygen(&key, false);
     let w = write_journal(&dir.path().join("j"), Some(&key), 1);
+
+    // journal info says the journal is encrypted, naming the key id only with the key,
+    // and fails at once, naming it, without.
+    let info = |k: Option<&Path>| {
+        let args: Vec<String> = ["journal", "info", "--journal", &s(&w.journal)]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        run(&with_key(args, k))
+    };
+    let with = info(Some(&key));
+    let text = String::from_utf8_lossy(&with.stdout);
+    assert!(
+        with.status.success()
+            && text.contains(&format!(
+                "encryption   on: the head segment is sealed with key {id}"
+            )),
+        "{text}{}",
+        stderr(&with)
+    );
+    let without = info(None);
+    assert_eq!(without.status.code(), Some(1), "{without:?}");
+    assert!(stderr(&without).contains(&id), "{}", stderr(&without));
 
     let bare = verify(&w.journal, None);
     assert!(bare.status.success(), "{}", stderr(&bare));

@@ -156,6 +156,9 @@ async fn info(args: InfoArgs) -> anyhow::Result<()> {
         "head         seq {}, lsn {}, time {}",
         info.head.next_seq, info.head.last_lsn, head_time
     );
+    if let Some(id) = &info.encryption_key {
+        println!("encryption   on: the head segment is sealed with key {id}");
+    }
     println!(
         "live         {} segments from seq {}, {}",
         info.segments,

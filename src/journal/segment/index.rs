@@ -246,6 +246,7 @@ pub(crate) fn parse_index(
             header,
             entries,
             object_size,
+            sealed_with: (trailer.key_id != 0).then_some(KeyId(trailer.key_id)),
         },
         body_crc: footer.body_crc.to_native(),
         body_end,

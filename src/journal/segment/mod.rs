@@ -174,6 +174,8 @@ pub struct SegmentIndex {
     pub entries: Vec<IndexEntry>,
     /// Size of the whole object.
     pub object_size: u64,
+    /// The key that sealed the segment (its index was opened with it); `None`: plaintext.
+    pub sealed_with: Option<crate::crypto::KeyId>,
 }
 
 impl SegmentIndex {
