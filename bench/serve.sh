@@ -19,6 +19,7 @@
 #   z  as b with the binary at BASE_BIN (the A/B without the journal)
 #   m  as c with --max-buffered 64M, the smallest NBD buffer budget (the memory bound at
 #      its tightest; against x with a BASE_BIN from before the bound: what the bound costs)
+#   k  as c with --encryption-key (encryption at rest; bench/encryption.sh runs c and k)
 # Journaled servers (c, d, e, m, x, y) are measured once their initial full resync is done.
 # Then, for c and d, "half-4k": 4k randwrite QD32 rate-limited to half of c's median
 # randwrite-4k IOPS in this run, for the ack→durable p99 at a load the journal must sustain.
@@ -154,9 +155,13 @@ start_server() {
         PID=$!
         CTL=$img.ctl
         ;;
-    c | e | m | x)
+    c | e | m | x | k)
         local extra=() bin=$BIN
         if [[ $c == e ]]; then extra=(--compress off); fi
+        if [[ $c == k ]]; then
+            [[ -f $WORK/bench.key ]] || "$bin" key generate --output "$WORK/bench.key" >/dev/null
+            extra=(--encryption-key "$WORK/bench.key")
+        fi
         if [[ $c == m ]]; then extra=(--max-buffered 64M); fi
         if [[ $c == x ]]; then bin=$BASE_BIN; fi
         "$bin" init --journal "$WORK/journal-$c" --size "$SIZE" --primary "$img" >/dev/null
@@ -192,7 +197,7 @@ start_server() {
     PIDS+=("$PID")
     wait_socket "$sock"
     URI="nbd+unix:///?socket=$sock"
-    if [[ $c == [cdemxy] ]]; then
+    if [[ $c == [cdemxyk] ]]; then
         # Journaled: let the initial full resync finish, then restart from the clean stop
         # (mode logging at once, fresh ack→durable histogram).
         wait_logging
@@ -373,6 +378,7 @@ names = {"a": "a: nbdkit file", "b": "b: serve --no-journal", "c": "c: serve, lo
          "y": "y: d on the BASE_BIN build",
          "z": "z: b on the BASE_BIN build",
          "m": "m: c with --max-buffered 64M",
+         "k": "k: c with --encryption-key",
          "s": "s: fio, 8 MiB files + fsync into a directory, 4 jobs (no NBD)"}
 def med(c, wl, i):
     vals = [r[i] for r in rows.get((c, wl), []) if r[i] is not None]

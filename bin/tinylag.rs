@@ -18,8 +18,8 @@ mod cmd;
 use cmd::args::{UsageError, GLOBAL_OPTIONS};
 use cmd::output::{error_text, ColorChoice, LogFormat};
 use cmd::{
-    config, control_cmd, diff, init, journal_cmd, promote, rejoin, replay, serve, shell_docs,
-    status, timetravel, trim, up,
+    config, control_cmd, diff, init, journal_cmd, key_cmd, promote, rejoin, replay, serve,
+    shell_docs, status, timetravel, trim, up,
 };
 
 /// Asynchronous block-device replication through a journal in object storage,
@@ -60,6 +60,10 @@ struct Cli {
         help_heading = GLOBAL_OPTIONS
     )]
     color: ColorChoice,
+    /// Key file (or keyring: one key a line, the last one writes) for an encrypted journal
+    /// and undo log; `tinylag key generate` makes one. File only, mode 0600.
+    #[arg(long, global = true, value_name = "FILE", help_heading = GLOBAL_OPTIONS)]
+    encryption_key: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -116,6 +120,9 @@ enum Command {
     Status(status::StatusArgs),
     /// Primary, journal and replica in one directory, one process: serve + replay.
     Up(up::UpArgs),
+    /// Encryption keys for encryption at rest.
+    #[command(subcommand)]
+    Key(key_cmd::KeyCommand),
     /// Check a config file (the settings of --config FILE).
     #[command(subcommand)]
     Config(config::ConfigCommand),
@@ -143,6 +150,9 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
+        if let Some(path) = &cli.encryption_key {
+            key_cmd::install(path)?;
+        }
         match cli.command {
             Command::Init(a) => init::run(a).await,
             Command::Journal(c) => journal_cmd::run(c).await,
@@ -163,6 +173,7 @@ fn main() -> ExitCode {
             Command::Status(a) => status::run(a).await,
             Command::Undo(trim::UndoCommand::Trim(a)) => trim::undo_trim(a).await,
             Command::Up(a) => up::run(a).await,
+            Command::Key(c) => key_cmd::run(c),
             Command::Config(config::ConfigCommand::Check(a)) => config::check(a, Cli::command()),
             Command::Completions(a) => shell_docs::completions(a, Cli::command()),
             Command::Manpage(a) => shell_docs::manpage(a, Cli::command()),

@@ -9,6 +9,7 @@ pub(crate) mod aligned;
 pub mod block;
 pub mod clock;
 pub mod control;
+pub mod crypto;
 pub mod journal;
 pub mod metrics;
 pub mod nbd;

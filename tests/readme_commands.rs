@@ -19,6 +19,7 @@ const GLOBAL_FLAGS: &[&str] = &[
     "--log",
     "--log-format",
     "--color",
+    "--encryption-key",
     "--s3-endpoint",
     "--s3-region",
     "--s3-path-style",

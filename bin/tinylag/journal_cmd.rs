@@ -156,6 +156,9 @@ async fn info(args: InfoArgs) -> anyhow::Result<()> {
         "head         seq {}, lsn {}, time {}",
         info.head.next_seq, info.head.last_lsn, head_time
     );
+    if let Some(id) = &info.encryption_key {
+        println!("encryption   on: the head segment is sealed with key {id}");
+    }
     println!(
         "live         {} segments from seq {}, {}",
         info.segments,
@@ -366,5 +369,12 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
         format_size(report.payload_bytes),
         report.last_epoch
     );
+    if report.sealed_unopened > 0 {
+        // Said apart, so "every checksum is good" is never read as "every tag is good".
+        println!(
+            "{} encrypted segments checked without their key (header, trailer and index CRCs;              not their bodies or tags): pass --encryption-key to check those too",
+            report.sealed_unopened
+        );
+    }
     Ok(())
 }

@@ -9,6 +9,7 @@ mod doc_examples;
 pub mod freeze;
 pub mod init;
 pub mod journal_cmd;
+pub mod key_cmd;
 pub mod log_redact;
 pub mod metrics;
 pub mod output;

@@ -57,14 +57,21 @@ pub struct JournalInfo {
     pub consumers: Vec<ConsumerLag>,
     /// The epoch chain (who wrote which epoch, why, from where) and the branches.
     pub chain: ChainReport,
+    /// The id of the key that sealed the head segment (never the key); absent for a
+    /// plaintext journal (DESIGN.md "Encryption at rest"). A journal whose head was sealed
+    /// with a key this process lacks fails before this, naming the key id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encryption_key: Option<String>,
 }
 
 /// Gathers [`JournalInfo`]: O(log n) probes for the head, one listing of the live segments.
 pub async fn gather(store: &dyn ObjectStore, manifest: &Manifest) -> JournalResult<JournalInfo> {
     let trim = consumer::load_trim_pointer(store).await?;
     let next_seq = probe_end(store, manifest, trim.first_seq).await?;
+    let mut encryption_key = None;
     let head = if next_seq > trim.first_seq {
         let index = prefix_index(store, manifest, next_seq - 1).await?;
+        encryption_key = index.sealed_with.map(|id| id.to_string());
         HeadInfo {
             next_seq,
             last_lsn: index.header.end_lsn().saturating_sub(1),
@@ -121,6 +128,7 @@ pub async fn gather(store: &dyn ObjectStore, manifest: &Manifest) -> JournalResu
         chain: chain::report(store, head.last_lsn).await?,
         head,
         consumers,
+        encryption_key,
     })
 }
 

@@ -396,6 +396,7 @@ fn encode_undo(
     records: &[Record],
 ) -> Result<Bytes, SegmentError> {
     let mut builder = SegmentBuilder::new(uuid, 0, seq, first_lsn);
+    builder.set_object_kind(crate::crypto::ObjectKind::UndoSegment);
     let payload: usize = records.iter().map(|r| r.op.payload_len()).sum();
     // Raw pre-images: the body is the payloads; one allocation for them and the index.
     builder.reserve(payload + records.len() * 64 + 4096);

@@ -139,6 +139,7 @@ mod tests {
                 stored_len: 0,
                 crc: 0,
                 compressed: false,
+                seal: None,
             },
         }))
     }

@@ -11,10 +11,12 @@ use super::buffers::BufferRecycler;
 use super::header::Trailer;
 use super::index::{archived_len, Footer, FooterEntry};
 use super::{
-    payload_bytes, SegmentError, SegmentHeader, FLAG_PLUG, FORMAT_VERSION, HEADER_LEN,
-    MAX_INDEX_LEN, MAX_PAYLOAD_LEN, MAX_RECORDS, TRAILER_LEN,
+    has_payload, payload_bytes, SegmentError, SegmentHeader, FLAG_ENCRYPTED, FLAG_PLUG,
+    FORMAT_VERSION, HEADER_LEN, MAX_INDEX_LEN, MAX_PAYLOAD_LEN, MAX_RECORDS, TRAILER_LEN,
 };
 use crate::aligned::{grow_zeroed, AlignedBuf, PAGE_ALIGN};
+use crate::crypto::seal::NONCE_LEN;
+use crate::crypto::{Key, ObjectKind, Part, SealScope, SEAL_OVERHEAD};
 use crate::journal::record::{Op, Record};
 
 /// zstd level: the writer runs on few cores, and level 1 already wins most of what
@@ -48,6 +50,9 @@ pub struct SegmentBuilder {
     compressor: Option<zstd::bulk::Compressor<'static>>,
     /// Whether payloads are offered to zstd at all (see [`SegmentBuilder::set_compression`]).
     compress: bool,
+    /// The key payloads and the index are sealed with, and the kind of object they go to;
+    /// `None` writes plaintext (today's format, byte for byte).
+    sealing: Option<(Key, ObjectKind)>,
 }
 
 impl std::fmt::Debug for SegmentBuilder {
@@ -111,7 +116,42 @@ impl SegmentBuilder {
             body_crc: 0,
             compressor: None,
             compress: true,
+            sealing: crate::crypto::writing_key().map(|k| (k, ObjectKind::JournalSegment)),
         }
+    }
+
+    /// Seals with `key` (or writes plaintext), overriding the process keyring's choice.
+    /// Call before the first push.
+    pub fn set_sealing(&mut self, key: Option<Key>) {
+        debug_assert!(self.entries.is_empty(), "sealing changed mid-segment");
+        let kind = self
+            .sealing
+            .as_ref()
+            .map_or(ObjectKind::JournalSegment, |(_, k)| *k);
+        self.sealing = key.map(|k| (k, kind));
+    }
+
+    /// Which kind of object this segment becomes (bound into every seal): the undo log's
+    /// segments say [`ObjectKind::UndoSegment`].
+    pub fn set_object_kind(&mut self, kind: ObjectKind) {
+        if let Some((_, k)) = self.sealing.as_mut() {
+            *k = kind;
+        }
+    }
+
+    fn seal_scope(&self, epoch: u64) -> Option<(&Key, SealScope)> {
+        self.sealing.as_ref().map(|(key, kind)| {
+            (
+                key,
+                SealScope {
+                    kind: *kind,
+                    key_id: key.id(),
+                    uuid: self.uuid,
+                    epoch,
+                    seq: self.seq,
+                },
+            )
+        })
     }
 
     /// Offers later payloads to zstd (the default) or stores them raw. A writer whose data
@@ -139,7 +179,11 @@ impl SegmentBuilder {
         let payload = payload_bytes(&record.op);
         let body_pos = self.buf.len() as u64;
         let payload_crc = crc32c::crc32c(&payload);
-        let (stored_len, compressed) = self.append_payload(&payload, payload_crc);
+        let (stored_len, compressed) = if self.sealing.is_some() && has_payload(record.kind()) {
+            self.append_sealed(&payload, payload_crc, record.lsn)
+        } else {
+            self.append_payload(&payload, payload_crc)
+        };
         let (offset, length) = match &record.op {
             Op::Write { offset, data } | Op::ResyncData { offset, data } => {
                 (*offset, data.len() as u64)
@@ -264,6 +308,23 @@ impl SegmentBuilder {
         (payload.len(), false)
     }
 
+    /// [`append_payload`](Self::append_payload), then sealed in place as one unit (nonce,
+    /// the stored bytes encrypted, tag); the body CRC covers the sealed bytes.
+    fn append_sealed(&mut self, payload: &[u8], payload_crc: u32, lsn: u64) -> (usize, bool) {
+        let start = self.buf.len();
+        let crc_before = self.body_crc;
+        self.buf.extend_from_slice(&[0; NONCE_LEN]);
+        let (_, compressed) = self.append_payload(payload, payload_crc);
+        let Some((key, scope)) = self.seal_scope(self.epoch) else {
+            unreachable!("append_sealed without a sealing key");
+        };
+        let key = key.clone();
+        let tag = scope.seal_in_place(&key, Part::Payload, lsn, &mut self.buf[start..]);
+        self.buf.extend_from_slice(&tag);
+        self.body_crc = crc32c::crc32c_append(crc_before, &self.buf[start..]);
+        (self.buf.len() - start, compressed)
+    }
+
     /// Records pushed so far.
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -275,7 +336,12 @@ impl SegmentBuilder {
 
     /// Exactly the number of bytes [`finish`](Self::finish) would produce now.
     pub fn encoded_len(&self) -> usize {
-        self.buf.len() + archived_len(self.entries.len()) + TRAILER_LEN
+        let seal = if self.sealing.is_some() {
+            SEAL_OVERHEAD
+        } else {
+            0
+        };
+        self.buf.len() + archived_len(self.entries.len()) + seal + TRAILER_LEN
     }
 
     /// The LSN the next pushed record must have.
@@ -290,7 +356,16 @@ impl SegmentBuilder {
         self.finish_with(0, next_seq)
     }
 
-    fn finish_with(self, flags: u16, next_seq: u64) -> Bytes {
+    pub(crate) fn finish_with(self, flags: u16, next_seq: u64) -> Bytes {
+        // Payload and index seals bind the epoch; the index's binds 0 instead (a tail reader
+        // does not know the epoch before opening it; it is inside).
+        let index_seal = self.seal_scope(0).map(|(key, scope)| (key.clone(), scope));
+        let key_id = index_seal.as_ref().map_or(0, |(key, _)| key.id().0);
+        let flags = if key_id != 0 {
+            flags | FLAG_ENCRYPTED
+        } else {
+            flags
+        };
         let mut buf = self.buf;
         let record_count = self.entries.len() as u32;
         let header = SegmentHeader {
@@ -302,7 +377,7 @@ impl SegmentBuilder {
             record_count,
             plug: flags & FLAG_PLUG != 0,
         };
-        buf[..HEADER_LEN].copy_from_slice(&header.encode());
+        buf[..HEADER_LEN].copy_from_slice(&header.encode_sealed(key_id));
         let footer = Footer {
             uuid: *self.uuid.as_bytes(),
             epoch: self.epoch,
@@ -318,11 +393,19 @@ impl SegmentBuilder {
         // path but allocation, which aborts anyway.
         let index = rkyv::to_bytes::<rkyv::rancor::Error>(&footer)
             .expect("archiving a segment index into memory cannot fail");
+        // Borrowed as archived, or sealed into a new buffer (nonce | ciphertext | tag).
+        let index: std::borrow::Cow<'_, [u8]> = match &index_seal {
+            None => std::borrow::Cow::Borrowed(&index[..]),
+            Some((key, scope)) => {
+                std::borrow::Cow::Owned(scope.seal(key, Part::Index, u64::MAX, &index))
+            }
+        };
         let trailer = Trailer {
             // The limit on records keeps the index under MAX_INDEX_LEN (asserted above).
             index_len: index.len() as u32,
             index_crc: crc32c::crc32c(&index),
             record_count,
+            key_id,
         };
         buf.reserve_exact(index.len() + TRAILER_LEN);
         buf.extend_from_slice(&index);

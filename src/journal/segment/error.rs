@@ -13,6 +13,17 @@ use crate::store::StoreError;
 /// the segment being built, since it has no key yet.
 #[derive(Debug, thiserror::Error)]
 pub enum SegmentError {
+    /// An encrypted segment's index or payload did not open: its key is not in the keyring
+    /// (the message names the key id, never a key), or its tag failed (tampered, moved from
+    /// another object, or the wrong key).
+    #[error("segment {key}: {part}: {source}")]
+    Sealed {
+        key: String,
+        /// `"index"` or `"payload of LSN n"`.
+        part: String,
+        #[source]
+        source: crate::crypto::OpenError,
+    },
     /// The header or the trailer does not start/end with its magic: not a segment, or a
     /// segment cut short or overwritten.
     #[error("segment {key}: bad {part} magic {found:02x?} (not a segment, or cut short)")]

@@ -6,8 +6,8 @@
 use uuid::Uuid;
 
 use super::{
-    SegmentError, SegmentHeader, FLAG_PLUG, FORMAT_VERSION, HEADER_LEN, KNOWN_FLAGS, MAX_INDEX_LEN,
-    MAX_RECORDS, TRAILER_LEN,
+    SegmentError, SegmentHeader, FLAG_ENCRYPTED, FLAG_PLUG, FORMAT_VERSION, HEADER_LEN,
+    KNOWN_FLAGS, MAX_INDEX_LEN, MAX_RECORDS, TRAILER_LEN,
 };
 
 pub(crate) const HEADER_MAGIC: [u8; 8] = *b"TLAGSEG\0";
@@ -16,12 +16,20 @@ pub(crate) const TRAILER_MAGIC: [u8; 8] = *b"TLAGEND\0";
 const HEADER_CRC_END: usize = 64;
 
 impl SegmentHeader {
-    /// The header's bytes (layout on [`SegmentHeader`]).
+    /// The header's bytes (layout on [`SegmentHeader`]) of a plaintext segment.
+    #[cfg(test)]
     pub(crate) fn encode(&self) -> [u8; HEADER_LEN] {
+        self.encode_sealed(0)
+    }
+
+    /// The header's bytes with `key_id` (0: plaintext) in the reserved word and the
+    /// ENCRYPTED flag set when it is not 0.
+    pub(crate) fn encode_sealed(&self, key_id: u32) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
         b[0..8].copy_from_slice(&HEADER_MAGIC);
         b[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-        b[10..12].copy_from_slice(&self.flags().to_le_bytes());
+        let flags = self.flags() | if key_id != 0 { FLAG_ENCRYPTED } else { 0 };
+        b[10..12].copy_from_slice(&flags.to_le_bytes());
         b[12..16].copy_from_slice(&self.record_count.to_le_bytes());
         b[16..32].copy_from_slice(self.uuid.as_bytes());
         b[32..40].copy_from_slice(&self.epoch.to_le_bytes());
@@ -30,7 +38,7 @@ impl SegmentHeader {
         b[56..64].copy_from_slice(&self.next_seq.to_le_bytes());
         let crc = crc32c::crc32c(&b[..HEADER_CRC_END]);
         b[64..68].copy_from_slice(&crc.to_le_bytes());
-        // 68..72 reserved, zero.
+        b[68..72].copy_from_slice(&key_id.to_le_bytes());
         b
     }
 }
@@ -67,10 +75,15 @@ pub fn decode_header(key: &str, data: &[u8]) -> Result<SegmentHeader, SegmentErr
         });
     }
     let reserved = u32_at(b, 68);
-    if reserved != 0 {
+    let encrypted = u16_at(b, 10) & FLAG_ENCRYPTED != 0;
+    if (reserved != 0) != encrypted {
         return Err(SegmentError::ReservedNotZero {
             key: key.to_string(),
-            field: "header reserved word",
+            field: if encrypted {
+                "header key id (encrypted segment)"
+            } else {
+                "header reserved word"
+            },
             value: u64::from(reserved),
         });
     }
@@ -84,6 +97,12 @@ pub fn decode_header(key: &str, data: &[u8]) -> Result<SegmentHeader, SegmentErr
         next_seq: u64_at(b, 56),
     };
     fields.into_header(key)
+}
+
+/// The key id in a checked header's bytes (`None`: plaintext). Only for bytes
+/// [`decode_header`] accepted.
+pub(crate) fn header_key_id(data: &[u8]) -> Option<u32> {
+    Some(u32_at(data, 68)).filter(|&id| id != 0)
 }
 
 pub(crate) fn check_version(key: &str, version: u16) -> Result<(), SegmentError> {
@@ -184,7 +203,7 @@ pub(crate) fn check_record_count(key: &str, count: u32) -> Result<(), SegmentErr
 ///      0    4 index_len     length of the archived index just before the trailer
 ///      4    4 index_crc     CRC32C of the archived index bytes
 ///      8    4 record_count  same as the header's and the index's entry count
-///     12    4 reserved      zero
+///     12    4 key_id        zero; in an encrypted segment, the key id sealing the index
 ///     16    8 magic         b"TLAGEND\0"
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -192,6 +211,8 @@ pub(crate) struct Trailer {
     pub(crate) index_len: u32,
     pub(crate) index_crc: u32,
     pub(crate) record_count: u32,
+    /// 0: the index is plaintext; else the id of the key that sealed it.
+    pub(crate) key_id: u32,
 }
 
 impl Trailer {
@@ -200,7 +221,7 @@ impl Trailer {
         b[0..4].copy_from_slice(&self.index_len.to_le_bytes());
         b[4..8].copy_from_slice(&self.index_crc.to_le_bytes());
         b[8..12].copy_from_slice(&self.record_count.to_le_bytes());
-        // 12..16 reserved, zero.
+        b[12..16].copy_from_slice(&self.key_id.to_le_bytes());
         b[16..24].copy_from_slice(&TRAILER_MAGIC);
         b
     }
@@ -220,18 +241,11 @@ impl Trailer {
                 found: magic,
             });
         }
-        let reserved = u32_at(b, 12);
-        if reserved != 0 {
-            return Err(SegmentError::ReservedNotZero {
-                key: key.to_string(),
-                field: "trailer reserved word",
-                value: u64::from(reserved),
-            });
-        }
         let trailer = Trailer {
             index_len: u32_at(b, 0),
             index_crc: u32_at(b, 4),
             record_count: u32_at(b, 8),
+            key_id: u32_at(b, 12),
         };
         if trailer.index_len as usize > MAX_INDEX_LEN {
             return Err(SegmentError::LimitExceeded {

@@ -9,9 +9,10 @@ use uuid::Uuid;
 
 use super::header::{check_version, HeaderFields, Trailer};
 use super::{
-    has_payload, Expected, IndexEntry, SegmentError, SegmentIndex, HEADER_LEN, MAX_PAYLOAD_LEN,
-    TRAILER_LEN,
+    has_payload, Expected, IndexEntry, SegmentError, SegmentIndex, FLAG_ENCRYPTED, HEADER_LEN,
+    MAX_PAYLOAD_LEN, TRAILER_LEN,
 };
+use crate::crypto::{KeyId, ObjectKind, Part, SealScope, SEAL_OVERHEAD};
 use crate::journal::record::{RecordKind, VERIFY_PAYLOAD_LEN};
 
 /// The archived index (rkyv 0.8 defaults: little-endian, aligned, 32-bit relative pointers).
@@ -100,16 +101,18 @@ pub fn decode_index_from_tail(
     object_size: u64,
     expected: &Expected,
 ) -> Result<SegmentIndex, SegmentError> {
-    let parsed = parse_index(key, tail, object_size)?;
+    let parsed = parse_index(key, tail, object_size, expected)?;
     expected.check(key, &parsed.index.header)?;
     Ok(parsed.index)
 }
 
-/// Everything [`decode_index_from_tail`] checks except the expectation.
+/// Everything [`decode_index_from_tail`] checks except the expectation (whose uuid and seq
+/// an encrypted index's seal binds: one moved from elsewhere does not open).
 pub(crate) fn parse_index(
     key: &str,
     tail: &[u8],
     object_size: u64,
+    expected: &Expected,
 ) -> Result<ParsedIndex, SegmentError> {
     let tail_len = tail.len() as u64;
     if tail_len > object_size {
@@ -150,9 +153,29 @@ pub(crate) fn parse_index(
             computed,
         });
     }
+    let opened;
+    let index_bytes = if trailer.key_id == 0 {
+        index_bytes
+    } else {
+        let scope = SealScope {
+            kind: ObjectKind::of_key(key),
+            key_id: KeyId(trailer.key_id),
+            uuid: expected.uuid,
+            epoch: 0,
+            seq: expected.seq,
+        };
+        opened = scope
+            .open(Part::Index, u64::MAX, index_bytes)
+            .map_err(|source| SegmentError::Sealed {
+                key: key.to_string(),
+                part: "index".to_string(),
+                source,
+            })?;
+        &opened[..]
+    };
     // rkyv reads archived integers in place, so the bytes must sit at the alignment they
     // were written with; a slice of a larger buffer has no such guarantee.
-    let mut aligned = AlignedVec::<16>::with_capacity(index_len);
+    let mut aligned = AlignedVec::<16>::with_capacity(index_bytes.len());
     aligned.extend_from_slice(index_bytes);
     let footer =
         rkyv::access::<ArchivedFooter, rkyv::rancor::Error>(&aligned).map_err(|source| {
@@ -181,6 +204,22 @@ pub(crate) fn parse_index(
         next_seq: footer.next_seq.to_native(),
     }
     .into_header(key)?;
+    // The index's own flag must agree with its trailer: a sealed index says it is one.
+    if (footer.flags.to_native() & FLAG_ENCRYPTED != 0) != (trailer.key_id != 0) {
+        return Err(SegmentError::IndexDisagrees {
+            key: key.to_string(),
+            field: "encrypted (trailer key id)",
+            header: u64::from(trailer.key_id),
+            index: u64::from(footer.flags.to_native() & FLAG_ENCRYPTED),
+        });
+    }
+    let seal = (trailer.key_id != 0).then(|| SealScope {
+        kind: ObjectKind::of_key(key),
+        key_id: KeyId(trailer.key_id),
+        uuid: header.uuid,
+        epoch: header.epoch,
+        seq: header.seq,
+    });
     let body_end = object_size - needed;
     let mut entries = Vec::with_capacity(count);
     let mut cursor = EntryCursor {
@@ -189,6 +228,7 @@ pub(crate) fn parse_index(
         next_pos: HEADER_LEN as u64,
         body_end,
         last_timestamp: None,
+        seal,
     };
     for (position, archived) in footer.entries.iter().enumerate() {
         entries.push(cursor.check(position, archived)?);
@@ -206,6 +246,7 @@ pub(crate) fn parse_index(
             header,
             entries,
             object_size,
+            sealed_with: (trailer.key_id != 0).then_some(KeyId(trailer.key_id)),
         },
         body_crc: footer.body_crc.to_native(),
         body_end,
@@ -219,6 +260,7 @@ struct EntryCursor<'k> {
     next_pos: u64,
     body_end: u64,
     last_timestamp: Option<u64>,
+    seal: Option<SealScope>,
 }
 
 impl EntryCursor<'_> {
@@ -268,6 +310,7 @@ impl EntryCursor<'_> {
                 1 => true,
                 _ => return Err(invalid(key, lsn, "compressed flag is neither 0 nor 1")),
             },
+            seal: self.seal.filter(|_| has_payload(kind)),
         };
         check_entry_fields(key, &entry)?;
         if entry.body_pos != self.next_pos {
@@ -308,7 +351,13 @@ pub(crate) fn check_entry_fields(key: &str, e: &IndexEntry) -> Result<(), Segmen
                 limit: MAX_PAYLOAD_LEN as u64,
             });
         }
-        let stored = u64::from(e.stored_len);
+        let mut stored = u64::from(e.stored_len);
+        if e.seal.is_some() {
+            // A sealed unit is the stored payload plus nonce and tag.
+            stored = stored
+                .checked_sub(SEAL_OVERHEAD as u64)
+                .ok_or_else(|| invalid(key, lsn, "sealed payload shorter than nonce and tag"))?;
+        }
         if e.compressed && stored >= e.length {
             return Err(invalid(
                 key,

@@ -18,6 +18,12 @@
 //!   header's fields, so that one ranged read of the tail tells what a segment holds;
 //! - trailer: `Trailer` (layout on the type, in `header.rs`).
 //!
+//! Encrypted segments (header flag `ENCRYPTED`, DESIGN.md "Encryption at rest") have the same
+//! layout: each payload and the index are sealed units (`crate::crypto::seal`), the key id sits
+//! in the header's and the trailer's reserved words, and every CRC but the per-payload ones
+//! covers the stored (sealed) bytes. Which key seals is the process keyring's newest
+//! (`crate::crypto::writing_key`), picked when a builder is made.
+//!
 //! Every byte of an object is covered by a check: the header by its CRC (and the reserved
 //! word by being zero), the index by the trailer's CRC, the trailer by its magic, reserved
 //! word and agreement with the index, the body by the index's body CRC and each payload by
@@ -46,7 +52,8 @@ pub use header::decode_header;
 pub use index::decode_index_from_tail;
 pub(crate) use probe::CompressProbe;
 pub use read::{
-    check_header, decode_payload, decode_segment, read_index, read_index_guessing, read_segment,
+    check_header, check_sealed_without_key, decode_payload, decode_segment, read_index,
+    read_index_guessing, read_segment,
 };
 
 /// Format version written in the header and the index.
@@ -66,8 +73,10 @@ pub const INDEX_TAIL_GUESS: u64 = 64 << 10;
 
 /// Header flag: a plug segment (no records; `next_seq` tells where the journal continues).
 pub(crate) const FLAG_PLUG: u16 = 1;
+/// Header flag: payloads and index are sealed (the reserved words hold the key id).
+pub(crate) const FLAG_ENCRYPTED: u16 = 2;
 /// Every flag bit this version knows.
-pub(crate) const KNOWN_FLAGS: u16 = FLAG_PLUG;
+pub(crate) const KNOWN_FLAGS: u16 = FLAG_PLUG | FLAG_ENCRYPTED;
 
 /// What a segment holds, as its header (or its index) says.
 ///
@@ -76,7 +85,7 @@ pub(crate) const KNOWN_FLAGS: u16 = FLAG_PLUG;
 /// offset size field         meaning
 ///      0    8 magic         b"TLAGSEG\0"
 ///      8    2 version       FORMAT_VERSION (1)
-///     10    2 flags         bit 0 = PLUG; other bits must be zero
+///     10    2 flags         bit 0 = PLUG, bit 1 = ENCRYPTED; other bits must be zero
 ///     12    4 record_count  records in the segment, <= MAX_RECORDS; 0 for a plug
 ///     16   16 uuid          device-group UUID (from the manifest)
 ///     32    8 epoch         writer epoch that wrote the segment
@@ -84,7 +93,7 @@ pub(crate) const KNOWN_FLAGS: u16 = FLAG_PLUG;
 ///     48    8 first_lsn     LSN of the first record (for an empty segment: the next LSN)
 ///     56    8 next_seq      seq + 1; for a plug, the seq where the journal continues (> seq)
 ///     64    4 header_crc    CRC32C of bytes 0..64
-///     68    4 reserved      zero
+///     68    4 key_id        zero; with ENCRYPTED, the sealing key's id (never zero)
 /// ```
 ///
 /// # Invariants
@@ -145,6 +154,9 @@ pub struct IndexEntry {
     pub crc: u32,
     /// The stored payload is a zstd frame.
     pub compressed: bool,
+    /// Set when the stored payload is a sealed unit (`nonce | ciphertext | tag`, counted in
+    /// `stored_len`): where it belongs, to open it.
+    pub seal: Option<crate::crypto::SealScope>,
 }
 
 impl IndexEntry {
@@ -162,6 +174,8 @@ pub struct SegmentIndex {
     pub entries: Vec<IndexEntry>,
     /// Size of the whole object.
     pub object_size: u64,
+    /// The key that sealed the segment (its index was opened with it); `None`: plaintext.
+    pub sealed_with: Option<crate::crypto::KeyId>,
 }
 
 impl SegmentIndex {
@@ -243,5 +257,7 @@ pub(crate) fn payload_bytes(op: &crate::journal::record::Op) -> std::borrow::Cow
     }
 }
 
+#[cfg(test)]
+mod sealed_tests;
 #[cfg(test)]
 mod tests;

@@ -95,6 +95,45 @@ pub async fn check_header(
     check_agreement(key, &header, &index.header)
 }
 
+/// For an encrypted segment whose key the process keyring lacks: checks what needs no key
+/// (the header and its CRC, the trailer, the CRC of the sealed index) and returns the header;
+/// `Ok(None)` for a plaintext segment or one whose key is installed (decode it instead).
+/// The body's CRC sits in the sealed index, so the body is not checked here.
+pub fn check_sealed_without_key(
+    key: &str,
+    data: &[u8],
+    expected: &Expected,
+) -> Result<Option<SegmentHeader>, SegmentError> {
+    let header = decode_header(key, data)?;
+    expected.check(key, &header)?;
+    let Some(key_id) = super::header::header_key_id(data) else {
+        return Ok(None);
+    };
+    if crate::crypto::lookup(crate::crypto::KeyId(key_id)).is_some() {
+        return Ok(None);
+    }
+    let trailer = Trailer::decode(key, data)?;
+    let index_len = trailer.index_len as usize;
+    if trailer.key_id != key_id || data.len() < HEADER_LEN + index_len + TRAILER_LEN {
+        return Err(SegmentError::IndexDisagrees {
+            key: key.to_string(),
+            field: "key id",
+            header: u64::from(key_id),
+            index: u64::from(trailer.key_id),
+        });
+    }
+    let end = data.len() - TRAILER_LEN;
+    let computed = crc32c::crc32c(&data[end - index_len..end]);
+    if computed != trailer.index_crc {
+        return Err(SegmentError::IndexCrc {
+            key: key.to_string(),
+            stored: trailer.index_crc,
+            computed,
+        });
+    }
+    Ok(Some(header))
+}
+
 /// Reads and decodes a whole segment; raw payloads share the object's buffer.
 pub async fn read_segment(
     store: &dyn ObjectStore,
@@ -119,9 +158,20 @@ fn decode_with(
         index,
         body_crc,
         body_end,
-    } = parse_index(key, data, data.len() as u64)?;
+    } = parse_index(key, data, data.len() as u64, expected)?;
     expected.check(key, &index.header)?;
     check_agreement(key, &header, &index.header)?;
+    // The header names the key the trailer does (or neither names one).
+    let trailer_key = Trailer::decode(key, data)?.key_id;
+    let header_key = super::header::header_key_id(data).unwrap_or(0);
+    if header_key != trailer_key {
+        return Err(SegmentError::IndexDisagrees {
+            key: key.to_string(),
+            field: "key id",
+            header: u64::from(header_key),
+            index: u64::from(trailer_key),
+        });
+    }
     let mut decompressor = None;
     let mut records = Vec::with_capacity(index.entries.len());
     for entry in &index.entries {
@@ -198,6 +248,21 @@ fn decode_stored(
     // Entries reaching here came through parse_index, but decode_payload takes entries from
     // callers: recheck what bounds the allocation below.
     super::index::check_entry_fields(key, entry)?;
+    // A sealed payload is opened (its tag checked) before anything reads its bytes.
+    let mut opened = None;
+    let stored = match &entry.seal {
+        None => stored,
+        Some(scope) => {
+            let plain = scope
+                .open(crate::crypto::Part::Payload, lsn, stored)
+                .map_err(|source| SegmentError::Sealed {
+                    key: key.to_string(),
+                    part: format!("payload of LSN {lsn}"),
+                    source,
+                })?;
+            &opened.insert(plain)[..]
+        }
+    };
     let payload = if entry.compressed {
         let decompress_err = |source| SegmentError::Decompress {
             key: key.to_string(),
@@ -213,6 +278,8 @@ fn decode_stored(
         *decompressor = Some(d);
         let out = out.map_err(decompress_err)?;
         Bytes::from(out)
+    } else if let Some(plain) = opened {
+        Bytes::from(plain)
     } else {
         raw()
     };

@@ -467,11 +467,15 @@ fn header_checks_limits_flags_version_and_reserved_before_trusting_fields() {
             ..
         }
     ));
-    let b = with_header(&bytes, |h| h[10] = 0x02);
+    // Bit 1 (ENCRYPTED) is known since encryption at rest; bit 2 is the first unknown.
+    let b = with_header(&bytes, |h| h[10] = 0x04);
     assert!(matches!(
         decode(&b),
-        SegmentError::UnknownFlags { flags: 2, .. }
+        SegmentError::UnknownFlags { flags: 4, .. }
     ));
+    // ENCRYPTED without a key id in the reserved word is refused.
+    let b = with_header(&bytes, |h| h[10] = 0x02);
+    assert!(matches!(decode(&b), SegmentError::ReservedNotZero { .. }));
     let b = with_header(&bytes, |h| h[10] = 0x01);
     assert!(matches!(decode(&b), SegmentError::PlugNotEmpty { .. }));
     let b = with_header(&bytes, |h| h[8] = 2);
@@ -606,6 +610,7 @@ fn assemble(header: &SegmentHeader, body: &[u8], footer: &Footer) -> Vec<u8> {
             index_len: index.len() as u32,
             index_crc: crc32c::crc32c(&index),
             record_count: footer.entries.len() as u32,
+            key_id: 0,
         }
         .encode(),
     );
