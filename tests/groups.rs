@@ -150,7 +150,16 @@ struct Sent {
 
 /// Writes 1..=total in order, each to its disk's export, each after the previous one's
 /// acknowledgement; `during` runs between writes (to kill the agent under load).
-fn write_in_order(socket: &Path, total: u64, mut during: impl FnMut(u64)) -> Sent {
+fn write_in_order(socket: &Path, total: u64, during: impl FnMut(u64)) -> Sent {
+    write_range(socket, 1..=total, during)
+}
+
+/// [`write_in_order`] of writes `ks` only (the `Sent` entries are theirs, in order).
+fn write_range(
+    socket: &Path,
+    ks: std::ops::RangeInclusive<u64>,
+    mut during: impl FnMut(u64),
+) -> Sent {
     let mut clients = [
         RawClient::go(socket, "wal").0,
         RawClient::go(socket, "data").0,
@@ -159,7 +168,7 @@ fn write_in_order(socket: &Path, total: u64, mut during: impl FnMut(u64)) -> Sen
         sent_ns: Vec::new(),
         acked_ns: Vec::new(),
     };
-    for k in 1..=total {
+    for k in ks {
         let (disk, offset, block) = write_k(k);
         sent.sent_ns.push(now_ns());
         clients[disk].write(offset, &block);
@@ -487,4 +496,169 @@ fn a_group_is_refused_whole_with_one_line_when_a_device_or_name_is_wrong() {
     for line in ["device 0     wal", "device 1     data", "device 2     logs"] {
         assert!(info.contains(line), "{line:?} not in {info}");
     }
+}
+
+/// The names and sizes `nbdinfo --list` reports at `uri`, sorted by name.
+fn listed_exports(uri: &str) -> Vec<(String, u64)> {
+    let out = run_cmd_ok(std::process::Command::new("nbdinfo").args(["--list", "--json", uri]));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut sizes: Vec<(String, u64)> = list["exports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["export-name"].as_str().unwrap().to_string(),
+                e["export-size"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    sizes.sort();
+    sizes
+}
+
+/// `mount --at|--mark` of the set: one export per device, all as of the same point, each
+/// byte for byte what `restore --output-dir` writes for that point — going back through the
+/// undo log (points the agent has passed) and forward through the journal (points it has not
+/// reached) — and every pair a prefix of the group's order. A writable mount's writes stay on
+/// their device's export; an unknown export name is refused.
+#[test]
+fn mount_of_a_group_serves_every_device_as_of_one_point() {
+    const TOTAL: u64 = 600;
+    const APPLIED: u64 = 400;
+    let group = Group::new();
+    let mut serve = group.serve();
+    let replicas = [
+        "--replica".to_string(),
+        format!("wal={}", path(&group.pair("live")[0])),
+        "--replica".to_string(),
+        format!("data={}", path(&group.pair("live")[1])),
+    ];
+    // Writes 1..=APPLIED, a mark, then the agent catches up and stops: the later writes are in
+    // the journal only, so their points are mounted forward.
+    let first = write_in_order(&serve.socket, APPLIED, |_| {});
+    let marked = tinylag_ok(&["mark", "half", "--control", path(&serve.control)], &[]);
+    assert!(marked.contains("half"), "{marked}");
+    run_ok(&group.replay("set", "live", &["--once"]));
+    let second = write_range(&serve.socket, APPLIED + 1..=TOTAL, |_| {});
+    serve.stop_ok();
+
+    // Random instants between two writes: three the agent passed (back through the undo
+    // log), three it never reached (forward through the journal).
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2121);
+    let mut points: Vec<(Vec<String>, String, u64)> =
+        vec![(s(&["--mark", "half"]), "--mark half".to_string(), APPLIED)];
+    for i in 0..6 {
+        let (sent, from, to) = if i < 3 {
+            (&first, 1, APPLIED)
+        } else {
+            (&second, APPLIED + 1, TOTAL)
+        };
+        let k = rng.gen_range(from..to);
+        let at_k = (k - from) as usize;
+        let t = (sent.acked_ns[at_k] + sent.sent_ns[at_k + 1]) / 2;
+        let at = format!("@{}", t as f64 / 1e9);
+        points.push((s(&["--at", &at]), format!("--at {at} (after write {k})"), k));
+    }
+    let dir = group.path("mounts");
+    std::fs::create_dir(&dir).unwrap();
+    for (i, (point, what, expect)) in points.iter().enumerate() {
+        let restored = group.path(&format!("restored-{i}"));
+        let mut args = s(&["restore", "--journal", &group.journal]);
+        args.extend(replicas.iter().cloned());
+        args.extend(point.iter().cloned());
+        args.extend(s(&["--output-dir", path(&restored)]));
+        run_ok(&args);
+
+        let mut args = s(&["--journal", &group.journal]);
+        args.extend(replicas.iter().cloned());
+        args.extend(point.iter().cloned());
+        let mount = support::timetravel::Mount::spawn(&args, &dir);
+        assert_eq!(
+            listed_exports(&mount.uri_of("")),
+            [
+                ("data".to_string(), DATA_SIZE),
+                ("wal".to_string(), WAL_SIZE)
+            ],
+            "{what}: the exports listed"
+        );
+        let mut copies = Vec::new();
+        for device in ["wal", "data"] {
+            let copy = group.path(&format!("mounted-{i}-{device}.img"));
+            run_cmd_ok(
+                std::process::Command::new("nbdcopy").args([&mount.uri_of(device), path(&copy)]),
+            );
+            assert!(
+                std::fs::read(&copy).unwrap()
+                    == std::fs::read(restored.join(format!("{device}.img"))).unwrap(),
+                "mount {what}: export {device} differs from restore --output-dir of the point"
+            );
+            copies.push(copy);
+        }
+        // The empty name is device 0.
+        let default = group.path(&format!("mounted-{i}-default.img"));
+        run_cmd_ok(std::process::Command::new("nbdcopy").args([&mount.uri_of(""), path(&default)]));
+        assert!(
+            std::fs::read(&default).unwrap() == std::fs::read(&copies[0]).unwrap(),
+            "mount {what}: the empty export name is not device 0 (wal)"
+        );
+        let n = prefix_held([&copies[0], &copies[1]], TOTAL, &format!("mount {what}"));
+        // The float time may round by a microsecond: allow the neighbour, never more.
+        assert!(
+            expect.abs_diff(n) <= 1,
+            "mount {what}: the pair holds writes 1..={n}"
+        );
+        // An export the group lacks: the client is refused, the mount keeps serving.
+        let out = support::nbd::run(
+            std::process::Command::new("nbdinfo").arg(mount.uri_of("logs")),
+            std::time::Duration::from_secs(30),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("logs"),
+            "nbdinfo of export logs: {err}"
+        );
+        assert_eq!(listed_exports(&mount.uri_of("")).len(), 2);
+        mount.stop();
+    }
+
+    // Writable: a write to the data export lands in the scratch at that device's place only.
+    let scratch = group.path("scratch.img");
+    let mut args = s(&["--journal", &group.journal]);
+    args.extend(replicas.iter().cloned());
+    args.extend(s(&["--mark", "half", "--writable", path(&scratch)]));
+    let before: Vec<Vec<u8>> = group
+        .pair("live")
+        .iter()
+        .map(|p| std::fs::read(p).unwrap())
+        .collect();
+    let mount = support::timetravel::Mount::spawn(&args, &dir);
+    support::nbd::qemu_io_ok(&mount.uri_of("data"), &["write -P 0x5a 0 8k"]);
+    support::nbd::qemu_io_ok(&mount.uri_of("data"), &["read -P 0x5a 0 8k"]);
+    let wal = group.path("writable-wal.img");
+    run_cmd_ok(std::process::Command::new("nbdcopy").args([&mount.uri_of("wal"), path(&wal)]));
+    assert!(
+        std::fs::read(&wal).unwrap() == std::fs::read(group.path("restored-0/wal.img")).unwrap(),
+        "a write to the data export changed the wal export"
+    );
+    mount.stop();
+    for (p, b) in group.pair("live").iter().zip(&before) {
+        assert!(
+            std::fs::read(p).unwrap() == *b,
+            "a writable mount wrote to {}",
+            p.display()
+        );
+    }
+    assert!(scratch.exists(), "no scratch file");
+
+    // --export names one export; a group's are its devices' names.
+    let mut args = s(&["mount", "--journal", &group.journal, "--mark", "half"]);
+    args.extend(replicas.iter().cloned());
+    args.extend(s(&["--export", "x"]));
+    let out = run(&args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("a group's exports are its device names"),
+        "{err}"
+    );
 }
