@@ -662,3 +662,156 @@ fn mount_of_a_group_serves_every_device_as_of_one_point() {
         "{err}"
     );
 }
+
+/// `tinylag promote` of the replica set `prefix`-wal.img / `prefix`-data.img as consumer
+/// `name` (a daemon: its sockets beside the first image).
+fn promote_set(group: &Group, prefix: &str, name: &str, extra: &[&str]) -> Daemon {
+    let [wal, data] = group.pair(prefix);
+    let mut args = s(&[
+        "promote",
+        "--replica",
+        &format!("wal={}", path(&wal)),
+        "--replica",
+        &format!("data={}", path(&data)),
+        "--journal",
+        &group.journal,
+        "--name",
+        name,
+        "--linger",
+        "20ms",
+    ]);
+    args.extend(extra.iter().map(|a| a.to_string()));
+    Daemon::start_args(&wal, None, &args, &[])
+}
+
+/// Waits until the daemon's log holds `needle` (promote says so once it serves).
+fn wait_log(daemon: &Daemon, needle: &str) {
+    support::procs::wait_until(std::time::Duration::from_secs(60), || {
+        daemon.log_tail().contains(needle)
+    })
+    .unwrap_or_else(|()| panic!("no {needle:?} in the log:\n{}", daemon.log_tail()));
+}
+
+/// Failover of the group as a unit: A demotes, B's replica set is promoted at the DEMOTE
+/// (both images equal A's, zero bytes resynced), serves both devices and takes writes on
+/// both; then B is killed -9 and C's set is promoted with --force. Every pair the test looks
+/// at is a prefix of the group's order, and C equals a fresh replay of the whole journal.
+#[test]
+fn a_group_fails_over_as_a_unit_planned_and_forced() {
+    let group = Group::new();
+    let mut a = group.serve();
+    let log = group.path("b.replay.log");
+    let mut agent = spawn(&group.replay("siteb", "b", &[]), &log);
+    write_in_order(&a.socket, 200, |_| {});
+
+    // A live primary that has not demoted: refused, nothing changes.
+    let [b_wal, b_data] = group.pair("b");
+    let out = run(&s(&[
+        "promote",
+        "--replica",
+        &format!("wal={}", path(&b_wal)),
+        "--replica",
+        &format!("data={}", path(&b_data)),
+        "--journal",
+        &group.journal,
+        "--name",
+        "siteb",
+    ]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("has not released its lease"),
+        "{err}"
+    );
+    let out = tinylag_ok(&["demote", "--control", path(&a.control), "--json"], &[]);
+    let demoted: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let lsn = demoted["lsn"].as_u64().unwrap();
+    agent.terminate(std::time::Duration::from_secs(30)).unwrap();
+    a.stop_ok();
+
+    let mut b = promote_set(&group, "b", "siteb", &[]);
+    wait_log(&b, &format!("promoted at LSN {lsn}:"));
+    let status = b.status();
+    assert_eq!(status["mode"], "logging", "{status:#}");
+    assert_eq!(status["resync"]["bytes_done"], 0, "{status:#}");
+    for (promoted, old) in group.pair("b").iter().zip(["wal.img", "data.img"]) {
+        assert!(
+            std::fs::read(promoted).unwrap() == std::fs::read(group.path(old)).unwrap(),
+            "{} differs from A's {old} at the DEMOTE",
+            promoted.display()
+        );
+    }
+    // B serves both devices and takes writes on both, in one order.
+    assert_eq!(
+        listed_exports(&format!("nbd+unix:///?socket={}", path(&b.socket))),
+        [
+            ("data".to_string(), DATA_SIZE),
+            ("wal".to_string(), WAL_SIZE)
+        ]
+    );
+    let c_log = group.path("c.replay.log");
+    let mut c_agent = spawn(&group.replay("sitec", "c", &[]), &c_log);
+    write_range(&b.socket, 201..=400, |_| {});
+    let n = prefix_held([&b_wal, &b_data], 400, "B after its writes");
+    assert_eq!(n, 400, "B holds writes 1..={n}");
+
+    // B dies without a demote: a plain promote of C is refused, --force promotes it.
+    b.kill9();
+    c_agent
+        .terminate(std::time::Duration::from_secs(30))
+        .unwrap();
+    let [c_wal, c_data] = group.pair("c");
+    let out = run(&s(&[
+        "promote",
+        "--replica",
+        &format!("wal={}", path(&c_wal)),
+        "--replica",
+        &format!("data={}", path(&c_data)),
+        "--journal",
+        &group.journal,
+        "--name",
+        "sitec",
+    ]));
+    assert!(
+        !out.status.success(),
+        "a plain promote after kill -9 succeeded"
+    );
+    let mut c = promote_set(&group, "c", "sitec", &["--force"]);
+    wait_log(&c, "promoted at LSN");
+    let held = prefix_held([&c_wal, &c_data], 400, "C promoted with --force");
+    eprintln!("C promoted with --force holds writes 1..={held} of 400");
+    assert!(
+        held >= 200,
+        "C lost writes B had before the failover: 1..={held}"
+    );
+    c.stop_ok();
+    run_ok(&group.replay("check", "check", &["--once"]));
+    for (promoted, check) in group.pair("c").iter().zip(group.pair("check")) {
+        assert!(
+            std::fs::read(promoted).unwrap() == std::fs::read(&check).unwrap(),
+            "{} differs from a fresh replay of the whole journal",
+            promoted.display()
+        );
+    }
+    let verified = tinylag_ok(&["journal", "verify", "--journal", &group.journal], &[]);
+    assert!(verified.contains("verified"), "{verified}");
+
+    // Not yet for a group: a promote to a past point; one line, nothing claimed.
+    let out = run(&s(&[
+        "promote",
+        "--replica",
+        &format!("wal={}", path(&c_wal)),
+        "--replica",
+        &format!("data={}", path(&c_data)),
+        "--journal",
+        &group.journal,
+        "--name",
+        "sitec2",
+        "--mark",
+        "x",
+    ]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("not --at/--mark yet"),
+        "{err}"
+    );
+}
