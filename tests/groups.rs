@@ -815,3 +815,111 @@ fn a_group_fails_over_as_a_unit_planned_and_forced() {
         "{err}"
     );
 }
+
+/// A set `restore --output-dir` wrote carries a seed stamp beside every image, and a new
+/// consumer adopts it and replays on to the end; a set with one image changed after the
+/// restore, or with one stamp missing, is refused in one line and nothing is registered.
+#[test]
+fn a_restored_set_is_adopted_by_its_stamps_and_a_changed_image_is_refused() {
+    let group = Group::new();
+    let mut serve = group.serve();
+    write_in_order(&serve.socket, 100, |_| {});
+    let mid = format!("@{}", now_ns() as f64 / 1e9);
+    run_ok(&group.replay("live", "live", &["--once"]));
+    write_range(&serve.socket, 101..=200, |_| {});
+    serve.stop_ok();
+    let restore = |dir: &str| {
+        let out = group.path(dir);
+        run_ok(&s(&[
+            "restore",
+            "--journal",
+            &group.journal,
+            "--replica",
+            &format!("wal={}", path(&group.pair("live")[0])),
+            "--replica",
+            &format!("data={}", path(&group.pair("live")[1])),
+            "--at",
+            &mid,
+            "--output-dir",
+            path(&out),
+        ]));
+        for device in ["wal", "data"] {
+            assert!(
+                out.join(format!("{device}.img.seed.json")).exists(),
+                "no seed stamp beside {device}.img"
+            );
+        }
+        out
+    };
+    let replay_set = |dir: &Path, name: &str| {
+        run(&s(&[
+            "replay",
+            "--journal",
+            &group.journal,
+            "--name",
+            name,
+            "--replica",
+            &format!("wal={}", path(&dir.join("wal.img"))),
+            "--replica",
+            &format!("data={}", path(&dir.join("data.img"))),
+            "--once",
+        ]))
+    };
+    let consumers = || {
+        let info = tinylag_ok(
+            &["journal", "info", "--journal", &group.journal, "--json"],
+            &[],
+        );
+        let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+        info["consumers"].as_array().unwrap().len()
+    };
+
+    // Adopted at the point, replayed to the end: the primaries byte for byte.
+    let good = restore("good");
+    assert_eq!(
+        prefix_held(
+            [&good.join("wal.img"), &good.join("data.img")],
+            200,
+            "restored"
+        ),
+        100
+    );
+    let out = replay_set(&good, "adopted");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (device, primary) in ["wal", "data"].iter().zip(["wal.img", "data.img"]) {
+        assert!(
+            std::fs::read(good.join(format!("{device}.img"))).unwrap()
+                == std::fs::read(group.path(primary)).unwrap(),
+            "the adopted {device} differs from its primary"
+        );
+        assert!(!good.join(format!("{device}.img.seed.json")).exists());
+    }
+
+    // One image changed after the restore: refused, nothing registered.
+    let before = consumers();
+    let changed = restore("changed");
+    let data = changed.join("data.img");
+    let mut bytes = std::fs::read(&data).unwrap();
+    bytes[0] ^= 0xff;
+    std::fs::write(&data, &bytes).unwrap();
+    let out = replay_set(&changed, "changed");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("device data") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    // One stamp missing: refused the same way.
+    let partial = restore("partial");
+    std::fs::remove_file(partial.join("data.img.seed.json")).unwrap();
+    let out = replay_set(&partial, "partial");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("has no seed stamp beside it"),
+        "{err}"
+    );
+    assert_eq!(consumers(), before, "a refused set registered a consumer");
+}

@@ -190,6 +190,8 @@ pub async fn open(
         SeedChoice::Assume
     } else if args.check_seed {
         SeedChoice::Check
+    } else if group {
+        set_seed(&manifest, &images)
     } else {
         match SeedStamp::read_checked(&replica_path) {
             Ok(Some(stamp)) => SeedChoice::Stamp(stamp),
@@ -274,7 +276,17 @@ pub async fn open(
     )
     .await;
     let agent = match opened {
-        Ok(agent) => agent,
+        Ok(agent) => {
+            if group {
+                // The agent changes the set from here (its position says how it was seeded):
+                // no image's stamp may vouch for it again. (A one-device agent removes its
+                // own; a set's are one per image.)
+                for image in &images {
+                    SeedStamp::remove(image);
+                }
+            }
+            agent
+        }
         Err(e) => {
             // Leave nothing behind for a refused start.
             for path in &created_paths {
@@ -294,6 +306,54 @@ pub async fn open(
         undo: undo_store.map(|s| s.describe()),
         undo_counts,
     })
+}
+
+/// How a replica set is vouched for: by a seed stamp beside **every** image (as `restore
+/// --output-dir` leaves them), each checked against its own file, all naming the same journal
+/// state; a stamp beside some images only, or stamps of different states, vouch for nothing
+/// (one changed image would otherwise ride on the others' stamps).
+fn set_seed(manifest: &Manifest, images: &[PathBuf]) -> SeedChoice {
+    let mut stamps = Vec::new();
+    for (device, image) in manifest.devices.iter().zip(images) {
+        match SeedStamp::read_checked(image) {
+            Ok(stamp) => stamps.push((device, image, stamp)),
+            Err(e) => return SeedChoice::BrokenStamp(format!("device {}: {e}", device.name)),
+        }
+    }
+    if stamps.iter().all(|(_, _, s)| s.is_none()) {
+        return SeedChoice::Refuse;
+    }
+    if let Some((device, image, _)) = stamps.iter().find(|(_, _, s)| s.is_none()) {
+        return SeedChoice::BrokenStamp(format!(
+            "device {}: {} has no seed stamp beside it, though other images of the set do: a \
+             set is vouched for only by a stamp beside every image",
+            device.name,
+            image.display()
+        ));
+    }
+    let first = stamps[0]
+        .2
+        .clone()
+        .expect("checked: every image has a stamp");
+    let state = |s: &SeedStamp| (s.journal_uuid, s.lsn, s.seq, s.epoch);
+    for (device, image, stamp) in &stamps[1..] {
+        let stamp = stamp.as_ref().expect("checked: every image has a stamp");
+        if state(stamp) != state(&first) {
+            return SeedChoice::BrokenStamp(format!(
+                "device {}: the seed stamp beside {} is of LSN {} (seq {}, epoch {}), the first \
+                 image's of LSN {} (seq {}, epoch {}): the images are not one state of the set",
+                device.name,
+                image.display(),
+                stamp.lsn,
+                stamp.seq,
+                stamp.epoch,
+                first.lsn,
+                first.seq,
+                first.epoch
+            ));
+        }
+    }
+    SeedChoice::Stamp(first)
 }
 
 /// Caps glibc's malloc arenas. The agent moves tens of megabytes per batch through buffers

@@ -266,6 +266,12 @@ pub async fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
             report.journal_records
         );
         match &report.seed_stamp {
+            Some(_) if sources.members.len() > 1 => println!(
+                "seed stamps beside every image: `tinylag replay --replica NAME={}/NAME.img` per \
+                 device with a new --name adopts the set and starts at LSN {}",
+                report.output.display(),
+                report.point.lsn
+            ),
             Some(stamp) => println!(
                 "seed stamp {}: `tinylag replay --replica {}` with a new --name adopts the image and starts at LSN {}",
                 stamp.display(),
