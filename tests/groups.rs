@@ -923,3 +923,97 @@ fn a_restored_set_is_adopted_by_its_stamps_and_a_changed_image_is_refused() {
     );
     assert_eq!(consumers(), before, "a refused set registered a consumer");
 }
+
+/// After `journal add-device`, a consumer registered for the first two devices takes the new
+/// device's image when it is new (blank): it replays on and all three replicas equal their
+/// primaries. An added device's image that exists already is refused in one line.
+#[test]
+fn a_consumer_registered_before_add_device_takes_the_new_device() {
+    const LOGS_SIZE: u64 = 4 << 20;
+    let group = Group::new();
+    let mut serve = group.serve();
+    write_in_order(&serve.socket, 60, |_| {});
+    serve.stop_ok();
+    run_ok(&group.replay("set", "r", &["--once"]));
+    run_ok(&group.replay("other", "o", &["--once"]));
+    let added = tinylag_ok(
+        &[
+            "journal",
+            "add-device",
+            "--journal",
+            &group.journal,
+            "--name",
+            "logs",
+            "--size",
+            "4M",
+        ],
+        &[],
+    );
+    assert!(added.contains("as device 2"), "{added}");
+    let logs = group.path("logs.img");
+    std::fs::File::create(&logs)
+        .unwrap()
+        .set_len(LOGS_SIZE)
+        .unwrap();
+    let args = s(&[
+        "serve",
+        "--primary",
+        &format!("wal={}", path(&group.path("wal.img"))),
+        "--primary",
+        &format!("data={}", path(&group.path("data.img"))),
+        "--primary",
+        &format!("logs={}", path(&logs)),
+        "--journal",
+        &group.journal,
+        "--linger",
+        "20ms",
+    ]);
+    let mut serve = Daemon::start_args(&group.path("wal.img"), None, &args, &[]);
+    let (mut client, _, _) = RawClient::go(&serve.socket, "logs");
+    client.write(8192, &support::nbd::pattern(7, BLOCK));
+    drop(client);
+    write_range(&serve.socket, 61..=80, |_| {});
+    serve.stop_ok();
+
+    let with_logs = |name: &str, prefix: &str| {
+        let mut args = group.replay(name, prefix, &["--once"]);
+        args.extend(s(&[
+            "--replica",
+            &format!("logs={}", path(&group.path(&format!("{prefix}-logs.img")))),
+        ]));
+        run(&args)
+    };
+    let out = with_logs("set", "r");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for device in ["wal", "data", "logs"] {
+        assert!(
+            std::fs::read(group.path(&format!("r-{device}.img"))).unwrap()
+                == std::fs::read(group.path(&format!("{device}.img"))).unwrap(),
+            "replica {device} differs from its primary"
+        );
+    }
+    // Consumer `other`, given an image for logs that exists already: refused, and it keeps
+    // its registration as it was.
+    let existing = group.path("o-logs.img");
+    std::fs::write(&existing, vec![1u8; LOGS_SIZE as usize]).unwrap();
+    let out = with_logs("other", "o");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("registered before device(s) logs were added")
+            && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    let info = tinylag_ok(
+        &["journal", "info", "--journal", &group.journal, "--json"],
+        &[],
+    );
+    assert!(
+        !info.contains(path(&existing)),
+        "the refused consumer's registration changed: {info}"
+    );
+}

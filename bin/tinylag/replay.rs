@@ -10,7 +10,7 @@ use tinylag::clock::{format_ns, Clock, SystemClock};
 use tinylag::control;
 use tinylag::journal::layout::match_named_paths;
 use tinylag::journal::reader::JournalReader;
-use tinylag::journal::Manifest;
+use tinylag::journal::{consumer, JournalError, Manifest};
 use tinylag::metrics::{Hub, ReplicaSource};
 use tinylag::replayer::group_replica::GroupReplica;
 use tinylag::replayer::{
@@ -227,6 +227,21 @@ pub async fn open(
         }
         let set = GroupReplica::new(manifest.layout(), members);
         let shown = set.describe();
+        if let Err(e) = take_added_devices(
+            journal.as_ref(),
+            &args.name,
+            &shown,
+            &manifest,
+            &images,
+            &created_paths,
+        )
+        .await
+        {
+            for path in &created_paths {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(e);
+        }
         // Blank only when every image was created now; an existing image among them is
         // adopted as the whole set is (refused unless blank).
         let all_created = created_paths.len() == images.len();
@@ -306,6 +321,70 @@ pub async fn open(
         undo: undo_store.map(|s| s.describe()),
         undo_counts,
     })
+}
+
+/// After `journal add-device`: consumer `name`, registered for the set's first devices (or, if
+/// the journal had one device then, for its image alone), takes the added devices' images when
+/// they were created blank just now, and its registration names the whole set from here. That
+/// is safe because no record of a device precedes its addition, and an agent stops at the
+/// first record of a device its layout lacks: the consumer applied none of them. An added
+/// device's image that already existed is refused in one line saying what to run.
+async fn take_added_devices(
+    store: &dyn ObjectStore,
+    name: &str,
+    shown: &str,
+    manifest: &Manifest,
+    images: &[PathBuf],
+    created: &[PathBuf],
+) -> anyhow::Result<()> {
+    let mut pos = match consumer::load(store, name).await {
+        Ok(pos) => pos,
+        Err(JournalError::UnknownConsumer { .. }) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    if pos.replica == shown {
+        return Ok(());
+    }
+    let named: Vec<String> = manifest
+        .devices
+        .iter()
+        .zip(images)
+        .map(|(d, p)| format!("{}={}", d.name, p.display()))
+        .collect();
+    for k in 1..named.len() {
+        let mut before = vec![named[..k].join(",")];
+        if k == 1 {
+            // Registered while the journal had one device: the plain path.
+            before.push(images[0].display().to_string());
+        }
+        if !before.contains(&pos.replica) {
+            continue;
+        }
+        let added: Vec<&str> = manifest.devices[k..]
+            .iter()
+            .map(|d| d.name.as_str())
+            .collect();
+        if let Some(old) = images[k..].iter().find(|p| !created.contains(p)) {
+            bail!(
+                "consumer {name} replays onto {}, registered before device(s) {} were added; \
+                 {} exists already, but an added device's image must be new (blank) for the \
+                 consumer to take it: give a new path for it, or replay the set anew under a \
+                 new --name",
+                pos.replica,
+                added.join(", "),
+                old.display()
+            );
+        }
+        pos.replica = shown.to_string();
+        consumer::commit(store, &pos).await?;
+        say(format!(
+            "consumer {name}: takes the added device(s) {} (blank images); it now replays onto {shown}",
+            added.join(", ")
+        ));
+        return Ok(());
+    }
+    // Another set altogether: the agent refuses it, naming both.
+    Ok(())
 }
 
 /// How a replica set is vouched for: by a seed stamp beside **every** image (as `restore
