@@ -733,6 +733,31 @@ fn a_group_fails_over_as_a_unit_planned_and_forced() {
     let status = b.status();
     assert_eq!(status["mode"], "logging", "{status:#}");
     assert_eq!(status["resync"]["bytes_done"], 0, "{status:#}");
+    // Status shows each device of the set (name, size, place, its dirty share).
+    let devices: Vec<(String, u64, u64)> = status["devices"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no devices in {status:#}"))
+        .iter()
+        .map(|d| {
+            (
+                d["name"].as_str().unwrap().to_string(),
+                d["size"].as_u64().unwrap(),
+                d["dirty_regions"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        devices,
+        [
+            ("wal".to_string(), WAL_SIZE, 0),
+            ("data".to_string(), DATA_SIZE, 0)
+        ]
+    );
+    let text = tinylag_ok(&["status", "--control", path(&b.control)], &[]);
+    assert!(
+        text.contains("device wal") && text.contains("device data"),
+        "{text}"
+    );
     for (promoted, old) in group.pair("b").iter().zip(["wal.img", "data.img"]) {
         assert!(
             std::fs::read(promoted).unwrap() == std::fs::read(group.path(old)).unwrap(),
