@@ -666,7 +666,11 @@ fn mount_of_a_group_serves_every_device_as_of_one_point() {
 /// `tinylag promote` of the replica set `prefix`-wal.img / `prefix`-data.img as consumer
 /// `name` (a daemon: its sockets beside the first image).
 fn promote_set(group: &Group, prefix: &str, name: &str, extra: &[&str]) -> Daemon {
-    let [wal, data] = group.pair(prefix);
+    promote_images(group, group.pair(prefix), name, extra)
+}
+
+/// [`promote_set`] of the images `wal` and `data`.
+fn promote_images(group: &Group, [wal, data]: [PathBuf; 2], name: &str, extra: &[&str]) -> Daemon {
     let mut args = s(&[
         "promote",
         "--replica",
@@ -694,7 +698,8 @@ fn wait_log(daemon: &Daemon, needle: &str) {
 
 /// Failover of the group as a unit: A demotes, B's replica set is promoted at the DEMOTE
 /// (both images equal A's, zero bytes resynced), serves both devices and takes writes on
-/// both; then B is killed -9 and C's set is promoted with --force. Every pair the test looks
+/// both; B demotes and A's old set, stamped at its own DEMOTE, follows B and is promoted back
+/// (planned failback); then A is killed -9 and C's set is promoted with --force. Every pair the test looks
 /// at is a prefix of the group's order, and C equals a fresh replay of the whole journal.
 #[test]
 fn a_group_fails_over_as_a_unit_planned_and_forced() {
@@ -773,14 +778,48 @@ fn a_group_fails_over_as_a_unit_planned_and_forced() {
             ("wal".to_string(), WAL_SIZE)
         ]
     );
-    let c_log = group.path("c.replay.log");
-    let mut c_agent = spawn(&group.replay("sitec", "c", &[]), &c_log);
     write_range(&b.socket, 201..=400, |_| {});
     let n = prefix_held([&b_wal, &b_data], 400, "B after its writes");
     assert_eq!(n, 400, "B holds writes 1..={n}");
 
-    // B dies without a demote: a plain promote of C is refused, --force promotes it.
-    b.kill9();
+    // Failback: B demotes; A's old primaries, stamped at A's DEMOTE (beside every image),
+    // follow the chain from there as one set and reach B's DEMOTE; A is promoted again.
+    let out = tinylag_ok(&["demote", "--control", path(&b.control), "--json"], &[]);
+    let demoted: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let lsn = demoted["lsn"].as_u64().unwrap();
+    let a_images = [group.path("wal.img"), group.path("data.img")];
+    run_ok(&s(&[
+        "replay",
+        "--journal",
+        &group.journal,
+        "--name",
+        "sitea",
+        "--replica",
+        &format!("wal={}", path(&a_images[0])),
+        "--replica",
+        &format!("data={}", path(&a_images[1])),
+        "--once",
+    ]));
+    b.stop_ok();
+    for (a_image, b_image) in a_images.iter().zip(group.pair("b")) {
+        assert!(
+            std::fs::read(a_image).unwrap() == std::fs::read(&b_image).unwrap(),
+            "{} differs from B's {} at B's DEMOTE",
+            a_image.display(),
+            b_image.display()
+        );
+    }
+    let mut a = promote_images(&group, a_images.clone(), "sitea", &[]);
+    wait_log(&a, &format!("promoted at LSN {lsn}:"));
+    assert_eq!(a.status()["resync"]["bytes_done"], 0);
+    let c_log = group.path("c.replay.log");
+    let mut c_agent = spawn(&group.replay("sitec", "c", &[]), &c_log);
+    write_range(&a.socket, 401..=500, |_| {});
+    let n = prefix_held([&a_images[0], &a_images[1]], 500, "A after failback");
+    assert_eq!(n, 500, "A holds writes 1..={n}");
+
+    // A dies without a demote: a plain promote of C is refused, --force promotes it.
+    a.kill9();
     c_agent
         .terminate(std::time::Duration::from_secs(30))
         .unwrap();
@@ -802,11 +841,11 @@ fn a_group_fails_over_as_a_unit_planned_and_forced() {
     );
     let mut c = promote_set(&group, "c", "sitec", &["--force"]);
     wait_log(&c, "promoted at LSN");
-    let held = prefix_held([&c_wal, &c_data], 400, "C promoted with --force");
-    eprintln!("C promoted with --force holds writes 1..={held} of 400");
+    let held = prefix_held([&c_wal, &c_data], 500, "C promoted with --force");
+    eprintln!("C promoted with --force holds writes 1..={held} of 500");
     assert!(
-        held >= 200,
-        "C lost writes B had before the failover: 1..={held}"
+        held >= 400,
+        "C lost writes A had before its failback: 1..={held}"
     );
     c.stop_ok();
     run_ok(&group.replay("check", "check", &["--once"]));
