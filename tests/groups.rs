@@ -150,7 +150,16 @@ struct Sent {
 
 /// Writes 1..=total in order, each to its disk's export, each after the previous one's
 /// acknowledgement; `during` runs between writes (to kill the agent under load).
-fn write_in_order(socket: &Path, total: u64, mut during: impl FnMut(u64)) -> Sent {
+fn write_in_order(socket: &Path, total: u64, during: impl FnMut(u64)) -> Sent {
+    write_range(socket, 1..=total, during)
+}
+
+/// [`write_in_order`] of writes `ks` only (the `Sent` entries are theirs, in order).
+fn write_range(
+    socket: &Path,
+    ks: std::ops::RangeInclusive<u64>,
+    mut during: impl FnMut(u64),
+) -> Sent {
     let mut clients = [
         RawClient::go(socket, "wal").0,
         RawClient::go(socket, "data").0,
@@ -159,7 +168,7 @@ fn write_in_order(socket: &Path, total: u64, mut during: impl FnMut(u64)) -> Sen
         sent_ns: Vec::new(),
         acked_ns: Vec::new(),
     };
-    for k in 1..=total {
+    for k in ks {
         let (disk, offset, block) = write_k(k);
         sent.sent_ns.push(now_ns());
         clients[disk].write(offset, &block);
@@ -487,4 +496,588 @@ fn a_group_is_refused_whole_with_one_line_when_a_device_or_name_is_wrong() {
     for line in ["device 0     wal", "device 1     data", "device 2     logs"] {
         assert!(info.contains(line), "{line:?} not in {info}");
     }
+}
+
+/// The names and sizes `nbdinfo --list` reports at `uri`, sorted by name.
+fn listed_exports(uri: &str) -> Vec<(String, u64)> {
+    let out = run_cmd_ok(std::process::Command::new("nbdinfo").args(["--list", "--json", uri]));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut sizes: Vec<(String, u64)> = list["exports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["export-name"].as_str().unwrap().to_string(),
+                e["export-size"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    sizes.sort();
+    sizes
+}
+
+/// `mount --at|--mark` of the set: one export per device, all as of the same point, each
+/// byte for byte what `restore --output-dir` writes for that point — going back through the
+/// undo log (points the agent has passed) and forward through the journal (points it has not
+/// reached) — and every pair a prefix of the group's order. A writable mount's writes stay on
+/// their device's export; an unknown export name is refused.
+#[test]
+fn mount_of_a_group_serves_every_device_as_of_one_point() {
+    const TOTAL: u64 = 600;
+    const APPLIED: u64 = 400;
+    let group = Group::new();
+    let mut serve = group.serve();
+    let replicas = [
+        "--replica".to_string(),
+        format!("wal={}", path(&group.pair("live")[0])),
+        "--replica".to_string(),
+        format!("data={}", path(&group.pair("live")[1])),
+    ];
+    // Writes 1..=APPLIED, a mark, then the agent catches up and stops: the later writes are in
+    // the journal only, so their points are mounted forward.
+    let first = write_in_order(&serve.socket, APPLIED, |_| {});
+    let marked = tinylag_ok(&["mark", "half", "--control", path(&serve.control)], &[]);
+    assert!(marked.contains("half"), "{marked}");
+    run_ok(&group.replay("set", "live", &["--once"]));
+    let second = write_range(&serve.socket, APPLIED + 1..=TOTAL, |_| {});
+    serve.stop_ok();
+
+    // Random instants between two writes: three the agent passed (back through the undo
+    // log), three it never reached (forward through the journal).
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2121);
+    let mut points: Vec<(Vec<String>, String, u64)> =
+        vec![(s(&["--mark", "half"]), "--mark half".to_string(), APPLIED)];
+    for i in 0..6 {
+        let (sent, from, to) = if i < 3 {
+            (&first, 1, APPLIED)
+        } else {
+            (&second, APPLIED + 1, TOTAL)
+        };
+        let k = rng.gen_range(from..to);
+        let at_k = (k - from) as usize;
+        let t = (sent.acked_ns[at_k] + sent.sent_ns[at_k + 1]) / 2;
+        let at = format!("@{}", t as f64 / 1e9);
+        points.push((s(&["--at", &at]), format!("--at {at} (after write {k})"), k));
+    }
+    let dir = group.path("mounts");
+    std::fs::create_dir(&dir).unwrap();
+    for (i, (point, what, expect)) in points.iter().enumerate() {
+        let restored = group.path(&format!("restored-{i}"));
+        let mut args = s(&["restore", "--journal", &group.journal]);
+        args.extend(replicas.iter().cloned());
+        args.extend(point.iter().cloned());
+        args.extend(s(&["--output-dir", path(&restored)]));
+        run_ok(&args);
+
+        let mut args = s(&["--journal", &group.journal]);
+        args.extend(replicas.iter().cloned());
+        args.extend(point.iter().cloned());
+        let mount = support::timetravel::Mount::spawn(&args, &dir);
+        assert_eq!(
+            listed_exports(&mount.uri_of("")),
+            [
+                ("data".to_string(), DATA_SIZE),
+                ("wal".to_string(), WAL_SIZE)
+            ],
+            "{what}: the exports listed"
+        );
+        let mut copies = Vec::new();
+        for device in ["wal", "data"] {
+            let copy = group.path(&format!("mounted-{i}-{device}.img"));
+            run_cmd_ok(
+                std::process::Command::new("nbdcopy").args([&mount.uri_of(device), path(&copy)]),
+            );
+            assert!(
+                std::fs::read(&copy).unwrap()
+                    == std::fs::read(restored.join(format!("{device}.img"))).unwrap(),
+                "mount {what}: export {device} differs from restore --output-dir of the point"
+            );
+            copies.push(copy);
+        }
+        // The empty name is device 0.
+        let default = group.path(&format!("mounted-{i}-default.img"));
+        run_cmd_ok(std::process::Command::new("nbdcopy").args([&mount.uri_of(""), path(&default)]));
+        assert!(
+            std::fs::read(&default).unwrap() == std::fs::read(&copies[0]).unwrap(),
+            "mount {what}: the empty export name is not device 0 (wal)"
+        );
+        let n = prefix_held([&copies[0], &copies[1]], TOTAL, &format!("mount {what}"));
+        // The float time may round by a microsecond: allow the neighbour, never more.
+        assert!(
+            expect.abs_diff(n) <= 1,
+            "mount {what}: the pair holds writes 1..={n}"
+        );
+        // An export the group lacks: the client is refused, the mount keeps serving.
+        let out = support::nbd::run(
+            std::process::Command::new("nbdinfo").arg(mount.uri_of("logs")),
+            std::time::Duration::from_secs(30),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("logs"),
+            "nbdinfo of export logs: {err}"
+        );
+        assert_eq!(listed_exports(&mount.uri_of("")).len(), 2);
+        mount.stop();
+    }
+
+    // Writable: a write to the data export lands in the scratch at that device's place only.
+    let scratch = group.path("scratch.img");
+    let mut args = s(&["--journal", &group.journal]);
+    args.extend(replicas.iter().cloned());
+    args.extend(s(&["--mark", "half", "--writable", path(&scratch)]));
+    let before: Vec<Vec<u8>> = group
+        .pair("live")
+        .iter()
+        .map(|p| std::fs::read(p).unwrap())
+        .collect();
+    let mount = support::timetravel::Mount::spawn(&args, &dir);
+    support::nbd::qemu_io_ok(&mount.uri_of("data"), &["write -P 0x5a 0 8k"]);
+    support::nbd::qemu_io_ok(&mount.uri_of("data"), &["read -P 0x5a 0 8k"]);
+    let wal = group.path("writable-wal.img");
+    run_cmd_ok(std::process::Command::new("nbdcopy").args([&mount.uri_of("wal"), path(&wal)]));
+    assert!(
+        std::fs::read(&wal).unwrap() == std::fs::read(group.path("restored-0/wal.img")).unwrap(),
+        "a write to the data export changed the wal export"
+    );
+    mount.stop();
+    for (p, b) in group.pair("live").iter().zip(&before) {
+        assert!(
+            std::fs::read(p).unwrap() == *b,
+            "a writable mount wrote to {}",
+            p.display()
+        );
+    }
+    assert!(scratch.exists(), "no scratch file");
+
+    // --export names one export; a group's are its devices' names.
+    let mut args = s(&["mount", "--journal", &group.journal, "--mark", "half"]);
+    args.extend(replicas.iter().cloned());
+    args.extend(s(&["--export", "x"]));
+    let out = run(&args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("a group's exports are its device names"),
+        "{err}"
+    );
+}
+
+/// `tinylag promote` of the replica set `prefix`-wal.img / `prefix`-data.img as consumer
+/// `name` (a daemon: its sockets beside the first image).
+fn promote_set(group: &Group, prefix: &str, name: &str, extra: &[&str]) -> Daemon {
+    promote_images(group, group.pair(prefix), name, extra)
+}
+
+/// [`promote_set`] of the images `wal` and `data`.
+fn promote_images(group: &Group, [wal, data]: [PathBuf; 2], name: &str, extra: &[&str]) -> Daemon {
+    let mut args = s(&[
+        "promote",
+        "--replica",
+        &format!("wal={}", path(&wal)),
+        "--replica",
+        &format!("data={}", path(&data)),
+        "--journal",
+        &group.journal,
+        "--name",
+        name,
+        "--linger",
+        "20ms",
+    ]);
+    args.extend(extra.iter().map(|a| a.to_string()));
+    Daemon::start_args(&wal, None, &args, &[])
+}
+
+/// Waits until the daemon's log holds `needle` (promote says so once it serves).
+fn wait_log(daemon: &Daemon, needle: &str) {
+    support::procs::wait_until(std::time::Duration::from_secs(60), || {
+        daemon.log_tail().contains(needle)
+    })
+    .unwrap_or_else(|()| panic!("no {needle:?} in the log:\n{}", daemon.log_tail()));
+}
+
+/// Failover of the group as a unit: A demotes, B's replica set is promoted at the DEMOTE
+/// (both images equal A's, zero bytes resynced), serves both devices and takes writes on
+/// both; B demotes and A's old set, stamped at its own DEMOTE, follows B and is promoted back
+/// (planned failback); then A is killed -9 and C's set is promoted with --force. Every pair the test looks
+/// at is a prefix of the group's order, and C equals a fresh replay of the whole journal.
+#[test]
+fn a_group_fails_over_as_a_unit_planned_and_forced() {
+    let group = Group::new();
+    let mut a = group.serve();
+    let log = group.path("b.replay.log");
+    let mut agent = spawn(&group.replay("siteb", "b", &[]), &log);
+    write_in_order(&a.socket, 200, |_| {});
+
+    // A live primary that has not demoted: refused, nothing changes.
+    let [b_wal, b_data] = group.pair("b");
+    let out = run(&s(&[
+        "promote",
+        "--replica",
+        &format!("wal={}", path(&b_wal)),
+        "--replica",
+        &format!("data={}", path(&b_data)),
+        "--journal",
+        &group.journal,
+        "--name",
+        "siteb",
+    ]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("has not released its lease"),
+        "{err}"
+    );
+    let out = tinylag_ok(&["demote", "--control", path(&a.control), "--json"], &[]);
+    let demoted: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let lsn = demoted["lsn"].as_u64().unwrap();
+    agent.terminate(std::time::Duration::from_secs(30)).unwrap();
+    a.stop_ok();
+
+    let mut b = promote_set(&group, "b", "siteb", &[]);
+    wait_log(&b, &format!("promoted at LSN {lsn}:"));
+    let status = b.status();
+    assert_eq!(status["mode"], "logging", "{status:#}");
+    assert_eq!(status["resync"]["bytes_done"], 0, "{status:#}");
+    // Status shows each device of the set (name, size, place, its dirty share).
+    let devices: Vec<(String, u64, u64)> = status["devices"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no devices in {status:#}"))
+        .iter()
+        .map(|d| {
+            (
+                d["name"].as_str().unwrap().to_string(),
+                d["size"].as_u64().unwrap(),
+                d["dirty_regions"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        devices,
+        [
+            ("wal".to_string(), WAL_SIZE, 0),
+            ("data".to_string(), DATA_SIZE, 0)
+        ]
+    );
+    let text = tinylag_ok(&["status", "--control", path(&b.control)], &[]);
+    assert!(
+        text.contains("device wal") && text.contains("device data"),
+        "{text}"
+    );
+    for (promoted, old) in group.pair("b").iter().zip(["wal.img", "data.img"]) {
+        assert!(
+            std::fs::read(promoted).unwrap() == std::fs::read(group.path(old)).unwrap(),
+            "{} differs from A's {old} at the DEMOTE",
+            promoted.display()
+        );
+    }
+    // B serves both devices and takes writes on both, in one order.
+    assert_eq!(
+        listed_exports(&format!("nbd+unix:///?socket={}", path(&b.socket))),
+        [
+            ("data".to_string(), DATA_SIZE),
+            ("wal".to_string(), WAL_SIZE)
+        ]
+    );
+    write_range(&b.socket, 201..=400, |_| {});
+    let n = prefix_held([&b_wal, &b_data], 400, "B after its writes");
+    assert_eq!(n, 400, "B holds writes 1..={n}");
+
+    // Failback: B demotes; A's old primaries, stamped at A's DEMOTE (beside every image),
+    // follow the chain from there as one set and reach B's DEMOTE; A is promoted again.
+    let out = tinylag_ok(&["demote", "--control", path(&b.control), "--json"], &[]);
+    let demoted: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let lsn = demoted["lsn"].as_u64().unwrap();
+    let a_images = [group.path("wal.img"), group.path("data.img")];
+    run_ok(&s(&[
+        "replay",
+        "--journal",
+        &group.journal,
+        "--name",
+        "sitea",
+        "--replica",
+        &format!("wal={}", path(&a_images[0])),
+        "--replica",
+        &format!("data={}", path(&a_images[1])),
+        "--once",
+    ]));
+    b.stop_ok();
+    for (a_image, b_image) in a_images.iter().zip(group.pair("b")) {
+        assert!(
+            std::fs::read(a_image).unwrap() == std::fs::read(&b_image).unwrap(),
+            "{} differs from B's {} at B's DEMOTE",
+            a_image.display(),
+            b_image.display()
+        );
+    }
+    let mut a = promote_images(&group, a_images.clone(), "sitea", &[]);
+    wait_log(&a, &format!("promoted at LSN {lsn}:"));
+    assert_eq!(a.status()["resync"]["bytes_done"], 0);
+    let c_log = group.path("c.replay.log");
+    let mut c_agent = spawn(&group.replay("sitec", "c", &[]), &c_log);
+    write_range(&a.socket, 401..=500, |_| {});
+    let n = prefix_held([&a_images[0], &a_images[1]], 500, "A after failback");
+    assert_eq!(n, 500, "A holds writes 1..={n}");
+
+    // A dies without a demote: a plain promote of C is refused, --force promotes it.
+    a.kill9();
+    c_agent
+        .terminate(std::time::Duration::from_secs(30))
+        .unwrap();
+    let [c_wal, c_data] = group.pair("c");
+    let out = run(&s(&[
+        "promote",
+        "--replica",
+        &format!("wal={}", path(&c_wal)),
+        "--replica",
+        &format!("data={}", path(&c_data)),
+        "--journal",
+        &group.journal,
+        "--name",
+        "sitec",
+    ]));
+    assert!(
+        !out.status.success(),
+        "a plain promote after kill -9 succeeded"
+    );
+    let mut c = promote_set(&group, "c", "sitec", &["--force"]);
+    wait_log(&c, "promoted at LSN");
+    let held = prefix_held([&c_wal, &c_data], 500, "C promoted with --force");
+    eprintln!("C promoted with --force holds writes 1..={held} of 500");
+    assert!(
+        held >= 400,
+        "C lost writes A had before its failback: 1..={held}"
+    );
+    c.stop_ok();
+    run_ok(&group.replay("check", "check", &["--once"]));
+    for (promoted, check) in group.pair("c").iter().zip(group.pair("check")) {
+        assert!(
+            std::fs::read(promoted).unwrap() == std::fs::read(&check).unwrap(),
+            "{} differs from a fresh replay of the whole journal",
+            promoted.display()
+        );
+    }
+    let verified = tinylag_ok(&["journal", "verify", "--journal", &group.journal], &[]);
+    assert!(verified.contains("verified"), "{verified}");
+
+    // Not yet for a group: a promote to a past point; one line, nothing claimed.
+    let out = run(&s(&[
+        "promote",
+        "--replica",
+        &format!("wal={}", path(&c_wal)),
+        "--replica",
+        &format!("data={}", path(&c_data)),
+        "--journal",
+        &group.journal,
+        "--name",
+        "sitec2",
+        "--mark",
+        "x",
+    ]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("not --at/--mark yet"),
+        "{err}"
+    );
+}
+
+/// A set `restore --output-dir` wrote carries a seed stamp beside every image, and a new
+/// consumer adopts it and replays on to the end; a set with one image changed after the
+/// restore, or with one stamp missing, is refused in one line and nothing is registered.
+#[test]
+fn a_restored_set_is_adopted_by_its_stamps_and_a_changed_image_is_refused() {
+    let group = Group::new();
+    let mut serve = group.serve();
+    write_in_order(&serve.socket, 100, |_| {});
+    let mid = format!("@{}", now_ns() as f64 / 1e9);
+    run_ok(&group.replay("live", "live", &["--once"]));
+    write_range(&serve.socket, 101..=200, |_| {});
+    serve.stop_ok();
+    let restore = |dir: &str| {
+        let out = group.path(dir);
+        run_ok(&s(&[
+            "restore",
+            "--journal",
+            &group.journal,
+            "--replica",
+            &format!("wal={}", path(&group.pair("live")[0])),
+            "--replica",
+            &format!("data={}", path(&group.pair("live")[1])),
+            "--at",
+            &mid,
+            "--output-dir",
+            path(&out),
+        ]));
+        for device in ["wal", "data"] {
+            assert!(
+                out.join(format!("{device}.img.seed.json")).exists(),
+                "no seed stamp beside {device}.img"
+            );
+        }
+        out
+    };
+    let replay_set = |dir: &Path, name: &str| {
+        run(&s(&[
+            "replay",
+            "--journal",
+            &group.journal,
+            "--name",
+            name,
+            "--replica",
+            &format!("wal={}", path(&dir.join("wal.img"))),
+            "--replica",
+            &format!("data={}", path(&dir.join("data.img"))),
+            "--once",
+        ]))
+    };
+    let consumers = || {
+        let info = tinylag_ok(
+            &["journal", "info", "--journal", &group.journal, "--json"],
+            &[],
+        );
+        let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+        info["consumers"].as_array().unwrap().len()
+    };
+
+    // Adopted at the point, replayed to the end: the primaries byte for byte.
+    let good = restore("good");
+    assert_eq!(
+        prefix_held(
+            [&good.join("wal.img"), &good.join("data.img")],
+            200,
+            "restored"
+        ),
+        100
+    );
+    let out = replay_set(&good, "adopted");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (device, primary) in ["wal", "data"].iter().zip(["wal.img", "data.img"]) {
+        assert!(
+            std::fs::read(good.join(format!("{device}.img"))).unwrap()
+                == std::fs::read(group.path(primary)).unwrap(),
+            "the adopted {device} differs from its primary"
+        );
+        assert!(!good.join(format!("{device}.img.seed.json")).exists());
+    }
+
+    // One image changed after the restore: refused, nothing registered.
+    let before = consumers();
+    let changed = restore("changed");
+    let data = changed.join("data.img");
+    let mut bytes = std::fs::read(&data).unwrap();
+    bytes[0] ^= 0xff;
+    std::fs::write(&data, &bytes).unwrap();
+    let out = replay_set(&changed, "changed");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("device data") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    // One stamp missing: refused the same way.
+    let partial = restore("partial");
+    std::fs::remove_file(partial.join("data.img.seed.json")).unwrap();
+    let out = replay_set(&partial, "partial");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("has no seed stamp beside it"),
+        "{err}"
+    );
+    assert_eq!(consumers(), before, "a refused set registered a consumer");
+}
+
+/// After `journal add-device`, a consumer registered for the first two devices takes the new
+/// device's image when it is new (blank): it replays on and all three replicas equal their
+/// primaries. An added device's image that exists already is refused in one line.
+#[test]
+fn a_consumer_registered_before_add_device_takes_the_new_device() {
+    const LOGS_SIZE: u64 = 4 << 20;
+    let group = Group::new();
+    let mut serve = group.serve();
+    write_in_order(&serve.socket, 60, |_| {});
+    serve.stop_ok();
+    run_ok(&group.replay("set", "r", &["--once"]));
+    run_ok(&group.replay("other", "o", &["--once"]));
+    let added = tinylag_ok(
+        &[
+            "journal",
+            "add-device",
+            "--journal",
+            &group.journal,
+            "--name",
+            "logs",
+            "--size",
+            "4M",
+        ],
+        &[],
+    );
+    assert!(added.contains("as device 2"), "{added}");
+    let logs = group.path("logs.img");
+    std::fs::File::create(&logs)
+        .unwrap()
+        .set_len(LOGS_SIZE)
+        .unwrap();
+    let args = s(&[
+        "serve",
+        "--primary",
+        &format!("wal={}", path(&group.path("wal.img"))),
+        "--primary",
+        &format!("data={}", path(&group.path("data.img"))),
+        "--primary",
+        &format!("logs={}", path(&logs)),
+        "--journal",
+        &group.journal,
+        "--linger",
+        "20ms",
+    ]);
+    let mut serve = Daemon::start_args(&group.path("wal.img"), None, &args, &[]);
+    let (mut client, _, _) = RawClient::go(&serve.socket, "logs");
+    client.write(8192, &support::nbd::pattern(7, BLOCK));
+    drop(client);
+    write_range(&serve.socket, 61..=80, |_| {});
+    serve.stop_ok();
+
+    let with_logs = |name: &str, prefix: &str| {
+        let mut args = group.replay(name, prefix, &["--once"]);
+        args.extend(s(&[
+            "--replica",
+            &format!("logs={}", path(&group.path(&format!("{prefix}-logs.img")))),
+        ]));
+        run(&args)
+    };
+    let out = with_logs("set", "r");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for device in ["wal", "data", "logs"] {
+        assert!(
+            std::fs::read(group.path(&format!("r-{device}.img"))).unwrap()
+                == std::fs::read(group.path(&format!("{device}.img"))).unwrap(),
+            "replica {device} differs from its primary"
+        );
+    }
+    // Consumer `other`, given an image for logs that exists already: refused, and it keeps
+    // its registration as it was.
+    let existing = group.path("o-logs.img");
+    std::fs::write(&existing, vec![1u8; LOGS_SIZE as usize]).unwrap();
+    let out = with_logs("other", "o");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("registered before device(s) logs were added")
+            && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    let info = tinylag_ok(
+        &["journal", "info", "--journal", &group.journal, "--json"],
+        &[],
+    );
+    assert!(
+        !info.contains(path(&existing)),
+        "the refused consumer's registration changed: {info}"
+    );
 }

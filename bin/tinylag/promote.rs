@@ -15,6 +15,10 @@
 //! promoted writer start in `logging` (a forced promote's plan has plugs, which a marker
 //! cannot vouch for). The consumer entry of `--name` is removed once serving.
 //!
+//! A consistency group is promoted as a unit: `--replica NAME=PATH` per device; the one agent
+//! catches the whole set up to one LSN, one epoch is claimed, and `serve` runs on the set (one
+//! export per device). Not yet for a group: `--at|--mark`.
+//!
 //! - `--at TIME|--mark NAME` (`promote_at.rs`): a past point X becomes the new chain's
 //!   start: the replica is wound back to X through its undo log, the old epoch's records
 //!   after X are kept as a branch, and the claim commits to the fork X.
@@ -119,17 +123,23 @@ pub(crate) fn replay_args(args: &PromoteArgs) -> anyhow::Result<ReplayArgs> {
     let Some(journal) = &args.serve.journal else {
         bail!("promote needs --journal");
     };
-    let mut argv: Vec<String> = vec![
-        "--journal".into(),
-        journal.to_string(),
-        "--replica".into(),
-        args.serve.first_primary().display().to_string(),
+    let mut argv: Vec<String> = vec!["--journal".into(), journal.to_string()];
+    // A group's replica set: one `--replica NAME=PATH` per device, as promote was given them
+    // (the agent checks them against the journal's devices, as `replay` does).
+    for replica in &args.serve.primary {
+        argv.push("--replica".into());
+        argv.push(match &replica.name {
+            Some(name) => format!("{name}={}", replica.path.display()),
+            None => replica.path.display().to_string(),
+        });
+    }
+    argv.extend([
         "--name".into(),
         args.name.clone(),
         "--once".into(),
         "--commit-every".into(),
         "0s".into(),
-    ];
+    ]);
     let s3 = &args.serve.s3;
     if let Some(e) = &s3.s3_endpoint {
         argv.extend(["--s3-endpoint".into(), e.clone()]);
@@ -174,10 +184,11 @@ pub async fn run(args: PromoteArgs) -> anyhow::Result<()> {
     };
     let store = open_store(uri, &args.serve.s3.options()).await?;
     let manifest = Manifest::load(store.as_ref()).await?;
-    if manifest.devices.len() > 1 {
+    if manifest.devices.len() > 1 && (args.at.is_some() || args.mark.is_some()) {
         bail!(
-            "promote refused: journal {} is a group of {} devices; failover of a group as a unit \
-             is not supported yet",
+            "promote refused: journal {} is a group of {} devices; a group is promoted at the \
+             journal's end (plain or --force), not --at/--mark yet: restore the set with \
+             `tinylag restore --output-dir` instead",
             store.describe(),
             manifest.devices.len()
         );

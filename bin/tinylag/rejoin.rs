@@ -76,7 +76,8 @@ pub async fn run(args: RejoinArgs) -> anyhow::Result<()> {
     if manifest.devices.len() > 1 {
         anyhow::bail!(
             "rejoin refused: journal {} is a group of {} devices; rejoining a group as a unit is \
-             not supported yet",
+             not supported yet (diverged regions cannot be proven on a set): replay the old \
+             primaries anew as blank images under a new --name",
             journal.describe(),
             manifest.devices.len()
         );

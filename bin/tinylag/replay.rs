@@ -10,7 +10,7 @@ use tinylag::clock::{format_ns, Clock, SystemClock};
 use tinylag::control;
 use tinylag::journal::layout::match_named_paths;
 use tinylag::journal::reader::JournalReader;
-use tinylag::journal::Manifest;
+use tinylag::journal::{consumer, JournalError, Manifest};
 use tinylag::metrics::{Hub, ReplicaSource};
 use tinylag::replayer::group_replica::GroupReplica;
 use tinylag::replayer::{
@@ -190,6 +190,8 @@ pub async fn open(
         SeedChoice::Assume
     } else if args.check_seed {
         SeedChoice::Check
+    } else if group {
+        set_seed(&manifest, &images)
     } else {
         match SeedStamp::read_checked(&replica_path) {
             Ok(Some(stamp)) => SeedChoice::Stamp(stamp),
@@ -225,6 +227,21 @@ pub async fn open(
         }
         let set = GroupReplica::new(manifest.layout(), members);
         let shown = set.describe();
+        if let Err(e) = take_added_devices(
+            journal.as_ref(),
+            &args.name,
+            &shown,
+            &manifest,
+            &images,
+            &created_paths,
+        )
+        .await
+        {
+            for path in &created_paths {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(e);
+        }
         // Blank only when every image was created now; an existing image among them is
         // adopted as the whole set is (refused unless blank).
         let all_created = created_paths.len() == images.len();
@@ -274,7 +291,17 @@ pub async fn open(
     )
     .await;
     let agent = match opened {
-        Ok(agent) => agent,
+        Ok(agent) => {
+            if group {
+                // The agent changes the set from here (its position says how it was seeded):
+                // no image's stamp may vouch for it again. (A one-device agent removes its
+                // own; a set's are one per image.)
+                for image in &images {
+                    SeedStamp::remove(image);
+                }
+            }
+            agent
+        }
         Err(e) => {
             // Leave nothing behind for a refused start.
             for path in &created_paths {
@@ -294,6 +321,118 @@ pub async fn open(
         undo: undo_store.map(|s| s.describe()),
         undo_counts,
     })
+}
+
+/// After `journal add-device`: consumer `name`, registered for the set's first devices (or, if
+/// the journal had one device then, for its image alone), takes the added devices' images when
+/// they were created blank just now, and its registration names the whole set from here. That
+/// is safe because no record of a device precedes its addition, and an agent stops at the
+/// first record of a device its layout lacks: the consumer applied none of them. An added
+/// device's image that already existed is refused in one line saying what to run.
+async fn take_added_devices(
+    store: &dyn ObjectStore,
+    name: &str,
+    shown: &str,
+    manifest: &Manifest,
+    images: &[PathBuf],
+    created: &[PathBuf],
+) -> anyhow::Result<()> {
+    let mut pos = match consumer::load(store, name).await {
+        Ok(pos) => pos,
+        Err(JournalError::UnknownConsumer { .. }) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    if pos.replica == shown {
+        return Ok(());
+    }
+    let named: Vec<String> = manifest
+        .devices
+        .iter()
+        .zip(images)
+        .map(|(d, p)| format!("{}={}", d.name, p.display()))
+        .collect();
+    for k in 1..named.len() {
+        let mut before = vec![named[..k].join(",")];
+        if k == 1 {
+            // Registered while the journal had one device: the plain path.
+            before.push(images[0].display().to_string());
+        }
+        if !before.contains(&pos.replica) {
+            continue;
+        }
+        let added: Vec<&str> = manifest.devices[k..]
+            .iter()
+            .map(|d| d.name.as_str())
+            .collect();
+        if let Some(old) = images[k..].iter().find(|p| !created.contains(p)) {
+            bail!(
+                "consumer {name} replays onto {}, registered before device(s) {} were added; \
+                 {} exists already, but an added device's image must be new (blank) for the \
+                 consumer to take it: give a new path for it, or replay the set anew under a \
+                 new --name",
+                pos.replica,
+                added.join(", "),
+                old.display()
+            );
+        }
+        pos.replica = shown.to_string();
+        consumer::commit(store, &pos).await?;
+        say(format!(
+            "consumer {name}: takes the added device(s) {} (blank images); it now replays onto {shown}",
+            added.join(", ")
+        ));
+        return Ok(());
+    }
+    // Another set altogether: the agent refuses it, naming both.
+    Ok(())
+}
+
+/// How a replica set is vouched for: by a seed stamp beside **every** image (as `restore
+/// --output-dir` leaves them), each checked against its own file, all naming the same journal
+/// state; a stamp beside some images only, or stamps of different states, vouch for nothing
+/// (one changed image would otherwise ride on the others' stamps).
+fn set_seed(manifest: &Manifest, images: &[PathBuf]) -> SeedChoice {
+    let mut stamps = Vec::new();
+    for (device, image) in manifest.devices.iter().zip(images) {
+        match SeedStamp::read_checked(image) {
+            Ok(stamp) => stamps.push((device, image, stamp)),
+            Err(e) => return SeedChoice::BrokenStamp(format!("device {}: {e}", device.name)),
+        }
+    }
+    if stamps.iter().all(|(_, _, s)| s.is_none()) {
+        return SeedChoice::Refuse;
+    }
+    if let Some((device, image, _)) = stamps.iter().find(|(_, _, s)| s.is_none()) {
+        return SeedChoice::BrokenStamp(format!(
+            "device {}: {} has no seed stamp beside it, though other images of the set do: a \
+             set is vouched for only by a stamp beside every image",
+            device.name,
+            image.display()
+        ));
+    }
+    let first = stamps[0]
+        .2
+        .clone()
+        .expect("checked: every image has a stamp");
+    let state = |s: &SeedStamp| (s.journal_uuid, s.lsn, s.seq, s.epoch);
+    for (device, image, stamp) in &stamps[1..] {
+        let stamp = stamp.as_ref().expect("checked: every image has a stamp");
+        if state(stamp) != state(&first) {
+            return SeedChoice::BrokenStamp(format!(
+                "device {}: the seed stamp beside {} is of LSN {} (seq {}, epoch {}), the first \
+                 image's of LSN {} (seq {}, epoch {}): the images are not one state of the set",
+                device.name,
+                image.display(),
+                stamp.lsn,
+                stamp.seq,
+                stamp.epoch,
+                first.lsn,
+                first.seq,
+                first.epoch
+            ));
+        }
+    }
+    SeedChoice::Stamp(first)
 }
 
 /// Caps glibc's malloc arenas. The agent moves tens of megabytes per batch through buffers

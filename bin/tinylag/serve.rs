@@ -426,6 +426,11 @@ async fn serve_with(
             ack,
             clock: clock.clone(),
             primary_path: args.first_primary().to_path_buf(),
+            member_paths: if args.primary.len() > 1 {
+                primaries.iter().map(|(_, path)| path.clone()).collect()
+            } else {
+                Vec::new()
+            },
             activity_log: (!args.no_activity_log).then(|| {
                 args.activity_log
                     .clone()

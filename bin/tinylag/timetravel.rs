@@ -8,7 +8,10 @@ use std::sync::{Arc, Mutex};
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use tinylag::block::group::DeviceSlice;
+use tinylag::block::BlockDevice;
 use tinylag::clock::{Clock, SystemClock};
+use tinylag::journal::layout::DeviceLayout;
 use tinylag::nbd::{self, DirtyBitmap, Export, ListenAddr, NbdServer};
 use tinylag::store::local::LocalStore;
 use tinylag::store::{open_store_for_command, ObjectStore, StoreUri};
@@ -263,6 +266,12 @@ pub async fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
             report.journal_records
         );
         match &report.seed_stamp {
+            Some(_) if sources.members.len() > 1 => println!(
+                "seed stamps beside every image: `tinylag replay --replica NAME={}/NAME.img` per \
+                 device with a new --name adopts the set and starts at LSN {}",
+                report.output.display(),
+                report.point.lsn
+            ),
             Some(stamp) => println!(
                 "seed stamp {}: `tinylag replay --replica {}` with a new --name adopts the image and starts at LSN {}",
                 stamp.display(),
@@ -356,12 +365,13 @@ fn parse_since(s: &str) -> Result<Since, String> {
     })
 }
 
-/// The writes between `since` and `point` as a dirty bitmap (from segment indexes).
-async fn changes_bitmap(
+/// The writes between `since` and `point` as one dirty bitmap per device (index order), from
+/// segment indexes.
+async fn changes_bitmaps(
     sources: &Sources,
     since: &Since,
     point: Point,
-) -> anyhow::Result<(DirtyBitmap, tinylag::timetravel::diff::Diff)> {
+) -> anyhow::Result<(Vec<DirtyBitmap>, tinylag::timetravel::diff::Diff)> {
     use tinylag::timetravel::diff::{changed_extents, LiveRange};
     let live = LiveRange::open(&sources.reader).await?;
     let from = live
@@ -374,14 +384,39 @@ async fn changes_bitmap(
         )
         .await?;
     let diff = changed_extents(&sources.reader, &sources.lineage, &live, from, point).await?;
-    let bitmap = DirtyBitmap::new(
-        &since.bitmap,
-        diff.extents
-            .iter()
-            .filter(|e| e.dev == 0)
-            .map(|e| e.offset..e.end()),
-    )?;
-    Ok((bitmap, diff))
+    let mut bitmaps = Vec::new();
+    for dev in 0..sources.reader.manifest().devices.len() as u32 {
+        bitmaps.push(DirtyBitmap::new(
+            &since.bitmap,
+            diff.extents
+                .iter()
+                .filter(|e| e.dev == dev)
+                .map(|e| e.offset..e.end()),
+        )?);
+    }
+    Ok((bitmaps, diff))
+}
+
+/// What a mount serves: one device per export, `(name, device)` in device order. A one-device
+/// journal's view is served whole as `export`; a group's as one slice per device, named as the
+/// device, all of the one view (so every device is as of the same point).
+fn mount_targets(
+    view: Arc<TimeView>,
+    layout: &DeviceLayout,
+    export: &str,
+) -> Vec<(String, Arc<dyn BlockDevice>)> {
+    if layout.is_single() {
+        return vec![(export.to_string(), view)];
+    }
+    layout
+        .devices()
+        .iter()
+        .map(|placed| {
+            let slice: Arc<dyn BlockDevice> =
+                Arc::new(DeviceSlice::new(view.clone(), placed.base, placed.size));
+            (placed.name.clone(), slice)
+        })
+        .collect()
 }
 
 impl MountArgs {
@@ -410,6 +445,9 @@ pub async fn run_mount(args: MountArgs) -> anyhow::Result<()> {
     args.check_frontend()?;
     if args.frontend == Frontend::Ublk {
         let (sources, point) = open_at(&args.replica, &args.point).await?;
+        if sources.members.len() > 1 && args.ublk.dev_id.is_some() {
+            bail!("--dev-id: a group gets one /dev/ublkbN per device, numbered by the kernel");
+        }
         return run_mount_ublk(args, sources, point).await;
     }
     let listen = match &args.listen {
@@ -422,6 +460,10 @@ pub async fn run_mount(args: MountArgs) -> anyhow::Result<()> {
     // Before anything is opened: plaintext on an address other hosts reach is refused.
     let security = args.tls.security_of(&listen, args.writable.is_none())?;
     let (sources, point) = open_at(&args.replica, &args.point).await?;
+    let layout = sources.reader.manifest().layout();
+    if !layout.is_single() && args.export.is_some() {
+        bail!("--export: a group's exports are its device names (see `tinylag journal info`)");
+    }
     let export = args.export.clone().unwrap_or_else(|| {
         sources
             .reader
@@ -431,34 +473,41 @@ pub async fn run_mount(args: MountArgs) -> anyhow::Result<()> {
             .map_or_else(|| "disk0".to_string(), |d| d.name.clone())
     });
     let replica = sources.replica.display().to_string();
+    let members = sources.members.clone();
     let changes = match &args.changes_since {
-        Some(since) => Some(changes_bitmap(&sources, since, point).await?),
+        Some(since) => Some(changes_bitmaps(&sources, since, point).await?),
         None => None,
     };
-    let view = TimeView::open(sources, point, args.writable.as_deref()).await?;
+    let view = Arc::new(TimeView::open(sources, point, args.writable.as_deref()).await?);
     let summary = view.summary().clone();
-    let mut server = NbdServer::new(
-        vec![Export {
-            name: export.clone(),
-            description: format!("tinylag {replica} as of {}", point.describe()),
-            device: Arc::new(view),
-        }],
-        &export,
-    )?
-    .with_security(security.clone())
-    .with_buffer_budget(args.tls.buffer_budget()?);
+    let targets = mount_targets(view, &layout, &export);
+    let exports = targets
+        .iter()
+        .zip(&members)
+        .map(|((name, device), path)| Export {
+            name: name.clone(),
+            description: format!("tinylag {} as of {}", path.display(), point.describe()),
+            device: device.clone(),
+        })
+        .collect();
+    let mut server = NbdServer::new(exports, &export)?
+        .with_security(security.clone())
+        .with_buffer_budget(args.tls.buffer_budget()?);
     let mut bitmap_line = None;
-    if let Some((bitmap, diff)) = changes {
+    if let Some((bitmaps, diff)) = changes {
+        let ranges: usize = bitmaps.iter().map(|b| b.ranges().len()).sum();
         bitmap_line = Some(format!(
             "changes since {}: {}{} ({} extents, {} bytes, {} segment indexes read)",
             diff.from.describe(),
             nbd::DIRTY_BITMAP_PREFIX,
-            bitmap.name(),
-            bitmap.ranges().len(),
+            since_name(&args),
+            ranges,
             diff.changed_bytes(),
             diff.objects_read,
         ));
-        server = server.with_dirty_bitmap(&export, bitmap)?;
+        for ((name, _), bitmap) in targets.iter().zip(bitmaps) {
+            server = server.with_dirty_bitmap(name, bitmap)?;
+        }
     }
     let server = Arc::new(server);
     let listener = nbd::bind(&listen).await?;
@@ -493,29 +542,50 @@ pub async fn run_mount(args: MountArgs) -> anyhow::Result<()> {
     }
 }
 
-/// `mount --frontend ublk`: the past disk as a local `/dev/ublkbN` (read-only unless
-/// `--writable`), until SIGINT/SIGTERM, which deletes the device.
+/// The name the dirty bitmap of `--changes-since` carries.
+fn since_name(args: &MountArgs) -> String {
+    args.changes_since
+        .as_ref()
+        .map_or_else(String::new, |s| s.bitmap.clone())
+}
+
+/// `mount --frontend ublk`: the past disk as a local `/dev/ublkbN` (a group: one per device,
+/// in device order; read-only unless `--writable`), until SIGINT/SIGTERM, which deletes them.
 async fn run_mount_ublk(args: MountArgs, sources: Sources, point: Point) -> anyhow::Result<()> {
     let region_size = sources.reader.manifest().region_size;
+    let layout = sources.reader.manifest().layout();
     let replica = sources.replica.display().to_string();
-    let view = TimeView::open(sources, point, args.writable.as_deref()).await?;
+    let view = Arc::new(TimeView::open(sources, point, args.writable.as_deref()).await?);
     let summary = view.summary().clone();
     let options = args.ublk.options(region_size);
-    let device =
-        tinylag::ublk::start(Arc::new(view), options, tokio::runtime::Handle::current()).await?;
-    let served_as = format!(
-        "{}{}",
-        device.block_path(),
-        if device.recovered() {
-            " (re-attached)"
-        } else {
-            ""
+    let mut devices = Vec::new();
+    for (_, target) in mount_targets(view, &layout, "") {
+        match tinylag::ublk::start(target, options.clone(), tokio::runtime::Handle::current()).await
+        {
+            Ok(d) => devices.push(d),
+            Err(e) => {
+                // None of the set is left behind without the rest.
+                for d in devices {
+                    d.stop().await;
+                }
+                return Err(e.into());
+            }
         }
-    );
+    }
+    let served_as = devices
+        .iter()
+        .map(|d| {
+            let how = if d.recovered() { " (re-attached)" } else { "" };
+            format!("{}{how}", d.block_path())
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
     announce(&replica, &point, &summary, &served_as, &args.writable);
     let signal = wait_for_signal().await?;
-    tracing::info!(signal, "stopping: deleting {}", device.block_path());
-    device.stop().await;
+    for device in devices {
+        tracing::info!(signal, "stopping: deleting {}", device.block_path());
+        device.stop().await;
+    }
     Ok(())
 }
 

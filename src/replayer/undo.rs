@@ -130,7 +130,9 @@ pub struct UndoLog {
 
 impl UndoLog {
     /// Opens the undo log in `store`, creating `undo.json` from `expected` if absent. An
-    /// existing log must belong to the same journal, consumer and device size.
+    /// existing log must belong to the same journal, consumer and device size; a smaller
+    /// device size is a group that `journal add-device` grew (devices are only appended, bases
+    /// never move), and `undo.json` is rewritten with the larger one.
     pub async fn open_or_create(
         store: Arc<dyn ObjectStore>,
         expected: &UndoManifest,
@@ -155,7 +157,26 @@ impl UndoLog {
             Err(e) => return Err(store_err(e)),
         }
         let data = store.get(paths::UNDO_MANIFEST).await.map_err(store_err)?;
-        let found = parse_manifest(&describe, &data)?;
+        let mut found = parse_manifest(&describe, &data)?;
+        if found.journal_uuid == expected.journal_uuid
+            && found.consumer == expected.consumer
+            && found.device_size < expected.device_size
+        {
+            // `journal add-device` appended a device to the group: the address space grew at
+            // its end and every existing device keeps its base, so every pre-image in the
+            // log is still where it was. The log now covers the larger space.
+            found.device_size = expected.device_size;
+            let body = serde_json::to_vec_pretty(&found).expect("an undo manifest serializes");
+            store
+                .put(paths::UNDO_MANIFEST, Bytes::from(body))
+                .await
+                .map_err(store_err)?;
+            tracing::info!(
+                undo = %describe,
+                device_size = found.device_size,
+                "the undo log covers the group's added device(s) from here"
+            );
+        }
         let checks = [
             (
                 "journal",

@@ -10,12 +10,6 @@ use crate::replayer::undo::UndoError;
 /// One variant per failure; each names the object, the flag or the times an operator needs.
 #[derive(Debug, thiserror::Error)]
 pub enum TimeTravelError {
-    /// `mount` of a consistency group's replica set is not built yet.
-    #[error(
-        "journal {journal} is a group of {devices} devices: mount of a group's replica set is \
-         not supported yet; restore the set with `tinylag restore --output-dir DIR` instead"
-    )]
-    Group { journal: String, devices: usize },
     /// The `--replica` paths do not name the journal's devices.
     #[error("{reason}")]
     ReplicaMap { reason: String },
@@ -102,13 +96,15 @@ pub enum TimeTravelError {
     )]
     ScratchExists { path: PathBuf },
     /// A record reaches outside the device (a corrupt or foreign index).
-    #[error("{object}: record LSN {lsn} reaches outside the device ({offset}+{len} > {size})")]
+    #[error(
+        "{object}: record LSN {lsn} reaches outside its device (device {dev}, {offset}+{len})"
+    )]
     RecordOutside {
         object: String,
         lsn: u64,
+        dev: u32,
         offset: u64,
         len: u64,
-        size: u64,
     },
     /// A file operation failed.
     #[error("{what} {path}: {source}")]

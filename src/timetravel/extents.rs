@@ -16,13 +16,16 @@ pub enum Layer {
     Journal,
 }
 
-/// A record whose payload holds some bytes: device byte `x` is payload byte
-/// `x - entry.offset`.
+/// A record whose payload holds some bytes: byte `x` of the view is payload byte
+/// `x - start`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Location {
     pub layer: Layer,
     pub seq: u64,
     pub entry: IndexEntry,
+    /// Where the record's first byte is in the view's space: `entry.offset`, or for a group
+    /// journal's record its device's base plus that (the index keeps device offsets).
+    pub start: u64,
 }
 
 /// Where an extent's bytes come from.
@@ -141,6 +144,7 @@ mod tests {
                 compressed: false,
                 seal: None,
             },
+            start: 0,
         }))
     }
 

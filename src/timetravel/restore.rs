@@ -18,6 +18,9 @@
 //! back to the last LSN they share and the journal's records of the image's lineage are
 //! applied from there; records off the lineage are read, never applied.
 //!
+//! A group's set is written into a directory, one image per device, each with a seed stamp
+//! of the same point beside it (or none beside any).
+//!
 //! Must never: write to the replica, the undo log or the journal; leave a partial output
 //! behind on failure; hold more than a few segments in memory.
 
@@ -114,7 +117,8 @@ pub struct Report {
     pub undo_records: u64,
     pub journal_segments: u64,
     pub journal_records: u64,
-    /// The seed stamp left beside the output (`replay` adopts the image with it), if any.
+    /// The seed stamp left beside the output (`replay` adopts the image with it), if any; a
+    /// group's: the first image's (one is beside every image, or none is).
     pub seed_stamp: Option<PathBuf>,
 }
 
@@ -619,6 +623,23 @@ pub async fn restore(
     drop(target);
     if layout.is_single() {
         report.seed_stamp = leave_seed_stamp(sources, plan.point, output).await?;
+    } else {
+        // A set is vouched for by a stamp beside every image, all of the same state (`replay`
+        // adopts the set only then); none is left when any cannot be.
+        let mut stamps = Vec::new();
+        for out in &outputs {
+            match leave_seed_stamp(sources, plan.point, out).await? {
+                Some(stamp) => stamps.push(stamp),
+                None => break,
+            }
+        }
+        if stamps.len() == outputs.len() {
+            report.seed_stamp = stamps.into_iter().next();
+        } else {
+            for out in &outputs {
+                SeedStamp::remove(out);
+            }
+        }
     }
     partial.armed = false;
     Ok(report)

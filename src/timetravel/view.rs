@@ -34,6 +34,15 @@
 //! hole, a payload is data, and a byte from the replica is what `SEEK_HOLE` says of the
 //! replica, with the same undo-segment check as reads; a writable mount's writes are data.
 //!
+//! # A group
+//! For a consistency group the view is of the whole set in the group's one address space
+//! (`journal::layout`): journal records are placed with their device's base, undo records
+//! are already in that space, and "the replica" is each device's image at its base (the
+//! padding between devices reads as zeroes and is a hole). One map, one threshold and one
+//! undo probe serve every device, so all of them are as of the same LSN; a frontend serves
+//! each device as a [`crate::block::group::DeviceSlice`] of the view. A writable view has one
+//! scratch file in the same space (a sparse file the size of the address space).
+//!
 //! Memory: the map (one extent per record range in the travelled span) and a payload cache
 //! bounded by [`CACHE_BYTES`].
 //!
@@ -53,6 +62,7 @@ use bytes::Bytes;
 
 use crate::block::allocation::{self, Allocation, Extent};
 use crate::block::{check_range, BlockDevice, BlockError, DeviceInfo};
+use crate::journal::layout::DeviceLayout;
 use crate::journal::reader::JournalReader;
 use crate::journal::record::RecordKind;
 use crate::journal::segment::IndexEntry;
@@ -117,12 +127,21 @@ struct Scratch {
     written: RwLock<ExtentMap>,
 }
 
-/// The disk as of one point (see the module docs).
+/// One device's replica image and where it sits in the view's address space.
+#[derive(Debug)]
+struct Member {
+    file: File,
+    base: u64,
+}
+
+/// The disk (a group: the set) as of one point (see the module docs).
 #[derive(Debug)]
 pub struct TimeView {
     reader: JournalReader,
     undo: Option<UndoLog>,
-    replica: File,
+    /// Every device's replica image, in device order (one for a one-device journal).
+    replicas: Vec<Member>,
+    layout: DeviceLayout,
     size: u64,
     block_size: u32,
     map: RwLock<ExtentMap>,
@@ -156,23 +175,25 @@ impl TimeView {
         point: Point,
         scratch: Option<&Path>,
     ) -> TimeTravelResult<TimeView> {
-        if sources.members.len() > 1 {
-            return Err(TimeTravelError::Group {
-                journal: sources.journal().describe(),
-                devices: sources.members.len(),
-            });
-        }
         let window = sources.window().await?;
         let plan = plan(&sources, &window, point).await?;
-        let replica = File::open(&sources.replica).map_err(|source| TimeTravelError::Io {
-            what: "cannot open --replica",
-            path: sources.replica.clone(),
-            source,
-        })?;
+        let layout = sources.reader.manifest().layout();
+        let mut replicas = Vec::new();
+        for (path, placed) in sources.members.iter().zip(layout.devices()) {
+            let file = File::open(path).map_err(|source| TimeTravelError::Io {
+                what: "cannot open --replica",
+                path: path.clone(),
+                source,
+            })?;
+            replicas.push(Member {
+                file,
+                base: placed.base,
+            });
+        }
         let mut map = ExtentMap::default();
         let mut journal_segments = 0;
         if plan.direction == Direction::Forward && point.lsn >= plan.journal_from.next_lsn {
-            journal_segments = map_journal(&sources, &plan, &mut map).await?;
+            journal_segments = map_journal(&sources, &layout, &plan, &mut map).await?;
         }
         let undo_end = plan.undo_segments.end.max(plan.undo_segments.start);
         if let Some(log) = &sources.undo {
@@ -233,7 +254,8 @@ impl TimeView {
             block_size: sources.reader.manifest().block_size,
             reader: sources.reader,
             undo: sources.undo,
-            replica,
+            replicas,
+            layout,
             size: sources.size,
             map: RwLock::new(map),
             threshold: plan.undo_after,
@@ -337,12 +359,12 @@ impl TimeView {
                 match src {
                     None => {
                         from_replica = true;
-                        self.replica.read_exact_at(out, s)?;
+                        self.read_replica(out, s)?;
                     }
                     Some(Source::Zero) => out.fill(0),
                     Some(Source::Payload(loc)) => {
                         let p = self.payload(&loc).await?;
-                        let from = (s - loc.entry.offset) as usize;
+                        let from = (s - loc.start) as usize;
                         out.copy_from_slice(&p[from..from + out.len()]);
                     }
                 }
@@ -359,6 +381,67 @@ impl TimeView {
             }
             return Ok(());
         }
+    }
+
+    /// The replica set's bytes at `offset` of the view's space: each device's image at its
+    /// base, zeroes in the padding between devices.
+    fn read_replica(&self, out: &mut [u8], offset: u64) -> Result<(), BlockError> {
+        if let [only] = self.replicas.as_slice() {
+            return Ok(only.file.read_exact_at(out, offset)?);
+        }
+        let end = offset + out.len() as u64;
+        for piece in self.layout.pieces(offset..end) {
+            let part = &mut out
+                [(piece.range.start - offset) as usize..(piece.range.end - offset) as usize];
+            match piece.on {
+                Some((dev, local)) => self.replicas[dev as usize]
+                    .file
+                    .read_exact_at(part, local)?,
+                None => part.fill(0),
+            }
+        }
+        Ok(())
+    }
+
+    /// What `SEEK_HOLE` says of the replica set's `offset..offset + len` (padding is a hole).
+    fn replica_extents(
+        &self,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> Result<Vec<Extent>, BlockError> {
+        let block = u64::from(self.block_size);
+        if let [only] = self.replicas.as_slice() {
+            return Ok(allocation::seek_extents(
+                &only.file, offset, len, block, max,
+            )?);
+        }
+        let mut out: Vec<Extent> = Vec::new();
+        for piece in self.layout.pieces(offset..offset + len) {
+            let n = piece.range.end - piece.range.start;
+            let extents = match piece.on {
+                Some((dev, local)) => {
+                    let member = &self.replicas[dev as usize];
+                    debug_assert_eq!(member.base + local, piece.range.start);
+                    allocation::seek_extents(&member.file, local, n, block, max)?
+                }
+                None => vec![Extent {
+                    len: n,
+                    allocation: Allocation::Hole,
+                }],
+            };
+            let mut covered = 0;
+            for x in extents {
+                if !allocation::push(&mut out, x.len, x.allocation, max) {
+                    return Ok(out);
+                }
+                covered += x.len;
+            }
+            if covered < n {
+                return Ok(out);
+            }
+        }
+        Ok(out)
     }
 
     fn scratch(&self) -> Result<&Scratch, BlockError> {
@@ -387,13 +470,7 @@ impl TimeView {
                     }
                     None => {
                         from_replica = true;
-                        let replica = allocation::seek_extents(
-                            &self.replica,
-                            s,
-                            e - s,
-                            u64::from(self.block_size),
-                            max,
-                        )?;
+                        let replica = self.replica_extents(s, e - s, max)?;
                         let mut covered = 0;
                         let mut room = true;
                         for x in replica {
@@ -432,9 +509,14 @@ impl TimeView {
 }
 
 /// Maps the journal's records of the lineage after the plan's base up to the point (newest
-/// wins).
+/// wins), each at its device's place in `layout`.
 /// Returns the segments read.
-async fn map_journal(sources: &Sources, plan: &Plan, map: &mut ExtentMap) -> TimeTravelResult<u64> {
+async fn map_journal(
+    sources: &Sources,
+    layout: &DeviceLayout,
+    plan: &Plan,
+    map: &mut ExtentMap,
+) -> TimeTravelResult<u64> {
     let (base, point) = (plan.journal_from.next_lsn - 1, plan.point.lsn);
     let mut seq = plan.journal_from.seq;
     let mut read = 0;
@@ -455,7 +537,9 @@ async fn map_journal(sources: &Sources, plan: &Plan, map: &mut ExtentMap) -> Tim
                 // Off the lineage (a branch, or the cut of one): never part of the image.
                 continue;
             }
-            let Some((start, end, source)) = extent_of(&key, Layer::Journal, seq, e, sources.size)?
+            let Some((start, end, source)) = extent_of(&key, Layer::Journal, seq, e, |e| {
+                layout.to_global(e.dev, e.offset, e.length).ok()
+            })?
             else {
                 continue;
             };
@@ -481,39 +565,56 @@ fn map_undo(
         crate::journal::paths::undo_segment_key(seq)
     );
     for e in entries.iter().filter(|e| e.lsn > threshold) {
-        if let Some((start, end, source)) = extent_of(&key, Layer::Undo, seq, e, size)? {
+        // Undo records are pre-images in the view's space already, stored as device 0.
+        let placed = |e: &IndexEntry| {
+            (e.dev == 0
+                && e.offset
+                    .checked_add(e.length)
+                    .is_some_and(|end| end <= size))
+            .then_some(e.offset)
+        };
+        if let Some((start, end, source)) = extent_of(&key, Layer::Undo, seq, e, placed)? {
             map.fill_gaps(start, end, source);
         }
     }
     Ok(())
 }
 
-/// The device range a record changes and where its bytes come from; `None` for records
-/// that change no bytes.
+/// The range of the view's space a record changes and where its bytes come from; `None`
+/// for records that change no bytes. `place` gives the record's start in the view's space,
+/// or `None` when its bytes lie outside its device.
 fn extent_of(
     object: &str,
     layer: Layer,
     seq: u64,
     e: &IndexEntry,
-    size: u64,
+    place: impl Fn(&IndexEntry) -> Option<u64>,
 ) -> TimeTravelResult<Option<(u64, u64, Source)>> {
-    let source = match e.kind {
-        RecordKind::Write | RecordKind::ResyncData => Source::Payload(Arc::new(Location {
-            layer,
-            seq,
-            entry: e.clone(),
-        })),
-        RecordKind::Discard | RecordKind::WriteZeroes => Source::Zero,
-        _ => return Ok(None),
-    };
-    match e.offset.checked_add(e.length) {
-        Some(end) if end <= size && e.dev == 0 => Ok(Some((e.offset, end, source))),
-        _ => Err(TimeTravelError::RecordOutside {
+    if !matches!(
+        e.kind,
+        RecordKind::Write | RecordKind::ResyncData | RecordKind::Discard | RecordKind::WriteZeroes
+    ) {
+        return Ok(None);
+    }
+    match place(e) {
+        Some(start) => {
+            let source = match e.kind {
+                RecordKind::Write | RecordKind::ResyncData => Source::Payload(Arc::new(Location {
+                    layer,
+                    seq,
+                    entry: e.clone(),
+                    start,
+                })),
+                _ => Source::Zero,
+            };
+            Ok(Some((start, start + e.length, source)))
+        }
+        None => Err(TimeTravelError::RecordOutside {
             object: object.to_string(),
             lsn: e.lsn,
+            dev: e.dev,
             offset: e.offset,
             len: e.length,
-            size,
         }),
     }
 }

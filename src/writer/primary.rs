@@ -170,6 +170,8 @@ pub(super) struct Journaling {
     pub(super) marker_path: PathBuf,
     /// The primary's path: a demote leaves a seed stamp beside it.
     pub(super) primary_path: PathBuf,
+    /// A group's primaries in device order (stamped at demote); empty for one device.
+    pub(super) member_paths: Vec<PathBuf>,
     pub(super) episodes: Arc<Episodes>,
     pub(super) al: Arc<ActivityLog>,
     /// The resync task and the activity-log cleaner; aborted at shutdown.

@@ -18,6 +18,7 @@ use super::lag_histogram::{LagBuckets, LagSummary};
 use super::mode::{AckMode, Mode, Transition};
 use super::primary::{PrimaryCore, StartKind};
 use super::resync::ResyncStatus;
+use crate::journal::layout::DeviceLayout;
 use crate::units::format_size;
 
 /// A point-in-time view of a primary daemon.
@@ -55,6 +56,10 @@ pub struct StatusSnapshot {
     /// Records queued but never journaled (fenced, writer stopped, not drained).
     pub records_abandoned: u64,
     pub dirty: DirtyStatus,
+    /// A consistency group's devices, in index order, each with its share of `dirty` (absent
+    /// for a one-device journal, whose status is as before groups).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<DeviceStatus>,
     /// Requests the primary served since start.
     #[serde(default)]
     pub io: IoStatus,
@@ -130,6 +135,19 @@ pub struct ErrorStatus {
     pub failing_seconds: Option<f64>,
     /// Failing longer than the outage bound: `--ack journal` no longer waits.
     pub outage: bool,
+}
+
+/// One device of a consistency group as `status` shows it: its dirty regions (what a resync
+/// of the group would move on it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceStatus {
+    pub name: String,
+    pub size: u64,
+    /// Where it starts in the group's address space (regions are numbered across the group).
+    pub base: u64,
+    pub dirty_regions: u64,
+    /// Bytes of the device those regions cover (the padding after it is not counted).
+    pub dirty_bytes: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -312,6 +330,19 @@ impl StatusSnapshot {
                 format_size(self.dirty.region_size)
             ),
         );
+        for d in &self.devices {
+            line(
+                &mut out,
+                &format!("device {}", d.name),
+                format!(
+                    "{} at {} in the group: {} dirty regions ({})",
+                    format_size(d.size),
+                    d.base,
+                    d.dirty_regions,
+                    format_size(d.dirty_bytes)
+                ),
+            );
+        }
         let r = &self.resync;
         if r.running || r.regions_left > 0 {
             let eta = r
@@ -402,6 +433,14 @@ impl PrimaryCore {
         self.journal.as_ref().map(|j| j.stats.durable_lag.buckets())
     }
 
+    /// Each device of a group with its dirty regions; empty for one device.
+    fn device_status(&self) -> Vec<DeviceStatus> {
+        if self.layout.is_single() {
+            return Vec::new();
+        }
+        device_shares(&self.layout, self.dirty.region_size(), self.dirty.regions())
+    }
+
     /// The status snapshot.
     pub fn status(&self) -> StatusSnapshot {
         let mode = self.mode();
@@ -427,6 +466,7 @@ impl PrimaryCore {
             bytes: self.dirty.bytes(),
             region_size: self.dirty.region_size(),
         };
+        let devices = self.device_status();
         let uptime_seconds = self.started.elapsed().as_secs_f64();
         let Some(j) = &self.journal else {
             return StatusSnapshot {
@@ -473,6 +513,7 @@ impl PrimaryCore {
                 },
                 records_abandoned: 0,
                 dirty,
+                devices,
                 io: self.io.status(),
                 uptime_seconds,
                 security_warning: None,
@@ -543,6 +584,7 @@ impl PrimaryCore {
             },
             records_abandoned: s.records_abandoned.load(Ordering::Acquire),
             dirty,
+            devices,
             io: self.io.status(),
             uptime_seconds,
             security_warning: None,
@@ -561,9 +603,67 @@ impl PrimaryCore {
     }
 }
 
+/// Each device of `layout` with its share of the dirty `regions` (numbered across the group:
+/// a region belongs to one device; bytes past a device's end are padding, not counted).
+fn device_shares(layout: &DeviceLayout, region_size: u64, regions: Vec<u64>) -> Vec<DeviceStatus> {
+    let region = region_size.max(1);
+    let mut out: Vec<DeviceStatus> = layout
+        .devices()
+        .iter()
+        .map(|d| DeviceStatus {
+            name: d.name.clone(),
+            size: d.size,
+            base: d.base,
+            dirty_regions: 0,
+            dirty_bytes: 0,
+        })
+        .collect();
+    for r in regions {
+        let start = r * region;
+        if let Some((dev, placed)) = layout.device_at(start) {
+            let d = &mut out[dev as usize];
+            d.dirty_regions += 1;
+            d.dirty_bytes += (start + region).min(placed.base + placed.size) - start;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn each_device_gets_its_own_dirty_regions_without_the_padding() {
+        use crate::journal::manifest::DeviceSpec;
+        const MIB: u64 = 1 << 20;
+        // wal: 6 MiB (regions 0-1, the second half padding), data: 10 MiB from 8 MiB.
+        let layout = DeviceLayout::new(
+            &[
+                DeviceSpec {
+                    name: "wal".into(),
+                    size: 6 * MIB,
+                },
+                DeviceSpec {
+                    name: "data".into(),
+                    size: 10 * MIB,
+                },
+            ],
+            4 * MIB,
+        );
+        let shares = device_shares(&layout, 4 * MIB, vec![1, 2, 4]);
+        let got: Vec<(&str, u64, u64, u64)> = shares
+            .iter()
+            .map(|d| (d.name.as_str(), d.base, d.dirty_regions, d.dirty_bytes))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("wal", 0, 1, 2 * MIB),
+                ("data", 8 * MIB, 2, 4 * MIB + 2 * MIB)
+            ]
+        );
+    }
 
     pub(crate) fn sample(mode: Mode) -> StatusSnapshot {
         StatusSnapshot {
@@ -614,6 +714,7 @@ pub(crate) mod tests {
                 bytes: 0,
                 region_size: 4 << 20,
             },
+            devices: Vec::new(),
             io: IoStatus {
                 reads: 4,
                 writes: 110,

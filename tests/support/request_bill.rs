@@ -301,6 +301,7 @@ pub async fn gib_bill() -> GibBill {
         ack: AckMode::parse("async", None).unwrap(),
         clock: clock.clone(),
         primary_path: primary.clone(),
+        member_paths: Vec::new(),
         activity_log: Some(dir.path().join("primary.img.tinylag-al")),
         abandon_after_hole: false,
         claim: Default::default(),

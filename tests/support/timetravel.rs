@@ -136,18 +136,23 @@ impl Mount {
         extra: &[&str],
         dir: &Path,
     ) -> Mount {
+        let mut args = vec![
+            "--journal".to_string(),
+            journal.uri().to_string(),
+            "--replica".to_string(),
+            s(replica),
+        ];
+        args.extend(point.iter().chain(extra).map(|a| a.to_string()));
+        Mount::spawn(&args, dir)
+    }
+
+    /// `tinylag mount ARGS --listen unix:<new socket in dir>`, once it listens.
+    pub fn spawn(args: &[String], dir: &Path) -> Mount {
         let socket = dir.join(format!("mount-{:x}.sock", now_ns()));
         let mut cmd = tinylag();
-        cmd.args([
-            "mount",
-            "--journal",
-            journal.uri(),
-            "--replica",
-            &s(replica),
-            "--listen",
-            &format!("unix:{}", s(&socket)),
-        ]);
-        cmd.args(point).args(extra);
+        cmd.arg("mount")
+            .args(args)
+            .args(["--listen", &format!("unix:{}", s(&socket))]);
         let mut guard =
             procs::ChildGuard::spawn_logged("tinylag mount", &mut cmd, &dir.join("mount.log"))
                 .unwrap();
@@ -162,6 +167,11 @@ impl Mount {
             std::thread::sleep(Duration::from_millis(20));
         }
         Mount { guard, socket }
+    }
+
+    /// The NBD URI of export `name` (the empty name: the default export).
+    pub fn uri_of(&self, name: &str) -> String {
+        format!("nbd+unix:///{name}?socket={}", s(&self.socket))
     }
 
     pub fn uri(&self) -> String {

@@ -350,6 +350,7 @@ async fn through_the_primary_core_each_op_is_journaled_as_itself() {
         clock: Arc::new(SystemClock),
         activity_log: Some(dir.path().join("primary.img.tinylag-al")),
         primary_path,
+        member_paths: Vec::new(),
         abandon_after_hole: false,
         claim: Default::default(),
         on_fence: Default::default(),

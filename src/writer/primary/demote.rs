@@ -164,18 +164,20 @@ impl PrimaryCore {
             reason: e.to_string(),
         })?;
         // The image is exactly the journal at the DEMOTE: say so where `replay` looks, so
-        // that this site can follow the next primary from here (no full replay).
-        let stamped = SeedStamp::for_image(
-            &j.primary_path,
-            j.uuid,
-            lsn,
-            timestamp_ns,
-            next_seq - 1,
-            j.epoch,
-        )
-        .and_then(|stamp| stamp.write(&j.primary_path));
-        if let Err(e) = stamped {
-            tracing::warn!(error = %e, "demoted, but cannot leave the seed stamp beside the primary");
+        // that this site can follow the next primary from here (no full replay). A group's
+        // set: beside every member (all flushed above), each of the same state.
+        let images = if j.member_paths.is_empty() {
+            std::slice::from_ref(&j.primary_path)
+        } else {
+            j.member_paths.as_slice()
+        };
+        for image in images {
+            let stamped =
+                SeedStamp::for_image(image, j.uuid, lsn, timestamp_ns, next_seq - 1, j.epoch)
+                    .and_then(|stamp| stamp.write(image));
+            if let Err(e) = stamped {
+                tracing::warn!(error = %e, image = %image.display(), "demoted, but cannot leave the seed stamp beside the primary");
+            }
         }
         let done = Demoted {
             epoch: j.epoch,

@@ -44,6 +44,10 @@ pub struct JournalSetup {
     /// The primary's path: for the clean-stop marker beside it and the "does a new
     /// journal's primary hold data" check.
     pub primary_path: PathBuf,
+    /// Every device's primary, in device order, for a consistency group (the demote leaves a
+    /// seed stamp beside each: a set is vouched for only by a stamp beside every image);
+    /// empty for one device (`primary_path` alone).
+    pub member_paths: Vec<PathBuf>,
     /// Where the activity log lives (`--activity-log`, default
     /// [`activity_log::default_path`]); `None` keeps none (`--no-activity-log`: a restart
     /// after a crash is then `forward-full`).
@@ -384,6 +388,7 @@ impl PrimaryCore {
                 task: Mutex::new(Some(task)),
                 marker_path,
                 primary_path: setup.primary_path.clone(),
+                member_paths: setup.member_paths.clone(),
                 episodes,
                 al,
                 helpers: Mutex::new(helpers),

@@ -137,6 +137,7 @@ impl Fixture {
             ack,
             clock: Arc::new(SystemClock),
             primary_path: self.dir.path().join("primary.img"),
+            member_paths: Vec::new(),
             activity_log: Some(self.dir.path().join("primary.img.tinylag-al")),
             abandon_after_hole: false,
             claim: Default::default(),
