@@ -12,6 +12,7 @@ pub mod control;
 pub mod journal;
 pub mod metrics;
 pub mod nbd;
+pub mod objrep;
 pub mod replayer;
 pub mod store;
 #[cfg(test)]
