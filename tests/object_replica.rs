@@ -203,6 +203,56 @@ async fn marks_scenario(replica: &Replica, dir: &Path) {
         before,
         "an idle run wrote to the replica"
     );
+
+    // The replica is a consumer like any other: `journal trim` deletes what it committed.
+    let mut cp_images = Vec::new();
+    for cp in &m.checkpoints {
+        cp_images.push(journal.chain_image(Some(cp.lsn)).await);
+    }
+    let trim = support::replay::run_ok(
+        &[
+            "journal",
+            "trim",
+            "--journal",
+            journal.uri(),
+            "--retain",
+            "0s",
+        ]
+        .map(String::from),
+    );
+    let trimmed = tinylag::journal::consumer::load_trim_pointer(journal.store.as_ref())
+        .await
+        .unwrap();
+    // Trim keeps the journal's newest segment whatever the consumers hold; everything
+    // after the middle checkpoint but that one went.
+    assert!(
+        trimmed.first_lsn > m.checkpoints[1].lsn + 1 && trimmed.first_lsn <= end + 1,
+        "trim kept records the object replica no longer needs (first live LSN {}, \
+         checkpoints {:?}): {}",
+        trimmed.first_lsn,
+        m.checkpoints,
+        String::from_utf8_lossy(&trim.stderr)
+    );
+    // Every checkpoint still restores from its layers alone...
+    for (cp, image) in m.checkpoints.iter().zip(&cp_images) {
+        let (bytes, report) = restore(replica, &journal, &["--at", &at_arg(cp.timestamp_ns)], &out);
+        assert_eq!(report["lsn"], cp.lsn);
+        assert_eq!(
+            report["journal_records"], 0,
+            "checkpoint {} after trim",
+            cp.lsn
+        );
+        assert_image(&bytes, image, &format!("checkpoint {} after trim", cp.lsn));
+    }
+    // ...and a mark between checkpoints, whose records are gone, is refused, naming why.
+    let (name, _) = &marks[4];
+    let out_s = out.display().to_string();
+    let refused =
+        replica.run(&replica.args(&journal, "restore", &["--mark", name, "--output", &out_s]));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "a trimmed point was restored");
+    assert!(err.contains("only its checkpoints are restorable"), "{err}");
+    assert!(!out.exists(), "a refused restore left a file");
 }
 
 async fn list_keys(replica: &Replica) -> Vec<String> {

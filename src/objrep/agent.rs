@@ -109,6 +109,8 @@ pub struct ObjectAgent {
     read_lsn: u64,
     read_ts: u64,
     in_span: bool,
+    /// Timestamp of the first record read after the newest checkpoint.
+    first_ts_after: Option<u64>,
     lineage: Lineage,
     epoch_seen: u64,
     pos: ConsumerState,
@@ -266,6 +268,7 @@ impl ObjectAgent {
             read_lsn: lsn,
             read_ts: ts,
             in_span: false,
+            first_ts_after: None,
             lineage: chain.lineage(),
             epoch_seen: chain.head_epoch(),
             pos,
@@ -369,6 +372,7 @@ impl ObjectAgent {
             }
             self.read_lsn = lsn;
             self.read_ts = ts;
+            self.first_ts_after.get_or_insert(ts);
             if self.pending_bytes >= self.config.layer_bytes {
                 self.spill().await?;
             }
@@ -432,14 +436,19 @@ impl ObjectAgent {
         next.gen += 1;
         next.run = format!("{:016x}", self.run);
         next.layers.append(&mut self.spilled);
+        if let Some(previous) = next.checkpoints.last_mut() {
+            previous.next_timestamp_ns = self.first_ts_after;
+        }
         next.checkpoints.push(Checkpoint {
             lsn: self.read_lsn,
             timestamp_ns: self.read_ts,
             next_seq: self.cursor.seq,
             layers: next.layers.len(),
+            next_timestamp_ns: None,
         });
         manifest::commit(self.replica.as_ref(), &next).await?;
         self.manifest = next;
+        self.first_ts_after = None;
         self.next_layer_first = self.read_lsn + 1;
         self.last_checkpoint = Instant::now();
         self.report.checkpoints += 1;

@@ -57,6 +57,10 @@ pub struct Checkpoint {
     pub timestamp_ns: u64,
     pub next_seq: u64,
     pub layers: usize,
+    /// The timestamp of the first record after `lsn`, once a later checkpoint read it
+    /// (`None` on the newest): a time before it is this checkpoint exactly, with no journal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_timestamp_ns: Option<u64>,
 }
 
 /// `checkpoints/<gen>`: the live layers in LSN order and the checkpoints they make, oldest

@@ -117,7 +117,11 @@ impl ObjSources {
             ObjPoint::Time(t) => self.manifest.at_or_before_time(*t),
         }
         .cloned();
-        let exact = base.as_ref().is_some_and(|b| b.lsn == target_lsn);
+        // The checkpoint is the point itself: a mark on it, or a time before the record
+        // that follows it. No journal is read then (it may be trimmed past it).
+        let exact = base.as_ref().is_some_and(|b| {
+            b.lsn == target_lsn || b.next_timestamp_ns.is_some_and(|next| next > until_ns)
+        });
         if !exact {
             let from_seq = base.as_ref().map_or(0, |b| b.next_seq);
             let trim = consumer::load_trim_pointer(self.journal.as_ref()).await?;
