@@ -454,3 +454,86 @@ fn bad_replica_arguments_are_refused_with_one_line_and_change_nothing() {
     );
     assert_eq!(rt.block_on(list_keys(&replica)), before);
 }
+
+/// A checkpoint never falls inside a resync span: the agent reads on through it and commits
+/// at its end, and what it committed before the span restores exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_checkpoint_falls_inside_a_resync_span() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut journal = TestJournal::create(&dir.path().join("journal"), SIZE, 3).await;
+    let replica = Replica::local(&dir.path().join("replica"));
+    let once = replica.args(
+        &journal,
+        "replay",
+        &["--name", "spans", "--once", "--checkpoint-interval", "0s"],
+    );
+    append_segments(&mut journal, 2).await;
+    let before_span = journal.next_lsn - 1;
+    let ts = T0 + journal.next_seq * 10_000_000;
+    let data = journal.data(1 << 20);
+    let begin = journal
+        .append_at(
+            vec![
+                Op::ResyncBegin,
+                Op::ResyncData {
+                    offset: 0,
+                    data: data.clone(),
+                },
+            ],
+            ts,
+        )
+        .await
+        .start;
+    append_segments(&mut journal, 1).await;
+    replica.run_ok(&once);
+    let m = replica.manifest().await.expect("a manifest");
+    assert_eq!(
+        m.last().unwrap().lsn,
+        before_span,
+        "checkpoints {:?} (the span begins at LSN {begin})",
+        m.checkpoints
+    );
+    // The span ends: the next run commits past it.
+    let ts = T0 + journal.next_seq * 10_000_000;
+    // The LSN of RESYNC_END: the first consistent point after the span.
+    let span_end = journal
+        .append_at(
+            vec![
+                Op::ResyncData {
+                    offset: 1 << 20,
+                    data,
+                },
+                Op::ResyncEnd,
+            ],
+            ts,
+        )
+        .await
+        .end
+        - 1;
+    append_segments(&mut journal, 1).await;
+    let end = journal.next_lsn - 1;
+    replica.run_ok(&once);
+    let m = replica.manifest().await.expect("a manifest");
+    assert_eq!(m.last().unwrap().lsn, end);
+    assert!(
+        m.checkpoints
+            .iter()
+            .all(|c| c.lsn < begin || c.lsn >= span_end),
+        "a checkpoint inside the span: {:?}",
+        m.checkpoints
+    );
+    let out = dir.path().join("restored.img");
+    for cp in &m.checkpoints {
+        let (bytes, _) = restore(
+            &replica,
+            &journal,
+            &["--at", &at_arg(cp.timestamp_ns)],
+            &out,
+        );
+        assert_image(
+            &bytes,
+            &journal.chain_image(Some(cp.lsn)).await,
+            &format!("checkpoint {}", cp.lsn),
+        );
+    }
+}
