@@ -537,3 +537,34 @@ async fn no_checkpoint_falls_inside_a_resync_span() {
         );
     }
 }
+
+/// A segment missing below the journal's known end is a hole: a point after it is refused,
+/// naming the seq, never restored as an earlier point.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_point_after_a_journal_hole_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut journal = TestJournal::create(&dir.path().join("journal"), SIZE, 11).await;
+    let replica = Replica::local(&dir.path().join("replica"));
+    let once = replica.args(&journal, "replay", &["--name", "holes", "--once"]);
+    append_segments(&mut journal, 2).await;
+    replica.run_ok(&once);
+    append_segments(&mut journal, 4).await;
+    replica.run_ok(&once);
+    // Seq 3 goes; the consumer committed past it, so the journal knows it existed.
+    let (_, path) = journal.segment_file(3);
+    std::fs::remove_file(&path).unwrap();
+    let inside = T0 + 4 * 10_000_000;
+    let out = dir.path().join("restored.img");
+    let refused = replica.run(&replica.args(
+        &journal,
+        "restore",
+        &["--at", &at_arg(inside), "--output", out.to_str().unwrap()],
+    ));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success(),
+        "a point after a hole was restored"
+    );
+    assert!(err.contains("hole") && err.contains('3'), "{err}");
+    assert!(!out.exists(), "a refused restore left a file");
+}

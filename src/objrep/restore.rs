@@ -15,6 +15,7 @@ use super::layer;
 use super::manifest::{self, Checkpoint, ReplicaIdentity, ReplicaManifest};
 use crate::journal::chain;
 use crate::journal::consumer;
+use crate::journal::head;
 use crate::journal::mark;
 use crate::journal::paths::objrep as paths;
 use crate::journal::reader::{Cursor, JournalReader, Step};
@@ -220,6 +221,12 @@ impl ObjSources {
                 reader.step(&mut cursor).await?
             };
             resuming = false;
+            if matches!(step, Step::NotYet) {
+                // Missing below the journal's known end is a hole, never the end: a point
+                // after it is refused, naming it, not restored as an earlier one.
+                let known = head::known_end(self.journal.as_ref()).await?;
+                head::check_missing(self.journal.as_ref(), &self.jm, cursor.seq, &known).await?;
+            }
             let segment = match step {
                 Step::Segment(s) => s,
                 Step::NotYet if target_lsn == u64::MAX => break,
