@@ -160,6 +160,13 @@ async fn marks_scenario(replica: &Replica, dir: &Path) {
     let m = replica.manifest().await.expect("a manifest");
     assert_eq!(m.last().expect("a checkpoint").lsn, end);
     assert_eq!(m.checkpoints.len(), 3, "one checkpoint per --once run");
+    // Generations before the previous one are deleted: the store does not keep every list.
+    let generations: Vec<String> = list_keys(replica)
+        .await
+        .into_iter()
+        .filter(|k| k.starts_with("checkpoints/"))
+        .collect();
+    assert_eq!(generations.len(), 2, "{generations:?}");
     // The consumer's position is the checkpoint's: journal trim keeps what it needs.
     let pos = journal.position("objrep").await;
     assert_eq!((pos.applied_lsn, pos.consistent_lsn), (end, end));

@@ -461,7 +461,20 @@ impl ObjectAgent {
         pos.applied_timestamp_ns = self.read_ts;
         pos.consistent_timestamp_ns = self.read_ts;
         pos.chain_epoch = self.epoch_seen;
-        self.commit_position().await
+        self.commit_position().await?;
+        // Each generation repeats the whole list, so keeping them all would grow the store
+        // by the square of the checkpoints: the one before the previous goes (a DELETE, free
+        // on S3). Layers are never deleted here; a kill before this leaves it to compaction.
+        if let Some(old) = self.manifest.gen.checked_sub(2).filter(|g| *g > 0) {
+            if let Err(e) = self
+                .replica
+                .delete_many(&[paths::checkpoint_key(old)])
+                .await
+            {
+                tracing::warn!(error = %e, "deleting an old manifest generation failed");
+            }
+        }
+        Ok(())
     }
 
     async fn commit_position(&mut self) -> ObjrepResult<()> {

@@ -2,7 +2,8 @@
 //! (`checkpoints/<gen>`): which layers are live and which checkpoints they make.
 //!
 //! Must never: replace an object (both are conditional creates); name a layer that is not
-//! durable yet; list more than once per open (the agent keeps the manifest it committed).
+//! durable yet; list more than once per open (the agent keeps the manifest it committed),
+//! but to step over a generation deleted between the listing and the read.
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -148,16 +149,25 @@ pub async fn create_identity(
 /// The newest manifest generation (one LIST of `checkpoints/`, one GET); `None` before the
 /// first checkpoint.
 pub async fn load_latest(store: &dyn ObjectStore) -> ObjrepResult<Option<ReplicaManifest>> {
-    let newest = list_all(store, paths::CHECKPOINTS_PREFIX)
-        .await?
-        .iter()
-        .filter_map(|m| paths::parse_checkpoint_key(&m.key))
-        .max();
-    let Some(gen) = newest else {
-        return Ok(None);
+    // The agent deletes the generation before the previous one after each commit: a listing
+    // that two commits overtook names a deleted one, and is made again (a few times at most).
+    let mut tries = 0;
+    let (gen, key, data) = loop {
+        let newest = list_all(store, paths::CHECKPOINTS_PREFIX)
+            .await?
+            .iter()
+            .filter_map(|m| paths::parse_checkpoint_key(&m.key))
+            .max();
+        let Some(gen) = newest else {
+            return Ok(None);
+        };
+        let key = paths::checkpoint_key(gen);
+        match store.get(&key).await {
+            Ok(data) => break (gen, key, data),
+            Err(e) if e.is_not_found() && tries < 3 => tries += 1,
+            Err(e) => return Err(e.into()),
+        }
     };
-    let key = paths::checkpoint_key(gen);
-    let data = store.get(&key).await?;
     let manifest: ReplicaManifest =
         serde_json::from_slice(&data).map_err(|e| malformed(store, &key, e))?;
     if manifest.gen != gen {
