@@ -13,6 +13,7 @@ pub mod crypto;
 pub mod journal;
 pub mod metrics;
 pub mod nbd;
+pub mod objrep;
 pub mod replayer;
 pub mod store;
 pub(crate) mod sys;

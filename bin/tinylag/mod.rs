@@ -12,6 +12,7 @@ pub mod journal_cmd;
 pub mod key_cmd;
 pub mod log_redact;
 pub mod metrics;
+pub mod objrep;
 pub mod output;
 pub mod promote;
 pub mod promote_at;

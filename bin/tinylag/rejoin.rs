@@ -25,9 +25,11 @@ use crate::cmd::output::{say, tell};
 use crate::cmd::replay::{self, ReplayArgs};
 
 #[derive(Debug, Args)]
-// replay's seed choices mean nothing here (rejoin seeds its consumer itself): hidden, refused.
+// replay's seed choices mean nothing here (rejoin seeds its consumer itself): hidden, refused;
+// nor does an object replica's checkpoint interval (an old primary's image is a file).
 #[command(
     mut_arg("check_seed", |a| a.hide(true)),
+    mut_arg("checkpoint_interval", |a| a.hide(true)),
     mut_arg("assume_seeded", |a| a.hide(true)),
     mut_arg("replica", |a| a.help(
         "The old primary's image, with its activity log and clean-stop marker beside it"

@@ -38,7 +38,9 @@ pub struct ReplayArgs {
     pub journal: JournalArgs,
     /// The replica image: a file (created sparse, of the device size, if absent) or a block
     /// device. A group journal takes one `--replica NAME=PATH` per device: the set is
-    /// replayed in the group's one order and committed at one LSN.
+    /// replayed in the group's one order and committed at one LSN. A store address
+    /// (s3://bucket/prefix, file:///dir) keeps an object replica there instead: immutable
+    /// layers and checkpoints, no disk, no undo log (see --checkpoint-interval).
     #[arg(long = "replica", value_name = "[NAME=]PATH", value_parser = NamedPath::parse, required = true)]
     pub replica: Vec<NamedPath>,
     /// Consumer name: this agent's position in the journal (1-64 of A-Z a-z 0-9 . _ -).
@@ -98,6 +100,18 @@ pub struct ReplayArgs {
     /// batch since the last); `0s` commits after every batch (tests that watch commits).
     #[arg(long, default_value = "3s", value_parser = parse_duration, hide = true)]
     pub commit_every: Duration,
+    /// An object replica (--replica s3://…) commits a checkpoint at least this often while
+    /// records arrive: each costs three PUTs (layer, manifest, position), so the default
+    /// keeps a disk written all the time at 360 PUTs an hour.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub checkpoint_interval: Duration,
+    /// An object replica uploads a layer once the records it folds reach this size (bounds
+    /// the agent's memory).
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size, hide = true)]
+    pub layer_size: u64,
+    /// An object replica's poll period while writes flow (default 5s).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, hide = true)]
+    pub poll: Option<Duration>,
     #[command(flatten)]
     pub metrics: MetricsArgs,
     #[command(flatten)]
@@ -453,6 +467,9 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
 
 /// [`run`], with the metrics going to `shared` (from `up`) instead of `--metrics-listen`.
 pub async fn run_with(args: ReplayArgs, shared: Option<Arc<Hub>>) -> anyhow::Result<()> {
+    if let Some(uri) = crate::cmd::objrep::object_replica(&args.replica)? {
+        return crate::cmd::objrep::run_replay(args, uri).await;
+    }
     limit_malloc_arenas();
     // A bad TINYLAG_IO_ENGINE (or `uring` where it cannot run) stops the agent here, before
     // anything is opened, as it stops serve.

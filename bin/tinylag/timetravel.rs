@@ -32,7 +32,8 @@ pub struct ReplicaArgs {
     #[command(flatten)]
     pub journal: JournalArgs,
     /// The replica a `tinylag replay` keeps (file or block device); for a group journal one
-    /// `--replica NAME=PATH` per device, as `replay` was given them.
+    /// `--replica NAME=PATH` per device, as `replay` was given them. An object replica is its
+    /// store address (s3://bucket/prefix, file:///dir): restore and timeline take it.
     #[arg(long, value_name = "[NAME=]PATH", value_parser = NamedPath::parse, required = true)]
     pub replica: Vec<NamedPath>,
     /// Its undo log: a directory or store URI (default: <replica>.undo/ beside it).
@@ -86,6 +87,12 @@ fn beside(path: &Path, suffix: &str) -> PathBuf {
 impl ReplicaArgs {
     /// Opens the journal, the consumer and the undo log (nothing is created).
     pub async fn open(&self) -> anyhow::Result<Sources> {
+        if let Some(uri) = crate::cmd::objrep::object_replica(&self.replica)? {
+            bail!(
+                "--replica {uri} is an object replica: restore and timeline take it; this \
+                 command does not yet (restore a point to a file and use that)"
+            );
+        }
         let journal = self.journal.open_for_command().await?;
         let undo: Arc<dyn ObjectStore> = match &self.undo {
             Some(uri) => open_store_for_command(uri, &self.journal.s3.options()).await?,
@@ -193,6 +200,9 @@ impl Reporter {
 }
 
 pub async fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
+    if let Some(uri) = crate::cmd::objrep::object_replica(&args.replica.replica)? {
+        return crate::cmd::objrep::run_restore(args, uri).await;
+    }
     let (sources, point) = open_at(&args.replica, &args.point).await?;
     let output = match (&args.output, &args.output_dir, sources.members.len()) {
         (Some(file), None, 1) => file.clone(),
@@ -296,6 +306,9 @@ pub struct TimelineArgs {
 }
 
 pub async fn run_timeline(args: TimelineArgs) -> anyhow::Result<()> {
+    if let Some(uri) = crate::cmd::objrep::object_replica(&args.replica.replica)? {
+        return crate::cmd::objrep::run_timeline(args, uri).await;
+    }
     let sources = args.replica.open().await?;
     let t = timeline::gather(&sources).await?;
     if args.json {

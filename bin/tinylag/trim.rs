@@ -29,7 +29,8 @@ pub struct JournalTrimArgs {
     #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
     pub retain: Duration,
     /// Unregister consumers that have not committed for longer than this (a live agent
-    /// commits at least every minute, even when idle).
+    /// commits at least every minute, even when idle; an object replica's agent every 10
+    /// minutes).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub drop_consumer_after: Option<Duration>,
     /// Delete branch NAME (records a `promote --at` left off the chain; see `timeline`)

@@ -26,6 +26,14 @@
 //! trim                           first live undo seq (same format as the journal's)
 //! trim.pending                   the undo seqs an unfinished undo trim is deleting
 //! ```
+//!
+//! An object replica (`crate::objrep`, its own store root) has its own names, in [`objrep`]:
+//!
+//! ```text
+//! objrep.json                                          identity (journal UUID, consumer, size)
+//! layers/<gen:020>-<first:020>-<last:020>-<run:016x>   delta layers
+//! checkpoints/<gen:020>                                manifest generations; the highest is current
+//! ```
 
 /// The manifest, written once by conditional create.
 pub const MANIFEST: &str = "tinylag.json";
@@ -186,6 +194,49 @@ fn parse_padded(s: &str) -> Option<u64> {
         .flatten()
 }
 
+/// Keys under an object replica's root (see docs/DESIGN.md, "Object replica").
+pub mod objrep {
+    use super::parse_padded;
+
+    /// The replica's identity, written once by conditional create.
+    pub const IDENTITY: &str = "objrep.json";
+    /// Folder of delta layers.
+    pub const LAYERS_PREFIX: &str = "layers/";
+    /// Folder of manifest generations.
+    pub const CHECKPOINTS_PREFIX: &str = "checkpoints/";
+
+    /// Key of the delta layer holding the net effect of LSNs `first..=last`, uploaded for
+    /// manifest generation `gen` by agent run `run` (so a retry by another run never meets a
+    /// key holding other bytes).
+    pub fn layer_key(gen: u64, first: u64, last: u64, run: u64) -> String {
+        format!("{LAYERS_PREFIX}{gen:020}-{first:020}-{last:020}-{run:016x}")
+    }
+
+    /// Parses a layer key back to `(gen, first, last, run)`.
+    pub fn parse_layer_key(key: &str) -> Option<(u64, u64, u64, u64)> {
+        let rest = key.strip_prefix(LAYERS_PREFIX)?;
+        let mut parts = rest.split('-');
+        let gen = parse_padded(parts.next()?)?;
+        let first = parse_padded(parts.next()?)?;
+        let last = parse_padded(parts.next()?)?;
+        let run = parts.next()?;
+        if run.len() != 16 || parts.next().is_some() {
+            return None;
+        }
+        Some((gen, first, last, u64::from_str_radix(run, 16).ok()?))
+    }
+
+    /// Key of manifest generation `gen`.
+    pub fn checkpoint_key(gen: u64) -> String {
+        format!("{CHECKPOINTS_PREFIX}{gen:020}")
+    }
+
+    /// Parses a manifest key back to its generation.
+    pub fn parse_checkpoint_key(key: &str) -> Option<u64> {
+        parse_padded(key.strip_prefix(CHECKPOINTS_PREFIX)?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,5 +271,21 @@ mod tests {
         assert!(!valid_consumer_name("../x"));
         assert!(!valid_consumer_name(".hidden"));
         assert_eq!(parse_consumer_key("consumers/a"), Some("a"));
+    }
+
+    #[test]
+    fn object_replica_keys_round_trip_and_sort_by_generation() {
+        let k = objrep::layer_key(3, 10, 99, 0xabc);
+        assert_eq!(
+            k,
+            "layers/00000000000000000003-00000000000000000010-00000000000000000099-0000000000000abc"
+        );
+        assert_eq!(objrep::parse_layer_key(&k), Some((3, 10, 99, 0xabc)));
+        assert_eq!(objrep::parse_layer_key("layers/3-10-99-abc"), None);
+        assert_eq!(
+            objrep::parse_checkpoint_key(&objrep::checkpoint_key(12)),
+            Some(12)
+        );
+        assert!(objrep::checkpoint_key(9) < objrep::checkpoint_key(10));
     }
 }

@@ -1,0 +1,198 @@
+//! The object replica's identity (`objrep.json`) and its manifest generations
+//! (`checkpoints/<gen>`): which layers are live and which checkpoints they make.
+//!
+//! Must never: replace an object (both are conditional creates); name a layer that is not
+//! durable yet; list more than once per open (the agent keeps the manifest it committed),
+//! but to step over a generation deleted between the listing and the read.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::error::{ObjrepError, ObjrepResult};
+use crate::journal::paths::objrep as paths;
+use crate::store::{list_all, ObjectStore};
+
+/// Format version of both JSON objects.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// `objrep.json`: which journal and consumer a replica root belongs to.
+///
+/// ```json
+/// { "format_version": 1, "journal_uuid": "…", "consumer": "dr1", "size": 1073741824,
+///   "block_size": 4096, "created_ns": 1795000000000000000 }
+/// ```
+///
+/// # Invariants
+/// Written once, by conditional create, before the first layer; `size` is the journal's
+/// device size (one device: group journals are refused for now).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaIdentity {
+    pub format_version: u32,
+    pub journal_uuid: Uuid,
+    pub consumer: String,
+    pub size: u64,
+    pub block_size: u32,
+    pub created_ns: u64,
+}
+
+/// A live layer as a manifest names it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerRef {
+    pub key: String,
+    pub first_lsn: u64,
+    pub last_lsn: u64,
+    pub size: u64,
+}
+
+/// A consistent point the replica can be read at.
+///
+/// # Invariants
+/// - The image at `lsn` is `layers[..layers]` of the manifest applied in order; `lsn` is the
+///   `last_lsn` of the last of them (or of an earlier checkpoint, when only records that change
+///   no bytes came between).
+/// - `lsn` is outside every resync span; `next_seq` is the journal segment holding `lsn + 1`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub lsn: u64,
+    pub timestamp_ns: u64,
+    pub next_seq: u64,
+    pub layers: usize,
+    /// The timestamp of the first record after `lsn`, once a later checkpoint read it
+    /// (`None` on the newest): a time before it is this checkpoint exactly, with no journal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_timestamp_ns: Option<u64>,
+}
+
+/// `checkpoints/<gen>`: the live layers in LSN order and the checkpoints they make, oldest
+/// first. The newest generation is the replica.
+///
+/// # Invariants
+/// - `layers` are sorted by `first_lsn`, their LSN ranges disjoint and ascending.
+/// - `checkpoints` are sorted by `lsn`; each one's `layers` is non-decreasing.
+/// - Created by conditional create after every layer it names is durable.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaManifest {
+    pub format_version: u32,
+    pub gen: u64,
+    /// The agent run that committed it (hex, as in layer keys).
+    pub run: String,
+    pub layers: Vec<LayerRef>,
+    pub checkpoints: Vec<Checkpoint>,
+}
+
+impl ReplicaManifest {
+    /// The generation before the first checkpoint: no layer, no checkpoint.
+    pub fn empty() -> ReplicaManifest {
+        ReplicaManifest {
+            format_version: FORMAT_VERSION,
+            gen: 0,
+            run: String::new(),
+            layers: Vec::new(),
+            checkpoints: Vec::new(),
+        }
+    }
+
+    /// The newest checkpoint.
+    pub fn last(&self) -> Option<&Checkpoint> {
+        self.checkpoints.last()
+    }
+
+    /// The newest checkpoint at or below `lsn`.
+    pub fn at_or_below(&self, lsn: u64) -> Option<&Checkpoint> {
+        self.checkpoints.iter().rev().find(|c| c.lsn <= lsn)
+    }
+
+    /// The newest checkpoint at or before time `ns`.
+    pub fn at_or_before_time(&self, ns: u64) -> Option<&Checkpoint> {
+        self.checkpoints.iter().rev().find(|c| c.timestamp_ns <= ns)
+    }
+}
+
+fn malformed(store: &dyn ObjectStore, key: &str, e: impl std::fmt::Display) -> ObjrepError {
+    ObjrepError::Corrupt {
+        store: store.describe(),
+        key: key.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+/// Reads the identity; `None` for a new (empty) replica root.
+pub async fn load_identity(store: &dyn ObjectStore) -> ObjrepResult<Option<ReplicaIdentity>> {
+    match store.get(paths::IDENTITY).await {
+        Ok(data) => serde_json::from_slice(&data)
+            .map(Some)
+            .map_err(|e| malformed(store, paths::IDENTITY, e)),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Creates the identity (conditional create; an existing one is returned as it is).
+pub async fn create_identity(
+    store: &dyn ObjectStore,
+    identity: &ReplicaIdentity,
+) -> ObjrepResult<ReplicaIdentity> {
+    let body = serde_json::to_vec_pretty(identity).expect("identity serializes");
+    match store
+        .put_if_absent(paths::IDENTITY, Bytes::from(body))
+        .await
+    {
+        Ok(()) => Ok(identity.clone()),
+        Err(e) if e.is_already_exists() => Ok(load_identity(store)
+            .await?
+            .expect("an object that exists is found")),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The newest manifest generation (one LIST of `checkpoints/`, one GET); `None` before the
+/// first checkpoint.
+pub async fn load_latest(store: &dyn ObjectStore) -> ObjrepResult<Option<ReplicaManifest>> {
+    // The agent deletes the generation before the previous one after each commit: a listing
+    // that two commits overtook names a deleted one, and is made again (a few times at most).
+    let mut tries = 0;
+    let (gen, key, data) = loop {
+        let newest = list_all(store, paths::CHECKPOINTS_PREFIX)
+            .await?
+            .iter()
+            .filter_map(|m| paths::parse_checkpoint_key(&m.key))
+            .max();
+        let Some(gen) = newest else {
+            return Ok(None);
+        };
+        let key = paths::checkpoint_key(gen);
+        match store.get(&key).await {
+            Ok(data) => break (gen, key, data),
+            Err(e) if e.is_not_found() && tries < 3 => tries += 1,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let manifest: ReplicaManifest =
+        serde_json::from_slice(&data).map_err(|e| malformed(store, &key, e))?;
+    if manifest.gen != gen {
+        return Err(malformed(
+            store,
+            &key,
+            format!("holds generation {}", manifest.gen),
+        ));
+    }
+    Ok(Some(manifest))
+}
+
+/// Commits `manifest` as its generation (conditional create): the checkpoint exists from
+/// here on. Losing the create means another agent writes this replica.
+pub async fn commit(store: &dyn ObjectStore, manifest: &ReplicaManifest) -> ObjrepResult<()> {
+    let body = serde_json::to_vec(manifest).expect("manifest serializes");
+    match store
+        .put_if_absent(&paths::checkpoint_key(manifest.gen), Bytes::from(body))
+        .await
+    {
+        Ok(()) => Ok(()),
+        Err(e) if e.is_already_exists() => Err(ObjrepError::Raced {
+            store: store.describe(),
+            gen: manifest.gen,
+        }),
+        Err(e) => Err(e.into()),
+    }
+}
