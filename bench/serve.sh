@@ -164,7 +164,11 @@ start_server() {
         fi
         if [[ $c == m ]]; then extra=(--max-buffered 64M); fi
         if [[ $c == x ]]; then bin=$BASE_BIN; fi
-        "$bin" init --journal "$WORK/journal-$c" --size "$SIZE" --primary "$img" >/dev/null
+        # An encrypted journal is chosen at init (k): the key goes to init as well.
+        local init_extra=()
+        if [[ $c == k ]]; then init_extra=("${extra[@]}"); fi
+        "$bin" init --journal "$WORK/journal-$c" --size "$SIZE" --primary "$img" \
+            "${init_extra[@]}" >/dev/null
         SERVE=(env "$bin" serve --primary "$img" --journal "$WORK/journal-$c"
             --listen "unix:$sock" "${extra[@]}")
         "${SERVE[@]}" >"$WORK/$c.log" 2>&1 &

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use support::daemon::{init, tinylag, tinylag_ok, Daemon};
-use support::nbd::{pattern, run_ok as run_cmd_ok};
+use support::daemon::{init, tinylag, tinylag_bin, tinylag_ok, Daemon};
+use support::nbd::{pattern, run as run_with_timeout, run_ok as run_cmd_ok};
 use support::oracle::assert_same_image;
 use support::replay::{file_hash, replay_args, run, run_ok};
 
@@ -116,13 +116,11 @@ fn write_journal(dir: &Path, key: Option<&Path>, phases: u64) -> Written {
         journal: dir.join("journal"),
         at_mark: Vec::new(),
     };
-    init(
-        &s(&w.journal),
-        &w.primary,
-        "8M",
-        &["--segment-size", "256K"],
-        &[],
-    );
+    // A journal is encrypted for its life, chosen at init.
+    let mut extra = vec!["--segment-size".to_string(), "256K".to_string()];
+    extra.extend(key_args(key));
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    init(&s(&w.journal), &w.primary, "8M", &extra, &[]);
     serve_phases(&mut w, dir, key, 0..phases);
     w
 }
@@ -472,7 +470,7 @@ fn journal_info_names_the_key_and_verify_checks_crcs_without_it_and_every_tag_wi
     assert!(
         with.status.success()
             && text.contains(&format!(
-                "encryption   on: the head segment is sealed with key {id}"
+                "encryption   on since init (key {id}); the head segment is sealed with key {id}"
             )),
         "{text}{}",
         stderr(&with)
@@ -521,4 +519,78 @@ fn journal_info_names_the_key_and_verify_checks_crcs_without_it_and_every_tag_wi
         "names {name}: {}",
         stderr(&out)
     );
+}
+
+/// `serve` expected to refuse (exit by itself within a minute).
+fn serve_refused(primary: &Path, journal: &Path, key: Option<&Path>) -> std::process::Output {
+    let mut cmd = Command::new(tinylag_bin());
+    cmd.args(["serve", "--primary", &s(primary), "--journal", &s(journal)])
+        .args(key_args(key))
+        .env("TINYLAG_LOG", "warn");
+    run_with_timeout(&mut cmd, Duration::from_secs(60))
+}
+
+/// Encryption is chosen at `init` for the journal's life (its manifest says so): a `serve`
+/// without the key on an encrypted journal, or with one on a plaintext journal, is refused
+/// before it claims anything, so no epoch mixes sealed and plaintext segments; a reader
+/// without the key fails at once, naming the key id.
+#[test]
+fn encryption_is_chosen_at_init_and_no_writer_mixes_sealed_and_plaintext() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k");
+    let id = keygen(&key, false);
+    let sealed = dir.path().join("sealed");
+    let plain = dir.path().join("plain");
+    let (p1, p2) = (dir.path().join("p1.img"), dir.path().join("p2.img"));
+    let with_key_args = key_args(Some(&key));
+    let with_key_args: Vec<&str> = with_key_args.iter().map(String::as_str).collect();
+    init(&s(&sealed), &p1, "8M", &with_key_args, &[]);
+    init(&s(&plain), &p2, "8M", &[], &[]);
+    let manifest = std::fs::read_to_string(sealed.join("tinylag.json")).unwrap();
+    assert!(
+        manifest.contains(&id),
+        "the manifest names the key id: {manifest}"
+    );
+    assert!(
+        !std::fs::read_to_string(plain.join("tinylag.json"))
+            .unwrap()
+            .contains("encryption"),
+        "a plaintext manifest stays as it was"
+    );
+
+    let out = serve_refused(&p1, &sealed, None);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stderr(&out).contains(&format!("is encrypted (key {id})")),
+        "{}",
+        stderr(&out)
+    );
+    let out = serve_refused(&p2, &plain, Some(&key));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stderr(&out).contains("is not encrypted"),
+        "{}",
+        stderr(&out)
+    );
+    for journal in [&sealed, &plain] {
+        assert!(
+            objects(journal, "epochs/").is_empty() && objects(journal, "journal/").is_empty(),
+            "a refused serve claimed or wrote something in {}",
+            journal.display()
+        );
+    }
+
+    // Readers without the key: refused at once, naming it, with nothing registered.
+    let out = replay_once(&sealed, &dir.path().join("r.img"), None);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(stderr(&out).contains(&id), "{}", stderr(&out));
+    assert!(objects(&sealed, "consumers/").is_empty());
+    let out = run(&[
+        "journal".into(),
+        "inspect".into(),
+        "--journal".into(),
+        s(&sealed),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(stderr(&out).contains(&id), "{}", stderr(&out));
 }

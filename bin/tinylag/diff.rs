@@ -89,6 +89,7 @@ async fn open_journal(
     let store = Arc::new(CountingStore::new(args.open_for_command().await?));
     let dynstore: Arc<dyn ObjectStore> = store.clone();
     let manifest = Manifest::load(dynstore.as_ref()).await?;
+    manifest.check_key_for_reading(&dynstore.describe())?;
     let lineage = chain::load(dynstore.as_ref()).await?.lineage();
     Ok((store, JournalReader::new(dynstore, manifest), lineage))
 }

@@ -118,7 +118,7 @@ pub async fn run(args: InitArgs) -> anyhow::Result<()> {
         splay_width: args.splay,
         segment_size: args.segment_size,
     };
-    let (manifest, primaries) = if args.devices.is_empty() {
+    let (mut manifest, primaries) = if args.devices.is_empty() {
         let manifest = Manifest::new(&params, SystemClock.now_ns())?;
         let primaries: Vec<(PathBuf, u64, String)> = args
             .primary
@@ -150,6 +150,7 @@ pub async fn run(args: InitArgs) -> anyhow::Result<()> {
             create.push((path.clone(), *size, flag.clone()));
         }
     }
+    manifest.encrypt_if_keyed();
     let store = args.journal.open_for_command().await?;
     manifest.create(store.as_ref()).await?;
     for (path, size, flag) in &create {

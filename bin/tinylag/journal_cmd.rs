@@ -118,6 +118,7 @@ async fn add_device(args: AddDeviceArgs) -> anyhow::Result<()> {
 async fn info(args: InfoArgs) -> anyhow::Result<()> {
     let store = args.journal.open_for_command().await?;
     let manifest = Manifest::load(store.as_ref()).await?;
+    manifest.check_key_for_reading(&store.describe())?;
     let info = gather(store.as_ref(), &manifest).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&info)?);
@@ -156,8 +157,14 @@ async fn info(args: InfoArgs) -> anyhow::Result<()> {
         "head         seq {}, lsn {}, time {}",
         info.head.next_seq, info.head.last_lsn, head_time
     );
-    if let Some(id) = &info.encryption_key {
-        println!("encryption   on: the head segment is sealed with key {id}");
+    match (&m.encryption, &info.encryption_key) {
+        (Some(e), Some(id)) => println!(
+            "encryption   on since init (key {}); the head segment is sealed with key {id}",
+            e.since_key
+        ),
+        (Some(e), None) => println!("encryption   on since init (key {})", e.since_key),
+        (None, Some(id)) => println!("encryption   on: the head segment is sealed with key {id}"),
+        (None, None) => {}
     }
     println!(
         "live         {} segments from seq {}, {}",
@@ -260,6 +267,7 @@ struct RecordLine {
 async fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     let store = args.journal.open_for_command().await?;
     let manifest = Manifest::load(store.as_ref()).await?;
+    manifest.check_key_for_reading(&store.describe())?;
     let trim = load_trim_pointer(store.as_ref()).await?;
     let reader = JournalReader::new(store.clone(), manifest.clone());
     let mut seq = match (args.seq, args.from_time) {

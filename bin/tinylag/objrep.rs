@@ -62,6 +62,7 @@ pub async fn run_replay(args: ReplayArgs, uri: StoreUri) -> anyhow::Result<()> {
     let journal = args.journal.open().await?;
     let replica = open_store(&uri, &opts).await?;
     let manifest = Manifest::load(journal.as_ref()).await?;
+    manifest.check_key_for_reading(&journal.describe())?;
     let mut config = ObjectAgentConfig::new(&args.name);
     config.checkpoint_interval = args.checkpoint_interval;
     config.layer_bytes = args.layer_size.max(1);

@@ -75,6 +75,7 @@ pub async fn run(args: RejoinArgs) -> anyhow::Result<()> {
     }
     let journal = r.journal.open().await?;
     let manifest = Manifest::load(journal.as_ref()).await?;
+    manifest.check_key_for_reading(&journal.describe())?;
     if manifest.devices.len() > 1 {
         anyhow::bail!(
             "rejoin refused: journal {} is a group of {} devices; rejoining a group as a unit is \

@@ -169,6 +169,7 @@ pub async fn open(
     count_undo: bool,
 ) -> anyhow::Result<Opened> {
     let manifest = Manifest::load(journal.as_ref()).await?;
+    manifest.check_key_for_reading(&journal.describe())?;
     let replica_path = std::path::absolute(args.first_replica())
         .with_context(|| format!("--replica {}", args.first_replica().display()))?;
     let size = manifest

@@ -96,6 +96,19 @@ pub enum JournalError {
         /// Who recorded `known_end` (a writer's lease, a consumer's commit position, …).
         known_from: String,
     },
+    /// An encrypted journal and no key: refused before any object is read.
+    #[error(
+        "journal {journal} is encrypted (key {key_id}); pass --encryption-key FILE with a \
+         keyring that holds it"
+    )]
+    KeyNeeded { journal: String, key_id: String },
+    /// A writer with a key on a plaintext journal: encryption is chosen at `init`.
+    #[error(
+        "journal {journal} is not encrypted, but --encryption-key was given: a journal is \
+         encrypted for its whole life, chosen at `tinylag init --encryption-key FILE`; drop \
+         the flag, or init a new journal with it"
+    )]
+    PlaintextJournalGivenKey { journal: String },
     /// A segment could not be read or decoded.
     #[error(transparent)]
     Segment(#[from] crate::journal::segment::SegmentError),

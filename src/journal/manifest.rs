@@ -57,6 +57,20 @@ pub struct Manifest {
     pub segment_size: u64,
     /// Creation time, ns since the UNIX epoch.
     pub created_ns: u64,
+    /// Present when the journal is encrypted at rest (chosen at `init`, for the journal's
+    /// life): every segment is sealed, and a writer or reader without a key is refused at
+    /// start. Absent (and not written) for a plaintext journal, whose manifest stays
+    /// byte-for-byte what it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<ManifestEncryption>,
+}
+
+/// What an encrypted journal's manifest says about its keys: ids only, never a key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestEncryption {
+    /// The id (8 hex digits) of the key that was newest at `init`: the one a command
+    /// without a key is told it needs. Later segments may name newer keys of the keyring.
+    pub since_key: String,
 }
 
 /// What `init` takes from the operator.
@@ -85,6 +99,7 @@ impl Manifest {
             splay_width: params.splay_width,
             segment_size: params.segment_size,
             created_ns,
+            encryption: None,
         };
         manifest.validate()?;
         Ok(manifest)
@@ -110,6 +125,7 @@ impl Manifest {
             splay_width: params.splay_width,
             segment_size: params.segment_size,
             created_ns,
+            encryption: None,
         };
         manifest.validate()?;
         Ok(manifest)
@@ -276,6 +292,40 @@ impl Manifest {
         manifest.validate().map_err(|e| malformed(e.to_string()))?;
         manifest.load_added_devices(store).await?;
         Ok(manifest)
+    }
+}
+
+impl Manifest {
+    /// Marks a new manifest encrypted when the process holds a keyring (`--encryption-key`
+    /// at `init`): the journal is encrypted for its whole life.
+    pub fn encrypt_if_keyed(&mut self) {
+        self.encryption = crate::crypto::writing_key().map(|k| ManifestEncryption {
+            since_key: k.id().to_string(),
+        });
+    }
+
+    /// For a command that reads payloads: an encrypted journal needs a key, refused at once
+    /// (naming the key id) rather than at its first sealed object.
+    pub fn check_key_for_reading(&self, journal: &str) -> JournalResult<()> {
+        match &self.encryption {
+            Some(e) if crate::crypto::writing_key().is_none() => Err(JournalError::KeyNeeded {
+                journal: journal.to_string(),
+                key_id: e.since_key.clone(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// For a writer: an encrypted journal needs a key, and a plaintext one must not get
+    /// one (so no journal, and no epoch, mixes sealed and plaintext segments).
+    pub fn check_key_for_writing(&self, journal: &str) -> JournalResult<()> {
+        self.check_key_for_reading(journal)?;
+        if self.encryption.is_none() && crate::crypto::writing_key().is_some() {
+            return Err(JournalError::PlaintextJournalGivenKey {
+                journal: journal.to_string(),
+            });
+        }
+        Ok(())
     }
 }
 

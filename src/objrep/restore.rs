@@ -65,6 +65,7 @@ impl ObjSources {
         replica: Arc<dyn ObjectStore>,
     ) -> ObjrepResult<ObjSources> {
         let jm = Manifest::load(journal.as_ref()).await?;
+        jm.check_key_for_reading(&journal.describe())?;
         let store = replica.describe();
         let Some(identity) = manifest::load_identity(replica.as_ref()).await? else {
             return Err(ObjrepError::NoCheckpoint { store });

@@ -149,6 +149,7 @@ impl Sources {
         undo_store: Arc<dyn ObjectStore>,
     ) -> TimeTravelResult<Sources> {
         let manifest = Manifest::load(journal.as_ref()).await?;
+        manifest.check_key_for_reading(&journal.describe())?;
         // Read, though nothing here needs its value yet: a journal whose trim pointer is
         // garbage is refused as every other command refuses it, before a restore or mount
         // reads segments a broken trim may be deleting.

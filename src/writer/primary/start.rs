@@ -99,6 +99,9 @@ pub enum CoreError {
     Restart(#[from] RestartError),
     #[error(transparent)]
     ActivityLog(#[from] ActivityLogError),
+    /// An encrypted journal without a key, or a key given for a plaintext journal.
+    #[error(transparent)]
+    Encryption(crate::journal::JournalError),
     /// `promote` could not bring the replica to the journal's end after its claim.
     #[error("promote: {reason}")]
     Promote { reason: String },
@@ -175,6 +178,10 @@ impl PrimaryCore {
         };
         let manifest = setup.manifest;
         let store_name = setup.store.describe();
+        // Before anything is claimed: one epoch never mixes sealed and plaintext segments.
+        manifest
+            .check_key_for_writing(&store_name)
+            .map_err(CoreError::Encryption)?;
         let layout = Arc::new(manifest.layout());
         // One device: its size; a group: the group's address space (the group device checked
         // each member's size against its device when it was built).
