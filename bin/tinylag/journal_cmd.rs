@@ -380,7 +380,8 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     if report.sealed_unopened > 0 {
         // Said apart, so "every checksum is good" is never read as "every tag is good".
         println!(
-            "{} encrypted segments checked without their key (header, trailer and index CRCs;              not their bodies or tags): pass --encryption-key to check those too",
+            "{} encrypted segments checked without their key (every CRC, of header, body and \
+             index; not their authentication tags): pass --encryption-key to check those too",
             report.sealed_unopened
         );
     }

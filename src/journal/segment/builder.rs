@@ -12,7 +12,8 @@ use super::header::Trailer;
 use super::index::{archived_len, Footer, FooterEntry};
 use super::{
     has_payload, payload_bytes, SegmentError, SegmentHeader, FLAG_ENCRYPTED, FLAG_PLUG,
-    FORMAT_VERSION, HEADER_LEN, MAX_INDEX_LEN, MAX_PAYLOAD_LEN, MAX_RECORDS, TRAILER_LEN,
+    FORMAT_VERSION, HEADER_LEN, MAX_INDEX_LEN, MAX_PAYLOAD_LEN, MAX_RECORDS, SEALED_INDEX_PREFIX,
+    TRAILER_LEN,
 };
 use crate::aligned::{grow_zeroed, AlignedBuf, PAGE_ALIGN};
 use crate::crypto::seal::NONCE_LEN;
@@ -337,7 +338,7 @@ impl SegmentBuilder {
     /// Exactly the number of bytes [`finish`](Self::finish) would produce now.
     pub fn encoded_len(&self) -> usize {
         let seal = if self.sealing.is_some() {
-            SEAL_OVERHEAD
+            SEALED_INDEX_PREFIX + SEAL_OVERHEAD
         } else {
             0
         };
@@ -397,7 +398,13 @@ impl SegmentBuilder {
         let index: std::borrow::Cow<'_, [u8]> = match &index_seal {
             None => std::borrow::Cow::Borrowed(&index[..]),
             Some((key, scope)) => {
-                std::borrow::Cow::Owned(scope.seal(key, Part::Index, u64::MAX, &index))
+                // The body CRC goes first in the clear (see SEALED_INDEX_PREFIX), so that
+                // `journal verify` without the key still checks every byte of the body.
+                let sealed = scope.seal(key, Part::Index, u64::MAX, &index);
+                let mut region = Vec::with_capacity(SEALED_INDEX_PREFIX + sealed.len());
+                region.extend_from_slice(&self.body_crc.to_le_bytes());
+                region.extend_from_slice(&sealed);
+                std::borrow::Cow::Owned(region)
             }
         };
         let trailer = Trailer {

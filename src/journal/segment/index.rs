@@ -10,7 +10,7 @@ use uuid::Uuid;
 use super::header::{check_version, HeaderFields, Trailer};
 use super::{
     has_payload, Expected, IndexEntry, SegmentError, SegmentIndex, FLAG_ENCRYPTED, HEADER_LEN,
-    MAX_PAYLOAD_LEN, TRAILER_LEN,
+    MAX_PAYLOAD_LEN, SEALED_INDEX_PREFIX, TRAILER_LEN,
 };
 use crate::crypto::{KeyId, ObjectKind, Part, SealScope, SEAL_OVERHEAD};
 use crate::journal::record::{RecordKind, VERIFY_PAYLOAD_LEN};
@@ -154,9 +154,14 @@ pub(crate) fn parse_index(
         });
     }
     let opened;
+    // A sealed index region starts with the body CRC in the clear (SEALED_INDEX_PREFIX).
+    let mut clear_body_crc = None;
     let index_bytes = if trailer.key_id == 0 {
         index_bytes
     } else {
+        let split = SEALED_INDEX_PREFIX.min(index_bytes.len());
+        let (prefix, index_bytes) = index_bytes.split_at(split);
+        clear_body_crc = prefix.try_into().ok().map(u32::from_le_bytes);
         let scope = SealScope {
             kind: ObjectKind::of_key(key),
             key_id: KeyId(trailer.key_id),
@@ -212,6 +217,17 @@ pub(crate) fn parse_index(
             header: u64::from(trailer.key_id),
             index: u64::from(footer.flags.to_native() & FLAG_ENCRYPTED),
         });
+    }
+    // The body CRC in the clear must be the one the sealed index holds.
+    if let Some(clear) = clear_body_crc {
+        if clear != footer.body_crc.to_native() {
+            return Err(SegmentError::IndexDisagrees {
+                key: key.to_string(),
+                field: "body crc (in the clear before the sealed index)",
+                header: u64::from(clear),
+                index: u64::from(footer.body_crc.to_native()),
+            });
+        }
     }
     let seal = (trailer.key_id != 0).then(|| SealScope {
         kind: ObjectKind::of_key(key),

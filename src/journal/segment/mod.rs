@@ -19,9 +19,10 @@
 //! - trailer: `Trailer` (layout on the type, in `header.rs`).
 //!
 //! Encrypted segments (header flag `ENCRYPTED`, DESIGN.md "Encryption at rest") have the same
-//! layout: each payload and the index are sealed units (`crate::crypto::seal`), the key id sits
-//! in the header's and the trailer's reserved words, and every CRC but the per-payload ones
-//! covers the stored (sealed) bytes. Which key seals is the process keyring's newest
+//! layout: each payload and the index are sealed units (`crate::crypto::seal`), the body CRC
+//! sits in the clear before the sealed index ([`SEALED_INDEX_PREFIX`]), the key id sits in the
+//! header's and the trailer's reserved words, and every CRC but the per-payload ones covers
+//! the stored (sealed) bytes, so all of those are checked without the key. Which key seals is the process keyring's newest
 //! (`crate::crypto::writing_key`), picked when a builder is made.
 //!
 //! Every byte of an object is covered by a check: the header by its CRC (and the reserved
@@ -75,6 +76,11 @@ pub const INDEX_TAIL_GUESS: u64 = 64 << 10;
 pub(crate) const FLAG_PLUG: u16 = 1;
 /// Header flag: payloads and index are sealed (the reserved words hold the key id).
 pub(crate) const FLAG_ENCRYPTED: u16 = 2;
+/// In an encrypted segment the index region is `body_crc (4 bytes, LE, in the clear) |
+/// sealed index`: the CRC of the stored (sealed) body, the same value the sealed index holds,
+/// so that a reader without the key still checks every CRC of the object (the trailer's
+/// index CRC covers both parts).
+pub const SEALED_INDEX_PREFIX: usize = 4;
 /// Every flag bit this version knows.
 pub(crate) const KNOWN_FLAGS: u16 = FLAG_PLUG | FLAG_ENCRYPTED;
 

@@ -12,7 +12,7 @@ use super::header::Trailer;
 use super::index::{parse_index, ParsedIndex};
 use super::{
     decode_header, decode_index_from_tail, DecodedSegment, Expected, IndexEntry, SegmentError,
-    SegmentHeader, SegmentIndex, HEADER_LEN, INDEX_TAIL_GUESS, TRAILER_LEN,
+    SegmentHeader, SegmentIndex, HEADER_LEN, INDEX_TAIL_GUESS, SEALED_INDEX_PREFIX, TRAILER_LEN,
 };
 use crate::journal::record::{decode_verify_payload, Op, Record, RecordKind};
 use crate::store::ObjectStore;
@@ -95,10 +95,11 @@ pub async fn check_header(
     check_agreement(key, &header, &index.header)
 }
 
-/// For an encrypted segment whose key the process keyring lacks: checks what needs no key
-/// (the header and its CRC, the trailer, the CRC of the sealed index) and returns the header;
-/// `Ok(None)` for a plaintext segment or one whose key is installed (decode it instead).
-/// The body's CRC sits in the sealed index, so the body is not checked here.
+/// For an encrypted segment whose key the process keyring lacks: checks every CRC, which
+/// needs no key (the header's, the trailer's CRC of the index region, and the body's, whose
+/// value sits in the clear before the sealed index), and returns the header; `Ok(None)` for
+/// a plaintext segment or one whose key is installed (decode it instead). Only the tags
+/// need the key.
 pub fn check_sealed_without_key(
     key: &str,
     data: &[u8],
@@ -128,6 +129,25 @@ pub fn check_sealed_without_key(
         return Err(SegmentError::IndexCrc {
             key: key.to_string(),
             stored: trailer.index_crc,
+            computed,
+        });
+    }
+    // The body CRC sits in the clear before the sealed index (SEALED_INDEX_PREFIX): every
+    // byte of the body is checked without the key too.
+    let body_end = end - index_len;
+    let Some(prefix) = data[body_end..end].get(..SEALED_INDEX_PREFIX) else {
+        return Err(SegmentError::Truncated {
+            key: key.to_string(),
+            size: data.len() as u64,
+            needed: (HEADER_LEN + SEALED_INDEX_PREFIX + TRAILER_LEN) as u64,
+        });
+    };
+    let stored = u32::from_le_bytes(prefix.try_into().expect("four bytes"));
+    let computed = crc32c::crc32c(&data[HEADER_LEN..body_end]);
+    if computed != stored {
+        return Err(SegmentError::BodyCrc {
+            key: key.to_string(),
+            stored,
             computed,
         });
     }
