@@ -8,7 +8,8 @@
 //! ```
 //!
 //! Payloads are incompressible (like `fio`'s buffers), so the segments store them raw and
-//! the benchmark measures applying, not decompressing.
+//! the benchmark measures applying, not decompressing. With `TINYLAG_BENCH_KEY=FILE` the
+//! journal is encrypted with that key file (`bench/encryption.sh`'s replay part).
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -39,7 +40,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir));
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos() as u64;
-    let manifest = Manifest::new(
+    let mut manifest = Manifest::new(
         &ManifestParams {
             device_name: "disk0".into(),
             size,
@@ -50,6 +51,11 @@ async fn main() -> anyhow::Result<()> {
         },
         now,
     )?;
+    if let Some(key) = std::env::var_os("TINYLAG_BENCH_KEY") {
+        let ring = tinylag::crypto::Keyring::load(std::path::Path::new(&key))?;
+        tinylag::crypto::install(&ring);
+        manifest.encrypt_if_keyed();
+    }
     manifest.create(store.as_ref()).await?;
 
     let blocks = size / block;
