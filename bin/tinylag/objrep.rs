@@ -1,6 +1,10 @@
 //! The object replica on the command line: `replay`, `restore` and `timeline` with
 //! `--replica URI` (a store address, not a path) come here (the work is in
 //! `tinylag::objrep`).
+//!
+//! Must never: take a plain path for an object replica (a path stays a file replica), or
+//! accept a flag the object replica cannot honour (`--delay`, `--undo`, seeds): refused in
+//! one line before anything is registered.
 
 use std::path::PathBuf;
 

@@ -1,4 +1,6 @@
 //! Every way the object replica fails; each message names the object or the point.
+//!
+//! Must never: carry a credential or payload bytes in a message.
 
 use crate::journal::JournalError;
 use crate::replayer::apply::ApplyError;
