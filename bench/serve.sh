@@ -23,7 +23,7 @@
 # Journaled servers (c, d, e, m, x, y) are measured once their initial full resync is done.
 # Then, for c and d, "half-4k": 4k randwrite QD32 rate-limited to half of c's median
 # randwrite-4k IOPS in this run, for the ack→durable p99 at a load the journal must sustain.
-# And "sweep-1M": 1M seqwrite QD4 rate-limited to each of SWEEP (MB/s) on c, d, x and y, recording whether the pool overflowed (the mode left `logging`): where the journal
+# And "sweep-1M": 1M seqwrite QD4 rate-limited to each of SWEEP (MB/s) on c, d, x, y and k, recording whether the pool overflowed (the mode left `logging`): where the journal
 # stops absorbing large writes.
 # Every (server, workload) pair runs REPS times with a fresh server (and a fresh journal),
 # interleaved (rep 1 of every server, then rep 2, ...; each rep starts one server further
@@ -283,7 +283,7 @@ for wl in "${workloads[@]}"; do
         ;;
     seqwrite-1M@*)
         args=(--rw=write --bs=1M --iodepth=4 --rate="${wl#*@}m")
-        configs=$(tr -cd 'cdxy ' <<<"$CONFIGS")
+        configs=$(tr -cd 'cdxyk ' <<<"$CONFIGS")
         ;;
     esac
     if [[ $wl != seqwrite-1M ]]; then configs=${configs//s/}; fi
