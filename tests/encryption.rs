@@ -640,6 +640,31 @@ fn encryption_is_chosen_at_init_and_no_writer_mixes_sealed_and_plaintext() {
         );
     }
 
+    // An object replica would hold the payloads in the clear: refused for an encrypted
+    // journal (its layers are not sealed yet), with nothing written there.
+    let objrep = dir.path().join("objrep");
+    let out = run(&with_key(
+        vec![
+            "replay".into(),
+            "--journal".into(),
+            s(&sealed),
+            "--replica".into(),
+            format!("file://{}", s(&objrep)),
+            "--name".into(),
+            "obj".into(),
+            "--once".into(),
+        ],
+        Some(&key),
+    ));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stderr(&out).contains("does not seal its layers yet"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!objrep.exists() || std::fs::read_dir(&objrep).unwrap().next().is_none());
+    assert!(objects(&sealed, "consumers/").is_empty());
+
     // Readers without the key: refused at once, naming it, with nothing registered.
     let out = replay_once(&sealed, &dir.path().join("r.img"), None);
     assert_eq!(out.status.code(), Some(1), "{out:?}");

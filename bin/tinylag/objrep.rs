@@ -67,6 +67,15 @@ pub async fn run_replay(args: ReplayArgs, uri: StoreUri) -> anyhow::Result<()> {
     let replica = open_store(&uri, &opts).await?;
     let manifest = Manifest::load(journal.as_ref()).await?;
     manifest.check_key_for_reading(&journal.describe())?;
+    if let Some(e) = &manifest.encryption {
+        // Its layers would hold the journal's payloads in the clear.
+        bail!(
+            "--replica {uri}: journal {} is encrypted (key {}), and an object replica does not \
+             seal its layers yet; keep a file replica (--replica PATH) of an encrypted journal",
+            journal.describe(),
+            e.since_key
+        );
+    }
     let mut config = ObjectAgentConfig::new(&args.name);
     config.checkpoint_interval = args.checkpoint_interval;
     config.layer_bytes = args.layer_size.max(1);
