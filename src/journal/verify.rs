@@ -17,7 +17,9 @@ use super::consumer::load_trim_pointer;
 use super::error::JournalResult;
 use super::head;
 use super::manifest::Manifest;
-use super::segment::{check_sealed_without_key, decode_segment, Expected, SegmentError};
+use super::segment::{
+    check_sealed_without_key, decode_segment, Expected, SegmentError, SegmentHeader,
+};
 use crate::store::ObjectStore;
 
 /// What a verification walked over (JSON in `journal verify --json`).
@@ -84,29 +86,10 @@ pub async fn verify_journal(
             Err(e) => return Err(SegmentError::from(e).into()),
         };
         if let Some(header) = check_sealed_without_key(&key, &data, &expected)? {
-            if header.epoch < report.last_epoch {
-                return Err(SegmentError::StaleEpoch {
-                    key,
-                    epoch: header.epoch,
-                    newer: report.last_epoch,
-                }
-                .into());
+            if let Some(end) = report.count(key, &header)? {
+                next_lsn = Some(end);
             }
-            report.last_epoch = header.epoch;
-            report.segments += 1;
             report.sealed_unopened += 1;
-            if header.plug {
-                report.plugs += 1;
-            } else {
-                if report.first_lsn == 0 && header.record_count > 0 {
-                    report.first_lsn = header.first_lsn;
-                }
-                report.records += u64::from(header.record_count);
-                if let Some(last) = header.last_lsn() {
-                    report.last_lsn = last;
-                }
-                next_lsn = Some(header.end_lsn());
-            }
             seq = header.next_seq;
             report.next_seq = seq;
             progress(&report);
@@ -114,29 +97,9 @@ pub async fn verify_journal(
         }
         let segment = decode_segment(&key, &data, &expected)?;
         let header = &segment.header;
-        if header.epoch < report.last_epoch {
-            return Err(SegmentError::StaleEpoch {
-                key,
-                epoch: header.epoch,
-                newer: report.last_epoch,
-            }
-            .into());
-        }
-        report.last_epoch = header.epoch;
-        report.segments += 1;
-        if header.plug {
-            report.plugs += 1;
-        } else {
-            if let Some(first) = segment.records.first() {
-                if report.first_lsn == 0 {
-                    report.first_lsn = first.lsn;
-                }
-            }
-            report.records += segment.records.len() as u64;
-            if let Some(last) = header.last_lsn() {
-                report.last_lsn = last;
-            }
-            next_lsn = Some(header.end_lsn());
+        // The decode checked that the header's count and first LSN are the records'.
+        if let Some(end) = report.count(key, header)? {
+            next_lsn = Some(end);
         }
         report.payload_bytes += payload_bytes(&segment);
         seq = header.next_seq;
@@ -144,6 +107,36 @@ pub async fn verify_journal(
         progress(&report);
     }
     Ok(report)
+}
+
+impl VerifyReport {
+    /// Counts one verified segment from its header, opened or checked sealed alike, refusing
+    /// one of an older epoch than the segment before; returns the LSN the next segment must
+    /// start at (`None` for a plug, which changes nothing).
+    fn count(&mut self, key: String, header: &SegmentHeader) -> JournalResult<Option<u64>> {
+        if header.epoch < self.last_epoch {
+            return Err(SegmentError::StaleEpoch {
+                key,
+                epoch: header.epoch,
+                newer: self.last_epoch,
+            }
+            .into());
+        }
+        self.last_epoch = header.epoch;
+        self.segments += 1;
+        if header.plug {
+            self.plugs += 1;
+            return Ok(None);
+        }
+        if self.first_lsn == 0 && header.record_count > 0 {
+            self.first_lsn = header.first_lsn;
+        }
+        self.records += u64::from(header.record_count);
+        if let Some(last) = header.last_lsn() {
+            self.last_lsn = last;
+        }
+        Ok(Some(header.end_lsn()))
+    }
 }
 
 /// Uncompressed payload bytes of a decoded segment.
