@@ -13,9 +13,9 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use tinylag::journal::manifest::ManifestParams;
 use tinylag::journal::mark::{self, MarkPoint};
 use tinylag::journal::segment::SegmentBuilder;
+use tinylag::journal::ManifestParams;
 use tinylag::journal::{Manifest, Op, Record};
 use tinylag::store::local::LocalStore;
 use tinylag::store::ObjectStore;

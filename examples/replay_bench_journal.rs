@@ -14,8 +14,8 @@
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use tinylag::journal::manifest::ManifestParams;
 use tinylag::journal::segment::SegmentBuilder;
+use tinylag::journal::ManifestParams;
 use tinylag::journal::{Manifest, Op, Record};
 use tinylag::store::local::LocalStore;
 use tinylag::store::ObjectStore;

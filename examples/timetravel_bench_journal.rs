@@ -14,8 +14,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tinylag::clock::format_ns;
-use tinylag::journal::manifest::ManifestParams;
 use tinylag::journal::segment::SegmentBuilder;
+use tinylag::journal::ManifestParams;
 use tinylag::journal::{Manifest, Op, Record};
 use tinylag::store::local::LocalStore;
 use tinylag::store::ObjectStore;

@@ -18,9 +18,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tinylag::journal::consumer::{self, ConsumerState};
-use tinylag::journal::manifest::ManifestParams;
 use tinylag::journal::paths;
 use tinylag::journal::segment::encode_segment;
+use tinylag::journal::ManifestParams;
 use tinylag::journal::{Manifest, Op, Record};
 use tinylag::store::counting::CountingStore;
 use tinylag::store::{list_all, open_store, ObjectStore, S3Options, StoreUri};

@@ -5,6 +5,8 @@
 //! `bin/` wires everything; [`writer`], [`replayer`] and [`trim`] use [`journal`];
 //! [`journal`] uses [`store`]. Frontends ([`nbd`]) know only [`block::BlockDevice`].
 
+#![warn(unreachable_pub)]
+
 pub(crate) mod aligned;
 pub mod block;
 pub mod clock;

@@ -7,8 +7,8 @@ mod support;
 
 use bytes::Bytes;
 use support::replay::{now_ns, run, TestJournal};
-use tinylag::journal::record::VerifyChecksum;
 use tinylag::journal::segment::encode_segment;
+use tinylag::journal::VerifyChecksum;
 use tinylag::journal::{Op, Record};
 
 fn args(list: &[&str]) -> Vec<String> {

@@ -3,11 +3,11 @@
 //! objects that belong elsewhere (another device group, seq or LSN range).
 
 use bytes::Bytes;
-use tinylag::journal::record::{Op, Record};
 use tinylag::journal::segment::{
     decode_index_from_tail, decode_segment, encode_plug, encode_segment, read_index, read_segment,
     Expected, SegmentError, HEADER_LEN, TRAILER_LEN,
 };
+use tinylag::journal::{Op, Record};
 use tinylag::store::memory::MemoryStore;
 use tinylag::store::ObjectStore;
 use uuid::Uuid;

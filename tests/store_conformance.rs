@@ -24,8 +24,8 @@ use tinylag::store::flaky::{FailureKind, FlakyStore};
 use tinylag::store::local::LocalStore;
 use tinylag::store::memory::MemoryStore;
 use tinylag::store::retrying::{RetryPolicy, RetryingStore};
-use tinylag::store::s3::{S3Options, S3Store};
 use tinylag::store::{list_all, ObjectStore, StoreError};
+use tinylag::store::{S3Options, S3Store};
 use tokio::task::JoinSet;
 
 use support::procs::{free_port, wait_for_path, ChildGuard};

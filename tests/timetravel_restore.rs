@@ -415,7 +415,7 @@ async fn the_undo_trim_pointer_moves_the_window_start() {
     let mut first_kept = kept;
     for seq in 0..kept {
         let (segment, _) =
-            tinylag::replayer::undo::UndoLog::open_existing(undo.clone(), journal.manifest.uuid)
+            tinylag::replayer::UndoLog::open_existing(undo.clone(), journal.manifest.uuid)
                 .await
                 .unwrap()
                 .read(seq)

@@ -331,7 +331,7 @@ impl NamedPath {
             return Err("an empty path".into());
         }
         if let Some((name, path)) = s.split_once('=') {
-            if tinylag::journal::manifest::valid_device_name(name) {
+            if tinylag::journal::valid_device_name(name) {
                 if path.is_empty() {
                     return Err(format!("{s}: no path after {name}="));
                 }

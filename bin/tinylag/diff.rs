@@ -16,7 +16,7 @@ use tinylag::clock::{Clock, SystemClock};
 use tinylag::journal::chain;
 use tinylag::journal::reader::JournalReader;
 use tinylag::journal::Manifest;
-use tinylag::replayer::replica::{ReplicaFile, ReplicaTarget};
+use tinylag::replayer::{ReplicaFile, ReplicaTarget};
 use tinylag::store::counting::CountingStore;
 use tinylag::store::ObjectStore;
 use tinylag::timetravel::diff::{changed_extents, ChangedExtent, Diff, LiveRange};

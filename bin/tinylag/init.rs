@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use tinylag::block::file::{self, FileOptions};
 use tinylag::clock::{Clock, SystemClock};
-use tinylag::journal::manifest::{valid_device_name, DeviceSpec, Manifest, ManifestParams};
+use tinylag::journal::{valid_device_name, DeviceSpec, Manifest, ManifestParams};
 use tinylag::units::format_size;
 
 use crate::cmd::args::{parse_size, JournalArgs};

@@ -98,7 +98,7 @@ pub async fn run(cmd: JournalCommand) -> anyhow::Result<()> {
 
 async fn add_device(args: AddDeviceArgs) -> anyhow::Result<()> {
     let store = args.journal.open_for_command().await?;
-    let spec = tinylag::journal::manifest::DeviceSpec {
+    let spec = tinylag::journal::DeviceSpec {
         name: args.name.clone(),
         size: args.size,
     };
@@ -357,8 +357,7 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     let store = args.journal.open_for_command().await?;
     let manifest = Manifest::load(store.as_ref()).await?;
     let report =
-        tinylag::journal::verify::verify_journal(store.as_ref(), &manifest, args.from_seq, |_| {})
-            .await?;
+        tinylag::journal::verify_journal(store.as_ref(), &manifest, args.from_seq, |_| {}).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());

@@ -12,7 +12,7 @@ use anyhow::{bail, Context};
 use tinylag::clock::format_ns;
 use tinylag::journal::reader::JournalReader;
 use tinylag::journal::Manifest;
-use tinylag::objrep::restore::{ObjPoint, ObjSources};
+use tinylag::objrep::{ObjPoint, ObjSources};
 use tinylag::objrep::{ObjectAgent, ObjectAgentConfig};
 use tinylag::store::{open_store, open_store_for_command, StoreUri};
 use tokio::sync::watch;

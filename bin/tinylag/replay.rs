@@ -12,7 +12,7 @@ use tinylag::journal::layout::match_named_paths;
 use tinylag::journal::reader::JournalReader;
 use tinylag::journal::{consumer, JournalError, Manifest};
 use tinylag::metrics::{Hub, ReplicaSource};
-use tinylag::replayer::group_replica::GroupReplica;
+use tinylag::replayer::GroupReplica;
 use tinylag::replayer::{
     Agent, AgentConfig, BatchLimits, Outcome, PollPolicy, ReplicaFile, ReplicaTarget, SeedChoice,
     SeedStamp, StatusHandler, TokioTimer,

@@ -12,8 +12,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use tinylag::block::file::{self, FileOptions};
-use tinylag::block::group::{DeviceSlice, GroupDevice};
 use tinylag::block::BlockDevice;
+use tinylag::block::{DeviceSlice, GroupDevice};
 use tinylag::clock::{Clock, SystemClock};
 use tinylag::control;
 use tinylag::journal::epoch::{ClaimBasis, EpochReason};
@@ -25,7 +25,7 @@ use tinylag::store::counting::CountingStore;
 use tinylag::store::{open_store, ObjectStore, StoreUri};
 use tinylag::units::format_size;
 use tinylag::writer::control_records::ServeControl;
-use tinylag::writer::lease::LeaseKeeper;
+use tinylag::writer::LeaseKeeper;
 use tinylag::writer::{
     default_activity_log_path, AckMode, JournalSetup, Labels, MaxLag, OnFence, PrimaryCore,
     Promotion, WriterConfig,

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use tinylag::block::group::DeviceSlice;
 use tinylag::block::BlockDevice;
+use tinylag::block::DeviceSlice;
 use tinylag::clock::{Clock, SystemClock};
 use tinylag::journal::layout::DeviceLayout;
 use tinylag::nbd::{self, DirtyBitmap, Export, ListenAddr, NbdServer};

@@ -35,7 +35,7 @@ pub struct Extent {
 /// Appends `len` bytes of `allocation` to `out`, merging with the last extent when it is
 /// the same. Returns false (and appends nothing) when that would make `out` longer than
 /// `max` extents.
-pub fn push(out: &mut Vec<Extent>, len: u64, allocation: Allocation, max: usize) -> bool {
+pub(crate) fn push(out: &mut Vec<Extent>, len: u64, allocation: Allocation, max: usize) -> bool {
     if len == 0 {
         return true;
     }
@@ -54,7 +54,7 @@ pub fn push(out: &mut Vec<Extent>, len: u64, allocation: Allocation, max: usize)
 /// at most `max` extents (at least one; fewer than the range needs ends early). Hole
 /// boundaries are rounded inwards to `block` bytes, so every extent but the range's own
 /// ends is a whole number of blocks. Filesystems without the calls report data.
-pub fn seek_extents(
+pub(crate) fn seek_extents(
     file: &File,
     offset: u64,
     len: u64,

@@ -309,11 +309,6 @@ impl FileTarget {
         })
     }
 
-    /// The path this device was opened from.
-    pub(super) fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Refuses writes on a read-only device and checks the range; the common prologue
     /// of every modifying request.
     fn check_write(&self, offset: u64, len: u64) -> Result<(), BlockError> {

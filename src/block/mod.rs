@@ -14,14 +14,16 @@ use bytes::Bytes;
 
 use allocation::{Allocation, Extent};
 
-pub mod allocation;
+pub(crate) mod allocation;
 pub(crate) mod buffers;
 pub mod engine;
 pub mod file;
-pub mod group;
-pub mod sync_file;
+pub(crate) mod group;
+pub(crate) mod sync_file;
 mod uring;
-pub mod uring_file;
+
+pub use group::{DeviceSlice, GroupDevice};
+pub(crate) mod uring_file;
 
 /// What a device is and what it supports; frontends advertise exactly this.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -15,34 +15,30 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::allocation::Extent;
-use super::engine::IoEngine;
 use super::file::{is_aligned, FileError, FileOptions, FileTarget, ReadStart};
 use super::{BlockDevice, BlockError, DeviceInfo};
 use crate::aligned;
 
 /// A regular file or block device served through the blocking pool.
 #[derive(Debug)]
-pub struct SyncFileDevice {
+pub(crate) struct SyncFileDevice {
     target: FileTarget,
 }
 
 impl SyncFileDevice {
     /// Opens `path` (a regular file or a block device) with `options` (its `engine` is not
     /// looked at: this type is the thread engine).
-    pub fn open(path: &Path, options: FileOptions) -> Result<Self, FileError> {
+    pub(crate) fn open(path: &Path, options: FileOptions) -> Result<Self, FileError> {
         Ok(Self {
             target: FileTarget::open(path, options)?,
         })
     }
 
-    /// The path this device was opened from.
-    pub fn path(&self) -> &Path {
-        self.target.path()
-    }
-
-    /// The engine running this device's reads, writes and flushes.
-    pub fn engine(&self) -> IoEngine {
-        IoEngine::Threads
+    /// The engine running this device's reads, writes and flushes (the tests check which
+    /// engine `open` picked).
+    #[cfg(test)]
+    pub(crate) fn engine(&self) -> super::engine::IoEngine {
+        super::engine::IoEngine::Threads
     }
 }
 

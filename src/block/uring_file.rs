@@ -15,7 +15,6 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::allocation::Extent;
-use super::engine::IoEngine;
 use super::file::{is_aligned, FileError, FileOptions, FileTarget, ReadStart};
 use super::uring::{Buffer, Ring};
 use super::{BlockDevice, BlockError, DeviceInfo};
@@ -23,7 +22,7 @@ use crate::aligned;
 
 /// A regular file or block device served through an io_uring.
 #[derive(Debug)]
-pub struct UringFileDevice {
+pub(crate) struct UringFileDevice {
     target: FileTarget,
     ring: Arc<Ring>,
 }
@@ -32,7 +31,7 @@ impl UringFileDevice {
     /// Opens `path` (a regular file or a block device) with `options` (its `engine` is not
     /// looked at: this type is the io_uring engine). Needs a tokio runtime: the ring's
     /// completions are reaped on it.
-    pub fn open(path: &Path, options: FileOptions) -> Result<Self, FileError> {
+    pub(crate) fn open(path: &Path, options: FileOptions) -> Result<Self, FileError> {
         let target = FileTarget::open(path, options)?;
         let ring = Ring::new(Arc::clone(&target.file)).map_err(|source| FileError::IoEngine {
             path: path.to_owned(),
@@ -41,14 +40,11 @@ impl UringFileDevice {
         Ok(Self { target, ring })
     }
 
-    /// The path this device was opened from.
-    pub fn path(&self) -> &Path {
-        self.target.path()
-    }
-
-    /// The engine running this device's reads, writes and flushes.
-    pub fn engine(&self) -> IoEngine {
-        IoEngine::Uring
+    /// The engine running this device's reads, writes and flushes (the tests check which
+    /// engine `open` picked).
+    #[cfg(test)]
+    pub(crate) fn engine(&self) -> super::engine::IoEngine {
+        super::engine::IoEngine::Uring
     }
 }
 

@@ -12,7 +12,7 @@
 //! choose a key for reading other than the one an object names.
 
 pub mod key;
-pub mod seal;
+pub(crate) mod seal;
 
 use std::collections::HashMap;
 use std::sync::{OnceLock, RwLock};

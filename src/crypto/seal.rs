@@ -29,8 +29,8 @@ use uuid::Uuid;
 
 use super::key::{Key, KeyId};
 
-pub const NONCE_LEN: usize = 24;
-pub const TAG_LEN: usize = 16;
+pub(crate) const NONCE_LEN: usize = 24;
+pub(crate) const TAG_LEN: usize = 16;
 /// Bytes sealing adds to a unit.
 pub const SEAL_OVERHEAD: usize = NONCE_LEN + TAG_LEN;
 const AAD_MAGIC: &[u8; 9] = b"TLAGSEAL1";

@@ -107,7 +107,7 @@ pub struct DivergedRecords {
 
 /// Finds where an image that owned epoch `owned` left the current chain (see the module
 /// documentation).
-pub fn find_fork(chain: &Chain, owned: u64) -> Result<Fork, DivergenceError> {
+pub(crate) fn find_fork(chain: &Chain, owned: u64) -> Result<Fork, DivergenceError> {
     let Some(successor) = chain
         .entries
         .range(owned + 1..)
@@ -187,7 +187,7 @@ fn changes_data(kind: RecordKind) -> bool {
 
 /// The image's own records after the fork (see the module documentation). `trim` is the
 /// journal's trim pointer, read once by the caller.
-pub async fn diverged_records(
+pub(crate) async fn diverged_records(
     store: &dyn ObjectStore,
     manifest: &Manifest,
     fork: &Fork,

@@ -18,10 +18,10 @@ use super::paths;
 use crate::store::ObjectStore;
 
 /// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub(crate) const FORMAT_VERSION: u32 = 1;
 
 /// Most devices one group journal may hold.
-pub const MAX_DEVICES: usize = 64;
+pub(crate) const MAX_DEVICES: usize = 64;
 
 /// One device of the consistency group.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

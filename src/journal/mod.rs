@@ -5,23 +5,25 @@
 
 pub mod chain;
 pub mod consumer;
-pub mod divergence;
+pub(crate) mod divergence;
 pub mod epoch;
-pub mod error;
+pub(crate) mod error;
 pub mod head;
 pub mod info;
 pub mod layout;
 pub mod lease;
-pub mod manifest;
+pub(crate) mod manifest;
 pub mod mark;
 pub mod paths;
 pub mod reader;
-pub mod record;
+pub(crate) mod record;
 pub mod resync_request;
 pub mod seed;
 pub mod segment;
-pub mod verify;
+pub(crate) mod verify;
 
+pub use divergence::DivergenceError;
 pub use error::{JournalError, JournalResult};
-pub use manifest::Manifest;
-pub use record::{Op, Record, RecordKind};
+pub use manifest::{valid_device_name, DeviceSpec, Manifest, ManifestParams};
+pub use record::{Op, Record, RecordKind, VerifyChecksum};
+pub use verify::verify_journal;

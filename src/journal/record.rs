@@ -97,7 +97,7 @@ pub enum Op {
 }
 
 /// Length of a [`VerifyChecksum`].
-pub const VERIFY_CHECKSUM_LEN: usize = 32;
+pub(crate) const VERIFY_CHECKSUM_LEN: usize = 32;
 
 /// The checksum a `VERIFY` record carries: SHA-256 of the region's bytes. A cryptographic
 /// hash, not CRC32C: a verify exists to catch silent divergence, and a 32-bit CRC would let
@@ -135,10 +135,13 @@ impl std::fmt::Debug for VerifyChecksum {
 ///
 /// The index entry keeps the usual payload rules (`length` = payload length = 40), so every
 /// existing CRC and length check covers it unchanged.
-pub const VERIFY_PAYLOAD_LEN: usize = 8 + VERIFY_CHECKSUM_LEN;
+pub(crate) const VERIFY_PAYLOAD_LEN: usize = 8 + VERIFY_CHECKSUM_LEN;
 
 /// Encodes a `VERIFY` payload (see [`VERIFY_PAYLOAD_LEN`]).
-pub fn encode_verify_payload(len: u64, checksum: &VerifyChecksum) -> [u8; VERIFY_PAYLOAD_LEN] {
+pub(crate) fn encode_verify_payload(
+    len: u64,
+    checksum: &VerifyChecksum,
+) -> [u8; VERIFY_PAYLOAD_LEN] {
     let mut out = [0u8; VERIFY_PAYLOAD_LEN];
     out[..8].copy_from_slice(&len.to_le_bytes());
     out[8..].copy_from_slice(&checksum.0);
@@ -146,7 +149,7 @@ pub fn encode_verify_payload(len: u64, checksum: &VerifyChecksum) -> [u8; VERIFY
 }
 
 /// Decodes a `VERIFY` payload; `None` when it is not [`VERIFY_PAYLOAD_LEN`] bytes.
-pub fn decode_verify_payload(payload: &[u8]) -> Option<(u64, VerifyChecksum)> {
+pub(crate) fn decode_verify_payload(payload: &[u8]) -> Option<(u64, VerifyChecksum)> {
     if payload.len() != VERIFY_PAYLOAD_LEN {
         return None;
     }

@@ -48,4 +48,4 @@ pub enum ObjrepError {
     Replica(#[from] ReplicaError),
 }
 
-pub type ObjrepResult<T> = Result<T, ObjrepError>;
+pub(crate) type ObjrepResult<T> = Result<T, ObjrepError>;

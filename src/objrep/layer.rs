@@ -10,21 +10,21 @@ use crate::journal::record::Op;
 use crate::replayer::overlay::{Fill, Overlay};
 
 /// Magic at the start of a delta layer.
-pub const MAGIC: &[u8; 8] = b"TLOBJDL1";
+pub(crate) const MAGIC: &[u8; 8] = b"TLOBJDL1";
 /// Magic at the very end (after the index), so a torn or foreign tail is caught.
-pub const END_MAGIC: &[u8; 8] = b"TLOBJDLE";
+pub(crate) const END_MAGIC: &[u8; 8] = b"TLOBJDLE";
 /// Format version.
-pub const VERSION: u32 = 1;
+pub(crate) const VERSION: u32 = 1;
 /// Header length.
-pub const HEADER_LEN: usize = 64;
+pub(crate) const HEADER_LEN: usize = 64;
 /// One index entry.
-pub const ENTRY_LEN: usize = 29;
+pub(crate) const ENTRY_LEN: usize = 29;
 /// The trailer: index length, index CRC, end magic.
-pub const TRAILER_LEN: usize = 20;
+pub(crate) const TRAILER_LEN: usize = 20;
 
 /// What an extent of a layer holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ExtentKind {
+pub(crate) enum ExtentKind {
     /// Bytes in the layer's body.
     Data = 0,
     /// Zeroes written by a WRITE_ZEROES (no bytes stored).
@@ -36,7 +36,7 @@ pub enum ExtentKind {
 /// One extent of a layer: `offset..offset + len` holds `kind` (data at `body_pos` of the
 /// body, `len` bytes, CRC32C `crc`; zero for the other kinds).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LayerExtent {
+pub(crate) struct LayerExtent {
     pub offset: u64,
     pub len: u64,
     pub kind: ExtentKind,
@@ -70,7 +70,7 @@ pub struct LayerExtent {
 /// - The layer holds the state, after LSN `last`, of every byte a lineage record in
 ///   `first..=last` changed; bytes it does not name are as the layers before it left them.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DeltaLayer {
+pub(crate) struct DeltaLayer {
     pub uuid: Uuid,
     pub first_lsn: u64,
     pub last_lsn: u64,
@@ -80,7 +80,7 @@ pub struct DeltaLayer {
 }
 
 /// Encodes the net effect `overlay` of LSNs `first..=last` of journal `uuid`.
-pub fn encode(uuid: Uuid, first: u64, last: u64, overlay: &Overlay) -> Bytes {
+pub(crate) fn encode(uuid: Uuid, first: u64, last: u64, overlay: &Overlay) -> Bytes {
     let data_len: usize = overlay
         .extents()
         .map(|(_, e)| match &e.fill {
@@ -144,7 +144,7 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
 
 /// Decodes a whole layer, checking it is the layer of `uuid` over `first..=last` its key
 /// names, and every CRC. The error is the reason (the caller names the object).
-pub fn decode(data: Bytes, uuid: Uuid, first: u64, last: u64) -> Result<DeltaLayer, String> {
+pub(crate) fn decode(data: Bytes, uuid: Uuid, first: u64, last: u64) -> Result<DeltaLayer, String> {
     if data.len() < HEADER_LEN + TRAILER_LEN {
         return Err(format!("{} bytes is shorter than a layer", data.len()));
     }
@@ -246,7 +246,7 @@ pub fn decode(data: Bytes, uuid: Uuid, first: u64, last: u64) -> Result<DeltaLay
 impl DeltaLayer {
     /// The layer as an overlay (every extent written by its `last_lsn`), to apply in offset
     /// order with [`crate::replayer::apply::apply_overlay`].
-    pub fn overlay(&self) -> Overlay {
+    pub(crate) fn overlay(&self) -> Overlay {
         let mut overlay = Overlay::new();
         for e in &self.extents {
             let op = match e.kind {

@@ -11,12 +11,13 @@
 //! manifest that holds it; cut a checkpoint inside a resync span; read a layer without
 //! checking its magic, UUID, LSN range and CRCs.
 
-pub mod agent;
-pub mod error;
-pub mod layer;
+pub(crate) mod agent;
+pub(crate) mod error;
+pub(crate) mod layer;
 pub mod manifest;
-pub mod restore;
+pub(crate) mod restore;
 
 pub use agent::{ObjectAgent, ObjectAgentConfig};
 pub use error::ObjrepError;
 pub use manifest::{Checkpoint, LayerRef, ReplicaIdentity, ReplicaManifest};
+pub use restore::{ObjPoint, ObjSources};

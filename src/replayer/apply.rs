@@ -65,7 +65,7 @@ pub enum ApplyError {
 
 /// A journal record (from `object`, for messages) moved into the group's address space of
 /// `layout`, checked to lie on its device and inside a replica of `size` bytes.
-pub fn check_journal_record(
+pub(crate) fn check_journal_record(
     object: &str,
     record: Record,
     layout: &DeviceLayout,
@@ -89,7 +89,7 @@ pub fn check_journal_record(
 
 /// Checks that an undo `record` (from `object`, for messages) can be applied to a replica of
 /// `size` bytes.
-pub fn check_record(object: &str, record: &Record, size: u64) -> Result<(), ApplyError> {
+pub(crate) fn check_record(object: &str, record: &Record, size: u64) -> Result<(), ApplyError> {
     if record.dev != 0 {
         return Err(ApplyError::OtherDevice {
             object: object.to_string(),
@@ -101,7 +101,7 @@ pub fn check_record(object: &str, record: &Record, size: u64) -> Result<(), Appl
 }
 
 /// Checks that `op` lies inside a replica of `size` bytes.
-pub fn check_op(object: &str, lsn: u64, op: &Op, size: u64) -> Result<(), ApplyError> {
+pub(crate) fn check_op(object: &str, lsn: u64, op: &Op, size: u64) -> Result<(), ApplyError> {
     let range = match op {
         // A VERIFY changes nothing but must name bytes the replica has.
         Op::Verify { offset, len, .. } => Some((*offset, *len)),
@@ -123,7 +123,7 @@ pub fn check_op(object: &str, lsn: u64, op: &Op, size: u64) -> Result<(), ApplyE
 
 /// `(offset, len)` of the bytes `op` changes, without the addition [`Op::range`] does (which
 /// would overflow on a hostile record before it is checked).
-pub fn extent(op: &Op) -> Option<(u64, u64)> {
+pub(crate) fn extent(op: &Op) -> Option<(u64, u64)> {
     match op {
         Op::Write { offset, data } | Op::ResyncData { offset, data } => {
             Some((*offset, data.len() as u64))
@@ -140,7 +140,7 @@ pub fn extent(op: &Op) -> Option<(u64, u64)> {
 }
 
 /// Applies one checked operation (of record `lsn`) to the replica.
-pub fn apply_op(target: &dyn ReplicaTarget, lsn: u64, op: &Op) -> Result<(), ApplyError> {
+pub(crate) fn apply_op(target: &dyn ReplicaTarget, lsn: u64, op: &Op) -> Result<(), ApplyError> {
     let io = |what| {
         move |source| ApplyError::Io {
             replica: target.describe(),
@@ -170,7 +170,10 @@ pub fn apply_op(target: &dyn ReplicaTarget, lsn: u64, op: &Op) -> Result<(), App
 /// Applies a batch as its net effect, in offset order (see [`super::overlay`]): writes,
 /// then holes and zeroed ranges, each extent once. Adjacent zero extents of one kind are
 /// merged into one call.
-pub fn apply_overlay(target: &dyn ReplicaTarget, overlay: &Overlay) -> Result<(), ApplyError> {
+pub(crate) fn apply_overlay(
+    target: &dyn ReplicaTarget,
+    overlay: &Overlay,
+) -> Result<(), ApplyError> {
     let io = |what, lsn| {
         move |source| ApplyError::Io {
             replica: target.describe(),
@@ -212,7 +215,7 @@ pub fn apply_overlay(target: &dyn ReplicaTarget, overlay: &Overlay) -> Result<()
 }
 
 /// Makes everything applied so far durable.
-pub fn sync(target: &dyn ReplicaTarget) -> Result<(), ApplyError> {
+pub(crate) fn sync(target: &dyn ReplicaTarget) -> Result<(), ApplyError> {
     target.sync().map_err(|source| ApplyError::Sync {
         replica: target.describe(),
         source,

@@ -20,30 +20,32 @@
 //! verification (CRC, UUID, seq, LSN) or before its `timestamp + delay`; leave the replica,
 //! after recovery, in a state the primary never had.
 
-pub mod agent;
-pub mod apply;
-pub mod error;
+pub(crate) mod agent;
+pub(crate) mod apply;
+pub(crate) mod error;
 mod fetcher;
-pub mod group_replica;
-pub mod overlay;
-pub mod preimage;
-pub mod recovery;
+pub(crate) mod group_replica;
+pub(crate) mod overlay;
+pub(crate) mod preimage;
+pub(crate) mod recovery;
 pub mod rejoin;
-pub mod replica;
-pub mod seed;
+pub(crate) mod replica;
+pub(crate) mod seed;
 pub mod status;
-pub mod timing;
-pub mod undo;
+pub(crate) mod timing;
+pub(crate) mod undo;
 mod uring;
-pub mod verify;
+pub(crate) mod verify;
 
 pub use agent::{Agent, AgentConfig, BatchLimits, Outcome};
 pub use error::ReplayError;
+pub use group_replica::GroupReplica;
 pub use recovery::{wind_back, CannotWindBack, RecoveryReport, WindBackReport, WindTarget};
 pub use replica::{ReplicaFile, ReplicaTarget};
 pub use seed::{SeedChoice, SeedStamp};
 pub use status::{ReplicaStatus, StatusBoard, StatusHandler};
 pub use timing::{PollPolicy, Timer, TokioTimer};
+pub use undo::UndoLog;
 
 #[cfg(test)]
 mod tests;

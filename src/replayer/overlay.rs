@@ -19,7 +19,7 @@ use crate::journal::record::Op;
 
 /// What a byte range holds once the batch is applied.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Fill {
+pub(crate) enum Fill {
     /// These bytes (exactly the extent's length).
     Data(Bytes),
     /// Zeroes; `punch` when the last record there was a DISCARD (a hole), not a WRITE_ZEROES.
@@ -28,7 +28,7 @@ pub enum Fill {
 
 /// One extent: `start..end` (the start is the map key) holds `fill`, last written by `lsn`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Extent {
+pub(crate) struct Extent {
     pub end: u64,
     pub fill: Fill,
     pub lsn: u64,
@@ -39,21 +39,21 @@ pub struct Extent {
 /// # Invariants
 /// Extents do not overlap and are never empty; a `Data` extent's bytes are exactly its length.
 #[derive(Debug, Default)]
-pub struct Overlay {
+pub(crate) struct Overlay {
     extents: BTreeMap<u64, Extent>,
 }
 
 impl Overlay {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.extents.is_empty()
     }
 
     /// Extents in ascending offset order, as `(start, extent)`.
-    pub fn extents(&self) -> impl Iterator<Item = (u64, &Extent)> {
+    pub(crate) fn extents(&self) -> impl Iterator<Item = (u64, &Extent)> {
         self.extents.iter().map(|(&s, e)| (s, e))
     }
 
@@ -73,14 +73,14 @@ impl Overlay {
     }
 
     /// True when part of `start..end` holds data (not zeroes).
-    pub fn has_data(&self, start: u64, end: u64) -> bool {
+    pub(crate) fn has_data(&self, start: u64, end: u64) -> bool {
         self.overlapping(start, end)
             .iter()
             .any(|s| matches!(self.extents.get(s), Some(e) if matches!(e.fill, Fill::Data(_))))
     }
 
     /// True when part of `start..end` was changed by the batch (data or zeroes).
-    pub fn touches(&self, start: u64, end: u64) -> bool {
+    pub(crate) fn touches(&self, start: u64, end: u64) -> bool {
         self.extents
             .range(..end)
             .next_back()
@@ -89,7 +89,7 @@ impl Overlay {
 
     /// Replaces the bytes of `buf` (which holds `offset..offset + buf.len()`) that the
     /// overlay covers with what it holds.
-    pub fn patch(&self, offset: u64, buf: &mut [u8]) {
+    pub(crate) fn patch(&self, offset: u64, buf: &mut [u8]) {
         let end = offset + buf.len() as u64;
         for s in self.overlapping(offset, end) {
             let Some(extent) = self.extents.get(&s) else {
@@ -127,7 +127,7 @@ impl Overlay {
     }
 
     /// Records the effect of applying `op` (of record `lsn`).
-    pub fn record(&mut self, lsn: u64, op: &Op) {
+    pub(crate) fn record(&mut self, lsn: u64, op: &Op) {
         match op {
             Op::Write { offset, data } | Op::ResyncData { offset, data } => {
                 self.insert(*offset, data.len() as u64, Fill::Data(data.clone()), lsn)

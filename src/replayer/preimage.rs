@@ -23,8 +23,10 @@ use super::replica::ReplicaTarget;
 /// The undo record for `record`: the pre-image of its range as a `Write` (or a
 /// `WriteZeroes` when the range reads as zeroes), or the record itself when it changes no
 /// bytes (undoing it does nothing, and keeping MARKs lets time travel find them). Records
-/// the effect of `record` in `overlay` afterwards.
-pub fn capture(
+/// the effect of `record` in `overlay` afterwards. The one-record reference the tests hold
+/// [`capture_batch`] to.
+#[cfg(test)]
+pub(crate) fn capture(
     target: &dyn ReplicaTarget,
     overlay: &mut Overlay,
     record: &Record,
@@ -55,7 +57,7 @@ pub fn capture(
 /// records' effect added: a batch may be captured in consecutive parts. `base`, when given,
 /// is the previous batch's net effect, which may still be being written to the replica: the
 /// bytes it covers are taken from it, never from the replica (which may hold them torn).
-pub fn capture_batch(
+pub(crate) fn capture_batch(
     target: &dyn ReplicaTarget,
     records: &[Record],
     base: Option<&Overlay>,
@@ -176,7 +178,7 @@ fn from_runs(runs: &[Run], base: Option<&Overlay>, overlay: &Overlay, offset: u6
 }
 
 /// The pre-image of `offset..offset + len` as an operation that restores it.
-pub fn read_preimage(
+pub(crate) fn read_preimage(
     target: &dyn ReplicaTarget,
     overlay: &Overlay,
     offset: u64,

@@ -67,7 +67,7 @@ pub struct RecoveryReport {
 
 /// Runs recovery for the consumer at `state` (its committed position), updating and
 /// committing `state` when it moves. `now_ns` stamps the commit.
-pub async fn recover(
+pub(crate) async fn recover(
     journal: &dyn ObjectStore,
     undo: Option<&UndoLog>,
     replica: &Arc<dyn ReplicaTarget>,

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 /// The stamp's format version.
-pub const STAMP_FORMAT_VERSION: u32 = 1;
+pub(crate) const STAMP_FORMAT_VERSION: u32 = 1;
 
 /// What a restore vouches for (see the module docs for the file).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,7 +79,7 @@ pub enum StampError {
 }
 
 /// `<image>.seed.json`.
-pub fn stamp_path(image: &Path) -> PathBuf {
+pub(crate) fn stamp_path(image: &Path) -> PathBuf {
     let mut s = image.as_os_str().to_owned();
     s.push(".seed.json");
     PathBuf::from(s)

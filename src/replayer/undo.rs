@@ -49,7 +49,7 @@ use crate::store::{ObjectStore, StoreError};
 use crate::journal::segment::CompressProbe;
 
 /// The undo-log format version this build writes and reads.
-pub const UNDO_FORMAT_VERSION: u32 = 1;
+pub(crate) const UNDO_FORMAT_VERSION: u32 = 1;
 
 /// What an undo log belongs to (`undo.json`, pretty JSON):
 ///
@@ -439,7 +439,9 @@ fn encode_undo(
 
 /// Reads the manifest of an existing undo log without creating one (for tools that must not
 /// turn a wrong location into a new log); `None` when `store` holds no `undo.json`.
-pub async fn read_manifest(store: &dyn ObjectStore) -> Result<Option<UndoManifest>, UndoError> {
+pub(crate) async fn read_manifest(
+    store: &dyn ObjectStore,
+) -> Result<Option<UndoManifest>, UndoError> {
     match store.get(paths::UNDO_MANIFEST).await {
         Ok(data) => parse_manifest(&store.describe(), &data).map(Some),
         Err(e) if e.is_not_found() => Ok(None),
@@ -452,7 +454,7 @@ pub async fn read_manifest(store: &dyn ObjectStore) -> Result<Option<UndoManifes
 
 /// Most undo segments one batch is written as, minus one: the agent writes a batch's
 /// segments at once, so a crash can leave up to this many of them past a missing one.
-pub const STRAYS: u64 = 3;
+pub(crate) const STRAYS: u64 = 3;
 
 /// Splits `items` into at most `parts` non-empty runs of about equal `weight`, in order
 /// (one empty run for no items).

@@ -17,7 +17,7 @@ const CHUNK: u64 = 1 << 20;
 
 /// Whether the replica's bytes `offset..offset + len` hash to `checksum` (SHA-256, as
 /// [`VerifyChecksum::of`]).
-pub fn region_matches(
+pub(crate) fn region_matches(
     target: &dyn ReplicaTarget,
     offset: u64,
     len: u64,

@@ -23,10 +23,10 @@ pub mod flaky;
 pub mod local;
 pub mod memory;
 pub mod retrying;
-pub mod s3;
-pub mod uri;
+pub(crate) mod s3;
+pub(crate) mod uri;
 
-pub use s3::S3Options;
+pub use s3::{https_client, S3Options, S3Store};
 pub use uri::{open_store, open_store_for_command, StoreUri, StoreUriError};
 
 /// What a listing or a `head` reports about one object.

@@ -66,16 +66,16 @@ pub enum S3ConfigError {
     #[error(
         "invalid S3 endpoint {endpoint:?}: expected http://HOST[:PORT] or https://HOST[:PORT]"
     )]
-    InvalidEndpoint { endpoint: String },
+    Endpoint { endpoint: String },
     /// The bucket name cannot be a bucket.
     #[error("invalid S3 bucket name {bucket:?}: {reason}")]
-    InvalidBucket {
+    Bucket {
         bucket: String,
         reason: &'static str,
     },
     /// The prefix is not key-shaped (empty components, `.`, `..`, control characters).
     #[error("invalid S3 prefix {prefix:?}: {reason}")]
-    InvalidPrefix {
+    Prefix {
         prefix: String,
         reason: &'static str,
     },
@@ -394,7 +394,7 @@ fn host_needs_path_style(host: &str) -> bool {
 fn check_endpoint(endpoint: &str) -> Result<(), S3ConfigError> {
     match endpoint_host(endpoint) {
         Some(_) => Ok(()),
-        None => Err(S3ConfigError::InvalidEndpoint {
+        None => Err(S3ConfigError::Endpoint {
             endpoint: endpoint.to_string(),
         }),
     }
@@ -418,7 +418,7 @@ pub(crate) fn check_bucket(bucket: &str) -> Result<(), S3ConfigError> {
         None
     };
     match reason {
-        Some(reason) => Err(S3ConfigError::InvalidBucket {
+        Some(reason) => Err(S3ConfigError::Bucket {
             bucket: bucket.to_string(),
             reason,
         }),
@@ -432,7 +432,7 @@ pub(crate) fn normalize_prefix(prefix: &str) -> Result<String, S3ConfigError> {
     if trimmed.is_empty() {
         return Ok(String::new());
     }
-    validate_key(trimmed).map_err(|e| S3ConfigError::InvalidPrefix {
+    validate_key(trimmed).map_err(|e| S3ConfigError::Prefix {
         prefix: prefix.to_string(),
         reason: match e {
             StoreError::InvalidKey { reason, .. } => reason,

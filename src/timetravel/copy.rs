@@ -34,7 +34,7 @@ fn next_data(file: &File, from: u64, size: u64) -> io::Result<Option<(u64, u64)>
 
 /// Copies `src[0..size]` into `dst` (already `size` bytes long and all holes), keeping holes.
 /// `progress` gets the bytes of the device covered so far. Returns the data bytes copied.
-pub fn copy_sparse(
+pub(super) fn copy_sparse(
     src: &File,
     dst: &File,
     size: u64,

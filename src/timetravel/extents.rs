@@ -11,7 +11,7 @@ use crate::journal::segment::IndexEntry;
 
 /// Which store a payload is in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Layer {
+pub(crate) enum Layer {
     Undo,
     Journal,
 }
@@ -19,7 +19,7 @@ pub enum Layer {
 /// A record whose payload holds some bytes: byte `x` of the view is payload byte
 /// `x - start`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Location {
+pub(crate) struct Location {
     pub layer: Layer,
     pub seq: u64,
     pub entry: IndexEntry,
@@ -30,7 +30,7 @@ pub struct Location {
 
 /// Where an extent's bytes come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Source {
+pub(crate) enum Source {
     /// They read as zeroes.
     Zero,
     /// From a record's payload.
@@ -42,17 +42,13 @@ pub enum Source {
 /// # Invariants
 /// Extents do not overlap and are never empty.
 #[derive(Debug, Default)]
-pub struct ExtentMap {
+pub(crate) struct ExtentMap {
     map: BTreeMap<u64, (u64, Source)>,
 }
 
 impl ExtentMap {
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.map.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
     }
 
     /// Removes every extent's part inside `start..end`.
@@ -76,7 +72,7 @@ impl ExtentMap {
     }
 
     /// `start..end` comes from `source`, whatever was mapped there (a later record wins).
-    pub fn overwrite(&mut self, start: u64, end: u64, source: Source) {
+    pub(crate) fn overwrite(&mut self, start: u64, end: u64, source: Source) {
         if start >= end {
             return;
         }
@@ -85,7 +81,7 @@ impl ExtentMap {
     }
 
     /// The unmapped parts of `start..end` come from `source` (an earlier record wins).
-    pub fn fill_gaps(&mut self, start: u64, end: u64, source: Source) {
+    pub(crate) fn fill_gaps(&mut self, start: u64, end: u64, source: Source) {
         let gaps: Vec<(u64, u64)> = self
             .pieces(start, end)
             .into_iter()
@@ -98,7 +94,7 @@ impl ExtentMap {
     }
 
     /// `start..end` cut into consecutive pieces with their source (`None`: the replica).
-    pub fn pieces(&self, start: u64, end: u64) -> Vec<(u64, u64, Option<Source>)> {
+    pub(crate) fn pieces(&self, start: u64, end: u64) -> Vec<(u64, u64, Option<Source>)> {
         let mut out = Vec::new();
         let mut at = start;
         let before = self

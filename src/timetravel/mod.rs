@@ -19,11 +19,11 @@
 
 mod copy;
 pub mod diff;
-pub mod error;
-pub mod extents;
+pub(crate) mod error;
+pub(crate) mod extents;
 pub mod rbd_diff;
 pub mod restore;
-pub mod sources;
+pub(crate) mod sources;
 pub mod timeline;
 pub mod view;
 

@@ -619,7 +619,7 @@ impl Hole {
 
 /// Finds resync spans in records fed in LSN order.
 #[derive(Debug, Default)]
-pub struct Spans {
+pub(crate) struct Spans {
     open: Option<Hole>,
     /// The last record fed.
     last: Option<Point>,
@@ -629,7 +629,7 @@ pub struct Spans {
 
 impl Spans {
     /// Feeds one record; records at or before the last one fed are ignored.
-    pub fn feed(&mut self, lsn: u64, timestamp_ns: u64, kind: RecordKind) {
+    pub(crate) fn feed(&mut self, lsn: u64, timestamp_ns: u64, kind: RecordKind) {
         if self.last.is_some_and(|l| lsn <= l.lsn) {
             return;
         }
@@ -664,19 +664,19 @@ impl Spans {
     }
 
     /// The span still open after the last record fed.
-    pub fn open(&self) -> Option<Hole> {
+    pub(crate) fn open(&self) -> Option<Hole> {
         self.open
     }
 
     /// Every span, the open one last.
-    pub fn all(&self) -> Vec<Hole> {
+    pub(crate) fn all(&self) -> Vec<Hole> {
         let mut v = self.holes.clone();
         v.extend(self.open);
         v
     }
 
     /// The last record fed.
-    pub fn last(&self) -> Option<Point> {
+    pub(crate) fn last(&self) -> Option<Point> {
         self.last
     }
 }

@@ -49,9 +49,9 @@ use crate::replayer::undo::UndoError;
 use crate::store::counting::DELETE_BATCH;
 use crate::store::{ObjectStore, StoreError};
 
-pub mod journal;
+pub(crate) mod journal;
 mod read_ahead;
-pub mod undo;
+pub(crate) mod undo;
 
 pub use journal::{trim_journal, JournalTrimOptions};
 pub use undo::{trim_undo, UndoTrimOptions};

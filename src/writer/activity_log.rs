@@ -32,9 +32,9 @@ use uuid::Uuid;
 use crate::sys::sync_parent;
 
 /// First bytes of each slot.
-pub const MAGIC: [u8; 8] = *b"TLAGACT1";
+pub(crate) const MAGIC: [u8; 8] = *b"TLAGACT1";
 /// The format version this code writes and reads.
-pub const VERSION: u32 = 1;
+pub(crate) const VERSION: u32 = 1;
 /// Bytes of a slot header before the bitmap.
 const HEADER_LEN: usize = 72;
 
@@ -62,7 +62,7 @@ const HEADER_LEN: usize = 72;
 /// names the journal's UUID, the journal's region size and count, and the epoch just before
 /// the starting writer's (any other epoch means another writer ran in between: stale).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Slot {
+pub(crate) struct Slot {
     pub uuid: Uuid,
     pub epoch: u64,
     pub generation: u64,
@@ -72,7 +72,7 @@ pub struct Slot {
 }
 
 /// Bytes of one slot for `regions` regions.
-pub fn slot_len(regions: u64) -> u64 {
+pub(crate) fn slot_len(regions: u64) -> u64 {
     (HEADER_LEN as u64 + 8 * regions.div_ceil(64)).next_multiple_of(4096)
 }
 
@@ -128,7 +128,7 @@ impl Slot {
 
 /// What a starting writer found at the log's path.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Previous {
+pub(crate) enum Previous {
     /// A usable log: these regions may hold changes the journal lacks.
     Usable { bits: Vec<u64> },
     /// No usable log; why, in words (missing, stale, corrupt).
@@ -137,7 +137,7 @@ pub enum Previous {
 
 impl Previous {
     /// Regions the usable log names (0 when unusable).
-    pub fn count(&self) -> u64 {
+    pub(crate) fn count(&self) -> u64 {
         match self {
             Previous::Usable { bits } => bits.iter().map(|w| u64::from(w.count_ones())).sum(),
             Previous::Unusable(_) => 0,
@@ -169,7 +169,7 @@ pub fn default_path(primary: &Path) -> PathBuf {
 
 /// Reads what a previous writer left at `path`, judged for a writer of `epoch` on the journal
 /// `uuid` with the given geometry.
-pub fn read_previous(
+pub(crate) fn read_previous(
     path: &Path,
     uuid: Uuid,
     epoch: u64,
@@ -232,7 +232,7 @@ fn newest_slot(data: &[u8], regions: u64) -> Option<Slot> {
 /// The newest valid slot of the log at `path` as it is, judged for nothing (`rejoin` reads
 /// which epoch wrote it and the regions it names); `None` when the file is missing or holds
 /// no valid slot.
-pub fn read_slot(path: &Path, regions: u64) -> Result<Option<Slot>, ActivityLogError> {
+pub(crate) fn read_slot(path: &Path, regions: u64) -> Result<Option<Slot>, ActivityLogError> {
     match std::fs::read(path) {
         Ok(data) => Ok(newest_slot(&data, regions)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -254,7 +254,7 @@ struct Inner {
 /// Every bit set in `durable` is set in the newest slot on disk (or the log is broken and
 /// `durable` is all ones, so activation is free); `inner.slot.bits` is what the next write
 /// puts on disk.
-pub struct ActivityLog {
+pub(crate) struct ActivityLog {
     path: PathBuf,
     region_size: u64,
     device_size: u64,
@@ -279,7 +279,7 @@ impl ActivityLog {
     /// Starts the log of writer `epoch` at `path` with `initial` regions active (those the
     /// previous writer's log named, or every region), written durably (temp file, fsync,
     /// rename, directory fsync) before any I/O is served.
-    pub fn create(
+    pub(crate) fn create(
         path: &Path,
         uuid: Uuid,
         epoch: u64,
@@ -346,7 +346,7 @@ impl ActivityLog {
 
     /// A log that is not kept (`--no-activity-log`): activation costs nothing, nothing is
     /// written, and the next start after a crash resyncs the whole device.
-    pub fn disabled(device_size: u64, region_size: u64) -> Arc<ActivityLog> {
+    pub(crate) fn disabled(device_size: u64, region_size: u64) -> Arc<ActivityLog> {
         let regions = device_size.div_ceil(region_size);
         let words = regions.div_ceil(64) as usize;
         Arc::new(ActivityLog {
@@ -371,7 +371,7 @@ impl ActivityLog {
         })
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
@@ -390,7 +390,7 @@ impl ActivityLog {
     /// Makes every region `range` touches durably active. Free when they already are; else
     /// one write and fsync of the log (on the blocking pool). Never fails: a log that cannot
     /// be written is removed and abandoned (see the module documentation).
-    pub async fn activate(self: &Arc<Self>, range: Range<u64>) {
+    pub(crate) async fn activate(self: &Arc<Self>, range: Range<u64>) {
         let regions = self.regions_of(range);
         if regions.clone().all(|r| self.is_durable(r)) {
             return;
@@ -450,7 +450,7 @@ impl ActivityLog {
 
     /// Notes that record `lsn` touches `range` (called once the LSN is assigned, under the
     /// range lock).
-    pub fn touch(&self, range: Range<u64>, lsn: u64) {
+    pub(crate) fn touch(&self, range: Range<u64>, lsn: u64) {
         for r in self.regions_of(range) {
             self.last_lsn[r as usize].fetch_max(lsn, Ordering::AcqRel);
         }
@@ -458,7 +458,7 @@ impl ActivityLog {
 
     /// Active regions whose records are all at or below `quiet_lsn` (the durable LSN of the
     /// previous cleaning round), ascending: candidates for [`ActivityLog::retire`].
-    pub fn candidates(&self, quiet_lsn: u64) -> Vec<u64> {
+    pub(crate) fn candidates(&self, quiet_lsn: u64) -> Vec<u64> {
         if self.broken.load(Ordering::Acquire) {
             return Vec::new();
         }
@@ -477,13 +477,13 @@ impl ActivityLog {
     }
 
     /// Whether region `r`'s records are all at or below `lsn`.
-    pub fn quiet(&self, r: u64, lsn: u64) -> bool {
+    pub(crate) fn quiet(&self, r: u64, lsn: u64) -> bool {
         self.last_lsn[r as usize].load(Ordering::Acquire) <= lsn
     }
 
     /// Drops region `r` from the log in memory (the caller holds its range lock and has
     /// checked it is clean and durable); [`ActivityLog::flush_retired`] writes it out.
-    pub fn retire(&self, r: u64) {
+    pub(crate) fn retire(&self, r: u64) {
         let (w, bit) = ((r / 64) as usize, 1u64 << (r % 64));
         // Off the fast path first: a change from now on writes the log itself.
         self.durable[w].fetch_and(!bit, Ordering::AcqRel);
@@ -491,13 +491,13 @@ impl ActivityLog {
     }
 
     /// Writes the log after [`ActivityLog::retire`]s (blocking: call on the blocking pool).
-    pub fn flush_retired(&self) {
+    pub(crate) fn flush_retired(&self) {
         let mut inner = lock(&self.inner);
         self.write_locked(&mut inner);
     }
 
     /// Regions active now (on disk).
-    pub fn active(&self) -> u64 {
+    pub(crate) fn active(&self) -> u64 {
         if self.broken.load(Ordering::Acquire) {
             return 0;
         }
@@ -508,17 +508,17 @@ impl ActivityLog {
     }
 
     /// Bytes of the log file.
-    pub fn file_size(&self) -> u64 {
+    pub(crate) fn file_size(&self) -> u64 {
         2 * slot_len(self.last_lsn.len() as u64)
     }
 
     /// Writes (with fsync) since start.
-    pub fn writes(&self) -> u64 {
+    pub(crate) fn writes(&self) -> u64 {
         self.writes.load(Ordering::Acquire)
     }
 
     /// The log could not be written and was abandoned.
-    pub fn is_broken(&self) -> bool {
+    pub(crate) fn is_broken(&self) -> bool {
         self.broken.load(Ordering::Acquire)
     }
 }

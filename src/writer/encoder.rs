@@ -32,7 +32,7 @@ const SEGMENT_SLACK: usize = (1 << 20) + (256 << 10);
 
 /// A closed segment not yet durable, as the coordinator tracks it.
 #[derive(Debug)]
-pub struct Unsettled {
+pub(super) struct Unsettled {
     pub last_lsn: u64,
     pub first_ts: u64,
     /// Acknowledgement timestamps of its records, for the ack→durable lag.
@@ -46,7 +46,7 @@ pub struct Unsettled {
 
 /// What the encoder sends the coordinator.
 #[derive(Debug)]
-pub enum Encoded {
+pub(super) enum Encoded {
     Segment {
         seq: u64,
         bytes: Bytes,
@@ -68,7 +68,7 @@ struct Open {
 }
 
 /// The encoder's configuration and connections.
-pub struct Encoder {
+pub(super) struct Encoder {
     pub intake: Arc<Intake>,
     pub uuid: Uuid,
     pub epoch: u64,
@@ -99,7 +99,7 @@ struct Run {
 
 impl Encoder {
     /// Starts the encoder thread.
-    pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
+    pub(super) fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
         std::thread::Builder::new()
             .name("tinylag-encoder".into())
             .spawn(move || {

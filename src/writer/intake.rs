@@ -18,7 +18,7 @@ use super::shared::Pending;
 use crate::journal::Record;
 
 /// Queued payload bytes that wake a sleeping encoder early.
-pub const WAKE_BYTES: u64 = 1 << 20;
+pub(super) const WAKE_BYTES: u64 = 1 << 20;
 
 #[derive(Debug)]
 struct State {
@@ -36,14 +36,14 @@ struct State {
 
 /// See the module documentation.
 #[derive(Debug)]
-pub struct Intake {
+pub(crate) struct Intake {
     state: Mutex<State>,
     wake: Condvar,
 }
 
 /// What the encoder gets from [`Intake::next_batch`].
 #[derive(Debug, Default)]
-pub struct Batch {
+pub(crate) struct Batch {
     /// Records in LSN order (possibly none: the deadline passed or someone poked).
     pub records: Vec<Pending>,
     /// Intake is closed and this is the last batch.
@@ -52,7 +52,7 @@ pub struct Batch {
 
 impl Intake {
     /// An open intake whose first record gets `next_lsn`.
-    pub fn new(next_lsn: u64) -> Self {
+    pub(crate) fn new(next_lsn: u64) -> Self {
         Intake {
             state: Mutex::new(State {
                 next_lsn,
@@ -76,7 +76,7 @@ impl Intake {
     /// Assigns the next LSN to the record `make` builds and queues it, in one critical
     /// section. `urgent` wakes the encoder at once. `None` once intake is closed (nothing
     /// was queued and no LSN used).
-    pub fn append(
+    pub(crate) fn append(
         &self,
         make: impl FnOnce(u64) -> Record,
         permit: Permit,
@@ -101,7 +101,7 @@ impl Intake {
     }
 
     /// Wakes the encoder now (e.g. an upload slot freed while journal-mode writers wait).
-    pub fn poke(&self) {
+    pub(crate) fn poke(&self) {
         let mut s = self.state();
         s.urgent = true;
         let wake = s.sleeping;
@@ -113,7 +113,11 @@ impl Intake {
 
     /// Appends the writer's last record and closes the intake in one step, so that nothing
     /// can be queued after it (`DEMOTE`). `None` when already closed.
-    pub fn append_last(&self, make: impl FnOnce(u64) -> Record, permit: Permit) -> Option<u64> {
+    pub(crate) fn append_last(
+        &self,
+        make: impl FnOnce(u64) -> Record,
+        permit: Permit,
+    ) -> Option<u64> {
         let mut s = self.state();
         if s.closed {
             return None;
@@ -131,7 +135,7 @@ impl Intake {
     }
 
     /// Closes intake and returns the last LSN assigned. The encoder drains what is queued.
-    pub fn close(&self) -> u64 {
+    pub(crate) fn close(&self) -> u64 {
         let mut s = self.state();
         s.closed = true;
         let head = s.next_lsn - 1;
@@ -141,18 +145,18 @@ impl Intake {
     }
 
     /// Whether [`Intake::close`] was called.
-    pub fn is_closed(&self) -> bool {
+    pub(crate) fn is_closed(&self) -> bool {
         self.state().closed
     }
 
     /// The last LSN assigned.
-    pub fn head_lsn(&self) -> u64 {
+    pub(crate) fn head_lsn(&self) -> u64 {
         self.state().next_lsn - 1
     }
 
     /// Encoder side: waits until there is something to do (a batch worth taking, an urgent
     /// poke, `deadline`, or the close) and returns the queued records.
-    pub fn next_batch(&self, deadline: Option<Instant>) -> Batch {
+    pub(crate) fn next_batch(&self, deadline: Option<Instant>) -> Batch {
         let mut s = self.state();
         loop {
             let due = deadline.is_some_and(|d| Instant::now() >= d);

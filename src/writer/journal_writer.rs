@@ -129,7 +129,7 @@ impl WriterConfig {
 
 /// Durability, as published to the writers that wait for it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Progress {
+pub(crate) struct Progress {
     /// Every record at or below this LSN is in a durable segment.
     pub durable_lsn: u64,
     /// Every seq below this one is durable (a segment or a plug): what the lease records
@@ -181,7 +181,7 @@ pub enum StartError {
 
 /// The journal as a starting writer found it: its claim and where it continues.
 #[derive(Debug)]
-pub struct Prepared {
+pub(crate) struct Prepared {
     store: Arc<dyn ObjectStore>,
     manifest: Manifest,
     pub claim: EpochClaim,
@@ -197,7 +197,7 @@ pub struct Prepared {
 
 impl Prepared {
     /// True when the journal holds no segment yet (a new journal).
-    pub fn journal_is_empty(&self) -> bool {
+    pub(crate) fn journal_is_empty(&self) -> bool {
         self.empty
     }
 }
@@ -213,7 +213,7 @@ impl Prepared {
 /// [`Prepared::abandoned`] tells the core to resync the whole device, so that every consumer
 /// converges again.
 #[cfg(test)]
-pub async fn prepare(
+pub(super) async fn prepare(
     store: Arc<dyn ObjectStore>,
     manifest: Manifest,
     clock: &dyn Clock,
@@ -233,7 +233,7 @@ pub async fn prepare(
 /// chain entry records them, with the predecessor at the fork or, for every other reason,
 /// at the journal's end as planned.
 #[cfg(test)]
-pub async fn prepare_as(
+pub(super) async fn prepare_as(
     store: Arc<dyn ObjectStore>,
     manifest: Manifest,
     clock: &dyn Clock,
@@ -246,7 +246,7 @@ pub async fn prepare_as(
 /// [`prepare_as`], claiming exactly `exact` when given (`promote`: the epoch after the one
 /// it checked; of two racing promotes one wins, the other gets
 /// [`JournalError::EpochContended`] with nothing else written).
-pub async fn prepare_claiming(
+pub(super) async fn prepare_claiming(
     store: Arc<dyn ObjectStore>,
     manifest: Manifest,
     clock: &dyn Clock,
@@ -407,7 +407,7 @@ async fn abandon_after(
 
 /// What the I/O path needs from a running writer.
 #[derive(Debug)]
-pub struct JournalWriter {
+pub(crate) struct JournalWriter {
     /// Where records go, in LSN order; [`Intake::close`] ends the writer.
     pub intake: Arc<Intake>,
     /// Durability progress.
@@ -424,7 +424,7 @@ pub struct JournalWriter {
 impl Prepared {
     /// Writes the first segment (`EPOCH`, plus `RESYNC_BEGIN` when `resync_begin`), plugs
     /// the holes, and starts the writer task.
-    pub async fn start(
+    pub(crate) async fn start(
         self,
         clock: Arc<dyn Clock>,
         config: WriterConfig,

@@ -20,7 +20,7 @@ const FIRST_NS: f64 = 1_000.0;
 
 /// See the module documentation.
 #[derive(Debug)]
-pub struct LagHistogram {
+pub(crate) struct LagHistogram {
     buckets: [AtomicU64; BUCKETS],
     count: AtomicU64,
     max_ns: AtomicU64,
@@ -74,12 +74,12 @@ fn upper_bound(i: usize) -> Duration {
 
 impl LagHistogram {
     #[cfg(test)]
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Counts one record that waited `lag_ns`.
-    pub fn record(&self, lag_ns: u64) {
+    pub(crate) fn record(&self, lag_ns: u64) {
         self.buckets[bucket_of(lag_ns)].fetch_add(1, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
         self.max_ns.fetch_max(lag_ns, Ordering::Relaxed);
@@ -88,7 +88,7 @@ impl LagHistogram {
 
     /// Every bucket, merged to one per doubling (Prometheus needs no finer ones: its quantile
     /// estimate interpolates inside a bucket). Bucket `STEPS·k` holds lags under 1 µs·2^k.
-    pub fn buckets(&self) -> LagBuckets {
+    pub(crate) fn buckets(&self) -> LagBuckets {
         let step = STEPS as usize;
         let mut buckets = Vec::with_capacity(BUCKETS / step + 1);
         let mut pending = 0u64;
@@ -113,7 +113,7 @@ impl LagHistogram {
     }
 
     /// The lag at or under which a fraction `q` of the records stayed (an upper bound).
-    pub fn quantile(&self, q: f64) -> Option<Duration> {
+    pub(crate) fn quantile(&self, q: f64) -> Option<Duration> {
         let count = self.count.load(Ordering::Relaxed);
         if count == 0 {
             return None;
@@ -130,7 +130,7 @@ impl LagHistogram {
         Some(max)
     }
 
-    pub fn summary(&self) -> LagSummary {
+    pub(crate) fn summary(&self) -> LagSummary {
         let secs = |q| self.quantile(q).map_or(0.0, |d| d.as_secs_f64());
         LagSummary {
             records: self.count.load(Ordering::Relaxed),

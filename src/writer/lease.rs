@@ -47,11 +47,11 @@ const RELEASE_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 const MIN_RENEW_EVERY: Duration = Duration::from_millis(500);
 
 /// Called once when the lease keeper finds that a newer epoch exists.
-pub type OnFenced = Box<dyn Fn(String) + Send + Sync>;
+pub(crate) type OnFenced = Box<dyn Fn(String) + Send + Sync>;
 
 /// Asked at each renewal (and at the release) for the seq below which the journal is
 /// durable, which the lease records (`Lease::durable_next_seq`).
-pub type DurableNextSeq = Box<dyn Fn() -> u64 + Send + Sync>;
+pub(crate) type DurableNextSeq = Box<dyn Fn() -> u64 + Send + Sync>;
 
 /// What `status` shows of the lease (the holder is this writer).
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -205,7 +205,7 @@ impl LeaseState {
 /// deadline checks for a newer epoch and renews first (see the module documentation).
 /// Everything else passes straight through.
 #[derive(Clone)]
-pub struct LeasedStore {
+pub(crate) struct LeasedStore {
     inner: Arc<dyn ObjectStore>,
     state: Arc<LeaseState>,
 }

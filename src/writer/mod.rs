@@ -31,7 +31,7 @@ mod intake;
 mod io_counts;
 mod journal_writer;
 mod lag_histogram;
-pub mod lease;
+pub(crate) mod lease;
 mod mode;
 mod pool;
 mod primary;
@@ -46,6 +46,7 @@ pub use activity_log::default_path as default_activity_log_path;
 pub use io_counts::IoStatus;
 pub use journal_writer::WriterConfig;
 pub use lag_histogram::{LagBuckets, LagSummary};
+pub use lease::LeaseKeeper;
 pub use mode::{AckMode, MaxLag, Mode};
 pub use pool::MIN_POOL_SIZE;
 pub use primary::{

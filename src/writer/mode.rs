@@ -158,7 +158,7 @@ impl AckMode {
 }
 
 /// How many mode transitions `status` keeps (the oldest are dropped).
-pub const TRANSITIONS_KEPT: usize = 32;
+pub(super) const TRANSITIONS_KEPT: usize = 32;
 
 /// One change of the mode, as `status` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -177,7 +177,7 @@ pub struct Transition {
 /// `transitions` holds, oldest first, every change of [`ModeState::mode`] since start (at
 /// most [`TRANSITIONS_KEPT`]); consecutive entries chain (`to` of one is `from` of the next).
 #[derive(Debug, Default)]
-pub struct ModeState {
+pub(crate) struct ModeState {
     /// Changes were left out of the journal and a `RESYNC_BEGIN` is (being) queued.
     dirty_episode: AtomicBool,
     /// The whole primary needs a resync; why, as a [`FullReason`].
@@ -193,7 +193,7 @@ pub struct ModeState {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 #[repr(u8)]
-pub enum FullReason {
+pub(crate) enum FullReason {
     /// The journal holds data but the previous writer did not stop cleanly (or left holes):
     /// writes it acknowledged may be missing from the journal.
     UncleanRestart = 1,
@@ -221,7 +221,7 @@ impl FullReason {
         }
     }
 
-    pub fn describe(self) -> &'static str {
+    pub(crate) fn describe(self) -> &'static str {
         match self {
             FullReason::UncleanRestart => {
                 "the previous writer did not stop cleanly; writes it acknowledged may be missing \
@@ -242,25 +242,25 @@ impl FullReason {
 
     /// Whether a resync of the whole device ends this condition (a failed writer journals
     /// nothing more, so no resync can).
-    pub fn resyncable(self) -> bool {
+    pub(crate) fn resyncable(self) -> bool {
         self != FullReason::WriterFailed
     }
 }
 
 impl ModeState {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// The state of a daemon serving without a journal.
-    pub fn without_journal() -> Self {
+    pub(crate) fn without_journal() -> Self {
         ModeState {
             no_journal: true,
             ..Self::default()
         }
     }
 
-    pub fn mode(&self) -> Mode {
+    pub(crate) fn mode(&self) -> Mode {
         if self.no_journal {
             Mode::NoJournal
         } else if self.demoted.load(Ordering::Acquire) {
@@ -277,17 +277,17 @@ impl ModeState {
     }
 
     /// Opens a dirty episode; true for the caller that opened it (who queues `RESYNC_BEGIN`).
-    pub fn open_dirty_episode(&self, cause: &str) -> bool {
+    pub(crate) fn open_dirty_episode(&self, cause: &str) -> bool {
         self.changing(cause, || !self.dirty_episode.swap(true, Ordering::AcqRel))
     }
 
-    pub fn dirty_episode_open(&self) -> bool {
+    pub(crate) fn dirty_episode_open(&self) -> bool {
         self.dirty_episode.load(Ordering::Acquire)
     }
 
     /// Ends the dirty episode (its `RESYNC_END` is queued) and, when its reason allows, a
     /// `forward-full`: the journal reproduces the primary again.
-    pub fn resync_done(&self, cause: &str) {
+    pub(crate) fn resync_done(&self, cause: &str) {
         self.changing(cause, || {
             if self.full_reason().is_some_and(FullReason::resyncable) {
                 self.full.store(0, Ordering::Release);
@@ -317,7 +317,7 @@ impl ModeState {
     }
 
     /// The mode changes since start, oldest first (at most [`TRANSITIONS_KEPT`]).
-    pub fn transitions(&self) -> Vec<Transition> {
+    pub(crate) fn transitions(&self) -> Vec<Transition> {
         self.transitions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -327,7 +327,7 @@ impl ModeState {
     }
 
     /// Enters `forward-full` (the first reason is kept).
-    pub fn need_full(&self, reason: FullReason) {
+    pub(crate) fn need_full(&self, reason: FullReason) {
         self.changing(reason.describe(), || {
             let _ =
                 self.full
@@ -335,20 +335,20 @@ impl ModeState {
         });
     }
 
-    pub fn full_reason(&self) -> Option<FullReason> {
+    pub(crate) fn full_reason(&self) -> Option<FullReason> {
         FullReason::from_u8(self.full.load(Ordering::Acquire))
     }
 
-    pub fn fence(&self, cause: &str) {
+    pub(crate) fn fence(&self, cause: &str) {
         self.changing(cause, || self.fenced.store(true, Ordering::Release));
     }
 
-    pub fn is_fenced(&self) -> bool {
+    pub(crate) fn is_fenced(&self) -> bool {
         self.fenced.load(Ordering::Acquire)
     }
 
     /// The epoch ended with its `DEMOTE`: nothing more is journaled, writes are refused.
-    pub fn demote(&self, cause: &str) {
+    pub(crate) fn demote(&self, cause: &str) {
         self.changing(cause, || self.demoted.store(true, Ordering::Release));
     }
 }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 /// What one record costs besides its payload: the queued record, its index entry in the
 /// segment footer and bookkeeping. An estimate on the high side.
-pub const RECORD_OVERHEAD: u64 = 128;
+pub(super) const RECORD_OVERHEAD: u64 = 128;
 
 /// The smallest cap accepted (`--pool-size`).
 pub const MIN_POOL_SIZE: u64 = 1 << 20;
@@ -33,13 +33,13 @@ struct Inner {
 
 /// See the module documentation. Cloning shares the budget.
 #[derive(Clone, Debug)]
-pub struct Pool {
+pub(crate) struct Pool {
     inner: Arc<Inner>,
 }
 
 /// Bytes held in the pool; released on drop.
 #[derive(Debug)]
-pub struct Permit {
+pub(crate) struct Permit {
     inner: Arc<Inner>,
     bytes: u64,
 }
@@ -54,7 +54,7 @@ pub enum PoolError {
 
 impl Pool {
     /// A pool of `cap` bytes; 1/64 of it (at most 1 MiB) is the metadata allowance.
-    pub fn new(cap: u64) -> Result<Pool, PoolError> {
+    pub(crate) fn new(cap: u64) -> Result<Pool, PoolError> {
         if cap < MIN_POOL_SIZE {
             return Err(PoolError::TooSmall { cap });
         }
@@ -68,47 +68,47 @@ impl Pool {
         })
     }
 
-    pub fn cap(&self) -> u64 {
+    pub(crate) fn cap(&self) -> u64 {
         self.inner.cap
     }
 
     /// Bytes of the cap only payload-free records may use.
     #[cfg(test)]
-    pub fn meta_allowance(&self) -> u64 {
+    pub(crate) fn meta_allowance(&self) -> u64 {
         self.inner.meta_allowance
     }
 
     /// Bytes held now.
-    pub fn used(&self) -> u64 {
+    pub(crate) fn used(&self) -> u64 {
         self.inner.used.load(Ordering::Acquire)
     }
 
     /// The most bytes ever held at once.
-    pub fn peak(&self) -> u64 {
+    pub(crate) fn peak(&self) -> u64 {
         self.inner.peak.load(Ordering::Acquire)
     }
 
     /// Reserves `bytes` for a record with a payload, if the pool (minus the metadata
     /// allowance) has room. Never waits.
-    pub fn try_reserve(&self, bytes: u64) -> Option<Permit> {
+    pub(crate) fn try_reserve(&self, bytes: u64) -> Option<Permit> {
         self.reserve_below(bytes, self.inner.cap - self.inner.meta_allowance)
     }
 
     /// Reserves `bytes` for a payload-free record, if the whole cap has room. Never waits.
-    pub fn try_reserve_meta(&self, bytes: u64) -> Option<Permit> {
+    pub(crate) fn try_reserve_meta(&self, bytes: u64) -> Option<Permit> {
         self.reserve_below(bytes, self.inner.cap)
     }
 
     /// Reserves `bytes` whatever the pool holds. Only for the one `RESYNC_BEGIN` of a dirty
     /// episode, so the overdraft is bounded by one record.
-    pub fn force_reserve(&self, bytes: u64) -> Permit {
+    pub(crate) fn force_reserve(&self, bytes: u64) -> Permit {
         let now = self.inner.used.fetch_add(bytes, Ordering::AcqRel) + bytes;
         self.inner.peak.fetch_max(now, Ordering::AcqRel);
         self.permit(bytes)
     }
 
     /// A permit of zero bytes, to merge others into.
-    pub fn empty_permit(&self) -> Permit {
+    pub(crate) fn empty_permit(&self) -> Permit {
         self.permit(0)
     }
 
@@ -136,12 +136,12 @@ impl Pool {
 }
 
 impl Permit {
-    pub fn bytes(&self) -> u64 {
+    pub(crate) fn bytes(&self) -> u64 {
         self.bytes
     }
 
     /// Takes over `other`'s bytes (one permit per segment instead of one per record).
-    pub fn merge(&mut self, mut other: Permit) {
+    pub(crate) fn merge(&mut self, mut other: Permit) {
         debug_assert!(
             Arc::ptr_eq(&self.inner, &other.inner),
             "permits of different pools"

@@ -68,7 +68,8 @@ mod start;
 pub use demote::Demoted;
 pub use hooks::HookError;
 pub use shutdown::ShutdownReport;
-pub use start::{CatchUp, CoreError, JournalSetup, Promotion, StartKind};
+pub(crate) use start::StartKind;
+pub use start::{CatchUp, CoreError, JournalSetup, Promotion};
 
 /// Region size of the dirty tracker when there is no manifest to say (`--no-journal`).
 const DEFAULT_REGION_SIZE: u64 = 4 << 20;

@@ -49,19 +49,19 @@ struct State {
 
 /// See the module documentation.
 #[derive(Debug, Default)]
-pub struct RangeLock {
+pub(super) struct RangeLock {
     state: Mutex<State>,
 }
 
 /// Holds (or, while its acquisition is pending, waits for) one range; releases on drop.
 #[derive(Debug)]
-pub struct RangeGuard<'a> {
+pub(super) struct RangeGuard<'a> {
     lock: &'a RangeLock,
     ticket: u64,
 }
 
 impl RangeLock {
-    pub fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self::default()
     }
 
@@ -74,7 +74,7 @@ impl RangeLock {
 
     /// Waits until `range` is free of every earlier overlapping request, then holds it until
     /// the guard drops. An empty range never waits and blocks nobody.
-    pub async fn lock(&self, range: Range<u64>) -> RangeGuard<'_> {
+    pub(super) async fn lock(&self, range: Range<u64>) -> RangeGuard<'_> {
         let (guard, granted) = {
             let mut state = self.state();
             let ticket = state.next_ticket;
@@ -111,7 +111,7 @@ impl RangeLock {
 
     /// Requests registered (holding or waiting).
     #[cfg(test)]
-    pub fn registered(&self) -> usize {
+    pub(super) fn registered(&self) -> usize {
         self.state().entries.len()
     }
 

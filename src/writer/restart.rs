@@ -100,7 +100,7 @@ pub fn take_marker(path: &Path) -> Result<Option<CleanMarker>, RestartError> {
 
 /// Reads the marker without removing it (`rejoin` looks before it decides); a marker that
 /// does not parse counts as absent.
-pub fn read_marker(path: &Path) -> Result<Option<CleanMarker>, RestartError> {
+pub(crate) fn read_marker(path: &Path) -> Result<Option<CleanMarker>, RestartError> {
     match std::fs::read(path) {
         Ok(data) => Ok(serde_json::from_slice(&data).ok()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -112,7 +112,7 @@ pub fn read_marker(path: &Path) -> Result<Option<CleanMarker>, RestartError> {
 }
 
 /// Writes the marker durably (temp file, fsync, rename, directory fsync).
-pub fn write_marker(path: &Path, marker: &CleanMarker) -> Result<(), RestartError> {
+pub(crate) fn write_marker(path: &Path, marker: &CleanMarker) -> Result<(), RestartError> {
     let err = |source| RestartError::Marker {
         path: path.to_path_buf(),
         source,
@@ -135,7 +135,7 @@ pub fn write_marker(path: &Path, marker: &CleanMarker) -> Result<(), RestartErro
 
 /// Whether the primary may hold data: false only for a regular file without a single data
 /// extent (`SEEK_DATA` finds none). Block devices cannot tell, so they count as holding data.
-pub fn primary_has_data(path: &Path) -> Result<bool, RestartError> {
+pub(crate) fn primary_has_data(path: &Path) -> Result<bool, RestartError> {
     let err = |source| RestartError::Primary {
         path: path.to_path_buf(),
         source,
@@ -156,7 +156,7 @@ pub fn primary_has_data(path: &Path) -> Result<bool, RestartError> {
 }
 
 /// The verdict for a starting writer: `None` means `logging`.
-pub fn initial_full_reason(
+pub(crate) fn initial_full_reason(
     prepared: &Prepared,
     uuid: Uuid,
     marker: Option<&CleanMarker>,

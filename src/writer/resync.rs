@@ -52,7 +52,7 @@ use crate::journal::Op;
 
 /// Bytes read and journaled as one `RESYNC_DATA` record (less with a pool under 8 MiB:
 /// at most 1/8 of it).
-pub const CHUNK: u64 = 1 << 20;
+pub(super) const CHUNK: u64 = 1 << 20;
 /// How long a region's resync waits, holding its range lock, for pool room for its next
 /// chunk before it gives up (marks the region dirty again) and retries later.
 const CHUNK_WAIT: Duration = Duration::from_secs(1);
@@ -66,7 +66,7 @@ const CLEAN_EVERY: Duration = Duration::from_millis(500);
 
 /// Opening and ending dirty episodes, and queuing resync records. Shared by the I/O path
 /// and the resync task.
-pub struct Episodes {
+pub(super) struct Episodes {
     pub(super) mode: Arc<ModeState>,
     pub(super) dirty: Arc<DirtyRegions>,
     pub(super) pool: Pool,
@@ -93,7 +93,7 @@ impl std::fmt::Debug for Episodes {
 
 /// Resync counters for `status`.
 #[derive(Debug, Default)]
-pub struct ResyncProgress {
+pub(super) struct ResyncProgress {
     running: AtomicBool,
     passes: AtomicU64,
     /// Regions dirty when the current episode's resync started, plus any marked since.
@@ -223,7 +223,7 @@ impl Episodes {
     }
 
     /// The resync's status now.
-    pub fn status(&self) -> ResyncStatus {
+    pub(super) fn status(&self) -> ResyncStatus {
         let p = &self.progress;
         let done = p.bytes_done.load(Ordering::Acquire);
         let elapsed = p
@@ -272,7 +272,7 @@ impl Drop for Redirty<'_> {
 }
 
 /// What the resync task needs.
-pub struct ResyncTask {
+pub(super) struct ResyncTask {
     pub episodes: Arc<Episodes>,
     pub device: Arc<dyn BlockDevice>,
     pub locks: Arc<RangeLock>,
@@ -290,7 +290,7 @@ enum Short {
 
 impl ResyncTask {
     /// Runs until intake closes (the core aborts it at shutdown).
-    pub async fn run(self) {
+    pub(super) async fn run(self) {
         let e = &self.episodes;
         loop {
             if e.intake.is_closed() {
@@ -497,7 +497,7 @@ fn is_zero(data: &[u8]) -> bool {
 /// Retires activity-log regions whose records are all durable, once a second, until the
 /// core aborts it. A region is checked and retired under its range lock, so no change to it
 /// is in flight; it must have been quiet (every record durable) since the previous round.
-pub async fn clean_activity_log(
+pub(super) async fn clean_activity_log(
     al: Arc<ActivityLog>,
     dirty: Arc<DirtyRegions>,
     locks: Arc<RangeLock>,

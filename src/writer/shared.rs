@@ -22,7 +22,7 @@ use crate::journal::{Op, Record};
 
 /// A record on its way to the journal, holding its pool bytes.
 #[derive(Debug)]
-pub struct Pending {
+pub(crate) struct Pending {
     pub record: Record,
     pub permit: Permit,
 }
@@ -30,7 +30,7 @@ pub struct Pending {
 /// Counters the writer keeps for `status`. Everything is updated without locks held across
 /// an await.
 #[derive(Debug, Default)]
-pub struct WriterStats {
+pub(crate) struct WriterStats {
     pub segments_uploaded: AtomicU64,
     pub bytes_uploaded: AtomicU64,
     pub upload_errors: AtomicU64,
@@ -57,17 +57,17 @@ pub struct WriterStats {
 
 impl WriterStats {
     /// The last upload error message (object key and store message; never credentials).
-    pub fn last_error(&self) -> Option<String> {
+    pub(crate) fn last_error(&self) -> Option<String> {
         lock(&self.last_error).clone()
     }
 
     /// How long uploads have been failing without a success.
-    pub fn failing_for(&self) -> Option<Duration> {
+    pub(crate) fn failing_for(&self) -> Option<Duration> {
         lock(&self.failing_since).map(|t| t.elapsed())
     }
 
     /// Why journaling stopped, if it did.
-    pub fn stopped_reason(&self) -> Option<String> {
+    pub(crate) fn stopped_reason(&self) -> Option<String> {
         lock(&self.stopped).clone()
     }
 
@@ -79,7 +79,7 @@ impl WriterStats {
     /// Timestamp of the oldest record not yet durable (0 when none). Records still queued in
     /// the intake are newer than the open segment's first, so they never change the answer
     /// while a segment is open.
-    pub fn oldest_pending_ns(&self) -> u64 {
+    pub(crate) fn oldest_pending_ns(&self) -> u64 {
         match self.pending_first_ns.load(Ordering::Acquire) {
             0 => self.open_first_ns.load(Ordering::Acquire),
             t => t,
@@ -116,7 +116,7 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Shared state the writer task and the core both touch.
 #[derive(Clone, Debug)]
-pub struct Shared {
+pub(crate) struct Shared {
     pub mode: Arc<ModeState>,
     pub dirty: Arc<DirtyRegions>,
     pub pool: Pool,
@@ -127,7 +127,7 @@ pub struct Shared {
 ///
 /// Callers pass only ops that lie on one device: the group device refuses a change that does
 /// not before it reaches the primary, and region ranges are clipped to their device.
-pub fn device_record(layout: &DeviceLayout, lsn: u64, timestamp_ns: u64, op: Op) -> Record {
+pub(super) fn device_record(layout: &DeviceLayout, lsn: u64, timestamp_ns: u64, op: Op) -> Record {
     let (dev, op) = if layout.is_single() {
         (0, op)
     } else {
@@ -144,6 +144,6 @@ pub fn device_record(layout: &DeviceLayout, lsn: u64, timestamp_ns: u64, op: Op)
 }
 
 /// Pool bytes one record is charged.
-pub fn record_cost(op: &Op) -> u64 {
+pub(super) fn record_cost(op: &Op) -> u64 {
     op.payload_len() as u64 + RECORD_OVERHEAD
 }

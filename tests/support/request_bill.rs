@@ -17,8 +17,8 @@ use tinylag::block::BlockDevice;
 use tinylag::clock::{Clock, ManualClock, SystemClock};
 use tinylag::journal::consumer;
 use tinylag::journal::epoch;
-use tinylag::journal::manifest::{Manifest, ManifestParams};
 use tinylag::journal::reader::JournalReader;
+use tinylag::journal::{Manifest, ManifestParams};
 use tinylag::replayer::status::AgentState;
 use tinylag::replayer::{
     Agent, AgentConfig, BatchLimits, PollPolicy, ReplicaFile, SeedChoice, Timer, TokioTimer,
@@ -26,8 +26,8 @@ use tinylag::replayer::{
 use tinylag::store::counting::{CountingStore, RequestCounts};
 use tinylag::store::memory::MemoryStore;
 use tinylag::store::ObjectStore;
-use tinylag::writer::lease::LeaseKeeper;
 use tinylag::writer::resync_requests::{self, ResyncTarget};
+use tinylag::writer::LeaseKeeper;
 use tinylag::writer::{AckMode, HookError, JournalSetup, Labels, Mode, PrimaryCore, WriterConfig};
 
 use super::nbd::pattern;

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use tempfile::TempDir;
-use tinylag::store::s3::{S3Options, S3Store};
+use tinylag::store::{S3Options, S3Store};
 
 use super::procs::{free_port, ChildGuard};
 
@@ -275,7 +275,7 @@ impl S3Server {
     pub fn client(&self) -> aws_sdk_s3::Client {
         let config = aws_sdk_s3::config::Builder::new()
             .behavior_version(BehaviorVersion::latest())
-            .http_client(tinylag::store::s3::https_client())
+            .http_client(tinylag::store::https_client())
             .region(Region::new("us-east-1"))
             .endpoint_url(&self.endpoint)
             .force_path_style(true)

@@ -135,7 +135,7 @@ pub trait CatchUp: Send + Sync {
 /// How a journaling core started.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case", tag = "kind")]
-pub enum StartKind {
+pub(crate) enum StartKind {
     /// A clean stop or a new empty journal: nothing to resync.
     Clean,
     /// After an unclean stop, the previous writer's activity log named these regions.
