@@ -8,6 +8,10 @@
 //! `--user-recovery` a daemon killed without a goodbye leaves the device quiesced, and the
 //! next daemon given the same `--dev-id` re-attaches to it.
 //!
+//! Files: `params` (options checked, kernel parameters), `recovery` (re-attaching to a
+//! quiesced device), `queue` (the per-queue threads and their tag tasks), `request` (a
+//! descriptor translated and run); this file makes, runs and deletes the device.
+//!
 //! Must never: import the writer or know about journals (it serves any `BlockDevice`, the
 //! primary core included); touch the device for a request it rejected; block the kernel's
 //! queue thread on the device (requests run on the runtime, the queue thread only waits on
@@ -16,26 +20,28 @@
 //! must never wait for that writeback (a filesystem on its own device, a `sync` of it).
 
 use std::path::Path;
-use std::rc::Rc;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
-use libublk::helpers::IoBuf;
-use libublk::io::{UblkDev, UblkQueue};
-use libublk::{BufDesc, UblkFlags};
+use libublk::io::UblkDev;
+use libublk::UblkFlags;
 use tokio::runtime::Handle;
 
 use crate::block::BlockDevice;
-use request::{Geometry, SECTOR};
+use request::Geometry;
 
+mod params;
+mod queue;
+mod recovery;
 pub(crate) mod request;
+
+use params::device_params;
+pub use params::validate;
+use queue::{serve_queue, QueueCtx};
+use recovery::recoverable;
 
 /// The kernel's control device; it exists once `ublk_drv` is loaded.
 pub const CONTROL_PATH: &str = "/dev/ublk-control";
-
-/// The most memory the request buffers (one per tag) may take.
-const MAX_REQUEST_BUFFERS: u64 = 1 << 30;
 
 /// How the device is made; the CLI's `--queues`, `--depth`, ... flags.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -118,7 +124,7 @@ fn check_driver_at(path: &Path) -> Result<(), UblkServeError> {
 }
 
 /// The errno inside a libublk error, if it carries one.
-fn errno(e: &libublk::UblkError) -> Option<i32> {
+pub(super) fn errno(e: &libublk::UblkError) -> Option<i32> {
     match e {
         libublk::UblkError::OtherError(code) | libublk::UblkError::UringIOError(code) => {
             Some(code.abs())
@@ -129,7 +135,7 @@ fn errno(e: &libublk::UblkError) -> Option<i32> {
 }
 
 /// libublk's errors say "other failure" for every errno; this names the errno.
-fn describe(e: &libublk::UblkError) -> String {
+pub(super) fn describe(e: &libublk::UblkError) -> String {
     match e {
         libublk::UblkError::OtherError(code) | libublk::UblkError::UringIOError(code) => {
             std::io::Error::from_raw_os_error(code.abs()).to_string()
@@ -137,92 +143,6 @@ fn describe(e: &libublk::UblkError) -> String {
         libublk::UblkError::IOError(io) => io.to_string(),
         other => other.to_string(),
     }
-}
-
-/// Checks `options` against the device before anything is created.
-pub fn validate(options: &UblkOptions, block_size: u32) -> Result<(), UblkServeError> {
-    let bad = |s: String| Err(UblkServeError::BadOption(s));
-    if options.queues == 0 || options.queues > 64 {
-        return bad(format!(
-            "--queues {} is out of range: use 1 to 64",
-            options.queues
-        ));
-    }
-    if options.depth == 0 || options.depth > 4096 {
-        return bad(format!(
-            "--depth {} is out of range: use 1 to 4096",
-            options.depth
-        ));
-    }
-    let buf = options.io_buf_size;
-    if !(4096..=32 << 20).contains(&buf) || buf % 4096 != 0 || buf % block_size != 0 {
-        return bad(format!(
-            "--io-buf-size {buf} is not usable: use a multiple of 4K and of the block size \
-             ({block_size}) from 4K to 32M"
-        ));
-    }
-    // Every tag owns a buffer of --io-buf-size: keep their sum bounded.
-    let total = u64::from(options.queues) * u64::from(options.depth) * u64::from(buf);
-    if total > MAX_REQUEST_BUFFERS {
-        return bad(format!(
-            "--queues {} x --depth {} x --io-buf-size {buf} is {total} bytes of request \
-             buffers: keep the product at most 1G",
-            options.queues, options.depth
-        ));
-    }
-    Ok(())
-}
-
-/// The kernel parameters of a device: sizes from `info`, the block size as logical and
-/// physical block size, a write-back cache with FUA, discard and write-zeroes when the
-/// device honours them, and chunks of one region.
-fn device_params(geo: &Geometry, region_size: u64, max_io_bytes: u32) -> libublk::sys::ublk_params {
-    use libublk::sys;
-    let shift = geo.block_size.trailing_zeros() as u8;
-    let region_sectors = region_size / SECTOR;
-    // The kernel wants a power of two here; other region sizes simply go without.
-    let chunk_sectors = if region_sectors.is_power_of_two() && region_sectors <= u64::from(u32::MAX)
-    {
-        region_sectors as u32
-    } else {
-        0
-    };
-    let mut attrs = sys::UBLK_ATTR_VOLATILE_CACHE | sys::UBLK_ATTR_FUA;
-    if geo.read_only {
-        attrs |= sys::UBLK_ATTR_READ_ONLY;
-    }
-    let mut params = sys::ublk_params {
-        types: sys::UBLK_PARAM_TYPE_BASIC,
-        basic: sys::ublk_param_basic {
-            attrs,
-            logical_bs_shift: shift,
-            physical_bs_shift: shift,
-            io_opt_shift: shift,
-            io_min_shift: shift,
-            max_sectors: max_io_bytes >> 9,
-            chunk_sectors,
-            dev_sectors: geo.size >> 9,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    if !geo.read_only && (geo.trim || geo.write_zeroes) {
-        // One region at most per request, like reads and writes.
-        let max = if chunk_sectors != 0 {
-            chunk_sectors
-        } else {
-            u32::MAX >> 9
-        };
-        params.types |= sys::UBLK_PARAM_TYPE_DISCARD;
-        params.discard = sys::ublk_param_discard {
-            discard_granularity: geo.block_size,
-            max_discard_sectors: if geo.trim { max } else { 0 },
-            max_write_zeroes_sectors: if geo.write_zeroes { max } else { 0 },
-            max_discard_segments: 1,
-            ..Default::default()
-        };
-    }
-    params
 }
 
 /// A served device; [`UblkHandle::stop`] removes it.
@@ -257,14 +177,6 @@ impl UblkHandle {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
     }
-}
-
-/// What one queue thread needs.
-#[derive(Clone)]
-struct QueueCtx {
-    device: Arc<dyn BlockDevice>,
-    runtime: Handle,
-    geo: Geometry,
 }
 
 /// Adds (or, with user recovery, re-attaches to) a ublk device serving `device`, and
@@ -314,83 +226,6 @@ pub async fn start(
 }
 
 type Started = tokio::sync::oneshot::Sender<Result<(u32, bool), UblkServeError>>;
-
-/// Whether device `dev_id` exists and waits for a new daemon (quiesced by user recovery).
-fn recoverable(dev_id: u32, size: u64) -> Result<bool, UblkServeError> {
-    let recover_err = |reason: String| UblkServeError::Recover { dev_id, reason };
-    // No such device (its char device is made with it): add it.
-    if !Path::new(&format!("/dev/ublkc{dev_id}")).exists() {
-        return Ok(false);
-    }
-    let ctrl = match UblkCtrl::new_simple(dev_id as i32) {
-        Ok(c) => c,
-        Err(e) if errno(&e) == Some(libc::ENODEV) => return Ok(false),
-        Err(e) => return Err(recover_err(describe(&e))),
-    };
-    // A daemon that was just killed leaves the device live until the kernel has torn down
-    // its rings; give that a moment, but never take a device a live daemon serves.
-    let mut waited = 0;
-    while u32::from(ctrl.dev_info().state) == libublk::sys::UBLK_S_DEV_LIVE {
-        let pid = ctrl.dev_info().ublksrv_pid;
-        if pid_alive(pid) || waited >= RECOVERY_WAIT_STEPS {
-            return Err(recover_err(format!(
-                "it is live, served by process {pid}; stop that daemon first"
-            )));
-        }
-        if waited == 0 {
-            tracing::info!(
-                dev_id,
-                pid,
-                "waiting for the dead daemon's device to quiesce"
-            );
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        waited += 1;
-        ctrl.read_dev_info()
-            .map_err(|e| recover_err(describe(&e)))?;
-    }
-    let state = u32::from(ctrl.dev_info().state);
-    if state != libublk::sys::UBLK_S_DEV_QUIESCED && state != libublk::sys::UBLK_S_DEV_FAIL_IO {
-        return Err(recover_err(format!(
-            "it is in state {state}, not waiting for recovery; delete it or pick another --dev-id"
-        )));
-    }
-    if ctrl.dev_info().flags & u64::from(libublk::sys::UBLK_F_USER_RECOVERY) == 0 {
-        return Err(recover_err("it was not made with --user-recovery".into()));
-    }
-    let mut params = libublk::sys::ublk_params {
-        len: std::mem::size_of::<libublk::sys::ublk_params>() as u32,
-        types: libublk::sys::UBLK_PARAM_TYPE_BASIC,
-        ..Default::default()
-    };
-    ctrl.get_params(&mut params)
-        .map_err(|e| recover_err(describe(&e)))?;
-    if params.basic.dev_sectors != size / SECTOR {
-        return Err(recover_err(format!(
-            "it has {} bytes and the primary {size}",
-            params.basic.dev_sectors * SECTOR
-        )));
-    }
-    let asked = std::time::Instant::now();
-    ctrl.start_user_recover()
-        .map_err(|e| recover_err(describe(&e)))?;
-    tracing::info!(
-        dev_id,
-        waited_ms = asked.elapsed().as_millis() as u64,
-        "recovery started"
-    );
-    // This handle must not delete the device when dropped.
-    ctrl.disown();
-    Ok(true)
-}
-
-/// How many 100 ms steps a new daemon waits for a dead one's device to quiesce.
-const RECOVERY_WAIT_STEPS: u32 = 300;
-
-/// Whether process `pid` exists (in this PID namespace).
-fn pid_alive(pid: i32) -> bool {
-    pid > 0 && crate::sys::process_exists(pid)
-}
 
 /// The control thread: makes the device, runs its queues until told to stop, deletes it.
 fn run_device(
@@ -489,231 +324,9 @@ fn run_device(
     }
 }
 
-/// One queue thread: a task per tag, driven by a local executor that wakes on the queue's
-/// io_uring or when a request finished on the runtime.
-fn serve_queue(qid: u16, dev: &UblkDev, mut ctx: QueueCtx) {
-    // The buffers are what the kernel agreed to, which may be less than was asked.
-    ctx.geo.buf_size = ctx.geo.buf_size.min(dev.dev_info.max_io_buf_bytes);
-    let queue = match UblkQueue::new(qid, dev) {
-        Ok(q) => Rc::new(q),
-        Err(e) => {
-            tracing::error!(qid, error = %describe(&e), "cannot set up a ublk queue");
-            return;
-        }
-    };
-    let exe = Rc::new(smol::LocalExecutor::new());
-    // A task that queued a commit (or ended) kicks the loop so the commit is submitted.
-    let (kick_tx, kick_rx) = smol::channel::unbounded::<()>();
-    let mut tasks = Vec::new();
-    for tag in 0..dev.dev_info.queue_depth {
-        let q = queue.clone();
-        let ctx = ctx.clone();
-        let kick = kick_tx.clone();
-        tasks.push(exe.spawn(async move {
-            match serve_tag(&q, tag, &ctx, &kick).await {
-                Ok(()) | Err(libublk::UblkError::QueueIsDown) => {}
-                Err(e) => tracing::error!(qid, tag, error = %describe(&e), "ublk tag failed"),
-            }
-            let _ = kick.try_send(());
-        }));
-    }
-    let q = queue.clone();
-    let exe2 = exe.clone();
-    let driven =
-        smol::block_on(exe.run(async move { drive_ring(&exe2, &q, &tasks, &kick_rx).await }));
-    if let Err(e) = driven {
-        tracing::error!(qid, error = %describe(&e), "the ublk queue failed");
-    }
-}
-
-/// Submits queued commands and reaps completions until every tag task has ended.
-async fn drive_ring(
-    exe: &smol::LocalExecutor<'_>,
-    q: &UblkQueue<'_>,
-    tasks: &[smol::Task<()>],
-    kick: &smol::channel::Receiver<()>,
-) -> Result<(), libublk::UblkError> {
-    use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
-    let fd = libublk::io::with_task_io_ring(|ring| ring.as_raw_fd());
-    // SAFETY: the ring owns `fd` and outlives this function; the File is turned back into
-    // a raw fd below, so it never closes it.
-    let ring_file = smol::Async::new(unsafe { std::fs::File::from_raw_fd(fd) })?;
-    let result = async {
-        while exe.try_tick() {}
-        while !tasks.iter().all(|t| t.is_finished()) {
-            libublk::io::with_task_io_ring_mut(|ring| ring.submit_and_wait(0))?;
-            smol::future::race(
-                async {
-                    let _ = ring_file.readable().await;
-                },
-                async {
-                    let _ = kick.recv().await;
-                },
-            )
-            .await;
-            while kick.try_recv().is_ok() {}
-            libublk::uring_async::ublk_reap_io_events_with_update_queue(q, false, None, |cqe| {
-                libublk::uring_async::ublk_wake_task(cqe.user_data(), cqe)
-            })?;
-            while exe.try_tick() {}
-        }
-        Ok(())
-    }
-    .await;
-    if let Ok(file) = ring_file.into_inner() {
-        let _ = file.into_raw_fd();
-    }
-    result
-}
-
-/// One tag: fetch a request, run it, commit the result, forever (until the queue stops).
-async fn serve_tag(
-    q: &UblkQueue<'_>,
-    tag: u16,
-    ctx: &QueueCtx,
-    kick: &smol::channel::Sender<()>,
-) -> Result<(), libublk::UblkError> {
-    let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
-    q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
-        .await?;
-    loop {
-        let iod = q.get_iod(tag);
-        let (op_flags, start_sector, nr_sectors) = (iod.op_flags, iod.start_sector, iod.nr_sectors);
-        let res = handle(op_flags, start_sector, nr_sectors, buf.as_mut_slice(), ctx).await;
-        let _ = kick.try_send(());
-        q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
-            .await?;
-    }
-}
-
-/// Runs one descriptor on the runtime; the commit result.
-async fn handle(
-    op_flags: u32,
-    start_sector: u64,
-    nr_sectors: u32,
-    buf: &mut [u8],
-    ctx: &QueueCtx,
-) -> i32 {
-    let request = match request::translate(op_flags, start_sector, nr_sectors, &ctx.geo) {
-        Ok(r) => r,
-        Err(errno) => {
-            tracing::debug!(
-                op_flags,
-                start_sector,
-                nr_sectors,
-                errno,
-                "ublk request refused"
-            );
-            return errno;
-        }
-    };
-    let payload = match request {
-        request::Request::Write { len, .. } => Bytes::copy_from_slice(&buf[..len as usize]),
-        _ => Bytes::new(),
-    };
-    let device = ctx.device.clone();
-    let running = ctx
-        .runtime
-        .spawn(async move { request::execute(device.as_ref(), request, payload).await });
-    match running.await {
-        Ok(outcome) => request::completion(&request, outcome, buf),
-        Err(e) => {
-            tracing::error!(error = %e, "a ublk request's task failed");
-            -libc::EIO
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn geo() -> Geometry {
-        Geometry {
-            size: 64 << 20,
-            block_size: 4096,
-            buf_size: 512 << 10,
-            read_only: false,
-            trim: true,
-            write_zeroes: true,
-        }
-    }
-
-    #[test]
-    fn the_device_advertises_block_size_cache_discard_and_region_chunks() {
-        let p = device_params(&geo(), 4 << 20, 512 << 10);
-        assert_eq!(p.basic.logical_bs_shift, 12);
-        assert_eq!(p.basic.physical_bs_shift, 12);
-        assert_eq!(p.basic.dev_sectors, (64 << 20) / 512);
-        assert_eq!(p.basic.max_sectors, 1024);
-        assert_eq!(p.basic.chunk_sectors, 8192);
-        let attrs = p.basic.attrs;
-        assert_ne!(attrs & libublk::sys::UBLK_ATTR_VOLATILE_CACHE, 0);
-        assert_ne!(attrs & libublk::sys::UBLK_ATTR_FUA, 0);
-        assert_eq!(attrs & libublk::sys::UBLK_ATTR_READ_ONLY, 0);
-        assert_ne!(p.types & libublk::sys::UBLK_PARAM_TYPE_DISCARD, 0);
-        assert_eq!(p.discard.discard_granularity, 4096);
-        assert_eq!(p.discard.max_discard_sectors, 8192);
-        assert_eq!(p.discard.max_write_zeroes_sectors, 8192);
-
-        let small = Geometry {
-            block_size: 512,
-            read_only: true,
-            ..geo()
-        };
-        let p = device_params(&small, 3 << 20, 512 << 10);
-        assert_eq!(p.basic.logical_bs_shift, 9);
-        assert_eq!(p.basic.chunk_sectors, 0, "not a power of two: no chunks");
-        assert_ne!(p.basic.attrs & libublk::sys::UBLK_ATTR_READ_ONLY, 0);
-        assert_eq!(p.types & libublk::sys::UBLK_PARAM_TYPE_DISCARD, 0);
-    }
-
-    #[test]
-    fn options_out_of_range_are_refused_by_name() {
-        let ok = UblkOptions::default();
-        assert!(validate(&ok, 4096).is_ok());
-        for (opts, flag) in [
-            (
-                UblkOptions {
-                    queues: 0,
-                    ..ok.clone()
-                },
-                "--queues",
-            ),
-            (
-                UblkOptions {
-                    depth: 5000,
-                    ..ok.clone()
-                },
-                "--depth",
-            ),
-            (
-                UblkOptions {
-                    io_buf_size: 6000,
-                    ..ok.clone()
-                },
-                "--io-buf-size",
-            ),
-            (
-                UblkOptions {
-                    io_buf_size: 64 << 20,
-                    ..ok.clone()
-                },
-                "--io-buf-size",
-            ),
-            (
-                UblkOptions {
-                    queues: 8,
-                    depth: 4096,
-                    ..ok.clone()
-                },
-                "at most 1G",
-            ),
-        ] {
-            let e = validate(&opts, 4096).unwrap_err().to_string();
-            assert!(e.contains(flag), "{e}");
-        }
-    }
 
     #[test]
     fn a_missing_driver_is_named_with_the_fix() {
