@@ -5,7 +5,8 @@
 //! The agent writes into a [`StatusBoard`] as it goes (cheap, in memory); the control
 //! handler reads it. The journal head is known from the segments the agent has fetched;
 //! only while the agent is behind does a status request probe for newer segments (O(log n)
-//! HEADs, cached for a few seconds), so an idle agent costs nothing extra.
+//! HEADs, cached for a few seconds: `status/head_probe.rs`), so an idle agent costs nothing
+//! extra. The text form is in `status/render.rs`.
 //!
 //! Must never: block the agent on a status request, or put credentials into the status.
 
@@ -18,19 +19,16 @@ use serde::{Deserialize, Serialize};
 use crate::clock::{format_ns, Clock};
 use crate::control::{Handler, Request, Response};
 use crate::journal::consumer::{ConsumerState, Seed, VerifyTally};
-use crate::journal::head::{prefix_index, probe_end};
 use crate::journal::reader::JournalReader;
-use crate::units::{format_elapsed, format_size};
+use crate::units::format_duration;
 
 use super::recovery::RecoveryReport;
 
-/// How long a probed head stays fresh.
-const HEAD_CACHE_NS: u64 = 2_000_000_000;
-/// How long a status request (or a metrics scrape) waits for the journal store before it
-/// answers with what the agent already knows: a store that is down must not hang `status`.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
-/// Segments whose sizes a status request reads with HEAD; beyond, lag bytes are estimated.
-const LAG_SIZE_SAMPLE: u64 = 32;
+mod head_probe;
+mod render;
+
+use head_probe::HeadCache;
+pub use render::render_text;
 
 /// What the agent is doing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,17 +84,6 @@ pub struct KnownHead {
     pub lsn: u64,
     pub timestamp_ns: u64,
 }
-
-/// Stored bytes of the segments the agent has not applied yet.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct LagBytes {
-    bytes: u64,
-    /// Extrapolated from a sample of segment sizes.
-    estimated: bool,
-}
-
-/// A probed head, when it was probed, and the lag bytes found with it.
-type HeadCache = (u64, KnownHead, Option<LagBytes>);
 
 /// Where the agent's time went since it started (wall time per phase of a batch), so an
 /// operator can tell a slow store from a slow replica.
@@ -346,132 +333,6 @@ impl StatusBoard {
         self.lock().recovery = Some(report);
     }
 
-    /// The newest head: the one seen, or a fresh probe when the agent is behind. Also the
-    /// unapplied bytes `(bytes, estimated)` when probed.
-    async fn head(&self, position: &ConsumerState) -> (KnownHead, Option<LagBytes>) {
-        let now = self.clock.now_ns();
-        let (seen, idle, cached) = {
-            let b = self.lock();
-            (b.head, b.state == AgentState::Idle, b.head_cache)
-        };
-        if idle && seen.lsn <= position.applied_lsn {
-            return (
-                seen,
-                Some(LagBytes {
-                    bytes: 0,
-                    estimated: false,
-                }),
-            );
-        }
-        if let Some((at, _, None)) = cached {
-            // The last probe failed or timed out: do not make every status wait again.
-            if now.saturating_sub(at) < HEAD_CACHE_NS {
-                return (seen, None);
-            }
-        }
-        if let Some((at, head, bytes)) = cached {
-            // A cached head that is not past the applied LSN would say "nothing behind"
-            // while the agent catches up: probe again instead.
-            if now.saturating_sub(at) < HEAD_CACHE_NS
-                && head.lsn >= seen.lsn
-                && head.lsn > position.applied_lsn
-            {
-                return (head, bytes);
-            }
-        }
-        let probed = tokio::time::timeout(PROBE_TIMEOUT, self.probe(seen, position)).await;
-        let (head, bytes) = match probed {
-            Ok(Ok(found)) => found,
-            Ok(Err(e)) => {
-                tracing::debug!("status head probe failed: {e}");
-                (seen, None)
-            }
-            Err(_) => {
-                tracing::debug!(
-                    "status head probe: no answer from the store within {PROBE_TIMEOUT:?}"
-                );
-                (seen, None)
-            }
-        };
-        self.lock().head_cache = Some((now, head, bytes));
-        (head, bytes)
-    }
-
-    async fn probe(
-        &self,
-        seen: KnownHead,
-        position: &ConsumerState,
-    ) -> Result<(KnownHead, Option<LagBytes>), crate::journal::JournalError> {
-        let store = self.reader.store().as_ref();
-        let manifest = self.reader.manifest();
-        let from = seen.next_seq.max(position.next_seq);
-        let end = probe_end(store, manifest, from).await?;
-        let mut head = seen;
-        if end > from {
-            let index = prefix_index(store, manifest, end - 1).await?;
-            if let Some(last) = index.header.last_lsn() {
-                raise(&mut head, last, index.last_timestamp().unwrap_or(0), end);
-            }
-            head.next_seq = end;
-        }
-        // Unapplied bytes: the segments from the consumer's next seq to the head.
-        let first = position.next_seq;
-        let count = head.next_seq.saturating_sub(first);
-        let sampled = count.min(LAG_SIZE_SAMPLE);
-        let mut bytes = 0u64;
-        let mut found = 0u64;
-        for seq in first..first + sampled {
-            if let Ok(meta) = store.head(&manifest.segment_key(seq)).await {
-                bytes += meta.size;
-                found += 1;
-            }
-        }
-        let estimate = if found > 0 && count > sampled {
-            (bytes as f64 / found as f64 * count as f64) as u64
-        } else {
-            bytes
-        };
-        Ok((
-            head,
-            Some(LagBytes {
-                bytes: estimate,
-                estimated: count > sampled,
-            }),
-        ))
-    }
-
-    /// Timestamp of the first record after the applied LSN (one index read of the
-    /// consumer's next segment, following plugs and empty segments a few steps), cached per
-    /// applied LSN. `None` when it cannot be read.
-    async fn oldest_unapplied(&self, position: &ConsumerState) -> Option<u64> {
-        if let Some((lsn, ts)) = self.lock().oldest_unapplied {
-            if lsn == position.applied_lsn {
-                return Some(ts);
-            }
-        }
-        let mut seq = position.next_seq;
-        for _ in 0..8 {
-            let index = match tokio::time::timeout(PROBE_TIMEOUT, self.reader.index(seq)).await {
-                Ok(Ok(Some(index))) => index,
-                Ok(Ok(None)) => return None,
-                Ok(Err(e)) => {
-                    tracing::debug!("status: reading the index of segment {seq}: {e}");
-                    return None;
-                }
-                Err(_) => {
-                    tracing::debug!("status: no index of segment {seq} within {PROBE_TIMEOUT:?}");
-                    return None;
-                }
-            };
-            if let Some(e) = index.entries.iter().find(|e| e.lsn > position.applied_lsn) {
-                self.lock().oldest_unapplied = Some((position.applied_lsn, e.timestamp_ns));
-                return Some(e.timestamp_ns);
-            }
-            seq = index.header.next_seq;
-        }
-        None
-    }
-
     /// The full status, probing the head if the agent is behind.
     pub async fn snapshot(&self) -> ReplicaStatus {
         let (position, state, error, due, applied, bytes, batches, recovery, spent, hole) = {
@@ -574,157 +435,6 @@ fn raise(head: &mut KnownHead, lsn: u64, timestamp_ns: u64, next_seq: u64) {
         head.timestamp_ns = head.timestamp_ns.max(timestamp_ns);
     }
     head.next_seq = head.next_seq.max(next_seq);
-}
-
-pub use crate::units::format_duration;
-
-/// The status as lines for a terminal.
-pub fn render_text(s: &ReplicaStatus) -> String {
-    let or_never = |t: &Option<String>| t.clone().unwrap_or_else(|| "-".into());
-    let mut out = String::new();
-    let mut line = |k: &str, v: String| out.push_str(&format!("{k:<16}{v}\n"));
-    line("role", format!("replica (consumer {})", s.identity.name));
-    line(
-        "state",
-        serde_json::to_value(s.state).map_or(String::new(), |v| {
-            v.as_str().unwrap_or_default().to_string()
-        }),
-    );
-    if let Some(e) = &s.error {
-        line("error", e.clone());
-    }
-    line("journal", s.identity.journal.clone());
-    line("replica", s.identity.replica.clone());
-    if !matches!(s.seed, Seed::Blank | Seed::Unrecorded) {
-        line("seeded", s.seed.to_string());
-    }
-    line(
-        "applied",
-        format!("LSN {} at {}", s.applied_lsn, or_never(&s.applied_time)),
-    );
-    line(
-        "consistent",
-        format!(
-            "LSN {} at {}{}",
-            s.consistent_lsn,
-            or_never(&s.consistent_time),
-            if s.in_resync_span {
-                "  (inside a resync span: the replica is not consistent until it ends)"
-            } else {
-                ""
-            }
-        ),
-    );
-    line(
-        "head",
-        format!(
-            "LSN {} at {}  (the journal head compared with)",
-            s.head_lsn,
-            or_never(&s.head_time)
-        ),
-    );
-    line("behind", behind_text(s));
-    let due = s
-        .next_due_time
-        .as_ref()
-        .map(|t| format!("; next record due at {t}"))
-        .unwrap_or_default();
-    let delay_part = if s.lag_records == 0 {
-        String::new()
-    } else if s.lag_beyond_delay_seconds > 0.0 {
-        format!(
-            " (the oldest record behind is {} past it)",
-            format_elapsed(Duration::from_secs_f64(s.lag_beyond_delay_seconds))
-        )
-    } else if s.delay != "0s" {
-        " (every record behind is still within it)".to_string()
-    } else {
-        String::new()
-    };
-    line("delay", format!("{}{delay_part}{due}", s.delay));
-    line(
-        "undo log",
-        match &s.identity.undo {
-            Some(u) => format!(
-                "{u}: {} in {} segments",
-                format_size(s.undo_bytes),
-                s.undo_segments
-            ),
-            None => "none (--no-undo: no time travel, a crash may leave the replica torn until it catches up)".into(),
-        },
-    );
-    line(
-        "applied since",
-        format!(
-            "{}: {} records, {} in {} batches",
-            s.started_time,
-            s.records_applied,
-            format_size(s.bytes_applied),
-            s.batches_applied
-        ),
-    );
-    let v = &s.verify;
-    if v.checked + v.skipped > 0 {
-        let listed: Vec<String> = v
-            .mismatched
-            .iter()
-            .map(|m| format!("{}+{} (LSN {})", m.offset, format_size(m.len), m.lsn))
-            .collect();
-        line(
-            "verify",
-            format!(
-                "{} regions checked, {} mismatches ever, {} skipped inside resync spans{}",
-                v.checked,
-                v.mismatches,
-                v.skipped,
-                if listed.is_empty() {
-                    String::new()
-                } else {
-                    format!("; MISMATCHING NOW: {}", listed.join(", "))
-                }
-            ),
-        );
-    }
-    if let Some(r) = &s.recovery {
-        if r.undone_segments > 0 || r.discarded_segments > 0 || r.from_lsn != r.to_lsn {
-            let discarded = if r.discarded_segments > 0 {
-                format!(
-                    "; deleted {} undo segments of a batch that never reached the replica",
-                    r.discarded_segments
-                )
-            } else {
-                String::new()
-            };
-            line(
-                "last recovery",
-                format!(
-                    "undid {} records in {} undo segments: LSN {} -> {}{discarded}",
-                    r.undone_records, r.undone_segments, r.from_lsn, r.to_lsn
-                ),
-            );
-        }
-    }
-    out
-}
-
-/// `2 records, 292 B, oldest written 1.204 s ago` or `nothing (applied through the head)`.
-fn behind_text(s: &ReplicaStatus) -> String {
-    if s.lag_records == 0 {
-        return "nothing (applied through the head)".into();
-    }
-    let age = match &s.oldest_unapplied_time {
-        Some(t) => format!(
-            ", oldest written {} ago ({t})",
-            format_elapsed(Duration::from_secs_f64(s.lag_seconds))
-        ),
-        None => String::new(),
-    };
-    format!(
-        "{} records, {}{}{age}",
-        s.lag_records,
-        if s.lag_bytes_estimated { "~" } else { "" },
-        format_size(s.lag_bytes),
-    )
 }
 
 /// The control-socket handler of a replay agent.
