@@ -18,6 +18,7 @@ pub mod nbd;
 pub mod objrep;
 pub mod replayer;
 pub mod store;
+pub(crate) mod sync;
 pub(crate) mod sys;
 #[cfg(test)]
 pub(crate) mod testing;

@@ -19,7 +19,7 @@
 //! buffer is on the shelf only while nothing refers to it).
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use bytes::Bytes;
 
@@ -105,7 +105,7 @@ impl BufferPool {
 
     fn lock(&self) -> MutexGuard<'_, Shelf> {
         // Every step under the lock leaves the shelf consistent.
-        self.shelf.lock().unwrap_or_else(PoisonError::into_inner)
+        crate::sync::lock(&self.shelf)
     }
 
     /// Idle buffers and their bytes.

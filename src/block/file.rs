@@ -341,12 +341,15 @@ impl FileTarget {
         F: FnOnce(&File) -> io::Result<T> + Send + 'static,
     {
         let file = Arc::clone(&self.file);
-        match tokio::task::spawn_blocking(move || work(&file)).await {
-            Ok(result) => result.map_err(BlockError::Io),
-            Err(join) => Err(BlockError::Io(io::Error::other(format!(
-                "blocking I/O task failed: {join}"
-            )))),
-        }
+        crate::sync::blocking(
+            move || work(&file).map_err(BlockError::Io),
+            |join| {
+                BlockError::Io(io::Error::other(format!(
+                    "blocking I/O task failed: {join}"
+                )))
+            },
+        )
+        .await
     }
 
     /// A read's checks, its buffer, and what the page cache gives without waiting.

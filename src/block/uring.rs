@@ -195,7 +195,7 @@ impl Ring {
     fn lock(&self) -> MutexGuard<'_, State> {
         // The state stays consistent at every await-free step; a panic elsewhere while it
         // was held leaves nothing half-done that matters here.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        crate::sync::lock(&self.state)
     }
 
     /// Writes `buffer[from..]` at `offset`; returns the bytes written and the buffer.

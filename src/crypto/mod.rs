@@ -34,7 +34,7 @@ fn registry() -> &'static RwLock<Registry> {
 /// Makes `keyring`'s keys readable by the codec and its newest key the one new objects are
 /// sealed with.
 pub fn install(keyring: &Keyring) {
-    let mut r = registry().write().unwrap_or_else(|e| e.into_inner());
+    let mut r = crate::sync::write(registry());
     for key in keyring.keys() {
         r.keys.insert(key.id(), key.clone());
     }
@@ -44,25 +44,25 @@ pub fn install(keyring: &Keyring) {
 /// Makes `key` readable without making it the writing key (unit tests, which share one
 /// process and must not seal each other's plaintext segments).
 pub fn register(key: &Key) {
-    let mut r = registry().write().unwrap_or_else(|e| e.into_inner());
+    let mut r = crate::sync::write(registry());
     r.keys.insert(key.id(), key.clone());
 }
 
 /// The key with id `id`, if installed.
 pub fn lookup(id: KeyId) -> Option<Key> {
-    let r = registry().read().unwrap_or_else(|e| e.into_inner());
+    let r = crate::sync::read(registry());
     r.keys.get(&id).cloned()
 }
 
 /// The key new objects are sealed with; `None` when the process writes plaintext.
 pub fn writing_key() -> Option<Key> {
-    let r = registry().read().unwrap_or_else(|e| e.into_inner());
+    let r = crate::sync::read(registry());
     r.writing.clone()
 }
 
 /// Ids of every installed key (for messages; never the keys).
 pub fn installed_ids() -> Vec<KeyId> {
-    let r = registry().read().unwrap_or_else(|e| e.into_inner());
+    let r = crate::sync::read(registry());
     let mut ids: Vec<KeyId> = r.keys.keys().copied().collect();
     ids.sort();
     ids

@@ -176,9 +176,8 @@ impl Hub {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+// A scrape reads counters a panicking writer left whole (each update is one assignment).
+use crate::sync::lock;
 
 /// `tinylag_store_requests_total`, as of the scrape.
 #[derive(Debug)]

@@ -29,7 +29,7 @@
 //! holds); wake a waiter by time rather than by bytes coming back.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
 use tokio::sync::oneshot;
@@ -185,7 +185,7 @@ impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         // Every update under the lock leaves the state whole; a panic elsewhere does not
         // make it wrong.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        crate::sync::lock(&self.state)
     }
 
     /// Whether a holder holding `held` may have `want` more bytes now, with `pending` bytes

@@ -355,11 +355,12 @@ where
     T: Send + 'static,
     E: Into<ReplayError> + Send + 'static,
 {
-    match tokio::task::spawn_blocking(work).await {
-        Ok(result) => result.map_err(Into::into),
-        Err(e) => Err(ReplayError::Task {
+    crate::sync::blocking(
+        move || work().map_err(Into::into),
+        |e| ReplayError::Task {
             what,
             message: e.to_string(),
-        }),
-    }
+        },
+    )
+    .await
 }

@@ -246,7 +246,7 @@ impl StatusBoard {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Board> {
         // Every update is a few plain assignments: a panic elsewhere cannot leave it torn.
-        self.board.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.board)
     }
 
     pub fn identity(&self) -> &AgentIdentity {

@@ -74,7 +74,7 @@ impl RingReader {
     /// Fills every buffer from its offset of `fd`. A read that ends early is continued; one
     /// that reaches the end of the file is an `UnexpectedEof` error.
     pub(crate) fn read_many(&self, fd: RawFd, reads: &mut [(u64, Vec<u8>)]) -> io::Result<()> {
-        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ring = crate::sync::lock(&self.ring);
         let mut done = vec![0usize; reads.len()];
         let mut queue: Vec<usize> = (0..reads.len()).rev().collect();
         let mut in_flight = 0usize;

@@ -129,7 +129,7 @@ impl FlakyStore {
 
     fn rules(&self) -> MutexGuard<'_, Rules> {
         // Every rule update is a plain assignment, so a poisoned lock is still consistent.
-        self.rules.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.rules)
     }
 
     /// Counts the call, waits the latency, and returns the failure to inject, if any.

@@ -266,15 +266,21 @@ impl LocalStore {
         F: FnOnce(&LocalStore) -> StoreResult<T> + Send + 'static,
     {
         let this = self.clone();
-        match tokio::task::spawn_blocking(move || f(&this)).await {
-            Ok(result) => result,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(e) => Err(StoreError::Transient {
-                store: self.name.clone(),
-                key: key.to_string(),
-                message: format!("blocking file-system task did not run: {e}"),
-            }),
-        }
+        // A panic in the file-system call is a bug: it goes on unwinding in the caller.
+        crate::sync::blocking(
+            move || f(&this),
+            |e| {
+                if e.is_panic() {
+                    std::panic::resume_unwind(e.into_panic())
+                }
+                StoreError::Transient {
+                    store: self.name.clone(),
+                    key: key.to_string(),
+                    message: format!("blocking file-system task did not run: {e}"),
+                }
+            },
+        )
+        .await
     }
 }
 

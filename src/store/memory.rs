@@ -43,7 +43,7 @@ impl MemoryStore {
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Bytes>> {
         // A panic while holding the lock cannot leave the map half-updated (every
         // mutation is one call), so a poisoned lock is still consistent.
-        self.objects.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.objects)
     }
 }
 

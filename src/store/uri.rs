@@ -220,7 +220,7 @@ fn memory_store(name: &str) -> Arc<MemoryStore> {
     static REGISTRY: OnceLock<Mutex<HashMap<String, Arc<MemoryStore>>>> = OnceLock::new();
     let registry = REGISTRY.get_or_init(|| Mutex::new(HashMap::new()));
     // Inserting is one call, so a poisoned lock still holds a consistent map.
-    let mut stores = registry.lock().unwrap_or_else(|p| p.into_inner());
+    let mut stores = crate::sync::lock(registry);
     stores
         .entry(name.to_string())
         .or_insert_with(|| Arc::new(MemoryStore::named(&format!("mem://{name}"))))

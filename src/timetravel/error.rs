@@ -132,6 +132,9 @@ pub enum TimeTravelError {
         /// "LSN a..=b (t1 .. t2)", and the hole that ends it early, if one does.
         range: String,
     },
+    /// A lock of the view was poisoned: a thread panicked while updating what it guards.
+    #[error("{what} is unusable: a thread panicked while updating it")]
+    LockPoisoned { what: &'static str },
     /// A background task panicked or was cancelled.
     #[error("{what} task failed: {message}")]
     Task { what: &'static str, message: String },

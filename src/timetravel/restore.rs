@@ -508,12 +508,11 @@ async fn blocking<T: Send + 'static>(
     what: &'static str,
     f: impl FnOnce() -> TimeTravelResult<T> + Send + 'static,
 ) -> TimeTravelResult<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| TimeTravelError::Task {
-            what,
-            message: e.to_string(),
-        })?
+    crate::sync::blocking(f, |e| TimeTravelError::Task {
+        what,
+        message: e.to_string(),
+    })
+    .await
 }
 
 /// Carries out `plan`: writes the image as of `plan.point` into the new file `output`.
@@ -716,6 +715,8 @@ async fn write_back(
     type Read =
         JoinHandle<Result<Option<(crate::journal::segment::DecodedSegment, u64)>, UndoError>>;
     let total = segments.end - segments.start;
+    // Not journal::reader::ReadAhead: undo segments are written back newest first, so this
+    // reads backwards, and an undo segment has no cursor to check it against.
     let mut reads: VecDeque<(u64, Read)> = VecDeque::new();
     let mut next = segments.end;
     let mut done = 0;

@@ -70,6 +70,14 @@ use crate::replayer::undo::UndoLog;
 use crate::sys;
 
 use super::error::{TimeTravelError, TimeTravelResult};
+use crate::sync::checked;
+
+// The view's locks guard maps of where each byte comes from; a thread that panicked while
+// rewriting one may have left it half-updated, so a poisoned lock becomes an error (the
+// read or write fails) rather than a panic or bytes from a broken map.
+const MAP: &str = "the time view's map of the point";
+const CACHE: &str = "the time view's payload cache";
+const SCRATCH: &str = "the time view's map of scratch writes";
 use super::extents::{ExtentMap, Layer, Location, Source};
 use super::restore::{plan, Direction, Plan};
 use super::sources::{journal_segment_missing, Point, Sources};
@@ -300,7 +308,8 @@ impl TimeView {
                     seq,
                 });
             };
-            let mut map = self.map.write().expect("not poisoned");
+            let mut map = checked(self.map.write(), MAP)
+                .map_err(|p| TimeTravelError::LockPoisoned { what: p.what })?;
             map_undo(
                 log,
                 seq,
@@ -318,7 +327,10 @@ impl TimeView {
 
     async fn payload(&self, loc: &Location) -> Result<Bytes, BlockError> {
         let key = (loc.layer, loc.seq, loc.entry.body_pos);
-        if let Some(p) = self.cache.lock().expect("not poisoned").get(&key) {
+        if let Some(p) = checked(self.cache.lock(), CACHE)
+            .map_err(io_other)?
+            .get(&key)
+        {
             return Ok(p);
         }
         let data = match loc.layer {
@@ -340,9 +352,8 @@ impl TimeView {
                 loc.entry.length
             )));
         }
-        self.cache
-            .lock()
-            .expect("not poisoned")
+        checked(self.cache.lock(), CACHE)
+            .map_err(io_other)?
             .put(key, data.clone());
         Ok(data)
     }
@@ -352,7 +363,9 @@ impl TimeView {
         let end = offset + buf.len() as u64;
         loop {
             let generation = self.generation.load(Ordering::Acquire);
-            let pieces = self.map.read().expect("not poisoned").pieces(offset, end);
+            let pieces = checked(self.map.read(), MAP)
+                .map_err(io_other)?
+                .pieces(offset, end);
             let mut from_replica = false;
             for (s, e, src) in pieces {
                 let out = &mut buf[(s - offset) as usize..(e - offset) as usize];
@@ -459,7 +472,9 @@ impl TimeView {
     ) -> Result<Vec<(u64, u64, Allocation)>, BlockError> {
         loop {
             let generation = self.generation.load(Ordering::Acquire);
-            let pieces = self.map.read().expect("not poisoned").pieces(offset, end);
+            let pieces = checked(self.map.read(), MAP)
+                .map_err(io_other)?
+                .pieces(offset, end);
             let mut out: Vec<Extent> = Vec::new();
             let mut from_replica = false;
             for (s, e, src) in pieces {
@@ -638,10 +653,8 @@ impl BlockDevice for TimeView {
         let mut buf = vec![0u8; len as usize];
         self.read_point(offset, &mut buf).await?;
         if let Some(scratch) = &self.scratch {
-            let pieces = scratch
-                .written
-                .read()
-                .expect("not poisoned")
+            let pieces = checked(scratch.written.read(), SCRATCH)
+                .map_err(io_other)?
                 .pieces(offset, offset + u64::from(len));
             for (s, e, src) in pieces {
                 if src.is_some() {
@@ -667,7 +680,9 @@ impl BlockDevice for TimeView {
         for (s, e, a) in point {
             // What a writable mount wrote is data, whatever the point held there.
             let pieces = match &self.scratch {
-                Some(scratch) => scratch.written.read().expect("not poisoned").pieces(s, e),
+                Some(scratch) => checked(scratch.written.read(), SCRATCH)
+                    .map_err(io_other)?
+                    .pieces(s, e),
                 None => vec![(s, e, None)],
             };
             for (ps, pe, written) in pieces {
@@ -691,11 +706,9 @@ impl BlockDevice for TimeView {
         if fua {
             scratch.file.sync_data()?;
         }
-        scratch.written.write().expect("not poisoned").overwrite(
-            offset,
-            offset + data.len() as u64,
-            Source::Zero,
-        );
+        checked(scratch.written.write(), SCRATCH)
+            .map_err(io_other)?
+            .overwrite(offset, offset + data.len() as u64, Source::Zero);
         Ok(())
     }
 
@@ -722,11 +735,9 @@ impl BlockDevice for TimeView {
         if fua {
             scratch.file.sync_data()?;
         }
-        scratch.written.write().expect("not poisoned").overwrite(
-            offset,
-            offset + len,
-            Source::Zero,
-        );
+        checked(scratch.written.write(), SCRATCH)
+            .map_err(io_other)?
+            .overwrite(offset, offset + len, Source::Zero);
         Ok(())
     }
 }

@@ -523,11 +523,9 @@ impl ActivityLog {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Critical sections leave the slot consistent (bits are set before the write that may
-    // fail); a poisoned lock still guards a usable state.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+// Critical sections leave the slot consistent (bits are set before the write that may
+// fail); a poisoned lock still guards a usable state.
+use crate::sync::lock;
 
 #[cfg(test)]
 mod tests {

@@ -55,7 +55,7 @@ impl DirtyRegions {
         }
         let first = range.start / self.region_size;
         let last = (end - 1) / self.region_size;
-        let mut bits = self.bits.lock().unwrap_or_else(|p| p.into_inner());
+        let mut bits = crate::sync::lock(&self.bits);
         let mut added = 0;
         for region in first..=last.min(self.regions - 1) {
             let (word, bit) = ((region / 64) as usize, region % 64);
@@ -73,7 +73,7 @@ impl DirtyRegions {
         if region >= self.regions {
             return false;
         }
-        let mut bits = self.bits.lock().unwrap_or_else(|p| p.into_inner());
+        let mut bits = crate::sync::lock(&self.bits);
         let (word, bit) = ((region / 64) as usize, region % 64);
         let was = bits[word] & (1 << bit) != 0;
         if was {
@@ -88,7 +88,7 @@ impl DirtyRegions {
         if from >= self.regions {
             return None;
         }
-        let bits = self.bits.lock().unwrap_or_else(|p| p.into_inner());
+        let bits = crate::sync::lock(&self.bits);
         let mut w = (from / 64) as usize;
         let mut word = bits[w] & (!0u64 << (from % 64));
         loop {
@@ -129,13 +129,13 @@ impl DirtyRegions {
         if region >= self.regions {
             return false;
         }
-        let bits = self.bits.lock().unwrap_or_else(|p| p.into_inner());
+        let bits = crate::sync::lock(&self.bits);
         bits[(region / 64) as usize] & (1 << (region % 64)) != 0
     }
 
     /// The marked regions, ascending.
     pub fn regions(&self) -> Vec<u64> {
-        let bits = self.bits.lock().unwrap_or_else(|p| p.into_inner());
+        let bits = crate::sync::lock(&self.bits);
         let mut out = Vec::new();
         for (w, word) in bits.iter().enumerate() {
             let mut word = *word;

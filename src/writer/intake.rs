@@ -70,7 +70,7 @@ impl Intake {
     fn state(&self) -> MutexGuard<'_, State> {
         // Every critical section leaves the state consistent before anything can panic (the
         // record builder runs before any field changes), so a poisoned lock is still valid.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.state)
     }
 
     /// Assigns the next LSN to the record `make` builds and queues it, in one critical

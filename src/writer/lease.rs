@@ -99,10 +99,8 @@ struct LeaseState {
     check: tokio::sync::Mutex<()>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Critical sections are plain assignments; a poisoned lock still holds a value.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+// Critical sections are plain assignments; a poisoned lock still holds a value.
+use crate::sync::lock;
 
 impl LeaseState {
     fn epoch(&self) -> Option<u64> {

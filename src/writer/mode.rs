@@ -298,7 +298,7 @@ impl ModeState {
 
     /// Runs `change` and records a transition if the mode moved.
     fn changing<T>(&self, cause: &str, change: impl FnOnce() -> T) -> T {
-        let mut log = self.transitions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut log = crate::sync::lock(&self.transitions);
         let from = self.mode();
         let out = change();
         let to = self.mode();
@@ -318,9 +318,7 @@ impl ModeState {
 
     /// The mode changes since start, oldest first (at most [`TRANSITIONS_KEPT`]).
     pub(crate) fn transitions(&self) -> Vec<Transition> {
-        self.transitions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.transitions)
             .iter()
             .cloned()
             .collect()

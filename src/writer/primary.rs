@@ -181,11 +181,9 @@ pub(super) struct Journaling {
     pub(super) start: StartKind,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Critical sections only assign plain values or send on an unbounded channel; a poisoned
-    // lock still guards consistent state.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+// Critical sections only assign plain values or send on an unbounded channel; a poisoned
+// lock still guards consistent state.
+use crate::sync::lock;
 
 impl PrimaryCore {
     pub fn mode(&self) -> Mode {

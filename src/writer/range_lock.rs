@@ -69,7 +69,7 @@ impl RangeLock {
         // Every critical section below leaves the map consistent before anything can panic
         // (the only fallible calls are on the oneshot, which never panics), so a poisoned lock
         // still guards a consistent map.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.state)
     }
 
     /// Waits until `range` is free of every earlier overlapping request, then holds it until

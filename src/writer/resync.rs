@@ -156,7 +156,7 @@ impl Episodes {
     }
 
     fn lock_episode(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.episode.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.episode)
     }
 
     /// Queues `op` with `permit`; its LSN, or `None` once intake is closed.
@@ -226,10 +226,7 @@ impl Episodes {
     pub(super) fn status(&self) -> ResyncStatus {
         let p = &self.progress;
         let done = p.bytes_done.load(Ordering::Acquire);
-        let elapsed = p
-            .started
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let elapsed = crate::sync::lock(&p.started)
             .map(|t| t.elapsed().as_secs_f64())
             .unwrap_or(0.0);
         let rate = if elapsed > 0.0 {
@@ -331,7 +328,7 @@ impl ResyncTask {
                 let s = e.status();
                 e.progress.running.store(false, Ordering::Release);
                 e.progress.episodes_ended.fetch_add(1, Ordering::AcqRel);
-                *e.progress.started.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                *crate::sync::lock(&e.progress.started) = None;
                 tracing::info!(
                     regions = s.regions_done,
                     bytes = s.bytes_done,
@@ -382,7 +379,7 @@ impl ResyncTask {
 
     fn begin_pass(&self) {
         let p = &self.episodes.progress;
-        let mut started = p.started.lock().unwrap_or_else(|e| e.into_inner());
+        let mut started = crate::sync::lock(&p.started);
         if started.is_none() {
             *started = Some(Instant::now());
             p.passes.store(0, Ordering::Release);

@@ -174,9 +174,8 @@ pub async fn watch(
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+// Poison is taken: see the critical sections of this file.
+use crate::sync::lock;
 
 #[cfg(test)]
 mod tests {

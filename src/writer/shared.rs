@@ -109,10 +109,8 @@ impl WriterStats {
     }
 }
 
-pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Every critical section is a plain assignment; a poisoned lock still holds a value.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+// Every critical section is a plain assignment; a poisoned lock still holds a value.
+pub(super) use crate::sync::lock;
 
 /// Shared state the writer task and the core both touch.
 #[derive(Clone, Debug)]

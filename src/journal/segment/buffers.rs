@@ -42,7 +42,7 @@ impl BufferRecycler {
     /// one large enough, else a new one.
     pub(crate) fn take(&self, capacity: usize) -> AlignedBuf {
         let reused = {
-            let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+            let mut free = crate::sync::lock(&self.free);
             let fits = free.iter().rposition(|b| b.capacity() >= capacity);
             fits.map(|i| free.swap_remove(i))
         };
@@ -57,7 +57,7 @@ impl BufferRecycler {
 
     /// Idle buffers held now.
     pub fn idle(&self) -> usize {
-        self.free.lock().unwrap_or_else(|e| e.into_inner()).len()
+        crate::sync::lock(&self.free).len()
     }
 
     /// `buf` as the bytes of a finished segment; the buffer comes back here when they are
@@ -70,7 +70,7 @@ impl BufferRecycler {
 
 impl aligned::Shelf for BufferRecycler {
     fn give_back(&self, mut buf: AlignedBuf) {
-        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        let mut free = crate::sync::lock(&self.free);
         if free.len() < self.keep {
             buf.clear();
             free.push(buf);
