@@ -85,6 +85,7 @@ use crate::journal::lease;
 use crate::journal::paths;
 use crate::journal::segment::{encode_plug, SegmentBuilder, SegmentError};
 use crate::journal::{JournalError, Manifest, Op, Record};
+use crate::store::retrying::RetryPolicy;
 use crate::store::{list_all, ObjectStore};
 
 /// How often the writer checks whether a store outage has lasted past the bound.
@@ -817,7 +818,14 @@ struct Upload {
 
 impl Upload {
     async fn run(self, bytes: Bytes) -> Result<(), Refused> {
-        let mut delay = self.retry_base;
+        // The store's backoff (jittered doubling), without its attempt limit: an upload is
+        // retried until it succeeds or is refused for good.
+        let backoff = RetryPolicy {
+            max_attempts: u32::MAX,
+            base_delay: self.retry_base,
+            max_delay: self.retry_max,
+        };
+        let mut attempt = 0u32;
         // A failed create may still have created the object (a lost response); then a retry
         // meets our own object and must recognise it by its bytes.
         let mut maybe_created = false;
@@ -847,8 +855,8 @@ impl Upload {
             }
             tracing::warn!(key = %self.key, error = %failure, "segment upload failed; retrying");
             self.stats.record_error(failure, attempt_started);
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(self.retry_max);
+            attempt = attempt.saturating_add(1);
+            tokio::time::sleep(backoff.delay(attempt)).await;
         }
     }
 

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::journal::consumer::{self, ConsumerState};
 use crate::journal::{JournalError, JournalResult};
+use crate::store::retrying::RetryPolicy;
 use crate::store::ObjectStore;
 
 use super::Agent;
@@ -78,13 +79,19 @@ pub(super) async fn commit_retrying(
     store: &dyn ObjectStore,
     state: &ConsumerState,
 ) -> JournalResult<()> {
-    let mut delay = Duration::from_millis(100);
+    // The store's backoff without its attempt limit: 100 ms doubling to 5 s, jittered.
+    let backoff = RetryPolicy {
+        max_attempts: u32::MAX,
+        base_delay: Duration::from_millis(100),
+        max_delay: Duration::from_secs(5),
+    };
+    let mut attempt = 0u32;
     loop {
         match consumer::commit(store, state).await {
             Err(JournalError::Store(e)) if e.is_transient() => {
                 tracing::warn!(error = %e, "committing the position failed; will retry");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+                attempt = attempt.saturating_add(1);
+                tokio::time::sleep(backoff.delay(attempt)).await;
             }
             other => return other,
         }
