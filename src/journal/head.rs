@@ -215,13 +215,25 @@ pub async fn probe_end(
     manifest: &Manifest,
     from: u64,
 ) -> JournalResult<u64> {
-    if !segment_exists(store, manifest, from).await? {
+    gallop_end(from, |seq| segment_exists(store, manifest, seq)).await
+}
+
+/// The end-of-log search of the journal and of undo logs: a seq `n >= from` such that
+/// `exists(n)` is false and `exists(n - 1)` true (or `n == from`), found with O(log n) calls
+/// (doubling steps from `from`, then bisection). When existence is contiguous this is the
+/// end of the run; callers whose runs can have gaps check the last steps themselves.
+pub(crate) async fn gallop_end<E, F, Fut>(from: u64, mut exists: F) -> Result<u64, E>
+where
+    F: FnMut(u64) -> Fut,
+    Fut: std::future::Future<Output = Result<bool, E>>,
+{
+    if !exists(from).await? {
         return Ok(from);
     }
     let (mut lo, mut step) = (from, 1u64);
     let mut hi = loop {
         let candidate = lo.saturating_add(step);
-        if segment_exists(store, manifest, candidate).await? {
+        if exists(candidate).await? {
             lo = candidate;
             step = step.saturating_mul(2);
         } else {
@@ -230,7 +242,7 @@ pub async fn probe_end(
     };
     while hi - lo > 1 {
         let mid = lo + (hi - lo) / 2;
-        if segment_exists(store, manifest, mid).await? {
+        if exists(mid).await? {
             lo = mid;
         } else {
             hi = mid;

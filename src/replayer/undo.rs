@@ -352,26 +352,9 @@ impl UndoLog {
     /// are never part of the run: that batch never reached the replica, and their
     /// pre-images assume its earlier parts were applied (see [`strays`](Self::strays)).
     pub async fn end_from(&self, from: u64) -> Result<u64, UndoError> {
-        if !self.exists(from).await? {
+        let hi = crate::journal::head::gallop_end(from, |seq| self.exists(seq)).await?;
+        if hi == from {
             return Ok(from);
-        }
-        let (mut lo, mut step) = (from, 1u64);
-        let mut hi = loop {
-            let candidate = lo.saturating_add(step);
-            if self.exists(candidate).await? {
-                lo = candidate;
-                step = step.saturating_mul(2);
-            } else {
-                break candidate;
-            }
-        };
-        while hi - lo > 1 {
-            let mid = lo + (hi - lo) / 2;
-            if self.exists(mid).await? {
-                lo = mid;
-            } else {
-                hi = mid;
-            }
         }
         // The search may have landed on a stray past the first gap. Strays and the gap belong
         // to one batch of at most `STRAYS + 1` segments, so the gap lies among the last
