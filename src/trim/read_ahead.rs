@@ -5,6 +5,10 @@
 //! [`MAX_AHEAD`]), so a trim that stops early has read at most about half as many indexes
 //! again as it used, and never one at or past the limit it was given.
 //!
+//! Not [`crate::journal::reader::ReadAhead`]: that one fetches and decodes whole segments
+//! checked against a cursor; trim needs only each segment's index (a ranged read of its
+//! tail), for the journal and for undo logs alike, and a window that grows with the walk.
+//!
 //! Must never: read an index the walk could not use (at or past `limit`), or hand out an
 //! index for another seq than the one asked for.
 
