@@ -246,6 +246,61 @@ fn nothing_in_plaintext_and_every_reader_gives_the_bytes_of_an_unencrypted_run()
         assert_same_image(&out, &plain_out);
     }
 
+    // An object replica of the encrypted journal seals its layers: no pattern in the clear
+    // there either, and each mark restores from it (with the key) to the primary's bytes.
+    let objrep = dir.path().join("objrep");
+    let objrep_uri = format!("file://{}", s(&objrep));
+    let to_objrep: Vec<String> = ["replay", "--journal", &s(&enc.journal)]
+        .iter()
+        .map(|a| a.to_string())
+        .chain([
+            "--replica".into(),
+            objrep_uri.clone(),
+            "--name".into(),
+            "obj".into(),
+            "--once".into(),
+        ])
+        .collect();
+    run_ok(&with_key(to_objrep, Some(&key)));
+    let layers: Vec<PathBuf> = {
+        let mut files = Vec::new();
+        files_under(&objrep, &mut files);
+        files
+            .into_iter()
+            .filter(|f| f.to_string_lossy().contains("layer"))
+            .collect()
+    };
+    assert!(!layers.is_empty(), "the object replica wrote no layer");
+    assert_eq!(leak(&objrep, &set), None, "plaintext in the object replica");
+    let restore_objrep = |mark: &str, out: &Path, key: Option<&Path>| {
+        let args: Vec<String> = [
+            "restore",
+            "--mark",
+            mark,
+            "--replica",
+            &objrep_uri,
+            "--journal",
+            &s(&enc.journal),
+            "--output",
+            &s(out),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        run(&with_key(args, key))
+    };
+    for (n, want) in enc.at_mark.iter().enumerate() {
+        let out = dir.path().join(format!("objrep-p{n}.restored"));
+        let done = restore_objrep(&format!("p{n}"), &out, Some(&key));
+        assert!(done.status.success(), "{}", stderr(&done));
+        assert_same_image(&out, want);
+    }
+    let refused = dir.path().join("objrep-nokey.restored");
+    let done = restore_objrep("p1", &refused, None);
+    assert_eq!(done.status.code(), Some(1), "{done:?}");
+    assert!(stderr(&done).contains(&id), "{}", stderr(&done));
+    assert!(!refused.exists(), "a refused restore left a file");
+
     // diff reads only (sealed) indexes: the same ranges as the unencrypted run.
     assert_eq!(
         diff_lines(&enc.journal, Some(&key)),
@@ -639,31 +694,6 @@ fn encryption_is_chosen_at_init_and_no_writer_mixes_sealed_and_plaintext() {
             journal.display()
         );
     }
-
-    // An object replica would hold the payloads in the clear: refused for an encrypted
-    // journal (its layers are not sealed yet), with nothing written there.
-    let objrep = dir.path().join("objrep");
-    let out = run(&with_key(
-        vec![
-            "replay".into(),
-            "--journal".into(),
-            s(&sealed),
-            "--replica".into(),
-            format!("file://{}", s(&objrep)),
-            "--name".into(),
-            "obj".into(),
-            "--once".into(),
-        ],
-        Some(&key),
-    ));
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    assert!(
-        stderr(&out).contains("does not seal its layers yet"),
-        "{}",
-        stderr(&out)
-    );
-    assert!(!objrep.exists() || std::fs::read_dir(&objrep).unwrap().next().is_none());
-    assert!(objects(&sealed, "consumers/").is_empty());
 
     // Readers without the key: refused at once, naming it, with nothing registered.
     let out = replay_once(&sealed, &dir.path().join("r.img"), None);

@@ -47,12 +47,18 @@ end=$(( $(date +%s) + 20 ))
 while [ "$(date +%s)" -lt "$end" ]; do
     d=/mnt/d$((i % 5))
     mkdir -p $d
-    dd if=/dev/urandom of=$d/f$i bs=4096 count=$(( (i % 7) * 9 + 3 )) 2>/dev/null
-    if [ $((i % 3)) -eq 0 ]; then rm -f /mnt/d$(((i + 2) % 5))/f$((i - 4)); fi
+    dd if=/dev/urandom of=$d/f$i bs=4096 count=$(( (i % 7) * 9 + 3 )) 2>/tmp/dd.err \
+        || {{ echo "dd failed at file $i:"; cat /tmp/dd.err; df -k /mnt; exit 1; }}
+    # Delete some recent files and every file older than 60 iterations, so the live set
+    # stays under ~14 MiB of the 126 MiB array however fast the machine runs the loop (an
+    # unbounded fill hit ENOSPC on a fast CI machine and `set -e` ended the guest).
+    if [ $((i % 3)) -eq 0 ]; then rm -f /mnt/d$(((i - 4) % 5))/f$((i - 4)); fi
+    rm -f /mnt/d$(((i - 60) % 5))/f$((i - 60))
     if [ $((i % 4)) -eq 0 ]; then sync; fi
     i=$((i + 1))
 done
 echo "fill-end $(date +%s) files $i"
+df -k /mnt | tail -1
 sleep 2
 umount /mnt
 /sbin/e2fsck -fn /dev/md0

@@ -67,15 +67,6 @@ pub async fn run_replay(args: ReplayArgs, uri: StoreUri) -> anyhow::Result<()> {
     let replica = open_store(&uri, &opts).await?;
     let manifest = Manifest::load(journal.as_ref()).await?;
     manifest.check_key_for_reading(&journal.describe())?;
-    if let Some(e) = &manifest.encryption {
-        // Its layers would hold the journal's payloads in the clear.
-        bail!(
-            "--replica {uri}: journal {} is encrypted (key {}), and an object replica does not \
-             seal its layers yet; keep a file replica (--replica PATH) of an encrypted journal",
-            journal.describe(),
-            e.since_key
-        );
-    }
     let mut config = ObjectAgentConfig::new(&args.name);
     config.checkpoint_interval = args.checkpoint_interval;
     config.layer_bytes = args.layer_size.max(1);
@@ -84,6 +75,11 @@ pub async fn run_replay(args: ReplayArgs, uri: StoreUri) -> anyhow::Result<()> {
         config.active_poll = poll;
     }
     config.idle_commit = config.idle_commit.max(args.idle_commit);
+    if manifest.encryption.is_some() {
+        // The layers hold the journal's payloads: sealed like its segments (DESIGN
+        // "Encryption at rest"); check_key_for_reading above made sure a key is given.
+        config.seal_with = tinylag::crypto::writing_key();
+    }
     let signals = StopSignals::watch()?;
     let mut agent = ObjectAgent::open(
         JournalReader::new(journal.clone(), manifest),

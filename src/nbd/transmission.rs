@@ -22,12 +22,14 @@
 //! `NBD_CMD_DISC`; send data after an error header; send a simple reply to a READ once
 //! structured replies are negotiated, or a structured one before; let an error on one
 //! request end the connection unless the byte stream can no longer be parsed (bad magic,
-//! unreadable write payload).
+//! unreadable write payload); leave a request unanswered, even when the device call panics
+//! (the client would wait for that handle forever, and the kernel's client hangs the disk).
 
 use std::io;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
@@ -317,12 +319,22 @@ where
         let command = request.command;
         let read_at = request.offset;
         tokio::spawn(async move {
-            let body = match execute(device.as_ref(), &contexts, op, payload).await {
-                Ok(done) => success(handle, structured, read_at, done),
-                Err(e) => {
+            // A panic inside the device is a bug, but the client is still owed a reply. The
+            // device's own state is its business: a lock it held is poisoned and later calls
+            // get that error, so unwinding past it here cannot make them see a torn state.
+            let run =
+                std::panic::AssertUnwindSafe(execute(device.as_ref(), &contexts, op, payload));
+            let body = match run.catch_unwind().await {
+                Ok(Ok(done)) => success(handle, structured, read_at, done),
+                Ok(Err(e)) => {
                     let errno = errno_of(&e, command);
                     tracing::warn!(%peer, command, errno, error = %e, "NBD request failed");
                     failure(handle, structured, errno, message_of(errno))
+                }
+                Err(panic) => {
+                    let what = panic_text(panic.as_ref());
+                    tracing::error!(%peer, command, panic = what, "NBD request panicked; answered EIO");
+                    failure(handle, structured, EIO, message_of(EIO))
                 }
             };
             // The writer is gone only if the connection broke; nobody to tell then.
@@ -332,6 +344,17 @@ where
                 _permits: permits,
             });
         });
+    }
+}
+
+/// The message a panic carried, for the log line that replaces the lost task's.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
+    if let Some(text) = panic.downcast_ref::<&str>() {
+        text
+    } else if let Some(text) = panic.downcast_ref::<String>() {
+        text
+    } else {
+        "(not a string)"
     }
 }
 
@@ -953,6 +976,69 @@ mod tests {
         client.read_exact(&mut data).await.unwrap();
         assert!(data.iter().all(|&b| b == 0x5a));
         u64::from_be_bytes(header[8..16].try_into().unwrap())
+    }
+
+    /// A device whose reads at offset 0 panic, as a bug in a device would.
+    struct PanickingDevice;
+
+    #[async_trait::async_trait]
+    impl BlockDevice for PanickingDevice {
+        fn info(&self) -> DeviceInfo {
+            info(false)
+        }
+        async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BlockError> {
+            assert_ne!(offset, 0, "a bug in the device");
+            Ok(Bytes::from(vec![0x5a; len as usize]))
+        }
+        async fn write(&self, _: u64, _: Bytes, _: bool) -> Result<(), BlockError> {
+            Ok(())
+        }
+        async fn flush(&self) -> Result<(), BlockError> {
+            Ok(())
+        }
+        async fn trim(&self, _: u64, _: u64) -> Result<(), BlockError> {
+            Ok(())
+        }
+        async fn write_zeroes(&self, _: u64, _: u64, _: bool) -> Result<(), BlockError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_device_call_gets_an_eio_reply_and_the_connection_goes_on() {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let (reader, writer) = tokio::io::split(server);
+        let export = Arc::new(super::super::Export {
+            name: "panics".into(),
+            description: String::new(),
+            device: Arc::new(PanickingDevice),
+        });
+        let session = Session {
+            export,
+            structured: false,
+            contexts: Vec::new(),
+        };
+        let (_stop, shutdown) = watch::channel(false);
+        let buffers = super::super::BufferBudget::default().holder();
+        tokio::spawn(async move {
+            serve_export(reader, writer, session, shutdown, "test", &buffers).await
+        });
+        let mut client = client;
+        send_read(&mut client, 7, 0, 512).await;
+        let mut header = [0u8; SIMPLE_REPLY_LEN];
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            client.read_exact(&mut header),
+        )
+        .await
+        .expect("a reply to the request whose device call panicked")
+        .unwrap();
+        assert_eq!(&header[0..4], &SIMPLE_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(u32::from_be_bytes(header[4..8].try_into().unwrap()), EIO);
+        assert_eq!(u64::from_be_bytes(header[8..16].try_into().unwrap()), 7);
+        // The same connection still serves the next request.
+        send_read(&mut client, 8, 512, 512).await;
+        assert_eq!(recv_read(&mut client, 512).await, 8);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

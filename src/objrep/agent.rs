@@ -53,6 +53,9 @@ pub struct ObjectAgentConfig {
     pub idle_after: Duration,
     /// An unchanged position is committed this often (the consumer's sign of life).
     pub idle_commit: Duration,
+    /// Seal every layer with this key: set for an encrypted journal (the keyring's newest
+    /// key), so the replica holds no payload in the clear either.
+    pub seal_with: Option<crate::crypto::Key>,
 }
 
 impl ObjectAgentConfig {
@@ -67,6 +70,7 @@ impl ObjectAgentConfig {
             idle_poll: Duration::from_secs(120),
             idle_after: Duration::from_secs(60),
             idle_commit: Duration::from_secs(600),
+            seal_with: None,
         }
     }
 }
@@ -407,7 +411,13 @@ impl ObjectAgent {
         }
         let (first, last) = (self.next_layer_first, self.read_lsn);
         let key = paths::layer_key(self.manifest.gen + 1, first, last, self.run);
-        let bytes = layer::encode(self.identity.journal_uuid, first, last, &self.pending);
+        let bytes = layer::encode(
+            self.identity.journal_uuid,
+            first,
+            last,
+            &self.pending,
+            self.config.seal_with.as_ref(),
+        );
         let size = bytes.len() as u64;
         self.replica.put_if_absent(&key, bytes).await?;
         self.spilled.push(LayerRef {

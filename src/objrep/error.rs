@@ -16,6 +16,14 @@ pub enum ObjrepError {
         key: String,
         reason: String,
     },
+    /// A sealed layer that did not open: its key is not in the keyring, or it was tampered
+    /// with or moved.
+    #[error("object {key} in {store}: {error}")]
+    Sealed {
+        store: String,
+        key: String,
+        error: crate::crypto::OpenError,
+    },
     /// An object a manifest names is missing.
     #[error("object {key} named by manifest {manifest} is missing from {store}")]
     Missing {

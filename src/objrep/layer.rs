@@ -1,10 +1,18 @@
 //! Delta layers: the net effect of a run of journal records, as one immutable object.
 //!
+//! A layer of an encrypted journal is sealed (format version 2): each data extent's bytes
+//! and the index are units of [`crate::crypto::seal`], bound to the layer's journal, LSN
+//! range and (for an extent) its offset, so a replica in object storage holds no payload in
+//! the clear.
+//!
 //! Must never: emit overlapping extents or extents out of offset order; decode a layer
-//! without checking its magic, version, journal UUID, LSN range and every CRC it touches.
+//! without checking its magic, version, journal UUID, LSN range and every CRC it touches;
+//! return a sealed extent whose tag failed.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use uuid::Uuid;
+
+use crate::crypto::{Key, KeyId, ObjectKind, OpenError, Part, SealScope, SEAL_OVERHEAD};
 
 use crate::journal::record::Op;
 use crate::replayer::overlay::{Fill, Overlay};
@@ -13,14 +21,50 @@ use crate::replayer::overlay::{Fill, Overlay};
 pub(crate) const MAGIC: &[u8; 8] = b"TLOBJDL1";
 /// Magic at the very end (after the index), so a torn or foreign tail is caught.
 pub(crate) const END_MAGIC: &[u8; 8] = b"TLOBJDLE";
-/// Format version.
+/// Format version of a layer in the clear.
 pub(crate) const VERSION: u32 = 1;
+/// Format version of a sealed layer (the header's word at 12 is the key id).
+pub(crate) const SEALED_VERSION: u32 = 2;
 /// Header length.
 pub(crate) const HEADER_LEN: usize = 64;
 /// One index entry.
 pub(crate) const ENTRY_LEN: usize = 29;
 /// The trailer: index length, index CRC, end magic.
 pub(crate) const TRAILER_LEN: usize = 20;
+
+/// Why a layer did not decode.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LayerError {
+    /// Bytes that are not what the layer's key and format promise.
+    #[error("{0}")]
+    Corrupt(String),
+    /// A sealed unit that did not open (key not held, or tampered).
+    #[error("sealed layer: {0}")]
+    Sealed(#[from] OpenError),
+}
+
+impl From<String> for LayerError {
+    fn from(reason: String) -> LayerError {
+        LayerError::Corrupt(reason)
+    }
+}
+
+impl From<&str> for LayerError {
+    fn from(reason: &str) -> LayerError {
+        LayerError::Corrupt(reason.to_string())
+    }
+}
+
+/// The scope a sealed layer's units are bound to.
+fn seal_scope(key_id: KeyId, uuid: Uuid, first: u64, last: u64) -> SealScope {
+    SealScope {
+        kind: ObjectKind::ReplicaObject,
+        key_id,
+        uuid,
+        epoch: first,
+        seq: last,
+    }
+}
 
 /// What an extent of a layer holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,7 +94,7 @@ pub(crate) struct LayerExtent {
 /// header (64 bytes)
 ///   0  magic "TLOBJDL1"          8
 ///   8  version u32 (1)           4
-///  12  reserved u32 (0)          4
+///  12  key id u32 (version 2; 0 in version 1)  4
 ///  16  journal UUID             16
 ///  32  first LSN u64             8
 ///  40  last LSN u64              8
@@ -63,6 +107,13 @@ pub(crate) struct LayerExtent {
 ///   CRC32C of the extent's bytes u32 (0 for zero and hole)
 /// trailer (20 bytes): index length u64, CRC32C of the index u32, magic "TLOBJDLE"
 /// ```
+/// Version 2 (sealed, for an encrypted journal) stores each data extent in the body as a
+/// sealed unit (`nonce | ciphertext | tag`, [`SEAL_OVERHEAD`] bytes more than its length;
+/// its body position is the unit's) and the index as one sealed unit; the trailer's index
+/// length and CRC are the sealed index's, and each entry's CRC is of the plain bytes. The
+/// units' scope: kind 3 (replica object), the header's key id, the journal UUID, epoch =
+/// first LSN, seq = last LSN; an extent is part 0 at "LSN" = its offset, the index part 1
+/// at `u64::MAX`. A unit moved to another layer, offset or journal does not open.
 ///
 /// # Invariants
 /// - Extents are disjoint, non-empty and sorted by offset; data extents' body ranges are
@@ -79,8 +130,16 @@ pub(crate) struct DeltaLayer {
     pub body: Bytes,
 }
 
-/// Encodes the net effect `overlay` of LSNs `first..=last` of journal `uuid`.
-pub(crate) fn encode(uuid: Uuid, first: u64, last: u64, overlay: &Overlay) -> Bytes {
+/// Encodes the net effect `overlay` of LSNs `first..=last` of journal `uuid`, sealed with
+/// `seal_with` when given (an encrypted journal's replica).
+pub(crate) fn encode(
+    uuid: Uuid,
+    first: u64,
+    last: u64,
+    overlay: &Overlay,
+    seal_with: Option<&Key>,
+) -> Bytes {
+    let scope = seal_with.map(|key| (key, seal_scope(key.id(), uuid, first, last)));
     let data_len: usize = overlay
         .extents()
         .map(|(_, e)| match &e.fill {
@@ -89,10 +148,24 @@ pub(crate) fn encode(uuid: Uuid, first: u64, last: u64, overlay: &Overlay) -> By
         })
         .sum();
     let count = overlay.extents().count();
-    let mut out = BytesMut::with_capacity(HEADER_LEN + data_len + count * ENTRY_LEN + TRAILER_LEN);
+    let data_count = overlay
+        .extents()
+        .filter(|(_, e)| matches!(e.fill, Fill::Data(_)))
+        .count();
+    let overhead = scope.map_or(0, |_| (data_count + 1) * SEAL_OVERHEAD);
+    let mut out =
+        BytesMut::with_capacity(HEADER_LEN + data_len + count * ENTRY_LEN + TRAILER_LEN + overhead);
     out.put_slice(MAGIC);
-    out.put_u32_le(VERSION);
-    out.put_u32_le(0);
+    match &scope {
+        Some((key, _)) => {
+            out.put_u32_le(SEALED_VERSION);
+            out.put_u32_le(key.id().0);
+        }
+        None => {
+            out.put_u32_le(VERSION);
+            out.put_u32_le(0);
+        }
+    }
     out.put_slice(uuid.as_bytes());
     out.put_u64_le(first);
     out.put_u64_le(last);
@@ -111,8 +184,17 @@ pub(crate) fn encode(uuid: Uuid, first: u64, last: u64, overlay: &Overlay) -> By
                 index.put_u8(ExtentKind::Data as u8);
                 index.put_u64_le(pos);
                 index.put_u32_le(crc32c::crc32c(d));
-                out.put_slice(d);
-                pos += len;
+                match &scope {
+                    Some((key, scope)) => {
+                        let unit = scope.seal(key, Part::Payload, start, d);
+                        out.put_slice(&unit);
+                        pos += unit.len() as u64;
+                    }
+                    None => {
+                        out.put_slice(d);
+                        pos += len;
+                    }
+                }
             }
             Fill::Zero { punch } => {
                 let kind = if *punch {
@@ -126,6 +208,10 @@ pub(crate) fn encode(uuid: Uuid, first: u64, last: u64, overlay: &Overlay) -> By
             }
         }
     }
+    let index = match &scope {
+        Some((key, scope)) => BytesMut::from(&scope.seal(key, Part::Index, u64::MAX, &index)[..]),
+        None => index,
+    };
     let index_crc = crc32c::crc32c(&index);
     out.put_slice(&index);
     out.put_u64_le(index.len() as u64);
@@ -143,10 +229,11 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
 }
 
 /// Decodes a whole layer, checking it is the layer of `uuid` over `first..=last` its key
-/// names, and every CRC. The error is the reason (the caller names the object).
-pub(crate) fn decode(data: Bytes, uuid: Uuid, first: u64, last: u64) -> Result<DeltaLayer, String> {
+/// names, and every CRC; a sealed layer is opened with the process keyring. The error is
+/// the reason (the caller names the object).
+pub(crate) fn decode(data: Bytes, uuid: Uuid, first: u64, last: u64) -> Result<DeltaLayer, LayerError> {
     if data.len() < HEADER_LEN + TRAILER_LEN {
-        return Err(format!("{} bytes is shorter than a layer", data.len()));
+        return Err(format!("{} bytes is shorter than a layer", data.len()).into());
     }
     let h = &data[..HEADER_LEN];
     if &h[..8] != MAGIC {
@@ -156,78 +243,100 @@ pub(crate) fn decode(data: Bytes, uuid: Uuid, first: u64, last: u64) -> Result<D
         return Err("header CRC mismatch".into());
     }
     let version = u32_at(h, 8);
-    if version != VERSION {
-        return Err(format!(
-            "format version {version}, this build reads {VERSION}"
-        ));
-    }
+    let sealed = match version {
+        VERSION => None,
+        SEALED_VERSION => Some(KeyId(u32_at(h, 12))),
+        _ => {
+            return Err(format!(
+                "format version {version}, this build reads {VERSION} and {SEALED_VERSION}"
+            )
+            .into())
+        }
+    };
     let found_uuid = Uuid::from_slice(&h[16..32]).expect("16 bytes");
     if found_uuid != uuid {
-        return Err(format!("journal UUID {found_uuid}, expected {uuid}"));
+        return Err(format!("journal UUID {found_uuid}, expected {uuid}").into());
     }
     let (f, l) = (u64_at(h, 32), u64_at(h, 40));
     if (f, l) != (first, last) {
-        return Err(format!(
-            "holds LSNs {f}..={l}, its key says {first}..={last}"
-        ));
+        return Err(format!("holds LSNs {f}..={l}, its key says {first}..={last}").into());
     }
     let count = u64_at(h, 48);
+    let scope = sealed.map(|key_id| seal_scope(key_id, uuid, first, last));
     let t = &data[data.len() - TRAILER_LEN..];
     if &t[12..20] != END_MAGIC {
         return Err("bad end magic (truncated?)".into());
     }
     let index_len = u64_at(t, 0);
-    if Some(index_len) != count.checked_mul(ENTRY_LEN as u64)
+    let plain_index_len = index_len.checked_sub(scope.map_or(0, |_| SEAL_OVERHEAD as u64));
+    if plain_index_len != count.checked_mul(ENTRY_LEN as u64)
         || index_len > (data.len() - HEADER_LEN - TRAILER_LEN) as u64
     {
         return Err(format!(
             "index of {index_len} bytes does not fit {count} extents in {} bytes",
             data.len()
-        ));
+        )
+        .into());
     }
     let index_start = data.len() - TRAILER_LEN - index_len as usize;
     let index = &data[index_start..data.len() - TRAILER_LEN];
     if crc32c::crc32c(index) != u32_at(t, 8) {
         return Err("index CRC mismatch".into());
     }
+    let opened_index;
+    let index = match &scope {
+        Some(scope) => {
+            opened_index = scope.open(Part::Index, u64::MAX, index)?;
+            &opened_index[..]
+        }
+        None => index,
+    };
     let body = data.slice(HEADER_LEN..index_start);
     let mut extents = Vec::with_capacity(count as usize);
     let (mut next_pos, mut last_end) = (0u64, 0u64);
+    // A sealed layer's data extents, opened, one after another (the decoded layer's body).
+    let mut plain = BytesMut::new();
     for e in index.chunks_exact(ENTRY_LEN) {
         let (offset, len) = (u64_at(e, 0), u64_at(e, 8));
         let kind = match e[16] {
             0 => ExtentKind::Data,
             1 => ExtentKind::Zero,
             2 => ExtentKind::Hole,
-            k => return Err(format!("extent at {offset} has unknown kind {k}")),
+            k => return Err(format!("extent at {offset} has unknown kind {k}").into()),
         };
         let (body_pos, crc) = (u64_at(e, 17), u32_at(e, 25));
         let end = offset
             .checked_add(len)
             .ok_or_else(|| format!("extent at {offset} of {len} bytes overflows"))?;
         if len == 0 || offset < last_end {
-            return Err(format!(
-                "extent at {offset} is empty or overlaps the one before"
-            ));
+            return Err(format!("extent at {offset} is empty or overlaps the one before").into());
         }
         last_end = end;
+        let mut plain_pos = body_pos;
         if kind == ExtentKind::Data {
-            if body_pos != next_pos || body_pos + len > body.len() as u64 {
-                return Err(format!("extent at {offset} points outside the body"));
+            let stored = len.saturating_add(scope.map_or(0, |_| SEAL_OVERHEAD as u64));
+            if body_pos != next_pos || body_pos.saturating_add(stored) > body.len() as u64 {
+                return Err(format!("extent at {offset} points outside the body").into());
             }
-            let bytes = &body[body_pos as usize..(body_pos + len) as usize];
+            let stored_bytes = &body[body_pos as usize..(body_pos + stored) as usize];
+            let bytes = match &scope {
+                Some(scope) => {
+                    plain_pos = plain.len() as u64;
+                    plain.extend_from_slice(&scope.open(Part::Payload, offset, stored_bytes)?);
+                    &plain[plain_pos as usize..]
+                }
+                None => stored_bytes,
+            };
             if crc32c::crc32c(bytes) != crc {
-                return Err(format!(
-                    "data CRC mismatch in the extent at offset {offset}"
-                ));
+                return Err(format!("data CRC mismatch in the extent at offset {offset}").into());
             }
-            next_pos += len;
+            next_pos += stored;
         }
         extents.push(LayerExtent {
             offset,
             len,
             kind,
-            body_pos,
+            body_pos: plain_pos,
             crc,
         });
     }
@@ -239,7 +348,12 @@ pub(crate) fn decode(data: Bytes, uuid: Uuid, first: u64, last: u64) -> Result<D
         first_lsn: first,
         last_lsn: last,
         extents,
-        body,
+        // A sealed layer's extents point into the opened bytes.
+        body: if scope.is_some() {
+            plain.freeze()
+        } else {
+            body
+        },
     })
 }
 
@@ -304,7 +418,7 @@ mod tests {
     #[test]
     fn a_layer_round_trips_and_holds_the_net_effect() {
         let (uuid, o) = sample();
-        let bytes = encode(uuid, 5, 7, &o);
+        let bytes = encode(uuid, 5, 7, &o, None);
         let layer = decode(bytes, uuid, 5, 7).unwrap();
         let kinds: Vec<_> = layer
             .extents
@@ -333,7 +447,7 @@ mod tests {
     #[test]
     fn every_flipped_byte_and_a_wrong_key_are_refused() {
         let (uuid, o) = sample();
-        let bytes = encode(uuid, 5, 7, &o);
+        let bytes = encode(uuid, 5, 7, &o, None);
         for i in 0..bytes.len() {
             if (60..64).contains(&i) {
                 continue; // reserved, outside the header CRC
@@ -348,5 +462,51 @@ mod tests {
         assert!(decode(bytes.clone(), uuid, 5, 8).is_err());
         assert!(decode(bytes.clone(), Uuid::new_v4(), 5, 7).is_err());
         assert!(decode(bytes.slice(..bytes.len() - 1), uuid, 5, 7).is_err());
+    }
+
+    #[test]
+    fn a_sealed_layer_round_trips_holds_no_payload_in_the_clear_and_binds_its_units() {
+        let key = Key::from_bytes(&[0x33; 32]);
+        crate::crypto::register(&key);
+        let (uuid, o) = sample();
+        let clear = decode(encode(uuid, 5, 7, &o, None), uuid, 5, 7).unwrap();
+        let bytes = encode(uuid, 5, 7, &o, Some(&key));
+        assert_eq!(u32_at(&bytes, 8), SEALED_VERSION);
+        // The sample's data is 0x07 bytes; a sealed body must not hold a run of them.
+        assert!(!bytes.windows(64).any(|w| w.iter().all(|&b| b == 7)));
+        let sealed = decode(bytes.clone(), uuid, 5, 7).unwrap();
+        assert_eq!(sealed.extents.len(), clear.extents.len());
+        let (mut a, mut b) = (vec![1u8; 12288], vec![1u8; 12288]);
+        clear.overlay().patch(0, &mut a);
+        sealed.overlay().patch(0, &mut b);
+        assert_eq!(a, b, "a sealed layer reads as the clear one");
+        // Every flipped byte is refused (the header's CRC, the trailer's, or a tag).
+        for i in 0..bytes.len() {
+            if (60..64).contains(&i) {
+                continue;
+            }
+            let mut t = bytes.to_vec();
+            t[i] ^= 0x40;
+            assert!(
+                decode(Bytes::from(t), uuid, 5, 7).is_err(),
+                "a flip at byte {i} was accepted"
+            );
+        }
+        // The same units under another layer's LSN range do not open.
+        let mut moved = bytes.to_vec();
+        moved[40..48].copy_from_slice(&8u64.to_le_bytes());
+        let crc = crc32c::crc32c(&moved[..56]);
+        moved[56..60].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(
+            decode(Bytes::from(moved), uuid, 5, 8),
+            Err(LayerError::Sealed(OpenError::Auth))
+        ));
+        // A key the keyring does not hold is named.
+        let other = Key::from_bytes(&[0x44; 32]);
+        let unknown = encode(uuid, 5, 7, &o, Some(&other));
+        match decode(unknown, uuid, 5, 7) {
+            Err(LayerError::Sealed(OpenError::MissingKey(id))) => assert_eq!(id, other.id()),
+            other => panic!("expected the missing key named, got {other:?}"),
+        }
     }
 }

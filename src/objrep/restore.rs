@@ -11,7 +11,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::error::{ObjrepError, ObjrepResult};
-use super::layer;
+use super::layer::{self, LayerError};
 use super::manifest::{self, Checkpoint, ReplicaIdentity, ReplicaManifest};
 use crate::journal::chain;
 use crate::journal::consumer;
@@ -182,10 +182,17 @@ impl ObjSources {
             };
             report.layer_bytes += data.len() as u64;
             let decoded = layer::decode(data, self.identity.journal_uuid, l.first_lsn, l.last_lsn)
-                .map_err(|reason| ObjrepError::Corrupt {
-                    store: self.replica.describe(),
-                    key: l.key.clone(),
-                    reason,
+                .map_err(|e| match e {
+                    LayerError::Corrupt(reason) => ObjrepError::Corrupt {
+                        store: self.replica.describe(),
+                        key: l.key.clone(),
+                        reason,
+                    },
+                    LayerError::Sealed(error) => ObjrepError::Sealed {
+                        store: self.replica.describe(),
+                        key: l.key.clone(),
+                        error,
+                    },
                 })?;
             apply_overlay(file, &decoded.overlay())?;
         }
