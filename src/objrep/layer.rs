@@ -231,7 +231,12 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
 /// Decodes a whole layer, checking it is the layer of `uuid` over `first..=last` its key
 /// names, and every CRC; a sealed layer is opened with the process keyring. The error is
 /// the reason (the caller names the object).
-pub(crate) fn decode(data: Bytes, uuid: Uuid, first: u64, last: u64) -> Result<DeltaLayer, LayerError> {
+pub(crate) fn decode(
+    data: Bytes,
+    uuid: Uuid,
+    first: u64,
+    last: u64,
+) -> Result<DeltaLayer, LayerError> {
     if data.len() < HEADER_LEN + TRAILER_LEN {
         return Err(format!("{} bytes is shorter than a layer", data.len()).into());
     }
