@@ -10,12 +10,14 @@
 mod support;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 use support::daemon::{tinylag, tinylag_ok, Daemon};
 use support::nbd::{run_ok as run_cmd_ok, RawClient};
 use support::procs::path;
-use support::replay::{now_ns, run, run_ok, spawn};
+use support::replay::{consumer_seed, now_ns, run, run_ok, spawn, will_move};
+use tinylag::journal::seed::Seed;
 
 const BLOCK: usize = 4096;
 /// Sizes that are not multiples of the 4 MiB region, so the layout has padding.
@@ -77,10 +79,15 @@ struct Group {
 
 impl Group {
     fn new() -> Group {
+        Group::sized(WAL_SIZE, DATA_SIZE)
+    }
+
+    /// A group of a wal and a data device of these sizes (4 MiB regions).
+    fn sized(wal_size: u64, data_size: u64) -> Group {
         let dir = tempfile::tempdir().unwrap();
         let journal = dir.path().join("journal").display().to_string();
-        let wal = format!("wal={WAL_SIZE}:{}", dir.path().join("wal.img").display());
-        let data = format!("data={DATA_SIZE}:{}", dir.path().join("data.img").display());
+        let wal = format!("wal={wal_size}:{}", dir.path().join("wal.img").display());
+        let data = format!("data={data_size}:{}", dir.path().join("data.img").display());
         tinylag_ok(
             &[
                 "init",
@@ -103,7 +110,12 @@ impl Group {
     }
 
     fn serve(&self) -> Daemon {
-        let args = s(&[
+        self.serve_with(&[])
+    }
+
+    /// [`Group::serve`] with more of `serve`'s flags.
+    fn serve_with(&self, extra: &[&str]) -> Daemon {
+        let mut args = s(&[
             "serve",
             "--primary",
             &format!("wal={}", path(&self.path("wal.img"))),
@@ -114,6 +126,7 @@ impl Group {
             "--linger",
             "20ms",
         ]);
+        args.extend(extra.iter().map(|a| a.to_string()));
         Daemon::start_args(&self.path("wal.img"), None, &args, &[])
     }
 
@@ -1081,3 +1094,123 @@ fn a_consumer_registered_before_add_device_takes_the_new_device() {
         "the refused consumer's registration changed: {info}"
     );
 }
+
+/// `rejoin` of a group as one set. A serves the pair (the wal 30 MiB, so its last 4 MiB
+/// region is half padding) and B's agent follows; B's set is promoted with `--force` while A
+/// still runs, which fences A; A keeps taking writes the journal never gets, on both disks
+/// (one in the wal's padded last region), and is killed. B writes on. A's old set rejoins:
+/// one fork for the set, only the diverged regions asked for (the fenced writes' and those
+/// A's activity log still held: far less than the set), the writer's one span proves them,
+/// and after catch-up A's pair equals B's and a fresh replay of the whole journal, and holds
+/// the group's writes 1..=400 in order.
+#[test]
+fn a_fenced_groups_old_primaries_rejoin_as_one_set_moving_only_what_diverged() {
+    const MIB: u64 = 1 << 20;
+    const WAL: u64 = 30 * MIB;
+    const DATA: u64 = 34 * MIB;
+    let group = Group::sized(WAL, DATA);
+    let journal_dir = group.path("journal");
+    let mut a = group.serve_with(&["--lease-time", "3s"]);
+    let mut agent = spawn(
+        &group.replay("siteb", "b", &[]),
+        &group.path("b.replay.log"),
+    );
+    write_in_order(&a.socket, 200, |_| {});
+    // A's activity log keeps only the regions it wrote (the wal's 0 and the data's first,
+    // the group's 8) once they are durable, as a primary that has run a while does.
+    a.wait_status(Duration::from_secs(60), "A durable, its log retired", |s| {
+        s["durable_lsn"] == s["head_lsn"]
+            && s["activity_log"]["regions"]
+                .as_u64()
+                .is_some_and(|r| r <= 2)
+    });
+    agent.terminate(Duration::from_secs(30)).unwrap();
+    let mut b = promote_set(&group, "b", "siteb", &["--force", "--lease-time", "3s"]);
+    wait_log(&b, "promoted at LSN");
+    a.wait_status(Duration::from_secs(60), "A fenced", |s| {
+        s["mode"] == "fenced"
+    });
+    // Fenced, A keeps serving: writes the journal never gets, in the wal's last region (the
+    // group's 7: bytes 28..30 MiB of the wal, the padding after) and the data's 20 MiB (13).
+    let garbage = vec![0xeeu8; 64 << 10];
+    RawClient::go(&a.socket, "wal")
+        .0
+        .write(WAL - (1 << 20), &garbage);
+    RawClient::go(&a.socket, "data").0.write(20 * MIB, &garbage);
+    a.kill9();
+    write_range(&b.socket, 201..=400, |_| {});
+
+    let log = group.path("rejoin.log");
+    let mut args = s(&["rejoin", "--journal", &group.journal, "--name", "sitea"]);
+    for device in ["wal", "data"] {
+        args.push("--replica".into());
+        args.push(format!(
+            "{device}={}",
+            path(&group.path(&format!("{device}.img")))
+        ));
+    }
+    let mut rejoin = spawn(&args, &log);
+    let request = journal_dir.join("requests/resync/sitea");
+    support::procs::wait_until(Duration::from_secs(60), || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("will move"))
+            && consumer_seed(&journal_dir, "sitea").is_some()
+    })
+    .unwrap_or_else(|()| panic!("rejoin made no plan: {}", rejoin.log_tail(4096)));
+    let out = std::fs::read_to_string(&log).unwrap();
+    eprintln!("{out}");
+    let (bytes, regions) = will_move(&out);
+    // The fenced writes' regions at least (2 MiB of the wal's, 4 MiB of the data's), at most
+    // those and the two A's log held: 14 MiB of the set's 64.
+    assert!(
+        (6 * MIB..=14 * MIB).contains(&bytes) && (2..=4).contains(&regions),
+        "only what diverged: {bytes} bytes in {regions} regions\n{out}"
+    );
+    assert!(out.contains("of the set's 64.0 MiB"), "{out}");
+    match consumer_seed(&journal_dir, "sitea") {
+        Some(Seed::Checking { unproven, .. }) => {
+            assert_eq!(unproven.count(), regions);
+            assert!(unproven.contains(7) && unproven.contains(13), "{unproven}");
+        }
+        other => panic!("registered at the fork checking what diverged, not {other:?}"),
+    }
+    support::procs::wait_until(Duration::from_secs(120), || !request.exists())
+        .unwrap_or_else(|()| panic!("the request was never served; B:\n{}", b.log_tail()));
+    // B journaled exactly the regions asked for, as one span.
+    let status = b.status();
+    assert_eq!(status["resync"]["lifetime_regions"], regions, "{status:#}");
+    b.stop_ok();
+    rejoin.terminate(Duration::from_secs(30)).unwrap();
+    let mut once = args.clone();
+    once[0] = "replay".into();
+    once.push("--once".into());
+    run_ok(&once);
+    assert!(
+        matches!(
+            consumer_seed(&journal_dir, "sitea"),
+            Some(Seed::Checked { .. })
+        ),
+        "every diverged region proven by the span: {:?}",
+        consumer_seed(&journal_dir, "sitea")
+    );
+    let a_pair = [group.path("wal.img"), group.path("data.img")];
+    assert_eq!(
+        prefix_held([&a_pair[0], &a_pair[1]], 400, "A after the rejoin"),
+        400
+    );
+    run_ok(&group.replay("check", "check", &["--once"]));
+    for ((rejoined, promoted), check) in a_pair.iter().zip(group.pair("b")).zip(group.pair("check"))
+    {
+        let rejoined = std::fs::read(rejoined).unwrap();
+        assert!(
+            rejoined == std::fs::read(&promoted).unwrap(),
+            "{} differs from the new primary",
+            promoted.display()
+        );
+        assert!(
+            rejoined == std::fs::read(&check).unwrap(),
+            "{} differs from a fresh replay",
+            check.display()
+        );
+    }
+}
+

@@ -17,28 +17,12 @@ use support::ext4::NbdLoop;
 use support::nbd::{fio_cmd, pattern, qemu_io_ok, run_ok as run_cmd_ok, ChildGuard as FioGuard};
 use support::oracle::assert_same_image;
 use support::procs::{path, wait_until};
-use support::replay::{replay_args, run_ok, spawn};
+use support::replay::{consumer_seed, replay_args, run_ok, spawn, will_move};
 use support::verdict::judge_ext4;
-use tinylag::journal::consumer;
 use tinylag::journal::seed::Seed;
-use tinylag::store::local::LocalStore;
 
 const MIB: u64 = 1 << 20;
 const DEVICE: &str = "64M";
-
-/// `(bytes, regions)` from rejoin's "will move" line.
-fn will_move(out: &str) -> (u64, u64) {
-    let line = out
-        .lines()
-        .find(|l| l.contains("will move"))
-        .unwrap_or_else(|| panic!("no 'will move' line in:\n{out}"));
-    let inner = &line[line.find('(').unwrap() + 1..];
-    let mut words = inner.split([' ', ',']).filter(|w| !w.is_empty());
-    let bytes = words.next().unwrap().parse().unwrap();
-    words.next(); // "bytes"
-    let regions = words.next().unwrap().parse().unwrap();
-    (bytes, regions)
-}
 
 /// `(activity-log regions, post-fork record regions)` from rejoin's "diverged:" line.
 fn diverged_parts(out: &str) -> (u64, u64) {
@@ -88,14 +72,6 @@ fn take_over_on_b(journal: &str, b: &Path) -> Daemon {
     let status = daemon.status();
     assert_eq!(status["mode"], "logging", "promoted clean: {status:#}");
     daemon
-}
-
-fn consumer_seed(journal: &Path, name: &str) -> Option<Seed> {
-    let store = LocalStore::new(journal);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(consumer::load(&store, name))
-        .ok()
-        .map(|c| c.seed)
 }
 
 /// Unplanned: A is killed under fio, B takes over and writes; A rejoins moving at most the

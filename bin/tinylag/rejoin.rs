@@ -4,12 +4,15 @@
 //! `checking` seed over exactly the diverged regions, asks the writer for them through the
 //! store (`requests/resync/<name>`), then runs the replay agent as `replay` does.
 //!
+//! A group's old primaries rejoin as one set (`--replica NAME=PATH` per device, as `replay`
+//! takes them): one fork, the regions of every device in the group's numbering, one consumer
+//! whose replica is the set, so every image is wound to and follows the same LSN.
+//!
 //! Must never: change anything (consumer, request, marker) when it refuses; proceed over a
 //! trimmed fork or an image whose writes nothing bounds without `--full`.
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::Args;
 use tinylag::clock::{Clock, SystemClock};
 use tinylag::journal::chain;
@@ -32,7 +35,8 @@ use crate::cmd::replay::{self, ReplayArgs};
     mut_arg("checkpoint_interval", |a| a.hide(true)),
     mut_arg("assume_seeded", |a| a.hide(true)),
     mut_arg("replica", |a| a.help(
-        "The old primary's image, with its activity log and clean-stop marker beside it"
+        "The old primary's image, with its activity log and clean-stop marker beside it; a \
+         group's old primaries, one NAME=PATH per device (the log and marker beside the first)"
     ))
 )]
 pub struct RejoinArgs {
@@ -48,11 +52,12 @@ pub struct RejoinArgs {
 }
 
 /// One line for a refusal, with what `--full` would cost where it would help.
-fn refusal(e: RejoinError, full_bytes: u64, device: u64) -> anyhow::Error {
+fn refusal(e: RejoinError, full_bytes: u64, device: u64, group: bool) -> anyhow::Error {
     let full = || {
         format!(
-            "; `--full` moves every region: {} of the device's {}",
+            "; `--full` moves every region: {} of the {} {}",
             format_size(full_bytes),
+            if group { "set's" } else { "device's" },
             format_size(device)
         )
     };
@@ -76,18 +81,12 @@ pub async fn run(args: RejoinArgs) -> anyhow::Result<()> {
     let journal = r.journal.open().await?;
     let manifest = Manifest::load(journal.as_ref()).await?;
     manifest.check_key_for_reading(&journal.describe())?;
-    if manifest.devices.len() > 1 {
-        anyhow::bail!(
-            "rejoin refused: journal {} is a group of {} devices; rejoining a group as a unit is \
-             not supported yet (diverged regions cannot be proven on a set): replay the old \
-             primaries anew as blank images under a new --name",
-            journal.describe(),
-            manifest.devices.len()
-        );
-    }
-    let replica = std::path::absolute(r.first_replica())
-        .with_context(|| format!("--replica {}", r.first_replica().display()))?;
-    let device = manifest.device_size(0).unwrap_or(0);
+    let group = manifest.devices.len() > 1;
+    // Each device's old primary, in device order (a group names every device once).
+    let images = replay::match_replicas(&r.replica, &manifest)?;
+    let replica = images[0].clone();
+    let layout = manifest.layout();
+    let device: u64 = layout.devices().iter().map(|d| d.size).sum();
     match consumer::load(journal.as_ref(), &r.name).await {
         Ok(pos) => {
             // A rejoin that registered already (and was stopped): its position and seed say
@@ -113,10 +112,10 @@ pub async fn run(args: RejoinArgs) -> anyhow::Result<()> {
             control.display()
         );
     }
-    if !replica.exists() {
+    if let Some(missing) = images.iter().find(|p| !p.exists()) {
         anyhow::bail!(
             "rejoin refused: the old primary's image {} does not exist (for a new replica use `replay`)",
-            replica.display()
+            missing.display()
         );
     }
     let activity_log = args
@@ -128,14 +127,28 @@ pub async fn run(args: RejoinArgs) -> anyhow::Result<()> {
     let trim = consumer::load_trim_pointer(journal.as_ref()).await?;
     let image = rejoin::read_image_state(&activity_log, &marker, &manifest);
     let full_bytes = region_bytes(
-        &tinylag::journal::seed::RegionRanges::all(device.div_ceil(manifest.region_size.max(1))),
+        &tinylag::journal::seed::RegionRanges::all(
+            layout.span().div_ceil(manifest.region_size.max(1)),
+        ),
         manifest.region_size,
-        device,
+        &layout,
     );
     let plan = rejoin::plan(journal.as_ref(), &manifest, &chain, trim, image, args.full)
         .await
-        .map_err(|e| refusal(e, full_bytes, device))?;
-    report(&plan, &replica);
+        .map_err(|e| refusal(e, full_bytes, device, group))?;
+    // What the agent calls the replica (a set: `NAME=PATH,…`), so the registration is its.
+    let shown = if group {
+        manifest
+            .devices
+            .iter()
+            .zip(&images)
+            .map(|(d, p)| format!("{}={}", d.name, p.display()))
+            .collect::<Vec<_>>()
+            .join(",")
+    } else {
+        replica.display().to_string()
+    };
+    report(&plan, &shown, group);
 
     // The request first: should the registration fail, a request alone only re-journals
     // regions (harmless); a registration without its request would never be vouched for.
@@ -155,12 +168,7 @@ pub async fn run(args: RejoinArgs) -> anyhow::Result<()> {
         .await?;
     }
     // Registered at the fork, seeded `checking` over exactly the diverged regions.
-    let initial = plan.consumer(
-        &r.name,
-        &replica.display().to_string(),
-        r.delay.as_nanos() as u64,
-        now,
-    );
+    let initial = plan.consumer(&r.name, &shown, r.delay.as_nanos() as u64, now);
     let registered = consumer::register(journal.as_ref(), &initial).await?;
     // A `journal trim` that listed the consumers before this registration may have moved
     // the pointer past the start: undo the registration and say so.
@@ -201,11 +209,11 @@ pub async fn run(args: RejoinArgs) -> anyhow::Result<()> {
 
 /// Prints what the rejoin found and will move, before it moves anything (stdout: the one
 /// line a script reads, `bytes=` first).
-fn report(plan: &RejoinPlan, replica: &std::path::Path) {
+fn report(plan: &RejoinPlan, replica: &str, group: bool) {
     if let (Some(image), Some(fork)) = (&plan.image, &plan.fork) {
         say(format!(
             "tinylag rejoin: {} owned writer epoch {} (from {}); the chain forked after LSN {} of epoch {}, continued by epoch {} ({}{})",
-            replica.display(),
+            replica,
             image.owned,
             image.source.name(),
             fork.point.lsn,
@@ -233,11 +241,12 @@ fn report(plan: &RejoinPlan, replica: &std::path::Path) {
         0.0
     };
     tell(format!(
-        "tinylag rejoin: will move {} ({} bytes, {} regions{}) of the device's {} ({pct:.1}%), then follow the chain from seq {} (LSN {})",
+        "tinylag rejoin: will move {} ({} bytes, {} regions{}) of the {} {} ({pct:.1}%), then follow the chain from seq {} (LSN {})",
         format_size(plan.bytes),
         plan.bytes,
         plan.regions.count(),
         if plan.full { ", --full" } else { "" },
+        if group { "set's" } else { "device's" },
         format_size(plan.device_size),
         plan.start_seq,
         plan.start_lsn + 1

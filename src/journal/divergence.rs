@@ -96,7 +96,8 @@ pub struct Fork {
 /// The image's own records after the fork, as regions and bytes.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DivergedRecords {
-    /// Regions the records touch (the journal's dirty-tracking regions).
+    /// Regions the records touch (the journal's dirty-tracking regions, numbered across a
+    /// group as `journal::layout` places its devices).
     pub regions: RegionRanges,
     /// Bytes the records changed (written, discarded or zeroed), summed.
     pub bytes: u64,
@@ -201,7 +202,9 @@ pub(crate) async fn diverged_records(
     if fork.start_seq < trim.first_seq || fork.start_lsn + 1 < trim.first_lsn {
         return Err(trimmed());
     }
-    let device_size = manifest.device_size(0).unwrap_or(0);
+    // Regions are the group's (`journal::layout`): a record of device `dev` counts at its
+    // device's base, clipped to that device (a one-device journal: the identity).
+    let layout = manifest.layout();
     let region_size = manifest.region_size.max(1);
     let mut out = DivergedRecords::default();
     let mut seq = fork.successor.first_seq;
@@ -232,17 +235,21 @@ pub(crate) async fn diverged_records(
             continue;
         }
         for entry in &index.entries {
-            if entry.lsn <= fork.point.lsn || entry.dev != 0 || !changes_data(entry.kind) {
+            if entry.lsn <= fork.point.lsn || !changes_data(entry.kind) {
                 continue;
             }
-            let end = entry.offset.saturating_add(entry.length).min(device_size);
-            if entry.offset >= end {
+            let Some(device) = layout.device(entry.dev) else {
+                continue;
+            };
+            let local_end = entry.offset.saturating_add(entry.length).min(device.size);
+            if entry.offset >= local_end {
                 continue;
             }
+            let (start, end) = (device.base + entry.offset, device.base + local_end);
             out.records += 1;
-            out.bytes += end - entry.offset;
+            out.bytes += end - start;
             out.regions
-                .insert(entry.offset / region_size, (end - 1) / region_size + 1);
+                .insert(start / region_size, (end - 1) / region_size + 1);
         }
         if header.end_lsn() <= fork.point.lsn + 1 {
             // Everything from here back is at or before the fork.
@@ -425,6 +432,55 @@ mod tests {
         assert_eq!(d.regions.to_string(), "3,15", "clipped at the device's end");
         assert_eq!(d.records, 3);
         assert_eq!(d.bytes, 4096 + 10 + (MIB - 4096));
+    }
+
+    /// A group (devices of 3.5 and 4 MiB, regions of 1 MiB: device 1 starts at 4 MiB): the
+    /// old primary's records after the fork count in the group's regions, each at its
+    /// device's base and clipped to its device, never in the padding.
+    #[tokio::test]
+    async fn a_groups_diverged_records_count_in_the_groups_regions() {
+        use crate::journal::manifest::DeviceSpec;
+        let store = MemoryStore::new();
+        let spec = |name: &str, size| DeviceSpec {
+            name: name.into(),
+            size,
+        };
+        let m = Manifest::new_group(
+            &ManifestParams {
+                device_name: String::new(),
+                size: 0,
+                block_size: 4096,
+                region_size: MIB,
+                splay_width: 2,
+                segment_size: MIB,
+            },
+            vec![spec("wal", 7 * MIB / 2), spec("data", 4 * MIB)],
+            1,
+        )
+        .unwrap();
+        let on = |dev, record: Record| Record { dev, ..record };
+        put(&store, &m, 1, 0, &[write(1, 0, 4096)]).await;
+        put(
+            &store,
+            &m,
+            1,
+            1,
+            &[
+                // The wal's last region (3), half of it padding.
+                on(0, write(2, 3 * MIB, 4096)),
+                // The data device's region 1 is the group's region 5.
+                on(1, write(3, MIB + 10, 8192)),
+            ],
+        )
+        .await;
+        put(&store, &m, 2, 2, &[on(1, write(4, 0, 4096))]).await;
+        let c = chain(vec![entry(1, 0, 1, None), entry(2, 2, 4, Some((1, 1)))]);
+        let fork = find_fork(&c, 1).unwrap();
+        let d = diverged_records(&store, &m, &fork, TrimPointer::default())
+            .await
+            .unwrap();
+        assert_eq!(d.regions.to_string(), "3,5");
+        assert_eq!((d.records, d.bytes), (2, 4096 + 8192));
     }
 
     /// The image owned epoch 2, which a later `promote --at` (epoch 3, from epoch 1 at LSN

@@ -69,7 +69,10 @@ impl Seed {
     /// Bytes `offset..offset + len` now equal the primary's at `lsn` (a record rewrote them,
     /// or a `VERIFY` of them matched). A region is proven once it is covered whole: by one
     /// record, or by records that together rewrite it from its start onwards (a resync sends
-    /// a region as consecutive chunks). `region_size` and `device_size` are the journal's.
+    /// a region as consecutive chunks). `region_size` is the journal's; `device_size` is the
+    /// end of the device the range lies on (in a group's address space, its base plus its
+    /// size: a region is whole once its device's bytes are, the padding after it is never
+    /// written).
     pub fn proven(&mut self, range: (u64, u64), lsn: u64, region_size: u64, device_size: u64) {
         let Seed::Checking {
             lsn: start,

@@ -25,6 +25,12 @@
 //! the fork (`journal::divergence`). Bytes moved = those regions × the region size,
 //! clipped at the device's end.
 //!
+//! **A group** rejoins as one set: its activity log and clean-stop marker sit beside the
+//! first device's primary, as `serve` keeps them, and every region here is the group's
+//! (`journal::layout`: numbered across the group, each on one device). One fork, one set of
+//! regions, one consumer at one LSN; the writer's one resync span rewrites them on whichever
+//! devices they lie, so the set is never a mix of a resynced disk and an older one.
+//!
 //! Must never: proceed without a bound on what the image wrote (unless `--full`); vouch
 //! for a region it did not count (the consumer's seed is `checking` over exactly these
 //! regions, and only the writer's resync span proves them).
@@ -34,6 +40,7 @@ use std::path::Path;
 use crate::journal::chain::Chain;
 use crate::journal::consumer::{ConsumerState, TrimPointer, UndoPosition};
 use crate::journal::divergence::{self, DivergedRecords, DivergenceError, Fork};
+use crate::journal::layout::DeviceLayout;
 use crate::journal::seed::{RegionRanges, Seed};
 use crate::journal::Manifest;
 use crate::store::ObjectStore;
@@ -89,7 +96,8 @@ pub fn read_image_state(
     marker: &Path,
     manifest: &Manifest,
 ) -> Result<ImageState, RejoinError> {
-    let size = manifest.device_size(0).unwrap_or(0);
+    // The log covers the group's address space (for one device, the device).
+    let size = manifest.layout().span();
     let region_size = manifest.region_size.max(1);
     let regions = size.div_ceil(region_size);
     let slot = read_activity_log(activity_log, regions)?.filter(|s| {
@@ -147,8 +155,9 @@ pub struct RejoinPlan {
     pub records: DivergedRecords,
     /// Every region to bring back from the new primary.
     pub regions: RegionRanges,
-    /// Bytes of those regions (clipped at the device's end).
+    /// Bytes of those regions (clipped at each device's end: padding is not moved).
     pub bytes: u64,
+    /// Bytes of the device, or of every device of a group.
     pub device_size: u64,
     /// The consumer's start: the segment it reads first and the LSN before it.
     pub start_seq: u64,
@@ -161,14 +170,16 @@ pub struct RejoinPlan {
     pub full: bool,
 }
 
-/// Bytes of `regions` regions of `region_size` on a device of `device_size`.
-pub fn region_bytes(regions: &RegionRanges, region_size: u64, device_size: u64) -> u64 {
+/// Bytes of `regions` regions of `region_size` in `layout`'s address space: each region's
+/// range clipped to the device it lies on (a device's end, never the padding after it).
+pub fn region_bytes(regions: &RegionRanges, region_size: u64, layout: &DeviceLayout) -> u64 {
     let region_size = region_size.max(1);
     regions
         .iter()
         .map(|r| {
             let start = r * region_size;
-            (start + region_size).min(device_size).saturating_sub(start)
+            let range = layout.clip(start..start.saturating_add(region_size));
+            range.end - range.start
         })
         .sum()
 }
@@ -184,9 +195,10 @@ pub async fn plan(
     image: Result<ImageState, RejoinError>,
     full: bool,
 ) -> Result<RejoinPlan, RejoinError> {
-    let device_size = manifest.device_size(0).unwrap_or(0);
+    let layout = manifest.layout();
+    let device_size = layout.devices().iter().map(|d| d.size).sum();
     let region_size = manifest.region_size.max(1);
-    let all = RegionRanges::all(device_size.div_ceil(region_size));
+    let all = RegionRanges::all(layout.span().div_ceil(region_size));
     let image = match image {
         Ok(image) => Some(image),
         Err(e) if full => {
@@ -236,7 +248,7 @@ pub async fn plan(
         None => journal_end(store, manifest, trim).await?,
     };
     Ok(RejoinPlan {
-        bytes: region_bytes(&regions, region_size, device_size),
+        bytes: region_bytes(&regions, region_size, &layout),
         image,
         fork,
         records,
@@ -417,8 +429,27 @@ mod tests {
     #[test]
     fn bytes_are_regions_times_the_region_size_clipped_at_the_device_end() {
         let r: RegionRanges = "0,2".parse().unwrap();
-        assert_eq!(region_bytes(&r, 4 * MIB, 10 * MIB), 4 * MIB + 2 * MIB);
-        assert_eq!(region_bytes(&RegionRanges::default(), 4 * MIB, 10 * MIB), 0);
+        let one = manifest().layout();
+        assert_eq!(region_bytes(&r, 4 * MIB, &one), 4 * MIB + 2 * MIB);
+        assert_eq!(region_bytes(&RegionRanges::default(), 4 * MIB, &one), 0);
+        // A group of 6 and 10 MiB in 4 MiB regions: the wal's region 1 ends at 6 MiB (the
+        // padding to 8 MiB is no device's), the data device's last region (4) at 18 MiB.
+        let spec = |name: &str, size| crate::journal::manifest::DeviceSpec {
+            name: name.into(),
+            size,
+        };
+        let group = DeviceLayout::new(&[spec("wal", 6 * MIB), spec("data", 10 * MIB)], 4 * MIB);
+        let r: RegionRanges = "1-2,4".parse().unwrap();
+        assert_eq!(
+            region_bytes(&r, 4 * MIB, &group),
+            2 * MIB + 4 * MIB + 2 * MIB
+        );
+        let all = RegionRanges::all(group.span().div_ceil(4 * MIB));
+        assert_eq!(
+            region_bytes(&all, 4 * MIB, &group),
+            16 * MIB,
+            "both devices, no padding"
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ use tinylag::journal::chain::{self, ChainEntry, Lineage};
 use tinylag::journal::consumer::{self, ConsumerState};
 use tinylag::journal::epoch::{ClaimBasis, EpochReason, Predecessor};
 use tinylag::journal::reader::{Cursor, JournalReader, Step};
+use tinylag::journal::seed::Seed;
 use tinylag::journal::segment::encode_segment;
 use tinylag::journal::ManifestParams;
 use tinylag::journal::{Manifest, Op, Record};
@@ -338,4 +339,28 @@ pub fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
         return Some(a.len().min(b.len()));
     }
     a.iter().zip(b).position(|(x, y)| x != y)
+}
+
+/// `(bytes, regions)` from `tinylag rejoin`'s "will move" line.
+pub fn will_move(out: &str) -> (u64, u64) {
+    let line = out
+        .lines()
+        .find(|l| l.contains("will move"))
+        .unwrap_or_else(|| panic!("no 'will move' line in:\n{out}"));
+    let inner = &line[line.find('(').unwrap() + 1..];
+    let mut words = inner.split([' ', ',']).filter(|w| !w.is_empty());
+    let bytes = words.next().unwrap().parse().unwrap();
+    words.next(); // "bytes"
+    let regions = words.next().unwrap().parse().unwrap();
+    (bytes, regions)
+}
+
+/// How consumer `name` of the journal in directory `journal` is vouched for (`None`: it is
+/// not registered).
+pub fn consumer_seed(journal: &Path, name: &str) -> Option<Seed> {
+    let store = LocalStore::new(journal);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(consumer::load(&store, name))
+        .ok()
+        .map(|c| c.seed)
 }

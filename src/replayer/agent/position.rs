@@ -54,26 +54,36 @@ impl Agent {
         self.pos
             .verify
             .record(record.lsn, record.timestamp_ns, offset, len, matched);
-        let (region_size, device_size) = self.layout();
-        match matched {
-            Some(true) => self
-                .pos
-                .seed
-                .proven((offset, len), record.lsn, region_size, device_size),
-            Some(false) => self
-                .pos
-                .seed
-                .mismatched((offset, len), region_size, device_size),
-            None => {}
+        if matched.is_some() && !self.pos.seed.vouched() {
+            let (region_size, device_end) = self.seed_bounds(offset);
+            match matched {
+                Some(true) => {
+                    self.pos
+                        .seed
+                        .proven((offset, len), record.lsn, region_size, device_end)
+                }
+                _ => self
+                    .pos
+                    .seed
+                    .mismatched((offset, len), region_size, device_end),
+            }
         }
         self.dirty = true;
         Ok(())
     }
 
-    /// The journal's region size and device size (what a seed check counts in).
-    pub(super) fn layout(&self) -> (u64, u64) {
+    /// What a seed check counts in for a change at group offset `offset`: the journal's
+    /// region size, and the end of the device the change lies on (for one device, its size).
+    /// A group's region ends there too: the padding after a device is never written, so a
+    /// region of a device that is not a multiple of the region size is proven once its
+    /// device's bytes are.
+    pub(super) fn seed_bounds(&self, offset: u64) -> (u64, u64) {
         let manifest = self.reader.manifest();
-        (manifest.region_size, manifest.layout().span())
+        let layout = manifest.layout();
+        let end = layout
+            .device_at(offset)
+            .map_or(layout.span(), |(_, d)| d.base + d.size);
+        (manifest.region_size, end)
     }
 
     /// Moves the in-memory position past `record`, which is off the lineage and was not
@@ -106,11 +116,12 @@ impl Agent {
             Op::WriteZeroes { offset, len } => Some((*offset, *len)),
             _ => None,
         };
-        if let Some(range) = rewritten {
-            let (region_size, device_size) = self.layout();
+        // Only an unfinished check has regions to prove (the layout is not built per record).
+        if let Some(range) = rewritten.filter(|_| !self.pos.seed.vouched()) {
+            let (region_size, device_end) = self.seed_bounds(range.0);
             self.pos
                 .seed
-                .proven(range, record.lsn, region_size, device_size);
+                .proven(range, record.lsn, region_size, device_end);
         }
         let pos = &mut self.pos;
         let in_span = pos.consistent_lsn < pos.applied_lsn;
