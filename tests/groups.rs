@@ -871,26 +871,54 @@ fn a_group_fails_over_as_a_unit_planned_and_forced() {
     }
     let verified = tinylag_ok(&["journal", "verify", "--journal", &group.journal], &[]);
     assert!(verified.contains("verified"), "{verified}");
+}
 
-    // Not yet for a group: a promote to a past point; one line, nothing claimed.
-    let out = run(&s(&[
-        "promote",
-        "--replica",
-        &format!("wal={}", path(&c_wal)),
-        "--replica",
-        &format!("data={}", path(&c_data)),
-        "--journal",
-        &group.journal,
-        "--name",
-        "sitec2",
-        "--mark",
-        "x",
-    ]));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("not --at/--mark yet"),
-        "{err}"
+/// `promote --mark` of a group: A marks the pair after write 100 and writes on to 200, then
+/// stops; B's set is promoted at the mark as one set — both images wound back to the mark's
+/// LSN by the one agent and undo log (the checker finds exactly writes 1..=100, never 1..=100
+/// on one disk and more on the other), A's later records kept as a branch — and the new chain
+/// continues from there: B's own writes 101..=150 follow, and a fresh replay of the journal
+/// (which follows the new chain past the branch) equals B's set.
+#[test]
+fn a_group_is_promoted_at_a_mark_as_one_set() {
+    let group = Group::new();
+    let mut a = group.serve();
+    let mut agent = spawn(
+        &group.replay("siteb", "b", &[]),
+        &group.path("b.replay.log"),
     );
+    write_in_order(&a.socket, 100, |_| {});
+    tinylag_ok(&["mark", "before", "--control", path(&a.control)], &[]);
+    write_range(&a.socket, 101..=200, |_| {});
+    a.stop_ok();
+    agent.terminate(std::time::Duration::from_secs(30)).unwrap();
+
+    let mut b = promote_set(&group, "b", "siteb", &["--mark", "before"]);
+    wait_log(&b, "promoted at LSN");
+    let [b_wal, b_data] = group.pair("b");
+    assert_eq!(
+        prefix_held([&b_wal, &b_data], 200, "B promoted at the mark"),
+        100
+    );
+    assert!(
+        b.log_tail().contains("branch before-e2"),
+        "A's writes after the mark are not named as a branch:\n{}",
+        b.log_tail()
+    );
+    write_range(&b.socket, 101..=150, |_| {});
+    assert_eq!(
+        prefix_held([&b_wal, &b_data], 200, "B after its writes"),
+        150
+    );
+    b.stop_ok();
+    run_ok(&group.replay("check", "check", &["--once"]));
+    for (promoted, check) in group.pair("b").iter().zip(group.pair("check")) {
+        assert!(
+            std::fs::read(promoted).unwrap() == std::fs::read(&check).unwrap(),
+            "{} differs from a fresh replay of the new chain",
+            promoted.display()
+        );
+    }
 }
 
 /// A set `restore --output-dir` wrote carries a seed stamp beside every image, and a new

@@ -17,7 +17,7 @@
 //!
 //! A consistency group is promoted as a unit: `--replica NAME=PATH` per device; the one agent
 //! catches the whole set up to one LSN, one epoch is claimed, and `serve` runs on the set (one
-//! export per device). Not yet for a group: `--at|--mark`.
+//! export per device); `--at|--mark` winds the whole set back to the one point.
 //!
 //! - `--at TIME|--mark NAME` (`promote_at.rs`): a past point X becomes the new chain's
 //!   start: the replica is wound back to X through its undo log, the old epoch's records
@@ -184,15 +184,6 @@ pub async fn run(args: PromoteArgs) -> anyhow::Result<()> {
     };
     let store = open_store(uri, &args.serve.s3.options()).await?;
     let manifest = Manifest::load(store.as_ref()).await?;
-    if manifest.devices.len() > 1 && (args.at.is_some() || args.mark.is_some()) {
-        bail!(
-            "promote refused: journal {} is a group of {} devices; a group is promoted at the \
-             journal's end (plain or --force), not --at/--mark yet: restore the set with \
-             `tinylag restore --output-dir` instead",
-            store.describe(),
-            manifest.devices.len()
-        );
-    }
     let Some(current) = epoch::current_epoch(store.as_ref()).await? else {
         bail!(
             "journal {} has had no writer yet: there is nothing to promote from; start \

@@ -10,6 +10,10 @@
 //! (`branches/<name>`, before the claim, so trim keeps them from then on); the next epoch is
 //! claimed with the fork X, and `serve` starts on the replica as plain promote does.
 //!
+//! A group is promoted at X as one set (`--replica NAME=PATH` per device): X is resolved
+//! and the set wound back by its one agent and undo log, so every device starts the new
+//! chain at the same LSN.
+//!
 //! Liveness: like `--force`, it needs no `DEMOTE`; without `--force` the old primary's lease
 //! must be released (a live primary would keep writing to what becomes the branch).
 //!
@@ -106,13 +110,14 @@ pub async fn run(
             Arc::new(LocalStore::new(std::path::PathBuf::from(p)))
         }
     };
-    let sources = Sources::open(
-        store.clone(),
-        &[(None, replica.clone())],
-        Some(&args.name),
-        undo,
-    )
-    .await?;
+    // Each device's image by its name (a group's set; one device's image is unnamed or named).
+    let given: Vec<(Option<String>, std::path::PathBuf)> = args
+        .serve
+        .primary
+        .iter()
+        .map(|p| (p.name.clone(), p.path.clone()))
+        .collect();
+    let sources = Sources::open(store.clone(), &given, Some(&args.name), undo).await?;
     let window = sources.window().await?;
     let target = match (&args.at, &args.mark) {
         (Some(t), _) => Target::Time(*t),
