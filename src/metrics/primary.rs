@@ -284,6 +284,40 @@ impl Collector for PrimaryScrape {
             "Bytes written to the primary by clients.",
             &one(io.bytes_written),
         )?;
+        // A group: each device's changes under its own `device` label (the totals above keep
+        // the group's labels, so a sum over devices is never counted twice).
+        if !s.devices.is_empty() {
+            let journal = s.journal.clone().unwrap_or_default();
+            let on = |d: &str| -> Labels {
+                vec![("journal", journal.clone()), ("device", d.to_string())]
+            };
+            let mut requests: Vec<(Labels, u64)> = Vec::new();
+            let mut written: Vec<(Labels, u64)> = Vec::new();
+            for d in &s.devices {
+                for (op, n) in [
+                    ("write", d.io.writes),
+                    ("trim", d.io.trims),
+                    ("write_zeroes", d.io.write_zeroes),
+                ] {
+                    let mut l = on(&d.name);
+                    l.push(("op", op.to_string()));
+                    requests.push((l, n));
+                }
+                written.push((on(&d.name), d.io.bytes_written));
+            }
+            counter(
+                &mut e,
+                "group_device_requests",
+                "Changes a group's device took (each a journal record), by device and kind.",
+                &requests,
+            )?;
+            counter(
+                &mut e,
+                "group_device_written_bytes",
+                "Bytes written to a group's device by clients.",
+                &written,
+            )?;
+        }
         gauge(
             &mut e,
             "uptime_seconds",

@@ -43,7 +43,7 @@ mod shared;
 mod status;
 
 pub use activity_log::default_path as default_activity_log_path;
-pub use io_counts::IoStatus;
+pub use io_counts::{DeviceIoStatus, IoStatus};
 pub use journal_writer::WriterConfig;
 pub use lag_histogram::{LagBuckets, LagSummary};
 pub use lease::LeaseKeeper;

@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 
 use serde::{Deserialize, Serialize};
 
-use super::io_counts::IoStatus;
+use super::io_counts::{DeviceIoStatus, IoStatus};
 use super::lag_histogram::{LagBuckets, LagSummary};
 use super::mode::{AckMode, Mode, Transition};
 use super::primary::{PrimaryCore, StartKind};
@@ -139,7 +139,7 @@ pub struct ErrorStatus {
 }
 
 /// One device of a consistency group as `status` shows it: its dirty regions (what a resync
-/// of the group would move on it).
+/// of the group would move on it) and its changes since start (the group's `io` totals them).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceStatus {
     pub name: String,
@@ -149,6 +149,9 @@ pub struct DeviceStatus {
     pub dirty_regions: u64,
     /// Bytes of the device those regions cover (the padding after it is not counted).
     pub dirty_bytes: u64,
+    /// Writes, trims, write-zeroes and bytes written to this device since the daemon started.
+    #[serde(default)]
+    pub io: DeviceIoStatus,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -213,7 +216,12 @@ impl PrimaryCore {
         if self.layout.is_single() {
             return Vec::new();
         }
-        device_shares(&self.layout, self.dirty.region_size(), self.dirty.regions())
+        let mut devices =
+            device_shares(&self.layout, self.dirty.region_size(), self.dirty.regions());
+        for (d, io) in devices.iter_mut().zip(self.io.devices()) {
+            d.io = io;
+        }
+        devices
     }
 
     /// The status snapshot.
@@ -391,6 +399,7 @@ fn device_shares(layout: &DeviceLayout, region_size: u64, regions: Vec<u64>) -> 
             base: d.base,
             dirty_regions: 0,
             dirty_bytes: 0,
+            io: DeviceIoStatus::default(),
         })
         .collect();
     for r in regions {

@@ -30,7 +30,7 @@ impl BlockDevice for PrimaryCore {
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), BlockError> {
         let len = data.len() as u64;
         check_range(offset, len, self.info.size)?;
-        self.io.write(len);
+        self.io.write(self.device_index(offset), len);
         // The record shares the payload with the primary's write; without a journal there is
         // no record, and no second owner to pay for (a clone of a fresh `Bytes` allocates its
         // shared count: one allocation per write, tests/request_allocations.rs).
@@ -79,7 +79,7 @@ impl BlockDevice for PrimaryCore {
 
     async fn trim(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         check_range(offset, len, self.info.size)?;
-        self.io.trim();
+        self.io.trim(self.device_index(offset));
         self.change(
             offset..offset + len,
             Op::Discard { offset, len },
@@ -90,7 +90,7 @@ impl BlockDevice for PrimaryCore {
 
     async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), BlockError> {
         check_range(offset, len, self.info.size)?;
-        self.io.write_zeroes();
+        self.io.write_zeroes(self.device_index(offset));
         self.change(
             offset..offset + len,
             Op::WriteZeroes { offset, len },
@@ -101,6 +101,15 @@ impl BlockDevice for PrimaryCore {
 }
 
 impl PrimaryCore {
+    /// The group device a change at `offset` lies on, for the per-device counts (`None` for
+    /// one device: no lookup on its path).
+    fn device_index(&self, offset: u64) -> Option<u32> {
+        if self.layout.is_single() {
+            return None;
+        }
+        self.layout.device_at(offset).map(|(dev, _)| dev)
+    }
+
     /// `--on-fence error`: every request fails once fenced.
     fn refuse_all(&self) -> Result<(), BlockError> {
         match self.refusing() {

@@ -24,6 +24,7 @@ use crate::journal::Manifest;
 use crate::store::ObjectStore;
 use crate::writer::activity_log::{self, ActivityLog, ActivityLogError, Previous};
 use crate::writer::dirty::DirtyRegions;
+use crate::writer::io_counts::IoCounts;
 use crate::writer::journal_writer::{self, JournalWriter, StartError, WriterConfig};
 use crate::writer::mode::{AckMode, FullReason, ModeState};
 use crate::writer::pool::{Pool, PoolError};
@@ -373,6 +374,7 @@ impl PrimaryCore {
             )),
         ];
         episodes.wake();
+        let layout_count = layout.count();
         Ok(PrimaryCore {
             device,
             info,
@@ -403,7 +405,7 @@ impl PrimaryCore {
             }),
             labels,
             started: std::time::Instant::now(),
-            io: Default::default(),
+            io: IoCounts::for_devices(layout_count),
             on_fence: setup.on_fence,
             refuse: AtomicU8::new(0),
             demoted: Mutex::new(None),

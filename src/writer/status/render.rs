@@ -145,11 +145,16 @@ impl StatusSnapshot {
                 &mut out,
                 &format!("device {}", d.name),
                 format!(
-                    "{} at {} in the group: {} dirty regions ({})",
+                    "{} at {} in the group: {} dirty regions ({}); {} writes, {} written, {} \
+                     trims, {} write-zeroes since start",
                     format_size(d.size),
                     d.base,
                     d.dirty_regions,
-                    format_size(d.dirty_bytes)
+                    format_size(d.dirty_bytes),
+                    d.io.writes,
+                    format_size(d.io.bytes_written),
+                    d.io.trims,
+                    d.io.write_zeroes
                 ),
             );
         }
