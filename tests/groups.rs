@@ -1168,6 +1168,24 @@ fn a_fenced_groups_old_primaries_rejoin_as_one_set_moving_only_what_diverged() {
     a.kill9();
     write_range(&b.socket, 201..=400, |_| {});
 
+    // A replica map that misses a device: one line, nothing registered or asked for.
+    let out = run(&s(&[
+        "rejoin",
+        "--journal",
+        &group.journal,
+        "--name",
+        "sitea",
+        "--replica",
+        &format!("wal={}", path(&group.path("wal.img"))),
+    ]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--replica") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    assert!(consumer_seed(&journal_dir, "sitea").is_none(), "registered");
+    assert!(!journal_dir.join("requests/resync/sitea").exists(), "asked");
+
     let log = group.path("rejoin.log");
     let mut args = s(&["rejoin", "--journal", &group.journal, "--name", "sitea"]);
     for device in ["wal", "data"] {
