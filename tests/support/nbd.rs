@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tinylag::block::file::{self, FileOptions};
-use tinylag::nbd::{bind, serve, Export, ListenAddr, NbdServer};
+use tinylag::nbd::{bind, serve, BudgetStatus, BufferBudget, Export, ListenAddr, NbdServer};
 
 /// The teardown steps, here for the tests that import them with the NBD helpers.
 pub use super::teardown::Cleanup;
@@ -44,6 +44,8 @@ pub struct TestServer {
     pub dir: tempfile::TempDir,
     pub addr: ListenAddr,
     runtime: Option<tokio::runtime::Runtime>,
+    /// The server's buffer budget (the default cap), kept to read what connections hold.
+    buffers: BufferBudget,
     shutdown: tokio::sync::watch::Sender<bool>,
     task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
@@ -107,7 +109,12 @@ impl TestServer {
     ) -> Self {
         init_tracing();
         let default = exports[0].name.clone();
-        let server = Arc::new(NbdServer::new(exports, &default).expect("server"));
+        let buffers = BufferBudget::default();
+        let server = Arc::new(
+            NbdServer::new(exports, &default)
+                .expect("server")
+                .with_buffer_budget(buffers.clone()),
+        );
         let addr: ListenAddr = match tcp {
             Some(a) => a.parse().expect("tcp addr"),
             None => ListenAddr::Unix(dir.path().join("nbd.sock")),
@@ -120,9 +127,17 @@ impl TestServer {
             dir,
             addr,
             runtime: Some(runtime),
+            buffers,
             shutdown,
             task: Some(task),
         }
+    }
+
+    /// What the server's connections hold of its buffer budget now: every connection
+    /// holds its socket buffers until it has ended, so this tells when the server has
+    /// noticed that clients went away.
+    pub fn buffered(&self) -> BudgetStatus {
+        self.buffers.status()
     }
 
     /// The socket path (Unix servers only).
