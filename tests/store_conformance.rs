@@ -1081,7 +1081,10 @@ async fn suite_catches_a_broken_store() {
         store
     };
     let result = tokio::spawn(async move {
-        run_suite("forgetful", cases![put_if_absent_first_wins], |_| forgetful()).await
+        run_suite("forgetful", cases![put_if_absent_first_wins], |_| {
+            forgetful()
+        })
+        .await
     })
     .await;
     assert!(

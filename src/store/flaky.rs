@@ -400,7 +400,10 @@ mod tests {
     async fn fail_after_lets_n_calls_through_then_fails_all() {
         let store = flaky();
         store.fail_after(2, FailureKind::Permanent);
-        store.put("a", Bytes::from_static(b"1")).await.expect("first");
+        store
+            .put("a", Bytes::from_static(b"1"))
+            .await
+            .expect("first");
         store.get("a").await.expect("second");
         for _ in 0..3 {
             let err = store.get("a").await.expect_err("killed");
@@ -429,8 +432,14 @@ mod tests {
                 Ok(())
             })
         });
-        store.put("trigger", Bytes::from_static(b"t")).await.expect("1");
-        assert_eq!(store.get("side").await.expect("2"), Bytes::from_static(b"s"));
+        store
+            .put("trigger", Bytes::from_static(b"t"))
+            .await
+            .expect("1");
+        assert_eq!(
+            store.get("side").await.expect("2"),
+            Bytes::from_static(b"s")
+        );
         let err = store.get("trigger").await.expect_err("3");
         assert!(err.to_string().contains("third call"), "{err}");
         assert_eq!(store.injected_failures(), 1);

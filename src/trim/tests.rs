@@ -14,9 +14,9 @@ use crate::journal::segment::{encode_plug, encode_segment};
 use crate::journal::{Manifest, Op, Record};
 use crate::replayer::undo::{UndoLog, UndoManifest, UNDO_FORMAT_VERSION};
 use crate::store::counting::CountingStore;
-use crate::store::memory::MemoryStore;
 use crate::store::flaky::{Call, FailureKind, FlakyStore};
 use crate::store::list_all;
+use crate::store::memory::MemoryStore;
 
 const SEC: u64 = 1_000_000_000;
 const NOW: u64 = 100_000 * SEC;

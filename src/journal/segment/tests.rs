@@ -8,8 +8,8 @@ use super::header::Trailer;
 use super::index::{archived_len, ArchivedFooter, ArchivedFooterEntry, Footer, FooterEntry};
 use super::*;
 use crate::journal::record::Op;
-use crate::store::memory::MemoryStore;
 use crate::store::counting::CountingStore;
+use crate::store::memory::MemoryStore;
 use crate::store::ObjectStore;
 
 const KEY: &str = "journal/0/00000000000000000042";
