@@ -14,6 +14,7 @@
 # the "blockstatus" section between its markers is replaced), CARGO_PROFILE (default
 # release; anything else uses the debug build). Needs nbdcopy, qemu-io and python3.
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
 
 RUNS=${RUNS:-5}
@@ -34,12 +35,7 @@ else
     BIN=${CARGO_TARGET_DIR:-$PWD/target}/debug/tinylag
 fi
 
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-}
-trap cleanup EXIT
+trap kill_pids EXIT
 
 rm -rf "$DIR"
 mkdir -p "$DIR"
@@ -50,8 +46,7 @@ URI="nbd+unix:///?socket=$SOCK"
 "$BIN" serve --journal "$DIR/journal" --primary "$PRIMARY" --listen "unix:$SOCK" \
     >"$DIR/serve.log" 2>&1 &
 PIDS+=($!)
-for _ in $(seq 100); do [[ -S $SOCK ]] && break; sleep 0.1; done
-[[ -S $SOCK ]] || { echo "serve did not start:" >&2; cat "$DIR/serve.log" >&2; exit 1; }
+wait_socket "$SOCK" || { echo "serve did not start:" >&2; cat "$DIR/serve.log" >&2; exit 1; }
 
 # DATA_MIB writes of 1 MiB, evenly spread over the disk.
 size_mib=$(( $(stat -c %s "$PRIMARY") >> 20 ))
@@ -73,15 +68,15 @@ for run in $(seq "$RUNS"); do
         flags=()
         [[ $mode == no-extents ]] && flags=(--no-extents)
         before=$(read_bytes)
-        start=$(date +%s.%N)
+        start=$(now)
         nbdcopy "${flags[@]}" "$URI" null:
-        end=$(date +%s.%N)
+        end=$(now)
         after=$(read_bytes)
         echo "$mode $run $start $end $((after - before))" >>"$RESULTS"
     done
 done
 
-python3 - "$RESULTS" "$OUT" "$RUNS" "$SIZE" "$DATA_MIB" "$PROFILE" <<'PY'
+python3 - "$RESULTS" "$OUT" "$RUNS" "$SIZE" "$DATA_MIB" "$PROFILE" <<'PY' | write_section blockstatus "$OUT"
 import os, statistics, sys, time
 results, out, runs, size, data_mib, profile = sys.argv[1:7]
 rows = {}
@@ -120,12 +115,5 @@ as `NBD_REPLY_TYPE_OFFSET_HOLE`). The machine was loaded (the CI suite and other
 builds ran meanwhile), so the seconds are noisy; the bytes are not.
 <!-- blockstatus:end -->
 """
-text = open(out).read() if os.path.exists(out) else "# tinylag benchmarks\n"
-begin, end = "<!-- blockstatus:begin -->", "<!-- blockstatus:end -->"
-if begin in text and end in text:
-    text = text[:text.index(begin)] + section.rstrip("\n") + text[text.index(end) + len(end):]
-else:
-    text = text.rstrip("\n") + "\n\n" + section
-open(out, "w").write(text)
 print(section)
 PY

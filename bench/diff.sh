@@ -18,6 +18,7 @@
 # "diff" section between its markers is replaced), CARGO (default cargo; say
 # "flock /tmp/build.lock cargo" to share a build limiter). Needs python3.
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
 
 RUNS=${RUNS:-3}
@@ -44,9 +45,6 @@ mkdir -p "$DIR"
 RESULTS=$DIR/results.tsv
 : >"$RESULTS"
 export TINYLAG_LOG=warn
-
-now() { date +%s.%N; }
-elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.4f}')" "$1" "$2"; }
 
 echo "journal: $RECORDS random 4 KiB writes on $SIZE between marks before and after"
 start=$(now)
@@ -102,7 +100,7 @@ done
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 
 python3 - "$RESULTS" "$OUT" "$SIZE" "$RECORDS" "$RUNS" "$JOURNAL_BYTES" "$(uname -r)" \
-    "$(nproc)" "$PROFILE" "$LOAD_BEFORE" "$LOAD_AFTER" <<'EOF'
+    "$(nproc)" "$PROFILE" "$LOAD_BEFORE" "$LOAD_AFTER" <<'EOF' | write_section diff "$OUT"
 import re, statistics, sys
 from collections import defaultdict
 results, out, size, records, runs, journal, kernel, cores, profile, lb, la = sys.argv[1:]
@@ -139,11 +137,5 @@ previous index and a quarter more: one request per segment, not two; 8 in flight
 binary search for the first segment; the {mib(m[("diff", "segment_bytes")])} of segment payloads are never read.
 Bytes read are what the journal's store returned (`tinylag diff --json`'s `bytes_read`).
 <!-- diff:end -->"""
-text = open(out).read()
-if "<!-- diff:begin -->" in text:
-    text = re.sub(r"<!-- diff:begin -->.*?<!-- diff:end -->", lambda _: section, text, flags=re.S)
-else:
-    text = text.rstrip("\n") + "\n\n" + section + "\n"
-open(out, "w").write(text)
 print(section)
 EOF

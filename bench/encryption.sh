@@ -17,6 +17,7 @@
 # REPLAY_SIZE (default 512M), BENCH_DIR (kept when given), OUT (default BENCHMARKS.md in
 # the checkout).
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$ROOT/BENCHMARKS.md}
@@ -68,7 +69,7 @@ replay_load="$replay_load–$(cut -d' ' -f1 /proc/loadavg)"
 
 python3 - "$WORK/results.tsv" "$OUT" "${RUNTIME:-10}" "${REPS:-3}" "${SIZE:-1G}" \
     "$(cat "$WORK/load.txt" 2>/dev/null || true)" "$(nproc)" "$REPLAY" "$REPLAY_SIZE" \
-    "$replay_load" <<'PY'
+    "$replay_load" <<'PY' | write_section "## Encryption at rest" "$OUT"
 import statistics, sys
 from collections import defaultdict
 results, out, runtime, reps, size, load, cores, replay, replay_size, replay_load = sys.argv[1:11]
@@ -117,13 +118,5 @@ for pattern, name in [("rand4k", "4 KiB random"), ("seq1m", "1 MiB sequential")]
     ratio = km / cm if cm and km else None
     lines.append(f"| {name} | {num(cm, '.1f')} | {num(km, '.1f')} | {num(ratio, '.2f')} |")
 section = "\n".join(lines) + "\n"
-text = open(out).read()
-start = text.find("## Encryption at rest\n")
-if start >= 0:
-    end = text.find("\n## ", start + 1)
-    text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-else:
-    text = text.rstrip("\n") + "\n\n" + section
-open(out, "w").write(text)
 print(section)
 PY

@@ -15,6 +15,7 @@
 #
 # Environment: ROUNDS (default 3), SIZE (default 256M), TINYLAG (default: target/release).
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 ROUNDS=${ROUNDS:-3}
@@ -25,11 +26,10 @@ if [ -z "${TINYLAG:-}" ]; then
 fi
 export TINYLAG_LOG=warn
 W=$(mktemp -d /var/tmp/tinylag-failover.XXXXXX)
-pids=()
-cleanup() { for p in "${pids[@]:-}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$W"; }
+PIDS=()
+cleanup() { kill_pids -KILL; rm -rf "$W"; }
 trap cleanup EXIT
 
-now() { date +%s.%N; }
 ms() { echo "($2 - $1) * 1000 / 1" | bc; }
 # Retries a 4 KiB write through the NBD socket $1 until it is acknowledged.
 first_write() {
@@ -42,18 +42,17 @@ fio_at() { # socket seconds
         --iodepth=8 --size=64M --time_based --runtime="$2" --norandommap --output-format=terse \
         >/dev/null 2>&1
 }
-wait_ctl() { until "$TINYLAG" status --control "$1" >/dev/null 2>&1; do sleep 0.02; done; }
 
 setup() { # dir lease
     local d=$1
     rm -rf "$d"; mkdir -p "$d"
     "$TINYLAG" init --journal "$d/j" --size "$SIZE" --primary "$d/a.img" >/dev/null
     "$TINYLAG" serve --primary "$d/a.img" --journal "$d/j" --lease-time "$2" >"$d/a.log" 2>&1 &
-    A=$!; pids+=("$A")
+    A=$!; PIDS+=("$A")
     wait_ctl "$d/a.img.ctl"
     "$TINYLAG" replay --journal "$d/j" --replica "$d/b.img" --name siteb --assume-seeded \
         --control "$d/b.agent.ctl" >"$d/rb.log" 2>&1 &
-    RB=$!; pids+=("$RB")
+    RB=$!; PIDS+=("$RB")
 }
 
 planned() {
@@ -65,7 +64,7 @@ planned() {
     "$TINYLAG" demote --control "$d/a.img.ctl" >/dev/null
     kill "$RB"; wait "$RB" || true
     "$TINYLAG" promote --replica "$d/b.img" --journal "$d/j" --name siteb >"$d/b.log" 2>&1 &
-    local B=$!; pids+=("$B")
+    local B=$!; PIDS+=("$B")
     first_write "$d/b.img.sock"
     local t1; t1=$(now)
     grep -q '"kind": *"clean"' <("$TINYLAG" status --control "$d/b.img.ctl" --json) || echo "WARNING: B did not start clean" >&2
@@ -83,7 +82,7 @@ forced() {
     wait "$F" || true
     kill "$RB"; wait "$RB" || true
     "$TINYLAG" promote --force --replica "$d/b.img" --journal "$d/j" --name siteb >"$d/b.log" 2>&1 &
-    local B=$!; pids+=("$B")
+    local B=$!; PIDS+=("$B")
     first_write "$d/b.img.sock"
     local t1; t1=$(now)
     kill "$B"; wait "$B" || true
@@ -91,7 +90,7 @@ forced() {
     cp --sparse=always "$d/b.img" "$d/b2.img"
     local t2; t2=$(now)
     "$TINYLAG" serve --primary "$d/b2.img" --journal "$d/j" >"$d/b2.log" 2>&1 &
-    local S=$!; pids+=("$S")
+    local S=$!; PIDS+=("$S")
     wait_ctl "$d/b2.img.ctl"
     until "$TINYLAG" status --control "$d/b2.img.ctl" --json | grep -q '"mode": *"logging"'; do sleep 0.1; done
     local t3; t3=$(now)
@@ -112,7 +111,6 @@ for round in $(seq 1 "$ROUNDS"); do
     echo "$p $f $full $replay" >>"$results"
 done
 echo "uptime after: $(uptime)"
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 echo "median planned (demote -> first write on B): $(cut -d' ' -f1 "$results" | median) ms"
 echo "median forced (kill -9 -> first write on B): $(cut -d' ' -f2 "$results" | median) ms"
 echo "median today (forward-full + full replay): $(awk '{print $3 + $4}' "$results" | median) ms"

@@ -14,6 +14,7 @@
 # Environment: ROUNDS (default 3), SIZE per device (default 256M), SECONDS (default 10),
 # TINYLAG (default: target/release).
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 ROUNDS=${ROUNDS:-3}
@@ -25,12 +26,10 @@ if [ -z "${TINYLAG:-}" ]; then
 fi
 export TINYLAG_LOG=warn
 W=$(mktemp -d /var/tmp/tinylag-groups.XXXXXX)
-pids=()
-cleanup() { for p in "${pids[@]:-}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$W"; }
+PIDS=()
+cleanup() { kill_pids -KILL; rm -rf "$W"; }
 trap cleanup EXIT
 
-wait_ctl() { until "$TINYLAG" status --control "$1" >/dev/null 2>&1; do sleep 0.02; done; }
-now() { date +%s.%N; }
 
 # One run with $1 devices: prints "iops puts_per_gib apply_mib_s".
 run() {
@@ -53,7 +52,7 @@ run() {
     fi
     "$TINYLAG" "${init[@]}" >/dev/null
     "$TINYLAG" "${serve[@]}" >"$d/serve.log" 2>&1 &
-    local s=$!; pids+=("$s")
+    local s=$!; PIDS+=("$s")
     wait_ctl "$d/p0.img.ctl"
     local out
     out=$(fio --ioengine=nbd --rw=randwrite --bs=4k --size="$SIZE" --time_based --runtime="$SECS" \
@@ -81,7 +80,6 @@ for r in $(seq 1 "$ROUNDS"); do
         IOPS[$n]+="$iops "; PUTS[$n]+="$puts "; APPLY[$n]+="$apply "
     done
 done
-median() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 for n in 1 2 4; do
     printf 'median N=%d  IOPS %.0f (%.2fx of N=1)  PUTs/GiB %.1f (%.2fx)  apply %.1f MiB/s (%.2fx)\n' "$n" \
         "$(median "${IOPS[$n]}")" "$(echo "$(median "${IOPS[$n]}") / $(median "${IOPS[1]}")" | bc -l)" \

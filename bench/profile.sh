@@ -16,6 +16,7 @@
 # default 8), SIZE (default 1G), BIN (a tinylag binary; default: build release here),
 # CONFIGS (default "nojournal journal"), NAME, OUTDIR (default bench/profile).
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RUNTIME=${RUNTIME:-8}
@@ -40,21 +41,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cpu_seconds() {
-    awk -v hz="$(getconf CLK_TCK)" '{sub(/^.*\) /, ""); print ($12 + $13) / hz}' "/proc/$1/stat"
-}
 ctx_switches() {
     cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n += $2} END {print n}'
-}
-wait_socket() {
-    for _ in $(seq 300); do
-        if python3 -c "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])" "$1" 2>/dev/null; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    echo "bench/profile.sh: nothing answered on $1" >&2
-    return 1
 }
 wait_logging() {
     for _ in $(seq 6000); do
@@ -66,11 +54,6 @@ wait_logging() {
     done
     echo "bench/profile.sh: $1 never reached mode logging" >&2
     return 1
-}
-stop() {
-    kill -TERM "$1" 2>/dev/null || true
-    for _ in $(seq 600); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
-    kill -KILL "$1" 2>/dev/null || true
 }
 # Runs fio against $1 (socket) for RUNTIME s; prints the total I/Os.
 fio_run() {

@@ -19,6 +19,7 @@
 # "<!-- rejoin:begin -->" and "<!-- rejoin:end -->" is replaced). Needs fio (nbd engine),
 # python3, cmp.
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
 
 SIZE=${SIZE:-1G}
@@ -38,7 +39,7 @@ rm -rf "$DIR"
 mkdir -p "$DIR"
 PIDS=()
 cleanup() {
-    for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+    kill_pids -KILL
 }
 trap cleanup EXIT
 export TINYLAG_LOG=warn
@@ -46,9 +47,6 @@ export TINYLAG_LOG=warn
 J=$DIR/journal
 A=$DIR/a.img
 B=$DIR/b.img
-now() { date +%s.%N; }
-status() { "$BIN" status --control "$1" --json 2>/dev/null || echo '{}'; }
-field() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval(sys.argv[1], {}, {'d': d}))" "$1"; }
 wait_for() { # $1 what, $2 command that succeeds when done
     for _ in $(seq 1200); do eval "$2" && return 0; sleep 0.1; done
     echo "bench/rejoin.sh: timed out waiting for $1" >&2; exit 1
@@ -127,7 +125,7 @@ DEVICE=$(numfmt --from=iec "$SIZE")
 DIVERGED_LINE=$(grep "diverged:" "$DIR/rejoin.log" | sed 's/^tinylag rejoin: //')
 UPTIME=$(uptime | sed 's/.*load average/load average/')
 
-python3 - "$OUT" <<EOF
+python3 - "$OUT" <<EOF | write_section rejoin "$OUT"
 import re, sys
 out = sys.argv[1]
 mib = lambda b: f"{int(b) / 2**20:,.1f} MiB"
@@ -164,11 +162,5 @@ The rejoin's own account: "$DIVERGED_LINE".
 | rejoin, from its start to A equal to B (B stopped once the span was durable) | {$T2 - $T1:.1f} |
 | today: full replay from the journal's start | {$T4 - $T3:.1f} |
 <!-- rejoin:end -->"""
-text = open(out).read()
-if "<!-- rejoin:begin -->" in text:
-    text = re.sub(r"<!-- rejoin:begin -->.*<!-- rejoin:end -->", lambda m: section, text, flags=re.S)
-else:
-    text = text.rstrip("\n") + "\n\n" + section + "\n"
-open(out, "w").write(text)
 print(section)
 EOF

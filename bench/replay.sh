@@ -20,6 +20,7 @@
 # TINYLAG_IO_ENGINE=threads, the last two in turns first; then again) so that the noise of
 # a shared machine hits every configuration alike.
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
 
 PART=${1:-all}
@@ -47,14 +48,11 @@ CATCHUP=$DIR/catchup.tsv
 : >"$CATCHUP"
 PIDS=()
 cleanup() {
-    for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
+    kill_pids
 }
 trap cleanup EXIT
 export TINYLAG_LOG=warn
 
-now() { date +%s.%N; }
 
 # Seconds taken by a command (its output goes to the log). The 1-minute load average before
 # each command goes to load.tsv: the machine is shared, the report says how busy it was.
@@ -124,15 +122,6 @@ stop() {
     kill -KILL "$1" 2>/dev/null || true
 }
 
-wait_path() {
-    for _ in $(seq 300); do [[ -e $1 ]] && return 0; sleep 0.1; done
-    echo "bench/replay.sh: $1 never appeared" >&2
-    return 1
-}
-
-S3_ENV=(AWS_ACCESS_KEY_ID=bench-access AWS_SECRET_ACCESS_KEY=bench-secret-not-real
-    AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true AWS_CONFIG_FILE=/dev/null
-    AWS_SHARED_CREDENTIALS_FILE=/dev/null)
 
 # One burst: workload $1 (randwrite-4k|seqwrite-1M), journal $2 (local|s3), run $3.
 catchup_run() {
@@ -147,17 +136,9 @@ catchup_run() {
     cp --sparse=never "$DIR/seed.img" "$replica"
     if [[ $where == s3 ]]; then
         mkdir -p "$work/s3/bench"
-        local port
-        port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-        "$S3FS" --host 127.0.0.1 --port "$port" --access-key bench-access \
-            --secret-key bench-secret-not-real "$work/s3" >"$work/s3.log" 2>&1 &
-        s3pid=$!
-        PIDS+=("$s3pid")
-        for _ in $(seq 100); do
-            python3 -c "import socket,sys; socket.create_connection(('127.0.0.1',int(sys.argv[1])),1)" "$port" 2>/dev/null && break
-            sleep 0.1
-        done
-        env=("${S3_ENV[@]}" AWS_ENDPOINT_URL="http://127.0.0.1:$port")
+        start_s3fs "$work/s3" "$work/s3.log"
+        s3pid=$S3PID
+        env=("${S3ENV[@]}")
         journal=s3://bench/j
     else
         journal=$work/journal
@@ -290,7 +271,7 @@ PY
 }
 
 summarize() {
-    python3 - "$RESULTS" "$SIZE" "$OUT" "$RUNS" "$CATCHUP" "$BURST" <<'PY'
+    python3 - "$RESULTS" "$SIZE" "$OUT" "$RUNS" "$CATCHUP" "$BURST" <<'PY' | write_section replay "$OUT"
 import os, platform, statistics, subprocess, sys, time
 results, size_arg, out, runs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 catchup, burst = sys.argv[5], sys.argv[6]
@@ -431,11 +412,6 @@ Anchor, measured on the same kind of 2-core machine with Ceph 16.2 rbd-mirror in
 40 s (4k) and 105 s (1M).
 """
 section = "<!-- replay:begin -->\n## replay\n\n" + apply + ("\n" if apply and catchup_text else "") + catchup_text + "<!-- replay:end -->\n"
-if begin in text and end in text:
-    text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
-else:
-    text = text.rstrip("\n") + "\n\n" + section
-open(out, "w").write(text)
 print(section)
 PY
 }

@@ -22,6 +22,7 @@
 # Needs fio (nbd engine), python3, cmp, s3s-fs (scripts/install-test-deps.sh), gnuplot
 # (Debian: gnuplot-nox) for the outage timeline.
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
 
 PART=${1:-all}
@@ -45,34 +46,18 @@ rm -rf "$DIR"
 mkdir -p "$DIR"
 PIDS=()
 cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    kill_pids
 }
 trap cleanup EXIT
 export TINYLAG_LOG=warn
-S3_ENV=(AWS_ACCESS_KEY_ID=bench-access AWS_SECRET_ACCESS_KEY=bench-secret-not-real
-    AWS_REGION=us-east-1 AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null
-    AWS_EC2_METADATA_DISABLED=true)
 
-now() { date +%s.%N; }
-wait_path() { for _ in $(seq 600); do [[ -e $1 ]] && return 0; sleep 0.1; done; echo "no $1" >&2; exit 1; }
-status() { "$BIN" status --control "$1" --json 2>/dev/null || echo '{}'; }
-field() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval(sys.argv[1], {}, {'d': d}))" "$1"; }
 # fio write IOPS through the NBD socket $1 for $2 seconds.
 fio_iops() {
     fio --name=load --ioengine=nbd --uri="nbd+unix:///?socket=$1" --rw=randwrite --bs=4k \
         --iodepth=32 --size="$SIZE" --time_based --runtime="$2" --norandommap --randrepeat=0 \
         --output-format=json 2>/dev/null | sed -n '/^{/,$p' | field 'round(d["jobs"][0]["write"]["iops"])'
 }
-start_s3() { # $1 data dir, $2 port
-    "$S3FS" --host 127.0.0.1 --port "$2" --access-key bench-access \
-        --secret-key bench-secret-not-real "$1" >>"$DIR/s3.log" 2>&1 &
-    S3PID=$!
-    PIDS+=("$S3PID")
-    for _ in $(seq 100); do
-        python3 -c "import socket,sys; socket.create_connection(('127.0.0.1',int(sys.argv[1])),1)" "$2" 2>/dev/null && return 0
-        sleep 0.1
-    done
-}
+start_s3() { start_s3fs "$1" "$DIR/s3.log" "$2"; } # $1 data dir, $2 port
 seed() { # a file of $SIZE random-ish data (compresses about 2:1)
     python3 - "$1" "$SIZE" <<'EOF'
 import os, sys
@@ -194,7 +179,7 @@ case $PART in
     *) echo "usage: bench/resync.sh [outage|al|all]" >&2; exit 1 ;;
 esac
 
-python3 - "$DIR" "$OUT" "$SIZE" "$RUNTIME" "$REPS" "$SVG" <<'EOF'
+python3 - "$DIR" "$OUT" "$SIZE" "$RUNTIME" "$REPS" "$SVG" <<'EOF' | write_section resync "$OUT"
 import os, statistics, subprocess, sys, datetime
 d, out, size, runtime, reps, svg = sys.argv[1:]
 cpus = os.cpu_count()
@@ -235,14 +220,6 @@ if os.path.exists(f"{d}/al.tsv"):
                   f"| off (`--no-activity-log`) | {moff:,.0f} | {', '.join(f'{v:.0f}' for v in off)} | 1.00x | |",
                   f"| on | {mon:,.0f} | {', '.join(f'{v:.0f}' for v in on)} | {mon / moff:.2f}x | ≥ 0.95x |", ""]
 lines.append("<!-- resync:end -->")
-text = open(out).read() if os.path.exists(out) else "# Benchmarks\n"
 section = "\n".join(lines)
-if "<!-- resync:begin -->" in text:
-    a = text.index("<!-- resync:begin -->")
-    b = text.index("<!-- resync:end -->") + len("<!-- resync:end -->")
-    text = text[:a] + section + text[b:]
-else:
-    text = text.rstrip("\n") + "\n\n" + section + "\n"
-open(out, "w").write(text)
 print(section)
 EOF

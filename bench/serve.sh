@@ -40,6 +40,7 @@
 # SWEEP (MB/s steps of sweep-1M on c, d and x; default "300 600 900 1200"), BASE_BIN (config x),
 # TABLE_ONLY=1 (with BENCH_DIR: only rewrite the table from that directory's results.tsv).
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RUNTIME=${RUNTIME:-10}
@@ -69,9 +70,7 @@ RESULTS=$WORK/results.tsv
 if [[ -z ${TABLE_ONLY:-} ]]; then : >"$RESULTS"; fi
 PIDS=()
 cleanup() {
-    for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
+    kill_pids
     if [[ -z ${BENCH_DIR:-} ]]; then rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
@@ -99,34 +98,10 @@ for c in $CONFIGS; do
 done
 rm -f "$SEED"
 
-# Waits (up to 30 s) for a Unix socket to accept connections.
-wait_socket() {
-    for _ in $(seq 300); do
-        if python3 -c "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])" "$1" 2>/dev/null; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    echo "bench/serve.sh: nothing answered on $1" >&2
-    return 1
-}
 
 hwm_bytes() { awk '/^VmHWM:/ {print $2 * 1024}' "/proc/$1/status"; }
-# CPU seconds (user + system) pid $1 has used so far.
-cpu_seconds() {
-    awk -v hz="$(getconf CLK_TCK)" '{sub(/^.*\) /, ""); print ($12 + $13) / hz}' "/proc/$1/stat"
-}
 
-# Stops pid $1 with SIGTERM and waits for it.
-stop() {
-    kill -TERM "$1" 2>/dev/null || true
-    for _ in $(seq 600); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
-    kill -KILL "$1" 2>/dev/null || true
-}
 
-S3_ENV=(AWS_ACCESS_KEY_ID=bench-access AWS_SECRET_ACCESS_KEY=bench-secret-not-real
-    AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true AWS_CONFIG_FILE=/dev/null
-    AWS_SHARED_CREDENTIALS_FILE=/dev/null)
 
 # Starts server $1 (a..g); sets URI (empty for f: fio opens the file), PID (empty for f),
 # CTL (empty for nbdkit) and S3PID.
@@ -179,19 +154,10 @@ start_server() {
         local bin=$BIN
         if [[ $c == y ]]; then bin=$BASE_BIN; fi
         mkdir -p "$WORK/s3-$c/bench"
-        local port
-        port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-        "$S3FS" --host 127.0.0.1 --port "$port" --access-key bench-access \
-            --secret-key bench-secret-not-real "$WORK/s3-$c" >"$WORK/s3.log" 2>&1 &
-        S3PID=$!
-        PIDS+=("$S3PID")
-        for _ in $(seq 100); do
-            python3 -c "import socket,sys; socket.create_connection(('127.0.0.1',int(sys.argv[1])),1)" "$port" 2>/dev/null && break
-            sleep 0.1
-        done
-        env "${S3_ENV[@]}" AWS_ENDPOINT_URL="http://127.0.0.1:$port" \
-            "$bin" init --journal s3://bench/j --size "$SIZE" --primary "$img" >/dev/null
-        SERVE=(env "${S3_ENV[@]}" AWS_ENDPOINT_URL="http://127.0.0.1:$port"
+        start_s3fs "$WORK/s3-$c" "$WORK/s3.log"
+        env "${S3ENV[@]}" "$bin" init --journal s3://bench/j --size "$SIZE" --primary "$img" \
+            >/dev/null
+        SERVE=(env "${S3ENV[@]}"
             "$bin" serve --primary "$img" --journal s3://bench/j --listen "unix:$sock")
         "${SERVE[@]}" >"$WORK/$c.log" 2>&1 &
         PID=$!
@@ -358,7 +324,7 @@ fi
 python3 - "$RESULTS" "$OUT" "$RUNTIME" "$REPS" "$SIZE" "$(nproc)" \
     "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs)" \
     "$(stat -f -c %T "$WORK")" "$(uname -r)" "$(fio --version)" "$(nbdkit --version | head -1)" \
-    "$(cat "$WORK/load.txt" 2>/dev/null || true)" <<'EOF'
+    "$(cat "$WORK/load.txt" 2>/dev/null || true)" <<'EOF' | write_section "## serve" "$OUT"
 import statistics, sys
 from collections import defaultdict
 results, out, runtime, reps, size, cores, cpu, fs, kernel, fio, nbdkit, load = sys.argv[1:13]
@@ -498,16 +464,5 @@ if sweep:
                          f"overflowed {over}/{len(runs)}")
         lines.append(f"| {wl.split('@')[1]} | " + " | ".join(cells) + " |")
 section = "\n".join(lines) + "\n"
-try:
-    text = open(out).read()
-except FileNotFoundError:
-    text = "# Benchmarks\n\nNumbers from the scripts in `bench/`; each section says how it was made.\n\n"
-start = text.find("## serve\n")
-if start >= 0:
-    end = text.find("\n## ", start + 1)
-    text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-else:
-    text = text.rstrip("\n") + "\n\n" + section
-open(out, "w").write(text)
 print(section)
 EOF

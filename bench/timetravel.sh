@@ -18,6 +18,7 @@
 # "timetravel" section between its markers is replaced). Needs fio (nbd engine), qemu-io,
 # python3.
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
 
 RUNS=${RUNS:-3}
@@ -47,15 +48,11 @@ RESULTS=$DIR/results.tsv
 : >"$RESULTS"
 PIDS=()
 cleanup() {
-    for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
+    kill_pids
 }
 trap cleanup EXIT
 export TINYLAG_LOG=warn
 
-now() { date +%s.%N; }
-elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.4f}')" "$1" "$2"; }
 
 echo "journal: $SIZE fill + $WRITES random 4k writes over ${SPAN}s"
 AT=$("$GEN" "$DIR/journal" "$SIZE" "$WRITES" "$SPAN")
@@ -135,7 +132,7 @@ for run in $(seq 1 "$RUNS"); do
 done
 
 python3 - "$RESULTS" "$OUT" "$SIZE" "$WRITES" "$SPAN" "$RUNS" "$UNDO_BYTES" "$(uname -r)" \
-    "$(stat -f -c %T "$DIR")" "$(nproc)" "$PROFILE" <<'EOF'
+    "$(stat -f -c %T "$DIR")" "$(nproc)" "$PROFILE" <<'EOF' | write_section timetravel "$OUT"
 import statistics, sys
 from collections import defaultdict
 results, out, size, writes, span, runs, undo, kernel, fs, cores, profile = sys.argv[1:]
@@ -169,12 +166,5 @@ resolving the time, building the extent map from {writes} undo records' index en
 qemu-io's own start-up, measured alone in the next column.
 <!-- timetravel:end -->
 """
-text = open(out).read() if __import__("os").path.exists(out) else "# Benchmarks\n"
-b, e = "<!-- timetravel:begin -->", "<!-- timetravel:end -->\n"
-if b in text:
-    text = text[: text.index(b)] + section + text[text.index(e) + len(e):]
-else:
-    text = text.rstrip("\n") + "\n\n" + section
-open(out, "w").write(text)
 print(section)
 EOF

@@ -22,6 +22,7 @@
 # TABLE_ONLY=1 (with BENCH_DIR: only rewrite the table from that directory's results.tsv),
 # TINYLAG_BIN (an already built release binary: skips the cargo build).
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RUNTIME=${RUNTIME:-10}
@@ -41,9 +42,7 @@ RESULTS=$WORK/results.tsv
 if [[ -z ${TABLE_ONLY:-} ]]; then : >"$RESULTS"; fi
 PIDS=()
 cleanup() {
-    for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
+    kill_pids
     if [[ -z ${BENCH_DIR:-} ]]; then rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
@@ -84,24 +83,6 @@ EOF
 for c in $CONFIGS; do cp --sparse=never "$SEED" "$WORK/$c.img"; done
 rm -f "$SEED"
 
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-wait_port() {
-    for _ in $(seq 300); do
-        if python3 -c "import socket,sys; socket.create_connection(('127.0.0.1',int(sys.argv[1])),1)" "$1" 2>/dev/null; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    echo "bench/tls.sh: nothing answered on 127.0.0.1:$1" >&2
-    return 1
-}
-stop() {
-    kill -TERM "$1" 2>/dev/null || true
-    for _ in $(seq 600); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
-    kill -KILL "$1" 2>/dev/null || true
-}
 
 # Starts server $1; sets URI and PID.
 start_server() {
@@ -171,7 +152,7 @@ if [[ -z ${TABLE_ONLY:-} ]]; then measure; fi
 
 python3 - "$RESULTS" "$OUT" "$RUNTIME" "$REPS" "$SIZE" "$(nproc)" \
     "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs)" \
-    "$(uname -r)" "$(fio --version)" "$(nbdkit --version | head -1)" <<'EOF'
+    "$(uname -r)" "$(fio --version)" "$(nbdkit --version | head -1)" <<'EOF' | write_section "## TLS" "$OUT"
 import statistics, sys
 from collections import defaultdict
 results, out, runtime, reps, size, cores, cpu, kernel, fio, nbdkit = sys.argv[1:11]
@@ -221,16 +202,5 @@ for (x, y, i, what, target) in [("c", "b", 0, "IOPS c/b (TLS/plain, no journal)"
         shown = target if (wl.endswith("4k") or "nbdkit" in what) else ""
         lines.append(f"| {what} | {wl} | {r:.2f} | {shown} |")
 section = "\n".join(lines) + "\n"
-try:
-    text = open(out).read()
-except FileNotFoundError:
-    text = "# Benchmarks\n\nNumbers from the scripts in `bench/`; each section says how it was made.\n\n"
-start = text.find("## TLS\n")
-if start >= 0:
-    end = text.find("\n## ", start + 1)
-    text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-else:
-    text = text.rstrip("\n") + "\n\n" + section
-open(out, "w").write(text)
 print(section)
 EOF

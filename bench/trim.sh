@@ -14,6 +14,7 @@
 # BENCHMARKS.md; the "trim" section between its markers is replaced), CARGO_PROFILE
 # (default release; anything else uses the debug build). Needs python3, and s3s-fs for the S3 case (scripts/install-test-deps.sh).
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
 
 RUNS=${RUNS:-3}
@@ -37,37 +38,21 @@ GEN=$TARGET/examples/trim_bench_journal
 
 PIDS=()
 cleanup() {
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    kill_pids
 }
 trap cleanup EXIT
 
-S3_ENV=(AWS_ACCESS_KEY_ID=bench-access AWS_SECRET_ACCESS_KEY=bench-secret-not-real
-    AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true AWS_CONFIG_FILE=/dev/null
-    AWS_SHARED_CREDENTIALS_FILE=/dev/null)
 S3PID=""
 S3ENV=()
 
 # Starts s3s-fs on directory $1; sets S3PID and S3ENV.
-start_s3() {
-    local port
-    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-    "$S3FS" --host 127.0.0.1 --port "$port" --access-key bench-access \
-        --secret-key bench-secret-not-real "$1" >"$1.log" 2>&1 &
-    S3PID=$!
-    PIDS+=("$S3PID")
-    for _ in $(seq 100); do
-        python3 -c "import socket,sys; socket.create_connection(('127.0.0.1',int(sys.argv[1])),1)" "$port" 2>/dev/null && break
-        sleep 0.1
-    done
-    S3ENV=("${S3_ENV[@]}" AWS_ENDPOINT_URL="http://127.0.0.1:$port")
-}
+start_s3() { start_s3fs "$1"; }
 
 stop_s3() {
     kill -TERM "$S3PID" 2>/dev/null || true
     wait "$S3PID" 2>/dev/null || true
 }
 
-now() { python3 -c 'import time; print(time.monotonic())'; }
 
 rm -rf "$DIR"
 mkdir -p "$DIR"
@@ -130,7 +115,7 @@ for run in $(seq "$RUNS"); do
     done
 done
 
-python3 - "$RESULTS" "$OUT" "$SEGMENTS" "$RUNS" "$PROFILE" <<'PY'
+python3 - "$RESULTS" "$OUT" "$SEGMENTS" "$RUNS" "$PROFILE" <<'PY' | write_section trim "$OUT"
 import os, statistics, sys, time
 results, out, segments, runs, profile = sys.argv[1:6]
 rows = {}
@@ -179,12 +164,5 @@ and on s3s-fs too once segments pass 64 KiB, as real 8 MiB segments do). Index r
 to 32 at a time.
 <!-- trim:end -->
 """
-text = open(out).read() if os.path.exists(out) else "# tinylag benchmarks\n"
-begin, end = "<!-- trim:begin -->", "<!-- trim:end -->"
-if begin in text and end in text:
-    text = text[:text.index(begin)] + section.rstrip("\n") + text[text.index(end) + len(end):]
-else:
-    text = text.rstrip("\n") + "\n\n" + section
-open(out, "w").write(text)
 print(section)
 PY

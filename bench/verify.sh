@@ -22,6 +22,7 @@
 # PROFILE (release, default, or debug: no release build, for a machine without the time),
 # BUILD=0 (use the binary already built).
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SIZE=${SIZE:-1G}
@@ -40,7 +41,7 @@ RESULTS=$WORK/results.tsv
 : >"$RESULTS"
 PIDS=()
 cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    kill_pids
     if [[ -z ${BENCH_DIR:-} ]]; then rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
@@ -60,21 +61,6 @@ SOCK=$WORK/primary.sock
 CTL=$IMG.ctl
 URI="nbd+unix:///?socket=$SOCK"
 
-wait_socket() {
-    for _ in $(seq 300); do
-        if python3 -c "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])" "$1" 2>/dev/null; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    echo "bench/verify.sh: nothing answered on $1" >&2
-    return 1
-}
-stop() {
-    kill -TERM "$1" 2>/dev/null || true
-    for _ in $(seq 600); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
-    kill -KILL "$1" 2>/dev/null || true
-}
 start_serve() {
     "$BIN" serve --primary "$IMG" --journal "$WORK/journal" --listen "unix:$SOCK" "$@" \
         >>"$WORK/serve.log" 2>&1 &
@@ -82,7 +68,6 @@ start_serve() {
     PIDS+=("$PID")
     wait_socket "$SOCK"
 }
-field() { python3 -c 'import json,sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"; }
 fio_json() { python3 -c 'import json,sys
 j = json.load(open(sys.argv[1]))["jobs"][0]
 side = j["write"] if j["write"]["io_bytes"] > 0 else j["read"]
@@ -107,7 +92,7 @@ for rep in $(seq "$REPS"); do
     fio --name=read --ioengine=nbd --uri="$URI" --rw=read --bs=1M --iodepth=4 --size="$SIZE" \
         --output-format=json --output="$WORK/fio.json" >/dev/null
     echo -e "read\t$rep\t$(fio_json "$WORK/fio.json" bw_bytes)" >>"$RESULTS"
-    rate=$("$BIN" verify --control "$CTL" --regions all --rate 0 --json | field rate)
+    rate=$("$BIN" verify --control "$CTL" --regions all --rate 0 --json | field 'd["rate"]')
     echo -e "verify\t$rep\t$rate" >>"$RESULTS"
 
     fio --name=rw --ioengine=nbd --uri="$URI" --rw=randwrite --bs=4k --iodepth=32 --size="$SIZE" \
@@ -134,7 +119,7 @@ echo -e "renewals\t1\t$(python3 -c "print(($after - $before) * 60 / $LEASE_WINDO
 stop "$PID"
 
 python3 - "$RESULTS" "$OUT" "$SIZE" "$REPS" "$RUNTIME" "$LEASE_WINDOW" "$(nproc)" \
-    "$(uptime | sed 's/.*load average: //')" "$(fio --version)" "$PROFILE" <<'EOF'
+    "$(uptime | sed 's/.*load average: //')" "$(fio --version)" "$PROFILE" <<'EOF' | write_section "## verify and leases" "$OUT"
 import statistics, sys
 from collections import defaultdict
 results, out, size, reps, runtime, window, cores, load, fio, profile = sys.argv[1:11]
@@ -164,16 +149,5 @@ lines = ["## verify and leases", "",
          f"| verify / fio read throughput | {med['verify'] / med['read']:.2f} |",
          f"| randwrite IOPS during verify / alone | {med['rw+v'] / med['rw']:.2f} |"]
 section = "\n".join(lines) + "\n"
-try:
-    text = open(out).read()
-except FileNotFoundError:
-    text = "# Benchmarks\n"
-start = text.find("## verify and leases\n")
-if start >= 0:
-    end = text.find("\n## ", start + 1)
-    text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-else:
-    text = text.rstrip("\n") + "\n\n" + section
-open(out, "w").write(text)
 print(section)
 EOF

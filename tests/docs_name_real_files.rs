@@ -172,3 +172,15 @@ fn the_check_reports_a_missing_file_a_missing_module_and_a_missing_item() {
         ]
     );
 }
+
+/// ARCHITECTURE.md stays a map a newcomer reads in ten minutes (about 1,800 words): how a
+/// part works in detail belongs in its module's `//!` header.
+#[test]
+fn the_architecture_document_stays_a_ten_minute_read() {
+    let text = std::fs::read_to_string(repo().join("ARCHITECTURE.md")).expect("ARCHITECTURE.md");
+    let words = text.split_whitespace().count();
+    assert!(
+        words <= 1_800,
+        "ARCHITECTURE.md has {words} words: move the detail into the module headers"
+    );
+}

@@ -259,25 +259,10 @@ async fn append_at(journal: &mut TestJournal, ts: u64) {
     journal.append_at(ops, ts).await;
 }
 
-/// Polls a replay agent's status until it has applied `lsn`.
-fn wait_applied(replica: &Path, lsn: u64, guard: &support::procs::ChildGuard) {
-    let control = format!("{}.ctl", replica.display());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let out = support::daemon::tinylag(&["status", "--control", &control, "--json"], &[]);
-        if out.status.success() {
-            let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-            if s["applied_lsn"].as_u64().is_some_and(|a| a >= lsn) {
-                return;
-            }
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "agent never applied LSN {lsn}: {}",
-            guard.log_tail(4000)
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+/// Waits until the replay agent of `replica` (control socket beside it) has applied `lsn`.
+fn wait_applied(replica: &Path, lsn: u64, guard: &mut support::procs::ChildGuard) {
+    let control = std::path::PathBuf::from(format!("{}.ctl", replica.display()));
+    support::daemon::wait_applied(&control, guard, lsn, std::time::Duration::from_secs(60));
 }
 
 fn head_lsn(journal: &str) -> u64 {
@@ -333,8 +318,8 @@ fn promote_at_a_mark_keeps_the_old_primarys_tail_as_a_branch() {
     primary.stop_ok();
     let end = head_lsn(&journal);
     assert!(end > good + 1);
-    wait_applied(&b, end, &agent_b);
-    wait_applied(&c, end, &agent_c);
+    wait_applied(&b, end, &mut agent_b);
+    wait_applied(&c, end, &mut agent_c);
     agent_b
         .terminate(std::time::Duration::from_secs(30))
         .unwrap();
@@ -362,18 +347,10 @@ fn promote_at_a_mark_keeps_the_old_primarys_tail_as_a_branch() {
         ]),
         &[],
     );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !promoted
-        .log_tail()
-        .contains(&format!("promoted at LSN {good}:"))
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{}",
-            promoted.log_tail()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    promoted.wait_log(
+        std::time::Duration::from_secs(30),
+        &format!("promoted at LSN {good}:"),
+    );
     let s = promoted.status();
     assert_eq!(s["start"]["kind"], "clean", "{s:#}");
     // B serves the disk as of the mark; its writes go on the new chain.
@@ -384,7 +361,7 @@ fn promote_at_a_mark_keeps_the_old_primarys_tail_as_a_branch() {
     // A stop makes everything durable: then C must reach the journal's end.
     promoted.stop_ok();
     let new_end = head_lsn(&journal);
-    wait_applied(&c, new_end, &agent_c);
+    wait_applied(&c, new_end, &mut agent_c);
     let status = support::daemon::tinylag_ok(
         &[
             "status",
@@ -451,12 +428,7 @@ fn promote_at_a_mark_keeps_the_old_primarys_tail_as_a_branch() {
         &dir.path().join("mount.log"),
     )
     .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !socket.exists() {
-        assert!(mount.exited().is_none(), "{}", mount.log_tail(4000));
-        assert!(std::time::Instant::now() < deadline, "mount never listened");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    mount.wait_for_path(&socket, std::time::Duration::from_secs(30));
     let mounted = dir.path().join("mounted.img");
     support::nbd::run_ok(std::process::Command::new("nbdcopy").args([
         &format!("nbd+unix:///disk0?socket={}", path(&socket)),

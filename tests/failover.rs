@@ -11,9 +11,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::daemon::{init, tinylag, tinylag_ok, Daemon};
+use support::daemon::{init, tinylag, tinylag_ok, wait_applied, wait_control, Daemon};
 use support::nbd::{fio_cmd, qemu_io, run_ok as run_cmd_ok};
-use support::procs::{path, ChildGuard};
+use support::procs::{path, wait_for, ChildGuard};
 use support::replay::{replay_args, run_ok, spawn};
 
 const MIB: u64 = 1 << 20;
@@ -56,44 +56,9 @@ fn assert_zero_resync(daemon: &Daemon) {
     assert_eq!(s["resync"]["regions_done"], 0, "{s:#}");
 }
 
-/// Waits until the daemon's log holds `needle` (promote reports once it serves).
-fn wait_log(daemon: &Daemon, needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !daemon.log_tail().contains(needle) {
-        assert!(
-            Instant::now() < deadline,
-            "no {needle:?} in the log:\n{}",
-            daemon.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn verify_journal(journal: &str) {
     let out = tinylag_ok(&["journal", "verify", "--journal", journal], &[]);
     assert!(out.contains("every checksum is good"), "{out}");
-}
-
-/// Polls a replay agent's status until it has applied `lsn`.
-fn wait_applied(control: &Path, lsn: u64, log: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let out = tinylag(&["status", "--control", path(control), "--json"], &[]);
-        if out.status.success() {
-            let s: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
-            if s["applied_lsn"].as_u64().is_some_and(|a| a >= lsn) {
-                return;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "agent never applied LSN {lsn}; status {}{}; log:\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// Site A serves, site B replays; A demotes, B is promoted; B takes fio, demotes; A (which
@@ -153,7 +118,7 @@ fn planned_failover_and_failback_twice_under_fio_resync_nothing() {
             p.push(".ctl");
             std::path::PathBuf::from(p)
         };
-        wait_applied(&agent_control, lsn, &agent_log);
+        wait_applied(&agent_control, &mut agent, lsn, Duration::from_secs(120));
         agent.terminate(Duration::from_secs(30)).unwrap();
         // SIGTERM after demote: exit 0, nothing more written (the seed stamp still vouches).
         let log = primary.stop_ok();
@@ -164,7 +129,7 @@ fn planned_failover_and_failback_twice_under_fio_resync_nothing() {
         );
         let promoted = promote(&sites[next].0, &journal, sites[next].1, &[]);
         assert_zero_resync(&promoted);
-        wait_log(&promoted, &format!("promoted at LSN {lsn}:"));
+        promoted.wait_log(Duration::from_secs(30), &format!("promoted at LSN {lsn}:"));
         verify_journal(&journal);
         // The demoted site follows the new primary from its own DEMOTE.
         let mut follow = replay_args(&journal, &sites[current].0, sites[current].1);
@@ -184,7 +149,12 @@ fn planned_failover_and_failback_twice_under_fio_resync_nothing() {
         p.push(".ctl");
         std::path::PathBuf::from(p)
     };
-    wait_applied(&other, done["lsn"].as_u64().unwrap(), &agent_log);
+    wait_applied(
+        &other,
+        &mut agent,
+        done["lsn"].as_u64().unwrap(),
+        Duration::from_secs(120),
+    );
     agent.terminate(Duration::from_secs(30)).unwrap();
     primary.stop_ok();
     assert!(files_equal(&a, &b));
@@ -205,8 +175,12 @@ fn forced_promote_after_kill_9_equals_the_journal_head() {
     let mut args = replay_args(&journal, &b, "siteb");
     args.push("--assume-seeded".into());
     let mut agent = spawn(&args, &dir.path().join("b.replay.log"));
+    let head = primary.status()["head_lsn"].as_u64().unwrap();
     let mut load = ChildGuard::spawn("fio", &mut fio(&primary.uri(), dir.path(), 30)).unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    // Killed under load: once fio's writes are flowing into the journal.
+    primary.wait_status(Duration::from_secs(60), "fio writing", |s| {
+        s["head_lsn"].as_u64().unwrap() > head + 200
+    });
     primary.kill9();
     let killed = Instant::now();
     let _ = load.terminate(Duration::from_secs(10));
@@ -284,21 +258,30 @@ fn racing_promotes_have_one_winner_and_a_fenced_writer_cannot_demote() {
         })
         .collect();
     // The loser exits; the winner keeps serving.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let loser = loop {
-        if let Some(i) = racers.iter_mut().position(|r| r.exited().is_some()) {
-            break i;
-        }
-        assert!(Instant::now() < deadline, "neither promote was refused");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let loser = wait_for(
+        "one promote to be refused",
+        Duration::from_secs(120),
+        || {
+            racers
+                .iter_mut()
+                .position(|r| r.exited().is_some())
+                .ok_or_else(|| "both still run".to_string())
+        },
+    );
     let status = racers[loser].exited().unwrap();
     assert!(!status.success(), "the loser fails");
     let winner = 1 - loser;
-    std::thread::sleep(Duration::from_secs(2));
-    assert!(racers[winner].exited().is_none(), "the winner serves");
     let mut ctl = replicas[winner].as_os_str().to_owned();
     ctl.push(".ctl");
+    // The winner serves: its control socket answers with the next epoch.
+    wait_control(
+        Path::new(&ctl),
+        &mut racers[winner],
+        Duration::from_secs(60),
+        "the winner to serve",
+        |s| s["epoch"] == 2,
+    );
+    assert!(racers[winner].exited().is_none(), "the winner serves");
     let out = tinylag_ok(
         &["status", "--control", path(Path::new(&ctl)), "--json"],
         &[],

@@ -11,11 +11,11 @@ mod support;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use support::daemon::{init, tinylag, tinylag_ok, Daemon};
+use support::daemon::{init, tinylag, tinylag_ok, wait_lease_expired, Daemon};
 use support::nbd::{pattern, qemu_io_ok};
-use support::procs::ChildGuard;
+use support::procs::{wait_for, ChildGuard};
 use support::replay::{first_difference, replay_args, spawn};
 
 const MIB: u64 = 1 << 20;
@@ -40,8 +40,7 @@ fn consumer(journal: &str, name: &str) -> serde_json::Value {
 
 /// Waits until consumer `name` has applied the journal's last LSN.
 fn wait_caught_up(journal: &str, name: &str, agent: &mut ChildGuard, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    loop {
+    wait_for(&format!("agent {name} to catch up"), timeout, || {
         let info = journal_info(journal);
         let head = info["head"]["last_lsn"].as_u64().unwrap_or(0);
         let applied = info["consumers"]
@@ -49,21 +48,20 @@ fn wait_caught_up(journal: &str, name: &str, agent: &mut ChildGuard, timeout: Du
             .and_then(|c| c.iter().find(|c| c["name"] == name))
             .and_then(|c| c["applied_lsn"].as_u64())
             .unwrap_or(0);
-        if head > 0 && applied == head {
-            return;
-        }
         assert!(
             agent.exited().is_none(),
             "replay agent exited; log:\n{}",
             agent.log_tail(8192)
         );
-        assert!(
-            Instant::now() < deadline,
-            "agent {name} at LSN {applied}, head {head}; log:\n{}",
-            agent.log_tail(8192)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        if head > 0 && applied == head {
+            Ok(())
+        } else {
+            Err(format!(
+                "at LSN {applied}, head {head}; log:\n{}",
+                agent.log_tail(8192)
+            ))
+        }
+    });
 }
 
 /// Waits until the daemon's journal is durable up to its head.
@@ -197,8 +195,9 @@ fn a_writer_paused_past_its_lease_is_fenced_and_the_replica_follows_the_survivor
 
     // A is paused past its lease; B sees it expired and starts without --takeover, from a
     // copy of A's primary (what A had acknowledged and journaled).
+    let epoch_a = a.status()["epoch"].as_u64().unwrap();
     signal(a.pid(), libc::SIGSTOP);
-    std::thread::sleep(Duration::from_millis(2500));
+    wait_lease_expired(Path::new(&t.journal), epoch_a, Duration::from_secs(30));
     std::fs::copy(&pa, &pb).unwrap();
     let mut b = Daemon::start(&pb, &t.journal, &["--lease-time", "2s"], &[]);
     assert_eq!(b.status()["epoch"], 2);
@@ -249,19 +248,17 @@ fn wait_tally(
     agent: &mut ChildGuard,
     ready: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    wait_for("the verify tally", Duration::from_secs(60), || {
         let tally = verify_tally(journal, name);
         if ready(&tally) {
-            return tally;
+            Ok(tally)
+        } else {
+            Err(format!(
+                "tally {tally:#}; agent log:\n{}",
+                agent.log_tail(8192)
+            ))
         }
-        assert!(
-            Instant::now() < deadline,
-            "verify tally {tally:#}; agent log:\n{}",
-            agent.log_tail(8192)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    })
 }
 
 #[test]

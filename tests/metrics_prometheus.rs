@@ -8,11 +8,11 @@ mod support;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use support::daemon::{init, tinylag, tinylag_bin, tinylag_ok, Daemon};
+use support::daemon::{control_status, init, tinylag, tinylag_bin, tinylag_ok, Daemon};
 use support::nbd::qemu_io_ok;
-use support::procs::{free_port, ChildGuard};
+use support::procs::{free_port, wait_for, ChildGuard};
 use support::prometheus::{http_get, promtool_check, Prometheus};
 use support::replay::{replay_args, spawn};
 
@@ -56,24 +56,11 @@ fn wait_replica(
     what: &str,
     ready: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if control.exists() {
-            let out = tinylag(
-                &["status", "--control", control.to_str().unwrap(), "--json"],
-                &[],
-            );
-            if out.status.success() {
-                let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-                if ready(&s) {
-                    return s;
-                }
-                assert!(Instant::now() < deadline, "{what}: last status {s:#}");
-            }
-        }
-        assert!(Instant::now() < deadline, "the replay agent never answered");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for(what, WAIT, || match control_status(control) {
+        Ok(s) if ready(&s) => Ok(s),
+        Ok(s) => Err(format!("status {s:#}")),
+        Err(e) => Err(format!("the replay agent does not answer: {e}")),
+    })
 }
 
 fn u(v: &serde_json::Value) -> f64 {
@@ -257,16 +244,15 @@ fn up_serves_the_primary_and_the_replica_on_one_endpoint() {
         .expect("spawn tinylag up");
     up.wait_for_port(port, WAIT)
         .unwrap_or_else(|e| panic!("{e}"));
-    let deadline = Instant::now() + WAIT;
-    let text = loop {
+    let text = wait_for("both sides in one scrape", WAIT, || {
         let (code, text) = http_get(port, "/metrics");
         assert_eq!(code, 200, "{text}");
         if text.contains("tinylag_mode{") && text.contains("tinylag_replica_state{") {
-            break text;
+            Ok(text)
+        } else {
+            Err(format!("one side missing:\n{text}"))
         }
-        assert!(Instant::now() < deadline, "one side missing:\n{text}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    });
     promtool_check(&text).unwrap_or_else(|e| panic!("promtool: {e}\n{text}"));
     for (role, store) in [
         ("primary", "journal"),
@@ -298,17 +284,20 @@ fn status_watch_redraws_every_second_until_interrupted() {
         .env("TINYLAG_LOG", "warn");
     let mut watch = ChildGuard::spawn_logged("tinylag status --watch", &mut cmd, &log).unwrap();
     let frames = |text: &str| text.matches("tinylag status --watch ").count();
-    let deadline = Instant::now() + WAIT;
+    let frames_at_least = |n: usize| {
+        wait_for(&format!("{n} frames"), WAIT, || {
+            let seen = frames(&std::fs::read_to_string(&log).unwrap());
+            if seen >= n {
+                Ok(())
+            } else {
+                Err(format!("{seen} frames"))
+            }
+        })
+    };
     // A write between frames shows in the next one.
-    while frames(&std::fs::read_to_string(&log).unwrap()) < 1 {
-        assert!(Instant::now() < deadline, "no first frame");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    frames_at_least(1);
     qemu_io_ok(&serve.uri(), &["write -P 0x5a 0 4k"]);
-    while frames(&std::fs::read_to_string(&log).unwrap()) < 3 {
-        assert!(Instant::now() < deadline, "fewer than three frames");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    frames_at_least(3);
     assert!(watch.exited().is_none(), "--watch stopped on its own");
     // SIGINT (Ctrl-C), by pid: a clean exit.
     // SAFETY: kill(2) on the pid of our own child.

@@ -27,6 +27,8 @@ struct Scene {
     bystander: RawClient,
     initial: Vec<u8>,
     round: u64,
+    /// What the server held of its buffer budget with the bystander the only connection.
+    bystander_held: u64,
 }
 
 impl Scene {
@@ -47,11 +49,14 @@ impl Scene {
         }
         let (bystander, size, _) = RawClient::go(server.socket(), "disk");
         assert_eq!(size, SIZE);
+        // Before its first request, the bystander holds only its connection's buffers.
+        let bystander_held = server.buffered().held;
         let mut scene = Self {
             server,
             bystander,
             initial,
             round: 0,
+            bystander_held,
         };
         scene.check();
         scene
@@ -409,8 +414,21 @@ fn stream_breaking_requests_close_only_their_connection() {
     c.hang_up();
     scene.check();
 
-    // Give the server a moment to notice the hang-ups, then prove it is still whole.
-    std::thread::sleep(Duration::from_millis(100));
+    // Once the server has ended every hung-up connection (their buffers are given back: the
+    // bystander alone holds what it held at the start), prove it is still whole.
+    let bystander_alone = scene.bystander_held;
+    support::procs::wait_for(
+        "the server to end the hung-up connections",
+        Duration::from_secs(10),
+        || {
+            let now = scene.server.buffered();
+            if now.held == bystander_alone {
+                Ok(())
+            } else {
+                Err(format!("{now:?}, the bystander alone {bystander_alone}"))
+            }
+        },
+    );
     scene.finish(&["disk"]);
 }
 

@@ -9,11 +9,11 @@ mod support;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::daemon::{init, tinylag, tinylag_bin, tinylag_ok, Daemon};
 use support::nbd::{qemu_io_ok, run_ok};
-use support::procs::{path, text, ChildGuard};
+use support::procs::{path, text, wait_for, ChildGuard};
 use support::s3::{S3Server, S3ServerKind, ACCESS_KEY, SECRET_KEY};
 
 /// A file primary and a local-directory journal in `dir`.
@@ -652,22 +652,16 @@ async fn json_logs_parse_line_by_line_and_no_credential_shows_anywhere() {
         &rlog,
     );
     let control = dir.path().join("replica.img.ctl");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let replay_status = loop {
+    let replay_status = wait_for("replay to catch up", Duration::from_secs(60), || {
         let out = tinylag(&["status", "--control", path(&control), "--json"], &env);
         if out.status.success() {
             let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
             if v["applied_lsn"] == serve.status()["durable_lsn"] {
-                break text(&out);
+                return Ok(text(&out));
             }
         }
-        assert!(
-            Instant::now() < deadline,
-            "replay did not catch up; log:\n{}",
-            log_of(&rlog)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+        Err(format!("{}; log:\n{}", text(&out), log_of(&rlog)))
+    });
 
     // Everything an operator reads: both daemons' status, text and JSON, ...
     let mut shown = vec![("replay status --json".to_string(), replay_status)];

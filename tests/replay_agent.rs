@@ -17,6 +17,9 @@ use support::replay::{
 use tinylag::control::{request, Request};
 use tinylag::journal::Op;
 
+/// How long an agent may take to reach an LSN.
+const WAIT: Duration = Duration::from_secs(30);
+
 fn with(mut args: Vec<String>, extra: &[&str]) -> Vec<String> {
     args.extend(extra.iter().map(|s| s.to_string()));
     args
@@ -138,13 +141,8 @@ async fn with_a_delay_no_write_shows_early_and_every_write_shows_after() {
     let mut seen: Vec<Option<u64>> = vec![None; WRITES];
     let start = Instant::now();
     let mut next_write = start;
-    let file = loop {
-        if let Ok(f) = std::fs::File::open(&replica) {
-            break f;
-        }
-        assert!(agent.exited().is_none(), "{}", agent.log_tail(2000));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    agent.wait_for_path(&replica, Duration::from_secs(30));
+    let file = std::fs::File::open(&replica).unwrap();
     while seen.iter().any(Option::is_none) {
         assert!(
             start.elapsed() < Duration::from_secs(30),
@@ -179,6 +177,8 @@ async fn with_a_delay_no_write_shows_early_and_every_write_shows_after() {
                 seen[i] = Some(now);
             }
         }
+        // This loop measures time (when each write shows against when it was due), so it
+        // looks at the replica at a fixed pace rather than waiting for a condition.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     for (i, (ts, at)) in written.iter().zip(&seen).enumerate() {
@@ -214,27 +214,13 @@ async fn two_agents_with_different_delays_both_converge() {
         &with(replay_args(journal.uri(), &far, "far"), &["--delay", "2s"]),
         &dir.path().join("far.log"),
     );
+    // Written while both follow (they run from the start; nothing here waits for them).
     for _ in 0..10 {
         journal.append_random(30).await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let head = journal.next_lsn - 1;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for name in ["near", "far"] {
-        loop {
-            let pos = journal.position(name).await;
-            if pos.applied_lsn == head {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{name} stuck at LSN {} of {head}\n{}\n{}",
-                pos.applied_lsn,
-                a.log_tail(2000),
-                b.log_tail(2000)
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+    for (name, agent) in [("near", &mut a), ("far", &mut b)] {
+        journal.wait_applied(name, head, agent, WAIT).await;
     }
     assert_equals_journal(&near, &journal).await;
     assert_equals_journal(&far, &journal).await;

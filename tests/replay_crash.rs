@@ -60,6 +60,7 @@ async fn killed_at_random_moments_the_replica_always_equals_the_image_at_its_com
             journal.append_random(64).await;
         }
         let mut agent = spawn(&once, &log);
+        // A kill at a random moment is the scenario, not a wait for something.
         tokio::time::sleep(Duration::from_millis(rng.gen_range(30..300))).await;
         let finished = agent.exited().is_some();
         if !finished {

@@ -18,7 +18,7 @@ use rand::{Rng, SeedableRng};
 use support::daemon::{init, Daemon};
 use support::nbd::{fio_cmd, pattern, run_ok as run_cmd_ok};
 use support::oracle::OracleImage;
-use support::procs::{path, ChildGuard};
+use support::procs::{path, wait_for, wait_for_every, wait_for_path, ChildGuard};
 use support::replay::{first_difference, replay_args, run_ok, spawn, TestJournal};
 use support::s3::{S3Server, S3ServerKind};
 use tinylag::journal::consumer;
@@ -74,22 +74,23 @@ fn agent_args(
     (args, replica)
 }
 
-/// Polls until the file at `replica` is byte-identical to `primary`.
+/// Polls until the file at `replica` is byte-identical to `primary`; returns how long that took.
 fn wait_identical(replica: &Path, primary: &Path, timeout: Duration, what: &str) -> Duration {
     let started = Instant::now();
-    loop {
+    // Two whole images are read per look: every half second is enough.
+    wait_for_every(what, timeout, Duration::from_millis(500), || {
         let a = std::fs::read(primary).expect("read primary");
         let b = std::fs::read(replica).unwrap_or_default();
         if a == b {
-            return started.elapsed();
+            Ok(())
+        } else {
+            Err(format!(
+                "the replica still differs from the primary at byte {:?}",
+                first_difference(&a, &b)
+            ))
         }
-        let diff = first_difference(&a, &b);
-        assert!(
-            started.elapsed() < timeout,
-            "{what}: the replica still differs from the primary at byte {diff:?} after {timeout:?}"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    });
+    started.elapsed()
 }
 
 /// The store (s3s-fs, stopped and restarted with its data) goes away for 10 s under a fio
@@ -143,6 +144,7 @@ async fn a_store_outage_under_load_resyncs_to_a_byte_identical_replica() {
         status["dirty"]["regions"].as_u64().unwrap() > 0,
         "{status:#}"
     );
+    // The outage's length is the scenario (time, not a condition): 10 s in all.
     std::thread::sleep(Duration::from_secs(10).saturating_sub(outage_started.elapsed()));
     s3.resume();
     let recovered = Instant::now();
@@ -175,23 +177,24 @@ async fn a_store_outage_under_load_resyncs_to_a_byte_identical_replica() {
     );
     assert_eq!(status["resync"]["episodes_ended"], 1, "{status:#}");
     let identical = Instant::now();
-    loop {
-        if std::fs::read(&primary).unwrap() == std::fs::read(&replica).unwrap_or_default() {
-            break;
-        }
-        if let Some(exit) = agent.exited() {
-            panic!(
-                "the replay agent exited ({exit}); its log:\n{}",
-                agent.log_tail(8192)
-            );
-        }
-        assert!(
-            identical.elapsed() < Duration::from_secs(120),
-            "the replica still differs from the primary after 120 s; agent log:\n{}",
-            agent.log_tail(8192)
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    wait_for_every(
+        "the replica to equal the primary",
+        Duration::from_secs(120),
+        Duration::from_millis(500),
+        || {
+            if let Some(exit) = agent.exited() {
+                panic!(
+                    "the replay agent exited ({exit}); its log:\n{}",
+                    agent.log_tail(8192)
+                );
+            }
+            if std::fs::read(&primary).unwrap() == std::fs::read(&replica).unwrap_or_default() {
+                Ok(())
+            } else {
+                Err(format!("agent log:\n{}", agent.log_tail(8192)))
+            }
+        },
+    );
     let identical = identical.elapsed();
     eprintln!(
         "store recovery -> logging {:.1}s, -> replica identical {:.1}s",
@@ -333,6 +336,7 @@ async fn kill_9_of_serve_resyncs_only_the_logged_regions() {
         daemon.wait_status(Duration::from_secs(30), "fio writing", |s| {
             s["head_lsn"].as_u64().unwrap() > head + 10
         });
+        // A random moment is the scenario, not a wait for something.
         std::thread::sleep(Duration::from_millis(rng.gen_range(0..800)));
         daemon.kill9();
         let _ = fio.terminate(Duration::from_secs(5));
@@ -388,6 +392,8 @@ async fn a_replay_agent_killed_inside_a_span_is_before_or_after_it() {
             if applied >= end {
                 break;
             }
+            // Polled at once (10 ms): a condition with three ends (inside the span, past it,
+            // the agent gone), where any lateness lets the agent run past the span.
             std::thread::sleep(Duration::from_millis(10));
         }
         agent.child_mut().kill().unwrap();
@@ -505,11 +511,7 @@ async fn ext4_replica_copies_stay_clean_through_a_store_outage() {
     ]));
     let mut cleanup = Cleanup::default();
     cleanup.unmount_fuse(&fuse_dir);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !pidfile.exists() {
-        assert!(Instant::now() < deadline, "nbdfuse did not get ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_path(&pidfile, Duration::from_secs(30)).expect("nbdfuse gets ready");
     let out = run_cmd_ok(Command::new("losetup").args(["-f", "--show", path(&nbd_file)]));
     let loop_dev = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     cleanup.detach_loop(&loop_dev);
@@ -528,8 +530,9 @@ async fn ext4_replica_copies_stay_clean_through_a_store_outage() {
         }
     }
     let _stop_on_failure = StopOnDrop(stop.clone());
+    let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let workload = {
-        let (stop, mnt) = (stop.clone(), mnt.clone());
+        let (stop, mnt, written) = (stop.clone(), mnt.clone(), written.clone());
         std::thread::spawn(move || {
             let mut rng = rand::rngs::StdRng::seed_from_u64(17);
             let mut i = 0u64;
@@ -548,6 +551,9 @@ async fn ext4_replica_copies_stay_clean_through_a_store_outage() {
                     );
                 }
                 i += 1;
+                written.store(i, Ordering::Release);
+                // The workload's pace (a file every few ms, as an application writes), not
+                // a wait for anything.
                 std::thread::sleep(Duration::from_millis(5));
             }
             i
@@ -573,6 +579,7 @@ async fn ext4_replica_copies_stay_clean_through_a_store_outage() {
         let mut last = serde_json::Value::Null;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
+            // Standing still is the condition: two looks 700 ms apart at the same LSN.
             std::thread::sleep(Duration::from_millis(700));
             let now = agent_status();
             if now["applied_lsn"] == last["applied_lsn"]
@@ -618,8 +625,17 @@ async fn ext4_replica_copies_stay_clean_through_a_store_outage() {
         }
         *agent = start_agent();
     };
-    std::thread::sleep(Duration::from_secs(2));
+    // The outage starts once the workload has written a hundred files (its deletions run).
+    wait_for("the workload to write", Duration::from_secs(60), || {
+        let n = written.load(Ordering::Acquire);
+        if n >= 100 {
+            Ok(())
+        } else {
+            Err(format!("{n} files"))
+        }
+    });
     s3.pause();
+    // Random moments are the scenario: an outage of random length, copies at random times.
     std::thread::sleep(Duration::from_millis(rng.gen_range(500..2000)));
     judge_idle(&agent);
     s3.resume();

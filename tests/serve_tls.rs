@@ -235,7 +235,7 @@ fn tls_on_lets_each_client_choose() {
     let mut client = Wire::greet(port).start_tls(client_config(&cli)).unwrap();
     client.send_option(wire::OPT_STARTTLS, &[]);
     assert_eq!(client.option_reply().1, wire::REP_ERR_INVALID);
-    client.go("disk0").unwrap();
+    client.go_to("disk0").unwrap();
     client.write(0, &pattern(1, 4096));
     assert_eq!(client.read(0, 4096), pattern(1, 4096));
     daemon.stop_ok();
@@ -245,7 +245,7 @@ fn tls_on_lets_each_client_choose() {
     let mut plain = Wire::greet(port);
     plain.send_option(wire::OPT_STARTTLS, &[]);
     assert_eq!(plain.option_reply().1, wire::REP_ERR_UNSUP);
-    plain.go("disk0").unwrap();
+    plain.go_to("disk0").unwrap();
     assert_eq!(plain.read(0, 4096), pattern(1, 4096));
     daemon.stop_ok();
 }
@@ -262,7 +262,7 @@ fn refusals_and_starttls_abuse_leave_a_bystander_working() {
     let mut daemon = serve_tls(&primary, &journal, port, &srv, &[]);
 
     let mut bystander = Wire::greet(port).start_tls(client_config(&cli)).unwrap();
-    assert_eq!(bystander.go("").unwrap(), 64 << 20);
+    assert_eq!(bystander.go_to("").unwrap(), 64 << 20);
     let data = pattern(11, 64 << 10);
     bystander.write(1 << 20, &data);
 
@@ -277,7 +277,7 @@ fn refusals_and_starttls_abuse_leave_a_bystander_working() {
         "{}",
         String::from_utf8_lossy(&message)
     );
-    assert_eq!(plain.go("disk0"), Err(REP_ERR_TLS_REQD));
+    assert_eq!(plain.go_to("disk0"), Err(REP_ERR_TLS_REQD));
     plain.send_option(wire::OPT_EXPORT_NAME, b"disk0");
     assert!(
         plain.closed_by_server(),
@@ -367,7 +367,7 @@ fn slow_handshakes_are_dropped_at_the_deadline_while_a_bystander_works() {
     );
 
     let mut bystander = Wire::greet(port).start_tls(client_config(&cli)).unwrap();
-    bystander.go("disk0").unwrap();
+    bystander.go_to("disk0").unwrap();
 
     let started = Instant::now();
     // Says nothing after the greeting.

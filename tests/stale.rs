@@ -268,19 +268,17 @@ fn assume_seeded_adopts_an_operators_copy_and_says_so() {
     let log = setup.path("replay.log");
     let mut agent = support::replay::spawn(&args, &log);
     let control = setup.path("copy.img.ctl");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let status = loop {
+    // The text status, once the agent answers.
+    agent.wait_for_path(&control, Duration::from_secs(30));
+    let status = support::procs::wait_for("replay to answer", Duration::from_secs(30), || {
         let out = support::daemon::tinylag(&["status", "--control", &s(&control)], &[]);
+        assert!(agent.exited().is_none(), "{}", agent.log_tail(4000));
         if out.status.success() {
-            break String::from_utf8_lossy(&out.stdout).into_owned();
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
         }
-        assert!(
-            agent.exited().is_none() && std::time::Instant::now() < deadline,
-            "replay never answered: {}",
-            agent.log_tail(4000)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    });
     assert!(status.contains("ASSUMED"), "{status}");
     assert!(status.contains("--assume-seeded"), "{status}");
     let ended = agent.terminate(Duration::from_secs(20)).unwrap();

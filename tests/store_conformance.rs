@@ -3,7 +3,9 @@
 //! case. A backend is done when it passes them all.
 //!
 //! Backends: local directory (a tempdir), memory, and two real S3 servers started on
-//! 127.0.0.1 by `support::s3` (s3s-fs and moto). Each backend test prints one line per
+//! 127.0.0.1 by `support::s3` (s3s-fs and moto). The wrappers (retrying, counting, flaky)
+//! run the same suite around a memory store: wrapping a backend never changes what it
+//! promises. Each backend test prints one line per
 //! case and a pass count, runs every case even after a failure, then fails listing the
 //! failed cases.
 //!
@@ -20,7 +22,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tinylag::store::flaky::{FailureKind, FlakyStore};
+use tinylag::store::counting::CountingStore;
+use tinylag::store::flaky::{Call, FailureKind, FlakyStore};
 use tinylag::store::local::LocalStore;
 use tinylag::store::memory::MemoryStore;
 use tinylag::store::retrying::{RetryPolicy, RetryingStore};
@@ -113,6 +116,40 @@ async fn local_store_conformance() {
 async fn memory_store_conformance() {
     let all: Vec<Case> = [COMMON, FOLDER_NAMES, ATOMIC].concat();
     run_suite("memory", &all, |_| Arc::new(MemoryStore::new())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retrying_store_conformance() {
+    let all: Vec<Case> = [COMMON, FOLDER_NAMES, ATOMIC].concat();
+    run_suite("retrying(memory)", &all, |_| {
+        Arc::new(RetryingStore::new(Arc::new(MemoryStore::new())))
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counting_store_conformance() {
+    let all: Vec<Case> = [COMMON, FOLDER_NAMES, ATOMIC].concat();
+    run_suite("counting(memory)", &all, |_| {
+        Arc::new(CountingStore::new(Arc::new(MemoryStore::new())))
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flaky_store_conformance() {
+    let all: Vec<Case> = [COMMON, FOLDER_NAMES, ATOMIC].concat();
+    // Passing everything through, it is the store it wraps.
+    run_suite("flaky(memory)", &all, |_| flaky_memory()).await;
+    // Failing now and then, under the retrying store: the retries hide every injected
+    // failure, ambiguous creates included (each is read back and found to be ours).
+    run_suite("retrying(flaky(memory))", &all, |_| {
+        let flaky = flaky_memory();
+        flaky.fail_next(2, FailureKind::Transient);
+        flaky.ambiguous_creates(2);
+        Arc::new(quick_retries(flaky, 5))
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1026,51 +1063,26 @@ async fn s3_unreachable_endpoint_is_transient() {
     assert!(!err.to_string().contains("secret-never-shown"), "{err}");
 }
 
-/// Sanity check of the suite itself: a store that loses objects must fail it.
+/// Sanity check of the suite itself: a store that overwrites on a conditional create must
+/// fail it (the flaky wrapper's hook deletes the key first, behind the caller's back).
 #[tokio::test]
 async fn suite_catches_a_broken_store() {
-    #[derive(Debug)]
-    struct Forgetful(MemoryStore);
-    #[async_trait::async_trait]
-    impl ObjectStore for Forgetful {
-        async fn put_if_absent(&self, key: &str, data: Bytes) -> tinylag::store::StoreResult<()> {
-            // Overwrites instead of refusing: the bug the suite exists to catch.
-            self.0.put(key, data).await
-        }
-        async fn put(&self, key: &str, data: Bytes) -> tinylag::store::StoreResult<()> {
-            self.0.put(key, data).await
-        }
-        async fn get(&self, key: &str) -> tinylag::store::StoreResult<Bytes> {
-            self.0.get(key).await
-        }
-        async fn get_range(
-            &self,
-            key: &str,
-            range: std::ops::Range<u64>,
-        ) -> tinylag::store::StoreResult<Bytes> {
-            self.0.get_range(key, range).await
-        }
-        async fn head(&self, key: &str) -> tinylag::store::StoreResult<tinylag::store::ObjectMeta> {
-            self.0.head(key).await
-        }
-        async fn list(
-            &self,
-            prefix: &str,
-            start_after: Option<&str>,
-            max_keys: usize,
-        ) -> tinylag::store::StoreResult<tinylag::store::ListPage> {
-            self.0.list(prefix, start_after, max_keys).await
-        }
-        async fn delete_many(&self, keys: &[String]) -> tinylag::store::StoreResult<()> {
-            self.0.delete_many(keys).await
-        }
-        fn describe(&self) -> String {
-            "forgetful".into()
-        }
-    }
-    let result = tokio::spawn(async {
+    let forgetful = || -> Store {
+        let store = flaky_memory();
+        store.set_hook(|call: Call| {
+            Box::pin(async move {
+                if call.op == "put_if_absent" {
+                    // Overwrites instead of refusing: the bug the suite exists to catch.
+                    call.inner.delete_many(&call.keys).await?;
+                }
+                Ok(())
+            })
+        });
+        store
+    };
+    let result = tokio::spawn(async move {
         run_suite("forgetful", cases![put_if_absent_first_wins], |_| {
-            Arc::new(Forgetful(MemoryStore::new()))
+            forgetful()
         })
         .await
     })

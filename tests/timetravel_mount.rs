@@ -433,16 +433,9 @@ async fn over_tcp_the_past_needs_tls_like_the_present() {
     let mut guard =
         procs::ChildGuard::spawn_logged("tinylag mount", &mut cmd, &dir.path().join("tls.log"))
             .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            guard.exited().is_none(),
-            "mount exited: {}",
-            guard.log_tail(4000)
-        );
-        assert!(Instant::now() < deadline, "mount never listened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    guard
+        .wait_for_port(port, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
     let served = dir.path().join("served.img");
     run_cmd(Command::new("nbdcopy").args([
         &format!("nbds://127.0.0.1:{port}/disk0?tls-certificates={}", s(&cli)),

@@ -379,11 +379,21 @@ async fn restore_while_replay_applies_is_exact() {
         "no restore ran while the agent applied ({rounds} rounds); the test proves nothing"
     );
     // Caught up: the head is phase 3.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while journal.position("dr").await.applied_lsn < p3.lsn {
-        assert!(Instant::now() < deadline, "{}", agent.log_tail(4000));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (journal_ref, until) = (&journal, p3.lsn);
+    let caught_up = move || async move {
+        let applied = journal_ref.position("dr").await.applied_lsn;
+        if applied >= until {
+            Ok(())
+        } else {
+            Err(format!("at LSN {applied}"))
+        }
+    };
+    support::procs::wait_for_async(
+        "the agent to apply phase 3",
+        Duration::from_secs(120),
+        caught_up,
+    )
+    .await;
     restore_is(&journal, &replica, dir.path(), &["--mark", "p3"], &p3);
     agent.terminate(Duration::from_secs(10)).unwrap();
     assert_phase(&replica, &p3, "the replica");

@@ -10,13 +10,14 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use support::daemon::{init, Daemon};
 use support::nbd::qemu_io_ok;
 use support::oracle::{assert_same_image, OracleImage};
+use support::procs::wait_for_async;
 use support::replay::{first_difference, now_ns, replay_args, run, run_ok, spawn, TestJournal};
 use tinylag::journal::consumer::{self, ConsumerState};
 use tinylag::journal::head::plan_restart_from_trim_pointer;
@@ -270,17 +271,37 @@ async fn drop_consumer_after_drops_a_silent_consumer_and_never_a_live_idle_one()
         ),
         &dir.path().join("replay.log"),
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while consumer::load(journal.store.as_ref(), "live")
-        .await
-        .map_or(true, |c| c.next_seq < 6)
-    {
-        assert!(agent.exited().is_none(), "{}", agent.log_tail(4000));
-        assert!(Instant::now() < deadline, "the agent did not catch up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // Idle longer than --drop-consumer-after: only its idle commits keep it.
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // Caught up: the agent has read every segment.
+    let caught_up = journal
+        .wait_applied(
+            "live",
+            journal.next_lsn - 1,
+            &mut agent,
+            Duration::from_secs(60),
+        )
+        .await;
+    assert!(caught_up.next_seq >= 6, "{caught_up:?}");
+    // Idle longer than --drop-consumer-after (4 s): only its idle commits keep it. Waited
+    // for on the position itself: an idle commit made more than 4 s after catching up.
+    let idle_since = caught_up.updated_at_ns;
+    let journal_ref = &journal;
+    let idle_commit = move || async move {
+        let pos = journal_ref.position("live").await;
+        if pos.updated_at_ns > idle_since + 4_500_000_000 {
+            Ok(())
+        } else {
+            Err(format!(
+                "last commit {} ns after catching up",
+                pos.updated_at_ns.saturating_sub(idle_since)
+            ))
+        }
+    };
+    wait_for_async(
+        "an idle commit past 4 s",
+        Duration::from_secs(60),
+        idle_commit,
+    )
+    .await;
     let out = run_ok(&args(&[
         "journal",
         "trim",
@@ -408,12 +429,15 @@ async fn trim_killed_at_random_moments_leaves_a_journal_every_reader_accepts() {
             // kill in the middle of the deletions, however fast this machine
             // deletes (a wall-clock guess alone let a fast run finish first).
             let stop_at = rng.gen_range(1..before.max(2));
+            // Polled at once (1 ms): a condition with two ends (trim finished, or deleted
+            // down to `stop_at`), where any lateness lets trim finish first.
             while child.exited().is_none() && segment_seqs(&journal).await.len() > stop_at {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         } else {
             // A kill at a random moment: before the listing, during the
             // pointer write, between deletions.
+            // (The random moment is the scenario, not a wait for something.)
             tokio::time::sleep(Duration::from_millis(rng.gen_range(5..300))).await;
         }
         if let Some(status) = child.exited() {
@@ -496,6 +520,7 @@ async fn undo_trim_between_kills_of_the_agent_keeps_crash_recovery_exact() {
             journal.append_random(40).await;
         }
         let mut agent = spawn(&once, &log);
+        // A kill at a random moment is the scenario, not a wait for something.
         tokio::time::sleep(Duration::from_millis(rng.gen_range(100..600))).await;
         if agent.exited().is_none() {
             agent.child_mut().kill().expect("SIGKILL");
@@ -545,31 +570,6 @@ async fn undo_trim_between_kills_of_the_agent_keeps_crash_recovery_exact() {
         .filter(|s| undo_dir.join(paths::undo_segment_key(*s)).exists())
         .count();
     assert_eq!(below, 0, "undo segments left below the pointer");
-}
-
-/// A replay agent beside `serve`, reached through its commit position.
-async fn wait_applied(
-    journal: &TestJournal,
-    name: &str,
-    lsn: u64,
-    agent: &mut support::procs::ChildGuard,
-) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if journal.position(name).await.applied_lsn >= lsn {
-            return;
-        }
-        assert!(
-            agent.exited().is_none(),
-            "replay exited: {}",
-            agent.log_tail(4000)
-        );
-        assert!(
-            Instant::now() < deadline,
-            "the agent did not reach LSN {lsn}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Stops the daemon (it drains the journal) and returns the last LSN it journaled.
@@ -639,7 +639,9 @@ async fn trim_racing_serve_and_replay_loses_nothing() {
             );
         }
         let head = stop_daemon(&mut daemon);
-        wait_applied(&journal, "dr", head, &mut agent).await;
+        journal
+            .wait_applied("dr", head, &mut agent, Duration::from_secs(120))
+            .await;
         assert_same_image(&replica, &primary);
     }
     stop.store(true, Ordering::Relaxed);

@@ -1,10 +1,14 @@
 //! A store wrapper that injects failures and latency, for tests.
 //!
 //! Tests use it to play an unreachable or misbehaving store under the journal code (which
-//! never knows it is there): fail everything, fail the next N calls, fail calls on some
-//! keys, make a create succeed but report a transient error (the ambiguous create that
-//! [`super::retrying::RetryingStore`] must resolve), and slow every call down. It is
-//! controlled while in use through an `Arc<FlakyStore>` and its setter methods.
+//! never knows it is there): fail everything, fail the next N calls, fail every call after
+//! the next N (a process killed at that request), fail calls on some keys, make a create
+//! succeed but report a transient error (the ambiguous create that
+//! [`super::retrying::RetryingStore`] must resolve), and slow every call down. For what no
+//! rule says, a [`Hook`] sees every call first and may act on the wrapped store or fail the
+//! call (another process writing at that moment, a batch delete torn half-way), so tests do
+//! not hand-write stores of their own. It is controlled while in use through an
+//! `Arc<FlakyStore>` and its setter methods.
 //!
 //! Compiled in every build so integration tests and other crates' tests can use it; it is
 //! never wired into a store that [`super::uri::open_store`] builds.
@@ -19,6 +23,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 
 use super::{ListPage, ObjectMeta, ObjectStore, StoreError, StoreResult};
 
@@ -31,15 +36,49 @@ pub enum FailureKind {
     Permanent,
 }
 
+/// One call as a [`Hook`] sees it, before the wrapped store does.
+#[derive(Clone, Debug)]
+pub struct Call {
+    /// `put_if_absent`, `put`, `get`, `get_range`, `get_tail`, `head`, `list` or `delete_many`.
+    pub op: &'static str,
+    /// The call's keys (the prefix, for `list`).
+    pub keys: Vec<String>,
+    /// 1 for the first call the wrapper received, counting failed ones.
+    pub number: u64,
+    /// The wrapped store, to act on behind the caller's back.
+    pub inner: Arc<dyn ObjectStore>,
+}
+
+/// Runs before every call (after the count, before the rules): `Err` is the call's result
+/// (counted as injected), `Ok` lets the rules and then the wrapped store answer.
+pub type Hook = Arc<dyn Fn(Call) -> BoxFuture<'static, StoreResult<()>> + Send + Sync>;
+
 /// The rules in force. One lock, so a rule is consumed by exactly one call.
-#[derive(Debug)]
 struct Rules {
     fail_all: Option<FailureKind>,
     fail_next: u64,
     fail_next_kind: FailureKind,
+    /// Calls to let through before every later one fails with `fail_after_kind`.
+    fail_after: Option<u64>,
+    fail_after_kind: FailureKind,
+    hook: Option<Hook>,
     fail_prefix: Option<(String, FailureKind)>,
     ambiguous_creates: u64,
     latency: Duration,
+}
+
+impl std::fmt::Debug for Rules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rules")
+            .field("fail_all", &self.fail_all)
+            .field("fail_next", &self.fail_next)
+            .field("fail_after", &self.fail_after)
+            .field("hook", &self.hook.is_some())
+            .field("fail_prefix", &self.fail_prefix)
+            .field("ambiguous_creates", &self.ambiguous_creates)
+            .field("latency", &self.latency)
+            .finish()
+    }
 }
 
 /// Wraps a store and fails its calls on demand. See the module documentation.
@@ -60,6 +99,9 @@ impl FlakyStore {
                 fail_all: None,
                 fail_next: 0,
                 fail_next_kind: FailureKind::Transient,
+                fail_after: None,
+                fail_after_kind: FailureKind::Permanent,
+                hook: None,
                 fail_prefix: None,
                 ambiguous_creates: 0,
                 latency: Duration::ZERO,
@@ -84,6 +126,22 @@ impl FlakyStore {
         let mut rules = self.rules();
         rules.fail_next = n;
         rules.fail_next_kind = kind;
+    }
+
+    /// Lets the next `n` calls through, then fails every call with `kind` until
+    /// [`FlakyStore::heal`]: a process killed at its `n + 1`-th request.
+    pub fn fail_after(&self, n: u64, kind: FailureKind) {
+        let mut rules = self.rules();
+        rules.fail_after = Some(n);
+        rules.fail_after_kind = kind;
+    }
+
+    /// Runs `hook` before every call until [`FlakyStore::heal`] (see [`Hook`]).
+    pub fn set_hook(
+        &self,
+        hook: impl Fn(Call) -> BoxFuture<'static, StoreResult<()>> + Send + Sync + 'static,
+    ) {
+        self.rules().hook = Some(Arc::new(hook));
     }
 
     /// Fails every call whose key (or list prefix) starts with `prefix`, until
@@ -112,6 +170,8 @@ impl FlakyStore {
         let mut rules = self.rules();
         rules.fail_all = None;
         rules.fail_next = 0;
+        rules.fail_after = None;
+        rules.hook = None;
         rules.fail_prefix = None;
         rules.ambiguous_creates = 0;
         rules.latency = Duration::ZERO;
@@ -132,13 +192,38 @@ impl FlakyStore {
         crate::sync::lock(&self.rules)
     }
 
-    /// Counts the call, waits the latency, and returns the failure to inject, if any.
-    async fn before(&self, op: &str, keys: &[&str]) -> StoreResult<()> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
+    /// Counts the call, runs the hook, waits the latency, and returns the failure to
+    /// inject, if any.
+    async fn before(&self, op: &'static str, keys: &[&str]) -> StoreResult<()> {
+        let number = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        let hook = self.rules().hook.clone();
+        if let Some(hook) = hook {
+            let call = Call {
+                op,
+                keys: keys.iter().map(|k| k.to_string()).collect(),
+                number,
+                inner: self.inner.clone(),
+            };
+            if let Err(e) = hook(call).await {
+                self.injected.fetch_add(1, Ordering::SeqCst);
+                return Err(e);
+            }
+        }
         let (latency, failure) = {
             let mut rules = self.rules();
+            let after_kind = rules.fail_after_kind;
+            let after = match rules.fail_after.as_mut() {
+                Some(0) => Some(after_kind),
+                Some(left) => {
+                    *left -= 1;
+                    None
+                }
+                None => None,
+            };
             let failure = if let Some(kind) = rules.fail_all {
                 Some(kind)
+            } else if after.is_some() {
+                after
             } else if rules.fail_next > 0 {
                 rules.fail_next -= 1;
                 Some(rules.fail_next_kind)
@@ -309,6 +394,57 @@ mod tests {
             store.inner().get("k").await.expect("written"),
             Bytes::from_static(b"ours")
         );
+    }
+
+    #[tokio::test]
+    async fn fail_after_lets_n_calls_through_then_fails_all() {
+        let store = flaky();
+        store.fail_after(2, FailureKind::Permanent);
+        store
+            .put("a", Bytes::from_static(b"1"))
+            .await
+            .expect("first");
+        store.get("a").await.expect("second");
+        for _ in 0..3 {
+            let err = store.get("a").await.expect_err("killed");
+            assert!(matches!(err, StoreError::Permanent { .. }), "{err}");
+        }
+        store.heal();
+        store.get("a").await.expect("healed");
+    }
+
+    #[tokio::test]
+    async fn a_hook_sees_each_call_first_and_may_act_or_fail() {
+        let store = flaky();
+        store.set_hook(|call: Call| {
+            Box::pin(async move {
+                if call.op == "put" && call.keys == ["trigger"] {
+                    // Another writer, at exactly this moment.
+                    call.inner.put("side", Bytes::from_static(b"s")).await?;
+                }
+                if call.number == 3 {
+                    return Err(StoreError::Permanent {
+                        store: "hook".into(),
+                        key: call.keys[0].clone(),
+                        message: "third call".into(),
+                    });
+                }
+                Ok(())
+            })
+        });
+        store
+            .put("trigger", Bytes::from_static(b"t"))
+            .await
+            .expect("1");
+        assert_eq!(
+            store.get("side").await.expect("2"),
+            Bytes::from_static(b"s")
+        );
+        let err = store.get("trigger").await.expect_err("3");
+        assert!(err.to_string().contains("third call"), "{err}");
+        assert_eq!(store.injected_failures(), 1);
+        store.heal();
+        store.get("trigger").await.expect("hook removed");
     }
 
     #[tokio::test]

@@ -1,10 +1,8 @@
 //! Trim against in-memory journals written with the codec: what is kept and why, plugs and
 //! orphans, the request bound, and a crash at every request.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::*;
@@ -16,8 +14,9 @@ use crate::journal::segment::{encode_plug, encode_segment};
 use crate::journal::{Manifest, Op, Record};
 use crate::replayer::undo::{UndoLog, UndoManifest, UNDO_FORMAT_VERSION};
 use crate::store::counting::CountingStore;
+use crate::store::flaky::{Call, FailureKind, FlakyStore};
+use crate::store::list_all;
 use crate::store::memory::MemoryStore;
-use crate::store::{list_all, ListPage, ObjectMeta, StoreResult};
 
 const SEC: u64 = 1_000_000_000;
 const NOW: u64 = 100_000 * SEC;
@@ -390,80 +389,29 @@ async fn trimming_thousands_of_segments_costs_at_most_two_requests_each() {
     assert_eq!(j.segment_seqs().await, (2400..2500).collect::<Vec<_>>());
 }
 
-/// A store that fails every call after `budget` calls: a trim killed at that request.
-#[derive(Debug)]
-struct DiesAfter {
-    inner: Arc<dyn ObjectStore>,
-    budget: AtomicU64,
-}
-
-impl DiesAfter {
-    fn spend(&self) -> StoreResult<()> {
-        self.budget
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
-                left.checked_sub(1)
-            })
-            .map(|_| ())
-            .map_err(|_| StoreError::Permanent {
-                store: "dies-after".into(),
-                key: String::new(),
-                message: "killed".into(),
-            })
-    }
-}
-
-#[async_trait]
-impl ObjectStore for DiesAfter {
-    async fn put_if_absent(&self, key: &str, data: Bytes) -> StoreResult<()> {
-        self.spend()?;
-        self.inner.put_if_absent(key, data).await
-    }
-    async fn put(&self, key: &str, data: Bytes) -> StoreResult<()> {
-        self.spend()?;
-        self.inner.put(key, data).await
-    }
-    async fn get(&self, key: &str) -> StoreResult<Bytes> {
-        self.spend()?;
-        self.inner.get(key).await
-    }
-    async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> StoreResult<Bytes> {
-        self.spend()?;
-        self.inner.get_range(key, range).await
-    }
-    async fn get_tail(&self, key: &str, len: u64) -> StoreResult<(Bytes, u64)> {
-        self.spend()?;
-        self.inner.get_tail(key, len).await
-    }
-    async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
-        self.spend()?;
-        self.inner.head(key).await
-    }
-    async fn list(&self, prefix: &str, after: Option<&str>, max: usize) -> StoreResult<ListPage> {
-        self.spend()?;
-        self.inner.list(prefix, after, max).await
-    }
-    async fn delete_many(&self, keys: &[String]) -> StoreResult<()> {
-        self.spend()?;
-        // A batch delete that dies half-way, newest keys first (S3 promises no order).
-        let (done, _) = keys.split_at(keys.len() / 2);
-        let mut reversed: Vec<String> = keys.to_vec();
-        reversed.reverse();
-        if self.budget.load(Ordering::SeqCst) == 0 {
-            return self
-                .inner
-                .delete_many(&reversed[..done.len()])
-                .await
-                .and(Err(StoreError::Permanent {
+/// A store killed at request `budget + 1`: the first `budget` calls pass and every later one
+/// fails; a batch delete that is the last call let through dies half-way, newest keys first
+/// (S3 promises no order).
+fn dies_after(inner: Arc<dyn ObjectStore>, budget: u64) -> Arc<FlakyStore> {
+    let store = Arc::new(FlakyStore::new(inner));
+    store.fail_after(budget, FailureKind::Permanent);
+    store.set_hook(move |call: Call| {
+        Box::pin(async move {
+            if call.op == "delete_many" && call.number == budget {
+                let mut torn = call.keys.clone();
+                torn.reverse();
+                torn.truncate(call.keys.len() / 2);
+                call.inner.delete_many(&torn).await?;
+                return Err(StoreError::Permanent {
                     store: "dies-after".into(),
                     key: String::new(),
                     message: "killed during a batch delete".into(),
-                }));
-        }
-        self.inner.delete_many(keys).await
-    }
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
+                });
+            }
+            Ok(())
+        })
+    });
+    store
 }
 
 async fn crash_at_every_request(segments: u64, floor: u64, step: usize) {
@@ -483,10 +431,7 @@ async fn crash_at_every_request(segments: u64, floor: u64, step: usize) {
         let mut j = Journal::with(clean.manifest.clone()).await;
         j.append(segments, segments).await;
         j.consumer("c", floor, floor, NOW).await;
-        let dying = Arc::new(DiesAfter {
-            inner: j.store.clone(),
-            budget: AtomicU64::new(budget),
-        });
+        let dying = dies_after(j.store.clone(), budget);
         assert!(
             trim_journal(dying.clone(), &j.manifest, &opts(0))
                 .await
@@ -687,53 +632,36 @@ async fn read_ahead_stays_near_what_the_walk_uses() {
 
 /// A store on which a replay agent registers at the old pointer the moment trim first moves
 /// the pointer: the agent read the pointer before the move and registered after trim listed
-/// the consumers, and its own re-read of the pointer happened before the move too.
-#[derive(Debug)]
-struct RegistersDuringTrim {
+/// the consumers, and its own re-read of the pointer happened before the move too. Or a
+/// branch a `promote --at` creates at that moment.
+fn registers_during_trim(
     inner: Arc<dyn ObjectStore>,
-    late: Mutex<Option<ConsumerState>>,
-    /// Or a branch a `promote --at` creates at that moment.
-    late_branch: Mutex<Option<crate::journal::chain::Branch>>,
-}
-
-#[async_trait]
-impl ObjectStore for RegistersDuringTrim {
-    async fn put_if_absent(&self, key: &str, data: Bytes) -> StoreResult<()> {
-        self.inner.put_if_absent(key, data).await
-    }
-    async fn put(&self, key: &str, data: Bytes) -> StoreResult<()> {
-        if key == paths::TRIM_POINTER {
-            let late = self.late.lock().unwrap().take();
-            if let Some(state) = late {
-                consumer::commit(self.inner.as_ref(), &state).await.unwrap();
+    late: Option<ConsumerState>,
+    late_branch: Option<crate::journal::chain::Branch>,
+) -> Arc<FlakyStore> {
+    let store = Arc::new(FlakyStore::new(inner));
+    let late = Arc::new(Mutex::new((late, late_branch)));
+    store.set_hook(move |call: Call| {
+        let late = late.clone();
+        Box::pin(async move {
+            if call.op == "put" && call.keys == [paths::TRIM_POINTER] {
+                let (state, branch) = {
+                    let mut late = late.lock().unwrap();
+                    (late.0.take(), late.1.take())
+                };
+                if let Some(state) = state {
+                    consumer::commit(call.inner.as_ref(), &state).await.unwrap();
+                }
+                if let Some(branch) = branch {
+                    crate::journal::chain::create_branch(call.inner.as_ref(), &branch)
+                        .await
+                        .unwrap();
+                }
             }
-            let branch = self.late_branch.lock().unwrap().take();
-            if let Some(branch) = branch {
-                crate::journal::chain::create_branch(self.inner.as_ref(), &branch)
-                    .await
-                    .unwrap();
-            }
-        }
-        self.inner.put(key, data).await
-    }
-    async fn get(&self, key: &str) -> StoreResult<Bytes> {
-        self.inner.get(key).await
-    }
-    async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> StoreResult<Bytes> {
-        self.inner.get_range(key, range).await
-    }
-    async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
-        self.inner.head(key).await
-    }
-    async fn list(&self, prefix: &str, after: Option<&str>, max: usize) -> StoreResult<ListPage> {
-        self.inner.list(prefix, after, max).await
-    }
-    async fn delete_many(&self, keys: &[String]) -> StoreResult<()> {
-        self.inner.delete_many(keys).await
-    }
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
+            Ok(())
+        })
+    });
+    store
 }
 
 #[tokio::test]
@@ -757,11 +685,7 @@ async fn a_consumer_registering_while_trim_runs_keeps_its_segments() {
         seed: Default::default(),
         chain_epoch: 0,
     };
-    let store = Arc::new(RegistersDuringTrim {
-        inner: j.store.clone(),
-        late: Mutex::new(Some(late.clone())),
-        late_branch: Mutex::new(None),
-    });
+    let store = registers_during_trim(j.store.clone(), Some(late.clone()), None);
     let report = trim_journal(store, &j.manifest, &opts(0)).await.unwrap();
     assert!(
         matches!(&report.held_by, HeldBy::Consumer { name, .. } if name == "late"),
@@ -895,11 +819,7 @@ async fn a_branch_created_while_trim_runs_keeps_its_segments() {
         last_seq: 199,
         created_at_ns: NOW,
     };
-    let store = Arc::new(RegistersDuringTrim {
-        inner: j.store.clone(),
-        late: Mutex::new(None),
-        late_branch: Mutex::new(Some(late)),
-    });
+    let store = registers_during_trim(j.store.clone(), None, Some(late));
     let report = trim_journal(store, &j.manifest, &opts(0)).await.unwrap();
     assert!(
         matches!(&report.held_by, HeldBy::Branch { name, .. } if name == "before-e2"),

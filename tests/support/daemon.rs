@@ -10,9 +10,9 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::procs::ChildGuard;
+use super::procs::{wait_for, ChildGuard};
 
 /// How long a daemon may take to start answering.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -118,25 +118,17 @@ impl Daemon {
     }
 
     fn wait_ready(&mut self) {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
+        let what = format!("tinylag serve to answer on {}", self.control.display());
+        wait_for(&what, START_TIMEOUT, || {
             if let Some(status) = self.guard.exited() {
                 panic!(
                     "tinylag serve exited ({status}) before answering; its log ends with:\n{}",
                     self.log_tail()
                 );
             }
-            if self.try_status().is_ok() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "tinylag serve did not answer on {} within {START_TIMEOUT:?}; log:\n{}",
-                self.control.display(),
-                self.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            self.try_status()
+                .map_err(|e| format!("{e}; log:\n{}", self.log_tail()))
+        });
     }
 
     pub fn pid(&self) -> u32 {
@@ -155,23 +147,7 @@ impl Daemon {
 
     /// One `{"cmd":"status"}` over the control socket.
     pub fn try_status(&self) -> Result<serde_json::Value, String> {
-        let mut stream = UnixStream::connect(&self.control).map_err(|e| e.to_string())?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .map_err(|e| e.to_string())?;
-        stream
-            .write_all(b"{\"cmd\":\"status\"}\n")
-            .map_err(|e| e.to_string())?;
-        let mut line = String::new();
-        BufReader::new(stream)
-            .read_line(&mut line)
-            .map_err(|e| e.to_string())?;
-        let response: serde_json::Value =
-            serde_json::from_str(&line).map_err(|e| format!("{e}: {line:?}"))?;
-        if response["ok"] != true {
-            return Err(format!("daemon refused: {response}"));
-        }
-        Ok(response["result"].clone())
+        control_status(&self.control)
     }
 
     /// The status; the test fails if the daemon does not answer.
@@ -187,18 +163,27 @@ impl Daemon {
         what: &str,
         mut ready: impl FnMut(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
-        let deadline = Instant::now() + timeout;
-        loop {
+        wait_for(what, timeout, || {
             let status = self.status();
             if ready(&status) {
-                return status;
+                Ok(status)
+            } else {
+                Err(format!("status:\n{status:#}"))
             }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; last status:\n{status:#}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        })
+    }
+
+    /// Waits until the daemon's log holds `needle` (what it says once, such as promote's
+    /// "promoted at LSN …").
+    pub fn wait_log(&self, timeout: Duration, needle: &str) {
+        wait_for(&format!("{needle:?} in the log"), timeout, || {
+            let log = self.log_tail();
+            if log.contains(needle) {
+                Ok(())
+            } else {
+                Err(format!("log:\n{log}"))
+            }
+        });
     }
 
     /// Whether the process still runs.
@@ -243,4 +228,94 @@ impl Daemon {
         );
         log
     }
+}
+
+/// One `{"cmd":"status"}` on the control socket of any daemon (serve, replay, up, mount).
+pub fn control_status(control: &Path) -> Result<serde_json::Value, String> {
+    let mut stream = UnixStream::connect(control).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(b"{\"cmd\":\"status\"}\n")
+        .map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(stream)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    let response: serde_json::Value =
+        serde_json::from_str(&line).map_err(|e| format!("{e}: {line:?}"))?;
+    if response["ok"] != true {
+        return Err(format!("daemon refused: {response}"));
+    }
+    Ok(response["result"].clone())
+}
+
+/// Polls the status on `control` until `ready` holds on it; fails at once, with its log, if
+/// `child` (the daemon answering there) exits first.
+pub fn wait_control(
+    control: &Path,
+    child: &mut ChildGuard,
+    timeout: Duration,
+    what: &str,
+    mut ready: impl FnMut(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    wait_for(what, timeout, || {
+        if let Some(status) = child.exited() {
+            panic!(
+                "{} exited ({status}) while waiting for {what}; log:\n{}",
+                child.name(),
+                child.log_tail(8192)
+            );
+        }
+        match control_status(control) {
+            Ok(status) if ready(&status) => Ok(status),
+            Ok(status) => Err(format!("status:\n{status:#}")),
+            Err(e) => Err(format!("no status ({e}); log:\n{}", child.log_tail(4096))),
+        }
+    })
+}
+
+/// Waits until the replay agent answering on `control` has applied `lsn`.
+pub fn wait_applied(
+    control: &Path,
+    agent: &mut ChildGuard,
+    lsn: u64,
+    timeout: Duration,
+) -> serde_json::Value {
+    wait_control(
+        control,
+        agent,
+        timeout,
+        &format!("LSN {lsn} applied"),
+        |s| s["applied_lsn"].as_u64().is_some_and(|a| a >= lsn),
+    )
+}
+
+/// Waits until the lease of writer `epoch` in the local journal directory `journal` has
+/// run out (`renewed_at_ns + ttl_ms` is past): its writer, paused or partitioned, no longer
+/// renews it. The wait is the lease's own term, read from the lease, not a guess of it.
+pub fn wait_lease_expired(journal: &Path, epoch: u64, timeout: Duration) {
+    let key = journal.join("leases").join(format!("{epoch:020}"));
+    wait_for(
+        &format!("the lease of epoch {epoch} to run out"),
+        timeout,
+        || {
+            let text =
+                std::fs::read_to_string(&key).map_err(|e| format!("{}: {e}", key.display()))?;
+            let lease: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| e.to_string())?;
+            let renewed = lease["renewed_at_ns"].as_u64().ok_or("no renewed_at_ns")?;
+            let ttl_ns = lease["ttl_ms"].as_u64().ok_or("no ttl_ms")? * 1_000_000;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock after 1970")
+                .as_nanos() as u64;
+            if now > renewed + ttl_ns {
+                Ok(())
+            } else {
+                Err(format!("lease {lease}"))
+            }
+        },
+    );
 }

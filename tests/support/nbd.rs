@@ -2,14 +2,18 @@
 //! directory, real client programs run with a timeout, and guards that kill or unmount
 //! what a test started even when it fails.
 
-use std::io::Read;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
 use tinylag::block::file::{self, FileOptions};
-use tinylag::nbd::{bind, serve, Export, ListenAddr, NbdServer};
+use tinylag::nbd::{bind, serve, BudgetStatus, BufferBudget, Export, ListenAddr, NbdServer};
 
 /// The teardown steps, here for the tests that import them with the NBD helpers.
 pub use super::teardown::Cleanup;
@@ -44,6 +48,8 @@ pub struct TestServer {
     pub dir: tempfile::TempDir,
     pub addr: ListenAddr,
     runtime: Option<tokio::runtime::Runtime>,
+    /// The server's buffer budget (the default cap), kept to read what connections hold.
+    buffers: BufferBudget,
     shutdown: tokio::sync::watch::Sender<bool>,
     task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
@@ -107,7 +113,12 @@ impl TestServer {
     ) -> Self {
         init_tracing();
         let default = exports[0].name.clone();
-        let server = Arc::new(NbdServer::new(exports, &default).expect("server"));
+        let buffers = BufferBudget::default();
+        let server = Arc::new(
+            NbdServer::new(exports, &default)
+                .expect("server")
+                .with_buffer_budget(buffers.clone()),
+        );
         let addr: ListenAddr = match tcp {
             Some(a) => a.parse().expect("tcp addr"),
             None => ListenAddr::Unix(dir.path().join("nbd.sock")),
@@ -120,9 +131,17 @@ impl TestServer {
             dir,
             addr,
             runtime: Some(runtime),
+            buffers,
             shutdown,
             task: Some(task),
         }
+    }
+
+    /// What the server's connections hold of its buffer budget now: every connection
+    /// holds its socket buffers until it has ended, so this tells when the server has
+    /// noticed that clients went away.
+    pub fn buffered(&self) -> BudgetStatus {
+        self.buffers.status()
     }
 
     /// The socket path (Unix servers only).
@@ -390,28 +409,27 @@ pub mod wire {
     pub const ENOSPC: u32 = 28;
 }
 
-/// A hand-driven NBD client over a Unix socket, for sending what real clients never
-/// would. Every read has a timeout, so a server that stops answering fails the test
-/// instead of hanging it.
-pub struct RawClient {
-    stream: std::os::unix::net::UnixStream,
+/// A hand-driven NBD client, for sending what real clients never would: over a Unix socket
+/// (the default), over TCP, or over TLS after `NBD_OPT_STARTTLS` (`super::tls` makes the
+/// client configuration). The one raw client of the tests: every protocol helper is written
+/// once, for any byte stream. Every read has a timeout, so a server that stops answering
+/// fails the test instead of hanging it.
+pub struct RawClient<S: Read + Write = UnixStream> {
+    /// The byte stream, for a test that sends and reads in bulk.
+    pub stream: S,
 }
 
 /// One option reply: (option, reply type, data).
 pub type OptionReply = (u32, u32, Vec<u8>);
 
-impl RawClient {
+impl RawClient<UnixStream> {
     /// Connects and reads the 18-byte greeting, checking its magics and flags.
     pub fn connect(socket: &Path) -> Self {
-        let stream = std::os::unix::net::UnixStream::connect(socket).expect("connect");
+        let stream = UnixStream::connect(socket).expect("connect");
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .expect("timeout");
-        let mut client = Self { stream };
-        assert_eq!(client.u64(), wire::NBDMAGIC);
-        assert_eq!(client.u64(), wire::IHAVEOPT);
-        assert_eq!(client.u16(), 3, "handshake flags FIXED_NEWSTYLE|NO_ZEROES");
-        client
+        RawClient::greeted(stream)
     }
 
     /// Connects, negotiates fixed newstyle without zeroes and enters transmission on
@@ -423,6 +441,83 @@ impl RawClient {
             .info_or_go(wire::OPT_GO, export, &[wire::INFO_BLOCK_SIZE])
             .unwrap_or_else(|(t, msg)| panic!("OPT_GO refused with {t:#x}: {msg}"));
         (client, size, flags)
+    }
+
+    /// The socket itself, for a test that sends and reads in bulk.
+    pub fn stream(&mut self) -> &mut UnixStream {
+        &mut self.stream
+    }
+
+    /// Closes both directions, as a client that dies would.
+    pub fn hang_up(self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl RawClient<TcpStream> {
+    /// Connects to 127.0.0.1:`port` (read and write timeouts of 20 s) and reads the greeting.
+    pub fn connect_tcp(port: u16) -> Self {
+        let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        stream
+            .set_write_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        RawClient::greeted(stream)
+    }
+
+    /// Connects, reads the greeting and answers fixed newstyle without zeroes.
+    pub fn greet(port: u16) -> Self {
+        let mut client = Self::connect_tcp(port);
+        client.send_u32(wire::C_FIXED_NEWSTYLE | wire::C_NO_ZEROES);
+        client
+    }
+
+    /// `NBD_OPT_STARTTLS`, then the TLS handshake with `config`; the client goes on over TLS.
+    pub fn start_tls(
+        mut self,
+        config: Arc<ClientConfig>,
+    ) -> Result<RawClient<StreamOwned<ClientConnection, TcpStream>>, String> {
+        self.send_option(wire::OPT_STARTTLS, &[]);
+        let (option, reply, data) = self.option_reply();
+        assert_eq!(option, wire::OPT_STARTTLS);
+        if reply != wire::REP_ACK {
+            return Err(format!(
+                "STARTTLS refused with {reply:#x}: {}",
+                String::from_utf8_lossy(&data)
+            ));
+        }
+        let name = ServerName::try_from("localhost").expect("server name");
+        let mut conn = ClientConnection::new(config, name).expect("TLS client");
+        let mut stream = self.stream;
+        while conn.is_handshaking() {
+            conn.complete_io(&mut stream)
+                .map_err(|e| format!("TLS handshake: {e}"))?;
+        }
+        Ok(RawClient {
+            stream: StreamOwned::new(conn, stream),
+        })
+    }
+}
+
+impl<S: Read + Write> RawClient<S> {
+    /// Wraps a connected stream and reads the 18-byte greeting, checking its magics and
+    /// flags (FIXED_NEWSTYLE|NO_ZEROES).
+    fn greeted(stream: S) -> Self {
+        let mut client = RawClient { stream };
+        assert_eq!(client.u64(), wire::NBDMAGIC);
+        assert_eq!(client.u64(), wire::IHAVEOPT);
+        assert_eq!(client.u16(), 3, "handshake flags FIXED_NEWSTYLE|NO_ZEROES");
+        client
+    }
+
+    /// `NBD_OPT_GO` for `export` without information requests: `Ok(size)`, or
+    /// `Err(reply type)` on an error reply.
+    pub fn go_to(&mut self, export: &str) -> Result<u64, u32> {
+        self.info_or_go(wire::OPT_GO, export, &[])
+            .map(|(size, _)| size)
+            .map_err(|(reply, _)| reply)
     }
 
     /// Sends `NBD_OPT_INFO`/`GO` and reads replies to the final one. `Ok((size, flags))`
@@ -620,22 +715,12 @@ impl RawClient {
     }
 
     pub fn send(&mut self, buf: &[u8]) {
-        use std::io::Write;
         self.stream.write_all(buf).expect("send");
+        self.stream.flush().expect("flush");
     }
 
     pub fn send_u32(&mut self, v: u32) {
         self.send(&v.to_be_bytes());
-    }
-
-    /// Closes both directions, as a client that dies would.
-    /// The socket itself, for a test that sends and reads in bulk.
-    pub fn stream(&mut self) -> &mut std::os::unix::net::UnixStream {
-        &mut self.stream
-    }
-
-    pub fn hang_up(self) {
-        let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
 
     pub fn bytes(&mut self, len: usize) -> Vec<u8> {
@@ -654,6 +739,59 @@ impl RawClient {
 
     pub fn u64(&mut self) -> u64 {
         u64::from_be_bytes(self.bytes(8).try_into().unwrap())
+    }
+
+    /// After sending an option: `false` once its reply has been read, `true` if the server
+    /// closed the connection instead.
+    pub fn closed_by_server_or_reply(&mut self) -> bool {
+        let mut magic = [0u8; 8];
+        match self.stream.read_exact(&mut magic) {
+            Ok(()) => {
+                assert_eq!(u64::from_be_bytes(magic), wire::OPTION_REPLY_MAGIC);
+                let _option = self.u32();
+                let _reply = self.u32();
+                let len = self.u32() as usize;
+                self.bytes(len);
+                false
+            }
+            Err(_) => true,
+        }
+    }
+
+    /// Everything the server sends until it closes the connection (the test fails if it
+    /// does not close within the read timeout).
+    pub fn until_closed(&mut self) -> Vec<u8> {
+        let mut all = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return all,
+                Ok(n) => all.extend_from_slice(&buf[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    panic!("the server did not close the connection")
+                }
+                Err(_) => return all,
+            }
+        }
+    }
+
+    /// Whether the server has closed the connection (EOF or reset) within the read
+    /// timeout; panics if it sends anything instead.
+    pub fn closed_by_server(&mut self) -> bool {
+        let mut byte = [0u8; 1];
+        match self.stream.read(&mut byte) {
+            Ok(0) => true,
+            Ok(_) => panic!("the server sent data where it should have closed"),
+            Err(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+        }
     }
 }
 

@@ -4,6 +4,11 @@
 //! [`ChildGuard`], so a failing test never leaves a process behind. Servers bind only to
 //! 127.0.0.1 ports from [`free_port`] or to Unix sockets in the test's temporary directory.
 //!
+//! Tests wait for conditions, never for a fixed time: [`wait_for`] (and [`wait_for_async`] in
+//! async tests) polls a check every 20 ms until it holds, and fails the test after its
+//! deadline with what it waited for and the last state the check saw. This file holds the
+//! only polling sleep of the helpers.
+//!
 //! Must never: kill anything but the child it started; wait forever.
 
 use std::fs::File;
@@ -148,6 +153,27 @@ impl ChildGuard {
         }
     }
 
+    /// Waits until `path` exists (a socket, a control socket, a pid file), failing early
+    /// (with the end of the log) if the child exits first.
+    pub fn wait_for_path(&mut self, path: &Path, timeout: Duration) {
+        let what = format!("{} to create {}", self.name, path.display());
+        wait_for(&what, timeout, || {
+            if let Some(status) = self.exited() {
+                panic!(
+                    "{} exited ({status}) before creating {}; its output ends with:\n{}",
+                    self.name,
+                    path.display(),
+                    self.log_tail(4096)
+                );
+            }
+            if path.exists() {
+                Ok(())
+            } else {
+                Err("not there yet".to_string())
+            }
+        })
+    }
+
     /// The last `max` bytes of the child's log, or a note that there is none.
     pub fn log_tail(&self, max: u64) -> String {
         let Some(path) = &self.log else {
@@ -199,6 +225,53 @@ pub fn wait_for_port(port: u16, timeout: Duration) -> Result<(), String> {
 pub fn wait_for_path(path: &Path, timeout: Duration) -> Result<(), String> {
     wait_until(timeout, || path.exists())
         .map_err(|_| format!("{} did not appear within {timeout:?}", path.display()))
+}
+
+/// Polls `check` until it returns `Ok`, and returns its value. `Err` says why not yet (the last
+/// one is in the failure message); the test fails after `timeout` with `what`. A check may
+/// itself panic to fail early (a child that exited).
+pub fn wait_for<T>(what: &str, timeout: Duration, check: impl FnMut() -> Result<T, String>) -> T {
+    wait_for_every(what, timeout, POLL, check)
+}
+
+/// [`wait_for`] polling every `every`, for a check that is costly itself (comparing whole
+/// images).
+pub fn wait_for_every<T>(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check() {
+            Ok(value) => return value,
+            Err(last) => assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {what}; last: {last}"
+            ),
+        }
+        sleep(every);
+    }
+}
+
+/// [`wait_for`] for async tests, whose checks await (a store read) and whose runtime must
+/// not be blocked by the poll.
+pub async fn wait_for_async<T, F>(what: &str, timeout: Duration, mut check: impl FnMut() -> F) -> T
+where
+    F: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(last) => assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {what}; last: {last}"
+            ),
+        }
+        tokio::time::sleep(POLL).await;
+    }
 }
 
 /// Polls `ready` until it holds or `timeout` passes.

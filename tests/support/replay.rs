@@ -274,6 +274,32 @@ impl TestJournal {
         }
     }
 
+    /// Waits until consumer `name`'s committed position has applied `lsn`; fails at once,
+    /// with its log, if `agent` (the consumer's replay agent) exits first.
+    pub async fn wait_applied(
+        &self,
+        name: &str,
+        lsn: u64,
+        agent: &mut ChildGuard,
+        timeout: std::time::Duration,
+    ) -> ConsumerState {
+        let agent = std::cell::RefCell::new(agent);
+        let agent = &agent;
+        let what = format!("{name} to apply LSN {lsn}");
+        super::procs::wait_for_async(&what, timeout, move || async move {
+            let applied = self.try_position(name).await;
+            if let Some(pos) = applied.filter(|p| p.applied_lsn >= lsn) {
+                return Ok(pos);
+            }
+            let mut agent = agent.borrow_mut();
+            if let Some(status) = agent.exited() {
+                panic!("{name}'s agent exited ({status}): {}", agent.log_tail(4000));
+            }
+            Err(format!("{name} has not applied LSN {lsn} yet"))
+        })
+        .await
+    }
+
     /// Key of segment `seq` and its file in the journal directory.
     pub fn segment_file(&self, seq: u64) -> (String, PathBuf) {
         let key = self.manifest.segment_key(seq);

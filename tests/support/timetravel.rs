@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tinylag::clock::format_ns;
 use tinylag::journal::mark::{self, MarkPoint};
@@ -156,16 +156,7 @@ impl Mount {
         let mut guard =
             procs::ChildGuard::spawn_logged("tinylag mount", &mut cmd, &dir.join("mount.log"))
                 .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !socket.exists() {
-            assert!(
-                guard.exited().is_none(),
-                "mount exited: {}",
-                guard.log_tail(4000)
-            );
-            assert!(Instant::now() < deadline, "mount never listened");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        guard.wait_for_path(&socket, Duration::from_secs(30));
         Mount { guard, socket }
     }
 

@@ -1,6 +1,5 @@
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use proptest::prelude::*;
 use uuid::Uuid;
@@ -9,8 +8,9 @@ use super::header::Trailer;
 use super::index::{archived_len, ArchivedFooter, ArchivedFooterEntry, Footer, FooterEntry};
 use super::*;
 use crate::journal::record::Op;
+use crate::store::counting::CountingStore;
 use crate::store::memory::MemoryStore;
-use crate::store::{ListPage, ObjectMeta, ObjectStore, StoreResult};
+use crate::store::ObjectStore;
 
 const KEY: &str = "journal/0/00000000000000000042";
 const UUID: Uuid = Uuid::from_u128(0x1234_5678_9abc_def0_1122_3344_5566_7788);
@@ -752,45 +752,6 @@ fn mark_names_must_be_utf8() {
     );
 }
 
-/// Counts tail reads, to check that `read_index` reads once when it can.
-#[derive(Debug, Default)]
-struct CountingStore {
-    inner: MemoryStore,
-    tails: AtomicUsize,
-}
-
-#[async_trait]
-impl ObjectStore for CountingStore {
-    async fn put_if_absent(&self, key: &str, data: Bytes) -> StoreResult<()> {
-        self.inner.put_if_absent(key, data).await
-    }
-    async fn put(&self, key: &str, data: Bytes) -> StoreResult<()> {
-        self.inner.put(key, data).await
-    }
-    async fn get(&self, key: &str) -> StoreResult<Bytes> {
-        self.inner.get(key).await
-    }
-    async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> StoreResult<Bytes> {
-        self.inner.get_range(key, range).await
-    }
-    async fn get_tail(&self, key: &str, len: u64) -> StoreResult<(Bytes, u64)> {
-        self.tails.fetch_add(1, Ordering::SeqCst);
-        self.inner.get_tail(key, len).await
-    }
-    async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
-        self.inner.head(key).await
-    }
-    async fn list(&self, prefix: &str, after: Option<&str>, max: usize) -> StoreResult<ListPage> {
-        self.inner.list(prefix, after, max).await
-    }
-    async fn delete_many(&self, keys: &[String]) -> StoreResult<()> {
-        self.inner.delete_many(keys).await
-    }
-    fn describe(&self) -> String {
-        "counting".into()
-    }
-}
-
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .build()
@@ -800,12 +761,13 @@ fn runtime() -> tokio::runtime::Runtime {
 #[test]
 fn read_index_reads_the_tail_once_unless_the_index_is_bigger() {
     runtime().block_on(async {
-        let store = CountingStore::default();
+        // The store's own request counter, around a memory store.
+        let store = CountingStore::new(Arc::new(MemoryStore::new()));
         let small = encode(&mixed(0), 0);
         store.put(KEY, small.clone()).await.unwrap();
         let index = read_index(&store, KEY, &expected(0)).await.unwrap();
         assert_eq!(index.entries.len(), mixed(0).len());
-        assert_eq!(store.tails.load(Ordering::SeqCst), 1);
+        assert_eq!(store.counts().get_tail, 1);
 
         // 2000 entries of 56 bytes: an index past the 64 KiB guess.
         let many: Vec<Record> = (0..2000).map(|l| record(l, l, Op::Flush)).collect();
@@ -815,7 +777,7 @@ fn read_index_reads_the_tail_once_unless_the_index_is_bigger() {
         let index = read_index(&store, key, &expected(0)).await.unwrap();
         assert_eq!(index.entries.len(), 2000);
         assert_eq!(index.object_size, big.len() as u64);
-        assert_eq!(store.tails.load(Ordering::SeqCst), 3);
+        assert_eq!(store.counts().get_tail, 3);
 
         let tail = &big[big.len() - INDEX_TAIL_GUESS as usize..];
         let err = decode_index_from_tail(key, tail, big.len() as u64, &expected(0)).unwrap_err();
