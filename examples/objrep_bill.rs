@@ -222,9 +222,7 @@ async fn append(
 /// Bytes stored against bytes of live data after compaction and trim: TOTAL of 4 KiB writes
 /// at random blocks of a DEVICE (so blocks are rewritten), a checkpoint after each segment.
 async fn compacted(total: u64, device: u64) -> anyhow::Result<serde_json::Value> {
-    use tinylag::objrep::compact::{compact, CompactConfig};
-    use tinylag::objrep::restore::ObjSources;
-    use tinylag::objrep::trim::{trim, TrimConfig};
+    use tinylag::objrep::{compact, trim, CompactConfig, ObjSources, TrimConfig};
     let s = stores(device).await?;
     let blocks = device / 4096;
     let mut noise = Noise(0x51_7cc1_b727_220a);
@@ -244,7 +242,10 @@ async fn compacted(total: u64, device: u64) -> anyhow::Result<serde_json::Value>
     let mut config = ObjectAgentConfig::new("bill");
     config.once = true;
     config.checkpoint_interval = Duration::ZERO;
-    agent(&s, config.clone()).await?.run(watch::channel(false).1).await?;
+    agent(&s, config.clone())
+        .await?
+        .run(watch::channel(false).1)
+        .await?;
     let live_bytes = live.iter().filter(|b| **b).count() as u64 * 4096;
     let (before, before_objects) = stored(s.replica.as_ref()).await?;
     let r0 = s.replica.counts();
@@ -261,9 +262,28 @@ async fn compacted(total: u64, device: u64) -> anyhow::Result<serde_json::Value>
     let first = trim(&open().await?, &trim_config).await?;
     // What the trim dropped is named by the previous generation until a newer one exists: one
     // more write and checkpoint, then a second trim deletes it.
-    append(&s, &mut seq, &mut lsn, std::iter::once(Op::Write { offset: 0, data: noise.bytes(4096) })).await?;
-    agent(&s, config).await?.run(watch::channel(false).1).await?;
-    let second = trim(&open().await?, &TrimConfig { now_ns: now_ns(), ..trim_config }).await?;
+    append(
+        &s,
+        &mut seq,
+        &mut lsn,
+        std::iter::once(Op::Write {
+            offset: 0,
+            data: noise.bytes(4096),
+        }),
+    )
+    .await?;
+    agent(&s, config)
+        .await?
+        .run(watch::channel(false).1)
+        .await?;
+    let second = trim(
+        &open().await?,
+        &TrimConfig {
+            now_ns: now_ns(),
+            ..trim_config
+        },
+    )
+    .await?;
     let (after, after_objects) = stored(s.replica.as_ref()).await?;
     let c = |a: u64, b: u64| a - b;
     Ok(json!({
