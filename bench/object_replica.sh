@@ -9,6 +9,13 @@
 #   bench/object_replica.sh                   # 1 GiB each at 64 MiB/s, 60 s idle (= 1 h)
 #   TOTAL=256M RATE=16M IDLE=30 bench/object_replica.sh
 #
+# Then bytes stored / bytes of live data after `replica compact` and `replica trim` (target
+# <= 1.3): COMPACT_TOTAL (1G) of 4 KiB writes at random blocks of a COMPACT_DEVICE (512M),
+# a checkpoint a segment. And restore of RESTORE_SIZE (1G) from an object replica in a
+# local directory (`file://`, the real binary), after compaction (one image) and before it
+# (delta layers), against `cp --sparse=always` of a file replica of the same journal:
+# RUNS (3) interleaved runs, medians; page cache dropped before each when run as root.
+#
 # Counts, not timings: the debug build is the default (CARGO_PROFILE=release for release).
 # Environment: BENCH_DIR (scratch, default target/bench-objrep), IDLE_SCALE (default 60).
 set -euo pipefail
@@ -25,12 +32,36 @@ sub=debug
 mkdir -p "$DIR"
 command -v python3 >/dev/null || { echo "bench/object_replica.sh needs python3" >&2; exit 1; }
 
-cargo build --quiet --profile "$PROFILE" --example objrep_bill
+cargo build --quiet --profile "$PROFILE" --example objrep_bill --bin tinylag
 bin=$TARGET/$sub/examples/objrep_bill
+tl=$TARGET/$sub/tinylag
 echo "load before: $(uptime)" >&2
 "$bin" rand4k "$TOTAL" "$RATE" >"$DIR/rand4k.json"
 "$bin" seq1m "$TOTAL" "$RATE" >"$DIR/seq1m.json"
 "$bin" idle "$IDLE" >"$DIR/idle.json"
+"$bin" compact "${COMPACT_TOTAL:-1G}" "${COMPACT_DEVICE:-512M}" >"$DIR/compact.json"
+
+# Restore from the object replica against cp of a file replica.
+R=$DIR/restore
+rm -rf "$R" && mkdir -p "$R"
+"$bin" journal "$R/journal" "${RESTORE_SIZE:-1G}" >"$R/journal.json"
+"$tl" replay --journal "$R/journal" --replica "file://$R/delta" --name delta --once >/dev/null 2>&1
+"$tl" replay --journal "$R/journal" --replica "file://$R/image" --name image --once >/dev/null 2>&1
+"$tl" replica compact --journal "$R/journal" --replica "file://$R/image" >/dev/null
+"$tl" replay --journal "$R/journal" --replica "$R/file.img" --name file --no-undo --once >/dev/null 2>&1
+at="@$(date +%s)"
+drop() { [[ $(id -u) == 0 ]] && sync && echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true; }
+timed() { local t0 t1; drop; t0=$(date +%s.%N); "$@" >/dev/null; t1=$(date +%s.%N); echo "$t1 - $t0" | bc; }
+for i in $(seq 1 "${RUNS:-3}"); do
+    rm -f "$R/out.img" "$R/cp.img"
+    echo "cp $(timed cp --sparse=always "$R/file.img" "$R/cp.img")" >>"$R/times"
+    echo "image $(timed "$tl" restore --journal "$R/journal" --replica "file://$R/image" --at "$at" --output "$R/out.img")" >>"$R/times"
+    cmp "$R/out.img" "$R/file.img" || { echo "restore from the image differs" >&2; exit 1; }
+    rm -f "$R/out.img"
+    echo "delta $(timed "$tl" restore --journal "$R/journal" --replica "file://$R/delta" --at "$at" --output "$R/out.img")" >>"$R/times"
+    cmp "$R/out.img" "$R/file.img" || { echo "restore from the layers differs" >&2; exit 1; }
+done
+rm -f "$R/out.img" "$R/cp.img"
 echo "load after: $(uptime)" >&2
 
 python3 - "$DIR" <<'PY'
@@ -48,4 +79,22 @@ i = json.load(open(f"{d}/idle.json"))
 print()
 print(f"idle: replica store {i['replica_requests_per_hour']:.1f} requests/hour, journal "
       f"{i['journal_requests_per_hour']:.1f} requests/hour ({i['seconds']} s at timer scale {i['timer_scale']})")
+c = json.load(open(f"{d}/compact.json"))
+print()
+print("| written | device | live data | stored before / live | stored after compact+trim / live | objects before → after | compaction PUTs | GETs | s |")
+print("|---|---|---|---|---|---|---|---|---|")
+print(f"| {c['bytes_written']>>20} MiB 4 KiB random | {c['device']>>20} MiB | {c['live_bytes']/2**20:.0f} MiB | "
+      f"{c['stored_before_per_live']:.3f} | {c['stored_after_per_live']:.3f} | {c['objects_before']} → {c['objects_after']} | "
+      f"{c['compaction_puts']} | {c['compaction_gets']} | {c['compaction_s']:.2f} |")
+import statistics
+t = {}
+for line in open(f"{d}/restore/times"):
+    k, v = line.split()
+    t.setdefault(k, []).append(float(v))
+j = json.load(open(f"{d}/restore/journal.json"))
+print()
+print(f"restore of {j['bytes']>>20} MiB (medians of {len(t['cp'])} interleaved runs, s): "
+      f"cp --sparse=always of a file replica {statistics.median(t['cp']):.2f}, "
+      f"from the object replica's image {statistics.median(t['image']):.2f}, "
+      f"from its delta layers {statistics.median(t['delta']):.2f}")
 PY

@@ -18,7 +18,7 @@ mod cmd;
 use cmd::args::{UsageError, GLOBAL_OPTIONS};
 use cmd::output::{error_text, ColorChoice, LogFormat};
 use cmd::{
-    config, control_cmd, diff, init, journal_cmd, key_cmd, promote, rejoin, replay, serve,
+    config, control_cmd, diff, init, journal_cmd, key_cmd, objrep, promote, rejoin, replay, serve,
     shell_docs, status, timetravel, trim, up,
 };
 
@@ -116,6 +116,10 @@ enum Command {
     /// Look after an undo log.
     #[command(subcommand)]
     Undo(trim::UndoCommand),
+    /// Look after an object replica: compact its layers into images, trim what no retained
+    /// point needs.
+    #[command(subcommand)]
+    Replica(objrep::ReplicaCommand),
     /// Show a running daemon's mode, pool, LSNs, lag, uploads and dirty regions.
     Status(status::StatusArgs),
     /// Primary, journal and replica in one directory, one process: serve + replay.
@@ -172,6 +176,7 @@ fn main() -> ExitCode {
             Command::ImportDiff(a) => diff::run_import_diff(*a).await,
             Command::Status(a) => status::run(a).await,
             Command::Undo(trim::UndoCommand::Trim(a)) => trim::undo_trim(a).await,
+            Command::Replica(c) => objrep::run_replica(c).await,
             Command::Up(a) => up::run(a).await,
             Command::Key(c) => key_cmd::run(c),
             Command::Config(config::ConfigCommand::Check(a)) => config::check(a, Cli::command()),

@@ -8,6 +8,9 @@
 //! ```text
 //! objrep_bill PATTERN TOTAL RATE      PATTERN: rand4k | seq1m; TOTAL, RATE (per second): sizes
 //! objrep_bill idle SECONDS
+//! objrep_bill compact TOTAL DEVICE    TOTAL of 4 KiB writes at random blocks of a DEVICE,
+//!                                     a checkpoint a segment; then compact and trim
+//! objrep_bill journal DIR TOTAL       a journal of TOTAL in 1 MiB writes, in directory DIR
 //! ```
 //!
 //! Prints one JSON object.
@@ -174,6 +177,150 @@ async fn written(pattern: &str, total: u64, rate: u64) -> anyhow::Result<serde_j
     }))
 }
 
+/// Bytes and objects under a store's root.
+async fn stored(store: &dyn ObjectStore) -> anyhow::Result<(u64, usize)> {
+    let all = tinylag::store::list_all(store, "").await?;
+    Ok((all.iter().map(|o| o.size).sum(), all.len()))
+}
+
+/// Appends `records` as segments cut at the manifest's size, from `seq`/`lsn`.
+async fn append(
+    s: &Stores,
+    seq: &mut u64,
+    lsn: &mut u64,
+    records: impl Iterator<Item = Op>,
+) -> anyhow::Result<()> {
+    let mut builder = SegmentBuilder::new(s.manifest.uuid, 1, *seq, *lsn);
+    let mut any = false;
+    for op in records {
+        builder.push(&Record {
+            lsn: *lsn,
+            timestamp_ns: now_ns(),
+            dev: 0,
+            op,
+        })?;
+        *lsn += 1;
+        any = true;
+        if builder.encoded_len() as u64 >= s.manifest.segment_size {
+            s.writer
+                .put_if_absent(&s.manifest.segment_key(*seq), builder.finish())
+                .await?;
+            *seq += 1;
+            builder = SegmentBuilder::new(s.manifest.uuid, 1, *seq, *lsn);
+            any = false;
+        }
+    }
+    if any {
+        s.writer
+            .put_if_absent(&s.manifest.segment_key(*seq), builder.finish())
+            .await?;
+        *seq += 1;
+    }
+    Ok(())
+}
+
+/// Bytes stored against bytes of live data after compaction and trim: TOTAL of 4 KiB writes
+/// at random blocks of a DEVICE (so blocks are rewritten), a checkpoint after each segment.
+async fn compacted(total: u64, device: u64) -> anyhow::Result<serde_json::Value> {
+    use tinylag::objrep::{compact, trim, CompactConfig, ObjSources, TrimConfig};
+    let s = stores(device).await?;
+    let blocks = device / 4096;
+    let mut noise = Noise(0x51_7cc1_b727_220a);
+    let mut live = vec![false; blocks as usize];
+    let (mut seq, mut lsn) = (0u64, 1u64);
+    let ops: Vec<Op> = (0..total / 4096)
+        .map(|_| {
+            let b = noise.next() % blocks;
+            live[b as usize] = true;
+            Op::Write {
+                offset: b * 4096,
+                data: noise.bytes(4096),
+            }
+        })
+        .collect();
+    append(&s, &mut seq, &mut lsn, ops.into_iter()).await?;
+    let mut config = ObjectAgentConfig::new("bill");
+    config.once = true;
+    config.checkpoint_interval = Duration::ZERO;
+    agent(&s, config.clone())
+        .await?
+        .run(watch::channel(false).1)
+        .await?;
+    let live_bytes = live.iter().filter(|b| **b).count() as u64 * 4096;
+    let (before, before_objects) = stored(s.replica.as_ref()).await?;
+    let r0 = s.replica.counts();
+    let started = Instant::now();
+    let open = || ObjSources::open(s.journal_inner.clone(), s.replica.clone());
+    let report = compact(&open().await?, &CompactConfig::new()).await?;
+    let compact_s = started.elapsed().as_secs_f64();
+    let r1 = s.replica.counts();
+    let trim_config = TrimConfig {
+        retain: Duration::ZERO,
+        orphan_grace: Duration::from_secs(3600),
+        now_ns: now_ns(),
+    };
+    let first = trim(&open().await?, &trim_config).await?;
+    // What the trim dropped is named by the previous generation until a newer one exists: one
+    // more write and checkpoint, then a second trim deletes it.
+    append(
+        &s,
+        &mut seq,
+        &mut lsn,
+        std::iter::once(Op::Write {
+            offset: 0,
+            data: noise.bytes(4096),
+        }),
+    )
+    .await?;
+    agent(&s, config)
+        .await?
+        .run(watch::channel(false).1)
+        .await?;
+    let second = trim(
+        &open().await?,
+        &TrimConfig {
+            now_ns: now_ns(),
+            ..trim_config
+        },
+    )
+    .await?;
+    let (after, after_objects) = stored(s.replica.as_ref()).await?;
+    let c = |a: u64, b: u64| a - b;
+    Ok(json!({
+        "bytes_written": total,
+        "device": device,
+        "live_bytes": live_bytes,
+        "stored_before": before,
+        "objects_before": before_objects,
+        "stored_after": after,
+        "objects_after": after_objects,
+        "stored_before_per_live": before as f64 / live_bytes as f64,
+        "stored_after_per_live": after as f64 / live_bytes as f64,
+        "compaction": report,
+        "compaction_s": compact_s,
+        "compaction_puts": c(r1.put + r1.put_if_absent, r0.put + r0.put_if_absent),
+        "compaction_gets": c(r1.get + r1.get_range + r1.get_tail, r0.get + r0.get_range + r0.get_tail),
+        "trims": [first, second],
+    }))
+}
+
+/// A journal of `total` bytes of 1 MiB incompressible writes in directory `dir` (for the
+/// restore benchmark, which runs the real binary on it).
+async fn journal_dir(dir: &str, total: u64) -> anyhow::Result<serde_json::Value> {
+    let store: Arc<dyn ObjectStore> = Arc::new(tinylag::store::local::LocalStore::new(dir));
+    let mut s = stores(total).await?;
+    s.manifest.create(store.as_ref()).await?;
+    s.writer = Arc::new(CountingStore::new(store));
+    let mut noise = Noise(0x2545_f491_4f6c_dd1d);
+    let (mut seq, mut lsn) = (0u64, 1u64);
+    let ops = (0..total >> 20).map(|i| Op::Write {
+        offset: i << 20,
+        data: noise.bytes(1 << 20),
+    });
+    append(&s, &mut seq, &mut lsn, ops).await?;
+    Ok(json!({ "dir": dir, "bytes": total, "segments": seq, "last_lsn": lsn - 1 }))
+}
+
 async fn idle(seconds: u64) -> anyhow::Result<serde_json::Value> {
     let scale: u32 = std::env::var("IDLE_SCALE")
         .ok()
@@ -208,6 +355,14 @@ async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let out = match args.as_slice() {
         [_, idle_word, seconds] if idle_word == "idle" => idle(seconds.parse()?).await?,
+        [_, word, total, device] if word == "compact" => {
+            let total = parse_size(total).map_err(anyhow::Error::msg)?;
+            let device = parse_size(device).map_err(anyhow::Error::msg)?;
+            compacted(total, device).await?
+        }
+        [_, word, dir, total] if word == "journal" => {
+            journal_dir(dir, parse_size(total).map_err(anyhow::Error::msg)?).await?
+        }
         [_, pattern, total, rate] => {
             let total = parse_size(total).map_err(anyhow::Error::msg)?;
             let rate = parse_size(rate).map_err(anyhow::Error::msg)?;

@@ -262,6 +262,22 @@ fn nothing_in_plaintext_and_every_reader_gives_the_bytes_of_an_unencrypted_run()
         ])
         .collect();
     run_ok(&with_key(to_objrep, Some(&key)));
+    // Its image layer (compaction) is sealed too: the leak check below covers its parts.
+    let compact: Vec<String> = ["replica", "compact", "--journal", &s(&enc.journal)]
+        .iter()
+        .map(|a| a.to_string())
+        .chain([
+            "--replica".into(),
+            objrep_uri.clone(),
+            "--part-size".into(),
+            "1M".into(),
+        ])
+        .collect();
+    run_ok(&with_key(compact, Some(&key)));
+    assert!(
+        std::fs::read_dir(objrep.join("images")).map_or(0, |d| d.count()) > 0,
+        "the compaction wrote no image part"
+    );
     let layers: Vec<PathBuf> = {
         let mut files = Vec::new();
         files_under(&objrep, &mut files);

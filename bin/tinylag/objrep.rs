@@ -9,15 +9,16 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
 use tinylag::clock::format_ns;
 use tinylag::journal::reader::JournalReader;
 use tinylag::journal::Manifest;
-use tinylag::objrep::{ObjPoint, ObjSources};
+use tinylag::objrep::{compact, trim, CompactConfig, ObjPoint, ObjSources, TrimConfig};
 use tinylag::objrep::{ObjectAgent, ObjectAgentConfig};
 use tinylag::store::{open_store, open_store_for_command, StoreUri};
 use tokio::sync::watch;
 
-use crate::cmd::args::NamedPath;
+use crate::cmd::args::{parse_duration, parse_size, JournalArgs, NamedPath};
 use crate::cmd::output::{say, tell};
 use crate::cmd::replay::{forward_signals, ReplayArgs};
 use crate::cmd::serve::StopSignals;
@@ -189,6 +190,137 @@ pub async fn run_timeline(args: TimelineArgs, uri: StoreUri) -> anyhow::Result<(
     }
     for (name, lsn, ts) in &t.marks {
         println!("mark {name} LSN {lsn}  {}", format_ns(*ts));
+    }
+    Ok(())
+}
+
+/// `tinylag replica …`: the object replica's own jobs.
+#[derive(Debug, Subcommand)]
+pub enum ReplicaCommand {
+    /// Fold an object replica's delta layers into an image layer at its newest checkpoint
+    /// (cron-safe, idempotent, safe to kill; runs beside the agent).
+    Compact(CompactArgs),
+    /// Drop an object replica's checkpoints older than --retain and delete the objects no
+    /// retained point needs (cron-safe, idempotent, safe to kill; runs beside the agent).
+    Trim(ReplicaTrimArgs),
+}
+
+/// The object replica a job works on.
+#[derive(Debug, Args)]
+pub struct ObjectReplicaArgs {
+    #[command(flatten)]
+    pub journal: JournalArgs,
+    /// The object replica: its store address (s3://bucket/prefix, file:///dir).
+    #[arg(long, value_name = "URI", value_parser = parse_object_replica)]
+    pub replica: StoreUri,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `--replica` of a job: a store address, never a plain path (a file replica has no layers).
+fn parse_object_replica(s: &str) -> Result<StoreUri, String> {
+    if !s.contains("://") {
+        return Err(
+            "an object replica is a store address (s3://bucket/prefix, file:///dir); a file \
+             replica has no layers to compact or trim (its undo log has `tinylag undo trim`)"
+                .into(),
+        );
+    }
+    s.parse::<StoreUri>().map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Args)]
+pub struct CompactArgs {
+    #[command(flatten)]
+    pub target: ObjectReplicaArgs,
+    /// Data bytes per image part (its memory is one part and a quarter of one).
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
+    pub part_size: u64,
+    /// Compact even when the delta layers since the newest image are under a quarter of it.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ReplicaTrimArgs {
+    #[command(flatten)]
+    pub target: ObjectReplicaArgs,
+    /// Keep every checkpoint younger than this restorable (and the newest one older, the
+    /// base of the points after it); the newest checkpoint is always kept.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub retain: std::time::Duration,
+    /// An image part no manifest names is a dead compaction's once its run is this old.
+    /// Shorter than a compaction's run, it deletes that compaction's parts: for tests.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration, hide = true)]
+    pub orphan_grace: std::time::Duration,
+}
+
+async fn open_target(t: &ObjectReplicaArgs) -> anyhow::Result<ObjSources> {
+    let journal = t.journal.open_for_command().await?;
+    let store = open_store_for_command(&t.replica, &t.journal.s3.options()).await?;
+    Ok(ObjSources::open(journal, store).await?)
+}
+
+/// `tinylag replica compact|trim`.
+pub async fn run_replica(command: ReplicaCommand) -> anyhow::Result<()> {
+    match command {
+        ReplicaCommand::Compact(args) => {
+            let sources = open_target(&args.target).await?;
+            let mut config = CompactConfig::new();
+            config.part_bytes = args.part_size.max(4096);
+            config.force = args.force;
+            if sources.jm.encryption.is_some() {
+                // Image parts hold the journal's payloads: sealed like its layers.
+                config.seal_with = tinylag::crypto::writing_key();
+            }
+            let report = compact(&sources, &config).await.with_context(|| {
+                format!("compact object replica {}", sources.replica.describe())
+            })?;
+            if args.target.json {
+                tell(serde_json::to_string_pretty(&report)?);
+            } else {
+                tell(format!(
+                    "object replica {}: {} at checkpoint LSN {} ({} parts, {} bytes of {} \
+                     bytes of data, from {} sources; generation {})",
+                    sources.replica.describe(),
+                    report.outcome,
+                    report.lsn,
+                    report.stats.parts,
+                    report.stats.bytes,
+                    report.stats.data_bytes,
+                    report.stats.sources,
+                    report.gen
+                ));
+            }
+        }
+        ReplicaCommand::Trim(args) => {
+            let sources = open_target(&args.target).await?;
+            let config = TrimConfig {
+                retain: args.retain,
+                orphan_grace: args.orphan_grace,
+                now_ns: tinylag::clock::Clock::now_ns(&tinylag::clock::SystemClock),
+            };
+            let report = trim(&sources, &config)
+                .await
+                .with_context(|| format!("trim object replica {}", sources.replica.describe()))?;
+            if args.target.json {
+                tell(serde_json::to_string_pretty(&report)?);
+            } else {
+                tell(format!(
+                    "object replica {}: {} checkpoints dropped, {} kept; {} objects ({} bytes) \
+                     and {} old manifests deleted; {} objects of {} bytes live",
+                    sources.replica.describe(),
+                    report.checkpoints_dropped,
+                    report.checkpoints_kept,
+                    report.objects_deleted,
+                    report.bytes_deleted,
+                    report.generations_deleted,
+                    report.objects_live,
+                    report.bytes_live
+                ));
+            }
+        }
     }
     Ok(())
 }

@@ -204,6 +204,8 @@ pub mod objrep {
     pub const LAYERS_PREFIX: &str = "layers/";
     /// Folder of manifest generations.
     pub const CHECKPOINTS_PREFIX: &str = "checkpoints/";
+    /// Folder of image layers' parts.
+    pub const IMAGES_PREFIX: &str = "images/";
 
     /// Key of the delta layer holding the net effect of LSNs `first..=last`, uploaded for
     /// manifest generation `gen` by agent run `run` (so a retry by another run never meets a
@@ -224,6 +226,25 @@ pub mod objrep {
             return None;
         }
         Some((gen, first, last, u64::from_str_radix(run, 16).ok()?))
+    }
+
+    /// Key of part `part` of the image at checkpoint `lsn` written by compaction run `run`
+    /// (its start time in seconds in the high 32 bits: see `objrep::compact::run_id`).
+    pub fn image_key(lsn: u64, run: u64, part: u32) -> String {
+        format!("{IMAGES_PREFIX}{lsn:020}-{run:016x}-{part:06}")
+    }
+
+    /// Parses an image part's key back to `(lsn, run, part)`.
+    pub fn parse_image_key(key: &str) -> Option<(u64, u64, u32)> {
+        let rest = key.strip_prefix(IMAGES_PREFIX)?;
+        let mut parts = rest.split('-');
+        let lsn = parse_padded(parts.next()?)?;
+        let run = parts.next()?;
+        let part = parts.next()?;
+        if run.len() != 16 || part.len() != 6 || parts.next().is_some() {
+            return None;
+        }
+        Some((lsn, u64::from_str_radix(run, 16).ok()?, part.parse().ok()?))
     }
 
     /// Key of manifest generation `gen`.
@@ -287,5 +308,12 @@ mod tests {
             Some(12)
         );
         assert!(objrep::checkpoint_key(9) < objrep::checkpoint_key(10));
+        let k = objrep::image_key(42, 0x1234_5678_9abc_def0, 7);
+        assert_eq!(k, "images/00000000000000000042-123456789abcdef0-000007");
+        assert_eq!(
+            objrep::parse_image_key(&k),
+            Some((42, 0x1234_5678_9abc_def0, 7))
+        );
+        assert_eq!(objrep::parse_image_key("images/42-1-7"), None);
     }
 }

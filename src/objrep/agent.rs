@@ -442,21 +442,43 @@ impl ObjectAgent {
             return Ok(());
         }
         self.spill().await?;
-        let mut next = self.manifest.clone();
-        next.gen += 1;
-        next.run = format!("{:016x}", self.run);
-        next.layers.append(&mut self.spilled);
-        if let Some(previous) = next.checkpoints.last_mut() {
-            previous.next_timestamp_ns = self.first_ts_after;
-        }
-        next.checkpoints.push(Checkpoint {
+        let spilled = std::mem::take(&mut self.spilled);
+        let mine = self.manifest.last().map(|c| c.lsn);
+        let run = format!("{:016x}", self.run);
+        let checkpoint = Checkpoint {
             lsn: self.read_lsn,
             timestamp_ns: self.read_ts,
             next_seq: self.cursor.seq,
-            layers: next.layers.len(),
+            layers: 0,
             next_timestamp_ns: None,
-        });
-        manifest::commit(self.replica.as_ref(), &next).await?;
+        };
+        let first_ts_after = self.first_ts_after;
+        let store = self.replica.describe();
+        // A compaction or a trim may have committed since our last checkpoint: their
+        // generation keeps our newest checkpoint, and ours is appended to it. A generation
+        // whose newest checkpoint is not ours is a second agent's.
+        let next =
+            manifest::commit_change(self.replica.as_ref(), self.manifest.clone(), |newest| {
+                if newest.last().map(|c| c.lsn) != mine {
+                    return Err(ObjrepError::Raced {
+                        store: store.clone(),
+                        gen: newest.gen,
+                    });
+                }
+                let mut next = newest.clone();
+                next.run = run.clone();
+                next.layers.extend(spilled.iter().cloned());
+                if let Some(previous) = next.checkpoints.last_mut() {
+                    previous.next_timestamp_ns = first_ts_after;
+                }
+                next.checkpoints.push(Checkpoint {
+                    layers: next.layers.len(),
+                    ..checkpoint.clone()
+                });
+                Ok(Some(next))
+            })
+            .await?
+            .expect("the agent's change always commits");
         self.manifest = next;
         self.first_ts_after = None;
         self.next_layer_first = self.read_lsn + 1;
@@ -472,18 +494,6 @@ impl ObjectAgent {
         pos.consistent_timestamp_ns = self.read_ts;
         pos.chain_epoch = self.epoch_seen;
         self.commit_position().await?;
-        // Each generation repeats the whole list, so keeping them all would grow the store
-        // by the square of the checkpoints: the one before the previous goes (a DELETE, free
-        // on S3). Layers are never deleted here; a kill before this leaves it to compaction.
-        if let Some(old) = self.manifest.gen.checked_sub(2).filter(|g| *g > 0) {
-            if let Err(e) = self
-                .replica
-                .delete_many(&[paths::checkpoint_key(old)])
-                .await
-            {
-                tracing::warn!(error = %e, "deleting an old manifest generation failed");
-            }
-        }
         Ok(())
     }
 

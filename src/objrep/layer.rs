@@ -17,7 +17,7 @@ use crate::crypto::{Key, KeyId, ObjectKind, OpenError, Part, SealScope, SEAL_OVE
 use crate::journal::record::Op;
 use crate::replayer::overlay::{Fill, Overlay};
 
-/// Magic at the start of a delta layer.
+/// Magic at the start of a layer (a delta layer or an image part: one format).
 pub(crate) const MAGIC: &[u8; 8] = b"TLOBJDL1";
 /// Magic at the very end (after the index), so a torn or foreign tail is caught.
 pub(crate) const END_MAGIC: &[u8; 8] = b"TLOBJDLE";
@@ -228,19 +228,48 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
 
-/// Decodes a whole layer, checking it is the layer of `uuid` over `first..=last` its key
-/// names, and every CRC; a sealed layer is opened with the process keyring. The error is
-/// the reason (the caller names the object).
-pub(crate) fn decode(
-    data: Bytes,
+/// A layer's header and index without its body: where each extent's stored bytes lie, so a
+/// reader of a range fetches only the extents there (one ranged GET for a run of them).
+/// Image parts are read this way by compaction; a whole layer by [`decode`].
+#[derive(Clone, Debug)]
+pub(crate) struct LayerIndex {
+    scope: Option<SealScope>,
+    /// Bytes of the body (the stored data extents).
+    pub(crate) body_len: u64,
+    /// Extents in offset order; a data extent's `body_pos` is where its stored bytes (a
+    /// sealed unit, when sealed) begin in the body.
+    pub(crate) extents: Vec<LayerExtent>,
+}
+
+/// The index length a layer's trailer states (`tail` ends where the object ends): a reader
+/// that fetched too short a tail fetches `index length + TRAILER_LEN` bytes of it.
+pub(crate) fn index_len(tail: &[u8]) -> Result<u64, LayerError> {
+    if tail.len() < TRAILER_LEN {
+        return Err(format!("{} bytes is shorter than a layer's trailer", tail.len()).into());
+    }
+    let t = &tail[tail.len() - TRAILER_LEN..];
+    if &t[12..20] != END_MAGIC {
+        return Err("bad end magic (truncated?)".into());
+    }
+    Ok(u64_at(t, 0))
+}
+
+/// Decodes a layer's header (`header`: its first [`HEADER_LEN`] bytes) and index (`tail`: at
+/// least the last `index length + TRAILER_LEN` bytes of the `object_len`-byte object),
+/// checking it is the layer of `uuid` over `first..=last` its key names, the CRCs of both
+/// and (sealed) the index's tag.
+pub(crate) fn decode_index(
+    header: &[u8],
+    tail: &[u8],
+    object_len: u64,
     uuid: Uuid,
     first: u64,
     last: u64,
-) -> Result<DeltaLayer, LayerError> {
-    if data.len() < HEADER_LEN + TRAILER_LEN {
-        return Err(format!("{} bytes is shorter than a layer", data.len()).into());
+) -> Result<LayerIndex, LayerError> {
+    if object_len < (HEADER_LEN + TRAILER_LEN) as u64 || header.len() < HEADER_LEN {
+        return Err(format!("{object_len} bytes is shorter than a layer").into());
     }
-    let h = &data[..HEADER_LEN];
+    let h = &header[..HEADER_LEN];
     if &h[..8] != MAGIC {
         return Err("bad magic (not a delta layer)".into());
     }
@@ -268,24 +297,22 @@ pub(crate) fn decode(
     }
     let count = u64_at(h, 48);
     let scope = sealed.map(|key_id| seal_scope(key_id, uuid, first, last));
-    let t = &data[data.len() - TRAILER_LEN..];
-    if &t[12..20] != END_MAGIC {
-        return Err("bad end magic (truncated?)".into());
-    }
-    let index_len = u64_at(t, 0);
+    let index_len = index_len(tail)?;
     let plain_index_len = index_len.checked_sub(scope.map_or(0, |_| SEAL_OVERHEAD as u64));
     if plain_index_len != count.checked_mul(ENTRY_LEN as u64)
-        || index_len > (data.len() - HEADER_LEN - TRAILER_LEN) as u64
+        || index_len > object_len - (HEADER_LEN + TRAILER_LEN) as u64
     {
         return Err(format!(
-            "index of {index_len} bytes does not fit {count} extents in {} bytes",
-            data.len()
+            "index of {index_len} bytes does not fit {count} extents in {object_len} bytes"
         )
         .into());
     }
-    let index_start = data.len() - TRAILER_LEN - index_len as usize;
-    let index = &data[index_start..data.len() - TRAILER_LEN];
-    if crc32c::crc32c(index) != u32_at(t, 8) {
+    let stored_index_end = tail.len() - TRAILER_LEN;
+    let Some(stored_index_start) = stored_index_end.checked_sub(index_len as usize) else {
+        return Err(format!("the index of {index_len} bytes was not read whole").into());
+    };
+    let index = &tail[stored_index_start..stored_index_end];
+    if crc32c::crc32c(index) != u32_at(tail, tail.len() - TRAILER_LEN + 8) {
         return Err("index CRC mismatch".into());
     }
     let opened_index;
@@ -296,11 +323,10 @@ pub(crate) fn decode(
         }
         None => index,
     };
-    let body = data.slice(HEADER_LEN..index_start);
+    let body_len = object_len - (HEADER_LEN + TRAILER_LEN) as u64 - index_len;
+    let overhead = scope.map_or(0, |_| SEAL_OVERHEAD as u64);
     let mut extents = Vec::with_capacity(count as usize);
     let (mut next_pos, mut last_end) = (0u64, 0u64);
-    // A sealed layer's data extents, opened, one after another (the decoded layer's body).
-    let mut plain = BytesMut::new();
     for e in index.chunks_exact(ENTRY_LEN) {
         let (offset, len) = (u64_at(e, 0), u64_at(e, 8));
         let kind = match e[16] {
@@ -317,23 +343,10 @@ pub(crate) fn decode(
             return Err(format!("extent at {offset} is empty or overlaps the one before").into());
         }
         last_end = end;
-        let mut plain_pos = body_pos;
         if kind == ExtentKind::Data {
-            let stored = len.saturating_add(scope.map_or(0, |_| SEAL_OVERHEAD as u64));
-            if body_pos != next_pos || body_pos.saturating_add(stored) > body.len() as u64 {
+            let stored = len.saturating_add(overhead);
+            if body_pos != next_pos || body_pos.saturating_add(stored) > body_len {
                 return Err(format!("extent at {offset} points outside the body").into());
-            }
-            let stored_bytes = &body[body_pos as usize..(body_pos + stored) as usize];
-            let bytes = match &scope {
-                Some(scope) => {
-                    plain_pos = plain.len() as u64;
-                    plain.extend_from_slice(&scope.open(Part::Payload, offset, stored_bytes)?);
-                    &plain[plain_pos as usize..]
-                }
-                None => stored_bytes,
-            };
-            if crc32c::crc32c(bytes) != crc {
-                return Err(format!("data CRC mismatch in the extent at offset {offset}").into());
             }
             next_pos += stored;
         }
@@ -341,12 +354,76 @@ pub(crate) fn decode(
             offset,
             len,
             kind,
-            body_pos: plain_pos,
+            body_pos,
             crc,
         });
     }
-    if next_pos != body.len() as u64 {
+    if next_pos != body_len {
         return Err("body holds bytes no extent names".into());
+    }
+    Ok(LayerIndex {
+        scope,
+        body_len,
+        extents,
+    })
+}
+
+impl LayerIndex {
+    /// Bytes a data extent takes in the body (its length, plus the seal's when sealed).
+    pub(crate) fn stored_len(&self, e: &LayerExtent) -> u64 {
+        e.len + self.scope.map_or(0, |_| SEAL_OVERHEAD as u64)
+    }
+
+    /// Where a data extent's stored bytes lie in the object.
+    pub(crate) fn object_range(&self, e: &LayerExtent) -> std::ops::Range<u64> {
+        let start = HEADER_LEN as u64 + e.body_pos;
+        start..start + self.stored_len(e)
+    }
+
+    /// The extents overlapping `start..end`, in offset order.
+    pub(crate) fn overlapping(&self, start: u64, end: u64) -> &[LayerExtent] {
+        let lo = self.extents.partition_point(|e| e.offset + e.len <= start);
+        let hi = self.extents.partition_point(|e| e.offset < end).max(lo);
+        &self.extents[lo..hi]
+    }
+
+    /// A data extent's bytes from its stored bytes: the sealed unit opened (bound to this
+    /// layer and the extent's offset), then the CRC of the plain bytes checked.
+    pub(crate) fn open(&self, e: &LayerExtent, stored: Bytes) -> Result<Bytes, LayerError> {
+        let plain = match &self.scope {
+            Some(scope) => Bytes::from(scope.open(Part::Payload, e.offset, &stored)?),
+            None => stored,
+        };
+        if crc32c::crc32c(&plain) != e.crc {
+            return Err(format!("data CRC mismatch in the extent at offset {}", e.offset).into());
+        }
+        Ok(plain)
+    }
+}
+
+/// Decodes a whole layer, checking it is the layer of `uuid` over `first..=last` its key
+/// names, and every CRC; a sealed layer is opened with the process keyring. The error is
+/// the reason (the caller names the object).
+pub(crate) fn decode(
+    data: Bytes,
+    uuid: Uuid,
+    first: u64,
+    last: u64,
+) -> Result<DeltaLayer, LayerError> {
+    let index = decode_index(&data, &data, data.len() as u64, uuid, first, last)?;
+    let body = data.slice(HEADER_LEN..);
+    let sealed = index.scope.is_some();
+    // A sealed layer's data extents, opened, one after another (the decoded layer's body).
+    let mut plain = BytesMut::new();
+    let mut extents = index.extents.clone();
+    for e in extents.iter_mut().filter(|e| e.kind == ExtentKind::Data) {
+        let pos = e.body_pos as usize;
+        let stored = body.slice(pos..pos + index.stored_len(e) as usize);
+        let bytes = index.open(e, stored)?;
+        if sealed {
+            e.body_pos = plain.len() as u64;
+            plain.extend_from_slice(&bytes);
+        }
     }
     Ok(DeltaLayer {
         uuid,
@@ -354,10 +431,10 @@ pub(crate) fn decode(
         last_lsn: last,
         extents,
         // A sealed layer's extents point into the opened bytes.
-        body: if scope.is_some() {
+        body: if sealed {
             plain.freeze()
         } else {
-            body
+            body.slice(..index.body_len as usize)
         },
     })
 }

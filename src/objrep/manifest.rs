@@ -79,6 +79,9 @@ pub struct ReplicaManifest {
     pub run: String,
     pub layers: Vec<LayerRef>,
     pub checkpoints: Vec<Checkpoint>,
+    /// Image layers (compaction's), sorted by LSN.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<ImageRef>,
 }
 
 impl ReplicaManifest {
@@ -90,6 +93,7 @@ impl ReplicaManifest {
             run: String::new(),
             layers: Vec::new(),
             checkpoints: Vec::new(),
+            images: Vec::new(),
         }
     }
 
@@ -106,6 +110,168 @@ impl ReplicaManifest {
     /// The newest checkpoint at or before time `ns`.
     pub fn at_or_before_time(&self, ns: u64) -> Option<&Checkpoint> {
         self.checkpoints.iter().rev().find(|c| c.timestamp_ns <= ns)
+    }
+}
+
+/// One part of an image layer: the image's data in `start..end` of the device (bytes of the
+/// range no extent of the part names are zeroes).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImagePart {
+    pub key: String,
+    pub start: u64,
+    pub end: u64,
+    pub size: u64,
+}
+
+/// An image layer: the whole image at checkpoint `lsn` (compaction's), as parts by offset
+/// range; a range no part covers is zeroes.
+///
+/// # Invariants
+/// `lsn` is the LSN of a checkpoint the manifest that first named the image held; parts are
+/// sorted by `start`, their ranges disjoint; every part durable before a manifest names it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRef {
+    pub lsn: u64,
+    /// The compaction run that wrote it (hex, as in its keys).
+    pub run: String,
+    pub parts: Vec<ImagePart>,
+}
+
+impl ImageRef {
+    pub fn bytes(&self) -> u64 {
+        self.parts.iter().map(|p| p.size).sum()
+    }
+}
+
+/// What holds a checkpoint: the one rule every reader uses (restore, compaction, a lazy
+/// mount): the newest image at or below it, then every delta layer after that image up to
+/// it, oldest first.
+#[derive(Clone, Debug)]
+pub struct PointSources<'a> {
+    pub checkpoint: &'a Checkpoint,
+    pub image: Option<&'a ImageRef>,
+    pub deltas: Vec<&'a LayerRef>,
+}
+
+impl ReplicaManifest {
+    /// The objects that hold checkpoint `cp` (see [`PointSources`]).
+    pub fn sources<'a>(&'a self, cp: &'a Checkpoint) -> PointSources<'a> {
+        let image = self.images.iter().rev().find(|i| i.lsn <= cp.lsn);
+        let after = image.map_or(0, |i| i.lsn);
+        PointSources {
+            checkpoint: cp,
+            image,
+            deltas: self
+                .layers
+                .iter()
+                .filter(|l| l.first_lsn > after && l.last_lsn <= cp.lsn)
+                .collect(),
+        }
+    }
+
+    /// Every object key the manifest names (layers and image parts).
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.layers.iter().map(|l| l.key.as_str()).chain(
+            self.images
+                .iter()
+                .flat_map(|i| i.parts.iter().map(|p| p.key.as_str())),
+        )
+    }
+
+    /// Sets each checkpoint's `layers` to the number of listed layers at or below it (after
+    /// a change of the list).
+    pub(crate) fn recount(&mut self) {
+        for cp in &mut self.checkpoints {
+            cp.layers = self.layers.iter().filter(|l| l.last_lsn <= cp.lsn).count();
+        }
+    }
+}
+
+/// Reads generation `gen`; `None` when it is gone.
+pub async fn load_generation(
+    store: &dyn ObjectStore,
+    gen: u64,
+) -> ObjrepResult<Option<ReplicaManifest>> {
+    let key = paths::checkpoint_key(gen);
+    match store.get(&key).await {
+        Ok(data) => serde_json::from_slice(&data)
+            .map(Some)
+            .map_err(|e| malformed(store, &key, e)),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Commits `change(newest)` as the next generation, where `newest` starts as `latest`: when
+/// another writer (the agent, a compaction, a trim) commits that generation first, the
+/// newest is read again and `change` applied to it. This is how the writers of one replica
+/// share its manifest without a lock: each change is a function of the manifest it lands
+/// on, and the conditional create orders them. `change` returns `None` when there is
+/// nothing (left) to commit, or an error to stop.
+pub(crate) async fn commit_change<F>(
+    store: &dyn ObjectStore,
+    latest: ReplicaManifest,
+    mut change: F,
+) -> ObjrepResult<Option<ReplicaManifest>>
+where
+    F: FnMut(&ReplicaManifest) -> ObjrepResult<Option<ReplicaManifest>>,
+{
+    const TRIES: usize = 16;
+    let mut newest = latest;
+    for _ in 0..TRIES {
+        let Some(mut next) = change(&newest)? else {
+            return Ok(None);
+        };
+        next.gen = newest.gen + 1;
+        match commit(store, &next).await {
+            Ok(()) => {
+                // Committers delete `gen - 2`, so a writer whose view is older than the
+                // newest by two or more can create a generation that existed and was deleted:
+                // the create succeeds below the newest, where no reader looks. One LIST tells;
+                // such a generation is deleted again and the change reapplied to the newest.
+                let newest_gen = newest_generation(store).await?.unwrap_or(next.gen);
+                if newest_gen > next.gen {
+                    let _ = store.delete_many(&[paths::checkpoint_key(next.gen)]).await;
+                    newest = load_latest(store)
+                        .await?
+                        .unwrap_or_else(ReplicaManifest::empty);
+                    continue;
+                }
+                forget_before_previous(store, next.gen).await;
+                return Ok(Some(next));
+            }
+            Err(ObjrepError::Raced { .. }) => {
+                newest = load_latest(store)
+                    .await?
+                    .unwrap_or_else(ReplicaManifest::empty);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(ObjrepError::Raced {
+        store: store.describe(),
+        gen: newest.gen + 1,
+    })
+}
+
+/// The highest generation in the store (one LIST).
+async fn newest_generation(store: &dyn ObjectStore) -> ObjrepResult<Option<u64>> {
+    Ok(list_all(store, paths::CHECKPOINTS_PREFIX)
+        .await?
+        .iter()
+        .filter_map(|m| paths::parse_checkpoint_key(&m.key))
+        .max())
+}
+
+/// After generation `gen` is committed, deletes generation `gen - 2`: each generation
+/// repeats the whole list, so keeping them all would grow the store by the square of the
+/// checkpoints; the previous one stays for a reader that listed just before (a DELETE,
+/// free on S3; a failure only leaves it to `replica trim`).
+pub(crate) async fn forget_before_previous(store: &dyn ObjectStore, gen: u64) {
+    if let Some(old) = gen.checked_sub(2).filter(|g| *g > 0) {
+        if let Err(e) = store.delete_many(&[paths::checkpoint_key(old)]).await {
+            tracing::warn!(error = %e, "deleting an old manifest generation failed");
+        }
     }
 }
 

@@ -2,22 +2,33 @@
 //! s3://…`), with no disk and no undo log — its layers are its history (docs/DESIGN.md,
 //! "Object replica").
 //!
-//! [`layer`] encodes the net effect of a run of records (a delta layer), [`manifest`] the
-//! replica's identity and its manifest generations (live layers and checkpoints), [`agent`]
-//! follows the journal and commits checkpoints, [`restore`] writes the image as of a point.
+//! [`layer`] encodes the net effect of a run of records (a delta layer, and in the same
+//! format an image part), [`manifest`] the replica's identity and its manifest generations
+//! (live layers, images and checkpoints; [`ReplicaManifest::sources`], what holds a point),
+//! [`agent`] follows the journal and commits checkpoints, [`restore`] writes the image as of
+//! a point, [`image`] builds an image window by window, [`compact`] and [`trim`] are the
+//! `tinylag replica` jobs that fold layers into images and delete what no retained point
+//! needs.
 //!
 //! Must never: rewrite an object (every key is created once, by conditional create); commit
 //! a manifest before every layer it names is durable, or a consumer position before the
 //! manifest that holds it; cut a checkpoint inside a resync span; read a layer without
-//! checking its magic, UUID, LSN range and CRCs.
+//! checking its magic, UUID, LSN range and CRCs; delete an object the current or the
+//! previous manifest generation names.
 
 pub(crate) mod agent;
+pub(crate) mod compact;
 pub(crate) mod error;
+pub(crate) mod image;
 pub(crate) mod layer;
 pub mod manifest;
 pub(crate) mod restore;
+pub(crate) mod trim;
 
 pub use agent::{ObjectAgent, ObjectAgentConfig};
+pub use compact::{compact, CompactConfig, CompactReport};
 pub use error::ObjrepError;
-pub use manifest::{Checkpoint, LayerRef, ReplicaIdentity, ReplicaManifest};
+pub use image::ImageStats;
+pub use manifest::{Checkpoint, ImagePart, ImageRef, LayerRef, ReplicaIdentity, ReplicaManifest};
 pub use restore::{ObjPoint, ObjSources};
+pub use trim::{trim, TrimConfig, TrimReport};

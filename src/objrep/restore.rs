@@ -1,6 +1,8 @@
-//! Reading a point from an object replica: the newest checkpoint at or below it (its
-//! layers applied oldest first onto a sparse file), then the journal's lineage records up
-//! to the point; and the replica's timeline (its checkpoints and the journal's marks).
+//! Reading a point from an object replica: the newest checkpoint at or below it (what
+//! [`ReplicaManifest::sources`] names for it — the newest image at or below it, then the
+//! delta layers after that — applied oldest first onto a sparse file), then the journal's
+//! lineage records up to the point; and the replica's timeline (its checkpoints, images and
+//! the journal's marks).
 //!
 //! Must never: write anywhere but the new output file (removed again when the restore
 //! fails); use a layer whose checks fail; restore a point inside a resync span.
@@ -11,13 +13,13 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::error::{ObjrepError, ObjrepResult};
-use super::layer::{self, LayerError};
-use super::manifest::{self, Checkpoint, ReplicaIdentity, ReplicaManifest};
+use super::image::{check_part, layer_error, named_error};
+use super::layer;
+use super::manifest::{self, Checkpoint, ImageRef, ReplicaIdentity, ReplicaManifest};
 use crate::journal::chain;
 use crate::journal::consumer;
 use crate::journal::head;
 use crate::journal::mark;
-use crate::journal::paths::objrep as paths;
 use crate::journal::reader::{Cursor, JournalReader, Step};
 use crate::journal::record::Op;
 use crate::journal::Manifest;
@@ -42,7 +44,10 @@ pub struct ObjRestoreReport {
     pub timestamp_ns: u64,
     /// The checkpoint it started from (0: the blank image at the journal's start).
     pub checkpoint_lsn: u64,
+    /// Delta layers read.
     pub layers: usize,
+    /// The image layer it started from, if any (its LSN).
+    pub image_lsn: Option<u64>,
     pub layer_bytes: u64,
     /// Journal records applied after the checkpoint.
     pub journal_records: u64,
@@ -163,38 +168,28 @@ impl ObjSources {
             lsn: base.map_or(0, |b| b.lsn),
             timestamp_ns: base.map_or(0, |b| b.timestamp_ns),
             checkpoint_lsn: base.map_or(0, |b| b.lsn),
-            layers: base.map_or(0, |b| b.layers),
+            layers: 0,
+            image_lsn: None,
             layer_bytes: 0,
             journal_records: 0,
         };
-        let manifest_key = paths::checkpoint_key(self.manifest.gen);
-        for l in &self.manifest.layers[..report.layers] {
-            let data = match self.replica.get(&l.key).await {
-                Ok(d) => d,
-                Err(e) if e.is_not_found() => {
-                    return Err(ObjrepError::Missing {
-                        store: self.replica.describe(),
-                        key: l.key.clone(),
-                        manifest: manifest_key,
-                    })
+        if let Some(cp) = base {
+            let sources = self.manifest.sources(cp);
+            report.layers = sources.deltas.len();
+            if let Some(image) = sources.image {
+                report.image_lsn = Some(image.lsn);
+                for part in &image.parts {
+                    let decoded = self.get_layer(&part.key, 0, image.lsn).await?;
+                    check_part(self.replica.as_ref(), part, &decoded.extents)?;
+                    report.layer_bytes += part.size;
+                    apply_overlay(file, &decoded.overlay())?;
                 }
-                Err(e) => return Err(e.into()),
-            };
-            report.layer_bytes += data.len() as u64;
-            let decoded = layer::decode(data, self.identity.journal_uuid, l.first_lsn, l.last_lsn)
-                .map_err(|e| match e {
-                    LayerError::Corrupt(reason) => ObjrepError::Corrupt {
-                        store: self.replica.describe(),
-                        key: l.key.clone(),
-                        reason,
-                    },
-                    LayerError::Sealed(error) => ObjrepError::Sealed {
-                        store: self.replica.describe(),
-                        key: l.key.clone(),
-                        error,
-                    },
-                })?;
-            apply_overlay(file, &decoded.overlay())?;
+            }
+            for l in sources.deltas {
+                let decoded = self.get_layer(&l.key, l.first_lsn, l.last_lsn).await?;
+                report.layer_bytes += l.size;
+                apply_overlay(file, &decoded.overlay())?;
+            }
         }
         if !exact {
             self.forward(file, base, target_lsn, until_ns, &mut report)
@@ -202,6 +197,17 @@ impl ObjSources {
         }
         sync(file)?;
         Ok(report)
+    }
+
+    /// Reads and checks a layer or image part the manifest names.
+    async fn get_layer(&self, key: &str, first: u64, last: u64) -> ObjrepResult<layer::DeltaLayer> {
+        let store = self.replica.as_ref();
+        let data = store
+            .get(key)
+            .await
+            .map_err(|e| named_error(store, key, self.manifest.gen, e))?;
+        layer::decode(data, self.identity.journal_uuid, first, last)
+            .map_err(|e| layer_error(store, key, e))
     }
 
     /// Applies the journal's lineage records after `base` up to the point.
@@ -286,6 +292,8 @@ impl ObjSources {
 pub struct ObjTimeline {
     pub replica: String,
     pub checkpoints: Vec<Checkpoint>,
+    /// Image layers (compaction's).
+    pub images: Vec<ImageRef>,
     /// The journal's marks: `(name, lsn, timestamp_ns)`.
     pub marks: Vec<(String, u64, u64)>,
     /// The first LSN the journal still holds: every LSN from the first checkpoint at or
@@ -305,6 +313,7 @@ impl ObjSources {
         Ok(ObjTimeline {
             replica: self.replica.describe(),
             checkpoints: self.manifest.checkpoints.clone(),
+            images: self.manifest.images.clone(),
             marks,
             journal_first_lsn: trim.first_lsn,
         })

@@ -354,6 +354,11 @@ pub fn spawn(args: &[String], log: &Path) -> ChildGuard {
 /// FNV-1a of a file, to say "unchanged" without keeping copies.
 pub fn file_hash(path: &Path) -> u64 {
     let data = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    bytes_hash(&data)
+}
+
+/// FNV-1a of bytes (an image read back), as [`file_hash`] of a file.
+pub fn bytes_hash(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     })
