@@ -241,6 +241,48 @@ async fn a_replay_agent_beside_the_mount_does_not_change_what_it_shows() {
     mount.stop();
 }
 
+/// The mount skips its undo probe while the undo log's generation file says what it said at
+/// the last probe, so it must stop trusting a file that can no longer change: here the file it
+/// holds is moved aside (as a replaced or copied-over directory leaves it), then an agent writes
+/// new undo segments and applies p3 to the replica (publishing in a new file). A mount that
+/// kept trusting the file it held would skip the probe and serve p3's bytes from the replica.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mount_never_trusts_a_generation_file_that_was_moved_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut journal = TestJournal::create(&dir.path().join("journal"), SIZE, 17).await;
+    let t0 = base_time();
+    let mut model = Model::new(SIZE);
+    let _p1 = phase(&mut journal, &mut model, "p1", t0, 3, 20).await;
+    let p2 = phase(&mut journal, &mut model, "p2", t0 + 60 * SEC, 3, 20).await;
+    let replica = dir.path().join("replica.img");
+    let once = |uri: &str| {
+        let mut a = replay_args(uri, &replica, "dr");
+        a.push("--once".into());
+        a
+    };
+    run_ok(&once(journal.uri()));
+    let p3 = phase(&mut journal, &mut model, "p3", t0 + 120 * SEC, 20, 8).await;
+    let mount = Mount::start(&journal, &replica, &["--mark", "p2"], &[], dir.path());
+    let served = dir.path().join("served.img");
+    // The first reads probe and trust the stamp they read before it.
+    mount.copy_to(&served);
+    assert_phase(&served, &p2, "before the agent runs again");
+    let undo = dir.path().join("replica.img.undo");
+    let published = undo.join("generation");
+    assert!(published.exists(), "the agent published no generation");
+    std::fs::rename(&published, undo.join("generation.moved")).unwrap();
+    run_ok(&once(journal.uri()));
+    assert_eq!(journal.position("dr").await.applied_lsn, p3.lsn);
+    assert!(published.exists(), "the agent did not publish again");
+    mount.copy_to(&served);
+    assert_phase(
+        &served,
+        &p2,
+        "after an agent applied p3 behind a generation file moved aside",
+    );
+    mount.stop();
+}
+
 /// Writes `image` over the model's current image as the journal's next phase: a WRITE for
 /// every changed 64 KiB chunk (WRITE_ZEROES where it became zero), then a MARK.
 async fn phase_from_image(

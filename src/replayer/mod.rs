@@ -7,6 +7,8 @@
 //! - [`overlay`]: the net effect of a batch, applied in offset order;
 //! - [`preimage`]: reading what a batch is about to overwrite;
 //! - [`undo`]: the undo log (its manifest and segments, in the journal's segment codec);
+//! - [`generation`]: the file a local undo log's writer bumps per durable segment, so a mount
+//!   beside it probes the store only when something was written;
 //! - [`recovery`]: undoing what a crash left past the last consistent commit;
 //! - [`rejoin`]: what an old primary's image diverged in since the fork, and where it starts;
 //! - [`replica`]: the replica file or block device;
@@ -24,6 +26,7 @@ pub(crate) mod agent;
 pub(crate) mod apply;
 pub(crate) mod error;
 mod fetcher;
+pub(crate) mod generation;
 pub(crate) mod group_replica;
 pub(crate) mod overlay;
 pub(crate) mod preimage;

@@ -5,8 +5,11 @@
 //! An undo log is a store root of its own (default: a local directory `<replica>.undo/`):
 //!
 //! ```text
-//! undo.json          UndoManifest (JSON), written once by conditional create
+//! undo.json          UndoManifest (JSON), written once by conditional create (rewritten when
+//!                    the group grows, and once from format version 1 to 2)
 //! undo/<seq:020>     undo segments, numbered from 0 by the agent, one to four per applied batch
+//! generation         a local log only, not an object: the writer's announcement of each
+//!                    durable segment, rewritten in place ([`super::generation`])
 //! ```
 //!
 //! An undo segment uses the journal's segment codec unchanged (header, body, rkyv index,
@@ -48,13 +51,20 @@ use crate::store::{ObjectStore, StoreError};
 
 use crate::journal::segment::CompressProbe;
 
-/// The undo-log format version this build writes and reads.
-pub(crate) const UNDO_FORMAT_VERSION: u32 = 1;
+use super::generation::Publisher;
+
+/// The undo-log format version this build writes: 2 says every agent that opens the log to
+/// write publishes its generation (see [`super::generation`]); the segments are those of
+/// version 1, which this build reads too. Older tinylag refuse version 2, so none of their
+/// agents can write a log a mount trusts the generation of.
+pub(crate) const UNDO_FORMAT_VERSION: u32 = 2;
+/// The first undo-log format version whose writers all publish a generation.
+pub(crate) const GENERATION_SINCE: u32 = 2;
 
 /// What an undo log belongs to (`undo.json`, pretty JSON):
 ///
 /// ```json
-/// { "format_version": 1, "journal_uuid": "…", "consumer": "dr1",
+/// { "format_version": 2, "journal_uuid": "…", "consumer": "dr1",
 ///   "replica": "/var/lib/tinylag/replica.img", "device_size": 1073741824,
 ///   "created_ns": 1795000000000000000 }
 /// ```
@@ -119,6 +129,14 @@ pub enum UndoError {
         #[source]
         source: StoreError,
     },
+    /// The generation file beside a local undo log could not be written: nothing may change
+    /// the replica unannounced, so the agent stops.
+    #[error("cannot write the undo log's generation {}: {source}", path.display())]
+    Generation {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// An open undo log.
@@ -126,6 +144,9 @@ pub enum UndoError {
 pub struct UndoLog {
     store: Arc<dyn ObjectStore>,
     manifest: UndoManifest,
+    /// Where a writer of a local log announces each durable segment (`None`: read-only, or
+    /// not a local directory).
+    publisher: Option<Arc<Publisher>>,
 }
 
 impl UndoLog {
@@ -142,17 +163,14 @@ impl UndoLog {
             store: describe.clone(),
             source,
         };
-        let body = serde_json::to_vec_pretty(expected).expect("an undo manifest serializes");
+        let mut created = expected.clone();
+        created.format_version = UNDO_FORMAT_VERSION;
+        let body = serde_json::to_vec_pretty(&created).expect("an undo manifest serializes");
         match store
             .put_if_absent(paths::UNDO_MANIFEST, Bytes::from(body))
             .await
         {
-            Ok(()) => {
-                return Ok(UndoLog {
-                    store,
-                    manifest: expected.clone(),
-                })
-            }
+            Ok(()) => return UndoLog::writable(store, created),
             Err(e) if e.is_already_exists() => {}
             Err(e) => return Err(store_err(e)),
         }
@@ -204,9 +222,37 @@ impl UndoLog {
                 });
             }
         }
+        if found.format_version < UNDO_FORMAT_VERSION {
+            // From here on this log is written only by agents that publish a generation:
+            // older tinylag refuse version 2, so a mount may trust the file (DESIGN.md "A
+            // mount beside a running agent"). Before the first stamp, so no stamp exists
+            // that an older agent could leave behind unchanged.
+            found.format_version = UNDO_FORMAT_VERSION;
+            let body = serde_json::to_vec_pretty(&found).expect("an undo manifest serializes");
+            store
+                .put(paths::UNDO_MANIFEST, Bytes::from(body))
+                .await
+                .map_err(store_err)?;
+        }
+        UndoLog::writable(store, found)
+    }
+
+    /// The log opened to write: a local one publishes a new incarnation of its generation
+    /// before anything else is changed.
+    fn writable(store: Arc<dyn ObjectStore>, manifest: UndoManifest) -> Result<UndoLog, UndoError> {
+        let publisher = match store.local_root() {
+            None => None,
+            Some(dir) => Some(Arc::new(Publisher::start(dir, &manifest).map_err(
+                |source| UndoError::Generation {
+                    path: dir.join(super::generation::FILE_NAME),
+                    source,
+                },
+            )?)),
+        };
         Ok(UndoLog {
             store,
-            manifest: found,
+            manifest,
+            publisher,
         })
     }
 
@@ -233,11 +279,44 @@ impl UndoLog {
                 expected: journal_uuid.to_string(),
             });
         }
-        Ok(UndoLog { store, manifest })
+        Ok(UndoLog {
+            store,
+            manifest,
+            publisher: None,
+        })
     }
 
     pub fn manifest(&self) -> &UndoManifest {
         &self.manifest
+    }
+
+    /// The directory of a local undo log (`None` on S3).
+    pub(crate) fn local_dir(&self) -> Option<&std::path::Path> {
+        self.store.local_root()
+    }
+
+    /// Reads one record's payload from an open undo segment file `seq` (of a local log, see
+    /// [`local_dir`](Self::local_dir)) with one `pread`; its CRC is checked as by
+    /// [`payload`](Self::payload).
+    pub(crate) fn payload_from(
+        &self,
+        file: &std::fs::File,
+        seq: u64,
+        entry: &IndexEntry,
+    ) -> Result<Bytes, UndoError> {
+        use std::os::unix::fs::FileExt;
+        let key = paths::undo_segment_key(seq);
+        let range = entry.stored_range();
+        let mut stored = vec![0u8; (range.end - range.start) as usize];
+        file.read_exact_at(&mut stored, range.start)
+            .map_err(|source| UndoError::Store {
+                store: self.describe(),
+                source: StoreError::Io {
+                    path: format!("{}/{key}", self.describe()),
+                    source,
+                },
+            })?;
+        decode_payload(&key, entry, &stored).map_err(|e| self.segment_err(e))
     }
 
     /// The store the log lives in.
@@ -298,7 +377,8 @@ impl UndoLog {
     }
 
     /// Writes undo segment `seq` holding `records` (contiguous LSNs from the first) and
-    /// returns its size. When this returns, the segment is durable.
+    /// returns its size. When this returns, the segment is durable and, for a local log, its
+    /// generation announced (so the caller may change the replica).
     pub async fn write(&self, seq: u64, records: Vec<Record>) -> Result<u64, UndoError> {
         let first_lsn = records.first().map_or(0, |r| r.lsn);
         let uuid = self.manifest.journal_uuid;
@@ -313,7 +393,17 @@ impl UndoLog {
         let len = body.len() as u64;
         let key = paths::undo_segment_key(seq);
         match self.store.put_if_absent(&key, body).await {
-            Ok(()) => Ok(len),
+            Ok(()) => {
+                if let Some(publisher) = &self.publisher {
+                    // Durable first, announced second, the replica changed third: a mount
+                    // that sees the old generation after a read has nothing to look for.
+                    publisher.bump().map_err(|source| UndoError::Generation {
+                        path: publisher.path().to_owned(),
+                        source,
+                    })?;
+                }
+                Ok(len)
+            }
             Err(e) if e.is_already_exists() => Err(UndoError::SegmentExists {
                 store: self.describe(),
                 key,
@@ -471,7 +561,8 @@ fn parse_manifest(store: &str, data: &[u8]) -> Result<UndoManifest, UndoError> {
         .get("format_version")
         .and_then(|v| v.as_u64())
         .ok_or_else(|| malformed("no format_version".into()))?;
-    if version != u64::from(UNDO_FORMAT_VERSION) {
+    // Version 1 logs read the same (only their writers did not publish a generation).
+    if !(1..=u64::from(UNDO_FORMAT_VERSION)).contains(&version) {
         return Err(UndoError::UnsupportedVersion {
             store: store.to_string(),
             found: version,

@@ -258,6 +258,10 @@ impl ObjectStore for CountingStore {
     fn describe(&self) -> String {
         self.inner.describe()
     }
+
+    fn local_root(&self) -> Option<&std::path::Path> {
+        self.inner.local_root()
+    }
 }
 
 #[cfg(test)]

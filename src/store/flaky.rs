@@ -338,6 +338,10 @@ impl ObjectStore for FlakyStore {
     fn describe(&self) -> String {
         self.inner.describe()
     }
+
+    fn local_root(&self) -> Option<&std::path::Path> {
+        self.inner.local_root()
+    }
 }
 
 #[cfg(test)]

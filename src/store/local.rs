@@ -564,6 +564,10 @@ impl ObjectStore for LocalStore {
     fn describe(&self) -> String {
         self.name.clone()
     }
+
+    fn local_root(&self) -> Option<&Path> {
+        Some(&self.root)
+    }
 }
 
 #[cfg(test)]

@@ -175,6 +175,12 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
     async fn delete_many(&self, keys: &[String]) -> StoreResult<()>;
     /// A display name for messages, e.g. `s3://bucket/prefix` or `/var/lib/tinylag/j1`.
     fn describe(&self) -> String;
+    /// The directory holding the objects when the store is a local directory (through any
+    /// wrappers), for side files that are not objects (the undo log's generation); `None`
+    /// for every other store.
+    fn local_root(&self) -> Option<&std::path::Path> {
+        None
+    }
 }
 
 /// Reads a ranged tail: the last `len` bytes of an object of `size` bytes.

@@ -285,6 +285,10 @@ impl ObjectStore for RetryingStore {
     fn describe(&self) -> String {
         self.inner.describe()
     }
+
+    fn local_root(&self) -> Option<&std::path::Path> {
+        self.inner.local_root()
+    }
 }
 
 #[cfg(test)]

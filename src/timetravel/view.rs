@@ -20,11 +20,16 @@
 //! the ones it knows (one HEAD of the next predicted key), once per batch: reads that finish
 //! together share one probe begun after all of them read (a probe per read made random reads
 //! a third of `serve`'s); if so it adds their records to the map (filling gaps only: they are
-//! newer than anything mapped) and reads again. A byte the
+//! newer than anything mapped) and reads again. With a local undo log whose writers publish
+//! a generation (`replayer::generation`), a read first compares the generation with the one
+//! read before the last successful probe: unchanged, nothing was written since that probe
+//! looked, and the read needs none (DESIGN.md "A mount beside a running agent" says when the
+//! file is not trusted, and the probe runs as before). A byte the
 //! agent changed before the read is then served from its pre-image, so what the mount shows
 //! never changes. (Crash recovery of the agent deletes undo segments after rewinding the
 //! replica; a mapped one that vanishes makes reads of its range fail with EIO rather than
-//! return a wrong byte.)
+//! return a wrong byte, unless the view holds it open already: its bytes, never rewritten,
+//! are still the point's.)
 //!
 //! Writes: refused (`EPERM`) unless a scratch file is given; then they go to the scratch file
 //! and a map of written ranges, and reads take written ranges from it (copy-on-write). The
@@ -66,7 +71,8 @@ use crate::journal::layout::DeviceLayout;
 use crate::journal::reader::JournalReader;
 use crate::journal::record::RecordKind;
 use crate::journal::segment::IndexEntry;
-use crate::replayer::undo::UndoLog;
+use crate::replayer::generation::{Stamp, Watcher};
+use crate::replayer::undo::{UndoLog, GENERATION_SINCE};
 use crate::sys;
 
 use super::error::{TimeTravelError, TimeTravelResult};
@@ -167,9 +173,24 @@ pub struct TimeView {
     /// a probe that looked after it read, and skips its own.
     covered: AtomicU64,
     cache: Mutex<Cache>,
+    /// The local undo log's generation file, when the log's writers all publish one (format
+    /// version 2); `None`: every batch of replica reads probes the store.
+    watch: Option<Watcher>,
+    /// The stamp read just before the last successful probe began: while the file still says
+    /// this, no undo segment became durable after that probe looked (DESIGN.md "A mount beside
+    /// a running agent").
+    trusted: Mutex<Option<Stamp>>,
+    /// Open undo segments of a local undo log, by seq: a payload is one `pread`, not an
+    /// open, a read and a close on the blocking pool.
+    undo_files: Mutex<HashMap<u64, Arc<File>>>,
     scratch: Option<Scratch>,
     summary: ViewSummary,
 }
+
+/// Undo segment files a view keeps open (a file descriptor each).
+const UNDO_FILES: usize = 256;
+const TRUSTED: &str = "the time view's trusted undo generation";
+const UNDO_FILES_LOCK: &str = "the time view's open undo segments";
 
 fn io_other(e: impl std::fmt::Display) -> BlockError {
     BlockError::Io(io::Error::other(e.to_string()))
@@ -258,7 +279,15 @@ impl TimeView {
             undo_segments: plan.undo_segments.end - plan.undo_segments.start,
             journal_segments,
         };
+        let watch = sources.undo.as_ref().and_then(|log| {
+            let dir = log.local_dir()?;
+            (log.manifest().format_version >= GENERATION_SINCE)
+                .then(|| Watcher::new(dir, log.manifest()))
+        });
         Ok(TimeView {
+            watch,
+            trusted: Mutex::new(None),
+            undo_files: Mutex::new(HashMap::new()),
             block_size: sources.reader.manifest().block_size,
             reader: sources.reader,
             undo: sources.undo,
@@ -295,9 +324,12 @@ impl TimeView {
             // hold now); whatever it found is in the map and in `generation` already.
             return Ok(false);
         }
+        // Read before the probe looks: whatever the file announced by now, the probe finds.
+        let stamp = self.watch.as_ref().and_then(Watcher::read_reopening);
         let probe = self.probes.fetch_add(1, Ordering::SeqCst) + 1;
         let end = log.end_from(*known).await?;
         if end == *known {
+            self.trust(stamp)?;
             self.covered.store(probe, Ordering::SeqCst);
             return Ok(false);
         }
@@ -321,8 +353,59 @@ impl TimeView {
         }
         *known = end;
         self.generation.store(end, Ordering::Release);
+        // After the map and `generation`: a read that finds this stamp trusted also finds
+        // the map it was trusted for.
+        self.trust(stamp)?;
         self.covered.store(probe, Ordering::SeqCst);
         Ok(true)
+    }
+
+    fn trust(&self, stamp: Option<Stamp>) -> TimeTravelResult<()> {
+        *checked(self.trusted.lock(), TRUSTED)
+            .map_err(|p| TimeTravelError::LockPoisoned { what: p.what })? = stamp;
+        Ok(())
+    }
+
+    /// Whether the undo log's generation still says what it said before the last successful
+    /// probe began: then no undo segment became durable since, and a read that took replica
+    /// bytes before this call needs no probe of its own. One `statx` and one `pread`.
+    fn unchanged_since_probe(&self) -> bool {
+        let Some(now) = self.watch.as_ref().and_then(Watcher::read) else {
+            return false;
+        };
+        checked(self.trusted.lock(), TRUSTED).is_ok_and(|t| *t == Some(now))
+    }
+
+    /// An undo payload of a local log, read through a kept-open segment file.
+    fn local_undo_payload(
+        &self,
+        log: &UndoLog,
+        dir: &Path,
+        loc: &Location,
+    ) -> Result<Bytes, BlockError> {
+        let file = {
+            let mut files = checked(self.undo_files.lock(), UNDO_FILES_LOCK).map_err(io_other)?;
+            match files.get(&loc.seq) {
+                Some(f) => f.clone(),
+                None => {
+                    let path = dir.join(crate::journal::paths::undo_segment_key(loc.seq));
+                    let f =
+                        Arc::new(File::open(&path).map_err(|e| {
+                            io_other(format!("undo segment {}: {e}", path.display()))
+                        })?);
+                    if files.len() >= UNDO_FILES {
+                        // Any one out: reopening costs one open, and segments are immutable.
+                        if let Some(&old) = files.keys().next() {
+                            files.remove(&old);
+                        }
+                    }
+                    files.insert(loc.seq, f.clone());
+                    f
+                }
+            }
+        };
+        log.payload_from(&file, loc.seq, &loc.entry)
+            .map_err(io_other)
     }
 
     async fn payload(&self, loc: &Location) -> Result<Bytes, BlockError> {
@@ -341,7 +424,10 @@ impl TimeView {
                 .map_err(io_other)?,
             Layer::Undo => {
                 let log = self.undo.as_ref().ok_or_else(|| io_other("no undo log"))?;
-                log.payload(loc.seq, &loc.entry).await.map_err(io_other)?
+                match log.local_dir() {
+                    Some(dir) => self.local_undo_payload(log, dir, loc)?,
+                    None => log.payload(loc.seq, &loc.entry).await.map_err(io_other)?,
+                }
             }
         };
         if (data.len() as u64) < loc.entry.length {
@@ -385,7 +471,14 @@ impl TimeView {
             if from_replica {
                 // The agent writes an undo segment before it changes the replica: any
                 // change the reads above saw is in a segment the map now has (added by
-                // this read or a concurrent one), once a probe has looked after them.
+                // this read or a concurrent one), once a probe has looked after them. With
+                // the generation unchanged since the last probe and the map unchanged since
+                // these reads began, that probe is it.
+                if self.unchanged_since_probe()
+                    && self.generation.load(Ordering::Acquire) == generation
+                {
+                    return Ok(());
+                }
                 let seen = self.probes.load(Ordering::SeqCst);
                 self.refresh(seen).await.map_err(io_other)?;
                 if self.generation.load(Ordering::Acquire) != generation {
@@ -502,7 +595,10 @@ impl TimeView {
                     break;
                 }
             }
-            if from_replica {
+            if from_replica
+                && !(self.unchanged_since_probe()
+                    && self.generation.load(Ordering::Acquire) == generation)
+            {
                 // As for reads: a replica hole the agent made after the point is covered by
                 // an undo segment written before it; with that segment mapped, ask again.
                 let seen = self.probes.load(Ordering::SeqCst);
