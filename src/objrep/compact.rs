@@ -171,5 +171,6 @@ fn with_image(newest: &ReplicaManifest, image: ImageRef) -> ReplicaManifest {
     let mut next = newest.clone();
     let at = next.images.partition_point(|i| i.lsn < image.lsn);
     next.images.insert(at, image);
+    next.format_version = super::manifest::IMAGES_FORMAT_VERSION;
     next
 }

@@ -13,8 +13,12 @@ use super::error::{ObjrepError, ObjrepResult};
 use crate::journal::paths::objrep as paths;
 use crate::store::{list_all, ObjectStore};
 
-/// Format version of both JSON objects.
+/// Format version of the identity, and of a manifest without images.
 pub const FORMAT_VERSION: u32 = 1;
+/// Format version of a manifest that names images: a reader that does not know images
+/// would read the delta layers alone, and once trim dropped the layers an image replaced
+/// it would restore wrong bytes, so such a manifest says it needs this version.
+pub const IMAGES_FORMAT_VERSION: u32 = 2;
 
 /// `objrep.json`: which journal and consumer a replica root belongs to.
 ///
@@ -187,6 +191,26 @@ impl ReplicaManifest {
     }
 }
 
+/// Parses a manifest generation, refusing a format newer than this build reads (a newer
+/// writer's manifest may hold what this reader would silently skip).
+fn parse_manifest(
+    store: &dyn ObjectStore,
+    key: &str,
+    data: &[u8],
+) -> ObjrepResult<ReplicaManifest> {
+    let manifest: ReplicaManifest =
+        serde_json::from_slice(data).map_err(|e| malformed(store, key, e))?;
+    if manifest.format_version > IMAGES_FORMAT_VERSION {
+        return Err(ObjrepError::Refused(format!(
+            "object replica {}: manifest {key} has format version {}, this tinylag reads up to \
+             {IMAGES_FORMAT_VERSION}; use a newer tinylag",
+            store.describe(),
+            manifest.format_version
+        )));
+    }
+    Ok(manifest)
+}
+
 /// Reads generation `gen`; `None` when it is gone.
 pub async fn load_generation(
     store: &dyn ObjectStore,
@@ -194,9 +218,7 @@ pub async fn load_generation(
 ) -> ObjrepResult<Option<ReplicaManifest>> {
     let key = paths::checkpoint_key(gen);
     match store.get(&key).await {
-        Ok(data) => serde_json::from_slice(&data)
-            .map(Some)
-            .map_err(|e| malformed(store, &key, e)),
+        Ok(data) => parse_manifest(store, &key, &data).map(Some),
         Err(e) if e.is_not_found() => Ok(None),
         Err(e) => Err(e.into()),
     }
@@ -286,9 +308,20 @@ fn malformed(store: &dyn ObjectStore, key: &str, e: impl std::fmt::Display) -> O
 /// Reads the identity; `None` for a new (empty) replica root.
 pub async fn load_identity(store: &dyn ObjectStore) -> ObjrepResult<Option<ReplicaIdentity>> {
     match store.get(paths::IDENTITY).await {
-        Ok(data) => serde_json::from_slice(&data)
-            .map(Some)
-            .map_err(|e| malformed(store, paths::IDENTITY, e)),
+        Ok(data) => {
+            let identity: ReplicaIdentity =
+                serde_json::from_slice(&data).map_err(|e| malformed(store, paths::IDENTITY, e))?;
+            if identity.format_version > FORMAT_VERSION {
+                return Err(ObjrepError::Refused(format!(
+                    "object replica {}: {} has format version {}, this tinylag reads up to \
+                     {FORMAT_VERSION}; use a newer tinylag",
+                    store.describe(),
+                    paths::IDENTITY,
+                    identity.format_version
+                )));
+            }
+            Ok(Some(identity))
+        }
         Err(e) if e.is_not_found() => Ok(None),
         Err(e) => Err(e.into()),
     }
@@ -334,8 +367,7 @@ pub async fn load_latest(store: &dyn ObjectStore) -> ObjrepResult<Option<Replica
             Err(e) => return Err(e.into()),
         }
     };
-    let manifest: ReplicaManifest =
-        serde_json::from_slice(&data).map_err(|e| malformed(store, &key, e))?;
+    let manifest = parse_manifest(store, &key, &data)?;
     if manifest.gen != gen {
         return Err(malformed(
             store,
@@ -349,7 +381,14 @@ pub async fn load_latest(store: &dyn ObjectStore) -> ObjrepResult<Option<Replica
 /// Commits `manifest` as its generation (conditional create): the checkpoint exists from
 /// here on. Losing the create means another agent writes this replica.
 pub async fn commit(store: &dyn ObjectStore, manifest: &ReplicaManifest) -> ObjrepResult<()> {
-    let body = serde_json::to_vec(manifest).expect("manifest serializes");
+    let mut manifest = manifest.clone();
+    // The version says what a reader must understand: images need version 2.
+    manifest.format_version = if manifest.images.is_empty() {
+        FORMAT_VERSION
+    } else {
+        IMAGES_FORMAT_VERSION
+    };
+    let body = serde_json::to_vec(&manifest).expect("manifest serializes");
     match store
         .put_if_absent(&paths::checkpoint_key(manifest.gen), Bytes::from(body))
         .await
@@ -360,5 +399,55 @@ pub async fn commit(store: &dyn ObjectStore, manifest: &ReplicaManifest) -> Objr
             gen: manifest.gen,
         }),
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryStore;
+
+    fn image_ref(lsn: u64) -> ImageRef {
+        serde_json::from_value(serde_json::json!({
+            "lsn": lsn, "run": "0", "parts": []
+        }))
+        .expect("an image ref")
+    }
+
+    #[tokio::test]
+    async fn a_manifest_with_images_says_version_2_and_a_newer_version_is_refused() {
+        let store = MemoryStore::new();
+        let mut m = ReplicaManifest::empty();
+        m.gen = 1;
+        commit(&store, &m).await.unwrap();
+        assert_eq!(
+            load_latest(&store).await.unwrap().unwrap().format_version,
+            1
+        );
+        m.gen = 2;
+        m.images.push(image_ref(5));
+        commit(&store, &m).await.unwrap();
+        let read = load_generation(&store, 2).await.unwrap().unwrap();
+        assert_eq!(read.format_version, IMAGES_FORMAT_VERSION);
+        assert_eq!(read.images.len(), 1);
+
+        let mut future = serde_json::to_value(&read).unwrap();
+        future["format_version"] = 3.into();
+        future["gen"] = 3.into();
+        store
+            .put_if_absent(
+                &paths::checkpoint_key(3),
+                Bytes::from(serde_json::to_vec(&future).unwrap()),
+            )
+            .await
+            .unwrap();
+        for err in [
+            load_latest(&store).await.unwrap_err(),
+            load_generation(&store, 3).await.unwrap_err(),
+        ] {
+            let text = err.to_string();
+            assert!(text.contains("format version 3"), "{text}");
+            assert!(text.contains("use a newer tinylag"), "{text}");
+        }
     }
 }
