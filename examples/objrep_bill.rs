@@ -25,8 +25,8 @@ use tinylag::journal::segment::SegmentBuilder;
 use tinylag::journal::ManifestParams;
 use tinylag::journal::{Manifest, Op, Record};
 use tinylag::objrep::{ObjectAgent, ObjectAgentConfig};
-use tinylag::store::counting::CountingStore;
-use tinylag::store::memory::MemoryStore;
+use tinylag::store::CountingStore;
+use tinylag::store::MemoryStore;
 use tinylag::store::ObjectStore;
 use tinylag::units::parse_size;
 use tokio::sync::watch;
@@ -307,7 +307,7 @@ async fn compacted(total: u64, device: u64) -> anyhow::Result<serde_json::Value>
 /// A journal of `total` bytes of 1 MiB incompressible writes in directory `dir` (for the
 /// restore benchmark, which runs the real binary on it).
 async fn journal_dir(dir: &str, total: u64) -> anyhow::Result<serde_json::Value> {
-    let store: Arc<dyn ObjectStore> = Arc::new(tinylag::store::local::LocalStore::new(dir));
+    let store: Arc<dyn ObjectStore> = Arc::new(tinylag::store::LocalStore::new(dir));
     let mut s = stores(total).await?;
     s.manifest.create(store.as_ref()).await?;
     s.writer = Arc::new(CountingStore::new(store));

@@ -43,7 +43,7 @@ async fn main() {
         "per_second": (agent_per_minute + lease_per_minute) / 60.0,
     });
     let bill = request_bill::gib_bill().await;
-    let kinds = |c: tinylag::store::counting::RequestCounts| {
+    let kinds = |c: tinylag::store::RequestCounts| {
         json!({
             "put": c.put_if_absent + c.put,
             "get": c.get + c.get_range + c.get_tail,

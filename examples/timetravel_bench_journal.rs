@@ -17,7 +17,7 @@ use tinylag::clock::format_ns;
 use tinylag::journal::segment::SegmentBuilder;
 use tinylag::journal::ManifestParams;
 use tinylag::journal::{Manifest, Op, Record};
-use tinylag::store::local::LocalStore;
+use tinylag::store::LocalStore;
 use tinylag::store::ObjectStore;
 use tinylag::units::parse_size;
 

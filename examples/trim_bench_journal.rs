@@ -22,7 +22,7 @@ use tinylag::journal::paths;
 use tinylag::journal::segment::encode_segment;
 use tinylag::journal::ManifestParams;
 use tinylag::journal::{Manifest, Op, Record};
-use tinylag::store::counting::CountingStore;
+use tinylag::store::CountingStore;
 use tinylag::store::{list_all, open_store, ObjectStore, S3Options, StoreUri};
 
 #[tokio::main]

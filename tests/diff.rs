@@ -27,7 +27,7 @@ use tinylag::journal::chain;
 use tinylag::journal::mark::{self, MarkPoint};
 use tinylag::journal::reader::JournalReader;
 use tinylag::journal::Op;
-use tinylag::store::counting::CountingStore;
+use tinylag::store::CountingStore;
 use tinylag::store::ObjectStore;
 use tinylag::timetravel::diff::{changed_extents, LiveRange, READ_AHEAD};
 use tinylag::timetravel::{Point, Target};

@@ -30,7 +30,7 @@ use support::procs::path;
 use support::verdict::{classify, judge_ext4};
 use tinylag::journal::reader::{Cursor, JournalReader, Step};
 use tinylag::journal::{Manifest, Op};
-use tinylag::store::local::LocalStore;
+use tinylag::store::LocalStore;
 use tinylag::store::ObjectStore;
 
 /// Legal prefixes judged (spread evenly from the end of mkfs to the last write).

@@ -19,7 +19,7 @@ use support::daemon::{init, tinylag, tinylag_bin, tinylag_ok, Daemon};
 use support::nbd::{qemu_io_ok, run as run_with_timeout};
 use support::s3::{S3Server, S3ServerKind};
 use tinylag::journal::{paths, Manifest};
-use tinylag::store::local::LocalStore;
+use tinylag::store::LocalStore;
 use tinylag::store::ObjectStore;
 
 /// 1 MiB writes into 1 MiB segments: about one segment per write.

@@ -12,7 +12,7 @@ use tinylag::journal::consumer::{self, ConsumerState};
 use tinylag::journal::epoch::{claim_next, ensure_not_fenced};
 use tinylag::journal::segment::encode_segment;
 use tinylag::journal::{JournalError, Manifest, Op, Record};
-use tinylag::store::local::LocalStore;
+use tinylag::store::LocalStore;
 use tinylag::store::ObjectStore;
 
 fn tinylag(args: &[&str]) -> Output {

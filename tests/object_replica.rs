@@ -18,7 +18,7 @@ use tinylag::journal::mark::{self, MarkPoint};
 use tinylag::journal::Op;
 use tinylag::objrep::manifest;
 use tinylag::objrep::ReplicaManifest;
-use tinylag::store::local::LocalStore;
+use tinylag::store::LocalStore;
 use tinylag::store::ObjectStore;
 
 const SIZE: u64 = 16 << 20;

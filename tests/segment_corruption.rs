@@ -8,7 +8,7 @@ use tinylag::journal::segment::{
     Expected, SegmentError, HEADER_LEN, TRAILER_LEN,
 };
 use tinylag::journal::{Op, Record};
-use tinylag::store::memory::MemoryStore;
+use tinylag::store::MemoryStore;
 use tinylag::store::ObjectStore;
 use uuid::Uuid;
 

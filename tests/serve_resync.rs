@@ -23,7 +23,7 @@ use support::replay::{first_difference, replay_args, run_ok, spawn, TestJournal}
 use support::s3::{S3Server, S3ServerKind};
 use tinylag::journal::consumer;
 use tinylag::journal::{Manifest, Op};
-use tinylag::store::local::LocalStore;
+use tinylag::store::LocalStore;
 use tinylag::store::ObjectStore;
 
 const MIB: u64 = 1 << 20;

@@ -22,12 +22,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tinylag::store::counting::CountingStore;
-use tinylag::store::flaky::{Call, FailureKind, FlakyStore};
-use tinylag::store::local::LocalStore;
-use tinylag::store::memory::MemoryStore;
-use tinylag::store::retrying::{RetryPolicy, RetryingStore};
+use tinylag::store::CountingStore;
+use tinylag::store::LocalStore;
+use tinylag::store::MemoryStore;
 use tinylag::store::{list_all, ObjectStore, StoreError};
+use tinylag::store::{Call, FailureKind, FlakyStore};
+use tinylag::store::{RetryPolicy, RetryingStore};
 use tinylag::store::{S3Options, S3Store};
 use tokio::task::JoinSet;
 

@@ -404,7 +404,7 @@ async fn the_undo_trim_pointer_moves_the_window_start() {
     use std::sync::Arc;
     use tinylag::journal::consumer::{store_trim_pointer, TrimPointer};
     use tinylag::journal::paths::undo_segment_key;
-    use tinylag::store::local::LocalStore;
+    use tinylag::store::LocalStore;
     use tinylag::store::ObjectStore;
 
     let dir = tempfile::tempdir().unwrap();

@@ -17,7 +17,7 @@ use tinylag::journal::chain;
 use tinylag::journal::reader::JournalReader;
 use tinylag::journal::Manifest;
 use tinylag::replayer::{ReplicaFile, ReplicaTarget};
-use tinylag::store::counting::CountingStore;
+use tinylag::store::CountingStore;
 use tinylag::store::ObjectStore;
 use tinylag::timetravel::diff::{changed_extents, ChangedExtent, Diff, LiveRange};
 use tinylag::timetravel::rbd_diff::{self, DataRecord, Header, MAX_WRITE};

@@ -30,7 +30,7 @@ use tinylag::clock::{Clock, SystemClock};
 use tinylag::journal::chain::{self, Branch};
 use tinylag::journal::epoch::{ClaimBasis, EpochReason, Predecessor};
 use tinylag::journal::{head, lease, Manifest};
-use tinylag::store::local::LocalStore;
+use tinylag::store::LocalStore;
 use tinylag::store::{open_store, ObjectStore};
 use tinylag::timetravel::restore;
 use tinylag::timetravel::{Sources, Target};

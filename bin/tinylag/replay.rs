@@ -17,8 +17,8 @@ use tinylag::replayer::{
     Agent, AgentConfig, BatchLimits, Outcome, PollPolicy, ReplicaFile, ReplicaTarget, SeedChoice,
     SeedStamp, StatusHandler, TokioTimer,
 };
-use tinylag::store::counting::CountingStore;
-use tinylag::store::local::LocalStore;
+use tinylag::store::CountingStore;
+use tinylag::store::LocalStore;
 use tinylag::store::{open_store, ObjectStore, StoreUri};
 use tinylag::units::format_duration;
 use tokio::sync::watch;

@@ -21,7 +21,7 @@ use tinylag::journal::layout::match_named_paths;
 use tinylag::journal::{epoch, lease, Manifest};
 use tinylag::metrics::{Hub, NbdBuffersSource, PrimarySource};
 use tinylag::nbd::{self, Export, ListenAddr, NbdServer};
-use tinylag::store::counting::CountingStore;
+use tinylag::store::CountingStore;
 use tinylag::store::{open_store, ObjectStore, StoreUri};
 use tinylag::units::format_size;
 use tinylag::writer::control_records::ServeControl;

@@ -13,7 +13,7 @@ use tinylag::block::DeviceSlice;
 use tinylag::clock::{Clock, SystemClock};
 use tinylag::journal::layout::DeviceLayout;
 use tinylag::nbd::{self, DirtyBitmap, Export, ListenAddr, NbdServer};
-use tinylag::store::local::LocalStore;
+use tinylag::store::LocalStore;
 use tinylag::store::{open_store_for_command, ObjectStore, StoreUri};
 use tinylag::timetravel::restore::{self, Direction, Stage};
 use tinylag::timetravel::view::TimeView;

@@ -9,8 +9,8 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 use tinylag::clock::{format_ns, Clock, SystemClock};
 use tinylag::journal::{consumer, Manifest};
-use tinylag::store::counting::{CountingStore, RequestCounts};
 use tinylag::store::{open_store_for_command, ObjectStore, StoreUri};
+use tinylag::store::{CountingStore, RequestCounts};
 use tinylag::trim::{trim_journal, trim_undo, JournalTrimOptions, TrimReport, UndoTrimOptions};
 use tinylag::units::format_size;
 

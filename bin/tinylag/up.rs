@@ -18,7 +18,7 @@ use tinylag::clock::{Clock, SystemClock};
 use tinylag::journal::JournalError;
 use tinylag::journal::{Manifest, ManifestParams};
 use tinylag::nbd::ListenAddr;
-use tinylag::store::local::LocalStore;
+use tinylag::store::LocalStore;
 use tinylag::store::ObjectStore;
 use tinylag::units::{format_duration, format_size};
 

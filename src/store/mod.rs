@@ -18,14 +18,19 @@ use std::ops::Range;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-pub mod counting;
-pub mod flaky;
-pub mod local;
-pub mod memory;
-pub mod retrying;
+pub(crate) mod counting;
+pub(crate) mod flaky;
+pub(crate) mod local;
+pub(crate) mod memory;
+pub(crate) mod retrying;
 pub(crate) mod s3;
 pub(crate) mod uri;
 
+pub use counting::{CountingStore, RequestCounts, DELETE_BATCH};
+pub use flaky::{Call, FailureKind, FlakyStore, Hook};
+pub use local::LocalStore;
+pub use memory::MemoryStore;
+pub use retrying::{RetryPolicy, RetryingStore};
 pub use s3::{https_client, S3Options, S3Store};
 pub use uri::{open_store, open_store_for_command, StoreUri, StoreUriError};
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use tinylag::journal::reader::{Cursor, JournalReader, Step};
 use tinylag::journal::{Manifest, Op};
-use tinylag::store::local::LocalStore;
+use tinylag::store::LocalStore;
 use tinylag::store::ObjectStore;
 
 /// Largest zero buffer written at once.

@@ -17,7 +17,7 @@ use tinylag::journal::seed::Seed;
 use tinylag::journal::segment::encode_segment;
 use tinylag::journal::ManifestParams;
 use tinylag::journal::{Manifest, Op, Record};
-use tinylag::store::local::LocalStore;
+use tinylag::store::LocalStore;
 use tinylag::store::ObjectStore;
 
 use super::procs::ChildGuard;

@@ -23,9 +23,9 @@ use tinylag::replayer::status::AgentState;
 use tinylag::replayer::{
     Agent, AgentConfig, BatchLimits, PollPolicy, ReplicaFile, SeedChoice, Timer, TokioTimer,
 };
-use tinylag::store::counting::{CountingStore, RequestCounts};
-use tinylag::store::memory::MemoryStore;
+use tinylag::store::MemoryStore;
 use tinylag::store::ObjectStore;
+use tinylag::store::{CountingStore, RequestCounts};
 use tinylag::writer::resync_requests::{self, ResyncTarget};
 use tinylag::writer::LeaseKeeper;
 use tinylag::writer::{AckMode, HookError, JournalSetup, Labels, Mode, PrimaryCore, WriterConfig};
