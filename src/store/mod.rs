@@ -1,12 +1,12 @@
 //! Object stores: the one trait every journal byte goes through, and its backends.
 //!
 //! A store maps keys (`/`-separated, relative to the journal root, never starting
-//! with `/`) to immutable byte objects. Backends: [`local::LocalStore`] (a
+//! with `/`) to immutable byte objects. Backends: [`LocalStore`] (a
 //! directory, the embedded default), [`s3::S3Store`] (any S3-compatible service
-//! with atomic `If-None-Match: *`), [`memory::MemoryStore`] (tests). Cross-cutting
+//! with atomic `If-None-Match: *`), [`MemoryStore`] (tests). Cross-cutting
 //! behaviour is a wrapper, never a special case inside a backend:
-//! [`retrying::RetryingStore`] retries transient failures with jittered backoff,
-//! [`flaky::FlakyStore`] injects failures in tests.
+//! [`RetryingStore`] retries transient failures with jittered backoff,
+//! [`FlakyStore`] injects failures in tests.
 //!
 //! Must never: overwrite an object through [`ObjectStore::put_if_absent`]; report
 //! a create that really happened as a conflict; put credentials into an error,
@@ -74,7 +74,7 @@ pub enum StoreError {
     #[error("invalid object key {key:?}: {reason}")]
     InvalidKey { key: String, reason: &'static str },
     /// A failure that may pass: timeouts, throttling, 5xx, connection resets. Retried by
-    /// [`retrying::RetryingStore`].
+    /// [`RetryingStore`].
     #[error("transient error on {key} in {store}: {message}")]
     Transient {
         store: String,
