@@ -56,6 +56,20 @@ fn s(args: &[&str]) -> Vec<String> {
     args.iter().map(|a| a.to_string()).collect()
 }
 
+/// `replay --once` of journal `j` onto `replica`, as the consumer `today`.
+fn replay_once(j: &str, replica: &Path) {
+    run_ok(&s(&[
+        "replay",
+        "--journal",
+        j,
+        "--replica",
+        path(replica),
+        "--name",
+        "today",
+        "--once",
+    ]));
+}
+
 #[test]
 fn a_journal_of_the_previous_release_opens_replays_restores_and_takes_new_writes() {
     let dir = tempfile::tempdir().unwrap();
@@ -74,16 +88,7 @@ fn a_journal_of_the_previous_release_opens_replays_restores_and_takes_new_writes
 
     // Replay: the disk as of the last mark; restore: as of the first.
     let replica = dir.path().join("replica.img");
-    run_ok(&s(&[
-        "replay",
-        "--journal",
-        &j,
-        "--replica",
-        path(&replica),
-        "--name",
-        "today",
-        "--once",
-    ]));
+    replay_once(&j, &replica);
     assert_eq!(sha256(&replica), sums["two"], "the replica is not mark two");
     let one = dir.path().join("one.img");
     run_ok(&s(&[
@@ -131,16 +136,7 @@ fn a_journal_of_the_previous_release_opens_replays_restores_and_takes_new_writes
         sums["two"],
         "the new writes changed nothing"
     );
-    run_ok(&s(&[
-        "replay",
-        "--journal",
-        &j,
-        "--replica",
-        path(&replica),
-        "--name",
-        "today",
-        "--once",
-    ]));
+    replay_once(&j, &replica);
     assert_eq!(
         sha256(&replica),
         sha256(&primary),

@@ -939,7 +939,10 @@ mod tests {
     }
 
     /// [`start`], sharing `budget` with whoever else holds it.
-    fn start_in(device: Arc<GatedDevice>, budget: super::super::BufferBudget) -> Started {
+    fn start_in<D: BlockDevice + 'static>(
+        device: Arc<D>,
+        budget: super::super::BufferBudget,
+    ) -> Started {
         let (client, server) = tokio::io::duplex(4 << 20);
         let (reader, writer) = tokio::io::split(server);
         let export = Arc::new(super::super::Export {
@@ -1006,24 +1009,10 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_panicking_device_call_gets_an_eio_reply_and_the_connection_goes_on() {
-        let (client, server) = tokio::io::duplex(1 << 20);
-        let (reader, writer) = tokio::io::split(server);
-        let export = Arc::new(super::super::Export {
-            name: "panics".into(),
-            description: String::new(),
-            device: Arc::new(PanickingDevice),
-        });
-        let session = Session {
-            export,
-            structured: false,
-            contexts: Vec::new(),
-        };
-        let (_stop, shutdown) = watch::channel(false);
-        let buffers = super::super::BufferBudget::default().holder();
-        tokio::spawn(async move {
-            serve_export(reader, writer, session, shutdown, "test", &buffers).await
-        });
-        let mut client = client;
+        let (mut client, _stop, _task) = start_in(
+            Arc::new(PanickingDevice),
+            super::super::BufferBudget::default(),
+        );
         send_read(&mut client, 7, 0, 512).await;
         let mut header = [0u8; SIMPLE_REPLY_LEN];
         tokio::time::timeout(
