@@ -20,8 +20,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
 use tinylag::journal::consumer;
-use tinylag::journal::reader::JournalReader;
 use tinylag::journal::segment::SegmentBuilder;
+use tinylag::journal::JournalReader;
 use tinylag::journal::ManifestParams;
 use tinylag::journal::{Manifest, Op, Record};
 use tinylag::objrep::{ObjectAgent, ObjectAgentConfig};

@@ -25,11 +25,11 @@ use support::replay::{file_hash, now_ns, replay_args, run, run_ok, TestJournal};
 use support::timetravel::{Model, SEC};
 use tinylag::journal::chain;
 use tinylag::journal::mark::{self, MarkPoint};
-use tinylag::journal::reader::JournalReader;
+use tinylag::journal::JournalReader;
 use tinylag::journal::Op;
 use tinylag::store::CountingStore;
 use tinylag::store::ObjectStore;
-use tinylag::timetravel::diff::{changed_extents, LiveRange, READ_AHEAD};
+use tinylag::timetravel::{changed_extents, LiveRange, READ_AHEAD};
 use tinylag::timetravel::{Point, Target};
 
 const SIZE: u64 = 4 << 20;

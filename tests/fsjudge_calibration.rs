@@ -28,7 +28,7 @@ use support::ext4::NbdLoop;
 use support::nbd::{pattern, run_ok};
 use support::procs::path;
 use support::verdict::{classify, judge_ext4};
-use tinylag::journal::reader::{Cursor, JournalReader, Step};
+use tinylag::journal::{Cursor, JournalReader, Step};
 use tinylag::journal::{Manifest, Op};
 use tinylag::store::LocalStore;
 use tinylag::store::ObjectStore;

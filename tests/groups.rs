@@ -17,7 +17,7 @@ use support::daemon::{tinylag, tinylag_ok, Daemon};
 use support::nbd::{run_ok as run_cmd_ok, RawClient};
 use support::procs::path;
 use support::replay::{consumer_seed, now_ns, run, run_ok, spawn, will_move};
-use tinylag::journal::seed::Seed;
+use tinylag::journal::Seed;
 
 const BLOCK: usize = 4096;
 /// Sizes that are not multiples of the 4 MiB region, so the layout has padding.

@@ -19,7 +19,7 @@ use support::oracle::assert_same_image;
 use support::procs::{path, wait_until};
 use support::replay::{consumer_seed, replay_args, run_ok, spawn, will_move};
 use support::verdict::judge_ext4;
-use tinylag::journal::seed::Seed;
+use tinylag::journal::Seed;
 
 const MIB: u64 = 1 << 20;
 const DEVICE: &str = "64M";

@@ -20,10 +20,10 @@ use support::oracle::{assert_same_image, OracleImage};
 use support::procs::wait_for_async;
 use support::replay::{first_difference, now_ns, replay_args, run, run_ok, spawn, TestJournal};
 use tinylag::journal::consumer::{self, ConsumerState};
-use tinylag::journal::head::plan_restart_from_trim_pointer;
 use tinylag::journal::paths;
-use tinylag::journal::reader::{Cursor, JournalReader, Step};
+use tinylag::journal::plan_restart_from_trim_pointer;
 use tinylag::journal::Op;
+use tinylag::journal::{Cursor, JournalReader, Step};
 use tinylag::store::list_all;
 
 fn args(list: &[&str]) -> Vec<String> {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::Args;
 use tinylag::control::{self, Request};
 use tinylag::units::format_size;
-use tinylag::writer::control_records::{
+use tinylag::writer::{
     DemoteArgs as DemoteRequest, DemoteDone, MarkArgs as MarkRequest, MarkDone, RegionList,
     ResyncArgs as ResyncRequest, ResyncDone, VerifyArgs as VerifyRequest, VerifyDone,
 };

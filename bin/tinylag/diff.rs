@@ -14,14 +14,14 @@ use serde::Serialize;
 use tinylag::block::BlockDevice;
 use tinylag::clock::{Clock, SystemClock};
 use tinylag::journal::chain;
-use tinylag::journal::reader::JournalReader;
+use tinylag::journal::JournalReader;
 use tinylag::journal::Manifest;
 use tinylag::replayer::{ReplicaFile, ReplicaTarget};
 use tinylag::store::CountingStore;
 use tinylag::store::ObjectStore;
-use tinylag::timetravel::diff::{changed_extents, ChangedExtent, Diff, LiveRange};
 use tinylag::timetravel::rbd_diff::{self, DataRecord, Header, MAX_WRITE};
-use tinylag::timetravel::view::TimeView;
+use tinylag::timetravel::TimeView;
+use tinylag::timetravel::{changed_extents, ChangedExtent, Diff, LiveRange};
 use tinylag::timetravel::{Point, Target};
 
 use crate::cmd::args::{usage, JournalArgs};

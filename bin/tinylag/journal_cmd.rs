@@ -9,9 +9,9 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 use tinylag::clock::{format_ns, Clock, SystemClock};
 use tinylag::journal::consumer::load_trim_pointer;
-use tinylag::journal::info::{gather, ConsumerLag};
-use tinylag::journal::reader::JournalReader;
+use tinylag::journal::JournalReader;
 use tinylag::journal::Manifest;
+use tinylag::journal::{gather_info, ConsumerLag};
 use tinylag::units::{format_duration, format_elapsed, format_size};
 
 use crate::cmd::args::{parse_time, JournalArgs};
@@ -119,7 +119,7 @@ async fn info(args: InfoArgs) -> anyhow::Result<()> {
     let store = args.journal.open_for_command().await?;
     let manifest = Manifest::load(store.as_ref()).await?;
     manifest.check_key_for_reading(&store.describe())?;
-    let info = gather(store.as_ref(), &manifest).await?;
+    let info = gather_info(store.as_ref(), &manifest).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&info)?);
         return Ok(());
@@ -273,15 +273,14 @@ async fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     let mut seq = match (args.seq, args.from_time) {
         (Some(s), _) => s.max(trim.first_seq),
         (None, Some(t)) => {
-            let end = tinylag::journal::head::probe_end(store.as_ref(), &manifest, trim.first_seq)
-                .await?;
+            let end =
+                tinylag::journal::probe_end(store.as_ref(), &manifest, trim.first_seq).await?;
             reader.seek_time(trim.first_seq, end, t).await?
         }
         (None, None) => trim.first_seq,
     };
     if args.seq.is_some() && reader.index(seq).await?.is_none() {
-        let end =
-            tinylag::journal::head::probe_end(store.as_ref(), &manifest, trim.first_seq).await?;
+        let end = tinylag::journal::probe_end(store.as_ref(), &manifest, trim.first_seq).await?;
         bail!(
             "--seq {seq}: segment {seq} does not exist in {}; the live segments are {}",
             store.describe(),
@@ -306,7 +305,7 @@ async fn inspect(args: InspectArgs) -> anyhow::Result<()> {
         let Some(index) = reader.checked_index(seq).await? else {
             // The end, or a hole below the journal's known end: never silently the end.
             out.flush().context("writing to stdout")?;
-            tinylag::journal::head::check_end(store.as_ref(), &manifest, seq).await?;
+            tinylag::journal::check_end(store.as_ref(), &manifest, seq).await?;
             break;
         };
         for e in &index.entries {

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
-use tinylag::crypto::{self, key::generate_key_file, Keyring};
+use tinylag::crypto::{self, generate_key_file, Keyring};
 
 /// Encryption keys.
 #[derive(Debug, Subcommand)]

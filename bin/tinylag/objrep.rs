@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use tinylag::clock::format_ns;
-use tinylag::journal::reader::JournalReader;
+use tinylag::journal::JournalReader;
 use tinylag::journal::Manifest;
 use tinylag::objrep::{compact, trim, CompactConfig, ObjPoint, ObjSources, TrimConfig};
 use tinylag::objrep::{ObjectAgent, ObjectAgentConfig};

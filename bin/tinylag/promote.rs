@@ -34,7 +34,7 @@ use anyhow::{bail, Context};
 use clap::{Args, FromArgMatches};
 use tinylag::clock::{Clock, SystemClock};
 use tinylag::journal::epoch::{self, ClaimBasis, EpochReason};
-use tinylag::journal::{consumer, head, lease, Manifest, RecordKind};
+use tinylag::journal::{consumer, lease, Manifest, RecordKind};
 use tinylag::replayer::Outcome;
 use tinylag::store::{open_store, ObjectStore};
 use tinylag::writer::{CatchUp, Promotion};
@@ -162,12 +162,12 @@ async fn demote_at_end(
     manifest: &Manifest,
     epoch: u64,
 ) -> anyhow::Result<Option<(u64, u64)>> {
-    let (_, plan) = head::plan_restart_from_trim_pointer(store, manifest).await?;
+    let (_, plan) = tinylag::journal::plan_restart_from_trim_pointer(store, manifest).await?;
     if plan.next_seq == 0 || plan.last_orphan.is_some() {
         return Ok(None);
     }
     let seq = plan.next_seq - 1;
-    let index = head::prefix_index(store, manifest, seq).await?;
+    let index = tinylag::journal::prefix_index(store, manifest, seq).await?;
     Ok(index
         .entries
         .last()

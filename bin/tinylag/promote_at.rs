@@ -29,7 +29,7 @@ use anyhow::{bail, Context};
 use tinylag::clock::{Clock, SystemClock};
 use tinylag::journal::chain::{self, Branch};
 use tinylag::journal::epoch::{ClaimBasis, EpochReason, Predecessor};
-use tinylag::journal::{head, lease, Manifest};
+use tinylag::journal::{lease, Manifest};
 use tinylag::store::LocalStore;
 use tinylag::store::{open_store, ObjectStore};
 use tinylag::timetravel::restore;
@@ -151,7 +151,8 @@ pub async fn run(
     ));
 
     // The old epoch's records after X: a branch, named before the claim.
-    let (_, plan) = head::plan_restart_from_trim_pointer(store.as_ref(), &manifest).await?;
+    let (_, plan) =
+        tinylag::journal::plan_restart_from_trim_pointer(store.as_ref(), &manifest).await?;
     let end_lsn = plan.next_lsn.saturating_sub(1);
     if end_lsn > point.lsn {
         let branch = Branch {

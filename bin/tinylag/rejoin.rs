@@ -127,9 +127,7 @@ pub async fn run(args: RejoinArgs) -> anyhow::Result<()> {
     let trim = consumer::load_trim_pointer(journal.as_ref()).await?;
     let image = rejoin::read_image_state(&activity_log, &marker, &manifest);
     let full_bytes = region_bytes(
-        &tinylag::journal::seed::RegionRanges::all(
-            layout.span().div_ceil(manifest.region_size.max(1)),
-        ),
+        &tinylag::journal::RegionRanges::all(layout.span().div_ceil(manifest.region_size.max(1))),
         manifest.region_size,
         &layout,
     );

@@ -17,15 +17,15 @@ use tinylag::block::{DeviceSlice, GroupDevice};
 use tinylag::clock::{Clock, SystemClock};
 use tinylag::control;
 use tinylag::journal::epoch::{ClaimBasis, EpochReason};
-use tinylag::journal::layout::match_named_paths;
+use tinylag::journal::match_named_paths;
 use tinylag::journal::{epoch, lease, Manifest};
 use tinylag::metrics::{Hub, NbdBuffersSource, PrimarySource};
 use tinylag::nbd::{self, Export, ListenAddr, NbdServer};
 use tinylag::store::CountingStore;
 use tinylag::store::{open_store, ObjectStore, StoreUri};
 use tinylag::units::format_size;
-use tinylag::writer::control_records::ServeControl;
 use tinylag::writer::LeaseKeeper;
+use tinylag::writer::ServeControl;
 use tinylag::writer::{
     default_activity_log_path, AckMode, JournalSetup, Labels, MaxLag, OnFence, PrimaryCore,
     Promotion, WriterConfig,

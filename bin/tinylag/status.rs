@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::Args;
 use tinylag::clock::{format_ns, Clock, SystemClock};
 use tinylag::control::{self, Request};
-use tinylag::replayer::status::{render_text, ReplicaStatus};
+use tinylag::replayer::{render_text, ReplicaStatus};
 use tinylag::writer::StatusSnapshot;
 
 use crate::cmd::serve::default_control_path;

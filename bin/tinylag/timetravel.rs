@@ -11,13 +11,13 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tinylag::block::BlockDevice;
 use tinylag::block::DeviceSlice;
 use tinylag::clock::{Clock, SystemClock};
-use tinylag::journal::layout::DeviceLayout;
+use tinylag::journal::DeviceLayout;
 use tinylag::nbd::{self, DirtyBitmap, Export, ListenAddr, NbdServer};
 use tinylag::store::LocalStore;
 use tinylag::store::{open_store_for_command, ObjectStore, StoreUri};
 use tinylag::timetravel::restore::{self, Direction, Stage};
-use tinylag::timetravel::view::TimeView;
-use tinylag::timetravel::{timeline, Point, Sources, Target};
+use tinylag::timetravel::TimeView;
+use tinylag::timetravel::{gather_timeline, Point, Sources, Target};
 
 use crate::cmd::args::{
     parse_listen, parse_store_uri, parse_time, usage, JournalArgs, NamedPath, TlsArgs,
@@ -310,7 +310,7 @@ pub async fn run_timeline(args: TimelineArgs) -> anyhow::Result<()> {
         return crate::cmd::objrep::run_timeline(args, uri).await;
     }
     let sources = args.replica.open().await?;
-    let t = timeline::gather(&sources).await?;
+    let t = gather_timeline(&sources).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&t)?);
     } else {
@@ -384,8 +384,8 @@ async fn changes_bitmaps(
     sources: &Sources,
     since: &Since,
     point: Point,
-) -> anyhow::Result<(Vec<DirtyBitmap>, tinylag::timetravel::diff::Diff)> {
-    use tinylag::timetravel::diff::{changed_extents, LiveRange};
+) -> anyhow::Result<(Vec<DirtyBitmap>, tinylag::timetravel::Diff)> {
+    use tinylag::timetravel::{changed_extents, LiveRange};
     let live = LiveRange::open(&sources.reader).await?;
     let from = live
         .resolve(
@@ -607,7 +607,7 @@ async fn run_mount_ublk(args: MountArgs, sources: Sources, point: Point) -> anyh
 fn announce(
     replica: &str,
     point: &Point,
-    summary: &tinylag::timetravel::view::ViewSummary,
+    summary: &tinylag::timetravel::ViewSummary,
     served_as: &str,
     writable: &Option<PathBuf>,
 ) {

@@ -16,7 +16,9 @@ use allocation::{Allocation, Extent};
 
 pub(crate) mod allocation;
 pub(crate) mod buffers;
+// pub: a namespace (`engine::select`, `engine::probe_uring`); hoisted, `select` says nothing.
 pub mod engine;
+// pub: a namespace (`file::open`, `file::FileOptions`); hoisted, `open` says nothing.
 pub mod file;
 pub(crate) mod group;
 pub(crate) mod sync_file;

@@ -24,9 +24,9 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 
 /// Length of a key.
-pub const KEY_LEN: usize = 32;
+pub(crate) const KEY_LEN: usize = 32;
 /// Prefix of a key line.
-pub const KEY_LINE_PREFIX: &str = "tinylag-key-1:";
+pub(crate) const KEY_LINE_PREFIX: &str = "tinylag-key-1:";
 
 /// A key's public name: 4 bytes of a hash of it, never 0 (0 means "not encrypted" in the
 /// segment format).
@@ -87,7 +87,7 @@ fn key_id(bytes: &[u8; KEY_LEN]) -> KeyId {
 }
 
 /// The text line of a key (what `key generate` writes).
-pub fn key_line(bytes: &[u8; KEY_LEN]) -> String {
+pub(crate) fn key_line(bytes: &[u8; KEY_LEN]) -> String {
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     format!("{KEY_LINE_PREFIX}{hex}\n")
 }

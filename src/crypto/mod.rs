@@ -11,13 +11,13 @@
 //! Must never: log, print, store or put into an error a key's bytes (only its [`KeyId`]);
 //! choose a key for reading other than the one an object names.
 
-pub mod key;
+pub(crate) mod key;
 pub(crate) mod seal;
 
 use std::collections::HashMap;
 use std::sync::{OnceLock, RwLock};
 
-pub use key::{Key, KeyError, KeyId, Keyring};
+pub use key::{generate_key_file, Key, KeyError, KeyId, Keyring};
 pub use seal::{ObjectKind, OpenError, Part, SealScope, SEAL_OVERHEAD};
 
 #[derive(Default)]

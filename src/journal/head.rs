@@ -37,7 +37,7 @@ use super::segment::{read_index, Expected, SegmentIndex};
 use crate::store::ObjectStore;
 
 /// Whether segment `seq` exists.
-pub async fn segment_exists(
+pub(crate) async fn segment_exists(
     store: &dyn ObjectStore,
     manifest: &Manifest,
     seq: u64,
@@ -75,7 +75,7 @@ const LEASES_LOOKED_AT: u64 = 16;
 /// records one (looking back over epochs whose writer never wrote a lease), and every
 /// consumer's commit position. One LIST of the epochs, one of the consumers, a few GETs:
 /// for commands that run once, not for a tailing loop (see [`known_end_from_lease`]).
-pub async fn known_end(store: &dyn ObjectStore) -> JournalResult<KnownEnd> {
+pub(crate) async fn known_end(store: &dyn ObjectStore) -> JournalResult<KnownEnd> {
     let mut known = KnownEnd::default();
     if let Some(newest) = epoch::current_epoch(store).await? {
         for e in (1..=newest).rev().take(LEASES_LOOKED_AT as usize) {
@@ -96,7 +96,10 @@ pub async fn known_end(store: &dyn ObjectStore) -> JournalResult<KnownEnd> {
 
 /// What the lease of writer `epoch` records as durable (0 when it has no lease): one GET. A
 /// tailing reader knows the epoch from the segments it read, so it needs no LIST.
-pub async fn known_end_from_lease(store: &dyn ObjectStore, epoch: u64) -> JournalResult<u64> {
+pub(crate) async fn known_end_from_lease(
+    store: &dyn ObjectStore,
+    epoch: u64,
+) -> JournalResult<u64> {
     if epoch == 0 {
         return Ok(0);
     }
@@ -117,7 +120,7 @@ const HOLE_SCAN: u64 = 64;
 /// writer may have uploaded `missing` between that read and the lease renewal `known` came
 /// from, so a seq below the known end is looked at once more (one HEAD) before it is called
 /// a hole.
-pub async fn check_missing(
+pub(crate) async fn check_missing(
     store: &dyn ObjectStore,
     manifest: &Manifest,
     missing: u64,
@@ -131,7 +134,7 @@ pub async fn check_missing(
 
 /// The [`JournalError::Hole`] for seq `missing` (its range looked up, a failure to look it
 /// up leaving the range open).
-pub async fn hole(
+pub(crate) async fn hole(
     store: &dyn ObjectStore,
     manifest: &Manifest,
     missing: u64,
@@ -158,7 +161,7 @@ pub async fn hole(
 /// from `from` on (W LISTs per 1000 W seqs, memory one bit per seq): for a starting writer,
 /// which must see a hole anywhere below the end, not only the crash gaps near it. Never in a
 /// steady-state loop.
-pub async fn lowest_missing(
+pub(crate) async fn lowest_missing(
     store: &dyn ObjectStore,
     manifest: &Manifest,
     from: u64,
@@ -295,7 +298,7 @@ impl RestartPlan {
 
 /// Works out where a new writer continues: the end of the gap-free prefix from `first_seq`,
 /// and any orphans past it. `first_lsn` is the LSN at `first_seq` (from the trim pointer).
-pub async fn plan_restart(
+pub(crate) async fn plan_restart(
     store: &dyn ObjectStore,
     manifest: &Manifest,
     first_seq: u64,

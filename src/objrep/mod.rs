@@ -21,6 +21,7 @@ pub(crate) mod compact;
 pub(crate) mod error;
 pub(crate) mod image;
 pub(crate) mod layer;
+// pub: a namespace (`manifest::load_latest`); hoisted, it would read as the journal manifest's.
 pub mod manifest;
 pub(crate) mod restore;
 pub(crate) mod trim;

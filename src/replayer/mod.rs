@@ -31,10 +31,11 @@ pub(crate) mod group_replica;
 pub(crate) mod overlay;
 pub(crate) mod preimage;
 pub(crate) mod recovery;
+// pub: a namespace (`rejoin::plan`); hoisted, `plan` would not say what it plans.
 pub mod rejoin;
 pub(crate) mod replica;
 pub(crate) mod seed;
-pub mod status;
+pub(crate) mod status;
 pub(crate) mod timing;
 pub(crate) mod undo;
 mod uring;
@@ -46,7 +47,7 @@ pub use group_replica::GroupReplica;
 pub use recovery::{wind_back, CannotWindBack, RecoveryReport, WindBackReport, WindTarget};
 pub use replica::{ReplicaFile, ReplicaTarget};
 pub use seed::{SeedChoice, SeedStamp};
-pub use status::{ReplicaStatus, StatusBoard, StatusHandler};
+pub use status::{render_text, AgentState, ReplicaStatus, StatusBoard, StatusHandler};
 pub use timing::{PollPolicy, Timer, TokioTimer};
 pub use undo::UndoLog;
 

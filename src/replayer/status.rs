@@ -77,7 +77,7 @@ impl AgentState {
 
 /// The journal head as far as the agent knows it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct KnownHead {
+pub(crate) struct KnownHead {
     /// The seq after the newest segment seen.
     pub next_seq: u64,
     /// Last LSN seen (0 when none).

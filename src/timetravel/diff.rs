@@ -51,7 +51,7 @@ pub const READ_AHEAD: usize = 8;
 type IndexRead = tokio::task::JoinHandle<JournalResult<Option<(SegmentIndex, u64)>>>;
 
 /// Ranges collected before they are merged (bounds memory on long intervals).
-pub const MERGE_EVERY: usize = 1 << 20;
+pub(crate) const MERGE_EVERY: usize = 1 << 20;
 
 /// A byte range of one device that changed in the interval.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -289,7 +289,7 @@ impl LiveRange {
 
 /// Merges ranges `(dev, start, end, resync)` into sorted, disjoint extents: a byte covered by
 /// any resync range is resync; touching extents of the same device and flag become one.
-pub fn merge_ranges(ranges: &mut Vec<(u32, u64, u64, bool)>) -> Vec<ChangedExtent> {
+pub(crate) fn merge_ranges(ranges: &mut Vec<(u32, u64, u64, bool)>) -> Vec<ChangedExtent> {
     let mut out: Vec<ChangedExtent> = Vec::new();
     for resync in [true, false] {
         // Resync ranges first (they win), then the rest minus them.

@@ -18,14 +18,19 @@
 //! or image into memory.
 
 mod copy;
-pub mod diff;
+pub(crate) mod diff;
 pub(crate) mod error;
 pub(crate) mod extents;
+// pub: a namespace (`rbd_diff::parse`, `rbd_diff::Writer`); hoisted, the names say nothing.
 pub mod rbd_diff;
+// pub: a namespace (`restore::plan`); hoisted, `plan` would not say what it plans.
 pub mod restore;
 pub(crate) mod sources;
-pub mod timeline;
-pub mod view;
+pub(crate) mod timeline;
+pub(crate) mod view;
 
+pub use diff::{changed_extents, diff_between, ChangedExtent, Diff, LiveRange, READ_AHEAD};
 pub use error::{TimeTravelError, TimeTravelResult};
 pub use sources::{Point, Sources, Target, Window};
+pub use timeline::{gather as gather_timeline, At, HoleAt, MarkAt, Timeline};
+pub use view::{TimeView, ViewSummary};

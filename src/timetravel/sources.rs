@@ -584,7 +584,7 @@ impl Sources {
 
 /// A resync span: the points `begin_lsn ..= end - 1` are states the primary never had.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct Hole {
+pub(crate) struct Hole {
     pub begin_lsn: u64,
     /// The last valid point before the span (`begin_lsn - 1`), when it is in the window.
     pub before: Option<Point>,
@@ -593,12 +593,14 @@ pub struct Hole {
 }
 
 impl Hole {
-    pub fn contains(&self, lsn: u64) -> bool {
+    /// Whether `lsn` falls inside the hole (what the tests below check of the spans).
+    #[cfg(test)]
+    fn contains(&self, lsn: u64) -> bool {
         lsn >= self.begin_lsn && self.end.is_none_or(|e| lsn < e.lsn)
     }
 
     /// The error for a point inside this hole.
-    pub fn refuse(&self, point: &Point) -> TimeTravelError {
+    pub(crate) fn refuse(&self, point: &Point) -> TimeTravelError {
         TimeTravelError::InHole {
             point: point.describe(),
             begin_lsn: self.begin_lsn,

@@ -90,7 +90,7 @@ pub struct Timeline {
 
 /// Every hole inside the window: reads the index of every undo segment and every journal
 /// segment after the consistent point.
-pub async fn holes(sources: &Sources, window: &Window) -> TimeTravelResult<Vec<Hole>> {
+pub(crate) async fn holes(sources: &Sources, window: &Window) -> TimeTravelResult<Vec<Hole>> {
     let mut spans = Spans::default();
     if let Some(log) = &sources.undo {
         for seq in sources.undo_first..sources.undo_end {

@@ -89,7 +89,7 @@ use super::restore::{plan, Direction, Plan};
 use super::sources::{journal_segment_missing, Point, Sources};
 
 /// Decoded payloads kept for reads that hit the same record again.
-pub const CACHE_BYTES: usize = 64 << 20;
+pub(crate) const CACHE_BYTES: usize = 64 << 20;
 
 /// What a mount found at open (for its banner and tests).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]

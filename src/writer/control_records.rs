@@ -35,7 +35,7 @@ use crate::store::ObjectStore;
 
 /// Every way a control command fails (the message goes back to the client).
 #[derive(Debug, thiserror::Error)]
-pub enum CommandError {
+pub(crate) enum CommandError {
     /// The request's arguments are not what the command takes.
     #[error("bad arguments for {cmd}: {reason}")]
     BadArguments { cmd: &'static str, reason: String },
@@ -198,13 +198,13 @@ pub struct DemoteArgs {
 pub use super::primary::Demoted as DemoteDone;
 
 /// Commands that change state (everything but `status`).
-pub fn is_state_changing(cmd: &str) -> bool {
+pub(crate) fn is_state_changing(cmd: &str) -> bool {
     matches!(cmd, "mark" | "verify" | "resync" | "demote")
 }
 
 /// Ends this writer's epoch (see [`PrimaryCore::demote`]), then releases the lease with the
 /// final durable end so that a `promote` need not wait out its term.
-pub async fn demote(
+pub(crate) async fn demote(
     core: &PrimaryCore,
     lease: Option<&LeaseKeeper>,
     args: &DemoteArgs,
@@ -220,7 +220,7 @@ pub async fn demote(
 /// Appends a `MARK` record, waits until it is durable, then records `marks/<name>`. A name
 /// already taken is refused before anything is appended; of two racing marks of one name
 /// the second's record stays in the journal as a no-op and its `marks/` create is refused.
-pub async fn mark(
+pub(crate) async fn mark(
     core: &PrimaryCore,
     store: &dyn ObjectStore,
     name: &str,
@@ -260,7 +260,7 @@ pub async fn mark(
 
 /// Journals a `VERIFY` of each region in order, reading at most `rate` bytes per second;
 /// with `repair`, then marks the same regions for a resync.
-pub async fn verify(
+pub(crate) async fn verify(
     core: &PrimaryCore,
     regions: &RegionList,
     rate: Option<u64>,
@@ -315,7 +315,7 @@ pub async fn verify(
 }
 
 /// Marks the regions dirty for a resync span.
-pub fn resync(core: &PrimaryCore, regions: &RegionList) -> Result<ResyncDone, CommandError> {
+pub(crate) fn resync(core: &PrimaryCore, regions: &RegionList) -> Result<ResyncDone, CommandError> {
     let list = regions.resolve(core.region_count())?;
     let mut bytes = 0;
     for &r in &list {

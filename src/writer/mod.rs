@@ -24,7 +24,7 @@
 //! differ from the disk's; let pool memory pass its cap (one `RESYNC_BEGIN` aside).
 
 pub(crate) mod activity_log;
-pub mod control_records;
+pub(crate) mod control_records;
 mod dirty;
 mod encoder;
 mod intake;
@@ -38,11 +38,16 @@ mod primary;
 mod range_lock;
 pub(crate) mod restart;
 mod resync;
+// pub: a namespace (`resync_requests::watch`); hoisted, `watch` would not say what it watches.
 pub mod resync_requests;
 mod shared;
 mod status;
 
 pub use activity_log::default_path as default_activity_log_path;
+pub use control_records::{
+    DemoteArgs, DemoteDone, MarkArgs, MarkDone, RegionList, ResyncArgs, ResyncDone, ServeControl,
+    VerifyArgs, VerifyDone,
+};
 pub use io_counts::{DeviceIoStatus, IoStatus};
 pub use journal_writer::WriterConfig;
 pub use lag_histogram::{LagBuckets, LagSummary};

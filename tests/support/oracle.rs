@@ -12,7 +12,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use tinylag::journal::reader::{Cursor, JournalReader, Step};
+use tinylag::journal::{Cursor, JournalReader, Step};
 use tinylag::journal::{Manifest, Op};
 use tinylag::store::LocalStore;
 use tinylag::store::ObjectStore;

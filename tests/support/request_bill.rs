@@ -17,9 +17,9 @@ use tinylag::block::BlockDevice;
 use tinylag::clock::{Clock, ManualClock, SystemClock};
 use tinylag::journal::consumer;
 use tinylag::journal::epoch;
-use tinylag::journal::reader::JournalReader;
+use tinylag::journal::JournalReader;
 use tinylag::journal::{Manifest, ManifestParams};
-use tinylag::replayer::status::AgentState;
+use tinylag::replayer::AgentState;
 use tinylag::replayer::{
     Agent, AgentConfig, BatchLimits, PollPolicy, ReplicaFile, SeedChoice, Timer, TokioTimer,
 };
