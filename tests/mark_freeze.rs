@@ -12,16 +12,12 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use support::daemon::{init, tinylag, tinylag_ok, Daemon};
-use support::ext4::{NbdLoop, ReadOnlyMount};
+use support::daemon::{tinylag, tinylag_ok, Daemon};
+use support::ext4::{fuse_and_loop_or_skip, init_for_loop, NbdLoop, ReadOnlyMount};
 use support::nbd::{pattern, run_ok};
 use support::procs::{path, text, ChildGuard};
 use support::replay::{replay_args, run_ok as run_tinylag_ok};
 use support::verdict::{ext4_clean_without_recovery, ext4_needs_recovery, judge_ext4};
-
-fn has_fuse_and_loop() -> bool {
-    Path::new("/dev/fuse").exists() && Path::new("/dev/loop-control").exists()
-}
 
 /// ext4 on a loop device on nbdfuse on a `serve` of a local journal. Fields drop in order:
 /// the file system is unfrozen (should a test have failed while it was frozen), unmounted and
@@ -39,18 +35,9 @@ impl MountedExt4 {
         let dir = tempfile::tempdir().unwrap();
         let primary = dir.path().join("primary.img");
         let journal = dir.path().join("journal");
-        // nbdfuse passes the loop device's 512-byte requests through unchanged.
-        init(
-            path(&journal),
-            &primary,
-            "64M",
-            &["--segment-size", "1M", "--block-size", "512"],
-            &[],
-        );
+        init_for_loop(&journal, &primary, "64M");
         let daemon = Daemon::start(&primary, path(&journal), &[], &[]);
-        let mut disk = NbdLoop::attach(&daemon.uri(), dir.path());
-        disk.mkfs_ext4();
-        disk.mount();
+        let disk = NbdLoop::ext4(&daemon.uri(), dir.path());
         MountedExt4 {
             mnt: disk.mnt.clone(),
             disk: Some(disk),
@@ -164,8 +151,7 @@ fn mark_exists(fs: &MountedExt4, name: &str) -> bool {
 
 #[test]
 fn a_frozen_mark_restores_to_an_ext4_that_needs_no_recovery() {
-    if !has_fuse_and_loop() {
-        eprintln!("skipping: /dev/fuse or loop devices are absent on this machine");
+    if !fuse_and_loop_or_skip() {
         return;
     }
     let mut fs = MountedExt4::new();
@@ -238,8 +224,7 @@ fn a_frozen_mark_restores_to_an_ext4_that_needs_no_recovery() {
 
 #[test]
 fn a_failing_exec_before_freezes_nothing_and_records_no_mark() {
-    if !has_fuse_and_loop() {
-        eprintln!("skipping: /dev/fuse or loop devices are absent on this machine");
+    if !fuse_and_loop_or_skip() {
         return;
     }
     let fs = MountedExt4::new();
@@ -335,8 +320,7 @@ fn mark_that_hangs_while_frozen(
 
 #[test]
 fn a_mark_that_outlasts_the_freeze_timeout_or_is_terminated_unfreezes() {
-    if !has_fuse_and_loop() {
-        eprintln!("skipping: /dev/fuse or loop devices are absent on this machine");
+    if !fuse_and_loop_or_skip() {
         return;
     }
     let fs = MountedExt4::new();

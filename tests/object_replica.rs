@@ -1066,26 +1066,18 @@ async fn a_corrupt_or_missing_image_part_is_named_and_nothing_else_is_touched() 
 /// e2fsck (crash-consistent: an acknowledged prefix of the writes).
 #[test]
 fn ext4_on_serve_restores_clean_from_the_object_replica_at_12_random_checkpoints() {
-    use support::daemon::{init, Daemon};
-    use support::ext4::NbdLoop;
+    use support::daemon::Daemon;
+    use support::ext4::{fuse_and_loop_or_skip, init_for_loop, NbdLoop};
     use support::nbd::{pattern, run_ok as run_cmd_ok};
     use support::procs::path;
-    if !Path::new("/dev/fuse").exists() || !Path::new("/dev/loop-control").exists() {
-        eprintln!("skipping: /dev/fuse or loop devices are absent on this machine");
+    if !fuse_and_loop_or_skip() {
         return;
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let primary = dir.path().join("primary.img");
     let journal = dir.path().join("journal");
-    // nbdfuse passes the loop device's 512-byte requests through unchanged.
-    init(
-        path(&journal),
-        &primary,
-        "64M",
-        &["--segment-size", "1M", "--block-size", "512"],
-        &[],
-    );
+    init_for_loop(&journal, &primary, "64M");
     let mut daemon = Daemon::start(&primary, path(&journal), &[], &[]);
     let replica = Replica::local(&dir.path().join("replica"));
     let job = |job: &str, extra: &[&str]| {
@@ -1114,10 +1106,8 @@ fn ext4_on_serve_restores_clean_from_the_object_replica_at_12_random_checkpoints
         &dir.path().join("agent.log"),
     );
 
-    let mut disk = NbdLoop::attach(&daemon.uri(), dir.path());
+    let disk = NbdLoop::ext4(&daemon.uri(), dir.path());
     let mnt = disk.mnt.clone();
-    disk.mkfs_ext4();
-    disk.mount();
     run_cmd_ok(std::process::Command::new("sync").arg("-f").arg(path(&mnt)));
     let mounted_at = daemon.status()["head_lsn"].as_u64().unwrap();
     for round in 0..16u64 {

@@ -7,8 +7,8 @@ mod support;
 use std::path::Path;
 use std::process::Command;
 
-use support::daemon::{init, Daemon};
-use support::ext4::{NbdLoop, ReadOnlyMount};
+use support::daemon::Daemon;
+use support::ext4::{fuse_and_loop_or_skip, init_for_loop, NbdLoop, ReadOnlyMount};
 use support::nbd::{pattern, run_ok};
 use support::oracle::{assert_same_image, rebuild_local};
 use support::procs::path;
@@ -35,31 +35,20 @@ fn make_tree(root: &Path) -> Vec<(String, Vec<u8>)> {
 
 #[test]
 fn ext4_on_the_daemon_is_clean_and_the_journal_rebuilds_it() {
-    if !Path::new("/dev/fuse").exists() || !Path::new("/dev/loop-control").exists() {
-        eprintln!("skipping: /dev/fuse or loop devices are absent on this machine");
+    if !fuse_and_loop_or_skip() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let primary = dir.path().join("primary.img");
     let journal = dir.path().join("journal");
-    // nbdfuse passes the loop device's 512-byte requests through unchanged, so the export
-    // must accept them.
-    init(
-        path(&journal),
-        &primary,
-        "128M",
-        &["--segment-size", "1M", "--block-size", "512"],
-        &[],
-    );
+    init_for_loop(&journal, &primary, "128M");
     let mut daemon = Daemon::start(&primary, path(&journal), &[], &[]);
 
     let tree = dir.path().join("tree");
     std::fs::create_dir(&tree).unwrap();
     let files = make_tree(&tree);
-    let mut disk = NbdLoop::attach(&daemon.uri(), dir.path());
+    let disk = NbdLoop::ext4(&daemon.uri(), dir.path());
     let mnt = disk.mnt.clone();
-    disk.mkfs_ext4();
-    disk.mount();
     run_ok(Command::new("cp").args(["-a", &format!("{}/.", path(&tree)), path(&mnt)]));
     run_ok(Command::new("sync").arg("-f").arg(path(&mnt)));
     // Delete some files so the filesystem discards their blocks (when it does).

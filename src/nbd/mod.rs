@@ -33,6 +33,8 @@ mod listen;
 mod meta;
 mod payload;
 mod protocol;
+#[cfg(test)]
+mod test_device;
 mod tls;
 mod transmission;
 
@@ -294,32 +296,22 @@ impl fmt::Display for ListenAddr {
 
 #[cfg(test)]
 mod tests {
+    use super::test_device::{Reads, ReadsOnly};
     use super::*;
     use crate::block::{BlockError, DeviceInfo};
     use async_trait::async_trait;
     use bytes::Bytes;
 
+    /// Reads zeros.
     struct Fake(DeviceInfo);
 
     #[async_trait]
-    impl BlockDevice for Fake {
+    impl Reads for Fake {
         fn info(&self) -> DeviceInfo {
             self.0
         }
         async fn read(&self, _: u64, len: u32) -> Result<Bytes, BlockError> {
             Ok(Bytes::from(vec![0; len as usize]))
-        }
-        async fn write(&self, _: u64, _: Bytes, _: bool) -> Result<(), BlockError> {
-            Ok(())
-        }
-        async fn flush(&self) -> Result<(), BlockError> {
-            Ok(())
-        }
-        async fn trim(&self, _: u64, _: u64) -> Result<(), BlockError> {
-            Ok(())
-        }
-        async fn write_zeroes(&self, _: u64, _: u64, _: bool) -> Result<(), BlockError> {
-            Ok(())
         }
     }
 
@@ -338,7 +330,7 @@ mod tests {
         Export {
             name: name.to_owned(),
             description: String::new(),
-            device: Arc::new(Fake(info)),
+            device: Arc::new(ReadsOnly(Fake(info))),
         }
     }
 

@@ -762,6 +762,7 @@ async fn write_batch<W: AsyncWrite + Unpin>(writer: &mut W, replies: &[Reply]) -
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nbd::test_device::{Reads, ReadsOnly};
 
     fn info(read_only: bool) -> DeviceInfo {
         DeviceInfo {
@@ -871,27 +872,27 @@ mod tests {
     }
 
     impl GatedDevice {
-        fn new(gate_permits: usize) -> Arc<Self> {
-            Arc::new(Self {
+        fn new(gate_permits: usize) -> Arc<ReadsOnly<Self>> {
+            Arc::new(ReadsOnly(Self {
                 gate: Semaphore::new(gate_permits),
                 inside: Default::default(),
                 max_inside: Default::default(),
                 slow: tokio::sync::Notify::new(),
                 held: false,
                 data: Bytes::from(vec![0x5a; MAX_PAYLOAD as usize]),
-            })
+            }))
         }
 
         /// A device whose read at offset 0 waits until the test opens `slow`.
-        fn held() -> Arc<Self> {
+        fn held() -> Arc<ReadsOnly<Self>> {
             let mut device = Arc::into_inner(Self::new(1000)).expect("only handle");
-            device.held = true;
+            device.0.held = true;
             Arc::new(device)
         }
     }
 
     #[async_trait::async_trait]
-    impl BlockDevice for GatedDevice {
+    impl Reads for GatedDevice {
         fn info(&self) -> DeviceInfo {
             DeviceInfo {
                 size: 1 << 30,
@@ -911,18 +912,6 @@ mod tests {
             self.inside.fetch_sub(1, SeqCst);
             Ok(self.data.slice(..len as usize))
         }
-        async fn write(&self, _: u64, _: Bytes, _: bool) -> Result<(), BlockError> {
-            Ok(())
-        }
-        async fn flush(&self) -> Result<(), BlockError> {
-            Ok(())
-        }
-        async fn trim(&self, _: u64, _: u64) -> Result<(), BlockError> {
-            Ok(())
-        }
-        async fn write_zeroes(&self, _: u64, _: u64, _: bool) -> Result<(), BlockError> {
-            Ok(())
-        }
     }
 
     type Client = tokio::io::DuplexStream;
@@ -934,7 +923,7 @@ mod tests {
     );
 
     /// Starts `serve_export` on one end of an in-memory pipe; returns the client end.
-    fn start(device: Arc<GatedDevice>) -> Started {
+    fn start(device: Arc<ReadsOnly<GatedDevice>>) -> Started {
         start_in(device, super::super::BufferBudget::default())
     }
 
@@ -985,7 +974,7 @@ mod tests {
     struct PanickingDevice;
 
     #[async_trait::async_trait]
-    impl BlockDevice for PanickingDevice {
+    impl Reads for PanickingDevice {
         fn info(&self) -> DeviceInfo {
             info(false)
         }
@@ -993,24 +982,12 @@ mod tests {
             assert_ne!(offset, 0, "a bug in the device");
             Ok(Bytes::from(vec![0x5a; len as usize]))
         }
-        async fn write(&self, _: u64, _: Bytes, _: bool) -> Result<(), BlockError> {
-            Ok(())
-        }
-        async fn flush(&self) -> Result<(), BlockError> {
-            Ok(())
-        }
-        async fn trim(&self, _: u64, _: u64) -> Result<(), BlockError> {
-            Ok(())
-        }
-        async fn write_zeroes(&self, _: u64, _: u64, _: bool) -> Result<(), BlockError> {
-            Ok(())
-        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_panicking_device_call_gets_an_eio_reply_and_the_connection_goes_on() {
         let (mut client, _stop, _task) = start_in(
-            Arc::new(PanickingDevice),
+            Arc::new(ReadsOnly(PanickingDevice)),
             super::super::BufferBudget::default(),
         );
         send_read(&mut client, 7, 0, 512).await;

@@ -10,8 +10,32 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use super::daemon::init;
 use super::nbd::{run_ok, ChildGuard, Cleanup, CLIENT_TIMEOUT};
 use super::procs::{path, wait_for_path};
+
+/// Whether this machine has FUSE and loop devices; when not, says on stderr that the test is
+/// skipped (the caller returns), so every file-system test skips with the same line.
+pub fn fuse_and_loop_or_skip() -> bool {
+    let present = Path::new("/dev/fuse").exists() && Path::new("/dev/loop-control").exists();
+    if !present {
+        eprintln!("skipping: /dev/fuse or loop devices are absent on this machine");
+    }
+    present
+}
+
+/// `tinylag init` of a journal and primary of `size` for a file system through [`NbdLoop`]:
+/// 1 MiB segments and 512-byte blocks, because nbdfuse passes the loop device's 512-byte
+/// requests through unchanged, so the export must accept them.
+pub fn init_for_loop(journal: &Path, primary: &Path, size: &str) {
+    init(
+        path(journal),
+        primary,
+        size,
+        &["--segment-size", "1M", "--block-size", "512"],
+        &[],
+    );
+}
 
 /// A loop device on an `nbdfuse` file of one NBD export, with a mount point beside it.
 pub struct NbdLoop {
@@ -57,6 +81,15 @@ impl NbdLoop {
             device,
             mnt,
         }
+    }
+
+    /// [`attach`](Self::attach), `mkfs.ext4` and [`mount`](Self::mount): a fresh ext4 on the
+    /// export, mounted on [`mnt`](Self::mnt).
+    pub fn ext4(uri: &str, dir: &Path) -> NbdLoop {
+        let mut disk = NbdLoop::attach(uri, dir);
+        disk.mkfs_ext4();
+        disk.mount();
+        disk
     }
 
     /// `mkfs.ext4` on the loop device.
