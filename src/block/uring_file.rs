@@ -48,6 +48,9 @@ impl UringFileDevice {
     }
 }
 
+// The second half of this impl (trim, write_zeroes, has_data, allocation) is the same
+// one-line delegations to `FileTarget` as `SyncFileDevice`'s: the two engines differ only in
+// how read, write and flush reach the file, and everything else is `FileTarget`'s, once.
 #[async_trait]
 impl BlockDevice for UringFileDevice {
     fn info(&self) -> DeviceInfo {

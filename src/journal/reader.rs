@@ -391,9 +391,8 @@ mod tests {
     use crate::journal::segment::encode_segment;
     use crate::store::memory::MemoryStore;
 
-    #[tokio::test]
-    async fn a_cursor_inside_a_segment_resumes_after_its_last_record() {
-        let store = Arc::new(MemoryStore::new());
+    /// A 1 MiB device in 1 MiB segments: one segment holds everything these tests write.
+    fn small_manifest() -> Manifest {
         let params = ManifestParams {
             device_name: "d".into(),
             size: 1 << 20,
@@ -402,7 +401,13 @@ mod tests {
             splay_width: 2,
             segment_size: 1 << 20,
         };
-        let manifest = Manifest::new(&params, 0).unwrap();
+        Manifest::new(&params, 0).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_cursor_inside_a_segment_resumes_after_its_last_record() {
+        let store = Arc::new(MemoryStore::new());
+        let manifest = small_manifest();
         let records: Vec<Record> = (1..=5)
             .map(|lsn| Record {
                 lsn,
@@ -456,15 +461,7 @@ mod tests {
     async fn read_ahead_returns_exactly_what_step_returns_over_plugs() {
         use crate::journal::segment::encode_plug;
         let store = Arc::new(MemoryStore::new());
-        let params = ManifestParams {
-            device_name: "d".into(),
-            size: 1 << 20,
-            block_size: 4096,
-            region_size: 1 << 20,
-            splay_width: 2,
-            segment_size: 1 << 20,
-        };
-        let manifest = Manifest::new(&params, 0).unwrap();
+        let manifest = small_manifest();
         let rec = |lsn| Record {
             lsn,
             timestamp_ns: lsn,

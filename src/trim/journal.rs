@@ -162,20 +162,9 @@ pub async fn trim_journal(
     let key = |seq: u64| manifest.segment_key(seq);
     let leftovers = finish_interrupted(store, &key, before.first_seq, floor, opts.dry_run).await?;
     let mut report = TrimReport {
-        store: store.describe(),
-        dry_run: opts.dry_run,
-        before,
-        after: before,
-        deleted_segments: 0,
-        deleted_bytes: 0,
-        deleted_orphans: 0,
-        leftovers,
-        first_live_timestamp_ns: None,
-        held_by: HeldBy::Nothing {
-            seq: before.first_seq,
-        },
         dropped_consumers,
         dropped_branches,
+        ..TrimReport::start(store, opts.dry_run, before, leftovers)
     };
 
     let keys = manifest.clone();

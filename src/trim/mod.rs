@@ -282,6 +282,34 @@ pub struct TrimReport {
     pub dropped_branches: Vec<String>,
 }
 
+impl TrimReport {
+    /// A report of nothing done yet on `store`, whose pointer stands at `before` once the
+    /// `leftovers` of an interrupted trim are gone: the one start of both trims' reports.
+    pub(crate) fn start(
+        store: &dyn ObjectStore,
+        dry_run: bool,
+        before: TrimPointer,
+        leftovers: u64,
+    ) -> TrimReport {
+        TrimReport {
+            store: store.describe(),
+            dry_run,
+            before,
+            after: before,
+            deleted_segments: 0,
+            deleted_bytes: 0,
+            deleted_orphans: 0,
+            leftovers,
+            first_live_timestamp_ns: None,
+            held_by: HeldBy::Nothing {
+                seq: before.first_seq,
+            },
+            dropped_consumers: Vec::new(),
+            dropped_branches: Vec::new(),
+        }
+    }
+}
+
 /// The seqs an unfinished trim is deleting (JSON at `trim.pending`):
 ///
 /// ```json

@@ -77,22 +77,7 @@ pub async fn trim_undo(
     let before = consumer::load_trim_pointer(undo).await?;
     let key = paths::undo_segment_key;
     let leftovers = finish_interrupted(undo, &key, before.first_seq, limit, opts.dry_run).await?;
-    let mut report = TrimReport {
-        store: undo.describe(),
-        dry_run: opts.dry_run,
-        before,
-        after: before,
-        deleted_segments: 0,
-        deleted_bytes: 0,
-        deleted_orphans: 0,
-        leftovers,
-        first_live_timestamp_ns: None,
-        held_by: HeldBy::Nothing {
-            seq: before.first_seq,
-        },
-        dropped_consumers: Vec::new(),
-        dropped_branches: Vec::new(),
-    };
+    let mut report = TrimReport::start(undo, opts.dry_run, before, leftovers);
 
     let mut reads = ReadAhead::new(
         undo_arc.clone(),

@@ -50,6 +50,22 @@ pub(crate) struct Batch {
     pub closed: bool,
 }
 
+impl State {
+    /// Gives the record `make` builds the next LSN and queues it: the one step `append` and
+    /// `append_last` share. `None` once closed (nothing queued, no LSN used).
+    fn push(&mut self, make: impl FnOnce(u64) -> Record, permit: Permit) -> Option<u64> {
+        if self.closed {
+            return None;
+        }
+        let lsn = self.next_lsn;
+        let record = make(lsn);
+        self.next_lsn += 1;
+        self.queued_bytes += permit.bytes();
+        self.queue.push(Pending { record, permit });
+        Some(lsn)
+    }
+}
+
 impl Intake {
     /// An open intake whose first record gets `next_lsn`.
     pub(crate) fn new(next_lsn: u64) -> Self {
@@ -83,14 +99,7 @@ impl Intake {
         urgent: bool,
     ) -> Option<u64> {
         let mut s = self.state();
-        if s.closed {
-            return None;
-        }
-        let lsn = s.next_lsn;
-        let record = make(lsn);
-        s.next_lsn += 1;
-        s.queued_bytes += permit.bytes();
-        s.queue.push(Pending { record, permit });
+        let lsn = s.push(make, permit)?;
         s.urgent |= urgent;
         let wake = s.sleeping && (s.idle || urgent || s.queued_bytes >= WAKE_BYTES);
         drop(s);
@@ -119,14 +128,7 @@ impl Intake {
         permit: Permit,
     ) -> Option<u64> {
         let mut s = self.state();
-        if s.closed {
-            return None;
-        }
-        let lsn = s.next_lsn;
-        let record = make(lsn);
-        s.next_lsn += 1;
-        s.queued_bytes += permit.bytes();
-        s.queue.push(Pending { record, permit });
+        let lsn = s.push(make, permit)?;
         s.urgent = true;
         s.closed = true;
         drop(s);
