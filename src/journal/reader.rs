@@ -180,34 +180,18 @@ impl JournalReader {
     /// found, a missing seq just before it (plugs skipped) is checked: a hole there is
     /// [`JournalError::Hole`], never an answer past the records it held.
     pub async fn seek_time(&self, lo: u64, hi: u64, time_ns: u64) -> JournalResult<u64> {
-        let start = lo;
-        let (mut lo, mut hi) = (lo, hi);
-        let end = hi;
-        let mut found = None;
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            let index = self.index(mid).await?;
-            if index
-                .as_ref()
-                .and_then(|i| i.last_timestamp())
-                .is_some_and(|t| t >= time_ns)
-            {
-                hi = mid;
-                found = index;
-            } else {
-                lo = mid + 1;
-            }
-        }
+        let (seq, found) = self
+            .first_reaching(lo, hi, |i| i.last_timestamp().is_some_and(|t| t >= time_ns))
+            .await?;
         // The seq found holds the first record at or after `time_ns` unless it starts there:
         // then that record may have been in the seq before.
         let inside = found
-            .filter(|_| lo < end)
             .and_then(|i| i.entries.first().map(|e| e.timestamp_ns < time_ns))
             .unwrap_or(false);
         if !inside {
-            self.check_before(start, lo).await?;
+            self.check_before(lo, seq).await?;
         }
-        Ok(lo)
+        Ok(seq)
     }
 
     /// The first seq in `lo..hi` whose last record is at or after `lsn`, with its index
@@ -219,29 +203,38 @@ impl JournalReader {
         hi: u64,
         lsn: u64,
     ) -> JournalResult<Option<(u64, SegmentIndex)>> {
-        let start = lo;
+        let (seq, found) = self
+            .first_reaching(lo, hi, |i| i.entries.last().is_some_and(|e| e.lsn >= lsn))
+            .await?;
+        if found.as_ref().is_none_or(|i| i.header.first_lsn > lsn) {
+            self.check_before(lo, seq).await?;
+        }
+        Ok(found.map(|i| (seq, i)))
+    }
+
+    /// The binary search both seeks share: the first seq in `lo..hi` whose index `reached`
+    /// accepts, with that index (`hi` and `None` if none). Plugs and missing seqs count as not
+    /// reached; the caller decides whether what it wants may lie before the answer.
+    async fn first_reaching(
+        &self,
+        lo: u64,
+        hi: u64,
+        reached: impl Fn(&SegmentIndex) -> bool,
+    ) -> JournalResult<(u64, Option<SegmentIndex>)> {
         let (mut lo, mut hi) = (lo, hi);
         let end = hi;
         let mut found = None;
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
             let index = self.index(mid).await?;
-            if index
-                .as_ref()
-                .and_then(|i| i.entries.last())
-                .is_some_and(|e| e.lsn >= lsn)
-            {
+            if index.as_ref().is_some_and(&reached) {
                 hi = mid;
                 found = index;
             } else {
                 lo = mid + 1;
             }
         }
-        let found = found.filter(|_| lo < end);
-        if found.as_ref().is_none_or(|i| i.header.first_lsn > lsn) {
-            self.check_before(start, lo).await?;
-        }
-        Ok(found.map(|i| (lo, i)))
+        Ok((lo, found.filter(|_| lo < end)))
     }
 
     /// For a search of `start..` that answered `found` although what it looked for may lie
