@@ -12,7 +12,7 @@ mod support;
 use std::path::Path;
 
 use support::procs::path;
-use support::vm::{assert_steps, guest_tinylag, ublk_ext4_guest, vm_available, GUEST_DAEMON_LIB};
+use support::vm::{run_ublk_guest, GUEST_DAEMON_LIB};
 
 const MIB: usize = 1 << 20;
 /// The two devices: `a` 16 MiB, `b` 8 MiB (the group's address space has no padding at the
@@ -132,18 +132,13 @@ fn expected_sums(dir: &Path, n: usize) -> [String; 2] {
 
 #[test]
 fn a_group_over_ublk_restores_both_disks_as_of_each_mark() {
-    if !vm_available() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let tinylag = guest_tinylag();
-    let (code, console) = ublk_ext4_guest(guest_script(&tinylag), &tinylag).run(dir.path());
-    let _ = std::fs::remove_dir_all(tinylag.parent().unwrap());
-    assert_steps(
-        code,
-        &console,
+    let Some(console) = run_ublk_guest(
+        guest_script,
         &["serve", "write", "replay", "restore", "done"],
-    );
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
     for (mark, n) in [("mid", 2), ("end", 3)] {
         let [a, b] = expected_sums(dir.path(), n);
         assert_eq!(

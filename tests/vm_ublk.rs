@@ -13,7 +13,7 @@ mod support;
 
 use std::path::Path;
 
-use support::vm::{assert_steps, guest_tinylag, ublk_ext4_guest, vm_available, GUEST_DAEMON_LIB};
+use support::vm::{run_ublk_guest, GUEST_DAEMON_LIB};
 
 fn guest_script(tinylag: &Path) -> String {
     let t = tinylag.display();
@@ -175,16 +175,8 @@ echo "step: done ($(cut -d" " -f1 /proc/uptime)s)"
 
 #[test]
 fn ublk_serves_patterns_discard_zeroes_ext4_recovery_and_a_journal_that_rebuilds_the_primary() {
-    if !vm_available() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let tinylag = guest_tinylag();
-    let (code, console) = ublk_ext4_guest(guest_script(&tinylag), &tinylag).run(dir.path());
-    let _ = std::fs::remove_dir_all(tinylag.parent().unwrap());
-    assert_steps(
-        code,
-        &console,
+    run_ublk_guest(
+        guest_script,
         &[
             "patterns",
             "discard",

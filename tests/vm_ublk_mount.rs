@@ -11,7 +11,7 @@ mod support;
 
 use std::path::Path;
 
-use support::vm::{assert_steps, guest_tinylag, ublk_ext4_guest, vm_available, GUEST_DAEMON_LIB};
+use support::vm::{run_ublk_guest, GUEST_DAEMON_LIB};
 
 fn guest_script(tinylag: &Path) -> String {
     let t = tinylag.display();
@@ -112,16 +112,8 @@ echo "step: done ($(now)s)"
 
 #[test]
 fn mount_ublk_serves_the_disk_at_a_mark_read_only_and_writable_into_scratch() {
-    if !vm_available() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let tinylag = guest_tinylag();
-    let (code, console) = ublk_ext4_guest(guest_script(&tinylag), &tinylag).run(dir.path());
-    let _ = std::fs::remove_dir_all(tinylag.parent().unwrap());
-    assert_steps(
-        code,
-        &console,
+    run_ublk_guest(
+        guest_script,
         &[
             "phase 1",
             "phase 2",

@@ -174,6 +174,22 @@ pub fn ublk_ext4_guest(script: String, tinylag: &Path) -> Guest {
         .bin("/usr/sbin/blkdiscard")
 }
 
+/// The whole of a ublk guest test: skipped (saying so) when the operator asked, otherwise a
+/// stripped `tinylag` copied in, `script` (given that binary's guest path) run in a
+/// [`ublk_ext4_guest`], the binary's directory removed, and every step checked. Returns the
+/// console for further checks (`None` when skipped).
+pub fn run_ublk_guest(script: impl FnOnce(&Path) -> String, steps: &[&str]) -> Option<String> {
+    if !vm_available() {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tinylag = guest_tinylag();
+    let (code, console) = ublk_ext4_guest(script(&tinylag), &tinylag).run(dir.path());
+    let _ = std::fs::remove_dir_all(tinylag.parent().unwrap());
+    assert_steps(code, &console, steps);
+    Some(console)
+}
+
 /// Checks a guest run: exit code 0 and a `step: NAME` marker for every step, in the console
 /// (which is printed, for `--nocapture`).
 pub fn assert_steps(code: i32, console: &str, steps: &[&str]) {
