@@ -2,7 +2,9 @@
 //! over NBD through a bounded local cache, read by real clients (nbdcopy, qemu-io) and
 //! compared with the journal's own image there (the oracle): random marks on a local store
 //! and on s3s-fs; a full read of an image larger than the cache never lets the cache
-//! directory pass its cap; bad arguments refused in one line.
+//! directory pass its cap; compaction and trim deleting what the mount's manifest generation
+//! named while it reads (the mount reloads and reads the same bytes, or fails cleanly once
+//! the point left the retention: never a wrong byte); bad arguments refused in one line.
 
 mod support;
 
@@ -14,7 +16,7 @@ use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 use support::nbd::{run as run_client, RawClient, CLIENT_TIMEOUT};
-use support::replay::{first_difference, tinylag, TestJournal};
+use support::replay::{first_difference, run, tinylag, TestJournal};
 use support::s3::{S3Server, S3ServerKind};
 use support::timetravel::Mount;
 use tinylag::journal::mark::{self, MarkPoint};
@@ -31,6 +33,12 @@ const MINUTE: u64 = 60_000_000_000;
 /// wall clock cuts between two rounds whatever the test's pace.
 fn t(round: u64, i: u64) -> u64 {
     T0 + round * HOUR + i * MINUTE
+}
+
+/// `replica trim --retain` that keeps round `round`'s checkpoint and the ones after it.
+fn retain_after(round: u64) -> String {
+    let horizon = t(round, 30);
+    format!("{}s", (support::replay::now_ns() - horizon) / 1_000_000_000)
 }
 
 /// Where the replica is and how a child process reaches it.
@@ -350,6 +358,126 @@ async fn the_cache_never_passes_its_cap_during_a_full_read_of_a_larger_image() {
     );
     mount.stop();
     assert_eq!(cache_bytes(&cache), 0, "a stopped mount left its cache");
+}
+
+/// While a mount reads, compaction and trim make new generations and delete what the
+/// mount's generation named: the mount finds an object missing, reloads, resolves the same
+/// LSN again and reads the same bytes. Once the point has left the retention (its checkpoint
+/// dropped, the journal trimmed behind the replica) reads fail cleanly, and the log names
+/// the point; no read ever returns a byte that is not the point's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_and_trim_under_a_mount_keep_it_exact_or_fail_it_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut journal = TestJournal::create(&dir.path().join("journal"), SIZE, 11).await;
+    let replica = Replica::local(&dir.path().join("replica"));
+    for round in 0..4 {
+        append_round(&mut journal, round, 0, 3).await;
+        replica.replay_once(&journal);
+    }
+    // The mark after the newest checkpoint: the mount reads its delta layers and the journal.
+    append_round(&mut journal, 4, 0, 2).await;
+    let lsn = append_mark(&mut journal, "held", t(4, 3)).await;
+    append_round(&mut journal, 4, 4, 2).await;
+    let held = manifest::load_latest(replica.store.as_ref())
+        .await
+        .unwrap()
+        .expect("a manifest");
+    let named: Vec<String> = held.keys().map(String::from).collect();
+
+    let cache = dir.path().join("cache");
+    // The smallest cache: most fetched ranges are read again from the store each time.
+    let mount = replica.mount(&journal, &["--mark", "held"], &cache, "1M", dir.path());
+    let want = journal.chain_image(Some(lsn)).await;
+    let out = dir.path().join("copy.img");
+    let got = read_all(&mount, &out).expect("the first read");
+    assert_same(&got, &want, "before compaction");
+
+    // Compaction folds the layers into an image at the newest checkpoint; trim keeps only
+    // that checkpoint's points, so the layers the mount's generation named go once two newer
+    // generations exist (new checkpoints of the agent make them). Reads run meanwhile.
+    let jobs = {
+        let args = |job: &str, extra: &[&str]| {
+            let mut a: Vec<String> = ["replica", job, "--journal", journal.uri(), "--replica"]
+                .map(String::from)
+                .to_vec();
+            a.push(replica.uri.clone());
+            a.extend(extra.iter().map(|s| s.to_string()));
+            a
+        };
+        (
+            args("compact", &["--force", "--part-size", "1M"]),
+            args("trim", &["--retain", &retain_after(3)]),
+        )
+    };
+    let mut deleted = false;
+    for round in 5..9 {
+        let (compact, trim) = jobs.clone();
+        let racing = std::thread::spawn(move || {
+            for args in [compact, trim] {
+                let done = run(&args);
+                assert!(done.status.success(), "{}", support::procs::text(&done));
+            }
+        });
+        let got = read_all(&mount, &out);
+        racing.join().unwrap();
+        let got = got.unwrap_or_else(|e| panic!("a read racing round {round}'s jobs: {e}"));
+        assert_same(&got, &want, &format!("racing round {round}"));
+        append_round(&mut journal, round, 0, 1).await;
+        replica.replay_once(&journal);
+        let keys = replica.keys().await;
+        if named.iter().any(|k| !keys.contains(k)) {
+            deleted = true;
+        }
+    }
+    assert!(
+        deleted,
+        "no object the mount's generation {} named was deleted: the test checks no reload",
+        held.gen
+    );
+    let got = read_all(&mount, &out).expect("a read after the deletions");
+    assert_same(&got, &want, "after the deletions");
+    let log = mount.guard.log_tail(1 << 20);
+    assert!(
+        log.contains("resolved again"),
+        "the mount never reloaded its manifest: {log}"
+    );
+
+    // The point leaves the retention: only the newest checkpoint is kept, its older objects
+    // are deleted after two more generations, and the journal is trimmed behind the replica.
+    for round in 9..12 {
+        replica.run_ok(&journal, &["replica", "trim"], &["--retain", "0s"]);
+        append_round(&mut journal, round, 0, 1).await;
+        replica.replay_once(&journal);
+    }
+    replica.run_ok(&journal, &["replica", "trim"], &["--retain", "0s"]);
+    support::replay::run_ok(
+        &[
+            "journal",
+            "trim",
+            "--journal",
+            journal.uri(),
+            "--retain",
+            "0s",
+        ]
+        .map(String::from),
+    );
+    // The cache holds a megabyte of the point at most: a full read must go to the store,
+    // find the objects gone, and no generation or journal holds the point any more.
+    if let Ok(got) = read_all(&mount, &out) {
+        assert_same(&got, &want, "after the point left the retention");
+        panic!("the point left the retention, and a full read still succeeded");
+    }
+    let log = mount.guard.log_tail(1 << 20);
+    assert!(
+        log.contains("reads fail") && log.contains(&format!("LSN {lsn}")),
+        "a failed read without a line naming the point: {log}"
+    );
+    assert_eq!(
+        log.matches("reads fail").count(),
+        1,
+        "the failure is one line, not one per read: {log}"
+    );
+    mount.stop();
 }
 
 /// Lines saying what is wrong (clap adds a hint line after a bad value: not an error).
