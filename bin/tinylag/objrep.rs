@@ -1,28 +1,32 @@
-//! The object replica on the command line: `replay`, `restore` and `timeline` with
+//! The object replica on the command line: `replay`, `restore`, `timeline` and `mount` with
 //! `--replica URI` (a store address, not a path) come here (the work is in
 //! `tinylag::objrep`).
 //!
 //! Must never: take a plain path for an object replica (a path stays a file replica), or
-//! accept a flag the object replica cannot honour (`--delay`, `--undo`, seeds): refused in
-//! one line before anything is registered.
+//! accept a flag the object replica cannot honour (`--delay`, `--undo`, seeds, a mount's
+//! `--writable`): refused in one line before anything is registered or opened.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+use tinylag::block::BlockDevice;
 use tinylag::clock::format_ns;
 use tinylag::journal::JournalReader;
 use tinylag::journal::Manifest;
+use tinylag::nbd::{self, Export, ListenAddr, NbdServer};
 use tinylag::objrep::{compact, trim, CompactConfig, ObjPoint, ObjSources, TrimConfig};
-use tinylag::objrep::{ObjectAgent, ObjectAgentConfig};
+use tinylag::objrep::{DiskCache, ObjView, ObjectAgent, ObjectAgentConfig};
 use tinylag::store::{open_store, open_store_for_command, StoreUri};
 use tokio::sync::watch;
 
 use crate::cmd::args::{parse_duration, parse_size, JournalArgs, NamedPath};
-use crate::cmd::output::{say, tell};
+use crate::cmd::output::{say, tell, warn_logged};
 use crate::cmd::replay::{forward_signals, ReplayArgs};
-use crate::cmd::serve::StopSignals;
-use crate::cmd::timetravel::{PointArgs, ReplicaArgs, RestoreArgs, TimelineArgs};
+use crate::cmd::serve::{wait_for_signal, StopSignals};
+use crate::cmd::timetravel::{MountArgs, PointArgs, ReplicaArgs, RestoreArgs, TimelineArgs};
+use crate::cmd::ublk::Frontend;
 
 /// The store address when `--replica` names an object replica (`scheme://…`); `None` for a
 /// file replica. A URI among several `--replica`, or with a device name, is refused.
@@ -164,6 +168,184 @@ pub async fn run_restore(args: RestoreArgs, uri: StoreUri) -> anyhow::Result<()>
         ));
     }
     Ok(())
+}
+
+/// A mount's cache cap when `--cache-size` is not given: large enough to hold what a file
+/// system check or a file restore reads again (metadata, directories, the files copied),
+/// small beside the disks it serves; a read of the whole device streams through it.
+const DEFAULT_CACHE_SIZE: u64 = 1 << 30;
+/// The smallest cap: a unit (one layer extent, up to 1 MiB in an image) is kept only when
+/// it is at most a quarter of the cap.
+const MIN_CACHE_SIZE: u64 = 1 << 20;
+
+/// `--cache-size`: a size of at least [`MIN_CACHE_SIZE`].
+pub fn parse_cache_size(s: &str) -> Result<u64, String> {
+    let size = parse_size(s)?;
+    if size < MIN_CACHE_SIZE {
+        return Err(format!(
+            "{s} is too small: at least 1M (a fetched range is kept only when it is at most a \
+             quarter of the cache)"
+        ));
+    }
+    Ok(size)
+}
+
+/// Where a mount's cache lives without `--cache-dir`: the system's directory for disposable
+/// files (`$TMPDIR`, else /tmp), in a directory of the user's own, so nothing is written
+/// beside anything the user named.
+fn default_cache_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("tinylag-{}", rustix::process::getuid().as_raw()))
+}
+
+/// `mount --at|--mark --replica URI`: the point served lazily, through a bounded cache.
+pub async fn run_mount(args: MountArgs, uri: StoreUri) -> anyhow::Result<()> {
+    let refused: [(bool, &str, &str); 3] = [
+        (
+            args.writable.is_some(),
+            "--writable",
+            "its copy-on-write scratch is the file replica's view's own",
+        ),
+        (
+            args.changes_since.is_some(),
+            "--changes-since",
+            "the dirty bitmap is built on a file replica's sources",
+        ),
+        (
+            args.point.branch.is_some(),
+            "--branch",
+            "an object replica follows one lineage",
+        ),
+    ];
+    if let Some((_, flag, why)) = refused.iter().find(|(given, _, _)| *given) {
+        bail!(
+            "{flag} is not taken with the mount of an object replica (--replica {uri}) yet: \
+             {why}; restore the point to a file (`tinylag restore --replica {uri} --output \
+             FILE`) and mount or use that"
+        );
+    }
+    let point = point(&args.point)?;
+    let listen = match (args.frontend, &args.listen) {
+        (Frontend::Nbd, Some(listen)) => Some(listen.clone()),
+        (Frontend::Nbd, None) => bail!(
+            "--listen unix:PATH|tcp:IP:PORT is needed to mount an object replica (--replica \
+             {uri}): there is no replica file to put the socket beside"
+        ),
+        (Frontend::Ublk, _) => None,
+    };
+    // Before anything is opened: plaintext on an address other hosts reach is refused.
+    let security = match &listen {
+        Some(l) => Some(args.tls.security_of(l, true)?),
+        None => None,
+    };
+    let cache_dir = args.cache_dir.clone().unwrap_or_else(default_cache_dir);
+    let cache_size = args.cache_size.unwrap_or(DEFAULT_CACHE_SIZE);
+    let sources = open_sources(&args.replica, &uri).await?;
+    let export = args.export.clone().unwrap_or_else(|| {
+        sources
+            .jm
+            .devices
+            .first()
+            .map_or_else(|| "disk0".to_string(), |d| d.name.clone())
+    });
+    let cache = Arc::new(
+        DiskCache::create(&cache_dir, cache_size)
+            .with_context(|| format!("--cache-dir {}", cache_dir.display()))?,
+    );
+    let served = serve_view(
+        &args,
+        sources,
+        &point,
+        cache.clone(),
+        listen,
+        security,
+        &export,
+    )
+    .await;
+    cache.remove();
+    served
+}
+
+/// Opens the view and serves it until SIGINT/SIGTERM (the cache is the caller's to remove).
+async fn serve_view(
+    args: &MountArgs,
+    sources: ObjSources,
+    point: &ObjPoint,
+    cache: Arc<DiskCache>,
+    listen: Option<ListenAddr>,
+    security: Option<tinylag::nbd::Security>,
+    export: &str,
+) -> anyhow::Result<()> {
+    let replica = sources.replica.describe();
+    let region_size = sources.jm.region_size;
+    let view = ObjView::open(sources, point, cache.clone())
+        .await
+        .with_context(|| format!("mount object replica {replica}"))?;
+    let summary = view.summary().clone();
+    let view: Arc<dyn BlockDevice> = Arc::new(view);
+    let announce = |served_as: &str| {
+        let p = summary.point;
+        tell(format!(
+            "tinylag mount: object replica {replica} as of LSN {} ({}) as {served_as}",
+            p.lsn,
+            format_ns(p.timestamp_ns)
+        ));
+        tell(format!(
+            "read-only, lazily: checkpoint LSN {} (manifest generation {}): {}, {} delta layers, \
+             {} journal records, {} extents mapped; cache {} (cap {})",
+            p.checkpoint_lsn,
+            summary.gen,
+            summary.image_lsn.map_or_else(
+                || "no image".to_string(),
+                |lsn| format!("image at LSN {lsn} in {} parts", summary.image_parts)
+            ),
+            summary.deltas,
+            summary.journal_records,
+            summary.extents,
+            cache.dir().display(),
+            tinylag::units::format_size(cache.cap()),
+        ));
+    };
+    let (Some(listen), Some(security)) = (listen, security) else {
+        let options = args.ublk.options(region_size);
+        let device = tinylag::ublk::start(view, options, tokio::runtime::Handle::current()).await?;
+        announce(&device.block_path().to_string());
+        let signal = wait_for_signal().await?;
+        tracing::info!(signal, "stopping: deleting {}", device.block_path());
+        device.stop().await;
+        return Ok(());
+    };
+    let exports = vec![Export {
+        name: export.to_string(),
+        description: format!(
+            "tinylag object replica {replica} as of LSN {}",
+            summary.point.lsn
+        ),
+        device: view,
+    }];
+    let server = NbdServer::new(exports, export)?
+        .with_security(security.clone())
+        .with_buffer_budget(args.tls.buffer_budget()?);
+    let listener = nbd::bind(&listen).await?;
+    let listen = listener.local_addr().clone();
+    let security_warning = security.warning(&listen);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let nbd_task = tokio::spawn(nbd::serve(listener, Arc::new(server), shutdown_rx));
+    announce(&format!(
+        "{} ({})",
+        args.tls.nbd_uri(&listen, export),
+        security.describe()
+    ));
+    if let Some(w) = &security_warning {
+        warn_logged(w);
+    }
+    let signal = wait_for_signal().await?;
+    tracing::info!(signal, "stopping");
+    let _ = shutdown_tx.send(true);
+    match nbd_task.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.into()),
+        Err(e) => Err(anyhow::anyhow!("the NBD server task failed: {e}")),
+    }
 }
 
 /// `timeline --replica URI`.

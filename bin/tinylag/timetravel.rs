@@ -33,7 +33,7 @@ pub struct ReplicaArgs {
     pub journal: JournalArgs,
     /// The replica a `tinylag replay` keeps (file or block device); for a group journal one
     /// `--replica NAME=PATH` per device, as `replay` was given them. An object replica is its
-    /// store address (s3://bucket/prefix, file:///dir): restore and timeline take it.
+    /// store address (s3://bucket/prefix, file:///dir): restore, timeline and mount take it.
     #[arg(long, value_name = "[NAME=]PATH", value_parser = NamedPath::parse, required = true)]
     pub replica: Vec<NamedPath>,
     /// Its undo log: a directory or store URI (default: <replica>.undo/ beside it).
@@ -89,8 +89,8 @@ impl ReplicaArgs {
     pub async fn open(&self) -> anyhow::Result<Sources> {
         if let Some(uri) = crate::cmd::objrep::object_replica(&self.replica)? {
             bail!(
-                "--replica {uri} is an object replica: restore and timeline take it; this \
-                 command does not yet (restore a point to a file and use that)"
+                "--replica {uri} is an object replica: restore, timeline and mount take it; \
+                 this command does not yet (restore a point to a file and use that)"
             );
         }
         let journal = self.journal.open_for_command().await?;
@@ -353,6 +353,13 @@ pub struct MountArgs {
     /// Found from segment indexes alone: no payload is read.
     #[arg(long, value_name = "TIME|MARK", value_parser = parse_since)]
     pub changes_since: Option<Since>,
+    /// An object replica's mount: the directory its local cache of fetched ranges lives
+    /// under, one subdirectory per mount, removed at stop [default: <tmp>/tinylag-<uid>].
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// An object replica's mount: the cache's hard size cap [default: 1G].
+    #[arg(long, value_name = "SIZE", value_parser = crate::cmd::objrep::parse_cache_size)]
+    pub cache_size: Option<u64>,
 }
 
 /// `--changes-since`: a time, or else a mark's name; and the dirty bitmap's name.
@@ -456,6 +463,15 @@ impl MountArgs {
 
 pub async fn run_mount(args: MountArgs) -> anyhow::Result<()> {
     args.check_frontend()?;
+    if let Some(uri) = crate::cmd::objrep::object_replica(&args.replica.replica)? {
+        return crate::cmd::objrep::run_mount(args, uri).await;
+    }
+    if args.cache_dir.is_some() || args.cache_size.is_some() {
+        bail!(
+            "--cache-dir and --cache-size are for the mount of an object replica (--replica \
+             URI); a file replica is read in place, with no cache"
+        );
+    }
     if args.frontend == Frontend::Ublk {
         let (sources, point) = open_at(&args.replica, &args.point).await?;
         if sources.members.len() > 1 && args.ublk.dev_id.is_some() {

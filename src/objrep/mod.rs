@@ -6,7 +6,8 @@
 //! format an image part), [`manifest`] the replica's identity and its manifest generations
 //! (live layers, images and checkpoints; [`ReplicaManifest::sources`], what holds a point),
 //! [`agent`] follows the journal and commits checkpoints, [`restore`] writes the image as of
-//! a point, [`image`] builds an image window by window, [`compact`] and [`trim`] are the
+//! a point, [`view`] serves a point lazily (`mount --replica URI`) through the bounded local
+//! [`cache`], [`image`] builds an image window by window, [`compact`] and [`trim`] are the
 //! `tinylag replica` jobs that fold layers into images and delete what no retained point
 //! needs.
 //!
@@ -17,6 +18,7 @@
 //! previous manifest generation names.
 
 pub(crate) mod agent;
+pub(crate) mod cache;
 pub(crate) mod compact;
 pub(crate) mod error;
 pub(crate) mod image;
@@ -25,11 +27,14 @@ pub(crate) mod layer;
 pub mod manifest;
 pub(crate) mod restore;
 pub(crate) mod trim;
+pub(crate) mod view;
 
 pub use agent::{ObjectAgent, ObjectAgentConfig};
+pub use cache::DiskCache;
 pub use compact::{compact, CompactConfig, CompactReport};
 pub use error::ObjrepError;
 pub use image::ImageStats;
 pub use manifest::{Checkpoint, ImagePart, ImageRef, LayerRef, ReplicaIdentity, ReplicaManifest};
 pub use restore::{ObjPoint, ObjSources};
 pub use trim::{trim, TrimConfig, TrimReport};
+pub use view::{MountPoint, ObjView, ObjViewSummary};

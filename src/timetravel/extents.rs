@@ -38,15 +38,24 @@ pub(crate) enum Source {
 }
 
 /// Non-overlapping extents `start -> (end, source)`; a byte in none comes from the replica.
+/// The object replica's lazy mount (`objrep::view`) keeps its own kind of source in one.
 ///
 /// # Invariants
 /// Extents do not overlap and are never empty.
-#[derive(Debug, Default)]
-pub(crate) struct ExtentMap {
-    map: BTreeMap<u64, (u64, Source)>,
+#[derive(Debug)]
+pub(crate) struct ExtentMap<S = Source> {
+    map: BTreeMap<u64, (u64, S)>,
 }
 
-impl ExtentMap {
+impl<S> Default for ExtentMap<S> {
+    fn default() -> Self {
+        ExtentMap {
+            map: BTreeMap::new(),
+        }
+    }
+}
+
+impl<S: Clone> ExtentMap<S> {
     pub(crate) fn len(&self) -> usize {
         self.map.len()
     }
@@ -72,7 +81,7 @@ impl ExtentMap {
     }
 
     /// `start..end` comes from `source`, whatever was mapped there (a later record wins).
-    pub(crate) fn overwrite(&mut self, start: u64, end: u64, source: Source) {
+    pub(crate) fn overwrite(&mut self, start: u64, end: u64, source: S) {
         if start >= end {
             return;
         }
@@ -81,7 +90,7 @@ impl ExtentMap {
     }
 
     /// The unmapped parts of `start..end` come from `source` (an earlier record wins).
-    pub(crate) fn fill_gaps(&mut self, start: u64, end: u64, source: Source) {
+    pub(crate) fn fill_gaps(&mut self, start: u64, end: u64, source: S) {
         let gaps: Vec<(u64, u64)> = self
             .pieces(start, end)
             .into_iter()
@@ -94,7 +103,7 @@ impl ExtentMap {
     }
 
     /// `start..end` cut into consecutive pieces with their source (`None`: the replica).
-    pub(crate) fn pieces(&self, start: u64, end: u64) -> Vec<(u64, u64, Option<Source>)> {
+    pub(crate) fn pieces(&self, start: u64, end: u64) -> Vec<(u64, u64, Option<S>)> {
         let mut out = Vec::new();
         let mut at = start;
         let before = self

@@ -148,11 +148,18 @@ impl Mount {
 
     /// `tinylag mount ARGS --listen unix:<new socket in dir>`, once it listens.
     pub fn spawn(args: &[String], dir: &Path) -> Mount {
+        Mount::spawn_env(args, &[], dir)
+    }
+
+    /// [`spawn`](Self::spawn) with `env` set for the child (e.g. an S3 server's
+    /// credentials and endpoint).
+    pub fn spawn_env(args: &[String], env: &[(&'static str, String)], dir: &Path) -> Mount {
         let socket = dir.join(format!("mount-{:x}.sock", now_ns()));
         let mut cmd = tinylag();
         cmd.arg("mount")
             .args(args)
-            .args(["--listen", &format!("unix:{}", s(&socket))]);
+            .args(["--listen", &format!("unix:{}", s(&socket))])
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())));
         let mut guard =
             procs::ChildGuard::spawn_logged("tinylag mount", &mut cmd, &dir.join("mount.log"))
                 .unwrap();
