@@ -319,7 +319,8 @@ pub(crate) async fn plan_restart(
         }
         break;
     }
-    // Holes only sit among the last uploads of writers that died: at most W per writer, and
+    // Holes only sit among the last uploads of writers that died (a writer uploads within a
+    // window of W seqs from its oldest one not durable: journal_writer, rule 2): at most W per writer, and
     // a dead restarted writer adds one more segment. Walk back from the end until 2W
     // consecutive segments exist; no hole can lie before that.
     let mut holes = Vec::new();

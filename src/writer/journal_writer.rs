@@ -28,9 +28,11 @@
 //!
 //! 1. Every seq is created at most once (`If-None-Match: *`, or the local store's exclusive
 //!    link), and a writer that meets a key it did not create stops journaling for good.
-//! 2. Writer E starts the upload of seq `s` only when the coordinator has seen all but at
-//!    most `W - 1` of E's seqs below `s` succeed (at most `W` uploads in flight; a refused
-//!    one stops E before it starts another).
+//! 2. Writer E starts the upload of seq `s` only when every one of E's seqs below
+//!    `s - W + 1` has succeeded (an upload window of `W` seqs from the oldest one not yet
+//!    durable, so at most `W` in flight; a refused one stops E before it starts another).
+//!    A window, not only a count: with a count alone, a stuck upload let seqs far above it
+//!    land, and a writer killed then left a hole deeper than a restart looks.
 //! 3. A starting writer E+1 whose predecessor may still be uploading (its lease is not
 //!    released and its process is not known to be gone: a takeover, a paused or
 //!    partitioned holder; [`lease::predecessor_may_still_write`]) writes its first segment
@@ -286,6 +288,11 @@ pub(super) async fn prepare_claiming(
              the whole device is resynced so every replica converges again"
         );
     }
+    if !abandoning {
+        plan = plug_crash_gaps(store.as_ref(), &manifest, &trim, &known, plan)
+            .await
+            .map_err(fail)?;
+    }
     let abandoned = abandoning.then_some(plan.first_missing);
     let empty = plan.next_seq == trim.first_seq && plan.next_lsn == trim.first_lsn;
     let previous = claim.epoch - 1;
@@ -351,6 +358,55 @@ async fn find_hole(
     };
     let hole = head::hole(store, manifest, lowest, &known).await;
     Ok((known, Some(hole)))
+}
+
+/// `plan` with every crash gap of the previous writer in it. A seq missing at or above the
+/// known end was never durable in order (the previous writer's own gap), and plugging it
+/// loses nothing the journal promised: its records' regions are still in the activity log
+/// and are resynced. The plan looks for gaps only among the last `2W` seqs, which is where a
+/// writer's upload window (rule 2) leaves them; this listing from the known end (W LISTs,
+/// once per start) also finds one deeper, left by a writer older than that window, instead
+/// of taking it for part of the durable prefix.
+async fn plug_crash_gaps(
+    store: &dyn ObjectStore,
+    manifest: &Manifest,
+    trim: &TrimPointer,
+    known: &KnownEnd,
+    plan: RestartPlan,
+) -> Result<RestartPlan, JournalError> {
+    let from = known.seq.max(trim.first_seq);
+    let Some(lowest) = head::lowest_missing(store, manifest, from, plan.first_missing).await?
+    else {
+        return Ok(plan);
+    };
+    let mut holes = Vec::new();
+    for seq in lowest..plan.next_seq {
+        if !head::segment_exists(store, manifest, seq).await? {
+            holes.push(seq);
+        }
+    }
+    let (next_lsn, last_timestamp_ns) = if lowest > trim.first_seq {
+        let index = head::prefix_index(store, manifest, lowest - 1).await?;
+        (index.header.end_lsn(), index.last_timestamp().unwrap_or(0))
+    } else {
+        (trim.first_lsn, 0)
+    };
+    tracing::warn!(
+        journal = %store.describe(),
+        first_missing = lowest,
+        plugs = holes.len(),
+        "the previous writer left a gap below its last uploads; its records from there on \
+         were never durable in order and are plugged (their regions are resynced)"
+    );
+    Ok(RestartPlan {
+        first_missing: lowest,
+        last_orphan: (lowest < plan.next_seq).then(|| plan.next_seq - 1),
+        holes,
+        next_seq: plan.next_seq,
+        next_lsn,
+        // Timestamps never go below any record written, plugged ones included.
+        last_timestamp_ns: last_timestamp_ns.max(plan.last_timestamp_ns),
+    })
 }
 
 /// `plan` redone so that everything from the lowest missing seq on is abandoned: the new
@@ -691,6 +747,21 @@ impl Task {
     fn start_uploads(&mut self) {
         while !self.stopped.load(Ordering::Acquire) && self.uploads.len() < self.config.max_uploads
         {
+            let Some(&(seq, _)) = self.ready.front() else {
+                break;
+            };
+            // The upload window, not only the count in flight: no seq starts `max_uploads` or
+            // more past the oldest one not yet durable. A stuck upload then holds back what
+            // follows it, so a writer that dies leaves its holes among its last `W` seqs,
+            // where `head::plan_restart` looks for them; a count alone let later seqs land
+            // far above a stuck one, and a restart took that deep hole for durable prefix.
+            if self
+                .pending
+                .first_key_value()
+                .is_some_and(|(&oldest, _)| seq >= oldest + self.config.max_uploads as u64)
+            {
+                break;
+            }
             let Some((seq, bytes)) = self.ready.pop_front() else {
                 break;
             };

@@ -239,6 +239,110 @@ async fn durable_lsn_only_covers_the_gap_free_prefix() {
     assert_eq!(read_all(store, &m).await.len() as u64, last);
 }
 
+/// One upload that keeps failing (a stuck or slow PUT) holds back every seq past the upload
+/// window: later segments may land, but only within `max_uploads` seqs of it. A writer killed
+/// now leaves its holes among its last `W` seqs, where a restart's plan looks for them
+/// (`head::plan_restart`). Bounding only the number in flight let seqs far above a stuck
+/// one land, and the restart then took the deep hole for part of the durable prefix.
+#[tokio::test]
+async fn a_stuck_upload_holds_later_seqs_within_the_upload_window() {
+    let flaky = Arc::new(FlakyStore::new(Arc::new(MemoryStore::new())));
+    let store: Arc<dyn ObjectStore> = flaky.clone();
+    let m = manifest();
+    m.create(store.as_ref()).await.unwrap();
+    let shared = shared();
+    let w = start(store.clone(), &m, &shared).await;
+    // The first segment was seq 0; seq 1 keeps failing (transient: retried until it lands).
+    flaky.fail_prefix(&m.segment_key(1), FailureKind::Transient);
+    // Enough for ~15 segments of 64 KiB.
+    let ops = (0..240u64)
+        .map(|i| Op::Write {
+            offset: i * 4096,
+            data: noise(i, 4096),
+        })
+        .collect();
+    let last = send(&w, &shared, ops);
+    let window = config().max_uploads as u64;
+    // Seq 0 and seqs 2..=window land (seq 1 holds one of the `window` slots).
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while w.stats.segments_uploaded.load(Ordering::Acquire) < window {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+    // Time for uploads past the window to land, if the writer started them.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for seq in 1 + window..=15 {
+        let key = m.segment_key(seq);
+        assert!(
+            flaky.inner().head(&key).await.is_err(),
+            "seq {seq} landed while seq 1 was still missing: the hole is {} seqs below it",
+            seq - 1
+        );
+    }
+    flaky.clear_prefix();
+    wait_durable(&w, last).await;
+    w.intake.close();
+    w.task.await.unwrap();
+    assert_eq!(read_all(store, &m).await.len() as u64, last);
+}
+
+/// A crash gap deeper than the plan's look near the end (an older writer without the upload
+/// window, or a stuck upload when it died) is still the previous writer's own when it lies
+/// at or above the known end: the restart plugs it and continues the prefix before it,
+/// instead of taking the gap for part of the durable prefix (silent loss for every reader).
+#[tokio::test]
+async fn a_restart_plugs_a_crash_gap_deeper_than_the_last_uploads() {
+    let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+    let m = manifest();
+    m.create(store.as_ref()).await.unwrap();
+    let shared1 = shared();
+    let w1 = start(store.clone(), &m, &shared1).await;
+    // Each 70 KB write fills a 64 KiB segment alone: seq 1, then seqs 2..=12.
+    let big = |i: u64| Op::Write {
+        offset: i * 65536,
+        data: noise(i, 70_000),
+    };
+    let l1 = send(&w1, &shared1, vec![big(0)]);
+    let last = send(&w1, &shared1, (1..=11).map(big).collect());
+    wait_durable(&w1, last).await;
+    w1.task.abort(); // the writer "dies"
+                     // Seq 2 never landed; 10 seqs past it did (more than the plan's 2W look-back).
+    store.delete_many(&[m.segment_key(2)]).await.unwrap();
+
+    let prepared = prepare(store.clone(), m.clone(), &SystemClock, false)
+        .await
+        .unwrap();
+    assert_eq!(prepared.plan.holes, vec![2]);
+    assert_eq!(prepared.plan.next_seq, 13);
+    assert_eq!(
+        prepared.plan.next_lsn,
+        l1 + 1,
+        "the prefix ends before the gap"
+    );
+    let shared2 = shared();
+    let w2 = prepared
+        .start(Arc::new(SystemClock), config(), shared2.clone(), true)
+        .await
+        .unwrap();
+    let l2 = send(&w2, &shared2, vec![write(0, 4096, 7)]);
+    w2.intake.close();
+    w2.task.await.unwrap();
+    let records = read_all(store.clone(), &m).await;
+    assert_eq!(
+        records.len() as u64,
+        l2,
+        "gap-free LSNs to the new writer's last"
+    );
+    let kinds: Vec<_> = records.iter().map(|r| r.kind().name()).collect();
+    assert_eq!(
+        kinds,
+        vec!["EPOCH", "WRITE", "EPOCH", "RESYNC_BEGIN", "WRITE"],
+        "the orphans past the gap are skipped"
+    );
+}
+
 /// A create whose answer is lost is retried; the retry meets our own object and accepts it.
 #[tokio::test]
 async fn an_ambiguous_create_is_recognised_as_ours() {
