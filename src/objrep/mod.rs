@@ -6,9 +6,9 @@
 //! format an image part), [`manifest`] the replica's identity and its manifest generations
 //! (live layers, images and checkpoints; [`ReplicaManifest::sources`], what holds a point),
 //! [`agent`] follows the journal and commits checkpoints, [`restore`] writes the image as of
-//! a point, [`image`] builds an image window by window, [`compact`] and [`trim`] are the
-//! `tinylag replica` jobs that fold layers into images and delete what no retained point
-//! needs.
+//! a point ([`materialize`]: onto the local file or device a `promote` makes the primary),
+//! [`image`] builds an image window by window, [`compact`] and [`trim`] are the `tinylag
+//! replica` jobs that fold layers into images and delete what no retained point needs.
 //!
 //! Must never: rewrite an object (every key is created once, by conditional create); commit
 //! a manifest before every layer it names is durable, or a consumer position before the
@@ -23,6 +23,7 @@ pub(crate) mod image;
 pub(crate) mod layer;
 // pub: a namespace (`manifest::load_latest`); hoisted, it would read as the journal manifest's.
 pub mod manifest;
+pub(crate) mod materialize;
 pub(crate) mod restore;
 pub(crate) mod trim;
 
@@ -31,5 +32,6 @@ pub use compact::{compact, CompactConfig, CompactReport};
 pub use error::ObjrepError;
 pub use image::ImageStats;
 pub use manifest::{Checkpoint, ImagePart, ImageRef, LayerRef, ReplicaIdentity, ReplicaManifest};
+pub use materialize::{MaterializeTarget, Materialized};
 pub use restore::{ObjPoint, ObjSources};
 pub use trim::{trim, TrimConfig, TrimReport};
