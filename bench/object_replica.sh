@@ -18,6 +18,15 @@
 #
 # Counts, not timings: the debug build is the default (CARGO_PROFILE=release for release).
 # Environment: BENCH_DIR (scratch, default target/bench-objrep), IDLE_SCALE (default 60).
+#
+#   CARGO_PROFILE=release bench/object_replica.sh promote
+#
+# runs only the failover measurement: PROMOTE_SIZE (1G) of incompressible data written
+# through `serve` (nbdcopy), demoted, followed by an object replica (`file://`) and a file
+# replica; then RUNS (3) interleaved runs of `cp --sparse=always` of the file replica against
+# `promote --force --replica file://… --image OUT` until it serves (its own "materialised …
+# in N s" line is the part an object replica adds), page cache dropped before each when run
+# as root; medians. Each promote is stopped with SIGTERM and its image compared.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,6 +44,63 @@ command -v python3 >/dev/null || { echo "bench/object_replica.sh needs python3" 
 cargo build --quiet --profile "$PROFILE" --example objrep_bill --bin tinylag
 bin=$TARGET/$sub/examples/objrep_bill
 tl=$TARGET/$sub/tinylag
+drop() { [[ $(id -u) == 0 ]] && sync && echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true; }
+
+if [[ ${1:-} == promote ]]; then
+    . bench/lib.sh
+    TINYLAG=$tl
+    trap kill_pids EXIT
+    P=$DIR/promote
+    rm -rf "$P" && mkdir -p "$P"
+    SIZE=${PROMOTE_SIZE:-1G}
+    echo "load before: $(uptime)" >&2
+    "$tl" init --journal "$P/journal" --size "$SIZE" --primary "$P/a.img" >/dev/null
+    head -c "$SIZE" /dev/urandom >"$P/data"
+    "$tl" serve --primary "$P/a.img" --journal "$P/journal" >"$P/serve.log" 2>&1 &
+    PIDS+=($!)
+    wait_ctl "$P/a.img.ctl"
+    nbdcopy "$P/data" "nbd+unix:///?socket=$P/a.img.sock"
+    "$tl" demote --control "$P/a.img.ctl" >/dev/null
+    stop "${PIDS[0]}"
+    PIDS=()
+    rm -f "$P/data"
+    "$tl" replay --journal "$P/journal" --replica "file://$P/obj" --name obj --once >/dev/null 2>&1
+    "$tl" replay --journal "$P/journal" --replica "$P/file.img" --name file --no-undo --once >/dev/null 2>&1
+    : >"$P/times"
+    for i in $(seq 1 "${RUNS:-3}"); do
+        rm -f "$P/out.img" "$P/cp.img"
+        drop
+        t0=$(now)
+        cp --sparse=always "$P/file.img" "$P/cp.img"
+        echo "cp $(elapsed "$t0" "$(now)")" >>"$P/times"
+        drop
+        t0=$(now)
+        "$tl" promote --force --replica "file://$P/obj" --image "$P/out.img" --journal "$P/journal" \
+            --name "run$i" >"$P/promote$i.log" 2>&1 &
+        pid=$!
+        PIDS=("$pid")
+        wait_until "promote run $i to serve" 300 grep -q "promoted at LSN" "$P/promote$i.log"
+        echo "promote $(elapsed "$t0" "$(now)")" >>"$P/times"
+        sed -n 's/.*materialised .* in \([0-9.]*\)s:.*/materialise \1/p' "$P/promote$i.log" >>"$P/times"
+        stop "$pid"
+        PIDS=()
+        cmp "$P/out.img" "$P/file.img" || { echo "the promoted image differs" >&2; exit 1; }
+    done
+    rm -f "$P/out.img" "$P/cp.img"
+    echo "load after: $(uptime)" >&2
+    python3 - "$P/times" "$SIZE" <<'PY'
+import statistics, sys
+t = {}
+for line in open(sys.argv[1]):
+    k, v = line.split()
+    t.setdefault(k, []).append(float(v))
+m = {k: statistics.median(v) for k, v in t.items()}
+print(f"promote of {sys.argv[2]} from an object replica (medians of {len(t['cp'])} interleaved runs, s): "
+      f"cp --sparse=always of a file replica {m['cp']:.2f}; promote --force until serving "
+      f"{m['promote']:.2f}, of which materialising the image {m['materialise']:.2f}")
+PY
+    exit 0
+fi
 echo "load before: $(uptime)" >&2
 "$bin" rand4k "$TOTAL" "$RATE" >"$DIR/rand4k.json"
 "$bin" seq1m "$TOTAL" "$RATE" >"$DIR/seq1m.json"
@@ -50,7 +116,6 @@ rm -rf "$R" && mkdir -p "$R"
 "$tl" replica compact --journal "$R/journal" --replica "file://$R/image" >/dev/null
 "$tl" replay --journal "$R/journal" --replica "$R/file.img" --name file --no-undo --once >/dev/null 2>&1
 at="@$(date +%s)"
-drop() { [[ $(id -u) == 0 ]] && sync && echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true; }
 timed() { local t0 t1; drop; t0=$(date +%s.%N); "$@" >/dev/null; t1=$(date +%s.%N); echo "$t1 - $t0" | bc; }
 for i in $(seq 1 "${RUNS:-3}"); do
     rm -f "$R/out.img" "$R/cp.img"

@@ -305,3 +305,300 @@ fn racing_promotes_have_one_winner_and_a_fenced_writer_cannot_demote() {
     assert!(!ok && text.contains("not permitted"), "{text}");
     assert_eq!(fenced.status()["mode"], "fenced");
 }
+
+/// Failover from an object replica (no standby disk): A serves and an object replica follows
+/// it; A demotes; `promote --replica URI --image PATH` is killed with -9 while it writes the
+/// image (at random moments, several times: only `<image>.materializing` is left, nothing is
+/// claimed), then run whole: it serves epoch 2 on the image, equal to A at its DEMOTE, takes
+/// writes, and both a fresh replay of the journal and the object replica's own agent follow
+/// them. The refusals change nothing.
+#[test]
+fn promote_from_an_object_replica_materialises_the_image_and_the_new_epoch_is_followed() {
+    use rand::{Rng, SeedableRng};
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("journal");
+    let journal = path(&journal).to_string();
+    let a = dir.path().join("a.img");
+    init(&journal, &a, "256M", &[], &[]);
+    let mut primary = Daemon::start(&a, &journal, &[], &[]);
+    let objrep = format!("file://{}", dir.path().join("objrep").display());
+    let object_replay = [
+        "replay",
+        "--journal",
+        &journal,
+        "--replica",
+        &objrep,
+        "--name",
+        "objrep",
+        "--once",
+    ]
+    .map(String::from);
+    // Enough data that writing the image takes a while (the kills must land inside it); a
+    // checkpoint; then changes only the journal holds (the promote applies them).
+    support::nbd::qemu_io_ok(
+        &primary.uri(),
+        &[
+            "write -P 1 0 120M",
+            "write -P 2 128M 64M",
+            "write -P 5 250M 4k",
+        ],
+    );
+    run_ok(&object_replay);
+    support::nbd::qemu_io_ok(
+        &primary.uri(),
+        &["write -P 3 4M 4M", "write -z 8M 1M", "discard 130M 1M"],
+    );
+    let done = demote(&primary.control);
+    let lsn = done["lsn"].as_u64().unwrap();
+    primary.stop_ok();
+    let epochs = || {
+        std::fs::read_dir(dir.path().join("journal/epochs"))
+            .unwrap()
+            .count()
+    };
+    assert_eq!(epochs(), 1);
+
+    let b = dir.path().join("b.img");
+    let partial = dir.path().join("b.img.materializing");
+    let promote_args: Vec<String> = [
+        "promote",
+        "--replica",
+        &objrep,
+        "--image",
+        path(&b),
+        "--journal",
+        &journal,
+        "--name",
+        "siteb",
+    ]
+    .map(String::from)
+    .to_vec();
+
+    // Refused in one line, nothing changed: no --image; an --image holding data.
+    for (extra, needle) in [(None, "--image PATH"), (Some(path(&a)), "holds")] {
+        let mut args: Vec<&str> = vec!["promote", "--replica", &objrep, "--journal", &journal];
+        args.extend(["--name", "siteb"]);
+        if let Some(image) = extra {
+            args.extend(["--image", image]);
+        }
+        let out = tinylag(&args, &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(needle),
+            "{args:?}: {err}"
+        );
+        // One error line (a usage error adds clap's pointer to --help).
+        assert_eq!(
+            err.lines().filter(|l| l.contains("error")).count(),
+            1,
+            "{err}"
+        );
+        assert_eq!(epochs(), 1, "a refused promote claimed");
+        assert!(!b.exists() && !partial.exists());
+    }
+
+    // Killed while the image is written: the rerun redoes it.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(24);
+    for kill in 0..3 {
+        let mut cmd = Command::new(support::daemon::tinylag_bin());
+        cmd.args(&promote_args).env("TINYLAG_LOG", "warn");
+        let log = dir.path().join(format!("promote-killed{kill}.log"));
+        let mut child = ChildGuard::spawn_logged("promote", &mut cmd, &log).unwrap();
+        wait_for(
+            "the image to be written",
+            Duration::from_secs(60),
+            || match (partial.exists(), child.exited()) {
+                (true, _) => Ok(()),
+                (false, Some(status)) => {
+                    panic!("promote exited ({status}): {}", child.log_tail(4096))
+                }
+                (false, None) => Err("no partial image yet".to_string()),
+            },
+        );
+        // The random moment inside the write (not a wait for a condition).
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..60)));
+        child.child_mut().kill().unwrap();
+        child.child_mut().wait().unwrap();
+        let said = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            !said.contains("materialised "),
+            "kill {kill} came after the image was whole; make the image bigger: {said}"
+        );
+        assert!(
+            !b.exists(),
+            "kill {kill}: a partial image under the target's name"
+        );
+        assert_eq!(
+            epochs(),
+            1,
+            "kill {kill}: claimed before the image was whole"
+        );
+    }
+
+    let mut promoted = Daemon::start_args(&b, None, &promote_args, &[]);
+    promoted.wait_log(Duration::from_secs(120), &format!("promoted at LSN {lsn}:"));
+    let log = promoted.log_tail();
+    assert!(
+        log.contains("materialised ") && log.contains("stays a replica"),
+        "{log}"
+    );
+    assert!(!partial.exists());
+    assert_zero_resync(&promoted);
+    assert!(
+        files_equal(&a, &b),
+        "the image differs from A at its DEMOTE"
+    );
+    // Sparse: the never-written ranges hold no blocks.
+    let allocated = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&b).unwrap()) * 512;
+    assert!(
+        allocated < 200 << 20,
+        "{allocated} bytes allocated for 188 MiB of data"
+    );
+
+    // The new primary takes writes; a mark names the point.
+    support::nbd::qemu_io_ok(
+        &promoted.uri(),
+        &["write -P 9 1M 2M", "write -P 8 200M 64k"],
+    );
+    tinylag_ok(
+        &["mark", "--control", path(&promoted.control), "after"],
+        &[],
+    );
+    promoted.stop_ok();
+    verify_journal(&journal);
+    // A fresh replay of the whole chain equals B.
+    let check = dir.path().join("check.img");
+    let mut args = replay_args(&journal, &check, "check");
+    args.push("--once".into());
+    run_ok(&args);
+    assert!(
+        files_equal(&b, &check),
+        "a replay of the chain differs from B"
+    );
+    // The object replica's agent follows epoch 2 from its checkpoint.
+    run_ok(&object_replay);
+    let out = dir.path().join("restored.img");
+    tinylag_ok(
+        &[
+            "restore",
+            "--journal",
+            &journal,
+            "--replica",
+            &objrep,
+            "--mark",
+            "after",
+            "--output",
+            path(&out),
+        ],
+        &[],
+    );
+    assert!(
+        files_equal(&b, &out),
+        "the object replica did not follow the new epoch"
+    );
+}
+
+/// The other two ways to promote from an object replica. `--force` after kill -9 of the
+/// primary: the image is the newest checkpoint plus everything the journal holds after it
+/// (equal to a fresh replay of the journal's head). `--mark` (with `--force`): the image is
+/// the primary as it was at the mark, the later records are kept as a branch, and the object
+/// replica's agent, whose checkpoint lies past the fork, stops naming it rather than follow.
+#[test]
+fn promote_from_an_object_replica_with_force_or_at_a_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    for at_mark in [false, true] {
+        let sub = dir.path().join(if at_mark { "mark" } else { "force" });
+        std::fs::create_dir(&sub).unwrap();
+        let journal = sub.join("journal");
+        let journal = path(&journal).to_string();
+        let a = sub.join("a.img");
+        init(&journal, &a, "64M", &[], &[]);
+        let mut primary = Daemon::start(&a, &journal, &[], &[]);
+        let objrep = format!("file://{}", sub.join("objrep").display());
+        let object_replay = [
+            "replay",
+            "--journal",
+            &journal,
+            "--replica",
+            &objrep,
+            "--name",
+            "objrep",
+            "--once",
+        ]
+        .map(String::from);
+        support::nbd::qemu_io_ok(&primary.uri(), &["write -P 1 0 16M", "write -P 2 32M 8M"]);
+        tinylag_ok(&["mark", "--control", path(&primary.control), "m1"], &[]);
+        let at_m1 = sub.join("at-m1.img");
+        std::fs::copy(&a, &at_m1).unwrap();
+        let durable = |primary: &Daemon| {
+            primary.wait_status(Duration::from_secs(60), "everything durable", |s| {
+                s["durable_lsn"] == s["head_lsn"]
+            })
+        };
+        // The object replica's checkpoint lies past the mark.
+        support::nbd::qemu_io_ok(&primary.uri(), &["write -P 3 4M 8M", "discard 32M 1M"]);
+        durable(&primary);
+        run_ok(&object_replay);
+        support::nbd::qemu_io_ok(&primary.uri(), &["write -P 4 48M 2M"]);
+        durable(&primary);
+        primary.kill9();
+        // The journal's head, as a fresh replay has it.
+        let head = sub.join("head.img");
+        let mut args = replay_args(&journal, &head, "head");
+        args.push("--once".into());
+        run_ok(&args);
+
+        let b = sub.join("b.img");
+        let mut promote_args: Vec<String> = [
+            "promote",
+            "--replica",
+            &objrep,
+            "--image",
+            path(&b),
+            "--journal",
+            &journal,
+            "--name",
+            "siteb",
+            "--force",
+        ]
+        .map(String::from)
+        .to_vec();
+        if at_mark {
+            promote_args.extend(["--mark".into(), "m1".into()]);
+        }
+        let mut promoted = Daemon::start_args(&b, None, &promote_args, &[]);
+        promoted.wait_log(Duration::from_secs(60), "promoted at LSN");
+        assert_eq!(promoted.status()["epoch"], 2);
+        let want = if at_mark { &at_m1 } else { &head };
+        assert!(
+            files_equal(&b, want),
+            "at_mark {at_mark}: the image differs"
+        );
+        support::nbd::qemu_io_ok(&promoted.uri(), &["write -P 9 1M 1M"]);
+        promoted.stop_ok();
+        verify_journal(&journal);
+        let check = sub.join("check.img");
+        let mut args = replay_args(&journal, &check, "check");
+        args.push("--once".into());
+        run_ok(&args);
+        assert!(
+            files_equal(&b, &check),
+            "at_mark {at_mark}: a replay of the chain differs"
+        );
+        let followed = support::replay::run(&object_replay);
+        if at_mark {
+            assert!(sub.join("journal/branches/before-e2").exists(), "no branch");
+            let err = String::from_utf8_lossy(&followed.stderr);
+            assert!(
+                !followed.status.success() && err.contains("forked the journal"),
+                "{err}"
+            );
+        } else {
+            assert!(
+                followed.status.success(),
+                "{}",
+                String::from_utf8_lossy(&followed.stderr)
+            );
+        }
+    }
+}

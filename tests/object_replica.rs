@@ -1,6 +1,6 @@
 //! The object replica (issue 24), through the real binary: `replay --replica URI` keeps the
-//! replica as layers and checkpoints in a store; `restore --replica URI` of every mark
-//! equals the journal's own image there (the oracle); a kill -9 at random moments leaves a
+//! replica as layers and checkpoints in a store (a directory, s3s-fs, moto); `restore
+//! --replica URI` of every mark equals the journal's own image there (the oracle); a kill -9 at random moments leaves a
 //! replica that restores to its last checkpoint exactly, from its layers alone; a corrupt or
 //! missing layer is named and nothing else is touched.
 
@@ -280,7 +280,23 @@ async fn every_mark_restores_from_an_object_replica_in_a_local_store() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_mark_restores_from_an_object_replica_on_s3s_fs() {
-    let Some(s3) = S3Server::start(S3ServerKind::S3sFs).await else {
+    marks_scenario_on(S3ServerKind::S3sFs).await;
+}
+
+/// moto (5.x) has every request the object replica makes: conditional create (`If-None-Match:
+/// *` on PUT, answered 412 when the key exists), ranged GET, LIST with a prefix and
+/// DeleteObjects. It checks the condition and then writes without a lock (as s3s-fs does), so
+/// two creates racing on one key could both succeed there, never on S3; the scenario has one
+/// writer per key at a time, so it does not depend on that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_mark_restores_from_an_object_replica_on_moto() {
+    marks_scenario_on(S3ServerKind::Moto).await;
+}
+
+/// [`marks_scenario`] with the replica on a local S3 server of `kind` (the journal stays in a
+/// directory).
+async fn marks_scenario_on(kind: S3ServerKind) {
+    let Some(s3) = S3Server::start(kind).await else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

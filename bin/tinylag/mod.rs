@@ -51,6 +51,7 @@ pub mod objrep;
 pub mod output;
 pub mod promote;
 pub mod promote_at;
+pub mod promote_obj;
 pub mod rejoin;
 pub mod replay;
 pub mod serve;

@@ -22,6 +22,8 @@
 //! - `--at TIME|--mark NAME` (`promote_at.rs`): a past point X becomes the new chain's
 //!   start: the replica is wound back to X through its undo log, the old epoch's records
 //!   after X are kept as a branch, and the claim commits to the fork X.
+//! - `--replica s3://… --image PATH` (`promote_obj.rs`): an object replica's image is
+//!   written onto a local file or block device first, which then becomes the primary.
 //!
 //! Must never: claim an epoch other than the one after the epoch it checked; start serving
 //! a replica that does not hold the journal through the planned end; change anything when
@@ -46,7 +48,8 @@ use crate::cmd::serve::{self, PromoteStart, ServeArgs};
 
 #[derive(Debug, Args)]
 pub struct PromoteArgs {
-    /// The consumer name the replica's agent replays as; its entry ends once serving.
+    /// The consumer name the replica's agent replays as; its entry ends once serving. (With
+    /// an object replica, only the new primary's site name: its consumer stays.)
     #[arg(long, value_name = "NAME")]
     pub name: String,
     /// The old primary is gone (or will be fenced): promote without its DEMOTE or a
@@ -64,6 +67,11 @@ pub struct PromoteArgs {
     /// The name of the branch --at/--mark leaves (default: before-e<the new epoch>).
     #[arg(long, value_name = "NAME")]
     pub branch_name: Option<String>,
+    /// With an object replica (--replica s3://…): the local file or block device its image
+    /// is written onto first (sparse; a new or empty file, or a block device not in use),
+    /// which then becomes the primary. The object replica stays a replica of the chain.
+    #[arg(long, value_name = "PATH")]
+    pub image: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub serve: ServeArgs,
 }
@@ -73,7 +81,7 @@ pub(crate) struct ReplicaCatchUp {
     pub(crate) args: ReplayArgs,
     pub(crate) journal: Arc<dyn ObjectStore>,
     /// The last LSN the replica holds, as far as this promote knows.
-    pub(crate) applied: Mutex<u64>,
+    pub(crate) applied: Arc<Mutex<u64>>,
 }
 
 impl ReplicaCatchUp {
@@ -182,6 +190,24 @@ pub async fn run(args: PromoteArgs) -> anyhow::Result<()> {
     let Some(uri) = &args.serve.journal else {
         bail!("promote needs --journal");
     };
+    // An object replica is promoted onto the local image --image names; a file replica in
+    // place. Checked before anything is opened.
+    let object = crate::cmd::objrep::object_replica(&args.serve.primary)?;
+    match (&object, &args.image) {
+        (None, Some(_)) => {
+            return Err(crate::cmd::args::usage(
+                "--image is for an object replica (--replica s3://…); a file replica is \
+                 promoted in place",
+            ))
+        }
+        (Some(replica), None) => {
+            return Err(crate::cmd::args::usage(format!(
+                "--replica {replica} is an object replica: name the local file or block device \
+                 its image is written onto, which becomes the primary, with --image PATH"
+            )))
+        }
+        _ => {}
+    }
     let store = open_store(uri, &args.serve.s3.options()).await?;
     let manifest = Manifest::load(store.as_ref()).await?;
     let Some(current) = epoch::current_epoch(store.as_ref()).await? else {
@@ -192,6 +218,12 @@ pub async fn run(args: PromoteArgs) -> anyhow::Result<()> {
         );
     };
     if args.at.is_some() || args.mark.is_some() {
+        if let Some(replica) = object {
+            return crate::cmd::promote_obj::run(
+                args, replica, store, manifest, current, None, started,
+            )
+            .await;
+        }
         return crate::cmd::promote_at::run(args, store, manifest, current, started).await;
     }
     if args.branch_name.is_some() {
@@ -229,10 +261,16 @@ pub async fn run(args: PromoteArgs) -> anyhow::Result<()> {
             ),
         }
     };
+    if let Some(replica) = object {
+        return crate::cmd::promote_obj::run(
+            args, replica, store, manifest, current, demote, started,
+        )
+        .await;
+    }
     let catch_up = Arc::new(ReplicaCatchUp {
         args: replay_args(&args)?,
         journal: store.clone(),
-        applied: Mutex::new(0),
+        applied: Arc::new(Mutex::new(0)),
     });
     let applied = catch_up.run_once().await?;
     if let Some((lsn, _)) = demote {
@@ -259,24 +297,37 @@ pub async fn run(args: PromoteArgs) -> anyhow::Result<()> {
             owner: String::new(),
             fork: None,
         },
-        catch_up,
+        catch_up.applied.clone(),
         core_catch_up,
+        Promoted::FileReplica,
         (started, caught_up),
     )
     .await
 }
 
+/// What became of the replica that was promoted, once serving.
+pub(crate) enum Promoted {
+    /// The replica's image is the primary now: its consumer entry ends and its undo log (which
+    /// can no longer wind a primary back) is moved aside.
+    FileReplica,
+    /// An object replica (its address) whose image was copied out: it stays a replica of the
+    /// chain, its consumer registered (its agent follows the new primary).
+    ObjectReplica(String),
+}
+
 /// Starts `serve` on the replica as the primary of epoch `current + 1`, claimed with
-/// `claim` (its owner is `--name`); once serving, the consumer entry ends and its undo log
-/// is moved aside. `catch_up.applied` is the LSN reported; `core_catch_up` is what the
-/// core asks to hold the journal through its planned end.
+/// `claim` (its owner is `--name`); once serving, the replica is dealt with as `promoted`
+/// says. `applied` is the LSN reported; `core_catch_up` is what the core asks to hold the
+/// journal through its planned end.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn start_serving(
     args: PromoteArgs,
     store: Arc<dyn ObjectStore>,
     current: u64,
     mut claim: ClaimBasis,
-    catch_up: Arc<ReplicaCatchUp>,
+    applied: Arc<Mutex<u64>>,
     core_catch_up: Arc<dyn CatchUp>,
+    promoted: Promoted,
     (started, caught_up): (Instant, std::time::Duration),
 ) -> anyhow::Result<()> {
     let reason = claim.reason;
@@ -284,10 +335,26 @@ pub(crate) async fn start_serving(
     let name = args.name.clone();
     let replica = args.serve.first_primary().to_path_buf();
     let hook_store = store.clone();
-    let hook_catch_up = catch_up.clone();
     let serving: serve::ServingHook = Box::new(move |core| {
         Box::pin(async move {
-            let lsn = *hook_catch_up.applied.lock().await;
+            let lsn = *applied.lock().await;
+            let epoch = core.epoch().unwrap_or(0);
+            let report = |ended: &str| {
+                format!(
+                    "promoted at LSN {lsn}: epoch {epoch} ({}) serving after {:.2}s (replica \
+                     caught up in {:.2}s); {ended}",
+                    reason.name(),
+                    started.elapsed().as_secs_f64(),
+                    caught_up.as_secs_f64(),
+                )
+            };
+            if let Promoted::ObjectReplica(uri) = &promoted {
+                tell(report(&format!(
+                    "object replica {uri} stays a replica of the chain (its agent follows \
+                     epoch {epoch})"
+                )));
+                return;
+            }
             match consumer::unregister(hook_store.as_ref(), &name).await {
                 Ok(()) => {}
                 Err(e) => tracing::warn!(
@@ -316,14 +383,7 @@ pub(crate) async fn start_serving(
                     Err(e) => tracing::warn!(error = %e, "cannot move the undo log aside"),
                 }
             }
-            tell(format!(
-                "promoted at LSN {lsn}: epoch {} ({}) serving after {:.2}s (replica caught up \
-                 in {:.2}s); consumer {name} ended",
-                core.epoch().unwrap_or(0),
-                reason.name(),
-                started.elapsed().as_secs_f64(),
-                caught_up.as_secs_f64(),
-            ));
+            tell(report(&format!("consumer {name} ended")));
         })
     });
     let promote = PromoteStart {

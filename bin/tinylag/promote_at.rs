@@ -38,14 +38,14 @@ use tinylag::writer::CatchUp;
 use tokio::sync::Mutex;
 
 use crate::cmd::output::tell;
-use crate::cmd::promote::{replay_args, start_serving, PromoteArgs, ReplicaCatchUp};
+use crate::cmd::promote::{replay_args, start_serving, PromoteArgs, Promoted, ReplicaCatchUp};
 use crate::cmd::replay;
 
 /// The catch-up the core asks once it has planned: the replica holds the new chain through
 /// any end at or past the fork, because every record after the fork up to the new epoch's
 /// first is off the chain (the claim committed to that).
-struct AtFork {
-    fork: u64,
+pub(crate) struct AtFork {
+    pub(crate) fork: u64,
 }
 
 #[async_trait::async_trait]
@@ -68,35 +68,12 @@ pub async fn run(
     current: u64,
     started: Instant,
 ) -> anyhow::Result<()> {
-    if !args.force {
-        match lease::read(store.as_ref(), current).await? {
-            Some(l) if l.released => {}
-            Some(l) => bail!(
-                "the primary of epoch {current} (pid {} on {}) has not released its lease; \
-                 nothing changed. Demote or stop it first, or add --force to fence it (what it \
-                 writes meanwhile is off the new chain)",
-                l.pid,
-                l.host
-            ),
-            None => {}
-        }
-    }
+    let name = check_fork(&args, store.as_ref(), current).await?;
     let new_epoch = current + 1;
-    let name = args
-        .branch_name
-        .clone()
-        .unwrap_or_else(|| format!("before-e{new_epoch}"));
-    if chain::list_branches(store.as_ref())
-        .await?
-        .iter()
-        .any(|b| b.name == name)
-    {
-        bail!("a branch named {name} exists already; nothing changed; choose --branch-name");
-    }
     let catch_up = Arc::new(ReplicaCatchUp {
         args: replay_args(&args)?,
         journal: store.clone(),
-        applied: Mutex::new(0),
+        applied: Arc::new(Mutex::new(0)),
     });
     catch_up.run_once().await?;
 
@@ -151,29 +128,7 @@ pub async fn run(
     ));
 
     // The old epoch's records after X: a branch, named before the claim.
-    let (_, plan) =
-        tinylag::journal::plan_restart_from_trim_pointer(store.as_ref(), &manifest).await?;
-    let end_lsn = plan.next_lsn.saturating_sub(1);
-    if end_lsn > point.lsn {
-        let branch = Branch {
-            name: name.clone(),
-            forked_by: new_epoch,
-            from_lsn: point.lsn + 1,
-            to_lsn: end_lsn,
-            first_seq: resume_seq,
-            last_seq: plan.next_seq.saturating_sub(1),
-            created_at_ns: SystemClock.now_ns(),
-        };
-        chain::create_branch(store.as_ref(), &branch)
-            .await
-            .with_context(|| format!("cannot create branch {name}"))?;
-        tell(format!(
-            "branch {name}: LSNs {}..={end_lsn} (seqs {}..={}) are kept off the chain; \
-             `tinylag restore --branch {name}` reads them, `journal trim --drop-branch {name}` \
-             lets them go",
-            branch.from_lsn, branch.first_seq, branch.last_seq
-        ));
-    }
+    name_branch(&store, &manifest, &name, new_epoch, point.lsn, resume_seq).await?;
     let caught_up = started.elapsed();
     start_serving(
         args,
@@ -187,9 +142,83 @@ pub async fn run(
                 lsn: point.lsn,
             }),
         },
-        catch_up,
+        catch_up.applied.clone(),
         Arc::new(AtFork { fork: point.lsn }),
+        Promoted::FileReplica,
         (started, caught_up),
     )
     .await
+}
+
+/// The checks of `--at|--mark` before anything changes: without `--force` the old primary's
+/// lease must be released (a live one would keep writing to what becomes the branch), and
+/// the branch name must be free. Returns the branch's name.
+pub(crate) async fn check_fork(
+    args: &PromoteArgs,
+    store: &dyn ObjectStore,
+    current: u64,
+) -> anyhow::Result<String> {
+    if !args.force {
+        match lease::read(store, current).await? {
+            Some(l) if l.released => {}
+            Some(l) => bail!(
+                "the primary of epoch {current} (pid {} on {}) has not released its lease; \
+                 nothing changed. Demote or stop it first, or add --force to fence it (what it \
+                 writes meanwhile is off the new chain)",
+                l.pid,
+                l.host
+            ),
+            None => {}
+        }
+    }
+    let name = args
+        .branch_name
+        .clone()
+        .unwrap_or_else(|| format!("before-e{}", current + 1));
+    if chain::list_branches(store)
+        .await?
+        .iter()
+        .any(|b| b.name == name)
+    {
+        bail!("a branch named {name} exists already; nothing changed; choose --branch-name");
+    }
+    Ok(name)
+}
+
+/// Names the old epoch's records after the fork `fork_lsn` (from seq `resume_seq`, the one
+/// holding `fork_lsn + 1`, to the journal's end) as branch `name`, before the claim, so trim
+/// keeps them from then on. Nothing to name when the journal ends at the fork.
+pub(crate) async fn name_branch(
+    store: &Arc<dyn ObjectStore>,
+    manifest: &Manifest,
+    name: &str,
+    new_epoch: u64,
+    fork_lsn: u64,
+    resume_seq: u64,
+) -> anyhow::Result<()> {
+    let (_, plan) =
+        tinylag::journal::plan_restart_from_trim_pointer(store.as_ref(), manifest).await?;
+    let end_lsn = plan.next_lsn.saturating_sub(1);
+    if end_lsn <= fork_lsn {
+        return Ok(());
+    }
+    let branch = Branch {
+        name: name.to_string(),
+        forked_by: new_epoch,
+        from_lsn: fork_lsn + 1,
+        to_lsn: end_lsn,
+        first_seq: resume_seq,
+        last_seq: plan.next_seq.saturating_sub(1),
+        created_at_ns: SystemClock.now_ns(),
+    };
+    chain::create_branch(store.as_ref(), &branch)
+        .await
+        .with_context(|| format!("cannot create branch {name}"))?;
+    tell(format!(
+        "branch {name}: LSNs {}..={end_lsn} (seqs {}..={}) are kept off the chain; \
+         `tinylag restore --branch {name}` reads them, `journal trim --drop-branch {name}` \
+         lets them go",
+        branch.from_lsn, branch.first_seq, branch.last_seq
+    ));
+    Ok(())
 }

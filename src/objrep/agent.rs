@@ -122,6 +122,16 @@ pub struct ObjectAgent {
     report: ObjectAgentReport,
 }
 
+/// The error of a fork below what the replica holds: the lineages part at `lsn`.
+fn forked_below(epoch: u64, lsn: u64, replica: &str, holds: u64) -> ObjrepError {
+    ObjrepError::Refused(format!(
+        "epoch {epoch} forked the journal at LSN {} below what object replica {replica} holds \
+         (LSN {holds}): winding an object replica back is not built yet; restore a point \
+         before the fork from it, or start a new one",
+        lsn.saturating_sub(1),
+    ))
+}
+
 fn now_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -255,6 +265,15 @@ impl ObjectAgent {
             chain_epoch: chain.head_epoch(),
         };
         let pos = consumer::register(journal.as_ref(), &initial).await?;
+        // A fork made while no agent ran (a `promote --at` below the checkpoint) is in the
+        // chain already, so no new epoch would show it: the lineage the checkpoint was read
+        // on (the position's chain epoch) must still hold every LSN up to it.
+        if let Some(cp) = latest.as_ref().and_then(|m| m.last()) {
+            let read_on = chain.lineage_to(pos.chain_epoch, cp.lsn);
+            if let Some(lsn) = read_on.first_difference(&chain.lineage(), cp.lsn) {
+                return Err(forked_below(chain.head_epoch(), lsn, &store, cp.lsn));
+            }
+        }
         let identity = manifest::create_identity(replica.as_ref(), &identity).await?;
         let manifest = latest.unwrap_or_else(ReplicaManifest::empty);
         Ok(ObjectAgent {
@@ -390,14 +409,12 @@ impl ObjectAgent {
         let chain = chain::load(self.reader.store().as_ref()).await?;
         let lineage = chain.lineage();
         if let Some(lsn) = self.lineage.first_difference(&lineage, self.read_lsn) {
-            return Err(ObjrepError::Refused(format!(
-                "epoch {epoch} forked the journal at LSN {} below what object replica {} \
-                 holds (LSN {}): winding an object replica back is not built yet; restore a \
-                 point before the fork from it, or start a new one",
-                lsn.saturating_sub(1),
-                self.replica.describe(),
-                self.read_lsn
-            )));
+            return Err(forked_below(
+                epoch,
+                lsn,
+                &self.replica.describe(),
+                self.read_lsn,
+            ));
         }
         self.lineage = lineage;
         self.epoch_seen = epoch.max(chain.head_epoch());

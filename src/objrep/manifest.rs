@@ -52,9 +52,15 @@ pub struct LayerRef {
 /// A consistent point the replica can be read at.
 ///
 /// # Invariants
-/// - The image at `lsn` is `layers[..layers]` of the manifest applied in order; `lsn` is the
-///   `last_lsn` of the last of them (or of an earlier checkpoint, when only records that change
-///   no bytes came between).
+/// - `layers` is the number of the manifest's listed layers that end at or below `lsn`
+///   (every writer keeps it so: the agent when it appends the checkpoint, trim by
+///   `ReplicaManifest::recount` when it drops layers; compaction drops none). Readers do
+///   not read the layers by it — [`ReplicaManifest::sources`] says which hold the point —
+///   but check it on load ([`ReplicaManifest::check`]): a list that lost an entry a
+///   checkpoint counted is refused, naming the checkpoint, instead of restoring wrong bytes.
+/// - The image at `lsn` is what [`ReplicaManifest::sources`] names for it; `lsn` is the
+///   `last_lsn` of the last of those layers (or of an earlier checkpoint, when only records
+///   that change no bytes came between).
 /// - `lsn` is outside every resync span; `next_seq` is the journal segment holding `lsn + 1`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
@@ -186,9 +192,46 @@ impl ReplicaManifest {
     /// a change of the list).
     pub(crate) fn recount(&mut self) {
         for cp in &mut self.checkpoints {
-            cp.layers = self.layers.iter().filter(|l| l.last_lsn <= cp.lsn).count();
+            cp.layers = layers_at_or_below(&self.layers, cp.lsn);
         }
     }
+
+    /// Checks the invariants a reader relies on: layers in LSN order with disjoint ranges,
+    /// checkpoints and images in LSN order, and each checkpoint's `layers` equal to the
+    /// listed layers ending at or below it — so a layer a checkpoint counted but the list
+    /// lost is named here, not found later as wrong bytes. The error says what is wrong.
+    pub fn check(&self) -> Result<(), String> {
+        for pair in self.layers.windows(2) {
+            if pair[0].last_lsn >= pair[1].first_lsn || pair[1].first_lsn > pair[1].last_lsn {
+                return Err(format!(
+                    "layers {} and {} are not in LSN order with disjoint ranges",
+                    pair[0].key, pair[1].key
+                ));
+            }
+        }
+        if self.checkpoints.windows(2).any(|p| p[0].lsn >= p[1].lsn) {
+            return Err("its checkpoints are not in LSN order".into());
+        }
+        if self.images.windows(2).any(|p| p[0].lsn >= p[1].lsn) {
+            return Err("its images are not in LSN order".into());
+        }
+        for cp in &self.checkpoints {
+            let listed = layers_at_or_below(&self.layers, cp.lsn);
+            if listed != cp.layers {
+                return Err(format!(
+                    "checkpoint LSN {} counts {} layers at or below it, the manifest lists {} \
+                     (a layer it needs is not listed, or one is listed that it never had)",
+                    cp.lsn, cp.layers, listed
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How many of `layers` (in LSN order) end at or below `lsn`.
+fn layers_at_or_below(layers: &[LayerRef], lsn: u64) -> usize {
+    layers.partition_point(|l| l.last_lsn <= lsn)
 }
 
 /// Parses a manifest generation, refusing a format newer than this build reads (a newer
@@ -200,6 +243,9 @@ fn parse_manifest(
 ) -> ObjrepResult<ReplicaManifest> {
     let manifest: ReplicaManifest =
         serde_json::from_slice(data).map_err(|e| malformed(store, key, e))?;
+    if manifest.format_version <= IMAGES_FORMAT_VERSION {
+        manifest.check().map_err(|e| malformed(store, key, e))?;
+    }
     if manifest.format_version > IMAGES_FORMAT_VERSION {
         return Err(ObjrepError::Refused(format!(
             "object replica {}: manifest {key} has format version {}, this tinylag reads up to \
@@ -412,6 +458,51 @@ mod tests {
             "lsn": lsn, "run": "0", "parts": []
         }))
         .expect("an image ref")
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_whose_layers_are_not_all_listed_is_refused_naming_it() {
+        let store = MemoryStore::new();
+        let layer = |first: u64, last: u64| LayerRef {
+            key: paths::layer_key(1, first, last, 7),
+            first_lsn: first,
+            last_lsn: last,
+            size: 1,
+        };
+        let cp = |lsn| Checkpoint {
+            lsn,
+            timestamp_ns: lsn,
+            next_seq: 0,
+            layers: 0,
+            next_timestamp_ns: None,
+        };
+        let mut m = ReplicaManifest::empty();
+        m.gen = 1;
+        m.layers = vec![layer(1, 10), layer(11, 20), layer(21, 30)];
+        m.checkpoints = vec![cp(10), cp(30)];
+        m.recount();
+        assert_eq!(m.checkpoints[1].layers, 3);
+        commit(&store, &m).await.unwrap();
+        assert_eq!(load_latest(&store).await.unwrap().unwrap(), m);
+
+        // A generation that lost the middle layer's entry: checkpoint 30 counted it.
+        let mut lost = m.clone();
+        lost.gen = 2;
+        lost.layers.remove(1);
+        commit(&store, &lost).await.unwrap();
+        let text = load_latest(&store).await.unwrap_err().to_string();
+        assert!(
+            text.contains(&paths::checkpoint_key(2))
+                && text.contains("corrupt")
+                && text.contains("checkpoint LSN 30 counts 3 layers")
+                && text.contains("lists 2"),
+            "{text}"
+        );
+        // Layers out of order are named too.
+        let mut swapped = m.clone();
+        swapped.layers.swap(0, 1);
+        let text = swapped.check().unwrap_err();
+        assert!(text.contains("not in LSN order"), "{text}");
     }
 
     #[tokio::test]

@@ -6,7 +6,8 @@
 //! format an image part), [`manifest`] the replica's identity and its manifest generations
 //! (live layers, images and checkpoints; [`ReplicaManifest::sources`], what holds a point),
 //! [`agent`] follows the journal and commits checkpoints, [`restore`] writes the image as of
-//! a point, [`view`] serves a point lazily (`mount --replica URI`) through the bounded local
+//! a point ([`materialize`]: onto the local file or device a `promote` makes the primary),
+//! [`view`] serves a point lazily (`mount --replica URI`) through the bounded local
 //! [`cache`], [`image`] builds an image window by window, [`compact`] and [`trim`] are the
 //! `tinylag replica` jobs that fold layers into images and delete what no retained point
 //! needs.
@@ -25,6 +26,7 @@ pub(crate) mod image;
 pub(crate) mod layer;
 // pub: a namespace (`manifest::load_latest`); hoisted, it would read as the journal manifest's.
 pub mod manifest;
+pub(crate) mod materialize;
 pub(crate) mod restore;
 pub(crate) mod trim;
 pub(crate) mod view;
@@ -35,6 +37,7 @@ pub use compact::{compact, CompactConfig, CompactReport};
 pub use error::ObjrepError;
 pub use image::ImageStats;
 pub use manifest::{Checkpoint, ImagePart, ImageRef, LayerRef, ReplicaIdentity, ReplicaManifest};
+pub use materialize::{MaterializeTarget, Materialized};
 pub use restore::{ObjPoint, ObjSources};
 pub use trim::{trim, TrimConfig, TrimReport};
 pub use view::{MountPoint, ObjView, ObjViewSummary};

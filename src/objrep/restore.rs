@@ -34,6 +34,9 @@ pub enum ObjPoint {
     Time(u64),
     /// A mark of the journal.
     Mark(String),
+    /// The newest point the journal extends: the newest checkpoint and every record the
+    /// journal holds after it (promote's point, as a file replica's agent would reach it).
+    End,
 }
 
 /// What a restore did.
@@ -51,6 +54,19 @@ pub struct ObjRestoreReport {
     pub layer_bytes: u64,
     /// Journal records applied after the checkpoint.
     pub journal_records: u64,
+}
+
+/// An image written by [`ObjSources::restore_onto`]: what it holds, and where its journal
+/// read stopped, so [`ObjSources::extend`] can apply what the journal gained since.
+#[derive(Clone, Debug)]
+pub(crate) struct Restored {
+    pub(crate) report: ObjRestoreReport,
+    /// The journal segment that holds `report.lsn + 1` (a `promote --at`'s branch starts
+    /// there).
+    pub(crate) next_seq: u64,
+    /// Where the journal read stopped; `None` when it stopped inside a segment (a point
+    /// before the journal's end), which [`ObjSources::extend`] cannot continue.
+    pub(crate) cursor: Option<Cursor>,
 }
 
 /// The object replica, opened for reading.
@@ -114,14 +130,84 @@ impl ObjSources {
                 output.display()
             )));
         }
-        // Resolve the point before the file is created: a refused point writes nothing.
+        // Resolved before the file is created: a refused point writes nothing.
+        let plan = self.plan(point).await?;
+        let (file, _) = ReplicaFile::open_or_create(output, self.identity.size)?;
+        let result = self.write(&file, &plan).await;
+        if result.is_err() {
+            drop(file);
+            let _ = std::fs::remove_file(output);
+        }
+        result.map(|r| r.report)
+    }
+
+    /// Writes the image as of `point` onto `file`, which must read as zeroes (a new sparse
+    /// file, or a device zeroed whole): promote's materialise. The caller cleans up after an
+    /// error.
+    pub(crate) async fn restore_onto(
+        &self,
+        point: &ObjPoint,
+        file: &ReplicaFile,
+    ) -> ObjrepResult<Restored> {
+        let plan = self.plan(point).await?;
+        self.write(file, &plan).await
+    }
+
+    /// Applies the journal's lineage records after what `restored` holds onto `file`,
+    /// through LSN `through` (promote's catch-up once the new writer planned). Only an image
+    /// restored to [`ObjPoint::End`] can be extended.
+    pub(crate) async fn extend(
+        &self,
+        file: &ReplicaFile,
+        restored: &mut Restored,
+        through: u64,
+    ) -> ObjrepResult<()> {
+        if restored.report.lsn >= through {
+            return Ok(());
+        }
+        let Some(mut cursor) = restored.cursor else {
+            return Err(ObjrepError::Refused(format!(
+                "the image stops inside the journal at LSN {}; it cannot be extended to LSN \
+                 {through}",
+                restored.report.lsn
+            )));
+        };
+        let next_seq = self
+            .forward(
+                file,
+                &mut cursor,
+                false,
+                through,
+                u64::MAX,
+                &mut restored.report,
+            )
+            .await?;
+        restored.next_seq = next_seq;
+        restored.cursor = (restored.report.lsn < through).then_some(cursor);
+        if restored.report.lsn < through {
+            return Err(ObjrepError::Refused(format!(
+                "journal {} ends at LSN {}, before LSN {through}",
+                self.journal.describe(),
+                restored.report.lsn
+            )));
+        }
+        sync(file)?;
+        Ok(())
+    }
+
+    /// Resolves `point` to the checkpoint it starts from and the journal it needs, and
+    /// refuses it when the journal no longer holds those records. Reads nothing but the
+    /// mark and the trim pointer.
+    async fn plan(&self, point: &ObjPoint) -> ObjrepResult<Plan> {
         let (target_lsn, until_ns) = match point {
             ObjPoint::Mark(name) => (mark::load(self.journal.as_ref(), name).await?.lsn, u64::MAX),
             ObjPoint::Time(t) => (u64::MAX, *t),
+            ObjPoint::End => (u64::MAX, u64::MAX),
         };
         let base = match point {
             ObjPoint::Mark(_) => self.manifest.at_or_below(target_lsn),
             ObjPoint::Time(t) => self.manifest.at_or_before_time(*t),
+            ObjPoint::End => self.manifest.last(),
         }
         .cloned();
         // The checkpoint is the point itself: a mark on it, or a time before the record
@@ -145,25 +231,16 @@ impl ObjSources {
                 )));
             }
         }
-        let (file, _) = ReplicaFile::open_or_create(output, self.identity.size)?;
-        let result = self
-            .write(&file, base.as_ref(), exact, target_lsn, until_ns)
-            .await;
-        if result.is_err() {
-            drop(file);
-            let _ = std::fs::remove_file(output);
-        }
-        result
+        Ok(Plan {
+            base,
+            exact,
+            target_lsn,
+            until_ns,
+        })
     }
 
-    async fn write(
-        &self,
-        file: &ReplicaFile,
-        base: Option<&Checkpoint>,
-        exact: bool,
-        target_lsn: u64,
-        until_ns: u64,
-    ) -> ObjrepResult<ObjRestoreReport> {
+    async fn write(&self, file: &ReplicaFile, plan: &Plan) -> ObjrepResult<Restored> {
+        let base = plan.base.as_ref();
         let mut report = ObjRestoreReport {
             lsn: base.map_or(0, |b| b.lsn),
             timestamp_ns: base.map_or(0, |b| b.timestamp_ns),
@@ -191,12 +268,32 @@ impl ObjSources {
                 apply_overlay(file, &decoded.overlay())?;
             }
         }
-        if !exact {
-            self.forward(file, base, target_lsn, until_ns, &mut report)
+        let mut cursor = Cursor {
+            seq: base.map_or(0, |b| b.next_seq),
+            next_lsn: base.map_or(1, |b| b.lsn + 1),
+        };
+        let mut next_seq = cursor.seq;
+        if !plan.exact {
+            next_seq = self
+                .forward(
+                    file,
+                    &mut cursor,
+                    base.is_some(),
+                    plan.target_lsn,
+                    plan.until_ns,
+                    &mut report,
+                )
                 .await?;
         }
         sync(file)?;
-        Ok(report)
+        // The read stopped at the journal's end (not inside a segment) only when nothing
+        // bounded it.
+        let at_end = !plan.exact && plan.target_lsn == u64::MAX && plan.until_ns == u64::MAX;
+        Ok(Restored {
+            report,
+            next_seq,
+            cursor: at_end.then_some(cursor),
+        })
     }
 
     /// Reads and checks a layer or image part the manifest names.
@@ -210,29 +307,28 @@ impl ObjSources {
             .map_err(|e| layer_error(store, key, e))
     }
 
-    /// Applies the journal's lineage records after `base` up to the point.
+    /// Applies the journal's lineage records from `cursor` (inside its segment when
+    /// `resuming`: just after a checkpoint) up to the point; returns the seq of the segment
+    /// that holds the record after the last one read.
     async fn forward(
         &self,
         file: &ReplicaFile,
-        base: Option<&Checkpoint>,
+        cursor: &mut Cursor,
+        resuming: bool,
         target_lsn: u64,
         until_ns: u64,
         report: &mut ObjRestoreReport,
-    ) -> ObjrepResult<()> {
+    ) -> ObjrepResult<u64> {
         let reader = JournalReader::new(self.journal.clone(), self.jm.clone());
         let lineage = chain::load(self.journal.as_ref()).await?.lineage();
         let layout = self.jm.layout();
-        let mut cursor = Cursor {
-            seq: base.map_or(0, |b| b.next_seq),
-            next_lsn: base.map_or(1, |b| b.lsn + 1),
-        };
-        let mut resuming = base.is_some();
+        let mut resuming = resuming;
         let mut span_begin: Option<u64> = None;
-        'segments: loop {
+        let next_seq = 'segments: loop {
             let step = if resuming {
-                reader.step_resuming(&mut cursor).await?
+                reader.step_resuming(cursor).await?
             } else {
-                reader.step(&mut cursor).await?
+                reader.step(cursor).await?
             };
             resuming = false;
             if matches!(step, Step::NotYet) {
@@ -243,7 +339,7 @@ impl ObjSources {
             }
             let segment = match step {
                 Step::Segment(s) => s,
-                Step::NotYet if target_lsn == u64::MAX => break,
+                Step::NotYet if target_lsn == u64::MAX => break cursor.seq,
                 Step::NotYet => {
                     return Err(ObjrepError::Refused(format!(
                         "journal {} ends at LSN {} (seq {} is missing), before the point at \
@@ -254,10 +350,12 @@ impl ObjSources {
                     )))
                 }
             };
-            let key = self.jm.segment_key(segment.header.seq);
+            let seq = segment.header.seq;
+            let end_lsn = segment.header.end_lsn();
+            let key = self.jm.segment_key(seq);
             for record in segment.records {
                 if record.lsn > target_lsn || record.timestamp_ns > until_ns {
-                    break 'segments;
+                    break 'segments seq;
                 }
                 let (lsn, ts) = (record.lsn, record.timestamp_ns);
                 if lineage.contains(lsn) {
@@ -272,10 +370,10 @@ impl ObjSources {
                 report.lsn = lsn;
                 report.timestamp_ns = ts;
                 if lsn == target_lsn {
-                    break 'segments;
+                    break 'segments if lsn + 1 < end_lsn { seq } else { cursor.seq };
                 }
             }
-        }
+        };
         if let Some(begin) = span_begin {
             return Err(ObjrepError::Refused(format!(
                 "LSN {} is inside a resync span (begun at LSN {begin}): no consistent image \
@@ -283,8 +381,18 @@ impl ObjSources {
                 report.lsn
             )));
         }
-        Ok(())
+        Ok(next_seq)
     }
+}
+
+/// Where a restore starts and what it reads.
+struct Plan {
+    /// The checkpoint it starts from (`None`: the blank image at the journal's start).
+    base: Option<Checkpoint>,
+    /// The checkpoint is the point: no journal is read.
+    exact: bool,
+    target_lsn: u64,
+    until_ns: u64,
 }
 
 /// One line of a timeline.

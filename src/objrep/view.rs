@@ -651,6 +651,8 @@ async fn resolve(
     let (target_lsn, until_ns) = match &want {
         Want::Point(ObjPoint::Mark(name)) => (mark::load(journal, name).await?.lsn, u64::MAX),
         Want::Point(ObjPoint::Time(t)) => (u64::MAX, *t),
+        // The newest point the journal extends (promote's; a mount names a mark or a time).
+        Want::Point(ObjPoint::End) => (u64::MAX, u64::MAX),
         Want::Lsn(lsn) => (*lsn, u64::MAX),
     };
     let base = match &want {
