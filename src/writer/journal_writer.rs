@@ -379,8 +379,31 @@ async fn plug_crash_gaps(
     else {
         return Ok(plan);
     };
+    let plan = plugging_from(store, manifest, trim, lowest, plan.next_seq, &plan).await?;
+    tracing::warn!(
+        journal = %store.describe(),
+        first_missing = lowest,
+        plugs = plan.holes.len(),
+        "the previous writer left a gap below its last uploads; its records from there on \
+         were never durable in order and are plugged (their regions are resynced)"
+    );
+    Ok(plan)
+}
+
+/// The plan that plugs every missing seq in `lowest..next_seq`, writes first at `next_seq`
+/// and continues the LSNs after the last record before `lowest` (what both a crash gap and
+/// an abandoned hole come to). Timestamps never go below any record written, plugged ones
+/// included: `before` floors them.
+async fn plugging_from(
+    store: &dyn ObjectStore,
+    manifest: &Manifest,
+    trim: &TrimPointer,
+    lowest: u64,
+    next_seq: u64,
+    before: &RestartPlan,
+) -> Result<RestartPlan, JournalError> {
     let mut holes = Vec::new();
-    for seq in lowest..plan.next_seq {
+    for seq in lowest..next_seq {
         if !head::segment_exists(store, manifest, seq).await? {
             holes.push(seq);
         }
@@ -391,21 +414,13 @@ async fn plug_crash_gaps(
     } else {
         (trim.first_lsn, 0)
     };
-    tracing::warn!(
-        journal = %store.describe(),
-        first_missing = lowest,
-        plugs = holes.len(),
-        "the previous writer left a gap below its last uploads; its records from there on \
-         were never durable in order and are plugged (their regions are resynced)"
-    );
     Ok(RestartPlan {
         first_missing: lowest,
-        last_orphan: (lowest < plan.next_seq).then(|| plan.next_seq - 1),
+        last_orphan: (lowest < next_seq).then(|| next_seq - 1),
         holes,
-        next_seq: plan.next_seq,
+        next_seq,
         next_lsn,
-        // Timestamps never go below any record written, plugged ones included.
-        last_timestamp_ns: last_timestamp_ns.max(plan.last_timestamp_ns),
+        last_timestamp_ns: last_timestamp_ns.max(before.last_timestamp_ns),
     })
 }
 
@@ -439,27 +454,7 @@ async fn abandon_after(
             ),
         });
     }
-    let mut holes = Vec::new();
-    for seq in lowest..next_seq {
-        if !head::segment_exists(store, manifest, seq).await? {
-            holes.push(seq);
-        }
-    }
-    let (next_lsn, last_timestamp_ns) = if lowest > trim.first_seq {
-        let index = head::prefix_index(store, manifest, lowest - 1).await?;
-        (index.header.end_lsn(), index.last_timestamp().unwrap_or(0))
-    } else {
-        (trim.first_lsn, 0)
-    };
-    Ok(RestartPlan {
-        first_missing: lowest,
-        last_orphan: (lowest < next_seq).then(|| next_seq - 1),
-        holes,
-        next_seq,
-        next_lsn,
-        // Timestamps never go below any record written, abandoned ones included.
-        last_timestamp_ns: last_timestamp_ns.max(plan.last_timestamp_ns),
-    })
+    plugging_from(store, manifest, trim, lowest, next_seq, &plan).await
 }
 
 /// What the I/O path needs from a running writer.
