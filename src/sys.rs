@@ -1,13 +1,14 @@
 //! The system calls std does not offer, in one place, on `rustix`: `SEEK_DATA`/`SEEK_HOLE`,
 //! hole punching and range zeroing (`fallocate`), a block device's size and discard
 //! (`ioctl`), `RWF_NOWAIT` positional reads and writes, `copy_file_range`, `flock`,
-//! `O_DIRECT` toggling, a process's existence, and the directory sync that makes a new
-//! name durable. Callers get `io::Error`s that keep the raw `errno`, so each decides
-//! what `EINVAL` or `EOPNOTSUPP` means to it.
+//! `O_DIRECT` toggling, a process's existence, writeback hints (`sync_file_range`, which
+//! rustix lacks), and the directory sync that makes a new name durable. Callers get
+//! `io::Error`s that keep the raw `errno`, so each decides what `EINVAL` or `EOPNOTSUPP`
+//! means to it.
 //!
 //! Must never: hide an error (every failure reaches the caller, except the documented
-//! hints: `preallocate`, and `read_nowait`/`write_nowait` answering "nothing done"),
-//! or touch a descriptor it was not lent.
+//! hints: `preallocate`, the writeback hints, and `read_nowait`/`write_nowait` answering
+//! "nothing done"), or touch a descriptor it was not lent.
 
 use std::fs::File;
 use std::io::{self, IoSlice, IoSliceMut};
@@ -182,6 +183,39 @@ pub(crate) fn process_exists(pid: i32) -> bool {
         rustix::process::test_kill_process(pid),
         Ok(()) | Err(Errno::PERM)
     )
+}
+
+/// Starts writeback of `offset..offset+len` of `file` without waiting: a hint (rustix has no
+/// `sync_file_range`), so errors are ignored; durability still needs an fsync.
+pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) {
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: sync_file_range only reads its integer arguments; `file` keeps the fd open.
+    unsafe {
+        libc::sync_file_range(
+            std::os::fd::AsRawFd::as_raw_fd(file),
+            offset,
+            len,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
+}
+
+/// Writes out and waits for every dirty page of `file`, without a file-system journal
+/// commit: a hint like [`start_writeback`] (the fsync after it is what makes data durable).
+pub(crate) fn wait_writeback(file: &File) {
+    // SAFETY: as in start_writeback; offset 0 and length 0 mean the whole file.
+    unsafe {
+        libc::sync_file_range(
+            std::os::fd::AsRawFd::as_raw_fd(file),
+            0,
+            0,
+            libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                | libc::SYNC_FILE_RANGE_WRITE
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+        )
+    };
 }
 
 /// Syncs the directory holding `path`, so a name just created or renamed there survives a

@@ -11,8 +11,9 @@
 //! page-cache fast paths, trim, write-zeroes and allocation. The one exception to "the
 //! engine does the I/O": where the file system cannot take a buffered write with
 //! `RWF_NOWAIT` (ext4), a write of at most 64 KiB is a `pwrite` on the calling thread
-//! ([`FileOptions::inline_writes`]), backing off to the engine for a second after one that
-//! took over 2 ms. Trim punches holes (files) or discards (block devices) and write-zeroes
+//! ([`FileOptions::inline_writes`]), backing off to the engine for a while after one that
+//! took over 2 ms (50 ms after an isolated slow write, doubling up to a second while they
+//! keep coming). Trim punches holes (files) or discards (block devices) and write-zeroes
 //! asks the kernel to zero a range (falling back to writing zeroes); both are rare and run
 //! on the blocking pool with either engine. With `O_DIRECT` every transfer goes through a
 //! page-aligned bounce buffer. The system calls themselves are in `crate::sys`.
@@ -52,10 +53,18 @@ const ZERO_CHUNK: usize = 1 << 20;
 /// Largest buffered write [`FileOptions::inline_writes`] runs on the calling thread.
 pub const INLINE_WRITE_MAX: usize = 64 << 10;
 /// An inline write slower than this (the page cache throttling dirty data, a file system
-/// lock) sends writes back to the engine for [`INLINE_PAUSE`].
+/// lock) sends writes back to the engine for a pause.
 const INLINE_SLOW: Duration = Duration::from_millis(2);
-/// How long writes avoid the calling thread after a slow inline write.
-const INLINE_PAUSE: Duration = Duration::from_secs(1);
+/// The pause after an isolated slow inline write. Most are isolated: a runtime thread
+/// preempted in the middle of a `pwrite` on a busy machine, or one wait for the file
+/// system's journal commit that a local journal's segment fsync forced. A fixed pause of a
+/// second after each (as before) sent a quarter to a third of a loaded 8-second
+/// `bench/profile.sh` run's writes through the engine, at about twice the CPU per write.
+const INLINE_PAUSE_MIN: Duration = Duration::from_millis(50);
+/// The longest pause: a slow write within a second after the previous pause ended doubles
+/// the pause up to this, so sustained throttling by the page cache still holds a runtime
+/// thread for one write per second, after a handful of shorter pauses.
+const INLINE_PAUSE_MAX: Duration = Duration::from_secs(1);
 /// The environment variable that turns [`FileOptions::inline_writes`] off (`off`), for
 /// measuring what it saves.
 pub const INLINE_WRITES_ENV: &str = "TINYLAG_INLINE_WRITES";
@@ -118,8 +127,9 @@ pub struct FileOptions {
     /// punts every buffered write ext4 cannot do without waiting) or to the blocking pool,
     /// and a completion wake-up: about half the CPU of a 4 KiB write in the profile
     /// (bench/profile/). A write that takes longer than [`INLINE_SLOW`] (the kernel
-    /// throttling dirty pages) sends writes back to the engine for [`INLINE_PAUSE`], so the
-    /// calling thread is held up by at most one slow write per pause. Ignored with `direct`;
+    /// throttling dirty pages) sends writes back to the engine for a pause ([`INLINE_PAUSE_MIN`]
+    /// to [`INLINE_PAUSE_MAX`]), so the calling thread is held up by at most one slow write
+    /// per pause. Ignored with `direct`;
     /// `TINYLAG_INLINE_WRITES=off` turns it off.
     pub inline_writes: bool,
     /// What runs reads, writes and flushes ([`super::engine::select`] picks it for `serve`).
@@ -539,6 +549,8 @@ struct InlineWrites {
     epoch: Instant,
     /// Nanoseconds after `epoch` before which writes go to the engine.
     paused_until: AtomicU64,
+    /// The last pause's length in nanoseconds (0 before the first).
+    pause: AtomicU64,
 }
 
 impl InlineWrites {
@@ -547,6 +559,7 @@ impl InlineWrites {
             enabled,
             epoch: Instant::now(),
             paused_until: AtomicU64::new(0),
+            pause: AtomicU64::new(0),
         }
     }
 
@@ -559,13 +572,28 @@ impl InlineWrites {
         until == 0 || self.epoch.elapsed().as_nanos() as u64 >= until
     }
 
-    /// Notes how long an inline write took; a slow one pauses inline writes.
+    /// Notes how long an inline write took; a slow one pauses inline writes. Two threads
+    /// noting slow writes at once may each set a pause: either is a valid one.
     fn took(&self, elapsed: Duration) {
         if elapsed > INLINE_SLOW {
-            let until = (self.epoch.elapsed() + INLINE_PAUSE).as_nanos() as u64;
-            self.paused_until.store(until, Ordering::Relaxed);
+            let now = self.epoch.elapsed().as_nanos() as u64;
+            let (min, max) = (
+                INLINE_PAUSE_MIN.as_nanos() as u64,
+                INLINE_PAUSE_MAX.as_nanos() as u64,
+            );
+            let ended = self.paused_until.load(Ordering::Relaxed);
+            let last = self.pause.load(Ordering::Relaxed);
+            // Soon after the last pause ended: the slowness goes on, pause longer.
+            let pause = if ended != 0 && now < ended.saturating_add(max) {
+                (last * 2).clamp(min, max)
+            } else {
+                min
+            };
+            self.pause.store(pause, Ordering::Relaxed);
+            self.paused_until.store(now + pause, Ordering::Relaxed);
             tracing::debug!(
                 micros = elapsed.as_micros() as u64,
+                pause_ms = pause / 1_000_000,
                 "a write on the calling thread was slow; writes go to the I/O engine for a while"
             );
         }
@@ -757,6 +785,34 @@ mod tests {
         inline.paused_until.store(1, Ordering::Relaxed);
         assert!(inline.now(), "back after the pause");
         assert!(!InlineWrites::new(false).now());
+    }
+
+    /// An isolated slow write pauses for the shortest pause; slow writes that keep coming
+    /// right after each pause double it up to the longest.
+    #[test]
+    fn pauses_grow_while_slow_writes_keep_coming() {
+        let mut inline = InlineWrites::new(true);
+        // Opened a minute ago, so "long after a pause" can be set up without waiting.
+        inline.epoch = Instant::now()
+            .checked_sub(Duration::from_secs(60))
+            .unwrap_or(inline.epoch);
+        let pause = |i: &InlineWrites| Duration::from_nanos(i.pause.load(Ordering::Relaxed));
+        inline.took(INLINE_SLOW * 2);
+        assert_eq!(pause(&inline), INLINE_PAUSE_MIN, "an isolated slow write");
+        let mut expected = INLINE_PAUSE_MIN;
+        for _ in 0..8 {
+            // As if the pause had just ended, then the next inline write was slow again.
+            let now = inline.epoch.elapsed().as_nanos() as u64;
+            inline.paused_until.store(now, Ordering::Relaxed);
+            inline.took(INLINE_SLOW * 2);
+            expected = (expected * 2).min(INLINE_PAUSE_MAX);
+            assert_eq!(pause(&inline), expected);
+        }
+        assert_eq!(expected, INLINE_PAUSE_MAX);
+        // Long after the last pause ended: isolated again.
+        inline.paused_until.store(1, Ordering::Relaxed);
+        inline.took(INLINE_SLOW * 2);
+        assert_eq!(pause(&inline), INLINE_PAUSE_MIN);
     }
 
     /// Inline writes (the default) and writes through either engine see the same bytes,

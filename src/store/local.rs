@@ -446,10 +446,10 @@ fn write_buffered(file: &File, data: &[u8], from: usize) -> io::Result<()> {
     let mut offset = from as u64;
     for chunk in data[from..].chunks(WRITE_CHUNK) {
         file.write_all_at(chunk, offset)?;
-        start_writeback(file, offset, chunk.len() as u64);
+        crate::sys::start_writeback(file, offset, chunk.len() as u64);
         offset += chunk.len() as u64;
     }
-    wait_writeback(file);
+    crate::sys::wait_writeback(file);
     Ok(())
 }
 
@@ -460,38 +460,6 @@ fn parent_of(path: &Path) -> StoreResult<&Path> {
             io::Error::new(io::ErrorKind::NotFound, "no parent directory"),
         )
     })
-}
-
-/// Starts writeback of `offset..offset+len` of `file` without waiting (a hint).
-fn start_writeback(file: &File, offset: u64, len: u64) {
-    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
-        return;
-    };
-    // SAFETY: sync_file_range only reads its integer arguments; `file` keeps the fd open.
-    unsafe {
-        libc::sync_file_range(
-            std::os::fd::AsRawFd::as_raw_fd(file),
-            offset,
-            len,
-            libc::SYNC_FILE_RANGE_WRITE,
-        )
-    };
-}
-
-/// Writes out and waits for every dirty page of `file`, without a file-system journal
-/// commit (a hint: the fsync after it is what makes the data durable).
-fn wait_writeback(file: &File) {
-    // SAFETY: as in start_writeback; offset 0 and length 0 mean the whole file.
-    unsafe {
-        libc::sync_file_range(
-            std::os::fd::AsRawFd::as_raw_fd(file),
-            0,
-            0,
-            libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                | libc::SYNC_FILE_RANGE_WRITE
-                | libc::SYNC_FILE_RANGE_WAIT_AFTER,
-        )
-    };
 }
 
 fn fsync_dir(dir: &Path) -> StoreResult<()> {

@@ -40,6 +40,7 @@ use crate::journal::record::{Record, RecordKind};
 
 mod buffers;
 mod builder;
+mod crc;
 mod error;
 mod header;
 mod index;

@@ -7,14 +7,28 @@
 //! saves is the attempt: a disk of already-compressed or encrypted data gives payloads that
 //! never shrink, and trying costs more CPU than everything else done per byte.
 //!
-//! - A large payload (at least [`SAMPLE_FROM`]) is offered when a sample of it compresses:
-//!   [`SAMPLES`] pieces of [`SAMPLE_PIECE`] bytes spread over it, compressed together.
+//! - A large payload (at least [`SAMPLE_FROM`]) is offered when a sample of it compresses by
+//!   a quarter: [`SAMPLES`] pieces of [`SAMPLE_PIECE`] bytes spread over it, compressed
+//!   together.
 //! - Small payloads are judged in windows of [`WINDOW`] offered payloads: when a window's
-//!   payloads together lost less than 1/8 of their bytes (the codec's own bar for one
-//!   payload), the next [`SKIP`] small payloads are stored raw, then zstd is tried again.
-//!   By bytes, not by payloads in a row: half of fio's 4 KiB buffers shrink by 15 %, which
-//!   kept a "misses in a row" rule offering every payload (about 5 µs of zstd per record for
-//!   8 % of the bytes).
+//!   payloads together lost less than a quarter of their bytes, the next [`SKIP`] small
+//!   payloads are stored raw, then zstd is tried again; each further window in a row that
+//!   does not pay doubles the skip, up to [`MAX_SKIP`], and one that pays resets it. By
+//!   bytes, not by payloads in a row: half of fio's 4 KiB buffers shrink by 15 %, which kept
+//!   a "misses in a row" rule offering every payload (about 5 µs of zstd per record for 8 %
+//!   of the bytes).
+//!
+//! Why the skip grows: zstd on a 4 KiB payload that does not shrink costs more than
+//! everything else the journal does for the record, so even a window of 32 tried per 1,056
+//! records (3 %) was 4 to 5 % of a journaled 4 KiB write's CPU in `bench/profile.sh`, with
+//! fio's data, of which nothing compressed. At [`MAX_SKIP`] it is 0.1 %; data that starts to
+//! compress is noticed within `MAX_SKIP` records (128 MiB of 4 KiB writes).
+//!
+//! The bar is a quarter ([`PAYS`]), not the codec's 1/8 for one payload: data that saves
+//! between the two (fio's buffers save about 15 % in all) cost a zstd call per 4 KiB record,
+//! 4 % of a journaled write's CPU in `bench/profile.sh`, and a decompression for every
+//! reader, to store 15 % fewer bytes. An offered payload is still stored compressed when it
+//! saves 1/8.
 //!
 //! Must never: change what a segment decodes to (this only chooses raw or zstd storage);
 //! let a wrong guess cost more than a sample's compression per payload.
@@ -29,8 +43,11 @@ pub(crate) const SAMPLES: usize = 4;
 pub(crate) const WINDOW: u32 = 32;
 /// Small payloads stored raw after a window that did not pay, before zstd is tried again.
 pub(crate) const SKIP: u32 = 1024;
-/// The codec's threshold for storing compressed: zstd must save 1/8.
-const WORTH: usize = 8;
+/// The longest skip, reached after windows in a row that did not pay (`SKIP` doubled).
+pub(crate) const MAX_SKIP: u32 = 32 * 1024;
+/// zstd is worth offering where it saves at least 1/PAYS of the bytes (see the module
+/// documentation for why a quarter, where the codec stores anything that saves 1/8).
+const PAYS: usize = 4;
 /// Shorter payloads are stored raw by the codec anyway.
 const MIN_LEN: usize = 64;
 /// zstd level of the sample (the codec's).
@@ -46,6 +63,9 @@ pub(crate) struct CompressProbe {
     saved: u64,
     /// Small payloads still to store raw before zstd is tried again (0: offering).
     skipping: u32,
+    /// The skip after the next window that does not pay (`SKIP` to `MAX_SKIP`; 0 means
+    /// `SKIP`, so the derived default is right).
+    next_skip: u32,
     /// Created on the first sample; `None` after zstd could not allocate one (then large
     /// payloads are offered, as without a probe).
     compressor: Option<zstd::bulk::Compressor<'static>>,
@@ -93,8 +113,11 @@ impl CompressProbe {
         self.offered += payload_len as u64;
         self.saved += payload_len.saturating_sub(stored_len) as u64;
         if self.seen >= WINDOW {
-            if self.saved * (WORTH as u64) < self.offered {
-                self.skipping = SKIP;
+            if self.saved * (PAYS as u64) < self.offered {
+                self.skipping = self.next_skip.max(SKIP);
+                self.next_skip = (self.skipping * 2).min(MAX_SKIP);
+            } else {
+                self.next_skip = SKIP;
             }
             self.seen = 0;
             self.offered = 0;
@@ -117,10 +140,10 @@ impl CompressProbe {
                 Err(_) => return true,
             }
         }
-        let limit = self.sample.len() - self.sample.len() / WORTH;
+        let limit = self.sample.len() - self.sample.len() / PAYS;
         self.out.resize(limit, 0);
         let compressor = self.compressor.as_mut().expect("created above");
-        // "Destination too small" is exactly "does not save 1/8".
+        // "Destination too small" is exactly "does not save a quarter".
         compressor
             .compress_to_buffer(&self.sample, &mut self.out[..])
             .is_ok()
@@ -182,6 +205,30 @@ mod tests {
         );
     }
 
+    /// Data that never compresses is tried less and less often, down to one window per
+    /// MAX_SKIP payloads; a window that pays brings the short skip back.
+    #[test]
+    fn the_skip_doubles_while_windows_do_not_pay() {
+        let mut p = CompressProbe::new();
+        let mut skip = SKIP;
+        for _ in 0..8 {
+            assert_eq!(feed(&mut p, WINDOW, |_| 4096), WINDOW, "a window is tried");
+            assert_eq!(
+                feed(&mut p, skip - 1, |_| 4096),
+                0,
+                "then {skip} are skipped"
+            );
+            assert_eq!(feed(&mut p, 1, |_| 4096), 0);
+            skip = (skip * 2).min(MAX_SKIP);
+        }
+        assert_eq!(skip, MAX_SKIP, "the skip stops growing");
+        // A window that pays, then one that does not: back to SKIP.
+        assert_eq!(feed(&mut p, WINDOW, |_| 1024), WINDOW);
+        assert_eq!(feed(&mut p, WINDOW, |_| 4096), WINDOW);
+        assert_eq!(feed(&mut p, SKIP, |_| 4096), 0);
+        assert_eq!(feed(&mut p, 1, |_| 4096), 1, "tried again after SKIP");
+    }
+
     /// fio's 4 KiB buffers: every other one shrinks by 15 %, the rest not at all. Under a
     /// "misses in a row" rule zstd never stopped; by bytes the window saves 7.5 %: not enough.
     #[test]
@@ -190,10 +237,15 @@ mod tests {
         let half_shrink = |i: u32| if i % 2 == 0 { 4096 * 85 / 100 } else { 4096 };
         feed(&mut p, WINDOW, half_shrink);
         assert_eq!(feed(&mut p, SKIP, half_shrink), 0);
-        // A window saving exactly 1/8 keeps zstd on.
+        // Every payload saving 15 %: the codec would store each compressed, but a window
+        // under a quarter stops the attempts.
         let mut q = CompressProbe::new();
-        feed(&mut q, WINDOW, |_| 4096 - 512);
-        assert_eq!(feed(&mut q, WINDOW, |_| 4096 - 512), WINDOW);
+        feed(&mut q, WINDOW, |_| 4096 * 85 / 100);
+        assert_eq!(feed(&mut q, SKIP, |_| 4096 * 85 / 100), 0);
+        // A window saving exactly a quarter keeps zstd on.
+        let mut r = CompressProbe::new();
+        feed(&mut r, WINDOW, |_| 3072);
+        assert_eq!(feed(&mut r, WINDOW, |_| 3072), WINDOW);
     }
 
     #[test]
