@@ -7,19 +7,16 @@
 mod support;
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
+use support::objrep::Replica;
 use support::oracle::OracleImage;
-use support::replay::{bytes_hash, first_difference, run, spawn, tinylag, TestJournal};
+use support::replay::{bytes_hash, first_difference, run, spawn, TestJournal};
 use support::s3::{S3Server, S3ServerKind};
 use tinylag::journal::mark::{self, MarkPoint};
 use tinylag::journal::Op;
 use tinylag::objrep::manifest;
-use tinylag::objrep::ReplicaManifest;
-use tinylag::store::LocalStore;
-use tinylag::store::ObjectStore;
 
 const SIZE: u64 = 16 << 20;
 /// Segment `i` is stamped `T0 + i * 10 ms`: distinct times, so `--at` a checkpoint's time is
@@ -61,56 +58,6 @@ async fn append_mark(journal: &mut TestJournal, name: &str) -> u64 {
     lsns.start
 }
 
-/// Where the replica is and how a child process reaches it.
-struct Replica {
-    uri: String,
-    env: Vec<(&'static str, String)>,
-    store: Arc<dyn ObjectStore>,
-}
-
-impl Replica {
-    fn local(dir: &Path) -> Replica {
-        Replica {
-            uri: format!("file://{}", dir.display()),
-            env: Vec::new(),
-            store: Arc::new(LocalStore::new(dir)),
-        }
-    }
-
-    fn args(&self, journal: &TestJournal, command: &str, extra: &[&str]) -> Vec<String> {
-        let mut args: Vec<String> = [command, "--journal", journal.uri(), "--replica", &self.uri]
-            .map(String::from)
-            .to_vec();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        args
-    }
-
-    fn run(&self, args: &[String]) -> std::process::Output {
-        let mut cmd = tinylag();
-        cmd.args(args);
-        for (k, v) in &self.env {
-            cmd.env(k, v);
-        }
-        cmd.output().expect("run tinylag")
-    }
-
-    fn run_ok(&self, args: &[String]) -> std::process::Output {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "tinylag {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
-    }
-
-    async fn manifest(&self) -> Option<ReplicaManifest> {
-        manifest::load_latest(self.store.as_ref())
-            .await
-            .expect("read the replica's manifest")
-    }
-}
-
 /// Restores `point` (`--mark NAME` or `--at TIME`) to a new file and returns its bytes and
 /// the restore's JSON report.
 fn restore(
@@ -122,7 +69,7 @@ fn restore(
     let mut extra = point.to_vec();
     let out_s = out.display().to_string();
     extra.extend(["--output", &out_s, "--json"]);
-    let done = replica.run_ok(&replica.args(journal, "restore", &extra));
+    let done = replica.run_ok(&replica.args(journal, &["restore"], &extra));
     let report: serde_json::Value =
         serde_json::from_slice(&done.stdout).expect("restore prints JSON");
     let bytes = std::fs::read(out).expect("read the restored image");
@@ -142,7 +89,7 @@ async fn marks_scenario(replica: &Replica, dir: &Path) {
     let mut journal = TestJournal::create(&dir.join("journal"), SIZE, 24).await;
     let once = replica.args(
         &journal,
-        "replay",
+        &["replay"],
         &["--name", "objrep", "--once", "--layer-size", "512K"],
     );
     let mut marks = Vec::new();
@@ -197,7 +144,7 @@ async fn marks_scenario(replica: &Replica, dir: &Path) {
         );
     }
     // The timeline lists the checkpoints and the marks.
-    let t = replica.run_ok(&replica.args(&journal, "timeline", &["--json"]));
+    let t = replica.run_ok(&replica.args(&journal, &["timeline"], &["--json"]));
     let t: serde_json::Value = serde_json::from_slice(&t.stdout).expect("timeline JSON");
     assert_eq!(t["checkpoints"].as_array().map(Vec::len), Some(3));
     assert_eq!(t["marks"].as_array().map(Vec::len), Some(6));
@@ -254,8 +201,11 @@ async fn marks_scenario(replica: &Replica, dir: &Path) {
     // ...and a mark between checkpoints, whose records are gone, is refused, naming why.
     let (name, _) = &marks[4];
     let out_s = out.display().to_string();
-    let refused =
-        replica.run(&replica.args(&journal, "restore", &["--mark", name, "--output", &out_s]));
+    let refused = replica.run(&replica.args(
+        &journal,
+        &["restore"],
+        &["--mark", name, "--output", &out_s],
+    ));
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success(), "a trimmed point was restored");
     assert!(err.contains("only its checkpoints are restorable"), "{err}");
@@ -300,11 +250,7 @@ async fn marks_scenario_on(kind: S3ServerKind) {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let replica = Replica {
-        uri: s3.uri("objrep/"),
-        env: s3.child_env(),
-        store: Arc::new(s3.store("objrep/")),
-    };
+    let replica = Replica::on_s3(&s3, "objrep/");
     marks_scenario(&replica, dir.path()).await;
 }
 
@@ -318,7 +264,7 @@ async fn killed_at_random_moments_the_replica_restores_to_its_last_checkpoint_ex
     // points, and layers uploaded without their manifest for a kill to strand.
     let once = replica.args(
         &journal,
-        "replay",
+        &["replay"],
         &[
             "--name",
             "crashy",
@@ -395,7 +341,7 @@ async fn a_corrupt_or_missing_layer_is_named_and_nothing_else_is_touched() {
     append_mark(&mut journal, "m").await;
     replica.run_ok(&replica.args(
         &journal,
-        "replay",
+        &["replay"],
         &["--name", "r", "--once", "--layer-size", "256K"],
     ));
     let m = replica.manifest().await.expect("a manifest");
@@ -406,7 +352,7 @@ async fn a_corrupt_or_missing_layer_is_named_and_nothing_else_is_touched() {
     let out = dir.path().join("restored.img");
     let restore_args = replica.args(
         &journal,
-        "restore",
+        &["restore"],
         &["--mark", "m", "--output", out.to_str().unwrap()],
     );
 
@@ -467,9 +413,9 @@ fn bad_replica_arguments_are_refused_with_one_line_and_change_nothing() {
 
     // A replica kept by one consumer is refused to another name, naming the one it has.
     let replica = Replica::local(&root);
-    replica.run_ok(&replica.args(&journal, "replay", &["--name", "first", "--once"]));
+    replica.run_ok(&replica.args(&journal, &["replay"], &["--name", "first", "--once"]));
     let before = rt.block_on(list_keys(&replica));
-    let out = replica.run(&replica.args(&journal, "replay", &["--name", "second", "--once"]));
+    let out = replica.run(&replica.args(&journal, &["replay"], &["--name", "second", "--once"]));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("--name first"),
@@ -487,7 +433,7 @@ async fn no_checkpoint_falls_inside_a_resync_span() {
     let replica = Replica::local(&dir.path().join("replica"));
     let once = replica.args(
         &journal,
-        "replay",
+        &["replay"],
         &["--name", "spans", "--once", "--checkpoint-interval", "0s"],
     );
     append_segments(&mut journal, 2).await;
@@ -568,7 +514,7 @@ async fn a_point_after_a_journal_hole_is_refused_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let mut journal = TestJournal::create(&dir.path().join("journal"), SIZE, 11).await;
     let replica = Replica::local(&dir.path().join("replica"));
-    let once = replica.args(&journal, "replay", &["--name", "holes", "--once"]);
+    let once = replica.args(&journal, &["replay"], &["--name", "holes", "--once"]);
     append_segments(&mut journal, 2).await;
     replica.run_ok(&once);
     append_segments(&mut journal, 4).await;
@@ -580,7 +526,7 @@ async fn a_point_after_a_journal_hole_is_refused_naming_it() {
     let out = dir.path().join("restored.img");
     let refused = replica.run(&replica.args(
         &journal,
-        "restore",
+        &["restore"],
         &["--at", &at_arg(inside), "--output", out.to_str().unwrap()],
     ));
     let err = String::from_utf8_lossy(&refused.stderr);
@@ -595,7 +541,7 @@ async fn a_point_after_a_journal_hole_is_refused_naming_it() {
 /// `tinylag replica compact|trim` arguments for `replica` (a job and its flags).
 fn replica_job(replica: &Replica, journal: &TestJournal, job: &str, extra: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = vec!["replica".into()];
-    args.extend(replica.args(journal, job, extra));
+    args.extend(replica.args(journal, &[job], extra));
     args
 }
 
@@ -677,7 +623,7 @@ async fn compaction_and_trim_racing_the_agent_keep_every_retained_mark_exact() {
     let replica = Replica::local(&dir.path().join("replica"));
     let agent_args = replica.args(
         &journal,
-        "replay",
+        &["replay"],
         &[
             "--name",
             "racer",
@@ -840,7 +786,7 @@ async fn compaction_and_trim_racing_the_agent_keep_every_retained_mark_exact() {
             let out_s = out.display().to_string();
             let refused = replica.run(&replica.args(
                 &journal,
-                "restore",
+                &["restore"],
                 &["--mark", name, "--output", &out_s],
             ));
             assert!(
@@ -858,7 +804,7 @@ async fn compaction_and_trim_racing_the_agent_keep_every_retained_mark_exact() {
 async fn checkpoints_scenario(replica: &Replica, journal: &mut TestJournal, runs: usize) {
     let once = replica.args(
         journal,
-        "replay",
+        &["replay"],
         &["--name", "c", "--once", "--layer-size", "256K"],
     );
     for _ in 0..runs {
@@ -1011,7 +957,7 @@ async fn a_corrupt_or_missing_image_part_is_named_and_nothing_else_is_touched() 
     let out = dir.path().join("restored.img");
     let restore_args = replica.args(
         &journal,
-        "restore",
+        &["restore"],
         &[
             "--at",
             &at_arg(m.checkpoints[m.checkpoints.len() - 2].timestamp_ns),

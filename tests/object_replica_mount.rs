@@ -16,13 +16,13 @@ use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 use support::nbd::{run as run_client, RawClient, CLIENT_TIMEOUT};
-use support::replay::{first_difference, run, tinylag, TestJournal};
+use support::objrep::Replica;
+use support::replay::{first_difference, run, TestJournal};
 use support::s3::{S3Server, S3ServerKind};
 use support::timetravel::Mount;
 use tinylag::journal::mark::{self, MarkPoint};
 use tinylag::journal::Op;
 use tinylag::objrep::manifest;
-use tinylag::store::{LocalStore, ObjectStore};
 
 const SIZE: u64 = 16 << 20;
 const T0: u64 = 1_790_000_000_000_000_000;
@@ -41,49 +41,15 @@ fn retain_after(round: u64) -> String {
     format!("{}s", (support::replay::now_ns() - horizon) / 1_000_000_000)
 }
 
-/// Where the replica is and how a child process reaches it.
-struct Replica {
-    uri: String,
-    env: Vec<(&'static str, String)>,
-    store: Arc<dyn ObjectStore>,
-}
-
+/// The steps this file's scenarios repeat on a replica.
 impl Replica {
-    fn local(dir: &Path) -> Replica {
-        Replica {
-            uri: format!("file://{}", dir.display()),
-            env: Vec::new(),
-            store: Arc::new(LocalStore::new(dir)),
-        }
-    }
-
-    fn run(&self, args: &[&str]) -> std::process::Output {
-        let mut cmd = tinylag();
-        cmd.args(args)
-            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())));
-        cmd.output().expect("run tinylag")
-    }
-
-    /// `tinylag COMMAND --journal J --replica URI EXTRA…`, which must succeed.
-    fn run_ok(&self, journal: &TestJournal, command: &[&str], extra: &[&str]) -> String {
-        let mut args = command.to_vec();
-        args.extend(["--journal", journal.uri(), "--replica", &self.uri]);
-        args.extend(extra);
-        let out = self.run(&args);
-        assert!(
-            out.status.success(),
-            "tinylag {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
+    /// `replay --once` into the replica with small layers.
     fn replay_once(&self, journal: &TestJournal) {
-        self.run_ok(
+        self.run_ok(&self.args(
             journal,
             &["replay"],
             &["--name", "objm", "--once", "--layer-size", "512K"],
-        );
+        ));
     }
 
     /// `mount` of `point` with its cache under `cache` capped at `cap`.
@@ -95,26 +61,12 @@ impl Replica {
         cap: &str,
         dir: &Path,
     ) -> Mount {
-        let mut args: Vec<String> = ["--journal", journal.uri(), "--replica", &self.uri]
-            .map(String::from)
-            .to_vec();
-        args.extend(point.iter().map(|s| s.to_string()));
-        args.extend([
-            "--cache-dir".into(),
-            path(cache),
-            "--cache-size".into(),
-            cap.into(),
-        ]);
+        let mut extra = point.to_vec();
+        let cache = path(cache);
+        extra.extend(["--cache-dir", &cache, "--cache-size", cap]);
+        // No command: `Mount::spawn_env` puts `mount` first.
+        let args = self.args(journal, &[], &extra);
         Mount::spawn_env(&args, &self.env, dir)
-    }
-
-    async fn keys(&self) -> Vec<String> {
-        tinylag::store::list_all(self.store.as_ref(), "")
-            .await
-            .expect("list the replica")
-            .into_iter()
-            .map(|m| m.key)
-            .collect()
     }
 }
 
@@ -187,11 +139,11 @@ async fn random_marks_scenario(replica: &Replica, dir: &Path) {
             replica.replay_once(&journal);
         }
         if round == 3 {
-            replica.run_ok(
+            replica.run_ok(&replica.args(
                 &journal,
                 &["replica", "compact"],
                 &["--force", "--part-size", "1M"],
-            );
+            ));
         }
     }
     let m = manifest::load_latest(replica.store.as_ref())
@@ -275,11 +227,7 @@ async fn random_marks_mounted_from_an_object_replica_on_s3s_fs_read_as_the_oracl
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let replica = Replica {
-        uri: s3.uri("objm/"),
-        env: s3.child_env(),
-        store: Arc::new(s3.store("objm/")),
-    };
+    let replica = Replica::on_s3(&s3, "objm/");
     random_marks_scenario(&replica, dir.path()).await;
 }
 
@@ -320,7 +268,7 @@ async fn the_cache_never_passes_its_cap_during_a_full_read_of_a_larger_image() {
         journal.append_at(ops, t(0, chunk)).await;
     }
     replica.replay_once(&journal);
-    replica.run_ok(&journal, &["replica", "compact"], &["--part-size", "4M"]);
+    replica.run_ok(&replica.args(&journal, &["replica", "compact"], &["--part-size", "4M"]));
     append_round(&mut journal, 1, 0, 3).await;
     let lsn = append_mark(&mut journal, "over", t(1, 5)).await;
     replica.replay_once(&journal);
@@ -445,11 +393,11 @@ async fn compaction_and_trim_under_a_mount_keep_it_exact_or_fail_it_cleanly() {
     // The point leaves the retention: only the newest checkpoint is kept, its older objects
     // are deleted after two more generations, and the journal is trimmed behind the replica.
     for round in 9..12 {
-        replica.run_ok(&journal, &["replica", "trim"], &["--retain", "0s"]);
+        replica.run_ok(&replica.args(&journal, &["replica", "trim"], &["--retain", "0s"]));
         append_round(&mut journal, round, 0, 1).await;
         replica.replay_once(&journal);
     }
-    replica.run_ok(&journal, &["replica", "trim"], &["--retain", "0s"]);
+    replica.run_ok(&replica.args(&journal, &["replica", "trim"], &["--retain", "0s"]));
     support::replay::run_ok(
         &[
             "journal",

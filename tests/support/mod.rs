@@ -21,6 +21,7 @@
 pub mod daemon;
 pub mod ext4;
 pub mod nbd;
+pub mod objrep;
 pub mod oracle;
 pub mod procs;
 pub mod prometheus;
