@@ -15,17 +15,19 @@ use tinylag::block::BlockDevice;
 use tinylag::clock::format_ns;
 use tinylag::journal::JournalReader;
 use tinylag::journal::Manifest;
-use tinylag::nbd::{self, Export, ListenAddr, NbdServer};
+use tinylag::nbd::{Export, ListenAddr, NbdServer};
 use tinylag::objrep::{compact, trim, CompactConfig, ObjPoint, ObjSources, TrimConfig};
 use tinylag::objrep::{DiskCache, ObjView, ObjectAgent, ObjectAgentConfig};
 use tinylag::store::{open_store, open_store_for_command, StoreUri};
 use tokio::sync::watch;
 
 use crate::cmd::args::{parse_duration, parse_size, JournalArgs, NamedPath};
-use crate::cmd::output::{say, tell, warn_logged};
+use crate::cmd::output::{say, tell};
 use crate::cmd::replay::{forward_signals, ReplayArgs};
 use crate::cmd::serve::{wait_for_signal, StopSignals};
-use crate::cmd::timetravel::{MountArgs, PointArgs, ReplicaArgs, RestoreArgs, TimelineArgs};
+use crate::cmd::timetravel::{
+    serve_nbd_until_signal, MountArgs, PointArgs, ReplicaArgs, RestoreArgs, TimelineArgs,
+};
 use crate::cmd::ublk::Frontend;
 
 /// The store address when `--replica` names an object replica (`scheme://…`); `None` for a
@@ -325,27 +327,10 @@ async fn serve_view(
     let server = NbdServer::new(exports, export)?
         .with_security(security.clone())
         .with_buffer_budget(args.tls.buffer_budget()?);
-    let listener = nbd::bind(&listen).await?;
-    let listen = listener.local_addr().clone();
-    let security_warning = security.warning(&listen);
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let nbd_task = tokio::spawn(nbd::serve(listener, Arc::new(server), shutdown_rx));
-    announce(&format!(
-        "{} ({})",
-        args.tls.nbd_uri(&listen, export),
-        security.describe()
-    ));
-    if let Some(w) = &security_warning {
-        warn_logged(w);
-    }
-    let signal = wait_for_signal().await?;
-    tracing::info!(signal, "stopping");
-    let _ = shutdown_tx.send(true);
-    match nbd_task.await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.into()),
-        Err(e) => Err(anyhow::anyhow!("the NBD server task failed: {e}")),
-    }
+    serve_nbd_until_signal(server, &listen, &security, &args.tls, export, |served_as| {
+        announce(&served_as)
+    })
+    .await
 }
 
 /// `timeline --replica URI`.

@@ -12,7 +12,7 @@ use tinylag::block::BlockDevice;
 use tinylag::block::DeviceSlice;
 use tinylag::clock::{Clock, SystemClock};
 use tinylag::journal::DeviceLayout;
-use tinylag::nbd::{self, DirtyBitmap, Export, ListenAddr, NbdServer};
+use tinylag::nbd::{self, DirtyBitmap, Export, ListenAddr, NbdServer, Security};
 use tinylag::store::LocalStore;
 use tinylag::store::{open_store_for_command, ObjectStore, StoreUri};
 use tinylag::timetravel::restore::{self, Direction, Stage};
@@ -538,28 +538,45 @@ pub async fn run_mount(args: MountArgs) -> anyhow::Result<()> {
             server = server.with_dirty_bitmap(name, bitmap)?;
         }
     }
-    let server = Arc::new(server);
-    let listener = nbd::bind(&listen).await?;
+    serve_nbd_until_signal(
+        server,
+        &listen,
+        &security,
+        &args.tls,
+        &export,
+        |served_as| {
+            announce(&replica, &point, &summary, &served_as, &args.writable);
+            if let Some(line) = bitmap_line {
+                tell(line);
+            }
+        },
+    )
+    .await
+}
+
+/// Serves `server` on `listen` until SIGINT or SIGTERM, then lets its connections finish.
+/// Once the socket is bound, `announce` gets what clients connect to (the NBD URI and the
+/// security in force), and then the security warning, if any, is logged. The tail of both
+/// mounts: of a replica image and of an object replica.
+pub async fn serve_nbd_until_signal(
+    server: NbdServer,
+    listen: &ListenAddr,
+    security: &Security,
+    tls: &TlsArgs,
+    export: &str,
+    announce: impl FnOnce(String),
+) -> anyhow::Result<()> {
+    let listener = nbd::bind(listen).await?;
     let listen = listener.local_addr().clone();
-    let security_warning = security.warning(&listen);
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let nbd_task = tokio::spawn(nbd::serve(listener, server, shutdown_rx));
-    announce(
-        &replica,
-        &point,
-        &summary,
-        &format!(
-            "{} ({})",
-            args.tls.nbd_uri(&listen, &export),
-            security.describe()
-        ),
-        &args.writable,
-    );
-    if let Some(line) = bitmap_line {
-        tell(line);
-    }
-    if let Some(w) = &security_warning {
-        warn_logged(w);
+    let nbd_task = tokio::spawn(nbd::serve(listener, Arc::new(server), shutdown_rx));
+    announce(format!(
+        "{} ({})",
+        tls.nbd_uri(&listen, export),
+        security.describe()
+    ));
+    if let Some(w) = security.warning(&listen) {
+        warn_logged(&w);
     }
     let signal = wait_for_signal().await?;
     tracing::info!(signal, "stopping");
