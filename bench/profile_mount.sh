@@ -13,7 +13,8 @@
 # Output: bench/profile/<NAME>-{mount,serve}.{svg,folded,txt}.
 #
 # Needs: fio (nbd engine), perf, strace, python3. Environment: BIN (tinylag binary, required),
-# AT (the restore point, required: `--at` as timetravel.sh printed it), BENCH_DIR (default
+# AT (the restore point, required: the time after "restore point" on the line timetravel.sh
+# prints after its replay, not the one in its section's prose), BENCH_DIR (default
 # target/bench-timetravel), RUNTIME (s per run, default 8), CONFIGS (default "mount serve"),
 # NAME (default "mount"), OUTDIR (default bench/profile).
 set -euo pipefail
