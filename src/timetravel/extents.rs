@@ -102,6 +102,21 @@ impl<S: Clone> ExtentMap<S> {
         }
     }
 
+    /// `Some(source)` when all of `start..end` (not empty) has one source (`None`: the
+    /// replica), from one descent of the tree and without allocating; `None` when it spans
+    /// several pieces (then [`pieces`](Self::pieces)). A mount's 4 KiB read is nearly always
+    /// one piece, and building the `Vec` of `pieces` cost 7% of its CPU (bench/profile/).
+    pub(crate) fn whole(&self, start: u64, end: u64) -> Option<Option<S>> {
+        // The last extent starting before `end`: extents do not overlap, so when it ends at
+        // or before `start`, every earlier one does too.
+        match self.map.range(..end).next_back() {
+            None => Some(None),
+            Some((_, (e, _))) if *e <= start => Some(None),
+            Some((&k, (e, src))) if k <= start && *e >= end => Some(Some(src.clone())),
+            Some(_) => None,
+        }
+    }
+
     /// `start..end` cut into consecutive pieces with their source (`None`: the replica).
     pub(crate) fn pieces(&self, start: u64, end: u64) -> Vec<(u64, u64, Option<S>)> {
         let mut out = Vec::new();
@@ -206,5 +221,36 @@ mod tests {
             ]
         );
         assert_eq!(m.len(), 6);
+    }
+
+    /// `whole` agrees with `pieces` wherever `pieces` gives one piece, and says `None`
+    /// wherever it gives more, over every range of a small map with gaps and neighbours.
+    #[test]
+    fn whole_is_pieces_when_there_is_one() {
+        let mut m = ExtentMap::default();
+        m.overwrite(10, 20, loc(1));
+        m.overwrite(20, 25, loc(2));
+        m.overwrite(30, 40, Source::Zero);
+        let tag = |src: Option<Source>| {
+            src.map(|x| match x {
+                Source::Zero => 0,
+                Source::Payload(l) => l.seq,
+            })
+        };
+        for start in 0..45 {
+            for end in start + 1..46 {
+                let pieces = seqs(&m, start, end);
+                let whole = m.whole(start, end).map(tag);
+                if let [(_, _, one)] = pieces.as_slice() {
+                    assert_eq!(whole, Some(*one), "{start}..{end}");
+                } else {
+                    assert_eq!(whole, None, "{start}..{end}: {pieces:?}");
+                }
+            }
+        }
+        assert_eq!(
+            ExtentMap::<Source>::default().whole(0, 8).map(tag),
+            Some(None)
+        );
     }
 }
