@@ -207,11 +207,8 @@ fn a_clean_stop_restarts_logging_and_a_kill_resyncs_what_the_activity_log_names(
     assert_eq!(status["start"]["kind"], "activity-log", "{status:#}");
     assert_eq!(status["start"]["regions"], 1, "{status:#}");
     assert_eq!(status["resync"]["lifetime_regions"], 1, "{status:#}");
-    assert!(
-        daemon.log_tail().contains("resyncing the 1 regions"),
-        "{}",
-        daemon.log_tail()
-    );
+    // The control socket answers before serve prints its start-up lines: wait for them.
+    daemon.wait_log(Duration::from_secs(10), "resyncing the 1 regions");
     drop(daemon);
 
     // Without its activity log, a kill means the whole device: forward-full, said loudly.
@@ -224,11 +221,8 @@ fn a_clean_stop_restarts_logging_and_a_kill_resyncs_what_the_activity_log_names(
         "{status:#}"
     );
     assert_eq!(status["transitions"][0]["to"], "forward-full", "{status:#}");
-    assert!(
-        daemon.log_tail().contains("the WHOLE device is resynced"),
-        "{}",
-        daemon.log_tail()
-    );
+    // The control socket answers before serve prints its start-up lines: wait for them.
+    daemon.wait_log(Duration::from_secs(10), "the WHOLE device is resynced");
     daemon.wait_status(Duration::from_secs(60), "logging", |s| {
         s["mode"] == "logging" && s["durable_lsn"] == s["head_lsn"]
     });
