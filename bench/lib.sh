@@ -109,6 +109,62 @@ cpu_seconds() {
     awk -v hz="$(getconf CLK_TCK)" '{sub(/^.*\) /, ""); print ($12 + $13) / hz}' "/proc/$1/stat"
 }
 
+# Context switches (voluntary + involuntary) pid $1 has had so far, summed over its threads.
+ctx_switches() {
+    cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n += $2} END {print n}'
+}
+
+# Samples pid $1 with call graphs (perf, 499 Hz) while the command after the first four
+# arguments runs (a fio run that prints "IOS IOPS"); prints "perf run: IOPS IOPS" and the
+# top $4 functions by self time, and writes the flame graph $3.svg and its stacks $3.folded
+# (bench/flamegraph.py) titled $2.
+perf_flamegraph() {
+    local pid=$1 title=$2 out=$3 top=$4 data perf_pid ios iops
+    shift 4
+    data=$(mktemp /var/tmp/tinylag-perf.XXXXXX)
+    perf record -q -F 499 --call-graph dwarf,16384 -o "$data" -p "$pid" \
+        -- sleep "$RUNTIME" 2>/dev/null &
+    perf_pid=$!
+    read -r ios iops < <("$@")
+    wait "$perf_pid" || true
+    echo "perf run: $iops IOPS"
+    perf script -i "$data" 2>/dev/null |
+        python3 "$(dirname "${BASH_SOURCE[0]}")/flamegraph.py" --title "$title" \
+            --folded "$out.folded" --top "$top" >"$out.svg" 2>"$data.top"
+    cat "$data.top"
+    rm -f "$data" "$data.top"
+}
+
+# Counts pid $1's system calls (strace -c -f) while the command after the first two
+# arguments runs (a fio run that prints "IOS IOPS"); prints them per I/O, $2 naming the unit
+# (request, read): the total, then the 12 most frequent.
+strace_per_io() {
+    local pid=$1 unit=$2 counts strace_pid ios iops
+    shift 2
+    counts=$(mktemp /var/tmp/tinylag-strace.XXXXXX)
+    strace -c -f -o "$counts" -p "$pid" &
+    strace_pid=$!
+    sleep 0.5
+    read -r ios iops < <("$@")
+    kill -INT "$strace_pid" 2>/dev/null || true
+    wait "$strace_pid" || true
+    echo "strace run: $iops IOPS (traced), $ios ${unit}s; system calls per $unit:"
+    python3 - "$counts" "$ios" <<'PY'
+import sys
+ios = float(sys.argv[2])
+rows = []
+for line in open(sys.argv[1]):
+    f = line.split()
+    if len(f) >= 5 and f[0][0].isdigit() and f[-1] != "total":
+        rows.append((int(f[3]), f[-1]))
+rows.sort(reverse=True)
+print(f"  total {sum(c for c, _ in rows)/ios:.2f}")
+for calls, name in rows[:12]:
+    print(f"  {calls/ios:6.3f}  {name}")
+PY
+    rm -f "$counts"
+}
+
 # Replaces a section of the markdown file $2 with the section read from stdin, or appends it
 # when the file has none; prints the section. $1 names the section: NAME for the text
 # between `<!-- NAME:begin -->` and `<!-- NAME:end -->` (markers included; added when the

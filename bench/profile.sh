@@ -41,9 +41,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-ctx_switches() {
-    cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n += $2} END {print n}'
-}
 wait_logging() {
     for _ in $(seq 6000); do
         if "$BIN" status --control "$1" --json 2>/dev/null | python3 -c \
@@ -109,16 +106,7 @@ for config in $CONFIGS; do
             echo "malloc calls/request: not measured (perf probe on libc malloc failed)"
         fi
         # 2. perf
-        perf record -q -F 499 --call-graph dwarf,16384 -o "$WORK/perf.data" -p "$PID" \
-            -- sleep "$RUNTIME" 2>/dev/null &
-        perf_pid=$!
-        read -r ios iops < <(fio_run "$sock")
-        wait "$perf_pid" || true
-        echo "perf run: $iops IOPS"
-        perf script -i "$WORK/perf.data" 2>/dev/null |
-            python3 "$ROOT/bench/flamegraph.py" --title "4k randwrite QD32, serve $config ($NAME)" \
-                --folded "$out.folded" --top 30 >"$out.svg" 2>"$WORK/top.txt"
-        cat "$WORK/top.txt"
+        perf_flamegraph "$PID" "4k randwrite QD32, serve $config ($NAME)" "$out" 30 fio_run "$sock"
         python3 - "$out.folded" <<'EOF'
 import sys
 total = 0
@@ -152,31 +140,9 @@ for k, v in cats.items():
     print(f"  {100*v/total:5.1f}%  {k} (anywhere on the stack; tokio: self time in tokio frames)")
 EOF
         # 3. strace
-        strace -c -f -o "$WORK/strace.txt" -p "$PID" &
-        strace_pid=$!
-        sleep 0.5
-        read -r ios iops < <(fio_run "$sock")
-        kill -INT "$strace_pid" 2>/dev/null || true
-        wait "$strace_pid" || true
-        echo "strace run: $iops IOPS (traced), $ios requests; system calls per request:"
-        python3 - "$WORK/strace.txt" "$ios" <<'EOF'
-import sys
-ios = float(sys.argv[2])
-rows = []
-for line in open(sys.argv[1]):
-    f = line.split()
-    if len(f) >= 5 and f[0][0].isdigit() and f[-1] not in ("total",):
-        calls = int(f[3])
-        rows.append((calls, f[-1]))
-    elif f and f[-1] == "total":
-        total = int(f[2])
-rows.sort(reverse=True)
-print(f"  total {sum(c for c, _ in rows)/ios:.2f}")
-for calls, name in rows[:12]:
-    print(f"  {calls/ios:6.3f}  {name}")
-EOF
+        strace_per_io "$PID" request fio_run "$sock"
     } | tee "$out.txt"
     stop "$PID"
     PID=""
-    rm -rf "$WORK/journal" "$img" "$img.ctl" "$WORK/perf.data"
+    rm -rf "$WORK/journal" "$img" "$img.ctl"
 done

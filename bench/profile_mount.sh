@@ -43,9 +43,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-ctx_switches() {
-    cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n += $2} END {print n}'
-}
 # Runs fio against $1 (socket) for RUNTIME s; prints the total I/Os and the IOPS.
 fio_run() {
     fio --name=p --ioengine=nbd --uri="nbd+unix:///disk0?socket=$1" --rw=randread --bs=4k \
@@ -75,38 +72,9 @@ for config in $CONFIGS; do
         c1=$(cpu_seconds "$PID") x1=$(ctx_switches "$PID")
         python3 -c 'import sys; ios,iops,c0,c1,x0,x1=map(float,sys.argv[1:]); print(f"plain: {iops:.0f} IOPS, CPU {1e6*(c1-c0)/ios:.2f} µs/read, {(x1-x0)/ios:.3f} context switches/read")' \
             "$ios" "$iops" "$c0" "$c1" "$x0" "$x1"
-        perf record -q -F 499 --call-graph dwarf,16384 -o "$WORK/perf.data" -p "$PID" \
-            -- sleep "$RUNTIME" 2>/dev/null &
-        perf_pid=$!
-        read -r ios iops < <(fio_run "$sock")
-        wait "$perf_pid" || true
-        echo "perf run: $iops IOPS"
-        perf script -i "$WORK/perf.data" 2>/dev/null |
-            python3 "$ROOT/bench/flamegraph.py" --title "4k randread QD32, $config ($NAME)" \
-                --folded "$out.folded" --top 25 >"$out.svg" 2>"$WORK/top.txt"
-        cat "$WORK/top.txt"
-        strace -c -f -o "$WORK/strace.txt" -p "$PID" &
-        strace_pid=$!
-        sleep 0.5
-        read -r ios iops < <(fio_run "$sock")
-        kill -INT "$strace_pid" 2>/dev/null || true
-        wait "$strace_pid" || true
-        echo "strace run: $iops IOPS (traced), $ios reads; system calls per read:"
-        python3 - "$WORK/strace.txt" "$ios" <<'EOF'
-import sys
-ios = float(sys.argv[2])
-rows = []
-for line in open(sys.argv[1]):
-    f = line.split()
-    if len(f) >= 5 and f[0][0].isdigit() and f[-1] != "total":
-        rows.append((int(f[3]), f[-1]))
-rows.sort(reverse=True)
-print(f"  total {sum(c for c, _ in rows)/ios:.2f}")
-for calls, name in rows[:10]:
-    print(f"  {calls/ios:6.3f}  {name}")
-EOF
+        perf_flamegraph "$PID" "4k randread QD32, $config ($NAME)" "$out" 25 fio_run "$sock"
+        strace_per_io "$PID" read fio_run "$sock"
     } | tee "$out.txt"
     stop "$PID"
     PID=""
-    rm -f "$WORK/perf.data"
 done
