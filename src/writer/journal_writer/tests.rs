@@ -83,6 +83,15 @@ fn noise(seed: u64, len: usize) -> Bytes {
     Bytes::from(crate::testing::noise(seed, len))
 }
 
+/// A 70 KB write at the `i`-th 64 KiB offset: with the tests' 64 KiB segments, it fills a
+/// segment alone, so seqs follow writes one to one.
+fn segment_filling_write(i: u64) -> Op {
+    Op::Write {
+        offset: i * 65536,
+        data: noise(i, 70_000),
+    }
+}
+
 fn write(offset: u64, len: usize, byte: u8) -> Op {
     Op::Write {
         offset,
@@ -300,12 +309,8 @@ async fn a_restart_plugs_a_crash_gap_deeper_than_the_last_uploads() {
     let shared1 = shared();
     let w1 = start(store.clone(), &m, &shared1).await;
     // Each 70 KB write fills a 64 KiB segment alone: seq 1, then seqs 2..=12.
-    let big = |i: u64| Op::Write {
-        offset: i * 65536,
-        data: noise(i, 70_000),
-    };
-    let l1 = send(&w1, &shared1, vec![big(0)]);
-    let last = send(&w1, &shared1, (1..=11).map(big).collect());
+    let l1 = send(&w1, &shared1, vec![segment_filling_write(0)]);
+    let last = send(&w1, &shared1, (1..=11).map(segment_filling_write).collect());
     wait_durable(&w1, last).await;
     w1.task.abort(); // the writer "dies"
                      // Seq 2 never landed; 10 seqs past it did (more than the plan's 2W look-back).
@@ -526,14 +531,14 @@ async fn a_restart_continues_after_the_prefix_and_plugs_holes() {
     let w1 = start(store.clone(), &m, &shared1).await;
     // Each 70 KB write fills a 64 KiB segment alone. Seq 1 gets through; seq 2 never does;
     // seq 3 does (an orphan past the hole).
-    let big = |i: u64| Op::Write {
-        offset: i * 65536,
-        data: noise(i, 70_000),
-    };
-    let l1 = send(&w1, &shared1, vec![big(0)]);
+    let l1 = send(&w1, &shared1, vec![segment_filling_write(0)]);
     wait_durable(&w1, l1).await;
     flaky.fail_prefix("journal/2/", FailureKind::Permanent);
-    send(&w1, &shared1, vec![big(1), big(2)]);
+    send(
+        &w1,
+        &shared1,
+        vec![segment_filling_write(1), segment_filling_write(2)],
+    );
     tokio::time::timeout(Duration::from_secs(5), async {
         while !crate::journal::head::segment_exists(store.as_ref(), &m, 3)
             .await
