@@ -755,17 +755,7 @@ async fn compaction_and_trim_racing_the_agent_keep_every_retained_mark_exact() {
     let (from_images, hashes) =
         every_checkpoint_restores(&replica, &journal, &out, "after the race").await;
     assert!(from_images > 0, "no checkpoint was read from an image");
-    support::replay::run_ok(
-        &[
-            "journal",
-            "trim",
-            "--journal",
-            journal.uri(),
-            "--retain",
-            "0s",
-        ]
-        .map(String::from),
-    );
+    support::objrep::trim_the_journal(&journal);
     // The journal no longer holds the points: each retained mark (a checkpoint of its own)
     // restores from the replica alone, to the image checked against the oracle above.
     for (round, name, lsn) in &marks {

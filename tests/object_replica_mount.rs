@@ -398,17 +398,7 @@ async fn compaction_and_trim_under_a_mount_keep_it_exact_or_fail_it_cleanly() {
         replica.replay_once(&journal);
     }
     replica.run_ok(&replica.args(&journal, &["replica", "trim"], &["--retain", "0s"]));
-    support::replay::run_ok(
-        &[
-            "journal",
-            "trim",
-            "--journal",
-            journal.uri(),
-            "--retain",
-            "0s",
-        ]
-        .map(String::from),
-    );
+    support::objrep::trim_the_journal(&journal);
     // The cache holds a megabyte of the point at most: a full read must go to the store,
     // find the objects gone, and no generation or journal holds the point any more.
     if let Ok(got) = read_all(&mount, &out) {

@@ -14,7 +14,7 @@ use tinylag::objrep::manifest;
 use tinylag::objrep::ReplicaManifest;
 use tinylag::store::{LocalStore, ObjectStore};
 
-use super::replay::{tinylag, TestJournal};
+use super::replay::{run_ok, tinylag, TestJournal};
 use super::s3::S3Server;
 
 /// Where the replica is and how a child process reaches it.
@@ -90,4 +90,20 @@ impl Replica {
             .map(|m| m.key)
             .collect()
     }
+}
+
+/// `journal trim --retain 0s`, which must succeed: from then on the past the journal held
+/// is in the replica alone.
+pub fn trim_the_journal(journal: &TestJournal) {
+    run_ok(
+        &[
+            "journal",
+            "trim",
+            "--journal",
+            journal.uri(),
+            "--retain",
+            "0s",
+        ]
+        .map(String::from),
+    );
 }
