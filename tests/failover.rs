@@ -18,9 +18,14 @@ use support::replay::{replay_args, run_ok, spawn};
 
 const MIB: u64 = 1 << 20;
 
-/// fio's nbd engine: random writes of 4-64 KiB over the first 32 MiB for `seconds`.
+/// fio's nbd engine: random writes of 4-64 KiB over the first 32 MiB for `seconds`, at
+/// most 24 MiB/s. Unbounded, a fast machine journals over a GiB a round (6 GB at once
+/// across this file's tests were measured), which can fill a CI runner's disk; what is
+/// tested here is the switch under writes in flight, not their rate.
 fn fio(uri: &str, workdir: &Path, seconds: u64) -> Command {
-    fio_cmd(uri, workdir, 0, 32 * MIB, seconds)
+    let mut cmd = fio_cmd(uri, workdir, 0, 32 * MIB, seconds);
+    cmd.arg("--rate=24m");
+    cmd
 }
 
 fn files_equal(a: &Path, b: &Path) -> bool {
@@ -42,9 +47,22 @@ fn promote(replica: &Path, journal: &str, name: &str, extra: &[&str]) -> Daemon 
     Daemon::start_args(replica, None, &args, &[])
 }
 
-fn demote(control: &Path) -> serde_json::Value {
-    let out = tinylag_ok(&["demote", "--control", path(control), "--json"], &[]);
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("demote JSON: {e}: {out}"))
+/// `tinylag demote` of `daemon`; on a refusal, the daemon's status and log say why.
+fn demote(daemon: &Daemon) -> serde_json::Value {
+    let out = tinylag(
+        &["demote", "--control", path(&daemon.control), "--json"],
+        &[],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        panic!(
+            "demote failed: {}\nstatus: {:#}\nlog:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            daemon.try_status().unwrap_or_else(|e| e.into()),
+            daemon.log_tail()
+        );
+    }
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("demote JSON: {e}: {text}"))
 }
 
 /// A promoted (or started) primary that began in `logging` and resynced nothing.
@@ -103,7 +121,7 @@ fn planned_failover_and_failback_twice_under_fio_resync_nothing() {
     let mut current = 0; // index of the serving site
     for round in 0..4 {
         run_cmd_ok(&mut fio(&primary.uri(), dir.path(), 2));
-        let done = demote(&primary.control);
+        let done = demote(&primary);
         let lsn = done["lsn"].as_u64().unwrap();
         assert_eq!(primary.status()["mode"], "demoted");
         // Writes fail (EPERM), reads go on.
@@ -143,7 +161,7 @@ fn planned_failover_and_failback_twice_under_fio_resync_nothing() {
         current = next;
     }
     run_cmd_ok(&mut fio(&primary.uri(), dir.path(), 1));
-    let done = demote(&primary.control);
+    let done = demote(&primary);
     let other = {
         let mut p = sites[1 - current].0.as_os_str().to_owned();
         p.push(".ctl");
@@ -235,7 +253,7 @@ fn racing_promotes_have_one_winner_and_a_fenced_writer_cannot_demote() {
         })
         .collect();
     support::nbd::qemu_io_ok(&primary.uri(), &["write -P 3 0 1M"]);
-    demote(&primary.control);
+    demote(&primary);
     primary.stop_ok();
     let mut racers: Vec<ChildGuard> = replicas
         .iter()
@@ -348,7 +366,7 @@ fn promote_from_an_object_replica_materialises_the_image_and_the_new_epoch_is_fo
         &primary.uri(),
         &["write -P 3 4M 4M", "write -z 8M 1M", "discard 130M 1M"],
     );
-    let done = demote(&primary.control);
+    let done = demote(&primary);
     let lsn = done["lsn"].as_u64().unwrap();
     primary.stop_ok();
     let epochs = || {

@@ -217,6 +217,40 @@ impl Episodes {
         true
     }
 
+    /// In words, why the current dirty episode has not ended yet: what opened it and what
+    /// the resync is waiting for now. For refusals that wait on a resync (`demote`).
+    pub(super) fn holdup(&self) -> String {
+        let cause = self
+            .mode
+            .transitions()
+            .iter()
+            .rev()
+            .find(|t| t.to == super::mode::Mode::ForwardPart)
+            .map(|t| t.cause.clone())
+            .unwrap_or_else(|| "unknown".into());
+        let waiting = if self.stats.outage.load(Ordering::Acquire) {
+            "the journal store has completed no upload for longer than the outage bound, so \
+             the resync waits for it"
+                .to_string()
+        } else if let Some(reason) = self.stats.stopped_reason() {
+            format!("journaling stopped ({reason})")
+        } else if self.pool.used() * 2 > self.pool.cap() {
+            format!(
+                "the memory pool holds {} of {} (the journal is behind); the resync starts a \
+                 region only below half",
+                crate::units::format_size(self.pool.used()),
+                crate::units::format_size(self.pool.cap())
+            )
+        } else {
+            let s = self.status();
+            format!(
+                "the resync is running: {} regions done in {} passes",
+                s.regions_done, s.passes
+            )
+        };
+        format!("entered because {cause}; {waiting}")
+    }
+
     /// Wakes the resync task (an episode opened at start).
     pub(super) fn wake(&self) {
         self.wake.notify_one();

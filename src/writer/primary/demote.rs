@@ -97,6 +97,7 @@ impl PrimaryCore {
                         mode,
                         regions: self.dirty.count(),
                         waited: resync_timeout,
+                        holdup: j.episodes.holdup(),
                     }))
                 }
                 _ => tokio::time::sleep(RESYNC_POLL).await,

@@ -47,13 +47,16 @@ pub enum HookError {
     Refusing,
     /// A resync did not drain in time: nothing was demoted.
     #[error(
-        "mode is still {mode} after {waited:?} ({regions} dirty regions): a resync is pending; \
-         nothing was demoted and writes are taken again — retry once `status` says logging"
+        "mode is still {mode} after {waited:?} ({regions} dirty regions; {holdup}): a resync \
+         is pending; nothing was demoted and writes are taken again — retry once `status` says \
+         logging"
     )]
     ResyncPending {
         mode: Mode,
         regions: u64,
         waited: std::time::Duration,
+        /// What opened the dirty episode and what its resync waits for.
+        holdup: String,
     },
     /// The clean-stop marker could not be written.
     #[error("cannot write the clean-stop marker: {reason}")]

@@ -716,6 +716,41 @@ async fn demote_journals_demote_last_and_refuses_writes_after_it() {
     assert_eq!(fx.records().await.len(), records.len(), "nothing after it");
 }
 
+/// A demote whose resync cannot drain (the store is down, the pool full) is refused in time,
+/// saying what opened the episode and what the resync waits for; writes are taken again;
+/// once the store is back, the same demote succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_demote_waiting_on_a_stuck_resync_says_why_and_takes_writes_again() {
+    let fx = Fixture::new().await;
+    let disk = MemDisk::new(Duration::ZERO);
+    let core = fx.core(&disk, AckMode::Async, 1 << 20).await;
+    fx.flaky.fail_all(Some(FailureKind::Transient));
+    for i in 0..64u64 {
+        core.write(i * 65536 % SIZE, pattern(i, 16384), false)
+            .await
+            .unwrap();
+    }
+    assert_eq!(core.mode(), Mode::ForwardPart);
+    let refused = core.demote(Duration::from_millis(500)).await.unwrap_err();
+    let text = refused.to_string();
+    assert!(matches!(refused, HookError::ResyncPending { .. }), "{text}");
+    assert!(
+        text.contains("entered because the memory pool is full")
+            && (text.contains("outage bound") || text.contains("the memory pool holds")),
+        "{text}"
+    );
+    core.write(0, Bytes::from(vec![3u8; 4096]), false)
+        .await
+        .expect("writes are taken again after a refused demote");
+    fx.flaky.heal();
+    let done = core.demote(Duration::from_secs(20)).await.unwrap();
+    assert_eq!(core.mode(), Mode::Demoted);
+    core.shutdown(Duration::from_secs(5)).await;
+    let records = fx.records().await;
+    assert_eq!(records.last().unwrap().lsn, done.lsn);
+    assert!(fx.replay().await == disk.snapshot());
+}
+
 /// A fenced writer refuses to demote, and the regions its clients write after the fence
 /// stay in the activity log (never durable, so never retired): `rejoin` counts them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
