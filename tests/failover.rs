@@ -18,13 +18,15 @@ use support::replay::{replay_args, run_ok, spawn};
 
 const MIB: u64 = 1 << 20;
 
-/// fio's nbd engine: random writes of 4-64 KiB over the first 32 MiB for `seconds`, at
-/// most 24 MiB/s. Unbounded, a fast machine journals over a GiB a round (6 GB at once
-/// across this file's tests were measured), which can fill a CI runner's disk; what is
-/// tested here is the switch under writes in flight, not their rate.
-fn fio(uri: &str, workdir: &Path, seconds: u64) -> Command {
+/// fio's nbd engine: random writes of 4-64 KiB over the first 32 MiB for `seconds` or
+/// `mib` MiB, whichever ends first. Unbounded, a fast machine journals over a GiB a round
+/// (6 GB at once across this file's tests were measured), which can fill a CI runner's
+/// disk; what is tested here is the switch after and under writes, not their rate. (Not
+/// `--rate`: fio 3.33's nbd engine with a rate limit spins printing errors for good once
+/// the server is killed, and its job process outlives the fio that is killed.)
+fn fio(uri: &str, workdir: &Path, seconds: u64, mib: u64) -> Command {
     let mut cmd = fio_cmd(uri, workdir, 0, 32 * MIB, seconds);
-    cmd.arg("--rate=24m");
+    cmd.args(["--time_based=0", &format!("--io_size={mib}m")]);
     cmd
 }
 
@@ -120,7 +122,7 @@ fn planned_failover_and_failback_twice_under_fio_resync_nothing() {
     let sites = [(a.clone(), "sitea"), (b.clone(), "siteb")];
     let mut current = 0; // index of the serving site
     for round in 0..4 {
-        run_cmd_ok(&mut fio(&primary.uri(), dir.path(), 2));
+        run_cmd_ok(&mut fio(&primary.uri(), dir.path(), 2, 64));
         let done = demote(&primary);
         let lsn = done["lsn"].as_u64().unwrap();
         assert_eq!(primary.status()["mode"], "demoted");
@@ -160,7 +162,7 @@ fn planned_failover_and_failback_twice_under_fio_resync_nothing() {
         primary = promoted;
         current = next;
     }
-    run_cmd_ok(&mut fio(&primary.uri(), dir.path(), 1));
+    run_cmd_ok(&mut fio(&primary.uri(), dir.path(), 1, 32));
     let done = demote(&primary);
     let other = {
         let mut p = sites[1 - current].0.as_os_str().to_owned();
@@ -194,7 +196,8 @@ fn forced_promote_after_kill_9_equals_the_journal_head() {
     args.push("--assume-seeded".into());
     let mut agent = spawn(&args, &dir.path().join("b.replay.log"));
     let head = primary.status()["head_lsn"].as_u64().unwrap();
-    let mut load = ChildGuard::spawn("fio", &mut fio(&primary.uri(), dir.path(), 30)).unwrap();
+    let mut load =
+        ChildGuard::spawn("fio", &mut fio(&primary.uri(), dir.path(), 30, 1024)).unwrap();
     // Killed under load: once fio's writes are flowing into the journal.
     primary.wait_status(Duration::from_secs(60), "fio writing", |s| {
         s["head_lsn"].as_u64().unwrap() > head + 200
