@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 
 use super::allocation::{Allocation, Extent};
-use super::{check_range, BlockDevice, BlockError, DeviceInfo};
+use super::{check_range, BlockDevice, BlockError, DeviceInfo, ReadTicket};
 use crate::journal::layout::{DeviceLayout, Piece};
 
 /// Several devices in the group's address space (see the module documentation).
@@ -227,6 +227,23 @@ impl BlockDevice for DeviceSlice {
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BlockError> {
         check_range(offset, u64::from(len), self.info.size)?;
         self.inner.read(self.base + offset, len).await
+    }
+
+    fn reads_to_confirm(&self) -> bool {
+        self.inner.reads_to_confirm()
+    }
+
+    async fn read_to_confirm(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> Result<(Bytes, Option<ReadTicket>), BlockError> {
+        check_range(offset, u64::from(len), self.info.size)?;
+        self.inner.read_to_confirm(self.base + offset, len).await
+    }
+
+    fn confirm_reads(&self, oldest: ReadTicket) -> bool {
+        self.inner.confirm_reads(oldest)
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), BlockError> {

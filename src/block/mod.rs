@@ -60,10 +60,40 @@ pub enum BlockError {
     Io(#[from] std::io::Error),
 }
 
+/// What a device wants confirmed about a read before its data may be sent: see
+/// [`BlockDevice::read_to_confirm`]. Opaque to frontends; only compared (older is smaller).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ReadTicket(pub(crate) u64);
+
 #[async_trait]
 pub trait BlockDevice: Send + Sync {
     fn info(&self) -> DeviceInfo;
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BlockError>;
+    /// Whether reads should go through [`BlockDevice::read_to_confirm`]: asked once per
+    /// connection, so every other device's reads cost nothing more than [`BlockDevice::read`].
+    fn reads_to_confirm(&self) -> bool {
+        false
+    }
+    /// A read whose data may still need [`BlockDevice::confirm_reads`] before it is sent: a
+    /// device whose bytes can change under a read it must not show changed (a time view
+    /// beside a running replay agent) checks once per batch of replies instead of once per
+    /// read. With a ticket, the data may be sent only if `confirm_reads`, called after the
+    /// read completed, says so; otherwise the frontend reads again with [`BlockDevice::read`].
+    /// Without one the data is final.
+    async fn read_to_confirm(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> Result<(Bytes, Option<ReadTicket>), BlockError> {
+        self.read(offset, len).await.map(|data| (data, None))
+    }
+    /// Whether every read that returned a ticket at least `oldest`, and completed before this
+    /// call, may be sent as it was read. `false` costs the caller a [`BlockDevice::read`] per
+    /// such read, never a wrong byte.
+    fn confirm_reads(&self, oldest: ReadTicket) -> bool {
+        let _ = oldest;
+        false
+    }
     /// Writes `data`; with `fua` the data is durable before this returns.
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), BlockError>;
     /// Makes every completed write durable.

@@ -44,7 +44,7 @@ use super::protocol::*;
 use super::stop_requested;
 use crate::block::allocation::Allocation;
 use crate::block::buffers::BufferPool;
-use crate::block::{check_range, BlockDevice, BlockError, DeviceInfo};
+use crate::block::{check_range, BlockDevice, BlockError, DeviceInfo, ReadTicket};
 
 /// Requests admitted but not yet answered, per connection. Deep enough for fio's
 /// `iodepth=32` and qemu's 16 with room to spare.
@@ -134,7 +134,18 @@ fn reject(errno: u32, why: &'static str) -> Rejection {
 struct Reply {
     handle: u64,
     body: Body,
+    /// A read whose data the device must confirm before it goes out.
+    confirm: Option<ToConfirm>,
     _permits: Permits,
+}
+
+/// What the writer needs to check a read's data, and to read it again if the device does
+/// not confirm it.
+struct ToConfirm {
+    ticket: ReadTicket,
+    offset: u64,
+    len: u32,
+    structured: bool,
 }
 
 /// The bytes of one reply.
@@ -169,8 +180,9 @@ where
     W: AsyncWrite + Unpin + Send,
 {
     let (tx, rx) = mpsc::unbounded_channel();
+    let device = Arc::clone(&session.export.device);
     let reading = read_requests(reader, session, tx, shutdown, peer, buffers);
-    let writing = write_replies(writer, rx);
+    let writing = write_replies(writer, rx, device);
     tokio::pin!(reading, writing);
     tokio::select! {
         read = &mut reading => {
@@ -207,6 +219,7 @@ where
     let structured = session.structured;
     let contexts: Arc<[Selected]> = session.contexts.into();
     let info = export.device.info();
+    let reads_to_confirm = export.device.reads_to_confirm();
     // The largest block status reply: one full chunk per context.
     let status_reply_bound = contexts.len() * (CHUNK_HEADER_LEN + 4 + 8 * MAX_STATUS_EXTENTS);
     // Shared by every request task for its log lines, without a copy per request.
@@ -321,14 +334,29 @@ where
         let handle = request.handle;
         let command = request.command;
         let read_at = request.offset;
+        let read_len = request.length;
         let mut running = Box::pin(async move {
             // A panic inside the device is a bug, but the client is still owed a reply. The
             // device's own state is its business: a lock it held is poisoned and later calls
             // get that error, so unwinding past it here cannot make them see a torn state.
-            let run =
-                std::panic::AssertUnwindSafe(execute(device.as_ref(), &contexts, op, payload));
+            let run = std::panic::AssertUnwindSafe(execute(
+                device.as_ref(),
+                &contexts,
+                op,
+                payload,
+                reads_to_confirm,
+            ));
+            let mut confirm = None;
             let body = match run.catch_unwind().await {
-                Ok(Ok(done)) => success(handle, structured, read_at, done),
+                Ok(Ok((done, ticket))) => {
+                    confirm = ticket.map(|ticket| ToConfirm {
+                        ticket,
+                        offset: read_at,
+                        len: read_len,
+                        structured,
+                    });
+                    success(handle, structured, read_at, done)
+                }
                 Ok(Err(e)) => {
                     let errno = errno_of(&e, command);
                     tracing::warn!(%peer, command, errno, error = %e, "NBD request failed");
@@ -344,6 +372,7 @@ where
             let _ = tx.send(Reply {
                 handle,
                 body,
+                confirm,
                 _permits: permits,
             });
         });
@@ -540,20 +569,27 @@ fn message_of(errno: u32) -> &'static str {
     }
 }
 
-/// Runs a validated operation.
+/// Runs a validated operation; with `reads_to_confirm` (the device's
+/// [`BlockDevice::reads_to_confirm`]), a read's data may come with a ticket the device wants
+/// confirmed before it is sent.
 async fn execute(
     device: &dyn BlockDevice,
     contexts: &[Selected],
     op: Op,
     payload: Option<Bytes>,
-) -> Result<Done, BlockError> {
-    match op {
+    reads_to_confirm: bool,
+) -> Result<(Done, Option<ReadTicket>), BlockError> {
+    let done = match op {
         Op::Read { len: 0, .. } => Ok(Done::Data(Bytes::new())),
+        Op::Read { offset, len } if reads_to_confirm => {
+            let (data, ticket) = device.read_to_confirm(offset, len).await?;
+            return Ok((Done::Data(data), ticket));
+        }
         Op::Read { offset, len } => device.read(offset, len).await.map(Done::Data),
         Op::Write { offset, fua } => {
             let data = payload.unwrap_or_default();
             if data.is_empty() {
-                return Ok(Done::Nothing);
+                return Ok((Done::Nothing, None));
             }
             device
                 .write(offset, data, fua)
@@ -607,7 +643,8 @@ async fn execute(
             }
             Ok(Done::Status(chunks))
         }
-    }
+    };
+    done.map(|done| (done, None))
 }
 
 /// Block status descriptors from a source's extents, held to what the protocol promises
@@ -639,6 +676,7 @@ fn rejected(handle: u64, structured: bool, rejection: Rejection, permits: Permit
     Reply {
         handle,
         body: failure(handle, structured, rejection.errno, rejection.why),
+        confirm: None,
         _permits: permits,
     }
 }
@@ -716,12 +754,15 @@ const MAX_REPLY_BATCH: usize = 64;
 /// Writes replies as they arrive: everything queued by then goes out in one vectored write
 /// (headers and read data side by side, no copy of the data), and the writer is flushed
 /// whenever no further reply is queued, so a burst of completions costs one system call.
+/// Reads the device wants confirmed are confirmed once per batch, before it is written.
 async fn write_replies<W: AsyncWrite + Unpin>(
     mut writer: W,
     mut rx: mpsc::UnboundedReceiver<Reply>,
+    device: Arc<dyn BlockDevice>,
 ) -> io::Result<()> {
     let mut batch = Vec::with_capacity(MAX_REPLY_BATCH);
     while rx.recv_many(&mut batch, MAX_REPLY_BATCH).await > 0 {
+        confirm_reads(device.as_ref(), &mut batch).await;
         write_batch(&mut writer, &batch).await?;
         // Sent: the permits go back to the reader.
         batch.clear();
@@ -734,6 +775,44 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     // the client may already be gone, which is fine.
     let _ = writer.shutdown().await;
     Ok(())
+}
+
+/// Asks the device once whether the batch's reads that need it may go out as read (every
+/// one of them completed before its reply was queued, so before this check); if not, reads
+/// each of them again through [`BlockDevice::read`], which checks on its own.
+async fn confirm_reads(device: &dyn BlockDevice, batch: &mut [Reply]) {
+    let Some(oldest) = batch
+        .iter()
+        .filter_map(|r| r.confirm.as_ref().map(|c| c.ticket))
+        .min()
+    else {
+        return;
+    };
+    if device.confirm_reads(oldest) {
+        return;
+    }
+    for reply in batch.iter_mut() {
+        let Some(c) = reply.confirm.take() else {
+            continue;
+        };
+        let again = std::panic::AssertUnwindSafe(device.read(c.offset, c.len));
+        reply.body = match again.catch_unwind().await {
+            Ok(Ok(data)) => success(reply.handle, c.structured, c.offset, Done::Data(data)),
+            Ok(Err(e)) => {
+                let errno = errno_of(&e, CMD_READ);
+                tracing::warn!(errno, error = %e, "NBD read failed when read again unconfirmed");
+                failure(reply.handle, c.structured, errno, message_of(errno))
+            }
+            Err(panic) => {
+                let what = panic_text(panic.as_ref());
+                tracing::error!(
+                    panic = what,
+                    "NBD read panicked when read again; answered EIO"
+                );
+                failure(reply.handle, c.structured, EIO, message_of(EIO))
+            }
+        };
+    }
 }
 
 /// Writes `replies` (headers, and read data after each) with as few writes as the writer
@@ -1001,6 +1080,106 @@ mod tests {
         }
     }
 
+    /// A device whose bytes all read as its version, like a time view's replica that a
+    /// replay agent changes: a read at offset 4096 is followed at once by a change (the
+    /// version goes up), so its data must not be sent unconfirmed.
+    #[derive(Default)]
+    struct Changing {
+        version: std::sync::atomic::AtomicU64,
+        confirms: std::sync::atomic::AtomicU64,
+        /// Reads through `read`: the frontend's reads again.
+        plain_reads: std::sync::atomic::AtomicU64,
+    }
+
+    #[async_trait::async_trait]
+    impl BlockDevice for Changing {
+        fn info(&self) -> DeviceInfo {
+            info(true)
+        }
+        async fn read(&self, _: u64, len: u32) -> Result<Bytes, BlockError> {
+            use std::sync::atomic::Ordering::SeqCst;
+            self.plain_reads.fetch_add(1, SeqCst);
+            Ok(Bytes::from(vec![
+                self.version.load(SeqCst) as u8;
+                len as usize
+            ]))
+        }
+        fn reads_to_confirm(&self) -> bool {
+            true
+        }
+        async fn read_to_confirm(
+            &self,
+            offset: u64,
+            len: u32,
+        ) -> Result<(Bytes, Option<ReadTicket>), BlockError> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let version = self.version.load(SeqCst);
+            let data = Bytes::from(vec![version as u8; len as usize]);
+            if offset == 4096 {
+                self.version.fetch_add(1, SeqCst);
+            }
+            Ok((data, Some(ReadTicket(version))))
+        }
+        fn confirm_reads(&self, oldest: ReadTicket) -> bool {
+            use std::sync::atomic::Ordering::SeqCst;
+            self.confirms.fetch_add(1, SeqCst);
+            oldest.0 == self.version.load(SeqCst)
+        }
+        async fn write(&self, _: u64, _: Bytes, _: bool) -> Result<(), BlockError> {
+            Err(BlockError::ReadOnly)
+        }
+        async fn flush(&self) -> Result<(), BlockError> {
+            Ok(())
+        }
+        async fn trim(&self, _: u64, _: u64) -> Result<(), BlockError> {
+            Err(BlockError::ReadOnly)
+        }
+        async fn write_zeroes(&self, _: u64, _: u64, _: bool) -> Result<(), BlockError> {
+            Err(BlockError::ReadOnly)
+        }
+    }
+
+    /// A read the device does not confirm goes out read again (the bytes after the change),
+    /// never as first read; one the device confirms goes out as read, with no second read.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_the_device_does_not_confirm_is_read_again_before_it_is_sent() {
+        use std::sync::atomic::Ordering::SeqCst;
+        /// One reply's handle and the one byte value its data holds.
+        async fn reply(client: &mut Client, len: usize) -> (u64, u8) {
+            let mut header = [0u8; SIMPLE_REPLY_LEN];
+            client.read_exact(&mut header).await.unwrap();
+            assert_eq!(&header[4..8], &[0, 0, 0, 0], "error field");
+            let mut data = vec![0u8; len];
+            client.read_exact(&mut data).await.unwrap();
+            assert!(data.iter().all(|&b| b == data[0]), "one version per read");
+            (
+                u64::from_be_bytes(header[8..16].try_into().unwrap()),
+                data[0],
+            )
+        }
+        let device = Arc::new(Changing::default());
+        let (mut client, _stop, _task) =
+            start_in(Arc::clone(&device), super::super::BufferBudget::default());
+        send_read(&mut client, 1, 0, 512).await;
+        assert_eq!(
+            reply(&mut client, 512).await,
+            (1, 0),
+            "confirmed: sent as read"
+        );
+        assert_eq!(device.plain_reads.load(SeqCst), 0);
+        send_read(&mut client, 2, 4096, 512).await;
+        assert_eq!(
+            reply(&mut client, 512).await,
+            (2, 1),
+            "unconfirmed: the bytes after the change"
+        );
+        assert_eq!(device.plain_reads.load(SeqCst), 1);
+        send_read(&mut client, 3, 0, 512).await;
+        assert_eq!(reply(&mut client, 512).await, (3, 1));
+        assert_eq!(device.plain_reads.load(SeqCst), 1);
+        assert_eq!(device.confirms.load(SeqCst), 3, "one check per batch");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_panicking_device_call_gets_an_eio_reply_and_the_connection_goes_on() {
         let (mut client, _stop, _task) = start_in(
@@ -1215,6 +1394,7 @@ mod tests {
             replies.push(Reply {
                 handle,
                 body,
+                confirm: None,
                 _permits: Permits {
                     _request: Arc::clone(&permits).acquire_owned().await.unwrap(),
                     _bytes: None,
