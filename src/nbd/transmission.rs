@@ -18,8 +18,13 @@
 //! released once the writer has sent it, so a client that stops reading replies stops
 //! being read from.
 //!
+//! A device may ask for its reads to be confirmed before they are sent (a time view beside
+//! a running replay agent, `BlockDevice::read_to_confirm`): the writer asks once per batch of
+//! replies, and reads again what is not confirmed.
+//!
 //! Must never: call the device for a request it rejected (bad flags, misaligned, out of
-//! range, read-only, oversized, block status without contexts); send a reply for
+//! range, read-only, oversized, block status without contexts); send read data the device
+//! asked to confirm before it confirmed it; send a reply for
 //! `NBD_CMD_DISC`; send data after an error header; send a simple reply to a READ once
 //! structured replies are negotiated, or a structured one before; let an error on one
 //! request end the connection unless the byte stream can no longer be parsed (bad magic,

@@ -24,7 +24,9 @@
 //! a generation (`replayer::generation`), a read first compares the generation with the one
 //! read before the last successful probe: unchanged, nothing was written since that probe
 //! looked, and the read needs none (DESIGN.md "A mount beside a running agent" says when the
-//! file is not trusted, and the probe runs as before). A byte the
+//! file is not trusted, and the probe runs as before). Over NBD that comparison is made once
+//! per batch of replies by the reply writer ([`BlockDevice::confirm_reads`]), after every read
+//! in the batch completed; reads it does not confirm are read again. A byte the
 //! agent changed before the read is then served from its pre-image, so what the mount shows
 //! never changes. (Crash recovery of the agent deletes undo segments after rewinding the
 //! replica; a mapped one that vanishes makes reads of its range fail with EIO rather than
