@@ -163,17 +163,7 @@ async fn marks_scenario(replica: &Replica, dir: &Path) {
     for cp in &m.checkpoints {
         cp_images.push(journal.chain_image(Some(cp.lsn)).await);
     }
-    let trim = support::replay::run_ok(
-        &[
-            "journal",
-            "trim",
-            "--journal",
-            journal.uri(),
-            "--retain",
-            "0s",
-        ]
-        .map(String::from),
-    );
+    let trim = support::objrep::trim_the_journal(&journal);
     let trimmed = tinylag::journal::consumer::load_trim_pointer(journal.store.as_ref())
         .await
         .unwrap();

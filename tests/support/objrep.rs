@@ -93,8 +93,8 @@ impl Replica {
 }
 
 /// `journal trim --retain 0s`, which must succeed: from then on the past the journal held
-/// is in the replica alone.
-pub fn trim_the_journal(journal: &TestJournal) {
+/// is in the replica alone. Its output, for what it says it kept.
+pub fn trim_the_journal(journal: &TestJournal) -> Output {
     run_ok(
         &[
             "journal",
@@ -105,5 +105,5 @@ pub fn trim_the_journal(journal: &TestJournal) {
             "0s",
         ]
         .map(String::from),
-    );
+    )
 }
