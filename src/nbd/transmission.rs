@@ -185,9 +185,24 @@ where
     W: AsyncWrite + Unpin + Send,
 {
     let (tx, rx) = mpsc::unbounded_channel();
-    let device = Arc::clone(&session.export.device);
-    let reading = read_requests(reader, session, tx, shutdown, peer, buffers);
-    let writing = write_replies(writer, rx, device);
+    // Asked once per connection: only a device that wants its reads confirmed costs the
+    // writer a look at each batch.
+    let confirmer = session
+        .export
+        .device
+        .reads_to_confirm()
+        .then(|| Arc::clone(&session.export.device));
+    let reads_to_confirm = confirmer.is_some();
+    let reading = read_requests(
+        reader,
+        session,
+        tx,
+        shutdown,
+        peer,
+        buffers,
+        reads_to_confirm,
+    );
+    let writing = write_replies(writer, rx, confirmer, peer);
     tokio::pin!(reading, writing);
     tokio::select! {
         read = &mut reading => {
@@ -216,6 +231,7 @@ async fn read_requests<R>(
     mut shutdown: watch::Receiver<bool>,
     peer: &str,
     buffers: &Holder,
+    reads_to_confirm: bool,
 ) -> Result<Ending, TransmissionError>
 where
     R: AsyncRead + Unpin,
@@ -224,7 +240,6 @@ where
     let structured = session.structured;
     let contexts: Arc<[Selected]> = session.contexts.into();
     let info = export.device.info();
-    let reads_to_confirm = export.device.reads_to_confirm();
     // The largest block status reply: one full chunk per context.
     let status_reply_bound = contexts.len() * (CHUNK_HEADER_LEN + 4 + 8 * MAX_STATUS_EXTENTS);
     // Shared by every request task for its log lines, without a copy per request.
@@ -352,27 +367,18 @@ where
                 reads_to_confirm,
             ));
             let mut confirm = None;
-            let body = match run.catch_unwind().await {
-                Ok(Ok((done, ticket))) => {
+            let outcome = run.catch_unwind().await.map(|ran| {
+                ran.map(|(done, ticket)| {
                     confirm = ticket.map(|ticket| ToConfirm {
                         ticket,
                         offset: read_at,
                         len: read_len,
                         structured,
                     });
-                    success(handle, structured, read_at, done)
-                }
-                Ok(Err(e)) => {
-                    let errno = errno_of(&e, command);
-                    tracing::warn!(%peer, command, errno, error = %e, "NBD request failed");
-                    failure(handle, structured, errno, message_of(errno))
-                }
-                Err(panic) => {
-                    let what = panic_text(panic.as_ref());
-                    tracing::error!(%peer, command, panic = what, "NBD request panicked; answered EIO");
-                    failure(handle, structured, EIO, message_of(EIO))
-                }
-            };
+                    done
+                })
+            });
+            let body = outcome_body(outcome, handle, structured, read_at, command, &peer);
             // The writer is gone only if the connection broke; nobody to tell then.
             let _ = tx.send(Reply {
                 handle,
@@ -394,6 +400,31 @@ where
             .is_pending()
         {
             tokio::spawn(running);
+        }
+    }
+}
+
+/// The reply to a device call's outcome: its result, or EIO for a panic (a bug in the
+/// device, but the client is still owed a reply). Failures are logged with `peer`.
+fn outcome_body(
+    outcome: std::thread::Result<Result<Done, BlockError>>,
+    handle: u64,
+    structured: bool,
+    offset: u64,
+    command: u16,
+    peer: &str,
+) -> Body {
+    match outcome {
+        Ok(Ok(done)) => success(handle, structured, offset, done),
+        Ok(Err(e)) => {
+            let errno = errno_of(&e, command);
+            tracing::warn!(%peer, command, errno, error = %e, "NBD request failed");
+            failure(handle, structured, errno, message_of(errno))
+        }
+        Err(panic) => {
+            let what = panic_text(panic.as_ref());
+            tracing::error!(%peer, command, panic = what, "NBD request panicked; answered EIO");
+            failure(handle, structured, EIO, message_of(EIO))
         }
     }
 }
@@ -759,15 +790,19 @@ const MAX_REPLY_BATCH: usize = 64;
 /// Writes replies as they arrive: everything queued by then goes out in one vectored write
 /// (headers and read data side by side, no copy of the data), and the writer is flushed
 /// whenever no further reply is queued, so a burst of completions costs one system call.
-/// Reads the device wants confirmed are confirmed once per batch, before it is written.
+/// With `confirmer` (a device whose reads need confirming), its reads are confirmed once per
+/// batch, before the batch is written.
 async fn write_replies<W: AsyncWrite + Unpin>(
     mut writer: W,
     mut rx: mpsc::UnboundedReceiver<Reply>,
-    device: Arc<dyn BlockDevice>,
+    confirmer: Option<Arc<dyn BlockDevice>>,
+    peer: &str,
 ) -> io::Result<()> {
     let mut batch = Vec::with_capacity(MAX_REPLY_BATCH);
     while rx.recv_many(&mut batch, MAX_REPLY_BATCH).await > 0 {
-        confirm_reads(device.as_ref(), &mut batch).await;
+        if let Some(device) = &confirmer {
+            confirm_reads(device.as_ref(), &mut batch, peer).await;
+        }
         write_batch(&mut writer, &batch).await?;
         // Sent: the permits go back to the reader.
         batch.clear();
@@ -785,7 +820,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
 /// Asks the device once whether the batch's reads that need it may go out as read (every
 /// one of them completed before its reply was queued, so before this check); if not, reads
 /// each of them again through [`BlockDevice::read`], which checks on its own.
-async fn confirm_reads(device: &dyn BlockDevice, batch: &mut [Reply]) {
+async fn confirm_reads(device: &dyn BlockDevice, batch: &mut [Reply], peer: &str) {
     let Some(oldest) = batch
         .iter()
         .filter_map(|r| r.confirm.as_ref().map(|c| c.ticket))
@@ -801,22 +836,15 @@ async fn confirm_reads(device: &dyn BlockDevice, batch: &mut [Reply]) {
             continue;
         };
         let again = std::panic::AssertUnwindSafe(device.read(c.offset, c.len));
-        reply.body = match again.catch_unwind().await {
-            Ok(Ok(data)) => success(reply.handle, c.structured, c.offset, Done::Data(data)),
-            Ok(Err(e)) => {
-                let errno = errno_of(&e, CMD_READ);
-                tracing::warn!(errno, error = %e, "NBD read failed when read again unconfirmed");
-                failure(reply.handle, c.structured, errno, message_of(errno))
-            }
-            Err(panic) => {
-                let what = panic_text(panic.as_ref());
-                tracing::error!(
-                    panic = what,
-                    "NBD read panicked when read again; answered EIO"
-                );
-                failure(reply.handle, c.structured, EIO, message_of(EIO))
-            }
-        };
+        let outcome = again.catch_unwind().await.map(|read| read.map(Done::Data));
+        reply.body = outcome_body(
+            outcome,
+            reply.handle,
+            c.structured,
+            c.offset,
+            CMD_READ,
+            peer,
+        );
     }
 }
 
