@@ -833,23 +833,27 @@ impl Task {
 
     /// Stops journaling for good: everything not durable is marked dirty, all waiters are
     /// released, and the mode says why.
+    ///
+    /// The reason and the dirty regions are set before the mode changes, so a status that
+    /// shows the new mode also shows why and what it left out (a status read in between once
+    /// showed `fenced` with no reason and no dirty region).
     fn stop(&mut self, reason: String, fenced: bool) {
         if self.stopped.swap(true, Ordering::AcqRel) {
             return;
         }
-        if fenced {
-            self.shared.mode.fence(&reason);
-        } else {
-            self.shared.mode.need_full(FullReason::WriterFailed);
-        }
         tracing::error!(journal = %self.store.describe(), %reason, "journaling stopped");
-        self.stats.set_stopped(reason);
+        self.stats.set_stopped(reason.clone());
         let mut abandoned = 0;
         for (_, (u, _)) in std::mem::take(&mut self.pending) {
             abandoned += u.timestamps.len() as u64;
             for r in u.ranges {
                 self.shared.dirty.mark(r);
             }
+        }
+        if fenced {
+            self.shared.mode.fence(&reason);
+        } else {
+            self.shared.mode.need_full(FullReason::WriterFailed);
         }
         self.stats
             .segments_waiting
