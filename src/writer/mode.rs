@@ -324,6 +324,15 @@ impl ModeState {
             .collect()
     }
 
+    /// Why the mode last became `to`, if it did since start (and the change is still kept).
+    pub(crate) fn last_cause_of(&self, to: Mode) -> Option<String> {
+        crate::sync::lock(&self.transitions)
+            .iter()
+            .rev()
+            .find(|t| t.to == to)
+            .map(|t| t.cause.clone())
+    }
+
     /// Enters `forward-full` (the first reason is kept).
     pub(crate) fn need_full(&self, reason: FullReason) {
         self.changing(reason.describe(), || {
@@ -354,6 +363,24 @@ impl ModeState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_last_cause_of_a_mode_is_its_newest_entry() {
+        let m = ModeState::new();
+        assert_eq!(m.last_cause_of(Mode::ForwardPart), None);
+        m.open_dirty_episode("the pool is full");
+        m.resync_done("resync complete");
+        m.open_dirty_episode("a store outage");
+        assert_eq!(
+            m.last_cause_of(Mode::ForwardPart).as_deref(),
+            Some("a store outage")
+        );
+        assert_eq!(
+            m.last_cause_of(Mode::Logging).as_deref(),
+            Some("resync complete")
+        );
+        assert_eq!(m.last_cause_of(Mode::Fenced), None);
+    }
 
     #[test]
     fn a_resync_ends_a_dirty_episode_and_a_resyncable_full() {

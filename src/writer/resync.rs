@@ -222,11 +222,7 @@ impl Episodes {
     pub(super) fn holdup(&self) -> String {
         let cause = self
             .mode
-            .transitions()
-            .iter()
-            .rev()
-            .find(|t| t.to == super::mode::Mode::ForwardPart)
-            .map(|t| t.cause.clone())
+            .last_cause_of(super::mode::Mode::ForwardPart)
             .unwrap_or_else(|| "unknown".into());
         let waiting = if self.stats.outage.load(Ordering::Acquire) {
             "the journal store has completed no upload for longer than the outage bound, so \

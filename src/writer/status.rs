@@ -235,11 +235,7 @@ impl PrimaryCore {
             Mode::Fenced => self.journal.as_ref().and_then(|j| j.stats.stopped_reason()),
             Mode::ForwardPart => Some(
                 self.mode
-                    .transitions()
-                    .into_iter()
-                    .rev()
-                    .find(|t| t.to == Mode::ForwardPart)
-                    .map(|t| t.cause)
+                    .last_cause_of(Mode::ForwardPart)
                     .unwrap_or_else(|| "changes were left out of the journal".into()),
             ),
             _ => None,
