@@ -10,13 +10,27 @@ use std::ops::Deref;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::block::{BlockDevice, BlockError, DeviceInfo};
+use crate::block::{BlockDevice, BlockError, DeviceInfo, ReadTicket};
 
-/// What a test device answers to `info` and `read`.
+/// What a test device answers to `info` and `read`, and, for one whose reads need
+/// confirming, to the three confirmation calls (by default: nothing to confirm).
 #[async_trait]
 pub(crate) trait Reads: Send + Sync {
     fn info(&self) -> DeviceInfo;
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BlockError>;
+    fn reads_to_confirm(&self) -> bool {
+        false
+    }
+    async fn read_to_confirm(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> Result<(Bytes, Option<ReadTicket>), BlockError> {
+        self.read(offset, len).await.map(|data| (data, None))
+    }
+    fn confirm_reads(&self, _oldest: ReadTicket) -> bool {
+        false
+    }
 }
 
 /// A [`Reads`] as a device that accepts and drops every write. Derefs to the test's own
@@ -37,6 +51,19 @@ impl<R: Reads> BlockDevice for ReadsOnly<R> {
     }
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BlockError> {
         self.0.read(offset, len).await
+    }
+    fn reads_to_confirm(&self) -> bool {
+        self.0.reads_to_confirm()
+    }
+    async fn read_to_confirm(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> Result<(Bytes, Option<ReadTicket>), BlockError> {
+        self.0.read_to_confirm(offset, len).await
+    }
+    fn confirm_reads(&self, oldest: ReadTicket) -> bool {
+        self.0.confirm_reads(oldest)
     }
     async fn write(&self, _: u64, _: Bytes, _: bool) -> Result<(), BlockError> {
         Ok(())

@@ -890,6 +890,8 @@ async fn write_batch<W: AsyncWrite + Unpin>(writer: &mut W, replies: &[Reply]) -
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+
     use super::*;
     use crate::nbd::test_device::{Reads, ReadsOnly};
 
@@ -1029,7 +1031,6 @@ mod tests {
             }
         }
         async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BlockError> {
-            use std::sync::atomic::Ordering::SeqCst;
             let now = self.inside.fetch_add(1, SeqCst) + 1;
             self.max_inside.fetch_max(now, SeqCst);
             if offset == 0 {
@@ -1118,19 +1119,18 @@ mod tests {
     /// version goes up), so its data must not be sent unconfirmed.
     #[derive(Default)]
     struct Changing {
-        version: std::sync::atomic::AtomicU64,
-        confirms: std::sync::atomic::AtomicU64,
+        version: AtomicU64,
+        confirms: AtomicU64,
         /// Reads through `read`: the frontend's reads again.
-        plain_reads: std::sync::atomic::AtomicU64,
+        plain_reads: AtomicU64,
     }
 
     #[async_trait::async_trait]
-    impl BlockDevice for Changing {
+    impl Reads for Changing {
         fn info(&self) -> DeviceInfo {
             info(true)
         }
         async fn read(&self, _: u64, len: u32) -> Result<Bytes, BlockError> {
-            use std::sync::atomic::Ordering::SeqCst;
             self.plain_reads.fetch_add(1, SeqCst);
             Ok(Bytes::from(vec![
                 self.version.load(SeqCst) as u8;
@@ -1145,7 +1145,6 @@ mod tests {
             offset: u64,
             len: u32,
         ) -> Result<(Bytes, Option<ReadTicket>), BlockError> {
-            use std::sync::atomic::Ordering::SeqCst;
             let version = self.version.load(SeqCst);
             let data = Bytes::from(vec![version as u8; len as usize]);
             if offset == 4096 {
@@ -1154,21 +1153,8 @@ mod tests {
             Ok((data, Some(ReadTicket(version))))
         }
         fn confirm_reads(&self, oldest: ReadTicket) -> bool {
-            use std::sync::atomic::Ordering::SeqCst;
             self.confirms.fetch_add(1, SeqCst);
             oldest.0 == self.version.load(SeqCst)
-        }
-        async fn write(&self, _: u64, _: Bytes, _: bool) -> Result<(), BlockError> {
-            Err(BlockError::ReadOnly)
-        }
-        async fn flush(&self) -> Result<(), BlockError> {
-            Ok(())
-        }
-        async fn trim(&self, _: u64, _: u64) -> Result<(), BlockError> {
-            Err(BlockError::ReadOnly)
-        }
-        async fn write_zeroes(&self, _: u64, _: u64, _: bool) -> Result<(), BlockError> {
-            Err(BlockError::ReadOnly)
         }
     }
 
@@ -1176,7 +1162,6 @@ mod tests {
     /// never as first read; one the device confirms goes out as read, with no second read.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_read_the_device_does_not_confirm_is_read_again_before_it_is_sent() {
-        use std::sync::atomic::Ordering::SeqCst;
         /// One reply's handle and the one byte value its data holds.
         async fn reply(client: &mut Client, len: usize) -> (u64, u8) {
             let mut header = [0u8; SIMPLE_REPLY_LEN];
@@ -1190,7 +1175,7 @@ mod tests {
                 data[0],
             )
         }
-        let device = Arc::new(Changing::default());
+        let device = Arc::new(ReadsOnly(Changing::default()));
         let (mut client, _stop, _task) =
             start_in(Arc::clone(&device), super::super::BufferBudget::default());
         send_read(&mut client, 1, 0, 512).await;
@@ -1258,7 +1243,6 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn in_flight_requests_and_bytes_are_bounded() {
-        use std::sync::atomic::Ordering::SeqCst;
         for (count, len, limit) in [
             (300u64, 4096u32, MAX_IN_FLIGHT_REQUESTS),
             (10, MAX_PAYLOAD, MAX_IN_FLIGHT_BYTES / MAX_PAYLOAD as usize),
